@@ -1,0 +1,135 @@
+//! Cancel keys: the proxy hands each client its own BackendKeyData and maps
+//! it to the backend connection serving that client, so a CancelRequest
+//! (which arrives on a new connection) reaches the right backend.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+
+/// Where a cancel for one client session goes.
+#[derive(Debug, Clone)]
+struct CancelTarget {
+    secret: i32,
+    backend_address: String,
+    backend_pid: i32,
+    backend_secret: i32,
+}
+
+/// All live cancel keys of a node.
+#[derive(Debug, Default)]
+pub struct CancelRegistry {
+    keys: Mutex<HashMap<i32, CancelTarget>>,
+}
+
+/// A registered key; unregistered when dropped.
+pub struct CancelKey {
+    registry: Arc<CancelRegistry>,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+impl Drop for CancelKey {
+    fn drop(&mut self) {
+        if let Ok(mut keys) = self.registry.keys.lock() {
+            keys.remove(&self.pid);
+        }
+    }
+}
+
+impl CancelRegistry {
+    /// Register a session's backend key and make up the key its client sees.
+    pub fn register(
+        self: &Arc<Self>,
+        backend_address: &str,
+        backend_pid: i32,
+        backend_secret: i32,
+    ) -> CancelKey {
+        let mut rng = rand::rng();
+        let secret: i32 = rng.random();
+        let target = CancelTarget {
+            secret,
+            backend_address: backend_address.to_owned(),
+            backend_pid,
+            backend_secret,
+        };
+        let pid = match self.keys.lock() {
+            Ok(mut keys) => loop {
+                let pid = rng.random_range(1..i32::MAX);
+                if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(pid) {
+                    slot.insert(target);
+                    break pid;
+                }
+            },
+            // A poisoned lock only means another session panicked while
+            // holding it; cancel is best-effort, so the key simply won't work.
+            Err(_) => rng.random_range(1..i32::MAX),
+        };
+        CancelKey {
+            registry: self.clone(),
+            pid,
+            secret,
+        }
+    }
+
+    /// Forward a CancelRequest for a proxy key to its backend. Unknown keys
+    /// and wrong secrets are ignored, as PostgreSQL does.
+    pub async fn cancel(&self, pid: i32, secret: i32) -> bool {
+        let target = match self.keys.lock() {
+            Ok(keys) => keys.get(&pid).filter(|t| t.secret == secret).cloned(),
+            Err(_) => None,
+        };
+        let Some(target) = target else {
+            return false;
+        };
+        match crate::backend::cancel(
+            &target.backend_address,
+            target.backend_pid,
+            target.backend_secret,
+        )
+        .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(backend = %target.backend_address, error = %e, "cancel request failed");
+                false
+            }
+        }
+    }
+
+    /// Number of live keys.
+    pub fn len(&self) -> usize {
+        self.keys.lock().map(|k| k.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_unique_and_removed_on_drop() {
+        let registry = Arc::new(CancelRegistry::default());
+        let a = registry.register("127.0.0.1:1", 10, 20);
+        let b = registry.register("127.0.0.1:1", 11, 21);
+        assert_ne!(a.pid, b.pid);
+        assert!(a.pid > 0);
+        assert_eq!(registry.len(), 2);
+        drop(a);
+        assert_eq!(registry.len(), 1);
+        drop(b);
+        assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn wrong_secret_is_ignored() {
+        let registry = Arc::new(CancelRegistry::default());
+        let key = registry.register("127.0.0.1:1", 10, 20);
+        assert!(!registry.cancel(key.pid, key.secret.wrapping_add(1)).await);
+        assert!(!registry.cancel(key.pid.wrapping_add(1), key.secret).await);
+    }
+}

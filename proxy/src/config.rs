@@ -1,0 +1,326 @@
+//! Typed configuration of one Chorus node, read from TOML.
+//!
+//! Every option has a documented default; `chorus.example.toml` at the
+//! repository root shows and explains each one. Unknown keys are errors, so
+//! a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Why a configuration could not be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    /// TLS for client connections; without it SSLRequest is answered 'N'.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// The PostgreSQL servers of the cluster.
+    pub backends: Vec<BackendConfig>,
+    /// Users the proxy authenticates, with the passwords it also uses to
+    /// log in to the backends on their behalf.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// Authentication rules, first match wins. Default: SCRAM-SHA-256 for
+    /// everyone from everywhere.
+    #[serde(default = "default_auth")]
+    pub auth: Vec<AuthRule>,
+}
+
+/// Settings of this node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id, unique in the cluster (1..=1023). Default 1.
+    #[serde(default = "default_node_id")]
+    pub id: u16,
+    /// Where clients connect. Default 127.0.0.1:6432.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where `/metrics` and `/health` are served; none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Name of this node's home backend. Default: the first backend.
+    #[serde(default)]
+    pub home_backend: Option<String>,
+    /// Client connections served at once; more wait for a free slot.
+    /// Default 1000.
+    #[serde(default = "default_max_clients")]
+    pub max_client_connections: usize,
+    /// Largest message accepted from a client, in bytes. Default 64 MiB.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Time a client has to finish startup and authentication. Default 60 s.
+    #[serde(default = "default_auth_timeout")]
+    pub auth_timeout_ms: u64,
+    /// Time to connect and log in to a backend. Default 5 s.
+    #[serde(default = "default_connect_timeout")]
+    pub backend_connect_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, time given to open transactions to finish before
+    /// their connections are closed. Default 30 s.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_ms: u64,
+}
+
+/// A PostgreSQL server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Unique name, used in metrics and by `home_backend`.
+    pub name: String,
+    /// Host name or address. Default 127.0.0.1.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Port. Default 5432.
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+}
+
+impl BackendConfig {
+    /// `host:port`, for connecting.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// A user known to the proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plaintext password: checked for md5 and SCRAM logins to the proxy and
+    /// used for the proxy's own login to the backends as this user.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// TLS certificate and key (PEM files).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One authentication rule, in the spirit of a pg_hba.conf line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRule {
+    /// User name, a comma-separated list, or "all". Default "all".
+    #[serde(default = "default_all")]
+    pub user: String,
+    /// Database name, a comma-separated list, or "all". Default "all".
+    #[serde(default = "default_all")]
+    pub database: String,
+    /// Client network (CIDR); any address when absent.
+    #[serde(default)]
+    pub address: Option<IpNet>,
+    pub method: AuthMethod,
+}
+
+/// How a client proves who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+    #[serde(rename = "reject")]
+    Reject,
+}
+
+fn default_node_id() -> u16 {
+    1
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6432))
+}
+fn default_max_clients() -> usize {
+    1000
+}
+fn default_max_message() -> usize {
+    64 << 20
+}
+fn default_auth_timeout() -> u64 {
+    60_000
+}
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+fn default_shutdown_timeout() -> u64 {
+    30_000
+}
+fn default_host() -> String {
+    "127.0.0.1".to_owned()
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_all() -> String {
+    "all".to_owned()
+}
+fn default_auth() -> Vec<AuthRule> {
+    vec![AuthRule {
+        user: default_all(),
+        database: default_all(),
+        address: None,
+        method: AuthMethod::ScramSha256,
+    }]
+}
+
+impl Config {
+    /// Read and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parse from a string (tests and generated configs).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<string>"),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.backends.is_empty() {
+            return Err(ConfigError::Invalid(
+                "at least one [[backends]] entry is required".into(),
+            ));
+        }
+        if !(1..=1023).contains(&self.node.id) {
+            return Err(ConfigError::Invalid(format!(
+                "node.id must be between 1 and 1023, not {}",
+                self.node.id
+            )));
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if self.backends[..i].iter().any(|o| o.name == b.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "backend name {:?} is used twice",
+                    b.name
+                )));
+            }
+        }
+        if let Some(home) = &self.node.home_backend {
+            if !self.backends.iter().any(|b| &b.name == home) {
+                return Err(ConfigError::Invalid(format!(
+                    "node.home_backend {home:?} is not a configured backend"
+                )));
+            }
+        }
+        if self.node.max_client_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "node.max_client_connections must be at least 1".into(),
+            ));
+        }
+        if self.node.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "node.max_message_bytes must be at least 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The backend this node serves its sessions from.
+    pub fn home_backend(&self) -> &BackendConfig {
+        self.node
+            .home_backend
+            .as_ref()
+            .and_then(|name| self.backends.iter().find(|b| &b.name == name))
+            .unwrap_or(&self.backends[0])
+    }
+
+    /// Look up a user.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_millis(self.node.auth_timeout_ms)
+    }
+
+    pub fn backend_connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.node.backend_connect_timeout_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.node.shutdown_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../chorus.example.toml");
+        let config = Config::from_toml(text).unwrap();
+        assert_eq!(config.home_backend().name, "pg1");
+        assert!(config.tls.is_none());
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::from_toml("[node]\n[[backends]]\nname = \"a\"\n").unwrap();
+        assert_eq!(config.node.id, 1);
+        assert_eq!(config.node.listen.port(), 6432);
+        assert_eq!(config.home_backend().port, 5432);
+        assert_eq!(config.auth.len(), 1);
+        assert_eq!(config.auth[0].method, AuthMethod::ScramSha256);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(
+            Config::from_toml("[node]\nlisten_port = 1\n[[backends]]\nname = \"a\"\n").is_err()
+        );
+        assert!(Config::from_toml("[node]\nid = 0\n[[backends]]\nname = \"a\"\n").is_err());
+        assert!(Config::from_toml("[node]\nbackends = []\n").is_err());
+        assert!(
+            Config::from_toml("[node]\nhome_backend = \"b\"\n[[backends]]\nname = \"a\"\n")
+                .is_err()
+        );
+        assert!(Config::from_toml(
+            "[node]\n[[backends]]\nname = \"a\"\n[[auth]]\nmethod = \"password\"\n"
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,169 @@
+//! `chorus demo`: a throwaway local cluster of N PostgreSQL backends and N
+//! Chorus nodes in one process, for trying Chorus with psql.
+
+use anyhow::Context;
+use std::path::PathBuf;
+use tokio::sync::watch;
+
+use crate::config::{AuthMethod, AuthRule, BackendConfig, Config, NodeConfig, UserConfig};
+use crate::localpg::{LocalPgOptions, LocalPostgres, PgBinaries};
+use crate::server::{self, Node};
+
+/// What `chorus demo` was asked for.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub nodes: u16,
+    pub port: u16,
+    pub dir: Option<PathBuf>,
+    pub keep: bool,
+}
+
+/// The user and database the demo prints in its connection strings.
+pub const DEMO_USER: &str = "chorus";
+pub const DEMO_DATABASE: &str = "postgres";
+
+/// Run the demo until SIGINT or SIGTERM.
+pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=32).contains(&options.nodes),
+        "--nodes must be between 1 and 32"
+    );
+    let bins = PgBinaries::find()?;
+    let (base, _temp) = match &options.dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("chorus-demo-")
+                .tempdir()
+                .context("creating a temporary directory")?;
+            (temp.path().to_owned(), Some(temp))
+        }
+    };
+    eprintln!(
+        "chorus demo: creating {} PostgreSQL backends with {} in {}",
+        options.nodes,
+        bins.program("initdb").display(),
+        base.display()
+    );
+
+    let mut backends = Vec::new();
+    for i in 1..=options.nodes {
+        let dir = base.join(format!("pg{i}"));
+        let pg = tokio::task::block_in_place(|| {
+            LocalPostgres::create(&bins, &dir, LocalPgOptions::default())
+        })
+        .with_context(|| format!("starting backend {i}"))?;
+        backends.push(pg);
+    }
+    let backend_configs: Vec<BackendConfig> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, pg)| BackendConfig {
+            name: format!("pg{}", i + 1),
+            host: "127.0.0.1".to_owned(),
+            port: pg.port(),
+        })
+        .collect();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut nodes = Vec::new();
+    let mut metrics_ports = Vec::new();
+    for i in 1..=options.nodes {
+        let port = options.port + i - 1;
+        let metrics_port = options.port + 100 + i - 1;
+        let config = Config {
+            node: NodeConfig {
+                id: i,
+                listen: ([127, 0, 0, 1], port).into(),
+                metrics_listen: Some(([127, 0, 0, 1], metrics_port).into()),
+                home_backend: Some(format!("pg{i}")),
+                ..demo_node_defaults()?
+            },
+            tls: None,
+            backends: backend_configs.clone(),
+            users: vec![UserConfig {
+                name: DEMO_USER.to_owned(),
+                password: None,
+            }],
+            auth: vec![AuthRule {
+                user: "all".to_owned(),
+                database: "all".to_owned(),
+                address: Some("127.0.0.0/8".parse().context("loopback network")?),
+                method: AuthMethod::Trust,
+            }],
+        };
+        config.validate()?;
+        let node = Node::new(config)?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("binding node {i} to port {port}"))?;
+        let mut stop = stop_rx.clone();
+        let handle = tokio::spawn(server::run_node_with(listener, node, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }));
+        nodes.push(handle);
+        metrics_ports.push(metrics_port);
+    }
+    // Give the metrics listeners a moment to bind before announcing them.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+
+    for i in 1..=options.nodes {
+        println!(
+            "node {i}: postgres://{DEMO_USER}@127.0.0.1:{}/{DEMO_DATABASE}",
+            options.port + i - 1
+        );
+    }
+    for (i, pg) in backends.iter().enumerate() {
+        println!("backend {}: {}", i + 1, pg.url(DEMO_DATABASE));
+    }
+    for (i, port) in metrics_ports.iter().enumerate() {
+        println!("metrics {}: http://127.0.0.1:{port}/metrics", i + 1);
+    }
+    println!("ready");
+    eprintln!(
+        "chorus demo: connect with e.g. `psql postgres://{DEMO_USER}@127.0.0.1:{}/{DEMO_DATABASE}`; \
+         each node proxies to its own backend (replication between backends is not active yet). \
+         Stop with Ctrl-C.",
+        options.port
+    );
+
+    wait_for_signal().await?;
+    eprintln!("chorus demo: stopping");
+    stop_tx.send_replace(true);
+    for handle in nodes {
+        if let Ok(Err(e)) = handle.await {
+            eprintln!("chorus demo: node error: {e}");
+        }
+    }
+    tokio::task::block_in_place(|| drop(backends));
+    if options.keep {
+        eprintln!("chorus demo: kept {}", base.display());
+        if let Some(temp) = _temp {
+            let _ = temp.keep();
+        }
+    } else if options.dir.is_some() {
+        std::fs::remove_dir_all(&base).with_context(|| format!("removing {}", base.display()))?;
+    }
+    Ok(())
+}
+
+fn demo_node_defaults() -> anyhow::Result<NodeConfig> {
+    // The defaults of a node section, as if it were empty in a file.
+    let config = Config::from_toml("[node]\n[[backends]]\nname = \"x\"\n")?;
+    Ok(NodeConfig {
+        shutdown_timeout_ms: 5_000,
+        ..config.node
+    })
+}
+
+/// Wait for SIGINT or SIGTERM.
+pub async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! Chorus: a PostgreSQL wire-protocol proxy that turns several stock
+//! PostgreSQL servers into one active-active database.
+//!
+//! Today a node is a transparent proxy to its home backend: clients
+//! authenticate to the proxy, which logs in to the backend on their behalf
+//! and relays the protocol as raw bytes, classifying statements on the way.
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod config;
+pub mod demo;
+pub mod localpg;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;

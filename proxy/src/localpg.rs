@@ -1,0 +1,439 @@
+//! Throwaway PostgreSQL servers made with the machine's `initdb`: used by
+//! `chorus demo` and by the test harness.
+//!
+//! Each server lives in its own directory, listens on 127.0.0.1 only, runs
+//! with `wal_level = logical`, and is stopped when dropped. PostgreSQL
+//! refuses to run as root, so when this process is root the server runs as
+//! the `postgres` OS user.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// Why a local server could not be made or started.
+#[derive(Debug, Error)]
+pub enum LocalPgError {
+    #[error(
+        "PostgreSQL server programs (initdb, postgres) were not found. \
+         Install them (Debian/Ubuntu: `apt-get install postgresql`; \
+         Fedora: `dnf install postgresql-server`; macOS: `brew install postgresql`) \
+         or point PG_BINDIR at the directory that holds initdb"
+    )]
+    NotInstalled,
+    #[error("running as root needs a `postgres` OS user to run PostgreSQL as: {0}")]
+    NoPostgresUser(String),
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("PostgreSQL on port {port} did not become ready within {secs} s; log:\n{log}")]
+    NotReady { port: u16, secs: u64, log: String },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LocalPgError + '_ {
+    move |source| LocalPgError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where the PostgreSQL server programs are.
+#[derive(Debug, Clone)]
+pub struct PgBinaries {
+    pub bindir: PathBuf,
+}
+
+impl PgBinaries {
+    /// Find `initdb` and `postgres`: `$PG_BINDIR`, then `PATH`, then the
+    /// newest `/usr/lib/postgresql/*/bin` (Debian keeps them off `PATH`),
+    /// then `pg_config --bindir`.
+    pub fn find() -> Result<PgBinaries, LocalPgError> {
+        let usable = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+        if let Some(dir) = std::env::var_os("PG_BINDIR").map(PathBuf::from) {
+            if usable(&dir) {
+                return Ok(PgBinaries { bindir: dir });
+            }
+        }
+        if let Some(path) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&path) {
+                if dir.join("initdb").is_file() {
+                    // Follow a symlinked initdb to the directory that also holds postgres.
+                    let real = fs::canonicalize(dir.join("initdb")).ok();
+                    let real_dir = real.as_deref().and_then(Path::parent).map(Path::to_owned);
+                    for candidate in [Some(dir.clone()), real_dir].into_iter().flatten() {
+                        if usable(&candidate) {
+                            return Ok(PgBinaries { bindir: candidate });
+                        }
+                    }
+                }
+            }
+        }
+        let mut debian: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((version, entry.path().join("bin")))
+            })
+            .filter(|(_, dir)| usable(dir))
+            .collect();
+        debian.sort();
+        if let Some((_, dir)) = debian.pop() {
+            return Ok(PgBinaries { bindir: dir });
+        }
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if usable(&dir) {
+                return Ok(PgBinaries { bindir: dir });
+            }
+        }
+        Err(LocalPgError::NotInstalled)
+    }
+
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bindir.join(name)
+    }
+}
+
+/// The OS user a server runs as, when this process is root.
+#[derive(Debug, Clone, Copy)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+}
+
+fn run_as() -> Result<Option<RunAs>, LocalPgError> {
+    let euid = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1);
+    if euid != 0 {
+        return Ok(None);
+    }
+    let id = |flag: &str| -> Result<u32, LocalPgError> {
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .map_err(|e| LocalPgError::NoPostgresUser(e.to_string()))?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| {
+                LocalPgError::NoPostgresUser(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+            })
+    };
+    Ok(Some(RunAs {
+        uid: id("-u")?,
+        gid: id("-g")?,
+    }))
+}
+
+/// Options for a new server.
+#[derive(Debug, Clone)]
+pub struct LocalPgOptions {
+    /// Superuser name. Default "chorus".
+    pub user: String,
+    /// When set, TCP logins need this password (SCRAM-SHA-256); otherwise
+    /// they are trusted.
+    pub password: Option<String>,
+    /// Extra `-c name=value` settings.
+    pub settings: Vec<(String, String)>,
+}
+
+impl Default for LocalPgOptions {
+    fn default() -> Self {
+        LocalPgOptions {
+            user: "chorus".to_owned(),
+            password: None,
+            settings: Vec::new(),
+        }
+    }
+}
+
+/// A throwaway PostgreSQL server.
+pub struct LocalPostgres {
+    bins: PgBinaries,
+    dir: PathBuf,
+    data: PathBuf,
+    port: u16,
+    run_as: Option<RunAs>,
+    options: LocalPgOptions,
+    child: Option<Child>,
+}
+
+impl LocalPostgres {
+    /// `initdb` a new cluster in `dir` (created; must not exist or be empty)
+    /// and start it on a free port.
+    pub fn create(
+        bins: &PgBinaries,
+        dir: &Path,
+        options: LocalPgOptions,
+    ) -> Result<LocalPostgres, LocalPgError> {
+        let run_as = run_as()?;
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // The server user must be able to reach and own its directory.
+        if let Some(user) = run_as {
+            std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(io_err(dir))?;
+            let mut parent = dir.parent();
+            while let Some(p) = parent {
+                if let Ok(meta) = fs::metadata(p) {
+                    if meta.mode() & 0o001 == 0 && meta.uid() == 0 {
+                        let mode = meta.mode() | 0o011;
+                        let _ = fs::set_permissions(p, fs::Permissions::from_mode(mode));
+                    }
+                }
+                parent = p.parent();
+            }
+        }
+        let data = dir.join("data");
+        let mut initdb = Command::new(bins.program("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", &options.user, "-E", "UTF8", "--locale=C", "--no-sync"])
+            .arg("--auth-local=trust");
+        if let Some(password) = &options.password {
+            let pwfile = dir.join("pwfile");
+            fs::write(&pwfile, password).map_err(io_err(&pwfile))?;
+            if let Some(user) = run_as {
+                std::os::unix::fs::chown(&pwfile, Some(user.uid), Some(user.gid))
+                    .map_err(io_err(&pwfile))?;
+            }
+            initdb
+                .arg("--auth-host=scram-sha-256")
+                .arg(format!("--pwfile={}", pwfile.display()));
+        } else {
+            initdb.arg("--auth-host=trust");
+        }
+        run_checked(initdb, run_as, "initdb")?;
+        let mut server = LocalPostgres {
+            bins: bins.clone(),
+            dir: dir.to_owned(),
+            data,
+            port: free_port()?,
+            run_as,
+            options,
+            child: None,
+        };
+        server.start()?;
+        Ok(server)
+    }
+
+    /// Start the server (again), on the port it had.
+    pub fn start(&mut self) -> Result<(), LocalPgError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let log_path = self.dir.join("postgres.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+        if let Some(user) = self.run_as {
+            let _ = std::os::unix::fs::chown(&log_path, Some(user.uid), Some(user.gid));
+        }
+        let log_err = log.try_clone().map_err(io_err(&log_path))?;
+        // After a SIGKILL, orphaned backends may hold the old shared memory
+        // for a moment; retry until they are gone.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut cmd = Command::new(self.bins.program("postgres"));
+            cmd.arg("-D")
+                .arg(&self.data)
+                .arg("-p")
+                .arg(self.port.to_string())
+                .args(["-c", "listen_addresses=127.0.0.1"])
+                .arg("-c")
+                .arg(format!("unix_socket_directories={}", self.dir.display()))
+                .args(["-c", "wal_level=logical"])
+                .args(["-c", "max_replication_slots=32"])
+                .args(["-c", "max_wal_senders=32"])
+                .args(["-c", "max_connections=200"])
+                .args(["-c", "fsync=off"])
+                .args(["-c", "full_page_writes=off"]);
+            for (name, value) in &self.options.settings {
+                cmd.arg("-c").arg(format!("{name}={value}"));
+            }
+            cmd.current_dir("/")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(io_err(&log_path))?)
+                .stderr(log_err.try_clone().map_err(io_err(&log_path))?);
+            if let Some(user) = self.run_as {
+                cmd.uid(user.uid).gid(user.gid);
+            }
+            let child = cmd.spawn().map_err(|e| LocalPgError::Command {
+                what: "starting postgres".into(),
+                detail: e.to_string(),
+            })?;
+            self.child = Some(child);
+            match self.wait_ready(deadline) {
+                Ok(()) => return Ok(()),
+                Err(Retry::Exited) if Instant::now() < deadline => {
+                    self.child = None;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(_) => {
+                    self.kill();
+                    return Err(LocalPgError::NotReady {
+                        port: self.port,
+                        secs: 30,
+                        log: self.log_tail(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn wait_ready(&mut self, deadline: Instant) -> Result<(), Retry> {
+        let pid_file = self.data.join("postmaster.pid");
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return Err(Retry::Exited);
+                }
+                let pid = child.id().to_string();
+                if let Ok(text) = fs::read_to_string(&pid_file) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    // Line 1 is the postmaster's PID, line 8 its status.
+                    if lines.first() == Some(&pid.as_str())
+                        && lines.get(7).map(|s| s.trim()) == Some("ready")
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(Retry::TimedOut)
+    }
+
+    /// The last lines of the server log.
+    pub fn log_tail(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = fs::File::open(self.dir.join("postgres.log")) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Kill the postmaster with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stop with a fast shutdown (SIGINT), waiting up to 10 s, then SIGKILL.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the postmaster is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn user(&self) -> &str {
+        &self.options.user
+    }
+
+    pub fn password(&self) -> Option<&str> {
+        self.options.password.as_deref()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A libpq URL for a direct connection to `database`.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://{}@127.0.0.1:{}/{}",
+            self.options.user, self.port, database
+        )
+    }
+
+    /// A tokio-postgres / libpq key-value connection string.
+    pub fn conninfo(&self, database: &str) -> String {
+        let mut s = format!(
+            "host=127.0.0.1 port={} user={} dbname={}",
+            self.port, self.options.user, database
+        );
+        if let Some(password) = &self.options.password {
+            s.push_str(&format!(" password={password}"));
+        }
+        s
+    }
+}
+
+enum Retry {
+    Exited,
+    TimedOut,
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run_checked(mut cmd: Command, run_as: Option<RunAs>, what: &str) -> Result<(), LocalPgError> {
+    if let Some(user) = run_as {
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    // Run from a directory every user can read.
+    cmd.current_dir("/");
+    let out = cmd.output().map_err(|e| LocalPgError::Command {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LocalPgError::Command {
+            what: what.to_owned(),
+            detail: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        })
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16, LocalPgError> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err(Path::new("127.0.0.1:0")))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(io_err(Path::new("127.0.0.1:0")))
+}

@@ -1,0 +1,121 @@
+//! The `chorus` binary: run a node from a config file, or a local demo cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use chorus_proxy::config::Config;
+use chorus_proxy::demo::{self, DemoOptions};
+use chorus_proxy::server::{self, Node};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "chorus",
+    version,
+    about = "Active-active PostgreSQL through a wire-protocol proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one Chorus node.
+    Run {
+        /// Configuration file (see chorus.example.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Override node.listen.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Override node.metrics_listen.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+        /// Override node.id.
+        #[arg(long)]
+        node_id: Option<u16>,
+        /// Override node.home_backend.
+        #[arg(long)]
+        home_backend: Option<String>,
+    },
+    /// Start a throwaway local cluster: N PostgreSQL backends (made with this
+    /// machine's initdb) and N Chorus nodes; stop with Ctrl-C.
+    Demo {
+        /// Number of nodes and backends.
+        #[arg(long, default_value_t = 3)]
+        nodes: u16,
+        /// Port of node 1; node i listens on port + i - 1, its metrics on
+        /// port + 100 + i - 1.
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+        /// Directory for the backends' data (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the data directory after stopping.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Run {
+            config,
+            listen,
+            metrics_listen,
+            node_id,
+            home_backend,
+        } => {
+            let mut config = Config::load(&config)?;
+            if let Some(listen) = listen {
+                config.node.listen = listen;
+            }
+            if metrics_listen.is_some() {
+                config.node.metrics_listen = metrics_listen;
+            }
+            if let Some(id) = node_id {
+                config.node.id = id;
+            }
+            if home_backend.is_some() {
+                config.node.home_backend = home_backend;
+            }
+            config.validate()?;
+            runtime.block_on(async {
+                let node = Node::new(config)?;
+                server::run_node(node, async {
+                    if let Err(e) = demo::wait_for_signal().await {
+                        tracing::error!(error = %e, "cannot wait for signals");
+                        std::future::pending::<()>().await;
+                    }
+                })
+                .await?;
+                anyhow::Ok(())
+            })
+        }
+        Command::Demo {
+            nodes,
+            port,
+            dir,
+            keep,
+        } => runtime.block_on(demo::run(DemoOptions {
+            nodes,
+            port,
+            dir,
+            keep,
+        })),
+    }
+}

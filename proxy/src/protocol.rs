@@ -1,0 +1,483 @@
+//! PostgreSQL wire protocol v3: the few messages the proxy decodes or
+//! builds itself. Everything else crosses the proxy as raw framed bytes.
+//!
+//! The startup and authentication exchange is small and fixed, so it is
+//! written here directly (as Neon's and PgDog's proxies do) rather than
+//! through a general codec; the hot path only needs [`frame_header`].
+
+use bytes::{BufMut, BytesMut};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Protocol version 3.0 as sent in a StartupMessage.
+pub const PROTOCOL_3_0: u32 = 3 << 16;
+/// Request code of an SSLRequest.
+pub const SSL_REQUEST_CODE: u32 = 80877103;
+/// Request code of a GSSENCRequest.
+pub const GSSENC_REQUEST_CODE: u32 = 80877104;
+/// Request code of a CancelRequest.
+pub const CANCEL_REQUEST_CODE: u32 = 80877102;
+/// Largest startup packet accepted, as in PostgreSQL (MAX_STARTUP_PACKET_LENGTH).
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+
+/// A malformed, truncated or oversized message. It reaches the client as a
+/// FATAL ErrorResponse with SQLSTATE 08P01 (protocol_violation).
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    #[error("invalid length of startup packet: {0}")]
+    StartupLength(usize),
+    #[error("invalid message length {len} for message type {tag:?}")]
+    MessageLength { tag: char, len: usize },
+    #[error("message of type {tag:?} is {len} bytes, more than the maximum of {max}")]
+    MessageTooLarge { tag: char, len: usize, max: usize },
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0")]
+    UnsupportedVersion { major: u16, minor: u16 },
+    #[error("invalid startup packet layout: {0}")]
+    StartupLayout(&'static str),
+    #[error("invalid {0} message")]
+    Malformed(&'static str),
+    #[error("unexpected message type {0:?} during authentication")]
+    Unexpected(char),
+    #[error("connection closed in the middle of a message")]
+    Truncated,
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ProtocolError {
+    /// Whether the peer just went away (nothing to answer).
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            ProtocolError::Truncated => true,
+            ProtocolError::Io(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// The first packet of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupPacket {
+    SslRequest,
+    GssEncRequest,
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    Startup {
+        minor: u16,
+        params: Vec<(String, String)>,
+    },
+}
+
+impl StartupPacket {
+    /// Look up a startup parameter.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        match self {
+            StartupPacket::Startup { params, .. } => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// Decode the body of a startup packet (everything after its length word).
+pub fn decode_startup(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
+    if body.len() < 4 {
+        return Err(ProtocolError::StartupLength(body.len() + 4));
+    }
+    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    let rest = &body[4..];
+    match code {
+        SSL_REQUEST_CODE if rest.is_empty() => Ok(StartupPacket::SslRequest),
+        GSSENC_REQUEST_CODE if rest.is_empty() => Ok(StartupPacket::GssEncRequest),
+        CANCEL_REQUEST_CODE => {
+            if rest.len() != 8 {
+                return Err(ProtocolError::StartupLayout("cancel request length"));
+            }
+            Ok(StartupPacket::Cancel {
+                pid: i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]),
+                secret: i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
+            })
+        }
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => {
+            Err(ProtocolError::StartupLayout("request with a body"))
+        }
+        _ => {
+            let major = (code >> 16) as u16;
+            let minor = (code & 0xffff) as u16;
+            if major != 3 {
+                return Err(ProtocolError::UnsupportedVersion { major, minor });
+            }
+            let mut params = Vec::new();
+            let mut fields = rest;
+            loop {
+                let (name, after) = read_cstr(fields)?;
+                if name.is_empty() {
+                    if !after.is_empty() {
+                        return Err(ProtocolError::StartupLayout("data after terminator"));
+                    }
+                    break;
+                }
+                let (value, after) = read_cstr(after)?;
+                params.push((name.to_owned(), value.to_owned()));
+                fields = after;
+            }
+            Ok(StartupPacket::Startup { minor, params })
+        }
+    }
+}
+
+/// Split a NUL-terminated UTF-8 string off the front of `buf`.
+pub fn read_cstr(buf: &[u8]) -> Result<(&str, &[u8]), ProtocolError> {
+    let end = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(ProtocolError::StartupLayout("missing string terminator"))?;
+    let text =
+        std::str::from_utf8(&buf[..end]).map_err(|_| ProtocolError::StartupLayout("not UTF-8"))?;
+    Ok((text, &buf[end + 1..]))
+}
+
+/// Read one startup packet. `Ok(None)` when the peer closed before sending
+/// anything (a port probe).
+pub async fn read_startup<R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<Option<StartupPacket>, ProtocolError> {
+    let mut len_buf = [0u8; 4];
+    match reader.read_exact(&mut len_buf).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len_buf) as usize;
+    if !(8..=MAX_STARTUP_PACKET).contains(&len) {
+        return Err(ProtocolError::StartupLength(len));
+    }
+    let mut body = vec![0u8; len - 4];
+    reader
+        .read_exact(&mut body)
+        .await
+        .map_err(|_| ProtocolError::Truncated)?;
+    decode_startup(&body).map(Some)
+}
+
+/// The header of a regular message at the front of `buf`: its type byte and
+/// its whole length on the wire (type byte included). `Ok(None)` when fewer
+/// than five bytes are buffered.
+#[inline]
+pub fn frame_header(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, ProtocolError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len < 4 {
+        return Err(ProtocolError::MessageLength {
+            tag: tag as char,
+            len,
+        });
+    }
+    if len > max {
+        return Err(ProtocolError::MessageTooLarge {
+            tag: tag as char,
+            len,
+            max,
+        });
+    }
+    Ok(Some((tag, len + 1)))
+}
+
+/// Read one whole regular message into `buf` (cleared first): used during
+/// authentication, where messages are few and small.
+pub async fn read_message<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<u8, ProtocolError> {
+    buf.clear();
+    let mut header = [0u8; 5];
+    reader
+        .read_exact(&mut header)
+        .await
+        .map_err(|_| ProtocolError::Truncated)?;
+    let (tag, total) = frame_header(&header, max)?.ok_or(ProtocolError::Truncated)?;
+    buf.resize(total - 5, 0);
+    reader
+        .read_exact(&mut buf[..])
+        .await
+        .map_err(|_| ProtocolError::Truncated)?;
+    Ok(tag)
+}
+
+/// Severity of an ErrorResponse built by the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// Append an ErrorResponse.
+pub fn error_response(
+    out: &mut BytesMut,
+    severity: Severity,
+    code: &str,
+    message: &str,
+    detail: Option<&str>,
+) {
+    write_message(out, b'E', |body| {
+        body.put_u8(b'S');
+        put_cstr(body, severity.as_str());
+        body.put_u8(b'V');
+        put_cstr(body, severity.as_str());
+        body.put_u8(b'C');
+        put_cstr(body, code);
+        body.put_u8(b'M');
+        put_cstr(body, message);
+        if let Some(detail) = detail {
+            body.put_u8(b'D');
+            put_cstr(body, detail);
+        }
+        body.put_u8(0);
+    });
+}
+
+/// Append a NoticeResponse (severity WARNING).
+pub fn warning_notice(out: &mut BytesMut, code: &str, message: &str) {
+    write_message(out, b'N', |body| {
+        for (field, value) in [(b'S', "WARNING"), (b'V', "WARNING"), (b'C', code)] {
+            body.put_u8(field);
+            put_cstr(body, value);
+        }
+        body.put_u8(b'M');
+        put_cstr(body, message);
+        body.put_u8(0);
+    });
+}
+
+/// Append an authentication request ('R') with code and payload.
+pub fn authentication(out: &mut BytesMut, code: i32, payload: &[u8]) {
+    write_message(out, b'R', |body| {
+        body.put_i32(code);
+        body.put_slice(payload);
+    });
+}
+
+/// Append AuthenticationSASL offering SCRAM-SHA-256.
+pub fn authentication_sasl(out: &mut BytesMut) {
+    write_message(out, b'R', |body| {
+        body.put_i32(10);
+        put_cstr(body, "SCRAM-SHA-256");
+        body.put_u8(0);
+    });
+}
+
+/// Append BackendKeyData.
+pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
+    write_message(out, b'K', |body| {
+        body.put_i32(pid);
+        body.put_i32(secret);
+    });
+}
+
+/// Append ParameterStatus.
+pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    write_message(out, b'S', |body| {
+        put_cstr(body, name);
+        put_cstr(body, value);
+    });
+}
+
+/// Append ReadyForQuery with a transaction status ('I', 'T' or 'E').
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    write_message(out, b'Z', |body| body.put_u8(status));
+}
+
+/// Append NegotiateProtocolVersion: the newest minor version supported (0)
+/// and the protocol options (`_pq_.*`) that were not recognized.
+pub fn negotiate_protocol_version(out: &mut BytesMut, unrecognized: &[&str]) {
+    write_message(out, b'v', |body| {
+        body.put_i32(0);
+        body.put_i32(unrecognized.len() as i32);
+        for option in unrecognized {
+            put_cstr(body, option);
+        }
+    });
+}
+
+/// Append a CancelRequest packet for a backend key.
+pub fn cancel_request(out: &mut BytesMut, pid: i32, secret: i32) {
+    out.put_i32(16);
+    out.put_u32(CANCEL_REQUEST_CODE);
+    out.put_i32(pid);
+    out.put_i32(secret);
+}
+
+fn put_cstr(out: &mut BytesMut, s: &str) {
+    out.put_slice(s.as_bytes());
+    out.put_u8(0);
+}
+
+/// Append a message with a type byte, computing its length.
+fn write_message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    out.put_u8(tag);
+    let len_at = out.len();
+    out.put_i32(0);
+    body(out);
+    let len = (out.len() - len_at) as i32;
+    out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// The fields of an ErrorResponse or NoticeResponse body that the proxy
+/// looks at.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ErrorFields<'a> {
+    pub severity: &'a str,
+    pub code: &'a str,
+    pub message: &'a str,
+}
+
+/// Parse an ErrorResponse/NoticeResponse body (after the header).
+pub fn parse_error_fields(body: &[u8]) -> ErrorFields<'_> {
+    let mut fields = ErrorFields::default();
+    let mut rest = body;
+    while let Some((&field, after)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Ok((value, after)) = read_cstr(after) else {
+            break;
+        };
+        match field {
+            b'V' => fields.severity = value,
+            b'S' if fields.severity.is_empty() => fields.severity = value,
+            b'C' => fields.code = value,
+            b'M' => fields.message = value,
+            _ => {}
+        }
+        rest = after;
+    }
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup_bytes(params: &[(&str, &str)], version: u32) -> Vec<u8> {
+        let mut body = version.to_be_bytes().to_vec();
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        body
+    }
+
+    #[test]
+    fn decodes_a_startup_message() {
+        let body = startup_bytes(&[("user", "app"), ("database", "db")], PROTOCOL_3_0);
+        let packet = decode_startup(&body).unwrap();
+        assert_eq!(packet.param("user"), Some("app"));
+        assert_eq!(packet.param("database"), Some("db"));
+        assert!(matches!(packet, StartupPacket::Startup { minor: 0, .. }));
+    }
+
+    #[test]
+    fn decodes_requests() {
+        assert_eq!(
+            decode_startup(&SSL_REQUEST_CODE.to_be_bytes()).unwrap(),
+            StartupPacket::SslRequest
+        );
+        assert_eq!(
+            decode_startup(&GSSENC_REQUEST_CODE.to_be_bytes()).unwrap(),
+            StartupPacket::GssEncRequest
+        );
+        let mut cancel = BytesMut::new();
+        cancel_request(&mut cancel, 42, -7);
+        assert_eq!(
+            decode_startup(&cancel[4..]).unwrap(),
+            StartupPacket::Cancel {
+                pid: 42,
+                secret: -7
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_startup_packets() {
+        assert!(matches!(
+            decode_startup(&startup_bytes(&[], 2 << 16)),
+            Err(ProtocolError::UnsupportedVersion { major: 2, .. })
+        ));
+        let mut unterminated = PROTOCOL_3_0.to_be_bytes().to_vec();
+        unterminated.extend_from_slice(b"user\0app");
+        assert!(decode_startup(&unterminated).is_err());
+        assert!(decode_startup(&[1, 2]).is_err());
+        let mut trailing = startup_bytes(&[("user", "a")], PROTOCOL_3_0);
+        trailing.push(b'x');
+        assert!(decode_startup(&trailing).is_err());
+    }
+
+    #[test]
+    fn frame_header_limits() {
+        assert_eq!(frame_header(b"Q\0\0", 100).unwrap(), None);
+        assert_eq!(
+            frame_header(b"Q\0\0\0\x05\0", 100).unwrap(),
+            Some((b'Q', 6))
+        );
+        assert!(frame_header(b"Q\0\0\0\x03", 100).is_err());
+        assert!(matches!(
+            frame_header(b"Q\x7f\0\0\0", 100),
+            Err(ProtocolError::MessageTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn error_response_round_trips() {
+        let mut out = BytesMut::new();
+        error_response(&mut out, Severity::Fatal, "08P01", "bad message", Some("x"));
+        let (tag, total) = frame_header(&out, 1 << 20).unwrap().unwrap();
+        assert_eq!(tag, b'E');
+        assert_eq!(total, out.len());
+        let fields = parse_error_fields(&out[5..]);
+        assert_eq!(fields.severity, "FATAL");
+        assert_eq!(fields.code, "08P01");
+        assert_eq!(fields.message, "bad message");
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_decoders() {
+        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..5000 {
+            let mut bytes = Vec::new();
+            for _ in 0..(state % 40) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                bytes.push(state as u8);
+            }
+            let _ = decode_startup(&bytes);
+            let _ = frame_header(&bytes, 1 << 20);
+            let _ = parse_error_fields(&bytes);
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! A Chorus node: the client listener, its shared state, and graceful
+//! shutdown. `run` takes an already-bound listener so tests can bind
+//! `127.0.0.1:0`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::ScramVerifier;
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, TlsConfig};
+use crate::metrics::{self, ErrorKind, Metrics};
+use crate::protocol::{self, Severity};
+use crate::session;
+
+/// Why a node could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot load TLS certificate or key: {0}")]
+    Tls(String),
+    #[error("cannot bind {what} to {address}: {source}")]
+    Bind {
+        what: &'static str,
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every session of one node.
+pub struct Node {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub cancel_keys: Arc<CancelRegistry>,
+    pub tls: Option<TlsAcceptor>,
+    /// SCRAM verifiers derived from configured passwords at start-up.
+    verifiers: HashMap<String, ScramVerifier>,
+    /// A verifier for unknown users, so that their login runs the whole
+    /// exchange and fails like a wrong password (no user enumeration).
+    mock_verifier: ScramVerifier,
+    /// Set once shutdown begins.
+    pub draining: Arc<AtomicBool>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl Node {
+    /// Build a node from its configuration (loads TLS material, derives
+    /// SCRAM verifiers, registers metrics).
+    pub fn new(config: Config) -> Result<Arc<Node>, StartError> {
+        let tls = config.tls.as_ref().map(load_tls).transpose()?;
+        let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
+        let verifiers = config
+            .users
+            .iter()
+            .filter_map(|u| {
+                let password = u.password.as_deref()?;
+                Some((u.name.clone(), ScramVerifier::from_password(password)?))
+            })
+            .collect();
+        let mut random = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
+        let mock_verifier = ScramVerifier::from_password(&format!("{random:?}"))
+            .ok_or_else(|| StartError::Tls("cannot derive a SCRAM verifier".into()))?;
+        let (shutdown_tx, _) = watch::channel(false);
+        Ok(Arc::new(Node {
+            metrics: Arc::new(Metrics::new(&backends)),
+            config,
+            cancel_keys: Arc::new(CancelRegistry::default()),
+            tls,
+            verifiers,
+            mock_verifier,
+            draining: Arc::new(AtomicBool::new(false)),
+            shutdown_tx,
+        }))
+    }
+
+    /// The SCRAM verifier for a user (a mock one for unknown users).
+    pub fn verifier(&self, user: &str) -> ScramVerifier {
+        self.verifiers
+            .get(user)
+            .unwrap_or(&self.mock_verifier)
+            .clone()
+    }
+
+    /// A receiver that fires when shutdown begins.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
+    }
+
+    fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.shutdown_tx.send_replace(true);
+    }
+}
+
+fn load_tls(tls: &TlsConfig) -> Result<TlsAcceptor, StartError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|iter| iter.collect())
+        .map_err(|e| StartError::Tls(format!("{}: {e}", tls.cert.display())))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(format!(
+            "{}: no certificate found",
+            tls.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| StartError::Tls(format!("{}: {e}", tls.key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+/// Serve clients from `listener` until `shutdown` completes, then stop
+/// accepting, close idle sessions, and give sessions inside a transaction up
+/// to `node.shutdown_timeout_ms` to finish before closing them.
+pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+    let slots = Arc::new(Semaphore::new(node.config.node.max_client_connections));
+    let mut sessions = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                node.metrics.client_connections_total.increment(1);
+                let node = node.clone();
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        sessions.spawn(async move {
+                            session::serve(node, stream, peer).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        sessions.spawn(async move { refuse_too_many(node, stream).await });
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!(
+        sessions = sessions.len(),
+        "shutting down: no new connections"
+    );
+    node.begin_drain();
+    let drained = tokio::time::timeout(node.config.shutdown_timeout(), async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            sessions = sessions.len(),
+            "shutdown timeout reached: closing remaining sessions"
+        );
+        sessions.abort_all();
+        while sessions.join_next().await.is_some() {}
+    }
+}
+
+async fn refuse_too_many(node: Arc<Node>, mut stream: tokio::net::TcpStream) {
+    node.metrics.error(ErrorKind::Capacity);
+    let mut out = BytesMut::new();
+    protocol::error_response(
+        &mut out,
+        Severity::Fatal,
+        "53300",
+        "sorry, too many clients already",
+        None,
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        // Read the startup packet first so the client sees the error
+        // rather than a reset.
+        let _ = protocol::read_startup(&mut stream).await;
+        let _ = stream.write_all(&out).await;
+    })
+    .await;
+}
+
+/// Bind a node's listeners and run it, with its metrics endpoint, until
+/// `shutdown` completes. Returns once every session has ended.
+pub async fn run_node(
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let address = node.config.node.listen;
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "client listener",
+            address,
+            source,
+        })?;
+    run_node_with(listener, node, shutdown).await
+}
+
+/// As [`run_node`], with an already-bound client listener.
+pub async fn run_node_with(
+    listener: TcpListener,
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let mut background = JoinSet::new();
+    if let Some(address) = node.config.node.metrics_listen {
+        let http = TcpListener::bind(address)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "metrics listener",
+                address,
+                source,
+            })?;
+        background.spawn(metrics::serve_http(
+            http,
+            node.metrics.clone(),
+            node.draining.clone(),
+        ));
+    }
+    background.spawn(metrics::run_upkeep(node.metrics.clone()));
+    tracing::info!(
+        node = node.config.node.id,
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        home = %node.config.home_backend().name,
+        "chorus node ready"
+    );
+    run(listener, node, shutdown).await;
+    background.abort_all();
+    Ok(())
+}

@@ -1,0 +1,973 @@
+//! One client session: startup (TLS, protocol negotiation, cancel
+//! requests), authentication, the login to the home backend, then the relay
+//! that moves protocol messages between client and backend as raw bytes.
+//!
+//! The relay frames the byte stream (type byte + length) and decodes only
+//! the messages it acts on: Query, Parse, Bind, Execute, Close, Sync and
+//! Terminate from the client, ReadyForQuery and ErrorResponse from the
+//! backend. Everything else (DataRow, CopyData, …) streams through without
+//! being buffered whole.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use chorus_router::{classify, classify_query, StatementClass};
+use rand::RngCore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::auth::{self, AuthError, ScramServer};
+use crate::backend::{self, BackendConnection, BackendError, LoginParams};
+use crate::config::AuthMethod;
+use crate::metrics::{ErrorKind, GaugeGuard};
+use crate::protocol::{self, read_message, ProtocolError, Severity, StartupPacket};
+use crate::server::Node;
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A client connection, before or after TLS.
+enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Moved out (into a TLS handshake that failed); every operation fails.
+    Closed,
+}
+
+fn closed() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotConnected, "connection closed")
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+}
+
+/// A failure during startup, with what the client should be told.
+#[derive(Debug)]
+enum StartupFailure {
+    /// The client went away; nothing to say.
+    Gone,
+    /// Send this FATAL error and close.
+    Fatal {
+        kind: ErrorKind,
+        code: &'static str,
+        message: String,
+    },
+    /// Forward the backend's own ErrorResponse (raw) and close.
+    Backend(BytesMut),
+}
+
+impl From<ProtocolError> for StartupFailure {
+    fn from(e: ProtocolError) -> Self {
+        if e.is_disconnect() {
+            StartupFailure::Gone
+        } else {
+            let code = match e {
+                ProtocolError::UnsupportedVersion { .. } => "0A000",
+                _ => "08P01",
+            };
+            StartupFailure::Fatal {
+                kind: ErrorKind::Protocol,
+                code,
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+impl From<AuthError> for StartupFailure {
+    fn from(e: AuthError) -> Self {
+        StartupFailure::Fatal {
+            kind: ErrorKind::Auth,
+            code: e.sqlstate(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<std::io::Error> for StartupFailure {
+    fn from(e: std::io::Error) -> Self {
+        ProtocolError::Io(e).into()
+    }
+}
+
+/// Serve one client connection to its end.
+pub async fn serve(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
+    let _open = GaugeGuard::new(&node.metrics.client_connections);
+    let _ = stream.set_nodelay(true);
+    let mut client = ClientStream::Plain(stream);
+    let started = tokio::time::timeout(
+        node.config.auth_timeout(),
+        startup(&node, &mut client, peer),
+    )
+    .await;
+    let established = match started {
+        Ok(Ok(Some(established))) => established,
+        Ok(Ok(None)) => return,
+        Ok(Err(failure)) => {
+            report_startup_failure(&node, &mut client, failure).await;
+            return;
+        }
+        Err(_) => {
+            report_startup_failure(
+                &node,
+                &mut client,
+                StartupFailure::Fatal {
+                    kind: ErrorKind::Protocol,
+                    code: "08006",
+                    message: "canceling authentication due to timeout".into(),
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    let Established {
+        backend,
+        backend_name,
+        _cancel_key,
+    } = established;
+    let _backend_open = node
+        .metrics
+        .backend(&backend_name)
+        .map(|(conns, _)| GaugeGuard::new(conns));
+    match client {
+        ClientStream::Plain(stream) => {
+            let (read, write) = stream.into_split();
+            relay(&node, read, write, backend.stream).await;
+        }
+        ClientStream::Tls(stream) => {
+            let (read, write) = tokio::io::split(*stream);
+            relay(&node, read, write, backend.stream).await;
+        }
+        ClientStream::Closed => {}
+    }
+}
+
+async fn report_startup_failure(node: &Node, client: &mut ClientStream, failure: StartupFailure) {
+    let mut out = BytesMut::new();
+    match failure {
+        StartupFailure::Gone => return,
+        StartupFailure::Fatal {
+            kind,
+            code,
+            message,
+        } => {
+            node.metrics.error(kind);
+            tracing::debug!(code, %message, "startup failed");
+            protocol::error_response(&mut out, Severity::Fatal, code, &message, None);
+        }
+        StartupFailure::Backend(raw) => {
+            node.metrics.error(ErrorKind::BackendConnect);
+            out = raw;
+        }
+    }
+    let _ = client.write_all(&out).await;
+    let _ = client.shutdown().await;
+}
+
+struct Established {
+    backend: BackendConnection,
+    backend_name: String,
+    _cancel_key: crate::cancel::CancelKey,
+}
+
+/// Startup packet(s), authentication and backend login. `Ok(None)` when the
+/// connection was only a probe or a cancel request.
+async fn startup(
+    node: &Arc<Node>,
+    client: &mut ClientStream,
+    peer: SocketAddr,
+) -> Result<Option<Established>, StartupFailure> {
+    let (minor, params) = loop {
+        let Some(packet) = protocol::read_startup(client).await? else {
+            return Ok(None);
+        };
+        match packet {
+            StartupPacket::SslRequest => {
+                let tls = match (&node.tls, &*client) {
+                    (Some(acceptor), ClientStream::Plain(_)) => acceptor.clone(),
+                    (None, ClientStream::Plain(_)) => {
+                        client.write_all(b"N").await?;
+                        continue;
+                    }
+                    (_, ClientStream::Tls(_) | ClientStream::Closed) => {
+                        return Err(ProtocolError::StartupLayout("SSLRequest inside TLS").into())
+                    }
+                };
+                client.write_all(b"S").await?;
+                // Swap the plain stream out for the TLS one.
+                let ClientStream::Plain(tcp) = std::mem::replace(client, ClientStream::Closed)
+                else {
+                    return Err(ProtocolError::StartupLayout("TLS state").into());
+                };
+                match tls.accept(tcp).await {
+                    Ok(stream) => *client = ClientStream::Tls(Box::new(stream)),
+                    Err(e) => {
+                        node.metrics.error(ErrorKind::Tls);
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return Ok(None);
+                    }
+                }
+            }
+            StartupPacket::GssEncRequest => client.write_all(b"N").await?,
+            StartupPacket::Cancel { pid, secret } => {
+                node.cancel_keys.cancel(pid, secret).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup { minor, params } => break (minor, params),
+        }
+    };
+
+    let user = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.clone())
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| StartupFailure::Fatal {
+            kind: ErrorKind::Protocol,
+            code: "28000",
+            message: "no PostgreSQL user name specified in startup packet".into(),
+        })?;
+    let database = params
+        .iter()
+        .find(|(k, _)| k == "database")
+        .map(|(_, v)| v.clone())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+
+    let mut out = BytesMut::with_capacity(512);
+    // Protocol options (`_pq_.*`) are not forwarded; a client asking for a
+    // newer minor version or for options learns what this server speaks.
+    let unrecognized: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if minor > 0 || !unrecognized.is_empty() {
+        protocol::negotiate_protocol_version(&mut out, &unrecognized);
+    }
+    let forwarded: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| !k.starts_with("_pq_."))
+        .cloned()
+        .collect();
+
+    authenticate(node, client, peer, &user, &database, &mut out).await?;
+
+    let home = node.config.home_backend();
+    let address = home.address();
+    let password = node.config.user(&user).and_then(|u| u.password.as_deref());
+    let login = LoginParams {
+        address: &address,
+        user: &user,
+        password,
+        database: &database,
+        params: &forwarded,
+    };
+    let up = node.metrics.backend(&home.name).map(|(_, up)| up.clone());
+    let backend = match backend::connect(&login, node.config.backend_connect_timeout()).await {
+        Ok(backend) => {
+            if let Some(up) = &up {
+                up.set(1.0);
+            }
+            backend
+        }
+        Err(BackendError::Refused { raw, .. }) => {
+            if let Some(up) = &up {
+                up.set(1.0);
+            }
+            return Err(StartupFailure::Backend(raw));
+        }
+        Err(e) => {
+            if let Some(up) = &up {
+                up.set(0.0);
+            }
+            tracing::warn!(backend = %home.name, error = %e, "backend login failed");
+            return Err(StartupFailure::Fatal {
+                kind: ErrorKind::BackendConnect,
+                code: "08006",
+                message: format!("could not connect to backend \"{}\": {e}", home.name),
+            });
+        }
+    };
+
+    let cancel_key = node
+        .cancel_keys
+        .register(&address, backend.pid, backend.secret);
+    protocol::authentication(&mut out, 0, &[]);
+    out.extend_from_slice(&backend.startup_messages);
+    protocol::backend_key_data(&mut out, cancel_key.pid, cancel_key.secret);
+    protocol::ready_for_query(&mut out, b'I');
+    client.write_all(&out).await?;
+    Ok(Some(Established {
+        backend,
+        backend_name: home.name.clone(),
+        _cancel_key: cancel_key,
+    }))
+}
+
+/// Run the authentication exchange chosen by the rules. Messages queued in
+/// `out` (NegotiateProtocolVersion) are sent first.
+async fn authenticate(
+    node: &Node,
+    client: &mut ClientStream,
+    peer: SocketAddr,
+    user: &str,
+    database: &str,
+    out: &mut BytesMut,
+) -> Result<(), StartupFailure> {
+    let method = auth::method_for(&node.config, user, database, peer.ip())?;
+    let password = node.config.user(user).and_then(|u| u.password.as_deref());
+    let mut buf = BytesMut::with_capacity(256);
+    let max = 64 * 1024;
+    match method {
+        AuthMethod::Trust => Ok(()),
+        AuthMethod::Reject => Err(AuthError::Rejected(user.to_owned()).into()),
+        AuthMethod::Md5 => {
+            let mut salt = [0u8; 4];
+            rand::rng().fill_bytes(&mut salt);
+            protocol::authentication(out, 5, &salt);
+            client.write_all(out).await?;
+            out.clear();
+            let response = read_password_message(client, &mut buf, max).await?;
+            let response = protocol::read_cstr(&response)?.0;
+            match password {
+                Some(password) if auth::verify_md5(user, password, salt, response) => Ok(()),
+                _ => Err(AuthError::PasswordFailed(user.to_owned()).into()),
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            protocol::authentication_sasl(out);
+            client.write_all(out).await?;
+            out.clear();
+            let initial = read_password_message(client, &mut buf, max).await?;
+            let (mechanism, rest) = protocol::read_cstr(&initial)?;
+            if mechanism != "SCRAM-SHA-256" || rest.len() < 4 {
+                return Err(AuthError::Scram("unsupported SASL mechanism").into());
+            }
+            let data = &rest[4..];
+            let verifier = if password.is_some() {
+                node.verifier(user)
+            } else {
+                node.verifier("")
+            };
+            let server = ScramServer::start(verifier, data)?;
+            protocol::authentication(out, 11, server.server_first().as_bytes());
+            client.write_all(out).await?;
+            out.clear();
+            let client_final = read_password_message(client, &mut buf, max).await?;
+            let server_final = server
+                .finish(&client_final)
+                .map_err(|_| AuthError::PasswordFailed(user.to_owned()))?;
+            protocol::authentication(out, 12, server_final.as_bytes());
+            Ok(())
+        }
+    }
+}
+
+async fn read_password_message(
+    client: &mut ClientStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<BytesMut, StartupFailure> {
+    match read_message(client, buf, max).await? {
+        b'p' => Ok(buf.split()),
+        other => Err(ProtocolError::Unexpected(other as char).into()),
+    }
+}
+
+/// How a relay ended.
+enum RelayEnd {
+    /// The client sent Terminate or closed its connection.
+    ClientDone,
+    /// The client broke the protocol.
+    ClientProtocol(ProtocolError),
+    /// The backend connection ended or failed.
+    BackendGone { after_fatal: bool },
+    /// The node is shutting down and this session was idle.
+    Shutdown,
+}
+
+/// State shared by the two directions of a relay.
+struct RelayState {
+    /// Arrival time of every Query/Sync/FunctionCall not yet answered by
+    /// ReadyForQuery, oldest first.
+    pending: Mutex<VecDeque<Instant>>,
+    /// Transaction status from the last ReadyForQuery.
+    tx_status: AtomicU8,
+}
+
+/// Move messages both ways until either side ends.
+async fn relay<CR, CW>(
+    node: &Arc<Node>,
+    mut client_read: CR,
+    mut client_write: CW,
+    backend: TcpStream,
+) where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let (mut backend_read, mut backend_write) = backend.into_split();
+    let state = RelayState {
+        pending: Mutex::new(VecDeque::new()),
+        tx_status: AtomicU8::new(b'I'),
+    };
+    let mut shutdown = node.shutdown_signal();
+    let end = tokio::select! {
+        end = client_to_backend(node, &state, &mut client_read, &mut backend_write) => end,
+        end = backend_to_client(node, &state, &mut backend_read, &mut client_write, &mut shutdown) => end,
+    };
+    let mut out = BytesMut::new();
+    match end {
+        RelayEnd::ClientDone | RelayEnd::Shutdown => {}
+        RelayEnd::ClientProtocol(e) => {
+            node.metrics.error(ErrorKind::Protocol);
+            tracing::debug!(error = %e, "client protocol violation");
+            protocol::error_response(&mut out, Severity::Fatal, "08P01", &e.to_string(), None);
+        }
+        RelayEnd::BackendGone { after_fatal } => {
+            if !after_fatal {
+                node.metrics.error(ErrorKind::BackendLost);
+                protocol::error_response(
+                    &mut out,
+                    Severity::Fatal,
+                    "08006",
+                    "connection to the backend was lost",
+                    Some("The PostgreSQL server closed the connection unexpectedly."),
+                );
+            }
+        }
+    }
+    if !out.is_empty() {
+        let _ = client_write.write_all(&out).await;
+    }
+    let _ = client_write.shutdown().await;
+    // Say goodbye to the backend so it does not log an unexpected EOF.
+    let _ = backend_write.write_all(&[b'X', 0, 0, 0, 4]).await;
+}
+
+/// Prepared statement and portal classes, so that Execute can be counted.
+#[derive(Default)]
+struct PreparedClasses {
+    unnamed_statement: Option<StatementClass>,
+    statements: HashMap<String, StatementClass>,
+    unnamed_portal: Option<StatementClass>,
+    portals: HashMap<String, StatementClass>,
+}
+
+impl PreparedClasses {
+    fn statement(&self, name: &str) -> Option<StatementClass> {
+        if name.is_empty() {
+            self.unnamed_statement
+        } else {
+            self.statements.get(name).copied()
+        }
+    }
+
+    fn portal(&self, name: &str) -> Option<StatementClass> {
+        if name.is_empty() {
+            self.unnamed_portal
+        } else {
+            self.portals.get(name).copied()
+        }
+    }
+}
+
+/// Split two NUL-terminated strings off a message body.
+fn two_cstrs(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
+    let (first, rest) =
+        protocol::read_cstr(body).map_err(|_| ProtocolError::Malformed("string"))?;
+    let (second, _) = protocol::read_cstr(rest).map_err(|_| ProtocolError::Malformed("string"))?;
+    Ok((first, second))
+}
+
+/// Client to backend: count statements, note when answers are due.
+async fn client_to_backend<R, W>(
+    node: &Node,
+    state: &RelayState,
+    reader: &mut R,
+    writer: &mut W,
+) -> RelayEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let metrics = &node.metrics;
+    let mut prepared = PreparedClasses::default();
+    let mut terminated = false;
+    let inspect = |tag: u8| matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'C' | b'S' | b'F' | b'X');
+    let result = pump(
+        reader,
+        writer,
+        node.config.node.max_message_bytes,
+        inspect,
+        |tag, body| {
+            match tag {
+                b'Q' => {
+                    let (sql, _) =
+                        protocol::read_cstr(body).map_err(|_| ProtocolError::Malformed("Query"))?;
+                    let summary = classify_query(sql);
+                    for class in StatementClass::ALL {
+                        let n = summary.counts[class.index()];
+                        if n > 0 {
+                            metrics.statements(class, u64::from(n));
+                        }
+                    }
+                    push_pending(state);
+                }
+                b'P' => {
+                    let (name, sql) = two_cstrs(body)?;
+                    let class = classify(sql);
+                    if name.is_empty() {
+                        prepared.unnamed_statement = Some(class);
+                    } else {
+                        prepared.statements.insert(name.to_owned(), class);
+                    }
+                }
+                b'B' => {
+                    let (portal, statement) = two_cstrs(body)?;
+                    let class = prepared.statement(statement);
+                    if portal.is_empty() {
+                        prepared.unnamed_portal = class;
+                    } else if let Some(class) = class {
+                        prepared.portals.insert(portal.to_owned(), class);
+                    }
+                }
+                b'E' => {
+                    let (portal, _) = protocol::read_cstr(body)
+                        .map_err(|_| ProtocolError::Malformed("Execute"))?;
+                    metrics.statements(
+                        prepared.portal(portal).unwrap_or(StatementClass::Unknown),
+                        1,
+                    );
+                }
+                b'C' => {
+                    let (&kind, rest) = body
+                        .split_first()
+                        .ok_or(ProtocolError::Malformed("Close"))?;
+                    let (name, _) =
+                        protocol::read_cstr(rest).map_err(|_| ProtocolError::Malformed("Close"))?;
+                    match kind {
+                        b'S' if name.is_empty() => prepared.unnamed_statement = None,
+                        b'S' => {
+                            prepared.statements.remove(name);
+                        }
+                        b'P' if name.is_empty() => prepared.unnamed_portal = None,
+                        b'P' => {
+                            prepared.portals.remove(name);
+                        }
+                        _ => return Err(ProtocolError::Malformed("Close")),
+                    }
+                }
+                b'S' | b'F' => push_pending(state),
+                b'X' => {
+                    terminated = true;
+                    return Ok(Flow::Stop);
+                }
+                _ => {}
+            }
+            Ok(Flow::Continue)
+        },
+    )
+    .await;
+    match result {
+        Ok(()) => RelayEnd::ClientDone,
+        Err(PumpError::Eof) => RelayEnd::ClientDone,
+        Err(PumpError::Protocol(e)) if e.is_disconnect() => RelayEnd::ClientDone,
+        Err(PumpError::Protocol(e)) => RelayEnd::ClientProtocol(e),
+        // The backend side failed while we wrote to it.
+        Err(PumpError::WriteFailed) if terminated => RelayEnd::ClientDone,
+        Err(PumpError::WriteFailed) => RelayEnd::BackendGone { after_fatal: false },
+    }
+}
+
+fn push_pending(state: &RelayState) {
+    if let Ok(mut pending) = state.pending.lock() {
+        pending.push_back(Instant::now());
+    }
+}
+
+/// Backend to client: track transaction state and latency, count errors,
+/// and end idle sessions when the node shuts down.
+async fn backend_to_client<R, W>(
+    node: &Node,
+    state: &RelayState,
+    reader: &mut R,
+    writer: &mut W,
+    shutdown: &mut watch::Receiver<bool>,
+) -> RelayEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let metrics = &node.metrics;
+    let mut last_was_fatal = false;
+    let idle = || {
+        state.tx_status.load(Ordering::Relaxed) == b'I'
+            && state.pending.lock().map(|p| p.is_empty()).unwrap_or(true)
+    };
+    let draining = || node.draining.load(Ordering::SeqCst);
+    let mut stop_for_shutdown = false;
+    let inspect = |tag: u8| matches!(tag, b'Z' | b'E');
+    let mut on_message = |tag: u8, body: &[u8]| {
+        match tag {
+            b'Z' => {
+                last_was_fatal = false;
+                let status = body.first().copied().unwrap_or(b'I');
+                state.tx_status.store(status, Ordering::Relaxed);
+                let started = state.pending.lock().ok().and_then(|mut p| p.pop_front());
+                if let Some(started) = started {
+                    metrics
+                        .query_duration
+                        .record(started.elapsed().as_secs_f64());
+                }
+                if draining() && idle() {
+                    stop_for_shutdown = true;
+                    return Ok(Flow::Stop);
+                }
+            }
+            b'E' => {
+                metrics.error(ErrorKind::BackendError);
+                let severity = protocol::parse_error_fields(body).severity;
+                last_was_fatal = severity == "FATAL" || severity == "PANIC";
+            }
+            _ => {}
+        }
+        Ok(Flow::Continue)
+    };
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut framer = Framer::default();
+    let max = usize::MAX >> 1;
+    loop {
+        if !draining() && idle() {
+            // Wait for backend bytes or the start of shutdown, whichever
+            // comes first; only an idle session may be closed at once.
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_ok() && draining() && idle() {
+                        return shutdown_session(writer).await;
+                    }
+                    continue;
+                }
+                readable = read_more(reader, &mut buf) => {
+                    if let Err(end) = readable {
+                        return backend_end(end, last_was_fatal);
+                    }
+                }
+            }
+        } else if draining() && idle() && buf.is_empty() {
+            return shutdown_session(writer).await;
+        } else if let Err(end) = read_more(reader, &mut buf).await {
+            return backend_end(end, last_was_fatal);
+        }
+        match forward(
+            &mut framer,
+            &mut buf,
+            writer,
+            max,
+            &inspect,
+            &mut on_message,
+        )
+        .await
+        {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Stop) => {
+                if stop_for_shutdown {
+                    return shutdown_session(writer).await;
+                }
+                return RelayEnd::ClientDone;
+            }
+            Err(PumpError::WriteFailed) | Err(PumpError::Eof) => return RelayEnd::ClientDone,
+            Err(PumpError::Protocol(e)) => {
+                tracing::warn!(error = %e, "backend protocol error");
+                return RelayEnd::BackendGone {
+                    after_fatal: last_was_fatal,
+                };
+            }
+        }
+    }
+}
+
+fn backend_end(end: PumpError, after_fatal: bool) -> RelayEnd {
+    match end {
+        PumpError::Eof | PumpError::Protocol(_) | PumpError::WriteFailed => {
+            RelayEnd::BackendGone { after_fatal }
+        }
+    }
+}
+
+async fn shutdown_session<W: AsyncWrite + Unpin>(writer: &mut W) -> RelayEnd {
+    let mut out = BytesMut::new();
+    protocol::error_response(
+        &mut out,
+        Severity::Fatal,
+        "57P01",
+        "terminating connection due to administrator command",
+        Some("The Chorus node is shutting down."),
+    );
+    let _ = writer.write_all(&out).await;
+    RelayEnd::Shutdown
+}
+
+/// Whether a pump goes on after a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// Forward what has been framed so far, then stop.
+    Stop,
+}
+
+#[derive(Debug)]
+enum PumpError {
+    Eof,
+    WriteFailed,
+    Protocol(ProtocolError),
+}
+
+/// Tracks message boundaries in a byte stream without buffering messages
+/// that nobody inspects.
+#[derive(Default)]
+struct Framer {
+    /// Bytes of the current pass-through message not yet seen.
+    passthrough: usize,
+}
+
+/// Read more bytes into `buf`; `Err(Eof)` at end of stream.
+async fn read_more<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<(), PumpError> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    match reader.read_buf(buf).await {
+        Ok(0) => Err(PumpError::Eof),
+        Ok(_) => Ok(()),
+        Err(e) => Err(PumpError::Protocol(ProtocolError::Io(e))),
+    }
+}
+
+/// Frame what is buffered, let `on_message` see the inspected messages,
+/// write every complete byte to `writer`, and keep the partial rest.
+async fn forward<W, I, M>(
+    framer: &mut Framer,
+    buf: &mut BytesMut,
+    writer: &mut W,
+    max: usize,
+    inspect: &I,
+    on_message: &mut M,
+) -> Result<Flow, PumpError>
+where
+    W: AsyncWrite + Unpin,
+    I: Fn(u8) -> bool,
+    M: FnMut(u8, &[u8]) -> Result<Flow, ProtocolError>,
+{
+    let mut pos = 0;
+    let mut flow = Flow::Continue;
+    while pos < buf.len() {
+        if framer.passthrough > 0 {
+            let n = framer.passthrough.min(buf.len() - pos);
+            framer.passthrough -= n;
+            pos += n;
+            continue;
+        }
+        let Some((tag, total)) =
+            protocol::frame_header(&buf[pos..], max).map_err(PumpError::Protocol)?
+        else {
+            break;
+        };
+        if inspect(tag) {
+            if buf.len() - pos < total {
+                // Make room for the whole message before the next read.
+                buf.reserve(total - (buf.len() - pos));
+                break;
+            }
+            flow = on_message(tag, &buf[pos + 5..pos + total]).map_err(PumpError::Protocol)?;
+            pos += total;
+            if flow == Flow::Stop {
+                break;
+            }
+        } else {
+            framer.passthrough = total;
+        }
+    }
+    if pos > 0 {
+        writer
+            .write_all(&buf[..pos])
+            .await
+            .map_err(|_| PumpError::WriteFailed)?;
+        buf.advance(pos);
+    }
+    Ok(flow)
+}
+
+/// Read from `reader`, forward to `writer`, until EOF, an error, or
+/// `on_message` says stop.
+async fn pump<R, W, I, M>(
+    reader: &mut R,
+    writer: &mut W,
+    max: usize,
+    inspect: I,
+    mut on_message: M,
+) -> Result<(), PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    I: Fn(u8) -> bool,
+    M: FnMut(u8, &[u8]) -> Result<Flow, ProtocolError>,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut framer = Framer::default();
+    loop {
+        read_more(reader, &mut buf).await?;
+        if forward(
+            &mut framer,
+            &mut buf,
+            writer,
+            max,
+            &inspect,
+            &mut on_message,
+        )
+        .await?
+            == Flow::Stop
+        {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[tokio::test]
+    async fn forwards_split_and_large_messages_unchanged() {
+        // A big pass-through message split across reads, then an inspected one.
+        let mut input = message(b'd', &vec![7u8; 100_000]);
+        input.extend(message(b'Q', b"SELECT 1\0"));
+        input.extend(message(b'X', b""));
+        let (mut client, proxy_side) = tokio::io::duplex(1024);
+        let writer_task = tokio::spawn({
+            let input = input.clone();
+            async move {
+                client.write_all(&input).await.unwrap();
+                client
+            }
+        });
+        let mut reader = proxy_side;
+        let mut out = Vec::new();
+        let mut seen = Vec::new();
+        pump(
+            &mut reader,
+            &mut out,
+            1 << 20,
+            |t| t == b'Q' || t == b'X',
+            |tag, body| {
+                seen.push((tag, body.to_vec()));
+                Ok(if tag == b'X' {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                })
+            },
+        )
+        .await
+        .unwrap();
+        let _client = writer_task.await.unwrap();
+        assert_eq!(out, input);
+        assert_eq!(seen[0], (b'Q', b"SELECT 1\0".to_vec()));
+        assert_eq!(seen[1].0, b'X');
+    }
+
+    #[tokio::test]
+    async fn oversized_and_short_lengths_are_protocol_errors() {
+        for bad in [vec![b'Q', 0x7f, 0, 0, 0], vec![b'Q', 0, 0, 0, 2]] {
+            let mut reader = &bad[..];
+            let mut out = Vec::new();
+            let result = pump(
+                &mut reader,
+                &mut out,
+                1 << 20,
+                |_| true,
+                |_, _| Ok(Flow::Continue),
+            )
+            .await;
+            assert!(matches!(result, Err(PumpError::Protocol(_))), "{result:?}");
+            assert!(out.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn truncated_stream_ends_without_forwarding_the_partial_message() {
+        let mut input = message(b'Q', b"SELECT 1\0");
+        input.extend_from_slice(&message(b'Q', b"SELECT 2\0")[..6]);
+        let mut reader = &input[..];
+        let mut out = Vec::new();
+        let result = pump(
+            &mut reader,
+            &mut out,
+            1 << 20,
+            |_| true,
+            |_, _| Ok(Flow::Continue),
+        )
+        .await;
+        assert!(matches!(result, Err(PumpError::Eof)));
+        assert_eq!(out, message(b'Q', b"SELECT 1\0"));
+    }
+}
