@@ -1,0 +1,336 @@
+//! Test harness: a real PostgreSQL made with `initdb` in a temp dir, and a
+//! Chorus node in front of it, both stopped when the harness is dropped
+//! (also when the test fails).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_proxy::config::Config;
+use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres, PgBinaries};
+use chorus_proxy::server::{self, Node};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The backend superuser and its password (backends use SCRAM over TCP).
+pub const PG_USER: &str = "chorus";
+pub const PG_PASSWORD: &str = "chorus-pw";
+
+/// How to build a test node.
+pub struct Options {
+    /// Extra TOML appended to the generated config (users, auth, tls).
+    pub extra_toml: String,
+    /// Extra `[node]` keys.
+    pub node_toml: String,
+    /// Whether to start with `[[users]]` for the superuser.
+    pub default_user: bool,
+    /// Whether to generate a certificate and enable TLS.
+    pub tls: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            extra_toml: String::new(),
+            node_toml: String::new(),
+            default_user: true,
+            tls: false,
+        }
+    }
+}
+
+/// A backend and a Chorus node in front of it.
+pub struct TestNode {
+    pub pg: LocalPostgres,
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub node: Arc<Node>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn pg_binaries() -> PgBinaries {
+    PgBinaries::find().expect("PostgreSQL server programs are needed for the tests")
+}
+
+/// Start a backend and a node. Needs a multi-thread runtime.
+pub async fn start(options: Options) -> TestNode {
+    let dir = tempfile::Builder::new()
+        .prefix("chorus-test-")
+        .tempdir()
+        .unwrap();
+    let pg_dir = dir.path().join("pg");
+    let pg = tokio::task::block_in_place(|| {
+        LocalPostgres::create(
+            &pg_binaries(),
+            &pg_dir,
+            LocalPgOptions {
+                password: Some(PG_PASSWORD.to_owned()),
+                ..LocalPgOptions::default()
+            },
+        )
+    })
+    .expect("starting PostgreSQL");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics_port = chorus_proxy::localpg::free_port().unwrap();
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let mut toml = format!(
+        "[node]\nid = 1\nlisten = \"{addr}\"\nmetrics_listen = \"{metrics_addr}\"\nshutdown_timeout_ms = 5000\n{}\n\
+         [[backends]]\nname = \"pg1\"\nport = {}\n",
+        options.node_toml,
+        pg.port()
+    );
+    if options.tls {
+        let (cert, key) = write_certificate(dir.path());
+        toml.push_str(&format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ));
+    }
+    if options.default_user {
+        toml.push_str(&format!(
+            "[[users]]\nname = \"{PG_USER}\"\npassword = \"{PG_PASSWORD}\"\n"
+        ));
+    }
+    toml.push_str(&options.extra_toml);
+    let config = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    let node = Node::new(config).unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn({
+        let node = node.clone();
+        async move {
+            server::run_node_with(listener, node, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        }
+    });
+    wait_for_port(metrics_addr).await;
+    TestNode {
+        pg,
+        addr,
+        metrics_addr,
+        node,
+        stop: Some(stop),
+        task: Some(task),
+        dir,
+    }
+}
+
+async fn wait_for_port(addr: SocketAddr) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{addr} never started listening");
+}
+
+impl TestNode {
+    /// A tokio-postgres connection string to the proxy.
+    pub fn conninfo(&self, user: &str, password: Option<&str>) -> String {
+        let mut s = format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres connect_timeout=10",
+            self.addr.port()
+        );
+        if let Some(password) = password {
+            s.push_str(&format!(" password={password}"));
+        }
+        s
+    }
+
+    /// A libpq URL to the proxy, for psql and pgbench.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{PG_USER}@127.0.0.1:{}/postgres",
+            self.addr.port()
+        )
+    }
+
+    /// Connect through the proxy as the superuser.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.conninfo(PG_USER, Some(PG_PASSWORD)))
+            .await
+            .expect("connecting through the proxy")
+    }
+
+    /// Connect straight to the backend, bypassing the proxy.
+    pub async fn direct(&self) -> tokio_postgres::Client {
+        connect(&self.pg.conninfo("postgres"))
+            .await
+            .expect("connecting to the backend")
+    }
+
+    /// Begin shutdown and wait (bounded) for the node to finish.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("node did not shut down in time")
+                .unwrap();
+        }
+    }
+
+    /// Begin shutdown without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Wait for a node whose shutdown has begun.
+    pub async fn wait_stopped(&mut self, within: Duration) {
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(within, task)
+                .await
+                .expect("node did not stop in time")
+                .unwrap();
+        }
+    }
+
+    /// GET a path from the metrics endpoint; (status line, body).
+    pub async fn http_get(&self, path: &str) -> (String, String) {
+        http_get(self.metrics_addr, path).await
+    }
+
+    /// Environment for libpq programs connecting through the proxy.
+    pub fn libpq_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PGPASSWORD", PG_PASSWORD.to_owned()),
+            ("PGCONNECT_TIMEOUT", "10".to_owned()),
+        ]
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Connect with tokio-postgres, driving the connection in a task.
+pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server sent one.
+pub fn sqlstate(error: &tokio_postgres::Error) -> Option<String> {
+    error.code().map(|c| c.code().to_owned())
+}
+
+/// A minimal HTTP GET over a raw socket.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// Run a libpq client program (psql, pgbench) from the PostgreSQL bin dir,
+/// killed if it runs longer than `limit`.
+pub fn run_pg_program(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    limit: Duration,
+) -> Output {
+    let path = program_path(program);
+    let mut cmd = Command::new(&path);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("PGAPPNAME", "chorus-test");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    wait_with_limit(child, limit)
+}
+
+/// Wait for a child, killing it after `limit`.
+pub fn wait_with_limit(mut child: std::process::Child, limit: Duration) -> Output {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait().unwrap() {
+            Some(_) => return child.wait_with_output().unwrap(),
+            None if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let output = child.wait_with_output().unwrap();
+                panic!(
+                    "program ran longer than {limit:?}\nstdout: {}\nstderr: {}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// psql and pgbench: next to initdb, or on PATH.
+pub fn program_path(program: &str) -> PathBuf {
+    let beside = pg_binaries().program(program);
+    if beside.is_file() {
+        beside
+    } else {
+        PathBuf::from(program)
+    }
+}
+
+/// Write a self-signed certificate for 127.0.0.1/localhost.
+pub fn write_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}

@@ -1,0 +1,162 @@
+//! psql through Chorus: meta-commands, \copy both ways, error positions and
+//! \watch, against a real PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{run_pg_program, stderr, stdout, Options};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn psql(node: &common::TestNode, args: &[&str]) -> std::process::Output {
+    let url = node.url();
+    let mut all = vec![url.as_str(), "-X", "-v", "ON_ERROR_STOP=1"];
+    all.extend_from_slice(args);
+    run_pg_program("psql", &all, &node.libpq_env(), LIMIT)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn meta_commands_list_databases_tables_and_columns() {
+    let node = common::start(Options::default()).await;
+    let created = psql(
+        &node,
+        &[
+            "-c",
+            "CREATE TABLE bikes (id bigint PRIMARY KEY, name text NOT NULL, status text)",
+        ],
+    );
+    assert!(created.status.success(), "{}", stderr(&created));
+
+    let list = psql(&node, &["-c", "\\l"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    assert!(stdout(&list).contains("template1"), "{}", stdout(&list));
+    assert!(stdout(&list).contains("postgres"), "{}", stdout(&list));
+
+    let tables = psql(&node, &["-c", "\\dt"]);
+    assert!(stdout(&tables).contains("bikes"), "{}", stdout(&tables));
+
+    let describe = psql(&node, &["-c", "\\d bikes"]);
+    let text = stdout(&describe);
+    assert!(text.contains("Table \"public.bikes\""), "{text}");
+    assert!(text.contains("name   | text"), "{text}");
+    assert!(
+        text.contains("\"bikes_pkey\" PRIMARY KEY, btree (id)"),
+        "{text}"
+    );
+
+    for command in ["\\df", "\\du", "\\dn"] {
+        let out = psql(&node, &["-c", command]);
+        assert!(out.status.success(), "{command}: {}", stderr(&out));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_in_and_out_with_backslash_copy() {
+    let node = common::start(Options::default()).await;
+    let input = node.dir.path().join("in.csv");
+    let output = node.dir.path().join("out.csv");
+    let mut rows = String::new();
+    for i in 0..5000 {
+        rows.push_str(&format!("{i},\"name, {i}\",{}\n", i % 7 == 0));
+    }
+    std::fs::write(&input, &rows).unwrap();
+
+    let script = format!(
+        "CREATE TABLE people (id int PRIMARY KEY, name text, flag boolean);\n\
+         \\copy people FROM '{}' WITH (FORMAT csv)\n\
+         \\copy (SELECT * FROM people ORDER BY id) TO '{}' WITH (FORMAT csv)\n\
+         SELECT count(*), sum(id) FROM people;\n",
+        input.display(),
+        output.display()
+    );
+    let mut child = Command::new(common::program_path("psql"))
+        .args([
+            node.url().as_str(),
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            "-",
+        ])
+        .envs(node.libpq_env())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let result = common::wait_with_limit(child, LIMIT);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let text = stdout(&result);
+    assert!(text.contains("COPY 5000"), "{text}");
+    assert!(text.contains("5000|12497500"), "{text}");
+    let copied = std::fs::read_to_string(&output).unwrap();
+    let expected = rows.replace(",true\n", ",t\n").replace(",false\n", ",f\n");
+    assert_eq!(copied, expected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_keep_their_position_and_caret() {
+    let node = common::start(Options::default()).await;
+    let out = psql(&node, &["-c", "SELECT id FROM no_such_table"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("ERROR:  relation \"no_such_table\" does not exist"),
+        "{err}"
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("LINE 1: SELECT id FROM no_such_table"))
+        .unwrap_or_else(|| panic!("no LINE in {err}"));
+    // The caret sits under the first character of the table name.
+    let caret = lines[at + 1].find('^').unwrap();
+    assert_eq!(&lines[at][caret..caret + 13], "no_such_table", "{err}");
+
+    // SQLSTATE and detail arrive unchanged too.
+    let verbose = psql(&node, &["-v", "VERBOSITY=verbose", "-c", "SELECT 1/0"]);
+    assert!(
+        stderr(&verbose).contains("ERROR:  22012: division by zero"),
+        "{}",
+        stderr(&verbose)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_repeats_the_query() {
+    let node = common::start(Options::default()).await;
+    let mut child = Command::new(common::program_path("psql"))
+        .args([node.url().as_str(), "-X"])
+        .envs(node.libpq_env())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"SELECT 40 + 2 AS answer \\watch 0.1\n")
+        .unwrap();
+    // Keep stdin open so psql keeps watching; stop it after a while.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    drop(stdin);
+    let out = common::wait_with_limit(child, Duration::from_secs(20));
+    let text = stdout(&out);
+    let iterations = text.matches(" answer ").count();
+    assert!(iterations >= 3, "only {iterations} iterations:\n{text}");
+    assert!(text.matches("     42").count() >= 3, "{text}");
+}
