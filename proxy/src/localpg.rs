@@ -53,15 +53,19 @@ pub struct PgBinaries {
 }
 
 impl PgBinaries {
-    /// Find `initdb` and `postgres`: `$PG_BINDIR`, then `PATH`, then the
+    /// Find `initdb` and `postgres`: `$PG_BINDIR` alone when it is set; else
+    /// `PATH`, then the
     /// newest `/usr/lib/postgresql/*/bin` (Debian keeps them off `PATH`),
     /// then `pg_config --bindir`.
     pub fn find() -> Result<PgBinaries, LocalPgError> {
         let usable = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+        // An explicit PG_BINDIR is the only place looked at.
         if let Some(dir) = std::env::var_os("PG_BINDIR").map(PathBuf::from) {
-            if usable(&dir) {
-                return Ok(PgBinaries { bindir: dir });
-            }
+            return if usable(&dir) {
+                Ok(PgBinaries { bindir: dir })
+            } else {
+                Err(LocalPgError::NotInstalled)
+            };
         }
         if let Some(path) = std::env::var_os("PATH") {
             for dir in std::env::split_paths(&path) {
@@ -262,7 +266,10 @@ impl LocalPostgres {
             for (name, value) in &self.options.settings {
                 cmd.arg("-c").arg(format!("{name}={value}"));
             }
-            cmd.current_dir("/")
+            // Its own process group, so a crash can take down the postmaster
+            // and all its children at once.
+            cmd.process_group(0)
+                .current_dir("/")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().map_err(io_err(&log_path))?)
                 .stderr(log_err.try_clone().map_err(io_err(&log_path))?);
@@ -325,9 +332,12 @@ impl LocalPostgres {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
-    /// Kill the postmaster with SIGKILL, as a crash would.
+    /// Kill the server with SIGKILL, as a crash of its host would: the
+    /// postmaster and every child process at once.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let group = format!("-{}", child.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -79,10 +79,14 @@ pub async fn start(options: Options) -> TestNode {
     let addr = listener.local_addr().unwrap();
     let metrics_port = chorus_proxy::localpg::free_port().unwrap();
     let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let mut node_toml = options.node_toml.clone();
+    if !node_toml.contains("shutdown_timeout_ms") {
+        node_toml.push_str("\nshutdown_timeout_ms = 5000");
+    }
     let mut toml = format!(
-        "[node]\nid = 1\nlisten = \"{addr}\"\nmetrics_listen = \"{metrics_addr}\"\nshutdown_timeout_ms = 5000\n{}\n\
+        "[node]\nid = 1\nlisten = \"{addr}\"\nmetrics_listen = \"{metrics_addr}\"\n{}\n\
          [[backends]]\nname = \"pg1\"\nport = {}\n",
-        options.node_toml,
+        node_toml,
         pg.port()
     );
     if options.tls {

@@ -1,0 +1,140 @@
+//! `chorus demo`, run as a user would: the printed lines, psql through each
+//! node and to each backend, metrics, clean stop on SIGINT.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{run_pg_program, stderr, stdout};
+
+fn chorus() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_chorus"))
+}
+
+/// Four consecutive free ports and their +100 partners for metrics.
+fn free_base_port() -> u16 {
+    for _ in 0..50 {
+        let base = chorus_proxy::localpg::free_port().unwrap();
+        if base > 60000 {
+            continue;
+        }
+        let all_free = (0..2).all(|i| {
+            std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", base + 100 + i)).is_ok()
+        });
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no free port range");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_prints_connection_lines_and_serves_psql() {
+    let base = free_base_port();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cluster");
+    let mut child = chorus()
+        .args(["demo", "--nodes", "2", "--port", &base.to_string(), "--dir"])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("demo.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout_pipe = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout_pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut lines = Vec::new();
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(remaining)
+            .unwrap_or_else(|_| {
+                let log = std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default();
+                panic!("demo never printed ready; got {lines:?}\n{log}")
+            });
+        if line == "ready" {
+            break;
+        }
+        lines.push(line);
+    }
+    let value = |prefix: &str| -> String {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {lines:?}"))
+            .to_owned()
+    };
+    for i in 1..=2u16 {
+        let node = value(&format!("node {i}: "));
+        assert_eq!(
+            node,
+            format!("postgres://chorus@127.0.0.1:{}/postgres", base + i - 1)
+        );
+        let out = run_pg_program(
+            "psql",
+            &[&node, "-X", "-At", "-c", "SELECT 'via node'"],
+            &[],
+            Duration::from_secs(30),
+        );
+        assert_eq!(stdout(&out).trim(), "via node", "{}", stderr(&out));
+
+        let backend = value(&format!("backend {i}: "));
+        assert!(backend.starts_with("postgres://chorus@127.0.0.1:"), "{backend}");
+        let out = run_pg_program(
+            "psql",
+            &[&backend, "-X", "-At", "-c", "SHOW wal_level"],
+            &[],
+            Duration::from_secs(30),
+        );
+        assert_eq!(stdout(&out).trim(), "logical", "{}", stderr(&out));
+
+        let metrics = value(&format!("metrics {i}: "));
+        assert_eq!(metrics, format!("http://127.0.0.1:{}/metrics", base + 100 + i - 1));
+        let addr = format!("127.0.0.1:{}", base + 100 + i - 1).parse().unwrap();
+        let (status, body) = common::http_get(addr, "/metrics").await;
+        assert!(status.contains("200"), "{status}");
+        assert!(body.contains("chorus_statements_total"), "{body}");
+    }
+    assert!(data.join("pg1").is_dir());
+
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "demo did not stop after SIGINT");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(status.success(), "{status:?}");
+    assert!(!data.exists(), "demo left its data directory behind");
+}
+
+#[test]
+fn demo_without_initdb_says_how_to_install_postgresql() {
+    let out = chorus()
+        .args(["demo", "--nodes", "1"])
+        .env("PG_BINDIR", "/nonexistent/postgresql/bin")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apt-get install postgresql"), "{err}");
+}
