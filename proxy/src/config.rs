@@ -65,8 +65,8 @@ pub struct NodeConfig {
     /// Name of this node's home backend. Default: the first backend.
     #[serde(default)]
     pub home_backend: Option<String>,
-    /// Client connections served at once; more wait for a free slot.
-    /// Default 1000.
+    /// Client connections served at once; further clients are refused with
+    /// SQLSTATE 53300. Default 1000.
     #[serde(default = "default_max_clients")]
     pub max_client_connections: usize,
     /// Largest message accepted from a client, in bytes. Default 64 MiB.
@@ -82,6 +82,10 @@ pub struct NodeConfig {
     /// their connections are closed. Default 30 s.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_ms: u64,
+    /// Threads serving client sessions (each a single-threaded event loop).
+    /// Default: the number of CPUs.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
 
 /// A PostgreSQL server.
@@ -250,6 +254,11 @@ impl Config {
                 "node.max_client_connections must be at least 1".into(),
             ));
         }
+        if self.node.worker_threads == Some(0) {
+            return Err(ConfigError::Invalid(
+                "node.worker_threads must be at least 1".into(),
+            ));
+        }
         if self.node.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "node.max_message_bytes must be at least 1024".into(),
@@ -278,6 +287,14 @@ impl Config {
 
     pub fn backend_connect_timeout(&self) -> Duration {
         Duration::from_millis(self.node.backend_connect_timeout_ms)
+    }
+
+    /// Number of session worker threads.
+    pub fn worker_threads(&self) -> usize {
+        self.node
+            .worker_threads
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

@@ -49,10 +49,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let mut backends = Vec::new();
     for i in 1..=options.nodes {
         let dir = base.join(format!("pg{i}"));
-        let pg = tokio::task::block_in_place(|| {
-            LocalPostgres::create(&bins, &dir, LocalPgOptions::default())
-        })
-        .with_context(|| format!("starting backend {i}"))?;
+        // Blocking is fine here: nothing else runs on the runtime yet.
+        let pg = LocalPostgres::create(&bins, &dir, LocalPgOptions::default())
+            .with_context(|| format!("starting backend {i}"))?;
         backends.push(pg);
     }
     let backend_configs: Vec<BackendConfig> = backends
@@ -135,7 +134,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             eprintln!("chorus demo: node error: {e}");
         }
     }
-    tokio::task::block_in_place(|| drop(backends));
+    // Every node has stopped; stopping the backends may block briefly.
+    drop(backends);
     if options.keep {
         eprintln!("chorus demo: kept {}", base.display());
         if let Some(temp) = _temp {

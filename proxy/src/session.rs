@@ -8,7 +8,7 @@
 //! backend. Everything else (DataRow, CopyData, …) streams through without
 //! being buffered whole.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -19,6 +19,7 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use chorus_router::{classify, classify_query, StatementClass};
 use rand::RngCore;
+use rustc_hash::FxHashMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -495,12 +496,14 @@ async fn relay<CR, CW>(
 }
 
 /// Prepared statement and portal classes, so that Execute can be counted.
+/// Looked up on every Bind and Execute, hence the cheap (non-DoS-resistant)
+/// hasher: the keys come from this session's own client.
 #[derive(Default)]
 struct PreparedClasses {
     unnamed_statement: Option<StatementClass>,
-    statements: HashMap<String, StatementClass>,
+    statements: FxHashMap<String, StatementClass>,
     unnamed_portal: Option<StatementClass>,
-    portals: HashMap<String, StatementClass>,
+    portals: FxHashMap<String, StatementClass>,
 }
 
 impl PreparedClasses {
@@ -686,16 +689,25 @@ where
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut framer = Framer::default();
     let max = usize::MAX >> 1;
+    // One wait for the start of shutdown for the whole session (registering
+    // a fresh waiter before every read would take a lock each time).
+    let shutdown_started = shutdown.wait_for(|started| *started);
+    tokio::pin!(shutdown_started);
+    let mut shutdown_seen = draining();
     loop {
-        if !draining() && idle() {
+        if shutdown_seen && idle() && buf.is_empty() {
+            return shutdown_session(writer).await;
+        }
+        if shutdown_seen {
+            if let Err(end) = read_more(reader, &mut buf).await {
+                return backend_end(end, last_was_fatal);
+            }
+        } else {
             // Wait for backend bytes or the start of shutdown, whichever
-            // comes first; only an idle session may be closed at once.
+            // comes first; an idle session is then closed at once.
             tokio::select! {
-                biased;
-                changed = shutdown.changed() => {
-                    if changed.is_ok() && draining() && idle() {
-                        return shutdown_session(writer).await;
-                    }
+                _ = &mut shutdown_started => {
+                    shutdown_seen = true;
                     continue;
                 }
                 readable = read_more(reader, &mut buf) => {
@@ -704,10 +716,6 @@ where
                     }
                 }
             }
-        } else if draining() && idle() && buf.is_empty() {
-            return shutdown_session(writer).await;
-        } else if let Err(end) = read_more(reader, &mut buf).await {
-            return backend_end(end, last_was_fatal);
         }
         match forward(
             &mut framer,

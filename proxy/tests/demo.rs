@@ -58,12 +58,10 @@ async fn demo_prints_connection_lines_and_serves_psql() {
     let mut lines = Vec::new();
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(remaining)
-            .unwrap_or_else(|_| {
-                let log = std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default();
-                panic!("demo never printed ready; got {lines:?}\n{log}")
-            });
+        let line = rx.recv_timeout(remaining).unwrap_or_else(|_| {
+            let log = std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default();
+            panic!("demo never printed ready; got {lines:?}\n{log}")
+        });
         if line == "ready" {
             break;
         }
@@ -91,7 +89,10 @@ async fn demo_prints_connection_lines_and_serves_psql() {
         assert_eq!(stdout(&out).trim(), "via node", "{}", stderr(&out));
 
         let backend = value(&format!("backend {i}: "));
-        assert!(backend.starts_with("postgres://chorus@127.0.0.1:"), "{backend}");
+        assert!(
+            backend.starts_with("postgres://chorus@127.0.0.1:"),
+            "{backend}"
+        );
         let out = run_pg_program(
             "psql",
             &[&backend, "-X", "-At", "-c", "SHOW wal_level"],
@@ -101,7 +102,10 @@ async fn demo_prints_connection_lines_and_serves_psql() {
         assert_eq!(stdout(&out).trim(), "logical", "{}", stderr(&out));
 
         let metrics = value(&format!("metrics {i}: "));
-        assert_eq!(metrics, format!("http://127.0.0.1:{}/metrics", base + 100 + i - 1));
+        assert_eq!(
+            metrics,
+            format!("http://127.0.0.1:{}/metrics", base + 100 + i - 1)
+        );
         let addr = format!("127.0.0.1:{}", base + 100 + i - 1).parse().unwrap();
         let (status, body) = common::http_get(addr, "/metrics").await;
         assert!(status.contains("200"), "{status}");

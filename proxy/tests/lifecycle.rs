@@ -16,7 +16,10 @@ async fn backend_killed_then_back() {
         .batch_execute("CREATE TABLE kept (id int PRIMARY KEY)")
         .await
         .unwrap();
-    client.batch_execute("INSERT INTO kept VALUES (1)").await.unwrap();
+    client
+        .batch_execute("INSERT INTO kept VALUES (1)")
+        .await
+        .unwrap();
 
     tokio::task::block_in_place(|| node.pg.kill());
 
@@ -27,7 +30,8 @@ async fn backend_killed_then_back() {
         .unwrap_err();
     let code = common::sqlstate(&err);
     assert!(
-        code.as_deref().is_none_or(|c| c.starts_with("08") || c == "57P01"),
+        code.as_deref()
+            .is_none_or(|c| c.starts_with("08") || c == "57P01"),
         "unexpected error {err:?}"
     );
 
@@ -36,10 +40,16 @@ async fn backend_killed_then_back() {
     let refused = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&refused).as_deref(), Some("08006"), "{refused}");
+    assert_eq!(
+        common::sqlstate(&refused).as_deref(),
+        Some("08006"),
+        "{refused}"
+    );
     let message = refused.as_db_error().map(|e| e.message().to_owned());
     assert!(
-        message.as_deref().is_some_and(|m| m.contains("could not connect to backend")),
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("could not connect to backend")),
         "{refused:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -49,7 +59,10 @@ async fn backend_killed_then_back() {
     assert!(status.contains("200"), "{status}");
     assert_eq!(body, "ok\n");
     let metrics = node.http_get("/metrics").await.1;
-    assert!(metrics.contains("chorus_backend_up{backend=\"pg1\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains("chorus_backend_up{backend=\"pg1\"} 0"),
+        "{metrics}"
+    );
 
     // Once the backend is back, new sessions work and the data is there.
     tokio::task::block_in_place(|| node.pg.start()).unwrap();
@@ -61,7 +74,10 @@ async fn backend_killed_then_back() {
         .get(0);
     assert_eq!(n, 1);
     let metrics = node.http_get("/metrics").await.1;
-    assert!(metrics.contains("chorus_backend_up{backend=\"pg1\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("chorus_backend_up{backend=\"pg1\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -70,7 +86,9 @@ async fn graceful_shutdown_lets_open_transactions_finish() {
     let idle = node.client().await;
     let busy = node.client().await;
     busy.batch_execute("CREATE TABLE t (id int)").await.unwrap();
-    busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
 
     node.begin_shutdown();
     // The idle session is closed with 57P01.
@@ -85,7 +103,9 @@ async fn graceful_shutdown_lets_open_transactions_finish() {
     .await
     .expect("idle session was not closed");
     assert!(
-        common::sqlstate(&err).as_deref().is_none_or(|c| c == "57P01"),
+        common::sqlstate(&err)
+            .as_deref()
+            .is_none_or(|c| c == "57P01"),
         "{err:?}"
     );
     // New connections are no longer accepted.
@@ -95,7 +115,9 @@ async fn graceful_shutdown_lets_open_transactions_finish() {
     assert!(status.contains("503"), "{status}");
 
     // The open transaction can finish and commit.
-    busy.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    busy.batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap();
     busy.batch_execute("COMMIT").await.unwrap();
     node.wait_stopped(Duration::from_secs(10)).await;
 
@@ -164,7 +186,10 @@ async fn metrics_count_statements_latency_and_connections() {
         .await
         .unwrap();
     client.batch_execute("VACUUM m").await.unwrap();
-    let stmt = client.prepare("SELECT id FROM m WHERE id = $1").await.unwrap();
+    let stmt = client
+        .prepare("SELECT id FROM m WHERE id = $1")
+        .await
+        .unwrap();
     for _ in 0..3 {
         client.query(&stmt, &[&2i32]).await.unwrap();
     }

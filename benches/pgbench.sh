@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Compare, in one run on one machine, pgbench against:
+#   direct     PostgreSQL itself
+#   pgb-sess   PgBouncer, session pooling
+#   pgb-tx     PgBouncer, transaction pooling (not with -M prepared: PgBouncer
+#              1.18 cannot keep prepared statements in transaction mode)
+#   chorus     a Chorus node (release build) in front of the same PostgreSQL
+# for the select-only (-S) and simple-update (-N) scripts, -M simple|extended|
+# prepared, with 8 and 32 clients. Prints a Markdown table.
+#
+# Usage: benches/pgbench.sh            (DURATION=10 SCALE=10 by default)
+#        DURATION=5 CLIENTS="32" MODES="prepared" SCRIPTS="select-only" benches/pgbench.sh
+# Needs: PostgreSQL server programs and pgbench, pgbouncer (installed with
+# apt-get when running as root and missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+SCALE=${SCALE:-10}
+CLIENTS=${CLIENTS:-"8 32"}
+MODES=${MODES:-"simple extended prepared"}
+SCRIPTS=${SCRIPTS:-"select-only simple-update"}
+TARGETS=${TARGETS:-"direct pgb-sess pgb-tx chorus"}
+THREADS=${THREADS:-2}
+
+if ! command -v pgbouncer >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+    else
+        echo "pgbouncer is not installed (Debian: apt-get install pgbouncer)" >&2
+        exit 1
+    fi
+fi
+PGBENCH=$(ls /usr/lib/postgresql/*/bin/pgbench 2>/dev/null | sort -V | tail -1)
+PGBENCH=${PGBENCH:-pgbench}
+
+cargo build --release -q -p chorus-proxy
+WORK=$(mktemp -d /tmp/chorus-bench-XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    for f in "$WORK"/pgb-*/pgbouncer.pid; do
+        [ -f "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 100); do
+        alive=0
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# One backend and one Chorus node, from the demo command.
+CHORUS_PORT=$(free_port)
+RUST_LOG=warn ./target/release/chorus demo --nodes 1 --port "$CHORUS_PORT" --dir "$WORK/cluster" > "$WORK/demo.out" 2> "$WORK/demo.err" &
+PIDS+=($!)
+for _ in $(seq 1 300); do grep -q '^ready$' "$WORK/demo.out" 2>/dev/null && break; sleep 0.1; done
+grep -q '^ready$' "$WORK/demo.out" || { cat "$WORK/demo.err" >&2; exit 1; }
+PG_PORT=$(sed -n 's|^backend 1: postgres://chorus@127.0.0.1:\([0-9]*\)/postgres$|\1|p' "$WORK/demo.out")
+
+# PgBouncer, one instance per pooling mode, as the postgres user when root.
+start_pgbouncer() { # name mode port
+    local dir="$WORK/$1"
+    mkdir -p "$dir"
+    echo '"chorus" ""' > "$dir/users.txt"
+    cat > "$dir/pgbouncer.ini" <<INI
+[databases]
+postgres = host=127.0.0.1 port=$PG_PORT dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $3
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/users.txt
+pool_mode = $2
+max_client_conn = 500
+default_pool_size = 64
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+INI
+    if [ "$(id -u)" -eq 0 ]; then
+        chown -R postgres "$dir"
+        runuser -u postgres -- pgbouncer "$dir/pgbouncer.ini" >/dev/null 2>&1 &
+    else
+        pgbouncer "$dir/pgbouncer.ini" >/dev/null 2>&1 &
+    fi
+    PIDS+=($!)
+}
+PGB_SESS_PORT=$(free_port); start_pgbouncer pgb-sess session "$PGB_SESS_PORT"
+PGB_TX_PORT=$(free_port); start_pgbouncer pgb-tx transaction "$PGB_TX_PORT"
+wait_port() { for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+wait_port "$PGB_SESS_PORT"; wait_port "$PGB_TX_PORT"; wait_port "$CHORUS_PORT"
+
+port_of() {
+    case $1 in
+        direct) echo "$PG_PORT" ;;
+        pgb-sess) echo "$PGB_SESS_PORT" ;;
+        pgb-tx) echo "$PGB_TX_PORT" ;;
+        chorus) echo "$CHORUS_PORT" ;;
+    esac
+}
+
+"$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U chorus postgres > "$WORK/init.log" 2>&1 \
+    || { cat "$WORK/init.log" >&2; exit 1; }
+
+echo "| script | mode | clients | target | tps | avg latency ms | failed |"
+echo "|---|---|---|---|---:|---:|---:|"
+for script in $SCRIPTS; do
+    flag=$([ "$script" = select-only ] && echo -S || echo -N)
+    for mode in $MODES; do
+        for clients in $CLIENTS; do
+            for target in $TARGETS; do
+                if [ "$target" = pgb-tx ] && [ "$mode" = prepared ]; then continue; fi
+                out=$("$PGBENCH" -n "$flag" -M "$mode" -c "$clients" -j "$THREADS" -T "$DURATION" \
+                      -h 127.0.0.1 -p "$(port_of "$target")" -U chorus postgres 2>&1) || true
+                tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
+                lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
+                failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')
+                echo "| $script | $mode | $clients | $target | ${tps:-error} | ${lat:-} | ${failed:-} |"
+            done
+        done
+    done
+done
