@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cancel;
 pub mod config;
 pub mod demo;
+pub mod frontend;
 pub mod localpg;
 pub mod metrics;
 pub mod protocol;

@@ -17,9 +17,8 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
-use chorus_router::{classify, classify_query, StatementClass};
+use chorus_router::StatementClass;
 use rand::RngCore;
-use rustc_hash::FxHashMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -27,6 +26,7 @@ use tokio::sync::watch;
 use crate::auth::{self, AuthError, ScramServer};
 use crate::backend::{self, BackendConnection, BackendError, LoginParams};
 use crate::config::AuthMethod;
+use crate::frontend::{is_inspected, FrontendEvent, FrontendState};
 use crate::metrics::{ErrorKind, GaugeGuard};
 use crate::protocol::{self, read_message, ProtocolError, Severity, StartupPacket};
 use crate::server::Node;
@@ -495,43 +495,6 @@ async fn relay<CR, CW>(
     let _ = backend_write.write_all(&[b'X', 0, 0, 0, 4]).await;
 }
 
-/// Prepared statement and portal classes, so that Execute can be counted.
-/// Looked up on every Bind and Execute, hence the cheap (non-DoS-resistant)
-/// hasher: the keys come from this session's own client.
-#[derive(Default)]
-struct PreparedClasses {
-    unnamed_statement: Option<StatementClass>,
-    statements: FxHashMap<String, StatementClass>,
-    unnamed_portal: Option<StatementClass>,
-    portals: FxHashMap<String, StatementClass>,
-}
-
-impl PreparedClasses {
-    fn statement(&self, name: &str) -> Option<StatementClass> {
-        if name.is_empty() {
-            self.unnamed_statement
-        } else {
-            self.statements.get(name).copied()
-        }
-    }
-
-    fn portal(&self, name: &str) -> Option<StatementClass> {
-        if name.is_empty() {
-            self.unnamed_portal
-        } else {
-            self.portals.get(name).copied()
-        }
-    }
-}
-
-/// Split two NUL-terminated strings off a message body.
-fn two_cstrs(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
-    let (first, rest) =
-        protocol::read_cstr(body).map_err(|_| ProtocolError::Malformed("string"))?;
-    let (second, _) = protocol::read_cstr(rest).map_err(|_| ProtocolError::Malformed("string"))?;
-    Ok((first, second))
-}
-
 /// Client to backend: count statements, note when answers are due.
 async fn client_to_backend<R, W>(
     node: &Node,
@@ -544,20 +507,16 @@ where
     W: AsyncWrite + Unpin,
 {
     let metrics = &node.metrics;
-    let mut prepared = PreparedClasses::default();
+    let mut frontend = FrontendState::default();
     let mut terminated = false;
-    let inspect = |tag: u8| matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'C' | b'S' | b'F' | b'X');
     let result = pump(
         reader,
         writer,
         node.config.node.max_message_bytes,
-        inspect,
+        is_inspected,
         |tag, body| {
-            match tag {
-                b'Q' => {
-                    let (sql, _) =
-                        protocol::read_cstr(body).map_err(|_| ProtocolError::Malformed("Query"))?;
-                    let summary = classify_query(sql);
+            match frontend.on_message(tag, body)? {
+                FrontendEvent::Query(summary) => {
                     for class in StatementClass::ALL {
                         let n = summary.counts[class.index()];
                         if n > 0 {
@@ -566,56 +525,13 @@ where
                     }
                     push_pending(state);
                 }
-                b'P' => {
-                    let (name, sql) = two_cstrs(body)?;
-                    let class = classify(sql);
-                    if name.is_empty() {
-                        prepared.unnamed_statement = Some(class);
-                    } else {
-                        prepared.statements.insert(name.to_owned(), class);
-                    }
-                }
-                b'B' => {
-                    let (portal, statement) = two_cstrs(body)?;
-                    let class = prepared.statement(statement);
-                    if portal.is_empty() {
-                        prepared.unnamed_portal = class;
-                    } else if let Some(class) = class {
-                        prepared.portals.insert(portal.to_owned(), class);
-                    }
-                }
-                b'E' => {
-                    let (portal, _) = protocol::read_cstr(body)
-                        .map_err(|_| ProtocolError::Malformed("Execute"))?;
-                    metrics.statements(
-                        prepared.portal(portal).unwrap_or(StatementClass::Unknown),
-                        1,
-                    );
-                }
-                b'C' => {
-                    let (&kind, rest) = body
-                        .split_first()
-                        .ok_or(ProtocolError::Malformed("Close"))?;
-                    let (name, _) =
-                        protocol::read_cstr(rest).map_err(|_| ProtocolError::Malformed("Close"))?;
-                    match kind {
-                        b'S' if name.is_empty() => prepared.unnamed_statement = None,
-                        b'S' => {
-                            prepared.statements.remove(name);
-                        }
-                        b'P' if name.is_empty() => prepared.unnamed_portal = None,
-                        b'P' => {
-                            prepared.portals.remove(name);
-                        }
-                        _ => return Err(ProtocolError::Malformed("Close")),
-                    }
-                }
-                b'S' | b'F' => push_pending(state),
-                b'X' => {
+                FrontendEvent::Execute(class) => metrics.statements(class, 1),
+                FrontendEvent::AwaitsReady => push_pending(state),
+                FrontendEvent::Terminate => {
                     terminated = true;
                     return Ok(Flow::Stop);
                 }
-                _ => {}
+                FrontendEvent::Nothing => {}
             }
             Ok(Flow::Continue)
         },

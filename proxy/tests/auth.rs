@@ -348,6 +348,36 @@ async fn garbage_and_malformed_messages_get_08p01_and_others_keep_working() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn gssenc_and_ssl_requests_are_declined_then_login_proceeds() {
+    let node = common::start(auth_options()).await;
+    create_roles(&node).await;
+    let mut stream = TcpStream::connect(node.addr).await.unwrap();
+    for code in [80877104u32, 80877103] {
+        let mut request = 8u32.to_be_bytes().to_vec();
+        request.extend_from_slice(&code.to_be_bytes());
+        stream.write_all(&request).await.unwrap();
+        let mut answer = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer[0], b'N');
+    }
+    let params = [("user", "trusted"), ("database", "postgres")];
+    stream
+        .write_all(&startup_packet(&params, 3 << 16))
+        .await
+        .unwrap();
+    let mut first = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    // AuthenticationOk: 'R', length 8, code 0.
+    assert_eq!(first, [b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn newer_protocol_minor_version_is_negotiated_down() {
     let node = common::start(auth_options()).await;
     create_roles(&node).await;

@@ -160,3 +160,49 @@ async fn watch_repeats_the_query() {
     assert!(iterations >= 3, "only {iterations} iterations:\n{text}");
     assert!(text.matches("     42").count() >= 3, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_objects_use_the_function_call_fast_path() {
+    // psql's \lo_import and \lo_export go through libpq's lo_* functions,
+    // which speak the FunctionCall ('F') message.
+    let node = common::start(Options::default()).await;
+    let input = node.dir.path().join("blob.bin");
+    let output = node.dir.path().join("blob.out");
+    let blob: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&input, &blob).unwrap();
+    let imported = psql(
+        &node,
+        &["-At", "-c", &format!("\\lo_import '{}'", input.display())],
+    );
+    assert!(imported.status.success(), "{}", stderr(&imported));
+    let oid: u32 = stdout(&imported)
+        .trim()
+        .strip_prefix("lo_import ")
+        .unwrap_or_else(|| panic!("{}", stdout(&imported)))
+        .parse()
+        .unwrap();
+    let exported = psql(
+        &node,
+        &["-c", &format!("\\lo_export {oid} '{}'", output.display())],
+    );
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    assert_eq!(std::fs::read(&output).unwrap(), blob);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notices_reach_the_client() {
+    let node = common::start(Options::default()).await;
+    let out = psql(
+        &node,
+        &[
+            "-c",
+            "DO $$ BEGIN RAISE NOTICE 'bike % is ready', 42; END $$",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("NOTICE:  bike 42 is ready"),
+        "{}",
+        stderr(&out)
+    );
+}
