@@ -29,6 +29,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "--nodes must be between 1 and 32"
     );
     let bins = PgBinaries::find()?;
+    let created_base = options.dir.as_ref().is_some_and(|d| !d.exists());
     let (base, _temp) = match &options.dir {
         Some(dir) => (dir.clone(), None),
         None => {
@@ -142,7 +143,15 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             let _ = temp.keep();
         }
     } else if options.dir.is_some() {
-        std::fs::remove_dir_all(&base).with_context(|| format!("removing {}", base.display()))?;
+        // Remove only what the demo made: its backends' directories, and the
+        // base directory if the demo created it.
+        for i in 1..=options.nodes {
+            let dir = base.join(format!("pg{i}"));
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        if created_base {
+            let _ = std::fs::remove_dir(&base);
+        }
     }
     Ok(())
 }

@@ -185,16 +185,7 @@ impl LocalPostgres {
         // The server user must be able to reach and own its directory.
         if let Some(user) = run_as {
             std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(io_err(dir))?;
-            let mut parent = dir.parent();
-            while let Some(p) = parent {
-                if let Ok(meta) = fs::metadata(p) {
-                    if meta.mode() & 0o001 == 0 && meta.uid() == 0 {
-                        let mode = meta.mode() | 0o011;
-                        let _ = fs::set_permissions(p, fs::Permissions::from_mode(mode));
-                    }
-                }
-                parent = p.parent();
-            }
+            make_reachable(dir)?;
         }
         let data = dir.join("data");
         let mut initdb = Command::new(bins.program("initdb"));
@@ -412,6 +403,37 @@ impl Drop for LocalPostgres {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Make sure another user can walk down to `dir`. Directories under the
+/// system temp dir that only root can search (as `tempfile` makes them) are
+/// opened up for searching (not listing); anywhere else this is an error
+/// rather than a silent change to the permissions of the user's directories.
+fn make_reachable(dir: &Path) -> Result<(), LocalPgError> {
+    let temp = fs::canonicalize(std::env::temp_dir()).unwrap_or_else(|_| std::env::temp_dir());
+    let dir = fs::canonicalize(dir).map_err(io_err(dir))?;
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = fs::metadata(ancestor).map_err(io_err(ancestor))?;
+        if meta.mode() & 0o001 != 0 {
+            continue;
+        }
+        if ancestor.starts_with(&temp) && ancestor != temp {
+            fs::set_permissions(ancestor, fs::Permissions::from_mode(meta.mode() | 0o011))
+                .map_err(io_err(ancestor))?;
+        } else {
+            return Err(LocalPgError::Command {
+                what: "preparing the data directory".into(),
+                detail: format!(
+                    "the postgres OS user cannot reach {}: {} is not searchable by other users; \
+                     choose a directory under {} instead",
+                    dir.display(),
+                    ancestor.display(),
+                    temp.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn run_checked(mut cmd: Command, run_as: Option<RunAs>, what: &str) -> Result<(), LocalPgError> {

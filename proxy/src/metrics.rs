@@ -205,8 +205,13 @@ impl Drop for GaugeGuard {
 /// request line per connection and answers with `Connection: close`.
 pub async fn serve_http(listener: TcpListener, metrics: Arc<Metrics>, draining: Arc<AtomicBool>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // Out of file descriptors or similar: back off, do not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         let draining = draining.clone();

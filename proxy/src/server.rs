@@ -28,6 +28,8 @@ use crate::session;
 pub enum StartError {
     #[error("cannot load TLS certificate or key: {0}")]
     Tls(String),
+    #[error("cannot derive a SCRAM verifier")]
+    Scram,
     #[error("cannot bind {what} to {address}: {source}")]
     Bind {
         what: &'static str,
@@ -68,8 +70,8 @@ impl Node {
             .collect();
         let mut random = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
-        let mock_verifier = ScramVerifier::from_password(&format!("{random:?}"))
-            .ok_or_else(|| StartError::Tls("cannot derive a SCRAM verifier".into()))?;
+        let mock_verifier =
+            ScramVerifier::from_password(&format!("{random:?}")).ok_or(StartError::Scram)?;
         let (shutdown_tx, _) = watch::channel(false);
         Ok(Arc::new(Node {
             metrics: Arc::new(Metrics::new(&backends)),

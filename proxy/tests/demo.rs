@@ -142,3 +142,40 @@ fn demo_without_initdb_says_how_to_install_postgresql() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("apt-get install postgresql"), "{err}");
 }
+
+#[test]
+fn demo_in_an_existing_directory_removes_only_what_it_made() {
+    let base = free_base_port();
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, "not the demo's").unwrap();
+    let mut child = chorus()
+        .args(["demo", "--nodes", "1", "--port", &base.to_string(), "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        assert!(Instant::now() < deadline, "demo never printed ready");
+        match lines.next() {
+            Some(Ok(line)) if line == "ready" => break,
+            Some(Ok(_)) => {}
+            other => panic!("demo output ended early: {other:?}"),
+        }
+    }
+    assert!(dir.path().join("pg1").is_dir());
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let output = common::wait_with_limit(child, Duration::from_secs(30));
+    assert!(output.status.success());
+    assert!(!dir.path().join("pg1").exists());
+    assert_eq!(
+        std::fs::read_to_string(&precious).unwrap(),
+        "not the demo's"
+    );
+}
