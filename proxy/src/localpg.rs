@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use thiserror::Error;
 
 /// Why a local server could not be made or started.
@@ -257,8 +259,8 @@ impl LocalPostgres {
             for (name, value) in &self.options.settings {
                 cmd.arg("-c").arg(format!("{name}={value}"));
             }
-            // Its own process group, so a crash can take down the postmaster
-            // and all its children at once.
+            // Its own process group, so a terminal's Ctrl-C aimed at the
+            // demo does not reach the server before the demo stops it.
             cmd.process_group(0)
                 .current_dir("/")
                 .stdin(Stdio::null())
@@ -324,11 +326,16 @@ impl LocalPostgres {
     }
 
     /// Kill the server with SIGKILL, as a crash of its host would: the
-    /// postmaster and every child process at once.
+    /// postmaster and every process it started. PostgreSQL makes each child
+    /// its own process-group leader, so they are found through /proc; the
+    /// postmaster is frozen first so it cannot fork new ones meanwhile.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let group = format!("-{}", child.id());
-            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            let postmaster = child.id();
+            let _ = signal(postmaster, Signal::SIGSTOP);
+            for pid in children_of(postmaster) {
+                let _ = signal(pid, Signal::SIGKILL);
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -337,9 +344,7 @@ impl LocalPostgres {
     /// Stop with a fast shutdown (SIGINT), waiting up to 10 s, then SIGKILL.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
-                .status();
+            let _ = signal(child.id(), Signal::SIGINT);
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -403,6 +408,31 @@ impl Drop for LocalPostgres {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Send a signal to a process.
+fn signal(pid: u32, signal: Signal) -> nix::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| nix::errno::Errno::ESRCH)?;
+    nix::sys::signal::kill(Pid::from_raw(pid), signal)
+}
+
+/// The processes whose parent is `parent`, read from /proc.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The command name is in parentheses and may contain spaces; the
+            // parent pid is the second field after it.
+            let after = stat.rsplit_once(')')?.1;
+            let ppid: u32 = after.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
 }
 
 /// Make sure another user can walk down to `dir`. Directories under the

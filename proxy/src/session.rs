@@ -859,29 +859,9 @@ mod tests {
         assert_eq!(seen[1].0, b'X');
     }
 
-    #[tokio::test]
-    async fn oversized_and_short_lengths_are_protocol_errors() {
-        for bad in [vec![b'Q', 0x7f, 0, 0, 0], vec![b'Q', 0, 0, 0, 2]] {
-            let mut reader = &bad[..];
-            let mut out = Vec::new();
-            let result = pump(
-                &mut reader,
-                &mut out,
-                1 << 20,
-                |_| true,
-                |_, _| Ok(Flow::Continue),
-            )
-            .await;
-            assert!(matches!(result, Err(PumpError::Protocol(_))), "{result:?}");
-            assert!(out.is_empty());
-        }
-    }
-
-    #[tokio::test]
-    async fn truncated_stream_ends_without_forwarding_the_partial_message() {
-        let mut input = message(b'Q', b"SELECT 1\0");
-        input.extend_from_slice(&message(b'Q', b"SELECT 2\0")[..6]);
-        let mut reader = &input[..];
+    /// Pump `input` to the end, inspecting every message; what came out.
+    async fn pump_all(input: &[u8]) -> (Result<(), PumpError>, Vec<u8>) {
+        let mut reader = input;
         let mut out = Vec::new();
         let result = pump(
             &mut reader,
@@ -891,6 +871,23 @@ mod tests {
             |_, _| Ok(Flow::Continue),
         )
         .await;
+        (result, out)
+    }
+
+    #[tokio::test]
+    async fn oversized_and_short_lengths_are_protocol_errors() {
+        for bad in [vec![b'Q', 0x7f, 0, 0, 0], vec![b'Q', 0, 0, 0, 2]] {
+            let (result, out) = pump_all(&bad).await;
+            assert!(matches!(result, Err(PumpError::Protocol(_))), "{result:?}");
+            assert!(out.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn truncated_stream_ends_without_forwarding_the_partial_message() {
+        let mut input = message(b'Q', b"SELECT 1\0");
+        input.extend_from_slice(&message(b'Q', b"SELECT 2\0")[..6]);
+        let (result, out) = pump_all(&input).await;
         assert!(matches!(result, Err(PumpError::Eof)));
         assert_eq!(out, message(b'Q', b"SELECT 1\0"));
     }

@@ -316,26 +316,35 @@ const WRITING_WORDS: &[&str] = &[
     "LOWRITE",
 ];
 
+/// The words outside parentheses, each with the byte offset just after it.
+fn top_level_words(text: &str) -> impl Iterator<Item = (&str, usize)> {
+    let mut scanner = Scanner::new(text);
+    let mut depth = 0usize;
+    std::iter::from_fn(move || {
+        while let Some(token) = scanner.next_token() {
+            match token {
+                Token::Punct(b'(') => depth += 1,
+                Token::Punct(b')') => depth = depth.saturating_sub(1),
+                Token::Word(start, end) if depth == 0 => {
+                    return Some((scanner.word(start, end), end))
+                }
+                _ => {}
+            }
+        }
+        None
+    })
+}
+
 /// `COPY … FROM` writes and `COPY … TO` reads; decided by the first `FROM`
 /// or `TO` outside parentheses (a `COPY (query) TO` names its query in
 /// parentheses).
 pub(crate) fn copy_direction(rest: &str) -> StatementClass {
-    let mut scanner = Scanner::new(rest);
-    let mut depth = 0usize;
-    while let Some(token) = scanner.next_token() {
-        match token {
-            Token::Punct(b'(') => depth += 1,
-            Token::Punct(b')') => depth = depth.saturating_sub(1),
-            Token::Word(start, end) if depth == 0 => {
-                let word = scanner.word(start, end);
-                if word.eq_ignore_ascii_case("FROM") {
-                    return StatementClass::Write;
-                }
-                if word.eq_ignore_ascii_case("TO") {
-                    return StatementClass::Read;
-                }
-            }
-            _ => {}
+    for (word, _) in top_level_words(rest) {
+        if word.eq_ignore_ascii_case("FROM") {
+            return StatementClass::Write;
+        }
+        if word.eq_ignore_ascii_case("TO") {
+            return StatementClass::Read;
         }
     }
     StatementClass::Unknown
@@ -343,21 +352,9 @@ pub(crate) fn copy_direction(rest: &str) -> StatementClass {
 
 /// The text after the first top-level word `keyword`.
 fn after_top_level_word<'a>(rest: &'a str, keyword: &str) -> Option<&'a str> {
-    let mut scanner = Scanner::new(rest);
-    let mut depth = 0usize;
-    while let Some(token) = scanner.next_token() {
-        match token {
-            Token::Punct(b'(') => depth += 1,
-            Token::Punct(b')') => depth = depth.saturating_sub(1),
-            Token::Word(start, end)
-                if depth == 0 && scanner.word(start, end).eq_ignore_ascii_case(keyword) =>
-            {
-                return Some(&rest[end..]);
-            }
-            _ => {}
-        }
-    }
-    None
+    top_level_words(rest)
+        .find(|(word, _)| word.eq_ignore_ascii_case(keyword))
+        .map(|(_, end)| &rest[end..])
 }
 
 /// For `PREPARE name [(types)] AS statement`: the statement.
