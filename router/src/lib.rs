@@ -9,7 +9,10 @@
 //! `EXPLAIN ANALYZE`, a `SELECT` that may call `nextval()` or lock rows, …).
 //! A statement that does not parse is reported as [`StatementClass::Unknown`]
 //! and is still forwarded untouched by the proxy.
+//!
+//! The [`hlc`] module holds the hybrid logical clock that orders writes.
 
+pub mod hlc;
 mod lexer;
 mod parsed;
 
