@@ -61,13 +61,13 @@ RUST_LOG=warn ./target/release/chorus demo --nodes 1 --port "$CHORUS_PORT" --dir
 PIDS+=($!)
 for _ in $(seq 1 300); do grep -q '^ready$' "$WORK/demo.out" 2>/dev/null && break; sleep 0.1; done
 grep -q '^ready$' "$WORK/demo.out" || { cat "$WORK/demo.err" >&2; exit 1; }
-PG_PORT=$(sed -n 's|^backend 1: postgres://chorus@127.0.0.1:\([0-9]*\)/postgres$|\1|p' "$WORK/demo.out")
+PG_PORT=$(sed -n 's|^backend 1: postgres://postgres@127.0.0.1:\([0-9]*\)/postgres$|\1|p' "$WORK/demo.out")
 
 # PgBouncer, one instance per pooling mode, as the postgres user when root.
 start_pgbouncer() { # name mode port
     local dir="$WORK/$1"
     mkdir -p "$dir"
-    echo '"chorus" ""' > "$dir/users.txt"
+    echo '"postgres" ""' > "$dir/users.txt"
     cat > "$dir/pgbouncer.ini" <<INI
 [databases]
 postgres = host=127.0.0.1 port=$PG_PORT dbname=postgres
@@ -105,7 +105,7 @@ port_of() {
     esac
 }
 
-"$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U chorus postgres > "$WORK/init.log" 2>&1 \
+"$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres > "$WORK/init.log" 2>&1 \
     || { cat "$WORK/init.log" >&2; exit 1; }
 
 echo "| script | mode | clients | target | tps | avg latency ms | failed |"
@@ -117,7 +117,7 @@ for script in $SCRIPTS; do
             for target in $TARGETS; do
                 if [ "$target" = pgb-tx ] && [ "$mode" = prepared ]; then continue; fi
                 out=$("$PGBENCH" -n "$flag" -M "$mode" -c "$clients" -j "$THREADS" -T "$DURATION" \
-                      -h 127.0.0.1 -p "$(port_of "$target")" -U chorus postgres 2>&1) || true
+                      -h 127.0.0.1 -p "$(port_of "$target")" -U postgres postgres 2>&1) || true
                 tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
                 lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
                 failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')

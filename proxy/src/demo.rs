@@ -19,7 +19,7 @@ pub struct DemoOptions {
 }
 
 /// The user and database the demo prints in its connection strings.
-pub const DEMO_USER: &str = "chorus";
+pub const DEMO_USER: &str = "postgres";
 pub const DEMO_DATABASE: &str = "postgres";
 
 /// Run the demo until SIGINT or SIGTERM.

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod backend;
 pub mod cancel;
+pub mod capture;
 pub mod config;
 pub mod demo;
 pub mod frontend;

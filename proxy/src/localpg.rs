@@ -144,7 +144,9 @@ fn run_as() -> Result<Option<RunAs>, LocalPgError> {
 /// Options for a new server.
 #[derive(Debug, Clone)]
 pub struct LocalPgOptions {
-    /// Superuser name. Default "chorus".
+    /// Superuser name. Default "postgres". (Not "chorus": with the default
+    /// search_path "$user", public, such a role would create its tables in
+    /// the chorus schema.)
     pub user: String,
     /// When set, TCP logins need this password (SCRAM-SHA-256); otherwise
     /// they are trusted.
@@ -156,7 +158,7 @@ pub struct LocalPgOptions {
 impl Default for LocalPgOptions {
     fn default() -> Self {
         LocalPgOptions {
-            user: "chorus".to_owned(),
+            user: "postgres".to_owned(),
             password: None,
             settings: Vec::new(),
         }

@@ -101,7 +101,7 @@ async fn scram_md5_trust_and_reject() {
         Duration::from_secs(30),
     );
     assert!(
-        stderr(&bad).contains("password authentication failed for user \"chorus\""),
+        stderr(&bad).contains("password authentication failed for user \"postgres\""),
         "{}",
         stderr(&bad)
     );

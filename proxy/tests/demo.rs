@@ -78,7 +78,7 @@ async fn demo_prints_connection_lines_and_serves_psql() {
         let node = value(&format!("node {i}: "));
         assert_eq!(
             node,
-            format!("postgres://chorus@127.0.0.1:{}/postgres", base + i - 1)
+            format!("postgres://postgres@127.0.0.1:{}/postgres", base + i - 1)
         );
         let out = run_pg_program(
             "psql",
@@ -90,7 +90,7 @@ async fn demo_prints_connection_lines_and_serves_psql() {
 
         let backend = value(&format!("backend {i}: "));
         assert!(
-            backend.starts_with("postgres://chorus@127.0.0.1:"),
+            backend.starts_with("postgres://postgres@127.0.0.1:"),
             "{backend}"
         );
         let out = run_pg_program(

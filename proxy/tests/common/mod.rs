@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// The backend superuser and its password (backends use SCRAM over TCP).
-pub const PG_USER: &str = "chorus";
+pub const PG_USER: &str = "postgres";
 pub const PG_PASSWORD: &str = "chorus-pw";
 
 /// How to build a test node.

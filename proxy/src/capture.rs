@@ -1,0 +1,154 @@
+//! Change capture on the backends: installs the `chorus` schema and its
+//! capture trigger (`capture.sql`), adopts tables, and decodes the change
+//! records the trigger emits as logical messages.
+//!
+//! A change record is the JSON payload of a transactional
+//! `pg_logical_emit_message(true, 'chorus', …)`: table, operation, primary
+//! key, the full new row image, the row's new version (a packed HLC) and
+//! the origin node. Logical decoding (e.g. the `test_decoding` plugin that
+//! ships with PostgreSQL) delivers them only for committed transactions, in
+//! commit order.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use thiserror::Error;
+use tokio_postgres::Client;
+
+/// The schema and functions installed on every backend.
+pub const SCHEMA_SQL: &str = include_str!("capture.sql");
+
+/// The prefix of Chorus's logical messages.
+pub const MESSAGE_PREFIX: &str = "chorus";
+
+/// Why installing or adopting failed.
+#[derive(Debug, Error)]
+pub enum CaptureError {
+    #[error("{0}")]
+    Sql(#[from] tokio_postgres::Error),
+}
+
+/// Install (or upgrade in place) the `chorus` schema on a backend and record
+/// which node it belongs to. Safe to run concurrently and repeatedly.
+pub async fn install(client: &Client, node_id: u16) -> Result<(), CaptureError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN;\n\
+             SELECT pg_advisory_xact_lock(hashtext('chorus.install'));\n\
+             {SCHEMA_SQL}\n\
+             INSERT INTO chorus.local (node_id) VALUES ({node_id})\n\
+                 ON CONFLICT (singleton) DO UPDATE SET node_id = excluded.node_id;\n\
+             COMMIT;"
+        ))
+        .await?;
+    Ok(())
+}
+
+/// Adopt an existing table for replication; returns its qualified name.
+/// A table without a primary key is refused (SQLSTATE 55000, with a hint)
+/// unless `insert_only`.
+pub async fn adopt(
+    client: &Client,
+    table: &str,
+    insert_only: bool,
+) -> Result<String, CaptureError> {
+    let row = client
+        .query_one(
+            "SELECT chorus.adopt($1::text::regclass, $2)",
+            &[&table, &insert_only],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// A row operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Operation {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// One captured change. The key and row image stay raw JSON text exactly as
+/// PostgreSQL wrote them: parsing them into `serde_json::Value` would turn a
+/// `numeric` such as `10.50` into a float and lose digits.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChangeRecord {
+    /// Quoted, schema-qualified table name.
+    pub table: String,
+    pub op: Operation,
+    /// Primary key as a JSON object; `None` for insert-only tables.
+    pub key: Option<Box<RawValue>>,
+    /// The full new row image; `None` for a delete.
+    pub row: Option<Box<RawValue>>,
+    /// The row's new version: a packed HLC (see `chorus_router::hlc`).
+    pub version: i64,
+    /// The node the write came through (or the backend's own node id).
+    pub origin: i32,
+}
+
+/// Why a decoded line is not a change record.
+#[derive(Debug, Error)]
+pub enum DecodeError {
+    #[error("not a chorus message: {0:.80}")]
+    NotAChange(String),
+    #[error("malformed change record: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Decode one line of `test_decoding` output. `Ok(None)` for lines that are
+/// not Chorus messages (BEGIN, COMMIT, table changes, other prefixes).
+pub fn decode_test_decoding_line(line: &str) -> Result<Option<ChangeRecord>, DecodeError> {
+    let Some(rest) = line.strip_prefix("message: transactional: 1 prefix: ") else {
+        return Ok(None);
+    };
+    let Some(rest) = rest
+        .strip_prefix(MESSAGE_PREFIX)
+        .and_then(|r| r.strip_prefix(", sz: "))
+    else {
+        return Ok(None);
+    };
+    let (_, content) = rest
+        .split_once(" content:")
+        .ok_or_else(|| DecodeError::NotAChange(line.to_owned()))?;
+    Ok(Some(serde_json::from_str(content)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_change_line() {
+        let line = r#"message: transactional: 1 prefix: chorus, sz: 120 content:{"key": {"id": 2574}, "op": "INSERT", "row": {"id": 2574, "name": "An, Wim", "balance": 10.50}, "table": "public.users", "origin": 1, "version": 123456}"#;
+        let change = decode_test_decoding_line(line).unwrap().unwrap();
+        assert_eq!(change.table, "public.users");
+        assert_eq!(change.op, Operation::Insert);
+        assert_eq!(change.key.unwrap().get(), r#"{"id": 2574}"#);
+        assert_eq!(
+            change.row.unwrap().get(),
+            r#"{"id": 2574, "name": "An, Wim", "balance": 10.50}"#
+        );
+        assert_eq!(change.version, 123456);
+        assert_eq!(change.origin, 1);
+    }
+
+    #[test]
+    fn ignores_other_lines_and_rejects_garbage() {
+        assert!(decode_test_decoding_line("BEGIN").unwrap().is_none());
+        assert!(
+            decode_test_decoding_line("table public.t: INSERT: id[integer]:1")
+                .unwrap()
+                .is_none()
+        );
+        assert!(decode_test_decoding_line(
+            "message: transactional: 1 prefix: other, sz: 2 content:{}"
+        )
+        .unwrap()
+        .is_none());
+        assert!(decode_test_decoding_line(
+            "message: transactional: 1 prefix: chorus, sz: 3 content:{no"
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,187 @@
+-- The chorus schema Chorus installs on every backend: row versions and
+-- tombstones, applied positions, the conflict log, and the capture trigger
+-- that turns every change of an adopted table into a transactional logical
+-- message. Plain SQL and PL/pgSQL: no extension is needed. Idempotent; the
+-- installer runs it in one transaction under an advisory lock.
+
+CREATE SCHEMA IF NOT EXISTS chorus;
+
+-- This backend's node id, used as the origin of writes that bypass the proxy.
+CREATE TABLE IF NOT EXISTS chorus.local (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    node_id integer NOT NULL
+);
+
+-- Tables whose changes replicate, with their primary key columns in key
+-- order (empty for an insert-only table without a primary key).
+CREATE TABLE IF NOT EXISTS chorus.replicated_table (
+    tbl text PRIMARY KEY,
+    pk_columns text[] NOT NULL,
+    insert_only boolean NOT NULL
+);
+
+-- The version of every row ever written, kept after a delete as its
+-- tombstone, so that a late update cannot bring a deleted row back.
+CREATE TABLE IF NOT EXISTS chorus.row_version (
+    tbl text NOT NULL,
+    pk jsonb NOT NULL,
+    version bigint NOT NULL,
+    origin integer NOT NULL,
+    deleted boolean NOT NULL,
+    PRIMARY KEY (tbl, pk)
+);
+
+-- How far the changes of each origin have been applied here.
+CREATE TABLE IF NOT EXISTS chorus.applied (
+    origin integer PRIMARY KEY,
+    lsn pg_lsn NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Every conflict resolved on this backend.
+CREATE TABLE IF NOT EXISTS chorus.conflict (
+    id bigserial PRIMARY KEY,
+    resolved_at timestamptz NOT NULL DEFAULT now(),
+    tbl text NOT NULL,
+    pk jsonb,
+    kind text NOT NULL,
+    resolution text NOT NULL,
+    local_version bigint,
+    local_origin integer,
+    local_row jsonb,
+    remote_version bigint,
+    remote_origin integer,
+    remote_row jsonb
+);
+
+-- A hybrid-logical-clock value from this backend's clock, packed like the
+-- proxy's (milliseconds since 2024-01-01 UTC, shifted past a 22-bit
+-- logical counter): the version of a write made directly on the backend.
+CREATE OR REPLACE FUNCTION chorus.clock_hlc() RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    SELECT (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint - 1704067200000) << 22
+$$;
+
+-- The primary key of a row image, as a JSON object; NULL without a key.
+CREATE OR REPLACE FUNCTION chorus.key_of(img jsonb, cols text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN cardinality(cols) = 0 THEN NULL
+                ELSE (SELECT jsonb_object_agg(c, img -> c) FROM unnest(cols) AS c)
+           END
+$$;
+
+-- Record one change: bump the row's version to max(txn_hlc, previous + 1)
+-- (so a write that overwrote a newer remote version still wins: it happened
+-- after it) and emit the change as a transactional logical message, which
+-- logical decoding delivers only if and when the transaction commits, in
+-- commit order.
+CREATE OR REPLACE FUNCTION chorus.record(
+    rel text, op text, key jsonb, img jsonb, txn_hlc bigint, origin integer
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    prev bigint;
+    ver bigint;
+BEGIN
+    IF key IS NULL THEN
+        ver := txn_hlc;
+    ELSE
+        SELECT v.version INTO prev FROM chorus.row_version v
+         WHERE v.tbl = rel AND v.pk = key FOR UPDATE;
+        ver := greatest(txn_hlc, coalesce(prev, 0) + 1);
+        INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+        VALUES (rel, key, ver, origin, op = 'DELETE')
+        ON CONFLICT (tbl, pk) DO UPDATE
+            SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted;
+    END IF;
+    PERFORM pg_logical_emit_message(true, 'chorus', jsonb_build_object(
+        'table', rel, 'op', op, 'key', key, 'row', img,
+        'version', ver, 'origin', origin)::text);
+    RETURN ver;
+END
+$$;
+
+-- The capture trigger (AFTER, FOR EACH ROW) on every adopted table.
+-- `chorus.hlc` and `chorus.origin` are set by the proxy in the write's own
+-- transaction; a write made directly on the backend falls back to this
+-- backend's clock and node id. Changes made by the apply of remote changes
+-- (`chorus.applying = on`) are not captured again.
+CREATE OR REPLACE FUNCTION chorus.capture() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    rel text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    cols text[];
+    only_inserts boolean;
+    txn_hlc bigint;
+    origin integer;
+    old_img jsonb;
+    new_img jsonb;
+BEGIN
+    IF current_setting('chorus.applying', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    SELECT t.pk_columns, t.insert_only INTO cols, only_inserts
+      FROM chorus.replicated_table t WHERE t.tbl = rel;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF only_inserts AND TG_OP <> 'INSERT' THEN
+        RAISE EXCEPTION 'cannot % table % because it is replicated insert-only', lower(TG_OP), rel
+            USING ERRCODE = '55000',
+                  HINT = 'Add a primary key and adopt the table again to replicate updates and deletes.';
+    END IF;
+    txn_hlc := coalesce(nullif(current_setting('chorus.hlc', true), '')::bigint, chorus.clock_hlc());
+    origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
+                       (SELECT l.node_id FROM chorus.local l));
+    IF TG_OP <> 'INSERT' THEN
+        old_img := to_jsonb(OLD);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        new_img := to_jsonb(NEW);
+    END IF;
+    IF TG_OP = 'UPDATE'
+       AND chorus.key_of(old_img, cols) IS DISTINCT FROM chorus.key_of(new_img, cols) THEN
+        -- A changed key replicates as a delete of the old key and an insert
+        -- of the new one.
+        PERFORM chorus.record(rel, 'DELETE', chorus.key_of(old_img, cols), NULL, txn_hlc, origin);
+        PERFORM chorus.record(rel, 'INSERT', chorus.key_of(new_img, cols), new_img, txn_hlc, origin);
+    ELSE
+        PERFORM chorus.record(rel, TG_OP, chorus.key_of(coalesce(new_img, old_img), cols),
+                              new_img, txn_hlc, origin);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Adopt an existing table: record its key and install the capture trigger.
+-- A table without a primary key is refused unless adopted insert-only.
+CREATE OR REPLACE FUNCTION chorus.adopt(rel regclass, insert_only boolean DEFAULT false)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    name text;
+    cols text[];
+BEGIN
+    SELECT format('%I.%I', n.nspname, c.relname) INTO name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = rel;
+    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO cols
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    IF cols IS NULL AND NOT insert_only THEN
+        RAISE EXCEPTION 'table % has no primary key, so its updates and deletes cannot be replicated', name
+            USING ERRCODE = '55000',
+                  HINT = format('Add a primary key, or adopt it insert-only: SELECT chorus.adopt(%L, insert_only => true);', name);
+    END IF;
+    INSERT INTO chorus.replicated_table (tbl, pk_columns, insert_only)
+    VALUES (name, coalesce(cols, '{}'), insert_only OR cols IS NULL)
+    ON CONFLICT (tbl) DO UPDATE
+        SET pk_columns = excluded.pk_columns, insert_only = excluded.insert_only;
+    EXECUTE format('DROP TRIGGER IF EXISTS chorus_capture ON %s', rel);
+    EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION chorus.capture()', rel);
+    RETURN name;
+END
+$$;

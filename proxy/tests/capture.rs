@@ -1,0 +1,252 @@
+//! Change capture on a real backend: the chorus schema, the capture
+//! trigger's change records read back through logical decoding, the row
+//! version rule, the backend-clock fallback for direct writes, the apply
+//! guard, and adoption rules.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use chorus_proxy::capture::{self, ChangeRecord, Operation};
+use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
+use chorus_router::hlc;
+use serde_json::Value;
+use tokio_postgres::Client;
+
+fn json(raw: &Option<Box<serde_json::value::RawValue>>) -> Value {
+    serde_json::from_str(raw.as_ref().expect("present").get()).unwrap()
+}
+
+struct Backend {
+    _dir: tempfile::TempDir,
+    _pg: LocalPostgres,
+    client: Client,
+}
+
+async fn backend(node_id: u16) -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = tokio::task::block_in_place(|| {
+        LocalPostgres::create(
+            &common::pg_binaries(),
+            &dir.path().join("pg"),
+            LocalPgOptions::default(),
+        )
+    })
+    .unwrap();
+    let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
+    capture::install(&client, node_id).await.unwrap();
+    client
+        .batch_execute(
+            "SELECT pg_create_logical_replication_slot('test_slot', 'test_decoding');
+             CREATE TABLE users (id bigint PRIMARY KEY, name text, tags text[], balance numeric);",
+        )
+        .await
+        .unwrap();
+    capture::adopt(&client, "users", false).await.unwrap();
+    Backend {
+        _dir: dir,
+        _pg: pg,
+        client,
+    }
+}
+
+/// Everything captured since the last call, in commit order.
+async fn changes(client: &Client) -> Vec<ChangeRecord> {
+    let rows = client
+        .query(
+            "SELECT data FROM pg_logical_slot_get_changes('test_slot', NULL, NULL)",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .filter_map(|r| capture::decode_test_decoding_line(r.get::<_, &str>(0)).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_are_captured_with_keys_row_images_and_versions() {
+    let b = backend(4).await;
+    b.client
+        .batch_execute(
+            "INSERT INTO users VALUES (2574, 'An', '{a,b}', 10.50);
+             UPDATE users SET name = 'Wim' WHERE id = 2574;
+             DELETE FROM users WHERE id = 2574;",
+        )
+        .await
+        .unwrap();
+    let captured = changes(&b.client).await;
+    let ops: Vec<Operation> = captured.iter().map(|c| c.op).collect();
+    assert_eq!(
+        ops,
+        vec![Operation::Insert, Operation::Update, Operation::Delete]
+    );
+    for change in &captured {
+        assert_eq!(change.table, "public.users");
+        assert_eq!(json(&change.key), serde_json::json!({"id": 2574}));
+        assert_eq!(
+            change.origin, 4,
+            "direct writes carry the backend's node id"
+        );
+    }
+    let first = json(&captured[0].row);
+    assert_eq!(first["name"], "An");
+    assert_eq!(first["tags"], serde_json::json!(["a", "b"]));
+    let raw = captured[0].row.as_ref().unwrap().get();
+    assert!(
+        raw.contains(r#""balance": 10.50"#),
+        "numeric kept exactly: {raw}"
+    );
+    assert_eq!(json(&captured[1].row)["name"], "Wim");
+    assert!(captured[2].row.is_none());
+    // Versions only grow for a row.
+    assert!(captured[0].version < captured[1].version);
+    assert!(captured[1].version < captured[2].version);
+
+    // A direct write's version comes from the backend clock.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let ms = hlc::unix_millis(captured[0].version as u64);
+    assert!((now_ms - ms).abs() < 10_000, "{ms} vs {now_ms}");
+
+    // The tombstone stays.
+    let row = b
+        .client
+        .query_one(
+            "SELECT deleted, version FROM chorus.row_version WHERE tbl = 'public.users'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, i64>(1), captured[2].version);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn version_is_max_of_transaction_hlc_and_previous_plus_one() {
+    let b = backend(1).await;
+    let high = hlc::from_unix_millis(3_000_000_000_000) as i64;
+    let low = hlc::from_unix_millis(1_750_000_000_000) as i64;
+    b.client
+        .batch_execute(&format!(
+            "BEGIN; SELECT set_config('chorus.hlc', '{high}', true), set_config('chorus.origin', '2', true);
+             INSERT INTO users (id, name) VALUES (1, 'first'); COMMIT;"
+        ))
+        .await
+        .unwrap();
+    // An older clock overwrites it: the write still wins, one past the old version.
+    b.client
+        .batch_execute(&format!(
+            "BEGIN; SELECT set_config('chorus.hlc', '{low}', true), set_config('chorus.origin', '3', true);
+             UPDATE users SET name = 'second' WHERE id = 1; COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let captured = changes(&b.client).await;
+    assert_eq!(captured.len(), 2);
+    assert_eq!((captured[0].version, captured[0].origin), (high, 2));
+    assert_eq!((captured[1].version, captured[1].origin), (high + 1, 3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rolled_back_and_applied_writes_are_not_captured() {
+    let b = backend(1).await;
+    b.client
+        .batch_execute("BEGIN; INSERT INTO users (id) VALUES (1); ROLLBACK;")
+        .await
+        .unwrap();
+    b.client
+        .batch_execute(
+            "BEGIN; SET LOCAL chorus.applying = on; INSERT INTO users (id) VALUES (2); COMMIT;",
+        )
+        .await
+        .unwrap();
+    assert!(changes(&b.client).await.is_empty());
+    let versions: i64 = b
+        .client
+        .query_one("SELECT count(*) FROM chorus.row_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_change_is_a_delete_and_an_insert() {
+    let b = backend(1).await;
+    b.client
+        .batch_execute("INSERT INTO users (id, name) VALUES (1, 'x'); UPDATE users SET id = 2;")
+        .await
+        .unwrap();
+    let captured = changes(&b.client).await;
+    let summary: Vec<(Operation, serde_json::Value)> =
+        captured.iter().map(|c| (c.op, json(&c.key))).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (Operation::Insert, serde_json::json!({"id": 1})),
+            (Operation::Delete, serde_json::json!({"id": 1})),
+            (Operation::Insert, serde_json::json!({"id": 2})),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tables_without_a_primary_key_replicate_insert_only_or_not_at_all() {
+    let b = backend(1).await;
+    b.client
+        .batch_execute("CREATE TABLE events (at timestamptz, what text)")
+        .await
+        .unwrap();
+    let err = capture::adopt(&b.client, "events", false)
+        .await
+        .unwrap_err();
+    let capture::CaptureError::Sql(sql) = &err;
+    let db = sql.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "55000");
+    assert!(
+        db.message().contains("has no primary key"),
+        "{}",
+        db.message()
+    );
+    assert!(db.hint().unwrap().contains("insert_only => true"));
+
+    capture::adopt(&b.client, "events", true).await.unwrap();
+    b.client
+        .batch_execute("INSERT INTO events VALUES (now(), 'started')")
+        .await
+        .unwrap();
+    let captured = changes(&b.client).await;
+    assert_eq!(captured.len(), 1);
+    assert!(captured[0].key.is_none());
+    assert_eq!(json(&captured[0].row)["what"], "started");
+    let err = b
+        .client
+        .batch_execute("UPDATE events SET what = 'x'")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "55000");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn install_is_idempotent_and_safe_concurrently() {
+    let b = backend(1).await;
+    let second = common::connect(&b._pg.conninfo("postgres")).await.unwrap();
+    let (one, two) = tokio::join!(capture::install(&b.client, 5), capture::install(&second, 5));
+    one.unwrap();
+    two.unwrap();
+    let node: i32 = b
+        .client
+        .query_one("SELECT node_id FROM chorus.local", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(node, 5);
+    // Adopted tables keep capturing after a reinstall.
+    b.client
+        .batch_execute("INSERT INTO users (id) VALUES (9)")
+        .await
+        .unwrap();
+    assert_eq!(changes(&b.client).await.len(), 1);
+}
