@@ -14,8 +14,10 @@ use serde_json::value::RawValue;
 use thiserror::Error;
 use tokio_postgres::Client;
 
-/// The schema and functions installed on every backend.
+/// The schema and capture functions installed on every backend.
 pub const SCHEMA_SQL: &str = include_str!("capture.sql");
+/// The functions that apply changes from other nodes.
+pub const APPLY_SQL: &str = include_str!("apply.sql");
 
 /// The prefix of Chorus's logical messages.
 pub const MESSAGE_PREFIX: &str = "chorus";
@@ -35,6 +37,7 @@ pub async fn install(client: &Client, node_id: u16) -> Result<(), CaptureError> 
             "BEGIN;\n\
              SELECT pg_advisory_xact_lock(hashtext('chorus.install'));\n\
              {SCHEMA_SQL}\n\
+             {APPLY_SQL}\n\
              INSERT INTO chorus.local (node_id) VALUES ({node_id})\n\
                  ON CONFLICT (singleton) DO UPDATE SET node_id = excluded.node_id;\n\
              COMMIT;"
@@ -83,6 +86,10 @@ pub struct ChangeRecord {
     pub row: Option<Box<RawValue>>,
     /// The row's new version: a packed HLC (see `chorus_router::hlc`).
     pub version: i64,
+    /// The version this write overwrote on its origin (`None`: no earlier
+    /// version there).
+    #[serde(default)]
+    pub prev: Option<i64>,
     /// The node the write came through (or the backend's own node id).
     pub origin: i32,
 }
@@ -90,28 +97,25 @@ pub struct ChangeRecord {
 /// Why a decoded line is not a change record.
 #[derive(Debug, Error)]
 pub enum DecodeError {
-    #[error("not a chorus message: {0:.80}")]
-    NotAChange(String),
     #[error("malformed change record: {0}")]
     Json(#[from] serde_json::Error),
 }
 
+/// The JSON payload of a `test_decoding` line holding a Chorus message;
+/// `None` for any other line (BEGIN, COMMIT, table changes, other prefixes).
+pub fn change_payload(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix("message: transactional: 1 prefix: ")?;
+    let rest = rest.strip_prefix(MESSAGE_PREFIX)?.strip_prefix(", sz: ")?;
+    Some(rest.split_once(" content:")?.1)
+}
+
 /// Decode one line of `test_decoding` output. `Ok(None)` for lines that are
-/// not Chorus messages (BEGIN, COMMIT, table changes, other prefixes).
+/// not Chorus messages.
 pub fn decode_test_decoding_line(line: &str) -> Result<Option<ChangeRecord>, DecodeError> {
-    let Some(rest) = line.strip_prefix("message: transactional: 1 prefix: ") else {
-        return Ok(None);
-    };
-    let Some(rest) = rest
-        .strip_prefix(MESSAGE_PREFIX)
-        .and_then(|r| r.strip_prefix(", sz: "))
-    else {
-        return Ok(None);
-    };
-    let (_, content) = rest
-        .split_once(" content:")
-        .ok_or_else(|| DecodeError::NotAChange(line.to_owned()))?;
-    Ok(Some(serde_json::from_str(content)?))
+    match change_payload(line) {
+        Some(content) => Ok(Some(serde_json::from_str(content)?)),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]

@@ -94,9 +94,11 @@ BEGIN
         ON CONFLICT (tbl, pk) DO UPDATE
             SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted;
     END IF;
+    -- `prev` is the version this write overwrote: a peer whose copy of the
+    -- row has exactly that version applies it without a conflict.
     PERFORM pg_logical_emit_message(true, 'chorus', jsonb_build_object(
         'table', rel, 'op', op, 'key', key, 'row', img,
-        'version', ver, 'origin', origin)::text);
+        'version', ver, 'prev', prev, 'origin', origin)::text);
     RETURN ver;
 END
 $$;

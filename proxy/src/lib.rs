@@ -15,5 +15,6 @@ pub mod frontend;
 pub mod localpg;
 pub mod metrics;
 pub mod protocol;
+pub mod replication;
 pub mod server;
 pub mod session;

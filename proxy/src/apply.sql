@@ -1,0 +1,158 @@
+-- Applying changes from other nodes, on a peer backend. Called by the
+-- replication stream inside one transaction per batch, with
+-- `SET LOCAL chorus.applying = on` so the capture trigger stays quiet.
+
+-- A comma-separated list of quoted identifiers.
+CREATE OR REPLACE FUNCTION chorus.ident_list(names text[], prefix text DEFAULT '') RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT string_agg(prefix || quote_ident(n), ', ' ORDER BY o)
+      FROM unnest(names) WITH ORDINALITY AS u(n, o)
+$$;
+
+-- Insert or update a row from its image. Columns are matched by name: those
+-- the image lacks take their default, keys the table lacks are ignored.
+CREATE OR REPLACE FUNCTION chorus.write_row(rel text, cols text[], img jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    present text[];
+    others text[];
+BEGIN
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO present
+      FROM pg_attribute a
+     WHERE a.attrelid = rel::regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attgenerated = '' AND img ? a.attname;
+    IF cardinality(cols) = 0 THEN
+        EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1)',
+                       rel, chorus.ident_list(present))
+        USING img;
+        RETURN;
+    END IF;
+    SELECT array_agg(p ORDER BY o) INTO others
+      FROM unnest(present) WITH ORDINALITY AS u(p, o) WHERE p <> ALL (cols);
+    IF others IS NULL THEN
+        EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1) '
+                       'ON CONFLICT (%3$s) DO NOTHING',
+                       rel, chorus.ident_list(present), chorus.ident_list(cols))
+        USING img;
+    ELSE
+        EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1) '
+                       'ON CONFLICT (%3$s) DO UPDATE SET (%4$s) = ROW(%5$s)',
+                       rel, chorus.ident_list(present), chorus.ident_list(cols),
+                       chorus.ident_list(others), chorus.ident_list(others, 'excluded.'))
+        USING img;
+    END IF;
+END
+$$;
+
+-- The current image of the row with this key, or NULL.
+CREATE OR REPLACE FUNCTION chorus.read_row(rel text, cols text[], key jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    img jsonb;
+BEGIN
+    EXECUTE format('SELECT to_jsonb(t) FROM %1$s t WHERE (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1))',
+                   rel, chorus.ident_list(cols))
+    INTO img USING key;
+    RETURN img;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION chorus.delete_row(rel text, cols text[], key jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('DELETE FROM %1$s WHERE (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1))',
+                   rel, chorus.ident_list(cols))
+    USING key;
+END
+$$;
+
+-- Apply one change. Last writer wins by (version, origin). A change whose
+-- `prev` equals the version held here applies cleanly; anything else is a
+-- conflict, resolved the same way and written to chorus.conflict.
+-- Returns 'applied', 'duplicate', or '<kind>:<remote_wins|local_wins>'.
+CREATE OR REPLACE FUNCTION chorus.apply_change(change jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    rel text := change ->> 'table';
+    op text := change ->> 'op';
+    key jsonb := change -> 'key';
+    img jsonb := change -> 'row';
+    ver bigint := (change ->> 'version')::bigint;
+    prev bigint := (change ->> 'prev')::bigint;
+    org integer := (change ->> 'origin')::integer;
+    cols text[];
+    cur chorus.row_version%ROWTYPE;
+    have_version boolean;
+    kind text;
+    remote_wins boolean;
+    local_img jsonb;
+BEGIN
+    SELECT t.pk_columns INTO cols FROM chorus.replicated_table t WHERE t.tbl = rel;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'received a change for table %, which is not replicated on this backend', rel
+            USING ERRCODE = '55000';
+    END IF;
+    IF key IS NULL THEN
+        PERFORM chorus.write_row(rel, cols, img);
+        RETURN 'applied';
+    END IF;
+
+    SELECT * INTO cur FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key FOR UPDATE;
+    have_version := FOUND;
+    IF have_version AND cur.version = ver AND cur.origin = org THEN
+        RETURN 'duplicate';
+    END IF;
+
+    IF NOT have_version THEN
+        kind := CASE op WHEN 'UPDATE' THEN 'update_missing'
+                        WHEN 'DELETE' THEN 'delete_missing' END;
+    ELSIF cur.version IS NOT DISTINCT FROM prev THEN
+        kind := NULL;
+    ELSIF cur.deleted THEN
+        kind := CASE op WHEN 'INSERT' THEN 'insert_delete'
+                        WHEN 'UPDATE' THEN 'update_delete'
+                        ELSE 'delete_delete' END;
+    ELSE
+        kind := CASE op WHEN 'INSERT' THEN 'insert_insert'
+                        WHEN 'UPDATE' THEN 'update_update'
+                        ELSE 'update_delete' END;
+    END IF;
+
+    remote_wins := NOT have_version OR (ver, org) > (cur.version, cur.origin);
+    IF kind IS NOT NULL THEN
+        local_img := chorus.read_row(rel, cols, key);
+        INSERT INTO chorus.conflict (tbl, pk, kind, resolution, local_version, local_origin,
+                                     local_row, remote_version, remote_origin, remote_row)
+        VALUES (rel, key, kind, CASE WHEN remote_wins THEN 'remote_wins' ELSE 'local_wins' END,
+                cur.version, cur.origin, local_img, ver, org, img);
+    END IF;
+    IF NOT remote_wins THEN
+        RETURN kind || ':local_wins';
+    END IF;
+
+    IF op = 'DELETE' THEN
+        PERFORM chorus.delete_row(rel, cols, key);
+    ELSE
+        PERFORM chorus.write_row(rel, cols, img);
+    END IF;
+    INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+    VALUES (rel, key, ver, org, op = 'DELETE')
+    ON CONFLICT (tbl, pk) DO UPDATE
+        SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted;
+    RETURN coalesce(kind || ':remote_wins', 'applied');
+END
+$$;
+
+-- Apply a JSON array of changes in order; the results in the same order.
+CREATE OR REPLACE FUNCTION chorus.apply_changes(changes jsonb) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    change jsonb;
+    results text[] := '{}';
+BEGIN
+    FOR change IN SELECT c FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n) ORDER BY n LOOP
+        results := results || chorus.apply_change(change);
+    END LOOP;
+    RETURN results;
+END
+$$;

@@ -1,0 +1,241 @@
+//! One replication stream: the changes captured on an origin backend,
+//! applied on one peer backend, exactly once and in origin commit order.
+//!
+//! Changes are read through a logical replication slot per (origin, peer)
+//! pair with the `test_decoding` plugin that ships with PostgreSQL; only
+//! Chorus's transactional messages matter. A step peeks a batch of whole
+//! transactions, applies them on the peer in one transaction that also
+//! records the origin commit position applied up to (`chorus.applied`), and
+//! only then advances the slot. A crash between the two re-delivers the
+//! batch, and the recorded position makes the peer skip it: never applied
+//! twice, never skipped.
+
+use thiserror::Error;
+use tokio_postgres::Client;
+
+use crate::capture;
+
+/// Why a step failed. The stream retries from its last position.
+#[derive(Debug, Error)]
+pub enum ReplicationError {
+    #[error("{0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error("unexpected logical decoding output: {0:.120}")]
+    Decoding(String),
+    #[error("invalid LSN {0:?}")]
+    Lsn(String),
+}
+
+/// A (text) log sequence number as a comparable integer.
+pub fn parse_lsn(text: &str) -> Result<u64, ReplicationError> {
+    let (high, low) = text
+        .split_once('/')
+        .ok_or_else(|| ReplicationError::Lsn(text.to_owned()))?;
+    let high = u64::from_str_radix(high, 16).map_err(|_| ReplicationError::Lsn(text.to_owned()))?;
+    let low = u64::from_str_radix(low, 16).map_err(|_| ReplicationError::Lsn(text.to_owned()))?;
+    Ok((high << 32) | low)
+}
+
+/// An origin transaction: its commit position and its Chorus change payloads.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DecodedTransaction {
+    pub commit_lsn: String,
+    pub changes: Vec<String>,
+}
+
+/// Group `test_decoding` rows (lsn, data) into committed transactions.
+/// Rows after the last COMMIT (none, in practice: peeks return whole
+/// transactions) are left out.
+pub fn group_transactions<'a>(
+    rows: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<Vec<DecodedTransaction>, ReplicationError> {
+    let mut done = Vec::new();
+    let mut open: Option<DecodedTransaction> = None;
+    for (lsn, data) in rows {
+        if data.starts_with("BEGIN") {
+            open = Some(DecodedTransaction::default());
+        } else if data.starts_with("COMMIT") {
+            let mut txn = open
+                .take()
+                .ok_or_else(|| ReplicationError::Decoding(data.to_owned()))?;
+            txn.commit_lsn = lsn.to_owned();
+            done.push(txn);
+        } else if let Some(payload) = capture::change_payload(data) {
+            match open.as_mut() {
+                Some(txn) => txn.changes.push(payload.to_owned()),
+                // A non-transactional message would arrive outside BEGIN/COMMIT;
+                // Chorus only emits transactional ones.
+                None => return Err(ReplicationError::Decoding(data.to_owned())),
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// What one step did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StepReport {
+    /// Origin transactions with changes, applied on the peer.
+    pub transactions: usize,
+    /// Origin transactions skipped because the peer already had them.
+    pub duplicates: usize,
+    /// The result of every applied change (`applied`, `duplicate`, or
+    /// `<conflict kind>:<remote_wins|local_wins>`).
+    pub results: Vec<String>,
+}
+
+impl StepReport {
+    /// Conflicts resolved in this step, as `kind:resolution`.
+    pub fn conflicts(&self) -> impl Iterator<Item = &str> {
+        self.results
+            .iter()
+            .map(String::as_str)
+            .filter(|r| r.contains(':'))
+    }
+}
+
+/// Changes from one origin backend to one peer backend.
+#[derive(Debug, Clone)]
+pub struct ReplicationStream {
+    pub origin_node: u16,
+    pub peer_node: u16,
+    pub slot: String,
+    /// Decoded rows fetched per step (whole transactions are always taken).
+    pub batch_rows: i32,
+}
+
+impl ReplicationStream {
+    pub fn new(origin_node: u16, peer_node: u16) -> ReplicationStream {
+        ReplicationStream {
+            origin_node,
+            peer_node,
+            slot: format!("chorus_{origin_node}_to_{peer_node}"),
+            batch_rows: 10_000,
+        }
+    }
+
+    /// Create the stream's slot on the origin if it does not exist yet.
+    /// Changes committed after this point are delivered.
+    pub async fn ensure_slot(&self, origin: &Client) -> Result<(), ReplicationError> {
+        origin
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'test_decoding') \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&self.slot],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Move one batch from origin to peer.
+    pub async fn step(
+        &self,
+        origin: &Client,
+        peer: &mut Client,
+    ) -> Result<StepReport, ReplicationError> {
+        let rows = origin
+            .query(
+                "SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, $2)",
+                &[&self.slot, &self.batch_rows],
+            )
+            .await?;
+        let transactions = group_transactions(
+            rows.iter()
+                .map(|r| (r.get::<_, &str>(0), r.get::<_, &str>(1))),
+        )?;
+        let Some(last) = transactions.last() else {
+            return Ok(StepReport::default());
+        };
+        let last_lsn = last.commit_lsn.clone();
+
+        let applied: Option<String> = peer
+            .query_opt(
+                "SELECT lsn::text FROM chorus.applied WHERE origin = $1",
+                &[&i32::from(self.origin_node)],
+            )
+            .await?
+            .map(|r| r.get(0));
+        let applied = applied.as_deref().map(parse_lsn).transpose()?.unwrap_or(0);
+
+        let mut report = StepReport::default();
+        let mut batch = String::from("[");
+        for txn in &transactions {
+            // Transactions without Chorus messages (the apply of other
+            // nodes' changes, writes to tables that are not replicated) have
+            // nothing to apply; the slot simply moves past them.
+            if txn.changes.is_empty() {
+                continue;
+            }
+            if parse_lsn(&txn.commit_lsn)? <= applied {
+                report.duplicates += 1;
+                continue;
+            }
+            report.transactions += 1;
+            for change in &txn.changes {
+                if batch.len() > 1 {
+                    batch.push(',');
+                }
+                batch.push_str(change);
+            }
+        }
+        batch.push(']');
+
+        if report.transactions > 0 {
+            let tx = peer.transaction().await?;
+            tx.batch_execute("SET LOCAL chorus.applying = on").await?;
+            let results: Vec<String> = tx
+                .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&batch])
+                .await?
+                .get(0);
+            tx.execute(
+                "INSERT INTO chorus.applied (origin, lsn, applied_at) \
+                 VALUES ($1, $2::text::pg_lsn, now()) \
+                 ON CONFLICT (origin) DO UPDATE SET lsn = excluded.lsn, applied_at = now()",
+                &[&i32::from(self.origin_node), &last_lsn],
+            )
+            .await?;
+            tx.commit().await?;
+            report.results = results;
+        }
+        origin
+            .execute(
+                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                &[&self.slot, &last_lsn],
+            )
+            .await?;
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsns_compare_numerically() {
+        assert!(parse_lsn("0/16B3748").unwrap() < parse_lsn("1/0").unwrap());
+        assert!(parse_lsn("0/A").unwrap() < parse_lsn("0/10").unwrap());
+        assert!(parse_lsn("nonsense").is_err());
+    }
+
+    #[test]
+    fn rows_group_into_committed_transactions() {
+        let c1 = r#"message: transactional: 1 prefix: chorus, sz: 2 content:{"a":1}"#;
+        let c2 = r#"message: transactional: 1 prefix: chorus, sz: 2 content:{"a":2}"#;
+        let rows = [
+            ("0/10", "BEGIN 700"),
+            ("0/11", "table public.t: INSERT: id[integer]:1"),
+            ("0/12", c1),
+            ("0/13", c2),
+            ("0/20", "COMMIT 700"),
+            ("0/21", "BEGIN 701"),
+            ("0/30", "COMMIT 701"),
+        ];
+        let txns = group_transactions(rows).unwrap();
+        assert_eq!(txns.len(), 2);
+        assert_eq!(txns[0].commit_lsn, "0/20");
+        assert_eq!(txns[0].changes, vec![r#"{"a":1}"#, r#"{"a":2}"#]);
+        assert!(txns[1].changes.is_empty());
+        assert!(group_transactions([("0/1", "COMMIT 1")]).is_err());
+    }
+}
