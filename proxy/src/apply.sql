@@ -75,8 +75,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     rel text := change ->> 'table';
     op text := change ->> 'op';
-    key jsonb := change -> 'key';
-    img jsonb := change -> 'row';
+    key jsonb := nullif(change -> 'key', 'null'::jsonb);
+    img jsonb := nullif(change -> 'row', 'null'::jsonb);
     ver bigint := (change ->> 'version')::bigint;
     prev bigint := (change ->> 'prev')::bigint;
     org integer := (change ->> 'origin')::integer;
@@ -143,6 +143,22 @@ BEGIN
 END
 $$;
 
+-- Replay a DDL command from another node with its search_path. The peer's
+-- own event trigger adopts new tables but does not emit it again.
+CREATE OR REPLACE FUNCTION chorus.apply_ddl(change jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    saved text := current_setting('search_path');
+BEGIN
+    PERFORM set_config('search_path', change ->> 'search_path', true);
+    EXECUTE change ->> 'ddl';
+    PERFORM set_config('search_path', saved, true);
+    INSERT INTO chorus.ddl_log (origin, search_path, command)
+    VALUES ((change ->> 'origin')::integer, change ->> 'search_path', change ->> 'ddl');
+    RETURN 'ddl';
+END
+$$;
+
 -- Apply a JSON array of changes in order; the results in the same order.
 CREATE OR REPLACE FUNCTION chorus.apply_changes(changes jsonb) RETURNS text[]
 LANGUAGE plpgsql AS $$
@@ -151,7 +167,11 @@ DECLARE
     results text[] := '{}';
 BEGIN
     FOR change IN SELECT c FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n) ORDER BY n LOOP
-        results := results || chorus.apply_change(change);
+        IF change ? 'ddl' THEN
+            results := results || chorus.apply_ddl(change);
+        ELSE
+            results := results || chorus.apply_change(change);
+        END IF;
     END LOOP;
     RETURN results;
 END

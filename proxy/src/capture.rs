@@ -109,13 +109,37 @@ pub fn change_payload(line: &str) -> Option<&str> {
     Some(rest.split_once(" content:")?.1)
 }
 
+/// A replicated DDL command.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DdlRecord {
+    pub ddl: String,
+    pub search_path: String,
+    pub origin: i32,
+}
+
+/// One Chorus message: a row change or a DDL command. (Not a serde
+/// `untagged` enum: those buffer their input, which raw JSON values cannot
+/// be read back from.)
+#[derive(Debug, Clone)]
+pub enum Message {
+    Ddl(DdlRecord),
+    Row(ChangeRecord),
+}
+
+impl Message {
+    /// Decode a message payload.
+    pub fn decode(payload: &str) -> Result<Message, DecodeError> {
+        match serde_json::from_str::<DdlRecord>(payload) {
+            Ok(ddl) => Ok(Message::Ddl(ddl)),
+            Err(_) => Ok(Message::Row(serde_json::from_str(payload)?)),
+        }
+    }
+}
+
 /// Decode one line of `test_decoding` output. `Ok(None)` for lines that are
 /// not Chorus messages.
-pub fn decode_test_decoding_line(line: &str) -> Result<Option<ChangeRecord>, DecodeError> {
-    match change_payload(line) {
-        Some(content) => Ok(Some(serde_json::from_str(content)?)),
-        None => Ok(None),
-    }
+pub fn decode_test_decoding_line(line: &str) -> Result<Option<Message>, DecodeError> {
+    change_payload(line).map(Message::decode).transpose()
 }
 
 #[cfg(test)]
@@ -125,7 +149,9 @@ mod tests {
     #[test]
     fn decodes_a_change_line() {
         let line = r#"message: transactional: 1 prefix: chorus, sz: 120 content:{"key": {"id": 2574}, "op": "INSERT", "row": {"id": 2574, "name": "An, Wim", "balance": 10.50}, "table": "public.users", "origin": 1, "version": 123456}"#;
-        let change = decode_test_decoding_line(line).unwrap().unwrap();
+        let Some(Message::Row(change)) = decode_test_decoding_line(line).unwrap() else {
+            panic!("not a row change");
+        };
         assert_eq!(change.table, "public.users");
         assert_eq!(change.op, Operation::Insert);
         assert_eq!(change.key.unwrap().get(), r#"{"id": 2574}"#);
@@ -135,6 +161,17 @@ mod tests {
         );
         assert_eq!(change.version, 123456);
         assert_eq!(change.origin, 1);
+    }
+
+    #[test]
+    fn decodes_a_ddl_line() {
+        let line = r#"message: transactional: 1 prefix: chorus, sz: 60 content:{"ddl": "CREATE TABLE t (id int)", "origin": 2, "search_path": "\"$user\", public"}"#;
+        let Some(Message::Ddl(ddl)) = decode_test_decoding_line(line).unwrap() else {
+            panic!("not DDL");
+        };
+        assert_eq!(ddl.ddl, "CREATE TABLE t (id int)");
+        assert_eq!(ddl.search_path, "\"$user\", public");
+        assert_eq!(ddl.origin, 2);
     }
 
     #[test]

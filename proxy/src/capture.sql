@@ -181,9 +181,79 @@ BEGIN
     VALUES (name, coalesce(cols, '{}'), insert_only OR cols IS NULL)
     ON CONFLICT (tbl) DO UPDATE
         SET pk_columns = excluded.pk_columns, insert_only = excluded.insert_only;
+    -- Rows already there get version 0 from origin 0, the same on every
+    -- backend that holds them, so their first replicated update applies
+    -- cleanly instead of looking like an update of a missing row.
+    IF cols IS NOT NULL THEN
+        EXECUTE format('INSERT INTO chorus.row_version (tbl, pk, version, origin, deleted) '
+                       'SELECT %L, chorus.key_of(to_jsonb(t), %L), 0, 0, false FROM %s t '
+                       'ON CONFLICT (tbl, pk) DO NOTHING', name, cols, rel);
+    END IF;
     EXECUTE format('DROP TRIGGER IF EXISTS chorus_capture ON %s', rel);
     EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION chorus.capture()', rel);
     RETURN name;
 END
 $$;
+
+-- Replicated DDL until the Raft-ordered DDL log exists: DDL run on a backend
+-- (through Chorus or directly) is emitted into the same ordered change
+-- stream as its DML, and replayed on peers with the origin's search_path.
+-- The text replayed is the client's whole query string, so a string that
+-- mixes DDL with DML must not reach a backend (the proxy refuses it).
+-- A table created or altered is adopted (or re-adopted, when it gained a
+-- primary key) in the same transaction, on the origin and on every peer.
+-- Not replicated: temporary objects, Chorus's own objects, extension
+-- members, and anything run with `SET chorus.ddl_scope = 'local'`.
+CREATE TABLE IF NOT EXISTS chorus.ddl_log (
+    id bigserial PRIMARY KEY,
+    logged_at timestamptz NOT NULL DEFAULT now(),
+    origin integer NOT NULL,
+    search_path text NOT NULL,
+    command text NOT NULL
+);
+
+CREATE OR REPLACE FUNCTION chorus.capture_ddl() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    cmd record;
+    replicate boolean := false;
+    origin integer;
+    marker text;
+BEGIN
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        CONTINUE WHEN cmd.in_extension;
+        CONTINUE WHEN cmd.schema_name IS NOT NULL
+                  AND (cmd.schema_name = 'chorus' OR cmd.schema_name LIKE 'pg_temp%');
+        -- The capture trigger that adopt() itself creates.
+        CONTINUE WHEN cmd.object_type = 'trigger' AND cmd.object_identity LIKE 'chorus_capture on %';
+        IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
+           AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = cmd.objid AND c.relkind IN ('r', 'p')
+                                                 AND c.relpersistence = 'p') THEN
+            PERFORM chorus.adopt(cmd.objid::regclass,
+                                 NOT EXISTS (SELECT 1 FROM pg_index i
+                                              WHERE i.indrelid = cmd.objid AND i.indisprimary));
+        END IF;
+        replicate := true;
+    END LOOP;
+    -- current_query() is the client's whole query string: emit it once per
+    -- transaction even when it holds several DDL statements.
+    marker := txid_current()::text || ':' || md5(current_query());
+    IF replicate
+       AND coalesce(current_setting('chorus.applying', true), '') <> 'on'
+       AND coalesce(current_setting('chorus.ddl_scope', true), '') <> 'local'
+       AND coalesce(current_setting('chorus.ddl_emitted', true), '') <> marker THEN
+        PERFORM set_config('chorus.ddl_emitted', marker, true);
+        origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
+                           (SELECT l.node_id FROM chorus.local l));
+        INSERT INTO chorus.ddl_log (origin, search_path, command)
+        VALUES (origin, current_setting('search_path'), current_query());
+        PERFORM pg_logical_emit_message(true, 'chorus', jsonb_build_object(
+            'ddl', current_query(), 'search_path', current_setting('search_path'),
+            'origin', origin)::text);
+    END IF;
+END
+$$;
+
+DROP EVENT TRIGGER IF EXISTS chorus_ddl;
+CREATE EVENT TRIGGER chorus_ddl ON ddl_command_end EXECUTE FUNCTION chorus.capture_ddl();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use chorus_proxy::capture::{self, ChangeRecord, Operation};
+use chorus_proxy::capture::{self, ChangeRecord, Message, Operation};
 use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
 use chorus_router::hlc;
 use serde_json::Value;
@@ -49,7 +49,7 @@ async fn backend(node_id: u16) -> Backend {
     }
 }
 
-/// Everything captured since the last call, in commit order.
+/// Every row change captured since the last call, in commit order.
 async fn changes(client: &Client) -> Vec<ChangeRecord> {
     let rows = client
         .query(
@@ -59,7 +59,12 @@ async fn changes(client: &Client) -> Vec<ChangeRecord> {
         .await
         .unwrap();
     rows.iter()
-        .filter_map(|r| capture::decode_test_decoding_line(r.get::<_, &str>(0)).unwrap())
+        .filter_map(
+            |r| match capture::decode_test_decoding_line(r.get::<_, &str>(0)).unwrap() {
+                Some(Message::Row(change)) => Some(change),
+                _ => None,
+            },
+        )
         .collect()
 }
 

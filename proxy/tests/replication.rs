@@ -41,11 +41,17 @@ async fn cluster(n: u16, ddl: &[&str]) -> Cluster {
         .unwrap();
         let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
         capture::install(&client, i).await.unwrap();
-        client
-            .batch_execute(ddl[(i as usize - 1) % ddl.len()])
-            .await
-            .unwrap();
-        capture::adopt(&client, "users", false).await.unwrap();
+        if !ddl.is_empty() {
+            // Schema made before replication starts, so kept local here.
+            client
+                .batch_execute(&format!(
+                    "SET chorus.ddl_scope = 'local'; {}; RESET chorus.ddl_scope",
+                    ddl[(i as usize - 1) % ddl.len()]
+                ))
+                .await
+                .unwrap();
+            capture::adopt(&client, "users", false).await.unwrap();
+        }
         appliers.push(common::connect(&pg.conninfo("postgres")).await.unwrap());
         clients.push(client);
         servers.push(pg);
@@ -333,4 +339,73 @@ async fn redelivered_changes_are_applied_exactly_once() {
         .unwrap()
         .get(0);
     assert_eq!(conflicts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ddl_replicates_in_order_with_its_dml_and_new_tables_are_adopted() {
+    let mut c = cluster(3, &[]).await;
+    // As pgbench -i does: a table without a key, loaded, then given a key;
+    // two DDL statements in one query string replicate once.
+    for sql in [
+        "CREATE TABLE accounts (aid int NOT NULL, abalance int, filler text); \
+         CREATE TABLE notes (id int PRIMARY KEY, body text)",
+        "INSERT INTO accounts SELECT g, 0, 'x' FROM generate_series(1, 100) g",
+        "ALTER TABLE accounts ADD PRIMARY KEY (aid)",
+        "ALTER TABLE accounts ADD COLUMN status text DEFAULT 'open'",
+    ] {
+        c.client(1).batch_execute(sql).await.unwrap();
+    }
+    assert!(c.sync().await.is_empty());
+    // Updates through another node now replicate, without conflicts.
+    c.client(2)
+        .batch_execute(
+            "UPDATE accounts SET abalance = abalance + 5, status = 'busy' WHERE aid <= 10",
+        )
+        .await
+        .unwrap();
+    let conflicts = c.sync().await;
+    assert!(conflicts.is_empty(), "{conflicts:?}");
+    let mut hashes = Vec::new();
+    for node in 1..=3u16 {
+        let row = c
+            .client(node)
+            .query_one(
+                "SELECT md5(string_agg(a::text, ',' ORDER BY aid)), sum(abalance)::int8 FROM accounts a",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(1), 50, "node {node}");
+        hashes.push(row.get::<_, String>(0));
+        let adopted: bool = c
+            .client(node)
+            .query_one(
+                "SELECT NOT insert_only FROM chorus.replicated_table WHERE tbl = 'public.accounts'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(adopted, "node {node} has accounts adopted with its key");
+    }
+    assert!(hashes.iter().all(|h| h == &hashes[0]), "{hashes:?}");
+
+    // Node-local DDL stays local.
+    c.client(3)
+        .batch_execute("SET chorus.ddl_scope = 'local'; CREATE INDEX local_only ON accounts (abalance); RESET chorus.ddl_scope")
+        .await
+        .unwrap();
+    c.sync().await;
+    for (node, expected) in [(1u16, 0i64), (2, 0), (3, 1)] {
+        let n: i64 = c
+            .client(node)
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'local_only'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, expected, "node {node}");
+    }
 }
