@@ -189,7 +189,9 @@ BEGIN
                        'SELECT %L, chorus.key_of(to_jsonb(t), %L), 0, 0, false FROM %s t '
                        'ON CONFLICT (tbl, pk) DO NOTHING', name, cols, rel);
     END IF;
-    EXECUTE format('DROP TRIGGER IF EXISTS chorus_capture ON %s', rel);
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'chorus_capture') THEN
+        EXECUTE format('DROP TRIGGER chorus_capture ON %s', rel);
+    END IF;
     EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION chorus.capture()', rel);
     RETURN name;

@@ -47,6 +47,40 @@ pub struct Config {
     /// everyone from everywhere.
     #[serde(default = "default_auth")]
     pub auth: Vec<AuthRule>,
+    /// Replication between the backends; without it the node is a plain
+    /// proxy to its home backend.
+    #[serde(default)]
+    pub replication: Option<ReplicationConfig>,
+}
+
+/// How this node replicates its home backend's changes to the others.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Role Chorus uses on every backend to install its schema, read
+    /// changes and apply them (needs superuser for the event trigger and
+    /// replication slots). Default "postgres".
+    #[serde(default = "default_replication_user")]
+    pub user: String,
+    /// Its password, if the backends ask for one.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The database that replicates. Default "postgres".
+    #[serde(default = "default_replication_database")]
+    pub database: String,
+    /// How often an idle stream looks for new changes. Default 100 ms.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_replication_user() -> String {
+    "postgres".to_owned()
+}
+fn default_replication_database() -> String {
+    "postgres".to_owned()
+}
+fn default_poll_interval() -> u64 {
+    100
 }
 
 /// Settings of this node.

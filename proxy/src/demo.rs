@@ -5,7 +5,9 @@ use anyhow::Context;
 use std::path::PathBuf;
 use tokio::sync::watch;
 
-use crate::config::{AuthMethod, AuthRule, BackendConfig, Config, NodeConfig, UserConfig};
+use crate::config::{
+    AuthMethod, AuthRule, BackendConfig, Config, NodeConfig, ReplicationConfig, UserConfig,
+};
 use crate::localpg::{LocalPgOptions, LocalPostgres, PgBinaries};
 use crate::server::{self, Node};
 
@@ -85,6 +87,12 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 name: DEMO_USER.to_owned(),
                 password: None,
             }],
+            replication: Some(ReplicationConfig {
+                user: DEMO_USER.to_owned(),
+                password: None,
+                database: DEMO_DATABASE.to_owned(),
+                poll_interval_ms: 50,
+            }),
             auth: vec![AuthRule {
                 user: "all".to_owned(),
                 database: "all".to_owned(),
@@ -122,7 +130,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     println!("ready");
     eprintln!(
         "chorus demo: connect with e.g. `psql postgres://{DEMO_USER}@127.0.0.1:{}/{DEMO_DATABASE}`; \
-         each node proxies to its own backend (replication between backends is not active yet). \
+         writes and DDL made through any node (or directly on any backend) replicate to every backend. \
          Stop with Ctrl-C.",
         options.port
     );

@@ -13,6 +13,9 @@
 //! | `chorus_query_duration_seconds` | histogram | | time from a client's Query or Sync to the ReadyForQuery that answers it |
 //! | `chorus_backend_connections` | gauge | `backend` | server connections open now |
 //! | `chorus_backend_up` | gauge | `backend` | 1 when the last login to the backend worked, 0 when it failed |
+//! | `chorus_changes_applied_total` | counter | `peer` | row changes and DDL from this node's home backend applied on a peer |
+//! | `chorus_conflicts_total` | counter | `kind` | conflicts resolved while applying this node's changes on peers, by kind |
+//! | `chorus_replication_lag_bytes` | gauge | `peer` | WAL on the home backend not yet applied on the peer |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -78,7 +81,22 @@ pub struct Metrics {
     errors: [Counter; 7],
     pub query_duration: Histogram,
     backend_connections: Vec<(String, Gauge, Gauge)>,
+    /// Per peer backend: changes applied there, replication lag in bytes.
+    replication: Vec<(String, Counter, Gauge)>,
+    conflicts: Vec<(&'static str, Counter)>,
 }
+
+/// Conflict kinds the apply function reports (see apply.sql).
+pub const CONFLICT_KINDS: [&str; 8] = [
+    "insert_insert",
+    "update_update",
+    "update_delete",
+    "delete_delete",
+    "update_missing",
+    "delete_missing",
+    "insert_delete",
+    "unique",
+];
 
 const METADATA: Metadata<'static> = Metadata::new("chorus", Level::INFO, Some(module_path!()));
 
@@ -134,7 +152,34 @@ impl Metrics {
                 )
             })
             .collect();
+        let replication = backends
+            .iter()
+            .map(|name| {
+                (
+                    name.clone(),
+                    counter(
+                        "chorus_changes_applied_total",
+                        vec![Label::new("peer", name.clone())],
+                    ),
+                    gauge(
+                        "chorus_replication_lag_bytes",
+                        vec![Label::new("peer", name.clone())],
+                    ),
+                )
+            })
+            .collect();
+        let conflicts = CONFLICT_KINDS
+            .iter()
+            .map(|kind| {
+                (
+                    *kind,
+                    counter("chorus_conflicts_total", vec![Label::new("kind", *kind)]),
+                )
+            })
+            .collect();
         Metrics {
+            replication,
+            conflicts,
             client_connections: gauge("chorus_client_connections", vec![]),
             client_connections_total: counter("chorus_client_connections_total", vec![]),
             statements,
@@ -166,6 +211,27 @@ impl Metrics {
             .iter()
             .find(|(n, _, _)| n == name)
             .map(|(_, conns, up)| (conns, up))
+    }
+
+    /// Count changes applied on a peer.
+    pub fn changes_applied(&self, peer: &str, n: u64) {
+        if let Some((_, applied, _)) = self.replication.iter().find(|(p, _, _)| p == peer) {
+            applied.increment(n);
+        }
+    }
+
+    /// Set the replication lag towards a peer.
+    pub fn replication_lag(&self, peer: &str, bytes: f64) {
+        if let Some((_, _, lag)) = self.replication.iter().find(|(p, _, _)| p == peer) {
+            lag.set(bytes);
+        }
+    }
+
+    /// Count a resolved conflict by kind (`insert_insert`, …).
+    pub fn conflict(&self, kind: &str) {
+        if let Some((_, counter)) = self.conflicts.iter().find(|(k, _)| *k == kind) {
+            counter.increment(1);
+        }
     }
 
     /// The Prometheus text exposition.

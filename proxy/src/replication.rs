@@ -10,16 +10,23 @@
 //! batch, and the recorded position makes the peer skip it: never applied
 //! twice, never skipped.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use crate::capture;
+use crate::capture::{self, CaptureError};
+use crate::config::{BackendConfig, ReplicationConfig};
+use crate::server::Node;
 
 /// Why a step failed. The stream retries from its last position.
 #[derive(Debug, Error)]
 pub enum ReplicationError {
     #[error("{0}")]
     Sql(#[from] tokio_postgres::Error),
+    #[error("installing the chorus schema: {0}")]
+    Install(#[from] CaptureError),
     #[error("unexpected logical decoding output: {0:.120}")]
     Decoding(String),
     #[error("invalid LSN {0:?}")]
@@ -204,6 +211,146 @@ impl ReplicationStream {
             )
             .await?;
         Ok(report)
+    }
+}
+
+/// Run this node's replication until the task is dropped: install the
+/// chorus schema on the home backend, then move its changes to every other
+/// backend, one stream each. Failures (a peer down, the home backend
+/// restarting) are retried; changes wait in the slots meanwhile.
+pub async fn run_replicator(node: Arc<Node>) {
+    let Some(config) = node.config.replication.clone() else {
+        return;
+    };
+    loop {
+        if let Err(e) = replicate(&node, &config).await {
+            tracing::warn!(error = %e, "replication interrupted; retrying");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn connect_backend(
+    backend: &BackendConfig,
+    config: &ReplicationConfig,
+) -> Result<Client, ReplicationError> {
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&backend.host)
+        .port(backend.port)
+        .user(&config.user)
+        .dbname(&config.database)
+        .application_name("chorus replication")
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(password) = &config.password {
+        pg.password(password);
+    }
+    let (client, connection) = pg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A slot-name-safe form of a backend name.
+fn slot_label(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), ReplicationError> {
+    let home = node.config.home_backend();
+    let origin = connect_backend(home, config).await?;
+    capture::install(&origin, node.config.node.id).await?;
+    let mut peers = Vec::new();
+    for backend in node.config.backends.iter().filter(|b| b.name != home.name) {
+        let stream = ReplicationStream {
+            slot: format!(
+                "chorus_{}_to_{}",
+                node.config.node.id,
+                slot_label(&backend.name)
+            ),
+            ..ReplicationStream::new(node.config.node.id, 0)
+        };
+        stream.ensure_slot(&origin).await?;
+        peers.push((backend.clone(), stream, None::<Client>));
+    }
+    tracing::info!(
+        node = node.config.node.id,
+        home = %home.name,
+        peers = peers.len(),
+        "replication running"
+    );
+    let poll = Duration::from_millis(config.poll_interval_ms.max(1));
+    let mut last_lag_check = std::time::Instant::now();
+    loop {
+        let mut moved = 0;
+        for (backend, stream, client) in &mut peers {
+            if client.as_ref().is_none_or(Client::is_closed) {
+                match connect_backend(backend, config).await {
+                    Ok(c) => *client = Some(c),
+                    Err(e) => {
+                        tracing::debug!(peer = %backend.name, error = %e, "peer unreachable");
+                        continue;
+                    }
+                }
+            }
+            let Some(peer) = client.as_mut() else {
+                continue;
+            };
+            match stream.step(&origin, peer).await {
+                Ok(report) => {
+                    moved += report.transactions;
+                    node.metrics
+                        .changes_applied(&backend.name, report.results.len() as u64);
+                    for conflict in report.conflicts() {
+                        let kind = conflict.split(':').next().unwrap_or(conflict);
+                        node.metrics.conflict(kind);
+                    }
+                }
+                Err(e) => {
+                    // The origin connection failing ends this round; a peer
+                    // failing only pauses its own stream.
+                    if origin.is_closed() {
+                        return Err(e);
+                    }
+                    tracing::debug!(peer = %backend.name, error = %e, "stream step failed");
+                    *client = None;
+                }
+            }
+        }
+        if last_lag_check.elapsed() >= Duration::from_secs(1) {
+            last_lag_check = std::time::Instant::now();
+            for (backend, stream, _) in &peers {
+                let lag = origin
+                    .query_opt(
+                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 \
+                         FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&stream.slot],
+                    )
+                    .await?;
+                if let Some(row) = lag {
+                    node.metrics.replication_lag(
+                        &backend.name,
+                        row.get::<_, Option<f64>>(0).unwrap_or(0.0),
+                    );
+                }
+            }
+        }
+        if origin.is_closed() {
+            return Err(ReplicationError::Decoding(
+                "home backend connection closed".into(),
+            ));
+        }
+        if moved == 0 {
+            tokio::time::sleep(poll).await;
+        }
     }
 }
 

@@ -332,6 +332,7 @@ pub async fn run_node_with(
         ));
     }
     background.spawn(metrics::run_upkeep(node.metrics.clone()));
+    background.spawn(crate::replication::run_replicator(node.clone()));
     tracing::info!(
         node = node.config.node.id,
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
