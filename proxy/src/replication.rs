@@ -189,7 +189,13 @@ impl ReplicationStream {
 
         if report.transactions > 0 {
             let tx = peer.transaction().await?;
-            tx.batch_execute("SET LOCAL chorus.applying = on").await?;
+            // Apply locks a row's version entry before the row; a local
+            // write locks the row, then (in the capture trigger) its version
+            // entry. When they deadlock, the side whose deadlock check runs
+            // first is aborted: a short timeout here makes that the apply,
+            // which is retried, never the client.
+            tx.batch_execute("SET LOCAL chorus.applying = on; SET LOCAL deadlock_timeout = '10ms'")
+                .await?;
             let results: Vec<String> = tx
                 .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&batch])
                 .await?
