@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use chorus_router::StatementClass;
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -507,6 +507,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let metrics = &node.metrics;
+    let replicating = node.config.replication.is_some();
     let mut frontend = FrontendState::default();
     let mut terminated = false;
     let result = pump(
@@ -524,6 +525,13 @@ where
                         }
                     }
                     push_pending(state);
+                    if replicating && mixes_ddl(&summary) {
+                        return Ok(Flow::Replace(refusal_query(
+                            "0A000",
+                            "a query string that mixes DDL with other statements cannot be replicated",
+                            "Send each DDL statement as its own query.",
+                        )));
+                    }
                 }
                 FrontendEvent::Execute(class) => metrics.statements(class, 1),
                 FrontendEvent::AwaitsReady => push_pending(state),
@@ -546,6 +554,32 @@ where
         Err(PumpError::WriteFailed) if terminated => RelayEnd::ClientDone,
         Err(PumpError::WriteFailed) => RelayEnd::BackendGone { after_fatal: false },
     }
+}
+
+/// Whether a simple-protocol query string holds DDL together with anything
+/// else. DDL replicates as the text of its whole query string (see
+/// capture.sql), so such a string would run its other statements twice on
+/// peers, or (BEGIN/COMMIT) not at all.
+fn mixes_ddl(summary: &chorus_router::QuerySummary) -> bool {
+    let ddl = summary.counts[StatementClass::Ddl.index()];
+    let session = summary.counts[StatementClass::Session.index()];
+    ddl > 0 && summary.statements() > ddl + session
+}
+
+/// A Query message that makes the backend raise an error, so the client
+/// gets a normal ErrorResponse and ReadyForQuery from it.
+fn refusal_query(code: &str, message: &str, hint: &str) -> BytesMut {
+    let sql = format!(
+        "DO $chorus$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}', HINT = '{}'; END $chorus$",
+        message.replace('\'', "''"),
+        hint.replace('\'', "''")
+    );
+    let mut out = BytesMut::with_capacity(sql.len() + 6);
+    out.put_u8(b'Q');
+    out.put_u32(sql.len() as u32 + 5);
+    out.extend_from_slice(sql.as_bytes());
+    out.put_u8(0);
+    out
 }
 
 fn push_pending(state: &RelayState) {
@@ -643,7 +677,8 @@ where
         )
         .await
         {
-            Ok(Flow::Continue) => {}
+            // forward() turns a replacement into Continue once written.
+            Ok(Flow::Continue | Flow::Replace(_)) => {}
             Ok(Flow::Stop) => {
                 if stop_for_shutdown {
                     return shutdown_session(writer).await;
@@ -683,11 +718,13 @@ async fn shutdown_session<W: AsyncWrite + Unpin>(writer: &mut W) -> RelayEnd {
 }
 
 /// Whether a pump goes on after a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Flow {
     Continue,
     /// Forward what has been framed so far, then stop.
     Stop,
+    /// Forward these bytes (whole messages) instead of the message.
+    Replace(BytesMut),
 }
 
 #[derive(Debug)]
@@ -736,6 +773,8 @@ where
     M: FnMut(u8, &[u8]) -> Result<Flow, ProtocolError>,
 {
     let mut pos = 0;
+    // Start of the bytes not yet written (after a replaced message).
+    let mut start = 0;
     let mut flow = Flow::Continue;
     while pos < buf.len() {
         if framer.passthrough > 0 {
@@ -756,6 +795,19 @@ where
                 break;
             }
             flow = on_message(tag, &buf[pos + 5..pos + total]).map_err(PumpError::Protocol)?;
+            if let Flow::Replace(replacement) = &flow {
+                // Rare (a refused statement): write what came before, then
+                // the replacement, and skip the original.
+                let before = &buf[start..pos];
+                for part in [before, &replacement[..]] {
+                    writer
+                        .write_all(part)
+                        .await
+                        .map_err(|_| PumpError::WriteFailed)?;
+                }
+                start = pos + total;
+                flow = Flow::Continue;
+            }
             pos += total;
             if flow == Flow::Stop {
                 break;
@@ -764,11 +816,13 @@ where
             framer.passthrough = total;
         }
     }
-    if pos > 0 {
+    if pos > start {
         writer
-            .write_all(&buf[..pos])
+            .write_all(&buf[start..pos])
             .await
             .map_err(|_| PumpError::WriteFailed)?;
+    }
+    if pos > 0 {
         buf.advance(pos);
     }
     Ok(flow)

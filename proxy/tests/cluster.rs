@@ -309,3 +309,35 @@ async fn random_concurrent_writes_through_three_nodes_converge() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_string_mixing_ddl_with_other_statements_is_refused() {
+    let c = cluster(2).await;
+    let client = c.via(1).await;
+    let err = client
+        .batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "0A000");
+    assert!(db.message().contains("mixes DDL"), "{}", db.message());
+    assert!(db.hint().unwrap().contains("own query"));
+    // Nothing ran, and the session goes on; DDL alone (and with SET) works.
+    let exists: bool = client
+        .query_one("SELECT to_regclass('t') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists);
+    client
+        .batch_execute(
+            "SET search_path = public; CREATE TABLE t (id int PRIMARY KEY); CREATE INDEX ON t (id)",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    c.converged("SELECT count(*)::text FROM t").await;
+}
