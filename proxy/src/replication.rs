@@ -117,7 +117,9 @@ impl ReplicationStream {
             origin_node,
             peer_node,
             slot: format!("chorus_{origin_node}_to_{peer_node}"),
-            batch_rows: 10_000,
+            // Whole transactions are always taken; smaller batches keep the
+            // apply transaction, and the row locks it holds, short.
+            batch_rows: 2_000,
         }
     }
 

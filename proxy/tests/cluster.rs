@@ -290,7 +290,21 @@ async fn random_concurrent_writes_through_three_nodes_converge() {
                         4..=7 => format!("UPDATE kv SET v = 'u{node}', n = n + 1 WHERE k = {k}"),
                         _ => format!("DELETE FROM kv WHERE k = {k}"),
                     };
-                    client.batch_execute(&sql).await.unwrap();
+                    // A deadlock with the apply of a remote change is
+                    // retryable (40P01), as in PostgreSQL itself; anything
+                    // else fails the test.
+                    let mut attempts = 0;
+                    loop {
+                        match client.batch_execute(&sql).await {
+                            Ok(()) => break,
+                            Err(e)
+                                if e.code().map(|c| c.code()) == Some("40P01") && attempts < 5 =>
+                            {
+                                attempts += 1;
+                            }
+                            Err(e) => panic!("{sql}: {e:?}"),
+                        }
+                    }
                 }
             }));
         }
