@@ -55,9 +55,10 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# One backend and one Chorus node, from the demo command.
+# One backend and one Chorus node (a plain proxy: no replication, so the
+# backend is the same stock PostgreSQL for every target), from the demo command.
 CHORUS_PORT=$(free_port)
-RUST_LOG=warn ./target/release/chorus demo --nodes 1 --port "$CHORUS_PORT" --dir "$WORK/cluster" > "$WORK/demo.out" 2> "$WORK/demo.err" &
+RUST_LOG=warn ./target/release/chorus demo --nodes 1 --proxy-only --port "$CHORUS_PORT" --dir "$WORK/cluster" > "$WORK/demo.out" 2> "$WORK/demo.err" &
 PIDS+=($!)
 for _ in $(seq 1 300); do grep -q '^ready$' "$WORK/demo.out" 2>/dev/null && break; sleep 0.1; done
 grep -q '^ready$' "$WORK/demo.out" || { cat "$WORK/demo.err" >&2; exit 1; }

@@ -18,6 +18,8 @@ pub struct DemoOptions {
     pub port: u16,
     pub dir: Option<PathBuf>,
     pub keep: bool,
+    /// Plain proxies, no replication (used to measure proxy overhead).
+    pub proxy_only: bool,
 }
 
 /// The user and database the demo prints in its connection strings.
@@ -87,7 +89,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 name: DEMO_USER.to_owned(),
                 password: None,
             }],
-            replication: Some(ReplicationConfig {
+            replication: (!options.proxy_only).then(|| ReplicationConfig {
                 user: DEMO_USER.to_owned(),
                 password: None,
                 database: DEMO_DATABASE.to_owned(),

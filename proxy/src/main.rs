@@ -56,6 +56,9 @@ enum Command {
         /// Keep the data directory after stopping.
         #[arg(long)]
         keep: bool,
+        /// Run the nodes as plain proxies, without replication.
+        #[arg(long)]
+        proxy_only: bool,
     },
 }
 
@@ -114,11 +117,13 @@ fn main() -> anyhow::Result<()> {
             port,
             dir,
             keep,
+            proxy_only,
         } => runtime.block_on(demo::run(DemoOptions {
             nodes,
             port,
             dir,
             keep,
+            proxy_only,
         })),
     }
 }
