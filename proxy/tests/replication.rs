@@ -107,6 +107,37 @@ impl Cluster {
         panic!("replication did not settle");
     }
 
+    /// Run one stream once; its conflict results.
+    async fn step(&mut self, origin: u16, peer: u16) -> Vec<String> {
+        let stream = self
+            .streams
+            .iter()
+            .find(|s| s.origin_node == origin && s.peer_node == peer)
+            .unwrap();
+        let report = stream
+            .step(
+                &self.clients[origin as usize - 1],
+                &mut self.appliers[peer as usize - 1],
+            )
+            .await
+            .unwrap();
+        report.conflicts().map(str::to_owned).collect()
+    }
+
+    /// The (kind, resolution) rows of a backend's conflict log.
+    async fn conflict_log(&self, node: u16) -> Vec<(String, String)> {
+        self.client(node)
+            .query(
+                "SELECT kind, resolution FROM chorus.conflict ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
     /// An ordered hash of the users table on each backend.
     async fn hashes(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -408,4 +439,94 @@ async fn ddl_replicates_in_order_with_its_dml_and_new_tables_are_adopted() {
             .get(0);
         assert_eq!(n, expected, "node {node}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn update_update_and_delete_delete_conflicts_are_logged_and_converge() {
+    let mut c = cluster(2, &[USERS]).await;
+    let t = hlc::from_unix_millis(1_780_000_000_000);
+    stamped(
+        c.client(1),
+        t,
+        1,
+        "INSERT INTO users VALUES (1, 'a'), (2, 'b')",
+    )
+    .await;
+    c.sync().await;
+    // Concurrent updates of row 1; node 2's is later.
+    stamped(
+        c.client(1),
+        t + 10,
+        1,
+        "UPDATE users SET name = 'one' WHERE id = 1",
+    )
+    .await;
+    stamped(
+        c.client(2),
+        t + 20,
+        2,
+        "UPDATE users SET name = 'two' WHERE id = 1",
+    )
+    .await;
+    // Concurrent deletes of row 2.
+    stamped(c.client(1), t + 30, 1, "DELETE FROM users WHERE id = 2").await;
+    stamped(c.client(2), t + 40, 2, "DELETE FROM users WHERE id = 2").await;
+    c.sync().await;
+    let hashes = c.hashes().await;
+    assert_eq!(hashes[0], hashes[1]);
+    let name: String = c
+        .client(1)
+        .query_one("SELECT name FROM users WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "two");
+    let on_one = c.conflict_log(1).await;
+    let on_two = c.conflict_log(2).await;
+    assert!(
+        on_one.contains(&("update_update".into(), "remote_wins".into())),
+        "{on_one:?}"
+    );
+    assert!(
+        on_two.contains(&("update_update".into(), "local_wins".into())),
+        "{on_two:?}"
+    );
+    assert!(
+        on_one.iter().any(|(k, _)| k == "delete_delete"),
+        "{on_one:?}"
+    );
+    assert!(
+        on_two.iter().any(|(k, _)| k == "delete_delete"),
+        "{on_two:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_that_overtakes_its_insert_recreates_the_row() {
+    let mut c = cluster(3, &[USERS]).await;
+    let t = hlc::from_unix_millis(1_780_000_000_000);
+    stamped(c.client(1), t, 1, "INSERT INTO users VALUES (7, 'new')").await;
+    c.step(1, 2).await;
+    stamped(
+        c.client(2),
+        t + 10,
+        2,
+        "UPDATE users SET name = 'edited' WHERE id = 7",
+    )
+    .await;
+    // Node 3 hears of the update (from node 2) before the insert (from node 1).
+    let first = c.step(2, 3).await;
+    assert_eq!(first, vec!["update_missing:remote_wins".to_owned()]);
+    let second = c.step(1, 3).await;
+    assert_eq!(second, vec!["insert_insert:local_wins".to_owned()]);
+    c.sync().await;
+    let hashes = c.hashes().await;
+    assert!(hashes.iter().all(|h| h == &hashes[0]), "{hashes:?}");
+    let name: String = c
+        .client(3)
+        .query_one("SELECT name FROM users WHERE id = 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "edited");
 }
