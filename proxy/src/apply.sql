@@ -97,6 +97,7 @@ BEGIN
         RETURN 'applied';
     END IF;
 
+    PERFORM chorus.key_lock(rel, key);
     SELECT * INTO cur FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key FOR UPDATE;
     have_version := FOUND;
     IF have_version AND cur.version = ver AND cur.origin = org THEN

@@ -70,6 +70,16 @@ LANGUAGE sql IMMUTABLE AS $$
            END
 $$;
 
+-- A transaction-scoped lock on one row key, taken by the capture of a local
+-- write and by the apply of a remote one before either reads the row's
+-- version. Without it, an apply could find no version yet while a local
+-- insert of the same key is still uncommitted, and then overwrite that
+-- insert without comparing versions.
+CREATE OR REPLACE FUNCTION chorus.key_lock(rel text, key jsonb) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_advisory_xact_lock(hashtextextended(rel || ' ' || key::text, 0))
+$$;
+
 -- Record one change: bump the row's version to max(txn_hlc, previous + 1)
 -- (so a write that overwrote a newer remote version still wins: it happened
 -- after it) and emit the change as a transactional logical message, which
@@ -86,6 +96,9 @@ BEGIN
     IF key IS NULL THEN
         ver := txn_hlc;
     ELSE
+        -- Serializes this key with the apply of remote changes (see
+        -- chorus.key_lock), including while the row is still uncommitted.
+        PERFORM chorus.key_lock(rel, key);
         SELECT v.version INTO prev FROM chorus.row_version v
          WHERE v.tbl = rel AND v.pk = key FOR UPDATE;
         ver := greatest(txn_hlc, coalesce(prev, 0) + 1);

@@ -530,3 +530,59 @@ async fn an_update_that_overtakes_its_insert_recreates_the_row() {
         .get(0);
     assert_eq!(name, "edited");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
+    let mut c = cluster(2, &[USERS]).await;
+    let t = hlc::from_unix_millis(1_780_000_000_000);
+    // A lower version for key 5 arrives from node 1...
+    stamped(
+        c.client(1),
+        t,
+        1,
+        "INSERT INTO users VALUES (5, 'remote, older')",
+    )
+    .await;
+    // ...while node 2 is inserting key 5 with a higher version, uncommitted.
+    let local = common::connect(&c._servers[1].conninfo("postgres"))
+        .await
+        .unwrap();
+    local
+        .batch_execute(&format!(
+            "BEGIN; SELECT set_config('chorus.hlc', '{}', true); \
+             INSERT INTO users VALUES (5, 'local, newer')",
+            t + 100
+        ))
+        .await
+        .unwrap();
+    let stream = c
+        .streams
+        .iter()
+        .find(|s| s.origin_node == 1 && s.peer_node == 2)
+        .unwrap()
+        .clone();
+    let origin = common::connect(&c._servers[0].conninfo("postgres"))
+        .await
+        .unwrap();
+    let mut peer = common::connect(&c._servers[1].conninfo("postgres"))
+        .await
+        .unwrap();
+    let apply = tokio::spawn(async move { stream.step(&origin, &mut peer).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    local.batch_execute("COMMIT").await.unwrap();
+    // The apply either waited for the commit or lost a deadlock and is
+    // retried by the next step; either way the newer local row stays.
+    let _ = tokio::time::timeout(Duration::from_secs(30), apply)
+        .await
+        .unwrap();
+    c.sync().await;
+    for node in 1..=2u16 {
+        let name: String = c
+            .client(node)
+            .query_one("SELECT name FROM users WHERE id = 5", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(name, "local, newer", "node {node}");
+    }
+}
