@@ -191,6 +191,24 @@ pub enum AuthMethod {
     Reject,
 }
 
+impl Default for NodeConfig {
+    /// The values an empty `[node]` section gets.
+    fn default() -> Self {
+        NodeConfig {
+            id: default_node_id(),
+            listen: default_listen(),
+            metrics_listen: None,
+            home_backend: None,
+            max_client_connections: default_max_clients(),
+            max_message_bytes: default_max_message(),
+            auth_timeout_ms: default_auth_timeout(),
+            backend_connect_timeout_ms: default_connect_timeout(),
+            shutdown_timeout_ms: default_shutdown_timeout(),
+            worker_threads: None,
+        }
+    }
+}
+
 fn default_node_id() -> u16 {
     1
 }
@@ -356,6 +374,13 @@ mod tests {
         assert_eq!(config.home_backend().port, 5432);
         assert_eq!(config.auth.len(), 1);
         assert_eq!(config.auth[0].method, AuthMethod::ScramSha256);
+    }
+
+    #[test]
+    fn node_default_matches_an_empty_node_section() {
+        let parsed = Config::from_toml("[node]\n[[backends]]\nname = \"a\"\n").unwrap();
+        let default = NodeConfig::default();
+        assert_eq!(format!("{:?}", parsed.node), format!("{default:?}"));
     }
 
     #[test]

@@ -81,7 +81,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 listen: ([127, 0, 0, 1], port).into(),
                 metrics_listen: Some(([127, 0, 0, 1], metrics_port).into()),
                 home_backend: Some(format!("pg{i}")),
-                ..demo_node_defaults()?
+                shutdown_timeout_ms: 5_000,
+                ..NodeConfig::default()
             },
             tls: None,
             backends: backend_configs.clone(),
@@ -164,15 +165,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn demo_node_defaults() -> anyhow::Result<NodeConfig> {
-    // The defaults of a node section, as if it were empty in a file.
-    let config = Config::from_toml("[node]\n[[backends]]\nname = \"x\"\n")?;
-    Ok(NodeConfig {
-        shutdown_timeout_ms: 5_000,
-        ..config.node
-    })
 }
 
 /// Wait for SIGINT or SIGTERM.

@@ -359,11 +359,6 @@ impl LocalPostgres {
         }
     }
 
-    /// Whether the postmaster is running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -23,9 +23,7 @@ use std::time::Duration;
 
 use chorus_router::StatementClass;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -189,7 +187,7 @@ impl Metrics {
                 &METADATA,
             ),
             backend_connections,
-            handle: handle_of(recorder),
+            handle: recorder.handle(),
         }
     }
 
@@ -243,10 +241,6 @@ impl Metrics {
     pub fn run_upkeep(&self) {
         self.handle.run_upkeep();
     }
-}
-
-fn handle_of(recorder: PrometheusRecorder) -> PrometheusHandle {
-    recorder.handle()
 }
 
 /// An RAII guard that keeps a gauge raised while it lives.
