@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS chorus.applied (
     lsn pg_lsn NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+-- The newest version applied from each origin: the node's clock observes it.
+ALTER TABLE chorus.applied ADD COLUMN IF NOT EXISTS max_version bigint NOT NULL DEFAULT 0;
 
 -- Every conflict resolved on this backend.
 CREATE TABLE IF NOT EXISTS chorus.conflict (
@@ -117,9 +119,9 @@ END
 $$;
 
 -- The capture trigger (AFTER, FOR EACH ROW) on every adopted table.
--- `chorus.hlc` and `chorus.origin` are set by the proxy in the write's own
--- transaction; a write made directly on the backend falls back to this
--- backend's clock and node id. Changes made by the apply of remote changes
+-- `chorus.hlc` and `chorus.origin` are set by the proxy in the session
+-- before each write (see proxy/src/stamp.rs); a write made directly on the
+-- backend falls back to this backend's clock and node id. Changes made by the apply of remote changes
 -- (`chorus.applying = on`) are not captured again.
 CREATE OR REPLACE FUNCTION chorus.capture() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -129,6 +131,8 @@ DECLARE
     only_inserts boolean;
     txn_hlc bigint;
     origin integer;
+    xid text;
+    pinned text;
     old_img jsonb;
     new_img jsonb;
 BEGIN
@@ -145,9 +149,21 @@ BEGIN
             USING ERRCODE = '55000',
                   HINT = 'Add a primary key and adopt the table again to replicate updates and deletes.';
     END IF;
-    txn_hlc := coalesce(nullif(current_setting('chorus.hlc', true), '')::bigint, chorus.clock_hlc());
-    origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
-                       (SELECT l.node_id FROM chorus.local l));
+    -- One stamp per transaction: the first one seen is pinned (with the
+    -- transaction id) for the transaction's later rows, even if the proxy
+    -- stamps again before a later statement of the same transaction.
+    xid := txid_current()::text;
+    pinned := current_setting('chorus.txn', true);
+    IF pinned IS NOT NULL AND split_part(pinned, ':', 1) = xid THEN
+        txn_hlc := split_part(pinned, ':', 2)::bigint;
+        origin := split_part(pinned, ':', 3)::integer;
+    ELSE
+        txn_hlc := coalesce(nullif(current_setting('chorus.hlc', true), '')::bigint,
+                            chorus.clock_hlc());
+        origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
+                           (SELECT l.node_id FROM chorus.local l));
+        PERFORM set_config('chorus.txn', xid || ':' || txn_hlc || ':' || origin, true);
+    END IF;
     IF TG_OP <> 'INSERT' THEN
         old_img := to_jsonb(OLD);
     END IF;

@@ -120,6 +120,18 @@ pub struct NodeConfig {
     /// Default: the number of CPUs.
     #[serde(default)]
     pub worker_threads: Option<usize>,
+    /// A remote clock more than this far ahead of ours is logged and
+    /// counted, and never moves our clock. Default 1000 ms.
+    #[serde(default = "default_max_clock_skew")]
+    pub max_clock_skew_ms: i64,
+    /// Shift this node's clock by this much (tests simulate skewed clocks
+    /// with it). Default 0.
+    #[serde(default)]
+    pub clock_offset_ms: i64,
+}
+
+fn default_max_clock_skew() -> i64 {
+    1000
 }
 
 /// A PostgreSQL server.
@@ -205,6 +217,8 @@ impl Default for NodeConfig {
             backend_connect_timeout_ms: default_connect_timeout(),
             shutdown_timeout_ms: default_shutdown_timeout(),
             worker_threads: None,
+            max_clock_skew_ms: default_max_clock_skew(),
+            clock_offset_ms: 0,
         }
     }
 }

@@ -18,3 +18,4 @@ pub mod protocol;
 pub mod replication;
 pub mod server;
 pub mod session;
+pub mod stamp;

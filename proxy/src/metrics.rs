@@ -15,7 +15,12 @@
 //! | `chorus_backend_up` | gauge | `backend` | 1 when the last login to the backend worked, 0 when it failed |
 //! | `chorus_changes_applied_total` | counter | `peer` | row changes and DDL from this node's home backend applied on a peer |
 //! | `chorus_conflicts_total` | counter | `kind` | conflicts resolved while applying this node's changes on peers, by kind |
+//! | `chorus_changes_applied_per_second` | gauge | `peer` | changes applied on the peer over the last second or so |
 //! | `chorus_replication_lag_bytes` | gauge | `peer` | WAL on the home backend not yet applied on the peer |
+//! | `chorus_replication_lag_seconds` | gauge | `peer` | age of the oldest origin commit not yet applied on the peer (0 when caught up) |
+//! | `chorus_replication_delay_seconds` | histogram | `peer` | per transaction, origin commit to its apply on the peer |
+//! | `chorus_hlc_skew_milliseconds` | gauge | | how far the last remote clock observed was ahead of ours (negative: behind) |
+//! | `chorus_hlc_skew_refused_total` | counter | | remote clocks ahead by more than `max_clock_skew_ms`, logged and not followed |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -79,9 +84,20 @@ pub struct Metrics {
     errors: [Counter; 7],
     pub query_duration: Histogram,
     backend_connections: Vec<(String, Gauge, Gauge)>,
-    /// Per peer backend: changes applied there, replication lag in bytes.
-    replication: Vec<(String, Counter, Gauge)>,
+    replication: Vec<PeerMetrics>,
     conflicts: Vec<(&'static str, Counter)>,
+    pub hlc_skew_ms: Gauge,
+    pub hlc_skew_refused: Counter,
+}
+
+/// Replication metrics towards one peer backend.
+pub struct PeerMetrics {
+    pub peer: String,
+    pub applied: Counter,
+    pub applied_per_second: Gauge,
+    pub lag_bytes: Gauge,
+    pub lag_seconds: Gauge,
+    pub delay: Histogram,
 }
 
 /// Conflict kinds the apply function reports (see apply.sql).
@@ -112,6 +128,12 @@ impl Metrics {
                 Matcher::Full("chorus_query_duration_seconds".into()),
                 DURATION_BUCKETS,
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("chorus_replication_delay_seconds".into()),
+                    DURATION_BUCKETS,
+                )
+            })
             .map(PrometheusBuilder::build_recorder)
             // The bucket list is a non-empty constant, so this cannot fail;
             // fall back to summaries rather than refuse to start.
@@ -153,17 +175,18 @@ impl Metrics {
         let replication = backends
             .iter()
             .map(|name| {
-                (
-                    name.clone(),
-                    counter(
-                        "chorus_changes_applied_total",
-                        vec![Label::new("peer", name.clone())],
+                let peer = || vec![Label::new("peer", name.clone())];
+                PeerMetrics {
+                    peer: name.clone(),
+                    applied: counter("chorus_changes_applied_total", peer()),
+                    applied_per_second: gauge("chorus_changes_applied_per_second", peer()),
+                    lag_bytes: gauge("chorus_replication_lag_bytes", peer()),
+                    lag_seconds: gauge("chorus_replication_lag_seconds", peer()),
+                    delay: recorder.register_histogram(
+                        &Key::from_parts("chorus_replication_delay_seconds", peer()),
+                        &METADATA,
                     ),
-                    gauge(
-                        "chorus_replication_lag_bytes",
-                        vec![Label::new("peer", name.clone())],
-                    ),
-                )
+                }
             })
             .collect();
         let conflicts = CONFLICT_KINDS
@@ -178,6 +201,8 @@ impl Metrics {
         Metrics {
             replication,
             conflicts,
+            hlc_skew_ms: gauge("chorus_hlc_skew_milliseconds", vec![]),
+            hlc_skew_refused: counter("chorus_hlc_skew_refused_total", vec![]),
             client_connections: gauge("chorus_client_connections", vec![]),
             client_connections_total: counter("chorus_client_connections_total", vec![]),
             statements,
@@ -211,18 +236,9 @@ impl Metrics {
             .map(|(_, conns, up)| (conns, up))
     }
 
-    /// Count changes applied on a peer.
-    pub fn changes_applied(&self, peer: &str, n: u64) {
-        if let Some((_, applied, _)) = self.replication.iter().find(|(p, _, _)| p == peer) {
-            applied.increment(n);
-        }
-    }
-
-    /// Set the replication lag towards a peer.
-    pub fn replication_lag(&self, peer: &str, bytes: f64) {
-        if let Some((_, _, lag)) = self.replication.iter().find(|(p, _, _)| p == peer) {
-            lag.set(bytes);
-        }
+    /// Replication metrics towards a peer backend.
+    pub fn peer(&self, peer: &str) -> Option<&PeerMetrics> {
+        self.replication.iter().find(|m| m.peer == peer)
     }
 
     /// Count a resolved conflict by kind (`insert_insert`, …).

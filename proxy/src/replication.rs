@@ -44,21 +44,44 @@ pub fn parse_lsn(text: &str) -> Result<u64, ReplicationError> {
 }
 
 /// An origin transaction: its commit position and its Chorus change payloads.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct DecodedTransaction {
     pub commit_lsn: String,
+    /// Origin commit time, Unix seconds (when the decoder reported it).
+    pub commit_time: Option<f64>,
     pub changes: Vec<String>,
 }
 
-/// Group `test_decoding` rows (lsn, data) into committed transactions.
+/// The Unix time now, in seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The highest `version` among change payloads (0 without any).
+fn max_version<'a>(changes: impl IntoIterator<Item = &'a String>) -> i64 {
+    #[derive(serde::Deserialize)]
+    struct Versioned {
+        version: Option<i64>,
+    }
+    changes
+        .into_iter()
+        .filter_map(|c| serde_json::from_str::<Versioned>(c).ok()?.version)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Group `test_decoding` rows (lsn, data, commit time of a COMMIT row) into
+/// committed transactions.
 /// Rows after the last COMMIT (none, in practice: peeks return whole
 /// transactions) are left out.
 pub fn group_transactions<'a>(
-    rows: impl IntoIterator<Item = (&'a str, &'a str)>,
+    rows: impl IntoIterator<Item = (&'a str, &'a str, Option<f64>)>,
 ) -> Result<Vec<DecodedTransaction>, ReplicationError> {
     let mut done = Vec::new();
     let mut open: Option<DecodedTransaction> = None;
-    for (lsn, data) in rows {
+    for (lsn, data, commit_time) in rows {
         if data.starts_with("BEGIN") {
             open = Some(DecodedTransaction::default());
         } else if data.starts_with("COMMIT") {
@@ -66,6 +89,7 @@ pub fn group_transactions<'a>(
                 .take()
                 .ok_or_else(|| ReplicationError::Decoding(data.to_owned()))?;
             txn.commit_lsn = lsn.to_owned();
+            txn.commit_time = commit_time;
             done.push(txn);
         } else if let Some(payload) = capture::change_payload(data) {
             match open.as_mut() {
@@ -80,7 +104,7 @@ pub fn group_transactions<'a>(
 }
 
 /// What one step did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct StepReport {
     /// Origin transactions with changes, applied on the peer.
     pub transactions: usize,
@@ -89,6 +113,11 @@ pub struct StepReport {
     /// The result of every applied change (`applied`, `duplicate`, or
     /// `<conflict kind>:<remote_wins|local_wins>`).
     pub results: Vec<String>,
+    /// Age of the oldest origin commit this step found unapplied, in
+    /// seconds (0 when there was none).
+    pub lag_seconds: f64,
+    /// Per applied transaction: seconds from its origin commit to its apply.
+    pub delays: Vec<f64>,
 }
 
 impl StepReport {
@@ -142,16 +171,23 @@ impl ReplicationStream {
         origin: &Client,
         peer: &mut Client,
     ) -> Result<StepReport, ReplicationError> {
+        // The commit time is parsed by the origin itself, which printed it
+        // with its own DateStyle and time zone.
         let rows = origin
             .query(
-                "SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, $2)",
+                "SELECT lsn::text, data, CASE WHEN data LIKE 'COMMIT %' THEN \
+                   extract(epoch FROM substring(data FROM '\\(at (.*)\\)$')::timestamptz)::float8 \
+                 END FROM pg_logical_slot_peek_changes($1, NULL, $2, 'include-timestamp', 'on')",
                 &[&self.slot, &self.batch_rows],
             )
             .await?;
-        let transactions = group_transactions(
-            rows.iter()
-                .map(|r| (r.get::<_, &str>(0), r.get::<_, &str>(1))),
-        )?;
+        let transactions = group_transactions(rows.iter().map(|r| {
+            (
+                r.get::<_, &str>(0),
+                r.get::<_, &str>(1),
+                r.get::<_, Option<f64>>(2),
+            )
+        }))?;
         let Some(last) = transactions.last() else {
             return Ok(StepReport::default());
         };
@@ -167,6 +203,7 @@ impl ReplicationStream {
         let applied = applied.as_deref().map(parse_lsn).transpose()?.unwrap_or(0);
 
         let mut report = StepReport::default();
+        let mut commit_times = Vec::new();
         let mut batch = String::from("[");
         for txn in &transactions {
             // Transactions without Chorus messages (the apply of other
@@ -180,6 +217,7 @@ impl ReplicationStream {
                 continue;
             }
             report.transactions += 1;
+            commit_times.extend(txn.commit_time);
             for change in &txn.changes {
                 if batch.len() > 1 {
                     batch.push(',');
@@ -188,8 +226,18 @@ impl ReplicationStream {
             }
         }
         batch.push(']');
+        let started = unix_now();
+        if let Some(oldest) = commit_times.first() {
+            report.lag_seconds = (started - oldest).max(0.0);
+        }
 
         if report.transactions > 0 {
+            let newest_version = max_version(
+                transactions
+                    .iter()
+                    .filter(|t| parse_lsn(&t.commit_lsn).is_ok_and(|l| l > applied))
+                    .flat_map(|t| &t.changes),
+            );
             let tx = peer.transaction().await?;
             // Apply locks a row's version entry before the row; a local
             // write locks the row, then (in the capture trigger) its version
@@ -203,13 +251,16 @@ impl ReplicationStream {
                 .await?
                 .get(0);
             tx.execute(
-                "INSERT INTO chorus.applied (origin, lsn, applied_at) \
-                 VALUES ($1, $2::text::pg_lsn, now()) \
-                 ON CONFLICT (origin) DO UPDATE SET lsn = excluded.lsn, applied_at = now()",
-                &[&i32::from(self.origin_node), &last_lsn],
+                "INSERT INTO chorus.applied AS a (origin, lsn, applied_at, max_version) \
+                 VALUES ($1, $2::text::pg_lsn, now(), $3) \
+                 ON CONFLICT (origin) DO UPDATE SET lsn = excluded.lsn, applied_at = now(), \
+                   max_version = greatest(a.max_version, excluded.max_version)",
+                &[&i32::from(self.origin_node), &last_lsn, &newest_version],
             )
             .await?;
             tx.commit().await?;
+            let done = unix_now();
+            report.delays = commit_times.iter().map(|t| (done - t).max(0.0)).collect();
             report.results = results;
         }
         origin
@@ -220,6 +271,36 @@ impl ReplicationStream {
             .await?;
         Ok(report)
     }
+}
+
+/// How often the node's clock takes note of the versions other nodes'
+/// changes brought to its home backend.
+const OBSERVE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Update this node's clock with the newest version applied on its home
+/// backend from each other origin (recorded by their streams in
+/// `chorus.applied`), so that its next writes order after them. A clock too
+/// far ahead is logged and counted, and not followed.
+async fn observe_remote_versions(node: &Node, home: &Client) -> Result<(), ReplicationError> {
+    let rows = home
+        .query(
+            "SELECT origin, max_version FROM chorus.applied WHERE origin <> $1 AND max_version > 0",
+            &[&i32::from(node.config.node.id)],
+        )
+        .await?;
+    for row in rows {
+        let origin: i32 = row.get(0);
+        let version: i64 = row.get(1);
+        match node.clock.observe(version as u64) {
+            Ok(ahead_ms) => node.metrics.hlc_skew_ms.set(ahead_ms as f64),
+            Err(refused) => {
+                node.metrics.hlc_skew_ms.set(refused.ahead_ms as f64);
+                node.metrics.hlc_skew_refused.increment(1);
+                tracing::warn!(origin, error = %refused, "clock of another node not followed");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Run this node's replication until the task is dropped: install the
@@ -287,7 +368,7 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
             ..ReplicationStream::new(node.config.node.id, 0)
         };
         stream.ensure_slot(&origin).await?;
-        peers.push((backend.clone(), stream, None::<Client>));
+        peers.push((backend.clone(), stream, None::<Client>, 0u64));
     }
     tracing::info!(
         node = node.config.node.id,
@@ -297,9 +378,10 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
     );
     let poll = Duration::from_millis(config.poll_interval_ms.max(1));
     let mut last_lag_check = std::time::Instant::now();
+    let mut last_observe = std::time::Instant::now();
     loop {
         let mut moved = 0;
-        for (backend, stream, client) in &mut peers {
+        for (backend, stream, client, applied_since) in &mut peers {
             if client.as_ref().is_none_or(Client::is_closed) {
                 match connect_backend(backend, config).await {
                     Ok(c) => *client = Some(c),
@@ -315,8 +397,14 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
             match stream.step(&origin, peer).await {
                 Ok(report) => {
                     moved += report.transactions;
-                    node.metrics
-                        .changes_applied(&backend.name, report.results.len() as u64);
+                    if let Some(m) = node.metrics.peer(&backend.name) {
+                        m.applied.increment(report.results.len() as u64);
+                        m.lag_seconds.set(report.lag_seconds);
+                        for delay in &report.delays {
+                            m.delay.record(*delay);
+                        }
+                    }
+                    *applied_since += report.results.len() as u64;
                     for conflict in report.conflicts() {
                         let kind = conflict.split(':').next().unwrap_or(conflict);
                         node.metrics.conflict(kind);
@@ -334,8 +422,9 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
             }
         }
         if last_lag_check.elapsed() >= Duration::from_secs(1) {
+            let window = last_lag_check.elapsed().as_secs_f64();
             last_lag_check = std::time::Instant::now();
-            for (backend, stream, _) in &peers {
+            for (backend, stream, _, applied_since) in &mut peers {
                 let lag = origin
                     .query_opt(
                         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 \
@@ -343,13 +432,18 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
                         &[&stream.slot],
                     )
                     .await?;
-                if let Some(row) = lag {
-                    node.metrics.replication_lag(
-                        &backend.name,
-                        row.get::<_, Option<f64>>(0).unwrap_or(0.0),
-                    );
+                if let Some(m) = node.metrics.peer(&backend.name) {
+                    if let Some(row) = lag {
+                        m.lag_bytes.set(row.get::<_, Option<f64>>(0).unwrap_or(0.0));
+                    }
+                    m.applied_per_second.set(*applied_since as f64 / window);
                 }
+                *applied_since = 0;
             }
+        }
+        if last_observe.elapsed() >= OBSERVE_INTERVAL {
+            last_observe = std::time::Instant::now();
+            observe_remote_versions(node, &origin).await?;
         }
         if origin.is_closed() {
             return Err(ReplicationError::Decoding(
@@ -367,6 +461,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_newest_version_of_a_batch() {
+        let changes = [
+            r#"{"version": 7, "op": "INSERT"}"#.to_owned(),
+            r#"{"ddl": "CREATE TABLE t ()"}"#.to_owned(),
+            r#"{"version": 12}"#.to_owned(),
+        ];
+        assert_eq!(max_version(&changes), 12);
+        assert_eq!(max_version(&[]), 0);
+    }
+
+    #[test]
     fn lsns_compare_numerically() {
         assert!(parse_lsn("0/16B3748").unwrap() < parse_lsn("1/0").unwrap());
         assert!(parse_lsn("0/A").unwrap() < parse_lsn("0/10").unwrap());
@@ -378,19 +483,20 @@ mod tests {
         let c1 = r#"message: transactional: 1 prefix: chorus, sz: 2 content:{"a":1}"#;
         let c2 = r#"message: transactional: 1 prefix: chorus, sz: 2 content:{"a":2}"#;
         let rows = [
-            ("0/10", "BEGIN 700"),
-            ("0/11", "table public.t: INSERT: id[integer]:1"),
-            ("0/12", c1),
-            ("0/13", c2),
-            ("0/20", "COMMIT 700"),
-            ("0/21", "BEGIN 701"),
-            ("0/30", "COMMIT 701"),
+            ("0/10", "BEGIN 700", None),
+            ("0/11", "table public.t: INSERT: id[integer]:1", None),
+            ("0/12", c1, None),
+            ("0/13", c2, None),
+            ("0/20", "COMMIT 700", Some(1.5)),
+            ("0/21", "BEGIN 701", None),
+            ("0/30", "COMMIT 701", None),
         ];
         let txns = group_transactions(rows).unwrap();
         assert_eq!(txns.len(), 2);
         assert_eq!(txns[0].commit_lsn, "0/20");
+        assert_eq!(txns[0].commit_time, Some(1.5));
         assert_eq!(txns[0].changes, vec![r#"{"a":1}"#, r#"{"a":2}"#]);
         assert!(txns[1].changes.is_empty());
-        assert!(group_transactions([("0/1", "COMMIT 1")]).is_err());
+        assert!(group_transactions([("0/1", "COMMIT 1", None)]).is_err());
     }
 }

@@ -2,6 +2,7 @@
 //! shutdown. `run` takes an already-bound listener so tests can bind
 //! `127.0.0.1:0`.
 
+use chorus_router::hlc::HybridClock;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -49,6 +50,8 @@ pub struct Node {
     /// A verifier for unknown users, so that their login runs the whole
     /// exchange and fails like a wrong password (no user enumeration).
     mock_verifier: ScramVerifier,
+    /// This node's hybrid logical clock, stamped on every write transaction.
+    pub clock: HybridClock,
     /// Set once shutdown begins.
     pub draining: Arc<AtomicBool>,
     shutdown_tx: watch::Sender<bool>,
@@ -73,7 +76,10 @@ impl Node {
         let mock_verifier =
             ScramVerifier::from_password(&format!("{random:?}")).ok_or(StartError::Scram)?;
         let (shutdown_tx, _) = watch::channel(false);
+        let clock = HybridClock::new(config.node.id, config.node.max_clock_skew_ms);
+        clock.set_offset_ms(config.node.clock_offset_ms);
         Ok(Arc::new(Node {
+            clock,
             metrics: Arc::new(Metrics::new(&backends)),
             config,
             cancel_keys: Arc::new(CancelRegistry::default()),

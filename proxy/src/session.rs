@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -26,10 +26,11 @@ use tokio::sync::watch;
 use crate::auth::{self, AuthError, ScramServer};
 use crate::backend::{self, BackendConnection, BackendError, LoginParams};
 use crate::config::AuthMethod;
-use crate::frontend::{is_inspected, FrontendEvent, FrontendState};
+use crate::frontend::{is_inspected, query_stamps, FrontendEvent, FrontendState};
 use crate::metrics::{ErrorKind, GaugeGuard};
 use crate::protocol::{self, read_message, ProtocolError, Severity, StartupPacket};
 use crate::server::Node;
+use crate::stamp::{self, StampKind, Swallower, Verdict};
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
@@ -437,11 +438,22 @@ enum RelayEnd {
     Shutdown,
 }
 
+/// Something sent to the backend whose answers are still due, in order.
+#[derive(Debug)]
+enum Pending {
+    /// A client's Query, Sync or FunctionCall (sent at this time), answered
+    /// by a ReadyForQuery.
+    Ready(Instant),
+    /// A clock stamp of the relay's own, whose answers are swallowed.
+    Stamp(Swallower),
+}
+
 /// State shared by the two directions of a relay.
 struct RelayState {
-    /// Arrival time of every Query/Sync/FunctionCall not yet answered by
-    /// ReadyForQuery, oldest first.
-    pending: Mutex<VecDeque<Instant>>,
+    pending: Mutex<VecDeque<Pending>>,
+    /// Stamps in `pending`: while there are any, the backend side looks at
+    /// every message, not only ReadyForQuery and errors.
+    stamps: AtomicU32,
     /// Transaction status from the last ReadyForQuery.
     tx_status: AtomicU8,
 }
@@ -459,6 +471,7 @@ async fn relay<CR, CW>(
     let (mut backend_read, mut backend_write) = backend.into_split();
     let state = RelayState {
         pending: Mutex::new(VecDeque::new()),
+        stamps: AtomicU32::new(0),
         tx_status: AtomicU8::new(b'I'),
     };
     let mut shutdown = node.shutdown_signal();
@@ -510,12 +523,25 @@ where
     let replicating = node.config.replication.is_some();
     let mut frontend = FrontendState::default();
     let mut terminated = false;
+    // Whether the next extended-protocol message starts a batch.
+    let mut batch_start = true;
     let result = pump(
         reader,
         writer,
         node.config.node.max_message_bytes,
         is_inspected,
-        |tag, body| {
+        |tag, body, rest| {
+            let mut stamp = None;
+            match tag {
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' if batch_start => {
+                    batch_start = false;
+                    if replicating && frontend.batch_stamps(tag, body, rest) {
+                        stamp = Some(StampKind::Extended);
+                    }
+                }
+                b'Q' | b'S' | b'F' => batch_start = true,
+                _ => {}
+            }
             match frontend.on_message(tag, body)? {
                 FrontendEvent::Query(summary) => {
                     for class in StatementClass::ALL {
@@ -524,24 +550,41 @@ where
                             metrics.statements(class, u64::from(n));
                         }
                     }
-                    push_pending(state);
                     if replicating && mixes_ddl(&summary) {
+                        push_pending(state);
                         return Ok(Flow::Replace(refusal_query(
                             "0A000",
                             "a query string that mixes DDL with other statements cannot be replicated",
                             "Send each DDL statement as its own query.",
                         )));
                     }
+                    if replicating && query_stamps(&summary) {
+                        stamp = Some(StampKind::Query);
+                    }
                 }
                 FrontendEvent::Execute(class) => metrics.statements(class, 1),
-                FrontendEvent::AwaitsReady => push_pending(state),
                 FrontendEvent::Terminate => {
                     terminated = true;
                     return Ok(Flow::Stop);
                 }
-                FrontendEvent::Nothing => {}
+                FrontendEvent::AwaitsReady | FrontendEvent::Extended | FrontendEvent::Nothing => {}
             }
-            Ok(Flow::Continue)
+            let flow = match stamp {
+                Some(kind) => {
+                    push_stamp(state, kind);
+                    let mut out = BytesMut::with_capacity(160 + body.len());
+                    stamp::write_stamp(&mut out, kind, node.clock.now());
+                    out.put_u8(tag);
+                    out.put_u32(body.len() as u32 + 4);
+                    out.extend_from_slice(body);
+                    Flow::Replace(out)
+                }
+                None => Flow::Continue,
+            };
+            if matches!(tag, b'Q' | b'S' | b'F') {
+                push_pending(state);
+            }
+            Ok(flow)
         },
     )
     .await;
@@ -584,7 +627,14 @@ fn refusal_query(code: &str, message: &str, hint: &str) -> BytesMut {
 
 fn push_pending(state: &RelayState) {
     if let Ok(mut pending) = state.pending.lock() {
-        pending.push_back(Instant::now());
+        pending.push_back(Pending::Ready(Instant::now()));
+    }
+}
+
+fn push_stamp(state: &RelayState, kind: StampKind) {
+    if let Ok(mut pending) = state.pending.lock() {
+        state.stamps.fetch_add(1, Ordering::SeqCst);
+        pending.push_back(Pending::Stamp(Swallower::new(kind)));
     }
 }
 
@@ -609,15 +659,23 @@ where
     };
     let draining = || node.draining.load(Ordering::SeqCst);
     let mut stop_for_shutdown = false;
-    let inspect = |tag: u8| matches!(tag, b'Z' | b'E');
-    let mut on_message = |tag: u8, body: &[u8]| {
+    let inspect = |tag: u8| matches!(tag, b'Z' | b'E') || state.stamps.load(Ordering::SeqCst) > 0;
+    let mut on_message = |tag: u8, body: &[u8], _rest: &[u8]| {
+        if state.stamps.load(Ordering::SeqCst) > 0 {
+            if let Some(verdict) = judge_for_stamp(state, tag) {
+                return Ok(match verdict {
+                    Verdict::Swallow | Verdict::SwallowLast => Flow::Replace(BytesMut::new()),
+                    Verdict::Pass | Verdict::PassLast => Flow::Continue,
+                });
+            }
+        }
         match tag {
             b'Z' => {
                 last_was_fatal = false;
                 let status = body.first().copied().unwrap_or(b'I');
                 state.tx_status.store(status, Ordering::Relaxed);
                 let started = state.pending.lock().ok().and_then(|mut p| p.pop_front());
-                if let Some(started) = started {
+                if let Some(Pending::Ready(started)) = started {
                     metrics
                         .query_duration
                         .record(started.elapsed().as_secs_f64());
@@ -717,6 +775,21 @@ async fn shutdown_session<W: AsyncWrite + Unpin>(writer: &mut W) -> RelayEnd {
     RelayEnd::Shutdown
 }
 
+/// If the oldest answer due belongs to a stamp, what to do with this
+/// backend message (and retire the stamp after its last answer).
+fn judge_for_stamp(state: &RelayState, tag: u8) -> Option<Verdict> {
+    let mut pending = state.pending.lock().ok()?;
+    let Some(Pending::Stamp(swallower)) = pending.front_mut() else {
+        return None;
+    };
+    let verdict = swallower.judge(tag);
+    if matches!(verdict, Verdict::SwallowLast | Verdict::PassLast) {
+        pending.pop_front();
+        state.stamps.fetch_sub(1, Ordering::SeqCst);
+    }
+    Some(verdict)
+}
+
 /// Whether a pump goes on after a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Flow {
@@ -770,7 +843,7 @@ async fn forward<W, I, M>(
 where
     W: AsyncWrite + Unpin,
     I: Fn(u8) -> bool,
-    M: FnMut(u8, &[u8]) -> Result<Flow, ProtocolError>,
+    M: FnMut(u8, &[u8], &[u8]) -> Result<Flow, ProtocolError>,
 {
     let mut pos = 0;
     // Start of the bytes not yet written (after a replaced message).
@@ -794,7 +867,8 @@ where
                 buf.reserve(total - (buf.len() - pos));
                 break;
             }
-            flow = on_message(tag, &buf[pos + 5..pos + total]).map_err(PumpError::Protocol)?;
+            flow = on_message(tag, &buf[pos + 5..pos + total], &buf[pos + total..])
+                .map_err(PumpError::Protocol)?;
             if let Flow::Replace(replacement) = &flow {
                 // Rare (a refused statement): write what came before, then
                 // the replacement, and skip the original.
@@ -841,7 +915,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
     I: Fn(u8) -> bool,
-    M: FnMut(u8, &[u8]) -> Result<Flow, ProtocolError>,
+    M: FnMut(u8, &[u8], &[u8]) -> Result<Flow, ProtocolError>,
 {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut framer = Framer::default();
@@ -896,7 +970,7 @@ mod tests {
             &mut out,
             1 << 20,
             |t| t == b'Q' || t == b'X',
-            |tag, body| {
+            |tag, body, _| {
                 seen.push((tag, body.to_vec()));
                 Ok(if tag == b'X' {
                     Flow::Stop
@@ -922,7 +996,7 @@ mod tests {
             &mut out,
             1 << 20,
             |_| true,
-            |_, _| Ok(Flow::Continue),
+            |_, _, _| Ok(Flow::Continue),
         )
         .await;
         (result, out)

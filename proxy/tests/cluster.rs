@@ -33,6 +33,11 @@ impl Drop for Cluster {
 }
 
 async fn cluster(n: usize) -> Cluster {
+    cluster_with(n, |_| String::new()).await
+}
+
+/// A cluster of `n`, with extra `[node]` settings per node id.
+async fn cluster_with(n: usize, node_extra: impl Fn(usize) -> String) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let mut backends = Vec::new();
     for i in 1..=n {
@@ -64,10 +69,12 @@ async fn cluster(n: usize) -> Cluster {
         nodes.push(listener.local_addr().unwrap());
         let config = Config::from_toml(&format!(
             "[node]\nid = {i}\nhome_backend = \"pg{i}\"\nworker_threads = 1\nshutdown_timeout_ms = 2000\n\
+             {}\n\
              {backend_toml}\
              [[users]]\nname = \"postgres\"\n\
              [[auth]]\nmethod = \"trust\"\n\
-             [replication]\npoll_interval_ms = 20\n"
+             [replication]\npoll_interval_ms = 20\n",
+            node_extra(i)
         ))
         .unwrap();
         let node = Node::new(config).unwrap();
@@ -253,6 +260,16 @@ async fn pgbench_through_all_three_nodes_leaves_identical_backends() {
         .converged("SELECT count(*)::text FROM pgbench_history")
         .await;
     assert_eq!(history, "1200");
+    // Each transaction's delay from origin commit to apply was measured.
+    let rendered = c.node_handles[0].metrics.render();
+    let delays = rendered
+        .lines()
+        .find(|l| l.starts_with("chorus_replication_delay_seconds_count{peer=\"pg2\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(delays >= 400.0, "delays measured: {delays}\n{rendered}");
+    assert!(rendered.contains("chorus_replication_lag_seconds{peer=\"pg2\"}"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -354,4 +371,258 @@ async fn a_query_string_mixing_ddl_with_other_statements_is_refused() {
         .await
         .unwrap();
     c.converged("SELECT count(*)::text FROM t").await;
+}
+
+/// The physical time (Unix ms) of every version of `table`'s rows on a backend.
+async fn version_times(client: &Client, table: &str) -> Vec<i64> {
+    client
+        .query(
+            "SELECT version FROM chorus.row_version WHERE tbl = $1 ORDER BY version",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| chorus_router::hlc::unix_millis(r.get::<_, i64>(0) as u64))
+        .collect()
+}
+
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_carry_the_node_clock_in_every_protocol_mode() {
+    // Node 1's clock runs a minute behind: a version stamped by the proxy is
+    // unmistakable next to one the backend would make from its own clock.
+    const OFFSET_MS: i64 = -60_000;
+    let c = cluster_with(2, |i| {
+        if i == 1 {
+            format!("clock_offset_ms = {OFFSET_MS}\nmax_clock_skew_ms = 120000")
+        } else {
+            String::new()
+        }
+    })
+    .await;
+    let started = unix_ms_now();
+    let client = c.via(1).await;
+    client
+        .batch_execute("CREATE TABLE stamped (id int PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    // Simple protocol, one statement and several.
+    client
+        .batch_execute("INSERT INTO stamped VALUES (1, 'simple')")
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO stamped VALUES (2, 'a'); UPDATE stamped SET note = 'b' WHERE id = 2",
+        )
+        .await
+        .unwrap();
+    // Extended protocol with a prepared statement, then pipelined.
+    let insert = client
+        .prepare("INSERT INTO stamped VALUES ($1, $2)")
+        .await
+        .unwrap();
+    client
+        .execute(&insert, &[&3i32, &"extended"])
+        .await
+        .unwrap();
+    let (a, b, d) = tokio::join!(
+        client.execute(&insert, &[&4i32, &"pipelined"]),
+        client.query_one("SELECT count(*) FROM stamped", &[]),
+        client.execute(&insert, &[&5i32, &"pipelined"]),
+    );
+    a.unwrap();
+    b.unwrap();
+    d.unwrap();
+    // A transaction block gets one stamp for all its rows.
+    client
+        .batch_execute(
+            "BEGIN; INSERT INTO stamped VALUES (6, 'txn'); INSERT INTO stamped VALUES (7, 'txn'); COMMIT",
+        )
+        .await
+        .unwrap();
+    // An aborted transaction fails as it would without Chorus, and the
+    // session goes on, in both protocols.
+    client.batch_execute("BEGIN").await.unwrap();
+    let dup = client
+        .batch_execute("INSERT INTO stamped VALUES (1, 'dup')")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&dup).as_deref(), Some("23505"));
+    let aborted = client
+        .batch_execute("INSERT INTO stamped VALUES (8, 'no')")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&aborted).as_deref(), Some("25P02"));
+    let aborted = client.execute(&insert, &[&8i32, &"no"]).await.unwrap_err();
+    assert_eq!(common::sqlstate(&aborted).as_deref(), Some("25P02"));
+    client.batch_execute("ROLLBACK").await.unwrap();
+    // Error positions are the client's own.
+    let bad = "INSERT INTO stamped VALUES (9, no_such_column)";
+    let via_proxy = client.batch_execute(bad).await.unwrap_err();
+    let direct = c.direct(1).await.batch_execute(bad).await.unwrap_err();
+    assert_eq!(
+        format!("{:?}", via_proxy.as_db_error().unwrap().position()),
+        format!("{:?}", direct.as_db_error().unwrap().position())
+    );
+    // pgbench in prepared mode and in a pipeline.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("insert.sql");
+    std::fs::write(
+        &script,
+        "\\set id random(1000, 100000000)\n\
+         \\startpipeline\n\
+         INSERT INTO stamped VALUES (:id, 'pgbench') ON CONFLICT (id) DO NOTHING;\n\
+         \\endpipeline\n\
+         INSERT INTO stamped VALUES (:id + 1, 'pgbench') ON CONFLICT (id) DO NOTHING;\n",
+    )
+    .unwrap();
+    let port = c.nodes[0].port().to_string();
+    let out = common::run_pg_program(
+        "pgbench",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-n",
+            "-M",
+            "prepared",
+            "-t",
+            "20",
+            "-f",
+            script.to_str().unwrap(),
+            "postgres",
+        ],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let finished = unix_ms_now();
+
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM stamped", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let times = version_times(&c.direct(1).await, "public.stamped").await;
+    assert_eq!(times.len() as i64, rows, "every row has a version");
+    for t in &times {
+        assert!(
+            (started + OFFSET_MS - 1000..=finished + OFFSET_MS + 1000).contains(t),
+            "version at {t} is not from the node's clock ({} .. {})",
+            started + OFFSET_MS,
+            finished + OFFSET_MS
+        );
+    }
+    // Both rows of the transaction block carry the same version.
+    let txn: Vec<i64> = c
+        .direct(1)
+        .await
+        .query(
+            "SELECT version FROM chorus.row_version WHERE tbl = 'public.stamped' \
+             AND pk IN ('{\"id\": 6}', '{\"id\": 7}')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(txn.len(), 2);
+    assert_eq!(txn[0], txn[1]);
+    // And the other backend got the same rows with the same versions.
+    c.converged(
+        "SELECT md5(string_agg(pk::text || version, ',' ORDER BY pk::text)) \
+         FROM chorus.row_version WHERE tbl = 'public.stamped'",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_through_a_node_whose_clock_is_behind_still_wins() {
+    // Node 2's clock is 5 s behind; the limit for following another clock
+    // is 1 s, so node 2 refuses to jump to node 1's time.
+    let c = cluster_with(3, |i| {
+        if i == 2 {
+            "clock_offset_ms = -5000\nmax_clock_skew_ms = 1000".to_owned()
+        } else {
+            String::new()
+        }
+    })
+    .await;
+    let n1 = c.via(1).await;
+    let n2 = c.via(2).await;
+    n1.batch_execute("CREATE TABLE reg (k int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    c.converged(
+        "SELECT string_agg(tbl, ',') FROM chorus.replicated_table WHERE tbl = 'public.reg'",
+    )
+    .await;
+    n1.batch_execute("INSERT INTO reg VALUES (1, 'one')")
+        .await
+        .unwrap();
+    c.converged("SELECT v FROM reg WHERE k = 1").await;
+    // Node 2 overwrites the row it has seen: its write happened later, so it
+    // wins everywhere although its clock says otherwise.
+    n2.batch_execute("UPDATE reg SET v = 'two' WHERE k = 1")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = c.converged("SELECT v FROM reg WHERE k = 1").await;
+        if v == "two" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let version = c
+        .converged(
+            "SELECT version || '@' || origin FROM chorus.row_version \
+             WHERE tbl = 'public.reg' AND pk = '{\"k\": 1}'",
+        )
+        .await;
+    assert!(version.ends_with("@2"), "{version}");
+    // Node 2 saw node 1's clock 5 s ahead, counted it, and did not follow:
+    // a new row through node 2 is still stamped about 5 s in the past.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rendered = c.node_handles[1].metrics.render();
+        let refused = rendered
+            .lines()
+            .find(|l| l.starts_with("chorus_hlc_skew_refused_total"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if refused >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "skew never counted:\n{rendered}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = unix_ms_now();
+    n2.batch_execute("INSERT INTO reg VALUES (2, 'late clock')")
+        .await
+        .unwrap();
+    let times = version_times(&c.direct(2).await, "public.reg").await;
+    let newest_own = *times
+        .iter()
+        .min_by_key(|t| (*t - (before - 5000)).abs())
+        .unwrap();
+    assert!(
+        (before - 6000..before - 4000).contains(&newest_own),
+        "row 2 stamped at {newest_own}, expected about {}",
+        before - 5000
+    );
 }

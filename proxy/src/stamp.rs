@@ -1,0 +1,187 @@
+//! Stamping write transactions with the node's hybrid logical clock.
+//!
+//! Before a client's write reaches the backend, the relay sends the backend
+//! a small statement of its own that sets `chorus.hlc` and `chorus.origin`
+//! for the session; the capture trigger reads them (and pins the first
+//! value it sees for the rest of the transaction, see capture.sql). The
+//! statement is pipelined with the client's messages in the same write, so
+//! it costs no round trip, and its responses are swallowed on the way back.
+//!
+//! Two shapes, chosen so that the backend's answers can always be told
+//! apart from the client's:
+//!
+//! - Before a simple Query: another simple Query. Its answer always ends
+//!   with its own ReadyForQuery, whatever happens (even in an aborted
+//!   transaction, where it fails like the client's query will).
+//! - At the start of an extended-protocol batch (the first message after a
+//!   Sync): Parse/Bind/Execute/Close/Close of a named statement and portal,
+//!   without a Sync, so it joins the client's batch. A simple Query there
+//!   would drop the client's unnamed prepared statement. Its five answers
+//!   are counted; if it fails (an aborted transaction), the backend skips
+//!   the rest of the batch up to the client's Sync, which is exactly what
+//!   the client's first message would have caused, so that one error is
+//!   passed on to the client.
+//!
+//! The setting is session-level, not transaction-local: a simple Query
+//! before the client's runs in its own transaction, and a pipeline may hold
+//! several transactions in one batch.
+
+use bytes::{BufMut, BytesMut};
+use chorus_router::hlc::Hlc;
+
+/// Name of the statement and portal of an extended-protocol stamp.
+const NAME: &str = "chorus_stamp";
+
+/// Responses to an extended stamp: ParseComplete, BindComplete, DataRow,
+/// CommandComplete, CloseComplete, CloseComplete.
+const EXTENDED_RESPONSES: u8 = 6;
+
+/// Which kind of stamp is waiting for its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StampKind {
+    /// Answered up to and including a ReadyForQuery.
+    Query,
+    /// Answered by [`EXTENDED_RESPONSES`] messages, or cut short by an error.
+    Extended,
+}
+
+fn set_sql(hlc: Hlc) -> String {
+    format!(
+        "SELECT set_config('chorus.hlc', '{}', false), set_config('chorus.origin', '{}', false)",
+        hlc.timestamp, hlc.node
+    )
+}
+
+fn put_message(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.put_u8(tag);
+    out.put_u32((len + 4) as u32);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+}
+
+/// Append the stamp of `kind` for `hlc` to `out`.
+pub fn write_stamp(out: &mut BytesMut, kind: StampKind, hlc: Hlc) {
+    let sql = set_sql(hlc);
+    match kind {
+        StampKind::Query => put_message(out, b'Q', &[sql.as_bytes(), b"\0"]),
+        StampKind::Extended => {
+            let name = NAME.as_bytes();
+            // Parse: name, query, no parameter types.
+            put_message(out, b'P', &[name, b"\0", sql.as_bytes(), b"\0", &[0, 0]]);
+            // Bind: portal, statement, no formats, no parameters, no result formats.
+            put_message(out, b'B', &[name, b"\0", name, b"\0", &[0, 0, 0, 0, 0, 0]]);
+            // Execute: portal, no row limit.
+            put_message(out, b'E', &[name, b"\0", &[0, 0, 0, 0]]);
+            put_message(out, b'C', &[b"P", name, b"\0"]);
+            put_message(out, b'C', &[b"S", name, b"\0"]);
+        }
+    }
+}
+
+/// What to do with a backend message while a stamp's answers are due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Drop it; the stamp still expects more.
+    Swallow,
+    /// Drop it; it was the stamp's last answer.
+    SwallowLast,
+    /// Pass it to the client; the stamp still expects more.
+    Pass,
+    /// Pass it to the client; the stamp expects nothing more.
+    PassLast,
+}
+
+/// Tracks the answers of one stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Swallower {
+    kind: StampKind,
+    seen: u8,
+}
+
+impl Swallower {
+    pub fn new(kind: StampKind) -> Swallower {
+        Swallower { kind, seen: 0 }
+    }
+
+    /// Judge the next backend message. Asynchronous messages (notices,
+    /// notifications, parameter status) belong to the client whenever they
+    /// arrive.
+    pub fn judge(&mut self, tag: u8) -> Verdict {
+        if matches!(tag, b'N' | b'A' | b'S') {
+            return Verdict::Pass;
+        }
+        match self.kind {
+            StampKind::Query if tag == b'Z' => Verdict::SwallowLast,
+            StampKind::Query => Verdict::Swallow,
+            StampKind::Extended if tag == b'E' => Verdict::PassLast,
+            StampKind::Extended => {
+                self.seen += 1;
+                if self.seen >= EXTENDED_RESPONSES {
+                    Verdict::SwallowLast
+                } else {
+                    Verdict::Swallow
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            out.push(rest[0]);
+            rest = &rest[1 + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn stamps_are_well_framed_messages() {
+        let hlc = Hlc {
+            timestamp: 42,
+            node: 3,
+        };
+        let mut q = BytesMut::new();
+        write_stamp(&mut q, StampKind::Query, hlc);
+        assert_eq!(tags(&q), b"Q");
+        assert!(std::str::from_utf8(&q[5..])
+            .unwrap()
+            .contains("'chorus.hlc', '42'"));
+        let mut e = BytesMut::new();
+        write_stamp(&mut e, StampKind::Extended, hlc);
+        assert_eq!(tags(&e), b"PBECC");
+    }
+
+    #[test]
+    fn query_stamp_swallows_through_its_ready_for_query() {
+        let mut s = Swallower::new(StampKind::Query);
+        assert_eq!(s.judge(b'T'), Verdict::Swallow);
+        assert_eq!(s.judge(b'D'), Verdict::Swallow);
+        assert_eq!(s.judge(b'A'), Verdict::Pass);
+        assert_eq!(s.judge(b'C'), Verdict::Swallow);
+        assert_eq!(s.judge(b'Z'), Verdict::SwallowLast);
+        let mut failed = Swallower::new(StampKind::Query);
+        assert_eq!(failed.judge(b'E'), Verdict::Swallow);
+        assert_eq!(failed.judge(b'Z'), Verdict::SwallowLast);
+    }
+
+    #[test]
+    fn extended_stamp_counts_its_answers_and_passes_an_error_on() {
+        let mut s = Swallower::new(StampKind::Extended);
+        for tag in *b"12DC3" {
+            assert_eq!(s.judge(tag), Verdict::Swallow);
+        }
+        assert_eq!(s.judge(b'N'), Verdict::Pass);
+        assert_eq!(s.judge(b'3'), Verdict::SwallowLast);
+        let mut failed = Swallower::new(StampKind::Extended);
+        assert_eq!(failed.judge(b'E'), Verdict::PassLast);
+    }
+}
