@@ -71,6 +71,81 @@ pub struct ReplicationConfig {
     /// How often an idle stream looks for new changes. Default 100 ms.
     #[serde(default = "default_poll_interval")]
     pub poll_interval_ms: u64,
+    /// Commit scope of sessions that do not `SET chorus.commit_scope`.
+    /// Default "local".
+    #[serde(default)]
+    pub commit_scope: CommitScope,
+    /// How long a commit waits for its scope. Default 10 s.
+    #[serde(default = "default_commit_scope_timeout")]
+    pub commit_scope_timeout_ms: u64,
+    /// What the client gets when that time runs out (the transaction has
+    /// committed on its home backend either way). Default "error".
+    #[serde(default)]
+    pub commit_scope_timeout_action: TimeoutAction,
+}
+
+impl Default for ReplicationConfig {
+    /// The values an empty `[replication]` section gets.
+    fn default() -> Self {
+        ReplicationConfig {
+            user: default_replication_user(),
+            password: None,
+            database: default_replication_database(),
+            poll_interval_ms: default_poll_interval(),
+            commit_scope: CommitScope::default(),
+            commit_scope_timeout_ms: default_commit_scope_timeout(),
+            commit_scope_timeout_action: TimeoutAction::default(),
+        }
+    }
+}
+
+/// How many backends must have applied a transaction before its commit is
+/// acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitScope {
+    /// The home backend only.
+    #[default]
+    Local,
+    /// More than half of all backends, the home backend included.
+    Majority,
+    /// Every backend.
+    All,
+}
+
+impl CommitScope {
+    pub fn parse(text: &str) -> Option<CommitScope> {
+        match text.to_ascii_lowercase().as_str() {
+            "local" => Some(CommitScope::Local),
+            "majority" => Some(CommitScope::Majority),
+            "all" => Some(CommitScope::All),
+            _ => None,
+        }
+    }
+
+    /// Backends (of `total`) that must have the transaction.
+    pub fn required(self, total: usize) -> usize {
+        match self {
+            CommitScope::Local => 1,
+            CommitScope::Majority => total / 2 + 1,
+            CommitScope::All => total,
+        }
+    }
+}
+
+/// What a commit whose scope timed out reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutAction {
+    /// An ERROR with SQLSTATE 40003 (statement completion unknown).
+    #[default]
+    Error,
+    /// A WARNING; the commit is acknowledged.
+    Warning,
+}
+
+fn default_commit_scope_timeout() -> u64 {
+    10_000
 }
 
 fn default_replication_user() -> String {

@@ -95,6 +95,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 password: None,
                 database: DEMO_DATABASE.to_owned(),
                 poll_interval_ms: 50,
+                ..ReplicationConfig::default()
             }),
             auth: vec![AuthRule {
                 user: "all".to_owned(),

@@ -16,6 +16,7 @@ pub mod localpg;
 pub mod metrics;
 pub mod protocol;
 pub mod replication;
+pub mod scope;
 pub mod server;
 pub mod session;
 pub mod stamp;

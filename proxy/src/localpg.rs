@@ -343,6 +343,27 @@ impl LocalPostgres {
         }
     }
 
+    /// Freeze the server (SIGSTOP to the postmaster and every child), as a
+    /// hung host would be: connections stay open but nothing answers.
+    pub fn pause(&self) {
+        self.signal_all(Signal::SIGSTOP);
+    }
+
+    /// Thaw a server frozen by [`LocalPostgres::pause`].
+    pub fn resume(&self) {
+        self.signal_all(Signal::SIGCONT);
+    }
+
+    fn signal_all(&self, sig: Signal) {
+        if let Some(child) = &self.child {
+            let postmaster = child.id();
+            let _ = signal(postmaster, sig);
+            for pid in children_of(postmaster) {
+                let _ = signal(pid, sig);
+            }
+        }
+    }
+
     /// Stop with a fast shutdown (SIGINT), waiting up to 10 s, then SIGKILL.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -118,6 +118,10 @@ pub struct StepReport {
     pub lag_seconds: f64,
     /// Per applied transaction: seconds from its origin commit to its apply.
     pub delays: Vec<f64>,
+    /// Whether the step read the origin's changes to their end (the batch
+    /// was not cut by its size limit): everything committed on the origin
+    /// before the step began is now on the peer.
+    pub complete: bool,
 }
 
 impl StepReport {
@@ -188,8 +192,12 @@ impl ReplicationStream {
                 r.get::<_, Option<f64>>(2),
             )
         }))?;
+        let complete = rows.len() < usize::try_from(self.batch_rows).unwrap_or(usize::MAX);
         let Some(last) = transactions.last() else {
-            return Ok(StepReport::default());
+            return Ok(StepReport {
+                complete,
+                ..StepReport::default()
+            });
         };
         let last_lsn = last.commit_lsn.clone();
 
@@ -202,7 +210,10 @@ impl ReplicationStream {
             .map(|r| r.get(0));
         let applied = applied.as_deref().map(parse_lsn).transpose()?.unwrap_or(0);
 
-        let mut report = StepReport::default();
+        let mut report = StepReport {
+            complete,
+            ..StepReport::default()
+        };
         let mut commit_times = Vec::new();
         let mut batch = String::from("[");
         for txn in &transactions {
@@ -379,8 +390,10 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
     let poll = Duration::from_millis(config.poll_interval_ms.max(1));
     let mut last_lag_check = std::time::Instant::now();
     let mut last_observe = std::time::Instant::now();
+    let progress = node.progress.clone();
     loop {
         let mut moved = 0;
+        let round = progress.as_ref().map_or(0, |p| p.start_round());
         for (backend, stream, client, applied_since) in &mut peers {
             if client.as_ref().is_none_or(Client::is_closed) {
                 match connect_backend(backend, config).await {
@@ -405,6 +418,9 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
                         }
                     }
                     *applied_since += report.results.len() as u64;
+                    if let (true, Some(progress)) = (report.complete, &progress) {
+                        progress.peer_done(&backend.name, round);
+                    }
                     for conflict in report.conflicts() {
                         let kind = conflict.split(':').next().unwrap_or(conflict);
                         node.metrics.conflict(kind);
@@ -451,7 +467,11 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
             ));
         }
         if moved == 0 {
-            tokio::time::sleep(poll).await;
+            // Woken early by a session's commit.
+            match &progress {
+                Some(progress) => progress.idle(poll).await,
+                None => tokio::time::sleep(poll).await,
+            }
         }
     }
 }

@@ -3,6 +3,8 @@
 //! `127.0.0.1:0`.
 
 use chorus_router::hlc::HybridClock;
+
+use crate::scope::ReplicationProgress;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,6 +54,9 @@ pub struct Node {
     mock_verifier: ScramVerifier,
     /// This node's hybrid logical clock, stamped on every write transaction.
     pub clock: HybridClock,
+    /// How far the replicator has brought this node's changes to the
+    /// peers (commit scopes wait on it); none without replication.
+    pub progress: Option<Arc<ReplicationProgress>>,
     /// Set once shutdown begins.
     pub draining: Arc<AtomicBool>,
     shutdown_tx: watch::Sender<bool>,
@@ -78,8 +83,15 @@ impl Node {
         let (shutdown_tx, _) = watch::channel(false);
         let clock = HybridClock::new(config.node.id, config.node.max_clock_skew_ms);
         clock.set_offset_ms(config.node.clock_offset_ms);
+        let home = config.home_backend().name.clone();
+        let peers: Vec<String> = backends.iter().filter(|b| **b != home).cloned().collect();
+        let progress = config
+            .replication
+            .is_some()
+            .then(|| Arc::new(ReplicationProgress::new(&peers, backends.len())));
         Ok(Arc::new(Node {
             clock,
+            progress,
             metrics: Arc::new(Metrics::new(&backends)),
             config,
             cancel_keys: Arc::new(CancelRegistry::default()),

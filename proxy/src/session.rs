@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use chorus_router::StatementClass;
@@ -25,10 +25,11 @@ use tokio::sync::watch;
 
 use crate::auth::{self, AuthError, ScramServer};
 use crate::backend::{self, BackendConnection, BackendError, LoginParams};
-use crate::config::AuthMethod;
+use crate::config::{AuthMethod, CommitScope, TimeoutAction};
 use crate::frontend::{is_inspected, query_stamps, FrontendEvent, FrontendState};
 use crate::metrics::{ErrorKind, GaugeGuard};
 use crate::protocol::{self, read_message, ProtocolError, Severity, StartupPacket};
+use crate::scope::{self, ReplicationProgress, ScopeChange};
 use crate::server::Node;
 use crate::stamp::{self, StampKind, Swallower, Verdict};
 
@@ -442,8 +443,9 @@ enum RelayEnd {
 #[derive(Debug)]
 enum Pending {
     /// A client's Query, Sync or FunctionCall (sent at this time), answered
-    /// by a ReadyForQuery.
-    Ready(Instant),
+    /// by a ReadyForQuery; `wrote` when a stamp went before it (it may
+    /// have written).
+    Ready { sent: Instant, wrote: bool },
     /// A clock stamp of the relay's own, whose answers are swallowed.
     Stamp(Swallower),
 }
@@ -456,6 +458,11 @@ struct RelayState {
     stamps: AtomicU32,
     /// Transaction status from the last ReadyForQuery.
     tx_status: AtomicU8,
+    /// The session's `chorus.commit_scope` (see scope::encode; 0: the
+    /// node's default), and one set with SET LOCAL for the current
+    /// transaction.
+    scope_session: AtomicU8,
+    scope_local: AtomicU8,
 }
 
 /// Move messages both ways until either side ends.
@@ -473,6 +480,8 @@ async fn relay<CR, CW>(
         pending: Mutex::new(VecDeque::new()),
         stamps: AtomicU32::new(0),
         tx_status: AtomicU8::new(b'I'),
+        scope_session: AtomicU8::new(0),
+        scope_local: AtomicU8::new(0),
     };
     let mut shutdown = node.shutdown_signal();
     let end = tokio::select! {
@@ -525,6 +534,9 @@ where
     let mut terminated = false;
     // Whether the next extended-protocol message starts a batch.
     let mut batch_start = true;
+    // Whether a stamp went to the backend since the last message that a
+    // ReadyForQuery answers.
+    let mut stamped = false;
     let result = pump(
         reader,
         writer,
@@ -550,8 +562,17 @@ where
                             metrics.statements(class, u64::from(n));
                         }
                     }
+                    if replicating && summary.counts[StatementClass::Session.index()] > 0 {
+                        let sql = protocol::read_cstr(body).map_or("", |(sql, _)| sql);
+                        if let Some(refusal) = apply_scope_changes(state, sql) {
+                            push_pending(state, stamped);
+                            stamped = false;
+                            return Ok(Flow::Replace(refusal));
+                        }
+                    }
                     if replicating && mixes_ddl(&summary) {
-                        push_pending(state);
+                        push_pending(state, stamped);
+                        stamped = false;
                         return Ok(Flow::Replace(refusal_query(
                             "0A000",
                             "a query string that mixes DDL with other statements cannot be replicated",
@@ -563,15 +584,27 @@ where
                     }
                 }
                 FrontendEvent::Execute(class) => metrics.statements(class, 1),
+                FrontendEvent::Parsed(StatementClass::Session) if replicating => {
+                    // An invalid value only fails in the simple protocol;
+                    // here the setting is just not taken.
+                    let sql = protocol::read_cstr(body)
+                        .and_then(|(_, rest)| protocol::read_cstr(rest))
+                        .map_or("", |(sql, _)| sql);
+                    let _ = apply_scope_changes(state, sql);
+                }
                 FrontendEvent::Terminate => {
                     terminated = true;
                     return Ok(Flow::Stop);
                 }
-                FrontendEvent::AwaitsReady | FrontendEvent::Extended | FrontendEvent::Nothing => {}
+                FrontendEvent::AwaitsReady
+                | FrontendEvent::Parsed(_)
+                | FrontendEvent::Extended
+                | FrontendEvent::Nothing => {}
             }
             let flow = match stamp {
                 Some(kind) => {
                     push_stamp(state, kind);
+                    stamped = true;
                     let mut out = BytesMut::with_capacity(160 + body.len());
                     stamp::write_stamp(&mut out, kind, node.clock.now());
                     out.put_u8(tag);
@@ -582,7 +615,8 @@ where
                 None => Flow::Continue,
             };
             if matches!(tag, b'Q' | b'S' | b'F') {
-                push_pending(state);
+                push_pending(state, stamped);
+                stamped = false;
             }
             Ok(flow)
         },
@@ -597,6 +631,33 @@ where
         Err(PumpError::WriteFailed) if terminated => RelayEnd::ClientDone,
         Err(PumpError::WriteFailed) => RelayEnd::BackendGone { after_fatal: false },
     }
+}
+
+/// Take note of `chorus.commit_scope` changes in a statement's text; a
+/// refusal to send instead when a value is invalid.
+fn apply_scope_changes(state: &RelayState, sql: &str) -> Option<BytesMut> {
+    for change in scope::scope_changes(sql) {
+        match change {
+            ScopeChange::Session(s) => state
+                .scope_session
+                .store(scope::encode(Some(s)), Ordering::SeqCst),
+            ScopeChange::Local(s) => state
+                .scope_local
+                .store(scope::encode(Some(s)), Ordering::SeqCst),
+            ScopeChange::Reset => {
+                state.scope_session.store(0, Ordering::SeqCst);
+                state.scope_local.store(0, Ordering::SeqCst);
+            }
+            ScopeChange::Invalid => {
+                return Some(refusal_query(
+                    "22023",
+                    "invalid value for parameter \"chorus.commit_scope\"",
+                    "Available values: local, majority, all.",
+                ))
+            }
+        }
+    }
+    None
 }
 
 /// Whether a simple-protocol query string holds DDL together with anything
@@ -625,9 +686,12 @@ fn refusal_query(code: &str, message: &str, hint: &str) -> BytesMut {
     out
 }
 
-fn push_pending(state: &RelayState) {
+fn push_pending(state: &RelayState, wrote: bool) {
     if let Ok(mut pending) = state.pending.lock() {
-        pending.push_back(Pending::Ready(Instant::now()));
+        pending.push_back(Pending::Ready {
+            sent: Instant::now(),
+            wrote,
+        });
     }
 }
 
@@ -659,6 +723,15 @@ where
     };
     let draining = || node.draining.load(Ordering::SeqCst);
     let mut stop_for_shutdown = false;
+    // Whether the transaction in progress (up to the next idle
+    // ReadyForQuery) may have written.
+    let mut txn_wrote = false;
+    let default_scope = node
+        .config
+        .replication
+        .as_ref()
+        .map_or(CommitScope::Local, |r| r.commit_scope);
+    let scope_wait = Mutex::new(None::<(u64, CommitScope)>);
     let inspect = |tag: u8| matches!(tag, b'Z' | b'E') || state.stamps.load(Ordering::SeqCst) > 0;
     let mut on_message = |tag: u8, body: &[u8], _rest: &[u8]| {
         if state.stamps.load(Ordering::SeqCst) > 0 {
@@ -675,10 +748,31 @@ where
                 let status = body.first().copied().unwrap_or(b'I');
                 state.tx_status.store(status, Ordering::Relaxed);
                 let started = state.pending.lock().ok().and_then(|mut p| p.pop_front());
-                if let Some(Pending::Ready(started)) = started {
-                    metrics
-                        .query_duration
-                        .record(started.elapsed().as_secs_f64());
+                if let Some(Pending::Ready { sent, wrote }) = started {
+                    metrics.query_duration.record(sent.elapsed().as_secs_f64());
+                    txn_wrote |= wrote;
+                }
+                if status == b'I' {
+                    let local = scope::decode(state.scope_local.swap(0, Ordering::SeqCst));
+                    if std::mem::take(&mut txn_wrote) {
+                        if let Some(progress) = &node.progress {
+                            let scope = local
+                                .or_else(|| {
+                                    scope::decode(state.scope_session.load(Ordering::SeqCst))
+                                })
+                                .unwrap_or(default_scope);
+                            if scope == CommitScope::Local {
+                                progress.wake();
+                            } else {
+                                // Hold this ReadyForQuery until the scope is
+                                // reached (see the relay loop below).
+                                if let Ok(mut wait) = scope_wait.lock() {
+                                    *wait = Some((progress.ticket(), scope));
+                                }
+                                return Ok(Flow::Await);
+                            }
+                        }
+                    }
                 }
                 if draining() && idle() {
                     stop_for_shutdown = true;
@@ -725,7 +819,7 @@ where
                 }
             }
         }
-        match forward(
+        let mut flow = forward(
             &mut framer,
             &mut buf,
             writer,
@@ -733,10 +827,33 @@ where
             &inspect,
             &mut on_message,
         )
-        .await
-        {
+        .await;
+        // A commit held for its scope: wait, then send its ReadyForQuery
+        // (after an error or warning if the scope was not reached) and go on
+        // with what is buffered behind it.
+        while let Ok(Flow::Held(ready)) = &flow {
+            let mut out = BytesMut::new();
+            let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
+            if let (Some((ticket, scope)), Some(progress)) = (wait, &node.progress) {
+                commit_scope_wait(node, progress, ticket, scope, &mut out).await;
+            }
+            out.extend_from_slice(ready);
+            if writer.write_all(&out).await.is_err() {
+                return RelayEnd::ClientDone;
+            }
+            flow = forward(
+                &mut framer,
+                &mut buf,
+                writer,
+                max,
+                &inspect,
+                &mut on_message,
+            )
+            .await;
+        }
+        match flow {
             // forward() turns a replacement into Continue once written.
-            Ok(Flow::Continue | Flow::Replace(_)) => {}
+            Ok(Flow::Continue | Flow::Replace(_) | Flow::Await | Flow::Held(_)) => {}
             Ok(Flow::Stop) => {
                 if stop_for_shutdown {
                     return shutdown_session(writer).await;
@@ -775,6 +892,45 @@ async fn shutdown_session<W: AsyncWrite + Unpin>(writer: &mut W) -> RelayEnd {
     RelayEnd::Shutdown
 }
 
+/// Wait until the committed transaction of `ticket` reached `scope`; if
+/// it did not in time, put the configured error or warning in `out`.
+async fn commit_scope_wait(
+    node: &Node,
+    progress: &ReplicationProgress,
+    ticket: u64,
+    scope: CommitScope,
+    out: &mut BytesMut,
+) {
+    let Some(config) = &node.config.replication else {
+        return;
+    };
+    let limit = Duration::from_millis(config.commit_scope_timeout_ms);
+    let (reached, ok) = progress.wait(ticket, scope, limit).await;
+    if ok {
+        return;
+    }
+    let scope_name = match scope {
+        CommitScope::Local => "local",
+        CommitScope::Majority => "majority",
+        CommitScope::All => "all",
+    };
+    let message = format!(
+        "commit scope \"{scope_name}\" not reached within {} ms: {reached} of {} backends have the transaction",
+        limit.as_millis(),
+        progress.backends()
+    );
+    match config.commit_scope_timeout_action {
+        TimeoutAction::Error => protocol::error_response(
+            out,
+            Severity::Error,
+            "40003",
+            &message,
+            Some("The transaction has committed on this node's backend and reaches the others when they are available."),
+        ),
+        TimeoutAction::Warning => protocol::warning_notice(out, "01000", &message),
+    }
+}
+
 /// If the oldest answer due belongs to a stamp, what to do with this
 /// backend message (and retire the stamp after its last answer).
 fn judge_for_stamp(state: &RelayState, tag: u8) -> Option<Verdict> {
@@ -798,6 +954,11 @@ enum Flow {
     Stop,
     /// Forward these bytes (whole messages) instead of the message.
     Replace(BytesMut),
+    /// (From `on_message`) forward what came before this message and hold
+    /// the message: `forward` returns it as [`Flow::Held`].
+    Await,
+    /// (From `forward`) the held message; the rest stays buffered.
+    Held(BytesMut),
 }
 
 #[derive(Debug)]
@@ -881,6 +1042,15 @@ where
                 }
                 start = pos + total;
                 flow = Flow::Continue;
+            }
+            if flow == Flow::Await {
+                let held = BytesMut::from(&buf[pos..pos + total]);
+                writer
+                    .write_all(&buf[start..pos])
+                    .await
+                    .map_err(|_| PumpError::WriteFailed)?;
+                buf.advance(pos + total);
+                return Ok(Flow::Held(held));
             }
             pos += total;
             if flow == Flow::Stop {

@@ -33,11 +33,16 @@ impl Drop for Cluster {
 }
 
 async fn cluster(n: usize) -> Cluster {
-    cluster_with(n, |_| String::new()).await
+    cluster_with(n, |_| String::new(), "").await
 }
 
-/// A cluster of `n`, with extra `[node]` settings per node id.
-async fn cluster_with(n: usize, node_extra: impl Fn(usize) -> String) -> Cluster {
+/// A cluster of `n`, with extra `[node]` settings per node id and extra
+/// `[replication]` settings for all.
+async fn cluster_with(
+    n: usize,
+    node_extra: impl Fn(usize) -> String,
+    replication_extra: &str,
+) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let mut backends = Vec::new();
     for i in 1..=n {
@@ -73,7 +78,7 @@ async fn cluster_with(n: usize, node_extra: impl Fn(usize) -> String) -> Cluster
              {backend_toml}\
              [[users]]\nname = \"postgres\"\n\
              [[auth]]\nmethod = \"trust\"\n\
-             [replication]\npoll_interval_ms = 20\n",
+             [replication]\npoll_interval_ms = 20\n{replication_extra}\n",
             node_extra(i)
         ))
         .unwrap();
@@ -399,13 +404,17 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
     // Node 1's clock runs a minute behind: a version stamped by the proxy is
     // unmistakable next to one the backend would make from its own clock.
     const OFFSET_MS: i64 = -60_000;
-    let c = cluster_with(2, |i| {
-        if i == 1 {
-            format!("clock_offset_ms = {OFFSET_MS}\nmax_clock_skew_ms = 120000")
-        } else {
-            String::new()
-        }
-    })
+    let c = cluster_with(
+        2,
+        |i| {
+            if i == 1 {
+                format!("clock_offset_ms = {OFFSET_MS}\nmax_clock_skew_ms = 120000")
+            } else {
+                String::new()
+            }
+        },
+        "",
+    )
     .await;
     let started = unix_ms_now();
     let client = c.via(1).await;
@@ -552,13 +561,17 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
 async fn a_write_through_a_node_whose_clock_is_behind_still_wins() {
     // Node 2's clock is 5 s behind; the limit for following another clock
     // is 1 s, so node 2 refuses to jump to node 1's time.
-    let c = cluster_with(3, |i| {
-        if i == 2 {
-            "clock_offset_ms = -5000\nmax_clock_skew_ms = 1000".to_owned()
-        } else {
-            String::new()
-        }
-    })
+    let c = cluster_with(
+        3,
+        |i| {
+            if i == 2 {
+                "clock_offset_ms = -5000\nmax_clock_skew_ms = 1000".to_owned()
+            } else {
+                String::new()
+            }
+        },
+        "",
+    )
     .await;
     let n1 = c.via(1).await;
     let n2 = c.via(2).await;
@@ -625,4 +638,130 @@ async fn a_write_through_a_node_whose_clock_is_behind_still_wins() {
         "row 2 stamped at {newest_own}, expected about {}",
         before - 5000
     );
+}
+
+async fn has(client: &Client, id: i32) -> bool {
+    client
+        .query_opt("SELECT 1 FROM scoped WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commit_scopes_wait_for_the_backends_they_promise() {
+    let mut c = cluster_with(3, |_| String::new(), "commit_scope_timeout_ms = 1500").await;
+    let n1 = c.via(1).await;
+    n1.batch_execute("CREATE TABLE scoped (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.converged(
+        "SELECT string_agg(tbl, ',') FROM chorus.replicated_table WHERE tbl = 'public.scoped'",
+    )
+    .await;
+    let b2 = c.direct(2).await;
+    let b3 = c.direct(3).await;
+    let bad = n1
+        .batch_execute("SET chorus.commit_scope = 'most'")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&bad).as_deref(), Some("22023"));
+
+    // `all`: once the commit returns, every backend has the row, in both
+    // protocols and in a transaction block.
+    n1.batch_execute("SET chorus.commit_scope = 'all'")
+        .await
+        .unwrap();
+    for id in 1..=10 {
+        if id % 2 == 0 {
+            n1.execute("INSERT INTO scoped VALUES ($1)", &[&id])
+                .await
+                .unwrap();
+        } else {
+            n1.batch_execute(&format!("BEGIN; INSERT INTO scoped VALUES ({id}); COMMIT"))
+                .await
+                .unwrap();
+        }
+        assert!(
+            has(&b2, id).await && has(&b3, id).await,
+            "row {id} missing after commit"
+        );
+    }
+
+    // A backend that is frozen holds an `all` commit until it answers
+    // again, while `majority` needs only two of three backends.
+    c.backends[2].pause();
+    n1.batch_execute("SET chorus.commit_scope = majority")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    n1.batch_execute("INSERT INTO scoped VALUES (100)")
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(has(&b2, 100).await);
+    n1.batch_execute("SET chorus.commit_scope = 'all'")
+        .await
+        .unwrap();
+    let resume = {
+        let started = Instant::now();
+        let insert = n1.batch_execute("INSERT INTO scoped VALUES (101)");
+        tokio::pin!(insert);
+        // Not acknowledged while backend 3 is frozen...
+        assert!(
+            tokio::time::timeout(Duration::from_millis(600), &mut insert)
+                .await
+                .is_err()
+        );
+        c.backends[2].resume();
+        // ...and acknowledged once it has the row.
+        insert.await.unwrap();
+        started.elapsed()
+    };
+    assert!(resume >= Duration::from_millis(600));
+    assert!(has(&b3, 101).await);
+
+    // With backend 3 gone, `all` times out with the configured error; the
+    // row is committed on node 1's backend and reaches the others later.
+    c.backends[2].kill();
+    let started = Instant::now();
+    let err = n1
+        .batch_execute("INSERT INTO scoped VALUES (102)")
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "40003", "{db:?}");
+    assert!(
+        db.message().contains("commit scope \"all\" not reached"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        (Duration::from_millis(1400)..Duration::from_secs(10)).contains(&elapsed),
+        "{elapsed:?}"
+    );
+    assert!(
+        has(&b2, 102).await || {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            has(&b2, 102).await
+        }
+    );
+    // `majority` still works, and `local` (the default again) too.
+    n1.batch_execute("SET chorus.commit_scope = majority; INSERT INTO scoped VALUES (103)")
+        .await
+        .unwrap();
+    n1.batch_execute("RESET chorus.commit_scope; INSERT INTO scoped VALUES (104)")
+        .await
+        .unwrap();
+    let count: i64 = n1
+        .query_one("SELECT count(*) FROM scoped", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 15);
 }
