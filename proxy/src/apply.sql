@@ -44,6 +44,81 @@ BEGIN
 END
 $$;
 
+-- Write a remote row image, resolving conflicts on secondary UNIQUE
+-- indexes by last writer wins: when the image collides with a different
+-- local row, the one with the lower (version, origin) loses. A losing
+-- local row is deleted (its version kept as a tombstone); a losing remote
+-- row is not written. Either way the conflict is logged, and the apply goes
+-- on. Returns NULL (written, no conflict), 'remote_wins' (written after
+-- removing losers) or 'local_wins' (not written).
+CREATE OR REPLACE FUNCTION chorus.write_row_resolving(
+    rel text, cols text[], key jsonb, img jsonb, ver bigint, org integer
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    index_name text;
+    index_cols text[];
+    local_img jsonb;
+    local_key jsonb;
+    lv bigint;
+    lo integer;
+    outcome text;
+BEGIN
+    -- Each round removes one losing row; a row collides with at most one
+    -- row per unique index.
+    FOR attempt IN 1..32 LOOP
+        BEGIN
+            PERFORM chorus.write_row(rel, cols, img);
+            RETURN outcome;
+        EXCEPTION WHEN unique_violation THEN
+            GET STACKED DIAGNOSTICS index_name = CONSTRAINT_NAME;
+        END;
+        SELECT array_agg(a.attname::text ORDER BY k.ord) INTO index_cols
+          FROM pg_index i
+          JOIN pg_class c ON c.oid = i.indexrelid
+          CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+          LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = rel::regclass AND c.relname = index_name AND NOT i.indisprimary
+        HAVING bool_and(a.attname IS NOT NULL);
+        local_img := NULL;
+        IF index_cols IS NOT NULL THEN
+            EXECUTE format('SELECT to_jsonb(t) FROM %1$s t WHERE (%2$s) = '
+                           '(SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1))',
+                           rel, chorus.ident_list(index_cols))
+            INTO local_img USING img;
+        END IF;
+        local_key := chorus.key_of(local_img, cols);
+        lv := NULL;
+        lo := NULL;
+        IF local_key IS NOT NULL THEN
+            PERFORM chorus.key_lock(rel, local_key);
+            SELECT v.version, v.origin INTO lv, lo FROM chorus.row_version v
+             WHERE v.tbl = rel AND v.pk = local_key FOR UPDATE;
+        END IF;
+        -- Without a key on either side (insert-only tables, expression
+        -- indexes) there is nothing to compare: the local row stays.
+        IF key IS NOT NULL AND local_key IS NOT NULL
+           AND (ver, org) > (coalesce(lv, 0), coalesce(lo, 0)) THEN
+            INSERT INTO chorus.conflict (tbl, pk, kind, resolution, local_version, local_origin,
+                                         local_row, remote_version, remote_origin, remote_row)
+            VALUES (rel, key, 'unique', 'remote_wins', lv, lo, local_img, ver, org, img);
+            PERFORM chorus.delete_row(rel, cols, local_key);
+            INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+            VALUES (rel, local_key, coalesce(lv, 0), coalesce(lo, 0), true)
+            ON CONFLICT (tbl, pk) DO UPDATE SET deleted = true;
+            outcome := 'remote_wins';
+        ELSE
+            INSERT INTO chorus.conflict (tbl, pk, kind, resolution, local_version, local_origin,
+                                         local_row, remote_version, remote_origin, remote_row)
+            VALUES (rel, key, 'unique', 'local_wins', lv, lo, local_img, ver, org, img);
+            RETURN 'local_wins';
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'could not resolve unique conflicts for a row of %', rel
+        USING ERRCODE = '23505';
+END
+$$;
+
 -- The current image of the row with this key, or NULL.
 CREATE OR REPLACE FUNCTION chorus.read_row(rel text, cols text[], key jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
@@ -86,6 +161,7 @@ DECLARE
     kind text;
     remote_wins boolean;
     local_img jsonb;
+    unique_outcome text;
 BEGIN
     SELECT t.pk_columns INTO cols FROM chorus.replicated_table t WHERE t.tbl = rel;
     IF NOT FOUND THEN
@@ -93,8 +169,8 @@ BEGIN
             USING ERRCODE = '55000';
     END IF;
     IF key IS NULL THEN
-        PERFORM chorus.write_row(rel, cols, img);
-        RETURN 'applied';
+        unique_outcome := chorus.write_row_resolving(rel, cols, key, img, ver, org);
+        RETURN coalesce('unique:' || unique_outcome, 'applied');
     END IF;
 
     PERFORM chorus.key_lock(rel, key);
@@ -134,12 +210,20 @@ BEGIN
     IF op = 'DELETE' THEN
         PERFORM chorus.delete_row(rel, cols, key);
     ELSE
-        PERFORM chorus.write_row(rel, cols, img);
+        unique_outcome := chorus.write_row_resolving(rel, cols, key, img, ver, org);
+        IF unique_outcome = 'local_wins' THEN
+            -- The row lost on a unique index: it is gone here, as it is
+            -- (or will be) on every backend that resolves the same way.
+            PERFORM chorus.delete_row(rel, cols, key);
+        END IF;
     END IF;
     INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
-    VALUES (rel, key, ver, org, op = 'DELETE')
+    VALUES (rel, key, ver, org, op = 'DELETE' OR unique_outcome IS NOT DISTINCT FROM 'local_wins')
     ON CONFLICT (tbl, pk) DO UPDATE
         SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted;
+    IF unique_outcome IS NOT NULL THEN
+        RETURN 'unique:' || unique_outcome;
+    END IF;
     RETURN coalesce(kind || ':remote_wins', 'applied');
 END
 $$;

@@ -340,7 +340,13 @@ async fn connect_backend(
         .user(&config.user)
         .dbname(&config.database)
         .application_name("chorus replication")
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // A peer that vanished from the network (no reset) is noticed and
+        // its stream reconnects; a large batch may still take long.
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3);
     if let Some(password) = &config.password {
         pg.password(password);
     }
@@ -364,11 +370,14 @@ fn slot_label(name: &str) -> String {
         .collect()
 }
 
-async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), ReplicationError> {
+async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), ReplicationError> {
     let home = node.config.home_backend();
     let origin = connect_backend(home, config).await?;
     capture::install(&origin, node.config.node.id).await?;
-    let mut peers = Vec::new();
+    // One task per peer, each with its own connections, so that a slow or
+    // frozen peer holds up only its own stream.
+    let mut streams = tokio::task::JoinSet::new();
+    let mut slots = Vec::new();
     for backend in node.config.backends.iter().filter(|b| b.name != home.name) {
         let stream = ReplicationStream {
             slot: format!(
@@ -379,47 +388,92 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
             ..ReplicationStream::new(node.config.node.id, 0)
         };
         stream.ensure_slot(&origin).await?;
-        peers.push((backend.clone(), stream, None::<Client>, 0u64));
+        slots.push((backend.name.clone(), stream.slot.clone()));
+        streams.spawn(run_stream(
+            node.clone(),
+            config.clone(),
+            backend.clone(),
+            stream,
+        ));
     }
     tracing::info!(
         node = node.config.node.id,
         home = %home.name,
-        peers = peers.len(),
+        peers = slots.len(),
         "replication running"
     );
-    let poll = Duration::from_millis(config.poll_interval_ms.max(1));
-    let mut last_lag_check = std::time::Instant::now();
-    let mut last_observe = std::time::Instant::now();
-    let progress = node.progress.clone();
+    let mut lag_check = tokio::time::interval(Duration::from_secs(1));
+    let mut observe = tokio::time::interval(OBSERVE_INTERVAL);
     loop {
-        let mut moved = 0;
-        let round = progress.as_ref().map_or(0, |p| p.start_round());
-        for (backend, stream, client, applied_since) in &mut peers {
-            if client.as_ref().is_none_or(Client::is_closed) {
-                match connect_backend(backend, config).await {
-                    Ok(c) => *client = Some(c),
-                    Err(e) => {
-                        tracing::debug!(peer = %backend.name, error = %e, "peer unreachable");
-                        continue;
+        tokio::select! {
+            ended = streams.join_next() => {
+                // A stream only ends when it lost the home backend.
+                return match ended {
+                    Some(Ok(Err(e))) => Err(e),
+                    _ => Err(ReplicationError::Decoding("replication stream ended".into())),
+                };
+            }
+            _ = lag_check.tick() => {
+                for (peer, slot) in &slots {
+                    let lag = origin
+                        .query_opt(
+                            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 \
+                             FROM pg_replication_slots WHERE slot_name = $1",
+                            &[slot],
+                        )
+                        .await?;
+                    if let (Some(m), Some(row)) = (node.metrics.peer(peer), lag) {
+                        m.lag_bytes.set(row.get::<_, Option<f64>>(0).unwrap_or(0.0));
                     }
                 }
             }
-            let Some(peer) = client.as_mut() else {
-                continue;
-            };
-            match stream.step(&origin, peer).await {
+            _ = observe.tick() => observe_remote_versions(node, &origin).await?,
+        }
+    }
+}
+
+/// Move the home backend's changes to one peer until the home backend
+/// connection fails (the caller then starts over). A failing peer only
+/// pauses this stream; it reconnects and resumes from the slot.
+async fn run_stream(
+    node: Arc<Node>,
+    config: ReplicationConfig,
+    backend: BackendConfig,
+    stream: ReplicationStream,
+) -> Result<(), ReplicationError> {
+    let origin = connect_backend(node.config.home_backend(), &config).await?;
+    let poll = Duration::from_millis(config.poll_interval_ms.max(1));
+    let progress = node.progress.clone();
+    let metrics = node.metrics.peer(&backend.name);
+    let mut peer: Option<Client> = None;
+    let mut window_start = std::time::Instant::now();
+    let mut applied_in_window = 0u64;
+    loop {
+        let mut moved = 0;
+        if peer.as_ref().is_none_or(Client::is_closed) {
+            match connect_backend(&backend, &config).await {
+                Ok(c) => peer = Some(c),
+                Err(e) => {
+                    tracing::debug!(peer = %backend.name, error = %e, "peer unreachable");
+                    peer = None;
+                }
+            }
+        }
+        if let Some(client) = peer.as_mut() {
+            let step = progress.as_ref().map_or(0, |p| p.start_step(&backend.name));
+            match stream.step(&origin, client).await {
                 Ok(report) => {
-                    moved += report.transactions;
-                    if let Some(m) = node.metrics.peer(&backend.name) {
+                    moved = report.transactions;
+                    if let Some(m) = metrics {
                         m.applied.increment(report.results.len() as u64);
                         m.lag_seconds.set(report.lag_seconds);
                         for delay in &report.delays {
                             m.delay.record(*delay);
                         }
                     }
-                    *applied_since += report.results.len() as u64;
+                    applied_in_window += report.results.len() as u64;
                     if let (true, Some(progress)) = (report.complete, &progress) {
-                        progress.peer_done(&backend.name, round);
+                        progress.peer_done(&backend.name, step);
                     }
                     for conflict in report.conflicts() {
                         let kind = conflict.split(':').next().unwrap_or(conflict);
@@ -427,39 +481,21 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
                     }
                 }
                 Err(e) => {
-                    // The origin connection failing ends this round; a peer
-                    // failing only pauses its own stream.
                     if origin.is_closed() {
                         return Err(e);
                     }
                     tracing::debug!(peer = %backend.name, error = %e, "stream step failed");
-                    *client = None;
+                    peer = None;
                 }
             }
         }
-        if last_lag_check.elapsed() >= Duration::from_secs(1) {
-            let window = last_lag_check.elapsed().as_secs_f64();
-            last_lag_check = std::time::Instant::now();
-            for (backend, stream, _, applied_since) in &mut peers {
-                let lag = origin
-                    .query_opt(
-                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 \
-                         FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&stream.slot],
-                    )
-                    .await?;
-                if let Some(m) = node.metrics.peer(&backend.name) {
-                    if let Some(row) = lag {
-                        m.lag_bytes.set(row.get::<_, Option<f64>>(0).unwrap_or(0.0));
-                    }
-                    m.applied_per_second.set(*applied_since as f64 / window);
-                }
-                *applied_since = 0;
+        if window_start.elapsed() >= Duration::from_secs(1) {
+            if let Some(m) = metrics {
+                m.applied_per_second
+                    .set(applied_in_window as f64 / window_start.elapsed().as_secs_f64());
             }
-        }
-        if last_observe.elapsed() >= OBSERVE_INTERVAL {
-            last_observe = std::time::Instant::now();
-            observe_remote_versions(node, &origin).await?;
+            window_start = std::time::Instant::now();
+            applied_in_window = 0;
         }
         if origin.is_closed() {
             return Err(ReplicationError::Decoding(
@@ -469,7 +505,7 @@ async fn replicate(node: &Node, config: &ReplicationConfig) -> Result<(), Replic
         if moved == 0 {
             // Woken early by a session's commit.
             match &progress {
-                Some(progress) => progress.idle(poll).await,
+                Some(progress) => progress.idle(&backend.name, poll).await,
                 None => tokio::time::sleep(poll).await,
             }
         }

@@ -1,12 +1,12 @@
 //! Commit scopes: a session's `chorus.commit_scope` setting, and the
 //! replication progress a commit waits on.
 //!
-//! The wait needs no log positions from the client's transaction: the
-//! replicator counts rounds (one pass over every peer stream), and records
-//! per peer the last round whose step read the origin's changes to their
-//! end and applied them. A round that starts after a commit has returned
-//! reads past that commit, so once a peer's completed round is newer than
-//! the round counter seen at commit time, the peer has the transaction.
+//! The wait needs no log positions from the client's transaction: each
+//! peer stream counts the steps it starts, and records the last step that
+//! read the origin's changes to their end and applied them. A step that
+//! starts after a commit has returned reads past that commit, so once a
+//! peer's last complete step is newer than its step count seen at commit
+//! time, the peer has the transaction.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -121,77 +121,114 @@ pub fn decode(byte: u8) -> Option<CommitScope> {
     }
 }
 
-/// How far this node's replicator has brought its home backend's changes
-/// to each peer, in rounds.
+/// One peer stream's progress.
+struct PeerProgress {
+    peer: String,
+    /// Steps started so far.
+    started: AtomicU64,
+    /// The newest step (by start number) that read the origin's changes to
+    /// their end and applied them.
+    done: AtomicU64,
+    /// Wakes the stream when a session commits a write.
+    wake: Notify,
+}
+
+/// How far this node's replication streams (one per peer backend, each
+/// running on its own) have brought its home backend's changes.
 pub struct ReplicationProgress {
-    /// Rounds started so far.
-    round: AtomicU64,
-    /// Per peer backend: the newest round whose step read to the end of the
-    /// origin's changes and applied them.
-    done: Vec<(String, AtomicU64)>,
+    peers: Vec<PeerProgress>,
     /// Bumped after every step, for waiters.
     changed: watch::Sender<u64>,
-    /// Wakes the replicator when a session commits a write.
-    wake: Notify,
     /// Backends in the cluster, the home backend included.
     backends: usize,
 }
 
+/// What a commit waits on: each peer's started-step count at commit time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket(Vec<u64>);
+
 impl ReplicationProgress {
     pub fn new(peers: &[String], backends: usize) -> ReplicationProgress {
         ReplicationProgress {
-            round: AtomicU64::new(0),
-            done: peers
+            peers: peers
                 .iter()
-                .map(|p| (p.clone(), AtomicU64::new(0)))
+                .map(|p| PeerProgress {
+                    peer: p.clone(),
+                    started: AtomicU64::new(0),
+                    done: AtomicU64::new(0),
+                    wake: Notify::new(),
+                })
                 .collect(),
             changed: watch::channel(0).0,
-            wake: Notify::new(),
             backends,
         }
     }
 
-    /// The replicator starts a round; returns its number.
-    pub fn start_round(&self) -> u64 {
-        self.round.fetch_add(1, Ordering::SeqCst) + 1
+    fn peer(&self, peer: &str) -> Option<&PeerProgress> {
+        self.peers.iter().find(|p| p.peer == peer)
     }
 
-    /// The replicator brought `peer` up to date in `round`.
-    pub fn peer_done(&self, peer: &str, round: u64) {
-        if let Some((_, done)) = self.done.iter().find(|(p, _)| p == peer) {
-            done.fetch_max(round, Ordering::SeqCst);
+    /// The stream to `peer` starts a step; returns its number.
+    pub fn start_step(&self, peer: &str) -> u64 {
+        self.peer(peer)
+            .map_or(0, |p| p.started.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// The stream to `peer` read to the end and applied in step `step`.
+    pub fn peer_done(&self, peer: &str, step: u64) {
+        if let Some(p) = self.peer(peer) {
+            p.done.fetch_max(step, Ordering::SeqCst);
         }
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Wake the replicator (a write committed).
+    /// Wake every stream (a write committed).
     pub fn wake(&self) {
-        self.wake.notify_one();
+        for p in &self.peers {
+            p.wake.notify_one();
+        }
     }
 
-    /// For the replicator: sleep until woken or `idle` passes.
-    pub async fn idle(&self, idle: Duration) {
-        let _ = tokio::time::timeout(idle, self.wake.notified()).await;
+    /// For the stream to `peer`: sleep until woken or `idle` passes.
+    pub async fn idle(&self, peer: &str, idle: Duration) {
+        match self.peer(peer) {
+            Some(p) => {
+                let _ = tokio::time::timeout(idle, p.wake.notified()).await;
+            }
+            None => tokio::time::sleep(idle).await,
+        }
     }
 
     /// A ticket for a transaction that has just committed.
-    pub fn ticket(&self) -> u64 {
-        self.round.load(Ordering::SeqCst)
+    pub fn ticket(&self) -> Ticket {
+        Ticket(
+            self.peers
+                .iter()
+                .map(|p| p.started.load(Ordering::SeqCst))
+                .collect(),
+        )
     }
 
     /// Backends known to have the transaction of `ticket`, the home
-    /// backend included.
-    pub fn reached(&self, ticket: u64) -> usize {
+    /// backend included: a step that started after the commit returned
+    /// read past it.
+    pub fn reached(&self, ticket: &Ticket) -> usize {
         1 + self
-            .done
+            .peers
             .iter()
-            .filter(|(_, done)| done.load(Ordering::SeqCst) > ticket)
+            .zip(&ticket.0)
+            .filter(|(p, at_commit)| p.done.load(Ordering::SeqCst) > **at_commit)
             .count()
     }
 
     /// Wait until `scope` is satisfied for `ticket`, at most `limit`.
     /// Returns how many backends had it then, and whether that was enough.
-    pub async fn wait(&self, ticket: u64, scope: CommitScope, limit: Duration) -> (usize, bool) {
+    pub async fn wait(
+        &self,
+        ticket: &Ticket,
+        scope: CommitScope,
+        limit: Duration,
+    ) -> (usize, bool) {
         let needed = scope.required(self.backends);
         let mut changes = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
@@ -260,22 +297,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_commit_waits_for_rounds_started_after_it() {
+    async fn a_commit_waits_for_steps_started_after_it() {
         let progress = ReplicationProgress::new(&["b".into(), "c".into()], 3);
-        let before = progress.start_round();
+        let before = progress.start_step("b");
         let ticket = progress.ticket();
-        // A round that started before the commit does not count.
+        // A step that started before the commit does not count.
         progress.peer_done("b", before);
-        assert_eq!(progress.reached(ticket), 1);
-        let round = progress.start_round();
-        progress.peer_done("b", round);
-        assert_eq!(progress.reached(ticket), 2);
+        assert_eq!(progress.reached(&ticket), 1);
+        let step = progress.start_step("b");
+        progress.peer_done("b", step);
+        assert_eq!(progress.reached(&ticket), 2);
         let (reached, ok) = progress
-            .wait(ticket, CommitScope::Majority, Duration::from_millis(10))
+            .wait(&ticket, CommitScope::Majority, Duration::from_millis(10))
             .await;
         assert_eq!((reached, ok), (2, true));
         let (reached, ok) = progress
-            .wait(ticket, CommitScope::All, Duration::from_millis(50))
+            .wait(&ticket, CommitScope::All, Duration::from_millis(50))
             .await;
         assert_eq!((reached, ok), (2, false));
     }

@@ -731,7 +731,7 @@ where
         .replication
         .as_ref()
         .map_or(CommitScope::Local, |r| r.commit_scope);
-    let scope_wait = Mutex::new(None::<(u64, CommitScope)>);
+    let scope_wait = Mutex::new(None::<(scope::Ticket, CommitScope)>);
     let inspect = |tag: u8| matches!(tag, b'Z' | b'E') || state.stamps.load(Ordering::SeqCst) > 0;
     let mut on_message = |tag: u8, body: &[u8], _rest: &[u8]| {
         if state.stamps.load(Ordering::SeqCst) > 0 {
@@ -835,7 +835,7 @@ where
             let mut out = BytesMut::new();
             let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
             if let (Some((ticket, scope)), Some(progress)) = (wait, &node.progress) {
-                commit_scope_wait(node, progress, ticket, scope, &mut out).await;
+                commit_scope_wait(node, progress, &ticket, scope, &mut out).await;
             }
             out.extend_from_slice(ready);
             if writer.write_all(&out).await.is_err() {
@@ -897,7 +897,7 @@ async fn shutdown_session<W: AsyncWrite + Unpin>(writer: &mut W) -> RelayEnd {
 async fn commit_scope_wait(
     node: &Node,
     progress: &ReplicationProgress,
-    ticket: u64,
+    ticket: &scope::Ticket,
     scope: CommitScope,
     out: &mut BytesMut,
 ) {

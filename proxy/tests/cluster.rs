@@ -765,3 +765,87 @@ async fn commit_scopes_wait_for_the_backends_they_promise() {
         .get(0);
     assert_eq!(count, 15);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_conflict_on_a_secondary_unique_key_is_resolved_and_apply_goes_on() {
+    let c = cluster(3).await;
+    let n1 = c.via(1).await;
+    let n2 = c.via(2).await;
+    n1.batch_execute("CREATE TABLE accounts (id int PRIMARY KEY, email text UNIQUE, note text)")
+        .await
+        .unwrap();
+    c.converged(
+        "SELECT string_agg(tbl, ',') FROM chorus.replicated_table WHERE tbl = 'public.accounts'",
+    )
+    .await;
+    // Two different rows claim the same email through two nodes at once,
+    // and an update moves a third row onto an email taken elsewhere.
+    n1.batch_execute("INSERT INTO accounts VALUES (10, 'c@example.com', 'first')")
+        .await
+        .unwrap();
+    c.converged("SELECT count(*)::text FROM accounts").await;
+    let (a, b) = tokio::join!(
+        n1.batch_execute(
+            "INSERT INTO accounts VALUES (1, 'a@example.com', 'n1'); \
+             INSERT INTO accounts VALUES (3, 'd@example.com', 'n1')"
+        ),
+        n2.batch_execute(
+            "INSERT INTO accounts VALUES (2, 'a@example.com', 'n2'); \
+             UPDATE accounts SET email = 'd@example.com' WHERE id = 10"
+        ),
+    );
+    a.unwrap();
+    b.unwrap();
+    let rows = c
+        .converged("SELECT string_agg(id || ':' || email, ',' ORDER BY id) FROM accounts")
+        .await;
+    // One row per email survives, the same everywhere.
+    assert_eq!(rows.matches("a@example.com").count(), 1, "{rows}");
+    assert_eq!(rows.matches("d@example.com").count(), 1, "{rows}");
+    c.converged(
+        "SELECT md5(string_agg(pk::text || version || deleted, ',' ORDER BY pk::text)) \
+         FROM chorus.row_version WHERE tbl = 'public.accounts'",
+    )
+    .await;
+    // The losers are in the conflict logs and counted.
+    let mut logged = 0;
+    for b in 1..=3 {
+        let n: i64 = c
+            .direct(b)
+            .await
+            .query_one(
+                "SELECT count(*) FROM chorus.conflict WHERE kind = 'unique'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        logged += n;
+    }
+    assert!(logged >= 2, "unique conflicts logged: {logged}");
+    let counted: f64 = c
+        .node_handles
+        .iter()
+        .map(|node| {
+            node.metrics
+                .render()
+                .lines()
+                .find(|l| l.starts_with("chorus_conflicts_total{kind=\"unique\"}"))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert!(counted >= 2.0, "unique conflicts counted: {counted}");
+    // Replication did not stall: later writes from both nodes arrive.
+    n2.batch_execute("INSERT INTO accounts VALUES (20, 'e@example.com', 'later')")
+        .await
+        .unwrap();
+    n1.batch_execute("INSERT INTO accounts VALUES (21, 'f@example.com', 'later')")
+        .await
+        .unwrap();
+    let later = c
+        .converged("SELECT count(*)::text FROM accounts WHERE note = 'later'")
+        .await;
+    assert_eq!(later, "2");
+}
