@@ -235,7 +235,8 @@ $$;
 -- A table created or altered is adopted (or re-adopted, when it gained a
 -- primary key) in the same transaction, on the origin and on every peer.
 -- Not replicated: temporary objects, Chorus's own objects, extension
--- members, and anything run with `SET chorus.ddl_scope = 'local'`.
+-- members, and anything run with `SET chorus.ddl_scope = 'local'` (a table
+-- created that way is not adopted either; `chorus adopt` does that).
 CREATE TABLE IF NOT EXISTS chorus.ddl_log (
     id bigserial PRIMARY KEY,
     logged_at timestamptz NOT NULL DEFAULT now(),
@@ -260,7 +261,15 @@ BEGIN
         CONTINUE WHEN cmd.object_type = 'trigger' AND cmd.object_identity LIKE 'chorus_capture on %';
         IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
            AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = cmd.objid AND c.relkind IN ('r', 'p')
-                                                 AND c.relpersistence = 'p') THEN
+                                                 AND c.relpersistence = 'p')
+           -- A table made under ddl_scope 'local' exists here only, so it
+           -- is not replicated (until adopted); a replicated table stays so.
+           AND (coalesce(current_setting('chorus.ddl_scope', true), '') <> 'local'
+                OR coalesce(current_setting('chorus.applying', true), '') = 'on'
+                OR EXISTS (SELECT 1 FROM chorus.replicated_table t
+                            WHERE t.tbl = (SELECT format('%I.%I', n.nspname, c.relname)
+                                             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                            WHERE c.oid = cmd.objid))) THEN
             PERFORM chorus.adopt(cmd.objid::regclass,
                                  NOT EXISTS (SELECT 1 FROM pg_index i
                                               WHERE i.indrelid = cmd.objid AND i.indisprimary));

@@ -5,6 +5,7 @@
 //! authenticate to the proxy, which logs in to the backend on their behalf
 //! and relays the protocol as raw bytes, classifying statements on the way.
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cancel;

@@ -40,6 +40,20 @@ enum Command {
         #[arg(long)]
         home_backend: Option<String>,
     },
+    /// Adopt existing tables for replication on every backend of the
+    /// cluster (they must exist with the same rows everywhere). A table
+    /// without a primary key is refused unless --insert-only.
+    Adopt {
+        /// Configuration file of any node of the cluster.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Replicate inserts only (for tables without a primary key).
+        #[arg(long)]
+        insert_only: bool,
+        /// Tables, optionally schema-qualified.
+        #[arg(required = true)]
+        tables: Vec<String>,
+    },
     /// Start a throwaway local cluster: N PostgreSQL backends (made with this
     /// machine's initdb) and N Chorus nodes; stop with Ctrl-C.
     Demo {
@@ -111,6 +125,19 @@ fn main() -> anyhow::Result<()> {
                 .await?;
                 anyhow::Ok(())
             })
+        }
+        Command::Adopt {
+            config,
+            insert_only,
+            tables,
+        } => {
+            let config = Config::load(&config)?;
+            let adopted =
+                runtime.block_on(chorus_proxy::admin::adopt(&config, &tables, insert_only))?;
+            for name in adopted {
+                println!("adopted {name} on {} backends", config.backends.len());
+            }
+            Ok(())
         }
         Command::Demo {
             nodes,

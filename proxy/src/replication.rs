@@ -330,7 +330,7 @@ pub async fn run_replicator(node: Arc<Node>) {
     }
 }
 
-async fn connect_backend(
+pub(crate) async fn connect_backend(
     backend: &BackendConfig,
     config: &ReplicationConfig,
 ) -> Result<Client, ReplicationError> {

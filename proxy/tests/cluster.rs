@@ -849,3 +849,91 @@ async fn a_conflict_on_a_secondary_unique_key_is_resolved_and_apply_goes_on() {
         .await;
     assert_eq!(later, "2");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_adopt_command_makes_existing_tables_replicate() {
+    let c = cluster(3).await;
+    // Tables that existed before Chorus: made on each backend alone, with
+    // the same rows.
+    for b in 1..=3 {
+        c.direct(b)
+            .await
+            .batch_execute(
+                "SET chorus.ddl_scope = 'local'; \
+                 CREATE TABLE legacy (id int PRIMARY KEY, v text); \
+                 CREATE TABLE keyless (v text); \
+                 INSERT INTO legacy VALUES (1, 'old'), (2, 'old')",
+            )
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("chorus.toml");
+    let mut toml = String::from("[node]\nid = 1\n[replication]\n");
+    for (i, pg) in c.backends.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[backends]]\nname = \"pg{}\"\nport = {}\n",
+            i + 1,
+            pg.port()
+        ));
+    }
+    std::fs::write(&config, toml).unwrap();
+    let adopt = |args: &[&str]| {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .arg("adopt")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        common::wait_with_limit(child, Duration::from_secs(30))
+    };
+    // A table without a primary key is refused, with what to do instead,
+    // and nothing is adopted anywhere.
+    let refused = adopt(&["legacy", "keyless"]);
+    assert!(!refused.status.success());
+    let err = common::stderr(&refused);
+    assert!(err.contains("has no primary key"), "{err}");
+    assert!(err.contains("insert_only"), "{err}");
+    let adopted = c
+        .converged("SELECT count(*)::text FROM chorus.replicated_table WHERE tbl = 'public.legacy'")
+        .await;
+    assert_eq!(adopted, "0", "nothing is adopted after a refusal");
+
+    let ok = adopt(&["legacy"]);
+    assert!(ok.status.success(), "{}", common::stderr(&ok));
+    assert!(common::stdout(&ok).contains("adopted public.legacy on 3 backends"));
+    let ok = adopt(&["--insert-only", "keyless"]);
+    assert!(ok.status.success(), "{}", common::stderr(&ok));
+
+    // Now writes through any node replicate, updates of old rows included.
+    c.via(2)
+        .await
+        .batch_execute(
+            "UPDATE legacy SET v = 'new' WHERE id = 1; INSERT INTO legacy VALUES (3, 'new')",
+        )
+        .await
+        .unwrap();
+    c.via(3)
+        .await
+        .batch_execute("INSERT INTO keyless VALUES ('x')")
+        .await
+        .unwrap();
+    let rows = c
+        .converged("SELECT string_agg(id || v, ',' ORDER BY id) FROM legacy")
+        .await;
+    assert_eq!(rows, "1new,2old,3new");
+    assert_eq!(
+        c.converged("SELECT string_agg(v, ',') FROM keyless").await,
+        "x"
+    );
+    let update = c
+        .via(1)
+        .await
+        .batch_execute("UPDATE keyless SET v = 'y'")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&update).as_deref(), Some("55000"));
+}
