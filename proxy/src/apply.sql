@@ -244,19 +244,228 @@ BEGIN
 END
 $$;
 
--- Apply a JSON array of changes in order; the results in the same order.
+-- Whether a table's changes may be applied set-based (chorus.apply_batch):
+-- nothing on it depends on the order in which rows of one batch are
+-- written, or on the order relative to other tables. No foreign keys in or
+-- out, no unique index besides the primary key (see write_row_resolving),
+-- no exclusion constraint, no user trigger.
+CREATE OR REPLACE FUNCTION chorus.batchable(rel text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT NOT EXISTS (SELECT 1 FROM pg_constraint c
+                        WHERE c.contype IN ('f', 'x')
+                          AND (c.conrelid = rel::regclass OR c.confrelid = rel::regclass))
+       AND NOT EXISTS (SELECT 1 FROM pg_index i
+                        WHERE i.indrelid = rel::regclass AND i.indisunique AND NOT i.indisprimary)
+       AND NOT EXISTS (SELECT 1 FROM pg_trigger t
+                        WHERE t.tgrelid = rel::regclass AND NOT t.tgisinternal
+                          AND t.tgname <> 'chorus_capture')
+$$;
+
+-- The columns of a table present in a row image, in table order.
+CREATE OR REPLACE FUNCTION chorus.present_columns(rel text, img jsonb) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT array_agg(a.attname::text ORDER BY a.attnum)
+      FROM pg_attribute a
+     WHERE a.attrelid = rel::regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attgenerated = '' AND img ? a.attname
+$$;
+
+-- Apply the changes of one batchable table from one batch, set-based, with
+-- the outcome of applying them one by one: per key, the batch's last
+-- change (the newest: one origin's versions of a row only grow) against
+-- the version held here, by (version, origin); a conflict when the key's
+-- first change in the batch did not overwrite the version held here. A few
+-- statements for the whole batch instead of several per change.
+-- Returns one result per change: 'applied' for changes superseded in the
+-- batch, else as chorus.apply_change.
+CREATE OR REPLACE FUNCTION chorus.apply_batch(rel text, changes jsonb) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    cols text[];
+    present text[];
+    others text[];
+    r record;
+    kind text;
+    remote_wins boolean;
+    results text[] := '{}';
+    del_keys jsonb[] := '{}';
+    up_rows jsonb[] := '{}';
+    v_keys jsonb[] := '{}';
+    v_vers bigint[] := '{}';
+    v_orgs integer[] := '{}';
+    v_dels boolean[] := '{}';
+    keys integer := 0;
+BEGIN
+    SELECT t.pk_columns INTO cols FROM chorus.replicated_table t WHERE t.tbl = rel;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'received a change for table %, which is not replicated on this backend', rel
+            USING ERRCODE = '55000';
+    END IF;
+    IF cardinality(cols) = 0 THEN
+        -- Insert-only: every change is an insert of its own row.
+        present := chorus.present_columns(rel, changes -> 0 -> 'row');
+        EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)',
+                       rel, chorus.ident_list(present))
+        USING (SELECT jsonb_agg(c -> 'row' ORDER BY (c ->> 'n')::integer) FROM jsonb_array_elements(changes) c);
+        RETURN array_fill('applied'::text, ARRAY[jsonb_array_length(changes)]);
+    END IF;
+
+    -- Lock every key (in one order, so two applies cannot deadlock).
+    PERFORM chorus.key_lock(rel, s.k)
+       FROM (SELECT DISTINCT c -> 'key' AS k FROM jsonb_array_elements(changes) c) s
+      ORDER BY s.k;
+
+    FOR r IN
+        WITH c AS (
+            SELECT (e ->> 'n')::integer AS n, e ->> 'op' AS op, e -> 'key' AS k,
+                   nullif(e -> 'row', 'null'::jsonb) AS img, (e ->> 'version')::bigint AS ver,
+                   (e ->> 'prev')::bigint AS prev, (e ->> 'origin')::integer AS org
+              FROM jsonb_array_elements(changes) e
+        ), first_change AS (
+            SELECT DISTINCT ON (k) k, op AS first_op, prev AS first_prev FROM c ORDER BY k, n
+        ), last_change AS (
+            SELECT DISTINCT ON (k) k, op, img, ver, org FROM c ORDER BY k, n DESC
+        )
+        SELECT l.k, l.op, l.img, l.ver, l.org, f.first_op, f.first_prev,
+               v.tbl IS NOT NULL AS have, v.version AS cur_ver, v.origin AS cur_org,
+               v.deleted AS cur_deleted
+          FROM last_change l
+          JOIN first_change f USING (k)
+          LEFT JOIN chorus.row_version v ON v.tbl = rel AND v.pk = l.k
+    LOOP
+        keys := keys + 1;
+        IF r.have AND r.cur_ver = r.ver AND r.cur_org = r.org THEN
+            results := results || 'duplicate'::text;
+            CONTINUE;
+        END IF;
+        IF NOT r.have THEN
+            kind := CASE r.first_op WHEN 'UPDATE' THEN 'update_missing'
+                                    WHEN 'DELETE' THEN 'delete_missing' END;
+        ELSIF r.cur_ver IS NOT DISTINCT FROM r.first_prev THEN
+            kind := NULL;
+        ELSIF r.cur_deleted THEN
+            kind := CASE r.first_op WHEN 'INSERT' THEN 'insert_delete'
+                                    WHEN 'UPDATE' THEN 'update_delete'
+                                    ELSE 'delete_delete' END;
+        ELSE
+            kind := CASE r.first_op WHEN 'INSERT' THEN 'insert_insert'
+                                    WHEN 'UPDATE' THEN 'update_update'
+                                    ELSE 'update_delete' END;
+        END IF;
+        remote_wins := NOT r.have OR (r.ver, r.org) > (r.cur_ver, r.cur_org);
+        IF kind IS NOT NULL THEN
+            INSERT INTO chorus.conflict (tbl, pk, kind, resolution, local_version, local_origin,
+                                         local_row, remote_version, remote_origin, remote_row)
+            VALUES (rel, r.k, kind, CASE WHEN remote_wins THEN 'remote_wins' ELSE 'local_wins' END,
+                    r.cur_ver, r.cur_org, chorus.read_row(rel, cols, r.k), r.ver, r.org, r.img);
+        END IF;
+        IF NOT remote_wins THEN
+            results := results || (kind || ':local_wins');
+            CONTINUE;
+        END IF;
+        results := results || coalesce(kind || ':remote_wins', 'applied');
+        IF r.op = 'DELETE' THEN
+            del_keys := del_keys || r.k;
+        ELSE
+            up_rows := up_rows || r.img;
+        END IF;
+        v_keys := v_keys || r.k;
+        v_vers := v_vers || r.ver;
+        v_orgs := v_orgs || r.org;
+        v_dels := v_dels || (r.op = 'DELETE');
+    END LOOP;
+
+    IF cardinality(del_keys) > 0 THEN
+        EXECUTE format('DELETE FROM %1$s WHERE (%2$s) IN '
+                       '(SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1))',
+                       rel, chorus.ident_list(cols))
+        USING to_jsonb(del_keys);
+    END IF;
+    IF cardinality(up_rows) > 0 THEN
+        present := chorus.present_columns(rel, up_rows[1]);
+        SELECT array_agg(p ORDER BY o) INTO others
+          FROM unnest(present) WITH ORDINALITY AS u(p, o) WHERE p <> ALL (cols);
+        IF others IS NULL THEN
+            EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1) '
+                           'ON CONFLICT (%3$s) DO NOTHING',
+                           rel, chorus.ident_list(present), chorus.ident_list(cols))
+            USING to_jsonb(up_rows);
+        ELSE
+            EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1) '
+                           'ON CONFLICT (%3$s) DO UPDATE SET (%4$s) = ROW(%5$s)',
+                           rel, chorus.ident_list(present), chorus.ident_list(cols),
+                           chorus.ident_list(others), chorus.ident_list(others, 'excluded.'))
+            USING to_jsonb(up_rows);
+        END IF;
+    END IF;
+    INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+    SELECT rel, u.k, u.ver, u.org, u.del FROM unnest(v_keys, v_vers, v_orgs, v_dels) AS u(k, ver, org, del)
+    ON CONFLICT (tbl, pk) DO UPDATE
+        SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted;
+    RETURN results || array_fill('applied'::text, ARRAY[jsonb_array_length(changes) - keys]);
+END
+$$;
+
+-- Apply the row changes at positions lo..hi of a batch (no DDL among
+-- them): batchable tables set-based, one statement group per table; the
+-- others change by change in stream order. Reordering is safe: a batchable
+-- table's rows depend on no other table or row, and the batch commits as
+-- one transaction.
+CREATE OR REPLACE FUNCTION chorus.apply_dml(changes jsonb, lo integer, hi integer) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    grp record;
+    change jsonb;
+    results text[] := '{}';
+    slow text[] := '{}';
+BEGIN
+    FOR grp IN
+        SELECT e.c ->> 'table' AS tbl, jsonb_agg(e.c || jsonb_build_object('n', e.n) ORDER BY e.n) AS cs
+          FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
+         WHERE e.n BETWEEN lo AND hi
+         GROUP BY 1
+         ORDER BY min(e.n)
+    LOOP
+        IF to_regclass(grp.tbl) IS NOT NULL AND chorus.batchable(grp.tbl) THEN
+            results := results || chorus.apply_batch(grp.tbl, grp.cs);
+        ELSE
+            slow := slow || grp.tbl;
+        END IF;
+    END LOOP;
+    IF cardinality(slow) > 0 THEN
+        FOR change IN
+            SELECT e.c FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
+             WHERE e.n BETWEEN lo AND hi AND (e.c ->> 'table') = ANY (slow)
+             ORDER BY e.n
+        LOOP
+            results := results || chorus.apply_change(change);
+        END LOOP;
+    END IF;
+    RETURN results;
+END
+$$;
+
+-- Apply a JSON array of changes: row changes between DDL commands as
+-- chorus.apply_dml does, each DDL command in its place. One result per
+-- change (not in input order).
 CREATE OR REPLACE FUNCTION chorus.apply_changes(changes jsonb) RETURNS text[]
 LANGUAGE plpgsql AS $$
 DECLARE
-    change jsonb;
     results text[] := '{}';
+    total integer := jsonb_array_length(changes);
+    lo integer := 1;
+    ddl_at integer;
 BEGIN
-    FOR change IN SELECT c FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n) ORDER BY n LOOP
-        IF change ? 'ddl' THEN
-            results := results || chorus.apply_ddl(change);
-        ELSE
-            results := results || chorus.apply_change(change);
+    LOOP
+        SELECT min(e.n) INTO ddl_at
+          FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
+         WHERE e.n >= lo AND e.c ? 'ddl';
+        IF coalesce(ddl_at, total + 1) > lo THEN
+            results := results || chorus.apply_dml(changes, lo, coalesce(ddl_at, total + 1) - 1);
         END IF;
+        EXIT WHEN ddl_at IS NULL;
+        results := results || chorus.apply_ddl(changes -> (ddl_at - 1));
+        lo := ddl_at + 1;
     END LOOP;
     RETURN results;
 END
