@@ -36,6 +36,7 @@ pub async fn install(client: &Client, node_id: u16) -> Result<(), CaptureError> 
         .batch_execute(&format!(
             "BEGIN;\n\
              SELECT pg_advisory_xact_lock(hashtext('chorus.install'));\n\
+             SET LOCAL chorus.ddl_scope = 'local';\n\
              {SCHEMA_SQL}\n\
              {APPLY_SQL}\n\
              INSERT INTO chorus.local (node_id) VALUES ({node_id})\n\

@@ -31,6 +31,16 @@ CREATE TABLE IF NOT EXISTS chorus.row_version (
     PRIMARY KEY (tbl, pk)
 );
 
+-- The publication the replication streams decode with (pgoutput): it
+-- publishes no table, so only Chorus's messages are sent.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'chorus') THEN
+        CREATE PUBLICATION chorus;
+    END IF;
+END
+$$;
+
 -- How far the changes of each origin have been applied here.
 CREATE TABLE IF NOT EXISTS chorus.applied (
     origin integer PRIMARY KEY,

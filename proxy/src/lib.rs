@@ -21,3 +21,4 @@ pub mod scope;
 pub mod server;
 pub mod session;
 pub mod stamp;
+pub mod walstream;

@@ -2,13 +2,17 @@
 //! applied on one peer backend, exactly once and in origin commit order.
 //!
 //! Changes are read through a logical replication slot per (origin, peer)
-//! pair with the `test_decoding` plugin that ships with PostgreSQL; only
-//! Chorus's transactional messages matter. A step peeks a batch of whole
-//! transactions, applies them on the peer in one transaction that also
-//! records the origin commit position applied up to (`chorus.applied`), and
-//! only then advances the slot. A crash between the two re-delivers the
-//! batch, and the recorded position makes the peer skip it: never applied
-//! twice, never skipped.
+//! pair with the `pgoutput` plugin that ships with PostgreSQL, asked for
+//! Chorus's transactional messages only (see walstream.rs). A batch of
+//! whole transactions is applied on the peer in one transaction that also
+//! records the origin position applied up to (`chorus.applied`); only then
+//! is the slot told it may move past them. A crash between the two
+//! re-delivers the batch, and the recorded position makes the peer skip
+//! it: never applied twice, never skipped.
+//!
+//! Running nodes stream each slot over a replication connection
+//! ([`run_replicator`]); [`ReplicationStream::step`] does one batch through
+//! the SQL functions instead (peek, apply, advance), for tests and tools.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +23,7 @@ use tokio_postgres::Client;
 use crate::capture::{self, CaptureError};
 use crate::config::{BackendConfig, ReplicationConfig};
 use crate::server::Node;
+use crate::walstream::{PgOutputDecoder, WalEvent, WalStream};
 
 /// Why a step failed. The stream retries from its last position.
 #[derive(Debug, Error)]
@@ -46,7 +51,10 @@ pub fn parse_lsn(text: &str) -> Result<u64, ReplicationError> {
 /// An origin transaction: its commit position and its Chorus change payloads.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct DecodedTransaction {
+    /// End of the transaction's commit record, as text (what
+    /// `chorus.applied` stores) and as a number.
     pub commit_lsn: String,
+    pub end_lsn: u64,
     /// Origin commit time, Unix seconds (when the decoder reported it).
     pub commit_time: Option<f64>,
     pub changes: Vec<String>,
@@ -72,35 +80,9 @@ fn max_version<'a>(changes: impl IntoIterator<Item = &'a String>) -> i64 {
         .unwrap_or(0)
 }
 
-/// Group `test_decoding` rows (lsn, data, commit time of a COMMIT row) into
-/// committed transactions.
-/// Rows after the last COMMIT (none, in practice: peeks return whole
-/// transactions) are left out.
-pub fn group_transactions<'a>(
-    rows: impl IntoIterator<Item = (&'a str, &'a str, Option<f64>)>,
-) -> Result<Vec<DecodedTransaction>, ReplicationError> {
-    let mut done = Vec::new();
-    let mut open: Option<DecodedTransaction> = None;
-    for (lsn, data, commit_time) in rows {
-        if data.starts_with("BEGIN") {
-            open = Some(DecodedTransaction::default());
-        } else if data.starts_with("COMMIT") {
-            let mut txn = open
-                .take()
-                .ok_or_else(|| ReplicationError::Decoding(data.to_owned()))?;
-            txn.commit_lsn = lsn.to_owned();
-            txn.commit_time = commit_time;
-            done.push(txn);
-        } else if let Some(payload) = capture::change_payload(data) {
-            match open.as_mut() {
-                Some(txn) => txn.changes.push(payload.to_owned()),
-                // A non-transactional message would arrive outside BEGIN/COMMIT;
-                // Chorus only emits transactional ones.
-                None => return Err(ReplicationError::Decoding(data.to_owned())),
-            }
-        }
-    }
-    Ok(done)
+/// A log sequence number in PostgreSQL's text form.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
 /// What one step did.
@@ -161,11 +143,24 @@ impl ReplicationStream {
     pub async fn ensure_slot(&self, origin: &Client) -> Result<(), ReplicationError> {
         origin
             .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'test_decoding') \
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
                  WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
                 &[&self.slot],
             )
             .await?;
+        let plugin: Option<String> = origin
+            .query_opt(
+                "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await?
+            .and_then(|r| r.get(0));
+        if plugin.as_deref() != Some("pgoutput") {
+            return Err(ReplicationError::Decoding(format!(
+                "slot {} uses the plugin {plugin:?}, not pgoutput; drop it to let Chorus recreate it",
+                self.slot
+            )));
+        }
         Ok(())
     }
 
@@ -175,23 +170,21 @@ impl ReplicationStream {
         origin: &Client,
         peer: &mut Client,
     ) -> Result<StepReport, ReplicationError> {
-        // The commit time is parsed by the origin itself, which printed it
-        // with its own DateStyle and time zone.
+        // The same pgoutput options as walstream::PGOUTPUT_OPTIONS.
         let rows = origin
             .query(
-                "SELECT lsn::text, data, CASE WHEN data LIKE 'COMMIT %' THEN \
-                   extract(epoch FROM substring(data FROM '\\(at (.*)\\)$')::timestamptz)::float8 \
-                 END FROM pg_logical_slot_peek_changes($1, NULL, $2, 'include-timestamp', 'on')",
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
+                 'proto_version', '1', 'publication_names', 'chorus', 'messages', 'true')",
                 &[&self.slot, &self.batch_rows],
             )
             .await?;
-        let transactions = group_transactions(rows.iter().map(|r| {
-            (
-                r.get::<_, &str>(0),
-                r.get::<_, &str>(1),
-                r.get::<_, Option<f64>>(2),
-            )
-        }))?;
+        let mut decoder = PgOutputDecoder::default();
+        let mut transactions = Vec::new();
+        for row in &rows {
+            if let Some(txn) = decoder.feed(row.get::<_, &[u8]>(0))? {
+                transactions.push(txn);
+            }
+        }
         let complete = rows.len() < usize::try_from(self.batch_rows).unwrap_or(usize::MAX);
         let Some(last) = transactions.last() else {
             return Ok(StepReport {
@@ -200,7 +193,28 @@ impl ReplicationStream {
             });
         };
         let last_lsn = last.commit_lsn.clone();
+        let mut report = self.apply(peer, &transactions).await?;
+        report.complete = complete;
+        origin
+            .execute(
+                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                &[&self.slot, &last_lsn],
+            )
+            .await?;
+        Ok(report)
+    }
 
+    /// Apply transactions (in origin commit order) on the peer in one
+    /// transaction, skipping those it already has.
+    pub async fn apply(
+        &self,
+        peer: &mut Client,
+        transactions: &[DecodedTransaction],
+    ) -> Result<StepReport, ReplicationError> {
+        let Some(last) = transactions.last() else {
+            return Ok(StepReport::default());
+        };
+        let last_lsn = last.commit_lsn.clone();
         let applied: Option<String> = peer
             .query_opt(
                 "SELECT lsn::text FROM chorus.applied WHERE origin = $1",
@@ -210,20 +224,17 @@ impl ReplicationStream {
             .map(|r| r.get(0));
         let applied = applied.as_deref().map(parse_lsn).transpose()?.unwrap_or(0);
 
-        let mut report = StepReport {
-            complete,
-            ..StepReport::default()
-        };
+        let mut report = StepReport::default();
         let mut commit_times = Vec::new();
         let mut batch = String::from("[");
-        for txn in &transactions {
+        for txn in transactions {
             // Transactions without Chorus messages (the apply of other
             // nodes' changes, writes to tables that are not replicated) have
             // nothing to apply; the slot simply moves past them.
             if txn.changes.is_empty() {
                 continue;
             }
-            if parse_lsn(&txn.commit_lsn)? <= applied {
+            if txn.end_lsn <= applied {
                 report.duplicates += 1;
                 continue;
             }
@@ -246,7 +257,7 @@ impl ReplicationStream {
             let newest_version = max_version(
                 transactions
                     .iter()
-                    .filter(|t| parse_lsn(&t.commit_lsn).is_ok_and(|l| l > applied))
+                    .filter(|t| t.end_lsn > applied)
                     .flat_map(|t| &t.changes),
             );
             let tx = peer.transaction().await?;
@@ -274,12 +285,6 @@ impl ReplicationStream {
             report.delays = commit_times.iter().map(|t| (done - t).max(0.0)).collect();
             report.results = results;
         }
-        origin
-            .execute(
-                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                &[&self.slot, &last_lsn],
-            )
-            .await?;
         Ok(report)
     }
 }
@@ -402,6 +407,11 @@ async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), R
         peers = slots.len(),
         "replication running"
     );
+    // Commits waiting for a scope ask for the home backend's flush position.
+    let mut flush_requests = match &node.progress {
+        Some(progress) => Some(progress.flush_requests_rx.lock().await),
+        None => None,
+    };
     let mut lag_check = tokio::time::interval(Duration::from_secs(1));
     let mut observe = tokio::time::interval(OBSERVE_INTERVAL);
     loop {
@@ -412,6 +422,18 @@ async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), R
                     Some(Ok(Err(e))) => Err(e),
                     _ => Err(ReplicationError::Decoding("replication stream ended".into())),
                 };
+            }
+            Some(reply) = async {
+                match flush_requests.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let lsn: String = origin
+                    .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                    .await?
+                    .get(0);
+                let _ = reply.send(parse_lsn(&lsn)?);
             }
             _ = lag_check.tick() => {
                 for (peer, slot) in &slots {
@@ -432,83 +454,166 @@ async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), R
     }
 }
 
-/// Move the home backend's changes to one peer until the home backend
+/// Changes taken into one apply transaction at most (whole transactions
+/// are always taken); keeps the apply, and the key locks it holds, short.
+const MAX_BATCH_CHANGES: usize = 5_000;
+
+/// Stream the home backend's changes to one peer until the home backend
 /// connection fails (the caller then starts over). A failing peer only
-/// pauses this stream; it reconnects and resumes from the slot.
+/// pauses this stream: it reconnects and applies the same batch again.
 async fn run_stream(
     node: Arc<Node>,
     config: ReplicationConfig,
     backend: BackendConfig,
     stream: ReplicationStream,
 ) -> Result<(), ReplicationError> {
-    let origin = connect_backend(node.config.home_backend(), &config).await?;
+    let home = node.config.home_backend();
+    let wal = WalStream::start(home, &config, &stream.slot, Duration::from_secs(5)).await?;
+    let (mut reader, mut writer) = wal.split();
+    // The reader runs on its own (reading a message is not cancel-safe);
+    // the bounded channel makes it wait while a batch is applied.
+    let (events_tx, mut events) = tokio::sync::mpsc::channel(4096);
+    let reading = tokio::spawn(async move {
+        loop {
+            let event = reader.next().await;
+            let failed = event.is_err();
+            if events_tx.send(event).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let _stop_reading = AbortOnDrop(reading);
     let poll = Duration::from_millis(config.poll_interval_ms.max(1));
     let progress = node.progress.clone();
     let metrics = node.metrics.peer(&backend.name);
     let mut peer: Option<Client> = None;
+    let mut decoder = PgOutputDecoder::default();
+    let mut pending: Vec<DecodedTransaction> = Vec::new();
+    let mut pending_changes = 0usize;
+    // Origin position up to which the peer has everything received.
+    let mut confirmed = 0u64;
     let mut window_start = std::time::Instant::now();
     let mut applied_in_window = 0u64;
     loop {
-        let mut moved = 0;
-        if peer.as_ref().is_none_or(Client::is_closed) {
-            match connect_backend(&backend, &config).await {
-                Ok(c) => peer = Some(c),
-                Err(e) => {
-                    tracing::debug!(peer = %backend.name, error = %e, "peer unreachable");
-                    peer = None;
-                }
-            }
-        }
-        if let Some(client) = peer.as_mut() {
-            let step = progress.as_ref().map_or(0, |p| p.start_step(&backend.name));
-            match stream.step(&origin, client).await {
-                Ok(report) => {
-                    moved = report.transactions;
-                    if let Some(m) = metrics {
-                        m.applied.increment(report.results.len() as u64);
-                        m.lag_seconds.set(report.lag_seconds);
-                        for delay in &report.delays {
-                            m.delay.record(*delay);
+        let first = match &progress {
+            Some(p) => tokio::select! {
+                event = events.recv() => Some(event),
+                _ = p.idle(&backend.name, poll) => None,
+            },
+            None => tokio::select! {
+                event = events.recv() => Some(event),
+                _ = tokio::time::sleep(poll) => None,
+            },
+        };
+        let Some(first) = first else {
+            // Idle (or woken by a commit): ask how far the server has sent,
+            // so the position can move past WAL with nothing to apply.
+            writer.confirm(confirmed, true).await?;
+            continue;
+        };
+        let mut next = first;
+        loop {
+            match next
+                .ok_or_else(|| ReplicationError::Decoding("walsender reader ended".into()))??
+            {
+                WalEvent::Data(data) => {
+                    if let Some(txn) = decoder.feed(&data)? {
+                        if txn.changes.is_empty() && pending.is_empty() {
+                            confirmed = confirmed.max(txn.end_lsn);
+                        } else {
+                            pending_changes += txn.changes.len();
+                            pending.push(txn);
                         }
                     }
-                    applied_in_window += report.results.len() as u64;
-                    if let (true, Some(progress)) = (report.complete, &progress) {
-                        progress.peer_done(&backend.name, step);
-                    }
-                    for conflict in report.conflicts() {
-                        let kind = conflict.split(':').next().unwrap_or(conflict);
-                        node.metrics.conflict(kind);
-                    }
                 }
-                Err(e) => {
-                    if origin.is_closed() {
-                        return Err(e);
+                WalEvent::Keepalive {
+                    wal_end,
+                    reply_requested,
+                } => {
+                    if pending.is_empty() && !decoder.in_transaction() {
+                        confirmed = confirmed.max(wal_end);
+                        if let Some(p) = &progress {
+                            p.advance(&backend.name, confirmed);
+                        }
                     }
-                    tracing::debug!(peer = %backend.name, error = %e, "stream step failed");
-                    peer = None;
+                    if reply_requested {
+                        writer.confirm(confirmed, false).await?;
+                    }
                 }
             }
+            if pending_changes >= MAX_BATCH_CHANGES {
+                break;
+            }
+            match events.try_recv() {
+                Ok(event) => next = Some(event),
+                Err(_) => break,
+            }
+        }
+        let Some(last_end) = pending.last().map(|t| t.end_lsn) else {
+            continue;
+        };
+        let report = loop {
+            if peer.as_ref().is_none_or(Client::is_closed) {
+                match connect_backend(&backend, &config).await {
+                    Ok(c) => peer = Some(c),
+                    Err(e) => {
+                        tracing::debug!(peer = %backend.name, error = %e, "peer unreachable");
+                        tokio::time::sleep(poll.max(Duration::from_millis(500))).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(client) = peer.as_mut() else {
+                continue;
+            };
+            match stream.apply(client, &pending).await {
+                Ok(report) => break report,
+                Err(e) => {
+                    tracing::debug!(peer = %backend.name, error = %e, "apply failed; retrying");
+                    peer = None;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        pending.clear();
+        pending_changes = 0;
+        confirmed = confirmed.max(last_end);
+        if let Some(p) = &progress {
+            p.advance(&backend.name, confirmed);
+        }
+        writer.confirm(confirmed, true).await?;
+        if let Some(m) = metrics {
+            m.applied.increment(report.results.len() as u64);
+            m.lag_seconds.set(report.lag_seconds);
+            for delay in &report.delays {
+                m.delay.record(*delay);
+            }
+        }
+        applied_in_window += report.results.len() as u64;
+        for conflict in report.conflicts() {
+            let kind = conflict.split(':').next().unwrap_or(conflict);
+            node.metrics.conflict(kind);
         }
         if window_start.elapsed() >= Duration::from_secs(1) {
             if let Some(m) = metrics {
                 m.applied_per_second
                     .set(applied_in_window as f64 / window_start.elapsed().as_secs_f64());
+                if events.is_empty() {
+                    m.lag_seconds.set(0.0);
+                }
             }
             window_start = std::time::Instant::now();
             applied_in_window = 0;
         }
-        if origin.is_closed() {
-            return Err(ReplicationError::Decoding(
-                "home backend connection closed".into(),
-            ));
-        }
-        if moved == 0 {
-            // Woken early by a session's commit.
-            match &progress {
-                Some(progress) => progress.idle(&backend.name, poll).await,
-                None => tokio::time::sleep(poll).await,
-            }
-        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -535,24 +640,12 @@ mod tests {
     }
 
     #[test]
-    fn rows_group_into_committed_transactions() {
-        let c1 = r#"message: transactional: 1 prefix: chorus, sz: 2 content:{"a":1}"#;
-        let c2 = r#"message: transactional: 1 prefix: chorus, sz: 2 content:{"a":2}"#;
-        let rows = [
-            ("0/10", "BEGIN 700", None),
-            ("0/11", "table public.t: INSERT: id[integer]:1", None),
-            ("0/12", c1, None),
-            ("0/13", c2, None),
-            ("0/20", "COMMIT 700", Some(1.5)),
-            ("0/21", "BEGIN 701", None),
-            ("0/30", "COMMIT 701", None),
-        ];
-        let txns = group_transactions(rows).unwrap();
-        assert_eq!(txns.len(), 2);
-        assert_eq!(txns[0].commit_lsn, "0/20");
-        assert_eq!(txns[0].commit_time, Some(1.5));
-        assert_eq!(txns[0].changes, vec![r#"{"a":1}"#, r#"{"a":2}"#]);
-        assert!(txns[1].changes.is_empty());
-        assert!(group_transactions([("0/1", "COMMIT 1", None)]).is_err());
+    fn lsns_print_as_postgresql_does() {
+        assert_eq!(format_lsn(0x1_6B37_4800), "1/6B374800");
+        assert_eq!(format_lsn(0xA), "0/A");
+        assert_eq!(
+            parse_lsn(&format_lsn(0x2_0000_00FF)).unwrap(),
+            0x2_0000_00FF
+        );
     }
 }

@@ -1,17 +1,16 @@
 //! Commit scopes: a session's `chorus.commit_scope` setting, and the
 //! replication progress a commit waits on.
 //!
-//! The wait needs no log positions from the client's transaction: each
-//! peer stream counts the steps it starts, and records the last step that
-//! read the origin's changes to their end and applied them. A step that
-//! starts after a commit has returned reads past that commit, so once a
-//! peer's last complete step is newer than its step count seen at commit
-//! time, the peer has the transaction.
+//! Each peer stream publishes the origin WAL position up to which the peer
+//! has everything (the end of the last transaction it applied, or the
+//! server's sent position when it has applied all it received). A commit
+//! waits until enough peers are past the home backend's WAL flush position
+//! read just after the commit returned.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::config::CommitScope;
 
@@ -124,43 +123,44 @@ pub fn decode(byte: u8) -> Option<CommitScope> {
 /// One peer stream's progress.
 struct PeerProgress {
     peer: String,
-    /// Steps started so far.
-    started: AtomicU64,
-    /// The newest step (by start number) that read the origin's changes to
-    /// their end and applied them.
-    done: AtomicU64,
+    /// Origin WAL position up to which everything is on the peer.
+    position: AtomicU64,
     /// Wakes the stream when a session commits a write.
     wake: Notify,
 }
+
+/// A request for the home backend's current WAL flush position.
+pub type FlushRequest = oneshot::Sender<u64>;
 
 /// How far this node's replication streams (one per peer backend, each
 /// running on its own) have brought its home backend's changes.
 pub struct ReplicationProgress {
     peers: Vec<PeerProgress>,
-    /// Bumped after every step, for waiters.
+    /// Bumped whenever a position moves, for waiters.
     changed: watch::Sender<u64>,
     /// Backends in the cluster, the home backend included.
     backends: usize,
+    flush_requests: mpsc::UnboundedSender<FlushRequest>,
+    /// Served by the replicator while it runs.
+    pub flush_requests_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<FlushRequest>>,
 }
-
-/// What a commit waits on: each peer's started-step count at commit time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ticket(Vec<u64>);
 
 impl ReplicationProgress {
     pub fn new(peers: &[String], backends: usize) -> ReplicationProgress {
+        let (flush_requests, rx) = mpsc::unbounded_channel();
         ReplicationProgress {
             peers: peers
                 .iter()
                 .map(|p| PeerProgress {
                     peer: p.clone(),
-                    started: AtomicU64::new(0),
-                    done: AtomicU64::new(0),
+                    position: AtomicU64::new(0),
                     wake: Notify::new(),
                 })
                 .collect(),
             changed: watch::channel(0).0,
             backends,
+            flush_requests,
+            flush_requests_rx: tokio::sync::Mutex::new(rx),
         }
     }
 
@@ -168,21 +168,16 @@ impl ReplicationProgress {
         self.peers.iter().find(|p| p.peer == peer)
     }
 
-    /// The stream to `peer` starts a step; returns its number.
-    pub fn start_step(&self, peer: &str) -> u64 {
-        self.peer(peer)
-            .map_or(0, |p| p.started.fetch_add(1, Ordering::SeqCst) + 1)
-    }
-
-    /// The stream to `peer` read to the end and applied in step `step`.
-    pub fn peer_done(&self, peer: &str, step: u64) {
+    /// The stream to `peer` has everything up to origin position `lsn`.
+    pub fn advance(&self, peer: &str, lsn: u64) {
         if let Some(p) = self.peer(peer) {
-            p.done.fetch_max(step, Ordering::SeqCst);
+            if p.position.fetch_max(lsn, Ordering::SeqCst) < lsn {
+                self.changed.send_modify(|v| *v += 1);
+            }
         }
-        self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Wake every stream (a write committed).
+    /// Wake every stream (a write committed, or a commit waits).
     pub fn wake(&self) {
         for p in &self.peers {
             p.wake.notify_one();
@@ -199,49 +194,46 @@ impl ReplicationProgress {
         }
     }
 
-    /// A ticket for a transaction that has just committed.
-    pub fn ticket(&self) -> Ticket {
-        Ticket(
-            self.peers
-                .iter()
-                .map(|p| p.started.load(Ordering::SeqCst))
-                .collect(),
-        )
-    }
-
-    /// Backends known to have the transaction of `ticket`, the home
-    /// backend included: a step that started after the commit returned
-    /// read past it.
-    pub fn reached(&self, ticket: &Ticket) -> usize {
+    /// Backends known to have everything up to origin position `lsn`, the
+    /// home backend included.
+    pub fn reached(&self, lsn: u64) -> usize {
         1 + self
             .peers
             .iter()
-            .zip(&ticket.0)
-            .filter(|(p, at_commit)| p.done.load(Ordering::SeqCst) > **at_commit)
+            .filter(|p| p.position.load(Ordering::SeqCst) >= lsn)
             .count()
     }
 
-    /// Wait until `scope` is satisfied for `ticket`, at most `limit`.
-    /// Returns how many backends had it then, and whether that was enough.
-    pub async fn wait(
-        &self,
-        ticket: &Ticket,
-        scope: CommitScope,
-        limit: Duration,
-    ) -> (usize, bool) {
+    /// Wait until `scope` is satisfied for a transaction that has just
+    /// committed on the home backend, at most `limit`. Its position is
+    /// bounded by the home backend's WAL flush position now (a commit
+    /// returns once flushed). Returns how many backends had it then, and
+    /// whether that was enough.
+    pub async fn wait(&self, scope: CommitScope, limit: Duration) -> (usize, bool) {
         let needed = scope.required(self.backends);
-        let mut changes = self.changed.subscribe();
+        if needed <= 1 {
+            return (1, true);
+        }
         let deadline = tokio::time::Instant::now() + limit;
+        let (reply, position) = oneshot::channel();
+        if self.flush_requests.send(reply).is_err() {
+            return (1, false);
+        }
+        let lsn = match tokio::time::timeout_at(deadline, position).await {
+            Ok(Ok(lsn)) => lsn,
+            // The replicator is not running (home backend down) or slow.
+            _ => return (1, false),
+        };
+        let mut changes = self.changed.subscribe();
         self.wake();
         loop {
-            let reached = self.reached(ticket);
+            let reached = self.reached(lsn);
             if reached >= needed {
                 return (reached, true);
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
-                // The replicator is gone or time is up.
-                Ok(Err(_)) | Err(_) => return (self.reached(ticket), false),
+                Ok(Err(_)) | Err(_) => return (self.reached(lsn), false),
             }
         }
     }
@@ -297,23 +289,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_commit_waits_for_steps_started_after_it() {
-        let progress = ReplicationProgress::new(&["b".into(), "c".into()], 3);
-        let before = progress.start_step("b");
-        let ticket = progress.ticket();
-        // A step that started before the commit does not count.
-        progress.peer_done("b", before);
-        assert_eq!(progress.reached(&ticket), 1);
-        let step = progress.start_step("b");
-        progress.peer_done("b", step);
-        assert_eq!(progress.reached(&ticket), 2);
+    async fn a_commit_waits_for_enough_peers_past_its_position() {
+        let progress = std::sync::Arc::new(ReplicationProgress::new(&["b".into(), "c".into()], 3));
+        // Stand in for the replicator: the flush position is 100.
+        let server = progress.clone();
+        tokio::spawn(async move {
+            let mut rx = server.flush_requests_rx.lock().await;
+            while let Some(reply) = rx.recv().await {
+                let _ = reply.send(100);
+            }
+        });
+        progress.advance("b", 99);
+        assert_eq!(progress.reached(100), 1);
+        let mover = progress.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            mover.advance("b", 150);
+        });
         let (reached, ok) = progress
-            .wait(&ticket, CommitScope::Majority, Duration::from_millis(10))
+            .wait(CommitScope::Majority, Duration::from_secs(5))
             .await;
         assert_eq!((reached, ok), (2, true));
         let (reached, ok) = progress
-            .wait(&ticket, CommitScope::All, Duration::from_millis(50))
+            .wait(CommitScope::All, Duration::from_millis(50))
             .await;
         assert_eq!((reached, ok), (2, false));
+        assert_eq!(
+            progress.wait(CommitScope::Local, Duration::ZERO).await,
+            (1, true)
+        );
     }
 }

@@ -731,7 +731,7 @@ where
         .replication
         .as_ref()
         .map_or(CommitScope::Local, |r| r.commit_scope);
-    let scope_wait = Mutex::new(None::<(scope::Ticket, CommitScope)>);
+    let scope_wait = Mutex::new(None::<CommitScope>);
     let inspect = |tag: u8| matches!(tag, b'Z' | b'E') || state.stamps.load(Ordering::SeqCst) > 0;
     let mut on_message = |tag: u8, body: &[u8], _rest: &[u8]| {
         if state.stamps.load(Ordering::SeqCst) > 0 {
@@ -767,7 +767,7 @@ where
                                 // Hold this ReadyForQuery until the scope is
                                 // reached (see the relay loop below).
                                 if let Ok(mut wait) = scope_wait.lock() {
-                                    *wait = Some((progress.ticket(), scope));
+                                    *wait = Some(scope);
                                 }
                                 return Ok(Flow::Await);
                             }
@@ -834,8 +834,8 @@ where
         while let Ok(Flow::Held(ready)) = &flow {
             let mut out = BytesMut::new();
             let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
-            if let (Some((ticket, scope)), Some(progress)) = (wait, &node.progress) {
-                commit_scope_wait(node, progress, &ticket, scope, &mut out).await;
+            if let (Some(scope), Some(progress)) = (wait, &node.progress) {
+                commit_scope_wait(node, progress, scope, &mut out).await;
             }
             out.extend_from_slice(ready);
             if writer.write_all(&out).await.is_err() {
@@ -892,12 +892,11 @@ async fn shutdown_session<W: AsyncWrite + Unpin>(writer: &mut W) -> RelayEnd {
     RelayEnd::Shutdown
 }
 
-/// Wait until the committed transaction of `ticket` reached `scope`; if
+/// Wait until the transaction that just committed reached `scope`; if
 /// it did not in time, put the configured error or warning in `out`.
 async fn commit_scope_wait(
     node: &Node,
     progress: &ReplicationProgress,
-    ticket: &scope::Ticket,
     scope: CommitScope,
     out: &mut BytesMut,
 ) {
@@ -905,7 +904,7 @@ async fn commit_scope_wait(
         return;
     };
     let limit = Duration::from_millis(config.commit_scope_timeout_ms);
-    let (reached, ok) = progress.wait(ticket, scope, limit).await;
+    let (reached, ok) = progress.wait(scope, limit).await;
     if ok {
         return;
     }

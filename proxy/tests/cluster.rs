@@ -779,21 +779,26 @@ async fn a_conflict_on_a_secondary_unique_key_is_resolved_and_apply_goes_on() {
     )
     .await;
     // Two different rows claim the same email through two nodes at once,
-    // and an update moves a third row onto an email taken elsewhere.
+    // and an update moves a third row onto an email taken elsewhere. Both
+    // transactions write before either commits, so neither node sees the
+    // other's row in time to refuse its own.
     n1.batch_execute("INSERT INTO accounts VALUES (10, 'c@example.com', 'first')")
         .await
         .unwrap();
     c.converged("SELECT count(*)::text FROM accounts").await;
-    let (a, b) = tokio::join!(
-        n1.batch_execute(
-            "INSERT INTO accounts VALUES (1, 'a@example.com', 'n1'); \
-             INSERT INTO accounts VALUES (3, 'd@example.com', 'n1')"
-        ),
-        n2.batch_execute(
-            "INSERT INTO accounts VALUES (2, 'a@example.com', 'n2'); \
-             UPDATE accounts SET email = 'd@example.com' WHERE id = 10"
-        ),
-    );
+    n1.batch_execute(
+        "BEGIN; INSERT INTO accounts VALUES (1, 'a@example.com', 'n1'); \
+         INSERT INTO accounts VALUES (3, 'd@example.com', 'n1')",
+    )
+    .await
+    .unwrap();
+    n2.batch_execute(
+        "BEGIN; INSERT INTO accounts VALUES (2, 'a@example.com', 'n2'); \
+         UPDATE accounts SET email = 'd@example.com' WHERE id = 10",
+    )
+    .await
+    .unwrap();
+    let (a, b) = tokio::join!(n1.batch_execute("COMMIT"), n2.batch_execute("COMMIT"));
     a.unwrap();
     b.unwrap();
     let rows = c
