@@ -108,16 +108,23 @@ BEGIN
     IF key IS NULL THEN
         ver := txn_hlc;
     ELSE
-        -- Serializes this key with the apply of remote changes (see
-        -- chorus.key_lock), including while the row is still uncommitted.
-        PERFORM chorus.key_lock(rel, key);
-        SELECT v.version INTO prev FROM chorus.row_version v
-         WHERE v.tbl = rel AND v.pk = key FOR UPDATE;
-        ver := greatest(txn_hlc, coalesce(prev, 0) + 1);
-        INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
-        VALUES (rel, key, ver, origin, op = 'DELETE')
-        ON CONFLICT (tbl, pk) DO UPDATE
-            SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted;
+        -- Serializes this key with the apply of remote changes (the body
+        -- of chorus.key_lock, inlined: this runs for every captured row),
+        -- including while the row is still uncommitted. Every writer of
+        -- the key holds it, so the version read below cannot change.
+        PERFORM pg_advisory_xact_lock(hashtextextended(rel || ' ' || key::text, 0));
+        -- Read the previous version and write the new one in one statement.
+        WITH old AS (
+            SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key
+        ), new AS (
+            INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+            SELECT rel, key, greatest(txn_hlc, coalesce((SELECT version FROM old), 0) + 1),
+                   origin, op = 'DELETE'
+            ON CONFLICT (tbl, pk) DO UPDATE
+                SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted
+            RETURNING v.version
+        )
+        SELECT (SELECT version FROM old), (SELECT version FROM new) INTO prev, ver;
     END IF;
     -- `prev` is the version this write overwrote: a peer whose copy of the
     -- row has exactly that version applies it without a conflict.
@@ -149,10 +156,17 @@ BEGIN
     IF current_setting('chorus.applying', true) = 'on' THEN
         RETURN NULL;
     END IF;
-    SELECT t.pk_columns, t.insert_only INTO cols, only_inserts
-      FROM chorus.replicated_table t WHERE t.tbl = rel;
-    IF NOT FOUND THEN
-        RETURN NULL;
+    -- chorus.adopt passes the key columns and the insert-only flag as
+    -- trigger arguments, which saves a lookup per row.
+    IF TG_NARGS = 2 THEN
+        cols := TG_ARGV[0]::text[];
+        only_inserts := TG_ARGV[1]::boolean;
+    ELSE
+        SELECT t.pk_columns, t.insert_only INTO cols, only_inserts
+          FROM chorus.replicated_table t WHERE t.tbl = rel;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
     END IF;
     IF only_inserts AND TG_OP <> 'INSERT' THEN
         RAISE EXCEPTION 'cannot % table % because it is replicated insert-only', lower(TG_OP), rel
@@ -232,7 +246,8 @@ BEGIN
         EXECUTE format('DROP TRIGGER chorus_capture ON %s', rel);
     END IF;
     EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION chorus.capture()', rel);
+                   'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L)',
+                   rel, coalesce(cols, '{}')::text, (insert_only OR cols IS NULL)::text);
     RETURN name;
 END
 $$;

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -458,6 +458,8 @@ struct RelayState {
     stamps: AtomicU32,
     /// Transaction status from the last ReadyForQuery.
     tx_status: AtomicU8,
+    /// Whether a stamp went out since the last idle ReadyForQuery.
+    txn_stamped: AtomicBool,
     /// The session's `chorus.commit_scope` (see scope::encode; 0: the
     /// node's default), and one set with SET LOCAL for the current
     /// transaction.
@@ -480,6 +482,7 @@ async fn relay<CR, CW>(
         pending: Mutex::new(VecDeque::new()),
         stamps: AtomicU32::new(0),
         tx_status: AtomicU8::new(b'I'),
+        txn_stamped: AtomicBool::new(false),
         scope_session: AtomicU8::new(0),
         scope_local: AtomicU8::new(0),
     };
@@ -602,9 +605,20 @@ where
                 | FrontendEvent::Nothing => {}
             }
             let flow = match stamp {
+                // Inside a transaction block that already has its stamp:
+                // the capture trigger keeps the transaction's first stamp
+                // anyway, so another would only cost a statement.
+                Some(_)
+                    if state.tx_status.load(Ordering::Relaxed) == b'T'
+                        && state.txn_stamped.load(Ordering::Relaxed) =>
+                {
+                    stamped = true;
+                    Flow::Continue
+                }
                 Some(kind) => {
                     push_stamp(state, kind);
                     stamped = true;
+                    state.txn_stamped.store(true, Ordering::Relaxed);
                     let mut out = BytesMut::with_capacity(160 + body.len());
                     stamp::write_stamp(&mut out, kind, node.clock.now());
                     out.put_u8(tag);
@@ -753,6 +767,7 @@ where
                     txn_wrote |= wrote;
                 }
                 if status == b'I' {
+                    state.txn_stamped.store(false, Ordering::Relaxed);
                     let local = scope::decode(state.scope_local.swap(0, Ordering::SeqCst));
                     if std::mem::take(&mut txn_wrote) {
                         if let Some(progress) = &node.progress {

@@ -344,6 +344,34 @@ async fn random_concurrent_writes_through_three_nodes_converge() {
          FROM chorus.row_version WHERE tbl = 'public.kv'",
     )
     .await;
+    // Every conflict logged on a backend was counted, by kind, by the node
+    // whose changes caused it.
+    let mut logged = std::collections::BTreeMap::<String, f64>::new();
+    for b in 1..=3 {
+        for row in c
+            .direct(b)
+            .await
+            .query("SELECT kind, count(*)::float8 FROM chorus.conflict GROUP BY kind", &[])
+            .await
+            .unwrap()
+        {
+            *logged.entry(row.get(0)).or_default() += row.get::<_, f64>(1);
+        }
+    }
+    let mut counted = std::collections::BTreeMap::<String, f64>::new();
+    for node in &c.node_handles {
+        for line in node.metrics.render().lines() {
+            if let Some(rest) = line.strip_prefix("chorus_conflicts_total{kind=\"") {
+                let (kind, value) = rest.split_once("\"} ").unwrap();
+                let value: f64 = value.parse().unwrap();
+                if value > 0.0 {
+                    *counted.entry(kind.to_owned()).or_default() += value;
+                }
+            }
+        }
+    }
+    assert!(!logged.is_empty(), "seed {seed}: no conflict at all");
+    assert_eq!(logged, counted, "seed {seed}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -524,7 +552,7 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
         .unwrap()
         .get(0);
     let times = version_times(&c.direct(1).await, "public.stamped").await;
-    assert_eq!(times.len() as i64, rows, "every row has a version");
+    assert_eq!(times.len() as i64, rows, "every row has a version: {times:?}");
     for t in &times {
         assert!(
             (started + OFFSET_MS - 1000..=finished + OFFSET_MS + 1000).contains(t),
