@@ -12,7 +12,8 @@
 # (interpolated within buckets). pgpool-II writes synchronously, so it has
 # no lag to report.
 #
-# Usage: benches/replication.sh     (DURATION=30 SCALE=10 CLIENTS=12)
+# Usage: benches/replication.sh     (DURATION=30 SCALE=10 CLIENTS=12; KEEP=1
+#        keeps the working directory with every server's log)
 # CLIENTS is the total; Chorus gets CLIENTS/3 per node. Needs PostgreSQL
 # server programs, pgbench and pgpool2 (installed with apt-get when running
 # as root and missing).
@@ -52,7 +53,7 @@ cleanup() {
         sleep 0.1
     done
     pkill -INT -f "pgpool -n -f $WORK" 2>/dev/null || true
-    rm -rf "$WORK"
+    if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 

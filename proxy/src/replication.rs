@@ -456,7 +456,10 @@ async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), R
 
 /// Changes taken into one apply transaction at most (whole transactions
 /// are always taken); keeps the apply, and the key locks it holds, short.
-const MAX_BATCH_CHANGES: usize = 5_000;
+/// The key locks are advisory locks, which live in the shared lock table
+/// (`max_locks_per_transaction` × connections): thousands per transaction
+/// from several streams at once could exhaust it.
+const MAX_BATCH_CHANGES: usize = 1_000;
 
 /// Stream the home backend's changes to one peer until the home backend
 /// connection fails (the caller then starts over). A failing peer only

@@ -351,7 +351,10 @@ async fn random_concurrent_writes_through_three_nodes_converge() {
         for row in c
             .direct(b)
             .await
-            .query("SELECT kind, count(*)::float8 FROM chorus.conflict GROUP BY kind", &[])
+            .query(
+                "SELECT kind, count(*)::float8 FROM chorus.conflict GROUP BY kind",
+                &[],
+            )
             .await
             .unwrap()
         {
@@ -552,7 +555,11 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
         .unwrap()
         .get(0);
     let times = version_times(&c.direct(1).await, "public.stamped").await;
-    assert_eq!(times.len() as i64, rows, "every row has a version: {times:?}");
+    assert_eq!(
+        times.len() as i64,
+        rows,
+        "every row has a version: {times:?}"
+    );
     for t in &times {
         assert!(
             (started + OFFSET_MS - 1000..=finished + OFFSET_MS + 1000).contains(t),
