@@ -454,6 +454,11 @@ async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), R
     }
 }
 
+/// How long a stream waits for more transactions once it has some to
+/// apply: bounds the extra replication delay, and lets one apply carry many
+/// small transactions under load.
+const GATHER: Duration = Duration::from_millis(10);
+
 /// Changes taken into one apply transaction at most (whole transactions
 /// are always taken); keeps the apply, and the key locks it holds, short.
 /// The key locks are advisory locks, which live in the shared lock table
@@ -497,6 +502,7 @@ async fn run_stream(
     let mut confirmed = 0u64;
     let mut window_start = std::time::Instant::now();
     let mut applied_in_window = 0u64;
+    let mut gather_start: Option<tokio::time::Instant> = None;
     loop {
         let first = match &progress {
             Some(p) => tokio::select! {
@@ -549,9 +555,22 @@ async fn run_stream(
             }
             match events.try_recv() {
                 Ok(event) => next = Some(event),
+                // Nothing more yet: with changes pending, gather for a
+                // moment longer, so that under load one apply transaction
+                // carries many origin transactions (its fixed cost is most
+                // of the work for small ones).
+                Err(_) if !pending.is_empty() => {
+                    let gathered_since =
+                        *gather_start.get_or_insert_with(tokio::time::Instant::now);
+                    match tokio::time::timeout_at(gathered_since + GATHER, events.recv()).await {
+                        Ok(event) => next = event,
+                        Err(_) => break,
+                    }
+                }
                 Err(_) => break,
             }
         }
+        gather_start = None;
         let Some(last_end) = pending.last().map(|t| t.end_lsn) else {
             continue;
         };

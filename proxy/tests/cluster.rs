@@ -43,6 +43,14 @@ async fn cluster_with(
     node_extra: impl Fn(usize) -> String,
     replication_extra: &str,
 ) -> Cluster {
+    // Replication's debug log, shown with the output of a failing test.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("chorus_proxy=debug")),
+        )
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let mut backends = Vec::new();
     for i in 1..=n {
