@@ -44,7 +44,7 @@ WORK=$(mktemp -d /tmp/chorus-repl-bench-XXXXXX)
 chmod 755 "$WORK"
 PIDS=()
 cleanup() {
-    [ -f "$WORK/pgpool/pgpool.pid" ] && kill -INT "$(cat "$WORK/pgpool/pgpool.pid")" 2>/dev/null || true
+    [ -f "$WORK/pgpool/pgpool.pid" ] && kill -INT "$(tr -d '\0' < "$WORK/pgpool/pgpool.pid")" 2>/dev/null || true
     for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
     for _ in $(seq 1 100); do
         alive=0
