@@ -9,6 +9,21 @@ LANGUAGE sql IMMUTABLE AS $$
       FROM unnest(names) WITH ORDINALITY AS u(n, o)
 $$;
 
+-- The key columns of a replicated table; an error if it is not replicated.
+CREATE OR REPLACE FUNCTION chorus.key_columns(rel text) RETURNS text[]
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    cols text[];
+BEGIN
+    SELECT t.pk_columns INTO cols FROM chorus.replicated_table t WHERE t.tbl = rel;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'received a change for table %, which is not replicated on this backend', rel
+            USING ERRCODE = '55000';
+    END IF;
+    RETURN cols;
+END
+$$;
+
 -- Insert or update a row from its image. Columns are matched by name: those
 -- the image lacks take their default, keys the table lacks are ignored.
 CREATE OR REPLACE FUNCTION chorus.write_row(rel text, cols text[], img jsonb) RETURNS void
@@ -163,11 +178,7 @@ DECLARE
     local_img jsonb;
     unique_outcome text;
 BEGIN
-    SELECT t.pk_columns INTO cols FROM chorus.replicated_table t WHERE t.tbl = rel;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'received a change for table %, which is not replicated on this backend', rel
-            USING ERRCODE = '55000';
-    END IF;
+    cols := chorus.key_columns(rel);
     IF key IS NULL THEN
         unique_outcome := chorus.write_row_resolving(rel, cols, key, img, ver, org);
         RETURN coalesce('unique:' || unique_outcome, 'applied');
@@ -296,11 +307,7 @@ DECLARE
     v_dels boolean[] := '{}';
     keys integer := 0;
 BEGIN
-    SELECT t.pk_columns INTO cols FROM chorus.replicated_table t WHERE t.tbl = rel;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'received a change for table %, which is not replicated on this backend', rel
-            USING ERRCODE = '55000';
-    END IF;
+    cols := chorus.key_columns(rel);
     IF cardinality(cols) = 0 THEN
         -- Insert-only: every change is an insert of its own row.
         present := chorus.present_columns(rel, changes -> 0 -> 'row');

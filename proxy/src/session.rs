@@ -834,19 +834,22 @@ where
                 }
             }
         }
-        let mut flow = forward(
-            &mut framer,
-            &mut buf,
-            writer,
-            max,
-            &inspect,
-            &mut on_message,
-        )
-        .await;
         // A commit held for its scope: wait, then send its ReadyForQuery
         // (after an error or warning if the scope was not reached) and go on
         // with what is buffered behind it.
-        while let Ok(Flow::Held(ready)) = &flow {
+        let flow = loop {
+            let flow = forward(
+                &mut framer,
+                &mut buf,
+                writer,
+                max,
+                &inspect,
+                &mut on_message,
+            )
+            .await;
+            let Ok(Flow::Held(ready)) = &flow else {
+                break flow;
+            };
             let mut out = BytesMut::new();
             let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
             if let (Some(scope), Some(progress)) = (wait, &node.progress) {
@@ -856,16 +859,7 @@ where
             if writer.write_all(&out).await.is_err() {
                 return RelayEnd::ClientDone;
             }
-            flow = forward(
-                &mut framer,
-                &mut buf,
-                writer,
-                max,
-                &inspect,
-                &mut on_message,
-            )
-            .await;
-        }
+        };
         match flow {
             // forward() turns a replacement into Continue once written.
             Ok(Flow::Continue | Flow::Replace(_) | Flow::Await | Flow::Held(_)) => {}

@@ -112,6 +112,39 @@ async fn cluster_with(
 }
 
 impl Cluster {
+    /// Conflicts of `kind` in the conflict logs of all backends.
+    async fn conflicts_logged(&self, kind: &str) -> i64 {
+        let mut logged = 0;
+        for b in 1..=self.backends.len() {
+            let n: i64 = self
+                .direct(b)
+                .await
+                .query_one(
+                    "SELECT count(*) FROM chorus.conflict WHERE kind = $1",
+                    &[&kind],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            logged += n;
+        }
+        logged
+    }
+
+    /// Conflicts of `kind` counted in the metrics of all nodes.
+    fn conflicts_counted(&self, kind: &str) -> f64 {
+        let prefix = format!("chorus_conflicts_total{{kind=\"{kind}\"}} ");
+        self.node_handles
+            .iter()
+            .filter_map(|node| {
+                node.metrics
+                    .render()
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.parse::<f64>().ok()))
+            })
+            .sum()
+    }
+
     async fn via(&self, node: usize) -> Client {
         common::connect(&format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
@@ -127,8 +160,31 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Wait (bounded) until `sql` gives `expected` on every backend.
+    async fn expect_everywhere(&self, sql: &str, expected: &str) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut last = Vec::new();
+        while Instant::now() < deadline {
+            last.clear();
+            for b in 1..=self.backends.len() {
+                let client = self.direct(b).await;
+                let value: Option<String> = match client.query_one(sql, &[]).await {
+                    Ok(row) => row.get(0),
+                    Err(_) => None,
+                };
+                last.push(value.unwrap_or_default());
+            }
+            if last.iter().all(|v| v == expected) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("backends never all gave {expected:?} for {sql}: {last:?}");
+    }
+
     /// Wait (bounded) until `sql` gives the same single text value on
-    /// every backend; returns it.
+    /// every backend; returns it. Use only where agreement means the final
+    /// state (a count can agree by chance on the way).
     async fn converged(&self, sql: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(90);
         let mut last = Vec::new();
@@ -171,35 +227,10 @@ async fn writes_through_any_node_converge_and_conflicts_are_logged() {
     let winner = c.converged("SELECT name FROM users WHERE id = 2574").await;
     assert!(winner == "An" || winner == "Wim", "{winner}");
     // Each backend that saw the losing write logged it.
-    let mut logged = 0;
-    for b in 1..=3 {
-        let n: i64 = c
-            .direct(b)
-            .await
-            .query_one(
-                "SELECT count(*) FROM chorus.conflict WHERE kind = 'insert_insert'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        logged += n;
-    }
+    let logged = c.conflicts_logged("insert_insert").await;
     assert!(logged >= 2, "conflicts logged: {logged}");
-    let metrics: f64 = c
-        .node_handles
-        .iter()
-        .map(|node| {
-            node.metrics
-                .render()
-                .lines()
-                .find(|l| l.starts_with("chorus_conflicts_total{kind=\"insert_insert\"}"))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        })
-        .sum();
-    assert!(metrics >= 2.0, "conflicts counted: {metrics}");
+    let counted = c.conflicts_counted("insert_insert");
+    assert!(counted >= 2.0, "conflicts counted: {counted}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -269,10 +300,8 @@ async fn pgbench_through_all_three_nodes_leaves_identical_backends() {
         .await;
     c.converged("SELECT md5(string_agg(b::text, ',' ORDER BY bid)) FROM pgbench_branches b")
         .await;
-    let history = c
-        .converged("SELECT count(*)::text FROM pgbench_history")
+    c.expect_everywhere("SELECT count(*)::text FROM pgbench_history", "1200")
         .await;
-    assert_eq!(history, "1200");
     // Each transaction's delay from origin commit to apply was measured.
     let rendered = c.node_handles[0].metrics.render();
     let delays = rendered
@@ -634,15 +663,8 @@ async fn a_write_through_a_node_whose_clock_is_behind_still_wins() {
     n2.batch_execute("UPDATE reg SET v = 'two' WHERE k = 1")
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = c.converged("SELECT v FROM reg WHERE k = 1").await;
-        if v == "two" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.expect_everywhere("SELECT v FROM reg WHERE k = 1", "two")
+        .await;
     let version = c
         .converged(
             "SELECT version || '@' || origin FROM chorus.row_version \
@@ -856,34 +878,9 @@ async fn a_conflict_on_a_secondary_unique_key_is_resolved_and_apply_goes_on() {
     )
     .await;
     // The losers are in the conflict logs and counted.
-    let mut logged = 0;
-    for b in 1..=3 {
-        let n: i64 = c
-            .direct(b)
-            .await
-            .query_one(
-                "SELECT count(*) FROM chorus.conflict WHERE kind = 'unique'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        logged += n;
-    }
+    let logged = c.conflicts_logged("unique").await;
     assert!(logged >= 2, "unique conflicts logged: {logged}");
-    let counted: f64 = c
-        .node_handles
-        .iter()
-        .map(|node| {
-            node.metrics
-                .render()
-                .lines()
-                .find(|l| l.starts_with("chorus_conflicts_total{kind=\"unique\"}"))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        })
-        .sum();
+    let counted = c.conflicts_counted("unique");
     assert!(counted >= 2.0, "unique conflicts counted: {counted}");
     // Replication did not stall: later writes from both nodes arrive.
     n2.batch_execute("INSERT INTO accounts VALUES (20, 'e@example.com', 'later')")
@@ -892,10 +889,11 @@ async fn a_conflict_on_a_secondary_unique_key_is_resolved_and_apply_goes_on() {
     n1.batch_execute("INSERT INTO accounts VALUES (21, 'f@example.com', 'later')")
         .await
         .unwrap();
-    let later = c
-        .converged("SELECT count(*)::text FROM accounts WHERE note = 'later'")
-        .await;
-    assert_eq!(later, "2");
+    c.expect_everywhere(
+        "SELECT count(*)::text FROM accounts WHERE note = 'later'",
+        "2",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -969,14 +967,13 @@ async fn the_adopt_command_makes_existing_tables_replicate() {
         .batch_execute("INSERT INTO keyless VALUES ('x')")
         .await
         .unwrap();
-    let rows = c
-        .converged("SELECT string_agg(id || v, ',' ORDER BY id) FROM legacy")
+    c.expect_everywhere(
+        "SELECT string_agg(id || v, ',' ORDER BY id) FROM legacy",
+        "1new,2old,3new",
+    )
+    .await;
+    c.expect_everywhere("SELECT string_agg(v, ',') FROM keyless", "x")
         .await;
-    assert_eq!(rows, "1new,2old,3new");
-    assert_eq!(
-        c.converged("SELECT string_agg(v, ',') FROM keyless").await,
-        "x"
-    );
     let update = c
         .via(1)
         .await
