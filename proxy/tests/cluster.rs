@@ -160,6 +160,17 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Create a table through node `node` and wait until every backend
+    /// replicates it.
+    async fn create_table(&self, node: usize, ddl: &str, table: &str) {
+        self.via(node).await.batch_execute(ddl).await.unwrap();
+        self.expect_everywhere(
+            &format!("SELECT count(*)::text FROM chorus.replicated_table WHERE tbl = '{table}'"),
+            "1",
+        )
+        .await;
+    }
+
     /// Wait (bounded) until `sql` gives `expected` on every backend.
     async fn expect_everywhere(&self, sql: &str, expected: &str) {
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -322,15 +333,12 @@ async fn random_concurrent_writes_through_three_nodes_converge() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20261126);
     let c = cluster(3).await;
-    c.via(1)
-        .await
-        .batch_execute(
-            "CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL, n int NOT NULL DEFAULT 0)",
-        )
-        .await
-        .unwrap();
-    c.converged("SELECT string_agg(tbl, ',') FROM chorus.replicated_table WHERE tbl = 'public.kv'")
-        .await;
+    c.create_table(
+        1,
+        "CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL, n int NOT NULL DEFAULT 0)",
+        "public.kv",
+    )
+    .await;
     // Three clients per node, each a seeded stream of inserts, updates and
     // deletes over a small key space, so they collide often.
     let mut workers = Vec::new();
@@ -647,11 +655,10 @@ async fn a_write_through_a_node_whose_clock_is_behind_still_wins() {
     .await;
     let n1 = c.via(1).await;
     let n2 = c.via(2).await;
-    n1.batch_execute("CREATE TABLE reg (k int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    c.converged(
-        "SELECT string_agg(tbl, ',') FROM chorus.replicated_table WHERE tbl = 'public.reg'",
+    c.create_table(
+        1,
+        "CREATE TABLE reg (k int PRIMARY KEY, v text)",
+        "public.reg",
     )
     .await;
     n1.batch_execute("INSERT INTO reg VALUES (1, 'one')")
@@ -717,11 +724,10 @@ async fn has(client: &Client, id: i32) -> bool {
 async fn commit_scopes_wait_for_the_backends_they_promise() {
     let mut c = cluster_with(3, |_| String::new(), "commit_scope_timeout_ms = 1500").await;
     let n1 = c.via(1).await;
-    n1.batch_execute("CREATE TABLE scoped (id int PRIMARY KEY)")
-        .await
-        .unwrap();
-    c.converged(
-        "SELECT string_agg(tbl, ',') FROM chorus.replicated_table WHERE tbl = 'public.scoped'",
+    c.create_table(
+        1,
+        "CREATE TABLE scoped (id int PRIMARY KEY)",
+        "public.scoped",
     )
     .await;
     let b2 = c.direct(2).await;
@@ -836,11 +842,10 @@ async fn a_conflict_on_a_secondary_unique_key_is_resolved_and_apply_goes_on() {
     let c = cluster(3).await;
     let n1 = c.via(1).await;
     let n2 = c.via(2).await;
-    n1.batch_execute("CREATE TABLE accounts (id int PRIMARY KEY, email text UNIQUE, note text)")
-        .await
-        .unwrap();
-    c.converged(
-        "SELECT string_agg(tbl, ',') FROM chorus.replicated_table WHERE tbl = 'public.accounts'",
+    c.create_table(
+        1,
+        "CREATE TABLE accounts (id int PRIMARY KEY, email text UNIQUE, note text)",
+        "public.accounts",
     )
     .await;
     // Two different rows claim the same email through two nodes at once,
