@@ -9,6 +9,19 @@ LANGUAGE sql IMMUTABLE AS $$
       FROM unnest(names) WITH ORDINALITY AS u(n, o)
 $$;
 
+-- Lock the rows with these keys (a JSON array of key objects) that exist,
+-- in key order.
+CREATE OR REPLACE FUNCTION chorus.lock_rows(rel text, cols text[], keys jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %1$s t WHERE (%2$s) IN '
+                   '(SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)) '
+                   'ORDER BY %2$s FOR UPDATE) s',
+                   rel, chorus.ident_list(cols))
+    USING keys;
+END
+$$;
+
 -- The key columns of a replicated table; an error if it is not replicated.
 CREATE OR REPLACE FUNCTION chorus.key_columns(rel text) RETURNS text[]
 LANGUAGE plpgsql STABLE AS $$
@@ -184,6 +197,10 @@ BEGIN
         RETURN coalesce('unique:' || unique_outcome, 'applied');
     END IF;
 
+    -- The row first, then the key lock: the order a local write takes them
+    -- in (its statement locks the row, its capture trigger the key), so the
+    -- two cannot deadlock on an existing row.
+    PERFORM chorus.lock_rows(rel, cols, jsonb_build_array(key));
     PERFORM chorus.key_lock(rel, key);
     SELECT * INTO cur FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key FOR UPDATE;
     have_version := FOUND;
@@ -317,7 +334,10 @@ BEGIN
         RETURN array_fill('applied'::text, ARRAY[jsonb_array_length(changes)]);
     END IF;
 
-    -- Lock every key (in one order, so two applies cannot deadlock).
+    -- Lock the existing rows, then every key, each in one order (so two
+    -- applies cannot deadlock), rows first as local writes do.
+    PERFORM chorus.lock_rows(rel, cols,
+                             (SELECT jsonb_agg(DISTINCT c -> 'key') FROM jsonb_array_elements(changes) c));
     PERFORM chorus.key_lock(rel, s.k)
        FROM (SELECT DISTINCT c -> 'key' AS k FROM jsonb_array_elements(changes) c) s
       ORDER BY s.k;
