@@ -143,7 +143,7 @@ $$;
 CREATE OR REPLACE FUNCTION chorus.capture() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    rel text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    rel text;
     cols text[];
     only_inserts boolean;
     txn_hlc bigint;
@@ -152,16 +152,24 @@ DECLARE
     pinned text;
     old_img jsonb;
     new_img jsonb;
+    old_key jsonb;
+    new_key jsonb;
+    key jsonb;
+    col text;
+    prev bigint;
+    ver bigint;
 BEGIN
     IF current_setting('chorus.applying', true) = 'on' THEN
         RETURN NULL;
     END IF;
-    -- chorus.adopt passes the key columns and the insert-only flag as
-    -- trigger arguments, which saves a lookup per row.
-    IF TG_NARGS = 2 THEN
+    -- chorus.adopt passes the key columns, the insert-only flag and the
+    -- qualified name as trigger arguments, which saves work on every row.
+    IF TG_NARGS >= 3 THEN
         cols := TG_ARGV[0]::text[];
         only_inserts := TG_ARGV[1]::boolean;
+        rel := TG_ARGV[2];
     ELSE
+        rel := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
         SELECT t.pk_columns, t.insert_only INTO cols, only_inserts
           FROM chorus.replicated_table t WHERE t.tbl = rel;
         IF NOT FOUND THEN
@@ -194,16 +202,51 @@ BEGIN
     IF TG_OP <> 'DELETE' THEN
         new_img := to_jsonb(NEW);
     END IF;
-    IF TG_OP = 'UPDATE'
-       AND chorus.key_of(old_img, cols) IS DISTINCT FROM chorus.key_of(new_img, cols) THEN
+    -- The keys, built here rather than with chorus.key_of (same value: a
+    -- jsonb object does not depend on the order its keys were added in).
+    IF cardinality(cols) > 0 THEN
+        IF old_img IS NOT NULL THEN
+            old_key := '{}';
+            FOREACH col IN ARRAY cols LOOP
+                old_key := old_key || jsonb_build_object(col, old_img -> col);
+            END LOOP;
+        END IF;
+        IF new_img IS NOT NULL THEN
+            new_key := '{}';
+            FOREACH col IN ARRAY cols LOOP
+                new_key := new_key || jsonb_build_object(col, new_img -> col);
+            END LOOP;
+        END IF;
+    END IF;
+    IF TG_OP = 'UPDATE' AND old_key IS DISTINCT FROM new_key THEN
         -- A changed key replicates as a delete of the old key and an insert
         -- of the new one.
-        PERFORM chorus.record(rel, 'DELETE', chorus.key_of(old_img, cols), NULL, txn_hlc, origin);
-        PERFORM chorus.record(rel, 'INSERT', chorus.key_of(new_img, cols), new_img, txn_hlc, origin);
-    ELSE
-        PERFORM chorus.record(rel, TG_OP, chorus.key_of(coalesce(new_img, old_img), cols),
-                              new_img, txn_hlc, origin);
+        PERFORM chorus.record(rel, 'DELETE', old_key, NULL, txn_hlc, origin);
+        PERFORM chorus.record(rel, 'INSERT', new_key, new_img, txn_hlc, origin);
+        RETURN NULL;
     END IF;
+    -- The common case: chorus.record's body, inlined (it runs for every
+    -- captured row).
+    key := coalesce(new_key, old_key);
+    IF key IS NULL THEN
+        ver := txn_hlc;
+    ELSE
+        PERFORM pg_advisory_xact_lock(hashtextextended(rel || ' ' || key::text, 0));
+        WITH old AS (
+            SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key
+        ), new AS (
+            INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+            SELECT rel, key, greatest(txn_hlc, coalesce((SELECT version FROM old), 0) + 1),
+                   origin, TG_OP = 'DELETE'
+            ON CONFLICT (tbl, pk) DO UPDATE
+                SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted
+            RETURNING v.version
+        )
+        SELECT (SELECT version FROM old), (SELECT version FROM new) INTO prev, ver;
+    END IF;
+    PERFORM pg_logical_emit_message(true, 'chorus', jsonb_build_object(
+        'table', rel, 'op', TG_OP, 'key', key, 'row', new_img,
+        'version', ver, 'prev', prev, 'origin', origin)::text);
     RETURN NULL;
 END
 $$;
@@ -246,8 +289,8 @@ BEGIN
         EXECUTE format('DROP TRIGGER chorus_capture ON %s', rel);
     END IF;
     EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L)',
-                   rel, coalesce(cols, '{}')::text, (insert_only OR cols IS NULL)::text);
+                   'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L)',
+                   rel, coalesce(cols, '{}')::text, (insert_only OR cols IS NULL)::text, name);
     RETURN name;
 END
 $$;
