@@ -497,3 +497,42 @@ BEGIN
     RETURN results;
 END
 $$;
+
+-- Apply a batch of origin transactions ([{"end": <commit end LSN>,
+-- "changes": [...]}, ...], in commit order) from origin `org`, in the
+-- caller's (one statement's) transaction: skip those already applied here,
+-- apply the rest, and record `upto` as the position applied from `org`,
+-- with the newest version seen (the node's clock observes it). The capture
+-- trigger stays quiet, and a deadlock with a local write aborts this
+-- transaction (it is retried) rather than the client's: a 10 ms
+-- deadlock_timeout runs its deadlock check first.
+CREATE OR REPLACE FUNCTION chorus.apply_transactions(
+    org integer, txns jsonb, newest_version bigint, upto pg_lsn,
+    OUT results text[], OUT skipped integer
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    done pg_lsn;
+    todo jsonb;
+    applying integer;
+BEGIN
+    PERFORM set_config('chorus.applying', 'on', true);
+    PERFORM set_config('deadlock_timeout', '10ms', true);
+    SELECT a.lsn INTO done FROM chorus.applied a WHERE a.origin = org FOR UPDATE;
+    SELECT jsonb_agg(c.change ORDER BY t.n, c.m), count(DISTINCT t.n)
+      INTO todo, applying
+      FROM jsonb_array_elements(txns) WITH ORDINALITY AS t(txn, n),
+           jsonb_array_elements(t.txn -> 'changes') WITH ORDINALITY AS c(change, m)
+     WHERE done IS NULL OR (t.txn ->> 'end')::pg_lsn > done;
+    skipped := jsonb_array_length(txns) - applying;
+    results := '{}';
+    IF applying > 0 THEN
+        results := chorus.apply_changes(todo);
+        INSERT INTO chorus.applied AS a (origin, lsn, applied_at, max_version)
+        VALUES (org, upto, now(), newest_version)
+        ON CONFLICT (origin) DO UPDATE
+            SET lsn = excluded.lsn, applied_at = now(),
+                max_version = greatest(a.max_version, excluded.max_version);
+    END IF;
+END
+$$;

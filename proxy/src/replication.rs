@@ -215,75 +215,54 @@ impl ReplicationStream {
             return Ok(StepReport::default());
         };
         let last_lsn = last.commit_lsn.clone();
-        let applied: Option<String> = peer
-            .query_opt(
-                "SELECT lsn::text FROM chorus.applied WHERE origin = $1",
-                &[&i32::from(self.origin_node)],
-            )
-            .await?
-            .map(|r| r.get(0));
-        let applied = applied.as_deref().map(parse_lsn).transpose()?.unwrap_or(0);
-
+        // Transactions without Chorus messages (the apply of other nodes'
+        // changes, writes to tables that are not replicated) have nothing to
+        // apply; the slot simply moves past them.
         let mut report = StepReport::default();
         let mut commit_times = Vec::new();
+        let mut sent = 0usize;
         let mut batch = String::from("[");
-        for txn in transactions {
-            // Transactions without Chorus messages (the apply of other
-            // nodes' changes, writes to tables that are not replicated) have
-            // nothing to apply; the slot simply moves past them.
-            if txn.changes.is_empty() {
-                continue;
+        for txn in transactions.iter().filter(|t| !t.changes.is_empty()) {
+            if sent > 0 {
+                batch.push(',');
             }
-            if txn.end_lsn <= applied {
-                report.duplicates += 1;
-                continue;
-            }
-            report.transactions += 1;
-            commit_times.extend(txn.commit_time);
-            for change in &txn.changes {
-                if batch.len() > 1 {
+            batch.push_str("{\"end\":\"");
+            batch.push_str(&txn.commit_lsn);
+            batch.push_str("\",\"changes\":[");
+            for (i, change) in txn.changes.iter().enumerate() {
+                if i > 0 {
                     batch.push(',');
                 }
                 batch.push_str(change);
             }
+            batch.push_str("]}");
+            sent += 1;
+            commit_times.extend(txn.commit_time);
         }
         batch.push(']');
-        let started = unix_now();
-        if let Some(oldest) = commit_times.first() {
-            report.lag_seconds = (started - oldest).max(0.0);
+        if sent == 0 {
+            return Ok(report);
         }
-
-        if report.transactions > 0 {
-            let newest_version = max_version(
-                transactions
-                    .iter()
-                    .filter(|t| t.end_lsn > applied)
-                    .flat_map(|t| &t.changes),
-            );
-            let tx = peer.transaction().await?;
-            // Apply locks a row's version entry before the row; a local
-            // write locks the row, then (in the capture trigger) its version
-            // entry. When they deadlock, the side whose deadlock check runs
-            // first is aborted: a short timeout here makes that the apply,
-            // which is retried, never the client.
-            tx.batch_execute("SET LOCAL chorus.applying = on; SET LOCAL deadlock_timeout = '10ms'")
-                .await?;
-            let results: Vec<String> = tx
-                .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&batch])
-                .await?
-                .get(0);
-            tx.execute(
-                "INSERT INTO chorus.applied AS a (origin, lsn, applied_at, max_version) \
-                 VALUES ($1, $2::text::pg_lsn, now(), $3) \
-                 ON CONFLICT (origin) DO UPDATE SET lsn = excluded.lsn, applied_at = now(), \
-                   max_version = greatest(a.max_version, excluded.max_version)",
-                &[&i32::from(self.origin_node), &last_lsn, &newest_version],
+        if let Some(oldest) = commit_times.first() {
+            report.lag_seconds = (unix_now() - oldest).max(0.0);
+        }
+        let newest_version = max_version(transactions.iter().flat_map(|t| &t.changes));
+        // One statement, so one round trip and its own transaction: the
+        // peer skips what it already has, applies the rest and records the
+        // position (see chorus.apply_transactions).
+        let row = peer
+            .query_one(
+                "SELECT results, skipped FROM chorus.apply_transactions($1, $2::text::jsonb, $3, $4::text::pg_lsn)",
+                &[&i32::from(self.origin_node), &batch, &newest_version, &last_lsn],
             )
             .await?;
-            tx.commit().await?;
+        let skipped = usize::try_from(row.get::<_, i32>(1)).unwrap_or(0);
+        report.duplicates = skipped;
+        report.transactions = sent.saturating_sub(skipped);
+        if report.transactions > 0 {
             let done = unix_now();
             report.delays = commit_times.iter().map(|t| (done - t).max(0.0)).collect();
-            report.results = results;
+            report.results = row.get(0);
         }
         Ok(report)
     }
