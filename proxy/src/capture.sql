@@ -66,6 +66,36 @@ CREATE TABLE IF NOT EXISTS chorus.conflict (
     remote_row jsonb
 );
 
+-- A UUID version 7 (RFC 9562): 48 bits of Unix milliseconds, the version,
+-- 12 bits of sub-millisecond time (the RFC's "increased clock precision"
+-- method), the variant, and 62 random bits (from gen_random_uuid, built
+-- in since PostgreSQL 13, so no extension is needed). Time-ordered across
+-- sessions to the clock's precision, and strictly increasing within a
+-- session: a value that would not exceed the session's last one takes the
+-- last one's time plus one sub-millisecond step.
+CREATE OR REPLACE FUNCTION chorus.uuidv7() RETURNS uuid
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    now_us bigint := floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
+    -- Time in 1/4096 ms steps: milliseconds in the high bits, 12 bits below.
+    t bigint := ((now_us / 1000) << 12) | (((now_us % 1000) * 4096) / 1000);
+    last bigint := nullif(current_setting('chorus.uuidv7_last', true), '')::bigint;
+    b bytea := uuid_send(gen_random_uuid());
+BEGIN
+    IF last IS NOT NULL AND t <= last THEN
+        t := last + 1;
+    END IF;
+    PERFORM set_config('chorus.uuidv7_last', t::text, false);
+    FOR i IN 0..5 LOOP
+        b := set_byte(b, i, ((t >> (12 + 8 * (5 - i))) & 255)::integer);
+    END LOOP;
+    b := set_byte(b, 6, (112 | ((t >> 8) & 15))::integer);
+    b := set_byte(b, 7, (t & 255)::integer);
+    -- Byte 8 keeps gen_random_uuid's variant bits (10).
+    RETURN encode(b, 'hex')::uuid;
+END
+$$;
+
 -- A hybrid-logical-clock value from this backend's clock, packed like the
 -- proxy's (milliseconds since 2024-01-01 UTC, shifted past a 22-bit
 -- logical counter): the version of a write made directly on the backend.

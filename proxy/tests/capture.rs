@@ -18,7 +18,7 @@ fn json(raw: &Option<Box<serde_json::value::RawValue>>) -> Value {
 
 struct Backend {
     _dir: tempfile::TempDir,
-    _pg: LocalPostgres,
+    pg: LocalPostgres,
     client: Client,
 }
 
@@ -44,7 +44,7 @@ async fn backend(node_id: u16) -> Backend {
     capture::adopt(&client, "users", false).await.unwrap();
     Backend {
         _dir: dir,
-        _pg: pg,
+        pg,
         client,
     }
 }
@@ -237,7 +237,7 @@ async fn tables_without_a_primary_key_replicate_insert_only_or_not_at_all() {
 #[tokio::test(flavor = "multi_thread")]
 async fn install_is_idempotent_and_safe_concurrently() {
     let b = backend(1).await;
-    let second = common::connect(&b._pg.conninfo("postgres")).await.unwrap();
+    let second = common::connect(&b.pg.conninfo("postgres")).await.unwrap();
     let (one, two) = tokio::join!(capture::install(&b.client, 5), capture::install(&second, 5));
     one.unwrap();
     two.unwrap();
@@ -254,4 +254,56 @@ async fn install_is_idempotent_and_safe_concurrently() {
         .await
         .unwrap();
     assert_eq!(changes(&b.client).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uuidv7_values_are_unique_time_ordered_and_well_formed() {
+    let b = backend(1).await;
+    let before_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // Many in one session, far more than one per clock tick.
+    let ids: Vec<String> = b
+        .client
+        .query_one(
+            "SELECT array_agg(u::text ORDER BY g) \
+             FROM (SELECT g, chorus.uuidv7() AS u FROM generate_series(1, 20000) g) s",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Then one from another session.
+    let other = common::connect(&b.pg.conninfo("postgres")).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let later: String = other
+        .query_one("SELECT chorus.uuidv7()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let after_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert_eq!(ids.len(), 20000);
+    for pair in ids.windows(2) {
+        // Canonical text of UUIDs sorts like their bytes.
+        assert!(pair[0] < pair[1], "{} then {}", pair[0], pair[1]);
+    }
+    assert!(
+        ids.last().unwrap() < &later,
+        "{} then {later}",
+        ids.last().unwrap()
+    );
+    for id in ids.iter().step_by(997).chain([&later]) {
+        let hex: String = id.chars().filter(|c| *c != '-').collect();
+        assert_eq!(&hex[12..13], "7", "version of {id}");
+        assert!("89ab".contains(&hex[16..17]), "variant of {id}");
+        let ms = i64::from_str_radix(&hex[..12], 16).unwrap();
+        assert!(
+            (before_ms - 1000..=after_ms + 1000).contains(&ms),
+            "{id}: {ms} not in {before_ms}..{after_ms}"
+        );
+    }
 }
