@@ -100,10 +100,6 @@ pub struct StepReport {
     pub lag_seconds: f64,
     /// Per applied transaction: seconds from its origin commit to its apply.
     pub delays: Vec<f64>,
-    /// Whether the step read the origin's changes to their end (the batch
-    /// was not cut by its size limit): everything committed on the origin
-    /// before the step began is now on the peer.
-    pub complete: bool,
 }
 
 impl StepReport {
@@ -185,16 +181,11 @@ impl ReplicationStream {
                 transactions.push(txn);
             }
         }
-        let complete = rows.len() < usize::try_from(self.batch_rows).unwrap_or(usize::MAX);
         let Some(last) = transactions.last() else {
-            return Ok(StepReport {
-                complete,
-                ..StepReport::default()
-            });
+            return Ok(StepReport::default());
         };
         let last_lsn = last.commit_lsn.clone();
-        let mut report = self.apply(peer, &transactions).await?;
-        report.complete = complete;
+        let report = self.apply(peer, &transactions).await?;
         origin
             .execute(
                 "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
