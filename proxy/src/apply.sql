@@ -518,6 +518,11 @@ DECLARE
 BEGIN
     PERFORM set_config('chorus.applying', 'on', true);
     PERFORM set_config('deadlock_timeout', '10ms', true);
+    -- The stream tells the origin's slot to move on once this commits: the
+    -- commit must be durable even where the backend's default is
+    -- synchronous_commit = off, or a crash of this backend could lose
+    -- changes the origin no longer keeps.
+    PERFORM set_config('synchronous_commit', 'on', true);
     SELECT a.lsn INTO done FROM chorus.applied a WHERE a.origin = org FOR UPDATE;
     SELECT jsonb_agg(c.change ORDER BY t.n, c.m), count(DISTINCT t.n)
       INTO todo, applying
