@@ -131,6 +131,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     for (i, port) in metrics_ports.iter().enumerate() {
         println!("metrics {}: http://127.0.0.1:{port}/metrics", i + 1);
     }
+    let signals = StopSignals::install()?;
     println!("ready");
     eprintln!(
         "chorus demo: connect with e.g. `psql postgres://{DEMO_USER}@127.0.0.1:{}/{DEMO_DATABASE}`; \
@@ -139,7 +140,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         options.port
     );
 
-    wait_for_signal().await?;
+    signals.wait().await;
     eprintln!("chorus demo: stopping");
     stop_tx.send_replace(true);
     for handle in nodes {
@@ -168,14 +169,28 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Wait for SIGINT or SIGTERM.
-pub async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGINT and SIGTERM, caught from the moment this is made (make it
+/// before announcing readiness: a signal that arrives earlier would
+/// otherwise kill the process).
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    /// Wait for either signal.
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

@@ -115,14 +115,9 @@ fn main() -> anyhow::Result<()> {
             }
             config.validate()?;
             runtime.block_on(async {
+                let signals = demo::StopSignals::install()?;
                 let node = Node::new(config)?;
-                server::run_node(node, async {
-                    if let Err(e) = demo::wait_for_signal().await {
-                        tracing::error!(error = %e, "cannot wait for signals");
-                        std::future::pending::<()>().await;
-                    }
-                })
-                .await?;
+                server::run_node(node, signals.wait()).await?;
                 anyhow::Ok(())
             })
         }

@@ -386,7 +386,8 @@ async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), R
     let mut observe = tokio::time::interval(OBSERVE_INTERVAL);
     loop {
         tokio::select! {
-            ended = streams.join_next() => {
+            // (A node whose cluster has no other backend runs no stream.)
+            ended = streams.join_next(), if !streams.is_empty() => {
                 // A stream only ends when it lost the home backend.
                 return match ended {
                     Some(Ok(Err(e))) => Err(e),
