@@ -444,8 +444,14 @@ enum RelayEnd {
 enum Pending {
     /// A client's Query, Sync or FunctionCall (sent at this time), answered
     /// by a ReadyForQuery; `wrote` when a stamp went before it (it may
-    /// have written).
-    Ready { sent: Instant, wrote: bool },
+    /// have written); `scope`: commit scope settings it makes, taken when
+    /// its ReadyForQuery comes without an error before it (PostgreSQL
+    /// drops a failed SET too).
+    Ready {
+        sent: Instant,
+        wrote: bool,
+        scope: Vec<ScopeChange>,
+    },
     /// A clock stamp of the relay's own, whose answers are swallowed.
     Stamp(Swallower),
 }
@@ -540,6 +546,8 @@ where
     // Whether a stamp went to the backend since the last message that a
     // ReadyForQuery answers.
     let mut stamped = false;
+    // Commit scope settings sent since then.
+    let mut scope_pending: Vec<ScopeChange> = Vec::new();
     let result = pump(
         reader,
         writer,
@@ -567,15 +575,20 @@ where
                     }
                     if replicating && summary.counts[StatementClass::Session.index()] > 0 {
                         let sql = protocol::read_cstr(body).map_or("", |(sql, _)| sql);
-                        if let Some(refusal) = apply_scope_changes(state, sql) {
-                            push_pending(state, stamped);
-                            stamped = false;
-                            return Ok(Flow::Replace(refusal));
+                        match scope_changes_in(sql) {
+                            Ok(changes) => scope_pending.extend(changes),
+                            Err(refusal) => {
+                                push_pending(state, stamped, Vec::new());
+                                stamped = false;
+                                scope_pending.clear();
+                                return Ok(Flow::Replace(refusal));
+                            }
                         }
                     }
                     if replicating && mixes_ddl(&summary) {
-                        push_pending(state, stamped);
+                        push_pending(state, stamped, Vec::new());
                         stamped = false;
+                        scope_pending.clear();
                         return Ok(Flow::Replace(refusal_query(
                             "0A000",
                             "a query string that mixes DDL with other statements cannot be replicated",
@@ -593,7 +606,9 @@ where
                     let sql = protocol::read_cstr(body)
                         .and_then(|(_, rest)| protocol::read_cstr(rest))
                         .map_or("", |(sql, _)| sql);
-                    let _ = apply_scope_changes(state, sql);
+                    if let Ok(changes) = scope_changes_in(sql) {
+                        scope_pending.extend(changes);
+                    }
                 }
                 FrontendEvent::Terminate => {
                     terminated = true;
@@ -629,7 +644,7 @@ where
                 None => Flow::Continue,
             };
             if matches!(tag, b'Q' | b'S' | b'F') {
-                push_pending(state, stamped);
+                push_pending(state, stamped, std::mem::take(&mut scope_pending));
                 stamped = false;
             }
             Ok(flow)
@@ -647,11 +662,24 @@ where
     }
 }
 
-/// Take note of `chorus.commit_scope` changes in a statement's text; a
-/// refusal to send instead when a value is invalid.
-fn apply_scope_changes(state: &RelayState, sql: &str) -> Option<BytesMut> {
-    for change in scope::scope_changes(sql) {
-        match change {
+/// The `chorus.commit_scope` changes in a statement's text, or a refusal
+/// to send instead when a value is invalid.
+fn scope_changes_in(sql: &str) -> Result<Vec<ScopeChange>, BytesMut> {
+    let changes = scope::scope_changes(sql);
+    if changes.contains(&ScopeChange::Invalid) {
+        return Err(refusal_query(
+            "22023",
+            "invalid value for parameter \"chorus.commit_scope\"",
+            "Available values: local, majority, all.",
+        ));
+    }
+    Ok(changes)
+}
+
+/// Make commit scope changes the session's.
+fn apply_scope_changes(state: &RelayState, changes: &[ScopeChange]) {
+    for change in changes {
+        match *change {
             ScopeChange::Session(s) => state
                 .scope_session
                 .store(scope::encode(Some(s)), Ordering::SeqCst),
@@ -662,16 +690,9 @@ fn apply_scope_changes(state: &RelayState, sql: &str) -> Option<BytesMut> {
                 state.scope_session.store(0, Ordering::SeqCst);
                 state.scope_local.store(0, Ordering::SeqCst);
             }
-            ScopeChange::Invalid => {
-                return Some(refusal_query(
-                    "22023",
-                    "invalid value for parameter \"chorus.commit_scope\"",
-                    "Available values: local, majority, all.",
-                ))
-            }
+            ScopeChange::Invalid => {}
         }
     }
-    None
 }
 
 /// Whether a simple-protocol query string holds DDL together with anything
@@ -700,11 +721,12 @@ fn refusal_query(code: &str, message: &str, hint: &str) -> BytesMut {
     out
 }
 
-fn push_pending(state: &RelayState, wrote: bool) {
+fn push_pending(state: &RelayState, wrote: bool, scope: Vec<ScopeChange>) {
     if let Ok(mut pending) = state.pending.lock() {
         pending.push_back(Pending::Ready {
             sent: Instant::now(),
             wrote,
+            scope,
         });
     }
 }
@@ -740,6 +762,8 @@ where
     // Whether the transaction in progress (up to the next idle
     // ReadyForQuery) may have written.
     let mut txn_wrote = false;
+    // Whether an error came since the last ReadyForQuery.
+    let mut failed_since_ready = false;
     let default_scope = node
         .config
         .replication
@@ -750,6 +774,11 @@ where
     let mut on_message = |tag: u8, body: &[u8], _rest: &[u8]| {
         if state.stamps.load(Ordering::SeqCst) > 0 {
             if let Some(verdict) = judge_for_stamp(state, tag) {
+                if tag == b'E' {
+                    // A stamp's error passed on: the client's batch failed.
+                    failed_since_ready = true;
+                    metrics.error(ErrorKind::BackendError);
+                }
                 return Ok(match verdict {
                     Verdict::Swallow | Verdict::SwallowLast => Flow::Replace(BytesMut::new()),
                     Verdict::Pass | Verdict::PassLast => Flow::Continue,
@@ -762,9 +791,12 @@ where
                 let status = body.first().copied().unwrap_or(b'I');
                 state.tx_status.store(status, Ordering::Relaxed);
                 let started = state.pending.lock().ok().and_then(|mut p| p.pop_front());
-                if let Some(Pending::Ready { sent, wrote }) = started {
+                if let Some(Pending::Ready { sent, wrote, scope }) = started {
                     metrics.query_duration.record(sent.elapsed().as_secs_f64());
                     txn_wrote |= wrote;
+                    if !std::mem::take(&mut failed_since_ready) {
+                        apply_scope_changes(state, &scope);
+                    }
                 }
                 if status == b'I' {
                     state.txn_stamped.store(false, Ordering::Relaxed);
@@ -795,6 +827,7 @@ where
                 }
             }
             b'E' => {
+                failed_since_ready = true;
                 metrics.error(ErrorKind::BackendError);
                 let severity = protocol::parse_error_fields(body).severity;
                 last_was_fatal = severity == "FATAL" || severity == "PANIC";

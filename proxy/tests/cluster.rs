@@ -762,6 +762,23 @@ async fn commit_scopes_wait_for_the_backends_they_promise() {
     // A backend that is frozen holds an `all` commit until it answers
     // again, while `majority` needs only two of three backends.
     c.backends[2].pause();
+    // A setting PostgreSQL refuses (ALL is a reserved word) is not taken:
+    // the session stays local, and a write returns at once.
+    n1.batch_execute("RESET chorus.commit_scope").await.unwrap();
+    let refused = n1
+        .batch_execute("SET chorus.commit_scope = all")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("42601"));
+    let started = Instant::now();
+    n1.batch_execute("INSERT INTO scoped VALUES (99)")
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
     n1.batch_execute("SET chorus.commit_scope = majority")
         .await
         .unwrap();
@@ -834,7 +851,7 @@ async fn commit_scopes_wait_for_the_backends_they_promise() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(count, 15);
+    assert_eq!(count, 16);
 }
 
 #[tokio::test(flavor = "multi_thread")]
