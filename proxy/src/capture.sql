@@ -122,48 +122,8 @@ LANGUAGE sql AS $$
     SELECT pg_advisory_xact_lock(hashtextextended(rel || ' ' || key::text, 0))
 $$;
 
--- Record one change: bump the row's version to max(txn_hlc, previous + 1)
--- (so a write that overwrote a newer remote version still wins: it happened
--- after it) and emit the change as a transactional logical message, which
--- logical decoding delivers only if and when the transaction commits, in
--- commit order.
-CREATE OR REPLACE FUNCTION chorus.record(
-    rel text, op text, key jsonb, img jsonb, txn_hlc bigint, origin integer
-) RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    prev bigint;
-    ver bigint;
-BEGIN
-    IF key IS NULL THEN
-        ver := txn_hlc;
-    ELSE
-        -- Serializes this key with the apply of remote changes (the body
-        -- of chorus.key_lock, inlined: this runs for every captured row),
-        -- including while the row is still uncommitted. Every writer of
-        -- the key holds it, so the version read below cannot change.
-        PERFORM pg_advisory_xact_lock(hashtextextended(rel || ' ' || key::text, 0));
-        -- Read the previous version and write the new one in one statement.
-        WITH old AS (
-            SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key
-        ), new AS (
-            INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
-            SELECT rel, key, greatest(txn_hlc, coalesce((SELECT version FROM old), 0) + 1),
-                   origin, op = 'DELETE'
-            ON CONFLICT (tbl, pk) DO UPDATE
-                SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted
-            RETURNING v.version
-        )
-        SELECT (SELECT version FROM old), (SELECT version FROM new) INTO prev, ver;
-    END IF;
-    -- `prev` is the version this write overwrote: a peer whose copy of the
-    -- row has exactly that version applies it without a conflict.
-    PERFORM pg_logical_emit_message(true, 'chorus', jsonb_build_object(
-        'table', rel, 'op', op, 'key', key, 'row', img,
-        'version', ver, 'prev', prev, 'origin', origin)::text);
-    RETURN ver;
-END
-$$;
+-- An older version's helper, now part of chorus.capture.
+DROP FUNCTION IF EXISTS chorus.record(text, text, jsonb, jsonb, bigint, integer);
 
 -- The capture trigger (AFTER, FOR EACH ROW) on every adopted table.
 -- `chorus.hlc` and `chorus.origin` are set by the proxy in the session
@@ -188,6 +148,9 @@ DECLARE
     col text;
     prev bigint;
     ver bigint;
+    ops text[];
+    keys jsonb[];
+    imgs jsonb[];
 BEGIN
     IF current_setting('chorus.applying', true) = 'on' THEN
         RETURN NULL;
@@ -248,35 +211,55 @@ BEGIN
             END LOOP;
         END IF;
     END IF;
+    -- A changed key replicates as a delete of the old key and an insert of
+    -- the new one; anything else as itself.
     IF TG_OP = 'UPDATE' AND old_key IS DISTINCT FROM new_key THEN
-        -- A changed key replicates as a delete of the old key and an insert
-        -- of the new one.
-        PERFORM chorus.record(rel, 'DELETE', old_key, NULL, txn_hlc, origin);
-        PERFORM chorus.record(rel, 'INSERT', new_key, new_img, txn_hlc, origin);
-        RETURN NULL;
-    END IF;
-    -- The common case: chorus.record's body, inlined (it runs for every
-    -- captured row).
-    key := coalesce(new_key, old_key);
-    IF key IS NULL THEN
-        ver := txn_hlc;
+        ops := ARRAY['DELETE', 'INSERT'];
+        keys := ARRAY[old_key, new_key];
+        imgs := ARRAY[NULL, new_img];
     ELSE
-        PERFORM pg_advisory_xact_lock(hashtextextended(rel || ' ' || key::text, 0));
-        WITH old AS (
-            SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key
-        ), new AS (
-            INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
-            SELECT rel, key, greatest(txn_hlc, coalesce((SELECT version FROM old), 0) + 1),
-                   origin, TG_OP = 'DELETE'
-            ON CONFLICT (tbl, pk) DO UPDATE
-                SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted
-            RETURNING v.version
-        )
-        SELECT (SELECT version FROM old), (SELECT version FROM new) INTO prev, ver;
+        ops := ARRAY[TG_OP];
+        keys := ARRAY[coalesce(new_key, old_key)];
+        imgs := ARRAY[new_img];
     END IF;
-    PERFORM pg_logical_emit_message(true, 'chorus', jsonb_build_object(
-        'table', rel, 'op', TG_OP, 'key', key, 'row', new_img,
-        'version', ver, 'prev', prev, 'origin', origin)::text);
+    -- Record each change: bump the row's version to max(txn_hlc, previous
+    -- + 1) (so a write that overwrote a newer remote version still wins: it
+    -- happened after it) and emit the change as a transactional logical
+    -- message, which logical decoding delivers only if and when the
+    -- transaction commits, in commit order.
+    FOR i IN 1..cardinality(ops) LOOP
+        key := keys[i];
+        prev := NULL;
+        IF key IS NULL THEN
+            ver := txn_hlc;
+        ELSE
+            -- Serializes this key with the apply of remote changes (the
+            -- body of chorus.key_lock, inlined: this runs for every
+            -- captured row), including while the row is still uncommitted.
+            -- Every writer of the key holds it, so the version read below
+            -- cannot change.
+            PERFORM pg_advisory_xact_lock(hashtextextended(rel || ' ' || key::text, 0));
+            -- Read the previous version and write the new one in one
+            -- statement.
+            WITH old AS (
+                SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key
+            ), new AS (
+                INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+                SELECT rel, key, greatest(txn_hlc, coalesce((SELECT version FROM old), 0) + 1),
+                       origin, ops[i] = 'DELETE'
+                ON CONFLICT (tbl, pk) DO UPDATE
+                    SET version = excluded.version, origin = excluded.origin,
+                        deleted = excluded.deleted
+                RETURNING v.version
+            )
+            SELECT (SELECT version FROM old), (SELECT version FROM new) INTO prev, ver;
+        END IF;
+        -- `prev` is the version this write overwrote: a peer whose copy of
+        -- the row has exactly that version applies it without a conflict.
+        PERFORM pg_logical_emit_message(true, 'chorus', jsonb_build_object(
+            'table', rel, 'op', ops[i], 'key', key, 'row', imgs[i],
+            'version', ver, 'prev', prev, 'origin', origin)::text);
+    END LOOP;
     RETURN NULL;
 END
 $$;
