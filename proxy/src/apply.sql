@@ -37,41 +37,46 @@ BEGIN
 END
 $$;
 
--- Insert or update a row from its image. Columns are matched by name: those
--- the image lacks take their default, keys the table lacks are ignored.
-CREATE OR REPLACE FUNCTION chorus.write_row(rel text, cols text[], img jsonb) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    present text[];
-    others text[];
-BEGIN
-    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO present
+-- The columns of a table present in a row image, in table order.
+CREATE OR REPLACE FUNCTION chorus.present_columns(rel text, img jsonb) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT array_agg(a.attname::text ORDER BY a.attnum)
       FROM pg_attribute a
      WHERE a.attrelid = rel::regclass AND a.attnum > 0 AND NOT a.attisdropped
-       AND a.attgenerated = '' AND img ? a.attname;
+       AND a.attgenerated = '' AND img ? a.attname
+$$;
+
+-- Insert or update rows from their images (a JSON array; every image of
+-- one call has the same keys). Columns are matched by name: those the
+-- images lack take their default, keys the table lacks are ignored. A
+-- table without key columns only ever gets inserts.
+CREATE OR REPLACE FUNCTION chorus.write_rows(rel text, cols text[], imgs jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    present text[] := chorus.present_columns(rel, imgs -> 0);
+    others text[];
+    upsert text;
+BEGIN
     IF cardinality(cols) = 0 THEN
-        EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1)',
-                       rel, chorus.ident_list(present))
-        USING img;
-        RETURN;
-    END IF;
-    SELECT array_agg(p ORDER BY o) INTO others
-      FROM unnest(present) WITH ORDINALITY AS u(p, o) WHERE p <> ALL (cols);
-    IF others IS NULL THEN
-        EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1) '
-                       'ON CONFLICT (%3$s) DO NOTHING',
-                       rel, chorus.ident_list(present), chorus.ident_list(cols))
-        USING img;
+        upsert := '';
     ELSE
-        EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1) '
-                       'ON CONFLICT (%3$s) DO UPDATE SET (%4$s) = ROW(%5$s)',
-                       rel, chorus.ident_list(present), chorus.ident_list(cols),
-                       chorus.ident_list(others), chorus.ident_list(others, 'excluded.'))
-        USING img;
+        SELECT array_agg(p ORDER BY o) INTO others
+          FROM unnest(present) WITH ORDINALITY AS u(p, o) WHERE p <> ALL (cols);
+        IF others IS NULL THEN
+            upsert := format(' ON CONFLICT (%s) DO NOTHING', chorus.ident_list(cols));
+        ELSE
+            upsert := format(' ON CONFLICT (%s) DO UPDATE SET (%s) = ROW(%s)',
+                             chorus.ident_list(cols), chorus.ident_list(others),
+                             chorus.ident_list(others, 'excluded.'));
+        END IF;
     END IF;
+    EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)',
+                   rel, chorus.ident_list(present)) || upsert
+    USING imgs;
 END
 $$;
 
+DROP FUNCTION IF EXISTS chorus.write_row(text, text[], jsonb);
 -- Write a remote row image, resolving conflicts on secondary UNIQUE
 -- indexes by last writer wins: when the image collides with a different
 -- local row, the one with the lower (version, origin) loses. A losing
@@ -96,7 +101,7 @@ BEGIN
     -- row per unique index.
     FOR attempt IN 1..32 LOOP
         BEGIN
-            PERFORM chorus.write_row(rel, cols, img);
+            PERFORM chorus.write_rows(rel, cols, jsonb_build_array(img));
             RETURN outcome;
         EXCEPTION WHEN unique_violation THEN
             GET STACKED DIAGNOSTICS index_name = CONSTRAINT_NAME;
@@ -289,15 +294,6 @@ LANGUAGE sql STABLE AS $$
                           AND t.tgname <> 'chorus_capture')
 $$;
 
--- The columns of a table present in a row image, in table order.
-CREATE OR REPLACE FUNCTION chorus.present_columns(rel text, img jsonb) RETURNS text[]
-LANGUAGE sql STABLE AS $$
-    SELECT array_agg(a.attname::text ORDER BY a.attnum)
-      FROM pg_attribute a
-     WHERE a.attrelid = rel::regclass AND a.attnum > 0 AND NOT a.attisdropped
-       AND a.attgenerated = '' AND img ? a.attname
-$$;
-
 -- Apply the changes of one batchable table from one batch, set-based, with
 -- the outcome of applying them one by one: per key, the batch's last
 -- change (the newest: one origin's versions of a row only grow) against
@@ -310,8 +306,6 @@ CREATE OR REPLACE FUNCTION chorus.apply_batch(rel text, changes jsonb) RETURNS t
 LANGUAGE plpgsql AS $$
 DECLARE
     cols text[];
-    present text[];
-    others text[];
     r record;
     kind text;
     remote_wins boolean;
@@ -327,10 +321,9 @@ BEGIN
     cols := chorus.key_columns(rel);
     IF cardinality(cols) = 0 THEN
         -- Insert-only: every change is an insert of its own row.
-        present := chorus.present_columns(rel, changes -> 0 -> 'row');
-        EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)',
-                       rel, chorus.ident_list(present))
-        USING (SELECT jsonb_agg(c -> 'row' ORDER BY (c ->> 'n')::integer) FROM jsonb_array_elements(changes) c);
+        PERFORM chorus.write_rows(rel, cols,
+            (SELECT jsonb_agg(c -> 'row' ORDER BY (c ->> 'n')::integer)
+               FROM jsonb_array_elements(changes) c));
         RETURN array_fill('applied'::text, ARRAY[jsonb_array_length(changes)]);
     END IF;
 
@@ -409,21 +402,7 @@ BEGIN
         USING to_jsonb(del_keys);
     END IF;
     IF cardinality(up_rows) > 0 THEN
-        present := chorus.present_columns(rel, up_rows[1]);
-        SELECT array_agg(p ORDER BY o) INTO others
-          FROM unnest(present) WITH ORDINALITY AS u(p, o) WHERE p <> ALL (cols);
-        IF others IS NULL THEN
-            EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1) '
-                           'ON CONFLICT (%3$s) DO NOTHING',
-                           rel, chorus.ident_list(present), chorus.ident_list(cols))
-            USING to_jsonb(up_rows);
-        ELSE
-            EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1) '
-                           'ON CONFLICT (%3$s) DO UPDATE SET (%4$s) = ROW(%5$s)',
-                           rel, chorus.ident_list(present), chorus.ident_list(cols),
-                           chorus.ident_list(others), chorus.ident_list(others, 'excluded.'))
-            USING to_jsonb(up_rows);
-        END IF;
+        PERFORM chorus.write_rows(rel, cols, to_jsonb(up_rows));
     END IF;
     INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
     SELECT rel, u.k, u.ver, u.org, u.del FROM unnest(v_keys, v_vers, v_orgs, v_dels) AS u(k, ver, org, del)

@@ -197,19 +197,15 @@ BEGIN
     END IF;
     -- The keys, built here rather than with chorus.key_of (same value: a
     -- jsonb object does not depend on the order its keys were added in).
-    IF cardinality(cols) > 0 THEN
-        IF old_img IS NOT NULL THEN
-            old_key := '{}';
-            FOREACH col IN ARRAY cols LOOP
-                old_key := old_key || jsonb_build_object(col, old_img -> col);
-            END LOOP;
-        END IF;
-        IF new_img IS NOT NULL THEN
-            new_key := '{}';
-            FOREACH col IN ARRAY cols LOOP
-                new_key := new_key || jsonb_build_object(col, new_img -> col);
-            END LOOP;
-        END IF;
+    FOREACH col IN ARRAY cols LOOP
+        old_key := coalesce(old_key, '{}') || jsonb_build_object(col, old_img -> col);
+        new_key := coalesce(new_key, '{}') || jsonb_build_object(col, new_img -> col);
+    END LOOP;
+    IF old_img IS NULL THEN
+        old_key := NULL;
+    END IF;
+    IF new_img IS NULL THEN
+        new_key := NULL;
     END IF;
     -- A changed key replicates as a delete of the old key and an insert of
     -- the new one; anything else as itself.
