@@ -2,6 +2,7 @@
 
 use thiserror::Error;
 
+use crate::capture::{self, CaptureError};
 use crate::config::Config;
 use crate::replication::{connect_backend, ReplicationError};
 
@@ -81,15 +82,11 @@ pub async fn adopt(
             .await
             .map_err(|e| AdminError::from_sql(backend, e))?;
         for table in tables {
-            let row = client
-                .query_one(
-                    "SELECT chorus.adopt($1::text::regclass, $2)",
-                    &[table, &insert_only],
-                )
+            let name = capture::adopt(client, table, insert_only)
                 .await
-                .map_err(|e| AdminError::from_sql(backend, e))?;
+                .map_err(|CaptureError::Sql(e)| AdminError::from_sql(backend, e))?;
             if names.len() < tables.len() {
-                names.push(row.get(0));
+                names.push(name);
             }
         }
     }

@@ -334,8 +334,13 @@ fn put_cstr(out: &mut BytesMut, s: &str) {
     out.put_u8(0);
 }
 
+/// Append a simple-protocol Query message.
+pub fn query(out: &mut BytesMut, sql: &str) {
+    write_message(out, b'Q', |body| put_cstr(body, sql));
+}
+
 /// Append a message with a type byte, computing its length.
-fn write_message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+pub fn write_message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     out.put_u8(tag);
     let len_at = out.len();
     out.put_i32(0);

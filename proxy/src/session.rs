@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BytesMut};
 use chorus_router::StatementClass;
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -636,9 +636,7 @@ where
                     state.txn_stamped.store(true, Ordering::Relaxed);
                     let mut out = BytesMut::with_capacity(160 + body.len());
                     stamp::write_stamp(&mut out, kind, node.clock.now());
-                    out.put_u8(tag);
-                    out.put_u32(body.len() as u32 + 4);
-                    out.extend_from_slice(body);
+                    protocol::write_message(&mut out, tag, |m| m.extend_from_slice(body));
                     Flow::Replace(out)
                 }
                 None => Flow::Continue,
@@ -714,10 +712,7 @@ fn refusal_query(code: &str, message: &str, hint: &str) -> BytesMut {
         hint.replace('\'', "''")
     );
     let mut out = BytesMut::with_capacity(sql.len() + 6);
-    out.put_u8(b'Q');
-    out.put_u32(sql.len() as u32 + 5);
-    out.extend_from_slice(sql.as_bytes());
-    out.put_u8(0);
+    protocol::query(&mut out, &sql);
     out
 }
 

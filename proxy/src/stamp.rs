@@ -26,8 +26,10 @@
 //! before the client's runs in its own transaction, and a pipeline may hold
 //! several transactions in one batch.
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use chorus_router::hlc::Hlc;
+
+use crate::protocol;
 
 /// Name of the statement and portal of an extended-protocol stamp.
 const NAME: &str = "chorus_stamp";
@@ -53,19 +55,18 @@ fn set_sql(hlc: Hlc) -> String {
 }
 
 fn put_message(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    out.put_u8(tag);
-    out.put_u32((len + 4) as u32);
-    for part in parts {
-        out.extend_from_slice(part);
-    }
+    protocol::write_message(out, tag, |body| {
+        for part in parts {
+            body.extend_from_slice(part);
+        }
+    });
 }
 
 /// Append the stamp of `kind` for `hlc` to `out`.
 pub fn write_stamp(out: &mut BytesMut, kind: StampKind, hlc: Hlc) {
     let sql = set_sql(hlc);
     match kind {
-        StampKind::Query => put_message(out, b'Q', &[sql.as_bytes(), b"\0"]),
+        StampKind::Query => protocol::query(out, &sql),
         StampKind::Extended => {
             let name = NAME.as_bytes();
             // Parse: name, query, no parameter types.

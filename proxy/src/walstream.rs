@@ -180,10 +180,7 @@ impl WalStream {
             slot.replace('"', "\"\"")
         );
         let mut out = BytesMut::new();
-        out.put_u8(b'Q');
-        out.put_u32(sql.len() as u32 + 5);
-        out.extend_from_slice(sql.as_bytes());
-        out.put_u8(0);
+        protocol::query(&mut out, &sql);
         stream.write(&out).await?;
         loop {
             let tag = read_message(&mut stream.reader, &mut stream.buf, MAX_MESSAGE)
@@ -279,17 +276,16 @@ impl WalWriter {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as i64)
             - PG_EPOCH_OFFSET_US;
-        let mut body = BytesMut::with_capacity(34);
-        body.put_u8(b'r');
-        body.put_u64(lsn); // written
-        body.put_u64(lsn); // flushed
-        body.put_u64(lsn); // applied
-        body.put_i64(now_us);
-        body.put_u8(u8::from(reply));
+        // Standby status update inside a CopyData message.
         let mut out = BytesMut::with_capacity(40);
-        out.put_u8(b'd');
-        out.put_u32(body.len() as u32 + 4);
-        out.extend_from_slice(&body);
+        protocol::write_message(&mut out, b'd', |body| {
+            body.put_u8(b'r');
+            body.put_u64(lsn); // written
+            body.put_u64(lsn); // flushed
+            body.put_u64(lsn); // applied
+            body.put_i64(now_us);
+            body.put_u8(u8::from(reply));
+        });
         self.writer
             .write_all(&out)
             .await
