@@ -793,26 +793,24 @@ where
                         apply_scope_changes(state, &scope);
                     }
                 }
-                if status == b'I' {
+                // A transaction ended; with replication, it may have to wait
+                // for its commit scope, and it wakes the replication streams.
+                if let (b'I', Some(progress)) = (status, &node.progress) {
                     state.txn_stamped.store(false, Ordering::Relaxed);
                     let local = scope::decode(state.scope_local.swap(0, Ordering::SeqCst));
                     if std::mem::take(&mut txn_wrote) {
-                        if let Some(progress) = &node.progress {
-                            let scope = local
-                                .or_else(|| {
-                                    scope::decode(state.scope_session.load(Ordering::SeqCst))
-                                })
-                                .unwrap_or(default_scope);
-                            if scope == CommitScope::Local {
-                                progress.wake();
-                            } else {
-                                // Hold this ReadyForQuery until the scope is
-                                // reached (see the relay loop below).
-                                if let Ok(mut wait) = scope_wait.lock() {
-                                    *wait = Some(scope);
-                                }
-                                return Ok(Flow::Await);
+                        let scope = local
+                            .or_else(|| scope::decode(state.scope_session.load(Ordering::SeqCst)))
+                            .unwrap_or(default_scope);
+                        if scope == CommitScope::Local {
+                            progress.wake();
+                        } else {
+                            // Hold this ReadyForQuery until the scope is
+                            // reached (see the relay loop below).
+                            if let Ok(mut wait) = scope_wait.lock() {
+                                *wait = Some(scope);
                             }
+                            return Ok(Flow::Await);
                         }
                     }
                 }

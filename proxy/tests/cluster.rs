@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chorus_proxy::config::Config;
-use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
+use chorus_proxy::localpg::LocalPostgres;
 use chorus_proxy::server::{self, Node};
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -52,19 +52,7 @@ async fn cluster_with(
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let mut backends = Vec::new();
-    for i in 1..=n {
-        backends.push(
-            tokio::task::block_in_place(|| {
-                LocalPostgres::create(
-                    &common::pg_binaries(),
-                    &dir.path().join(format!("pg{i}")),
-                    LocalPgOptions::default(),
-                )
-            })
-            .unwrap(),
-        );
-    }
+    let backends = common::backends(dir.path(), n);
     let mut backend_toml = String::new();
     for (i, pg) in backends.iter().enumerate() {
         backend_toml.push_str(&format!(

@@ -10,7 +10,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
+use chorus_proxy::localpg::LocalPostgres;
 use chorus_proxy::replication::parse_lsn;
 use tokio_postgres::Client;
 
@@ -126,19 +126,7 @@ impl Pair {
 
 async fn pair() -> Pair {
     let dir = tempfile::tempdir().unwrap();
-    let mut backends = Vec::new();
-    for i in 1..=2 {
-        backends.push(
-            tokio::task::block_in_place(|| {
-                LocalPostgres::create(
-                    &common::pg_binaries(),
-                    &dir.path().join(format!("pg{i}")),
-                    LocalPgOptions::default(),
-                )
-            })
-            .unwrap(),
-        );
-    }
+    let backends = common::backends(dir.path(), 2);
     let mut pair = Pair {
         dir,
         backends,

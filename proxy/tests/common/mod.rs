@@ -229,6 +229,22 @@ impl Drop for TestNode {
 }
 
 /// Connect with tokio-postgres, driving the connection in a task.
+/// `n` throwaway backends `pg1`..`pgN` under `dir`, with default options.
+pub fn backends(dir: &Path, n: usize) -> Vec<LocalPostgres> {
+    (1..=n)
+        .map(|i| {
+            tokio::task::block_in_place(|| {
+                LocalPostgres::create(
+                    &pg_binaries(),
+                    &dir.join(format!("pg{i}")),
+                    LocalPgOptions::default(),
+                )
+            })
+            .unwrap()
+        })
+        .collect()
+}
+
 pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
