@@ -51,9 +51,8 @@ pub fn parse_lsn(text: &str) -> Result<u64, ReplicationError> {
 /// An origin transaction: its commit position and its Chorus change payloads.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct DecodedTransaction {
-    /// End of the transaction's commit record, as text (what
-    /// `chorus.applied` stores) and as a number.
-    pub commit_lsn: String,
+    /// End of the transaction's commit record (what `chorus.applied`
+    /// stores, as text: see [`format_lsn`]).
     pub end_lsn: u64,
     /// Origin commit time, Unix seconds (when the decoder reported it).
     pub commit_time: Option<f64>,
@@ -184,7 +183,7 @@ impl ReplicationStream {
         let Some(last) = transactions.last() else {
             return Ok(StepReport::default());
         };
-        let last_lsn = last.commit_lsn.clone();
+        let last_lsn = format_lsn(last.end_lsn);
         let report = self.apply(peer, &transactions).await?;
         origin
             .execute(
@@ -205,7 +204,7 @@ impl ReplicationStream {
         let Some(last) = transactions.last() else {
             return Ok(StepReport::default());
         };
-        let last_lsn = last.commit_lsn.clone();
+        let last_lsn = format_lsn(last.end_lsn);
         // Transactions without Chorus messages (the apply of other nodes'
         // changes, writes to tables that are not replicated) have nothing to
         // apply; the slot simply moves past them.
@@ -218,7 +217,7 @@ impl ReplicationStream {
                 batch.push(',');
             }
             batch.push_str("{\"end\":\"");
-            batch.push_str(&txn.commit_lsn);
+            batch.push_str(&format_lsn(txn.end_lsn));
             batch.push_str("\",\"changes\":[");
             for (i, change) in txn.changes.iter().enumerate() {
                 if i > 0 {

@@ -29,7 +29,7 @@ use crate::backend::{self, LoginParams};
 use crate::capture;
 use crate::config::{BackendConfig, ReplicationConfig};
 use crate::protocol::{self, read_message};
-use crate::replication::{format_lsn, DecodedTransaction, ReplicationError};
+use crate::replication::{DecodedTransaction, ReplicationError};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -103,7 +103,6 @@ impl PgOutputDecoder {
                     .open
                     .take()
                     .ok_or_else(|| ReplicationError::Decoding("commit without begin".into()))?;
-                txn.commit_lsn = format_lsn(end);
                 txn.end_lsn = end;
                 txn.commit_time = Some((time + PG_EPOCH_OFFSET_US) as f64 / 1e6);
                 Ok(Some(txn))
@@ -296,6 +295,7 @@ impl WalWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replication::format_lsn;
 
     fn message(prefix: &str, content: &str) -> Vec<u8> {
         let mut m = vec![b'M', 1];
@@ -322,7 +322,7 @@ mod tests {
         let txn = d.feed(&commit).unwrap().unwrap();
         assert_eq!(txn.changes, vec!["{\"a\":1}"]);
         assert_eq!(txn.end_lsn, 0x1_0000_0020);
-        assert_eq!(txn.commit_lsn, "1/20");
+        assert_eq!(format_lsn(txn.end_lsn), "1/20");
         assert_eq!(txn.commit_time, Some(946_684_801.0));
         // A commit without a begin, or a truncated one, is an error.
         assert!(d.feed(&commit).is_err());
