@@ -348,6 +348,7 @@ async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), R
     let home = node.config.home_backend();
     let origin = connect_backend(home, config).await?;
     capture::install(&origin, node.config.node.id).await?;
+    node.schema_installed();
     // One task per peer, each with its own connections, so that a slow or
     // frozen peer holds up only its own stream.
     let mut streams = tokio::task::JoinSet::new();

@@ -60,6 +60,9 @@ pub struct Node {
     /// Set once shutdown begins.
     pub draining: Arc<AtomicBool>,
     shutdown_tx: watch::Sender<bool>,
+    /// Whether the chorus schema is installed on the home backend (always
+    /// true without replication).
+    schema_ready: watch::Sender<bool>,
 }
 
 impl Node {
@@ -81,6 +84,7 @@ impl Node {
         let mock_verifier =
             ScramVerifier::from_password(&format!("{random:?}")).ok_or(StartError::Scram)?;
         let (shutdown_tx, _) = watch::channel(false);
+        let replication_off = config.replication.is_none();
         let clock = HybridClock::new(config.node.id, config.node.max_clock_skew_ms);
         clock.set_offset_ms(config.node.clock_offset_ms);
         let home = config.home_backend().name.clone();
@@ -100,6 +104,7 @@ impl Node {
             mock_verifier,
             draining: Arc::new(AtomicBool::new(false)),
             shutdown_tx,
+            schema_ready: watch::channel(replication_off).0,
         }))
     }
 
@@ -109,6 +114,19 @@ impl Node {
             .get(user)
             .unwrap_or(&self.mock_verifier)
             .clone()
+    }
+
+    /// The replicator installed the chorus schema on the home backend.
+    pub fn schema_installed(&self) {
+        self.schema_ready.send_replace(true);
+    }
+
+    /// Wait (at most `limit`) until the chorus schema is on the home
+    /// backend; whether it is.
+    pub async fn wait_schema_ready(&self, limit: std::time::Duration) -> bool {
+        let mut ready = self.schema_ready.subscribe();
+        let waited = tokio::time::timeout(limit, ready.wait_for(|r| *r)).await;
+        matches!(waited, Ok(Ok(_)))
     }
 
     /// A receiver that fires when shutdown begins.

@@ -305,6 +305,20 @@ async fn startup(
 
     authenticate(node, client, peer, &user, &database, &mut out).await?;
 
+    // With replication, a session's writes must be captured: wait until the
+    // chorus schema is on the home backend (a node that has just started
+    // installs it), as PostgreSQL makes clients wait while it starts up.
+    if !node
+        .wait_schema_ready(node.config.backend_connect_timeout())
+        .await
+    {
+        return Err(StartupFailure::Fatal {
+            kind: ErrorKind::BackendConnect,
+            code: "57P03",
+            message: "the Chorus node is still installing its schema on its home backend".into(),
+        });
+    }
+
     let home = node.config.home_backend();
     let address = home.address();
     let password = node.config.user(&user).and_then(|u| u.password.as_deref());

@@ -992,3 +992,34 @@ async fn the_adopt_command_makes_existing_tables_replicate() {
         .unwrap_err();
     assert_eq!(common::sqlstate(&update).as_deref(), Some("55000"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_wait_for_the_chorus_schema_and_are_told_why_when_it_never_comes() {
+    // A replicating node whose home backend is not there: it cannot install
+    // its schema, so sessions would write without capture. They are refused
+    // like connections to a PostgreSQL that is starting up.
+    let closed = chorus_proxy::localpg::free_port().unwrap();
+    let config = Config::from_toml(&format!(
+        "[node]\nid = 1\nworker_threads = 1\nbackend_connect_timeout_ms = 500\n\
+         [[backends]]\nname = \"pg1\"\nport = {closed}\n\
+         [[users]]\nname = \"postgres\"\n[[auth]]\nmethod = \"trust\"\n[replication]\n"
+    ))
+    .unwrap();
+    let node = Node::new(config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(server::run_node_with(listener, node, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    let started = Instant::now();
+    let err = common::connect(&format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("57P03"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    stop.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
