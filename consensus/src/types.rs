@@ -1,0 +1,179 @@
+//! What the Raft log carries and what its state machine holds.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+openraft::declare_raft_types!(
+    /// The Chorus cluster's Raft type configuration.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// A command proposed to the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Run a DDL statement on every backend, in log order.
+    Ddl(DdlProposal),
+    /// Record (or update) what the cluster knows of a node.
+    RegisterNode { id: u64, info: NodeInfo },
+}
+
+/// A replicated DDL statement, as validated on its origin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlProposal {
+    /// Unique per proposal: a proposal retried after a lost answer (for
+    /// example when the leader died) is recognised and not logged twice.
+    pub id: String,
+    /// The client's query string (one or more DDL statements).
+    pub sql: String,
+    /// The origin session's `search_path`.
+    pub search_path: String,
+    /// The origin session's `current_user`, which the DDL runs as.
+    pub role: String,
+    /// The node the client sent it to.
+    pub origin: u64,
+    /// False for statements that cannot run inside a transaction block
+    /// (`CREATE INDEX CONCURRENTLY`, …): they are applied on their own.
+    pub transactional: bool,
+}
+
+/// A DDL statement in the cluster's DDL log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlEntry {
+    /// Position in the DDL log, from 1, without gaps.
+    pub seq: u64,
+    pub proposal: DdlProposal,
+}
+
+/// A node's life-cycle state in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Joining,
+    Active,
+    Draining,
+    Down,
+    Parted,
+}
+
+/// What the cluster knows of one Chorus node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Where its Raft RPC listens.
+    pub raft_addr: String,
+    /// Where its clients connect.
+    pub listen: String,
+    /// The backend it is responsible for.
+    pub home_backend: String,
+    pub state: NodeState,
+}
+
+/// The answer to a committed [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The DDL's place in the DDL log; `duplicate` when the same proposal
+    /// was already logged (its first place is returned).
+    Ddl { seq: u64, duplicate: bool },
+    /// Done, nothing to report.
+    Done,
+}
+
+/// The replicated cluster state: what every node agrees on. Later parts of
+/// Chorus (sequence allocations, the write leader, replication duties) add
+/// their fields here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<u64, NodeInfo>,
+    /// The DDL log, in order (`ddl[i].seq == i + 1`).
+    pub ddl: Vec<DdlEntry>,
+}
+
+impl ClusterState {
+    /// Apply one command.
+    pub fn apply(&mut self, request: &Request) -> Response {
+        match request {
+            Request::Ddl(proposal) => {
+                // Retried proposals arrive close to the first one: look back
+                // from the end.
+                if let Some(known) = self.ddl.iter().rev().find(|e| e.proposal.id == proposal.id) {
+                    return Response::Ddl {
+                        seq: known.seq,
+                        duplicate: true,
+                    };
+                }
+                let seq = self.ddl.len() as u64 + 1;
+                self.ddl.push(DdlEntry {
+                    seq,
+                    proposal: proposal.clone(),
+                });
+                Response::Ddl {
+                    seq,
+                    duplicate: false,
+                }
+            }
+            Request::RegisterNode { id, info } => {
+                self.nodes.insert(*id, info.clone());
+                Response::Done
+            }
+        }
+    }
+
+    /// The last DDL sequence number.
+    pub fn ddl_seq(&self) -> u64 {
+        self.ddl.len() as u64
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn proposal(id: &str) -> DdlProposal {
+        DdlProposal {
+            id: id.into(),
+            sql: "CREATE TABLE t ()".into(),
+            search_path: "public".into(),
+            role: "postgres".into(),
+            origin: 1,
+            transactional: true,
+        }
+    }
+
+    #[test]
+    fn ddl_is_numbered_in_order_and_a_retried_proposal_is_logged_once() {
+        let mut state = ClusterState::default();
+        let first = state.apply(&Request::Ddl(proposal("a")));
+        let second = state.apply(&Request::Ddl(proposal("b")));
+        let again = state.apply(&Request::Ddl(proposal("a")));
+        assert_eq!(
+            first,
+            Response::Ddl {
+                seq: 1,
+                duplicate: false
+            }
+        );
+        assert_eq!(
+            second,
+            Response::Ddl {
+                seq: 2,
+                duplicate: false
+            }
+        );
+        assert_eq!(
+            again,
+            Response::Ddl {
+                seq: 1,
+                duplicate: true
+            }
+        );
+        assert_eq!(state.ddl_seq(), 2);
+    }
+}
