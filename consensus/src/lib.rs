@@ -27,7 +27,7 @@ use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 
 pub use network::ProposeFailure;
-use network::{CallError, Network, Peer, Reply, Rpc, HANDSHAKE_TIMEOUT};
+use network::{Network, Peer, Reply, Rpc, HANDSHAKE_TIMEOUT};
 pub use store::Shared;
 use types::TypeConfig;
 pub use types::{ClusterState, DdlEntry, DdlProposal, NodeInfo, NodeState, Request, Response};
@@ -293,9 +293,8 @@ impl Consensus {
                         .or_insert_with(|| Peer::new(addr, self.secret.clone(), self.id));
                     match peer.call(&copy()?, deadline - now).await {
                         Ok(reply) => reply,
-                        Err(CallError::Refused { reason, .. }) => {
-                            return Err(ProposeError::Failed(reason))
-                        }
+                        // (A refusal too: a node with the wrong secret is
+                        // not the leader for long.)
                         Err(e) => {
                             tracing::debug!(leader = id, error = %e, "forwarding to the leader failed");
                             forwarders.remove(&id);

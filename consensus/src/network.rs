@@ -177,13 +177,26 @@ fn verify(secret: &str, parts: &[&[u8]], proof: &str) -> bool {
     unhex(proof).is_some_and(|bytes| mac(secret, parts).verify_slice(&bytes).is_ok())
 }
 
+/// Why a handshake failed.
+enum HandshakeError {
+    /// The other side does not share our secret.
+    Refused(String),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for HandshakeError {
+    fn from(e: std::io::Error) -> Self {
+        HandshakeError::Io(e)
+    }
+}
+
 /// The client side of the handshake. `node` is the caller's node id (0 for
 /// the admin command).
 async fn handshake_client(
     stream: &mut BufStream<TcpStream>,
     secret: &str,
     node: Nid,
-) -> Result<(), String> {
+) -> Result<(), HandshakeError> {
     let mine = nonce();
     write_frame(
         stream,
@@ -192,9 +205,8 @@ async fn handshake_client(
             nonce: mine.clone(),
         },
     )
-    .await
-    .map_err(|e| e.to_string())?;
-    let challenge: Challenge = read_frame(stream).await.map_err(|e| e.to_string())?;
+    .await?;
+    let challenge: Challenge = read_frame(stream).await?;
     // Our proof goes first whatever the server proved, so that a server
     // refusing a wrong secret can tell (and count) it.
     let proof = prove(
@@ -206,19 +218,19 @@ async fn handshake_client(
             &node.to_be_bytes(),
         ],
     );
-    write_frame(stream, &Proof { proof })
-        .await
-        .map_err(|e| e.to_string())?;
-    let verdict: Verdict = read_frame(stream).await.map_err(|e| e.to_string())?;
+    write_frame(stream, &Proof { proof }).await?;
+    let verdict: Verdict = read_frame(stream).await?;
     if let Verdict::Refused(reason) = verdict {
-        return Err(reason);
+        return Err(HandshakeError::Refused(reason));
     }
     if !verify(
         secret,
         &[b"server", mine.as_bytes(), challenge.nonce.as_bytes()],
         &challenge.proof,
     ) {
-        return Err("authentication failed: the node does not know the cluster secret".into());
+        return Err(HandshakeError::Refused(
+            "authentication failed: the node does not know the cluster secret".into(),
+        ));
     }
     Ok(())
 }
@@ -321,9 +333,15 @@ impl Peer {
             let mut stream = BufStream::new(stream);
             handshake_client(&mut stream, &self.secret, self.me)
                 .await
-                .map_err(|reason| CallError::Refused {
-                    addr: self.addr.clone(),
-                    reason,
+                .map_err(|e| match e {
+                    HandshakeError::Refused(reason) => CallError::Refused {
+                        addr: self.addr.clone(),
+                        reason,
+                    },
+                    HandshakeError::Io(source) => CallError::Io {
+                        addr: self.addr.clone(),
+                        source,
+                    },
                 })?;
             self.conn = Some(stream);
         }

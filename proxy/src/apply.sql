@@ -261,21 +261,9 @@ BEGIN
 END
 $$;
 
--- Replay a DDL command from another node with its search_path. The peer's
--- own event trigger adopts new tables but does not emit it again.
-CREATE OR REPLACE FUNCTION chorus.apply_ddl(change jsonb) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    saved text := current_setting('search_path');
-BEGIN
-    PERFORM set_config('search_path', change ->> 'search_path', true);
-    EXECUTE change ->> 'ddl';
-    PERFORM set_config('search_path', saved, true);
-    INSERT INTO chorus.ddl_log (origin, search_path, command)
-    VALUES ((change ->> 'origin')::integer, change ->> 'search_path', change ->> 'ddl');
-    RETURN 'ddl';
-END
-$$;
+-- DDL no longer travels in the change stream: the Raft-ordered DDL log
+-- is applied by each node (proxy/src/ddl.rs).
+DROP FUNCTION IF EXISTS chorus.apply_ddl(jsonb);
 
 -- Whether a table's changes may be applied set-based (chorus.apply_batch):
 -- nothing on it depends on the order in which rows of one batch are
@@ -451,30 +439,11 @@ BEGIN
 END
 $$;
 
--- Apply a JSON array of changes: row changes between DDL commands as
--- chorus.apply_dml does, each DDL command in its place. One result per
--- change (not in input order).
+-- Apply a JSON array of row changes (see chorus.apply_dml). One result
+-- per change (not in input order).
 CREATE OR REPLACE FUNCTION chorus.apply_changes(changes jsonb) RETURNS text[]
-LANGUAGE plpgsql AS $$
-DECLARE
-    results text[] := '{}';
-    total integer := jsonb_array_length(changes);
-    lo integer := 1;
-    ddl_at integer;
-BEGIN
-    LOOP
-        SELECT min(e.n) INTO ddl_at
-          FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
-         WHERE e.n >= lo AND e.c ? 'ddl';
-        IF coalesce(ddl_at, total + 1) > lo THEN
-            results := results || chorus.apply_dml(changes, lo, coalesce(ddl_at, total + 1) - 1);
-        END IF;
-        EXIT WHEN ddl_at IS NULL;
-        results := results || chorus.apply_ddl(changes -> (ddl_at - 1));
-        lo := ddl_at + 1;
-    END LOOP;
-    RETURN results;
-END
+LANGUAGE sql AS $$
+    SELECT chorus.apply_dml(changes, 1, jsonb_array_length(changes))
 $$;
 
 -- Apply a batch of origin transactions ([{"end": <commit end LSN>,

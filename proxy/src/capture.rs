@@ -106,41 +106,26 @@ pub enum DecodeError {
 /// `None` for any other line (BEGIN, COMMIT, table changes, other prefixes).
 pub fn change_payload(line: &str) -> Option<&str> {
     let rest = line.strip_prefix("message: transactional: 1 prefix: ")?;
-    let rest = rest.strip_prefix(MESSAGE_PREFIX)?.strip_prefix(", sz: ")?;
+    let (prefix, rest) = rest.split_once(", sz: ")?;
+    ddl_index(prefix)?;
     Some(rest.split_once(" content:")?.1)
 }
 
-/// A replicated DDL command.
-#[derive(Debug, Clone, Deserialize)]
-pub struct DdlRecord {
-    pub ddl: String,
-    pub search_path: String,
-    pub origin: i32,
-}
-
-/// One Chorus message: a row change or a DDL command. (Not a serde
-/// `untagged` enum: those buffer their input, which raw JSON values cannot
-/// be read back from.)
-#[derive(Debug, Clone)]
-pub enum Message {
-    Ddl(DdlRecord),
-    Row(ChangeRecord),
-}
-
-impl Message {
-    /// Decode a message payload.
-    pub fn decode(payload: &str) -> Result<Message, DecodeError> {
-        match serde_json::from_str::<DdlRecord>(payload) {
-            Ok(ddl) => Ok(Message::Ddl(ddl)),
-            Err(_) => Ok(Message::Row(serde_json::from_str(payload)?)),
-        }
+/// The DDL index a message prefix carries (`chorus:<seq>`; plain `chorus`
+/// is 0), or `None` when it is not a Chorus message.
+pub fn ddl_index(prefix: &str) -> Option<u64> {
+    match prefix.strip_prefix(MESSAGE_PREFIX)? {
+        "" => Some(0),
+        rest => rest.strip_prefix(':')?.parse().ok(),
     }
 }
 
 /// Decode one line of `test_decoding` output. `Ok(None)` for lines that are
 /// not Chorus messages.
-pub fn decode_test_decoding_line(line: &str) -> Result<Option<Message>, DecodeError> {
-    change_payload(line).map(Message::decode).transpose()
+pub fn decode_test_decoding_line(line: &str) -> Result<Option<ChangeRecord>, DecodeError> {
+    change_payload(line)
+        .map(|payload| serde_json::from_str(payload).map_err(DecodeError::from))
+        .transpose()
 }
 
 #[cfg(test)]
@@ -149,10 +134,8 @@ mod tests {
 
     #[test]
     fn decodes_a_change_line() {
-        let line = r#"message: transactional: 1 prefix: chorus, sz: 120 content:{"key": {"id": 2574}, "op": "INSERT", "row": {"id": 2574, "name": "An, Wim", "balance": 10.50}, "table": "public.users", "origin": 1, "version": 123456}"#;
-        let Some(Message::Row(change)) = decode_test_decoding_line(line).unwrap() else {
-            panic!("not a row change");
-        };
+        let line = r#"message: transactional: 1 prefix: chorus:7, sz: 120 content:{"key": {"id": 2574}, "op": "INSERT", "row": {"id": 2574, "name": "An, Wim", "balance": 10.50}, "table": "public.users", "origin": 1, "version": 123456}"#;
+        let change = decode_test_decoding_line(line).unwrap().unwrap();
         assert_eq!(change.table, "public.users");
         assert_eq!(change.op, Operation::Insert);
         assert_eq!(change.key.unwrap().get(), r#"{"id": 2574}"#);
@@ -165,14 +148,12 @@ mod tests {
     }
 
     #[test]
-    fn decodes_a_ddl_line() {
-        let line = r#"message: transactional: 1 prefix: chorus, sz: 60 content:{"ddl": "CREATE TABLE t (id int)", "origin": 2, "search_path": "\"$user\", public"}"#;
-        let Some(Message::Ddl(ddl)) = decode_test_decoding_line(line).unwrap() else {
-            panic!("not DDL");
-        };
-        assert_eq!(ddl.ddl, "CREATE TABLE t (id int)");
-        assert_eq!(ddl.search_path, "\"$user\", public");
-        assert_eq!(ddl.origin, 2);
+    fn message_prefixes_carry_the_ddl_index() {
+        assert_eq!(ddl_index("chorus"), Some(0));
+        assert_eq!(ddl_index("chorus:42"), Some(42));
+        assert_eq!(ddl_index("chorus:x"), None);
+        assert_eq!(ddl_index("chorusx"), None);
+        assert_eq!(ddl_index("other"), None);
     }
 
     #[test]

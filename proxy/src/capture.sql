@@ -66,6 +66,22 @@ CREATE TABLE IF NOT EXISTS chorus.conflict (
     remote_row jsonb
 );
 
+-- The DDL of the cluster's Raft-ordered DDL log applied here, one row per
+-- log entry in log order, written in the same transaction as the DDL (so
+-- each entry is applied exactly once). A statement that failed here is
+-- recorded with its error. max(seq) is this backend's DDL index: changes
+-- captured here carry it, and a peer applies them only once it has
+-- applied that DDL too.
+CREATE TABLE IF NOT EXISTS chorus.ddl_history (
+    seq bigint PRIMARY KEY,
+    origin integer NOT NULL,
+    search_path text NOT NULL,
+    role text NOT NULL,
+    command text NOT NULL,
+    error text,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- A UUID version 7 (RFC 9562): 48 bits of Unix milliseconds, the version,
 -- 12 bits of sub-millisecond time (the RFC's "increased clock precision"
 -- method), the variant, and 62 random bits (from gen_random_uuid, built
@@ -138,6 +154,7 @@ DECLARE
     only_inserts boolean;
     txn_hlc bigint;
     origin integer;
+    ddl_seq bigint;
     xid text;
     pinned text;
     old_img jsonb;
@@ -182,12 +199,16 @@ BEGIN
     IF pinned IS NOT NULL AND split_part(pinned, ':', 1) = xid THEN
         txn_hlc := split_part(pinned, ':', 2)::bigint;
         origin := split_part(pinned, ':', 3)::integer;
+        ddl_seq := split_part(pinned, ':', 4)::bigint;
     ELSE
         txn_hlc := coalesce(nullif(current_setting('chorus.hlc', true), '')::bigint,
                             chorus.clock_hlc());
         origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
                            (SELECT l.node_id FROM chorus.local l));
-        PERFORM set_config('chorus.txn', xid || ':' || txn_hlc || ':' || origin, true);
+        -- The DDL this transaction's changes may depend on (see
+        -- chorus.ddl_history).
+        ddl_seq := coalesce((SELECT max(h.seq) FROM chorus.ddl_history h), 0);
+        PERFORM set_config('chorus.txn', xid || ':' || txn_hlc || ':' || origin || ':' || ddl_seq, true);
     END IF;
     IF TG_OP <> 'INSERT' THEN
         old_img := to_jsonb(OLD);
@@ -252,7 +273,9 @@ BEGIN
         END IF;
         -- `prev` is the version this write overwrote: a peer whose copy of
         -- the row has exactly that version applies it without a conflict.
-        PERFORM pg_logical_emit_message(true, 'chorus', jsonb_build_object(
+        -- The prefix carries the DDL index ('chorus:<seq>'), which the
+        -- streams read without parsing the payload.
+        PERFORM pg_logical_emit_message(true, 'chorus:' || ddl_seq, jsonb_build_object(
             'table', rel, 'op', ops[i], 'key', key, 'row', imgs[i],
             'version', ver, 'prev', prev, 'origin', origin)::text);
     END LOOP;
@@ -304,45 +327,26 @@ BEGIN
 END
 $$;
 
--- Replicated DDL until the Raft-ordered DDL log exists: DDL run on a backend
--- (through Chorus or directly) is emitted into the same ordered change
--- stream as its DML, and replayed on peers with the origin's search_path.
--- The text replayed is the client's whole query string, so a string that
--- mixes DDL with DML must not reach a backend (the proxy refuses it).
--- A table created or altered is adopted (or re-adopted, when it gained a
--- primary key) in the same transaction, on the origin and on every peer.
--- Not replicated: temporary objects, Chorus's own objects, extension
--- members, and anything run with `SET chorus.ddl_scope = 'local'` (a table
--- created that way is not adopted either; `chorus adopt` does that).
-CREATE TABLE IF NOT EXISTS chorus.ddl_log (
-    id bigserial PRIMARY KEY,
-    logged_at timestamptz NOT NULL DEFAULT now(),
-    origin integer NOT NULL,
-    search_path text NOT NULL,
-    command text NOT NULL
-);
-
+-- Tables created or altered by DDL are adopted (or re-adopted, when they
+-- gained a primary key) in the same transaction. DDL replicates through the
+-- cluster's Raft-ordered DDL log, applied on every backend by its node
+-- (proxy/src/ddl.rs), so each backend's own event trigger adopts the
+-- table there. Not adopted: temporary tables, Chorus's own, extension
+-- members, and tables made with `SET chorus.ddl_scope = 'local'` (they
+-- exist on one backend only; `chorus adopt` adopts them).
 CREATE OR REPLACE FUNCTION chorus.capture_ddl() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     cmd record;
-    replicate boolean := false;
-    origin integer;
-    marker text;
 BEGIN
     FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         CONTINUE WHEN cmd.in_extension;
         CONTINUE WHEN cmd.schema_name IS NOT NULL
                   AND (cmd.schema_name = 'chorus' OR cmd.schema_name LIKE 'pg_temp%');
-        -- The capture trigger that adopt() itself creates.
-        CONTINUE WHEN cmd.object_type = 'trigger' AND cmd.object_identity LIKE 'chorus_capture on %';
         IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
            AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = cmd.objid AND c.relkind IN ('r', 'p')
                                                  AND c.relpersistence = 'p')
-           -- A table made under ddl_scope 'local' exists here only, so it
-           -- is not replicated (until adopted); a replicated table stays so.
            AND (coalesce(current_setting('chorus.ddl_scope', true), '') <> 'local'
-                OR coalesce(current_setting('chorus.applying', true), '') = 'on'
                 OR EXISTS (SELECT 1 FROM chorus.replicated_table t
                             WHERE t.tbl = (SELECT format('%I.%I', n.nspname, c.relname)
                                              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -351,24 +355,7 @@ BEGIN
                                  NOT EXISTS (SELECT 1 FROM pg_index i
                                               WHERE i.indrelid = cmd.objid AND i.indisprimary));
         END IF;
-        replicate := true;
     END LOOP;
-    -- current_query() is the client's whole query string: emit it once per
-    -- transaction even when it holds several DDL statements.
-    marker := txid_current()::text || ':' || md5(current_query());
-    IF replicate
-       AND coalesce(current_setting('chorus.applying', true), '') <> 'on'
-       AND coalesce(current_setting('chorus.ddl_scope', true), '') <> 'local'
-       AND coalesce(current_setting('chorus.ddl_emitted', true), '') <> marker THEN
-        PERFORM set_config('chorus.ddl_emitted', marker, true);
-        origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
-                           (SELECT l.node_id FROM chorus.local l));
-        INSERT INTO chorus.ddl_log (origin, search_path, command)
-        VALUES (origin, current_setting('search_path'), current_query());
-        PERFORM pg_logical_emit_message(true, 'chorus', jsonb_build_object(
-            'ddl', current_query(), 'search_path', current_setting('search_path'),
-            'origin', origin)::text);
-    END IF;
 END
 $$;
 

@@ -51,6 +51,95 @@ pub struct Config {
     /// proxy to its home backend.
     #[serde(default)]
     pub replication: Option<ReplicationConfig>,
+    /// The Raft group of the Chorus nodes (cluster metadata, DDL order);
+    /// required with replication.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// This node's membership in the cluster's Raft group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Where this node's Raft RPC listens.
+    pub raft_listen: SocketAddr,
+    /// The secret every node of the cluster shares; Raft connections from
+    /// anyone without it are refused.
+    pub secret: String,
+    /// Where the Raft log and snapshots are kept.
+    pub data_dir: PathBuf,
+    /// The voters a new cluster starts with, the same list on every node.
+    /// A node not in it waits to be added with `chorus cluster add-node`.
+    #[serde(default)]
+    pub members: Vec<MemberConfig>,
+    /// Default 100 ms.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// A follower that hears no leader for a random time between these
+    /// starts an election. Default 1000 and 2000 ms.
+    #[serde(default = "default_election_min")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "default_election_max")]
+    pub election_timeout_max_ms: u64,
+    /// A snapshot is taken every this many log entries. Default 1000.
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot. Default 1000.
+    #[serde(default = "default_snapshot_every")]
+    pub keep_logs: u64,
+    /// How long a DDL statement may wait for a Raft majority and for its
+    /// application before the client gets an error. Default 10 s.
+    #[serde(default = "default_ddl_timeout")]
+    pub ddl_timeout_ms: u64,
+}
+
+/// One initial voter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    pub id: u16,
+    /// Its `raft_listen` address.
+    pub raft: String,
+}
+
+fn default_heartbeat() -> u64 {
+    100
+}
+fn default_election_min() -> u64 {
+    1000
+}
+fn default_election_max() -> u64 {
+    2000
+}
+fn default_snapshot_every() -> u64 {
+    1000
+}
+fn default_ddl_timeout() -> u64 {
+    10_000
+}
+
+impl ClusterConfig {
+    /// The consensus settings of node `id`.
+    pub fn consensus(&self, id: u16) -> chorus_consensus::ConsensusConfig {
+        chorus_consensus::ConsensusConfig {
+            id: u64::from(id),
+            listen: self.raft_listen,
+            secret: self.secret.clone(),
+            dir: self.data_dir.clone(),
+            members: self
+                .members
+                .iter()
+                .map(|m| (u64::from(m.id), m.raft.clone()))
+                .collect(),
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            election_timeout: (
+                Duration::from_millis(self.election_timeout_min_ms),
+                Duration::from_millis(self.election_timeout_max_ms),
+            ),
+            snapshot_every: self.snapshot_every,
+            keep_logs: self.keep_logs,
+        }
+    }
 }
 
 /// How this node replicates its home backend's changes to the others.
@@ -404,6 +493,26 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "node.max_message_bytes must be at least 1024".into(),
             ));
+        }
+        if self.replication.is_some() && self.cluster.is_none() {
+            return Err(ConfigError::Invalid(
+                "replication needs a [cluster] section: the nodes' Raft group orders DDL".into(),
+            ));
+        }
+        if let Some(cluster) = &self.cluster {
+            if cluster.secret.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "cluster.secret must not be empty".into(),
+                ));
+            }
+            if cluster.election_timeout_min_ms <= cluster.heartbeat_ms
+                || cluster.election_timeout_max_ms <= cluster.election_timeout_min_ms
+            {
+                return Err(ConfigError::Invalid(
+                    "cluster: need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
+                        .into(),
+                ));
+            }
         }
         Ok(())
     }

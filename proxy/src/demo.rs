@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use tokio::sync::watch;
 
 use crate::config::{
-    AuthMethod, AuthRule, BackendConfig, Config, NodeConfig, ReplicationConfig, UserConfig,
+    AuthMethod, AuthRule, BackendConfig, ClusterConfig, Config, MemberConfig, NodeConfig,
+    ReplicationConfig, UserConfig,
 };
 use crate::localpg::{LocalPgOptions, LocalPostgres, PgBinaries};
 use crate::server::{self, Node};
@@ -69,6 +70,19 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         })
         .collect();
 
+    // The nodes' Raft group: ports 200 above the client ports, a fresh
+    // secret, logs beside the backends.
+    let raft_port = |i: u16| options.port + 200 + i - 1;
+    let members: Vec<MemberConfig> = (1..=options.nodes)
+        .map(|i| MemberConfig {
+            id: i,
+            raft: format!("127.0.0.1:{}", raft_port(i)),
+        })
+        .collect();
+    let mut secret = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut nodes = Vec::new();
     let mut metrics_ports = Vec::new();
@@ -96,6 +110,18 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 database: DEMO_DATABASE.to_owned(),
                 poll_interval_ms: 50,
                 ..ReplicationConfig::default()
+            }),
+            cluster: (!options.proxy_only).then(|| ClusterConfig {
+                raft_listen: ([127, 0, 0, 1], raft_port(i)).into(),
+                secret: secret.clone(),
+                data_dir: base.join(format!("raft{i}")),
+                members: members.clone(),
+                heartbeat_ms: 100,
+                election_timeout_min_ms: 1000,
+                election_timeout_max_ms: 2000,
+                snapshot_every: 1000,
+                keep_logs: 1000,
+                ddl_timeout_ms: 10_000,
             }),
             auth: vec![AuthRule {
                 user: "all".to_owned(),
@@ -135,7 +161,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     println!("ready");
     eprintln!(
         "chorus demo: connect with e.g. `psql postgres://{DEMO_USER}@127.0.0.1:{}/{DEMO_DATABASE}`; \
-         writes and DDL made through any node (or directly on any backend) replicate to every backend. \
+         writes made through any node (or directly on any backend) and DDL made through any node replicate to every backend. \
          Stop with Ctrl-C.",
         options.port
     );
@@ -161,6 +187,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         for i in 1..=options.nodes {
             let dir = base.join(format!("pg{i}"));
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            let raft = base.join(format!("raft{i}"));
+            if raft.exists() {
+                std::fs::remove_dir_all(&raft)
+                    .with_context(|| format!("removing {}", raft.display()))?;
+            }
         }
         if created_base {
             let _ = std::fs::remove_dir(&base);

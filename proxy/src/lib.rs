@@ -11,6 +11,7 @@ pub mod backend;
 pub mod cancel;
 pub mod capture;
 pub mod config;
+pub mod ddl;
 pub mod demo;
 pub mod frontend;
 pub mod localpg;

@@ -54,6 +54,11 @@ enum Command {
         #[arg(required = true)]
         tables: Vec<String>,
     },
+    /// Change the cluster's Raft membership, through any running node.
+    Cluster {
+        #[command(subcommand)]
+        change: ClusterChange,
+    },
     /// Start a throwaway local cluster: N PostgreSQL backends (made with this
     /// machine's initdb) and N Chorus nodes; stop with Ctrl-C.
     Demo {
@@ -73,6 +78,31 @@ enum Command {
         /// Run the nodes as plain proxies, without replication.
         #[arg(long)]
         proxy_only: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterChange {
+    /// Add a node (started with the same cluster secret, not in the initial
+    /// members) as a voter.
+    AddNode {
+        /// Configuration file of a node of the cluster (its
+        /// `cluster.raft_listen` is asked, with its `cluster.secret`).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The new node's id.
+        #[arg(long)]
+        id: u16,
+        /// The new node's `cluster.raft_listen` address.
+        #[arg(long)]
+        raft: String,
+    },
+    /// Remove a node from the voters.
+    RemoveNode {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        id: u16,
     },
 }
 
@@ -133,6 +163,33 @@ fn main() -> anyhow::Result<()> {
                 println!("adopted {name} on {} backends", config.backends.len());
             }
             Ok(())
+        }
+        Command::Cluster { change } => {
+            let (config, add, remove) = match change {
+                ClusterChange::AddNode { config, id, raft } => {
+                    (config, Some((u64::from(id), raft)), None)
+                }
+                ClusterChange::RemoveNode { config, id } => (config, None, Some(u64::from(id))),
+            };
+            let config = Config::load(&config)?;
+            let cluster = config
+                .cluster
+                .as_ref()
+                .context("the configuration has no [cluster] section")?;
+            let answer = runtime.block_on(chorus_consensus::admin_request(
+                &cluster.raft_listen.to_string(),
+                &cluster.secret,
+                add,
+                remove,
+                std::time::Duration::from_secs(60),
+            ));
+            match answer {
+                Ok(text) => {
+                    println!("{text}");
+                    Ok(())
+                }
+                Err(e) => anyhow::bail!("membership change failed: {e}"),
+            }
         }
         Command::Demo {
             nodes,

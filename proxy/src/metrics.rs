@@ -21,6 +21,14 @@
 //! | `chorus_replication_delay_seconds` | histogram | `peer` | per transaction, origin commit to its apply on the peer |
 //! | `chorus_hlc_skew_milliseconds` | gauge | | how far the last remote clock observed was ahead of ours (negative: behind) |
 //! | `chorus_hlc_skew_refused_total` | counter | | remote clocks ahead by more than `max_clock_skew_ms`, logged and not followed |
+//! | `chorus_ddl_index` | gauge | `backend` | DDL log entries applied on the backend (this node's home backend) |
+//! | `chorus_ddl_duration_seconds` | histogram | | DDL through this node: proposal to applied on its home backend |
+//! | `chorus_ddl_failed_total` | counter | | DDL that could not be committed (no majority, timeout) |
+//! | `chorus_raft_term` | gauge | | this node's current Raft term |
+//! | `chorus_raft_leader` | gauge | | id of the Raft leader this node knows (0: none) |
+//! | `chorus_raft_commit_index` | gauge | | committed Raft log index known to this node |
+//! | `chorus_raft_applied_index` | gauge | | Raft log index applied to this node's state machine |
+//! | `chorus_raft_auth_failures_total` | gauge | | Raft connections refused for a wrong cluster secret |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -88,6 +96,14 @@ pub struct Metrics {
     conflicts: Vec<(&'static str, Counter)>,
     pub hlc_skew_ms: Gauge,
     pub hlc_skew_refused: Counter,
+    ddl_index: Vec<(String, Gauge)>,
+    ddl_duration: Histogram,
+    ddl_failed: Counter,
+    pub raft_term: Gauge,
+    pub raft_leader: Gauge,
+    pub raft_commit_index: Gauge,
+    pub raft_applied_index: Gauge,
+    pub raft_auth_failures: Gauge,
 }
 
 /// Replication metrics towards one peer backend.
@@ -131,6 +147,12 @@ impl Metrics {
             .and_then(|b| {
                 b.set_buckets_for_metric(
                     Matcher::Full("chorus_replication_delay_seconds".into()),
+                    DURATION_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("chorus_ddl_duration_seconds".into()),
                     DURATION_BUCKETS,
                 )
             })
@@ -198,7 +220,30 @@ impl Metrics {
                 )
             })
             .collect();
+        let ddl_index = backends
+            .iter()
+            .map(|name| {
+                (
+                    name.clone(),
+                    gauge(
+                        "chorus_ddl_index",
+                        vec![Label::new("backend", name.clone())],
+                    ),
+                )
+            })
+            .collect();
         Metrics {
+            ddl_index,
+            ddl_duration: recorder.register_histogram(
+                &Key::from_static_name("chorus_ddl_duration_seconds"),
+                &METADATA,
+            ),
+            ddl_failed: counter("chorus_ddl_failed_total", vec![]),
+            raft_term: gauge("chorus_raft_term", vec![]),
+            raft_leader: gauge("chorus_raft_leader", vec![]),
+            raft_commit_index: gauge("chorus_raft_commit_index", vec![]),
+            raft_applied_index: gauge("chorus_raft_applied_index", vec![]),
+            raft_auth_failures: gauge("chorus_raft_auth_failures_total", vec![]),
             replication,
             conflicts,
             hlc_skew_ms: gauge("chorus_hlc_skew_milliseconds", vec![]),
@@ -246,6 +291,23 @@ impl Metrics {
         if let Some((_, counter)) = self.conflicts.iter().find(|(k, _)| *k == kind) {
             counter.increment(1);
         }
+    }
+
+    /// A backend's DDL index.
+    pub fn ddl_applied(&self, backend: &str, seq: u64) {
+        if let Some((_, gauge)) = self.ddl_index.iter().find(|(n, _)| n == backend) {
+            gauge.set(seq as f64);
+        }
+    }
+
+    /// A DDL statement's time from proposal to application.
+    pub fn ddl_latency(&self, took: Duration) {
+        self.ddl_duration.record(took.as_secs_f64());
+    }
+
+    /// Count a DDL statement that could not be committed.
+    pub fn ddl_failed(&self) {
+        self.ddl_failed.increment(1);
     }
 
     /// The Prometheus text exposition.

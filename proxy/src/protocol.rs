@@ -329,7 +329,7 @@ pub fn cancel_request(out: &mut BytesMut, pid: i32, secret: i32) {
     out.put_i32(secret);
 }
 
-fn put_cstr(out: &mut BytesMut, s: &str) {
+pub fn put_cstr(out: &mut BytesMut, s: &str) {
     out.put_slice(s.as_bytes());
     out.put_u8(0);
 }

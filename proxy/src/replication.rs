@@ -57,6 +57,9 @@ pub struct DecodedTransaction {
     /// Origin commit time, Unix seconds (when the decoder reported it).
     pub commit_time: Option<f64>,
     pub changes: Vec<String>,
+    /// The DDL index its changes were made at: a peer applies them only
+    /// once it has applied that much of the DDL log.
+    pub ddl: u64,
 }
 
 /// The Unix time now, in seconds.
@@ -430,6 +433,9 @@ async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), R
 /// small transactions under load.
 const GATHER: Duration = Duration::from_millis(10);
 
+/// How often a stream whose next transactions wait for DDL looks again.
+const DDL_WAIT_POLL: Duration = Duration::from_millis(20);
+
 /// Changes taken into one apply transaction at most (whole transactions
 /// are always taken); keeps the apply, and the key locks it holds, short.
 /// The key locks are advisory locks, which live in the shared lock table
@@ -468,6 +474,8 @@ async fn run_stream(
     let mut peer: Option<Client> = None;
     let mut decoder = PgOutputDecoder::default();
     let mut pending: Vec<DecodedTransaction> = Vec::new();
+    // The peer's DDL index, as last read.
+    let mut peer_ddl = 0u64;
     let mut pending_changes = 0usize;
     // Origin position up to which the peer has everything received.
     let mut confirmed = 0u64;
@@ -485,15 +493,16 @@ async fn run_stream(
                 _ = tokio::time::sleep(poll) => None,
             },
         };
-        let Some(first) = first else {
+        if first.is_none() && pending.is_empty() {
             // Idle (or woken by a commit): ask how far the server has sent,
             // so the position can move past WAL with nothing to apply.
             writer.confirm(confirmed, true).await?;
             continue;
-        };
+        }
+        // (Idle with transactions pending: they wait for DDL; try again.)
         let mut next = first;
-        loop {
-            match next
+        while let Some(event) = next.take() {
+            match event
                 .ok_or_else(|| ReplicationError::Decoding("walsender reader ended".into()))??
             {
                 WalEvent::Data(data) => {
@@ -525,7 +534,7 @@ async fn run_stream(
                 break;
             }
             match events.try_recv() {
-                Ok(event) => next = Some(event),
+                Ok(event) => next = Some(Some(event)),
                 // Nothing more yet: with changes pending, gather for a
                 // moment longer, so that under load one apply transaction
                 // carries many origin transactions (its fixed cost is most
@@ -534,7 +543,7 @@ async fn run_stream(
                     let gathered_since =
                         *gather_start.get_or_insert_with(tokio::time::Instant::now);
                     match tokio::time::timeout_at(gathered_since + GATHER, events.recv()).await {
-                        Ok(event) => next = event,
+                        Ok(event) => next = Some(event),
                         Err(_) => break,
                     }
                 }
@@ -542,9 +551,14 @@ async fn run_stream(
             }
         }
         gather_start = None;
-        let Some(last_end) = pending.last().map(|t| t.end_lsn) else {
+        if pending.is_empty() {
             continue;
-        };
+        }
+        // Transactions made after DDL the peer has not applied yet wait
+        // for it (the peer's node applies the DDL log); the ones before
+        // them go now.
+        let needed = pending.iter().map(|t| t.ddl).max().unwrap_or(0);
+        let mut ready = pending.len();
         let report = loop {
             if peer.as_ref().is_none_or(Client::is_closed) {
                 match connect_backend(&backend, &config).await {
@@ -559,8 +573,23 @@ async fn run_stream(
             let Some(client) = peer.as_mut() else {
                 continue;
             };
-            match stream.apply(client, &pending).await {
-                Ok(report) => break report,
+            if needed > peer_ddl {
+                match client.query_one(crate::ddl::INDEX_SQL, &[]).await {
+                    Ok(row) => peer_ddl = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+                    Err(e) => {
+                        tracing::debug!(peer = %backend.name, error = %e, "reading the peer's DDL index failed");
+                        peer = None;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+                ready = pending.iter().take_while(|t| t.ddl <= peer_ddl).count();
+                if ready == 0 {
+                    break None;
+                }
+            }
+            match stream.apply(client, &pending[..ready]).await {
+                Ok(report) => break Some(report),
                 Err(e) => {
                     tracing::debug!(peer = %backend.name, error = %e, "apply failed; retrying");
                     peer = None;
@@ -568,8 +597,13 @@ async fn run_stream(
                 }
             }
         };
-        pending.clear();
-        pending_changes = 0;
+        let Some(report) = report else {
+            tokio::time::sleep(DDL_WAIT_POLL).await;
+            continue;
+        };
+        let last_end = pending[ready - 1].end_lsn;
+        pending.drain(..ready);
+        pending_changes = pending.iter().map(|t| t.changes.len()).sum();
         confirmed = confirmed.max(last_end);
         if let Some(p) = &progress {
             p.advance(&backend.name, confirmed);

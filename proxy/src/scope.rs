@@ -62,43 +62,97 @@ fn split_statements(sql: &str) -> impl Iterator<Item = &str> {
     parts.into_iter()
 }
 
-fn parse_statement(statement: &str) -> Option<ScopeChange> {
+/// A SET/RESET of one setting, with its raw (lower-cased) value.
+enum SetStatement<'a> {
+    Session(&'a str),
+    Local(&'a str),
+    Reset,
+}
+
+/// Parse a statement that sets or resets the setting `name` (or resets
+/// everything).
+fn parse_set<'a>(statement: &'a str, name: &str) -> Option<SetStatement<'a>> {
     let words: Vec<&str> = statement
         .split(|c: char| c.is_whitespace() || c == '=')
         .filter(|w| !w.is_empty())
         .collect();
+    let is_name = |w: &str| w.trim_matches('"') == name;
     match words.as_slice() {
-        ["reset", "all"] | ["discard", "all"] => Some(ScopeChange::Reset),
-        ["reset", name] if is_scope(name) => Some(ScopeChange::Reset),
+        ["reset", "all"] | ["discard", "all"] => Some(SetStatement::Reset),
+        ["reset", setting] if is_name(setting) => Some(SetStatement::Reset),
         ["set", rest @ ..] => {
             let (local, rest) = match rest {
                 ["local", rest @ ..] => (true, rest),
                 ["session", rest @ ..] => (false, rest),
                 _ => (false, rest),
             };
-            let (name, value) = match rest {
-                [name, "to", value] | [name, value] => (*name, *value),
+            let (setting, value) = match rest {
+                [setting, "to", value] | [setting, value] => (*setting, *value),
                 _ => return None,
             };
-            if !is_scope(name) {
+            if !is_name(setting) {
                 return None;
             }
             let value = value.trim_matches(|c| c == '\'' || c == '"');
-            if value == "default" {
-                return Some(ScopeChange::Reset);
-            }
-            Some(match CommitScope::parse(value) {
-                Some(scope) if local => ScopeChange::Local(scope),
-                Some(scope) => ScopeChange::Session(scope),
-                None => ScopeChange::Invalid,
+            Some(match (value, local) {
+                ("default", _) => SetStatement::Reset,
+                (value, true) => SetStatement::Local(value),
+                (value, false) => SetStatement::Session(value),
             })
         }
         _ => None,
     }
 }
 
-fn is_scope(name: &str) -> bool {
-    name.trim_matches('"') == "chorus.commit_scope"
+fn parse_statement(statement: &str) -> Option<ScopeChange> {
+    Some(match parse_set(statement, "chorus.commit_scope")? {
+        SetStatement::Reset => ScopeChange::Reset,
+        SetStatement::Local(value) => {
+            CommitScope::parse(value).map_or(ScopeChange::Invalid, ScopeChange::Local)
+        }
+        SetStatement::Session(value) => {
+            CommitScope::parse(value).map_or(ScopeChange::Invalid, ScopeChange::Session)
+        }
+    })
+}
+
+/// A change of the session's `chorus.ddl_scope`: whether its DDL runs on
+/// this node's backend only (`local`) or through the cluster (`cluster`,
+/// the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DdlScopeChange {
+    /// `SET [SESSION] chorus.ddl_scope = …` (true: local).
+    Session(bool),
+    /// `SET LOCAL chorus.ddl_scope = …`, until the transaction ends.
+    Local(bool),
+    Reset,
+    Invalid,
+}
+
+/// Find `chorus.ddl_scope` changes in a query string.
+pub fn ddl_scope_changes(sql: &str) -> Vec<DdlScopeChange> {
+    let lower = sql.to_ascii_lowercase();
+    if !lower.contains("ddl_scope") && !lower.contains("all") {
+        return Vec::new();
+    }
+    let local = |value: &str| match value {
+        "local" => Some(true),
+        "cluster" => Some(false),
+        _ => None,
+    };
+    split_statements(&lower)
+        .filter_map(|statement| {
+            Some(match parse_set(statement, "chorus.ddl_scope")? {
+                SetStatement::Reset => DdlScopeChange::Reset,
+                SetStatement::Local(v) => {
+                    local(v).map_or(DdlScopeChange::Invalid, DdlScopeChange::Local)
+                }
+                SetStatement::Session(v) => {
+                    local(v).map_or(DdlScopeChange::Invalid, DdlScopeChange::Session)
+                }
+            })
+        })
+        .collect()
 }
 
 /// Encoding of an optional scope in an atomic byte.
@@ -277,6 +331,22 @@ mod tests {
         ];
         for (sql, expected) in cases {
             assert_eq!(&scope_changes(sql), expected, "{sql}");
+        }
+    }
+
+    #[test]
+    fn ddl_scope_settings_are_recognized() {
+        use DdlScopeChange as D;
+        let cases: &[(&str, &[DdlScopeChange])] = &[
+            ("SET chorus.ddl_scope = 'local'", &[D::Session(true)]),
+            ("set local chorus.ddl_scope to cluster", &[D::Local(false)]),
+            ("RESET chorus.ddl_scope", &[D::Reset]),
+            ("RESET ALL", &[D::Reset]),
+            ("SET chorus.ddl_scope = 'nowhere'", &[D::Invalid]),
+            ("SET chorus.commit_scope = 'local'", &[]),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(&ddl_scope_changes(sql), expected, "{sql}");
         }
     }
 

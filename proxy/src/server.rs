@@ -39,6 +39,8 @@ pub enum StartError {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the cluster's Raft member: {0}")]
+    Consensus(#[from] chorus_consensus::StartError),
 }
 
 /// State shared by every session of one node.
@@ -57,6 +59,10 @@ pub struct Node {
     /// How far the replicator has brought this node's changes to the
     /// peers (commit scopes wait on it); none without replication.
     pub progress: Option<Arc<ReplicationProgress>>,
+    /// This node's Raft member (set when the node starts, with `[cluster]`).
+    consensus: std::sync::OnceLock<Arc<chorus_consensus::Consensus>>,
+    /// How far the DDL log is applied on the home backend.
+    pub ddl: crate::ddl::DdlProgress,
     /// Set once shutdown begins.
     pub draining: Arc<AtomicBool>,
     shutdown_tx: watch::Sender<bool>,
@@ -103,6 +109,8 @@ impl Node {
             verifiers,
             mock_verifier,
             draining: Arc::new(AtomicBool::new(false)),
+            consensus: std::sync::OnceLock::new(),
+            ddl: crate::ddl::DdlProgress::default(),
             shutdown_tx,
             schema_ready: watch::channel(replication_off).0,
         }))
@@ -114,6 +122,11 @@ impl Node {
             .get(user)
             .unwrap_or(&self.mock_verifier)
             .clone()
+    }
+
+    /// This node's Raft member, once started.
+    pub fn consensus(&self) -> Option<&Arc<chorus_consensus::Consensus>> {
+        self.consensus.get()
     }
 
     /// The replicator installed the chorus schema on the home backend.
@@ -368,6 +381,13 @@ pub async fn run_node_with(
         ));
     }
     background.spawn(metrics::run_upkeep(node.metrics.clone()));
+    if let Some(cluster) = &node.config.cluster {
+        let consensus =
+            chorus_consensus::Consensus::start(cluster.consensus(node.config.node.id)).await?;
+        let _ = node.consensus.set(consensus.clone());
+        background.spawn(crate::ddl::run_applier(node.clone(), consensus.clone()));
+        background.spawn(raft_upkeep(node.clone(), consensus));
+    }
     background.spawn(crate::replication::run_replicator(node.clone()));
     tracing::info!(
         node = node.config.node.id,
@@ -375,7 +395,67 @@ pub async fn run_node_with(
         home = %node.config.home_backend().name,
         "chorus node ready"
     );
-    run(listener, node, shutdown).await;
+    run(listener, node.clone(), shutdown).await;
     background.abort_all();
+    if let Some(consensus) = node.consensus() {
+        consensus.shutdown().await;
+    }
     Ok(())
+}
+
+/// Keep the Raft metrics current, and make sure the cluster state knows
+/// this node (its addresses and home backend).
+async fn raft_upkeep(node: Arc<Node>, consensus: Arc<chorus_consensus::Consensus>) {
+    use chorus_consensus::{NodeInfo, NodeState, Request};
+    let me = u64::from(node.config.node.id);
+    let info = NodeInfo {
+        raft_addr: node
+            .config
+            .cluster
+            .as_ref()
+            .map(|c| c.raft_listen.to_string())
+            .unwrap_or_default(),
+        listen: node.config.node.listen.to_string(),
+        home_backend: node.config.home_backend().name.clone(),
+        state: NodeState::Active,
+    };
+    let mut metrics = consensus.metrics();
+    let mut registered = false;
+    let mut retry = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            node.metrics.raft_term.set(m.current_term as f64);
+            node.metrics
+                .raft_leader
+                .set(m.current_leader.unwrap_or(0) as f64);
+            node.metrics
+                .raft_applied_index
+                .set(m.last_applied.map_or(0, |l| l.index) as f64);
+        }
+        node.metrics
+            .raft_commit_index
+            .set(consensus.committed_index() as f64);
+        node.metrics
+            .raft_auth_failures
+            .set(consensus.auth_failures() as f64);
+        if !registered {
+            let known = consensus.state().read(|s| s.nodes.get(&me) == Some(&info));
+            registered = known
+                || consensus
+                    .propose(
+                        Request::RegisterNode {
+                            id: me,
+                            info: info.clone(),
+                        },
+                        std::time::Duration::from_secs(2),
+                    )
+                    .await
+                    .is_ok();
+        }
+        tokio::select! {
+            _ = metrics.changed() => {}
+            _ = retry.tick() => {}
+        }
+    }
 }

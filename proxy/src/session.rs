@@ -26,10 +26,11 @@ use tokio::sync::watch;
 use crate::auth::{self, AuthError, ScramServer};
 use crate::backend::{self, BackendConnection, BackendError, LoginParams};
 use crate::config::{AuthMethod, CommitScope, TimeoutAction};
+use crate::ddl::{self, DdlJob, JobStep};
 use crate::frontend::{is_inspected, query_stamps, FrontendEvent, FrontendState};
 use crate::metrics::{ErrorKind, GaugeGuard};
 use crate::protocol::{self, read_message, ProtocolError, Severity, StartupPacket};
-use crate::scope::{self, ReplicationProgress, ScopeChange};
+use crate::scope::{self, DdlScopeChange, ReplicationProgress, ScopeChange};
 use crate::server::Node;
 use crate::stamp::{self, StampKind, Swallower, Verdict};
 
@@ -468,6 +469,8 @@ enum Pending {
     },
     /// A clock stamp of the relay's own, whose answers are swallowed.
     Stamp(Swallower),
+    /// A replicated DDL query, being validated (see ddl.rs).
+    Ddl(DdlJob),
 }
 
 /// State shared by the two directions of a relay.
@@ -485,6 +488,41 @@ struct RelayState {
     /// transaction.
     scope_session: AtomicU8,
     scope_local: AtomicU8,
+    /// DDL jobs in `pending` (the backend side then looks at everything).
+    ddl_jobs: AtomicU32,
+    /// `chorus.ddl_scope`: the session's (1: local) and the current
+    /// transaction's (0: none, 1: local, 2: cluster).
+    ddl_scope_session: AtomicU8,
+    ddl_scope_local: AtomicU8,
+}
+
+impl RelayState {
+    /// Whether DDL now runs on this node's backend only.
+    fn ddl_is_local(&self) -> bool {
+        match self.ddl_scope_local.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => self.ddl_scope_session.load(Ordering::Relaxed) == 1,
+        }
+    }
+
+    fn apply_ddl_scope(&self, changes: &[DdlScopeChange]) {
+        for change in changes {
+            match *change {
+                DdlScopeChange::Session(local) => self
+                    .ddl_scope_session
+                    .store(u8::from(local), Ordering::Relaxed),
+                DdlScopeChange::Local(local) => self
+                    .ddl_scope_local
+                    .store(if local { 1 } else { 2 }, Ordering::Relaxed),
+                DdlScopeChange::Reset => {
+                    self.ddl_scope_session.store(0, Ordering::Relaxed);
+                    self.ddl_scope_local.store(0, Ordering::Relaxed);
+                }
+                DdlScopeChange::Invalid => {}
+            }
+        }
+    }
 }
 
 /// Move messages both ways until either side ends.
@@ -505,6 +543,9 @@ async fn relay<CR, CW>(
         txn_stamped: AtomicBool::new(false),
         scope_session: AtomicU8::new(0),
         scope_local: AtomicU8::new(0),
+        ddl_jobs: AtomicU32::new(0),
+        ddl_scope_session: AtomicU8::new(0),
+        ddl_scope_local: AtomicU8::new(0),
     };
     let mut shutdown = node.shutdown_signal();
     let end = tokio::select! {
@@ -587,10 +628,23 @@ where
                             metrics.statements(class, u64::from(n));
                         }
                     }
+                    let sql = protocol::read_cstr(body).map_or("", |(sql, _)| sql);
                     if replicating && summary.counts[StatementClass::Session.index()] > 0 {
-                        let sql = protocol::read_cstr(body).map_or("", |(sql, _)| sql);
-                        match scope_changes_in(sql) {
-                            Ok(changes) => scope_pending.extend(changes),
+                        let ddl_scope = scope::ddl_scope_changes(sql);
+                        let refusal = if ddl_scope.contains(&DdlScopeChange::Invalid) {
+                            Err(refusal_query(
+                                "22023",
+                                "invalid value for parameter \"chorus.ddl_scope\"",
+                                "Available values: cluster, local.",
+                            ))
+                        } else {
+                            scope_changes_in(sql)
+                        };
+                        match refusal {
+                            Ok(changes) => {
+                                scope_pending.extend(changes);
+                                state.apply_ddl_scope(&ddl_scope);
+                            }
                             Err(refusal) => {
                                 push_pending(state, stamped, Vec::new());
                                 stamped = false;
@@ -599,15 +653,42 @@ where
                             }
                         }
                     }
-                    if replicating && mixes_ddl(&summary) {
-                        push_pending(state, stamped, Vec::new());
-                        stamped = false;
-                        scope_pending.clear();
-                        return Ok(Flow::Replace(refusal_query(
-                            "0A000",
-                            "a query string that mixes DDL with other statements cannot be replicated",
-                            "Send each DDL statement as its own query.",
-                        )));
+                    let ddl = summary.counts[StatementClass::Ddl.index()];
+                    if replicating && ddl > 0 && !state.ddl_is_local() {
+                        let refusal = if summary.statements() > ddl {
+                            Some((
+                                "a query string that mixes DDL with other statements cannot be replicated",
+                                "Send each DDL statement as its own query.",
+                            ))
+                        } else if state.tx_status.load(Ordering::Relaxed) == b'T' {
+                            Some((
+                                "DDL inside a transaction block cannot be replicated",
+                                "Run it outside BEGIN ... COMMIT, or SET LOCAL chorus.ddl_scope = 'local' to run it on this node's backend only.",
+                            ))
+                        } else {
+                            None
+                        };
+                        if let Some((message, hint)) = refusal {
+                            push_pending(state, stamped, Vec::new());
+                            stamped = false;
+                            scope_pending.clear();
+                            return Ok(Flow::Replace(refusal_query("0A000", message, hint)));
+                        }
+                        // In a failed transaction the backend refuses it
+                        // (25P02) as it is; otherwise it is validated here
+                        // and replicated (see ddl.rs).
+                        if state.tx_status.load(Ordering::Relaxed) != b'E' {
+                            if stamped {
+                                push_pending(state, true, Vec::new());
+                                stamped = false;
+                            }
+                            if let Ok(mut pending) = state.pending.lock() {
+                                state.ddl_jobs.fetch_add(1, Ordering::SeqCst);
+                                pending.push_back(Pending::Ddl(DdlJob::new(sql)));
+                            }
+                            scope_pending.clear();
+                            return Ok(Flow::Replace(ddl::validation_query(sql)));
+                        }
                     }
                     if replicating && query_stamps(&summary) {
                         stamp = Some(StampKind::Query);
@@ -623,6 +704,26 @@ where
                     if let Ok(changes) = scope_changes_in(sql) {
                         scope_pending.extend(changes);
                     }
+                    state.apply_ddl_scope(&scope::ddl_scope_changes(sql));
+                }
+                FrontendEvent::Parsed(StatementClass::Ddl)
+                    if replicating && !state.ddl_is_local() =>
+                {
+                    // Replicated DDL goes through the simple protocol only:
+                    // the statement is prepared as one that fails when run,
+                    // so the error comes in its place in the batch.
+                    let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
+                    let mut out = BytesMut::new();
+                    protocol::write_message(&mut out, b'P', |m| {
+                        protocol::put_cstr(m, name);
+                        protocol::put_cstr(m, &refusal_sql(
+                            "0A000",
+                            "DDL through the extended query protocol cannot be replicated",
+                            "Send DDL as a simple query, or SET chorus.ddl_scope = 'local' to run it on this node's backend only.",
+                        ));
+                        m.extend_from_slice(&0i16.to_be_bytes());
+                    });
+                    return Ok(Flow::Replace(out));
                 }
                 FrontendEvent::Terminate => {
                     terminated = true;
@@ -707,27 +808,22 @@ fn apply_scope_changes(state: &RelayState, changes: &[ScopeChange]) {
     }
 }
 
-/// Whether a simple-protocol query string holds DDL together with anything
-/// else. DDL replicates as the text of its whole query string (see
-/// capture.sql), so such a string would run its other statements twice on
-/// peers, or (BEGIN/COMMIT) not at all.
-fn mixes_ddl(summary: &chorus_router::QuerySummary) -> bool {
-    let ddl = summary.counts[StatementClass::Ddl.index()];
-    let session = summary.counts[StatementClass::Session.index()];
-    ddl > 0 && summary.statements() > ddl + session
-}
-
 /// A Query message that makes the backend raise an error, so the client
 /// gets a normal ErrorResponse and ReadyForQuery from it.
 fn refusal_query(code: &str, message: &str, hint: &str) -> BytesMut {
-    let sql = format!(
-        "DO $chorus$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}', HINT = '{}'; END $chorus$",
-        message.replace('\'', "''"),
-        hint.replace('\'', "''")
-    );
+    let sql = refusal_sql(code, message, hint);
     let mut out = BytesMut::with_capacity(sql.len() + 6);
     protocol::query(&mut out, &sql);
     out
+}
+
+/// A statement that raises this error when run.
+fn refusal_sql(code: &str, message: &str, hint: &str) -> String {
+    format!(
+        "DO $chorus$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}', HINT = '{}'; END $chorus$",
+        message.replace('\'', "''"),
+        hint.replace('\'', "''")
+    )
 }
 
 fn push_pending(state: &RelayState, wrote: bool, scope: Vec<ScopeChange>) {
@@ -779,7 +875,12 @@ where
         .as_ref()
         .map_or(CommitScope::Local, |r| r.commit_scope);
     let scope_wait = Mutex::new(None::<CommitScope>);
-    let inspect = |tag: u8| matches!(tag, b'Z' | b'E') || state.stamps.load(Ordering::SeqCst) > 0;
+    let ddl_ready = Mutex::new(None::<DdlJob>);
+    let inspect = |tag: u8| {
+        matches!(tag, b'Z' | b'E')
+            || state.stamps.load(Ordering::SeqCst) > 0
+            || state.ddl_jobs.load(Ordering::SeqCst) > 0
+    };
     let mut on_message = |tag: u8, body: &[u8], _rest: &[u8]| {
         if state.stamps.load(Ordering::SeqCst) > 0 {
             if let Some(verdict) = judge_for_stamp(state, tag) {
@@ -794,11 +895,19 @@ where
                 });
             }
         }
+        if state.ddl_jobs.load(Ordering::SeqCst) > 0 {
+            if let Some(flow) = feed_ddl_job(state, tag, body, &ddl_ready) {
+                return Ok(flow);
+            }
+        }
         match tag {
             b'Z' => {
                 last_was_fatal = false;
                 let status = body.first().copied().unwrap_or(b'I');
                 state.tx_status.store(status, Ordering::Relaxed);
+                if status == b'I' {
+                    state.ddl_scope_local.store(0, Ordering::Relaxed);
+                }
                 let started = state.pending.lock().ok().and_then(|mut p| p.pop_front());
                 if let Some(Pending::Ready { sent, wrote, scope }) = started {
                     metrics.query_duration.record(sent.elapsed().as_secs_f64());
@@ -891,11 +1000,23 @@ where
                 break flow;
             };
             let mut out = BytesMut::new();
-            let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
-            if let (Some(scope), Some(progress)) = (wait, &node.progress) {
-                commit_scope_wait(node, progress, scope, &mut out).await;
+            let job = ddl_ready.lock().ok().and_then(|mut j| j.take());
+            if let Some(job) = job {
+                // A replicated DDL query: its answer replaces the held
+                // ReadyForQuery (of the validation's ROLLBACK).
+                let sent = job.sent();
+                let scope = scope::decode(state.scope_session.load(Ordering::SeqCst))
+                    .unwrap_or(default_scope);
+                ddl::finish(node, job, scope, &mut out).await;
+                metrics.query_duration.record(sent.elapsed().as_secs_f64());
+                state.tx_status.store(b'I', Ordering::Relaxed);
+            } else {
+                let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
+                if let (Some(scope), Some(progress)) = (wait, &node.progress) {
+                    commit_scope_wait(node, progress, scope, &mut out).await;
+                }
+                out.extend_from_slice(ready);
             }
-            out.extend_from_slice(ready);
             if writer.write_all(&out).await.is_err() {
                 return RelayEnd::ClientDone;
             }
@@ -976,6 +1097,33 @@ async fn commit_scope_wait(
             Some("The transaction has committed on this node's backend and reaches the others when they are available."),
         ),
         TimeoutAction::Warning => protocol::warning_notice(out, "01000", &message),
+    }
+}
+
+/// If the oldest answer due belongs to a DDL job, feed it this backend
+/// message: swallowed, or (its last answer) held while the job finishes.
+fn feed_ddl_job(
+    state: &RelayState,
+    tag: u8,
+    body: &[u8],
+    ready: &Mutex<Option<DdlJob>>,
+) -> Option<Flow> {
+    let mut pending = state.pending.lock().ok()?;
+    let Some(Pending::Ddl(job)) = pending.front_mut() else {
+        return None;
+    };
+    match job.feed(tag, body) {
+        JobStep::Swallow => Some(Flow::Replace(BytesMut::new())),
+        JobStep::Done => {
+            let Some(Pending::Ddl(job)) = pending.pop_front() else {
+                return None;
+            };
+            state.ddl_jobs.fetch_sub(1, Ordering::SeqCst);
+            if let Ok(mut ready) = ready.lock() {
+                *ready = Some(job);
+            }
+            Some(Flow::Await)
+        }
     }
 }
 

@@ -82,15 +82,18 @@ impl PgOutputDecoder {
                 let (prefix, rest) = protocol::read_cstr(rest)
                     .map_err(|_| ReplicationError::Decoding("message prefix".into()))?;
                 let transactional = data.get(1) == Some(&1);
-                if prefix != capture::MESSAGE_PREFIX {
+                let Some(ddl) = capture::ddl_index(prefix) else {
                     return Ok(None);
-                }
+                };
                 let content = rest
                     .get(4..)
                     .and_then(|c| std::str::from_utf8(c).ok())
                     .ok_or_else(|| ReplicationError::Decoding("message content".into()))?;
                 match self.open.as_mut() {
-                    Some(txn) if transactional => txn.changes.push(content.to_owned()),
+                    Some(txn) if transactional => {
+                        txn.ddl = txn.ddl.max(ddl);
+                        txn.changes.push(content.to_owned());
+                    }
                     _ => return Err(ReplicationError::Decoding(content.to_owned())),
                 }
                 Ok(None)

@@ -6,7 +6,7 @@
 
 mod common;
 
-use chorus_proxy::capture::{self, ChangeRecord, Message, Operation};
+use chorus_proxy::capture::{self, ChangeRecord, Operation};
 use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
 use chorus_router::hlc;
 use serde_json::Value;
@@ -59,12 +59,7 @@ async fn changes(client: &Client) -> Vec<ChangeRecord> {
         .await
         .unwrap();
     rows.iter()
-        .filter_map(
-            |r| match capture::decode_test_decoding_line(r.get::<_, &str>(0)).unwrap() {
-                Some(Message::Row(change)) => Some(change),
-                _ => None,
-            },
-        )
+        .filter_map(|r| capture::decode_test_decoding_line(r.get::<_, &str>(0)).unwrap())
         .collect()
 }
 

@@ -65,6 +65,7 @@ async fn cluster_with(
     let mut nodes = Vec::new();
     let mut tasks = Vec::new();
     let mut node_handles = Vec::new();
+    let raft_ports = common::raft_ports(n);
     for i in 1..=n {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         nodes.push(listener.local_addr().unwrap());
@@ -74,8 +75,9 @@ async fn cluster_with(
              {backend_toml}\
              [[users]]\nname = \"postgres\"\n\
              [[auth]]\nmethod = \"trust\"\n\
-             [replication]\npoll_interval_ms = 20\n{replication_extra}\n",
-            node_extra(i)
+             [replication]\npoll_interval_ms = 20\n{replication_extra}\n{}",
+            node_extra(i),
+            common::cluster_toml(dir.path(), i, &raft_ports, "test-secret")
         ))
         .unwrap();
         let node = Node::new(config).unwrap();
@@ -422,7 +424,15 @@ async fn a_query_string_mixing_ddl_with_other_statements_is_refused() {
     assert_eq!(db.code().code(), "0A000");
     assert!(db.message().contains("mixes DDL"), "{}", db.message());
     assert!(db.hint().unwrap().contains("own query"));
-    // Nothing ran, and the session goes on; DDL alone (and with SET) works.
+    // A SET with DDL too: the DDL is validated in a transaction that is
+    // rolled back, so the SET would not stay in the session.
+    let err = client
+        .batch_execute("SET search_path = public; CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("0A000"));
+    // Nothing ran, and the session goes on; DDL alone (several statements
+    // in one string too) works.
     let exists: bool = client
         .query_one("SELECT to_regclass('t') IS NOT NULL", &[])
         .await
@@ -430,9 +440,11 @@ async fn a_query_string_mixing_ddl_with_other_statements_is_refused() {
         .get(0);
     assert!(!exists);
     client
-        .batch_execute(
-            "SET search_path = public; CREATE TABLE t (id int PRIMARY KEY); CREATE INDEX ON t (id)",
-        )
+        .batch_execute("SET search_path = public")
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE INDEX ON t (id)")
         .await
         .unwrap();
     client
@@ -925,7 +937,10 @@ async fn the_adopt_command_makes_existing_tables_replicate() {
     }
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("chorus.toml");
-    let mut toml = String::from("[node]\nid = 1\n[replication]\n");
+    let mut toml = format!(
+        "[node]\nid = 1\n[replication]\n{}",
+        common::cluster_toml(dir.path(), 1, &common::raft_ports(1), "s")
+    );
     for (i, pg) in c.backends.iter().enumerate() {
         toml.push_str(&format!(
             "[[backends]]\nname = \"pg{}\"\nport = {}\n",
@@ -999,10 +1014,12 @@ async fn sessions_wait_for_the_chorus_schema_and_are_told_why_when_it_never_come
     // its schema, so sessions would write without capture. They are refused
     // like connections to a PostgreSQL that is starting up.
     let closed = chorus_proxy::localpg::free_port().unwrap();
+    let raft_dir = tempfile::tempdir().unwrap();
     let config = Config::from_toml(&format!(
         "[node]\nid = 1\nworker_threads = 1\nbackend_connect_timeout_ms = 500\n\
          [[backends]]\nname = \"pg1\"\nport = {closed}\n\
-         [[users]]\nname = \"postgres\"\n[[auth]]\nmethod = \"trust\"\n[replication]\n"
+         [[users]]\nname = \"postgres\"\n[[auth]]\nmethod = \"trust\"\n[replication]\n{}",
+        common::cluster_toml(raft_dir.path(), 1, &common::raft_ports(1), "s")
     ))
     .unwrap();
     let node = Node::new(config).unwrap();

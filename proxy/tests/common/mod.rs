@@ -228,7 +228,6 @@ impl Drop for TestNode {
     }
 }
 
-/// Connect with tokio-postgres, driving the connection in a task.
 /// `n` throwaway backends `pg1`..`pgN` under `dir`, with default options.
 pub fn backends(dir: &Path, n: usize) -> Vec<LocalPostgres> {
     (1..=n)
@@ -245,6 +244,42 @@ pub fn backends(dir: &Path, n: usize) -> Vec<LocalPostgres> {
         .collect()
 }
 
+/// Free ports for the Raft RPC of `n` nodes.
+pub fn raft_ports(n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|_| chorus_proxy::localpg::free_port().unwrap())
+        .collect()
+}
+
+/// The `[cluster]` section of node `id` (from 1) of a cluster whose nodes'
+/// Raft RPC listens on `ports`, with its log under `dir`. Short election
+/// timeouts: tests stop leaders.
+pub fn cluster_toml(dir: &Path, id: usize, ports: &[u16], secret: &str) -> String {
+    let mut toml = format!(
+        "[cluster]
+raft_listen = \"127.0.0.1:{}\"
+secret = \"{secret}\"
+data_dir = \"{}\"
+         heartbeat_ms = 50
+election_timeout_min_ms = 300
+election_timeout_max_ms = 600
+",
+        ports[id - 1],
+        dir.join(format!("raft{id}")).display()
+    );
+    for (i, port) in ports.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[cluster.members]]
+id = {}
+raft = \"127.0.0.1:{port}\"
+",
+            i + 1
+        ));
+    }
+    toml
+}
+
+/// Connect with tokio-postgres, driving the connection in a task.
 pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {

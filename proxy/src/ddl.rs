@@ -1,0 +1,670 @@
+//! The DDL path. A DDL statement sent through a node is validated on its
+//! origin backend (run in a transaction that is rolled back, so the client
+//! gets PostgreSQL's own error and nothing is proposed), proposed to the
+//! cluster's Raft log with the session's `search_path` and role, and, once
+//! committed, applied by every node to its home backend in log order,
+//! exactly once: the backend records each entry in `chorus.ddl_history` in
+//! the same transaction as the DDL. The client's command completes when its
+//! origin backend has applied it (and, briefly or under commit scope
+//! `all`, the others; see [`finish`]).
+//!
+//! DML does not wait here: each captured change carries the DDL index of
+//! its origin (see capture.sql), and a peer stream applies it only once its
+//! backend has applied that much of the DDL log (replication.rs).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use chorus_consensus::{Consensus, DdlEntry, DdlProposal, ProposeError, Request, Response};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::config::{BackendConfig, CommitScope};
+use crate::protocol::{self, Severity};
+use crate::replication::ReplicationError;
+use crate::server::Node;
+
+/// A PostgreSQL error, as the applying backend reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl PgError {
+    fn from_db(e: &tokio_postgres::error::DbError) -> PgError {
+        PgError {
+            code: e.code().code().to_owned(),
+            message: e.message().to_owned(),
+            detail: e.detail().map(str::to_owned),
+            hint: e.hint().map(str::to_owned),
+        }
+    }
+
+    fn write(&self, out: &mut BytesMut) {
+        protocol::write_message(out, b'E', |body| {
+            let mut put = |field: u8, value: &str| {
+                body.put_u8(field);
+                body.extend_from_slice(value.as_bytes());
+                body.put_u8(0);
+            };
+            put(b'S', "ERROR");
+            put(b'V', "ERROR");
+            put(b'C', &self.code);
+            put(b'M', &self.message);
+            if let Some(detail) = &self.detail {
+                put(b'D', detail);
+            }
+            if let Some(hint) = &self.hint {
+                put(b'H', hint);
+            }
+            body.put_u8(0);
+        });
+    }
+}
+
+/// How far the DDL log has been applied on this node's home backend, and
+/// what became of the DDL that came through this node.
+#[derive(Debug)]
+pub struct DdlProgress {
+    applied: watch::Sender<u64>,
+    outcomes: Mutex<HashMap<u64, Option<PgError>>>,
+    /// Connections to every backend, to see how far each has applied.
+    peers: tokio::sync::Mutex<HashMap<String, Client>>,
+}
+
+impl Default for DdlProgress {
+    fn default() -> Self {
+        DdlProgress {
+            applied: watch::channel(0).0,
+            outcomes: Mutex::new(HashMap::new()),
+            peers: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Outcomes kept for sessions that have not collected them (a session
+/// that timed out never does).
+const MAX_OUTCOMES: usize = 10_000;
+
+impl DdlProgress {
+    /// The DDL index applied on the home backend.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    fn set_applied(&self, seq: u64) {
+        self.applied.send_replace(seq);
+    }
+
+    fn record(&self, seq: u64, outcome: Option<PgError>) {
+        if let Ok(mut outcomes) = self.outcomes.lock() {
+            if outcomes.len() >= MAX_OUTCOMES {
+                outcomes.clear();
+            }
+            outcomes.insert(seq, outcome);
+        }
+    }
+
+    fn take(&self, seq: u64) -> Option<PgError> {
+        self.outcomes
+            .lock()
+            .ok()
+            .and_then(|mut o| o.remove(&seq))
+            .flatten()
+    }
+
+    /// Wait until the home backend applied `seq`; false on timeout.
+    async fn wait_applied(&self, seq: u64, limit: Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|a| *a >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The DDL index of a backend, read from it (`None` when unreachable).
+    async fn backend_index(&self, node: &Node, backend: &BackendConfig) -> Option<u64> {
+        let config = node.config.replication.as_ref()?;
+        let mut peers = self.peers.lock().await;
+        if peers.get(&backend.name).is_none_or(Client::is_closed) {
+            let client = tokio::time::timeout(
+                Duration::from_secs(1),
+                crate::replication::connect_backend(backend, config),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            peers.insert(backend.name.clone(), client);
+        }
+        let client = peers.get(&backend.name)?;
+        let row = tokio::time::timeout(Duration::from_secs(1), client.query_one(INDEX_SQL, &[]))
+            .await
+            .ok()?
+            .ok()?;
+        u64::try_from(row.get::<_, i64>(0)).ok()
+    }
+
+    /// Wait until every backend applied `seq`, until `limit`; returns how
+    /// many have. Unless `strict`, a backend that is unreachable or had not
+    /// even applied the entry before `seq` when first asked (its node is
+    /// down or far behind) is not waited for.
+    async fn wait_all(
+        &self,
+        node: &Node,
+        seq: u64,
+        limit: Duration,
+        strict: bool,
+    ) -> (usize, usize) {
+        let deadline = Instant::now() + limit;
+        let backends = &node.config.backends;
+        let home = node.config.home_backend().name.clone();
+        let mut done: Vec<bool> = backends.iter().map(|b| b.name == home).collect();
+        let mut first = true;
+        loop {
+            for (i, backend) in backends.iter().enumerate() {
+                if !done[i] {
+                    let index = self.backend_index(node, backend).await;
+                    done[i] = index.is_some_and(|applied| applied >= seq)
+                        || (first && !strict && index.is_none_or(|a| a + 1 < seq));
+                }
+            }
+            first = false;
+            let have = done.iter().filter(|d| **d).count();
+            if have == backends.len() || Instant::now() >= deadline {
+                return (have, backends.len());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+pub(crate) const INDEX_SQL: &str = "SELECT coalesce(max(seq), 0) FROM chorus.ddl_history";
+
+/// Apply the committed DDL log to the home backend, in order, for as long
+/// as the node runs.
+pub async fn run_applier(node: Arc<Node>, consensus: Arc<Consensus>) {
+    loop {
+        if let Err(e) = apply_log(&node, &consensus).await {
+            tracing::warn!(error = %e, "DDL apply failed; retrying");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn apply_log(node: &Node, consensus: &Consensus) -> Result<(), ReplicationError> {
+    let Some(config) = &node.config.replication else {
+        return Ok(());
+    };
+    // The chorus schema (with chorus.ddl_history) comes first.
+    while !node.wait_schema_ready(Duration::from_secs(1)).await {}
+    let home = node.config.home_backend();
+    let client = crate::replication::connect_backend(home, config).await?;
+    let mut applied =
+        u64::try_from(client.query_one(INDEX_SQL, &[]).await?.get::<_, i64>(0)).unwrap_or(0);
+    node.ddl.set_applied(applied);
+    node.metrics.ddl_applied(&home.name, applied);
+    let mut committed = consensus.state().ddl_seq();
+    loop {
+        let entries: Vec<DdlEntry> = consensus.state().read(|s| {
+            s.ddl
+                .get(usize::try_from(applied).unwrap_or(usize::MAX)..)
+                .map(<[DdlEntry]>::to_vec)
+                .unwrap_or_default()
+        });
+        if entries.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), committed.changed()).await;
+            continue;
+        }
+        for entry in entries {
+            let outcome = apply_entry(&client, &entry).await?;
+            if let Some(e) = &outcome {
+                tracing::warn!(seq = entry.seq, code = %e.code, error = %e.message, "replicated DDL failed here");
+            }
+            if entry.proposal.origin == u64::from(node.config.node.id) {
+                node.ddl.record(entry.seq, outcome);
+            }
+            applied = entry.seq;
+            node.ddl.set_applied(applied);
+            node.metrics.ddl_applied(&home.name, applied);
+        }
+    }
+}
+
+/// Quote an identifier as PostgreSQL's quote_ident does.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Apply one DDL log entry; `Some(error)` when the statement failed here
+/// (recorded too: the log moves on). Only connection-level failures are
+/// `Err` (the entry is then retried).
+async fn apply_entry(
+    client: &Client,
+    entry: &DdlEntry,
+) -> Result<Option<PgError>, tokio_postgres::Error> {
+    let p = &entry.proposal;
+    let seq = i64::try_from(entry.seq).unwrap_or(i64::MAX);
+    let record = "INSERT INTO chorus.ddl_history (seq, origin, search_path, role, command, error) \
+                  VALUES ($1, $2, $3, $4, $5, $6)";
+    let origin = i32::try_from(p.origin).unwrap_or(0);
+    let db_error = |e: tokio_postgres::Error| match e.as_db_error() {
+        Some(db) => Ok(PgError::from_db(db)),
+        None => Err(e),
+    };
+    client.batch_execute("BEGIN").await?;
+    // One applier per backend at a time (a stale node that still runs one
+    // waits here), and an entry already applied is not applied again.
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext('chorus.ddl_apply'))",
+            &[],
+        )
+        .await?;
+    let known = client
+        .query_opt(
+            "SELECT error FROM chorus.ddl_history WHERE seq = $1",
+            &[&seq],
+        )
+        .await?;
+    if let Some(row) = known {
+        client.batch_execute("COMMIT").await?;
+        return Ok(row.get::<_, Option<String>>(0).map(|message| PgError {
+            code: "XX000".into(),
+            message,
+            detail: None,
+            hint: None,
+        }));
+    }
+    let outcome = if p.transactional {
+        client
+            .execute(
+                "SELECT set_config('search_path', $1, true)",
+                &[&p.search_path],
+            )
+            .await?;
+        let ran = match client
+            .batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(&p.role)))
+            .await
+        {
+            Ok(()) => client.batch_execute(&p.sql).await,
+            Err(e) => Err(e),
+        };
+        match ran {
+            Ok(()) => {
+                client.batch_execute("RESET ROLE").await?;
+                None
+            }
+            Err(e) => {
+                let failure = db_error(e)?;
+                client
+                    .batch_execute(
+                        "ROLLBACK; BEGIN; SELECT pg_advisory_xact_lock(hashtext('chorus.ddl_apply'))",
+                    )
+                    .await?;
+                Some(failure)
+            }
+        }
+    } else {
+        // Cannot run in a transaction block: run on its own, then record.
+        // A crash in between applies it again at restart (where it then
+        // usually fails as already done, and that is recorded).
+        client.batch_execute("COMMIT").await?;
+        client
+            .execute(
+                "SELECT set_config('search_path', $1, false)",
+                &[&p.search_path],
+            )
+            .await?;
+        let ran = match client
+            .batch_execute(&format!("SET ROLE {}", quote_ident(&p.role)))
+            .await
+        {
+            Ok(()) => client.batch_execute(&p.sql).await,
+            Err(e) => Err(e),
+        };
+        client
+            .batch_execute("RESET ROLE; RESET search_path; BEGIN")
+            .await?;
+        match ran {
+            Ok(()) => None,
+            Err(e) => Some(db_error(e)?),
+        }
+    };
+    client
+        .execute(
+            record,
+            &[
+                &seq,
+                &origin,
+                &p.search_path,
+                &p.role,
+                &p.sql,
+                &outcome.as_ref().map(|e| e.message.clone()),
+            ],
+        )
+        .await?;
+    client.batch_execute("COMMIT").await?;
+    Ok(outcome)
+}
+
+/// A DDL query under way in a session: the validation's answers are read
+/// here (see [`validation_query`]), the rest happens in [`finish`].
+#[derive(Debug)]
+pub struct DdlJob {
+    sql: String,
+    sent: Instant,
+    /// Answers of the wrapper statements still to come (BEGIN's
+    /// CommandComplete, the SELECT's RowDescription, DataRow and
+    /// CommandComplete).
+    wrapper_left: u8,
+    role: String,
+    search_path: String,
+    /// The DDL's own answers (notices, CommandComplete, or its error).
+    output: BytesMut,
+    failed: Option<String>,
+    /// ReadyForQuery messages seen (the validation's, then ROLLBACK's).
+    ready_seen: u8,
+}
+
+/// What the session does with a backend message while a job is under way.
+pub enum JobStep {
+    /// Keep it from the client (it is part of the job's answer or the
+    /// wrapper's).
+    Swallow,
+    /// The job's last answer: finish it.
+    Done,
+}
+
+impl DdlJob {
+    pub fn new(sql: &str) -> DdlJob {
+        DdlJob {
+            sql: sql.to_owned(),
+            sent: Instant::now(),
+            wrapper_left: 4,
+            role: String::new(),
+            search_path: String::new(),
+            output: BytesMut::new(),
+            failed: None,
+            ready_seen: 0,
+        }
+    }
+
+    /// When the client's query was received.
+    pub fn sent(&self) -> Instant {
+        self.sent
+    }
+
+    pub fn feed(&mut self, tag: u8, body: &[u8]) -> JobStep {
+        if self.ready_seen == 1 {
+            // The answers to our ROLLBACK.
+            return if tag == b'Z' {
+                JobStep::Done
+            } else {
+                JobStep::Swallow
+            };
+        }
+        match tag {
+            b'Z' => self.ready_seen = 1,
+            b'E' => {
+                self.failed = Some(protocol::parse_error_fields(body).code.to_owned());
+                protocol::write_message(&mut self.output, tag, |m| m.extend_from_slice(body));
+            }
+            b'C' | b'T' | b'D' if self.wrapper_left > 0 => {
+                self.wrapper_left -= 1;
+                if tag == b'D' {
+                    let mut fields = data_row_texts(body).into_iter();
+                    self.role = fields.next().flatten().unwrap_or_default();
+                    self.search_path = fields.next().flatten().unwrap_or_default();
+                }
+            }
+            _ => protocol::write_message(&mut self.output, tag, |m| m.extend_from_slice(body)),
+        }
+        JobStep::Swallow
+    }
+}
+
+/// The text values of a DataRow.
+fn data_row_texts(body: &[u8]) -> Vec<Option<String>> {
+    let mut values = Vec::new();
+    let Some(count) = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+        return values;
+    };
+    let mut at = 2;
+    for _ in 0..count {
+        let Some(len) = body
+            .get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            break;
+        };
+        at += 4;
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let len = len as usize;
+        let Some(value) = body.get(at..at + len) else {
+            break;
+        };
+        values.push(Some(String::from_utf8_lossy(value).into_owned()));
+        at += len;
+    }
+    values
+}
+
+/// What goes to the backend instead of a DDL query: the statement inside a
+/// transaction that the second query rolls back (after an error the first
+/// query leaves the block aborted; after success the second only warns,
+/// which is swallowed), with the session's role and search_path read in it.
+pub fn validation_query(sql: &str) -> BytesMut {
+    let mut out = BytesMut::with_capacity(sql.len() + 128);
+    // The newline ends a trailing `--` comment of the client's text.
+    protocol::query(
+        &mut out,
+        &format!("BEGIN; SELECT current_user, current_setting('search_path');\n{sql}\n"),
+    );
+    protocol::query(&mut out, "ROLLBACK");
+    out
+}
+
+/// The CommandComplete tag of a statement that ran outside the validation
+/// (one that cannot run in a transaction block).
+fn command_tag(sql: &str) -> String {
+    let words: Vec<String> = sql
+        .split_whitespace()
+        .take(3)
+        .map(|w| w.trim_end_matches(';').to_ascii_uppercase())
+        .collect();
+    match words.as_slice() {
+        [first, second, third, ..] if second == "UNIQUE" && third == "INDEX" => {
+            format!("{first} INDEX")
+        }
+        [first, second, ..] => format!("{first} {second}"),
+        [first] => first.clone(),
+        [] => String::new(),
+    }
+}
+
+/// Finish a validated DDL query: propose it, wait for its application, and
+/// put the client's answer (ending with ReadyForQuery) in `out`.
+pub async fn finish(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut) {
+    answer(node, job, scope, out).await;
+    protocol::ready_for_query(out, b'I');
+}
+
+async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut) {
+    let transactional = match job.failed.as_deref() {
+        None => true,
+        // Cannot run inside a transaction block: not validated; applied on
+        // its own (CREATE INDEX CONCURRENTLY, CREATE DATABASE, …).
+        Some("25001") => false,
+        Some(_) => {
+            // PostgreSQL's own error: nothing is proposed.
+            out.extend_from_slice(&job.output);
+            return;
+        }
+    };
+    let Some(consensus) = node.consensus() else {
+        error(
+            out,
+            "55000",
+            "this node has no cluster to replicate DDL through",
+            None,
+        );
+        return;
+    };
+    let timeout = node
+        .config
+        .cluster
+        .as_ref()
+        .map_or(Duration::from_secs(10), |c| {
+            Duration::from_millis(c.ddl_timeout_ms)
+        });
+    let deadline = Instant::now() + timeout;
+    // The DDL must not overtake this node's earlier changes on any
+    // backend (a row written before `ALTER TABLE … ADD PRIMARY KEY` must be
+    // applied before it everywhere, as on the origin): wait until every
+    // peer has everything the home backend has committed.
+    if let Some(progress) = &node.progress {
+        let (reached, ok) = progress.wait(CommitScope::All, timeout).await;
+        if !ok {
+            node.metrics.ddl_failed();
+            error(
+                out,
+                "40003",
+                &format!(
+                    "DDL waits until every backend has this node's earlier changes; {reached} of {} had them within {} ms",
+                    progress.backends(),
+                    timeout.as_millis()
+                ),
+                Some("A backend is down or far behind. Nothing was proposed; retry when it has caught up."),
+            );
+            return;
+        }
+    }
+    let mut id = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+    let proposal = DdlProposal {
+        id: id.iter().map(|b| format!("{b:02x}")).collect(),
+        sql: job.sql.clone(),
+        search_path: job.search_path.clone(),
+        role: job.role.clone(),
+        origin: u64::from(node.config.node.id),
+        transactional,
+    };
+    let started = Instant::now();
+    let seq = match consensus.propose(Request::Ddl(proposal), timeout).await {
+        Ok(Response::Ddl { seq, .. }) => seq,
+        Ok(Response::Done) => {
+            error(out, "XX000", "unexpected answer from the cluster", None);
+            return;
+        }
+        Err(ProposeError::Timeout(_)) => {
+            node.metrics.ddl_failed();
+            error(
+                out,
+                "40003",
+                &format!(
+                    "DDL not confirmed by a majority of the cluster within {} ms",
+                    timeout.as_millis()
+                ),
+                Some("This node cannot reach a Raft majority. DML keeps working; retry the DDL when the cluster is whole (if the proposal reached the leader it may still be applied)."),
+            );
+            return;
+        }
+        Err(ProposeError::Failed(reason)) => {
+            node.metrics.ddl_failed();
+            error(
+                out,
+                "XX000",
+                &format!("DDL could not be proposed: {reason}"),
+                None,
+            );
+            return;
+        }
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if !node.ddl.wait_applied(seq, left).await {
+        error(
+            out,
+            "40003",
+            &format!(
+                "DDL {seq} is committed but was not applied on this node's backend within {} ms",
+                timeout.as_millis()
+            ),
+            Some("It will be applied; see chorus.ddl_history."),
+        );
+        return;
+    }
+    node.metrics.ddl_latency(started.elapsed());
+    if let Some(failure) = node.ddl.take(seq) {
+        failure.write(out);
+        return;
+    }
+    // Under commit scope `all`, every backend must have it; otherwise the
+    // others get a short while, so that the schema is usable through any
+    // node as soon as the command returns in a healthy cluster.
+    let (limit, strict) = match scope {
+        CommitScope::All => (deadline.saturating_duration_since(Instant::now()), true),
+        _ => (PEER_WAIT, false),
+    };
+    let (have, total) = node.ddl.wait_all(node, seq, limit, strict).await;
+    if strict && have < total {
+        error(
+            out,
+            "40003",
+            &format!("commit scope \"all\" not reached: {have} of {total} backends applied DDL {seq}"),
+            Some("It is committed and applied on this node's backend; the others apply it when available."),
+        );
+        return;
+    }
+    if transactional {
+        out.extend_from_slice(&job.output);
+    } else {
+        let tag = command_tag(&job.sql);
+        protocol::write_message(out, b'C', |m| {
+            m.extend_from_slice(tag.as_bytes());
+            m.put_u8(0);
+        });
+    }
+}
+
+/// How long a DDL command waits for the other backends by default.
+const PEER_WAIT: Duration = Duration::from_millis(1000);
+
+fn error(out: &mut BytesMut, code: &str, message: &str, hint: Option<&str>) {
+    protocol::error_response(out, Severity::Error, code, message, hint);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_of_statements_run_outside_a_transaction() {
+        assert_eq!(
+            command_tag("create index concurrently i on t (a)"),
+            "CREATE INDEX"
+        );
+        assert_eq!(
+            command_tag("CREATE UNIQUE INDEX CONCURRENTLY i ON t (a)"),
+            "CREATE INDEX"
+        );
+        assert_eq!(command_tag("drop index concurrently i;"), "DROP INDEX");
+        assert_eq!(command_tag("CREATE DATABASE x"), "CREATE DATABASE");
+    }
+
+    #[test]
+    fn data_rows_decode_to_texts() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&2u16.to_be_bytes());
+        body.extend_from_slice(&3i32.to_be_bytes());
+        body.extend_from_slice(b"bob");
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(data_row_texts(&body), vec![Some("bob".into()), None]);
+    }
+}

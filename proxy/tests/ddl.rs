@@ -1,0 +1,720 @@
+//! The DDL path end to end: three backends, three Chorus node processes in
+//! one Raft group (each node's Raft port behind a fault-injecting relay),
+//! DDL through any node ordered by Raft and applied on every backend.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/relay.rs"]
+mod relay;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chorus_proxy::localpg::{free_port, LocalPostgres};
+use relay::Relay;
+use tokio_postgres::Client;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    backends: Vec<LocalPostgres>,
+    /// Where each node's Raft RPC listens; the members' addresses are the
+    /// relays in front of them.
+    raft_ports: Vec<u16>,
+    relays: Vec<Relay>,
+    ports: Vec<u16>,
+    metrics_ports: Vec<u16>,
+    nodes: Vec<Option<Child>>,
+    /// Extra `[cluster]` settings.
+    extra: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in self.nodes.iter_mut().flatten() {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+        // A failing test shows what the nodes logged last.
+        if std::thread::panicking() {
+            for i in 1..=3 {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("node{i}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                eprintln!("--- node {i} log (last lines) ---");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// The server's message of an error.
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
+
+/// A 3-node cluster; `extra`: more `[cluster]` settings.
+async fn cluster(extra: &str) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = common::backends(dir.path(), 3);
+    let raft_ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
+    let mut relays = Vec::new();
+    for port in &raft_ports {
+        relays.push(Relay::start(*port).await);
+    }
+    let mut c = Cluster {
+        dir,
+        backends,
+        raft_ports,
+        relays,
+        ports: (0..3).map(|_| free_port().unwrap()).collect(),
+        metrics_ports: (0..3).map(|_| free_port().unwrap()).collect(),
+        nodes: vec![None, None, None],
+        extra: extra.to_owned(),
+    };
+    for i in 1..=3 {
+        c.start_node(i);
+    }
+    for i in 1..=3 {
+        c.wait_for(i, "SELECT count(*)::text FROM chorus.local", |v| v == "1")
+            .await;
+    }
+    c
+}
+
+impl Cluster {
+    fn config(&self, i: usize, secret: &str) -> String {
+        let mut toml = format!(
+            "[node]\nid = {i}\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
+             home_backend = \"pg{i}\"\nworker_threads = 1\n\
+             [[users]]\nname = \"postgres\"\n[[auth]]\nmethod = \"trust\"\n\
+             [replication]\npoll_interval_ms = 20\n\
+             [cluster]\nraft_listen = \"127.0.0.1:{}\"\nsecret = \"{secret}\"\ndata_dir = \"{}\"\n\
+             heartbeat_ms = 50\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n\
+             ddl_timeout_ms = 3000\n{}\n",
+            self.ports[i - 1],
+            self.metrics_ports[i - 1],
+            self.raft_ports[i - 1],
+            self.dir.path().join(format!("raft{i}")).display(),
+            self.extra,
+        );
+        for (m, relay) in self.relays.iter().enumerate() {
+            toml.push_str(&format!(
+                "[[cluster.members]]\nid = {}\nraft = \"127.0.0.1:{}\"\n",
+                m + 1,
+                relay.port
+            ));
+        }
+        for (b, pg) in self.backends.iter().enumerate() {
+            toml.push_str(&format!(
+                "[[backends]]\nname = \"pg{}\"\nport = {}\n",
+                b + 1,
+                pg.port()
+            ));
+        }
+        toml
+    }
+
+    fn start_node_with_secret(&mut self, i: usize, secret: &str) {
+        let config = self.dir.path().join(format!("node{i}.toml"));
+        std::fs::write(&config, self.config(i, secret)).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{i}.log")))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info,chorus_proxy=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.nodes[i - 1] = Some(child);
+    }
+
+    fn start_node(&mut self, i: usize) {
+        self.start_node_with_secret(i, "cluster-secret");
+    }
+
+    fn kill_node(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i - 1].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// A client session through node `i` (waits for the node to listen).
+    async fn via(&self, i: usize) -> Client {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.ports[i - 1]
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match common::connect(&conninfo).await {
+                Ok(client) => return client,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "node {i} unreachable: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn direct(&self, b: usize) -> Client {
+        common::connect(&self.backends[b - 1].conninfo("postgres"))
+            .await
+            .unwrap()
+    }
+
+    /// Wait until `sql` gives a value on backend `b` that satisfies `done`.
+    async fn wait_for(&self, b: usize, sql: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(client) = common::connect(&self.backends[b - 1].conninfo("postgres")).await {
+                if let Ok(row) = client.query_one(sql, &[]).await {
+                    last = row.get::<_, Option<String>>(0).unwrap_or_default();
+                    if done(&last) {
+                        return last;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("backend {b}: {sql} still gives {last:?}");
+    }
+
+    /// Wait until every backend has applied `n` DDL log entries.
+    async fn wait_ddl(&self, n: usize) {
+        for b in 1..=3 {
+            self.wait_for(b, "SELECT count(*)::text FROM chorus.ddl_history", |v| {
+                v.parse::<usize>().unwrap_or(0) >= n
+            })
+            .await;
+        }
+    }
+
+    /// A backend's DDL history: (seq, command, error) in order.
+    async fn history(&self, b: usize) -> Vec<(i64, String, Option<String>)> {
+        self.direct(b)
+            .await
+            .query(
+                "SELECT seq, command, error FROM chorus.ddl_history ORDER BY seq",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    /// The backend's schema as pg_dump prints it (minus its random
+    /// per-run lines).
+    fn schema(&self, b: usize) -> String {
+        let pg = &self.backends[b - 1];
+        let out = common::run_pg_program(
+            "pg_dump",
+            &[
+                "--schema-only",
+                "--no-owner",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port().to_string(),
+                "-U",
+                "postgres",
+                "postgres",
+            ],
+            &[],
+            Duration::from_secs(60),
+        );
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        common::stdout(&out)
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// A metric of node `i` (None when absent or the node is down).
+    async fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        let addr = format!("127.0.0.1:{}", self.metrics_ports[i - 1])
+            .parse()
+            .ok()?;
+        let stream =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                .await
+                .ok()?
+                .ok()?;
+        drop(stream);
+        let (_, body) = common::http_get(addr, "/metrics").await;
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// The Raft leader, as node `i` sees it (waits for one).
+    async fn leader(&self, i: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(l) = self.metric(i, "chorus_raft_leader").await {
+                if l > 0.0 {
+                    return l as usize;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader seen by node {i}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_through_every_node_at_once_gives_every_backend_the_same_history_and_schema() {
+    let c = cluster("").await;
+    let mut tasks = Vec::new();
+    for i in 1..=3 {
+        let client = c.via(i).await;
+        tasks.push(tokio::spawn(async move {
+            for n in 0..4 {
+                client
+                    .batch_execute(&format!("CREATE TABLE t_{i}_{n} (id int PRIMARY KEY)"))
+                    .await
+                    .unwrap();
+                client
+                    .batch_execute(&format!("ALTER TABLE t_{i}_{n} ADD COLUMN v text"))
+                    .await
+                    .unwrap();
+            }
+            client
+                .batch_execute(&format!("CREATE INDEX ON t_{i}_0 (v)"))
+                .await
+                .unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    c.wait_ddl(27).await;
+    let first = c.history(1).await;
+    assert_eq!(first.len(), 27);
+    assert!(
+        first.iter().all(|(_, _, error)| error.is_none()),
+        "{first:?}"
+    );
+    for b in 2..=3 {
+        assert_eq!(
+            c.history(b).await,
+            first,
+            "backend {b}'s DDL history differs"
+        );
+    }
+    let schema = c.schema(1);
+    assert!(schema.contains("CREATE TABLE public.t_3_3"));
+    for b in 2..=3 {
+        assert_eq!(c.schema(b), schema, "backend {b}'s schema differs");
+    }
+    // The tables replicate their rows, like any table made through Chorus.
+    c.via(2)
+        .await
+        .batch_execute("INSERT INTO t_1_1 VALUES (1, 'one')")
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT v FROM t_1_1 WHERE id = 1", |v| v == "one")
+            .await;
+    }
+    // The metrics show the DDL index and the Raft state.
+    assert_eq!(
+        c.metric(1, "chorus_ddl_index{backend=\"pg1\"}").await,
+        Some(27.0)
+    );
+    assert!(c.metric(2, "chorus_raft_term").await.unwrap() >= 1.0);
+    assert!(c.metric(3, "chorus_raft_commit_index").await.unwrap() >= 27.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_through_one_node_is_usable_at_once_through_another() {
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    let two = c.via(2).await;
+    one.batch_execute("CREATE TABLE bikes (id int PRIMARY KEY, model text)")
+        .await
+        .unwrap();
+    one.batch_execute("ALTER TABLE bikes ADD COLUMN status TEXT")
+        .await
+        .unwrap();
+    two.batch_execute("INSERT INTO bikes (id, model, status) VALUES (1, 'roadster', 'ready')")
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT status FROM bikes WHERE id = 1", |v| v == "ready")
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_that_fails_gets_postgresql_s_error_and_is_never_proposed() {
+    let c = cluster("").await;
+    let client = c.via(1).await;
+    client
+        .batch_execute("CREATE TABLE bikes (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let e = client
+        .batch_execute("CREATE TABLE bikes (id int PRIMARY KEY)")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("42P07"), "{e}");
+    assert!(message(&e).contains("already exists"), "{e:?}");
+    let e = client
+        .batch_execute("ALTER TABLE nowhere ADD COLUMN x int")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("42P01"), "{e}");
+    // DDL mixed with DML in one transaction, or sent with the extended
+    // protocol: refused with 0A000, nothing proposed.
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("INSERT INTO bikes VALUES (1)")
+        .await
+        .unwrap();
+    let e = client
+        .batch_execute("CREATE TABLE inside (id int)")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let e = client
+        .execute("CREATE TABLE extended (id int)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    // The session is fine afterwards, and the next DDL is number 2.
+    client
+        .batch_execute("CREATE TABLE after (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.wait_ddl(2).await;
+    for b in 1..=3 {
+        let history = c.history(b).await;
+        let commands: Vec<&str> = history.iter().map(|(_, c, _)| c.as_str()).collect();
+        assert_eq!(
+            commands,
+            vec![
+                "CREATE TABLE bikes (id int PRIMARY KEY)",
+                "CREATE TABLE after (id int PRIMARY KEY)"
+            ],
+            "backend {b}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_takes_over_when_the_leader_is_killed_during_a_stream_of_ddl() {
+    let mut c = cluster("").await;
+    let leader = c.leader(1).await;
+    let writer = (1..=3).find(|i| *i != leader).unwrap();
+    let client = c.via(writer).await;
+    let mut acknowledged = Vec::new();
+    let mut failed = Vec::new();
+    for n in 0..30 {
+        if n == 8 {
+            c.kill_node(leader);
+        }
+        let sql = format!("CREATE TABLE s_{n} (id int PRIMARY KEY)");
+        match client.batch_execute(&sql).await {
+            Ok(()) => acknowledged.push(sql),
+            Err(e) => {
+                // Only while there is no leader, with a clear error.
+                assert_eq!(common::sqlstate(&e).as_deref(), Some("40003"), "{e:?}");
+                failed.push(sql);
+            }
+        }
+    }
+    assert!(
+        acknowledged.len() >= 20,
+        "acknowledged {}",
+        acknowledged.len()
+    );
+    c.start_node(leader);
+    let total = acknowledged.len();
+    c.wait_ddl(total).await;
+    let first = c.history(1).await;
+    for b in 2..=3 {
+        assert_eq!(c.history(b).await, first, "backend {b}");
+    }
+    let commands: Vec<&String> = first.iter().map(|(_, c, _)| c).collect();
+    for sql in &acknowledged {
+        assert_eq!(
+            commands.iter().filter(|c| **c == sql).count(),
+            1,
+            "{sql} is not applied exactly once"
+        );
+    }
+    // A failed one was either never logged or logged once.
+    for sql in &failed {
+        assert!(commands.iter().filter(|c| **c == sql).count() <= 1);
+    }
+    assert!(
+        first.iter().all(|(_, _, error)| error.is_none()),
+        "{first:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_majority_refuses_ddl_in_bounded_time_and_keeps_serving_dml() {
+    let c = cluster("").await;
+    c.via(1)
+        .await
+        .batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+    c.wait_ddl(1).await;
+    // Cut node 3's Raft links both ways; its backend links stay.
+    c.relays[2].block(&[0]);
+    c.relays[0].block(&[3]);
+    c.relays[1].block(&[3]);
+    let three = c.via(3).await;
+    let started = Instant::now();
+    let e = three
+        .batch_execute("CREATE TABLE island (id int)")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("40003"), "{e:?}");
+    assert!(message(&e).contains("majority"), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // DML through the cut-off node works, and DDL through the majority.
+    three
+        .batch_execute("INSERT INTO notes VALUES (3, 'from the island')")
+        .await
+        .unwrap();
+    let one = c.via(1).await;
+    one.batch_execute("ALTER TABLE notes ADD COLUMN tag text")
+        .await
+        .unwrap();
+    one.batch_execute("INSERT INTO notes VALUES (1, 'from the majority', 'x')")
+        .await
+        .unwrap();
+    c.wait_for(1, "SELECT body FROM notes WHERE id = 3", |v| {
+        v == "from the island"
+    })
+    .await;
+    // Heal: node 3's backend gets the DDL, then the row that needs it.
+    for relay in &c.relays {
+        relay.heal();
+    }
+    c.wait_ddl(2).await;
+    c.wait_for(3, "SELECT tag FROM notes WHERE id = 1", |v| v == "x")
+        .await;
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT count(*)::text FROM notes", |v| v == "2")
+            .await;
+    }
+    let history = c.history(3).await;
+    assert!(history.iter().all(|(_, sql, _)| !sql.contains("island")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_catches_up_from_its_log_or_a_snapshot() {
+    // Small snapshots and no log kept behind them: a node that was down
+    // for a while catches up from a snapshot.
+    let mut c = cluster("snapshot_every = 3\nkeep_logs = 0").await;
+    let one = c.via(1).await;
+    one.batch_execute("CREATE TABLE a (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.wait_ddl(1).await;
+    c.kill_node(3);
+    for n in 0..8 {
+        one.batch_execute(&format!("ALTER TABLE a ADD COLUMN c{n} int"))
+            .await
+            .unwrap();
+    }
+    one.batch_execute("INSERT INTO a (id, c7) VALUES (1, 7)")
+        .await
+        .unwrap();
+    c.start_node(3);
+    c.wait_ddl(9).await;
+    c.wait_for(3, "SELECT c7::text FROM a WHERE id = 1", |v| v == "7")
+        .await;
+    let history = c.history(1).await;
+    assert_eq!(c.history(3).await, history);
+    assert_eq!(c.schema(3), c.schema(1));
+    // Restarted once more, from its own files this time.
+    c.kill_node(3);
+    c.start_node(3);
+    one.batch_execute("ALTER TABLE a ADD COLUMN last int")
+        .await
+        .unwrap();
+    c.wait_ddl(10).await;
+    assert_eq!(c.history(3).await, c.history(1).await);
+}
+
+/// The indexes of table `docs` on backend `b`.
+async fn indexes(c: &Cluster, b: usize) -> Vec<String> {
+    c.direct(b)
+        .await
+        .query(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'docs' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect()
+}
+
+/// The relfilenode of a relation on backend `b` (changes when rewritten).
+async fn relfilenode(c: &Cluster, b: usize, rel: &str) -> u32 {
+    c.direct(b)
+        .await
+        .query_one(
+            "SELECT relfilenode::oid FROM pg_class WHERE oid = $1::text::regclass",
+            &[&rel],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_local_ddl_and_maintenance_stay_on_their_backend() {
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    let two = c.via(2).await;
+    one.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        .await
+        .unwrap();
+    one.batch_execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+    c.wait_ddl(2).await;
+    one.batch_execute(
+        "SET chorus.ddl_scope = 'local'; \
+         CREATE INDEX docs_trgm ON docs USING gin (body gin_trgm_ops)",
+    )
+    .await
+    .unwrap();
+    two.batch_execute("SET chorus.ddl_scope = 'local'")
+        .await
+        .unwrap();
+    two.batch_execute("CREATE INDEX docs_btree ON docs (body)")
+        .await
+        .unwrap();
+    // Replicated DDL after them: when backend 3 has it, it would have had
+    // the local ones too if they had replicated.
+    c.via(3)
+        .await
+        .batch_execute("CREATE TABLE marker (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.wait_ddl(3).await;
+    assert_eq!(indexes(&c, 1).await, vec!["docs_pkey", "docs_trgm"]);
+    assert_eq!(indexes(&c, 2).await, vec!["docs_btree", "docs_pkey"]);
+    assert_eq!(indexes(&c, 3).await, vec!["docs_pkey"]);
+    // VACUUM FULL and REINDEX rewrite only node 1's backend.
+    let before: Vec<u32> = [
+        relfilenode(&c, 1, "docs").await,
+        relfilenode(&c, 2, "docs").await,
+        relfilenode(&c, 1, "docs_pkey").await,
+        relfilenode(&c, 2, "docs_pkey").await,
+    ]
+    .to_vec();
+    let fresh = c.via(1).await;
+    fresh.batch_execute("VACUUM FULL docs").await.unwrap();
+    fresh
+        .batch_execute("REINDEX INDEX docs_pkey")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after: Vec<u32> = [
+        relfilenode(&c, 1, "docs").await,
+        relfilenode(&c, 2, "docs").await,
+        relfilenode(&c, 1, "docs_pkey").await,
+        relfilenode(&c, 2, "docs_pkey").await,
+    ]
+    .to_vec();
+    assert_ne!(after[0], before[0], "VACUUM FULL ran on backend 1");
+    assert_eq!(after[1], before[1], "VACUUM FULL did not run on backend 2");
+    assert_ne!(after[2], before[2], "REINDEX ran on backend 1");
+    assert_eq!(after[3], before[3], "REINDEX did not run on backend 2");
+    let history = c.history(1).await;
+    assert_eq!(history.len(), 3, "{history:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_the_wrong_cluster_secret_cannot_join() {
+    let mut c = cluster("").await;
+    // Node 3 comes back with the wrong secret.
+    c.kill_node(3);
+    c.start_node_with_secret(3, "not-the-secret");
+    c.via(1)
+        .await
+        .batch_execute("CREATE TABLE after_intruder (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.wait_for(1, "SELECT count(*)::text FROM chorus.ddl_history", |v| {
+        v == "1"
+    })
+    .await;
+    c.wait_for(2, "SELECT count(*)::text FROM chorus.ddl_history", |v| {
+        v == "1"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(c.history(3).await.is_empty(), "node 3 got the DDL log");
+    // Both sides refused the other's connections.
+    let refused_by_1 = c
+        .metric(1, "chorus_raft_auth_failures_total")
+        .await
+        .unwrap();
+    let refused_by_3 = c
+        .metric(3, "chorus_raft_auth_failures_total")
+        .await
+        .unwrap();
+    assert!(refused_by_1 + refused_by_3 >= 1.0);
+    // The membership command with the wrong secret is refused too.
+    let config = c.dir.path().join("node3.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["cluster", "add-node", "--id", "9", "--raft", "127.0.0.1:1"])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // (node 3's config names node 3's own port; aim it at node 1 instead)
+    let wrong = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("raft_listen = \"127.0.0.1:{}\"", c.raft_ports[2]),
+        &format!("raft_listen = \"127.0.0.1:{}\"", c.raft_ports[0]),
+    );
+    let aimed = c.dir.path().join("wrong.toml");
+    std::fs::write(&aimed, wrong).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["cluster", "add-node", "--id", "9", "--raft", "127.0.0.1:1"])
+        .arg("--config")
+        .arg(&aimed)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("secret"), "{stderr}");
+    // With the right secret node 3 rejoins and catches up.
+    c.kill_node(3);
+    c.start_node(3);
+    c.wait_ddl(1).await;
+}
