@@ -420,7 +420,16 @@ BEGIN
          GROUP BY 1
          ORDER BY min(e.n)
     LOOP
-        IF to_regclass(grp.tbl) IS NOT NULL AND chorus.batchable(grp.tbl) THEN
+        IF to_regclass(grp.tbl) IS NULL THEN
+            -- Dropped here by DDL ordered after these changes were made on
+            -- their origin: nothing to apply them to. Logged, and the
+            -- stream goes on.
+            INSERT INTO chorus.conflict (tbl, pk, kind, resolution, remote_version, remote_origin, remote_row)
+            SELECT grp.tbl, nullif(c -> 'key', 'null'::jsonb), 'missing_table', 'skipped',
+                   (c ->> 'version')::bigint, (c ->> 'origin')::integer, nullif(c -> 'row', 'null'::jsonb)
+              FROM jsonb_array_elements(grp.cs) AS c;
+            results := results || array_fill('missing_table:skipped'::text, ARRAY[jsonb_array_length(grp.cs)]);
+        ELSIF chorus.batchable(grp.tbl) THEN
             results := results || chorus.apply_batch(grp.tbl, grp.cs);
         ELSE
             slow := slow || grp.tbl;

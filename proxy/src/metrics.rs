@@ -117,7 +117,7 @@ pub struct PeerMetrics {
 }
 
 /// Conflict kinds the apply function reports (see apply.sql).
-pub const CONFLICT_KINDS: [&str; 8] = [
+pub const CONFLICT_KINDS: [&str; 9] = [
     "insert_insert",
     "update_update",
     "update_delete",
@@ -126,6 +126,7 @@ pub const CONFLICT_KINDS: [&str; 8] = [
     "delete_missing",
     "insert_delete",
     "unique",
+    "missing_table",
 ];
 
 const METADATA: Metadata<'static> = Metadata::new("chorus", Level::INFO, Some(module_path!()));

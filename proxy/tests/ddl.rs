@@ -360,6 +360,115 @@ async fn a_column_added_through_one_node_is_usable_at_once_through_another() {
         c.wait_for(b, "SELECT status FROM bikes WHERE id = 1", |v| v == "ready")
             .await;
     }
+    // Under commit scope `all`, DDL returns once every backend has it.
+    let three = c.via(3).await;
+    three
+        .batch_execute("SET chorus.commit_scope = 'all'")
+        .await
+        .unwrap();
+    three
+        .batch_execute("CREATE TABLE scoped (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        let there: bool = c
+            .direct(b)
+            .await
+            .query_one("SELECT to_regclass('scoped') IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            there,
+            "backend {b} lacks the table when the command returned"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_for_a_table_dropped_meanwhile_are_skipped_and_the_stream_goes_on() {
+    let mut c = cluster("").await;
+    let one = c.via(1).await;
+    one.batch_execute("CREATE TABLE gone (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    one.batch_execute("CREATE TABLE kept (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.wait_ddl(2).await;
+    // Rows written on backend 1 while its node is down wait in its slots;
+    // meanwhile the table is dropped through node 2.
+    c.kill_node(1);
+    c.direct(1)
+        .await
+        .batch_execute("INSERT INTO gone VALUES (1), (2)")
+        .await
+        .unwrap();
+    c.via(2)
+        .await
+        .batch_execute("DROP TABLE gone")
+        .await
+        .unwrap();
+    c.start_node(1);
+    c.via(1)
+        .await
+        .batch_execute("INSERT INTO kept VALUES (7)")
+        .await
+        .unwrap();
+    for b in 2..=3 {
+        c.wait_for(b, "SELECT count(*)::text FROM kept", |v| v == "1")
+            .await;
+        c.wait_for(
+            b,
+            "SELECT count(*)::text FROM chorus.conflict WHERE kind = 'missing_table'",
+            |v| v == "2",
+        )
+        .await;
+    }
+    c.wait_for(1, "SELECT (to_regclass('gone') IS NULL)::text", |v| {
+        v == "true"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_commands_remove_a_node_and_add_it_back() {
+    let mut c = cluster("").await;
+    let config = c.dir.path().join("node1.toml");
+    let chorus = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    c.kill_node(3);
+    let removed = chorus(&["cluster", "remove-node", "--id", "3"]);
+    assert!(removed.contains("removed"), "{removed}");
+    // Two voters left: DDL still commits (both are needed now).
+    c.via(1)
+        .await
+        .batch_execute("CREATE TABLE while_two (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.start_node(3);
+    let relay3 = format!("127.0.0.1:{}", c.relays[2].port);
+    let added = chorus(&["cluster", "add-node", "--id", "3", "--raft", &relay3]);
+    assert!(added.contains("voter"), "{added}");
+    c.via(2)
+        .await
+        .batch_execute("CREATE TABLE with_three (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.wait_ddl(2).await;
+    assert_eq!(c.history(3).await, c.history(1).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
