@@ -373,25 +373,74 @@ async fn redelivered_changes_are_applied_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn ddl_replicates_in_order_with_its_dml_and_new_tables_are_adopted() {
+async fn tables_made_by_ddl_on_each_backend_are_adopted_and_changes_carry_the_ddl_index() {
     let mut c = cluster(3, &[]).await;
-    // As pgbench -i does: a table without a key, loaded, then given a key;
-    // two DDL statements in one query string replicate once.
-    for sql in [
-        "CREATE TABLE accounts (aid int NOT NULL, abalance int, filler text); \
-         CREATE TABLE notes (id int PRIMARY KEY, body text)",
-        "INSERT INTO accounts SELECT g, 0, 'x' FROM generate_series(1, 100) g",
-        "ALTER TABLE accounts ADD PRIMARY KEY (aid)",
-        "ALTER TABLE accounts ADD COLUMN status text DEFAULT 'open'",
-    ] {
-        c.client(1).batch_execute(sql).await.unwrap();
+    // What the DDL log applier does on every backend (proxy/src/ddl.rs):
+    // run the statement and record it in chorus.ddl_history.
+    let apply_ddl = |seq: i64, sql: &'static str| {
+        format!(
+            "BEGIN; {sql}; INSERT INTO chorus.ddl_history (seq, origin, search_path, role, command) \
+             VALUES ({seq}, 1, 'public', 'postgres', {}); COMMIT",
+            quote(sql)
+        )
+    };
+    // As pgbench -i does: a table without a key, loaded, then given a key.
+    for node in 1..=3u16 {
+        c.client(node)
+            .batch_execute(&apply_ddl(
+                1,
+                "CREATE TABLE accounts (aid int NOT NULL, abalance int, filler text)",
+            ))
+            .await
+            .unwrap();
     }
+    c.client(1)
+        .batch_execute("INSERT INTO accounts SELECT g, 0, 'x' FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
     assert!(c.sync().await.is_empty());
-    // Updates through another node now replicate, without conflicts.
+    for node in 1..=3u16 {
+        for (seq, sql) in [
+            (2, "ALTER TABLE accounts ADD PRIMARY KEY (aid)"),
+            (
+                3,
+                "ALTER TABLE accounts ADD COLUMN status text DEFAULT 'open'",
+            ),
+        ] {
+            c.client(node)
+                .batch_execute(&apply_ddl(seq, sql))
+                .await
+                .unwrap();
+        }
+    }
+    // A change made now carries DDL index 3 in its message prefix.
+    c.client(2)
+        .batch_execute("SELECT pg_create_logical_replication_slot('peek', 'test_decoding')")
+        .await
+        .unwrap();
+    // Updates through another node replicate, without conflicts.
     c.client(2)
         .batch_execute(
             "UPDATE accounts SET abalance = abalance + 5, status = 'busy' WHERE aid <= 10",
         )
+        .await
+        .unwrap();
+    let prefixes: Vec<String> = c
+        .client(2)
+        .query(
+            "SELECT substring(data from 'prefix: ([^,]*),') FROM pg_logical_slot_get_changes('peek', NULL, NULL) \
+             WHERE data LIKE 'message:%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(prefixes.len(), 10);
+    assert!(prefixes.iter().all(|p| p == "chorus:3"), "{prefixes:?}");
+    c.client(2)
+        .batch_execute("SELECT pg_drop_replication_slot('peek')")
         .await
         .unwrap();
     let conflicts = c.sync().await;
@@ -421,24 +470,26 @@ async fn ddl_replicates_in_order_with_its_dml_and_new_tables_are_adopted() {
     }
     assert!(hashes.iter().all(|h| h == &hashes[0]), "{hashes:?}");
 
-    // Node-local DDL stays local.
+    // A table made under ddl_scope 'local' is not adopted.
     c.client(3)
-        .batch_execute("SET chorus.ddl_scope = 'local'; CREATE INDEX local_only ON accounts (abalance); RESET chorus.ddl_scope")
+        .batch_execute("SET chorus.ddl_scope = 'local'; CREATE TABLE scratch (id int PRIMARY KEY); RESET chorus.ddl_scope")
         .await
         .unwrap();
-    c.sync().await;
-    for (node, expected) in [(1u16, 0i64), (2, 0), (3, 1)] {
-        let n: i64 = c
-            .client(node)
-            .query_one(
-                "SELECT count(*) FROM pg_indexes WHERE indexname = 'local_only'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, expected, "node {node}");
-    }
+    let adopted: i64 = c
+        .client(3)
+        .query_one(
+            "SELECT count(*) FROM chorus.replicated_table WHERE tbl = 'public.scratch'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(adopted, 0);
+}
+
+/// A SQL string literal.
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
