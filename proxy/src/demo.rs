@@ -70,9 +70,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         })
         .collect();
 
-    // The nodes' Raft group: ports 200 above the client ports, a fresh
-    // secret, logs beside the backends.
-    let raft_port = |i: u16| options.port + 200 + i - 1;
+    // The nodes' Raft group: free ports (nobody connects to them but the
+    // nodes), a fresh secret, logs beside the backends.
+    let mut raft_ports = Vec::new();
+    for _ in 0..options.nodes {
+        raft_ports.push(crate::localpg::free_port().context("finding a port for Raft")?);
+    }
+    let raft_port = |i: u16| raft_ports[usize::from(i) - 1];
     let members: Vec<MemberConfig> = (1..=options.nodes)
         .map(|i| MemberConfig {
             id: i,
