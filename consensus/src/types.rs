@@ -21,8 +21,17 @@ openraft::declare_raft_types!(
 pub enum Request {
     /// Run a DDL statement on every backend, in log order.
     Ddl(DdlProposal),
-    /// Record (or update) what the cluster knows of a node.
+    /// Record (or update) what the cluster knows of a node; a node seen for
+    /// the first time gets its sequence id.
     RegisterNode { id: u64, info: NodeInfo },
+    /// Allocate the next range of `size` values of a galloc sequence to a
+    /// node; a sequence's first allocation starts at `floor`.
+    AllocateRange {
+        sequence: String,
+        node: u64,
+        size: i64,
+        floor: i64,
+    },
 }
 
 /// A replicated DDL statement, as validated on its origin.
@@ -42,6 +51,14 @@ pub struct DdlProposal {
     /// False for statements that cannot run inside a transaction block
     /// (`CREATE INDEX CONCURRENTLY`, …): they are applied on their own.
     pub transactional: bool,
+    /// The kind new bigint sequences of this DDL become (`snowflake` or
+    /// `galloc`); int and smallint ones are always galloc.
+    #[serde(default)]
+    pub sequence_kind: Option<String>,
+    /// The galloc range size for new sequences (the same on every backend
+    /// for a given sequence, so their ranges can be told apart).
+    #[serde(default)]
+    pub galloc_block: Option<i64>,
 }
 
 /// A DDL statement in the cluster's DDL log.
@@ -81,6 +98,8 @@ pub enum Response {
     /// The DDL's place in the DDL log; `duplicate` when the same proposal
     /// was already logged (its first place is returned).
     Ddl { seq: u64, duplicate: bool },
+    /// A galloc range, both ends included.
+    Range { lo: i64, hi: i64 },
     /// Done, nothing to report.
     Done,
 }
@@ -91,6 +110,13 @@ pub enum Response {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub nodes: BTreeMap<u64, NodeInfo>,
+    /// Each node's sequence id (1..=1023): the low 10 bits of its snowflake
+    /// ids and its initial galloc block. Given once, never reused.
+    #[serde(default)]
+    pub sequence_ids: BTreeMap<u64, u16>,
+    /// Per galloc sequence, the first value not yet allocated.
+    #[serde(default)]
+    pub galloc_next: BTreeMap<String, i64>,
     /// The DDL log, in order (`ddl[i].seq == i + 1`).
     pub ddl: Vec<DdlEntry>,
 }
@@ -120,7 +146,27 @@ impl ClusterState {
             }
             Request::RegisterNode { id, info } => {
                 self.nodes.insert(*id, info.clone());
+                if !self.sequence_ids.contains_key(id) {
+                    let next = self.sequence_ids.values().max().map_or(1, |m| m + 1);
+                    // Ids run out after 1023 nodes ever; later nodes get none
+                    // and cannot hand out global sequence values.
+                    if next <= 1023 {
+                        self.sequence_ids.insert(*id, next);
+                    }
+                }
                 Response::Done
+            }
+            Request::AllocateRange {
+                sequence,
+                size,
+                floor,
+                ..
+            } => {
+                let next = self.galloc_next.entry(sequence.clone()).or_insert(*floor);
+                let lo = (*next).max(*floor);
+                let hi = lo.saturating_add(size.saturating_sub(1).max(0));
+                *next = hi.saturating_add(1);
+                Response::Range { lo, hi }
             }
         }
     }
@@ -144,6 +190,8 @@ mod tests {
             role: "postgres".into(),
             origin: 1,
             transactional: true,
+            sequence_kind: None,
+            galloc_block: None,
         }
     }
 
@@ -175,5 +223,34 @@ mod tests {
             }
         );
         assert_eq!(state.ddl_seq(), 2);
+    }
+
+    #[test]
+    fn sequence_ids_are_never_reused_and_ranges_never_overlap() {
+        let mut state = ClusterState::default();
+        let info = NodeInfo {
+            raft_addr: String::new(),
+            listen: String::new(),
+            home_backend: "pg".into(),
+            state: NodeState::Active,
+        };
+        for id in [5, 9, 5] {
+            state.apply(&Request::RegisterNode {
+                id,
+                info: info.clone(),
+            });
+        }
+        assert_eq!(state.sequence_ids.get(&5), Some(&1));
+        assert_eq!(state.sequence_ids.get(&9), Some(&2));
+        let range = |state: &mut ClusterState, node| {
+            state.apply(&Request::AllocateRange {
+                sequence: "public.t_id_seq".into(),
+                node,
+                size: 100,
+                floor: 1001,
+            })
+        };
+        assert_eq!(range(&mut state, 5), Response::Range { lo: 1001, hi: 1100 });
+        assert_eq!(range(&mut state, 9), Response::Range { lo: 1101, hi: 1200 });
     }
 }

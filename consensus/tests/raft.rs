@@ -36,6 +36,8 @@ fn ddl(id: &str, origin: u64) -> Request {
         role: "postgres".into(),
         origin,
         transactional: true,
+        sequence_kind: None,
+        galloc_block: None,
     })
 }
 

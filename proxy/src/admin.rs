@@ -50,17 +50,8 @@ impl AdminError {
     }
 }
 
-/// Adopt existing tables for replication on every backend: record their
-/// keys and install the capture trigger. The tables must already exist,
-/// with the same rows, on every backend. All backends or none: each adopts
-/// in an open transaction, and they commit only once every one succeeded.
-/// A table without a primary key is refused (SQLSTATE 55000) unless
-/// `insert_only`. Returns the qualified table names.
-pub async fn adopt(
-    config: &Config,
-    tables: &[String],
-    insert_only: bool,
-) -> Result<Vec<String>, AdminError> {
+/// Connect to every backend of the cluster.
+async fn connect_all(config: &Config) -> Result<Vec<(&str, tokio_postgres::Client)>, AdminError> {
     let replication = config
         .replication
         .as_ref()
@@ -75,6 +66,62 @@ pub async fn adopt(
             })?;
         clients.push((backend.name.as_str(), client));
     }
+    Ok(clients)
+}
+
+/// Make existing (local) sequences global on every backend, all or none:
+/// `kind` for bigint ones (others become galloc), with galloc ranges of
+/// `block` values. Values already handed out stay below every later one.
+/// Each backend's node must have its sequence id (it records it once it has
+/// joined the cluster). Returns the qualified sequence names.
+pub async fn convert_sequences(
+    config: &Config,
+    sequences: &[String],
+    kind: &str,
+    block: i64,
+) -> Result<Vec<String>, AdminError> {
+    let clients = connect_all(config).await?;
+    let mut names = Vec::new();
+    for (backend, client) in &clients {
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| AdminError::from_sql(backend, e))?;
+        for sequence in sequences {
+            let name: String = client
+                .query_one(
+                    "SELECT chorus.convert_sequence($1::text::regclass, $2, $3)",
+                    &[sequence, &kind, &block],
+                )
+                .await
+                .map_err(|e| AdminError::from_sql(backend, e))?
+                .get(0);
+            if names.len() < sequences.len() {
+                names.push(name);
+            }
+        }
+    }
+    for (backend, client) in &clients {
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| AdminError::from_sql(backend, e))?;
+    }
+    Ok(names)
+}
+
+/// Adopt existing tables for replication on every backend: record their
+/// keys and install the capture trigger. The tables must already exist,
+/// with the same rows, on every backend. All backends or none: each adopts
+/// in an open transaction, and they commit only once every one succeeded.
+/// A table without a primary key is refused (SQLSTATE 55000) unless
+/// `insert_only`. Returns the qualified table names.
+pub async fn adopt(
+    config: &Config,
+    tables: &[String],
+    insert_only: bool,
+) -> Result<Vec<String>, AdminError> {
+    let clients = connect_all(config).await?;
     let mut names = Vec::new();
     for (backend, client) in &clients {
         client

@@ -70,7 +70,9 @@ BEGIN
                              chorus.ident_list(others, 'excluded.'));
         END IF;
     END IF;
-    EXECUTE format('INSERT INTO %1$s (%2$s) SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)',
+    -- OVERRIDING SYSTEM VALUE: the origin's value of a GENERATED ALWAYS
+    -- identity column is the row's.
+    EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)',
                    rel, chorus.ident_list(present)) || upsert
     USING imgs;
 END

@@ -91,6 +91,51 @@ pub struct ClusterConfig {
     /// application before the client gets an error. Default 10 s.
     #[serde(default = "default_ddl_timeout")]
     pub ddl_timeout_ms: u64,
+    /// What bigint sequences made by DDL through this node become:
+    /// "snowflake" (default) or "galloc" (a session's `SET
+    /// chorus.sequence_kind` overrides it). Int and smallint ones are galloc.
+    #[serde(default)]
+    pub sequence_kind: SequenceKind,
+    /// Values in a galloc range (capped at 1/128 of the type's range).
+    /// Default 1 000 000.
+    #[serde(default = "default_galloc_range")]
+    pub galloc_range_size: i64,
+    /// The next range is fetched when less than this percentage of the
+    /// current one is left. Default 50.
+    #[serde(default = "default_galloc_refill")]
+    pub galloc_refill_percent: u8,
+    /// The sequence moves to the fetched range when less than this
+    /// percentage is left (the rest is not used). Default 10.
+    #[serde(default = "default_galloc_switch")]
+    pub galloc_switch_percent: u8,
+}
+
+/// The kind of a global sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SequenceKind {
+    #[default]
+    Snowflake,
+    Galloc,
+}
+
+impl SequenceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SequenceKind::Snowflake => "snowflake",
+            SequenceKind::Galloc => "galloc",
+        }
+    }
+}
+
+fn default_galloc_range() -> i64 {
+    1_000_000
+}
+fn default_galloc_refill() -> u8 {
+    50
+}
+fn default_galloc_switch() -> u8 {
+    10
 }
 
 /// One initial voter.
@@ -500,6 +545,14 @@ impl Config {
             ));
         }
         if let Some(cluster) = &self.cluster {
+            if cluster.galloc_range_size < 1
+                || cluster.galloc_switch_percent >= cluster.galloc_refill_percent
+                || cluster.galloc_refill_percent > 100
+            {
+                return Err(ConfigError::Invalid(
+                    "cluster: need galloc_range_size >= 1 and galloc_switch_percent < galloc_refill_percent <= 100".into(),
+                ));
+            }
             if cluster.secret.is_empty() {
                 return Err(ConfigError::Invalid(
                     "cluster.secret must not be empty".into(),

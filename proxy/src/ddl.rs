@@ -254,8 +254,17 @@ async fn apply_log(node: &Node, consensus: &Consensus) -> Result<(), Replication
             let _ = tokio::time::timeout(Duration::from_secs(1), committed.changed()).await;
             continue;
         }
+        // The node's sequence id comes with its registration in the
+        // cluster state, shortly after start.
+        let me = u64::from(node.config.node.id);
+        let sequence_id = loop {
+            if let Some(id) = consensus.state().read(|s| s.sequence_ids.get(&me).copied()) {
+                break id;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         for entry in entries {
-            let outcome = apply_entry(&client, &entry).await?;
+            let outcome = apply_entry(&client, &entry, sequence_id).await?;
             if let Some(e) = &outcome {
                 tracing::warn!(seq = entry.seq, code = %e.code, error = %e.message, "replicated DDL failed here");
             }
@@ -280,6 +289,7 @@ fn quote_ident(name: &str) -> String {
 async fn apply_entry(
     client: &Client,
     entry: &DdlEntry,
+    sequence_id: u16,
 ) -> Result<Option<PgError>, tokio_postgres::Error> {
     let p = &entry.proposal;
     let seq = i64::try_from(entry.seq).unwrap_or(i64::MAX);
@@ -314,11 +324,17 @@ async fn apply_entry(
             hint: None,
         }));
     }
+    // Sequences this DDL makes become global (see capture.sql), with this
+    // backend's sequence id.
+    let kind = p.sequence_kind.as_deref().unwrap_or("snowflake");
+    let block = p.galloc_block.unwrap_or(1_000_000).to_string();
+    let sequence_id = sequence_id.to_string();
     let outcome = if p.transactional {
         client
             .execute(
-                "SELECT set_config('search_path', $1, true)",
-                &[&p.search_path],
+                "SELECT set_config('search_path', $1, true), set_config('chorus.sequence_node', $2, true), \
+                 set_config('chorus.sequence_kind', $3, true), set_config('chorus.sequence_block', $4, true)",
+                &[&p.search_path, &sequence_id, &kind, &block],
             )
             .await?;
         let ran = match client
@@ -398,6 +414,8 @@ pub struct DdlJob {
     wrapper_left: u8,
     role: String,
     search_path: String,
+    /// The session's `chorus.sequence_kind` (empty: the node's default).
+    sequence_kind: String,
     /// The DDL's own answers (notices, CommandComplete, or its error).
     output: BytesMut,
     failed: Option<String>,
@@ -422,6 +440,7 @@ impl DdlJob {
             wrapper_left: 4,
             role: String::new(),
             search_path: String::new(),
+            sequence_kind: String::new(),
             output: BytesMut::new(),
             failed: None,
             ready_seen: 0,
@@ -454,6 +473,7 @@ impl DdlJob {
                     let mut fields = data_row_texts(body).into_iter();
                     self.role = fields.next().flatten().unwrap_or_default();
                     self.search_path = fields.next().flatten().unwrap_or_default();
+                    self.sequence_kind = fields.next().flatten().unwrap_or_default();
                 }
             }
             _ => protocol::write_message(&mut self.output, tag, |m| m.extend_from_slice(body)),
@@ -500,10 +520,21 @@ pub fn validation_query(sql: &str) -> BytesMut {
     // The newline ends a trailing `--` comment of the client's text.
     protocol::query(
         &mut out,
-        &format!("BEGIN; SELECT current_user, current_setting('search_path');\n{sql}\n"),
+        &format!(
+            "BEGIN; SELECT current_user, current_setting('search_path'), \
+             current_setting('chorus.sequence_kind', true);\n{sql}\n"
+        ),
     );
     protocol::query(&mut out, "ROLLBACK");
     out
+}
+
+/// Whether `sql` begins with these (lower-case) words.
+fn starts_with_words(sql: &str, words: &[&str]) -> bool {
+    let mut found = sql.split_whitespace();
+    words
+        .iter()
+        .all(|w| found.next().is_some_and(|f| f.eq_ignore_ascii_case(w)))
 }
 
 /// The CommandComplete tag of a statement that ran outside the validation
@@ -552,6 +583,37 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         );
         return;
     };
+    let Some(cluster) = node.config.cluster.as_ref() else {
+        return;
+    };
+    let sequence_kind = match job.sequence_kind.to_ascii_lowercase().as_str() {
+        "" => cluster.sequence_kind.as_str(),
+        "snowflake" => "snowflake",
+        "galloc" => "galloc",
+        _ => {
+            error(
+                out,
+                "22023",
+                &format!(
+                    "invalid value for parameter \"chorus.sequence_kind\": \"{}\"",
+                    job.sequence_kind
+                ),
+                Some("Available values: snowflake, galloc."),
+            );
+            return;
+        }
+    };
+    // Global sequences are set up per backend; the same ALTER on every
+    // backend would undo that.
+    if starts_with_words(&job.sql, &["alter", "sequence"]) {
+        error(
+            out,
+            "0A000",
+            "ALTER SEQUENCE cannot be replicated: the cluster's sequences are set up per backend",
+            Some("Create a new sequence with the options you need, or SET chorus.ddl_scope = 'local' to alter this node's copy only."),
+        );
+        return;
+    }
     let timeout = node
         .config
         .cluster
@@ -592,11 +654,13 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         role: job.role.clone(),
         origin: u64::from(node.config.node.id),
         transactional,
+        sequence_kind: Some(sequence_kind.to_owned()),
+        galloc_block: Some(cluster.galloc_range_size),
     };
     let started = Instant::now();
     let seq = match consensus.propose(Request::Ddl(proposal), timeout).await {
         Ok(Response::Ddl { seq, .. }) => seq,
-        Ok(Response::Done) => {
+        Ok(Response::Done | Response::Range { .. }) => {
             error(out, "XX000", "unexpected answer from the cluster", None);
             return;
         }

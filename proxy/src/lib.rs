@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod replication;
 pub mod scope;
+pub mod sequences;
 pub mod server;
 pub mod session;
 pub mod stamp;

@@ -54,6 +54,20 @@ enum Command {
         #[arg(required = true)]
         tables: Vec<String>,
     },
+    /// Make existing local sequences (of adopted tables, say) global on
+    /// every backend: values already handed out stay below every later one.
+    ConvertSequences {
+        /// Configuration file of any node of the cluster.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Kind for bigint sequences ("snowflake" or "galloc"); others
+        /// become galloc. Default: the config's cluster.sequence_kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Sequences, optionally schema-qualified.
+        #[arg(required = true)]
+        sequences: Vec<String>,
+    },
     /// Change the cluster's Raft membership, through any running node.
     Cluster {
         #[command(subcommand)]
@@ -161,6 +175,32 @@ fn main() -> anyhow::Result<()> {
                 runtime.block_on(chorus_proxy::admin::adopt(&config, &tables, insert_only))?;
             for name in adopted {
                 println!("adopted {name} on {} backends", config.backends.len());
+            }
+            Ok(())
+        }
+        Command::ConvertSequences {
+            config,
+            kind,
+            sequences,
+        } => {
+            let config = Config::load(&config)?;
+            let cluster = config
+                .cluster
+                .as_ref()
+                .context("the configuration has no [cluster] section")?;
+            let kind = kind.unwrap_or_else(|| cluster.sequence_kind.as_str().to_owned());
+            anyhow::ensure!(
+                kind == "snowflake" || kind == "galloc",
+                "--kind must be snowflake or galloc"
+            );
+            let converted = runtime.block_on(chorus_proxy::admin::convert_sequences(
+                &config,
+                &sequences,
+                &kind,
+                cluster.galloc_range_size,
+            ))?;
+            for name in converted {
+                println!("converted {name} on {} backends", config.backends.len());
             }
             Ok(())
         }

@@ -29,6 +29,8 @@
 //! | `chorus_raft_commit_index` | gauge | | committed Raft log index known to this node |
 //! | `chorus_raft_applied_index` | gauge | | Raft log index applied to this node's state machine |
 //! | `chorus_raft_auth_failures_total` | gauge | | Raft connections refused for a wrong cluster secret |
+//! | `chorus_sequence_values_total` | counter | `kind` | values handed out by the home backend's global sequences |
+//! | `chorus_galloc_values_left` | gauge | `sequence` | values left in a galloc sequence's current range |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -86,6 +88,9 @@ impl ErrorKind {
 /// Registered metric handles of one node.
 pub struct Metrics {
     handle: PrometheusHandle,
+    /// Kept for metrics whose labels are known only at run time.
+    recorder: metrics_exporter_prometheus::PrometheusRecorder,
+    sequence_values: [Counter; 2],
     pub client_connections: Gauge,
     pub client_connections_total: Counter,
     statements: [Counter; 7],
@@ -259,6 +264,13 @@ impl Metrics {
             ),
             backend_connections,
             handle: recorder.handle(),
+            sequence_values: ["snowflake", "galloc"].map(|kind| {
+                counter(
+                    "chorus_sequence_values_total",
+                    vec![Label::new("kind", kind)],
+                )
+            }),
+            recorder,
         }
     }
 
@@ -309,6 +321,25 @@ impl Metrics {
     /// Count a DDL statement that could not be committed.
     pub fn ddl_failed(&self) {
         self.ddl_failed.increment(1);
+    }
+
+    /// Values a global sequence of the home backend has left in its
+    /// current galloc range.
+    pub fn galloc_left(&self, sequence: &str, left: i64) {
+        self.recorder
+            .register_gauge(
+                &Key::from_parts(
+                    "chorus_galloc_values_left",
+                    vec![Label::new("sequence", sequence.to_owned())],
+                ),
+                &METADATA,
+            )
+            .set(left as f64);
+    }
+
+    /// Count values handed out by global sequences of a kind.
+    pub fn sequence_values(&self, snowflake: bool, n: u64) {
+        self.sequence_values[usize::from(!snowflake)].increment(n);
     }
 
     /// The Prometheus text exposition.

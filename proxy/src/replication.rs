@@ -591,7 +591,13 @@ async fn run_stream(
             match stream.apply(client, &pending[..ready]).await {
                 Ok(report) => break Some(report),
                 Err(e) => {
-                    tracing::debug!(peer = %backend.name, error = %e, "apply failed; retrying");
+                    let detail = match &e {
+                        ReplicationError::Sql(sql) => sql
+                            .as_db_error()
+                            .map(|d| format!("{}: {}", d.code().code(), d.message())),
+                        _ => None,
+                    };
+                    tracing::debug!(peer = %backend.name, error = %e, detail = detail.unwrap_or_default(), "apply failed; retrying");
                     peer = None;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

@@ -386,6 +386,7 @@ pub async fn run_node_with(
             chorus_consensus::Consensus::start(cluster.consensus(node.config.node.id)).await?;
         let _ = node.consensus.set(consensus.clone());
         background.spawn(crate::ddl::run_applier(node.clone(), consensus.clone()));
+        background.spawn(crate::sequences::run(node.clone(), consensus.clone()));
         background.spawn(raft_upkeep(node.clone(), consensus));
     }
     background.spawn(crate::replication::run_replicator(node.clone()));

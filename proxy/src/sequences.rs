@@ -1,0 +1,122 @@
+//! Upkeep of the home backend's global sequences (see capture.sql for what
+//! snowflake and galloc sequences are): snowflake sequences that fell
+//! behind the clock move forward, galloc sequences get their next range
+//! from the Raft log ahead of need and switch to it, and the values handed
+//! out are counted.
+//!
+//! A galloc sequence keeps serving its current range when the Raft log is
+//! unreachable; when that range is used up, nextval fails with
+//! PostgreSQL's own error (SQLSTATE 2200H, "reached maximum value").
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_consensus::{Consensus, Request, Response};
+
+use crate::replication::ReplicationError;
+use crate::server::Node;
+
+/// How often the sequences are looked at.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Run the upkeep for as long as the node runs.
+pub async fn run(node: Arc<Node>, consensus: Arc<Consensus>) {
+    loop {
+        if let Err(e) = upkeep(&node, &consensus).await {
+            tracing::warn!(error = %e, "sequence upkeep failed; retrying");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn upkeep(node: &Node, consensus: &Consensus) -> Result<(), ReplicationError> {
+    let (Some(config), Some(cluster)) = (&node.config.replication, &node.config.cluster) else {
+        return Ok(());
+    };
+    while !node.wait_schema_ready(Duration::from_secs(1)).await {}
+    let client = crate::replication::connect_backend(node.config.home_backend(), config).await?;
+    let me = u64::from(node.config.node.id);
+    let mut recorded = None;
+    let mut last_values: HashMap<String, i64> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        let Some(sequence_id) = consensus.state().read(|s| s.sequence_ids.get(&me).copied()) else {
+            continue;
+        };
+        let sequence_id = i32::from(sequence_id);
+        if recorded != Some(sequence_id) {
+            // For `chorus sequences convert`, which works backend by backend.
+            client
+                .execute("UPDATE chorus.local SET sequence_id = $1", &[&sequence_id])
+                .await?;
+            recorded = Some(sequence_id);
+        }
+        client
+            .execute("SELECT chorus.snowflake_catch_up($1)", &[&sequence_id])
+            .await?;
+        let rows = client
+            .query(
+                "SELECT seq, kind, last_value, block, floor, left_in_range, has_next \
+                 FROM chorus.sequence_status()",
+                &[],
+            )
+            .await?;
+        for row in rows {
+            let seq: String = row.get(0);
+            let kind: String = row.get(1);
+            let last: i64 = row.get(2);
+            let snowflake = kind == "snowflake";
+            if let Some(before) = last_values.insert(seq.clone(), last) {
+                let delta = last - before;
+                // (A snowflake sequence moved forward to the clock is not
+                // values handed out.)
+                if delta > 0 && !(snowflake && delta >= 1000 << 22) {
+                    let n = if snowflake { delta / 1024 } else { delta };
+                    node.metrics.sequence_values(snowflake, n as u64);
+                }
+            }
+            if snowflake {
+                continue;
+            }
+            let block: i64 = row.get::<_, Option<i64>>(3).unwrap_or(1).max(1);
+            let floor: i64 = row.get::<_, Option<i64>>(4).unwrap_or(1);
+            let left: i64 = row.get(5);
+            let mut has_next: bool = row.get(6);
+            node.metrics.galloc_left(&seq, left);
+            let below =
+                |percent: u8| left.saturating_mul(100) < block.saturating_mul(i64::from(percent));
+            if !has_next && below(cluster.galloc_refill_percent) {
+                let request = Request::AllocateRange {
+                    sequence: seq.clone(),
+                    node: me,
+                    size: block,
+                    floor,
+                };
+                match consensus.propose(request, Duration::from_secs(2)).await {
+                    Ok(Response::Range { lo, hi }) => {
+                        client
+                            .execute(
+                                "UPDATE chorus.global_sequence SET next_lo = $2, next_hi = $3 WHERE seq = $1",
+                                &[&seq, &lo, &hi],
+                            )
+                            .await?;
+                        tracing::info!(sequence = %seq, lo, hi, "galloc range fetched");
+                        has_next = true;
+                    }
+                    Ok(_) => {}
+                    // No majority: the current range goes on serving.
+                    Err(e) => {
+                        tracing::debug!(sequence = %seq, error = %e, "no galloc range yet")
+                    }
+                }
+            }
+            if has_next && below(cluster.galloc_switch_percent) {
+                client
+                    .execute("SELECT chorus.galloc_switch($1)", &[&seq])
+                    .await?;
+            }
+        }
+    }
+}

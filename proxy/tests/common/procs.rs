@@ -1,0 +1,306 @@
+//! A cluster of Chorus node processes for tests: three backends, three
+//! nodes in one Raft group, each node's Raft port behind a fault-injecting
+//! relay (see relay.rs); nodes can be killed and restarted.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chorus_proxy::localpg::{free_port, LocalPostgres};
+use tokio_postgres::Client;
+
+use super::common;
+use super::relay::Relay;
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub backends: Vec<LocalPostgres>,
+    /// Where each node's Raft RPC listens; the members' addresses are the
+    /// relays in front of them.
+    pub raft_ports: Vec<u16>,
+    pub relays: Vec<Relay>,
+    pub ports: Vec<u16>,
+    pub metrics_ports: Vec<u16>,
+    pub nodes: Vec<Option<Child>>,
+    /// Extra `[cluster]` settings.
+    pub extra: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in self.nodes.iter_mut().flatten() {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+        // A failing test shows what the nodes logged last.
+        if std::thread::panicking() {
+            for i in 1..=3 {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("node{i}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                eprintln!("--- node {i} log (errors, then the last lines) ---");
+                for line in log
+                    .lines()
+                    .filter(|l| l.starts_with("Error") || l.contains("panicked"))
+                {
+                    eprintln!("{line}");
+                }
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// The server's message of an error.
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
+
+/// A 3-node cluster; `extra`: more `[cluster]` settings.
+pub async fn cluster(extra: &str) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = common::backends(dir.path(), 3);
+    let raft_ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
+    let mut relays = Vec::new();
+    for port in &raft_ports {
+        relays.push(Relay::start(*port).await);
+    }
+    let mut c = Cluster {
+        dir,
+        backends,
+        raft_ports,
+        relays,
+        ports: (0..3).map(|_| free_port().unwrap()).collect(),
+        metrics_ports: (0..3).map(|_| free_port().unwrap()).collect(),
+        nodes: vec![None, None, None],
+        extra: extra.to_owned(),
+    };
+    for i in 1..=3 {
+        c.start_node(i);
+    }
+    // A node that could not bind one of its ports (another process took it
+    // between our choosing it and the node binding it) exits at once; its
+    // log says so, and it is started again.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut restarted = false;
+        for i in 1..=3 {
+            let exited = c.nodes[i - 1]
+                .as_mut()
+                .is_some_and(|child| child.try_wait().ok().flatten().is_some());
+            if exited {
+                let log = std::fs::read_to_string(c.dir.path().join(format!("node{i}.log")))
+                    .unwrap_or_default();
+                let last: Vec<&str> = log.lines().rev().take(3).collect();
+                eprintln!("node {i} exited at start ({last:?}); starting it again");
+                c.start_node(i);
+                restarted = true;
+            }
+        }
+        if !restarted {
+            break;
+        }
+    }
+    for i in 1..=3 {
+        c.wait_for(i, "SELECT count(*)::text FROM chorus.local", |v| v == "1")
+            .await;
+    }
+    c
+}
+
+impl Cluster {
+    pub fn config(&self, i: usize, secret: &str) -> String {
+        let mut toml = format!(
+            "[node]\nid = {i}\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
+             home_backend = \"pg{i}\"\nworker_threads = 1\n\
+             [[users]]\nname = \"postgres\"\n[[auth]]\nmethod = \"trust\"\n\
+             [replication]\npoll_interval_ms = 20\n\
+             [cluster]\nraft_listen = \"127.0.0.1:{}\"\nsecret = \"{secret}\"\ndata_dir = \"{}\"\n\
+             heartbeat_ms = 50\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n\
+             ddl_timeout_ms = 3000\n{}\n",
+            self.ports[i - 1],
+            self.metrics_ports[i - 1],
+            self.raft_ports[i - 1],
+            self.dir.path().join(format!("raft{i}")).display(),
+            self.extra,
+        );
+        for (m, relay) in self.relays.iter().enumerate() {
+            toml.push_str(&format!(
+                "[[cluster.members]]\nid = {}\nraft = \"127.0.0.1:{}\"\n",
+                m + 1,
+                relay.port
+            ));
+        }
+        for (b, pg) in self.backends.iter().enumerate() {
+            toml.push_str(&format!(
+                "[[backends]]\nname = \"pg{}\"\nport = {}\n",
+                b + 1,
+                pg.port()
+            ));
+        }
+        toml
+    }
+
+    pub fn start_node_with_secret(&mut self, i: usize, secret: &str) {
+        let config = self.dir.path().join(format!("node{i}.toml"));
+        std::fs::write(&config, self.config(i, secret)).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{i}.log")))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info,chorus_proxy=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.nodes[i - 1] = Some(child);
+    }
+
+    pub fn start_node(&mut self, i: usize) {
+        self.start_node_with_secret(i, "cluster-secret");
+    }
+
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i - 1].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// A client session through node `i` (waits for the node to listen).
+    pub async fn via(&self, i: usize) -> Client {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.ports[i - 1]
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match common::connect(&conninfo).await {
+                Ok(client) => return client,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "node {i} unreachable: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    pub async fn direct(&self, b: usize) -> Client {
+        common::connect(&self.backends[b - 1].conninfo("postgres"))
+            .await
+            .unwrap()
+    }
+
+    /// Wait until `sql` gives a value on backend `b` that satisfies `done`.
+    pub async fn wait_for(&self, b: usize, sql: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(client) = common::connect(&self.backends[b - 1].conninfo("postgres")).await {
+                if let Ok(row) = client.query_one(sql, &[]).await {
+                    last = row.get::<_, Option<String>>(0).unwrap_or_default();
+                    if done(&last) {
+                        return last;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("backend {b}: {sql} still gives {last:?}");
+    }
+
+    /// Wait until every backend has applied `n` DDL log entries.
+    pub async fn wait_ddl(&self, n: usize) {
+        for b in 1..=3 {
+            self.wait_for(b, "SELECT count(*)::text FROM chorus.ddl_history", |v| {
+                v.parse::<usize>().unwrap_or(0) >= n
+            })
+            .await;
+        }
+    }
+
+    /// A backend's DDL history: (seq, command, error) in order.
+    pub async fn history(&self, b: usize) -> Vec<(i64, String, Option<String>)> {
+        self.direct(b)
+            .await
+            .query(
+                "SELECT seq, command, error FROM chorus.ddl_history ORDER BY seq",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    /// The backend's schema as pg_dump prints it (minus its random
+    /// per-run lines).
+    pub fn schema(&self, b: usize) -> String {
+        let pg = &self.backends[b - 1];
+        let out = common::run_pg_program(
+            "pg_dump",
+            &[
+                "--schema-only",
+                "--no-owner",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port().to_string(),
+                "-U",
+                "postgres",
+                "postgres",
+            ],
+            &[],
+            Duration::from_secs(60),
+        );
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        common::stdout(&out)
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// A metric of node `i` (None when absent or the node is down).
+    pub async fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        let addr = format!("127.0.0.1:{}", self.metrics_ports[i - 1])
+            .parse()
+            .ok()?;
+        let stream =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                .await
+                .ok()?
+                .ok()?;
+        drop(stream);
+        let (_, body) = common::http_get(addr, "/metrics").await;
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// The Raft leader, as node `i` sees it (waits for one).
+    pub async fn leader(&self, i: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(l) = self.metric(i, "chorus_raft_leader").await {
+                if l > 0.0 {
+                    return l as usize;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader seen by node {i}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
