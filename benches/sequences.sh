@@ -2,7 +2,8 @@
 # Ids per second from each kind of global sequence through one node of a
 # 3-node Chorus cluster (`chorus demo`): pgbench runs `SELECT nextval(...)`
 # (snowflake and galloc) and `SELECT chorus.uuidv7()` through node 1, and,
-# for reference, a plain local sequence straight on node 1's backend.
+# for reference, the snowflake sequence and a plain local sequence straight
+# on node 1's backend.
 #
 # Usage: benches/sequences.sh      (DURATION=10 CLIENTS=8 PORT=17432)
 set -euo pipefail
@@ -45,4 +46,5 @@ run() {
 run "snowflake (node 1)" "$NODE" "SELECT nextval('bench_snowflake');"
 run "galloc (node 1)" "$NODE" "SELECT nextval('bench_galloc');"
 run "uuidv7 (node 1)" "$NODE" "SELECT chorus.uuidv7();"
+run "snowflake (backend 1)" "$BACKEND" "SELECT nextval('bench_snowflake');"
 run "local sequence (backend 1)" "$BACKEND" "SELECT nextval('bench_local');"
