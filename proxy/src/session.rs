@@ -653,6 +653,15 @@ where
                             }
                         }
                     }
+                    if replicating
+                        && summary.counts[StatementClass::Write.index()] > 0
+                        && mentions_setval(sql)
+                    {
+                        push_pending(state, stamped, Vec::new());
+                        stamped = false;
+                        scope_pending.clear();
+                        return Ok(Flow::Replace(refusal_query("0A000", SETVAL_REFUSED, SETVAL_HINT)));
+                    }
                     let ddl = summary.counts[StatementClass::Ddl.index()];
                     if replicating && ddl > 0 && !state.ddl_is_local() {
                         let refusal = if summary.statements() > ddl {
@@ -705,6 +714,23 @@ where
                         scope_pending.extend(changes);
                     }
                     state.apply_ddl_scope(&scope::ddl_scope_changes(sql));
+                }
+                FrontendEvent::Parsed(StatementClass::Write)
+                    if replicating
+                        && mentions_setval(
+                            protocol::read_cstr(body)
+                                .and_then(|(_, rest)| protocol::read_cstr(rest))
+                                .map_or("", |(sql, _)| sql),
+                        ) =>
+                {
+                    let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
+                    let mut out = BytesMut::new();
+                    protocol::write_message(&mut out, b'P', |m| {
+                        protocol::put_cstr(m, name);
+                        protocol::put_cstr(m, &refusal_sql("0A000", SETVAL_REFUSED, SETVAL_HINT));
+                        m.extend_from_slice(&0i16.to_be_bytes());
+                    });
+                    return Ok(Flow::Replace(out));
                 }
                 FrontendEvent::Parsed(StatementClass::Ddl)
                     if replicating && !state.ddl_is_local() =>
@@ -815,6 +841,23 @@ fn refusal_query(code: &str, message: &str, hint: &str) -> BytesMut {
     let mut out = BytesMut::with_capacity(sql.len() + 6);
     protocol::query(&mut out, &sql);
     out
+}
+
+const SETVAL_REFUSED: &str =
+    "setval() is not supported through Chorus: the cluster's sequences are set up per backend";
+const SETVAL_HINT: &str = "Sequences made through Chorus hand out values that never collide across backends; setval() on one backend could make it repeat another's.";
+
+/// Whether a statement calls `setval(` (case-insensitive; text in quotes
+/// is not told apart, so a literal mentioning it is refused too).
+fn mentions_setval(sql: &str) -> bool {
+    let bytes = sql.as_bytes();
+    bytes.windows(6).enumerate().any(|(i, w)| {
+        w.eq_ignore_ascii_case(b"setval")
+            && bytes[i + 6..]
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|b| *b == b'(')
+    })
 }
 
 /// A statement that raises this error when run.

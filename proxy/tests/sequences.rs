@@ -263,12 +263,43 @@ async fn a_snowflake_burst_stays_unique_and_increasing_and_a_restart_never_repea
         .get(0);
     assert_eq!(next, current);
     assert_ne!(next & 1023, low, "node 2's values carry its own id");
-    // Node-wide ALTER SEQUENCE is refused with a reason.
+    // Node-wide ALTER SEQUENCE and setval() are refused with a reason.
     let e = client
         .batch_execute("ALTER SEQUENCE burst RESTART WITH 1")
         .await
         .unwrap_err();
     assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e:?}");
+    let e = client
+        .batch_execute("SELECT setval('burst', 5)")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e:?}");
+    let e = client
+        .query_one("SELECT SetVal ('burst', 5)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e:?}");
+    // A backend clock that steps back: the sequence is an hour ahead of the
+    // clock (set directly on the backend), and stays ahead, increasing.
+    let ahead: i64 = c
+        .direct(1)
+        .await
+        .query_one(
+            "SELECT setval('burst', chorus.snowflake_now($1) + (3600000::bigint << 22))",
+            &[&(low as i32)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later: i64 = c
+        .via(1)
+        .await
+        .query_one("SELECT nextval('burst')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(later, ahead + 1024);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
