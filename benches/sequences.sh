@@ -17,16 +17,8 @@ PGBENCH=${PGBENCH:-pgbench}
 PSQL=$(ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -1)
 PSQL=${PSQL:-psql}
 
-cargo build --release -q -p chorus-proxy
-WORK=$(mktemp -d)
-trap 'kill -INT $DEMO 2>/dev/null || true; wait $DEMO 2>/dev/null || true; rm -rf "$WORK"' EXIT
-./target/release/chorus demo --port "$PORT" --dir "$WORK/demo" >"$WORK/demo.out" 2>"$WORK/demo.err" &
-DEMO=$!
-for _ in $(seq 1 600); do
-    grep -q '^ready' "$WORK/demo.out" 2>/dev/null && break
-    sleep 0.1
-done
-grep -q '^ready' "$WORK/demo.out" || { cat "$WORK/demo.err"; exit 1; }
+# shellcheck source=benches/demo.sh
+. benches/demo.sh
 NODE="postgres://postgres@127.0.0.1:$PORT/postgres"
 BACKEND=$(awk '/^backend 1: /{print $3}' "$WORK/demo.out")
 

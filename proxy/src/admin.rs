@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use crate::capture::{self, CaptureError};
+use crate::capture;
 use crate::config::Config;
 use crate::replication::{connect_backend, ReplicationError};
 
@@ -80,6 +80,26 @@ pub async fn convert_sequences(
     kind: &str,
     block: i64,
 ) -> Result<Vec<String>, AdminError> {
+    on_every_backend(
+        config,
+        sequences,
+        "SELECT chorus.convert_sequence($1::text::regclass, $2, $3)",
+        &[&kind, &block],
+    )
+    .await
+}
+
+/// Run `sql` (a function of each item, then `extra`, returning a name) for
+/// every item on every backend, all or none: each backend in an open
+/// transaction, committed only once every one succeeded (a failure drops
+/// the connections, which rolls every open transaction back). Returns the
+/// names the first backend gave.
+async fn on_every_backend(
+    config: &Config,
+    items: &[String],
+    sql: &str,
+    extra: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<String>, AdminError> {
     let clients = connect_all(config).await?;
     let mut names = Vec::new();
     for (backend, client) in &clients {
@@ -87,16 +107,15 @@ pub async fn convert_sequences(
             .batch_execute("BEGIN")
             .await
             .map_err(|e| AdminError::from_sql(backend, e))?;
-        for sequence in sequences {
+        for item in items {
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![item];
+            params.extend_from_slice(extra);
             let name: String = client
-                .query_one(
-                    "SELECT chorus.convert_sequence($1::text::regclass, $2, $3)",
-                    &[sequence, &kind, &block],
-                )
+                .query_one(sql, &params)
                 .await
                 .map_err(|e| AdminError::from_sql(backend, e))?
                 .get(0);
-            if names.len() < sequences.len() {
+            if names.len() < items.len() {
                 names.push(name);
             }
         }
@@ -112,38 +131,14 @@ pub async fn convert_sequences(
 
 /// Adopt existing tables for replication on every backend: record their
 /// keys and install the capture trigger. The tables must already exist,
-/// with the same rows, on every backend. All backends or none: each adopts
-/// in an open transaction, and they commit only once every one succeeded.
-/// A table without a primary key is refused (SQLSTATE 55000) unless
-/// `insert_only`. Returns the qualified table names.
+/// with the same rows, on every backend. All backends or none (see
+/// [`on_every_backend`]). A table without a primary key is refused
+/// (SQLSTATE 55000) unless `insert_only`. Returns the qualified table
+/// names.
 pub async fn adopt(
     config: &Config,
     tables: &[String],
     insert_only: bool,
 ) -> Result<Vec<String>, AdminError> {
-    let clients = connect_all(config).await?;
-    let mut names = Vec::new();
-    for (backend, client) in &clients {
-        client
-            .batch_execute("BEGIN")
-            .await
-            .map_err(|e| AdminError::from_sql(backend, e))?;
-        for table in tables {
-            let name = capture::adopt(client, table, insert_only)
-                .await
-                .map_err(|CaptureError::Sql(e)| AdminError::from_sql(backend, e))?;
-            if names.len() < tables.len() {
-                names.push(name);
-            }
-        }
-    }
-    // Every backend adopted: make it so. (A failure above drops the
-    // connections, which rolls every open transaction back.)
-    for (backend, client) in &clients {
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| AdminError::from_sql(backend, e))?;
-    }
-    Ok(names)
+    on_every_backend(config, tables, capture::ADOPT_SQL, &[&insert_only]).await
 }

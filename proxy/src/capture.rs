@@ -47,20 +47,19 @@ pub async fn install(client: &Client, node_id: u16) -> Result<(), CaptureError> 
     Ok(())
 }
 
-/// Adopt an existing table for replication; returns its qualified name.
-/// A table without a primary key is refused (SQLSTATE 55000, with a hint)
-/// unless `insert_only`.
+/// Adopts a table (`$1`, insert-only flag `$2`); returns its qualified
+/// name. A table without a primary key is refused (SQLSTATE 55000, with a
+/// hint) unless insert-only.
+pub const ADOPT_SQL: &str = "SELECT chorus.adopt($1::text::regclass, $2)";
+
+/// Adopt an existing table for replication; returns its qualified name
+/// (see [`ADOPT_SQL`]).
 pub async fn adopt(
     client: &Client,
     table: &str,
     insert_only: bool,
 ) -> Result<String, CaptureError> {
-    let row = client
-        .query_one(
-            "SELECT chorus.adopt($1::text::regclass, $2)",
-            &[&table, &insert_only],
-        )
-        .await?;
+    let row = client.query_one(ADOPT_SQL, &[&table, &insert_only]).await?;
     Ok(row.get(0))
 }
 

@@ -170,23 +170,8 @@ async fn changes_for_a_table_dropped_meanwhile_are_skipped_and_the_stream_goes_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_commands_remove_a_node_and_add_it_back() {
     let mut c = cluster("").await;
-    let config = c.dir.path().join("node1.toml");
-    let chorus = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     c.kill_node(3);
-    let removed = chorus(&["cluster", "remove-node", "--id", "3"]);
+    let removed = c.chorus(1, &["cluster", "remove-node", "--id", "3"]);
     assert!(removed.contains("removed"), "{removed}");
     // Two voters left: DDL still commits (both are needed now).
     c.via(1)
@@ -196,7 +181,7 @@ async fn membership_commands_remove_a_node_and_add_it_back() {
         .unwrap();
     c.start_node(3);
     let relay3 = format!("127.0.0.1:{}", c.relays[2].port);
-    let added = chorus(&["cluster", "add-node", "--id", "3", "--raft", &relay3]);
+    let added = c.chorus(1, &["cluster", "add-node", "--id", "3", "--raft", &relay3]);
     assert!(added.contains("voter"), "{added}");
     c.via(2)
         .await

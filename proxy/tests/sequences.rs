@@ -419,21 +419,6 @@ async fn existing_local_sequences_are_converted_by_the_admin_command() {
             .await
             .unwrap();
     }
-    let config = c.dir.path().join("node1.toml");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     // (Each node records its sequence id once it has joined.)
     for b in 1..=3 {
         c.wait_for(
@@ -443,8 +428,8 @@ async fn existing_local_sequences_are_converted_by_the_admin_command() {
         )
         .await;
     }
-    run(&["adopt", "legacy"]);
-    let converted = run(&["convert-sequences", "legacy_id_seq"]);
+    c.chorus(1, &["adopt", "legacy"]);
+    let converted = c.chorus(1, &["convert-sequences", "legacy_id_seq"]);
     assert!(converted.contains("public.legacy_id_seq"), "{converted}");
     // Inserts through two nodes: new ids above the old ones, no two alike.
     let mut ids = HashSet::new();

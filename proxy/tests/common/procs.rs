@@ -169,6 +169,23 @@ impl Cluster {
         self.start_node_with_secret(i, "cluster-secret");
     }
 
+    /// Run the `chorus` binary with `args` and node `i`'s config; its
+    /// stdout (it must succeed).
+    pub fn chorus(&self, i: usize, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join(format!("node{i}.toml")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn kill_node(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i - 1].take() {
             child.kill().unwrap();
