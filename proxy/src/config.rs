@@ -337,6 +337,21 @@ pub struct NodeConfig {
     /// with it). Default 0.
     #[serde(default)]
     pub clock_offset_ms: i64,
+    /// With replication: how often every backend is checked (a login and
+    /// `SELECT 1`). Default 1000 ms.
+    #[serde(default = "default_health_interval")]
+    pub health_check_interval_ms: u64,
+    /// How long a check may take before the backend counts as down.
+    /// Default 1000 ms.
+    #[serde(default = "default_health_timeout")]
+    pub health_check_timeout_ms: u64,
+}
+
+fn default_health_interval() -> u64 {
+    1000
+}
+fn default_health_timeout() -> u64 {
+    1000
 }
 
 fn default_max_clock_skew() -> i64 {
@@ -428,6 +443,8 @@ impl Default for NodeConfig {
             worker_threads: None,
             max_clock_skew_ms: default_max_clock_skew(),
             clock_offset_ms: 0,
+            health_check_interval_ms: default_health_interval(),
+            health_check_timeout_ms: default_health_timeout(),
         }
     }
 }

@@ -63,6 +63,8 @@ pub struct Node {
     consensus: std::sync::OnceLock<Arc<chorus_consensus::Consensus>>,
     /// How far the DDL log is applied on the home backend.
     pub ddl: crate::ddl::DdlProgress,
+    /// Per backend (in config order): whether it was last seen down.
+    backend_down: Vec<AtomicBool>,
     /// Set once shutdown begins.
     pub draining: Arc<AtomicBool>,
     shutdown_tx: watch::Sender<bool>,
@@ -93,6 +95,11 @@ impl Node {
         let replication_off = config.replication.is_none();
         let clock = HybridClock::new(config.node.id, config.node.max_clock_skew_ms);
         clock.set_offset_ms(config.node.clock_offset_ms);
+        let backend_down = config
+            .backends
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect();
         let home = config.home_backend().name.clone();
         let peers: Vec<String> = backends.iter().filter(|b| **b != home).cloned().collect();
         let progress = config
@@ -110,6 +117,7 @@ impl Node {
             mock_verifier,
             draining: Arc::new(AtomicBool::new(false)),
             consensus: std::sync::OnceLock::new(),
+            backend_down,
             ddl: crate::ddl::DdlProgress::default(),
             shutdown_tx,
             schema_ready: watch::channel(replication_off).0,
@@ -122,6 +130,61 @@ impl Node {
             .get(user)
             .unwrap_or(&self.mock_verifier)
             .clone()
+    }
+
+    /// Mark a backend up or down (health checks and failed logins).
+    pub fn set_backend_down(&self, name: &str, down: bool) {
+        if let Some(i) = self.config.backends.iter().position(|b| b.name == name) {
+            let was = self.backend_down[i].swap(down, Ordering::SeqCst);
+            if was != down {
+                if down {
+                    tracing::warn!(backend = name, "backend down");
+                } else {
+                    tracing::info!(backend = name, "backend up");
+                }
+            }
+            if let Some((_, up)) = self.metrics.backend(name) {
+                up.set(if down { 0.0 } else { 1.0 });
+            }
+        }
+    }
+
+    /// The backends a new session tries, in order: the home backend unless
+    /// it is down, then (with replication, where every backend has the
+    /// same data) the others that are up, then those down (they may be
+    /// back). Without replication only the home backend.
+    pub fn session_backends(&self) -> Vec<&crate::config::BackendConfig> {
+        let home = self.config.home_backend();
+        if self.config.replication.is_none() {
+            return vec![home];
+        }
+        let down = |b: &crate::config::BackendConfig| {
+            self.config
+                .backends
+                .iter()
+                .position(|o| o.name == b.name)
+                .is_some_and(|i| self.backend_down[i].load(Ordering::SeqCst))
+        };
+        let mut order = Vec::with_capacity(self.config.backends.len());
+        if !down(home) {
+            order.push(home);
+        }
+        order.extend(
+            self.config
+                .backends
+                .iter()
+                .filter(|b| b.name != home.name && !down(b)),
+        );
+        if down(home) {
+            order.push(home);
+        }
+        order.extend(
+            self.config
+                .backends
+                .iter()
+                .filter(|b| b.name != home.name && down(b)),
+        );
+        order
     }
 
     /// This node's Raft member, once started.
@@ -390,6 +453,7 @@ pub async fn run_node_with(
         background.spawn(raft_upkeep(node.clone(), consensus));
     }
     background.spawn(crate::replication::run_replicator(node.clone()));
+    background.spawn(health_checks(node.clone()));
     tracing::info!(
         node = node.config.node.id,
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -402,6 +466,50 @@ pub async fn run_node_with(
         consensus.shutdown().await;
     }
     Ok(())
+}
+
+/// With replication, check every backend regularly: a login as the
+/// replication user and `SELECT 1`, within the timeout. Sessions avoid
+/// backends seen down (see [`Node::session_backends`]).
+async fn health_checks(node: Arc<Node>) {
+    let Some(config) = node.config.replication.clone() else {
+        return;
+    };
+    let interval =
+        std::time::Duration::from_millis(node.config.node.health_check_interval_ms.max(10));
+    let limit = std::time::Duration::from_millis(node.config.node.health_check_timeout_ms.max(10));
+    let mut clients: HashMap<String, tokio_postgres::Client> = HashMap::new();
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        for backend in &node.config.backends {
+            let check = async {
+                if clients
+                    .get(&backend.name)
+                    .is_none_or(tokio_postgres::Client::is_closed)
+                {
+                    let client = crate::replication::connect_backend(backend, &config)
+                        .await
+                        .ok()?;
+                    clients.insert(backend.name.clone(), client);
+                }
+                clients
+                    .get(&backend.name)?
+                    .simple_query("SELECT 1")
+                    .await
+                    .ok()
+            };
+            let up = tokio::time::timeout(limit, check)
+                .await
+                .ok()
+                .flatten()
+                .is_some();
+            if !up {
+                clients.remove(&backend.name);
+            }
+            node.set_backend_down(&backend.name, !up);
+        }
+    }
 }
 
 /// Keep the Raft metrics current, and make sure the cluster state knows

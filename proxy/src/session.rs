@@ -320,41 +320,49 @@ async fn startup(
         });
     }
 
-    let home = node.config.home_backend();
-    let address = home.address();
+    // The home backend, or (with replication) another one when it is down:
+    // every backend has the same data.
     let password = node.config.user(&user).and_then(|u| u.password.as_deref());
-    let login = LoginParams {
-        address: &address,
-        user: &user,
-        password,
-        database: &database,
-        params: &forwarded,
-    };
-    let up = node.metrics.backend(&home.name).map(|(_, up)| up.clone());
-    let backend = match backend::connect(&login, node.config.backend_connect_timeout()).await {
-        Ok(backend) => {
-            if let Some(up) = &up {
-                up.set(1.0);
+    let mut failure = None;
+    let mut connected = None;
+    for candidate in node.session_backends() {
+        let address = candidate.address();
+        let login = LoginParams {
+            address: &address,
+            user: &user,
+            password,
+            database: &database,
+            params: &forwarded,
+        };
+        match backend::connect(&login, node.config.backend_connect_timeout()).await {
+            Ok(backend) => {
+                node.set_backend_down(&candidate.name, false);
+                connected = Some((candidate, address, backend));
+                break;
             }
-            backend
-        }
-        Err(BackendError::Refused { raw, .. }) => {
-            if let Some(up) = &up {
-                up.set(1.0);
+            // PostgreSQL itself refused (bad database, …): the same
+            // everywhere, so it goes to the client as it is.
+            Err(BackendError::Refused { raw, .. }) => {
+                node.set_backend_down(&candidate.name, false);
+                return Err(StartupFailure::Backend(raw));
             }
-            return Err(StartupFailure::Backend(raw));
-        }
-        Err(e) => {
-            if let Some(up) = &up {
-                up.set(0.0);
+            Err(e) => {
+                node.set_backend_down(&candidate.name, true);
+                tracing::warn!(backend = %candidate.name, error = %e, "backend login failed");
+                failure.get_or_insert((candidate.name.clone(), e));
             }
-            tracing::warn!(backend = %home.name, error = %e, "backend login failed");
-            return Err(StartupFailure::Fatal {
-                kind: ErrorKind::BackendConnect,
-                code: "08006",
-                message: format!("could not connect to backend \"{}\": {e}", home.name),
-            });
         }
+    }
+    let Some((home, address, backend)) = connected else {
+        let message = match failure {
+            Some((name, e)) => format!("could not connect to backend \"{name}\": {e}"),
+            None => "no backend to connect to".to_owned(),
+        };
+        return Err(StartupFailure::Fatal {
+            kind: ErrorKind::BackendConnect,
+            code: "08006",
+            message,
+        });
     };
 
     let cancel_key = node

@@ -4,6 +4,8 @@
 //! off means its own relay refuses everyone and the other relays refuse
 //! node 3, while connections to backends are untouched.
 
+#![allow(dead_code, clippy::unwrap_used)]
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 

@@ -1,0 +1,108 @@
+//! Backend failure: a node whose home backend dies serves new sessions
+//! from another backend; the dead backend catches up when it returns and
+//! the node's sessions go home again.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/procs.rs"]
+mod procs;
+#[path = "common/relay.rs"]
+mod relay;
+
+use std::time::{Duration, Instant};
+
+use procs::cluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
+    let mut c = cluster("").await;
+    c.via(1)
+        .await
+        .batch_execute("CREATE TABLE f (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    c.wait_ddl(1).await;
+    let port_of = |b: usize| i32::from(c.backends[b - 1].port());
+    let home_port = port_of(1);
+    let mut failover_ms = Vec::new();
+    for round in 0..3 {
+        let before = c.via(1).await;
+        let served_by: i32 = before
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            served_by, home_port,
+            "round {round}: not on the home backend"
+        );
+        before
+            .batch_execute(&format!("INSERT INTO f VALUES ({}, 'before')", round * 10))
+            .await
+            .unwrap();
+        // The home backend dies.
+        let killed = Instant::now();
+        c.backends[0].kill();
+        // The session on it fails with a connection error (08006 class).
+        let e = before.batch_execute("SELECT 1").await.unwrap_err();
+        assert!(
+            e.is_closed() || common::sqlstate(&e).is_some_and(|s| s.starts_with("08")),
+            "{e:?}"
+        );
+        // New sessions through node 1 work, on another backend.
+        let id = round * 10 + 1;
+        loop {
+            if let Ok(client) = common::connect(&format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5",
+                c.ports[0]
+            ))
+            .await
+            {
+                let sql =
+                    format!("INSERT INTO f VALUES ({id}, 'during') RETURNING inet_server_port()");
+                if let Ok(row) = client.query_one(&sql, &[]).await {
+                    let port: i32 = row.get(0);
+                    assert_ne!(port, home_port);
+                    break;
+                }
+            }
+            assert!(killed.elapsed() < Duration::from_secs(30), "no failover");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        failover_ms.push(killed.elapsed().as_millis());
+        c.wait_for(3, &format!("SELECT v FROM f WHERE id = {id}"), |v| {
+            v == "during"
+        })
+        .await;
+        // The backend returns: it catches up, and node 1 serves from it again.
+        c.backends[0].start().unwrap();
+        c.wait_for(1, &format!("SELECT v FROM f WHERE id = {id}"), |v| {
+            v == "during"
+        })
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let port: i32 = c
+                .via(1)
+                .await
+                .query_one("SELECT inet_server_port()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if port == home_port {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node 1 never went home");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!(
+        "failover times (backend killed to first transaction through node 1): {failover_ms:?} ms"
+    );
+    assert!(failover_ms.iter().all(|ms| *ms < 5_000), "{failover_ms:?}");
+    // Every backend has every row.
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT count(*)::text FROM f", |v| v == "6")
+            .await;
+    }
+}
