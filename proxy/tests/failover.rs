@@ -75,7 +75,7 @@ async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
         })
         .await;
         // The backend returns: it catches up, and node 1 serves from it again.
-        c.backends[0].start().unwrap();
+        tokio::task::block_in_place(|| c.backends[0].start().unwrap());
         c.wait_for(1, &format!("SELECT v FROM f WHERE id = {id}"), |v| {
             v == "during"
         })
@@ -104,5 +104,117 @@ async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
     for b in 1..=3 {
         c.wait_for(b, "SELECT count(*)::text FROM f", |v| v == "6")
             .await;
+    }
+}
+
+/// Insert rows with ids from `first` through node `port` until `stop`;
+/// the ids acknowledged and the errors seen.
+async fn insert_until(
+    port: u16,
+    first: i32,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<i32>, Vec<String>) {
+    let client = common::connect(&format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    ))
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    let mut errors = Vec::new();
+    let mut id = first;
+    while !*stop.borrow() {
+        match client
+            .execute("INSERT INTO r VALUES ($1, 'x')", &[&id])
+            .await
+        {
+            Ok(_) => ids.push(id),
+            Err(e) => errors.push(format!("{e:?}")),
+        }
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (ids, errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_node_and_backend_is_invisible_to_the_other_nodes_clients() {
+    let mut c = cluster("").await;
+    c.via(1)
+        .await
+        .batch_execute("CREATE TABLE r (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    c.wait_ddl(1).await;
+    let mut acknowledged = Vec::new();
+    for k in 1..=3usize {
+        // Clients of the two other nodes write the whole time node k and
+        // then backend k restart.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut clients = Vec::new();
+        for other in (1..=3).filter(|o| *o != k) {
+            let first = (k * 10 + other) as i32 * 100_000;
+            clients.push(tokio::spawn(insert_until(
+                c.ports[other - 1],
+                first,
+                stopped.clone(),
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.stop_node(k);
+        c.start_node(k);
+        c.via(k).await.batch_execute("SELECT 1").await.unwrap();
+        tokio::task::block_in_place(|| {
+            c.backends[k - 1].stop();
+            c.backends[k - 1].start().unwrap();
+        });
+        // Node k serves from its home backend again.
+        let home = i32::from(c.backends[k - 1].port());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let port: Option<i32> = match c
+                .via(k)
+                .await
+                .query_one("SELECT inet_server_port()", &[])
+                .await
+            {
+                Ok(row) => row.get(0),
+                Err(_) => None,
+            };
+            if port == Some(home) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {k} never went home");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.send_replace(true);
+        for client in clients {
+            let (ids, errors) = client.await.unwrap();
+            assert!(
+                errors.is_empty(),
+                "phase {k}: clients of other nodes saw {errors:?}"
+            );
+            assert!(!ids.is_empty());
+            acknowledged.extend(ids);
+        }
+    }
+    // Nothing lost: every acknowledged row on every backend.
+    let expected = acknowledged.len().to_string();
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT count(*)::text FROM r", |v| v == expected)
+            .await;
+        let present: std::collections::HashSet<i32> = c
+            .direct(b)
+            .await
+            .query("SELECT id FROM r", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            acknowledged.iter().all(|id| present.contains(id)),
+            "backend {b}"
+        );
     }
 }

@@ -186,6 +186,21 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Stop node `i` as an operator would (SIGTERM: open transactions get
+    /// to finish), waiting until it has exited.
+    pub fn stop_node(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i - 1].take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "node {i} did not stop");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     pub fn kill_node(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i - 1].take() {
             child.kill().unwrap();
