@@ -60,11 +60,7 @@ async fn ddl_through_every_node_at_once_gives_every_backend_the_same_history_and
         assert_eq!(c.schema(b), schema, "backend {b}'s schema differs");
     }
     // The tables replicate their rows, like any table made through Chorus.
-    c.via(2)
-        .await
-        .batch_execute("INSERT INTO t_1_1 VALUES (1, 'one')")
-        .await
-        .unwrap();
+    c.exec(2, "INSERT INTO t_1_1 VALUES (1, 'one')").await;
     for b in 1..=3 {
         c.wait_for(b, "SELECT v FROM t_1_1 WHERE id = 1", |v| v == "one")
             .await;
@@ -140,17 +136,9 @@ async fn changes_for_a_table_dropped_meanwhile_are_skipped_and_the_stream_goes_o
         .batch_execute("INSERT INTO gone VALUES (1), (2)")
         .await
         .unwrap();
-    c.via(2)
-        .await
-        .batch_execute("DROP TABLE gone")
-        .await
-        .unwrap();
+    c.exec(2, "DROP TABLE gone").await;
     c.start_node(1);
-    c.via(1)
-        .await
-        .batch_execute("INSERT INTO kept VALUES (7)")
-        .await
-        .unwrap();
+    c.exec(1, "INSERT INTO kept VALUES (7)").await;
     for b in 2..=3 {
         c.wait_for(b, "SELECT count(*)::text FROM kept", |v| v == "1")
             .await;
@@ -174,20 +162,14 @@ async fn membership_commands_remove_a_node_and_add_it_back() {
     let removed = c.chorus(1, &["cluster", "remove-node", "--id", "3"]);
     assert!(removed.contains("removed"), "{removed}");
     // Two voters left: DDL still commits (both are needed now).
-    c.via(1)
-        .await
-        .batch_execute("CREATE TABLE while_two (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    c.exec(1, "CREATE TABLE while_two (id int PRIMARY KEY)")
+        .await;
     c.start_node(3);
     let relay3 = format!("127.0.0.1:{}", c.relays[2].port);
     let added = c.chorus(1, &["cluster", "add-node", "--id", "3", "--raft", &relay3]);
     assert!(added.contains("voter"), "{added}");
-    c.via(2)
-        .await
-        .batch_execute("CREATE TABLE with_three (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    c.exec(2, "CREATE TABLE with_three (id int PRIMARY KEY)")
+        .await;
     c.wait_ddl(2).await;
     assert_eq!(c.history(3).await, c.history(1).await);
 }
@@ -304,11 +286,8 @@ async fn a_new_leader_takes_over_when_the_leader_is_killed_during_a_stream_of_dd
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_majority_refuses_ddl_in_bounded_time_and_keeps_serving_dml() {
     let c = cluster("").await;
-    c.via(1)
-        .await
-        .batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
-        .await
-        .unwrap();
+    c.exec(1, "CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        .await;
     c.wait_ddl(1).await;
     // Cut node 3's Raft links both ways; its backend links stay.
     c.relays[2].block(&[0]);
@@ -448,11 +427,7 @@ async fn node_local_ddl_and_maintenance_stay_on_their_backend() {
         .unwrap();
     // Replicated DDL after them: when backend 3 has it, it would have had
     // the local ones too if they had replicated.
-    c.via(3)
-        .await
-        .batch_execute("CREATE TABLE marker (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    c.exec(3, "CREATE TABLE marker (id int PRIMARY KEY)").await;
     c.wait_ddl(3).await;
     assert_eq!(indexes(&c, 1).await, vec!["docs_pkey", "docs_trgm"]);
     assert_eq!(indexes(&c, 2).await, vec!["docs_btree", "docs_pkey"]);
@@ -493,11 +468,8 @@ async fn a_node_with_the_wrong_cluster_secret_cannot_join() {
     // Node 3 comes back with the wrong secret.
     c.kill_node(3);
     c.start_node_with_secret(3, "not-the-secret");
-    c.via(1)
-        .await
-        .batch_execute("CREATE TABLE after_intruder (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    c.exec(1, "CREATE TABLE after_intruder (id int PRIMARY KEY)")
+        .await;
     c.wait_for(1, "SELECT count(*)::text FROM chorus.ddl_history", |v| {
         v == "1"
     })

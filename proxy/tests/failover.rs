@@ -16,11 +16,8 @@ use procs::cluster;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
     let mut c = cluster("").await;
-    c.via(1)
-        .await
-        .batch_execute("CREATE TABLE f (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
+    c.exec(1, "CREATE TABLE f (id int PRIMARY KEY, v text)")
+        .await;
     c.wait_ddl(1).await;
     let port_of = |b: usize| i32::from(c.backends[b - 1].port());
     let home_port = port_of(1);
@@ -139,11 +136,8 @@ async fn insert_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_node_and_backend_is_invisible_to_the_other_nodes_clients() {
     let mut c = cluster("").await;
-    c.via(1)
-        .await
-        .batch_execute("CREATE TABLE r (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
+    c.exec(1, "CREATE TABLE r (id int PRIMARY KEY, v text)")
+        .await;
     c.wait_ddl(1).await;
     let mut acknowledged = Vec::new();
     for k in 1..=3usize {

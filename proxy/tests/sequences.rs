@@ -68,16 +68,10 @@ async fn table_state(c: &Cluster, b: usize, table: &str) -> (i64, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_bigserial_and_identity_through_every_node_never_collide_even_across_a_restart() {
     let mut c = cluster("").await;
-    c.via(1)
-        .await
-        .batch_execute("CREATE TABLE big (id bigserial PRIMARY KEY, node int)")
-        .await
-        .unwrap();
-    c.via(2)
-        .await
-        .batch_execute("CREATE TABLE small (id serial PRIMARY KEY, node int)")
-        .await
-        .unwrap();
+    c.exec(1, "CREATE TABLE big (id bigserial PRIMARY KEY, node int)")
+        .await;
+    c.exec(2, "CREATE TABLE small (id serial PRIMARY KEY, node int)")
+        .await;
     c.via(3)
         .await
         .batch_execute(
@@ -229,25 +223,13 @@ async fn a_snowflake_burst_stays_unique_and_increasing_and_a_restart_never_repea
     // sequence goes on above everything it handed out.
     c.kill_node(1);
     c.start_node(1);
-    let after: i64 = c
-        .via(1)
-        .await
-        .query_one("SELECT nextval('burst')", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let after: i64 = c.int_via(1, "SELECT nextval('burst')").await;
     assert!(after > max);
     c.kill_node(1);
     c.backends[0].kill();
     c.backends[0].start().unwrap();
     c.start_node(1);
-    let again: i64 = c
-        .via(1)
-        .await
-        .query_one("SELECT nextval('burst')", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let again: i64 = c.int_via(1, "SELECT nextval('burst')").await;
     assert!(again > after);
     // currval works as on PostgreSQL.
     let client = c.via(2).await;
@@ -292,13 +274,7 @@ async fn a_snowflake_burst_stays_unique_and_increasing_and_a_restart_never_repea
         .unwrap()
         .get(0);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let later: i64 = c
-        .via(1)
-        .await
-        .query_one("SELECT nextval('burst')", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let later: i64 = c.int_via(1, "SELECT nextval('burst')").await;
     assert_eq!(later, ahead + 1024);
 }
 
@@ -307,11 +283,7 @@ async fn galloc_ranges_refill_ahead_and_a_cut_off_node_serves_until_its_range_is
     let c =
         cluster("galloc_range_size = 200\ngalloc_refill_percent = 50\ngalloc_switch_percent = 20")
             .await;
-    c.via(1)
-        .await
-        .batch_execute("CREATE SEQUENCE g AS integer")
-        .await
-        .unwrap();
+    c.exec(1, "CREATE SEQUENCE g AS integer").await;
     c.wait_ddl(1).await;
     // Steady use through nodes 1 and 2: ranges are fetched ahead and
     // switched to before they run out.

@@ -226,6 +226,16 @@ impl Cluster {
         }
     }
 
+    /// Run `sql` through node `i` (a new session); it must succeed.
+    pub async fn exec(&self, i: usize, sql: &str) {
+        self.via(i).await.batch_execute(sql).await.unwrap();
+    }
+
+    /// A bigint from `sql` run through node `i` (a new session).
+    pub async fn int_via(&self, i: usize, sql: &str) -> i64 {
+        self.via(i).await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
     pub async fn direct(&self, b: usize) -> Client {
         common::connect(&self.backends[b - 1].conninfo("postgres"))
             .await
