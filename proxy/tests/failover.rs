@@ -212,3 +212,50 @@ async fn a_rolling_restart_of_every_node_and_backend_is_invisible_to_the_other_n
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_home_backend_is_found_by_the_health_checks_and_avoided() {
+    let c = cluster("").await;
+    c.exec(1, "CREATE TABLE z (id int PRIMARY KEY)").await;
+    c.wait_ddl(1).await;
+    let home_port = i32::from(c.backends[0].port());
+    // SIGSTOP: connections are accepted by the kernel and then hang.
+    let frozen = Instant::now();
+    c.backends[0].pause();
+    // New sessions keep arriving (one every 200 ms); the first to commit
+    // tells how long the node took to stop sending sessions there.
+    let (done_tx, mut done) = tokio::sync::mpsc::channel::<(u128, i32)>(64);
+    let port = c.ports[0];
+    let spawner = tokio::spawn(async move {
+        for attempt in 0..100i32 {
+            let done_tx = done_tx.clone();
+            tokio::spawn(async move {
+                let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+                if let Ok(client) = common::connect(&conninfo).await {
+                    let sql =
+                        format!("INSERT INTO z VALUES ({attempt}) RETURNING inet_server_port()");
+                    if let Ok(row) = client.query_one(&sql, &[]).await {
+                        let _ = done_tx
+                            .send((frozen.elapsed().as_millis(), row.get(0)))
+                            .await;
+                    }
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let (first_ms, served_by) = tokio::time::timeout(Duration::from_secs(20), done.recv())
+        .await
+        .expect("no session committed while the home backend was frozen")
+        .unwrap();
+    spawner.abort();
+    eprintln!("frozen home backend: first transaction through node 1 after {first_ms} ms");
+    assert_ne!(served_by, home_port);
+    assert!(first_ms < 5_000, "{first_ms} ms");
+    c.backends[0].resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.int_via(1, "SELECT inet_server_port()::int8").await != i64::from(home_port) {
+        assert!(Instant::now() < deadline, "node 1 never went home");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
