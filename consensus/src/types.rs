@@ -24,6 +24,13 @@ pub enum Request {
     /// Record (or update) what the cluster knows of a node; a node seen for
     /// the first time gets its sequence id.
     RegisterNode { id: u64, info: NodeInfo },
+    /// Make `backend` the write leader (write-leader routing), if the
+    /// current one is still `expected` (so two nodes that saw the same
+    /// failure do not move it twice).
+    SetWriteLeader {
+        backend: String,
+        expected: Option<String>,
+    },
     /// Allocate the next range of `size` values of a galloc sequence to a
     /// node; a sequence's first allocation starts at `floor`.
     AllocateRange {
@@ -117,6 +124,9 @@ pub struct ClusterState {
     /// Per galloc sequence, the first value not yet allocated.
     #[serde(default)]
     pub galloc_next: BTreeMap<String, i64>,
+    /// The backend every write goes to under write-leader routing.
+    #[serde(default)]
+    pub write_leader: Option<String>,
     /// The DDL log, in order (`ddl[i].seq == i + 1`).
     pub ddl: Vec<DdlEntry>,
 }
@@ -153,6 +163,12 @@ impl ClusterState {
                     if next <= 1023 {
                         self.sequence_ids.insert(*id, next);
                     }
+                }
+                Response::Done
+            }
+            Request::SetWriteLeader { backend, expected } => {
+                if self.write_leader == *expected {
+                    self.write_leader = Some(backend.clone());
                 }
                 Response::Done
             }

@@ -337,6 +337,12 @@ pub struct NodeConfig {
     /// with it). Default 0.
     #[serde(default)]
     pub clock_offset_ms: i64,
+    /// "local" (default): sessions use the home backend (another one while
+    /// it is down). "leader": every session uses the cluster's write
+    /// leader, one backend elected through Raft, so writes never conflict;
+    /// it moves when that backend goes down.
+    #[serde(default)]
+    pub routing: Routing,
     /// With replication: how often every backend is checked (a login and
     /// `SELECT 1`). Default 1000 ms.
     #[serde(default = "default_health_interval")]
@@ -345,6 +351,15 @@ pub struct NodeConfig {
     /// Default 1000 ms.
     #[serde(default = "default_health_timeout")]
     pub health_check_timeout_ms: u64,
+}
+
+/// How a node picks the backend of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    #[default]
+    Local,
+    Leader,
 }
 
 fn default_health_interval() -> u64 {
@@ -443,6 +458,7 @@ impl Default for NodeConfig {
             worker_threads: None,
             max_clock_skew_ms: default_max_clock_skew(),
             clock_offset_ms: 0,
+            routing: Routing::Local,
             health_check_interval_ms: default_health_interval(),
             health_check_timeout_ms: default_health_timeout(),
         }

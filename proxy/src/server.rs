@@ -158,6 +158,20 @@ impl Node {
         if self.config.replication.is_none() {
             return vec![home];
         }
+        if self.config.node.routing == crate::config::Routing::Leader {
+            // Only the write leader: writing anywhere else could conflict.
+            // None yet (or it is down and not yet replaced): no backend,
+            // and the client gets a connection error to retry.
+            let leader = self
+                .consensus()
+                .and_then(|c| c.state().read(|s| s.write_leader.clone()));
+            return self
+                .config
+                .backends
+                .iter()
+                .filter(|b| Some(&b.name) == leader.as_ref())
+                .collect();
+        }
         let down = |b: &crate::config::BackendConfig| {
             self.config
                 .backends
@@ -509,6 +523,50 @@ async fn health_checks(node: Arc<Node>) {
             }
             node.set_backend_down(&backend.name, !up);
         }
+        if node.config.node.routing == crate::config::Routing::Leader {
+            elect_write_leader(&node).await;
+        }
+    }
+}
+
+/// Under write-leader routing, the Raft leader's node keeps a write leader
+/// that is up: its own home backend if that is up, else the first one up.
+async fn elect_write_leader(node: &Node) {
+    let Some(consensus) = node.consensus() else {
+        return;
+    };
+    let me = u64::from(node.config.node.id);
+    if consensus.metrics().borrow().current_leader != Some(me) {
+        return;
+    }
+    let current = consensus.state().read(|s| s.write_leader.clone());
+    let is_up = |name: &str| {
+        node.config
+            .backends
+            .iter()
+            .position(|b| b.name == name)
+            .is_some_and(|i| !node.backend_down[i].load(Ordering::SeqCst))
+    };
+    if current.as_deref().is_some_and(is_up) {
+        return;
+    }
+    let home = node.config.home_backend();
+    let Some(choice) = std::iter::once(home)
+        .chain(node.config.backends.iter())
+        .find(|b| is_up(&b.name))
+    else {
+        return;
+    };
+    let request = chorus_consensus::Request::SetWriteLeader {
+        backend: choice.name.clone(),
+        expected: current.clone(),
+    };
+    match consensus
+        .propose(request, std::time::Duration::from_secs(2))
+        .await
+    {
+        Ok(_) => tracing::info!(from = ?current, to = %choice.name, "write leader moved"),
+        Err(e) => tracing::warn!(error = %e, "could not move the write leader"),
     }
 }
 

@@ -11,7 +11,7 @@ mod relay;
 
 use std::time::{Duration, Instant};
 
-use procs::cluster;
+use procs::{cluster, cluster_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
@@ -258,4 +258,127 @@ async fn a_frozen_home_backend_is_found_by_the_health_checks_and_avoided() {
         assert!(Instant::now() < deadline, "node 1 never went home");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_leader_routing_sends_every_write_to_one_backend_and_moves_when_it_dies() {
+    let mut c = cluster_with("routing = \"leader\"", "").await;
+    c.exec(1, "CREATE TABLE w (id int PRIMARY KEY, v text)")
+        .await;
+    c.wait_ddl(1).await;
+    // The same keys written through all three nodes at once.
+    let round = |c: &procs::Cluster, tag: &'static str| {
+        let ports = c.ports.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for (n, port) in ports.into_iter().enumerate() {
+                tasks.push(tokio::spawn(async move {
+                    let client = common::connect(&format!(
+                        "host=127.0.0.1 port={port} user=postgres dbname=postgres"
+                    ))
+                    .await?;
+                    let mut served_by = Vec::new();
+                    for id in 0..20 {
+                        let row = client
+                            .query_one(
+                                "INSERT INTO w VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = excluded.v \
+                                 RETURNING inet_server_port()",
+                                &[&id, &format!("{tag} via node {}", n + 1)],
+                            )
+                            .await?;
+                        served_by.push(row.get::<_, i32>(0));
+                    }
+                    Ok::<_, tokio_postgres::Error>(served_by)
+                }));
+            }
+            let mut ports = std::collections::HashSet::new();
+            for task in tasks {
+                ports.extend(task.await.unwrap()?);
+            }
+            Ok::<_, tokio_postgres::Error>(ports)
+        }
+    };
+    let served = round(&c, "first").await.unwrap();
+    assert_eq!(
+        served.len(),
+        1,
+        "writes went to several backends: {served:?}"
+    );
+    let leader_port = *served.iter().next().unwrap();
+    let leader = c
+        .backends
+        .iter()
+        .position(|b| i32::from(b.port()) == leader_port)
+        .unwrap();
+    // Replicated everywhere, without a conflict: one backend took every
+    // write.
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT count(*)::text FROM w WHERE v LIKE 'first%'",
+            |v| v == "20",
+        )
+        .await;
+        let conflicts: i64 = c
+            .direct(b)
+            .await
+            .query_one("SELECT count(*) FROM chorus.conflict", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(conflicts, 0, "backend {b} logged conflicts");
+    }
+    // The leader backend dies; the write leader moves to another backend,
+    // and all nodes follow it.
+    let killed = Instant::now();
+    c.backends[leader].kill();
+    let moved = loop {
+        match round(&c, "second").await {
+            Ok(ports) if ports.len() == 1 && !ports.contains(&leader_port) => break ports,
+            _ => {
+                assert!(
+                    killed.elapsed() < Duration::from_secs(30),
+                    "the write leader never moved"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    eprintln!("write leader moved in {} ms", killed.elapsed().as_millis());
+    // Every write went through one backend at a time: still no conflict,
+    // and the survivors agree.
+    let survivors: Vec<usize> = (1..=3).filter(|b| *b != leader + 1).collect();
+    for b in &survivors {
+        c.wait_for(
+            *b,
+            "SELECT count(*)::text FROM w WHERE v LIKE 'second%'",
+            |v| v == "20",
+        )
+        .await;
+        let conflicts: i64 = c
+            .direct(*b)
+            .await
+            .query_one("SELECT count(*) FROM chorus.conflict", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(conflicts, 0, "backend {b} logged conflicts");
+    }
+    // The other survivor converges on the new leader's rows.
+    let new_port = *moved.iter().next().unwrap();
+    let new_leader = 1 + c
+        .backends
+        .iter()
+        .position(|b| i32::from(b.port()) == new_port)
+        .unwrap();
+    let other = *survivors.iter().find(|b| **b != new_leader).unwrap();
+    let hash = "SELECT md5(string_agg(w::text, ',' ORDER BY id)) FROM w";
+    let expected: String = c
+        .direct(new_leader)
+        .await
+        .query_one(hash, &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.wait_for(other, hash, |v| v == expected).await;
 }

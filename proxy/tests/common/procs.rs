@@ -24,6 +24,8 @@ pub struct Cluster {
     pub nodes: Vec<Option<Child>>,
     /// Extra `[cluster]` settings.
     pub extra: String,
+    /// Extra `[node]` settings.
+    pub node_extra: String,
 }
 
 impl Drop for Cluster {
@@ -62,6 +64,11 @@ pub fn message(e: &tokio_postgres::Error) -> String {
 
 /// A 3-node cluster; `extra`: more `[cluster]` settings.
 pub async fn cluster(extra: &str) -> Cluster {
+    cluster_with("", extra).await
+}
+
+/// A 3-node cluster with extra `[node]` and `[cluster]` settings.
+pub async fn cluster_with(node_extra: &str, extra: &str) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let backends = common::backends(dir.path(), 3);
     let raft_ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
@@ -78,6 +85,7 @@ pub async fn cluster(extra: &str) -> Cluster {
         metrics_ports: (0..3).map(|_| free_port().unwrap()).collect(),
         nodes: vec![None, None, None],
         extra: extra.to_owned(),
+        node_extra: node_extra.to_owned(),
     };
     for i in 1..=3 {
         c.start_node(i);
@@ -116,7 +124,7 @@ impl Cluster {
     pub fn config(&self, i: usize, secret: &str) -> String {
         let mut toml = format!(
             "[node]\nid = {i}\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
-             home_backend = \"pg{i}\"\nworker_threads = 1\n\
+             home_backend = \"pg{i}\"\nworker_threads = 1\n{}\n\
              [[users]]\nname = \"postgres\"\n[[auth]]\nmethod = \"trust\"\n\
              [replication]\npoll_interval_ms = 20\n\
              [cluster]\nraft_listen = \"127.0.0.1:{}\"\nsecret = \"{secret}\"\ndata_dir = \"{}\"\n\
@@ -124,6 +132,7 @@ impl Cluster {
              ddl_timeout_ms = 3000\n{}\n",
             self.ports[i - 1],
             self.metrics_ports[i - 1],
+            self.node_extra,
             self.raft_ports[i - 1],
             self.dir.path().join(format!("raft{i}")).display(),
             self.extra,
