@@ -305,11 +305,7 @@ async fn write_leader_routing_sends_every_write_to_one_backend_and_moves_when_it
         "writes went to several backends: {served:?}"
     );
     let leader_port = *served.iter().next().unwrap();
-    let leader = c
-        .backends
-        .iter()
-        .position(|b| i32::from(b.port()) == leader_port)
-        .unwrap();
+    let leader = c.backend_on(leader_port) - 1;
     // Replicated everywhere, without a conflict: one backend took every
     // write.
     for b in 1..=3 {
@@ -319,13 +315,7 @@ async fn write_leader_routing_sends_every_write_to_one_backend_and_moves_when_it
             |v| v == "20",
         )
         .await;
-        let conflicts: i64 = c
-            .direct(b)
-            .await
-            .query_one("SELECT count(*) FROM chorus.conflict", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let conflicts = c.conflicts(b).await;
         assert_eq!(conflicts, 0, "backend {b} logged conflicts");
     }
     // The leader backend dies; the write leader moves to another backend,
@@ -355,22 +345,12 @@ async fn write_leader_routing_sends_every_write_to_one_backend_and_moves_when_it
             |v| v == "20",
         )
         .await;
-        let conflicts: i64 = c
-            .direct(*b)
-            .await
-            .query_one("SELECT count(*) FROM chorus.conflict", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let conflicts = c.conflicts(*b).await;
         assert_eq!(conflicts, 0, "backend {b} logged conflicts");
     }
     // The other survivor converges on the new leader's rows.
     let new_port = *moved.iter().next().unwrap();
-    let new_leader = 1 + c
-        .backends
-        .iter()
-        .position(|b| i32::from(b.port()) == new_port)
-        .unwrap();
+    let new_leader = c.backend_on(new_port);
     let other = *survivors.iter().find(|b| **b != new_leader).unwrap();
     let hash = "SELECT md5(string_agg(w::text, ',' ORDER BY id)) FROM w";
     let expected: String = c

@@ -163,13 +163,7 @@ async fn serial_bigserial_and_identity_through_every_node_never_collide_even_acr
         );
     }
     for b in 1..=3 {
-        let conflicts: i64 = c
-            .direct(b)
-            .await
-            .query_one("SELECT count(*) FROM chorus.conflict", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let conflicts = c.conflicts(b).await;
         assert_eq!(conflicts, 0, "backend {b} logged conflicts");
     }
     // Snowflake layout: the low 10 bits name the backend that made the id,

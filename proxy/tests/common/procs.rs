@@ -245,6 +245,25 @@ impl Cluster {
         self.via(i).await.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    /// Conflicts logged on backend `b`.
+    pub async fn conflicts(&self, b: usize) -> i64 {
+        self.direct(b)
+            .await
+            .query_one("SELECT count(*) FROM chorus.conflict", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The backend (from 1) listening on `port`.
+    pub fn backend_on(&self, port: i32) -> usize {
+        1 + self
+            .backends
+            .iter()
+            .position(|b| i32::from(b.port()) == port)
+            .unwrap()
+    }
+
     pub async fn direct(&self, b: usize) -> Client {
         common::connect(&self.backends[b - 1].conninfo("postgres"))
             .await
