@@ -23,7 +23,7 @@ use tokio_postgres::Client;
 
 use crate::config::{BackendConfig, CommitScope};
 use crate::protocol::{self, Severity};
-use crate::replication::ReplicationError;
+use crate::replication::{BackendClients, ReplicationError};
 use crate::server::Node;
 
 /// A PostgreSQL error, as the applying backend reported it.
@@ -74,7 +74,7 @@ pub struct DdlProgress {
     applied: watch::Sender<u64>,
     outcomes: Mutex<HashMap<u64, Option<PgError>>>,
     /// Connections to every backend, to see how far each has applied.
-    peers: tokio::sync::Mutex<HashMap<String, Client>>,
+    peers: tokio::sync::Mutex<BackendClients>,
 }
 
 impl Default for DdlProgress {
@@ -82,7 +82,7 @@ impl Default for DdlProgress {
         DdlProgress {
             applied: watch::channel(0).0,
             outcomes: Mutex::new(HashMap::new()),
-            peers: tokio::sync::Mutex::new(HashMap::new()),
+            peers: tokio::sync::Mutex::new(BackendClients::default()),
         }
     }
 }
@@ -92,11 +92,6 @@ impl Default for DdlProgress {
 const MAX_OUTCOMES: usize = 10_000;
 
 impl DdlProgress {
-    /// The DDL index applied on the home backend.
-    pub fn applied(&self) -> u64 {
-        *self.applied.borrow()
-    }
-
     fn set_applied(&self, seq: u64) {
         self.applied.send_replace(seq);
     }
@@ -130,17 +125,7 @@ impl DdlProgress {
     async fn backend_index(&self, node: &Node, backend: &BackendConfig) -> Option<u64> {
         let config = node.config.replication.as_ref()?;
         let mut peers = self.peers.lock().await;
-        if peers.get(&backend.name).is_none_or(Client::is_closed) {
-            let client = tokio::time::timeout(
-                Duration::from_secs(1),
-                crate::replication::connect_backend(backend, config),
-            )
-            .await
-            .ok()?
-            .ok()?;
-            peers.insert(backend.name.clone(), client);
-        }
-        let client = peers.get(&backend.name)?;
+        let client = peers.get(backend, config, Duration::from_secs(1)).await?;
         let row = tokio::time::timeout(Duration::from_secs(1), client.query_one(INDEX_SQL, &[]))
             .await
             .ok()?
@@ -160,18 +145,7 @@ impl DdlProgress {
         };
         let home = node.config.home_backend();
         let mut peers = self.peers.lock().await;
-        if peers.get(&home.name).is_none_or(Client::is_closed) {
-            let Ok(Ok(client)) = tokio::time::timeout(
-                Duration::from_secs(1),
-                crate::replication::connect_backend(home, config),
-            )
-            .await
-            else {
-                return;
-            };
-            peers.insert(home.name.clone(), client);
-        }
-        if let Some(client) = peers.get(&home.name) {
+        if let Some(client) = peers.get(home, config, Duration::from_secs(1)).await {
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
                 // A transaction that writes WAL commits synchronously (one

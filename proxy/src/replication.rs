@@ -307,6 +307,41 @@ pub async fn run_replicator(node: Arc<Node>) {
     }
 }
 
+/// Control connections to backends (as the replication user), made on
+/// first use and remade once closed.
+#[derive(Debug, Default)]
+pub(crate) struct BackendClients {
+    clients: std::collections::HashMap<String, Client>,
+}
+
+impl BackendClients {
+    /// The connection to `backend`, connecting within `limit` if need be.
+    pub(crate) async fn get(
+        &mut self,
+        backend: &BackendConfig,
+        config: &ReplicationConfig,
+        limit: Duration,
+    ) -> Option<&Client> {
+        if self
+            .clients
+            .get(&backend.name)
+            .is_none_or(Client::is_closed)
+        {
+            let client = tokio::time::timeout(limit, connect_backend(backend, config))
+                .await
+                .ok()?
+                .ok()?;
+            self.clients.insert(backend.name.clone(), client);
+        }
+        self.clients.get(&backend.name)
+    }
+
+    /// Drop the connection to a backend (it failed).
+    pub(crate) fn forget(&mut self, name: &str) {
+        self.clients.remove(name);
+    }
+}
+
 pub(crate) async fn connect_backend(
     backend: &BackendConfig,
     config: &ReplicationConfig,

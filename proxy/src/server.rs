@@ -492,26 +492,14 @@ async fn health_checks(node: Arc<Node>) {
     let interval =
         std::time::Duration::from_millis(node.config.node.health_check_interval_ms.max(10));
     let limit = std::time::Duration::from_millis(node.config.node.health_check_timeout_ms.max(10));
-    let mut clients: HashMap<String, tokio_postgres::Client> = HashMap::new();
+    let mut clients = crate::replication::BackendClients::default();
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
         for backend in &node.config.backends {
             let check = async {
-                if clients
-                    .get(&backend.name)
-                    .is_none_or(tokio_postgres::Client::is_closed)
-                {
-                    let client = crate::replication::connect_backend(backend, &config)
-                        .await
-                        .ok()?;
-                    clients.insert(backend.name.clone(), client);
-                }
-                clients
-                    .get(&backend.name)?
-                    .simple_query("SELECT 1")
-                    .await
-                    .ok()
+                let client = clients.get(backend, &config, limit).await?;
+                client.simple_query("SELECT 1").await.ok()
             };
             let up = tokio::time::timeout(limit, check)
                 .await
@@ -519,7 +507,7 @@ async fn health_checks(node: Arc<Node>) {
                 .flatten()
                 .is_some();
             if !up {
-                clients.remove(&backend.name);
+                clients.forget(&backend.name);
             }
             node.set_backend_down(&backend.name, !up);
         }

@@ -636,9 +636,11 @@ where
                             metrics.statements(class, u64::from(n));
                         }
                     }
-                    let sql = protocol::read_cstr(body).map_or("", |(sql, _)| sql);
+                    // The text is looked at only where a rule needs it (it is
+                    // not decoded for every query).
+                    let sql = || protocol::read_cstr(body).map_or("", |(sql, _)| sql);
                     if replicating && summary.counts[StatementClass::Session.index()] > 0 {
-                        let ddl_scope = scope::ddl_scope_changes(sql);
+                        let ddl_scope = scope::ddl_scope_changes(sql());
                         let refusal = if ddl_scope.contains(&DdlScopeChange::Invalid) {
                             Err(refusal_query(
                                 "22023",
@@ -646,7 +648,7 @@ where
                                 "Available values: cluster, local.",
                             ))
                         } else {
-                            scope_changes_in(sql)
+                            scope_changes_in(sql())
                         };
                         match refusal {
                             Ok(changes) => {
@@ -663,7 +665,7 @@ where
                     }
                     if replicating
                         && summary.counts[StatementClass::Write.index()] > 0
-                        && mentions_setval(sql)
+                        && mentions_setval(sql())
                     {
                         push_pending(state, stamped, Vec::new());
                         stamped = false;
@@ -701,10 +703,10 @@ where
                             }
                             if let Ok(mut pending) = state.pending.lock() {
                                 state.ddl_jobs.fetch_add(1, Ordering::SeqCst);
-                                pending.push_back(Pending::Ddl(DdlJob::new(sql)));
+                                pending.push_back(Pending::Ddl(DdlJob::new(sql())));
                             }
                             scope_pending.clear();
-                            return Ok(Flow::Replace(ddl::validation_query(sql)));
+                            return Ok(Flow::Replace(ddl::validation_query(sql())));
                         }
                     }
                     if replicating && query_stamps(&summary) {

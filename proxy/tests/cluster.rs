@@ -161,20 +161,27 @@ impl Cluster {
         .await;
     }
 
+    /// What `sql` gives (a single text value, empty on error) on each
+    /// backend.
+    async fn values_everywhere(&self, sql: &str) -> Vec<String> {
+        let mut values = Vec::new();
+        for b in 1..=self.backends.len() {
+            let client = self.direct(b).await;
+            let value: Option<String> = match client.query_one(sql, &[]).await {
+                Ok(row) => row.get(0),
+                Err(_) => None,
+            };
+            values.push(value.unwrap_or_default());
+        }
+        values
+    }
+
     /// Wait (bounded) until `sql` gives `expected` on every backend.
     async fn expect_everywhere(&self, sql: &str, expected: &str) {
         let deadline = Instant::now() + Duration::from_secs(90);
         let mut last = Vec::new();
         while Instant::now() < deadline {
-            last.clear();
-            for b in 1..=self.backends.len() {
-                let client = self.direct(b).await;
-                let value: Option<String> = match client.query_one(sql, &[]).await {
-                    Ok(row) => row.get(0),
-                    Err(_) => None,
-                };
-                last.push(value.unwrap_or_default());
-            }
+            last = self.values_everywhere(sql).await;
             if last.iter().all(|v| v == expected) {
                 return;
             }
@@ -190,15 +197,7 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(90);
         let mut last = Vec::new();
         while Instant::now() < deadline {
-            last.clear();
-            for b in 1..=self.backends.len() {
-                let client = self.direct(b).await;
-                let value: Option<String> = match client.query_one(sql, &[]).await {
-                    Ok(row) => row.get(0),
-                    Err(_) => None,
-                };
-                last.push(value.unwrap_or_default());
-            }
+            last = self.values_everywhere(sql).await;
             if !last[0].is_empty() && last.iter().all(|v| v == &last[0]) {
                 return last[0].clone();
             }

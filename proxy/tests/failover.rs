@@ -19,8 +19,7 @@ async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
     c.exec(1, "CREATE TABLE f (id int PRIMARY KEY, v text)")
         .await;
     c.wait_ddl(1).await;
-    let port_of = |b: usize| i32::from(c.backends[b - 1].port());
-    let home_port = port_of(1);
+    let home_port = i32::from(c.backends[0].port());
     let mut failover_ms = Vec::new();
     for round in 0..3 {
         let before = c.via(1).await;
