@@ -508,8 +508,18 @@ fn run_checked(mut cmd: Command, run_as: Option<RunAs>, what: &str) -> Result<()
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's
+/// usual ephemeral range (32768 and up): a port the kernel hands out for
+/// `:0` can be taken by an outgoing connection before the server that was
+/// meant to get it binds it (seen as "address already in use" in tests that
+/// start many servers). Random, so concurrent callers rarely pick the same.
 pub fn free_port() -> Result<u16, LocalPgError> {
+    for _ in 0..1000 {
+        let port = rand::random_range(20_000..32_000u16);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err(Path::new("127.0.0.1:0")))?;
     listener
