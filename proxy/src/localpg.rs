@@ -512,11 +512,17 @@ fn run_checked(mut cmd: Command, run_as: Option<RunAs>, what: &str) -> Result<()
 /// usual ephemeral range (32768 and up): a port the kernel hands out for
 /// `:0` can be taken by an outgoing connection before the server that was
 /// meant to get it binds it (seen as "address already in use" in tests that
-/// start many servers). Random, so concurrent callers rarely pick the same.
+/// start many servers). Never the same port twice in one process, so
+/// servers started side by side (parallel tests) cannot be given the same.
 pub fn free_port() -> Result<u16, LocalPgError> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     for _ in 0..1000 {
         let port = rand::random_range(20_000..32_000u16);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let Ok(mut given) = GIVEN.lock() else {
+            break;
+        };
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return Ok(port);
         }
     }
