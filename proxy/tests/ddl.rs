@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "common/link.rs"]
+mod link;
 #[path = "common/procs.rs"]
 mod procs;
 #[path = "common/relay.rs"]

@@ -10,6 +10,7 @@ use chorus_proxy::localpg::{free_port, LocalPostgres};
 use tokio_postgres::Client;
 
 use super::common;
+use super::link::Link;
 use super::relay::Relay;
 
 pub struct Cluster {
@@ -26,6 +27,26 @@ pub struct Cluster {
     pub extra: String,
     /// Extra `[node]` settings.
     pub node_extra: String,
+    /// Extra `[node]` settings of each node.
+    pub per_node: Vec<String>,
+    /// Extra `[replication]` settings.
+    pub replication: String,
+    /// `links[i][b]`: the relay node `i + 1` reaches backend `b + 1`
+    /// through (empty: nodes connect to backends directly).
+    pub links: Vec<Vec<Link>>,
+}
+
+/// How to build a cluster.
+#[derive(Default)]
+pub struct Options {
+    /// Extra `[node]` settings for every node, and for each one.
+    pub node_extra: String,
+    pub per_node: Vec<String>,
+    /// Extra `[replication]` and `[cluster]` settings.
+    pub replication: String,
+    pub extra: String,
+    /// A fault-injecting relay on every node-to-backend link.
+    pub links: bool,
 }
 
 impl Drop for Cluster {
@@ -69,12 +90,32 @@ pub async fn cluster(extra: &str) -> Cluster {
 
 /// A 3-node cluster with extra `[node]` and `[cluster]` settings.
 pub async fn cluster_with(node_extra: &str, extra: &str) -> Cluster {
+    cluster_opts(Options {
+        node_extra: node_extra.to_owned(),
+        extra: extra.to_owned(),
+        ..Options::default()
+    })
+    .await
+}
+
+/// A 3-node cluster built as `options` say.
+pub async fn cluster_opts(options: Options) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let backends = common::backends(dir.path(), 3);
     let raft_ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
     let mut relays = Vec::new();
     for port in &raft_ports {
         relays.push(Relay::start(*port).await);
+    }
+    let mut links = Vec::new();
+    if options.links {
+        for _ in 0..3 {
+            let mut row = Vec::new();
+            for pg in &backends {
+                row.push(Link::start(pg.port()).await);
+            }
+            links.push(row);
+        }
     }
     let mut c = Cluster {
         dir,
@@ -84,8 +125,11 @@ pub async fn cluster_with(node_extra: &str, extra: &str) -> Cluster {
         ports: (0..3).map(|_| free_port().unwrap()).collect(),
         metrics_ports: (0..3).map(|_| free_port().unwrap()).collect(),
         nodes: vec![None, None, None],
-        extra: extra.to_owned(),
-        node_extra: node_extra.to_owned(),
+        extra: options.extra,
+        node_extra: options.node_extra,
+        per_node: options.per_node,
+        replication: options.replication,
+        links,
     };
     for i in 1..=3 {
         c.start_node(i);
@@ -124,15 +168,17 @@ impl Cluster {
     pub fn config(&self, i: usize, secret: &str) -> String {
         let mut toml = format!(
             "[node]\nid = {i}\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
-             home_backend = \"pg{i}\"\nworker_threads = 1\n{}\n\
+             home_backend = \"pg{i}\"\nworker_threads = 1\n{}\n{}\n\
              [[users]]\nname = \"postgres\"\n[[auth]]\nmethod = \"trust\"\n\
-             [replication]\npoll_interval_ms = 20\n\
+             [replication]\npoll_interval_ms = 20\n{}\n\
              [cluster]\nraft_listen = \"127.0.0.1:{}\"\nsecret = \"{secret}\"\ndata_dir = \"{}\"\n\
              heartbeat_ms = 50\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n\
              ddl_timeout_ms = 3000\n{}\n",
             self.ports[i - 1],
             self.metrics_ports[i - 1],
             self.node_extra,
+            self.per_node.get(i - 1).map_or("", String::as_str),
+            self.replication,
             self.raft_ports[i - 1],
             self.dir.path().join(format!("raft{i}")).display(),
             self.extra,
@@ -145,10 +191,14 @@ impl Cluster {
             ));
         }
         for (b, pg) in self.backends.iter().enumerate() {
+            let port = match self.links.get(i - 1) {
+                Some(row) => row[b].port,
+                None => pg.port(),
+            };
             toml.push_str(&format!(
                 "[[backends]]\nname = \"pg{}\"\nport = {}\n",
                 b + 1,
-                pg.port()
+                port
             ));
         }
         toml
@@ -262,6 +312,13 @@ impl Cluster {
             .iter()
             .position(|b| i32::from(b.port()) == port)
             .unwrap()
+    }
+
+    /// A session on backend `b`, if it answers.
+    pub async fn direct_try(&self, b: usize) -> Option<Client> {
+        common::connect(&self.backends[b - 1].conninfo("postgres"))
+            .await
+            .ok()
     }
 
     pub async fn direct(&self, b: usize) -> Client {
