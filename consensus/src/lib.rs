@@ -30,7 +30,9 @@ pub use network::ProposeFailure;
 use network::{Network, Peer, Reply, Rpc, HANDSHAKE_TIMEOUT};
 pub use store::Shared;
 use types::TypeConfig;
-pub use types::{ClusterState, DdlEntry, DdlProposal, NodeInfo, NodeState, Request, Response};
+pub use types::{
+    ClusterState, DdlEntry, DdlProposal, Driver, NodeInfo, NodeState, Request, Response,
+};
 
 type Nid = u64;
 
@@ -93,6 +95,7 @@ pub struct Consensus {
     /// Connections used to forward proposals to the leader.
     forwarders: Mutex<HashMap<Nid, Peer>>,
     auth_failures: AtomicU64,
+    contacts: network::Contacts,
     /// Set on shutdown: the RPC listener and its connections stop.
     stopped: watch::Sender<bool>,
 }
@@ -128,9 +131,11 @@ impl Consensus {
                     address: config.listen,
                     source,
                 })?;
+        let contacts = network::Contacts::default();
         let network = Network {
             secret: config.secret.clone(),
             me: config.id,
+            contacts: contacts.clone(),
         };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, machine)
             .await
@@ -143,6 +148,7 @@ impl Consensus {
             secret: config.secret.clone(),
             forwarders: Mutex::new(HashMap::new()),
             auth_failures: AtomicU64::new(0),
+            contacts,
             stopped: watch::channel(false).0,
         });
         tokio::spawn(serve(listener, Arc::downgrade(&consensus)));
@@ -167,6 +173,12 @@ impl Consensus {
 
     pub fn id(&self) -> Nid {
         self.id
+    }
+
+    /// When `node` last answered one of this member's Raft RPCs (a leader
+    /// sends every follower a heartbeat each `heartbeat` interval).
+    pub fn last_contact(&self, node: Nid) -> Option<std::time::Instant> {
+        self.contacts.lock().ok()?.get(&node).copied()
     }
 
     /// The applied cluster state.

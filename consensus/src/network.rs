@@ -4,6 +4,8 @@
 //! a node. openraft leaves the transport to the application; this one is
 //! small because the traffic is small (heartbeats, DDL, membership).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -364,7 +366,12 @@ impl Peer {
 pub(crate) struct Network {
     pub(crate) secret: String,
     pub(crate) me: Nid,
+    pub(crate) contacts: Contacts,
 }
+
+/// When each peer last answered an RPC of this member's (as leader: its
+/// heartbeats), which tells the leader which nodes are alive.
+pub(crate) type Contacts = Arc<std::sync::Mutex<HashMap<Nid, std::time::Instant>>>;
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
@@ -373,6 +380,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             target,
             peer: Peer::new(node.addr.clone(), self.secret.clone(), self.me),
+            contacts: self.contacts.clone(),
         }
     }
 }
@@ -381,6 +389,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub(crate) struct PeerClient {
     target: Nid,
     peer: Peer,
+    contacts: Contacts,
 }
 
 impl PeerClient {
@@ -390,7 +399,12 @@ impl PeerClient {
         option: &RPCOption,
     ) -> Result<Reply, RPCError<Nid, BasicNode, E>> {
         match self.peer.call(&rpc, option.hard_ttl()).await {
-            Ok(reply) => Ok(reply),
+            Ok(reply) => {
+                if let Ok(mut contacts) = self.contacts.lock() {
+                    contacts.insert(self.target, std::time::Instant::now());
+                }
+                Ok(reply)
+            }
             Err(e @ (CallError::Unreachable { .. } | CallError::Timeout { .. })) => {
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }

@@ -39,6 +39,15 @@ pub enum Request {
         size: i64,
         floor: i64,
     },
+    /// Hand the replication duties of `backend` (streaming its changes to
+    /// the other backends, applying the DDL log to it) to `node`, if
+    /// `expected` still has them. Each hand-over gets a new epoch, which
+    /// fences the previous driver.
+    SetDriver {
+        backend: String,
+        node: u64,
+        expected: u64,
+    },
 }
 
 /// A replicated DDL statement, as validated on its origin.
@@ -129,6 +138,19 @@ pub struct ClusterState {
     pub write_leader: Option<String>,
     /// The DDL log, in order (`ddl[i].seq == i + 1`).
     pub ddl: Vec<DdlEntry>,
+    /// Backends whose duties were handed over (see `driver_of`).
+    #[serde(default)]
+    pub drivers: BTreeMap<String, Driver>,
+    /// The last epoch handed out.
+    #[serde(default)]
+    pub driver_epoch: u64,
+}
+
+/// The node that drives a backend's replication, and since which hand-over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Driver {
+    pub node: u64,
+    pub epoch: u64,
 }
 
 impl ClusterState {
@@ -184,10 +206,44 @@ impl ClusterState {
                 *next = hi.saturating_add(1);
                 Response::Range { lo, hi }
             }
+            Request::SetDriver {
+                backend,
+                node,
+                expected,
+            } => {
+                if self.driver_of(backend).map(|d| d.node) == Some(*expected) {
+                    self.driver_epoch += 1;
+                    self.drivers.insert(
+                        backend.clone(),
+                        Driver {
+                            node: *node,
+                            epoch: self.driver_epoch,
+                        },
+                    );
+                }
+                Response::Done
+            }
         }
     }
 
     /// The last DDL sequence number.
+    /// The node whose home `backend` is.
+    pub fn owner_of(&self, backend: &str) -> Option<u64> {
+        self.nodes
+            .iter()
+            .find(|(_, info)| info.home_backend == backend)
+            .map(|(id, _)| *id)
+    }
+
+    /// Who drives `backend`: the node it was handed to, else the node
+    /// whose home it is (epoch 0).
+    pub fn driver_of(&self, backend: &str) -> Option<Driver> {
+        self.drivers
+            .get(backend)
+            .copied()
+            .or_else(|| self.owner_of(backend).map(|node| Driver { node, epoch: 0 }))
+    }
+
     pub fn ddl_seq(&self) -> u64 {
         self.ddl.len() as u64
     }
@@ -239,6 +295,36 @@ mod tests {
             }
         );
         assert_eq!(state.ddl_seq(), 2);
+    }
+
+    #[test]
+    fn duties_move_only_from_the_expected_driver_and_every_move_has_a_new_epoch() {
+        let mut state = ClusterState::default();
+        state.apply(&Request::RegisterNode {
+            id: 1,
+            info: NodeInfo {
+                raft_addr: String::new(),
+                listen: String::new(),
+                home_backend: "pg1".into(),
+                state: NodeState::Active,
+            },
+        });
+        assert_eq!(state.driver_of("pg1"), Some(Driver { node: 1, epoch: 0 }));
+        assert_eq!(state.driver_of("pg9"), None);
+        let set = |state: &mut ClusterState, node, expected| {
+            state.apply(&Request::SetDriver {
+                backend: "pg1".into(),
+                node,
+                expected,
+            })
+        };
+        // A proposal made on a stale view changes nothing.
+        set(&mut state, 2, 3);
+        assert_eq!(state.driver_of("pg1"), Some(Driver { node: 1, epoch: 0 }));
+        set(&mut state, 2, 1);
+        assert_eq!(state.driver_of("pg1"), Some(Driver { node: 2, epoch: 1 }));
+        set(&mut state, 1, 2);
+        assert_eq!(state.driver_of("pg1"), Some(Driver { node: 1, epoch: 2 }));
     }
 
     #[test]

@@ -465,13 +465,19 @@ $$;
 -- trigger stays quiet, and a deadlock with a local write aborts this
 -- transaction (it is retried) rather than the client's: a 10 ms
 -- deadlock_timeout runs its deadlock check first.
+-- The epoch of the node that drives an origin's stream (see
+-- Request::SetDriver): an apply from an older one is refused (fenced).
+ALTER TABLE chorus.applied ADD COLUMN IF NOT EXISTS driver_epoch bigint NOT NULL DEFAULT 0;
+
+DROP FUNCTION IF EXISTS chorus.apply_transactions(integer, jsonb, bigint, pg_lsn);
 CREATE OR REPLACE FUNCTION chorus.apply_transactions(
-    org integer, txns jsonb, newest_version bigint, upto pg_lsn,
+    org integer, txns jsonb, newest_version bigint, upto pg_lsn, epoch bigint,
     OUT results text[], OUT skipped integer
 )
 LANGUAGE plpgsql AS $$
 DECLARE
     done pg_lsn;
+    fence bigint;
     todo jsonb;
     applying integer;
 BEGIN
@@ -482,21 +488,33 @@ BEGIN
     -- synchronous_commit = off, or a crash of this backend could lose
     -- changes the origin no longer keeps.
     PERFORM set_config('synchronous_commit', 'on', true);
-    SELECT a.lsn INTO done FROM chorus.applied a WHERE a.origin = org FOR UPDATE;
+    -- The origin's row, locked: applies of one origin take turns, and one
+    -- from a driver older than the last one seen is refused.
+    SELECT a.lsn, a.driver_epoch INTO done, fence FROM chorus.applied a WHERE a.origin = org FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO chorus.applied (origin, lsn) VALUES (org, '0/0') ON CONFLICT (origin) DO NOTHING;
+        SELECT a.lsn, a.driver_epoch INTO done, fence FROM chorus.applied a WHERE a.origin = org FOR UPDATE;
+    END IF;
+    IF fence > epoch THEN
+        RAISE EXCEPTION 'the changes of origin % are applied by a newer driver (epoch % > %)', org, fence, epoch
+            USING ERRCODE = 'CH001';
+    END IF;
+    IF fence < epoch THEN
+        UPDATE chorus.applied SET driver_epoch = epoch WHERE origin = org;
+    END IF;
     SELECT jsonb_agg(c.change ORDER BY t.n, c.m), count(DISTINCT t.n)
       INTO todo, applying
       FROM jsonb_array_elements(txns) WITH ORDINALITY AS t(txn, n),
            jsonb_array_elements(t.txn -> 'changes') WITH ORDINALITY AS c(change, m)
-     WHERE done IS NULL OR (t.txn ->> 'end')::pg_lsn > done;
+     WHERE (t.txn ->> 'end')::pg_lsn > done;
     skipped := jsonb_array_length(txns) - applying;
     results := '{}';
     IF applying > 0 THEN
         results := chorus.apply_changes(todo);
-        INSERT INTO chorus.applied AS a (origin, lsn, applied_at, max_version)
-        VALUES (org, upto, now(), newest_version)
-        ON CONFLICT (origin) DO UPDATE
-            SET lsn = excluded.lsn, applied_at = now(),
-                max_version = greatest(a.max_version, excluded.max_version);
+        UPDATE chorus.applied AS a
+           SET lsn = upto, applied_at = now(),
+               max_version = greatest(a.max_version, newest_version)
+         WHERE a.origin = org;
     END IF;
 END
 $$;

@@ -13,6 +13,10 @@ CREATE TABLE IF NOT EXISTS chorus.local (
 );
 -- The node's sequence id from the Raft log (see chorus.make_global).
 ALTER TABLE chorus.local ADD COLUMN IF NOT EXISTS sequence_id integer;
+-- The epoch of the node that drives this backend's streams (see
+-- Request::SetDriver): a node starting to drive them with an older epoch
+-- learns that it was fenced.
+ALTER TABLE chorus.local ADD COLUMN IF NOT EXISTS driver_epoch bigint NOT NULL DEFAULT 0;
 
 -- Tables whose changes replicate, with their primary key columns in key
 -- order (empty for an insert-only table without a primary key).

@@ -91,6 +91,10 @@ pub struct ClusterConfig {
     /// application before the client gets an error. Default 10 s.
     #[serde(default = "default_ddl_timeout")]
     pub ddl_timeout_ms: u64,
+    /// A node that has not answered the Raft leader for this long loses
+    /// its replication duties to a live node until it is back. Default 3 s.
+    #[serde(default = "default_node_lease")]
+    pub node_lease_ms: u64,
     /// What bigint sequences made by DDL through this node become:
     /// "snowflake" (default) or "galloc" (a session's `SET
     /// chorus.sequence_kind` overrides it). Int and smallint ones are galloc.
@@ -161,6 +165,10 @@ fn default_snapshot_every() -> u64 {
 }
 fn default_ddl_timeout() -> u64 {
     10_000
+}
+
+fn default_node_lease() -> u64 {
+    3_000
 }
 
 impl ClusterConfig {

@@ -196,26 +196,55 @@ pub(crate) const INDEX_SQL: &str = "SELECT coalesce(max(seq), 0) FROM chorus.ddl
 /// Apply the committed DDL log to the home backend, in order, for as long
 /// as the node runs.
 pub async fn run_applier(node: Arc<Node>, consensus: Arc<Consensus>) {
+    let home = node.config.home_backend().clone();
+    let me = u64::from(node.config.node.id);
     loop {
-        if let Err(e) = apply_log(&node, &consensus).await {
+        if let Err(e) = apply_log(&node, &consensus, &home, me).await {
             tracing::warn!(error = %e, "DDL apply failed; retrying");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
-async fn apply_log(node: &Node, consensus: &Consensus) -> Result<(), ReplicationError> {
+/// Apply the committed DDL log to `backend`, the home backend of node
+/// `owner`, whose duties were handed to this node; until aborted. (The
+/// owner's own applier may run too: appliers of one backend take turns
+/// and apply each entry once, see `apply_entry`.)
+pub async fn run_foreign_applier(
+    node: Arc<Node>,
+    consensus: Arc<Consensus>,
+    backend: BackendConfig,
+    owner: u64,
+) {
+    loop {
+        if let Err(e) = apply_log(&node, &consensus, &backend, owner).await {
+            tracing::warn!(backend = %backend.name, error = %e, "DDL apply failed; retrying");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn apply_log(
+    node: &Node,
+    consensus: &Consensus,
+    backend: &BackendConfig,
+    owner: u64,
+) -> Result<(), ReplicationError> {
     let Some(config) = &node.config.replication else {
         return Ok(());
     };
-    // The chorus schema (with chorus.ddl_history) comes first.
-    while !node.wait_schema_ready(Duration::from_secs(1)).await {}
-    let home = node.config.home_backend();
-    let client = crate::replication::connect_backend(home, config).await?;
+    let home = owner == u64::from(node.config.node.id);
+    if home {
+        // The chorus schema (with chorus.ddl_history) comes first.
+        while !node.wait_schema_ready(Duration::from_secs(1)).await {}
+    }
+    let client = crate::replication::connect_backend(backend, config).await?;
     let mut applied =
         u64::try_from(client.query_one(INDEX_SQL, &[]).await?.get::<_, i64>(0)).unwrap_or(0);
-    node.ddl.set_applied(applied);
-    node.metrics.ddl_applied(&home.name, applied);
+    if home {
+        node.ddl.set_applied(applied);
+    }
+    node.metrics.ddl_applied(&backend.name, applied);
     let mut committed = consensus.state().ddl_seq();
     loop {
         let entries: Vec<DdlEntry> = consensus.state().read(|s| {
@@ -228,11 +257,13 @@ async fn apply_log(node: &Node, consensus: &Consensus) -> Result<(), Replication
             let _ = tokio::time::timeout(Duration::from_secs(1), committed.changed()).await;
             continue;
         }
-        // The node's sequence id comes with its registration in the
-        // cluster state, shortly after start.
-        let me = u64::from(node.config.node.id);
+        // The owner's sequence id comes with its registration in the
+        // cluster state, shortly after it started.
         let sequence_id = loop {
-            if let Some(id) = consensus.state().read(|s| s.sequence_ids.get(&me).copied()) {
+            if let Some(id) = consensus
+                .state()
+                .read(|s| s.sequence_ids.get(&owner).copied())
+            {
                 break id;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -240,14 +271,16 @@ async fn apply_log(node: &Node, consensus: &Consensus) -> Result<(), Replication
         for entry in entries {
             let outcome = apply_entry(&client, &entry, sequence_id).await?;
             if let Some(e) = &outcome {
-                tracing::warn!(seq = entry.seq, code = %e.code, error = %e.message, "replicated DDL failed here");
+                tracing::warn!(backend = %backend.name, seq = entry.seq, code = %e.code, error = %e.message, "replicated DDL failed here");
             }
-            if entry.proposal.origin == u64::from(node.config.node.id) {
+            if home && entry.proposal.origin == owner {
                 node.ddl.record(entry.seq, outcome);
             }
             applied = entry.seq;
-            node.ddl.set_applied(applied);
-            node.metrics.ddl_applied(&home.name, applied);
+            if home {
+                node.ddl.set_applied(applied);
+            }
+            node.metrics.ddl_applied(&backend.name, applied);
         }
     }
 }

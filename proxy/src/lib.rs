@@ -13,6 +13,7 @@ pub mod capture;
 pub mod config;
 pub mod ddl;
 pub mod demo;
+pub mod duties;
 pub mod frontend;
 pub mod localpg;
 pub mod metrics;

@@ -337,6 +337,30 @@ impl Metrics {
             .set(left as f64);
     }
 
+    /// Whether this node drives the replication of `backend` (its home's,
+    /// or another's handed over while that node is down).
+    pub fn driving(&self, backend: &str, on: bool) {
+        self.recorder
+            .register_gauge(
+                &Key::from_parts(
+                    "chorus_replication_driving",
+                    vec![Label::new("backend", backend.to_owned())],
+                ),
+                &METADATA,
+            )
+            .set(if on { 1.0 } else { 0.0 });
+    }
+
+    /// Count a replication duty this node lost to a newer driver.
+    pub fn fenced(&self) {
+        self.recorder
+            .register_counter(
+                &Key::from_name("chorus_replication_fenced_total"),
+                &METADATA,
+            )
+            .increment(1);
+    }
+
     /// Count values handed out by global sequences of a kind.
     pub fn sequence_values(&self, snowflake: bool, n: u64) {
         self.sequence_values[usize::from(!snowflake)].increment(n);

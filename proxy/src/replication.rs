@@ -36,6 +36,24 @@ pub enum ReplicationError {
     Decoding(String),
     #[error("invalid LSN {0:?}")]
     Lsn(String),
+    /// A node with a newer epoch drives these streams now.
+    #[error("fenced: {0}")]
+    Fenced(String),
+}
+
+/// The SQLSTATE chorus.apply_transactions refuses a stale driver with.
+const FENCED: &str = "CH001";
+
+impl ReplicationError {
+    /// A refusal of a stale driver becomes `Fenced`.
+    fn fenced_or(e: tokio_postgres::Error) -> ReplicationError {
+        match e.as_db_error() {
+            Some(db) if db.code().code() == FENCED => {
+                ReplicationError::Fenced(db.message().to_owned())
+            }
+            _ => ReplicationError::Sql(e),
+        }
+    }
 }
 
 /// A (text) log sequence number as a comparable integer.
@@ -122,6 +140,8 @@ pub struct ReplicationStream {
     pub slot: String,
     /// Decoded rows fetched per step (whole transactions are always taken).
     pub batch_rows: i32,
+    /// The epoch of the driver applying it (see `Request::SetDriver`).
+    pub epoch: i64,
 }
 
 impl ReplicationStream {
@@ -133,6 +153,7 @@ impl ReplicationStream {
             // Whole transactions are always taken; smaller batches keep the
             // apply transaction, and the row locks it holds, short.
             batch_rows: 2_000,
+            epoch: 0,
         }
     }
 
@@ -245,10 +266,11 @@ impl ReplicationStream {
         // position (see chorus.apply_transactions).
         let row = peer
             .query_one(
-                "SELECT results, skipped FROM chorus.apply_transactions($1, $2::text::jsonb, $3, $4::text::pg_lsn)",
-                &[&i32::from(self.origin_node), &batch, &newest_version, &last_lsn],
+                "SELECT results, skipped FROM chorus.apply_transactions($1, $2::text::jsonb, $3, $4::text::pg_lsn, $5)",
+                &[&i32::from(self.origin_node), &batch, &newest_version, &last_lsn, &self.epoch],
             )
-            .await?;
+            .await
+            .map_err(ReplicationError::fenced_or)?;
         let skipped = usize::try_from(row.get::<_, i32>(1)).unwrap_or(0);
         report.duplicates = skipped;
         report.transactions = sent.saturating_sub(skipped);
@@ -295,13 +317,17 @@ async fn observe_remote_versions(node: &Node, home: &Client) -> Result<(), Repli
 /// chorus schema on the home backend, then move its changes to every other
 /// backend, one stream each. Failures (a peer down, the home backend
 /// restarting) are retried; changes wait in the slots meanwhile.
-pub async fn run_replicator(node: Arc<Node>) {
+/// The home backend's upkeep for as long as the node runs: the chorus
+/// schema, flush positions for commit scopes, lag metrics, the clock's view
+/// of other origins. (Its streams are driven by duties.rs, like those of
+/// any backend handed to this node.)
+pub async fn run_home_upkeep(node: Arc<Node>) {
     let Some(config) = node.config.replication.clone() else {
         return;
     };
     loop {
-        if let Err(e) = replicate(&node, &config).await {
-            tracing::warn!(error = %e, "replication interrupted; retrying");
+        if let Err(e) = home_upkeep(&node, &config).await {
+            tracing::warn!(error = %e, "home backend upkeep interrupted; retrying");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -382,39 +408,23 @@ fn slot_label(name: &str) -> String {
         .collect()
 }
 
-async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), ReplicationError> {
+/// The name of the slot that streams `owner`'s backend to `peer`.
+pub(crate) fn slot_name(owner: u16, peer: &str) -> String {
+    format!("chorus_{owner}_to_{}", slot_label(peer))
+}
+
+async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), ReplicationError> {
     let home = node.config.home_backend();
     let origin = connect_backend(home, config).await?;
     capture::install(&origin, node.config.node.id).await?;
     node.schema_installed();
-    // One task per peer, each with its own connections, so that a slow or
-    // frozen peer holds up only its own stream.
-    let mut streams = tokio::task::JoinSet::new();
-    let mut slots = Vec::new();
-    for backend in node.config.backends.iter().filter(|b| b.name != home.name) {
-        let stream = ReplicationStream {
-            slot: format!(
-                "chorus_{}_to_{}",
-                node.config.node.id,
-                slot_label(&backend.name)
-            ),
-            ..ReplicationStream::new(node.config.node.id, 0)
-        };
-        stream.ensure_slot(&origin).await?;
-        slots.push((backend.name.clone(), stream.slot.clone()));
-        streams.spawn(run_stream(
-            node.clone(),
-            config.clone(),
-            backend.clone(),
-            stream,
-        ));
-    }
-    tracing::info!(
-        node = node.config.node.id,
-        home = %home.name,
-        peers = slots.len(),
-        "replication running"
-    );
+    let slots: Vec<(String, String)> = node
+        .config
+        .backends
+        .iter()
+        .filter(|b| b.name != home.name)
+        .map(|b| (b.name.clone(), slot_name(node.config.node.id, &b.name)))
+        .collect();
     // Commits waiting for a scope ask for the home backend's flush position.
     let mut flush_requests = match &node.progress {
         Some(progress) => Some(progress.flush_requests_rx.lock().await),
@@ -424,14 +434,6 @@ async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), R
     let mut observe = tokio::time::interval(OBSERVE_INTERVAL);
     loop {
         tokio::select! {
-            // (A node whose cluster has no other backend runs no stream.)
-            ended = streams.join_next(), if !streams.is_empty() => {
-                // A stream only ends when it lost the home backend.
-                return match ended {
-                    Some(Ok(Err(e))) => Err(e),
-                    _ => Err(ReplicationError::Decoding("replication stream ended".into())),
-                };
-            }
             Some(reply) = async {
                 match flush_requests.as_mut() {
                     Some(rx) => rx.recv().await,
@@ -463,6 +465,91 @@ async fn replicate(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), R
     }
 }
 
+/// Drive the streams of `origin` (the home backend of node `owner`) to
+/// every other backend, as the driver of `epoch`, until one fails. A
+/// driver that finds a newer epoch recorded on the origin, or is refused
+/// by a peer, gets `Fenced` and must stop.
+pub(crate) async fn drive(
+    node: &Arc<Node>,
+    config: &ReplicationConfig,
+    origin_backend: &BackendConfig,
+    owner: u16,
+    epoch: u64,
+) -> Result<(), ReplicationError> {
+    let home = origin_backend.name == node.config.home_backend().name;
+    if home {
+        // The home upkeep installs the schema first.
+        while !node.wait_schema_ready(Duration::from_secs(1)).await {}
+    }
+    let epoch = i64::try_from(epoch).unwrap_or(i64::MAX);
+    let origin = connect_backend(origin_backend, config).await?;
+    // Take the streams over on the origin: refused when a newer driver
+    // has them; otherwise the walsenders of an older one (a node that
+    // stopped answering but still holds its connections) are ended.
+    let taken = origin
+        .query_opt(
+            "UPDATE chorus.local SET driver_epoch = $1 WHERE driver_epoch <= $1 RETURNING 1",
+            &[&epoch],
+        )
+        .await?;
+    if taken.is_none() {
+        return Err(ReplicationError::Fenced(format!(
+            "backend {} is driven with an epoch newer than {epoch}",
+            origin_backend.name
+        )));
+    }
+    let prefix = format!("chorus\\_{owner}\\_to\\_%");
+    let ended = origin
+        .execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name LIKE $1 AND active_pid IS NOT NULL",
+            &[&prefix],
+        )
+        .await?;
+    if ended > 0 {
+        tracing::info!(backend = %origin_backend.name, walsenders = ended, "ended the streams of a previous driver");
+    }
+    // One task per peer, each with its own connections, so that a slow or
+    // frozen peer holds up only its own stream.
+    let mut streams = tokio::task::JoinSet::new();
+    for backend in node
+        .config
+        .backends
+        .iter()
+        .filter(|b| b.name != origin_backend.name)
+    {
+        let stream = ReplicationStream {
+            slot: slot_name(owner, &backend.name),
+            epoch,
+            ..ReplicationStream::new(owner, 0)
+        };
+        stream.ensure_slot(&origin).await?;
+        streams.spawn(run_stream(
+            node.clone(),
+            config.clone(),
+            origin_backend.clone(),
+            backend.clone(),
+            stream,
+            home,
+        ));
+    }
+    tracing::info!(
+        node = node.config.node.id,
+        origin = %origin_backend.name,
+        epoch,
+        peers = streams.len(),
+        "replication running"
+    );
+    match streams.join_next().await {
+        // (A cluster with no other backend runs no stream.)
+        None => std::future::pending().await,
+        Some(Ok(Err(e))) => Err(e),
+        Some(_) => Err(ReplicationError::Decoding(
+            "replication stream ended".into(),
+        )),
+    }
+}
+
 /// How long a stream waits for more transactions once it has some to
 /// apply: bounds the extra replication delay, and lets one apply carry many
 /// small transactions under load.
@@ -478,17 +565,20 @@ const DDL_WAIT_POLL: Duration = Duration::from_millis(20);
 /// from several streams at once could exhaust it.
 const MAX_BATCH_CHANGES: usize = 1_000;
 
-/// Stream the home backend's changes to one peer until the home backend
-/// connection fails (the caller then starts over). A failing peer only
-/// pauses this stream: it reconnects and applies the same batch again.
+/// Stream an origin backend's changes to one peer until the origin
+/// connection fails (the caller then starts over) or the peer refuses this
+/// driver as stale (`Fenced`). A failing peer only pauses this stream: it
+/// reconnects and applies the same batch again. `home`: the origin is this
+/// node's home backend (its commit scopes and metrics follow the stream).
 async fn run_stream(
     node: Arc<Node>,
     config: ReplicationConfig,
+    origin: BackendConfig,
     backend: BackendConfig,
     stream: ReplicationStream,
+    home: bool,
 ) -> Result<(), ReplicationError> {
-    let home = node.config.home_backend();
-    let wal = WalStream::start(home, &config, &stream.slot, Duration::from_secs(5)).await?;
+    let wal = WalStream::start(&origin, &config, &stream.slot, Duration::from_secs(5)).await?;
     let (mut reader, mut writer) = wal.split();
     // The reader runs on its own (reading a message is not cancel-safe);
     // the bounded channel makes it wait while a batch is applied.
@@ -504,8 +594,8 @@ async fn run_stream(
     });
     let _stop_reading = AbortOnDrop(reading);
     let poll = Duration::from_millis(config.poll_interval_ms.max(1));
-    let progress = node.progress.clone();
-    let metrics = node.metrics.peer(&backend.name);
+    let progress = node.progress.clone().filter(|_| home);
+    let metrics = node.metrics.peer(&backend.name).filter(|_| home);
     let mut peer: Option<Client> = None;
     let mut decoder = PgOutputDecoder::default();
     let mut pending: Vec<DecodedTransaction> = Vec::new();
@@ -625,6 +715,7 @@ async fn run_stream(
             }
             match stream.apply(client, &pending[..ready]).await {
                 Ok(report) => break Some(report),
+                Err(e @ ReplicationError::Fenced(_)) => return Err(e),
                 Err(e) => {
                     let detail = match &e {
                         ReplicationError::Sql(sql) => sql

@@ -464,9 +464,11 @@ pub async fn run_node_with(
         let _ = node.consensus.set(consensus.clone());
         background.spawn(crate::ddl::run_applier(node.clone(), consensus.clone()));
         background.spawn(crate::sequences::run(node.clone(), consensus.clone()));
+        background.spawn(crate::duties::reassign(node.clone(), consensus.clone()));
         background.spawn(raft_upkeep(node.clone(), consensus));
     }
-    background.spawn(crate::replication::run_replicator(node.clone()));
+    background.spawn(crate::replication::run_home_upkeep(node.clone()));
+    background.spawn(crate::duties::run(node.clone()));
     background.spawn(health_checks(node.clone()));
     tracing::info!(
         node = node.config.node.id,

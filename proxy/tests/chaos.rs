@@ -447,7 +447,8 @@ async fn run_seed(seed: u64) -> String {
             .map(|o| format!("clock_offset_ms = {o}\n"))
             .collect(),
         replication: "commit_scope = \"majority\"\ncommit_scope_timeout_ms = 3000\n".into(),
-        extra: String::new(),
+        // Duties of a node that stops answering move after a second.
+        extra: "node_lease_ms = 1000\n".into(),
         links: true,
     })
     .await;

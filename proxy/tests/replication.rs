@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chorus_proxy::capture;
 use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
-use chorus_proxy::replication::ReplicationStream;
+use chorus_proxy::replication::{ReplicationError, ReplicationStream};
 use chorus_router::hlc;
 use tokio_postgres::Client;
 
@@ -636,4 +636,58 @@ async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
             .get(0);
         assert_eq!(name, "local, newer", "node {node}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_driver_older_than_the_last_one_a_peer_saw_is_refused() {
+    let mut c = cluster(2, &[USERS]).await;
+    // A stale driver's view of the origin: a copy of the slot.
+    c.client(1)
+        .batch_execute("SELECT pg_copy_logical_replication_slot('chorus_1_to_2', 'stale')")
+        .await
+        .unwrap();
+    c.client(1)
+        .batch_execute("INSERT INTO users SELECT g, 'x' FROM generate_series(1, 20) g")
+        .await
+        .unwrap();
+    // The driver of epoch 2 applies.
+    let current = ReplicationStream {
+        epoch: 2,
+        ..ReplicationStream::new(1, 2)
+    };
+    let report = current
+        .step(&c.clients[0], &mut c.appliers[1])
+        .await
+        .unwrap();
+    assert_eq!(report.transactions, 1, "{report:?}");
+    c.client(1)
+        .batch_execute("UPDATE users SET name = 'y' WHERE id <= 5")
+        .await
+        .unwrap();
+    // The driver of epoch 1 (a node that froze and came back) is refused,
+    // with changes the peer has and with ones it has not.
+    let stale = ReplicationStream {
+        slot: "stale".to_owned(),
+        epoch: 1,
+        ..ReplicationStream::new(1, 2)
+    };
+    let refused = stale.step(&c.clients[0], &mut c.appliers[1]).await;
+    assert!(
+        matches!(refused, Err(ReplicationError::Fenced(_))),
+        "{refused:?}"
+    );
+    let updated: i64 = c
+        .client(2)
+        .query_one("SELECT count(*) FROM users WHERE name = 'y'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(updated, 0, "the stale driver applied");
+    // The current driver goes on.
+    current
+        .step(&c.clients[0], &mut c.appliers[1])
+        .await
+        .unwrap();
+    let hashes = c.hashes().await;
+    assert_eq!(hashes[0], hashes[1]);
 }

@@ -1,0 +1,222 @@
+//! Who drives each backend's replication. A backend's changes are streamed
+//! to the others, and the DDL log applied to it, by the node whose home it
+//! is, while that node is alive. When a node stops answering the Raft
+//! leader for `cluster.node_lease_ms`, the leader hands its backend's
+//! duties to a live node (`Request::SetDriver`, each hand-over with a new
+//! epoch) and hands them back once it answers again.
+//!
+//! A stale driver (a node frozen, or cut off from Raft, that still holds
+//! connections) can never apply concurrently with the new one: the new
+//! driver records its epoch on the origin backend and ends the old
+//! walsenders there, and every apply transaction on a peer locks the
+//! origin's row in `chorus.applied` and refuses an epoch older than the
+//! last one it saw (`chorus.apply_transactions`). A fenced node stops
+//! driving that backend until the Raft state gives it a newer epoch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chorus_consensus::{Consensus, Request};
+
+use crate::config::BackendConfig;
+use crate::replication::{self, ReplicationError};
+use crate::server::Node;
+
+/// How often the assignment is looked at.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A backend this node drives: its owner node and the epoch.
+#[derive(Debug, Clone)]
+struct Duty {
+    backend: BackendConfig,
+    owner: u16,
+    epoch: u64,
+}
+
+/// Run the duties this node is assigned, for as long as it runs.
+pub async fn run(node: Arc<Node>) {
+    let Some(config) = node.config.replication.clone() else {
+        return;
+    };
+    let me = u64::from(node.config.node.id);
+    let (fenced_tx, mut fenced_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u64)>();
+    let mut running: HashMap<String, (u64, Vec<tokio::task::JoinHandle<()>>)> = HashMap::new();
+    // Duties this node was fenced from, by epoch: not taken up again
+    // until the assignment changes.
+    let mut fenced: HashMap<String, u64> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some((backend, epoch)) = fenced_rx.recv() => {
+                fenced.insert(backend, epoch);
+            }
+        }
+        let wanted = assigned(&node, me);
+        running.retain(|name, (epoch, tasks)| {
+            let keep = wanted
+                .iter()
+                .any(|d| d.backend.name == *name && d.epoch == *epoch)
+                && fenced.get(name) != Some(epoch);
+            if !keep {
+                for task in tasks.drain(..) {
+                    task.abort();
+                }
+                node.metrics.driving(name, false);
+                tracing::info!(backend = %name, epoch, "no longer driving this backend's replication");
+            }
+            keep
+        });
+        for duty in wanted {
+            let name = duty.backend.name.clone();
+            if running.contains_key(&name) || fenced.get(&name) == Some(&duty.epoch) {
+                continue;
+            }
+            let mut tasks = Vec::new();
+            {
+                let node = node.clone();
+                let config = config.clone();
+                let fenced_tx = fenced_tx.clone();
+                let duty = duty.clone();
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        match replication::drive(&node, &config, &duty.backend, duty.owner, duty.epoch)
+                            .await
+                        {
+                            Err(ReplicationError::Fenced(why)) => {
+                                node.metrics.fenced();
+                                tracing::warn!(backend = %duty.backend.name, epoch = duty.epoch, %why, "fenced: another node drives this backend now");
+                                let _ = fenced_tx.send((duty.backend.name.clone(), duty.epoch));
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(backend = %duty.backend.name, error = %e, "replication interrupted; retrying")
+                            }
+                            Ok(()) => {}
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }));
+            }
+            // Another node's backend: its DDL log too (the home backend's
+            // applier always runs, see server.rs).
+            if u64::from(duty.owner) != me {
+                if let Some(consensus) = node.consensus() {
+                    tasks.push(tokio::spawn(crate::ddl::run_foreign_applier(
+                        node.clone(),
+                        consensus.clone(),
+                        duty.backend.clone(),
+                        u64::from(duty.owner),
+                    )));
+                }
+            }
+            node.metrics.driving(&name, true);
+            tracing::info!(backend = %name, epoch = duty.epoch, "driving this backend's replication");
+            running.insert(name, (duty.epoch, tasks));
+        }
+    }
+}
+
+/// The backends this node drives now: without a cluster, its home; with
+/// one, those the Raft state assigns it (its home until it is handed
+/// over).
+fn assigned(node: &Node, me: u64) -> Vec<Duty> {
+    let home = node.config.home_backend();
+    let Some(consensus) = node.consensus() else {
+        return vec![Duty {
+            backend: home.clone(),
+            owner: node.config.node.id,
+            epoch: 0,
+        }];
+    };
+    consensus.state().read(|s| {
+        node.config
+            .backends
+            .iter()
+            .filter_map(|b| {
+                let is_home = b.name == home.name;
+                let (driver, epoch) = match s.driver_of(&b.name) {
+                    Some(d) => (d.node, d.epoch),
+                    // Not registered yet: a node drives its own home.
+                    None if is_home => (me, 0),
+                    None => return None,
+                };
+                let owner = if is_home {
+                    Some(me)
+                } else {
+                    s.owner_of(&b.name)
+                };
+                (driver == me).then_some(())?;
+                Some(Duty {
+                    backend: b.clone(),
+                    owner: u16::try_from(owner?).ok()?,
+                    epoch,
+                })
+            })
+            .collect()
+    })
+}
+
+/// On the Raft leader's node: hand the duties of a node that has not
+/// answered for the lease to a live node (its own), and back to their
+/// owner once it answers again.
+pub async fn reassign(node: Arc<Node>, consensus: Arc<Consensus>) {
+    let Some(cluster) = node.config.cluster.as_ref() else {
+        return;
+    };
+    let lease = Duration::from_millis(cluster.node_lease_ms.max(1));
+    let me = u64::from(node.config.node.id);
+    let mut leader_since: Option<Instant> = None;
+    let mut tick =
+        tokio::time::interval((lease / 4).clamp(Duration::from_millis(20), Duration::from_secs(1)));
+    loop {
+        tick.tick().await;
+        if consensus.metrics().borrow().current_leader != Some(me) {
+            leader_since = None;
+            continue;
+        }
+        let since = *leader_since.get_or_insert_with(Instant::now);
+        // A node is alive if it answered within the lease (counting from
+        // when this node became leader: it has not asked before).
+        let alive = |n: u64| {
+            n == me
+                || consensus
+                    .last_contact(n)
+                    .map_or(since, |t| t.max(since))
+                    .elapsed()
+                    < lease
+        };
+        let moves: Vec<(String, u64, u64)> = consensus.state().read(|s| {
+            s.nodes
+                .iter()
+                .filter_map(|(owner, info)| {
+                    let current = s.driver_of(&info.home_backend)?.node;
+                    let target = if alive(*owner) {
+                        *owner
+                    } else if alive(current) {
+                        current
+                    } else {
+                        me
+                    };
+                    (target != current).then(|| (info.home_backend.clone(), target, current))
+                })
+                .collect()
+        });
+        for (backend, target, current) in moves {
+            let request = Request::SetDriver {
+                backend: backend.clone(),
+                node: target,
+                expected: current,
+            };
+            match consensus.propose(request, Duration::from_secs(2)).await {
+                Ok(_) => {
+                    tracing::info!(%backend, from = current, to = target, "replication duties handed over")
+                }
+                Err(e) => {
+                    tracing::warn!(%backend, error = %e, "could not hand replication duties over")
+                }
+            }
+        }
+    }
+}
