@@ -387,7 +387,7 @@ async fn drivers_of(c: &procs::Cluster, b: usize, nodes: &[usize]) -> Vec<usize>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_nodes_replication_duties_go_to_a_live_node_and_come_back() {
-    let mut c = cluster("node_lease_ms = 1000").await;
+    let c = cluster("node_lease_ms = 1000").await;
     c.exec(1, "CREATE TABLE h (id int PRIMARY KEY, v text)")
         .await;
     c.wait_ddl(1).await;
