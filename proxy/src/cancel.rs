@@ -37,6 +37,20 @@ impl Drop for CancelKey {
     }
 }
 
+impl CancelKey {
+    /// Send this key's cancels to another backend connection (the session
+    /// moved); the client keeps its key.
+    pub fn retarget(&self, backend_address: &str, backend_pid: i32, backend_secret: i32) {
+        if let Ok(mut keys) = self.registry.keys.lock() {
+            if let Some(target) = keys.get_mut(&self.pid) {
+                target.backend_address = backend_address.to_owned();
+                target.backend_pid = backend_pid;
+                target.backend_secret = backend_secret;
+            }
+        }
+    }
+}
+
 impl CancelRegistry {
     /// Register a session's backend key and make up the key its client sees.
     pub fn register(

@@ -351,6 +351,13 @@ impl Metrics {
             .set(if on { 1.0 } else { 0.0 });
     }
 
+    /// Count a session moved to another backend after its own failed.
+    pub fn sessions_moved(&self) {
+        self.recorder
+            .register_counter(&Key::from_name("chorus_sessions_moved_total"), &METADATA)
+            .increment(1);
+    }
+
     /// Count a replication duty this node lost to a newer driver.
     pub fn fenced(&self) {
         self.recorder

@@ -65,6 +65,8 @@ pub struct Node {
     pub ddl: crate::ddl::DdlProgress,
     /// Per backend (in config order): whether it was last seen down.
     backend_down: Vec<AtomicBool>,
+    /// Bumped whenever a backend is seen going down: sessions on it move.
+    backend_went_down: watch::Sender<u64>,
     /// Set once shutdown begins.
     pub draining: Arc<AtomicBool>,
     shutdown_tx: watch::Sender<bool>,
@@ -118,6 +120,7 @@ impl Node {
             draining: Arc::new(AtomicBool::new(false)),
             consensus: std::sync::OnceLock::new(),
             backend_down,
+            backend_went_down: watch::channel(0).0,
             ddl: crate::ddl::DdlProgress::default(),
             shutdown_tx,
             schema_ready: watch::channel(replication_off).0,
@@ -138,6 +141,7 @@ impl Node {
             let was = self.backend_down[i].swap(down, Ordering::SeqCst);
             if was != down {
                 if down {
+                    self.backend_went_down.send_modify(|n| *n += 1);
                     tracing::warn!(backend = name, "backend down");
                 } else {
                     tracing::info!(backend = name, "backend up");
@@ -147,6 +151,20 @@ impl Node {
                 up.set(if down { 0.0 } else { 1.0 });
             }
         }
+    }
+
+    /// Whether a backend was last seen down.
+    pub fn is_backend_down(&self, name: &str) -> bool {
+        self.config
+            .backends
+            .iter()
+            .position(|b| b.name == name)
+            .is_some_and(|i| self.backend_down[i].load(Ordering::SeqCst))
+    }
+
+    /// Changes whenever a backend is seen going down.
+    pub fn backend_went_down(&self) -> watch::Receiver<u64> {
+        self.backend_went_down.subscribe()
     }
 
     /// The backends a new session tries, in order: the home backend unless

@@ -175,21 +175,20 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
     };
     let Established {
         backend,
-        backend_name,
-        _cancel_key,
+        mut session,
     } = established;
-    let _backend_open = node
+    session.backend_open = node
         .metrics
-        .backend(&backend_name)
+        .backend(&session.backend_name)
         .map(|(conns, _)| GaugeGuard::new(conns));
     match client {
         ClientStream::Plain(stream) => {
             let (read, write) = stream.into_split();
-            relay(&node, read, write, backend.stream).await;
+            relay(&node, read, write, backend.stream, &mut session).await;
         }
         ClientStream::Tls(stream) => {
             let (read, write) = tokio::io::split(*stream);
-            relay(&node, read, write, backend.stream).await;
+            relay(&node, read, write, backend.stream, &mut session).await;
         }
         ClientStream::Closed => {}
     }
@@ -219,8 +218,7 @@ async fn report_startup_failure(node: &Node, client: &mut ClientStream, failure:
 
 struct Established {
     backend: BackendConnection,
-    backend_name: String,
-    _cancel_key: crate::cancel::CancelKey,
+    session: Session,
 }
 
 /// Startup packet(s), authentication and backend login. `Ok(None)` when the
@@ -375,8 +373,14 @@ async fn startup(
     client.write_all(&out).await?;
     Ok(Some(Established {
         backend,
-        backend_name: home.name.clone(),
-        _cancel_key: cancel_key,
+        session: Session {
+            user,
+            database,
+            params: forwarded,
+            backend_name: home.name.clone(),
+            cancel_key,
+            backend_open: None,
+        },
     }))
 }
 
@@ -460,6 +464,9 @@ enum RelayEnd {
     BackendGone { after_fatal: bool },
     /// The node is shutting down and this session was idle.
     Shutdown,
+    /// The health checks found the backend down (it may still hold the
+    /// connection open, frozen).
+    BackendDown,
 }
 
 /// Something sent to the backend whose answers are still due, in order.
@@ -502,9 +509,96 @@ struct RelayState {
     /// transaction's (0: none, 1: local, 2: cluster).
     ddl_scope_session: AtomicU8,
     ddl_scope_local: AtomicU8,
+    /// Named prepared statements, as sent (see `remember_prepared`).
+    prepared: Mutex<rustc_hash::FxHashMap<String, BytesMut>>,
+    /// Settings the backend reported changed (ParameterStatus) that a
+    /// moved session takes along.
+    reported: Mutex<Vec<(String, String)>>,
+    /// The session moved while idle in a transaction block: the client has
+    /// not heard yet that its transaction is gone, so a COMMIT must fail
+    /// (see `move_session`). Cleared by the next error or idle status.
+    lost_transaction: AtomicBool,
 }
 
+/// What the client-to-backend direction keeps across backend connections.
+struct ClientSide {
+    pump: PumpSide,
+    frontend: FrontendState,
+    /// The client sent Terminate.
+    terminated: bool,
+    /// Whether the next extended-protocol message starts a batch.
+    batch_start: bool,
+    /// Whether a stamp went to the backend since the last message that a
+    /// ReadyForQuery answers.
+    stamped: bool,
+    /// Commit scope settings sent since then.
+    scope_pending: Vec<ScopeChange>,
+    /// Drop extended-protocol messages up to the next Sync (see
+    /// `move_session`).
+    discard_until_sync: bool,
+}
+
+impl ClientSide {
+    fn new() -> ClientSide {
+        ClientSide {
+            pump: PumpSide::default(),
+            frontend: FrontendState::default(),
+            terminated: false,
+            batch_start: true,
+            stamped: false,
+            scope_pending: Vec::new(),
+            discard_until_sync: false,
+        }
+    }
+}
+
+/// Settings reported by ParameterStatus that a session moved to another
+/// backend gets again (as startup parameters).
+const MOVED_SETTINGS: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "search_path",
+    "standard_conforming_strings",
+];
+
 impl RelayState {
+    fn new() -> RelayState {
+        RelayState {
+            pending: Mutex::new(VecDeque::new()),
+            stamps: AtomicU32::new(0),
+            tx_status: AtomicU8::new(b'I'),
+            txn_stamped: AtomicBool::new(false),
+            scope_session: AtomicU8::new(0),
+            scope_local: AtomicU8::new(0),
+            ddl_jobs: AtomicU32::new(0),
+            ddl_scope_session: AtomicU8::new(0),
+            ddl_scope_local: AtomicU8::new(0),
+            prepared: Mutex::new(rustc_hash::FxHashMap::default()),
+            reported: Mutex::new(Vec::new()),
+            lost_transaction: AtomicBool::new(false),
+        }
+    }
+
+    /// Note a ParameterStatus of the backend's.
+    fn report(&self, body: &[u8]) {
+        let Ok((name, rest)) = protocol::read_cstr(body) else {
+            return;
+        };
+        if !MOVED_SETTINGS.contains(&name) {
+            return;
+        }
+        let Ok((value, _)) = protocol::read_cstr(rest) else {
+            return;
+        };
+        if let Ok(mut reported) = self.reported.lock() {
+            reported.retain(|(n, _)| n != name);
+            reported.push((name.to_owned(), value.to_owned()));
+        }
+    }
+
     /// Whether DDL now runs on this node's backend only.
     fn ddl_is_local(&self) -> bool {
         match self.ddl_scope_local.load(Ordering::Relaxed) {
@@ -533,32 +627,105 @@ impl RelayState {
     }
 }
 
-/// Move messages both ways until either side ends.
+/// What a session keeps to move to another backend when its own fails.
+struct Session {
+    user: String,
+    database: String,
+    /// The client's startup parameters, as sent to the backend.
+    params: Vec<(String, String)>,
+    backend_name: String,
+    cancel_key: crate::cancel::CancelKey,
+    /// Counts the session in its backend's connections.
+    backend_open: Option<GaugeGuard>,
+}
+
+/// How long a session whose backend failed tries to get another one.
+const MOVE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Move messages both ways until either side ends. With replication, a
+/// session whose backend fails (or is found down by the health checks)
+/// moves to another backend between messages, see `move_session`.
 async fn relay<CR, CW>(
     node: &Arc<Node>,
     mut client_read: CR,
     mut client_write: CW,
     backend: TcpStream,
+    session: &mut Session,
 ) where
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
 {
-    let (mut backend_read, mut backend_write) = backend.into_split();
-    let state = RelayState {
-        pending: Mutex::new(VecDeque::new()),
-        stamps: AtomicU32::new(0),
-        tx_status: AtomicU8::new(b'I'),
-        txn_stamped: AtomicBool::new(false),
-        scope_session: AtomicU8::new(0),
-        scope_local: AtomicU8::new(0),
-        ddl_jobs: AtomicU32::new(0),
-        ddl_scope_session: AtomicU8::new(0),
-        ddl_scope_local: AtomicU8::new(0),
-    };
+    let state = RelayState::new();
+    let mut client = ClientSide::new();
     let mut shutdown = node.shutdown_signal();
-    let end = tokio::select! {
-        end = client_to_backend(node, &state, &mut client_read, &mut backend_write) => end,
-        end = backend_to_client(node, &state, &mut backend_read, &mut client_write, &mut shutdown) => end,
+    let mut went_down = node.backend_went_down();
+    let mut backend = backend;
+    let replicating = node.config.replication.is_some();
+    let (end, mut backend_write) = loop {
+        let (mut backend_read, mut backend_write) = backend.into_split();
+        let mut from_backend = PumpSide::default();
+        let end = {
+            let to_backend = client_to_backend(
+                node,
+                &state,
+                &mut client,
+                &mut client_read,
+                &mut backend_write,
+            );
+            let to_client = backend_to_client(
+                node,
+                &state,
+                &mut from_backend,
+                &mut backend_read,
+                &mut client_write,
+                &mut shutdown,
+            );
+            tokio::pin!(to_backend, to_client);
+            let name = session.backend_name.clone();
+            let marked_down = async {
+                loop {
+                    if went_down.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                    if node.is_backend_down(&name) {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                end = &mut to_backend => match end {
+                    // Writing to the backend failed: the other direction
+                    // sees the end too, after what it still forwards.
+                    RelayEnd::BackendGone { .. } => {
+                        tokio::time::timeout(Duration::from_secs(1), &mut to_client)
+                            .await
+                            .unwrap_or(RelayEnd::BackendGone { after_fatal: false })
+                    }
+                    other => other,
+                },
+                end = &mut to_client => end,
+                () = marked_down, if replicating => RelayEnd::BackendDown,
+            }
+        };
+        let movable = replicating
+            && matches!(
+                end,
+                RelayEnd::BackendGone { after_fatal: false } | RelayEnd::BackendDown
+            )
+            && client.pump.clean()
+            && from_backend.clean();
+        if movable {
+            drop(backend_read);
+            drop(backend_write);
+            if let Some(next) =
+                move_session(node, &state, session, &mut client, &mut client_write).await
+            {
+                backend = next;
+                continue;
+            }
+            break (RelayEnd::BackendGone { after_fatal: false }, None);
+        }
+        break (end, Some(backend_write));
     };
     let mut out = BytesMut::new();
     match end {
@@ -580,19 +747,208 @@ async fn relay<CR, CW>(
                 );
             }
         }
+        RelayEnd::BackendDown => {
+            node.metrics.error(ErrorKind::BackendLost);
+            protocol::error_response(
+                &mut out,
+                Severity::Fatal,
+                "08006",
+                "the backend stopped answering health checks",
+                None,
+            );
+        }
     }
     if !out.is_empty() {
         let _ = client_write.write_all(&out).await;
     }
     let _ = client_write.shutdown().await;
     // Say goodbye to the backend so it does not log an unexpected EOF.
-    let _ = backend_write.write_all(&[b'X', 0, 0, 0, 4]).await;
+    if let Some(backend_write) = backend_write.as_mut() {
+        let _ = backend_write.write_all(&[b'X', 0, 0, 0, 4]).await;
+    }
+}
+
+/// A statement that leaves a new backend connection in a failed
+/// transaction block, as the client's was when its backend failed: the
+/// backend then answers the client's next statements as PostgreSQL does in
+/// an aborted transaction (25P02, and COMMIT rolls back).
+const LOST_TRANSACTION_SQL: &str = "BEGIN; DO $$BEGIN RAISE EXCEPTION \
+    'chorus: the transaction was lost with its backend' USING ERRCODE = '40001'; END$$";
+
+/// Give a session whose backend failed another backend, between messages:
+/// log in as the session did (with the settings the old backend reported),
+/// prepare its named statements again, and answer what the client is owed:
+/// each statement in flight gets ERROR 08006 (its outcome is unknown: it
+/// may have committed on the failed backend), then ReadyForQuery. An open
+/// transaction is lost: the new connection is put in a failed transaction
+/// block, so that the client's next statements fail (25P02) until it rolls
+/// back, exactly as in an aborted transaction. `None` when no backend took
+/// the session within `MOVE_LIMIT`.
+async fn move_session<W: AsyncWrite + Unpin>(
+    node: &Node,
+    state: &RelayState,
+    session: &mut Session,
+    client: &mut ClientSide,
+    client_write: &mut W,
+) -> Option<TcpStream> {
+    let from = session.backend_name.clone();
+    node.set_backend_down(&from, true);
+    let in_block = matches!(state.tx_status.load(Ordering::Relaxed), b'T' | b'E');
+    let mut params = session.params.clone();
+    if let Ok(reported) = state.reported.lock() {
+        for (name, value) in reported.iter() {
+            params.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+            params.push((name.clone(), value.clone()));
+        }
+    }
+    let password = node
+        .config
+        .user(&session.user)
+        .and_then(|u| u.password.as_deref());
+    let deadline = Instant::now() + MOVE_LIMIT;
+    let (name, address, mut connection) = 'found: loop {
+        let candidates: Vec<_> = node
+            .session_backends()
+            .into_iter()
+            .filter(|b| b.name != from)
+            .cloned()
+            .collect();
+        for candidate in candidates {
+            let address = candidate.address();
+            let login = LoginParams {
+                address: &address,
+                user: &session.user,
+                password,
+                database: &session.database,
+                params: &params,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            match backend::connect(&login, left.min(node.config.backend_connect_timeout())).await {
+                Ok(connection) => break 'found (candidate.name, address, connection),
+                Err(e) => {
+                    tracing::debug!(backend = %candidate.name, error = %e, "moving a session: login failed");
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(from = %from, "a session whose backend failed found no other backend");
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The session's transaction state and named statements, on the new
+    // connection; the answers are read and dropped.
+    let mut setup = BytesMut::new();
+    let mut readies = 0;
+    if in_block {
+        protocol::query(&mut setup, LOST_TRANSACTION_SQL);
+        readies += 1;
+    }
+    let prepared: Vec<BytesMut> = state
+        .prepared
+        .lock()
+        .map(|p| p.values().cloned().collect())
+        .unwrap_or_default();
+    if !prepared.is_empty() {
+        for parse in &prepared {
+            setup.extend_from_slice(parse);
+        }
+        protocol::write_message(&mut setup, b'S', |_| {});
+        readies += 1;
+    }
+    if readies > 0 {
+        let ready = async {
+            connection.stream.write_all(&setup).await.ok()?;
+            let mut buf = BytesMut::new();
+            let mut seen = 0;
+            while seen < readies {
+                let tag = read_message(&mut connection.stream, &mut buf, 1 << 30)
+                    .await
+                    .ok()?;
+                if tag == b'Z' {
+                    seen += 1;
+                }
+                buf.clear();
+            }
+            Some(())
+        };
+        if tokio::time::timeout(MOVE_LIMIT, ready)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            tracing::warn!(backend = %name, "a moved session could not be set up");
+            return None;
+        }
+    }
+    // What the client is owed.
+    let status = if in_block { b'E' } else { b'I' };
+    let owed = state
+        .pending
+        .lock()
+        .map(|mut p| {
+            p.drain(..)
+                .filter(|p| !matches!(p, Pending::Stamp(_)))
+                .count()
+        })
+        .unwrap_or(0);
+    let message = format!(
+        "the connection to backend \"{from}\" was lost; the outcome of the statement in progress is unknown"
+    );
+    let detail = format!(
+        "The session goes on with backend \"{name}\"{}.",
+        if in_block {
+            "; its transaction was rolled back"
+        } else {
+            ""
+        }
+    );
+    let mut out = BytesMut::new();
+    for _ in 0..owed {
+        protocol::error_response(&mut out, Severity::Error, "08006", &message, Some(&detail));
+        protocol::ready_for_query(&mut out, status);
+    }
+    // A batch under way (messages since its last Sync went to the failed
+    // backend): its error now, the rest of it dropped, its Sync answered by
+    // the new backend.
+    if !client.batch_start {
+        protocol::error_response(&mut out, Severity::Error, "08006", &message, Some(&detail));
+        client.discard_until_sync = true;
+    }
+    if !out.is_empty() && client_write.write_all(&out).await.is_err() {
+        return None;
+    }
+    state.stamps.store(0, Ordering::SeqCst);
+    state.ddl_jobs.store(0, Ordering::SeqCst);
+    state.txn_stamped.store(false, Ordering::Relaxed);
+    state.scope_local.store(0, Ordering::SeqCst);
+    state.ddl_scope_local.store(0, Ordering::Relaxed);
+    state.tx_status.store(status, Ordering::Relaxed);
+    state.lost_transaction.store(
+        in_block && owed == 0 && client.batch_start,
+        Ordering::Relaxed,
+    );
+    client.stamped = false;
+    client.scope_pending.clear();
+    session
+        .cancel_key
+        .retarget(&address, connection.pid, connection.secret);
+    session.backend_open = node
+        .metrics
+        .backend(&name)
+        .map(|(conns, _)| GaugeGuard::new(conns));
+    node.metrics.sessions_moved();
+    tracing::info!(from = %from, to = %name, owed, in_block, "session moved to another backend");
+    session.backend_name = name;
+    Some(connection.stream)
 }
 
 /// Client to backend: count statements, note when answers are due.
 async fn client_to_backend<R, W>(
     node: &Node,
     state: &RelayState,
+    side: &mut ClientSide,
     reader: &mut R,
     writer: &mut W,
 ) -> RelayEnd
@@ -602,30 +958,73 @@ where
 {
     let metrics = &node.metrics;
     let replicating = node.config.replication.is_some();
-    let mut frontend = FrontendState::default();
-    let mut terminated = false;
-    // Whether the next extended-protocol message starts a batch.
-    let mut batch_start = true;
-    // Whether a stamp went to the backend since the last message that a
-    // ReadyForQuery answers.
-    let mut stamped = false;
-    // Commit scope settings sent since then.
-    let mut scope_pending: Vec<ScopeChange> = Vec::new();
+    let ClientSide {
+        pump: pump_side,
+        frontend,
+        terminated,
+        batch_start,
+        stamped,
+        scope_pending,
+        discard_until_sync,
+    } = side;
     let result = pump(
         reader,
         writer,
+        pump_side,
         node.config.node.max_message_bytes,
         is_inspected,
         |tag, body, rest| {
+            // The rest of a batch whose start went to a backend that failed
+            // (the client has its error): dropped up to its Sync.
+            if *discard_until_sync {
+                if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H') {
+                    return Ok(Flow::Replace(BytesMut::new()));
+                }
+                *discard_until_sync = false;
+            }
+            if replicating {
+                remember_prepared(state, tag, body);
+            }
+            // A transaction lost with its backend is never reported
+            // committed: a COMMIT the client sends before it heard of the
+            // loss becomes a statement the aborted block refuses (25P02).
+            if state.lost_transaction.load(Ordering::Relaxed) {
+                let statement = match tag {
+                    b'Q' => protocol::read_cstr(body).map_or("", |(sql, _)| sql),
+                    b'P' => protocol::read_cstr(body)
+                        .and_then(|(_, rest)| protocol::read_cstr(rest))
+                        .map_or("", |(sql, _)| sql),
+                    _ => "",
+                };
+                if ends_transaction(statement) {
+                    let mut out = BytesMut::new();
+                    if tag == b'Q' {
+                        protocol::query(&mut out, "SELECT 1");
+                        push_pending(state, *stamped, Vec::new());
+                        *stamped = false;
+                        scope_pending.clear();
+                        *batch_start = true;
+                    } else {
+                        let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
+                        protocol::write_message(&mut out, b'P', |m| {
+                            protocol::put_cstr(m, name);
+                            protocol::put_cstr(m, "SELECT 1");
+                            m.extend_from_slice(&0i16.to_be_bytes());
+                        });
+                        *batch_start = false;
+                    }
+                    return Ok(Flow::Replace(out));
+                }
+            }
             let mut stamp = None;
             match tag {
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' if batch_start => {
-                    batch_start = false;
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' if *batch_start => {
+                    *batch_start = false;
                     if replicating && frontend.batch_stamps(tag, body, rest) {
                         stamp = Some(StampKind::Extended);
                     }
                 }
-                b'Q' | b'S' | b'F' => batch_start = true,
+                b'Q' | b'S' | b'F' => *batch_start = true,
                 _ => {}
             }
             match frontend.on_message(tag, body)? {
@@ -656,8 +1055,8 @@ where
                                 state.apply_ddl_scope(&ddl_scope);
                             }
                             Err(refusal) => {
-                                push_pending(state, stamped, Vec::new());
-                                stamped = false;
+                                push_pending(state, *stamped, Vec::new());
+                                *stamped = false;
                                 scope_pending.clear();
                                 return Ok(Flow::Replace(refusal));
                             }
@@ -667,8 +1066,8 @@ where
                         && summary.counts[StatementClass::Write.index()] > 0
                         && mentions_setval(sql())
                     {
-                        push_pending(state, stamped, Vec::new());
-                        stamped = false;
+                        push_pending(state, *stamped, Vec::new());
+                        *stamped = false;
                         scope_pending.clear();
                         return Ok(Flow::Replace(refusal_query("0A000", SETVAL_REFUSED, SETVAL_HINT)));
                     }
@@ -688,8 +1087,8 @@ where
                             None
                         };
                         if let Some((message, hint)) = refusal {
-                            push_pending(state, stamped, Vec::new());
-                            stamped = false;
+                            push_pending(state, *stamped, Vec::new());
+                            *stamped = false;
                             scope_pending.clear();
                             return Ok(Flow::Replace(refusal_query("0A000", message, hint)));
                         }
@@ -697,9 +1096,9 @@ where
                         // (25P02) as it is; otherwise it is validated here
                         // and replicated (see ddl.rs).
                         if state.tx_status.load(Ordering::Relaxed) != b'E' {
-                            if stamped {
+                            if *stamped {
                                 push_pending(state, true, Vec::new());
-                                stamped = false;
+                                *stamped = false;
                             }
                             if let Ok(mut pending) = state.pending.lock() {
                                 state.ddl_jobs.fetch_add(1, Ordering::SeqCst);
@@ -740,6 +1139,7 @@ where
                         protocol::put_cstr(m, &refusal_sql("0A000", SETVAL_REFUSED, SETVAL_HINT));
                         m.extend_from_slice(&0i16.to_be_bytes());
                     });
+                    remember_prepared(state, b'P', &out[5..]);
                     return Ok(Flow::Replace(out));
                 }
                 FrontendEvent::Parsed(StatementClass::Ddl)
@@ -759,10 +1159,11 @@ where
                         ));
                         m.extend_from_slice(&0i16.to_be_bytes());
                     });
+                    remember_prepared(state, b'P', &out[5..]);
                     return Ok(Flow::Replace(out));
                 }
                 FrontendEvent::Terminate => {
-                    terminated = true;
+                    *terminated = true;
                     return Ok(Flow::Stop);
                 }
                 FrontendEvent::AwaitsReady
@@ -778,12 +1179,12 @@ where
                     if state.tx_status.load(Ordering::Relaxed) == b'T'
                         && state.txn_stamped.load(Ordering::Relaxed) =>
                 {
-                    stamped = true;
+                    *stamped = true;
                     Flow::Continue
                 }
                 Some(kind) => {
                     push_stamp(state, kind);
-                    stamped = true;
+                    *stamped = true;
                     state.txn_stamped.store(true, Ordering::Relaxed);
                     let mut out = BytesMut::with_capacity(160 + body.len());
                     stamp::write_stamp(&mut out, kind, node.clock.now());
@@ -793,8 +1194,8 @@ where
                 None => Flow::Continue,
             };
             if matches!(tag, b'Q' | b'S' | b'F') {
-                push_pending(state, stamped, std::mem::take(&mut scope_pending));
-                stamped = false;
+                push_pending(state, *stamped, std::mem::take(scope_pending));
+                *stamped = false;
             }
             Ok(flow)
         },
@@ -806,8 +1207,52 @@ where
         Err(PumpError::Protocol(e)) if e.is_disconnect() => RelayEnd::ClientDone,
         Err(PumpError::Protocol(e)) => RelayEnd::ClientProtocol(e),
         // The backend side failed while we wrote to it.
-        Err(PumpError::WriteFailed) if terminated => RelayEnd::ClientDone,
+        Err(PumpError::WriteFailed) if *terminated => RelayEnd::ClientDone,
         Err(PumpError::WriteFailed) => RelayEnd::BackendGone { after_fatal: false },
+    }
+}
+
+/// Whether a statement ends a transaction by committing it (in an aborted
+/// transaction PostgreSQL answers these with ROLLBACK, no error).
+fn ends_transaction(sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|w| !w.is_empty())
+        .take(2)
+        .map(str::to_ascii_lowercase)
+        .collect();
+    match words.first().map(String::as_str) {
+        Some("commit" | "end") => true,
+        Some("prepare") => words.get(1).is_some_and(|w| w == "transaction"),
+        _ => false,
+    }
+}
+
+/// Keep the named statements a client prepares (as sent to the backend),
+/// so that a session moved to another backend has them there too.
+fn remember_prepared(state: &RelayState, tag: u8, body: &[u8]) {
+    let name = |body: &[u8]| {
+        protocol::read_cstr(body)
+            .map_or("", |(name, _)| name)
+            .to_owned()
+    };
+    match tag {
+        b'P' => {
+            let name = name(body);
+            if !name.is_empty() {
+                let mut message = BytesMut::with_capacity(body.len() + 5);
+                protocol::write_message(&mut message, b'P', |m| m.extend_from_slice(body));
+                if let Ok(mut prepared) = state.prepared.lock() {
+                    prepared.insert(name, message);
+                }
+            }
+        }
+        b'C' if body.first() == Some(&b'S') => {
+            if let Ok(mut prepared) = state.prepared.lock() {
+                prepared.remove(&name(&body[1..]));
+            }
+        }
+        _ => {}
     }
 }
 
@@ -901,6 +1346,7 @@ fn push_stamp(state: &RelayState, kind: StampKind) {
 async fn backend_to_client<R, W>(
     node: &Node,
     state: &RelayState,
+    side: &mut PumpSide,
     reader: &mut R,
     writer: &mut W,
     shutdown: &mut watch::Receiver<bool>,
@@ -930,7 +1376,7 @@ where
     let scope_wait = Mutex::new(None::<CommitScope>);
     let ddl_ready = Mutex::new(None::<DdlJob>);
     let inspect = |tag: u8| {
-        matches!(tag, b'Z' | b'E')
+        matches!(tag, b'Z' | b'E' | b'S')
             || state.stamps.load(Ordering::SeqCst) > 0
             || state.ddl_jobs.load(Ordering::SeqCst) > 0
     };
@@ -960,6 +1406,7 @@ where
                 state.tx_status.store(status, Ordering::Relaxed);
                 if status == b'I' {
                     state.ddl_scope_local.store(0, Ordering::Relaxed);
+                    state.lost_transaction.store(false, Ordering::Relaxed);
                 }
                 let started = state.pending.lock().ok().and_then(|mut p| p.pop_front());
                 if let Some(Pending::Ready { sent, wrote, scope }) = started {
@@ -997,16 +1444,16 @@ where
             }
             b'E' => {
                 failed_since_ready = true;
+                state.lost_transaction.store(false, Ordering::Relaxed);
                 metrics.error(ErrorKind::BackendError);
                 let severity = protocol::parse_error_fields(body).severity;
                 last_was_fatal = severity == "FATAL" || severity == "PANIC";
             }
+            b'S' => state.report(body),
             _ => {}
         }
         Ok(Flow::Continue)
     };
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut framer = Framer::default();
     let max = usize::MAX >> 1;
     // One wait for the start of shutdown for the whole session (registering
     // a fresh waiter before every read would take a lock each time).
@@ -1014,11 +1461,11 @@ where
     tokio::pin!(shutdown_started);
     let mut shutdown_seen = draining();
     loop {
-        if shutdown_seen && idle() && buf.is_empty() {
+        if shutdown_seen && idle() && side.buf.is_empty() {
             return shutdown_session(writer).await;
         }
         if shutdown_seen {
-            if let Err(end) = read_more(reader, &mut buf).await {
+            if let Err(end) = read_more(reader, &mut side.buf).await {
                 return backend_end(end, last_was_fatal);
             }
         } else {
@@ -1029,7 +1476,7 @@ where
                     shutdown_seen = true;
                     continue;
                 }
-                readable = read_more(reader, &mut buf) => {
+                readable = read_more(reader, &mut side.buf) => {
                     if let Err(end) = readable {
                         return backend_end(end, last_was_fatal);
                     }
@@ -1039,10 +1486,11 @@ where
         // A commit held for its scope: wait, then send its ReadyForQuery
         // (after an error or warning if the scope was not reached) and go on
         // with what is buffered behind it.
+        side.busy = true;
         let flow = loop {
             let flow = forward(
-                &mut framer,
-                &mut buf,
+                &mut side.framer,
+                &mut side.buf,
                 writer,
                 max,
                 &inspect,
@@ -1074,6 +1522,7 @@ where
                 return RelayEnd::ClientDone;
             }
         };
+        side.busy = false;
         match flow {
             // forward() turns a replacement into Continue once written.
             Ok(Flow::Continue | Flow::Replace(_) | Flow::Await | Flow::Held(_)) => {}
@@ -1321,11 +1770,31 @@ where
     Ok(flow)
 }
 
+/// One direction's framing state, kept across backend connections: what is
+/// buffered, and whether the direction stopped at a message boundary.
+#[derive(Default)]
+struct PumpSide {
+    buf: BytesMut,
+    framer: Framer,
+    /// Set while framed bytes are being forwarded: a direction dropped
+    /// then may have written part of a message.
+    busy: bool,
+}
+
+impl PumpSide {
+    /// Whether nothing is half-forwarded: the peer on the other side has
+    /// received whole messages only.
+    fn clean(&self) -> bool {
+        !self.busy && self.framer.passthrough == 0
+    }
+}
+
 /// Read from `reader`, forward to `writer`, until EOF, an error, or
 /// `on_message` says stop.
 async fn pump<R, W, I, M>(
     reader: &mut R,
     writer: &mut W,
+    side: &mut PumpSide,
     max: usize,
     inspect: I,
     mut on_message: M,
@@ -1336,21 +1805,20 @@ where
     I: Fn(u8) -> bool,
     M: FnMut(u8, &[u8], &[u8]) -> Result<Flow, ProtocolError>,
 {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut framer = Framer::default();
     loop {
-        read_more(reader, &mut buf).await?;
-        if forward(
-            &mut framer,
-            &mut buf,
+        read_more(reader, &mut side.buf).await?;
+        side.busy = true;
+        let flow = forward(
+            &mut side.framer,
+            &mut side.buf,
             writer,
             max,
             &inspect,
             &mut on_message,
         )
-        .await?
-            == Flow::Stop
-        {
+        .await?;
+        side.busy = false;
+        if flow == Flow::Stop {
             return Ok(());
         }
     }
@@ -1387,6 +1855,7 @@ mod tests {
         pump(
             &mut reader,
             &mut out,
+            &mut PumpSide::default(),
             1 << 20,
             |t| t == b'Q' || t == b'X',
             |tag, body, _| {
@@ -1413,6 +1882,7 @@ mod tests {
         let result = pump(
             &mut reader,
             &mut out,
+            &mut PumpSide::default(),
             1 << 20,
             |_| true,
             |_, _, _| Ok(Flow::Continue),

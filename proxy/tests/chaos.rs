@@ -197,14 +197,19 @@ enum Outcome {
     Ok,
     /// Certainly not committed: never sent, or refused with an ERROR.
     Failed,
-    /// Maybe committed: the connection broke, the node gave up waiting for
-    /// the commit scope (40003: committed locally), or it took too long.
+    /// Maybe committed: the connection broke, the statement was in flight
+    /// when its backend failed (08006), the node gave up waiting for the
+    /// commit scope (40003: committed locally), or it took too long.
     Unknown,
 }
 
 fn judge(e: &tokio_postgres::Error) -> Outcome {
     match e.as_db_error() {
-        Some(db) if db.code().code() == "40003" => Outcome::Unknown,
+        // Not reached its commit scope (committed locally), or in flight
+        // when its backend failed (the session moved on).
+        Some(db) if db.code().code() == "40003" || db.code().code().starts_with("08") => {
+            Outcome::Unknown
+        }
         Some(db) if db.severity() == "ERROR" => Outcome::Failed,
         _ => Outcome::Unknown,
     }
