@@ -69,6 +69,42 @@ async fn connect_all(config: &Config) -> Result<Vec<(&str, tokio_postgres::Clien
     Ok(clients)
 }
 
+/// Reconcile the backends that answer (see reconcile.rs): at least two
+/// must. Returns the report and the backends that did not answer.
+pub async fn reconcile(
+    config: &Config,
+) -> Result<(crate::reconcile::Report, Vec<String>), AdminError> {
+    let replication = config
+        .replication
+        .as_ref()
+        .ok_or(AdminError::NoReplication)?;
+    let mut clients = Vec::new();
+    let mut missing = Vec::new();
+    let mut last_error = None;
+    for backend in &config.backends {
+        match connect_backend(backend, replication).await {
+            Ok(client) => clients.push((backend.name.clone(), client)),
+            Err(source) => {
+                missing.push(backend.name.clone());
+                last_error = Some(AdminError::Backend {
+                    backend: backend.name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    if clients.len() < 2 {
+        return Err(last_error.unwrap_or(AdminError::NoReplication));
+    }
+    let report = crate::reconcile::reconcile(&clients)
+        .await
+        .map_err(|e| AdminError::Backend {
+            backend: "reconcile".into(),
+            source: ReplicationError::Sql(e),
+        })?;
+    Ok((report, missing))
+}
+
 /// Make existing (local) sequences global on every backend, all or none:
 /// `kind` for bigint ones (others become galloc), with galloc ranges of
 /// `block` values. Values already handed out stay below every later one.

@@ -457,6 +457,12 @@ LANGUAGE sql AS $$
     SELECT chorus.apply_dml(changes, 1, jsonb_array_length(changes))
 $$;
 
+-- The epoch of the node that drives an origin's stream (see
+-- Request::SetDriver): an apply from an older one is refused (fenced).
+ALTER TABLE chorus.applied ADD COLUMN IF NOT EXISTS driver_epoch bigint NOT NULL DEFAULT 0;
+
+DROP FUNCTION IF EXISTS chorus.apply_transactions(integer, jsonb, bigint, pg_lsn);
+
 -- Apply a batch of origin transactions ([{"end": <commit end LSN>,
 -- "changes": [...]}, ...], in commit order) from origin `org`, in the
 -- caller's (one statement's) transaction: skip those already applied here,
@@ -465,11 +471,6 @@ $$;
 -- trigger stays quiet, and a deadlock with a local write aborts this
 -- transaction (it is retried) rather than the client's: a 10 ms
 -- deadlock_timeout runs its deadlock check first.
--- The epoch of the node that drives an origin's stream (see
--- Request::SetDriver): an apply from an older one is refused (fenced).
-ALTER TABLE chorus.applied ADD COLUMN IF NOT EXISTS driver_epoch bigint NOT NULL DEFAULT 0;
-
-DROP FUNCTION IF EXISTS chorus.apply_transactions(integer, jsonb, bigint, pg_lsn);
 CREATE OR REPLACE FUNCTION chorus.apply_transactions(
     org integer, txns jsonb, newest_version bigint, upto pg_lsn, epoch bigint,
     OUT results text[], OUT skipped integer

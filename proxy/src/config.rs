@@ -224,6 +224,16 @@ pub struct ReplicationConfig {
     /// committed on its home backend either way). Default "error".
     #[serde(default)]
     pub commit_scope_timeout_action: TimeoutAction,
+    /// Once a backend has been down this long, the Raft leader's node
+    /// reconciles the backends that are up (see reconcile.rs), so that a
+    /// change of the lost backend's that only some of them got reaches the
+    /// others. 0: never. Default 30 s.
+    #[serde(default = "default_reconcile_after")]
+    pub reconcile_after_ms: u64,
+}
+
+fn default_reconcile_after() -> u64 {
+    30_000
 }
 
 impl Default for ReplicationConfig {
@@ -237,6 +247,7 @@ impl Default for ReplicationConfig {
             commit_scope: CommitScope::default(),
             commit_scope_timeout_ms: default_commit_scope_timeout(),
             commit_scope_timeout_action: TimeoutAction::default(),
+            reconcile_after_ms: default_reconcile_after(),
         }
     }
 }

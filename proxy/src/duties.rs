@@ -220,3 +220,65 @@ pub async fn reassign(node: Arc<Node>, consensus: Arc<Consensus>) {
         }
     }
 }
+
+/// On the Raft leader's node: once a backend has been down for
+/// `replication.reconcile_after_ms`, reconcile the backends that are up
+/// (see reconcile.rs), once per outage.
+pub async fn reconcile_when_lost(node: Arc<Node>, consensus: Arc<Consensus>) {
+    let Some(config) = node.config.replication.clone() else {
+        return;
+    };
+    if config.reconcile_after_ms == 0 {
+        return;
+    }
+    let after = Duration::from_millis(config.reconcile_after_ms);
+    let me = u64::from(node.config.node.id);
+    let mut down_since: HashMap<String, Instant> = HashMap::new();
+    let mut done: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        for backend in &node.config.backends {
+            if node.is_backend_down(&backend.name) {
+                down_since
+                    .entry(backend.name.clone())
+                    .or_insert_with(Instant::now);
+            } else {
+                down_since.remove(&backend.name);
+                done.remove(&backend.name);
+            }
+        }
+        if consensus.metrics().borrow().current_leader != Some(me) {
+            continue;
+        }
+        let Some(lost) = down_since
+            .iter()
+            .find(|(name, since)| since.elapsed() >= after && !done.contains(*name))
+            .map(|(name, _)| name.clone())
+        else {
+            continue;
+        };
+        let mut clients = Vec::new();
+        for backend in node
+            .config
+            .backends
+            .iter()
+            .filter(|b| !node.is_backend_down(&b.name))
+        {
+            if let Ok(client) = replication::connect_backend(backend, &config).await {
+                clients.push((backend.name.clone(), client));
+            }
+        }
+        if clients.len() < 2 {
+            continue;
+        }
+        match crate::reconcile::reconcile(&clients).await {
+            Ok(report) => {
+                tracing::info!(lost = %lost, tables = report.tables, rows = report.rows, "backends reconciled");
+                node.metrics.reconciled(report.rows);
+                done.insert(lost);
+            }
+            Err(e) => tracing::warn!(lost = %lost, error = %e, "reconciliation failed; retrying"),
+        }
+    }
+}

@@ -18,6 +18,7 @@ pub mod frontend;
 pub mod localpg;
 pub mod metrics;
 pub mod protocol;
+pub mod reconcile;
 pub mod replication;
 pub mod scope;
 pub mod sequences;

@@ -68,6 +68,15 @@ enum Command {
         #[arg(required = true)]
         sequences: Vec<String>,
     },
+    /// Copy between the backends that answer every row one has newer
+    /// than another (last writer wins): after a backend is lost for good,
+    /// its changes that reached only some survivors reach all of them.
+    /// Nodes do it themselves after replication.reconcile_after_ms.
+    Reconcile {
+        /// Configuration file of any node of the cluster.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Change the cluster's Raft membership, through any running node.
     Cluster {
         #[command(subcommand)]
@@ -203,6 +212,20 @@ fn main() -> anyhow::Result<()> {
             for name in converted {
                 println!("converted {name} on {} backends", config.backends.len());
             }
+            Ok(())
+        }
+        Command::Reconcile { config } => {
+            let config = Config::load(&config)?;
+            let (report, missing) = runtime.block_on(chorus_proxy::admin::reconcile(&config))?;
+            if !missing.is_empty() {
+                println!("not reached: {}", missing.join(", "));
+            }
+            println!(
+                "reconciled {} tables on {} backends: {} rows copied",
+                report.tables,
+                config.backends.len() - missing.len(),
+                report.rows
+            );
             Ok(())
         }
         Command::Cluster { change } => {

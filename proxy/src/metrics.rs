@@ -351,6 +351,13 @@ impl Metrics {
             .set(if on { 1.0 } else { 0.0 });
     }
 
+    /// Count rows copied by a reconciliation.
+    pub fn reconciled(&self, rows: usize) {
+        self.recorder
+            .register_counter(&Key::from_name("chorus_reconciled_rows_total"), &METADATA)
+            .increment(rows as u64);
+    }
+
     /// Count a session moved to another backend after its own failed.
     pub fn sessions_moved(&self) {
         self.recorder

@@ -483,6 +483,10 @@ pub async fn run_node_with(
         background.spawn(crate::ddl::run_applier(node.clone(), consensus.clone()));
         background.spawn(crate::sequences::run(node.clone(), consensus.clone()));
         background.spawn(crate::duties::reassign(node.clone(), consensus.clone()));
+        background.spawn(crate::duties::reconcile_when_lost(
+            node.clone(),
+            consensus.clone(),
+        ));
         background.spawn(raft_upkeep(node.clone(), consensus));
     }
     background.spawn(crate::replication::run_home_upkeep(node.clone()));

@@ -561,3 +561,75 @@ async fn a_frozen_nodes_replication_duties_go_to_a_live_node_and_come_back() {
     }
     assert_eq!(c.conflicts(1).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_scope_majority_loses_no_acknowledged_write_when_a_backend_is_lost_for_good() {
+    let mut c = procs::cluster_opts(procs::Options {
+        node_extra: "health_check_interval_ms = 200\nhealth_check_timeout_ms = 500\n".into(),
+        replication: "reconcile_after_ms = 1500\n".into(),
+        links: true,
+        ..procs::Options::default()
+    })
+    .await;
+    c.exec(1, "CREATE TABLE m (id int PRIMARY KEY, v text)")
+        .await;
+    c.wait_ddl(1).await;
+    c.exec(
+        2,
+        "INSERT INTO m SELECT g, 'before' FROM generate_series(1, 10) g",
+    )
+    .await;
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT count(*)::text FROM m", |v| v == "10")
+            .await;
+    }
+    // Backend 1's changes reach backend 2 but not backend 3 (node 1, which
+    // streams them, cannot reach backend 3).
+    c.links[0][2].set(link::Fault::Blackhole);
+    // Writes through node 1 under commit scope majority are acknowledged
+    // once backends 1 and 2 have them.
+    let s = c.via(1).await;
+    s.batch_execute("SET chorus.commit_scope = 'majority'")
+        .await
+        .unwrap();
+    for id in 100..150 {
+        s.execute("INSERT INTO m VALUES ($1, 'acknowledged')", &[&id])
+            .await
+            .unwrap();
+    }
+    s.batch_execute("UPDATE m SET v = 'updated' WHERE id <= 5")
+        .await
+        .unwrap();
+    s.batch_execute("DELETE FROM m WHERE id BETWEEN 6 AND 8")
+        .await
+        .unwrap();
+    let on_3: i64 = c
+        .direct(3)
+        .await
+        .query_one("SELECT count(*) FROM m WHERE id >= 100", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_3, 0, "backend 3 got backend 1's changes after all");
+    // Backend 1 and its node are lost for good.
+    drop(s);
+    c.kill_node(1);
+    c.backends[0].kill();
+    std::fs::remove_dir_all(c.backends[0].dir().join("data")).unwrap();
+    // The survivors reconcile: every acknowledged write is on both, and
+    // they agree.
+    let hash = "SELECT md5(string_agg(m::text, ',' ORDER BY id)) FROM m";
+    let expected: String = c.direct(2).await.query_one(hash, &[]).await.unwrap().get(0);
+    c.wait_for(3, hash, |v| v == expected).await;
+    let survivor = c.direct(3).await;
+    let count = |sql: &'static str| {
+        let survivor = &survivor;
+        async move { survivor.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM m WHERE id >= 100").await, 50);
+    assert_eq!(count("SELECT count(*) FROM m WHERE v = 'updated'").await, 5);
+    assert_eq!(
+        count("SELECT count(*) FROM m WHERE id BETWEEN 6 AND 8").await,
+        0
+    );
+}
