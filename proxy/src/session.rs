@@ -30,7 +30,7 @@ use crate::ddl::{self, DdlJob, JobStep};
 use crate::frontend::{is_inspected, query_stamps, FrontendEvent, FrontendState};
 use crate::metrics::{ErrorKind, GaugeGuard};
 use crate::protocol::{self, read_message, ProtocolError, Severity, StartupPacket};
-use crate::scope::{self, DdlScopeChange, ReplicationProgress, ScopeChange};
+use crate::scope::{self, DdlScopeChange, ScopeChange};
 use crate::server::Node;
 use crate::stamp::{self, StampKind, Swallower, Verdict};
 
@@ -672,9 +672,11 @@ async fn relay<CR, CW>(
                 &mut client_read,
                 &mut backend_write,
             );
+            let serving = session.backend_name.clone();
             let to_client = backend_to_client(
                 node,
                 &state,
+                &serving,
                 &mut from_backend,
                 &mut backend_read,
                 &mut client_write,
@@ -1346,6 +1348,7 @@ fn push_stamp(state: &RelayState, kind: StampKind) {
 async fn backend_to_client<R, W>(
     node: &Node,
     state: &RelayState,
+    serving: &str,
     side: &mut PumpSide,
     reader: &mut R,
     writer: &mut W,
@@ -1374,6 +1377,15 @@ where
         .as_ref()
         .map_or(CommitScope::Local, |r| r.commit_scope);
     let scope_wait = Mutex::new(None::<CommitScope>);
+    let scope_limit = Duration::from_millis(
+        node.config
+            .replication
+            .as_ref()
+            .map_or(0, |r| r.commit_scope_timeout_ms),
+    );
+    // A control connection to the serving backend when it is not the
+    // home one (see `wait_on_slots`).
+    let mut away: Option<tokio_postgres::Client> = None;
     let ddl_ready = Mutex::new(None::<DdlJob>);
     let inspect = |tag: u8| {
         matches!(tag, b'Z' | b'E' | b'S')
@@ -1514,7 +1526,14 @@ where
             } else {
                 let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
                 if let (Some(scope), Some(progress)) = (wait, &node.progress) {
-                    commit_scope_wait(node, progress, scope, &mut out).await;
+                    if serving == node.config.home_backend().name {
+                        let (reached, ok) = progress.wait(scope, scope_limit).await;
+                        scope_outcome(node, scope, reached, ok, &mut out);
+                    } else {
+                        let (reached, ok) =
+                            wait_on_slots(node, serving, &mut away, scope, scope_limit).await;
+                        scope_outcome(node, scope, reached, ok, &mut out);
+                    }
                 }
                 out.extend_from_slice(ready);
             }
@@ -1564,19 +1583,77 @@ async fn shutdown_session<W: AsyncWrite + Unpin>(writer: &mut W) -> RelayEnd {
     RelayEnd::Shutdown
 }
 
-/// Wait until the transaction that just committed reached `scope`; if
-/// it did not in time, put the configured error or warning in `out`.
-async fn commit_scope_wait(
+/// The commit scope wait of a session served by a backend other than its
+/// node's home (it moved there): that backend's own slots, confirmed by
+/// the streams its driver runs once a peer has applied, tell how many
+/// backends have the transaction. `away` keeps the control connection.
+async fn wait_on_slots(
     node: &Node,
-    progress: &ReplicationProgress,
+    serving: &str,
+    away: &mut Option<tokio_postgres::Client>,
     scope: CommitScope,
-    out: &mut BytesMut,
-) {
+    limit: Duration,
+) -> (usize, bool) {
+    let needed = scope.required(node.config.backends.len());
+    if needed <= 1 {
+        return (1, true);
+    }
+    let (Some(config), Some(backend)) = (
+        node.config.replication.as_ref(),
+        node.config.backends.iter().find(|b| b.name == serving),
+    ) else {
+        return (1, false);
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    if away.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+        let connected = tokio::time::timeout_at(
+            deadline,
+            crate::replication::connect_backend(backend, config),
+        )
+        .await;
+        *away = connected.ok().and_then(Result::ok);
+    }
+    let Some(client) = away.as_ref() else {
+        return (1, false);
+    };
+    let Ok(Ok(row)) = tokio::time::timeout_at(
+        deadline,
+        client.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]),
+    )
+    .await
+    else {
+        return (1, false);
+    };
+    let lsn: String = row.get(0);
+    let mut reached = 1;
+    loop {
+        let count = tokio::time::timeout_at(
+            deadline,
+            client.query_one(
+                "SELECT count(*) FROM pg_replication_slots \
+                 WHERE slot_name LIKE 'chorus\\_%\\_to\\_%' AND confirmed_flush_lsn >= $1::text::pg_lsn",
+                &[&lsn],
+            ),
+        )
+        .await;
+        if let Ok(Ok(row)) = count {
+            reached = 1 + usize::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+            if reached >= needed {
+                return (reached, true);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return (reached, false);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What a commit whose scope was not reached in time reports, in `out`.
+fn scope_outcome(node: &Node, scope: CommitScope, reached: usize, ok: bool, out: &mut BytesMut) {
     let Some(config) = &node.config.replication else {
         return;
     };
-    let limit = Duration::from_millis(config.commit_scope_timeout_ms);
-    let (reached, ok) = progress.wait(scope, limit).await;
     if ok {
         return;
     }
@@ -1587,8 +1664,8 @@ async fn commit_scope_wait(
     };
     let message = format!(
         "commit scope \"{scope_name}\" not reached within {} ms: {reached} of {} backends have the transaction",
-        limit.as_millis(),
-        progress.backends()
+        config.commit_scope_timeout_ms,
+        node.config.backends.len()
     );
     match config.commit_scope_timeout_action {
         TimeoutAction::Error => protocol::error_response(

@@ -136,6 +136,16 @@ async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
         failover_ms.push(killed.elapsed().as_millis());
         let zone: String = before.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
         assert_eq!(zone, "Asia/Tokyo");
+        // Commit scopes hold on the backend the session moved to: majority
+        // is two of the three backends, the one it is on and another.
+        before
+            .batch_execute(&format!(
+                "SET chorus.commit_scope = 'majority'; INSERT INTO f VALUES ({}, 'majority'); \
+                 RESET chorus.commit_scope",
+                round * 10 + 2
+            ))
+            .await
+            .unwrap();
         // New sessions through node 1 work too, on another backend.
         let port: i32 = c
             .via(1)
@@ -177,7 +187,7 @@ async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
     assert!(failover_ms.iter().all(|ms| *ms < 5_000), "{failover_ms:?}");
     // Every backend has every row.
     for b in 1..=3 {
-        c.wait_for(b, "SELECT count(*)::text FROM f", |v| v == "6")
+        c.wait_for(b, "SELECT count(*)::text FROM f", |v| v == "9")
             .await;
     }
 }
