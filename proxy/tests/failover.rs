@@ -226,13 +226,24 @@ async fn a_rolling_restart_of_every_node_and_backend_is_invisible_to_the_other_n
     let mut c = cluster("").await;
     c.exec(1, "CREATE TABLE r (id int PRIMARY KEY, v text)")
         .await;
-    c.wait_ddl(1).await;
+    c.exec(1, "CREATE TABLE rp (id bigint PRIMARY KEY, client int)")
+        .await;
+    c.wait_ddl(2).await;
+    let script = c.dir.path().join("rolling.sql");
+    std::fs::write(
+        &script,
+        "\\set id random(1, 1000000000000)\n\
+         INSERT INTO rp VALUES (:id, :client_id) ON CONFLICT (id) DO UPDATE SET client = excluded.client;\n\
+         SELECT count(*) FROM rp WHERE id = :id;\n",
+    )
+    .unwrap();
     let mut acknowledged = Vec::new();
     for k in 1..=3usize {
         // Clients of the two other nodes write the whole time node k and
-        // then backend k restart.
+        // then backend k restart: our own clients, and pgbench.
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut clients = Vec::new();
+        let mut benches = Vec::new();
         for other in (1..=3).filter(|o| *o != k) {
             let first = (k * 10 + other) as i32 * 100_000;
             clients.push(tokio::spawn(insert_until(
@@ -240,6 +251,31 @@ async fn a_rolling_restart_of_every_node_and_backend_is_invisible_to_the_other_n
                 first,
                 stopped.clone(),
             )));
+            let port = c.ports[other - 1].to_string();
+            let script = script.display().to_string();
+            benches.push(tokio::task::spawn_blocking(move || {
+                common::run_pg_program(
+                    "pgbench",
+                    &[
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &port,
+                        "-U",
+                        "postgres",
+                        "-n",
+                        "-c",
+                        "2",
+                        "-T",
+                        "6",
+                        "-f",
+                        &script,
+                        "postgres",
+                    ],
+                    &[],
+                    Duration::from_secs(60),
+                )
+            }));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         c.stop_node(k);
@@ -269,6 +305,29 @@ async fn a_rolling_restart_of_every_node_and_backend_is_invisible_to_the_other_n
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+        for bench in benches {
+            let out = bench.await.unwrap();
+            let text = common::stdout(&out);
+            assert!(
+                out.status.success(),
+                "phase {k}: pgbench through another node failed:\n{text}\n{}",
+                common::stderr(&out)
+            );
+            if text.contains("number of failed transactions") {
+                assert!(text.contains("number of failed transactions: 0 "), "{text}");
+            }
+            assert!(!text.contains("aborted"), "phase {k}: {text}");
+            let processed = text
+                .lines()
+                .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+                .and_then(|n| n.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            eprintln!(
+                "phase {k}: pgbench through another node: {processed} transactions, no error"
+            );
+            assert!(processed > 0, "{text}");
+        }
         stop.send_replace(true);
         for client in clients {
             let (ids, errors) = client.await.unwrap();
