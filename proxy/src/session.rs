@@ -467,6 +467,10 @@ enum RelayEnd {
     /// The health checks found the backend down (it may still hold the
     /// connection open, frozen).
     BackendDown,
+    /// The backend ended the session with a FATAL of a server going down
+    /// (57P01 shutdown or terminate, 57P02 crash, 57P03 not accepting),
+    /// held back from the client.
+    BackendClosing { code: String, raw: BytesMut },
 }
 
 /// Something sent to the backend whose answers are still due, in order.
@@ -709,13 +713,22 @@ async fn relay<CR, CW>(
                 () = marked_down, if replicating => RelayEnd::BackendDown,
             }
         };
-        let movable = replicating
+        let mut movable = replicating
             && matches!(
                 end,
-                RelayEnd::BackendGone { after_fatal: false } | RelayEnd::BackendDown
+                RelayEnd::BackendGone { after_fatal: false }
+                    | RelayEnd::BackendDown
+                    | RelayEnd::BackendClosing { .. }
             )
             && client.pump.clean()
             && from_backend.clean();
+        // 57P01 is also what pg_terminate_backend() sends: if the server
+        // still takes logins, that session was meant to end.
+        if movable {
+            if let RelayEnd::BackendClosing { code, .. } = &end {
+                movable = code != "57P01" || !backend_accepts(node, session).await;
+            }
+        }
         if movable {
             drop(backend_read);
             drop(backend_write);
@@ -749,6 +762,7 @@ async fn relay<CR, CW>(
                 );
             }
         }
+        RelayEnd::BackendClosing { raw, .. } => out = raw,
         RelayEnd::BackendDown => {
             node.metrics.error(ErrorKind::BackendLost);
             protocol::error_response(
@@ -767,6 +781,36 @@ async fn relay<CR, CW>(
     // Say goodbye to the backend so it does not log an unexpected EOF.
     if let Some(backend_write) = backend_write.as_mut() {
         let _ = backend_write.write_all(&[b'X', 0, 0, 0, 4]).await;
+    }
+}
+
+/// Whether the session's backend still takes logins (within a second).
+async fn backend_accepts(node: &Node, session: &Session) -> bool {
+    let Some(backend) = node
+        .config
+        .backends
+        .iter()
+        .find(|b| b.name == session.backend_name)
+    else {
+        return false;
+    };
+    let address = backend.address();
+    let login = LoginParams {
+        address: &address,
+        user: &session.user,
+        password: node
+            .config
+            .user(&session.user)
+            .and_then(|u| u.password.as_deref()),
+        database: &session.database,
+        params: &session.params,
+    };
+    match backend::connect(&login, Duration::from_secs(1)).await {
+        Ok(mut probe) => {
+            let _ = probe.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -1377,6 +1421,15 @@ where
         .as_ref()
         .map_or(CommitScope::Local, |r| r.commit_scope);
     let scope_wait = Mutex::new(None::<CommitScope>);
+    let replicating = node.config.replication.is_some();
+    // A FATAL of a server going down, not yet passed on (SQLSTATE, message).
+    let held_fatal = Mutex::new(None::<(String, BytesMut)>);
+    let ended =
+        |end: PumpError, after_fatal: bool| match held_fatal.lock().ok().and_then(|mut h| h.take())
+        {
+            Some((code, raw)) => RelayEnd::BackendClosing { code, raw },
+            None => backend_end(end, after_fatal),
+        };
     let scope_limit = Duration::from_millis(
         node.config
             .replication
@@ -1458,8 +1511,22 @@ where
                 failed_since_ready = true;
                 state.lost_transaction.store(false, Ordering::Relaxed);
                 metrics.error(ErrorKind::BackendError);
-                let severity = protocol::parse_error_fields(body).severity;
-                last_was_fatal = severity == "FATAL" || severity == "PANIC";
+                let fields = protocol::parse_error_fields(body);
+                last_was_fatal = fields.severity == "FATAL" || fields.severity == "PANIC";
+                // The server going down (shutdown, crash restart): held, so
+                // that the session can move instead (see relay).
+                if last_was_fatal
+                    && replicating
+                    && matches!(fields.code, "57P01" | "57P02" | "57P03")
+                {
+                    let mut raw = BytesMut::with_capacity(body.len() + 5);
+                    protocol::write_message(&mut raw, b'E', |m| m.extend_from_slice(body));
+                    if let Ok(mut held) = held_fatal.lock() {
+                        *held = Some((fields.code.to_owned(), raw));
+                    }
+                    last_was_fatal = false;
+                    return Ok(Flow::Replace(BytesMut::new()));
+                }
             }
             b'S' => state.report(body),
             _ => {}
@@ -1478,7 +1545,7 @@ where
         }
         if shutdown_seen {
             if let Err(end) = read_more(reader, &mut side.buf).await {
-                return backend_end(end, last_was_fatal);
+                return ended(end, last_was_fatal);
             }
         } else {
             // Wait for backend bytes or the start of shutdown, whichever
@@ -1490,7 +1557,7 @@ where
                 }
                 readable = read_more(reader, &mut side.buf) => {
                     if let Err(end) = readable {
-                        return backend_end(end, last_was_fatal);
+                        return ended(end, last_was_fatal);
                     }
                 }
             }

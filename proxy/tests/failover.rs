@@ -16,6 +16,34 @@ use std::time::{Duration, Instant};
 use procs::{cluster, cluster_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_terminated_by_an_administrator_ends_and_does_not_move() {
+    let c = cluster("").await;
+    let victim = common::connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres application_name=victim",
+        c.ports[0]
+    ))
+    .await
+    .unwrap();
+    victim.batch_execute("SELECT 1").await.unwrap();
+    let ended: i64 = c
+        .direct(1)
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'victim'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ended, 1);
+    let e = victim.batch_execute("SELECT 1").await.unwrap_err();
+    assert!(
+        e.is_closed() || common::sqlstate(&e).as_deref() == Some("57P01"),
+        "{e:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_open_when_its_backend_dies_fails_and_the_session_goes_on() {
     let mut c = cluster("").await;
     c.exec(1, "CREATE TABLE t (id int PRIMARY KEY, v text)")
@@ -280,11 +308,17 @@ async fn a_rolling_restart_of_every_node_and_backend_is_invisible_to_the_other_n
         tokio::time::sleep(Duration::from_millis(300)).await;
         c.stop_node(k);
         c.start_node(k);
-        c.via(k).await.batch_execute("SELECT 1").await.unwrap();
+        // A session of node k itself, idle on backend k while it restarts:
+        // it moves to another backend instead of ending.
+        let own = c.via(k).await;
+        own.batch_execute("SELECT 1").await.unwrap();
         tokio::task::block_in_place(|| {
             c.backends[k - 1].stop();
             c.backends[k - 1].start().unwrap();
         });
+        own.batch_execute(&format!("INSERT INTO rp VALUES (-{k}, 0)"))
+            .await
+            .unwrap();
         // Node k serves from its home backend again.
         let home = i32::from(c.backends[k - 1].port());
         let deadline = Instant::now() + Duration::from_secs(30);
