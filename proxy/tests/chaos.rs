@@ -260,12 +260,32 @@ impl History {
     }
 }
 
-struct Ports(Vec<u16>);
+/// What the workload clients share.
+struct Workload {
+    /// The nodes' client ports.
+    ports: Vec<u16>,
+    seed: u64,
+    stop: AtomicBool,
+    history: Mutex<History>,
+}
 
-impl Ports {
+impl Workload {
+    fn running(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Client `w`'s choices: from the seed.
+    fn rng(&self, w: usize) -> StdRng {
+        StdRng::seed_from_u64(self.seed * 100 + w as u64)
+    }
+
+    fn record(&self, f: impl FnOnce(&mut History)) {
+        f(&mut self.history.lock().unwrap());
+    }
+
     /// A session through a random node, or None when none answered in time.
     async fn connect(&self, rng: &mut StdRng) -> Option<tokio_postgres::Client> {
-        let port = self.0[rng.random_range(0..self.0.len())];
+        let port = self.ports[rng.random_range(0..self.ports.len())];
         let conninfo =
             format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
         tokio::time::timeout(Duration::from_secs(2), common::connect(&conninfo))
@@ -273,52 +293,49 @@ impl Ports {
             .ok()?
             .ok()
     }
+
+    /// Run one operation within `OP_LIMIT`: its result, if it had one, and
+    /// what the client knows of its fate (errors are counted).
+    async fn outcome<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> (Option<T>, Outcome) {
+        match tokio::time::timeout(OP_LIMIT, op).await {
+            Ok(Ok(value)) => (Some(value), Outcome::Ok),
+            Ok(Err(e)) => {
+                self.record(|h| h.note_error(&e));
+                (None, judge(&e))
+            }
+            Err(_) => (None, Outcome::Unknown),
+        }
+    }
 }
 
-async fn set_worker(
-    ports: Arc<Ports>,
-    seed: u64,
-    w: usize,
-    stop: Arc<AtomicBool>,
-    h: Arc<Mutex<History>>,
-) {
-    let mut rng = StdRng::seed_from_u64(seed * 100 + w as u64);
+async fn set_worker(load: Arc<Workload>, w: usize) {
+    let mut rng = load.rng(w);
     let mut n = 0;
-    while !stop.load(Ordering::Relaxed) {
+    while load.running() {
         n += 1;
         let id = format!("s{w}-{n}");
-        let Some(client) = ports.connect(&mut rng).await else {
-            h.lock().unwrap().set.push((id, Outcome::Failed));
+        let Some(client) = load.connect(&mut rng).await else {
+            load.record(|h| h.set.push((id, Outcome::Failed)));
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let sql = "INSERT INTO chaos_set (id) VALUES ($1)";
-        let outcome = match tokio::time::timeout(OP_LIMIT, client.execute(sql, &[&id])).await {
-            Ok(Ok(_)) => Outcome::Ok,
-            Ok(Err(e)) => {
-                h.lock().unwrap().note_error(&e);
-                judge(&e)
-            }
-            Err(_) => Outcome::Unknown,
-        };
-        h.lock().unwrap().set.push((id, outcome));
+        let (_, outcome) = load.outcome(client.execute(sql, &[&id])).await;
+        load.record(|h| h.set.push((id, outcome)));
     }
 }
 
-async fn reg_worker(
-    ports: Arc<Ports>,
-    seed: u64,
-    w: usize,
-    stop: Arc<AtomicBool>,
-    h: Arc<Mutex<History>>,
-) {
-    let mut rng = StdRng::seed_from_u64(seed * 100 + w as u64);
+async fn reg_worker(load: Arc<Workload>, w: usize) {
+    let mut rng = load.rng(w);
     let mut n = 0;
-    while !stop.load(Ordering::Relaxed) {
+    while load.running() {
         n += 1;
         let key: i32 = rng.random_range(0..8);
         let value = (rng.random_range(0..10) < 7).then(|| format!("r{w}-{n}"));
-        let Some(mut client) = ports.connect(&mut rng).await else {
+        let Some(mut client) = load.connect(&mut rng).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -353,74 +370,41 @@ async fn reg_worker(
                 .get(0);
             Ok::<_, tokio_postgres::Error>(Some((txn, version)))
         };
-        let (txn, version) = match tokio::time::timeout(OP_LIMIT, prepare).await {
-            Ok(Ok(Some(prepared))) => prepared,
-            Ok(Ok(None)) | Err(_) => continue,
-            Ok(Err(e)) => {
-                h.lock().unwrap().note_error(&e);
-                continue;
-            }
+        let Some(Some((txn, version))) = load.outcome(prepare).await.0 else {
+            continue;
         };
-        let outcome = match tokio::time::timeout(OP_LIMIT, txn.commit()).await {
-            Ok(Ok(())) => Outcome::Ok,
-            Ok(Err(e)) => {
-                h.lock().unwrap().note_error(&e);
-                judge(&e)
-            }
-            Err(_) => Outcome::Unknown,
-        };
-        h.lock().unwrap().reg.push((key, value, version, outcome));
+        let (_, outcome) = load.outcome(txn.commit()).await;
+        load.record(|h| h.reg.push((key, value, version, outcome)));
     }
 }
 
-async fn seq_worker(
-    ports: Arc<Ports>,
-    seed: u64,
-    w: usize,
-    stop: Arc<AtomicBool>,
-    h: Arc<Mutex<History>>,
-) {
-    let mut rng = StdRng::seed_from_u64(seed * 100 + w as u64);
-    while !stop.load(Ordering::Relaxed) {
-        let Some(client) = ports.connect(&mut rng).await else {
+async fn seq_worker(load: Arc<Workload>, w: usize) {
+    let mut rng = load.rng(w);
+    while load.running() {
+        let Some(client) = load.connect(&mut rng).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let sql = "INSERT INTO chaos_seq (w) VALUES ('x') RETURNING id";
-        match tokio::time::timeout(OP_LIMIT, client.query_one(sql, &[])).await {
-            Ok(Ok(row)) => h.lock().unwrap().seq.push(row.get(0)),
-            Ok(Err(e)) => h.lock().unwrap().note_error(&e),
-            Err(_) => {}
+        if let (Some(row), _) = load.outcome(client.query_one(sql, &[])).await {
+            load.record(|h| h.seq.push(row.get(0)));
         }
     }
 }
 
-async fn ddl_worker(
-    ports: Arc<Ports>,
-    seed: u64,
-    w: usize,
-    stop: Arc<AtomicBool>,
-    h: Arc<Mutex<History>>,
-) {
-    let mut rng = StdRng::seed_from_u64(seed * 100 + w as u64);
+async fn ddl_worker(load: Arc<Workload>, w: usize) {
+    let mut rng = load.rng(w);
     let mut n = 0;
-    while !stop.load(Ordering::Relaxed) {
+    while load.running() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         n += 1;
         let table = format!("chaos_ddl_{n}");
-        let Some(client) = ports.connect(&mut rng).await else {
+        let Some(client) = load.connect(&mut rng).await else {
             continue;
         };
         let sql = format!("CREATE TABLE {table} (id int PRIMARY KEY, v text)");
-        let outcome = match tokio::time::timeout(OP_LIMIT, client.batch_execute(&sql)).await {
-            Ok(Ok(())) => Outcome::Ok,
-            Ok(Err(e)) => {
-                h.lock().unwrap().note_error(&e);
-                judge(&e)
-            }
-            Err(_) => Outcome::Unknown,
-        };
-        h.lock().unwrap().ddl.push((table, outcome));
+        let (_, outcome) = load.outcome(client.batch_execute(&sql)).await;
+        load.record(|h| h.ddl.push((table, outcome)));
     }
 }
 
@@ -496,40 +480,19 @@ async fn run_seed(seed: u64) -> String {
     .await;
     c.wait_ddl(3).await;
 
-    let ports = Arc::new(Ports(c.ports.clone()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let history = Arc::new(Mutex::new(History::default()));
+    let load = Arc::new(Workload {
+        ports: c.ports.clone(),
+        seed,
+        stop: AtomicBool::new(false),
+        history: Mutex::new(History::default()),
+    });
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..2 {
-        workers.spawn(set_worker(
-            ports.clone(),
-            seed,
-            w,
-            stop.clone(),
-            history.clone(),
-        ));
-        workers.spawn(reg_worker(
-            ports.clone(),
-            seed,
-            10 + w,
-            stop.clone(),
-            history.clone(),
-        ));
+        workers.spawn(set_worker(load.clone(), w));
+        workers.spawn(reg_worker(load.clone(), 10 + w));
     }
-    workers.spawn(seq_worker(
-        ports.clone(),
-        seed,
-        20,
-        stop.clone(),
-        history.clone(),
-    ));
-    workers.spawn(ddl_worker(
-        ports.clone(),
-        seed,
-        30,
-        stop.clone(),
-        history.clone(),
-    ));
+    workers.spawn(seq_worker(load.clone(), 20));
+    workers.spawn(ddl_worker(load.clone(), 30));
 
     // The faults, in time order.
     let t0 = Instant::now();
@@ -550,7 +513,7 @@ async fn run_seed(seed: u64) -> String {
         });
     }
     tokio::time::sleep_until((t0 + RUN).into()).await;
-    stop.store(true, Ordering::Relaxed);
+    load.stop.store(true, Ordering::Relaxed);
     let lost = faults.iter().find_map(|f| match f.kind {
         Kind::LoseBackend(b) => Some(b),
         _ => None,
@@ -587,7 +550,7 @@ async fn run_seed(seed: u64) -> String {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
 
-    let h = std::mem::take(&mut *history.lock().unwrap());
+    let h = std::mem::take(&mut *load.history.lock().unwrap());
     for &b in &survivors {
         check(&c, b, &h, seed).await;
     }

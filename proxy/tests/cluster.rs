@@ -236,13 +236,7 @@ async fn writes_through_any_node_converge_and_conflicts_are_logged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pgbench_through_all_three_nodes_leaves_identical_backends() {
     let c = cluster(3).await;
-    let pgbench = |node: usize, args: &[&str]| {
-        let port = c.nodes[node - 1].port().to_string();
-        let mut all = vec!["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
-        all.extend_from_slice(args);
-        all.push("postgres");
-        common::run_pg_program("pgbench", &all, &[], Duration::from_secs(120))
-    };
+    let pgbench = |node: usize, args: &[&str]| common::pgbench(c.nodes[node - 1].port(), args);
     let init = pgbench(1, &["-i", "-s", "1", "-q"]);
     assert!(init.status.success(), "{}", common::stderr(&init));
     let table_hash = "SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a";
@@ -264,29 +258,8 @@ async fn pgbench_through_all_three_nodes_leaves_identical_backends() {
     // -N on all three nodes at once.
     let runs: Vec<_> = (1..=3)
         .map(|node| {
-            let port = c.nodes[node - 1].port().to_string();
-            std::thread::spawn(move || {
-                common::run_pg_program(
-                    "pgbench",
-                    &[
-                        "-h",
-                        "127.0.0.1",
-                        "-p",
-                        &port,
-                        "-U",
-                        "postgres",
-                        "-n",
-                        "-N",
-                        "-c",
-                        "4",
-                        "-t",
-                        "100",
-                        "postgres",
-                    ],
-                    &[],
-                    Duration::from_secs(120),
-                )
-            })
+            let port = c.nodes[node - 1].port();
+            std::thread::spawn(move || common::pgbench(port, &["-n", "-N", "-c", "4", "-t", "100"]))
         })
         .collect();
     for run in runs {
@@ -568,16 +541,9 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
          INSERT INTO stamped VALUES (:id + 1, 'pgbench') ON CONFLICT (id) DO NOTHING;\n",
     )
     .unwrap();
-    let port = c.nodes[0].port().to_string();
-    let out = common::run_pg_program(
-        "pgbench",
+    let out = common::pgbench(
+        c.nodes[0].port(),
         &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
             "-n",
             "-M",
             "prepared",
@@ -585,10 +551,7 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
             "20",
             "-f",
             script.to_str().unwrap(),
-            "postgres",
         ],
-        &[],
-        Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}", common::stderr(&out));
     let finished = unix_ms_now();

@@ -15,6 +15,15 @@ use std::time::{Duration, Instant};
 
 use procs::{cluster, cluster_with};
 
+/// The port of the backend serving a session.
+async fn served_by(session: &tokio_postgres::Client) -> i32 {
+    session
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_terminated_by_an_administrator_ends_and_does_not_move() {
     let c = cluster("").await;
@@ -84,12 +93,7 @@ async fn a_transaction_open_when_its_backend_dies_fails_and_the_session_goes_on(
         .await;
     // Again, and this time the client's next word is COMMIT: it must not
     // be told the transaction committed.
-    let port: i32 = s
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let on = c.backend_on(port);
+    let on = c.backend_on(served_by(&s).await);
     s.batch_execute("BEGIN; INSERT INTO t VALUES (4, 'lost too')")
         .await
         .unwrap();
@@ -119,13 +123,9 @@ async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
     let mut failover_ms = Vec::new();
     for round in 0..3 {
         let before = c.via(1).await;
-        let served_by: i32 = before
-            .query_one("SELECT inet_server_port()", &[])
-            .await
-            .unwrap()
-            .get(0);
         assert_eq!(
-            served_by, home_port,
+            served_by(&before).await,
+            home_port,
             "round {round}: not on the home backend"
         );
         before
@@ -175,14 +175,7 @@ async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
             .await
             .unwrap();
         // New sessions through node 1 work too, on another backend.
-        let port: i32 = c
-            .via(1)
-            .await
-            .query_one("SELECT inet_server_port()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_ne!(port, home_port);
+        assert_ne!(served_by(&c.via(1).await).await, home_port);
         c.wait_for(3, &format!("SELECT v FROM f WHERE id = {id}"), |v| {
             v == "during"
         })
@@ -195,14 +188,7 @@ async fn sessions_move_off_a_dead_home_backend_and_come_back_when_it_returns() {
         .await;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let port: i32 = c
-                .via(1)
-                .await
-                .query_one("SELECT inet_server_port()", &[])
-                .await
-                .unwrap()
-                .get(0);
-            if port == home_port {
+            if served_by(&c.via(1).await).await == home_port {
                 break;
             }
             assert!(Instant::now() < deadline, "node 1 never went home");
@@ -279,30 +265,10 @@ async fn a_rolling_restart_of_every_node_and_backend_is_invisible_to_the_other_n
                 first,
                 stopped.clone(),
             )));
-            let port = c.ports[other - 1].to_string();
+            let port = c.ports[other - 1];
             let script = script.display().to_string();
             benches.push(tokio::task::spawn_blocking(move || {
-                common::run_pg_program(
-                    "pgbench",
-                    &[
-                        "-h",
-                        "127.0.0.1",
-                        "-p",
-                        &port,
-                        "-U",
-                        "postgres",
-                        "-n",
-                        "-c",
-                        "2",
-                        "-T",
-                        "6",
-                        "-f",
-                        &script,
-                        "postgres",
-                    ],
-                    &[],
-                    Duration::from_secs(60),
-                )
+                common::pgbench(port, &["-n", "-c", "2", "-T", "6", "-f", &script])
             }));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -564,15 +530,12 @@ async fn write_leader_routing_sends_every_write_to_one_backend_and_moves_when_it
     let new_port = *moved.iter().next().unwrap();
     let new_leader = c.backend_on(new_port);
     let other = *survivors.iter().find(|b| **b != new_leader).unwrap();
-    let hash = "SELECT md5(string_agg(w::text, ',' ORDER BY id)) FROM w";
-    let expected: String = c
-        .direct(new_leader)
-        .await
-        .query_one(hash, &[])
-        .await
-        .unwrap()
-        .get(0);
-    c.wait_for(other, hash, |v| v == expected).await;
+    c.converge(
+        "SELECT md5(string_agg(w::text, ',' ORDER BY id)) FROM w",
+        new_leader,
+        &[other],
+    )
+    .await;
 }
 
 /// Send a signal to a node process.
@@ -657,11 +620,12 @@ async fn a_frozen_nodes_replication_duties_go_to_a_live_node_and_come_back() {
         .await;
     c.exec(1, "UPDATE h SET v = 'updated via node 1' WHERE id <= 10")
         .await;
-    let hash = "SELECT md5(string_agg(h::text, ',' ORDER BY id)) FROM h";
-    let expected: String = c.direct(1).await.query_one(hash, &[]).await.unwrap().get(0);
-    for b in 2..=3 {
-        c.wait_for(b, hash, |v| v == expected).await;
-    }
+    c.converge(
+        "SELECT md5(string_agg(h::text, ',' ORDER BY id)) FROM h",
+        1,
+        &[2, 3],
+    )
+    .await;
     assert_eq!(c.conflicts(1).await, 0);
 }
 
@@ -721,9 +685,12 @@ async fn commit_scope_majority_loses_no_acknowledged_write_when_a_backend_is_los
     std::fs::remove_dir_all(c.backends[0].dir().join("data")).unwrap();
     // The survivors reconcile: every acknowledged write is on both, and
     // they agree.
-    let hash = "SELECT md5(string_agg(m::text, ',' ORDER BY id)) FROM m";
-    let expected: String = c.direct(2).await.query_one(hash, &[]).await.unwrap().get(0);
-    c.wait_for(3, hash, |v| v == expected).await;
+    c.converge(
+        "SELECT md5(string_agg(m::text, ',' ORDER BY id)) FROM m",
+        2,
+        &[3],
+    )
+    .await;
     let survivor = c.direct(3).await;
     let count = |sql: &'static str| {
         let survivor = &survivor;

@@ -279,6 +279,16 @@ raft = \"127.0.0.1:{port}\"
     toml
 }
 
+/// Run pgbench with `args` against the postgres database through
+/// 127.0.0.1:`port` as user postgres (trusted), within two minutes.
+pub fn pgbench(port: u16, args: &[&str]) -> Output {
+    let port = port.to_string();
+    let mut all = vec!["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
+    all.extend_from_slice(args);
+    all.push("postgres");
+    run_pg_program("pgbench", &all, &[], Duration::from_secs(120))
+}
+
 /// Connect with tokio-postgres, driving the connection in a task.
 pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;

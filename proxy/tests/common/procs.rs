@@ -345,6 +345,21 @@ impl Cluster {
         panic!("backend {b}: {sql} still gives {last:?}");
     }
 
+    /// Wait until `sql` gives on each of `others` what it gives on backend
+    /// `from` now.
+    pub async fn converge(&self, sql: &str, from: usize, others: &[usize]) {
+        let expected: String = self
+            .direct(from)
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get(0);
+        for &b in others {
+            self.wait_for(b, sql, |v| v == expected).await;
+        }
+    }
+
     /// Wait until every backend has applied `n` DDL log entries.
     pub async fn wait_ddl(&self, n: usize) {
         for b in 1..=3 {
