@@ -108,15 +108,15 @@ async fn serve(
 // Deprecated because a lingering close can block the thread; a zero
 // linger never does (the kernel sends an RST and frees the socket at once).
 #[allow(deprecated)]
-fn reset(stream: TcpStream) -> std::io::Result<()> {
+pub fn reset(stream: TcpStream) -> std::io::Result<()> {
     stream.set_linger(Some(Duration::ZERO))?;
     drop(stream);
     Ok(())
 }
 
-/// Copy one direction. Returns the halves to reset when the link was
-/// reset (the other halves are with the other direction's pump).
-async fn pump(
+/// Copy one direction under `fault`. Returns the halves to reset when the
+/// link was reset (the other halves are with the other direction's pump).
+pub async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     mut fault: watch::Receiver<Fault>,

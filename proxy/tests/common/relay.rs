@@ -2,7 +2,9 @@
 //! the first frame of each connection (the handshake's Hello, which names
 //! the calling node) so that links can be cut per caller: cutting node 3
 //! off means its own relay refuses everyone and the other relays refuse
-//! node 3, while connections to backends are untouched.
+//! node 3, while connections to backends are untouched. Every connection
+//! through it also takes the relay's link fault (blackhole, reset, delay,
+//! throttle: see link.rs).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -13,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::link::{pump, reset, Fault};
+
 pub struct Relay {
     pub port: u16,
     /// Callers refused (`0` stands for every caller).
@@ -20,6 +24,7 @@ pub struct Relay {
     /// Bumped on every cut, so that open connections of a newly blocked
     /// caller close.
     generation: watch::Sender<u64>,
+    fault: watch::Sender<Fault>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -36,9 +41,11 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         let blocked: Arc<Mutex<HashSet<u64>>> = Arc::default();
         let generation = watch::channel(0u64).0;
+        let fault = watch::channel(Fault::Pass).0;
         let task = {
             let blocked = blocked.clone();
             let generation = generation.clone();
+            let fault = fault.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
@@ -46,8 +53,9 @@ impl Relay {
                     };
                     let blocked = blocked.clone();
                     let mut changed = generation.subscribe();
+                    let fault = fault.subscribe();
                     tokio::spawn(async move {
-                        let _ = relay(client, target, &blocked, &mut changed).await;
+                        let _ = relay(client, target, &blocked, &mut changed, fault).await;
                     });
                 }
             })
@@ -56,6 +64,7 @@ impl Relay {
             port,
             blocked,
             generation,
+            fault,
             task,
         }
     }
@@ -70,6 +79,11 @@ impl Relay {
         self.blocked.lock().unwrap().clear();
         self.generation.send_modify(|g| *g += 1);
     }
+
+    /// Put a fault on every connection through this relay (Pass: none).
+    pub fn set(&self, fault: Fault) {
+        self.fault.send_replace(fault);
+    }
 }
 
 fn is_blocked(blocked: &Mutex<HashSet<u64>>, caller: u64) -> bool {
@@ -82,6 +96,7 @@ async fn relay(
     target: u16,
     blocked: &Mutex<HashSet<u64>>,
     changed: &mut watch::Receiver<u64>,
+    fault: watch::Receiver<Fault>,
 ) -> std::io::Result<()> {
     // The Hello frame: length (u32, big-endian) and JSON {"node": id, …}.
     let len = client.read_u32().await? as usize;
@@ -97,15 +112,18 @@ async fn relay(
     if is_blocked(blocked, caller) {
         return Ok(());
     }
+    if *fault.borrow() == Fault::Reset {
+        return reset(client);
+    }
     let mut server = TcpStream::connect(("127.0.0.1", target)).await?;
     server.write_u32(len as u32).await?;
     server.write_all(&hello).await?;
-    let (mut cr, mut cw) = client.split();
-    let (mut sr, mut sw) = server.split();
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
     let pipe = async {
         tokio::select! {
-            _ = tokio::io::copy(&mut cr, &mut sw) => {}
-            _ = tokio::io::copy(&mut sr, &mut cw) => {}
+            _ = pump(cr, sw, fault.clone()) => {}
+            _ = pump(sr, cw, fault) => {}
         }
     };
     let cut = async {
