@@ -2044,6 +2044,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn statements_that_would_commit_are_recognized() {
+        for sql in [
+            "COMMIT",
+            "commit;",
+            "  End  ",
+            "COMMIT AND CHAIN",
+            "end transaction",
+            "PREPARE TRANSACTION 'x'",
+        ] {
+            assert!(ends_transaction(sql), "{sql}");
+        }
+        for sql in [
+            "ROLLBACK",
+            "ABORT",
+            "SELECT 1",
+            "PREPARE p AS SELECT 1",
+            "committee",
+            "",
+        ] {
+            assert!(!ends_transaction(sql), "{sql}");
+        }
+    }
+
     #[tokio::test]
     async fn truncated_stream_ends_without_forwarding_the_partial_message() {
         let mut input = message(b'Q', b"SELECT 1\0");
