@@ -115,6 +115,10 @@ pub async fn run(node: Arc<Node>) {
             tracing::info!(backend = %name, epoch = duty.epoch, "driving this backend's replication");
             running.insert(name, (duty.epoch, tasks));
         }
+        node.drives_home.store(
+            running.contains_key(&node.config.home_backend().name),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 

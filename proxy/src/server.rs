@@ -67,6 +67,10 @@ pub struct Node {
     backend_down: Vec<AtomicBool>,
     /// Bumped whenever a backend is seen going down: sessions on it move.
     backend_went_down: watch::Sender<u64>,
+    /// Whether this node drives its home backend's streams now (see
+    /// duties.rs); when another node does, commit scopes are judged from
+    /// the backend's slots instead of this node's stream positions.
+    pub drives_home: AtomicBool,
     /// Set once shutdown begins.
     pub draining: Arc<AtomicBool>,
     shutdown_tx: watch::Sender<bool>,
@@ -117,6 +121,7 @@ impl Node {
             tls,
             verifiers,
             mock_verifier,
+            drives_home: AtomicBool::new(true),
             draining: Arc::new(AtomicBool::new(false)),
             consensus: std::sync::OnceLock::new(),
             backend_down,

@@ -1593,7 +1593,9 @@ where
             } else {
                 let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
                 if let (Some(scope), Some(progress)) = (wait, &node.progress) {
-                    if serving == node.config.home_backend().name {
+                    if serving == node.config.home_backend().name
+                        && node.drives_home.load(Ordering::Relaxed)
+                    {
                         let (reached, ok) = progress.wait(scope, scope_limit).await;
                         scope_outcome(node, scope, reached, ok, &mut out);
                     } else {
@@ -1650,8 +1652,9 @@ async fn shutdown_session<W: AsyncWrite + Unpin>(writer: &mut W) -> RelayEnd {
     RelayEnd::Shutdown
 }
 
-/// The commit scope wait of a session served by a backend other than its
-/// node's home (it moved there): that backend's own slots, confirmed by
+/// The commit scope wait of a session served by a backend whose streams
+/// this node does not drive (another backend it moved to, or its home
+/// while handed to another node): that backend's own slots, confirmed by
 /// the streams its driver runs once a peer has applied, tell how many
 /// backends have the transaction. `away` keeps the control connection.
 async fn wait_on_slots(

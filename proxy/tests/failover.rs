@@ -703,3 +703,53 @@ async fn commit_scope_majority_loses_no_acknowledged_write_when_a_backend_is_los
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_raft_keeps_its_commit_scopes_while_another_node_drives_its_backend() {
+    let c = procs::cluster_opts(procs::Options {
+        replication: "commit_scope_timeout_ms = 3000\n".into(),
+        extra: "node_lease_ms = 1000\n".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    c.exec(1, "CREATE TABLE k (id int PRIMARY KEY)").await;
+    c.wait_ddl(1).await;
+    // Node 1 loses Raft (its backend links stay): its backend's streams
+    // are handed to another node, which fences node 1's.
+    c.relays[0].block(&[0]);
+    c.relays[1].block(&[1]);
+    c.relays[2].block(&[1]);
+    c.wait_for(1, "SELECT driver_epoch::text FROM chorus.local", |v| {
+        v.parse::<i64>().unwrap_or(0) >= 1
+    })
+    .await;
+    // Commits through node 1 under scope majority still see their peers
+    // (from its backend's slots, which the new driver confirms).
+    let s = c.via(1).await;
+    s.batch_execute("SET chorus.commit_scope = 'majority'")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut id = 0;
+    loop {
+        id += 1;
+        match s.execute("INSERT INTO k VALUES ($1)", &[&id]).await {
+            Ok(_) => break,
+            // Until node 1 finds its streams taken over (fenced).
+            Err(e) => {
+                assert_eq!(common::sqlstate(&e).as_deref(), Some("40003"), "{e:?}");
+                assert!(Instant::now() < deadline, "scope never reached: {e:?}");
+            }
+        }
+    }
+    for _ in 0..5 {
+        id += 1;
+        s.execute("INSERT INTO k VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+    }
+    for relay in &c.relays {
+        relay.heal();
+    }
+    c.converge("SELECT count(*)::text FROM k", 1, &[2, 3]).await;
+}
