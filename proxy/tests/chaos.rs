@@ -766,6 +766,45 @@ fn the_ci_seeds_cover_every_kind_of_fault() {
     }
 }
 
+/// The soak's default seeds (1-300) put every pair of kinds of fault
+/// together (the same kind twice included) at least once.
+#[test]
+fn the_soak_seeds_cover_every_pair_of_kinds() {
+    let kind = |f: &Planned| kind_names(f.kind).remove(0);
+    let pairs: HashSet<(String, String)> = (1..=300)
+        .map(|seed| {
+            let faults = plan(seed).0;
+            let (a, b) = (kind(&faults[0]), kind(&faults[1]));
+            if a <= b {
+                (a, b)
+            } else {
+                (b, a)
+            }
+        })
+        .collect();
+    let kinds = [
+        "KillBackend",
+        "LoseBackend",
+        "PauseBackend",
+        "KillNode",
+        "PauseNode",
+        "Partition",
+        "Link",
+        "RaftLink",
+    ];
+    for a in kinds {
+        for b in kinds {
+            // At most one backend is lost per seed.
+            if a <= b && !(a == "LoseBackend" && b == "LoseBackend") {
+                assert!(
+                    pairs.contains(&(a.to_owned(), b.to_owned())),
+                    "no soak seed has {a} with {b}"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_fixed_seeds() {
     for &seed in CI_SEEDS {
