@@ -643,6 +643,28 @@ struct Session {
     backend_open: Option<GaugeGuard>,
 }
 
+impl Session {
+    /// The login this session makes to a backend at `address`, with these
+    /// startup parameters.
+    fn login<'a>(
+        &'a self,
+        node: &'a Node,
+        address: &'a str,
+        params: &'a [(String, String)],
+    ) -> LoginParams<'a> {
+        LoginParams {
+            address,
+            user: &self.user,
+            password: node
+                .config
+                .user(&self.user)
+                .and_then(|u| u.password.as_deref()),
+            database: &self.database,
+            params,
+        }
+    }
+}
+
 /// How long a session whose backend failed tries to get another one.
 const MOVE_LIMIT: Duration = Duration::from_secs(5);
 
@@ -795,16 +817,7 @@ async fn backend_accepts(node: &Node, session: &Session) -> bool {
         return false;
     };
     let address = backend.address();
-    let login = LoginParams {
-        address: &address,
-        user: &session.user,
-        password: node
-            .config
-            .user(&session.user)
-            .and_then(|u| u.password.as_deref()),
-        database: &session.database,
-        params: &session.params,
-    };
+    let login = session.login(node, &address, &session.params);
     match backend::connect(&login, Duration::from_secs(1)).await {
         Ok(mut probe) => {
             let _ = probe.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
@@ -847,10 +860,6 @@ async fn move_session<W: AsyncWrite + Unpin>(
             params.push((name.clone(), value.clone()));
         }
     }
-    let password = node
-        .config
-        .user(&session.user)
-        .and_then(|u| u.password.as_deref());
     let deadline = Instant::now() + MOVE_LIMIT;
     let (name, address, mut connection) = 'found: loop {
         let candidates: Vec<_> = node
@@ -861,13 +870,7 @@ async fn move_session<W: AsyncWrite + Unpin>(
             .collect();
         for candidate in candidates {
             let address = candidate.address();
-            let login = LoginParams {
-                address: &address,
-                user: &session.user,
-                password,
-                database: &session.database,
-                params: &params,
-            };
+            let login = session.login(node, &address, &params);
             let left = deadline.saturating_duration_since(Instant::now());
             match backend::connect(&login, left.min(node.config.backend_connect_timeout())).await {
                 Ok(connection) => break 'found (candidate.name, address, connection),

@@ -128,6 +128,18 @@ fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
 
+/// Set `fault` on every link between node `i` with its backend and the
+/// other nodes and backends.
+fn partition_links(c: &Cluster, i: usize, fault: Fault) {
+    for n in 1..=3 {
+        for b in 1..=3 {
+            if (n == i) != (b == i) {
+                c.links[n - 1][b - 1].set(fault);
+            }
+        }
+    }
+}
+
 fn begin(c: &mut Cluster, kind: Kind) {
     match kind {
         Kind::KillBackend(b) => c.backends[b - 1].kill(),
@@ -147,13 +159,7 @@ fn begin(c: &mut Cluster, kind: Kind) {
                 let callers = if j + 1 == i { [0] } else { [i as u64] };
                 relay.block(&callers);
             }
-            for n in 1..=3 {
-                for b in 1..=3 {
-                    if (n == i) != (b == i) {
-                        c.links[n - 1][b - 1].set(Fault::Blackhole);
-                    }
-                }
-            }
+            partition_links(c, i, Fault::Blackhole);
         }
         Kind::Link(i, b, fault) => c.links[i - 1][b - 1].set(fault),
         Kind::RaftLink(i, fault) => c.relays[i - 1].set(fault),
@@ -180,13 +186,7 @@ fn end(c: &mut Cluster, kind: Kind) {
             for relay in &c.relays {
                 relay.heal();
             }
-            for n in 1..=3 {
-                for b in 1..=3 {
-                    if (n == i) != (b == i) {
-                        c.links[n - 1][b - 1].set(Fault::Pass);
-                    }
-                }
-            }
+            partition_links(c, i, Fault::Pass);
         }
         Kind::Link(i, b, _) => c.links[i - 1][b - 1].set(Fault::Pass),
         Kind::RaftLink(i, _) => c.relays[i - 1].set(Fault::Pass),
