@@ -31,7 +31,8 @@ use network::{Network, Peer, Reply, Rpc, HANDSHAKE_TIMEOUT};
 pub use store::Shared;
 use types::TypeConfig;
 pub use types::{
-    ClusterState, DdlEntry, DdlProposal, Driver, NodeInfo, NodeState, Request, Response,
+    ClusterState, DdlEntry, DdlLease, DdlProposal, Driver, LeaseHolder, NodeInfo, NodeState,
+    Request, Response,
 };
 
 type Nid = u64;

@@ -48,6 +48,40 @@ pub enum Request {
         node: u64,
         expected: u64,
     },
+    /// Take the cluster's DDL lease for one transaction of `holder`: DDL
+    /// runs under it in one cluster-wide order. Granted when no other
+    /// holder has an unexpired lease (`now_ms`, the proposer's clock, is
+    /// compared with the lease's expiry), and then numbered with the next
+    /// DDL sequence number. A holder that asks again keeps its number.
+    DdlLease {
+        holder: LeaseHolder,
+        now_ms: u64,
+        ttl_ms: u64,
+    },
+    /// Give the lease back; `committed` says whether its DDL committed
+    /// (then later DDL is ordered after it).
+    DdlRelease {
+        holder: LeaseHolder,
+        seq: u64,
+        committed: bool,
+    },
+}
+
+/// Who holds the DDL lease: a node and one of its sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseHolder {
+    pub node: u64,
+    pub session: u64,
+}
+
+/// The cluster's DDL lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlLease {
+    pub holder: LeaseHolder,
+    /// The DDL sequence number of the holder's transaction.
+    pub seq: u64,
+    /// Proposer clock, milliseconds since the Unix epoch.
+    pub expires_ms: u64,
 }
 
 /// A replicated DDL statement, as validated on its origin.
@@ -75,6 +109,11 @@ pub struct DdlProposal {
     /// for a given sequence, so their ranges can be told apart).
     #[serde(default)]
     pub galloc_block: Option<i64>,
+    /// A number taken by a DDL lease: that DDL travels in its
+    /// transaction's own change stream, not through this log (appliers
+    /// skip the entry; see `Request::DdlLease`).
+    #[serde(default)]
+    pub in_stream: bool,
 }
 
 /// A DDL statement in the cluster's DDL log.
@@ -83,6 +122,10 @@ pub struct DdlEntry {
     /// Position in the DDL log, from 1, without gaps.
     pub seq: u64,
     pub proposal: DdlProposal,
+    /// The last committed DDL before this one: a backend applies this
+    /// entry only once it has that one.
+    #[serde(default)]
+    pub after: u64,
 }
 
 /// A node's life-cycle state in the cluster.
@@ -116,6 +159,17 @@ pub enum Response {
     Ddl { seq: u64, duplicate: bool },
     /// A galloc range, both ends included.
     Range { lo: i64, hi: i64 },
+    /// The DDL lease is granted: the holder's DDL is number `seq`, and
+    /// runs once its backend has applied DDL `after` (the last committed
+    /// one). `unknown`: an expired lease whose outcome was never reported
+    /// (its holder died); it may have committed.
+    Lease {
+        seq: u64,
+        after: u64,
+        unknown: Option<u64>,
+    },
+    /// Another holder has the DDL lease.
+    LeaseBusy { node: u64 },
     /// Done, nothing to report.
     Done,
 }
@@ -144,6 +198,13 @@ pub struct ClusterState {
     /// The last epoch handed out.
     #[serde(default)]
     pub driver_epoch: u64,
+    /// The DDL lease, while a transaction with DDL is open somewhere.
+    #[serde(default)]
+    pub ddl_lease: Option<DdlLease>,
+    /// The last DDL known committed (log entries, and leases released as
+    /// committed).
+    #[serde(default)]
+    pub ddl_last: u64,
 }
 
 /// The node that drives a backend's replication, and since which hand-over.
@@ -170,7 +231,9 @@ impl ClusterState {
                 self.ddl.push(DdlEntry {
                     seq,
                     proposal: proposal.clone(),
+                    after: self.ddl_last,
                 });
+                self.ddl_last = seq;
                 Response::Ddl {
                     seq,
                     duplicate: false,
@@ -223,10 +286,78 @@ impl ClusterState {
                 }
                 Response::Done
             }
+            Request::DdlLease {
+                holder,
+                now_ms,
+                ttl_ms,
+            } => self.lease(*holder, *now_ms, *ttl_ms),
+            Request::DdlRelease {
+                holder,
+                seq,
+                committed,
+            } => {
+                if *committed {
+                    self.ddl_last = self.ddl_last.max(*seq);
+                }
+                if self
+                    .ddl_lease
+                    .is_some_and(|l| l.holder == *holder && l.seq == *seq)
+                {
+                    self.ddl_lease = None;
+                }
+                Response::Done
+            }
         }
     }
 
-    /// The last DDL sequence number.
+    fn lease(&mut self, holder: LeaseHolder, now_ms: u64, ttl_ms: u64) -> Response {
+        let expires_ms = now_ms.saturating_add(ttl_ms);
+        let mut unknown = None;
+        match &mut self.ddl_lease {
+            Some(lease) if lease.holder == holder => {
+                lease.expires_ms = lease.expires_ms.max(expires_ms);
+                return Response::Lease {
+                    seq: lease.seq,
+                    after: self.ddl_last,
+                    unknown: None,
+                };
+            }
+            Some(lease) if lease.expires_ms > now_ms => {
+                return Response::LeaseBusy {
+                    node: lease.holder.node,
+                };
+            }
+            Some(lease) => unknown = Some(lease.seq),
+            None => {}
+        }
+        let seq = self.ddl.len() as u64 + 1;
+        self.ddl.push(DdlEntry {
+            seq,
+            proposal: DdlProposal {
+                id: format!("lease-{}-{}-{seq}", holder.node, holder.session),
+                sql: String::new(),
+                search_path: String::new(),
+                role: String::new(),
+                origin: holder.node,
+                transactional: true,
+                sequence_kind: None,
+                galloc_block: None,
+                in_stream: true,
+            },
+            after: self.ddl_last,
+        });
+        self.ddl_lease = Some(DdlLease {
+            holder,
+            seq,
+            expires_ms,
+        });
+        Response::Lease {
+            seq,
+            after: self.ddl_last,
+            unknown,
+        }
+    }
+
     /// The node whose home `backend` is.
     pub fn owner_of(&self, backend: &str) -> Option<u64> {
         self.nodes
@@ -264,7 +395,84 @@ mod tests {
             transactional: true,
             sequence_kind: None,
             galloc_block: None,
+            in_stream: false,
         }
+    }
+
+    #[test]
+    fn the_ddl_lease_excludes_other_holders_until_released_or_expired() {
+        let mut state = ClusterState::default();
+        let a = LeaseHolder {
+            node: 1,
+            session: 7,
+        };
+        let b = LeaseHolder {
+            node: 2,
+            session: 9,
+        };
+        let lease = |state: &mut ClusterState, holder, now_ms| {
+            state.apply(&Request::DdlLease {
+                holder,
+                now_ms,
+                ttl_ms: 1000,
+            })
+        };
+        state.apply(&Request::Ddl(proposal("x")));
+        assert_eq!(
+            lease(&mut state, a, 0),
+            Response::Lease {
+                seq: 2,
+                after: 1,
+                unknown: None
+            }
+        );
+        // Asking again keeps the number; another holder waits.
+        assert_eq!(
+            lease(&mut state, a, 10),
+            Response::Lease {
+                seq: 2,
+                after: 1,
+                unknown: None
+            }
+        );
+        assert_eq!(lease(&mut state, b, 500), Response::LeaseBusy { node: 1 });
+        // A rolled-back transaction's number is skipped by what follows.
+        state.apply(&Request::DdlRelease {
+            holder: a,
+            seq: 2,
+            committed: false,
+        });
+        assert_eq!(
+            lease(&mut state, b, 600),
+            Response::Lease {
+                seq: 3,
+                after: 1,
+                unknown: None
+            }
+        );
+        state.apply(&Request::DdlRelease {
+            holder: b,
+            seq: 3,
+            committed: true,
+        });
+        assert_eq!(state.ddl_last, 3);
+        // A log entry is ordered after the committed lease.
+        state.apply(&Request::Ddl(proposal("y")));
+        assert_eq!(state.ddl[3].after, 3);
+        assert!(state.ddl[2].proposal.in_stream);
+        // An expired lease is taken over, its outcome unknown.
+        assert!(matches!(
+            lease(&mut state, a, 700),
+            Response::Lease { seq: 5, .. }
+        ));
+        assert_eq!(
+            lease(&mut state, b, 5000),
+            Response::Lease {
+                seq: 6,
+                after: 4,
+                unknown: Some(5)
+            }
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ fn ddl(id: &str, origin: u64) -> Request {
         transactional: true,
         sequence_kind: None,
         galloc_block: None,
+        in_stream: false,
     })
 }
 

@@ -403,7 +403,7 @@ END
 $$;
 
 -- Apply the row changes at positions lo..hi of a batch (no DDL among
--- them): batchable tables set-based, one statement group per table; the
+-- them; see chorus.apply_changes): batchable tables set-based, one statement group per table; the
 -- others change by change in stream order. Reordering is safe: a batchable
 -- table's rows depend on no other table or row, and the batch commits as
 -- one transaction.
@@ -450,11 +450,69 @@ BEGIN
 END
 $$;
 
--- Apply a JSON array of row changes (see chorus.apply_dml). One result
--- per change (not in input order).
+-- Apply one DDL statement that travelled in its origin transaction's
+-- change stream (see chorus.capture_ddl), as the role that ran it there,
+-- with its search_path; sequences it makes become global with this
+-- backend's id. A statement that fails here is recorded with its error and
+-- logged as a conflict (kind ddl_failed); the stream goes on.
+CREATE OR REPLACE FUNCTION chorus.apply_stream_ddl(change jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    path text := current_setting('search_path');
+    failure text;
+BEGIN
+    PERFORM set_config('search_path', change ->> 'search_path', true),
+            set_config('chorus.sequence_node', (SELECT l.sequence_id FROM chorus.local l)::text, true),
+            set_config('chorus.sequence_kind', coalesce(change ->> 'sequence_kind', 'snowflake'), true),
+            set_config('chorus.sequence_block', coalesce(change ->> 'sequence_block', '1000000'), true);
+    BEGIN
+        EXECUTE format('SET LOCAL ROLE %I', change ->> 'role');
+        EXECUTE change ->> 'ddl';
+        RESET ROLE;
+    EXCEPTION WHEN OTHERS THEN
+        failure := SQLSTATE || ': ' || SQLERRM;
+    END;
+    PERFORM set_config('search_path', path, true),
+            set_config('chorus.sequence_node', '', true);
+    INSERT INTO chorus.ddl_history AS h (seq, origin, search_path, role, command, error)
+    VALUES ((change ->> 'seq')::bigint, (change ->> 'origin')::integer, change ->> 'search_path',
+            change ->> 'role', change ->> 'ddl', failure)
+    ON CONFLICT (seq) DO UPDATE
+        SET command = h.command || E';\n' || excluded.command, error = coalesce(h.error, excluded.error);
+    IF failure IS NULL THEN
+        RETURN 'applied';
+    END IF;
+    RAISE WARNING 'replicated DDL % failed here: %', change ->> 'seq', failure;
+    INSERT INTO chorus.conflict (tbl, kind, resolution, remote_origin, remote_row)
+    VALUES ('', 'ddl_failed', 'skipped', (change ->> 'origin')::integer, change);
+    RETURN 'ddl_failed:skipped';
+END
+$$;
+
+-- Apply a JSON array of changes in order: DDL statements one by one at
+-- their place, the row changes between them by chorus.apply_dml. One
+-- result per change (not in input order).
 CREATE OR REPLACE FUNCTION chorus.apply_changes(changes jsonb) RETURNS text[]
-LANGUAGE sql AS $$
-    SELECT chorus.apply_dml(changes, 1, jsonb_array_length(changes))
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := jsonb_array_length(changes);
+    lo integer := 1;
+    at integer;
+    results text[] := '{}';
+BEGIN
+    FOR at IN SELECT e.i FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, i)
+               WHERE e.c ? 'ddl' ORDER BY e.i LOOP
+        IF at > lo THEN
+            results := results || chorus.apply_dml(changes, lo, at - 1);
+        END IF;
+        results := results || chorus.apply_stream_ddl(changes -> (at - 1));
+        lo := at + 1;
+    END LOOP;
+    IF lo <= n THEN
+        results := results || chorus.apply_dml(changes, lo, n);
+    END IF;
+    RETURN results;
+END
 $$;
 
 -- The epoch of the node that drives an origin's stream (see

@@ -519,25 +519,152 @@ BEGIN
 END
 $$;
 
--- Tables created or altered by DDL are adopted (or re-adopted, when they
--- gained a primary key) in the same transaction. DDL replicates through the
--- cluster's Raft-ordered DDL log, applied on every backend by its node
--- (proxy/src/ddl.rs), so each backend's own event trigger adopts the
--- table there. Not adopted: temporary tables, Chorus's own, extension
--- members, and tables made with `SET chorus.ddl_scope = 'local'` (they
--- exist on one backend only; `chorus adopt` adopts them).
+-- The text of the DDL statement this event trigger fires for, as the
+-- client sent it, or NULL when Chorus did not see it (DDL run from a
+-- function or a DO block). For a simple query the proxy stages, with its
+-- stamp, the query's bytes (hex) and where its DDL statements are in them
+-- (`chorus.ddl_stage`); statements are taken from it in order. Otherwise
+-- (extended protocol) the query is one statement: it is the DDL when its
+-- first word is the command's.
+CREATE OR REPLACE FUNCTION chorus.ddl_statement(tag text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    q text := current_query();
+    stage jsonb := nullif(current_setting('chorus.ddl_stage', true), '')::jsonb;
+    raw bytea;
+    pos integer;
+    range jsonb;
+    first_word text;
+BEGIN
+    IF stage IS NOT NULL THEN
+        raw := decode(stage ->> 'q', 'hex');
+        IF convert_from(raw, pg_client_encoding()) = q THEN
+            pos := coalesce(nullif(current_setting('chorus.ddl_stage_pos', true), '')::integer, 0);
+            range := stage -> 'ddl' -> pos;
+            IF range IS NULL THEN
+                RETURN NULL;
+            END IF;
+            PERFORM set_config('chorus.ddl_stage_pos', (pos + 1)::text, false);
+            RETURN convert_from(substring(raw FROM (range ->> 0)::integer + 1 FOR (range ->> 1)::integer),
+                                pg_client_encoding());
+        END IF;
+    END IF;
+    first_word := upper(substring(q FROM E'^(?:\\s|--[^\\n]*(?:\\n|$)|/\\*(?:[^*]|\\*+[^*/])*\\*+/|\\()*([A-Za-z]+)'));
+    IF first_word IS NOT NULL AND first_word = split_part(tag, ' ', 1) THEN
+        RETURN q;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- What a CREATE TABLE AS or SELECT INTO made, as a plain CREATE TABLE:
+-- peers make the table from it and get the rows as changes, so the query
+-- is never evaluated again elsewhere.
+CREATE OR REPLACE FUNCTION chorus.table_definition(rel regclass) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT format('CREATE %sTABLE %I.%I (%s)',
+                  CASE c.relpersistence WHEN 'u' THEN 'UNLOGGED ' ELSE '' END,
+                  n.nspname, c.relname,
+                  (SELECT string_agg(format('%I %s%s', a.attname, format_type(a.atttypid, a.atttypmod),
+                                            CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation
+                                                 THEN ' COLLATE ' || a.attcollation::regcollation::text ELSE '' END),
+                                     ', ' ORDER BY a.attnum)
+                     FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped))
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = rel
+$$;
+
+-- At the end of every DDL command:
+-- 1. DDL sent through Chorus (a proxied session, `chorus.origin` set, not
+--    applying remote changes, `chorus.ddl_scope` not local) is put in its
+--    transaction's own change stream: a transactional logical message with
+--    the statement, search_path, role and the number of the cluster DDL
+--    lease the proxy took for the transaction (`chorus.ddl_seq`), and a
+--    row in chorus.ddl_history under that number. Peers apply it at its
+--    place among the transaction's changes, and only if it commits (see
+--    chorus.apply_stream_ddl). DDL the proxy did not see (from a function
+--    or a DO block) is refused rather than left on one backend.
+-- 2. Tables created or altered are adopted (or re-adopted, when they gained
+--    a primary key) in the same transaction, on every backend. Not adopted:
+--    temporary tables, Chorus's own, extension members, and tables made
+--    with `SET chorus.ddl_scope = 'local'` (they exist on one backend only;
+--    `chorus adopt` adopts them).
+-- 3. Sequences made by replicated DDL (CREATE SEQUENCE, serial and identity
+--    columns) become global, with this backend's sequence id.
+-- 4. The rows of a CREATE TABLE AS / SELECT INTO travel as changes after a
+--    plain CREATE TABLE (see chorus.table_definition).
 CREATE OR REPLACE FUNCTION chorus.capture_ddl() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     cmd record;
+    replicate boolean;
+    lease bigint;
+    statement text;
+    ordinary boolean := false;
+    made regclass;
+    made_name text;
+    pinned text;
+    txn_hlc bigint;
+    origin integer;
+    dep bigint;
+    kind text;
+    block text;
 BEGIN
+    -- Chorus's own DDL inside this trigger (adopting a table) belongs to
+    -- the statement being handled.
+    IF current_setting('chorus.in_ddl_trigger', true) = 'on' THEN
+        RETURN;
+    END IF;
+    replicate := coalesce(current_setting('chorus.applying', true), '') <> 'on'
+             AND coalesce(current_setting('chorus.ddl_scope', true), '') <> 'local'
+             AND coalesce(current_setting('chorus.origin', true), '') <> '';
+    -- Only temporary objects and extension members: nothing to replicate
+    -- (an extension's objects come with its CREATE EXTENSION).
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        IF NOT cmd.in_extension AND coalesce(cmd.schema_name, '') NOT LIKE 'pg_temp%' THEN
+            ordinary := true;
+        END IF;
+    END LOOP;
+    IF NOT ordinary AND EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands()) THEN
+        replicate := false;
+    END IF;
+    IF replicate THEN
+        statement := chorus.ddl_statement(tg_tag);
+        lease := nullif(current_setting('chorus.ddl_seq', true), '')::bigint;
+        IF statement IS NOT NULL AND lease IS NULL
+           AND coalesce(current_setting('chorus.ddl_refusal', true), '') <> '' THEN
+            -- The proxy could not take the cluster DDL lease.
+            RAISE EXCEPTION '%', substr(current_setting('chorus.ddl_refusal'), 7)
+                USING ERRCODE = split_part(current_setting('chorus.ddl_refusal'), ':', 1),
+                      HINT = 'Another transaction with DDL is open in the cluster, or this node cannot reach a Raft majority; retry.';
+        END IF;
+        IF statement IS NULL OR lease IS NULL THEN
+            RAISE EXCEPTION '% run from a function or DO block cannot be replicated', tg_tag
+                USING ERRCODE = '0A000',
+                      HINT = 'Send the DDL statement itself through Chorus, or SET chorus.ddl_scope = ''local'' to run it on this node''s backend only.';
+        END IF;
+        -- A lease's number belongs to the one transaction it was taken for.
+        IF coalesce(current_setting('chorus.ddl_txn', true), '') <> lease::text
+           AND EXISTS (SELECT 1 FROM chorus.ddl_history h WHERE h.seq = lease) THEN
+            RAISE EXCEPTION '% cannot be replicated: this transaction does not hold the cluster DDL lease', tg_tag
+                USING ERRCODE = '0A000',
+                      HINT = 'Send the DDL statement itself through Chorus, or SET chorus.ddl_scope = ''local'' to run it on this node''s backend only.';
+        END IF;
+        PERFORM set_config('chorus.ddl_txn', lease::text, true);
+        -- Sequences made here become global with this backend's id.
+        kind := coalesce(nullif(lower(current_setting('chorus.sequence_kind', true)), ''),
+                         nullif(current_setting('chorus.sequence_default_kind', true), ''), 'snowflake');
+        block := coalesce(nullif(current_setting('chorus.sequence_block', true), ''), '1000000');
+        PERFORM set_config('chorus.sequence_node', (SELECT l.sequence_id FROM chorus.local l)::text, true),
+                set_config('chorus.sequence_kind', kind, true),
+                set_config('chorus.sequence_block', block, true);
+    END IF;
+    PERFORM set_config('chorus.in_ddl_trigger', 'on', true);
     FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         CONTINUE WHEN cmd.in_extension;
         CONTINUE WHEN cmd.schema_name IS NOT NULL
                   AND (cmd.schema_name = 'chorus' OR cmd.schema_name LIKE 'pg_temp%');
-        -- Sequences made by replicated DDL (CREATE SEQUENCE, serial and
-        -- identity columns) become global as the DDL log applier runs it
-        -- (it sets chorus.sequence_node for its transaction).
         IF cmd.object_type = 'sequence' AND cmd.command_tag = 'CREATE SEQUENCE'
            AND coalesce(current_setting('chorus.sequence_node', true), '') <> ''
            AND coalesce(current_setting('chorus.making_global', true), '') <> 'on'
@@ -546,6 +673,9 @@ BEGIN
                                        coalesce(nullif(current_setting('chorus.sequence_kind', true), ''), 'snowflake'),
                                        current_setting('chorus.sequence_node')::integer,
                                        coalesce(nullif(current_setting('chorus.sequence_block', true), ''), '1000000')::bigint);
+        END IF;
+        IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
+            made := cmd.objid::regclass;
         END IF;
         IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
            AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = cmd.objid AND c.relkind IN ('r', 'p')
@@ -560,6 +690,42 @@ BEGIN
                                               WHERE i.indrelid = cmd.objid AND i.indisprimary));
         END IF;
     END LOOP;
+    PERFORM set_config('chorus.in_ddl_trigger', 'off', true);
+    IF NOT replicate THEN
+        RETURN;
+    END IF;
+    -- The transaction's stamp, pinned as the capture trigger pins it.
+    pinned := current_setting('chorus.txn', true);
+    IF pinned IS NOT NULL AND split_part(pinned, ':', 1) = txid_current()::text THEN
+        txn_hlc := split_part(pinned, ':', 2)::bigint;
+        origin := split_part(pinned, ':', 3)::integer;
+    ELSE
+        txn_hlc := coalesce(nullif(current_setting('chorus.hlc', true), '')::bigint, chorus.clock_hlc());
+        origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
+                           (SELECT l.node_id FROM chorus.local l));
+        PERFORM set_config('chorus.txn', txid_current()::text || ':' || txn_hlc || ':' || origin || ':' ||
+                           coalesce((SELECT max(h.seq) FROM chorus.ddl_history h WHERE h.seq <> lease), 0), true);
+    END IF;
+    -- Peers apply this only once they have every DDL this backend had.
+    dep := coalesce((SELECT max(h.seq) FROM chorus.ddl_history h WHERE h.seq <> lease), 0);
+    IF made IS NOT NULL THEN
+        statement := chorus.table_definition(made);
+    END IF;
+    INSERT INTO chorus.ddl_history AS h (seq, origin, search_path, role, command)
+    VALUES (lease, origin, current_setting('search_path'), current_user, statement)
+    ON CONFLICT (seq) DO UPDATE SET command = h.command || E';\n' || excluded.command;
+    PERFORM pg_logical_emit_message(true, 'chorus:' || dep, jsonb_build_object(
+        'ddl', statement, 'seq', lease, 'origin', origin, 'search_path', current_setting('search_path'),
+        'role', current_user, 'sequence_kind', current_setting('chorus.sequence_kind', true),
+        'sequence_block', current_setting('chorus.sequence_block', true))::text);
+    IF made IS NOT NULL THEN
+        SELECT format('%I.%I', n.nspname, c.relname) INTO made_name
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = made;
+        EXECUTE format('SELECT count(pg_logical_emit_message(true, $1, jsonb_build_object('
+                       '''table'', $2, ''op'', ''INSERT'', ''key'', NULL, ''row'', to_jsonb(t), '
+                       '''version'', $3, ''prev'', NULL, ''origin'', $4)::text)) FROM %s t', made)
+            USING 'chorus:' || dep, made_name, txn_hlc, origin;
+    END IF;
 END
 $$;
 

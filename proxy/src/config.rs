@@ -91,6 +91,11 @@ pub struct ClusterConfig {
     /// application before the client gets an error. Default 10 s.
     #[serde(default = "default_ddl_timeout")]
     pub ddl_timeout_ms: u64,
+    /// A transaction with DDL holds the cluster's DDL lease from its first
+    /// DDL statement to its end. If its node dies meanwhile, the lease
+    /// passes to another holder after this long. Default 60 s.
+    #[serde(default = "default_ddl_lease")]
+    pub ddl_lease_ms: u64,
     /// A node that has not answered the Raft leader for this long loses
     /// its replication duties to a live node until it is back. Default 3 s.
     #[serde(default = "default_node_lease")]
@@ -132,6 +137,9 @@ impl SequenceKind {
     }
 }
 
+fn default_ddl_lease() -> u64 {
+    60_000
+}
 fn default_galloc_range() -> i64 {
     1_000_000
 }

@@ -121,8 +121,32 @@ impl DdlProgress {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Whether a backend has DDL `seq` (`None` when unreachable).
+    pub(crate) async fn has_seq(
+        &self,
+        node: &Node,
+        backend: &BackendConfig,
+        seq: u64,
+    ) -> Option<bool> {
+        let config = node.config.replication.as_ref()?;
+        let seq = i64::try_from(seq).ok()?;
+        let mut peers = self.peers.lock().await;
+        let client = peers.get(backend, config, Duration::from_secs(1)).await?;
+        let row = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.query_one(
+                "SELECT EXISTS (SELECT 1 FROM chorus.ddl_history WHERE seq = $1)",
+                &[&seq],
+            ),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(row.get(0))
+    }
+
     /// The DDL index of a backend, read from it (`None` when unreachable).
-    async fn backend_index(&self, node: &Node, backend: &BackendConfig) -> Option<u64> {
+    pub(crate) async fn backend_index(&self, node: &Node, backend: &BackendConfig) -> Option<u64> {
         let config = node.config.replication.as_ref()?;
         let mut peers = self.peers.lock().await;
         let client = peers.get(backend, config, Duration::from_secs(1)).await?;
@@ -161,7 +185,7 @@ impl DdlProgress {
     /// many have. Unless `strict`, a backend that is unreachable or had not
     /// even applied the entry before `seq` when first asked (its node is
     /// down or far behind) is not waited for.
-    async fn wait_all(
+    pub(crate) async fn wait_all(
         &self,
         node: &Node,
         seq: u64,
@@ -269,6 +293,27 @@ async fn apply_log(
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         for entry in entries {
+            // A lease's number: its DDL travels in its transaction's change
+            // stream (see cluster::ddl_lease).
+            if entry.proposal.in_stream {
+                applied = entry.seq;
+                node.metrics.ddl_applied(&backend.name, applied);
+                continue;
+            }
+            // Applied only once this backend has the committed DDL before
+            // it (which may have come through a change stream).
+            let mut waited = 0u32;
+            loop {
+                let index = client.query_one(INDEX_SQL, &[]).await?.get::<_, i64>(0);
+                if u64::try_from(index).unwrap_or(0) >= entry.after {
+                    break;
+                }
+                waited += 1;
+                if waited % 1000 == 0 {
+                    tracing::warn!(backend = %backend.name, seq = entry.seq, after = entry.after, "DDL waits for earlier DDL to reach this backend");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             let outcome = apply_entry(&client, &entry, sequence_id).await?;
             if let Some(e) = &outcome {
                 tracing::warn!(backend = %backend.name, seq = entry.seq, code = %e.code, error = %e.message, "replicated DDL failed here");
@@ -663,11 +708,26 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         transactional,
         sequence_kind: Some(sequence_kind.to_owned()),
         galloc_block: Some(cluster.galloc_range_size),
+        in_stream: false,
     };
     let started = Instant::now();
-    let seq = match consensus.propose(Request::Ddl(proposal), timeout).await {
+    // The lease keeps this DDL from running between another transaction's
+    // DDL and its commit (see cluster::ddl_lease).
+    let session = rand::RngCore::next_u64(&mut rand::rng());
+    let home = node.config.home_backend().name.clone();
+    let lease = match crate::cluster::ddl_lease::take(node, session, &home).await {
+        Ok(lease) => lease,
+        Err(refusal) => {
+            node.metrics.ddl_failed();
+            error(out, refusal.code, &refusal.message, None);
+            return;
+        }
+    };
+    let proposed = consensus.propose(Request::Ddl(proposal), timeout).await;
+    let _ = crate::cluster::ddl_lease::give_back(node, session, lease, Some(false), &home).await;
+    let seq = match proposed {
         Ok(Response::Ddl { seq, .. }) => seq,
-        Ok(Response::Done | Response::Range { .. }) => {
+        Ok(_) => {
             error(out, "XX000", "unexpected answer from the cluster", None);
             return;
         }

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod capture;
+pub mod cluster;
 pub mod config;
 pub mod ddl;
 pub mod demo;

@@ -11,13 +11,13 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use chorus_router::StatementClass;
+use chorus_router::{ddl_route, first_keyword, split_statements, DdlRoute, StatementClass};
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::auth::{self, AuthError, ScramServer};
 use crate::backend::{self, BackendConnection, BackendError, LoginParams};
+use crate::cluster::ddl_lease::{self, LeaseRefusal};
 use crate::config::{AuthMethod, CommitScope, TimeoutAction};
 use crate::ddl::{self, DdlJob, JobStep};
 use crate::frontend::{is_inspected, query_stamps, FrontendEvent, FrontendState};
@@ -32,7 +33,7 @@ use crate::metrics::{ErrorKind, GaugeGuard};
 use crate::protocol::{self, read_message, ProtocolError, Severity, StartupPacket};
 use crate::scope::{self, DdlScopeChange, ScopeChange};
 use crate::server::Node;
-use crate::stamp::{self, StampKind, Swallower, Verdict};
+use crate::stamp::{self, DdlStage, DdlStamp, StampKind, Swallower, Verdict};
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
@@ -522,6 +523,21 @@ struct RelayState {
     /// not heard yet that its transaction is gone, so a COMMIT must fail
     /// (see `move_session`). Cleared by the next error or idle status.
     lost_transaction: AtomicBool,
+    /// The cluster DDL lease of the current transaction (see
+    /// cluster::ddl_lease): its number, 0 when none.
+    ddl_lease: AtomicU64,
+    /// This session's part of the lease holder's name.
+    lease_token: u64,
+    /// The lease's number went to the backend with a stamp.
+    lease_stamped: AtomicBool,
+    /// The backend session holds DDL settings of a stamp (a lease number or
+    /// a refusal) that the next stamp clears.
+    ddl_settings_sent: AtomicBool,
+    /// Why the lease could not be taken, for the stamp to pass on.
+    lease_refusal: Mutex<Option<LeaseRefusal>>,
+    /// The transaction ended: give the lease back before its ReadyForQuery
+    /// reaches the client.
+    lease_release_due: AtomicBool,
 }
 
 /// What the client-to-backend direction keeps across backend connections.
@@ -583,7 +599,52 @@ impl RelayState {
             prepared: Mutex::new(rustc_hash::FxHashMap::default()),
             reported: Mutex::new(Vec::new()),
             lost_transaction: AtomicBool::new(false),
+            ddl_lease: AtomicU64::new(0),
+            lease_token: rand::rng().next_u64(),
+            lease_stamped: AtomicBool::new(false),
+            ddl_settings_sent: AtomicBool::new(false),
+            lease_refusal: Mutex::new(None),
+            lease_release_due: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a transaction's DDL must take the cluster DDL lease first
+    /// (no lease yet, no refusal to pass on, not in a failed block).
+    fn needs_lease(&self) -> bool {
+        self.ddl_lease.load(Ordering::SeqCst) == 0
+            && self.tx_status.load(Ordering::Relaxed) != b'E'
+            && self.lease_refusal.lock().is_ok_and(|r| r.is_none())
+    }
+
+    /// What a stamp must tell the backend about DDL now, if anything:
+    /// `stage` for a simple query with DDL.
+    fn ddl_stamp(&self, node: &Node, stage: Option<DdlStage>) -> Option<DdlStamp> {
+        let lease = self.ddl_lease.load(Ordering::SeqCst);
+        let refusal = self.lease_refusal.lock().ok().and_then(|mut r| r.take());
+        let fresh_lease = lease != 0 && !self.lease_stamped.load(Ordering::SeqCst);
+        let stale = lease == 0 && self.ddl_settings_sent.load(Ordering::SeqCst);
+        if stage.is_none() && refusal.is_none() && !fresh_lease && !stale {
+            return None;
+        }
+        let cluster = node.config.cluster.as_ref();
+        Some(DdlStamp {
+            seq: (lease != 0).then_some(lease),
+            refusal: refusal.map(|r| (r.code, r.message)),
+            stage,
+            sequence_kind: cluster
+                .map_or("snowflake", |c| c.sequence_kind.as_str())
+                .to_owned(),
+            galloc_block: cluster.map_or(1_000_000, |c| c.galloc_range_size),
+        })
+    }
+
+    /// Note that a stamp with these DDL settings went out.
+    fn ddl_stamp_sent(&self, ddl: &DdlStamp) {
+        if ddl.seq.is_some() {
+            self.lease_stamped.store(true, Ordering::SeqCst);
+        }
+        self.ddl_settings_sent
+            .store(ddl.seq.is_some() || ddl.refusal.is_some(), Ordering::SeqCst);
     }
 
     /// Note a ParameterStatus of the backend's.
@@ -691,14 +752,15 @@ async fn relay<CR, CW>(
         let (mut backend_read, mut backend_write) = backend.into_split();
         let mut from_backend = PumpSide::default();
         let end = {
+            let serving = session.backend_name.clone();
             let to_backend = client_to_backend(
                 node,
                 &state,
+                &serving,
                 &mut client,
                 &mut client_read,
                 &mut backend_write,
             );
-            let serving = session.backend_name.clone();
             let to_client = backend_to_client(
                 node,
                 &state,
@@ -764,6 +826,18 @@ async fn relay<CR, CW>(
         }
         break (end, Some(backend_write));
     };
+    // A transaction that held the cluster DDL lease ends with the session.
+    let lease = state.ddl_lease.swap(0, Ordering::SeqCst);
+    if lease != 0 {
+        let (node, token, backend) = (
+            node.clone(),
+            state.lease_token,
+            session.backend_name.clone(),
+        );
+        tokio::spawn(async move {
+            let _ = ddl_lease::give_back(&node, token, lease, None, &backend).await;
+        });
+    }
     let mut out = BytesMut::new();
     match end {
         RelayEnd::ClientDone | RelayEnd::Shutdown => {}
@@ -971,6 +1045,15 @@ async fn move_session<W: AsyncWrite + Unpin>(
     state.stamps.store(0, Ordering::SeqCst);
     state.ddl_jobs.store(0, Ordering::SeqCst);
     state.txn_stamped.store(false, Ordering::Relaxed);
+    // The transaction that held the cluster DDL lease is lost with its
+    // backend.
+    let lease = state.ddl_lease.swap(0, Ordering::SeqCst);
+    if lease != 0 {
+        let _ = ddl_lease::give_back(node, state.lease_token, lease, None, &from).await;
+    }
+    state.lease_stamped.store(false, Ordering::SeqCst);
+    state.lease_release_due.store(false, Ordering::SeqCst);
+    state.ddl_settings_sent.store(false, Ordering::SeqCst);
     state.scope_local.store(0, Ordering::SeqCst);
     state.ddl_scope_local.store(0, Ordering::Relaxed);
     state.tx_status.store(status, Ordering::Relaxed);
@@ -997,6 +1080,7 @@ async fn move_session<W: AsyncWrite + Unpin>(
 async fn client_to_backend<R, W>(
     node: &Node,
     state: &RelayState,
+    serving: &str,
     side: &mut ClientSide,
     reader: &mut R,
     writer: &mut W,
@@ -1016,7 +1100,8 @@ where
         scope_pending,
         discard_until_sync,
     } = side;
-    let result = pump(
+    let result = loop {
+        let held = pump(
         reader,
         writer,
         pump_side,
@@ -1066,8 +1151,19 @@ where
                 }
             }
             let mut stamp = None;
+            let mut stage = None;
             match tag {
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'H' if *batch_start => {
+                    // A batch with replicated DDL takes the cluster DDL
+                    // lease first (see cluster::ddl_lease); the stamp at
+                    // its start then carries the lease's number.
+                    if replicating
+                        && !state.ddl_is_local()
+                        && state.needs_lease()
+                        && frontend.batch_has(tag, body, rest, |c| c == StatementClass::Ddl)
+                    {
+                        return Ok(Flow::Await);
+                    }
                     *batch_start = false;
                     if replicating && frontend.batch_stamps(tag, body, rest) {
                         stamp = Some(StampKind::Extended);
@@ -1122,15 +1218,37 @@ where
                     }
                     let ddl = summary.counts[StatementClass::Ddl.index()];
                     if replicating && ddl > 0 && !state.ddl_is_local() {
-                        let refusal = if summary.statements() > ddl {
+                        let text = sql();
+                        let statements: Vec<&str> = split_statements(text).collect();
+                        let ddl_statements: Vec<&str> = statements
+                            .iter()
+                            .copied()
+                            .filter(|st| chorus_router::classify(st) == StatementClass::Ddl)
+                            .collect();
+                        let by_log = ddl_statements
+                            .iter()
+                            .any(|st| ddl_route(st) == DdlRoute::Log);
+                        let runs_code = statements.len() > 1
+                            && statements.iter().any(|st| {
+                                first_keyword(st).is_some_and(|(w, _)| {
+                                    w.eq_ignore_ascii_case("DO") || w.eq_ignore_ascii_case("CALL")
+                                })
+                            });
+                        let in_block = state.tx_status.load(Ordering::Relaxed) == b'T';
+                        let refusal = if by_log && summary.statements() > ddl {
                             Some((
-                                "a query string that mixes DDL with other statements cannot be replicated",
-                                "Send each DDL statement as its own query.",
+                                "a query string that mixes this DDL with other statements cannot be replicated",
+                                "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: send each as its own query.",
                             ))
-                        } else if state.tx_status.load(Ordering::Relaxed) == b'T' {
+                        } else if by_log && in_block {
                             Some((
-                                "DDL inside a transaction block cannot be replicated",
-                                "Run it outside BEGIN ... COMMIT, or SET LOCAL chorus.ddl_scope = 'local' to run it on this node's backend only.",
+                                "this DDL cannot be replicated inside a transaction block",
+                                "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: run it outside BEGIN ... COMMIT, or SET LOCAL chorus.ddl_scope = 'local' to run it on this node's backend only.",
+                            ))
+                        } else if runs_code {
+                            Some((
+                                "a query string that mixes DDL with DO or CALL cannot be replicated",
+                                "Send the DO block or CALL as its own query.",
                             ))
                         } else {
                             None
@@ -1141,10 +1259,34 @@ where
                             scope_pending.clear();
                             return Ok(Flow::Replace(refusal_query("0A000", message, hint)));
                         }
+                        if !by_log && state.tx_status.load(Ordering::Relaxed) != b'E' {
+                            // In its transaction's change stream, under the
+                            // cluster DDL lease (see cluster::ddl_lease).
+                            if state.needs_lease() {
+                                return Ok(Flow::Await);
+                            }
+                            let refused = state.lease_refusal.lock().ok().and_then(|mut r| r.take());
+                            if let Some(refusal) = refused {
+                                push_pending(state, *stamped, Vec::new());
+                                *stamped = false;
+                                scope_pending.clear();
+                                return Ok(Flow::Replace(refusal_query(
+                                    refusal.code,
+                                    &refusal.message,
+                                    "Another transaction with DDL is open in the cluster, or this node cannot reach a Raft majority; retry.",
+                                )));
+                            }
+                            let base = text.as_ptr() as usize;
+                            let ranges = ddl_statements
+                                .iter()
+                                .map(|st| (st.as_ptr() as usize - base, st.len()))
+                                .collect();
+                            stage = Some((text.as_bytes().to_vec(), ranges));
+                        }
                         // In a failed transaction the backend refuses it
                         // (25P02) as it is; otherwise it is validated here
-                        // and replicated (see ddl.rs).
-                        if state.tx_status.load(Ordering::Relaxed) != b'E' {
+                        // and replicated through the DDL log (see ddl.rs).
+                        if by_log && state.tx_status.load(Ordering::Relaxed) != b'E' {
                             if *stamped {
                                 push_pending(state, true, Vec::new());
                                 *stamped = false;
@@ -1192,19 +1334,26 @@ where
                     return Ok(Flow::Replace(out));
                 }
                 FrontendEvent::Parsed(StatementClass::Ddl)
-                    if replicating && !state.ddl_is_local() =>
+                    if replicating
+                        && !state.ddl_is_local()
+                        && ddl_route(
+                            protocol::read_cstr(body)
+                                .and_then(|(_, rest)| protocol::read_cstr(rest))
+                                .map_or("", |(sql, _)| sql),
+                        ) == DdlRoute::Log =>
                 {
-                    // Replicated DDL goes through the simple protocol only:
-                    // the statement is prepared as one that fails when run,
-                    // so the error comes in its place in the batch.
+                    // DDL through the DDL log goes through the simple
+                    // protocol only: the statement is prepared as one that
+                    // fails when run, so the error comes in its place in
+                    // the batch.
                     let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
                     let mut out = BytesMut::new();
                     protocol::write_message(&mut out, b'P', |m| {
                         protocol::put_cstr(m, name);
                         protocol::put_cstr(m, &refusal_sql(
                             "0A000",
-                            "DDL through the extended query protocol cannot be replicated",
-                            "Send DDL as a simple query, or SET chorus.ddl_scope = 'local' to run it on this node's backend only.",
+                            "this DDL cannot be replicated through the extended query protocol",
+                            "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: send it as a simple query, or SET chorus.ddl_scope = 'local' to run it on this node's backend only.",
                         ));
                         m.extend_from_slice(&0i16.to_be_bytes());
                     });
@@ -1220,13 +1369,19 @@ where
                 | FrontendEvent::Extended
                 | FrontendEvent::Nothing => {}
             }
+            let ddl_stamp = match stamp {
+                Some(_) => state.ddl_stamp(node, stage),
+                None => None,
+            };
             let flow = match stamp {
                 // Inside a transaction block that already has its stamp:
                 // the capture trigger keeps the transaction's first stamp
-                // anyway, so another would only cost a statement.
+                // anyway, so another would only cost a statement (unless
+                // it carries DDL settings).
                 Some(_)
                     if state.tx_status.load(Ordering::Relaxed) == b'T'
-                        && state.txn_stamped.load(Ordering::Relaxed) =>
+                        && state.txn_stamped.load(Ordering::Relaxed)
+                        && ddl_stamp.is_none() =>
                 {
                     *stamped = true;
                     Flow::Continue
@@ -1236,7 +1391,10 @@ where
                     *stamped = true;
                     state.txn_stamped.store(true, Ordering::Relaxed);
                     let mut out = BytesMut::with_capacity(160 + body.len());
-                    stamp::write_stamp(&mut out, kind, node.clock.now());
+                    if let Some(ddl) = &ddl_stamp {
+                        state.ddl_stamp_sent(ddl);
+                    }
+                    stamp::write_stamp(&mut out, kind, node.clock.now(), ddl_stamp.as_ref());
                     protocol::write_message(&mut out, tag, |m| m.extend_from_slice(body));
                     Flow::Replace(out)
                 }
@@ -1250,6 +1408,32 @@ where
         },
     )
     .await;
+        match held {
+            // A message held to take the cluster DDL lease first: take it
+            // (or note why not), then look at the message again.
+            Ok(Some(message)) => {
+                match ddl_lease::take(node, state.lease_token, serving).await {
+                    Ok(seq) => {
+                        state.ddl_lease.store(seq, Ordering::SeqCst);
+                        state.lease_stamped.store(false, Ordering::SeqCst);
+                    }
+                    Err(refusal) => {
+                        node.metrics.ddl_failed();
+                        if let Ok(mut r) = state.lease_refusal.lock() {
+                            *r = Some(refusal);
+                        }
+                    }
+                }
+                let mut buf = BytesMut::with_capacity(message.len() + pump_side.buf.len());
+                buf.extend_from_slice(&message);
+                buf.extend_from_slice(&pump_side.buf);
+                pump_side.buf = buf;
+                pump_side.rescan = true;
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
     match result {
         Ok(()) => RelayEnd::ClientDone,
         Err(PumpError::Eof) => RelayEnd::ClientDone,
@@ -1475,6 +1659,11 @@ where
                 if status == b'I' {
                     state.ddl_scope_local.store(0, Ordering::Relaxed);
                     state.lost_transaction.store(false, Ordering::Relaxed);
+                    // The transaction held the cluster DDL lease: it is
+                    // given back before the client hears of the end.
+                    if state.ddl_lease.load(Ordering::SeqCst) != 0 {
+                        state.lease_release_due.store(true, Ordering::SeqCst);
+                    }
                 }
                 let started = state.pending.lock().ok().and_then(|mut p| p.pop_front());
                 if let Some(Pending::Ready { sent, wrote, scope }) = started {
@@ -1504,6 +1693,9 @@ where
                             return Ok(Flow::Await);
                         }
                     }
+                }
+                if state.lease_release_due.load(Ordering::SeqCst) {
+                    return Ok(Flow::Await);
                 }
                 if draining() && idle() {
                     stop_for_shutdown = true;
@@ -1594,6 +1786,13 @@ where
                 metrics.query_duration.record(sent.elapsed().as_secs_f64());
                 state.tx_status.store(b'I', Ordering::Relaxed);
             } else {
+                if state.lease_release_due.swap(false, Ordering::SeqCst) {
+                    let seq = state.ddl_lease.swap(0, Ordering::SeqCst);
+                    state.lease_stamped.store(false, Ordering::SeqCst);
+                    if ddl_lease::give_back(node, state.lease_token, seq, None, serving).await {
+                        ddl_lease::wait_for_peers(node, seq).await;
+                    }
+                }
                 let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
                 if let (Some(scope), Some(progress)) = (wait, &node.progress) {
                     if serving == node.config.home_backend().name
@@ -1929,6 +2128,9 @@ struct PumpSide {
     /// Set while framed bytes are being forwarded: a direction dropped
     /// then may have written part of a message.
     busy: bool,
+    /// Look at what is buffered before reading more (a held message was
+    /// put back).
+    rescan: bool,
 }
 
 impl PumpSide {
@@ -1940,7 +2142,8 @@ impl PumpSide {
 }
 
 /// Read from `reader`, forward to `writer`, until EOF, an error, or
-/// `on_message` says stop.
+/// `on_message` says stop (`None`) or holds a message (`Some`: the caller
+/// puts it back in `side.buf` and sets `side.rescan` to go on).
 async fn pump<R, W, I, M>(
     reader: &mut R,
     writer: &mut W,
@@ -1948,7 +2151,7 @@ async fn pump<R, W, I, M>(
     max: usize,
     inspect: I,
     mut on_message: M,
-) -> Result<(), PumpError>
+) -> Result<Option<BytesMut>, PumpError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -1956,7 +2159,9 @@ where
     M: FnMut(u8, &[u8], &[u8]) -> Result<Flow, ProtocolError>,
 {
     loop {
-        read_more(reader, &mut side.buf).await?;
+        if !std::mem::take(&mut side.rescan) {
+            read_more(reader, &mut side.buf).await?;
+        }
         side.busy = true;
         let flow = forward(
             &mut side.framer,
@@ -1968,8 +2173,10 @@ where
         )
         .await?;
         side.busy = false;
-        if flow == Flow::Stop {
-            return Ok(());
+        match flow {
+            Flow::Stop => return Ok(None),
+            Flow::Held(message) => return Ok(Some(message)),
+            _ => {}
         }
     }
 }
@@ -2026,7 +2233,7 @@ mod tests {
     }
 
     /// Pump `input` to the end, inspecting every message; what came out.
-    async fn pump_all(input: &[u8]) -> (Result<(), PumpError>, Vec<u8>) {
+    async fn pump_all(input: &[u8]) -> (Result<Option<BytesMut>, PumpError>, Vec<u8>) {
         let mut reader = input;
         let mut out = Vec::new();
         let result = pump(

@@ -47,11 +47,74 @@ pub enum StampKind {
     Extended,
 }
 
-fn set_sql(hlc: Hlc) -> String {
-    format!(
+/// A simple query's bytes and the (offset, length) of each of its DDL
+/// statements in them.
+pub type DdlStage = (Vec<u8>, Vec<(usize, usize)>);
+
+/// What a stamp tells the backend about DDL (see capture.sql,
+/// `chorus.capture_ddl`): the number of the cluster DDL lease the
+/// transaction holds, where the DDL statements of a simple query are, and
+/// the node's defaults for the sequences DDL makes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DdlStamp {
+    /// The lease number; `None` clears one left from an earlier
+    /// transaction.
+    pub seq: Option<u64>,
+    /// Why the lease could not be taken (SQLSTATE, message): the backend
+    /// refuses the transaction's DDL with it.
+    pub refusal: Option<(&'static str, String)>,
+    /// For a simple query: its bytes and the byte ranges of its DDL
+    /// statements.
+    pub stage: Option<DdlStage>,
+    pub sequence_kind: String,
+    pub galloc_block: i64,
+}
+
+impl DdlStamp {
+    fn sql(&self, out: &mut String) {
+        use std::fmt::Write;
+        let seq = self.seq.map(|s| s.to_string()).unwrap_or_default();
+        let refusal = self
+            .refusal
+            .as_ref()
+            .map(|(code, message)| format!("{code}:{}", message.replace('\'', "''")))
+            .unwrap_or_default();
+        let stage = match &self.stage {
+            Some((query, ranges)) => {
+                let mut hex = String::with_capacity(query.len() * 2);
+                for b in query {
+                    let _ = write!(hex, "{b:02x}");
+                }
+                let ranges: Vec<String> =
+                    ranges.iter().map(|(a, n)| format!("[{a},{n}]")).collect();
+                format!("{{\"q\":\"{hex}\",\"ddl\":[{}]}}", ranges.join(","))
+            }
+            None => String::new(),
+        };
+        let kind: String = self
+            .sequence_kind
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        let _ = write!(
+            out,
+            ", set_config('chorus.ddl_seq', '{seq}', false), set_config('chorus.ddl_refusal', '{refusal}', false), \
+             set_config('chorus.ddl_stage', '{stage}', false), set_config('chorus.ddl_stage_pos', '0', false), \
+             set_config('chorus.sequence_default_kind', '{kind}', false), set_config('chorus.sequence_block', '{}', false)",
+            self.galloc_block
+        );
+    }
+}
+
+fn set_sql(hlc: Hlc, ddl: Option<&DdlStamp>) -> String {
+    let mut sql = format!(
         "SELECT set_config('chorus.hlc', '{}', false), set_config('chorus.origin', '{}', false)",
         hlc.timestamp, hlc.node
-    )
+    );
+    if let Some(ddl) = ddl {
+        ddl.sql(&mut sql);
+    }
+    sql
 }
 
 fn put_message(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
@@ -63,8 +126,8 @@ fn put_message(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
 }
 
 /// Append the stamp of `kind` for `hlc` to `out`.
-pub fn write_stamp(out: &mut BytesMut, kind: StampKind, hlc: Hlc) {
-    let sql = set_sql(hlc);
+pub fn write_stamp(out: &mut BytesMut, kind: StampKind, hlc: Hlc, ddl: Option<&DdlStamp>) {
+    let sql = set_sql(hlc, ddl);
     match kind {
         StampKind::Query => protocol::query(out, &sql),
         StampKind::Extended => {
@@ -151,13 +214,13 @@ mod tests {
             node: 3,
         };
         let mut q = BytesMut::new();
-        write_stamp(&mut q, StampKind::Query, hlc);
+        write_stamp(&mut q, StampKind::Query, hlc, None);
         assert_eq!(tags(&q), b"Q");
         assert!(std::str::from_utf8(&q[5..])
             .unwrap()
             .contains("'chorus.hlc', '42'"));
         let mut e = BytesMut::new();
-        write_stamp(&mut e, StampKind::Extended, hlc);
+        write_stamp(&mut e, StampKind::Extended, hlc, None);
         assert_eq!(tags(&e), b"PBECC");
     }
 

@@ -195,30 +195,27 @@ async fn ddl_that_fails_gets_postgresql_s_error_and_is_never_proposed() {
         .await
         .unwrap_err();
     assert_eq!(common::sqlstate(&e).as_deref(), Some("42P01"), "{e}");
-    // DDL mixed with DML in one transaction, or sent with the extended
-    // protocol: refused with 0A000, nothing proposed.
+    // DDL in a transaction that rolls back replicates nothing; DDL sent
+    // with the extended protocol replicates like any other.
     client.batch_execute("BEGIN").await.unwrap();
     client
         .batch_execute("INSERT INTO bikes VALUES (1)")
         .await
         .unwrap();
-    let e = client
+    client
         .batch_execute("CREATE TABLE inside (id int)")
         .await
-        .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+        .unwrap();
     client.batch_execute("ROLLBACK").await.unwrap();
-    let e = client
+    client
         .execute("CREATE TABLE extended (id int)", &[])
         .await
-        .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
-    // The session is fine afterwards, and the next DDL is number 2.
+        .unwrap();
     client
         .batch_execute("CREATE TABLE after (id int PRIMARY KEY)")
         .await
         .unwrap();
-    c.wait_ddl(2).await;
+    c.wait_ddl(3).await;
     for b in 1..=3 {
         let history = c.history(b).await;
         let commands: Vec<&str> = history.iter().map(|(_, c, _)| c.as_str()).collect();
@@ -226,10 +223,12 @@ async fn ddl_that_fails_gets_postgresql_s_error_and_is_never_proposed() {
             commands,
             vec![
                 "CREATE TABLE bikes (id int PRIMARY KEY)",
+                "CREATE TABLE extended (id int)",
                 "CREATE TABLE after (id int PRIMARY KEY)"
             ],
             "backend {b}"
         );
+        assert!(history.iter().all(|(_, _, e)| e.is_none()), "{history:?}");
     }
 }
 
@@ -470,8 +469,9 @@ async fn a_node_with_the_wrong_cluster_secret_cannot_join() {
     // Node 3 comes back with the wrong secret.
     c.kill_node(3);
     c.start_node_with_secret(3, "not-the-secret");
-    c.exec(1, "CREATE TABLE after_intruder (id int PRIMARY KEY)")
-        .await;
+    // DDL of the cluster's log (a role): in-stream DDL reaches backend 3
+    // by the change streams of the other nodes, whatever node 3's Raft.
+    c.exec(1, "CREATE ROLE after_intruder").await;
     c.wait_for(1, "SELECT count(*)::text FROM chorus.ddl_history", |v| {
         v == "1"
     })
@@ -521,4 +521,267 @@ async fn a_node_with_the_wrong_cluster_secret_cannot_join() {
     c.kill_node(3);
     c.start_node(3);
     c.wait_ddl(1).await;
+}
+
+/// A table's rows on backend `b`, as one text in key order.
+async fn rows(c: &Cluster, b: usize, table: &str) -> String {
+    c.direct(b)
+        .await
+        .query_one(
+            &format!(
+                "SELECT coalesce(string_agg(t::text, ';' ORDER BY t::text), '') FROM {table} t"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_in_transactions_over_the_extended_protocol_replicate_with_their_dml() {
+    let c = cluster("").await;
+    c.exec(
+        1,
+        "CREATE TABLE schema_migrations (version int PRIMARY KEY)",
+    )
+    .await;
+    c.exec(
+        1,
+        "CREATE TABLE events (id bigserial PRIMARY KEY, node int, note text)",
+    )
+    .await;
+    c.wait_ddl(2).await;
+    // DML through nodes 2 and 3 all along.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for i in 2..=3 {
+        let client = c.via(i).await;
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .execute(
+                        "INSERT INTO events (node, note) VALUES ($1, 'dml')",
+                        &[&(i as i32)],
+                    )
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    // Each migration as a migration tool sends it: one transaction, DDL
+    // and DML together, every statement over the extended protocol
+    // (tokio-postgres prepares each one).
+    let mut client = c.via(1).await;
+    let migrations: [&[&str]; 4] = [
+        &[
+            "CREATE TABLE authors (id int PRIMARY KEY, name text NOT NULL)",
+            "CREATE INDEX authors_name ON authors (name)",
+            "INSERT INTO authors VALUES (1, 'An'), (2, 'Wim')",
+        ],
+        &[
+            "ALTER TABLE authors ADD COLUMN email text",
+            "UPDATE authors SET email = lower(name) || '@example.org'",
+            "ALTER TABLE events ADD COLUMN author int REFERENCES authors (id)",
+        ],
+        // Rolled back: nothing of it may reach any backend.
+        &[
+            "CREATE TABLE doomed (id int PRIMARY KEY)",
+            "INSERT INTO doomed VALUES (1)",
+            "ALTER TABLE authors DROP COLUMN email",
+        ],
+        &[
+            "CREATE TABLE books (id int PRIMARY KEY, author int REFERENCES authors, title text)",
+            "INSERT INTO books VALUES (1, 1, 'Chorus')",
+            "COMMENT ON TABLE books IS 'what authors wrote'",
+        ],
+    ];
+    for (version, statements) in migrations.iter().enumerate() {
+        let tx = client.transaction().await.unwrap();
+        for sql in *statements {
+            tx.execute(*sql, &[]).await.unwrap();
+        }
+        tx.execute(
+            "INSERT INTO schema_migrations VALUES ($1)",
+            &[&(version as i32)],
+        )
+        .await
+        .unwrap();
+        if version == 2 {
+            tx.rollback().await.unwrap();
+        } else {
+            tx.commit().await.unwrap();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut written = 0;
+    for w in writers {
+        written += w.await.unwrap();
+    }
+    assert!(written > 0);
+    c.exec(
+        2,
+        "INSERT INTO events (node, note, author) VALUES (2, 'after', 2)",
+    )
+    .await;
+    // Every backend: the same schema, the same rows.
+    for table in ["schema_migrations", "authors", "books", "events"] {
+        c.converge(
+            &format!("SELECT count(*)::text || md5(coalesce(string_agg(t::text, ';' ORDER BY t::text), '')) FROM {table} t"),
+            1,
+            &[2, 3],
+        )
+        .await;
+    }
+    let schema = c.schema(1);
+    assert!(schema.contains("email text"), "{schema}");
+    assert!(!schema.contains("doomed"), "{schema}");
+    assert!(schema.contains("what authors wrote"));
+    for b in 2..=3 {
+        assert_eq!(c.schema(b), schema, "backend {b}'s schema differs");
+        assert_eq!(rows(&c, b, "schema_migrations").await, "(0);(1);(3)");
+        assert_eq!(
+            rows(&c, b, "authors").await,
+            "(1,An,an@example.org);(2,Wim,wim@example.org)"
+        );
+    }
+    assert_eq!(c.history(3).await, c.history(1).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_table_as_and_select_into_give_identical_rows_everywhere() {
+    let c = cluster("").await;
+    let client = c.via(2).await;
+    client
+        .batch_execute(
+            "CREATE TABLE dice AS SELECT g AS id, random() AS roll FROM generate_series(1, 500) g",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("BEGIN; SELECT g AS id, random() AS roll INTO more_dice FROM generate_series(1, 50) g; COMMIT")
+        .await
+        .unwrap();
+    for table in ["dice", "more_dice"] {
+        c.converge(
+            &format!(
+                "SELECT count(*)::text || md5(string_agg(t::text, ';' ORDER BY id)) FROM {table} t"
+            ),
+            2,
+            &[1, 3],
+        )
+        .await;
+    }
+    let n: i64 = c
+        .direct(3)
+        .await
+        .query_one("SELECT count(*) FROM dice", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_succeeds_with_a_backend_down_and_reaches_it_when_it_returns() {
+    let mut c = cluster("").await;
+    c.exec(1, "CREATE TABLE before (id int PRIMARY KEY)").await;
+    c.wait_ddl(1).await;
+    c.backends[2].stop();
+    let client = c.via(1).await;
+    let started = Instant::now();
+    client
+        .batch_execute("BEGIN; CREATE TABLE while_down (id int PRIMARY KEY); INSERT INTO while_down VALUES (1); COMMIT")
+        .await
+        .unwrap();
+    client
+        .batch_execute("ALTER TABLE before ADD COLUMN v text")
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "DDL waited for the down backend: {:?}",
+        started.elapsed()
+    );
+    // Through another node, while backend 3 is still down.
+    c.exec(2, "INSERT INTO before VALUES (1, 'x')").await;
+    c.backends[2].start().unwrap();
+    c.wait_for(3, "SELECT string_agg(v, ',') FROM before", |v| v == "x")
+        .await;
+    c.wait_for(3, "SELECT count(*)::text FROM while_down", |v| v == "1")
+        .await;
+    assert_eq!(c.schema(3), c.schema(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_conflicting_ddl_through_two_nodes_ends_with_one_outcome() {
+    let c = cluster("").await;
+    c.exec(1, "CREATE TABLE shared (id int PRIMARY KEY)").await;
+    c.wait_ddl(1).await;
+    let first = c.via(1).await;
+    let second = c.via(2).await;
+    first
+        .batch_execute("BEGIN; ALTER TABLE shared ADD COLUMN c int")
+        .await
+        .unwrap();
+    // Node 2's DDL waits for the lease node 1's open transaction holds.
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let result = second
+            .batch_execute("ALTER TABLE shared ADD COLUMN c text")
+            .await;
+        (result, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "node 2's DDL did not wait");
+    first.batch_execute("COMMIT").await.unwrap();
+    let (result, waited) = waiting.await.unwrap();
+    // It then runs after node 1's, as PostgreSQL would after a lock wait.
+    let e = result.unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("42701"), "{e}");
+    assert!(waited >= Duration::from_millis(300));
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'shared'::regclass AND attname = 'c'",
+            |t| t == "integer",
+        )
+        .await;
+    }
+    let schema = c.schema(1);
+    for b in 2..=3 {
+        assert_eq!(c.schema(b), schema, "backend {b}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_from_a_do_block_or_function_is_refused_not_left_on_one_backend() {
+    let c = cluster("").await;
+    let client = c.via(1).await;
+    let e = client
+        .batch_execute("DO $$ BEGIN EXECUTE 'CREATE TABLE hidden (id int)'; END $$")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    assert!(message(&e).contains("DO block"), "{e:?}");
+    client
+        .batch_execute("CREATE FUNCTION make_it() RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'CREATE TABLE hidden (id int)'; END $$")
+        .await
+        .unwrap();
+    let e = client.query("SELECT make_it()", &[]).await.unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    // The function itself replicated; the table exists nowhere.
+    c.wait_ddl(1).await;
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT (to_regprocedure('make_it()') IS NOT NULL AND to_regclass('hidden') IS NULL)::text",
+            |v| v == "true",
+        )
+        .await;
+    }
 }

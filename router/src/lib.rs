@@ -12,10 +12,12 @@
 //!
 //! The [`hlc`] module holds the hybrid logical clock that orders writes.
 
+pub mod ddl;
 pub mod hlc;
 mod lexer;
 mod parsed;
 
+pub use ddl::{ddl_route, DdlRoute};
 pub use lexer::{first_keyword, split_statements, Statements};
 
 /// What a single SQL statement does, as far as Chorus is concerned.

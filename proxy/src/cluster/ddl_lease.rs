@@ -1,0 +1,193 @@
+//! The cluster's DDL lease: how DDL that travels in its own transaction's
+//! change stream is put in one cluster-wide order.
+//!
+//! Before the first DDL statement of a transaction reaches its backend, the
+//! session takes the lease through Raft (`Request::DdlLease`); the lease
+//! numbers the transaction's DDL in the same sequence as the DDL log, and
+//! names the last committed DDL. The session then waits until its backend
+//! has applied that one, so the DDL runs on the schema every backend will
+//! have had before it. Another transaction's DDL, through any node, waits
+//! for the lease (up to `ddl_timeout_ms`, then `55P03`), as it would wait
+//! for a lock. At the end of the transaction the lease is given back, with
+//! whether the DDL committed (read from the backend's `chorus.ddl_history`,
+//! written in the same transaction).
+//!
+//! The backend puts the DDL in the transaction's change stream (see
+//! `chorus.capture_ddl`), so peers apply it at its place among the
+//! transaction's changes, only if it commits, and a backend that is down
+//! gets it when it returns: DDL does not wait for every peer.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chorus_consensus::{LeaseHolder, ProposeError, Request, Response};
+
+use crate::server::Node;
+
+/// Why a transaction's DDL cannot run: a SQLSTATE and a message, which the
+/// backend raises in place of the DDL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRefusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn holder(node: &Node, session: u64) -> LeaseHolder {
+    LeaseHolder {
+        node: u64::from(node.config.node.id),
+        session,
+    }
+}
+
+/// Take the DDL lease for a transaction of `session` served by `backend`,
+/// and wait until that backend has the cluster's earlier DDL. Returns the
+/// transaction's DDL number.
+pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, LeaseRefusal> {
+    let (Some(consensus), Some(cluster)) = (node.consensus(), node.config.cluster.as_ref()) else {
+        return Err(LeaseRefusal {
+            code: "55000",
+            message: "this node has no cluster to replicate DDL through".into(),
+        });
+    };
+    let timeout = Duration::from_millis(cluster.ddl_timeout_ms);
+    let deadline = Instant::now() + timeout;
+    let me = holder(node, session);
+    let (seq, after) = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let request = Request::DdlLease {
+            holder: me,
+            now_ms: unix_ms(),
+            ttl_ms: cluster.ddl_lease_ms,
+        };
+        let busy_with = match consensus
+            .propose(request, left.max(Duration::from_millis(1)))
+            .await
+        {
+            Ok(Response::Lease {
+                seq,
+                after,
+                unknown,
+            }) => {
+                if let Some(unknown) = unknown {
+                    tracing::warn!(seq = unknown, "a DDL lease expired without being given back; its DDL may or may not have committed");
+                }
+                break (seq, after);
+            }
+            Ok(Response::LeaseBusy { node: other }) => other,
+            Ok(_) => {
+                return Err(LeaseRefusal {
+                    code: "XX000",
+                    message: "unexpected answer from the cluster".into(),
+                })
+            }
+            Err(ProposeError::Timeout(_)) => {
+                return Err(LeaseRefusal {
+                    code: "40003",
+                    message: format!(
+                        "DDL not confirmed by a majority of the cluster within {} ms",
+                        timeout.as_millis()
+                    ),
+                })
+            }
+            Err(ProposeError::Failed(reason)) => {
+                return Err(LeaseRefusal {
+                    code: "XX000",
+                    message: format!("the cluster DDL lease could not be taken: {reason}"),
+                })
+            }
+        };
+        if Instant::now() >= deadline {
+            return Err(LeaseRefusal {
+                code: "55P03",
+                message: format!(
+                    "could not obtain the cluster DDL lock within {} ms: a transaction with DDL is open through node {}",
+                    timeout.as_millis(),
+                    busy_with
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // The DDL must run on the schema the earlier DDL made.
+    let config = node.config.backends.iter().find(|b| b.name == backend);
+    if after > 0 {
+        loop {
+            let index = match config {
+                Some(b) => node.ddl.backend_index(node, b).await,
+                None => None,
+            };
+            if index.is_some_and(|i| i >= after) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = give_back(node, session, seq, Some(false), backend).await;
+                return Err(LeaseRefusal {
+                    code: "55P03",
+                    message: format!(
+                        "could not obtain the cluster DDL lock within {} ms: backend \"{backend}\" has not applied the cluster's earlier DDL {after} yet",
+                        timeout.as_millis()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok(seq)
+}
+
+/// Give the lease back at the end of its transaction. `committed`: `None`
+/// when not known (the backend is asked). Returns whether it committed.
+pub async fn give_back(
+    node: &Node,
+    session: u64,
+    seq: u64,
+    committed: Option<bool>,
+    backend: &str,
+) -> bool {
+    let Some(consensus) = node.consensus() else {
+        return false;
+    };
+    let timeout = node
+        .config
+        .cluster
+        .as_ref()
+        .map_or(Duration::from_secs(10), |c| {
+            Duration::from_millis(c.ddl_timeout_ms)
+        });
+    let committed = match committed {
+        Some(c) => c,
+        None => match node.config.backends.iter().find(|b| b.name == backend) {
+            Some(b) => node.ddl.has_seq(node, b, seq).await.unwrap_or(false),
+            None => false,
+        },
+    };
+    let request = Request::DdlRelease {
+        holder: holder(node, session),
+        seq,
+        committed,
+    };
+    if let Err(e) = consensus.propose(request, timeout).await {
+        // The lease then expires after `ddl_lease_ms`.
+        tracing::warn!(seq, error = ?e, "giving back the DDL lease failed");
+    }
+    committed
+}
+
+/// How long the end of a transaction with DDL waits for the other
+/// backends to have it, so that the new schema is usable through any node
+/// once the client hears of the commit (as in a single PostgreSQL). A
+/// backend that is down or far behind is not waited for (it gets the DDL
+/// from the change stream when it can); under commit scope `all` the
+/// commit waits for every backend anyway.
+pub const PEER_WAIT: Duration = Duration::from_millis(1000);
+
+/// After a committed transaction with DDL `seq`: wait for the other
+/// backends (see [`PEER_WAIT`]).
+pub async fn wait_for_peers(node: &Node, seq: u64) {
+    let _ = node.ddl.wait_all(node, seq, PEER_WAIT, false).await;
+}

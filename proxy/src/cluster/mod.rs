@@ -1,0 +1,4 @@
+//! The parts of a node that make the backends one cluster. (Being moved
+//! here from the flat `proxy/src` as they are rewritten.)
+
+pub mod ddl_lease;

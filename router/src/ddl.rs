@@ -1,0 +1,162 @@
+//! Which way a DDL statement replicates. Most DDL fires PostgreSQL's event
+//! triggers and travels inside its own transaction's change stream; the
+//! rest (cluster-wide objects, statements that cannot run in a transaction
+//! block) goes through the cluster's DDL log on its own.
+
+use crate::lexer::first_keyword;
+
+/// How a DDL statement is replicated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DdlRoute {
+    /// In its transaction's change stream, at its place among the
+    /// transaction's changes (the backend's event trigger emits it).
+    Stream,
+    /// Through the DDL log, outside any transaction block: roles,
+    /// databases, tablespaces, event triggers, `… CONCURRENTLY`,
+    /// `ALTER SYSTEM`, role membership and privileges on cluster-wide
+    /// objects. PostgreSQL fires no event trigger for these, or runs them
+    /// only outside a transaction block.
+    Log,
+}
+
+/// The first `N` words of a statement, upper-cased (fewer when it has
+/// fewer).
+fn words<const N: usize>(statement: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(N);
+    let mut rest = statement;
+    while out.len() < N {
+        match first_keyword(rest) {
+            Some((word, after)) if !word.is_empty() => {
+                out.push(word.to_ascii_uppercase());
+                rest = after;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Objects PostgreSQL keeps cluster-wide (no event trigger fires for them).
+fn global_object(word: &str) -> bool {
+    matches!(word, "ROLE" | "USER" | "GROUP" | "DATABASE" | "TABLESPACE")
+}
+
+/// The route of one DDL statement (see [`DdlRoute`]).
+pub fn ddl_route(statement: &str) -> DdlRoute {
+    let w = words::<5>(statement);
+    let word = |i: usize| w.get(i).map_or("", String::as_str);
+    let log = match word(0) {
+        "CREATE" | "ALTER" | "DROP" => {
+            // CREATE [UNIQUE] INDEX CONCURRENTLY, DROP INDEX CONCURRENTLY
+            let index_concurrently = (word(1) == "INDEX" && word(2) == "CONCURRENTLY")
+                || (word(1) == "UNIQUE" && word(2) == "INDEX" && word(3) == "CONCURRENTLY");
+            // CREATE USER MAPPING is an ordinary (per-database) object.
+            let global = global_object(word(1)) && !(word(1) == "USER" && word(2) == "MAPPING");
+            global
+                || index_concurrently
+                || (word(1) == "EVENT" && word(2) == "TRIGGER")
+                || (word(0) == "ALTER" && word(1) == "SYSTEM")
+                || word(1) == "SUBSCRIPTION"
+                // Refused on that path: global sequences are set up per
+                // backend, and one ALTER on every backend would undo that.
+                || (word(0) == "ALTER" && word(1) == "SEQUENCE")
+        }
+        "GRANT" | "REVOKE" => {
+            // Role membership (no ON), or privileges on a cluster-wide
+            // object.
+            let mut rest = statement;
+            let mut on_global = None;
+            while let Some((found, after)) = first_keyword(rest) {
+                if found.is_empty() {
+                    rest = after.get(1..).unwrap_or("");
+                    continue;
+                }
+                if found.eq_ignore_ascii_case("ON") {
+                    on_global = Some(
+                        words::<1>(after)
+                            .first()
+                            .is_some_and(|o| global_object(o) || o == "PARAMETER"),
+                    );
+                    break;
+                }
+                rest = after;
+            }
+            on_global.unwrap_or(true)
+        }
+        "COMMENT" | "SECURITY" => {
+            // COMMENT ON DATABASE x, SECURITY LABEL [FOR p] ON ROLE x
+            let mut rest = statement;
+            let mut global = false;
+            while let Some((found, after)) = first_keyword(rest) {
+                if found.eq_ignore_ascii_case("ON") {
+                    global = words::<1>(after).first().is_some_and(|o| global_object(o));
+                    break;
+                }
+                if found.is_empty() {
+                    break;
+                }
+                rest = after;
+            }
+            global
+        }
+        "REASSIGN" => true,
+        _ => false,
+    };
+    if log {
+        DdlRoute::Log
+    } else {
+        DdlRoute::Stream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_ddl_travels_in_its_transaction() {
+        for sql in [
+            "CREATE TABLE t (id int primary key)",
+            "alter table t add column c text",
+            "DROP TABLE t",
+            "CREATE INDEX i ON t (a)",
+            "CREATE UNIQUE INDEX i ON t (a)",
+            "GRANT SELECT ON t TO app",
+            "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM app",
+            "GRANT USAGE ON SCHEMA s TO app",
+            "COMMENT ON TABLE t IS 'x'",
+            "CREATE USER MAPPING FOR app SERVER s",
+            "CREATE SCHEMA s",
+            "ALTER TYPE mood ADD VALUE 'meh'",
+            "/* c */ CREATE VIEW v AS SELECT 1",
+        ] {
+            assert_eq!(ddl_route(sql), DdlRoute::Stream, "{sql}");
+        }
+    }
+
+    #[test]
+    fn cluster_wide_and_non_transactional_ddl_goes_through_the_log() {
+        for sql in [
+            "CREATE ROLE app LOGIN",
+            "create user app",
+            "ALTER ROLE app SET work_mem = '8MB'",
+            "DROP ROLE app",
+            "CREATE DATABASE d",
+            "DROP DATABASE d",
+            "CREATE TABLESPACE ts LOCATION '/x'",
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "CREATE UNIQUE INDEX CONCURRENTLY i ON t (a)",
+            "DROP INDEX CONCURRENTLY i",
+            "CREATE EVENT TRIGGER e ON ddl_command_start EXECUTE FUNCTION f()",
+            "ALTER SYSTEM SET work_mem = '8MB'",
+            "GRANT admin TO app",
+            "REVOKE admin FROM app",
+            "GRANT CONNECT ON DATABASE d TO app",
+            "COMMENT ON ROLE app IS 'x'",
+            "REASSIGN OWNED BY a TO b",
+            "ALTER SEQUENCE s RESTART",
+        ] {
+            assert_eq!(ddl_route(sql), DdlRoute::Log, "{sql}");
+        }
+    }
+}
