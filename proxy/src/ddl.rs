@@ -1,5 +1,9 @@
-//! The DDL path. A DDL statement sent through a node is validated on its
-//! origin backend (run in a transaction that is rolled back, so the client
+//! The DDL log route: roles, databases, tablespaces, `… CONCURRENTLY` and
+//! the other statements PostgreSQL fires no event trigger for or runs only
+//! outside a transaction block (`chorus_router::DdlRoute::Log`; all other
+//! DDL travels in its transaction's change stream, see
+//! `cluster::ddl_lease`). Such a statement sent through a node is
+//! validated on its origin backend (run in a transaction that is rolled back, so the client
 //! gets PostgreSQL's own error and nothing is proposed), proposed to the
 //! cluster's Raft log with the session's `search_path` and role, and, once
 //! committed, applied by every node to its home backend in log order,
