@@ -461,6 +461,12 @@ DECLARE
     path text := current_setting('search_path');
     failure text;
 BEGIN
+    -- Sequences the DDL makes need this backend's sequence id, which its
+    -- node records shortly after it starts: until then the apply fails and
+    -- the stream retries it.
+    IF (SELECT l.sequence_id FROM chorus.local l) IS NULL THEN
+        RAISE EXCEPTION 'this backend has no sequence id yet' USING ERRCODE = '55000';
+    END IF;
     PERFORM set_config('search_path', change ->> 'search_path', true),
             set_config('chorus.sequence_node', (SELECT l.sequence_id FROM chorus.local l)::text, true),
             set_config('chorus.sequence_kind', coalesce(change ->> 'sequence_kind', 'snowflake'), true),

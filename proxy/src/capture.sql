@@ -656,7 +656,9 @@ BEGIN
         kind := coalesce(nullif(lower(current_setting('chorus.sequence_kind', true)), ''),
                          nullif(current_setting('chorus.sequence_default_kind', true), ''), 'snowflake');
         block := coalesce(nullif(current_setting('chorus.sequence_block', true), ''), '1000000');
-        PERFORM set_config('chorus.sequence_node', (SELECT l.sequence_id FROM chorus.local l)::text, true),
+        PERFORM set_config('chorus.sequence_node',
+                           coalesce(nullif(current_setting('chorus.sequence_id', true), ''),
+                                    (SELECT l.sequence_id FROM chorus.local l)::text, ''), true),
                 set_config('chorus.sequence_kind', kind, true),
                 set_config('chorus.sequence_block', block, true);
     END IF;

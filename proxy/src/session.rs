@@ -635,6 +635,10 @@ impl RelayState {
                 .map_or("snowflake", |c| c.sequence_kind.as_str())
                 .to_owned(),
             galloc_block: cluster.map_or(1_000_000, |c| c.galloc_range_size),
+            sequence_id: node.consensus().and_then(|c| {
+                let me = u64::from(node.config.node.id);
+                c.state().read(|s| s.sequence_ids.get(&me).copied())
+            }),
         })
     }
 

@@ -68,6 +68,8 @@ pub struct DdlStamp {
     pub stage: Option<DdlStage>,
     pub sequence_kind: String,
     pub galloc_block: i64,
+    /// The node's sequence id (the low bits of its snowflake values).
+    pub sequence_id: Option<u16>,
 }
 
 impl DdlStamp {
@@ -100,8 +102,10 @@ impl DdlStamp {
             out,
             ", set_config('chorus.ddl_seq', '{seq}', false), set_config('chorus.ddl_refusal', '{refusal}', false), \
              set_config('chorus.ddl_stage', '{stage}', false), set_config('chorus.ddl_stage_pos', '0', false), \
-             set_config('chorus.sequence_default_kind', '{kind}', false), set_config('chorus.sequence_block', '{}', false)",
-            self.galloc_block
+             set_config('chorus.sequence_default_kind', '{kind}', false), set_config('chorus.sequence_block', '{}', false), \
+             set_config('chorus.sequence_id', '{}', false)",
+            self.galloc_block,
+            self.sequence_id.map(|i| i.to_string()).unwrap_or_default()
         );
     }
 }

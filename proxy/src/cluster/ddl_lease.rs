@@ -57,6 +57,20 @@ pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, Lease
     let timeout = Duration::from_millis(cluster.ddl_timeout_ms);
     let deadline = Instant::now() + timeout;
     let me = holder(node, session);
+    // Sequences the DDL makes need the node's sequence id, which comes
+    // with its registration in the cluster state shortly after it starts.
+    while consensus
+        .state()
+        .read(|s| !s.sequence_ids.contains_key(&me.node))
+    {
+        if Instant::now() >= deadline {
+            return Err(LeaseRefusal {
+                code: "55000",
+                message: "this node has no sequence id from the cluster yet".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (seq, after) = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let request = Request::DdlLease {
