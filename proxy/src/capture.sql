@@ -291,14 +291,27 @@ $$;
 
 -- Adopt an existing table: record its key and install the capture trigger.
 -- A table without a primary key is refused unless adopted insert-only.
+-- A partitioned table replicates as one table: each leaf partition gets
+-- the trigger, recording its rows under the root's name and key (so an
+-- UPDATE that moves a row between partitions is a change of one row).
+-- Adopting a partition adopts its root; a table that left the tree
+-- (DETACH PARTITION) is adopted on its own.
 CREATE OR REPLACE FUNCTION chorus.adopt(rel regclass, insert_only boolean DEFAULT false)
 RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     name text;
     cols text[];
+    kind "char";
+    leaf regclass;
+    gone regclass;
+    leaves regclass[];
 BEGIN
-    SELECT format('%I.%I', n.nspname, c.relname) INTO name
+    IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
+        rel := pg_partition_root(rel);
+        insert_only := NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary);
+    END IF;
+    SELECT format('%I.%I', n.nspname, c.relname), c.relkind INTO name, kind
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = rel;
     SELECT array_agg(a.attname::text ORDER BY k.ord) INTO cols
@@ -323,12 +336,30 @@ BEGIN
                        'SELECT %L, chorus.key_of(to_jsonb(t), %L), 0, 0, false FROM %s t '
                        'ON CONFLICT (tbl, pk) DO NOTHING', name, cols, rel);
     END IF;
-    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'chorus_capture') THEN
-        EXECUTE format('DROP TRIGGER chorus_capture ON %s', rel);
+    IF kind = 'p' THEN
+        SELECT coalesce(array_agg(t.relid), '{}') INTO leaves
+          FROM pg_partition_tree(rel) t WHERE t.isleaf;
+    ELSE
+        leaves := ARRAY[rel];
     END IF;
-    EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L)',
-                   rel, coalesce(cols, '{}')::text, (insert_only OR cols IS NULL)::text, name);
+    FOREACH leaf IN ARRAY leaves LOOP
+        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = leaf AND tgname = 'chorus_capture') THEN
+            EXECUTE format('DROP TRIGGER chorus_capture ON %s', leaf);
+        END IF;
+        EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L)',
+                       leaf, coalesce(cols, '{}')::text, (insert_only OR cols IS NULL)::text, name);
+    END LOOP;
+    -- Former partitions still recording under this name replicate as
+    -- tables of their own now.
+    FOR gone IN
+        SELECT t.tgrelid::regclass FROM pg_trigger t
+         WHERE t.tgname = 'chorus_capture' AND NOT (t.tgrelid::regclass = ANY (leaves))
+           AND split_part(encode(t.tgargs, 'escape'), E'\\000', 3) = name
+    LOOP
+        PERFORM chorus.adopt(gone, NOT EXISTS (SELECT 1 FROM pg_index i
+                                                WHERE i.indrelid = gone AND i.indisprimary));
+    END LOOP;
     RETURN name;
 END
 $$;

@@ -785,3 +785,70 @@ async fn ddl_from_a_do_block_or_function_is_refused_not_left_on_one_backend() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_replicate_their_rows_and_partition_changes() {
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    one.batch_execute(
+        "BEGIN;
+         CREATE TABLE readings (id int, day date, v int, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE readings_jan PARTITION OF readings FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+         CREATE TABLE readings_feb PARTITION OF readings FOR VALUES FROM ('2026-02-01') TO ('2026-03-01');
+         INSERT INTO readings VALUES (1, '2026-01-05', 10), (2, '2026-01-06', 20), (3, '2026-02-07', 30);
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    // Writes through other nodes, a row moved between partitions, a
+    // partition attached and one detached.
+    let two = c.via(2).await;
+    two.batch_execute("UPDATE readings SET day = '2026-02-05' WHERE id = 1")
+        .await
+        .unwrap();
+    let three = c.via(3).await;
+    three
+        .batch_execute(
+            "CREATE TABLE readings_mar (id int, day date, v int, PRIMARY KEY (id, day));
+             ALTER TABLE readings ATTACH PARTITION readings_mar FOR VALUES FROM ('2026-03-01') TO ('2026-04-01');
+             INSERT INTO readings VALUES (4, '2026-03-01', 40)",
+        )
+        .await
+        .unwrap();
+    one.batch_execute("ALTER TABLE readings DETACH PARTITION readings_jan")
+        .await
+        .unwrap();
+    // The detached table replicates as a table of its own.
+    two.batch_execute("INSERT INTO readings_jan VALUES (9, '2026-01-09', 90)")
+        .await
+        .unwrap();
+    two.batch_execute("DELETE FROM readings WHERE id = 3")
+        .await
+        .unwrap();
+    for table in ["readings", "readings_jan", "readings_feb", "readings_mar"] {
+        c.converge(
+            &format!(
+                "SELECT coalesce(string_agg(t::text, ';' ORDER BY t::text), '') FROM {table} t"
+            ),
+            2,
+            &[1, 3],
+        )
+        .await;
+    }
+    for b in 1..=3 {
+        assert_eq!(
+            rows(&c, b, "readings").await,
+            "(1,2026-02-05,10);(4,2026-03-01,40)",
+            "backend {b}"
+        );
+        assert_eq!(
+            rows(&c, b, "readings_jan").await,
+            "(2,2026-01-06,20);(9,2026-01-09,90)",
+            "backend {b}"
+        );
+    }
+    let schema = c.schema(1);
+    for b in 2..=3 {
+        assert_eq!(c.schema(b), schema, "backend {b}");
+    }
+}
