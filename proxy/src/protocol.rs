@@ -146,6 +146,35 @@ pub fn read_cstr(buf: &[u8]) -> Result<(&str, &[u8]), ProtocolError> {
     Ok((text, &buf[end + 1..]))
 }
 
+/// Read a NUL-terminated SQL text (a Query's, a Parse's). Clients send it
+/// in their `client_encoding`, which need not be UTF-8: a text that is not
+/// valid UTF-8 comes back with every non-ASCII byte replaced by `x`, so it
+/// keeps its length (byte offsets into it are offsets into the client's
+/// bytes) and its ASCII keywords, quotes and punctuation, which is all the
+/// statement recognition looks at. The client's own bytes are what gets
+/// forwarded.
+pub fn read_sql(buf: &[u8]) -> Result<(std::borrow::Cow<'_, str>, &[u8]), ProtocolError> {
+    let end = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(ProtocolError::StartupLayout("missing string terminator"))?;
+    let raw = &buf[..end];
+    let text = match std::str::from_utf8(raw) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => std::borrow::Cow::Owned(
+            raw.iter()
+                .map(|&b| if b.is_ascii() { char::from(b) } else { 'x' })
+                .collect(),
+        ),
+    };
+    Ok((text, &buf[end + 1..]))
+}
+
+/// The bytes of a NUL-terminated string, as sent.
+pub fn cstr_bytes(buf: &[u8]) -> Option<&[u8]> {
+    buf.iter().position(|&b| b == 0).map(|end| &buf[..end])
+}
+
 /// Read one startup packet. `Ok(None)` when the peer closed before sending
 /// anything (a port probe).
 pub async fn read_startup<R: AsyncRead + Unpin>(
@@ -384,6 +413,19 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sql_in_another_encoding_keeps_its_length_and_keywords() {
+        // 'é' in LATIN1 is one byte, 0xE9.
+        let body = b"INSERT INTO t VALUES ('caf\xe9')\0rest";
+        let (sql, rest) = read_sql(body).unwrap();
+        assert_eq!(sql, "INSERT INTO t VALUES ('cafx')");
+        assert_eq!(sql.len(), body.len() - 5);
+        assert_eq!(rest, b"rest");
+        assert_eq!(cstr_bytes(body).unwrap().len(), sql.len());
+        let (utf8, _) = read_sql("SELECT 'é'\0".as_bytes()).unwrap();
+        assert_eq!(utf8, "SELECT 'é'");
+    }
 
     fn startup_bytes(params: &[(&str, &str)], version: u32) -> Vec<u8> {
         let mut body = version.to_be_bytes().to_vec();

@@ -1186,9 +1186,12 @@ where
                     }
                     // The text is looked at only where a rule needs it (it is
                     // not decoded for every query).
-                    let sql = || protocol::read_cstr(body).map_or("", |(sql, _)| sql);
+                    let sql = || {
+                        protocol::read_sql(body)
+                            .map_or(std::borrow::Cow::Borrowed(""), |(sql, _)| sql)
+                    };
                     if replicating && summary.counts[StatementClass::Session.index()] > 0 {
-                        let ddl_scope = scope::ddl_scope_changes(sql());
+                        let ddl_scope = scope::ddl_scope_changes(&sql());
                         let refusal = if ddl_scope.contains(&DdlScopeChange::Invalid) {
                             Err(refusal_query(
                                 "22023",
@@ -1196,7 +1199,7 @@ where
                                 "Available values: cluster, local.",
                             ))
                         } else {
-                            scope_changes_in(sql())
+                            scope_changes_in(&sql())
                         };
                         match refusal {
                             Ok(changes) => {
@@ -1213,7 +1216,7 @@ where
                     }
                     if replicating
                         && summary.counts[StatementClass::Write.index()] > 0
-                        && mentions_setval(sql())
+                        && mentions_setval(&sql())
                     {
                         push_pending(state, *stamped, Vec::new());
                         *stamped = false;
@@ -1223,7 +1226,7 @@ where
                     let ddl = summary.counts[StatementClass::Ddl.index()];
                     if replicating && ddl > 0 && !state.ddl_is_local() {
                         let text = sql();
-                        let statements: Vec<&str> = split_statements(text).collect();
+                        let statements: Vec<&str> = split_statements(&text).collect();
                         let ddl_statements: Vec<&str> = statements
                             .iter()
                             .copied()
@@ -1285,7 +1288,10 @@ where
                                 .iter()
                                 .map(|st| (st.as_ptr() as usize - base, st.len()))
                                 .collect();
-                            stage = Some((text.as_bytes().to_vec(), ranges));
+                            // The client's own bytes: the backend compares
+                            // them with the query it runs.
+                            let raw = protocol::cstr_bytes(body).unwrap_or_default();
+                            stage = Some((raw.to_vec(), ranges));
                         }
                         // In a failed transaction the backend refuses it
                         // (25P02) as it is; otherwise it is validated here
@@ -1297,10 +1303,10 @@ where
                             }
                             if let Ok(mut pending) = state.pending.lock() {
                                 state.ddl_jobs.fetch_add(1, Ordering::SeqCst);
-                                pending.push_back(Pending::Ddl(DdlJob::new(sql())));
+                                pending.push_back(Pending::Ddl(DdlJob::new(&sql())));
                             }
                             scope_pending.clear();
-                            return Ok(Flow::Replace(ddl::validation_query(sql())));
+                            return Ok(Flow::Replace(ddl::validation_query(&sql())));
                         }
                     }
                     if replicating && query_stamps(&summary) {

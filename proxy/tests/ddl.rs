@@ -852,3 +852,45 @@ async fn partitioned_tables_replicate_their_rows_and_partition_changes() {
         assert_eq!(c.schema(b), schema, "backend {b}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latin1_session_runs_and_replicates_ddl_and_dml_with_accents() {
+    let c = cluster("").await;
+    // Two statements in one simple query and one on its own, in LATIN1
+    // bytes ('é' = 0xE9, 'è' = 0xE8): psql sends a file's lines as they are.
+    let file = c.dir.path().join("latin1.sql");
+    let mut script = Vec::new();
+    script.extend_from_slice(b"CREATE TABLE caf\xe9 (id int PRIMARY KEY, name text); INSERT INTO caf\xe9 VALUES (1, 'cr\xe8me');\n");
+    script.extend_from_slice(b"BEGIN;\nALTER TABLE caf\xe9 ADD COLUMN note text DEFAULT 'd\xe9j\xe0';\nINSERT INTO caf\xe9 (id, name) VALUES (2, '\xe9t\xe9');\nCOMMIT;\n");
+    std::fs::write(&file, &script).unwrap();
+    let port = c.ports[0].to_string();
+    let out = common::run_pg_program(
+        "psql",
+        &[
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-f",
+            file.to_str().unwrap(),
+        ],
+        &[("PGCLIENTENCODING", "LATIN1".to_owned())],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT string_agg(id || name || note, ',' ORDER BY id) FROM \"café\"",
+            |v| v == "1crèmedéjà,2étédéjà",
+        )
+        .await;
+    }
+}
