@@ -606,6 +606,74 @@ LANGUAGE sql STABLE AS $$
      WHERE c.oid = rel
 $$;
 
+-- ALTER TABLE that rewrites a table (a volatile default, a USING
+-- expression, …) computes new values, which each backend would compute
+-- anew. The origin notes the tables it rewrote (table_rewrite fires once
+-- per rewritten table), and chorus.capture_ddl then sends their rows, as
+-- updates, after the DDL: every backend ends with the origin's values.
+CREATE OR REPLACE FUNCTION chorus.note_rewrite() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(current_setting('chorus.applying', true), '') <> 'on'
+       AND coalesce(current_setting('chorus.ddl_scope', true), '') <> 'local'
+       AND coalesce(current_setting('chorus.origin', true), '') <> '' THEN
+        PERFORM set_config('chorus.rewritten',
+                           concat_ws(',', nullif(current_setting('chorus.rewritten', true), ''),
+                                     pg_event_trigger_table_rewrite_oid()::text), true);
+    END IF;
+END
+$$;
+
+DROP EVENT TRIGGER IF EXISTS chorus_rewrite;
+CREATE EVENT TRIGGER chorus_rewrite ON table_rewrite EXECUTE FUNCTION chorus.note_rewrite();
+
+-- Send every row of `rel` (a replicated table, or a leaf partition of one)
+-- as an update made by this transaction: versions bumped as the capture
+-- trigger bumps them, one message per row, set-based.
+CREATE OR REPLACE FUNCTION chorus.emit_rows(rel regclass, txn_hlc bigint, origin integer, prefix text)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    root regclass := rel;
+    name text;
+    cols text[];
+    only_inserts boolean;
+    sent bigint;
+BEGIN
+    IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
+        root := pg_partition_root(rel);
+    END IF;
+    SELECT format('%I.%I', n.nspname, c.relname) INTO name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = root;
+    SELECT t.pk_columns, t.insert_only INTO cols, only_inserts
+      FROM chorus.replicated_table t WHERE t.tbl = name;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    IF only_inserts THEN
+        RAISE EXCEPTION 'ALTER TABLE that computes new values for the rows of % cannot be replicated: it has no primary key', name
+            USING ERRCODE = '0A000',
+                  HINT = 'Add a primary key first, or compute the values with an UPDATE after a plain ALTER TABLE.';
+    END IF;
+    EXECUTE format(
+        'WITH img AS (SELECT to_jsonb(t) AS img FROM %s t), '
+        '     old AS (SELECT i.img, chorus.key_of(i.img, $1) AS key, v.version AS prev '
+        '               FROM img i LEFT JOIN chorus.row_version v '
+        '                 ON v.tbl = $2 AND v.pk = chorus.key_of(i.img, $1)), '
+        '     up AS (INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted) '
+        '            SELECT $2, o.key, greatest($3, coalesce(o.prev, 0) + 1), $4, false FROM old o '
+        '            ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, '
+        '                origin = excluded.origin, deleted = false '
+        '            RETURNING v.pk, v.version) '
+        'SELECT count(pg_logical_emit_message(true, $5, jsonb_build_object(''table'', $2, ''op'', ''UPDATE'', '
+        '       ''key'', o.key, ''row'', o.img, ''version'', u.version, ''prev'', o.prev, ''origin'', $4)::text)) '
+        '  FROM old o JOIN up u ON u.pk = o.key', rel)
+        INTO sent
+        USING cols, name, txn_hlc, origin, prefix;
+    RETURN sent;
+END
+$$;
+
 -- At the end of every DDL command:
 -- 1. DDL sent through Chorus (a proxied session, `chorus.origin` set, not
 --    applying remote changes, `chorus.ddl_scope` not local) is put in its
@@ -624,7 +692,8 @@ $$;
 -- 3. Sequences made by replicated DDL (CREATE SEQUENCE, serial and identity
 --    columns) become global, with this backend's sequence id.
 -- 4. The rows of a CREATE TABLE AS / SELECT INTO travel as changes after a
---    plain CREATE TABLE (see chorus.table_definition).
+--    plain CREATE TABLE (see chorus.table_definition), and the rows of a
+--    table the statement rewrote as updates (see chorus.note_rewrite).
 CREATE OR REPLACE FUNCTION chorus.capture_ddl() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -751,6 +820,13 @@ BEGIN
         'ddl', statement, 'seq', lease, 'origin', origin, 'search_path', current_setting('search_path'),
         'role', current_user, 'sequence_kind', current_setting('chorus.sequence_kind', true),
         'sequence_block', current_setting('chorus.sequence_block', true))::text);
+    -- Tables this statement rewrote: their rows as the origin computed them.
+    IF coalesce(current_setting('chorus.rewritten', true), '') <> '' THEN
+        PERFORM chorus.emit_rows(r::oid::regclass, txn_hlc, origin, 'chorus:' || dep)
+           FROM unnest(string_to_array(current_setting('chorus.rewritten'), ',')) AS r
+          WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = r::oid);
+        PERFORM set_config('chorus.rewritten', '', true);
+    END IF;
     IF made IS NOT NULL THEN
         SELECT format('%I.%I', n.nspname, c.relname) INTO made_name
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = made;

@@ -894,3 +894,49 @@ async fn a_latin1_session_runs_and_replicates_ddl_and_dml_with_accents() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alter_table_with_volatile_defaults_or_using_gives_identical_rows_everywhere() {
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    one.batch_execute(
+        "CREATE TABLE tickets (id int PRIMARY KEY, n int);
+         INSERT INTO tickets SELECT g, g FROM generate_series(1, 300) g",
+    )
+    .await
+    .unwrap();
+    let two = c.via(2).await;
+    two.batch_execute("ALTER TABLE tickets ADD COLUMN lucky float DEFAULT random()")
+        .await
+        .unwrap();
+    two.batch_execute(
+        "BEGIN; ALTER TABLE tickets ALTER COLUMN n TYPE text USING n::text || '-' || floor(random() * 1000)::text; \
+         ALTER TABLE tickets ADD COLUMN made timestamptz DEFAULT clock_timestamp(); COMMIT",
+    )
+    .await
+    .unwrap();
+    // A table without a primary key cannot carry the new values: refused.
+    two.batch_execute("CREATE TABLE loose (n int); INSERT INTO loose VALUES (1)")
+        .await
+        .unwrap();
+    let e = two
+        .batch_execute("ALTER TABLE loose ADD COLUMN r float DEFAULT random()")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    c.converge(
+        "SELECT count(*)::text || md5(string_agg(t::text, ';' ORDER BY id)) FROM tickets t",
+        2,
+        &[1, 3],
+    )
+    .await;
+    let distinct: i64 = c
+        .direct(3)
+        .await
+        .query_one("SELECT count(DISTINCT lucky) FROM tickets", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(distinct > 250, "{distinct}");
+    assert_eq!(c.schema(1), c.schema(3));
+}
