@@ -796,6 +796,21 @@ BEGIN
     IF NOT replicate THEN
         RETURN;
     END IF;
+    -- A materialized view is computed by every backend from its own data:
+    -- one whose query calls a volatile function (random(),
+    -- clock_timestamp(), nextval(), …) would differ everywhere.
+    IF tg_tag IN ('CREATE MATERIALIZED VIEW', 'REFRESH MATERIALIZED VIEW') THEN
+        FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+            IF EXISTS (SELECT 1 FROM pg_rewrite r,
+                              regexp_matches(r.ev_action::text, E':(?:funcid|opfuncid) (\\d+)', 'g') AS m
+                         JOIN pg_proc p ON p.oid = m[1]::oid
+                        WHERE r.ev_class = cmd.objid AND p.provolatile = 'v') THEN
+                RAISE EXCEPTION 'a materialized view whose query calls volatile functions cannot be replicated: each backend would compute different rows'
+                    USING ERRCODE = '0A000',
+                          HINT = 'Use CREATE TABLE ... AS instead (its rows are computed once and replicated), or SET chorus.ddl_scope = ''local'' to keep the view on this node''s backend only.';
+            END IF;
+        END LOOP;
+    END IF;
     -- The transaction's stamp, pinned as the capture trigger pins it.
     pinned := current_setting('chorus.txn', true);
     IF pinned IS NOT NULL AND split_part(pinned, ':', 1) = txid_current()::text THEN

@@ -940,3 +940,39 @@ async fn alter_table_with_volatile_defaults_or_using_gives_identical_rows_everyw
     assert!(distinct > 250, "{distinct}");
     assert_eq!(c.schema(1), c.schema(3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialized_views_replicate_unless_their_query_is_volatile() {
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    one.batch_execute(
+        "CREATE TABLE sales (id int PRIMARY KEY, amount int);
+         INSERT INTO sales SELECT g, g * 10 FROM generate_series(1, 20) g;
+         CREATE MATERIALIZED VIEW totals AS SELECT sum(amount) AS total, count(*) AS n FROM sales",
+    )
+    .await
+    .unwrap();
+    c.via(2)
+        .await
+        .batch_execute("INSERT INTO sales VALUES (21, 5); REFRESH MATERIALIZED VIEW totals")
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT total || '/' || n FROM totals", |v| {
+            v == "2105/21"
+        })
+        .await;
+    }
+    let e = one
+        .batch_execute("CREATE MATERIALIZED VIEW dice_view AS SELECT random() AS r")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    assert!(message(&e).contains("volatile"), "{e:?}");
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT (to_regclass('dice_view') IS NULL)::text", |v| {
+            v == "true"
+        })
+        .await;
+    }
+}
