@@ -218,6 +218,11 @@ pub struct ReplicationConfig {
     /// The database that replicates. Default "postgres".
     #[serde(default = "default_replication_database")]
     pub database: String,
+    /// Other databases sessions may use, each backend's copy on its own
+    /// (not replicated). A session to any other database is refused, so
+    /// that nothing is written to one backend only. Default none.
+    #[serde(default)]
+    pub local_databases: Vec<String>,
     /// How often an idle stream looks for new changes. Default 100 ms.
     #[serde(default = "default_poll_interval")]
     pub poll_interval_ms: u64,
@@ -251,6 +256,7 @@ impl Default for ReplicationConfig {
             user: default_replication_user(),
             password: None,
             database: default_replication_database(),
+            local_databases: Vec::new(),
             poll_interval_ms: default_poll_interval(),
             commit_scope: CommitScope::default(),
             commit_scope_timeout_ms: default_commit_scope_timeout(),

@@ -305,6 +305,21 @@ async fn startup(
 
     authenticate(node, client, peer, &user, &database, &mut out).await?;
 
+    // Only the replicated database (and those configured local) can be
+    // used: writes anywhere else would reach one backend only.
+    if let Some(replication) = &node.config.replication {
+        if database != replication.database && !replication.local_databases.contains(&database) {
+            return Err(StartupFailure::Fatal {
+                kind: ErrorKind::Auth,
+                code: "0A000",
+                message: format!(
+                    "database \"{database}\" is not replicated by this Chorus cluster: connect to \"{}\", or list it in replication.local_databases to use each backend's copy on its own",
+                    replication.database
+                ),
+            });
+        }
+    }
+
     // With replication, a session's writes must be captured: wait until the
     // chorus schema is on the home backend (a node that has just started
     // installs it), as PostgreSQL makes clients wait while it starts up.

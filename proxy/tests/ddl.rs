@@ -976,3 +976,34 @@ async fn materialized_views_replicate_unless_their_query_is_volatile() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_is_not_replicated_is_refused_unless_configured_local() {
+    let c = procs::cluster_opts(procs::Options {
+        replication: "local_databases = [\"template1\"]".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    // Every backend has these databases; only "postgres" replicates.
+    for b in 1..=3 {
+        c.direct(b)
+            .await
+            .batch_execute("CREATE DATABASE elsewhere")
+            .await
+            .unwrap();
+    }
+    let url = |db: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            c.ports[0]
+        )
+    };
+    let e = common::connect(&url("elsewhere")).await.unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    assert!(message(&e).contains("not replicated"), "{e:?}");
+    // A database configured local is served, from this node's backend.
+    let local = common::connect(&url("template1")).await.unwrap();
+    let one: i32 = local.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    c.via(1).await.batch_execute("SELECT 1").await.unwrap();
+}
