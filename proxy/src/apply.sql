@@ -402,11 +402,24 @@ BEGIN
 END
 $$;
 
+-- What a conflict of kind schema_mismatch or unknown_column was about.
+ALTER TABLE chorus.conflict ADD COLUMN IF NOT EXISTS detail text;
+
 -- Apply the row changes at positions lo..hi of a batch (no DDL among
--- them; see chorus.apply_changes): batchable tables set-based, one statement group per table; the
--- others change by change in stream order. Reordering is safe: a batchable
--- table's rows depend on no other table or row, and the batch commits as
--- one transaction.
+-- them; see chorus.apply_changes): batchable tables set-based, one
+-- statement group per table; the others change by change in stream
+-- order. Reordering is safe: a batchable table's rows depend on no other
+-- table or row, and the batch commits as one transaction.
+--
+-- Rows written against another schema than this backend's (their origin
+-- had not applied a DDL yet, or already had a later one) never stall the
+-- stream:
+-- * non-null values for columns this table lacks (dropped or renamed
+--   here) are logged as a conflict of kind unknown_column (the row image
+--   kept, the columns in `detail`), and the rest of the row applies;
+-- * a row that cannot be written at all (a value of a changed type that
+--   does not convert, a new NOT NULL or CHECK it breaks) is skipped and
+--   logged as schema_mismatch with PostgreSQL's error.
 CREATE OR REPLACE FUNCTION chorus.apply_dml(changes jsonb, lo integer, hi integer) RETURNS text[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -414,6 +427,8 @@ DECLARE
     change jsonb;
     results text[] := '{}';
     slow text[] := '{}';
+    done text[];
+    failure text;
 BEGIN
     FOR grp IN
         SELECT e.c ->> 'table' AS tbl, jsonb_agg(e.c || jsonb_build_object('n', e.n) ORDER BY e.n) AS cs
@@ -431,20 +446,59 @@ BEGIN
                    (c ->> 'version')::bigint, (c ->> 'origin')::integer, nullif(c -> 'row', 'null'::jsonb)
               FROM jsonb_array_elements(grp.cs) AS c;
             results := results || array_fill('missing_table:skipped'::text, ARRAY[jsonb_array_length(grp.cs)]);
-        ELSIF chorus.batchable(grp.tbl) THEN
-            results := results || chorus.apply_batch(grp.tbl, grp.cs);
+            CONTINUE;
+        END IF;
+        INSERT INTO chorus.conflict (tbl, pk, kind, resolution, remote_version, remote_origin, remote_row, detail)
+        SELECT grp.tbl, nullif(c -> 'key', 'null'::jsonb), 'unknown_column', 'values_not_applied',
+               (c ->> 'version')::bigint, (c ->> 'origin')::integer, c -> 'row', string_agg(k, ', ')
+          FROM jsonb_array_elements(grp.cs) AS c,
+               jsonb_object_keys(CASE jsonb_typeof(c -> 'row') WHEN 'object' THEN c -> 'row' ELSE '{}' END) AS k
+         WHERE c -> 'row' -> k <> 'null'::jsonb
+           AND k <> ALL (ARRAY(SELECT a.attname::text FROM pg_attribute a
+                                WHERE a.attrelid = grp.tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped))
+         GROUP BY c;
+        IF chorus.batchable(grp.tbl) THEN
+            BEGIN
+                results := results || chorus.apply_batch(grp.tbl, grp.cs);
+            EXCEPTION WHEN data_exception OR not_null_violation OR check_violation OR datatype_mismatch THEN
+                -- Some row does not fit this schema: change by change.
+                slow := slow || grp.tbl;
+            END;
         ELSE
             slow := slow || grp.tbl;
         END IF;
     END LOOP;
     IF cardinality(slow) > 0 THEN
-        FOR change IN
-            SELECT e.c FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
-             WHERE e.n BETWEEN lo AND hi AND (e.c ->> 'table') = ANY (slow)
-             ORDER BY e.n
-        LOOP
-            results := results || chorus.apply_change(change);
-        END LOOP;
+        -- All at once, and only if a row does not fit, again one by one.
+        BEGIN
+            done := '{}';
+            FOR change IN
+                SELECT e.c FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
+                 WHERE e.n BETWEEN lo AND hi AND (e.c ->> 'table') = ANY (slow)
+                 ORDER BY e.n
+            LOOP
+                done := done || chorus.apply_change(change);
+            END LOOP;
+        EXCEPTION WHEN data_exception OR not_null_violation OR check_violation OR datatype_mismatch THEN
+            done := '{}';
+            FOR change IN
+                SELECT e.c FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
+                 WHERE e.n BETWEEN lo AND hi AND (e.c ->> 'table') = ANY (slow)
+                 ORDER BY e.n
+            LOOP
+                BEGIN
+                    done := done || chorus.apply_change(change);
+                EXCEPTION WHEN data_exception OR not_null_violation OR check_violation OR datatype_mismatch THEN
+                    GET STACKED DIAGNOSTICS failure = MESSAGE_TEXT;
+                    INSERT INTO chorus.conflict (tbl, pk, kind, resolution, remote_version, remote_origin, remote_row, detail)
+                    VALUES (change ->> 'table', nullif(change -> 'key', 'null'::jsonb), 'schema_mismatch', 'skipped',
+                            (change ->> 'version')::bigint, (change ->> 'origin')::integer,
+                            nullif(change -> 'row', 'null'::jsonb), failure);
+                    done := done || 'schema_mismatch:skipped'::text;
+                END;
+            END LOOP;
+        END;
+        results := results || done;
     END IF;
     RETURN results;
 END

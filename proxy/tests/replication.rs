@@ -332,6 +332,74 @@ async fn columns_are_matched_by_name() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn rows_written_against_another_schema_never_stall_the_stream_and_are_logged() {
+    // Backend 1 still has the old schema (a column `nick`, `age` as text);
+    // on backend 2 `nick` was dropped and `age` became an integer.
+    let mut c = cluster(
+        2,
+        &[
+            "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, nick text, age text)",
+            "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, age int)",
+        ],
+    )
+    .await;
+    for sql in [
+        "INSERT INTO users VALUES (1, 'An', 'annie', '42')",
+        "INSERT INTO users VALUES (2, 'Wim', NULL, 'old')",
+        "INSERT INTO users VALUES (3, 'Jo', NULL, '7')",
+    ] {
+        c.client(1).batch_execute(sql).await.unwrap();
+    }
+    let conflicts = c.sync().await;
+    assert_eq!(
+        conflicts,
+        vec![(2, "schema_mismatch:skipped".to_owned())],
+        "{conflicts:?}"
+    );
+    let rows: Vec<(i64, String, Option<i32>)> = c
+        .client(2)
+        .query("SELECT id, name, age FROM users ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (1, "An".to_owned(), Some(42)),
+            (3, "Jo".to_owned(), Some(7))
+        ]
+    );
+    // Neither the dropped column's value nor the row that did not fit is
+    // lost silently: both are in the conflict log, with the row image.
+    let logged: Vec<(String, String, String)> = c
+        .client(2)
+        .query(
+            "SELECT kind, detail, remote_row ->> 'id' FROM chorus.conflict ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert_eq!(
+        logged[0],
+        ("unknown_column".into(), "nick".into(), "1".into())
+    );
+    assert_eq!(logged[1].0, "schema_mismatch");
+    assert!(
+        logged[1]
+            .1
+            .contains("invalid input syntax for type integer"),
+        "{logged:?}"
+    );
+    assert_eq!(logged[1].2, "2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn redelivered_changes_are_applied_exactly_once() {
     let mut c = cluster(2, &[USERS]).await;
     // A copy of the 1 -> 2 slot stands for a stream that applied a batch but
