@@ -21,11 +21,13 @@ pub struct DemoOptions {
     pub keep: bool,
     /// Plain proxies, no replication (used to measure proxy overhead).
     pub proxy_only: bool,
+    /// The database that replicates (made on every backend when it is not
+    /// "postgres").
+    pub database: String,
 }
 
-/// The user and database the demo prints in its connection strings.
+/// The user the demo prints in its connection strings.
 pub const DEMO_USER: &str = "postgres";
-pub const DEMO_DATABASE: &str = "postgres";
 
 /// Run the demo until SIGINT or SIGTERM.
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
@@ -58,6 +60,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         // Blocking is fine here: nothing else runs on the runtime yet.
         let pg = LocalPostgres::create(&bins, &dir, LocalPgOptions::default())
             .with_context(|| format!("starting backend {i}"))?;
+        if options.database != "postgres" {
+            create_database(&pg, &options.database)
+                .await
+                .with_context(|| {
+                    format!("creating database {} on backend {i}", options.database)
+                })?;
+        }
         backends.push(pg);
     }
     let backend_configs: Vec<BackendConfig> = backends
@@ -111,7 +120,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             replication: (!options.proxy_only).then(|| ReplicationConfig {
                 user: DEMO_USER.to_owned(),
                 password: None,
-                database: DEMO_DATABASE.to_owned(),
+                database: options.database.clone(),
                 poll_interval_ms: 50,
                 ..ReplicationConfig::default()
             }),
@@ -157,12 +166,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     for i in 1..=options.nodes {
         println!(
-            "node {i}: postgres://{DEMO_USER}@127.0.0.1:{}/{DEMO_DATABASE}",
-            options.port + i - 1
+            "node {i}: postgres://{DEMO_USER}@127.0.0.1:{}/{}",
+            options.port + i - 1,
+            options.database
         );
     }
     for (i, pg) in backends.iter().enumerate() {
-        println!("backend {}: {}", i + 1, pg.url(DEMO_DATABASE));
+        println!("backend {}: {}", i + 1, pg.url(&options.database));
     }
     for (i, port) in metrics_ports.iter().enumerate() {
         println!("metrics {}: http://127.0.0.1:{port}/metrics", i + 1);
@@ -170,10 +180,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let signals = StopSignals::install()?;
     println!("ready");
     eprintln!(
-        "chorus demo: connect with e.g. `psql postgres://{DEMO_USER}@127.0.0.1:{}/{DEMO_DATABASE}`; \
+        "chorus demo: connect with e.g. `psql postgres://{DEMO_USER}@127.0.0.1:{}/{}`; \
          writes made through any node (or directly on any backend) and DDL made through any node replicate to every backend. \
          Stop with Ctrl-C.",
-        options.port
+        options.port,
+        options.database
     );
 
     signals.wait().await;
@@ -234,4 +245,18 @@ impl StopSignals {
             _ = self.int.recv() => {}
         }
     }
+}
+
+/// Make `database` on a fresh backend.
+async fn create_database(pg: &LocalPostgres, database: &str) -> anyhow::Result<()> {
+    let (client, connection) =
+        tokio_postgres::connect(&pg.conninfo("postgres"), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "CREATE DATABASE \"{}\"",
+            database.replace('"', "\"\"")
+        ))
+        .await?;
+    Ok(())
 }

@@ -101,6 +101,10 @@ enum Command {
         /// Run the nodes as plain proxies, without replication.
         #[arg(long)]
         proxy_only: bool,
+        /// The database that replicates (made on every backend when it is
+        /// not "postgres").
+        #[arg(long, default_value = "postgres")]
+        database: String,
     },
 }
 
@@ -261,12 +265,14 @@ fn main() -> anyhow::Result<()> {
             dir,
             keep,
             proxy_only,
+            database,
         } => runtime.block_on(demo::run(DemoOptions {
             nodes,
             port,
             dir,
             keep,
             proxy_only,
+            database,
         })),
     }
 }

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# PostgreSQL's own regression suite (pg_regress, installcheck-parallel
+# schedule) through node 1 of a three-node `chorus demo` that replicates
+# the database "regression", then a comparison of every backend: the same
+# schema (pg_dump --schema-only) and the same rows (pg_dump --data-only,
+# Chorus's own schema left out). Not part of CI.
+#
+# Usage: PG_SRC=DIR bash scripts/pg-regress.sh
+#   DIR: PostgreSQL's source of the backends' major version (the Debian
+#   source package: apt-get source postgresql-15), with
+#   src/test/regress/regress.so built (the script builds it with the server
+#   headers of postgresql-server-dev-15 when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+: "${PG_SRC:?set PG_SRC to a PostgreSQL source tree}"
+PORT=${PORT:-27432}
+BINDIR=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+LIBDIR=$(dirname "$BINDIR")/lib
+PG_REGRESS=${PG_REGRESS:-$LIBDIR/pgxs/src/test/regress/pg_regress}
+REGRESS=$PG_SRC/src/test/regress
+if [ ! -f "$REGRESS/regress.so" ]; then
+    INC=$("$BINDIR/pg_config" --includedir-server 2>/dev/null || pg_config --includedir-server)
+    cc -O2 -fPIC -shared -I"$INC" "$REGRESS/regress.c" -o "$REGRESS/regress.so"
+fi
+
+cargo build --release -q -p chorus-proxy
+WORK=$(mktemp -d /tmp/chorus-regress-XXXXXX)
+chmod 755 "$WORK"
+RUST_LOG=warn ./target/release/chorus demo --port "$PORT" --dir "$WORK/demo" --database regression \
+    > "$WORK/demo.out" 2> "$WORK/demo.err" &
+DEMO=$!
+trap 'kill -INT $DEMO 2>/dev/null || true; wait $DEMO 2>/dev/null || true; rm -rf "$WORK"' EXIT
+for _ in $(seq 1 600); do grep -q '^ready$' "$WORK/demo.out" 2>/dev/null && break; sleep 0.1; done
+grep -q '^ready$' "$WORK/demo.out" || { cat "$WORK/demo.err" >&2; exit 1; }
+
+# What pg_regress sets when it creates the database itself.
+for setting in "lc_messages TO 'C'" "lc_monetary TO 'C'" "lc_numeric TO 'C'" "lc_time TO 'C'" \
+    "bytea_output TO 'hex'" "timezone_abbreviations TO 'Default'"; do
+    psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d regression -c "ALTER DATABASE regression SET $setting"
+done
+
+OUT=${OUT:-$WORK/out}
+mkdir -p "$OUT"
+chmod 777 "$OUT"
+( cd "$REGRESS" && "$PG_REGRESS" --inputdir=. --bindir="$BINDIR" --dlpath=. \
+    --schedule=parallel_schedule --host=127.0.0.1 --port="$PORT" --user=postgres \
+    --use-existing --dbname=regression --outputdir="$OUT" --max-concurrent-tests=20 ) \
+    > "$WORK/regress.log" 2>&1 || true
+grep -E '^(ok|not ok) ' "$WORK/regress.log" > "$WORK/results" || true
+echo "pg_regress through node 1: $(grep -c '^ok ' "$WORK/results") of $(wc -l < "$WORK/results") tests pass"
+grep '^not ok ' "$WORK/results" | sed 's/^/  /' || true
+[ -n "${KEEP_DIFFS:-}" ] && cp "$OUT/regression.diffs" "$KEEP_DIFFS" 2>/dev/null || true
+
+# Every backend, once replication has settled: the same schema and rows.
+sleep "${SETTLE:-20}"
+port() { sed -n "s|^backend $1: postgres://postgres@127.0.0.1:\([0-9]*\)/regression$|\1|p" "$WORK/demo.out"; }
+for b in 1 2 3; do
+    "$BINDIR/pg_dump" -h 127.0.0.1 -p "$(port "$b")" -U postgres --schema-only --no-owner \
+        --exclude-schema=chorus regression | grep -v -E '^\\(un)?restrict' > "$WORK/schema$b.sql"
+    "$BINDIR/pg_dump" -h 127.0.0.1 -p "$(port "$b")" -U postgres --data-only --exclude-schema=chorus \
+        regression | grep -v -E '^\\(un)?restrict' > "$WORK/data$b.sql" 2>/dev/null || true
+done
+for b in 2 3; do
+    if cmp -s "$WORK/schema1.sql" "$WORK/schema$b.sql"; then echo "backend $b: schema identical to backend 1"
+    else echo "backend $b: schema differs from backend 1 ($(diff "$WORK/schema1.sql" "$WORK/schema$b.sql" | grep -c '^[<>]') lines)"; fi
+    if cmp -s "$WORK/data1.sql" "$WORK/data$b.sql"; then echo "backend $b: data identical to backend 1"
+    else echo "backend $b: data differs from backend 1 ($(diff "$WORK/data1.sql" "$WORK/data$b.sql" | grep -c '^[<>]') lines)"; fi
+done
+[ -n "${KEEP_DUMPS:-}" ] && cp "$WORK"/schema*.sql "$WORK"/data*.sql "$KEEP_DUMPS" 2>/dev/null || true
