@@ -553,6 +553,8 @@ struct RelayState {
     /// The transaction ended: give the lease back before its ReadyForQuery
     /// reaches the client.
     lease_release_due: AtomicBool,
+    /// Renews the lease while its transaction is open.
+    lease_keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// What the client-to-backend direction keeps across backend connections.
@@ -571,6 +573,9 @@ struct ClientSide {
     /// Drop extended-protocol messages up to the next Sync (see
     /// `move_session`).
     discard_until_sync: bool,
+    /// The next message was held for the DDL lease and is seen again: its
+    /// statements are counted already.
+    refeed: bool,
 }
 
 impl ClientSide {
@@ -583,6 +588,7 @@ impl ClientSide {
             stamped: false,
             scope_pending: Vec::new(),
             discard_until_sync: false,
+            refeed: false,
         }
     }
 }
@@ -620,7 +626,27 @@ impl RelayState {
             ddl_settings_sent: AtomicBool::new(false),
             lease_refusal: Mutex::new(None),
             lease_release_due: AtomicBool::new(false),
+            lease_keeper: Mutex::new(None),
         }
+    }
+
+    /// The lease is held now (number `seq`).
+    fn lease_taken(&self, node: &Node, seq: u64) {
+        self.ddl_lease.store(seq, Ordering::SeqCst);
+        self.lease_stamped.store(false, Ordering::SeqCst);
+        if let Ok(mut keeper) = self.lease_keeper.lock() {
+            *keeper = ddl_lease::keep(node, self.lease_token);
+        }
+    }
+
+    /// The lease is let go of (given back or about to be): its number,
+    /// 0 when none was held.
+    fn lease_dropped(&self) -> u64 {
+        if let Some(keeper) = self.lease_keeper.lock().ok().and_then(|mut k| k.take()) {
+            keeper.abort();
+        }
+        self.lease_stamped.store(false, Ordering::SeqCst);
+        self.ddl_lease.swap(0, Ordering::SeqCst)
     }
 
     /// Whether a transaction's DDL must take the cluster DDL lease first
@@ -846,7 +872,7 @@ async fn relay<CR, CW>(
         break (end, Some(backend_write));
     };
     // A transaction that held the cluster DDL lease ends with the session.
-    let lease = state.ddl_lease.swap(0, Ordering::SeqCst);
+    let lease = state.lease_dropped();
     if lease != 0 {
         let (node, token, backend) = (
             node.clone(),
@@ -1066,11 +1092,10 @@ async fn move_session<W: AsyncWrite + Unpin>(
     state.txn_stamped.store(false, Ordering::Relaxed);
     // The transaction that held the cluster DDL lease is lost with its
     // backend.
-    let lease = state.ddl_lease.swap(0, Ordering::SeqCst);
+    let lease = state.lease_dropped();
     if lease != 0 {
         let _ = ddl_lease::give_back(node, state.lease_token, lease, None, &from).await;
     }
-    state.lease_stamped.store(false, Ordering::SeqCst);
     state.lease_release_due.store(false, Ordering::SeqCst);
     state.ddl_settings_sent.store(false, Ordering::SeqCst);
     state.scope_local.store(0, Ordering::SeqCst);
@@ -1118,6 +1143,7 @@ where
         stamped,
         scope_pending,
         discard_until_sync,
+        refeed,
     } = side;
     let result = loop {
         let held = pump(
@@ -1193,10 +1219,13 @@ where
             }
             match frontend.on_message(tag, body)? {
                 FrontendEvent::Query(summary) => {
-                    for class in StatementClass::ALL {
-                        let n = summary.counts[class.index()];
-                        if n > 0 {
-                            metrics.statements(class, u64::from(n));
+                    // (A query held for the DDL lease comes here twice.)
+                    if !std::mem::take(refeed) {
+                        for class in StatementClass::ALL {
+                            let n = summary.counts[class.index()];
+                            if n > 0 {
+                                metrics.statements(class, u64::from(n));
+                            }
                         }
                     }
                     // The text is looked at only where a rule needs it (it is
@@ -1438,10 +1467,7 @@ where
             // (or note why not), then look at the message again.
             Ok(Some(message)) => {
                 match ddl_lease::take(node, state.lease_token, serving).await {
-                    Ok(seq) => {
-                        state.ddl_lease.store(seq, Ordering::SeqCst);
-                        state.lease_stamped.store(false, Ordering::SeqCst);
-                    }
+                    Ok(seq) => state.lease_taken(node, seq),
                     Err(refusal) => {
                         node.metrics.ddl_failed();
                         if let Ok(mut r) = state.lease_refusal.lock() {
@@ -1454,6 +1480,7 @@ where
                 buf.extend_from_slice(&pump_side.buf);
                 pump_side.buf = buf;
                 pump_side.rescan = true;
+                *refeed = message.first() == Some(&b'Q');
             }
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
@@ -1812,8 +1839,7 @@ where
                 state.tx_status.store(b'I', Ordering::Relaxed);
             } else {
                 if state.lease_release_due.swap(false, Ordering::SeqCst) {
-                    let seq = state.ddl_lease.swap(0, Ordering::SeqCst);
-                    state.lease_stamped.store(false, Ordering::SeqCst);
+                    let seq = state.lease_dropped();
                     if ddl_lease::give_back(node, state.lease_token, seq, None, serving).await {
                         ddl_lease::wait_for_peers(node, seq).await;
                     }

@@ -1007,3 +1007,39 @@ async fn a_database_that_is_not_replicated_is_refused_unless_configured_local() 
     assert_eq!(one, 1);
     c.via(1).await.batch_execute("SELECT 1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_longer_than_the_lease_keeps_it_until_it_ends() {
+    let c = cluster("ddl_lease_ms = 600").await;
+    c.exec(1, "CREATE TABLE slow (id int PRIMARY KEY)").await;
+    let first = c.via(1).await;
+    let second = c.via(2).await;
+    first
+        .batch_execute("BEGIN; ALTER TABLE slow ADD COLUMN a int")
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        second
+            .batch_execute("ALTER TABLE slow ADD COLUMN b int")
+            .await
+            .map(|()| Instant::now())
+    });
+    // Three lease lengths: the open transaction renews its lease.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the lease passed on while its transaction was open"
+    );
+    let committed = Instant::now();
+    first.batch_execute("COMMIT").await.unwrap();
+    let done = waiting.await.unwrap().unwrap();
+    assert!(done >= committed);
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'slow'::regclass AND attnum > 0",
+            |v| v == "id,a,b",
+        )
+        .await;
+    }
+}

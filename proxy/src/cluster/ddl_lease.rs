@@ -154,6 +154,31 @@ pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, Lease
     Ok(seq)
 }
 
+/// Renew the lease of `session` every third of `ddl_lease_ms` while its
+/// transaction stays open (a migration can run for longer than the
+/// lease); the caller aborts the task when it gives the lease back.
+pub fn keep(node: &Node, session: u64) -> Option<tokio::task::JoinHandle<()>> {
+    let consensus = node.consensus()?.clone();
+    let cluster = node.config.cluster.as_ref()?;
+    let ttl_ms = cluster.ddl_lease_ms;
+    let holder = holder(node, session);
+    Some(tokio::spawn(async move {
+        let every = Duration::from_millis((ttl_ms / 3).max(1));
+        loop {
+            tokio::time::sleep(every).await;
+            let request = Request::DdlLease {
+                holder,
+                now_ms: unix_ms(),
+                ttl_ms,
+            };
+            match consensus.propose(request, every).await {
+                Ok(Response::Lease { .. }) => {}
+                other => tracing::warn!(answer = ?other, "renewing the DDL lease failed"),
+            }
+        }
+    }))
+}
+
 /// Give the lease back at the end of its transaction. `committed`: `None`
 /// when not known (the backend is asked). Returns whether it committed.
 pub async fn give_back(
