@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 N=${N:-200}
 SCALE=${SCALE:-10}
 PORT=${PORT:-16432}
-PLAIN_PORT=${PLAIN_PORT:-16532}
+PLAIN_PORT=${PLAIN_PORT:-16732}
 PGBENCH=$(ls /usr/lib/postgresql/*/bin/pgbench 2>/dev/null | sort -V | tail -1)
 PGBENCH=${PGBENCH:-pgbench}
 
@@ -34,7 +34,7 @@ secs() { echo "$1 $2" | awk '{printf "%.1f", $2 - $1}'; }
 
 echo "== pgbench -i -s $SCALE"
 t0=$(now)
-"$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$DIRECT" -U postgres postgres >/dev/null 2>&1
+"$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$DIRECT" -U postgres postgres >/dev/null 2>"$WORK/direct.err" || { cat "$WORK/direct.err"; exit 1; }
 t1=$(now)
 echo "directly on one PostgreSQL: $(secs "$t0" "$t1") s"
 t0=$(now)
