@@ -581,34 +581,24 @@ ALTER TABLE chorus.applied ADD COLUMN IF NOT EXISTS driver_epoch bigint NOT NULL
 
 DROP FUNCTION IF EXISTS chorus.apply_transactions(integer, jsonb, bigint, pg_lsn);
 
--- Apply a batch of origin transactions ([{"end": <commit end LSN>,
--- "changes": [...]}, ...], in commit order) from origin `org`, in the
--- caller's (one statement's) transaction: skip those already applied here,
--- apply the rest, and record `upto` as the position applied from `org`,
--- with the newest version seen (the node's clock observes it). The capture
--- trigger stays quiet, and a deadlock with a local write aborts this
--- transaction (it is retried) rather than the client's: a 10 ms
--- deadlock_timeout runs its deadlock check first.
-CREATE OR REPLACE FUNCTION chorus.apply_transactions(
-    org integer, txns jsonb, newest_version bigint, upto pg_lsn, epoch bigint,
-    OUT results text[], OUT skipped integer
-)
+-- The start of an apply transaction for origin `org` by the driver of
+-- `epoch`: the capture trigger stays quiet, a deadlock with a local write
+-- aborts this transaction (it is retried) rather than the client's (a
+-- 10 ms deadlock_timeout runs its deadlock check first), the commit is
+-- durable whatever the backend's default (the stream tells the origin's
+-- slot to move on once it commits: a crash of this backend must not lose
+-- changes the origin no longer keeps). The origin's row is locked: applies
+-- of one origin take turns, and one from a driver older than the last one
+-- seen is refused (fenced). Returns the position applied up to.
+CREATE OR REPLACE FUNCTION chorus.apply_begin(org integer, epoch bigint) RETURNS pg_lsn
 LANGUAGE plpgsql AS $$
 DECLARE
     done pg_lsn;
     fence bigint;
-    todo jsonb;
-    applying integer;
 BEGIN
     PERFORM set_config('chorus.applying', 'on', true);
     PERFORM set_config('deadlock_timeout', '10ms', true);
-    -- The stream tells the origin's slot to move on once this commits: the
-    -- commit must be durable even where the backend's default is
-    -- synchronous_commit = off, or a crash of this backend could lose
-    -- changes the origin no longer keeps.
     PERFORM set_config('synchronous_commit', 'on', true);
-    -- The origin's row, locked: applies of one origin take turns, and one
-    -- from a driver older than the last one seen is refused.
     SELECT a.lsn, a.driver_epoch INTO done, fence FROM chorus.applied a WHERE a.origin = org FOR UPDATE;
     IF NOT FOUND THEN
         INSERT INTO chorus.applied (origin, lsn) VALUES (org, '0/0') ON CONFLICT (origin) DO NOTHING;
@@ -621,6 +611,36 @@ BEGIN
     IF fence < epoch THEN
         UPDATE chorus.applied SET driver_epoch = epoch WHERE origin = org;
     END IF;
+    RETURN done;
+END
+$$;
+
+-- The end of an apply transaction: the position applied up to from `org`,
+-- with the newest version seen (the node's clock observes it).
+CREATE OR REPLACE FUNCTION chorus.apply_end(org integer, upto pg_lsn, newest_version bigint) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE chorus.applied AS a
+       SET lsn = upto, applied_at = now(), max_version = greatest(a.max_version, newest_version)
+     WHERE a.origin = org
+$$;
+
+-- Apply a batch of origin transactions ([{"end": <commit end LSN>,
+-- "changes": [...]}, ...], in commit order) from origin `org`, in the
+-- caller's (one statement's) transaction: skip those already applied here,
+-- apply the rest, and record `upto` as the position applied from `org`.
+-- (A batch too large for one statement is applied with apply_begin,
+-- apply_changes in parts and apply_end in one transaction instead; see
+-- ReplicationStream::apply.)
+CREATE OR REPLACE FUNCTION chorus.apply_transactions(
+    org integer, txns jsonb, newest_version bigint, upto pg_lsn, epoch bigint,
+    OUT results text[], OUT skipped integer
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    done pg_lsn := chorus.apply_begin(org, epoch);
+    todo jsonb;
+    applying integer;
+BEGIN
     SELECT jsonb_agg(c.change ORDER BY t.n, c.m), count(DISTINCT t.n)
       INTO todo, applying
       FROM jsonb_array_elements(txns) WITH ORDINALITY AS t(txn, n),
@@ -630,10 +650,7 @@ BEGIN
     results := '{}';
     IF applying > 0 THEN
         results := chorus.apply_changes(todo);
-        UPDATE chorus.applied AS a
-           SET lsn = upto, applied_at = now(),
-               max_version = greatest(a.max_version, newest_version)
-         WHERE a.origin = org;
+        PERFORM chorus.apply_end(org, upto, newest_version);
     END IF;
 END
 $$;

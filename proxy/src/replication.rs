@@ -183,6 +183,89 @@ impl ReplicationStream {
         Ok(())
     }
 
+    /// Apply transactions (in origin commit order) too large for one
+    /// statement (PostgreSQL's jsonb holds at most 256 MB): in one
+    /// transaction on the peer, `chorus.apply_begin`, the changes in parts
+    /// of [`APPLY_PART_CHANGES`], `chorus.apply_end`.
+    async fn apply_in_parts(
+        &self,
+        peer: &mut Client,
+        transactions: &[DecodedTransaction],
+    ) -> Result<StepReport, ReplicationError> {
+        let mut report = StepReport::default();
+        let Some(last) = transactions.last() else {
+            return Ok(report);
+        };
+        let tx = peer.transaction().await?;
+        let done: String = tx
+            .query_one(
+                "SELECT chorus.apply_begin($1, $2)::text",
+                &[&i32::from(self.origin_node), &self.epoch],
+            )
+            .await
+            .map_err(ReplicationError::fenced_or)?
+            .get(0);
+        let done = parse_lsn(&done)?;
+        let todo: Vec<&DecodedTransaction> = transactions
+            .iter()
+            .filter(|t| t.end_lsn > done && !t.changes.is_empty())
+            .collect();
+        report.duplicates = transactions
+            .iter()
+            .filter(|t| t.end_lsn <= done && !t.changes.is_empty())
+            .count();
+        if todo.is_empty() {
+            tx.commit().await?;
+            return Ok(report);
+        }
+        let mut part = String::from("[");
+        let mut in_part = 0usize;
+        for change in todo.iter().flat_map(|t| &t.changes) {
+            if in_part > 0 {
+                part.push(',');
+            }
+            part.push_str(change);
+            in_part += 1;
+            if in_part == APPLY_PART_CHANGES {
+                part.push(']');
+                let results: Vec<String> = tx
+                    .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&part])
+                    .await?
+                    .get(0);
+                report.results.extend(results);
+                part = String::from("[");
+                in_part = 0;
+            }
+        }
+        if in_part > 0 {
+            part.push(']');
+            let results: Vec<String> = tx
+                .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&part])
+                .await?
+                .get(0);
+            report.results.extend(results);
+        }
+        let newest_version = max_version(todo.iter().flat_map(|t| &t.changes));
+        tx.execute(
+            "SELECT chorus.apply_end($1, $2::text::pg_lsn, $3)",
+            &[
+                &i32::from(self.origin_node),
+                &format_lsn(last.end_lsn),
+                &newest_version,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        let commit_times: Vec<f64> = todo.iter().filter_map(|t| t.commit_time).collect();
+        let now = unix_now();
+        if let Some(oldest) = commit_times.first() {
+            report.lag_seconds = (now - oldest).max(0.0);
+        }
+        report.delays = commit_times.iter().map(|t| (now - t).max(0.0)).collect();
+        report.transactions = todo.len();
+        Ok(report)
+    }
+
     /// Move one batch from origin to peer.
     pub async fn step(
         &self,
@@ -233,6 +316,10 @@ impl ReplicationStream {
         // changes, writes to tables that are not replicated) have nothing to
         // apply; the slot simply moves past them.
         let mut report = StepReport::default();
+        let total: usize = transactions.iter().map(|t| t.changes.len()).sum();
+        if total > APPLY_PART_CHANGES {
+            return self.apply_in_parts(peer, transactions).await;
+        }
         let mut commit_times = Vec::new();
         let mut sent = 0usize;
         let mut batch = String::from("[");
@@ -565,6 +652,10 @@ const DDL_WAIT_POLL: Duration = Duration::from_millis(20);
 /// from several streams at once could exhaust it.
 const MAX_BATCH_CHANGES: usize = 1_000;
 
+/// Changes per statement when a batch is applied in parts (one whole
+/// transaction larger than this, see `ReplicationStream::apply_in_parts`).
+const APPLY_PART_CHANGES: usize = 50_000;
+
 /// Stream an origin backend's changes to one peer until the origin
 /// connection fails (the caller then starts over) or the peer refuses this
 /// driver as stale (`Fenced`). A failing peer only pauses this stream: it
@@ -607,6 +698,8 @@ async fn run_stream(
     let mut window_start = std::time::Instant::now();
     let mut applied_in_window = 0u64;
     let mut gather_start: Option<tokio::time::Instant> = None;
+    // Applies that failed in a row.
+    let mut failures = 0u32;
     loop {
         let first = match &progress {
             Some(p) => tokio::select! {
@@ -714,7 +807,10 @@ async fn run_stream(
                 }
             }
             match stream.apply(client, &pending[..ready]).await {
-                Ok(report) => break Some(report),
+                Ok(report) => {
+                    failures = 0;
+                    break Some(report);
+                }
                 Err(e @ ReplicationError::Fenced(_)) => return Err(e),
                 Err(e) => {
                     let detail = match &e {
@@ -723,7 +819,13 @@ async fn run_stream(
                             .map(|d| format!("{}: {}", d.code().code(), d.message())),
                         _ => None,
                     };
-                    tracing::debug!(peer = %backend.name, error = %e, detail = detail.unwrap_or_default(), "apply failed; retrying");
+                    failures += 1;
+                    // A stream that keeps failing must not stall silently.
+                    if failures >= 3 {
+                        tracing::warn!(peer = %backend.name, failures, error = %e, detail = detail.unwrap_or_default(), "apply keeps failing; retrying");
+                    } else {
+                        tracing::debug!(peer = %backend.name, error = %e, detail = detail.unwrap_or_default(), "apply failed; retrying");
+                    }
                     peer = None;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

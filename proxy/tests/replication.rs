@@ -400,6 +400,34 @@ async fn rows_written_against_another_schema_never_stall_the_stream_and_are_logg
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_too_large_for_one_statement_is_applied_in_parts() {
+    // 120 000 changes in one transaction: more than one part of 50 000
+    // holds, so it goes in three (a load like pgbench -i's, into a table
+    // without a key yet). benches/ddl.sh loads 1 000 000 rows, over the
+    // 256 MB that one statement's jsonb can hold.
+    let mut c = cluster(2, &[USERS]).await;
+    for i in 1..=2 {
+        c.client(i)
+            .batch_execute("SET chorus.ddl_scope = 'local'; CREATE TABLE loaded (id bigint, note text); RESET chorus.ddl_scope")
+            .await
+            .unwrap();
+        capture::adopt(c.client(i), "loaded", true).await.unwrap();
+    }
+    c.client(1)
+        .batch_execute(
+            "INSERT INTO loaded SELECT g, repeat('x', 100) || g FROM generate_series(1, 120000) g",
+        )
+        .await
+        .unwrap();
+    assert!(c.sync().await.is_empty());
+    let summary = "SELECT count(*)::text || ':' || sum(length(note))::text FROM loaded";
+    let one: String = c.client(1).query_one(summary, &[]).await.unwrap().get(0);
+    let two: String = c.client(2).query_one(summary, &[]).await.unwrap().get(0);
+    assert!(one.starts_with("120000:"), "{one}");
+    assert_eq!(two, one);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn redelivered_changes_are_applied_exactly_once() {
     let mut c = cluster(2, &[USERS]).await;
     // A copy of the 1 -> 2 slot stands for a stream that applied a batch but
