@@ -41,7 +41,7 @@ demo() { # dir port args…
 }
 demo plain 26432 --nodes 1 --proxy-only
 PLAIN_PORT=$(sed -n 's|^backend 1: postgres://postgres@127.0.0.1:\([0-9]*\)/postgres$|\1|p' "$WORK/plain.out")
-demo chorus 26532
+demo chorus 26632
 
 run() { # name dsn
     echo "== psycopg $(cat "$PSYCOPG_SRC/TAG" 2>/dev/null || true) tests: $1 ($2)"
@@ -51,7 +51,7 @@ run() { # name dsn
     tail -1 "$WORK/$1.log"
 }
 run plain "host=127.0.0.1 port=$PLAIN_PORT user=postgres dbname=postgres" "$@"
-run chorus "host=127.0.0.1 port=26532 user=postgres dbname=postgres" "$@"
+run chorus "host=127.0.0.1 port=26632 user=postgres dbname=postgres" "$@"
 
 "$WORK/venv/bin/python" - "$WORK/plain.xml" "$WORK/chorus.xml" <<'PY'
 import sys
