@@ -46,7 +46,7 @@ demo chorus 26632
 run() { # name dsn
     echo "== psycopg $(cat "$PSYCOPG_SRC/TAG" 2>/dev/null || true) tests: $1 ($2)"
     (cd "$PSYCOPG_SRC" && PSYCOPG_IMPL=python timeout "$LIMIT" "$WORK/venv/bin/python" -m pytest \
-        -p no:randomly -p no:cacheprovider -q -m "$MARKERS" --junitxml="$WORK/$1.xml" \
+        -p no:randomly -q -m "$MARKERS" --junitxml="$WORK/$1.xml" \
         --test-dsn "$2" "${@:3}" tests > "$WORK/$1.log" 2>&1) || true
     tail -1 "$WORK/$1.log"
 }
