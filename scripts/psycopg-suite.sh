@@ -28,7 +28,7 @@ cleanup() {
 trap cleanup EXIT
 
 python3 -m venv "$WORK/venv"
-"$WORK/venv/bin/pip" install -q -e "$PSYCOPG_SRC/psycopg[test]" -e "$PSYCOPG_SRC/psycopg_pool"
+"$WORK/venv/bin/pip" install -q "$PSYCOPG_SRC/psycopg[test]" "$PSYCOPG_SRC/psycopg_pool"
 
 demo() { # dir port args…
     local dir=$1 port=$2
