@@ -78,6 +78,9 @@ pub struct DecodedTransaction {
     /// The DDL index its changes were made at: a peer applies them only
     /// once it has applied that much of the DDL log.
     pub ddl: u64,
+    /// It carries DDL: applied at once, without gathering more (its
+    /// origin's session waits for the peers to have it).
+    pub has_ddl: bool,
 }
 
 /// The Unix time now, in seconds.
@@ -757,7 +760,7 @@ async fn run_stream(
                 // moment longer, so that under load one apply transaction
                 // carries many origin transactions (its fixed cost is most
                 // of the work for small ones).
-                Err(_) if !pending.is_empty() => {
+                Err(_) if !pending.is_empty() && !pending.iter().any(|t| t.has_ddl) => {
                     let gathered_since =
                         *gather_start.get_or_insert_with(tokio::time::Instant::now);
                     match tokio::time::timeout_at(gathered_since + GATHER, events.recv()).await {

@@ -92,6 +92,9 @@ impl PgOutputDecoder {
                 match self.open.as_mut() {
                     Some(txn) if transactional => {
                         txn.ddl = txn.ddl.max(ddl);
+                        // A DDL record (see chorus.capture_ddl): jsonb
+                        // prints its shortest keys first, "ddl" before "seq".
+                        txn.has_ddl |= content.starts_with("{\"ddl\":");
                         txn.changes.push(content.to_owned());
                     }
                     _ => return Err(ReplicationError::Decoding(content.to_owned())),
@@ -324,6 +327,18 @@ mod tests {
         commit.extend_from_slice(&1_000_000i64.to_be_bytes());
         let txn = d.feed(&commit).unwrap().unwrap();
         assert_eq!(txn.changes, vec!["{\"a\":1}"]);
+        assert!(!txn.has_ddl);
+        // One with a DDL record is marked (what PostgreSQL's jsonb prints
+        // for chorus.capture_ddl's object starts with its "ddl" key).
+        d.feed(&begin).unwrap();
+        d.feed(&message(
+            "chorus:4",
+            "{\"ddl\": \"CREATE TABLE t ()\", \"seq\": 5}",
+        ))
+        .unwrap();
+        let ddl = d.feed(&commit).unwrap().unwrap();
+        assert!(ddl.has_ddl);
+        assert_eq!(ddl.ddl, 4);
         assert_eq!(txn.end_lsn, 0x1_0000_0020);
         assert_eq!(format_lsn(txn.end_lsn), "1/20");
         assert_eq!(txn.commit_time, Some(946_684_801.0));
