@@ -427,6 +427,7 @@ DECLARE
     change jsonb;
     results text[] := '{}';
     slow text[] := '{}';
+    slow_changes jsonb[];
     done text[];
     failure text;
 BEGIN
@@ -469,23 +470,18 @@ BEGIN
         END IF;
     END LOOP;
     IF cardinality(slow) > 0 THEN
+        slow_changes := ARRAY(SELECT e.c FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
+                               WHERE e.n BETWEEN lo AND hi AND (e.c ->> 'table') = ANY (slow)
+                               ORDER BY e.n);
         -- All at once, and only if a row does not fit, again one by one.
         BEGIN
             done := '{}';
-            FOR change IN
-                SELECT e.c FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
-                 WHERE e.n BETWEEN lo AND hi AND (e.c ->> 'table') = ANY (slow)
-                 ORDER BY e.n
-            LOOP
+            FOREACH change IN ARRAY slow_changes LOOP
                 done := done || chorus.apply_change(change);
             END LOOP;
         EXCEPTION WHEN data_exception OR not_null_violation OR check_violation OR datatype_mismatch THEN
             done := '{}';
-            FOR change IN
-                SELECT e.c FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
-                 WHERE e.n BETWEEN lo AND hi AND (e.c ->> 'table') = ANY (slow)
-                 ORDER BY e.n
-            LOOP
+            FOREACH change IN ARRAY slow_changes LOOP
                 BEGIN
                     done := done || chorus.apply_change(change);
                 EXCEPTION WHEN data_exception OR not_null_violation OR check_violation OR datatype_mismatch THEN

@@ -658,6 +658,12 @@ impl Config {
         Duration::from_millis(self.node.backend_connect_timeout_ms)
     }
 
+    /// How long DDL may wait for the cluster (`cluster.ddl_timeout_ms`;
+    /// 10 s without a cluster).
+    pub fn ddl_timeout(&self) -> Duration {
+        Duration::from_millis(self.cluster.as_ref().map_or(10_000, |c| c.ddl_timeout_ms))
+    }
+
     /// Number of session worker threads.
     pub fn worker_threads(&self) -> usize {
         self.node

@@ -670,13 +670,7 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         );
         return;
     }
-    let timeout = node
-        .config
-        .cluster
-        .as_ref()
-        .map_or(Duration::from_secs(10), |c| {
-            Duration::from_millis(c.ddl_timeout_ms)
-        });
+    let timeout = node.config.ddl_timeout();
     let deadline = Instant::now() + timeout;
     // The DDL must not overtake this node's earlier changes on any
     // backend (a row written before `ALTER TABLE … ADD PRIMARY KEY` must be

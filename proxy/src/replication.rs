@@ -221,29 +221,18 @@ impl ReplicationStream {
             tx.commit().await?;
             return Ok(report);
         }
-        let mut part = String::from("[");
-        let mut in_part = 0usize;
-        for change in todo.iter().flat_map(|t| &t.changes) {
-            if in_part > 0 {
-                part.push(',');
+        let changes: Vec<&String> = todo.iter().flat_map(|t| &t.changes).collect();
+        for part in changes.chunks(APPLY_PART_CHANGES) {
+            let mut json = String::from("[");
+            for (i, change) in part.iter().enumerate() {
+                if i > 0 {
+                    json.push(',');
+                }
+                json.push_str(change);
             }
-            part.push_str(change);
-            in_part += 1;
-            if in_part == APPLY_PART_CHANGES {
-                part.push(']');
-                let results: Vec<String> = tx
-                    .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&part])
-                    .await?
-                    .get(0);
-                report.results.extend(results);
-                part = String::from("[");
-                in_part = 0;
-            }
-        }
-        if in_part > 0 {
-            part.push(']');
+            json.push(']');
             let results: Vec<String> = tx
-                .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&part])
+                .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&json])
                 .await?
                 .get(0);
             report.results.extend(results);

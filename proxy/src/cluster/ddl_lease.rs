@@ -54,7 +54,7 @@ pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, Lease
             message: "this node has no cluster to replicate DDL through".into(),
         });
     };
-    let timeout = Duration::from_millis(cluster.ddl_timeout_ms);
+    let timeout = node.config.ddl_timeout();
     let deadline = Instant::now() + timeout;
     let me = holder(node, session);
     // Sequences the DDL makes need the node's sequence id, which comes
@@ -191,13 +191,7 @@ pub async fn give_back(
     let Some(consensus) = node.consensus() else {
         return false;
     };
-    let timeout = node
-        .config
-        .cluster
-        .as_ref()
-        .map_or(Duration::from_secs(10), |c| {
-            Duration::from_millis(c.ddl_timeout_ms)
-        });
+    let timeout = node.config.ddl_timeout();
     let committed = match committed {
         Some(c) => c,
         None => match node.config.backends.iter().find(|b| b.name == backend) {
