@@ -174,6 +174,8 @@ DECLARE
     ops text[];
     keys jsonb[];
     imgs jsonb[];
+    textual text[];
+    val jsonb;
 BEGIN
     IF current_setting('chorus.applying', true) = 'on' THEN
         RETURN NULL;
@@ -184,6 +186,9 @@ BEGIN
         cols := TG_ARGV[0]::text[];
         only_inserts := TG_ARGV[1]::boolean;
         rel := TG_ARGV[2];
+        IF TG_NARGS >= 4 THEN
+            textual := TG_ARGV[3]::text[];
+        END IF;
     ELSE
         rel := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
         SELECT t.pk_columns, t.insert_only INTO cols, only_inserts
@@ -221,6 +226,21 @@ BEGIN
     END IF;
     IF TG_OP <> 'DELETE' THEN
         new_img := to_jsonb(NEW);
+    END IF;
+    -- to_jsonb renders a type with a cast to json (hstore, …) as JSON,
+    -- which its own input function cannot read back: those columns carry
+    -- their text form (see chorus.adopt).
+    IF cardinality(textual) > 0 THEN
+        FOREACH col IN ARRAY textual LOOP
+            IF old_img IS NOT NULL THEN
+                EXECUTE format('SELECT to_jsonb(($1).%I::text)', col) USING OLD INTO val;
+                old_img := jsonb_set(old_img, ARRAY[col], coalesce(val, 'null'::jsonb));
+            END IF;
+            IF new_img IS NOT NULL THEN
+                EXECUTE format('SELECT to_jsonb(($1).%I::text)', col) USING NEW INTO val;
+                new_img := jsonb_set(new_img, ARRAY[col], coalesce(val, 'null'::jsonb));
+            END IF;
+        END LOOP;
     END IF;
     -- The keys, built here rather than with chorus.key_of (same value: a
     -- jsonb object does not depend on the order its keys were added in).
@@ -306,6 +326,7 @@ DECLARE
     leaf regclass;
     gone regclass;
     leaves regclass[];
+    textual text[];
 BEGIN
     IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
         rel := pg_partition_root(rel);
@@ -336,6 +357,16 @@ BEGIN
                        'SELECT %L, chorus.key_of(to_jsonb(t), %L), 0, 0, false FROM %s t '
                        'ON CONFLICT (tbl, pk) DO NOTHING', name, cols, rel);
     END IF;
+    -- Columns whose type (or array element type) has a cast to json or
+    -- jsonb, which to_jsonb would use: captured as text instead.
+    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO textual
+      FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+       AND t.oid NOT IN ('json'::regtype, 'jsonb'::regtype)
+       AND EXISTS (SELECT 1 FROM pg_cast c
+                    WHERE c.castsource IN (t.oid, t.typelem, t.typbasetype)
+                      AND c.castsource NOT IN (0, 'json'::regtype, 'jsonb'::regtype)
+                      AND c.casttarget IN ('json'::regtype, 'jsonb'::regtype));
     IF kind = 'p' THEN
         SELECT coalesce(array_agg(t.relid), '{}') INTO leaves
           FROM pg_partition_tree(rel) t WHERE t.isleaf;
@@ -347,8 +378,9 @@ BEGIN
             EXECUTE format('DROP TRIGGER chorus_capture ON %s', leaf);
         END IF;
         EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                       'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L)',
-                       leaf, coalesce(cols, '{}')::text, (insert_only OR cols IS NULL)::text, name);
+                       'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L, %L)',
+                       leaf, coalesce(cols, '{}')::text, (insert_only OR cols IS NULL)::text, name,
+                       textual::text);
     END LOOP;
     -- Former partitions still recording under this name replicate as
     -- tables of their own now.
@@ -716,6 +748,13 @@ BEGIN
     IF current_setting('chorus.in_ddl_trigger', true) = 'on' THEN
         RETURN;
     END IF;
+    -- The commands of an extension's script come with its CREATE or ALTER
+    -- EXTENSION (see chorus.note_extension), which ends here.
+    IF tg_tag IN ('CREATE EXTENSION', 'ALTER EXTENSION') THEN
+        PERFORM set_config('chorus.in_extension', '', true);
+    ELSIF coalesce(current_setting('chorus.in_extension', true), '') = 'on' THEN
+        RETURN;
+    END IF;
     replicate := coalesce(current_setting('chorus.applying', true), '') <> 'on'
              AND coalesce(current_setting('chorus.ddl_scope', true), '') <> 'local'
              AND coalesce(current_setting('chorus.origin', true), '') <> '';
@@ -855,3 +894,19 @@ $$;
 
 DROP EVENT TRIGGER IF EXISTS chorus_ddl;
 CREATE EVENT TRIGGER chorus_ddl ON ddl_command_end EXECUTE FUNCTION chorus.capture_ddl();
+
+-- An extension's script runs DDL of its own (some of it, such as DROP,
+-- without a command record that says it is the extension's): from the
+-- start of CREATE or ALTER EXTENSION to its end, chorus.capture_ddl leaves
+-- it to the extension statement.
+CREATE OR REPLACE FUNCTION chorus.note_extension() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('chorus.in_extension', 'on', true);
+END
+$$;
+
+DROP EVENT TRIGGER IF EXISTS chorus_extension;
+CREATE EVENT TRIGGER chorus_extension ON ddl_command_start
+    WHEN TAG IN ('CREATE EXTENSION', 'ALTER EXTENSION')
+    EXECUTE FUNCTION chorus.note_extension();

@@ -1043,3 +1043,35 @@ async fn a_transaction_longer_than_the_lease_keeps_it_until_it_ends() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_extension_replicates_with_the_objects_its_script_makes() {
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    // psycopg 3 style: the extended protocol.
+    one.execute("CREATE EXTENSION IF NOT EXISTS hstore", &[])
+        .await
+        .unwrap();
+    one.batch_execute(
+        "CREATE TABLE props (id int PRIMARY KEY, p hstore);
+         INSERT INTO props VALUES (1, 'a=>1, b=>2')",
+    )
+    .await
+    .unwrap();
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT (p -> 'b') FROM props WHERE id = 1", |v| v == "2")
+            .await;
+    }
+    one.batch_execute("DROP EXTENSION hstore CASCADE")
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT (NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'hstore'))::text",
+            |v| v == "true",
+        )
+        .await;
+    }
+    assert_eq!(c.schema(2), c.schema(1));
+}

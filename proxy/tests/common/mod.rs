@@ -350,24 +350,44 @@ pub fn run_pg_program(
     wait_with_limit(child, limit)
 }
 
-/// Wait for a child, killing it after `limit`.
+/// Wait for a child, killing it after `limit`. Its output is read while
+/// it runs (a child that fills a pipe would otherwise never finish).
 pub fn wait_with_limit(mut child: std::process::Child, limit: Duration) -> Output {
+    use std::io::Read;
+    fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = std::time::Instant::now() + limit;
-    loop {
+    let (status, killed) = loop {
         match child.try_wait().unwrap() {
-            Some(_) => return child.wait_with_output().unwrap(),
+            Some(status) => break (status, false),
             None if std::time::Instant::now() >= deadline => {
                 let _ = child.kill();
-                let output = child.wait_with_output().unwrap();
-                panic!(
-                    "program ran longer than {limit:?}\nstdout: {}\nstderr: {}",
-                    String::from_utf8_lossy(&output.stdout),
-                    String::from_utf8_lossy(&output.stderr)
-                );
+                break (child.wait().unwrap(), true);
             }
             None => std::thread::sleep(Duration::from_millis(20)),
         }
-    }
+    };
+    let output = Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    assert!(
+        !killed,
+        "program ran longer than {limit:?}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }
 
 /// psql and pgbench: next to initdb, or on PATH.
