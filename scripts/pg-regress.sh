@@ -47,9 +47,12 @@ chmod 777 "$OUT"
     --schedule=parallel_schedule --host=127.0.0.1 --port="$PORT" --user=postgres \
     --use-existing --dbname=regression --outputdir="$OUT" --max-concurrent-tests=20 ) \
     > "$WORK/regress.log" 2>&1 || true
-grep -E '^(ok|not ok) ' "$WORK/regress.log" > "$WORK/results" || true
-echo "pg_regress through node 1: $(grep -c '^ok ' "$WORK/results") of $(wc -l < "$WORK/results") tests pass"
-grep '^not ok ' "$WORK/results" | sed 's/^/  /' || true
+# One line a test: "name ... ok" or "... FAILED" (PostgreSQL 15), or TAP
+# "ok N - name" / "not ok N - name" (16 and later).
+grep -E '\.\.\. (ok|FAILED|failed)|^(ok|not ok) [0-9]' "$WORK/regress.log" > "$WORK/results" || true
+passed=$(grep -cE '\.\.\. ok|^ok [0-9]' "$WORK/results" || true)
+echo "pg_regress through node 1: $passed of $(wc -l < "$WORK/results") tests pass"
+grep -vE '\.\.\. ok|^ok [0-9]' "$WORK/results" | sed 's/^/  /' || true
 [ -n "${KEEP_DIFFS:-}" ] && cp "$OUT/regression.diffs" "$KEEP_DIFFS" 2>/dev/null || true
 
 # Every backend, once replication has settled: the same schema and rows.

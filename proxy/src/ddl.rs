@@ -161,30 +161,6 @@ impl DdlProgress {
         u64::try_from(row.get::<_, i64>(0)).ok()
     }
 
-    /// Make the home backend flush its WAL with a committed transaction (a
-    /// synchronous commit flushes everything before it). The validation's
-    /// rollback is written without a flush, and until the WAL writer flushes
-    /// it (up to `wal_writer_delay`, 200 ms by default) the replication
-    /// streams cannot read past it: waiting for them to reach the flush
-    /// position would wait that long.
-    async fn flush_home(&self, node: &Node) {
-        let Some(config) = node.config.replication.as_ref() else {
-            return;
-        };
-        let home = node.config.home_backend();
-        let mut peers = self.peers.lock().await;
-        if let Some(client) = peers.get(home, config, Duration::from_secs(1)).await {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                // A transaction that writes WAL commits synchronously (one
-                // that only took an xid would not flush). The message's
-                // prefix is not Chorus's, so the streams ignore it.
-                client.batch_execute("SELECT pg_logical_emit_message(true, 'chorus.flush', '')"),
-            )
-            .await;
-        }
-    }
-
     /// Wait until every backend applied `seq`, until `limit`; returns how
     /// many have. Unless `strict`, a backend that is unreachable or had not
     /// even applied the entry before `seq` when first asked (its node is
@@ -672,29 +648,10 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
     }
     let timeout = node.config.ddl_timeout();
     let deadline = Instant::now() + timeout;
-    // The DDL must not overtake this node's earlier changes on any
-    // backend (a row written before `ALTER TABLE … ADD PRIMARY KEY` must be
-    // applied before it everywhere, as on the origin): wait until every
-    // peer has everything the home backend has committed.
-    if let Some(progress) = &node.progress {
-        node.ddl.flush_home(node).await;
-        let (reached, ok) = progress.wait(CommitScope::All, timeout).await;
-        if !ok {
-            node.metrics.ddl_failed();
-            error(
-                out,
-                "40003",
-                &format!(
-                    "DDL waits until every backend has this node's earlier changes; {reached} of {} had them within {} ms",
-                    progress.backends(),
-                    timeout.as_millis()
-                ),
-                Some("A backend is down or far behind. Nothing was proposed; retry when it has caught up."),
-            );
-            return;
-        }
-    }
-    let waited_for_peers = deadline.saturating_duration_since(Instant::now());
+    // No wait for the peers to have this node's earlier changes: these
+    // statements act on cluster-wide objects or build an index
+    // concurrently, and their order among other DDL is the lease's (see
+    // cluster::ddl_lease), which every applier keeps (`DdlEntry::after`).
     let mut id = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
     let proposal = DdlProposal {
@@ -782,7 +739,6 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
     let (have, total) = node.ddl.wait_all(node, seq, limit, strict).await;
     tracing::debug!(
         seq,
-        earlier_changes_ms = (timeout - waited_for_peers).as_millis() as u64,
         applied_ms = applied_after.as_millis() as u64,
         everywhere_ms = started.elapsed().as_millis() as u64,
         "DDL done"
