@@ -440,8 +440,8 @@ async fn apply_entry(
 pub struct DdlJob {
     sql: String,
     sent: Instant,
-    /// Answers of the wrapper statements still to come (BEGIN's
-    /// CommandComplete, the SELECT's RowDescription, DataRow and
+    /// Answers of the wrapper statements still to come (BEGIN's and SET
+    /// LOCAL's CommandComplete, the SELECT's RowDescription, DataRow and
     /// CommandComplete).
     wrapper_left: u8,
     role: String,
@@ -469,7 +469,7 @@ impl DdlJob {
         DdlJob {
             sql: sql.to_owned(),
             sent: Instant::now(),
-            wrapper_left: 4,
+            wrapper_left: 5,
             role: String::new(),
             search_path: String::new(),
             sequence_kind: String::new(),
@@ -547,13 +547,16 @@ fn data_row_texts(body: &[u8]) -> Vec<Option<String>> {
 /// transaction that the second query rolls back (after an error the first
 /// query leaves the block aborted; after success the second only warns,
 /// which is swallowed), with the session's role and search_path read in it.
+/// Capture stays quiet in it (`chorus.applying`): a statement of this route
+/// that fires event triggers (ALTER SUBSCRIPTION) is not taken for DDL run
+/// out of Chorus's sight.
 pub fn validation_query(sql: &str) -> BytesMut {
     let mut out = BytesMut::with_capacity(sql.len() + 128);
     // The newline ends a trailing `--` comment of the client's text.
     protocol::query(
         &mut out,
         &format!(
-            "BEGIN; SELECT current_user, current_setting('search_path'), \
+            "BEGIN; SET LOCAL chorus.applying = 'on'; SELECT current_user, current_setting('search_path'), \
              current_setting('chorus.sequence_kind', true);\n{sql}\n"
         ),
     );

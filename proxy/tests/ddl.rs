@@ -1075,3 +1075,35 @@ async fn create_extension_replicates_with_the_objects_its_script_makes() {
     }
     assert_eq!(c.schema(2), c.schema(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_go_through_the_ddl_log_to_every_backend() {
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    for sql in [
+        "CREATE SUBSCRIPTION regress_sub CONNECTION 'dbname=regress_nowhere' PUBLICATION p \
+         WITH (connect = false)",
+        "ALTER SUBSCRIPTION regress_sub SET (slot_name = NONE)",
+    ] {
+        one.batch_execute(sql).await.unwrap();
+    }
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT count(*)::text FROM pg_subscription WHERE subname = 'regress_sub' AND subslotname IS NULL",
+            |v| v == "1",
+        )
+        .await;
+    }
+    one.batch_execute("DROP SUBSCRIPTION regress_sub")
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT count(*)::text FROM pg_subscription WHERE subname = 'regress_sub'",
+            |v| v == "0",
+        )
+        .await;
+    }
+}
