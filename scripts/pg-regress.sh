@@ -27,7 +27,7 @@ fi
 cargo build --release -q -p chorus-proxy
 WORK=$(mktemp -d /tmp/chorus-regress-XXXXXX)
 chmod 755 "$WORK"
-RUST_LOG=warn ./target/release/chorus demo --port "$PORT" --dir "$WORK/demo" --database regression \
+RUST_LOG=${RUST_LOG:-warn} ./target/release/chorus demo --port "$PORT" --dir "$WORK/demo" --database regression \
     > "$WORK/demo.out" 2> "$WORK/demo.err" &
 DEMO=$!
 trap 'kill -INT $DEMO 2>/dev/null || true; wait $DEMO 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -71,3 +71,4 @@ for b in 2 3; do
     else echo "backend $b: data differs from backend 1 ($(diff "$WORK/data1.sql" "$WORK/data$b.sql" | grep -c '^[<>]') lines)"; fi
 done
 [ -n "${KEEP_DUMPS:-}" ] && cp "$WORK"/schema*.sql "$WORK"/data*.sql "$KEEP_DUMPS" 2>/dev/null || true
+[ -n "${KEEP_LOG:-}" ] && cp "$WORK/demo.err" "$KEEP_LOG" 2>/dev/null || true
