@@ -85,10 +85,21 @@ impl PgOutputDecoder {
                 let Some(ddl) = capture::ddl_index(prefix) else {
                     return Ok(None);
                 };
-                let content = rest
+                let raw = rest
                     .get(4..)
-                    .and_then(|c| std::str::from_utf8(c).ok())
                     .ok_or_else(|| ReplicationError::Decoding("message content".into()))?;
+                // A change that is not UTF-8 text cannot be Chorus's own
+                // (capture writes jsonb text): skipped and logged, so that it
+                // does not stop the stream and every change after it.
+                let Ok(content) = std::str::from_utf8(raw) else {
+                    tracing::error!(
+                        lsn = crate::replication::format_lsn(be_u64(data, 2)?),
+                        prefix,
+                        bytes = raw.len(),
+                        "a change message is not UTF-8 text; skipped"
+                    );
+                    return Ok(None);
+                };
                 match self.open.as_mut() {
                     Some(txn) if transactional => {
                         txn.ddl = txn.ddl.max(ddl);
@@ -342,6 +353,15 @@ mod tests {
         assert_eq!(txn.end_lsn, 0x1_0000_0020);
         assert_eq!(format_lsn(txn.end_lsn), "1/20");
         assert_eq!(txn.commit_time, Some(946_684_801.0));
+        // A message that is not UTF-8 text is skipped; the rest goes on.
+        d.feed(&begin).unwrap();
+        let mut bad = message("chorus:1", "x");
+        let last = bad.len() - 1;
+        bad[last] = 0xff;
+        assert!(d.feed(&bad).unwrap().is_none());
+        d.feed(&message("chorus:1", "{\"b\":2}")).unwrap();
+        let kept = d.feed(&commit).unwrap().unwrap();
+        assert_eq!(kept.changes, vec!["{\"b\":2}"]);
         // A commit without a begin, or a truncated one, is an error.
         assert!(d.feed(&commit).is_err());
         assert!(d.feed(&[b'C', 0, 1]).is_err());
