@@ -496,7 +496,6 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
     let home = node.config.home_backend();
     let origin = connect_backend(home, config).await?;
     capture::install(&origin, node.config.node.id).await?;
-    node.schema_installed();
     let slots: Vec<(String, String)> = node
         .config
         .backends
@@ -504,6 +503,17 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
         .filter(|b| b.name != home.name)
         .map(|b| (b.name.clone(), slot_name(node.config.node.id, &b.name)))
         .collect();
+    // Sessions are admitted once the schema is ready; a change committed
+    // before its stream's slot exists would never reach that peer, so the
+    // slots come first.
+    for (_, slot) in &slots {
+        let stream = ReplicationStream {
+            slot: slot.clone(),
+            ..ReplicationStream::new(node.config.node.id, 0)
+        };
+        stream.ensure_slot(&origin).await?;
+    }
+    node.schema_installed();
     // Commits waiting for a scope ask for the home backend's flush position.
     let mut flush_requests = match &node.progress {
         Some(progress) => Some(progress.flush_requests_rx.lock().await),

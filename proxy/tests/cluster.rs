@@ -53,6 +53,17 @@ async fn cluster_with(
         .try_init();
     let dir = tempfile::tempdir().unwrap();
     let backends = common::backends(dir.path(), n);
+    cluster_on(dir, backends, node_extra, replication_extra).await
+}
+
+/// Chorus nodes, one per backend, on backends already running in `dir`.
+async fn cluster_on(
+    dir: tempfile::TempDir,
+    backends: Vec<chorus_proxy::localpg::LocalPostgres>,
+    node_extra: impl Fn(usize) -> String,
+    replication_extra: &str,
+) -> Cluster {
+    let n = backends.len();
     let mut backend_toml = String::new();
     for (i, pg) in backends.iter().enumerate() {
         backend_toml.push_str(&format!(
@@ -463,6 +474,79 @@ fn unix_ms_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_is_admitted_only_once_its_backends_streams_exist() {
+    // A change committed before the slot of its stream exists would never
+    // reach that peer. Creating a logical slot waits for the transactions
+    // running on the backend, so one held open on backend 1 keeps node 1's
+    // slots from being made: node 1 must refuse sessions meanwhile, as a
+    // PostgreSQL that is starting up does.
+    let dir = tempfile::tempdir().unwrap();
+    let backends = common::backends(dir.path(), 2);
+    let blocker = common::connect(&backends[0].conninfo("postgres"))
+        .await
+        .unwrap();
+    blocker
+        .batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    let c = cluster_on(
+        dir,
+        backends,
+        |_| "backend_connect_timeout_ms = 1000".to_string(),
+        "",
+    )
+    .await;
+    let refused = common::connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        c.nodes[0].port()
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(
+        common::sqlstate(&refused).as_deref(),
+        Some("57P03"),
+        "{refused:?}"
+    );
+    blocker.batch_execute("COMMIT").await.unwrap();
+    // Once the slot exists, sessions are admitted and the first write
+    // reaches the peer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let client = loop {
+        match common::connect(&format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            c.nodes[0].port()
+        ))
+        .await
+        {
+            Ok(client) => break client,
+            Err(e)
+                if Instant::now() < deadline
+                    && common::sqlstate(&e).as_deref() == Some("57P03") => {}
+            Err(e) => panic!("node 1 never admitted a session: {e:?}"),
+        }
+    };
+    let slots: Vec<String> = c
+        .direct(1)
+        .await
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, ["chorus_1_to_pg2"]);
+    client
+        .batch_execute("CREATE TABLE first (id int PRIMARY KEY); INSERT INTO first VALUES (1)")
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT count(*)::text FROM first", "1")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
