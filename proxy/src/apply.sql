@@ -500,6 +500,24 @@ BEGIN
 END
 $$;
 
+-- Run a replicated statement as `role`, in this transaction: inside a
+-- SECURITY DEFINER function owned by that role (made for it here and
+-- dropped at once; no other session can see it). The statement has
+-- exactly the role's privileges, and PostgreSQL refuses SET ROLE, RESET
+-- ROLE and SET SESSION AUTHORIZATION in any function it calls, so it
+-- cannot reach the applying session's superuser (as it could behind SET
+-- LOCAL ROLE, with RESET ROLE).
+CREATE OR REPLACE FUNCTION chorus.run_as(role text, statement text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    CREATE FUNCTION pg_temp.chorus_replay(statement text) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER AS 'BEGIN EXECUTE statement; END';
+    EXECUTE format('ALTER FUNCTION pg_temp.chorus_replay(text) OWNER TO %I', role);
+    PERFORM pg_temp.chorus_replay(statement);
+    DROP FUNCTION pg_temp.chorus_replay(text);
+END
+$$;
+
 -- Apply one DDL statement that travelled in its origin transaction's
 -- change stream (see chorus.capture_ddl), as the role that ran it there,
 -- with its search_path; sequences it makes become global with this
@@ -522,9 +540,7 @@ BEGIN
             set_config('chorus.sequence_kind', coalesce(change ->> 'sequence_kind', 'snowflake'), true),
             set_config('chorus.sequence_block', coalesce(change ->> 'sequence_block', '1000000'), true);
     BEGIN
-        EXECUTE format('SET LOCAL ROLE %I', change ->> 'role');
-        EXECUTE change ->> 'ddl';
-        RESET ROLE;
+        PERFORM chorus.run_as(change ->> 'role', change ->> 'ddl');
     EXCEPTION WHEN OTHERS THEN
         failure := SQLSTATE || ': ' || SQLERRM;
     END;

@@ -18,6 +18,8 @@ use tokio_postgres::Client;
 pub const SCHEMA_SQL: &str = include_str!("capture.sql");
 /// The functions that apply changes from other nodes.
 pub const APPLY_SQL: &str = include_str!("apply.sql");
+/// What application roles may use of the schema (see `docs/security.md`).
+pub const PRIVILEGES_SQL: &str = include_str!("privileges.sql");
 
 /// The prefix of Chorus's logical messages.
 pub const MESSAGE_PREFIX: &str = "chorus";
@@ -27,11 +29,26 @@ pub const MESSAGE_PREFIX: &str = "chorus";
 pub enum CaptureError {
     #[error("{0}")]
     Sql(#[from] tokio_postgres::Error),
+    #[error(
+        "role {0:?} is not a superuser on this backend: Chorus's role (replication.user) needs \
+         superuser to install its event triggers, publication and privileges and to apply \
+         changes to every table (see docs/security.md)"
+    )]
+    NotSuperuser(String),
 }
 
 /// Install (or upgrade in place) the `chorus` schema on a backend and record
 /// which node it belongs to. Safe to run concurrently and repeatedly.
 pub async fn install(client: &Client, node_id: u16) -> Result<(), CaptureError> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, current_setting('is_superuser') = 'on'",
+            &[],
+        )
+        .await?;
+    if !row.get::<_, bool>(1) {
+        return Err(CaptureError::NotSuperuser(row.get(0)));
+    }
     client
         .batch_execute(&format!(
             "BEGIN;\n\
@@ -39,6 +56,7 @@ pub async fn install(client: &Client, node_id: u16) -> Result<(), CaptureError> 
              SET LOCAL chorus.ddl_scope = 'local';\n\
              {SCHEMA_SQL}\n\
              {APPLY_SQL}\n\
+             {PRIVILEGES_SQL}\n\
              INSERT INTO chorus.local (node_id) VALUES ({node_id})\n\
                  ON CONFLICT (singleton) DO UPDATE SET node_id = excluded.node_id;\n\
              COMMIT;"
@@ -92,6 +110,67 @@ pub struct ChangeRecord {
     pub prev: Option<i64>,
     /// The node the write came through (or the backend's own node id).
     pub origin: i32,
+}
+
+/// Why a change message is not one of Chorus's records: the label of
+/// `chorus_replication_rejected_total`.
+pub type Rejection = &'static str;
+
+/// Check that a change message's content is a record capture writes: a
+/// row change (table, op, key, row, version, prev, origin, with the row
+/// image an operation needs) or a DDL record (ddl, seq, origin, role,
+/// search_path). Returns the row change's version (`None` for DDL). Only
+/// the fields are read; the images stay unparsed (see [`ChangeRecord`]).
+/// A message that is neither would fail every apply and hold up its
+/// stream: the stream skips it instead.
+pub fn check_record(content: &str) -> Result<Option<i64>, Rejection> {
+    use std::borrow::Cow;
+    #[derive(Deserialize)]
+    struct Fields<'a> {
+        #[serde(borrow, default)]
+        table: Option<Cow<'a, str>>,
+        #[serde(default)]
+        op: Option<Operation>,
+        #[serde(borrow, default)]
+        key: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        row: Option<&'a RawValue>,
+        #[serde(default)]
+        version: Option<i64>,
+        #[serde(default)]
+        origin: Option<i32>,
+        #[serde(borrow, default)]
+        ddl: Option<Cow<'a, str>>,
+        #[serde(default)]
+        seq: Option<i64>,
+        #[serde(borrow, default)]
+        role: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        search_path: Option<Cow<'a, str>>,
+    }
+    let fields: Fields = serde_json::from_str(content).map_err(|_| "not_json")?;
+    let object = |v: Option<&RawValue>| v.is_some_and(|v| v.get().starts_with('{'));
+    let record = match (&fields.ddl, fields.op) {
+        (Some(_), None) => {
+            fields.seq.is_some()
+                && fields.origin.is_some()
+                && fields.role.is_some()
+                && fields.search_path.is_some()
+        }
+        (None, Some(op)) => {
+            fields.table.is_some()
+                && fields.version.is_some()
+                && fields.origin.is_some()
+                && (op == Operation::Delete || object(fields.row))
+                && (fields.key.is_none() || object(fields.key))
+                && (op == Operation::Insert || fields.key.is_some())
+        }
+        _ => false,
+    };
+    if !record {
+        return Err("not_a_record");
+    }
+    Ok(fields.version.filter(|_| fields.ddl.is_none()))
 }
 
 /// Why a decoded line is not a change record.

@@ -126,6 +126,26 @@ LANGUAGE sql VOLATILE AS $$
     SELECT (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint - 1704067200000) << 22
 $$;
 
+-- Whether this session is Chorus's own (or another superuser's): only
+-- such a session may quiet capture with `chorus.applying` (the apply of
+-- remote changes). An application role that sets it is captured as usual.
+-- `is_superuser` is PostgreSQL's own (no role can set it) and follows SET
+-- ROLE, not SECURITY DEFINER: the replay of a role's DDL (inside a
+-- function owned by that role, see chorus.apply_stream_ddl) stays trusted.
+CREATE OR REPLACE FUNCTION chorus.trusted_session() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT pg_catalog.current_setting('is_superuser') OPERATOR(pg_catalog.=) 'on'
+$$;
+
+-- The role a statement runs as, read inside a SECURITY DEFINER function
+-- (where current_user is the function's owner): SET ROLE's role, else the
+-- session's.
+CREATE OR REPLACE FUNCTION chorus.invoker() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN current_setting('role') = 'none' THEN session_user::text
+                ELSE current_setting('role') END
+$$;
+
 -- The primary key of a row image, as a JSON object; NULL without a key.
 CREATE OR REPLACE FUNCTION chorus.key_of(img jsonb, cols text[]) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
@@ -152,8 +172,16 @@ DROP FUNCTION IF EXISTS chorus.record(text, text, jsonb, jsonb, bigint, integer)
 -- before each write (see proxy/src/stamp.rs); a write made directly on the
 -- backend falls back to this backend's clock and node id. Changes made by the apply of remote changes
 -- (`chorus.applying = on`) are not captured again.
+--
+-- It runs as the owner of the chorus schema (SECURITY DEFINER, with a
+-- pinned search_path): application roles write their tables through it
+-- without any privilege on chorus.* or on pg_logical_emit_message, which
+-- are not granted to them. What it runs of theirs: to_jsonb of their row,
+-- whose only user code could be a cast to json or jsonb (refused, see
+-- chorus.handle_ddl), and their types' output functions (C, made by a
+-- superuser).
 CREATE OR REPLACE FUNCTION chorus.capture() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rel text;
     cols text[];
@@ -177,7 +205,8 @@ DECLARE
     textual text[];
     val jsonb;
 BEGIN
-    IF current_setting('chorus.applying', true) = 'on' THEN
+    -- (chorus.trusted_session, inlined: this runs for every applied row.)
+    IF current_setting('chorus.applying', true) = 'on' AND current_setting('is_superuser') = 'on' THEN
         RETURN NULL;
     END IF;
     -- chorus.adopt passes the key columns, the insert-only flag and the
@@ -188,6 +217,15 @@ BEGIN
         rel := TG_ARGV[2];
         IF TG_NARGS >= 4 THEN
             textual := TG_ARGV[3]::text[];
+        END IF;
+        -- The name changes are recorded under is this table's (or, for a
+        -- partition, its root's): no trigger can record changes of another.
+        IF rel <> format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)
+           AND rel IS DISTINCT FROM (SELECT format('%I.%I', n.nspname, c.relname)
+                                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                      WHERE c.oid = pg_partition_root(TG_RELID)) THEN
+            RAISE EXCEPTION 'trigger % on % records changes of another table (%)', TG_NAME, TG_RELID::regclass, rel
+                USING ERRCODE = '42501';
         END IF;
     ELSE
         rel := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
@@ -229,15 +267,19 @@ BEGIN
     END IF;
     -- to_jsonb renders a type with a cast to json (hstore, …) as JSON,
     -- which its own input function cannot read back: those columns carry
-    -- their text form (see chorus.adopt).
+    -- their text form (see chorus.adopt), from the type's output function
+    -- (format's %s: a cast to text could be a function of the type's
+    -- owner).
     IF cardinality(textual) > 0 THEN
         FOREACH col IN ARRAY textual LOOP
             IF old_img IS NOT NULL THEN
-                EXECUTE format('SELECT to_jsonb(($1).%I::text)', col) USING OLD INTO val;
+                EXECUTE format('SELECT to_jsonb(CASE WHEN ($1).%I IS NULL THEN NULL ELSE format(''%%s'', ($1).%I) END)', col, col)
+                    USING OLD INTO val;
                 old_img := jsonb_set(old_img, ARRAY[col], coalesce(val, 'null'::jsonb));
             END IF;
             IF new_img IS NOT NULL THEN
-                EXECUTE format('SELECT to_jsonb(($1).%I::text)', col) USING NEW INTO val;
+                EXECUTE format('SELECT to_jsonb(CASE WHEN ($1).%I IS NULL THEN NULL ELSE format(''%%s'', ($1).%I) END)', col, col)
+                    USING NEW INTO val;
                 new_img := jsonb_set(new_img, ARRAY[col], coalesce(val, 'null'::jsonb));
             END IF;
         END LOOP;
@@ -318,7 +360,7 @@ $$;
 -- (DETACH PARTITION) is adopted on its own.
 CREATE OR REPLACE FUNCTION chorus.adopt(rel regclass, insert_only boolean DEFAULT false)
 RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     name text;
     cols text[];
@@ -624,7 +666,7 @@ $$;
 -- peers make the table from it and get the rows as changes, so the query
 -- is never evaluated again elsewhere.
 CREATE OR REPLACE FUNCTION chorus.table_definition(rel regclass) RETURNS text
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT format('CREATE %sTABLE %I.%I (%s)',
                   CASE c.relpersistence WHEN 'u' THEN 'UNLOGGED ' ELSE '' END,
                   n.nspname, c.relname,
@@ -646,7 +688,7 @@ $$;
 CREATE OR REPLACE FUNCTION chorus.note_rewrite() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF coalesce(current_setting('chorus.applying', true), '') <> 'on'
+    IF NOT (coalesce(current_setting('chorus.applying', true), '') = 'on' AND chorus.trusted_session())
        AND coalesce(current_setting('chorus.ddl_scope', true), '') <> 'local'
        AND coalesce(current_setting('chorus.origin', true), '') <> '' THEN
         PERFORM set_config('chorus.rewritten',
@@ -664,7 +706,7 @@ CREATE EVENT TRIGGER chorus_rewrite ON table_rewrite EXECUTE FUNCTION chorus.not
 -- trigger bumps them, one message per row, set-based.
 CREATE OR REPLACE FUNCTION chorus.emit_rows(rel regclass, txn_hlc bigint, origin integer, prefix text)
 RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     root regclass := rel;
     name text;
@@ -726,9 +768,14 @@ $$;
 -- 4. The rows of a CREATE TABLE AS / SELECT INTO travel as changes after a
 --    plain CREATE TABLE (see chorus.table_definition), and the rows of a
 --    table the statement rewrote as updates (see chorus.note_rewrite).
-CREATE OR REPLACE FUNCTION chorus.capture_ddl() RETURNS event_trigger
-LANGUAGE plpgsql AS $$
+--
+-- It runs as the owner of the chorus schema, with a pinned search_path
+-- (chorus.capture_ddl passes the session's); the DDL's role is the one
+-- that ran it (chorus.invoker).
+CREATE OR REPLACE FUNCTION chorus.handle_ddl(tg_tag text, user_path text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    role_name text := chorus.invoker();
     cmd record;
     replicate boolean;
     lease bigint;
@@ -755,7 +802,21 @@ BEGIN
     ELSIF coalesce(current_setting('chorus.in_extension', true), '') = 'on' THEN
         RETURN;
     END IF;
-    replicate := coalesce(current_setting('chorus.applying', true), '') <> 'on'
+    -- A cast to json or jsonb is what to_jsonb runs of a type's owner
+    -- inside capture (which runs as the chorus schema's owner).
+    IF tg_tag = 'CREATE CAST'
+       AND NOT coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = role_name), false)
+       AND EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() d
+                     JOIN pg_cast c ON c.oid = d.objid
+                     LEFT JOIN pg_proc f ON f.oid = c.castfunc
+                     LEFT JOIN pg_language l ON l.oid = f.prolang
+                    WHERE c.casttarget IN ('json'::regtype, 'jsonb'::regtype)
+                      AND c.castfunc <> 0 AND l.lanname NOT IN ('c', 'internal')) THEN
+        RAISE EXCEPTION 'a cast to json or jsonb written in SQL or PL/pgSQL cannot be created under Chorus'
+            USING ERRCODE = '0A000',
+                  HINT = 'Chorus captures rows with to_jsonb, which would run the cast''s function with Chorus''s privileges; convert explicitly in queries instead, or ask a superuser to create the cast.';
+    END IF;
+    replicate := NOT (coalesce(current_setting('chorus.applying', true), '') = 'on' AND chorus.trusted_session())
              AND coalesce(current_setting('chorus.ddl_scope', true), '') <> 'local'
              AND coalesce(current_setting('chorus.origin', true), '') <> '';
     -- Only temporary objects and extension members: nothing to replicate
@@ -868,17 +929,19 @@ BEGIN
         statement := chorus.table_definition(made);
     END IF;
     INSERT INTO chorus.ddl_history AS h (seq, origin, search_path, role, command)
-    VALUES (lease, origin, current_setting('search_path'), current_user, statement)
+    VALUES (lease, origin, user_path, role_name, statement)
     ON CONFLICT (seq) DO UPDATE SET command = h.command || E';\n' || excluded.command;
     PERFORM pg_logical_emit_message(true, 'chorus:' || dep, jsonb_build_object(
-        'ddl', statement, 'seq', lease, 'origin', origin, 'search_path', current_setting('search_path'),
-        'role', current_user, 'sequence_kind', current_setting('chorus.sequence_kind', true),
+        'ddl', statement, 'seq', lease, 'origin', origin, 'search_path', user_path,
+        'role', role_name, 'sequence_kind', current_setting('chorus.sequence_kind', true),
         'sequence_block', current_setting('chorus.sequence_block', true))::text);
     -- Tables this statement rewrote: their rows as the origin computed them.
     IF coalesce(current_setting('chorus.rewritten', true), '') <> '' THEN
+        -- (Only tables the role may alter: the list is a setting.)
         PERFORM chorus.emit_rows(r::oid::regclass, txn_hlc, origin, 'chorus:' || dep)
            FROM unnest(string_to_array(current_setting('chorus.rewritten'), ',')) AS r
-          WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = r::oid);
+          WHERE EXISTS (SELECT 1 FROM pg_class c
+                         WHERE c.oid = r::oid AND pg_has_role(role_name, c.relowner, 'USAGE'));
         PERFORM set_config('chorus.rewritten', '', true);
     END IF;
     IF made IS NOT NULL THEN
@@ -889,6 +952,16 @@ BEGIN
                        '''version'', $3, ''prev'', NULL, ''origin'', $4)::text)) FROM %s t', made)
             USING 'chorus:' || dep, made_name, txn_hlc, origin;
     END IF;
+END
+$$;
+
+-- The event trigger's function: as the chorus schema's owner, it hands
+-- the statement's tag and the session's search_path to chorus.handle_ddl
+-- (only qualified names here: the session's path is still in force).
+CREATE OR REPLACE FUNCTION chorus.capture_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    PERFORM chorus.handle_ddl(tg_tag, pg_catalog.current_setting('search_path'));
 END
 $$;
 

@@ -29,6 +29,42 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Fill `value` from `file` (its content without the final line break) or
+/// from the environment variable `env`; at most one source may be given.
+fn resolve_secret(
+    what: &str,
+    value: &mut Option<String>,
+    file: Option<&Path>,
+    env: Option<&str>,
+    base: Option<&Path>,
+) -> Result<(), ConfigError> {
+    let given =
+        usize::from(value.is_some()) + usize::from(file.is_some()) + usize::from(env.is_some());
+    if given > 1 {
+        return Err(ConfigError::Invalid(format!(
+            "{what}: give it inline, as a file (_file) or as an environment variable (_env), not several"
+        )));
+    }
+    if let Some(file) = file {
+        let path = match base {
+            Some(base) if file.is_relative() => base.join(file),
+            _ => file.to_owned(),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigError::Invalid(format!("{what}: cannot read {}: {e}", path.display()))
+        })?;
+        let text = text.strip_suffix('\n').unwrap_or(&text);
+        let text = text.strip_suffix('\r').unwrap_or(text);
+        *value = Some(text.to_owned());
+    }
+    if let Some(env) = env {
+        *value = Some(std::env::var(env).map_err(|_| {
+            ConfigError::Invalid(format!("{what}: the environment variable {env} is not set"))
+        })?);
+    }
+    Ok(())
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,8 +100,14 @@ pub struct ClusterConfig {
     /// Where this node's Raft RPC listens.
     pub raft_listen: SocketAddr,
     /// The secret every node of the cluster shares; Raft connections from
-    /// anyone without it are refused.
+    /// anyone without it are refused. Or from a file (`secret_file`) or an
+    /// environment variable (`secret_env`): exactly one of the three.
+    #[serde(default)]
     pub secret: String,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub secret_env: Option<String>,
     /// Where the Raft log and snapshots are kept.
     pub data_dir: PathBuf,
     /// The voters a new cluster starts with, the same list on every node.
@@ -212,9 +254,14 @@ pub struct ReplicationConfig {
     /// replication slots). Default "postgres".
     #[serde(default = "default_replication_user")]
     pub user: String,
-    /// Its password, if the backends ask for one.
+    /// Its password, if the backends ask for one; or from a file
+    /// (`password_file`) or an environment variable (`password_env`).
     #[serde(default)]
     pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
     /// The database that replicates. Default "postgres".
     #[serde(default = "default_replication_database")]
     pub database: String,
@@ -255,6 +302,8 @@ impl Default for ReplicationConfig {
         ReplicationConfig {
             user: default_replication_user(),
             password: None,
+            password_file: None,
+            password_env: None,
             database: default_replication_database(),
             local_databases: Vec::new(),
             poll_interval_ms: default_poll_interval(),
@@ -433,9 +482,14 @@ impl BackendConfig {
 pub struct UserConfig {
     pub name: String,
     /// Plaintext password: checked for md5 and SCRAM logins to the proxy and
-    /// used for the proxy's own login to the backends as this user.
+    /// used for the proxy's own login to the backends as this user. Or from
+    /// a file (`password_file`) or an environment variable (`password_env`).
     #[serde(default)]
     pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
 }
 
 /// TLS certificate and key (PEM files).
@@ -544,22 +598,60 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
+        config.resolve_secrets(path.parent())?;
         config.validate()?;
         Ok(config)
     }
 
     /// Parse from a string (tests and generated configs).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: PathBuf::from("<string>"),
             source: Box::new(source),
         })?;
+        config.resolve_secrets(None)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Read the passwords and the cluster secret given as `*_file` (a
+    /// relative path is taken from `base`, the configuration file's
+    /// directory) or `*_env`. The error names the setting, never the value.
+    fn resolve_secrets(&mut self, base: Option<&Path>) -> Result<(), ConfigError> {
+        if let Some(cluster) = &mut self.cluster {
+            let mut secret = Some(std::mem::take(&mut cluster.secret)).filter(|s| !s.is_empty());
+            resolve_secret(
+                "cluster.secret",
+                &mut secret,
+                cluster.secret_file.as_deref(),
+                cluster.secret_env.as_deref(),
+                base,
+            )?;
+            cluster.secret = secret.unwrap_or_default();
+        }
+        if let Some(replication) = &mut self.replication {
+            resolve_secret(
+                "replication.password",
+                &mut replication.password,
+                replication.password_file.as_deref(),
+                replication.password_env.as_deref(),
+                base,
+            )?;
+        }
+        for user in &mut self.users {
+            resolve_secret(
+                &format!("users.{}.password", user.name),
+                &mut user.password,
+                user.password_file.as_deref(),
+                user.password_env.as_deref(),
+                base,
+            )?;
+        }
+        Ok(())
     }
 
     /// Check what serde cannot.
@@ -697,6 +789,54 @@ mod tests {
         assert_eq!(config.home_backend().port, 5432);
         assert_eq!(config.auth.len(), 1);
         assert_eq!(config.auth[0].method, AuthMethod::ScramSha256);
+    }
+
+    #[test]
+    fn secrets_come_inline_from_a_file_or_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "from-file\n").unwrap();
+        std::fs::write(dir.path().join("pw"), "user-pw\r\n").unwrap();
+        // A variable no other test sets.
+        std::env::set_var("CHORUS_TEST_REPLICATION_PASSWORD", "from-env");
+        let path = dir.path().join("chorus.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[node]\n[[backends]]\nname = \"a\"\n\
+                 [[users]]\nname = \"app\"\npassword_file = \"pw\"\n\
+                 [replication]\npassword_env = \"CHORUS_TEST_REPLICATION_PASSWORD\"\n\
+                 [cluster]\nraft_listen = \"127.0.0.1:1\"\nsecret_file = \"secret\"\ndata_dir = \"{}\"\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.cluster.unwrap().secret, "from-file");
+        assert_eq!(
+            config.replication.unwrap().password.as_deref(),
+            Some("from-env")
+        );
+        assert_eq!(config.users[0].password.as_deref(), Some("user-pw"));
+        // Two sources, a missing file, an unset variable: errors that name
+        // the setting.
+        let base = "[node]\n[[backends]]\nname = \"a\"\n[[users]]\nname = \"app\"\n";
+        let two = Config::from_toml(&format!(
+            "{base}password = \"x\"\npassword_env = \"HOME\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(two.contains("users.app.password"), "{two}");
+        let unset = Config::from_toml(&format!("{base}password_env = \"CHORUS_TEST_NEVER_SET\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            unset.contains("CHORUS_TEST_NEVER_SET is not set"),
+            "{unset}"
+        );
+        let missing = Config::from_toml(&format!("{base}password_file = \"/nonexistent/pw\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("cannot read /nonexistent/pw"), "{missing}");
     }
 
     #[test]

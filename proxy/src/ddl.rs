@@ -369,18 +369,13 @@ async fn apply_entry(
                 &[&p.search_path, &sequence_id, &kind, &block],
             )
             .await?;
-        let ran = match client
-            .batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(&p.role)))
-            .await
-        {
-            Ok(()) => client.batch_execute(&p.sql).await,
-            Err(e) => Err(e),
-        };
+        // As the role, without a way back to this superuser session (see
+        // chorus.run_as).
+        let ran = client
+            .execute("SELECT chorus.run_as($1, $2)", &[&p.role, &p.sql])
+            .await;
         match ran {
-            Ok(()) => {
-                client.batch_execute("RESET ROLE").await?;
-                None
-            }
+            Ok(_) => None,
             Err(e) => {
                 let failure = db_error(e)?;
                 client
@@ -547,16 +542,17 @@ fn data_row_texts(body: &[u8]) -> Vec<Option<String>> {
 /// transaction that the second query rolls back (after an error the first
 /// query leaves the block aborted; after success the second only warns,
 /// which is swallowed), with the session's role and search_path read in it.
-/// Capture stays quiet in it (`chorus.applying`): a statement of this route
-/// that fires event triggers (ALTER SUBSCRIPTION) is not taken for DDL run
-/// out of Chorus's sight.
+/// Capture stays quiet in it (`chorus.ddl_scope = 'local'`, which any role
+/// may set, unlike `chorus.applying`): a statement of this route that fires
+/// event triggers (ALTER SUBSCRIPTION, ALTER SEQUENCE) is not taken for DDL
+/// run out of Chorus's sight.
 pub fn validation_query(sql: &str) -> BytesMut {
     let mut out = BytesMut::with_capacity(sql.len() + 128);
     // The newline ends a trailing `--` comment of the client's text.
     protocol::query(
         &mut out,
         &format!(
-            "BEGIN; SET LOCAL chorus.applying = 'on'; SELECT current_user, current_setting('search_path'), \
+            "BEGIN; SET LOCAL chorus.ddl_scope = 'local'; SELECT current_user, current_setting('search_path'), \
              current_setting('chorus.sequence_kind', true);\n{sql}\n"
         ),
     );

@@ -116,10 +116,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             users: vec![UserConfig {
                 name: DEMO_USER.to_owned(),
                 password: None,
+                password_file: None,
+                password_env: None,
             }],
             replication: (!options.proxy_only).then(|| ReplicationConfig {
                 user: DEMO_USER.to_owned(),
                 password: None,
+                password_file: None,
+                password_env: None,
                 database: options.database.clone(),
                 poll_interval_ms: 50,
                 ..ReplicationConfig::default()
@@ -127,6 +131,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             cluster: (!options.proxy_only).then(|| ClusterConfig {
                 raft_listen: ([127, 0, 0, 1], raft_port(i)).into(),
                 secret: secret.clone(),
+                secret_file: None,
+                secret_env: None,
                 data_dir: base.join(format!("raft{i}")),
                 members: members.clone(),
                 heartbeat_ms: 100,

@@ -19,6 +19,7 @@
 //! | `chorus_replication_lag_bytes` | gauge | `peer` | WAL on the home backend not yet applied on the peer |
 //! | `chorus_replication_lag_seconds` | gauge | `peer` | age of the oldest origin commit not yet applied on the peer (0 when caught up) |
 //! | `chorus_replication_delay_seconds` | histogram | `peer` | per transaction, origin commit to its apply on the peer |
+//! | `chorus_replication_rejected_total` | counter | `origin`, `reason` | change messages skipped because they are not Chorus's records (`not_utf8`, `not_json`, `not_a_record`) |
 //! | `chorus_hlc_skew_milliseconds` | gauge | | how far the last remote clock observed was ahead of ours (negative: behind) |
 //! | `chorus_hlc_skew_refused_total` | counter | | remote clocks ahead by more than `max_clock_skew_ms`, logged and not followed |
 //! | `chorus_ddl_index` | gauge | `backend` | DDL log entries applied on the backend (this node's home backend) |
@@ -321,6 +322,23 @@ impl Metrics {
     /// Count a DDL statement that could not be committed.
     pub fn ddl_failed(&self) {
         self.ddl_failed.increment(1);
+    }
+
+    /// Count a change message from `origin` that is not one of Chorus's
+    /// records (skipped: see `capture::check_record`).
+    pub fn rejected(&self, origin: &str, reason: &'static str) {
+        self.recorder
+            .register_counter(
+                &Key::from_parts(
+                    "chorus_replication_rejected_total",
+                    vec![
+                        Label::new("origin", origin.to_owned()),
+                        Label::new("reason", reason),
+                    ],
+                ),
+                &METADATA,
+            )
+            .increment(1);
     }
 
     /// Values a global sequence of the home backend has left in its

@@ -81,6 +81,8 @@ pub struct DecodedTransaction {
     /// It carries DDL: applied at once, without gathering more (its
     /// origin's session waits for the peers to have it).
     pub has_ddl: bool,
+    /// The highest row version among its changes (0 without any).
+    pub max_version: i64,
 }
 
 /// The Unix time now, in seconds.
@@ -90,15 +92,11 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// The highest `version` among change payloads (0 without any).
-fn max_version<'a>(changes: impl IntoIterator<Item = &'a String>) -> i64 {
-    #[derive(serde::Deserialize)]
-    struct Versioned {
-        version: Option<i64>,
-    }
-    changes
+/// The highest row version of these transactions (0 without any).
+fn max_version<'a>(transactions: impl IntoIterator<Item = &'a DecodedTransaction>) -> i64 {
+    transactions
         .into_iter()
-        .filter_map(|c| serde_json::from_str::<Versioned>(c).ok()?.version)
+        .map(|t| t.max_version)
         .max()
         .unwrap_or(0)
 }
@@ -237,7 +235,7 @@ impl ReplicationStream {
                 .get(0);
             report.results.extend(results);
         }
-        let newest_version = max_version(todo.iter().flat_map(|t| &t.changes));
+        let newest_version = max_version(todo.iter().copied());
         tx.execute(
             "SELECT chorus.apply_end($1, $2::text::pg_lsn, $3)",
             &[
@@ -339,7 +337,7 @@ impl ReplicationStream {
         if let Some(oldest) = commit_times.first() {
             report.lag_seconds = (unix_now() - oldest).max(0.0);
         }
-        let newest_version = max_version(transactions.iter().flat_map(|t| &t.changes));
+        let newest_version = max_version(transactions);
         // One statement, so one round trip and its own transaction: the
         // peer skips what it already has, applies the rest and records the
         // position (see chorus.apply_transactions).
@@ -702,6 +700,9 @@ async fn run_stream(
     let mut gather_start: Option<tokio::time::Instant> = None;
     // Applies that failed in a row.
     let mut failures = 0u32;
+    // Since when the pending changes wait for DDL, and the last warning.
+    let mut ddl_wait_since: Option<std::time::Instant> = None;
+    let mut last_stuck_warning: Option<std::time::Instant> = None;
     loop {
         let first = match &progress {
             Some(p) => tokio::select! {
@@ -726,7 +727,20 @@ async fn run_stream(
                 .ok_or_else(|| ReplicationError::Decoding("walsender reader ended".into()))??
             {
                 WalEvent::Data(data) => {
-                    if let Some(txn) = decoder.feed(&data)? {
+                    let txn = decoder.feed(&data)?;
+                    for r in decoder.take_rejected() {
+                        tracing::error!(
+                            origin = %origin.name,
+                            peer = %backend.name,
+                            lsn = %format_lsn(r.lsn),
+                            prefix = %r.prefix,
+                            bytes = r.bytes,
+                            reason = r.reason,
+                            "a change message is not one of Chorus's records; skipped"
+                        );
+                        node.metrics.rejected(&origin.name, r.reason);
+                    }
+                    if let Some(txn) = txn {
                         if txn.changes.is_empty() && pending.is_empty() {
                             confirmed = confirmed.max(txn.end_lsn);
                         } else {
@@ -822,6 +836,9 @@ async fn run_stream(
                         _ => None,
                     };
                     failures += 1;
+                    if let Some(m) = metrics {
+                        m.lag_seconds.set(oldest_pending_age(&pending));
+                    }
                     // A stream that keeps failing must not stall silently.
                     if failures >= 3 {
                         tracing::warn!(peer = %backend.name, failures, error = %e, detail = detail.unwrap_or_default(), "apply keeps failing; retrying");
@@ -834,9 +851,28 @@ async fn run_stream(
             }
         };
         let Some(report) = report else {
+            // Waiting for DDL the peer's node applies from the log: normal
+            // for a moment, but never silent for long.
+            let waiting = *ddl_wait_since.get_or_insert_with(std::time::Instant::now);
+            if waiting.elapsed() >= STUCK_WARNING
+                && last_stuck_warning.is_none_or(|w| w.elapsed() >= STUCK_WARNING)
+            {
+                last_stuck_warning = Some(std::time::Instant::now());
+                tracing::warn!(
+                    peer = %backend.name,
+                    needed_ddl = needed,
+                    peer_ddl,
+                    waiting_s = waiting.elapsed().as_secs(),
+                    "changes wait for DDL the peer does not have yet"
+                );
+            }
+            if let Some(m) = metrics {
+                m.lag_seconds.set(oldest_pending_age(&pending));
+            }
             tokio::time::sleep(DDL_WAIT_POLL).await;
             continue;
         };
+        ddl_wait_since = None;
         let last_end = pending[ready - 1].end_lsn;
         pending.drain(..ready);
         pending_changes = pending.iter().map(|t| t.changes.len()).sum();
@@ -871,6 +907,18 @@ async fn run_stream(
     }
 }
 
+/// How long a stream waits for DDL before it says so (and again as often).
+const STUCK_WARNING: Duration = Duration::from_secs(5);
+
+/// Seconds since the oldest of these transactions committed on its origin.
+fn oldest_pending_age(pending: &[DecodedTransaction]) -> f64 {
+    pending
+        .iter()
+        .filter_map(|t| t.commit_time)
+        .next()
+        .map_or(0.0, |t| (unix_now() - t).max(0.0))
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -886,12 +934,11 @@ mod tests {
 
     #[test]
     fn the_newest_version_of_a_batch() {
-        let changes = [
-            r#"{"version": 7, "op": "INSERT"}"#.to_owned(),
-            r#"{"ddl": "CREATE TABLE t ()"}"#.to_owned(),
-            r#"{"version": 12}"#.to_owned(),
-        ];
-        assert_eq!(max_version(&changes), 12);
+        let txn = |max_version| DecodedTransaction {
+            max_version,
+            ..DecodedTransaction::default()
+        };
+        assert_eq!(max_version(&[txn(7), txn(0), txn(12)]), 12);
         assert_eq!(max_version(&[]), 0);
     }
 

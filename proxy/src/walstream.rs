@@ -47,6 +47,18 @@ const MAX_MESSAGE: usize = 1 << 30;
 #[derive(Debug, Default)]
 pub struct PgOutputDecoder {
     open: Option<DecodedTransaction>,
+    rejected: Vec<Rejected>,
+}
+
+/// A change message skipped because it is not one of Chorus's records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    /// Where it is in the origin's WAL.
+    pub lsn: u64,
+    /// The label of `chorus_replication_rejected_total`.
+    pub reason: capture::Rejection,
+    pub prefix: String,
+    pub bytes: usize,
 }
 
 fn be_u64(data: &[u8], at: usize) -> Result<u64, ReplicationError> {
@@ -57,6 +69,11 @@ fn be_u64(data: &[u8], at: usize) -> Result<u64, ReplicationError> {
 }
 
 impl PgOutputDecoder {
+    /// The messages skipped since the last call.
+    pub fn take_rejected(&mut self) -> Vec<Rejected> {
+        std::mem::take(&mut self.rejected)
+    }
+
     /// Whether a transaction has begun and not yet committed.
     pub fn in_transaction(&self) -> bool {
         self.open.is_some()
@@ -88,28 +105,39 @@ impl PgOutputDecoder {
                 let raw = rest
                     .get(4..)
                     .ok_or_else(|| ReplicationError::Decoding("message content".into()))?;
-                // A change that is not UTF-8 text cannot be Chorus's own
-                // (capture writes jsonb text): skipped and logged, so that it
-                // does not stop the stream and every change after it.
-                let Ok(content) = std::str::from_utf8(raw) else {
-                    tracing::error!(
-                        lsn = crate::replication::format_lsn(be_u64(data, 2)?),
-                        prefix,
-                        bytes = raw.len(),
-                        "a change message is not UTF-8 text; skipped"
-                    );
-                    return Ok(None);
+                let lsn = be_u64(data, 2)?;
+                // Only capture writes these messages (see privileges.sql),
+                // but one that is not its record would fail every apply
+                // and hold up every change after it: skipped, logged and
+                // counted by the stream (`take_rejected`).
+                let checked = match std::str::from_utf8(raw) {
+                    Err(_) => Err("not_utf8"),
+                    Ok(_) if !transactional => Err("not_transactional"),
+                    Ok(content) => capture::check_record(content).map(|v| (content, v)),
                 };
-                match self.open.as_mut() {
-                    Some(txn) if transactional => {
-                        txn.ddl = txn.ddl.max(ddl);
-                        // A DDL record (see chorus.capture_ddl): jsonb
-                        // prints its shortest keys first, "ddl" before "seq".
-                        txn.has_ddl |= content.starts_with("{\"ddl\":");
-                        txn.changes.push(content.to_owned());
+                let (content, version) = match checked {
+                    Ok(found) => found,
+                    Err(reason) => {
+                        self.rejected.push(Rejected {
+                            lsn,
+                            reason,
+                            prefix: prefix.to_owned(),
+                            bytes: raw.len(),
+                        });
+                        return Ok(None);
                     }
-                    _ => return Err(ReplicationError::Decoding(content.to_owned())),
+                };
+                let txn = self.open.as_mut().ok_or_else(|| {
+                    ReplicationError::Decoding("transactional message outside a transaction".into())
+                })?;
+                txn.ddl = txn.ddl.max(ddl);
+                // A DDL record (see chorus.capture_ddl): jsonb prints its
+                // shortest keys first, "ddl" before "seq".
+                txn.has_ddl |= content.starts_with("{\"ddl\":");
+                if let Some(v) = version {
+                    txn.max_version = txn.max_version.max(v);
                 }
+                txn.changes.push(content.to_owned());
                 Ok(None)
             }
             b'C' => {
@@ -324,46 +352,90 @@ mod tests {
         m
     }
 
-    #[test]
-    fn begin_messages_commit_make_a_transaction() {
-        let mut d = PgOutputDecoder::default();
+    const ROW: &str = r#"{"key": {"id": 1}, "op": "INSERT", "row": {"id": 1}, "prev": null, "table": "public.t", "origin": 1, "version": 9}"#;
+    const DDL: &str = r#"{"ddl": "CREATE TABLE t ()", "seq": 5, "role": "app", "origin": 1, "search_path": "public"}"#;
+
+    fn begin() -> Vec<u8> {
         let mut begin = vec![b'B'];
         begin.extend_from_slice(&[0; 20]);
-        assert!(d.feed(&begin).unwrap().is_none());
-        assert!(d.feed(&message("chorus", "{\"a\":1}")).unwrap().is_none());
-        assert!(d.feed(&message("other", "x")).unwrap().is_none());
+        begin
+    }
+
+    fn commit() -> Vec<u8> {
         let mut commit = vec![b'C', 0];
         commit.extend_from_slice(&0x10u64.to_be_bytes());
         commit.extend_from_slice(&0x1_0000_0020u64.to_be_bytes());
         commit.extend_from_slice(&1_000_000i64.to_be_bytes());
-        let txn = d.feed(&commit).unwrap().unwrap();
-        assert_eq!(txn.changes, vec!["{\"a\":1}"]);
+        commit
+    }
+
+    #[test]
+    fn begin_messages_commit_make_a_transaction() {
+        let mut d = PgOutputDecoder::default();
+        assert!(d.feed(&begin()).unwrap().is_none());
+        assert!(d.feed(&message("chorus", ROW)).unwrap().is_none());
+        assert!(d.feed(&message("other", "x")).unwrap().is_none());
+        let txn = d.feed(&commit()).unwrap().unwrap();
+        assert_eq!(txn.changes, vec![ROW]);
+        assert_eq!(txn.max_version, 9);
         assert!(!txn.has_ddl);
         // One with a DDL record is marked (what PostgreSQL's jsonb prints
-        // for chorus.capture_ddl's object starts with its "ddl" key).
-        d.feed(&begin).unwrap();
-        d.feed(&message(
-            "chorus:4",
-            "{\"ddl\": \"CREATE TABLE t ()\", \"seq\": 5}",
-        ))
-        .unwrap();
-        let ddl = d.feed(&commit).unwrap().unwrap();
+        // for chorus.handle_ddl's object starts with its "ddl" key).
+        d.feed(&begin()).unwrap();
+        d.feed(&message("chorus:4", DDL)).unwrap();
+        let ddl = d.feed(&commit()).unwrap().unwrap();
         assert!(ddl.has_ddl);
         assert_eq!(ddl.ddl, 4);
+        assert_eq!(ddl.max_version, 0);
         assert_eq!(txn.end_lsn, 0x1_0000_0020);
         assert_eq!(format_lsn(txn.end_lsn), "1/20");
         assert_eq!(txn.commit_time, Some(946_684_801.0));
-        // A message that is not UTF-8 text is skipped; the rest goes on.
-        d.feed(&begin).unwrap();
-        let mut bad = message("chorus:1", "x");
-        let last = bad.len() - 1;
-        bad[last] = 0xff;
-        assert!(d.feed(&bad).unwrap().is_none());
-        d.feed(&message("chorus:1", "{\"b\":2}")).unwrap();
-        let kept = d.feed(&commit).unwrap().unwrap();
-        assert_eq!(kept.changes, vec!["{\"b\":2}"]);
+        assert!(d.take_rejected().is_empty());
         // A commit without a begin, or a truncated one, is an error.
-        assert!(d.feed(&commit).is_err());
+        assert!(d.feed(&commit()).is_err());
         assert!(d.feed(&[b'C', 0, 1]).is_err());
+    }
+
+    #[test]
+    fn messages_that_are_not_chorus_records_are_skipped_and_reported() {
+        let mut d = PgOutputDecoder::default();
+        d.feed(&begin()).unwrap();
+        let mut not_utf8 = message("chorus:1", "x");
+        let last = not_utf8.len() - 1;
+        not_utf8[last] = 0xff;
+        let mut not_transactional = message("chorus", ROW);
+        not_transactional[1] = 0;
+        for forged in [
+            not_utf8,
+            not_transactional,
+            message("chorus:0", "{}"),
+            message("chorus", "not json"),
+            message(
+                "chorus",
+                r#"{"op": "INSERT", "table": "public.t", "origin": 1, "version": 2}"#,
+            ),
+            message(
+                "chorus",
+                r#"{"op": "DELETE", "table": "public.t", "origin": 1, "version": 2}"#,
+            ),
+        ] {
+            assert!(d.feed(&forged).unwrap().is_none());
+        }
+        d.feed(&message("chorus:1", ROW)).unwrap();
+        let kept = d.feed(&commit()).unwrap().unwrap();
+        assert_eq!(kept.changes, vec![ROW]);
+        let reasons: Vec<&str> = d.take_rejected().iter().map(|r| r.reason).collect();
+        assert_eq!(
+            reasons,
+            [
+                "not_utf8",
+                "not_transactional",
+                "not_a_record",
+                "not_json",
+                "not_a_record",
+                "not_a_record"
+            ]
+        );
+        assert!(d.take_rejected().is_empty());
     }
 }

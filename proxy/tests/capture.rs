@@ -202,7 +202,9 @@ async fn tables_without_a_primary_key_replicate_insert_only_or_not_at_all() {
     let err = capture::adopt(&b.client, "events", false)
         .await
         .unwrap_err();
-    let capture::CaptureError::Sql(sql) = &err;
+    let capture::CaptureError::Sql(sql) = &err else {
+        panic!("{err}");
+    };
     let db = sql.as_db_error().unwrap();
     assert_eq!(db.code().code(), "55000");
     assert!(
@@ -249,6 +251,24 @@ async fn install_is_idempotent_and_safe_concurrently() {
         .await
         .unwrap();
     assert_eq!(changes(&b.client).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn install_as_a_role_that_is_not_a_superuser_says_what_is_missing() {
+    let b = backend(1).await;
+    b.client
+        .batch_execute("CREATE ROLE weak LOGIN CREATEDB CREATEROLE REPLICATION")
+        .await
+        .unwrap();
+    let conninfo =
+        b.pg.conninfo("postgres")
+            .replace("user=postgres", "user=weak");
+    let weak = common::connect(&conninfo).await.unwrap();
+    let err = capture::install(&weak, 2).await.unwrap_err().to_string();
+    assert!(
+        err.contains("role \"weak\" is not a superuser") && err.contains("replication.user"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

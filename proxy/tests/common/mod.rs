@@ -282,8 +282,13 @@ raft = \"127.0.0.1:{port}\"
 /// Run pgbench with `args` against the postgres database through
 /// 127.0.0.1:`port` as user postgres (trusted), within two minutes.
 pub fn pgbench(port: u16, args: &[&str]) -> Output {
+    pgbench_as(port, "postgres", args)
+}
+
+/// pgbench against `port`, database postgres, as `user`.
+pub fn pgbench_as(port: u16, user: &str, args: &[&str]) -> Output {
     let port = port.to_string();
-    let mut all = vec!["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
+    let mut all = vec!["-h", "127.0.0.1", "-p", port.as_str(), "-U", user];
     all.extend_from_slice(args);
     all.push("postgres");
     run_pg_program("pgbench", &all, &[], Duration::from_secs(120))
