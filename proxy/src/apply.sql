@@ -199,6 +199,13 @@ DECLARE
     unique_outcome text;
 BEGIN
     cols := chorus.key_columns(rel);
+    -- (The table lock first: a TRUNCATE committing meanwhile has set its
+    -- marker by the time it is granted.)
+    EXECUTE format('LOCK TABLE %s IN ROW EXCLUSIVE MODE', rel);
+    IF (ver, org) < (SELECT v.version, v.origin FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = '{}') THEN
+        -- Made before a TRUNCATE of the table that this backend has had.
+        RETURN 'truncated:skipped';
+    END IF;
     IF key IS NULL THEN
         unique_outcome := chorus.write_row_resolving(rel, cols, key, img, ver, org);
         RETURN coalesce('unique:' || unique_outcome, 'applied');
@@ -281,7 +288,7 @@ LANGUAGE sql STABLE AS $$
                         WHERE i.indrelid = rel::regclass AND i.indisunique AND NOT i.indisprimary)
        AND NOT EXISTS (SELECT 1 FROM pg_trigger t
                         WHERE t.tgrelid = rel::regclass AND NOT t.tgisinternal
-                          AND t.tgname <> 'chorus_capture')
+                          AND t.tgname NOT IN ('chorus_capture', 'chorus_truncate'))
 $$;
 
 -- Apply the changes of one batchable table from one batch, set-based, with
@@ -430,6 +437,8 @@ DECLARE
     slow_changes jsonb[];
     done text[];
     failure text;
+    mark chorus.row_version%ROWTYPE;
+    cs jsonb;
 BEGIN
     FOR grp IN
         SELECT e.c ->> 'table' AS tbl, jsonb_agg(e.c || jsonb_build_object('n', e.n) ORDER BY e.n) AS cs
@@ -459,8 +468,25 @@ BEGIN
                                 WHERE a.attrelid = grp.tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped))
          GROUP BY c;
         IF chorus.batchable(grp.tbl) THEN
+            -- Changes made before a TRUNCATE of the table that this
+            -- backend has had are skipped (see chorus.capture_truncate;
+            -- chorus.apply_change checks the same one by one).
+            -- (The table lock first: a TRUNCATE committing meanwhile has
+            -- set its marker by the time it is granted.)
+            cs := grp.cs;
+            EXECUTE format('LOCK TABLE %s IN ROW EXCLUSIVE MODE', grp.tbl);
+            SELECT * INTO mark FROM chorus.row_version v WHERE v.tbl = grp.tbl AND v.pk = '{}';
+            IF FOUND THEN
+                cs := (SELECT coalesce(jsonb_agg(e.c ORDER BY e.o), '[]')
+                         FROM jsonb_array_elements(grp.cs) WITH ORDINALITY AS e(c, o)
+                        WHERE ((e.c ->> 'version')::bigint, (e.c ->> 'origin')::integer)
+                              >= (mark.version, mark.origin));
+                results := results || array_fill('truncated:skipped'::text,
+                                                  ARRAY[jsonb_array_length(grp.cs) - jsonb_array_length(cs)]);
+                CONTINUE WHEN jsonb_array_length(cs) = 0;
+            END IF;
             BEGIN
-                results := results || chorus.apply_batch(grp.tbl, grp.cs);
+                results := results || chorus.apply_batch(grp.tbl, cs);
             EXCEPTION WHEN data_exception OR not_null_violation OR check_violation OR datatype_mismatch THEN
                 -- Some row does not fit this schema: change by change.
                 slow := slow || grp.tbl;
@@ -561,6 +587,79 @@ BEGIN
 END
 $$;
 
+-- Apply the TRUNCATE records of one statement (see chorus.capture_truncate):
+-- per table, the rows whose versions are older than the record's go, and
+-- the table's marker keeps its version. When no row here is newer (the
+-- usual case) that is one TRUNCATE of all the statement's tables together
+-- (their foreign keys between them allow it); otherwise DELETE of the
+-- older rows, referencing tables first. An insert-only table has no row
+-- versions: it is truncated.
+CREATE OR REPLACE FUNCTION chorus.apply_truncate(items jsonb) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    item jsonb;
+    rel text;
+    ver bigint;
+    org integer;
+    cols text[];
+    newer boolean := false;
+    rels text[] := '{}';
+    results text[] := '{}';
+BEGIN
+    FOR item IN SELECT e.c FROM jsonb_array_elements(items) AS e(c) LOOP
+        rel := item ->> 'truncate';
+        IF to_regclass(rel) IS NULL THEN
+            results := results || 'missing_table:skipped'::text;
+            CONTINUE;
+        END IF;
+        rels := rels || rel;
+    END LOOP;
+    IF cardinality(rels) = 0 THEN
+        RETURN results;
+    END IF;
+    -- Local writes to these tables finish (or wait) first: which rows are
+    -- newer is decided on what they committed.
+    EXECUTE 'LOCK TABLE ' || (SELECT string_agg(r::regclass::text, ', ') FROM unnest(rels) AS r)
+         || ' IN ACCESS EXCLUSIVE MODE';
+    FOR item IN SELECT e.c FROM jsonb_array_elements(items) AS e(c)
+                 WHERE to_regclass(e.c ->> 'truncate') IS NOT NULL LOOP
+        newer := newer OR EXISTS (SELECT 1 FROM chorus.row_version v
+                                   WHERE v.tbl = item ->> 'truncate' AND v.pk <> '{}'
+                                     AND (v.version, v.origin)
+                                         > ((item ->> 'version')::bigint, (item ->> 'origin')::integer));
+    END LOOP;
+    IF NOT newer THEN
+        EXECUTE 'TRUNCATE ' || (SELECT string_agg(r::regclass::text, ', ') FROM unnest(rels) AS r);
+    END IF;
+    FOR item IN SELECT e.c FROM jsonb_array_elements(items) WITH ORDINALITY AS e(c, i)
+                 WHERE to_regclass(e.c ->> 'truncate') IS NOT NULL ORDER BY e.i DESC LOOP
+        rel := item ->> 'truncate';
+        ver := (item ->> 'version')::bigint;
+        org := (item ->> 'origin')::integer;
+        cols := chorus.key_columns(rel);
+        -- (Versions compare with their origins, as rows do: equal HLC
+        -- values from two nodes are told apart by the node.)
+        IF newer THEN
+            IF cardinality(cols) = 0 THEN
+                EXECUTE format('DELETE FROM %s', rel);
+            ELSE
+                EXECUTE format('DELETE FROM %1$s t WHERE NOT EXISTS (SELECT 1 FROM chorus.row_version v '
+                               'WHERE v.tbl = $1 AND v.pk = chorus.key_of(to_jsonb(t), $2) '
+                               'AND (v.version, v.origin) > ($3, $4))', rel)
+                    USING rel, cols, ver, org;
+            END IF;
+        END IF;
+        DELETE FROM chorus.row_version v WHERE v.tbl = rel AND (v.version, v.origin) < (ver, org);
+        INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+        VALUES (rel, '{}', ver, org, true)
+        ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, origin = excluded.origin
+            WHERE (v.version, v.origin) < (excluded.version, excluded.origin);
+        results := results || 'truncated'::text;
+    END LOOP;
+    RETURN results;
+END
+$$;
+
 -- Apply a JSON array of changes in order: DDL statements one by one at
 -- their place, the row changes between them by chorus.apply_dml. One
 -- result per change (not in input order).
@@ -569,16 +668,30 @@ LANGUAGE plpgsql AS $$
 DECLARE
     n integer := jsonb_array_length(changes);
     lo integer := 1;
+    hi integer;
     at integer;
     results text[] := '{}';
 BEGIN
     FOR at IN SELECT e.i FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, i)
-               WHERE e.c ? 'ddl' ORDER BY e.i LOOP
+               WHERE e.c ? 'ddl' OR e.c ? 'truncate' ORDER BY e.i LOOP
+        CONTINUE WHEN at < lo;
         IF at > lo THEN
             results := results || chorus.apply_dml(changes, lo, at - 1);
         END IF;
-        results := results || chorus.apply_stream_ddl(changes -> (at - 1));
-        lo := at + 1;
+        IF changes -> (at - 1) ? 'ddl' THEN
+            results := results || chorus.apply_stream_ddl(changes -> (at - 1));
+            lo := at + 1;
+        ELSE
+            -- One TRUNCATE statement's tables come one after another.
+            hi := at;
+            WHILE hi < n AND changes -> hi ? 'truncate' LOOP
+                hi := hi + 1;
+            END LOOP;
+            results := results || chorus.apply_truncate(
+                (SELECT jsonb_agg(e.c ORDER BY e.i) FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, i)
+                  WHERE e.i BETWEEN at AND hi));
+            lo := hi + 1;
+        END IF;
     END LOOP;
     IF lo <= n THEN
         results := results || chorus.apply_dml(changes, lo, n);

@@ -118,8 +118,9 @@ pub type Rejection = &'static str;
 
 /// Check that a change message's content is a record capture writes: a
 /// row change (table, op, key, row, version, prev, origin, with the row
-/// image an operation needs) or a DDL record (ddl, seq, origin, role,
-/// search_path). Returns the row change's version (`None` for DDL). Only
+/// image an operation needs), a TRUNCATE (truncate, version, origin) or a
+/// DDL record (ddl, seq, origin, role, search_path). Returns the version
+/// of a row change or TRUNCATE (`None` for DDL). Only
 /// the fields are read; the images stay unparsed (see [`ChangeRecord`]).
 /// A message that is neither would fail every apply and hold up its
 /// stream: the stream skips it instead.
@@ -147,9 +148,17 @@ pub fn check_record(content: &str) -> Result<Option<i64>, Rejection> {
         role: Option<Cow<'a, str>>,
         #[serde(borrow, default)]
         search_path: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        truncate: Option<Cow<'a, str>>,
     }
     let fields: Fields = serde_json::from_str(content).map_err(|_| "not_json")?;
     let object = |v: Option<&RawValue>| v.is_some_and(|v| v.get().starts_with('{'));
+    if fields.truncate.is_some() {
+        return match (fields.version, fields.origin, &fields.ddl, fields.op) {
+            (Some(version), Some(_), None, None) => Ok(Some(version)),
+            _ => Err("not_a_record"),
+        };
+    }
     let record = match (&fields.ddl, fields.op) {
         (Some(_), None) => {
             fields.seq.is_some()

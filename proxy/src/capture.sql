@@ -146,6 +146,31 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                 ELSE current_setting('role') END
 $$;
 
+-- This transaction's stamp: the HLC value, origin node and DDL index its
+-- first captured change pinned (with the transaction id, in chorus.txn),
+-- or, for its first one, the proxy's stamp (chorus.hlc, chorus.origin)
+-- with this backend's clock and node id as fallbacks. chorus.capture has
+-- the same inlined (it runs for every row).
+CREATE OR REPLACE FUNCTION chorus.txn_stamp(OUT txn_hlc bigint, OUT origin integer, OUT ddl_seq bigint)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    xid text := txid_current()::text;
+    pinned text := current_setting('chorus.txn', true);
+BEGIN
+    IF pinned IS NOT NULL AND split_part(pinned, ':', 1) = xid THEN
+        txn_hlc := split_part(pinned, ':', 2)::bigint;
+        origin := split_part(pinned, ':', 3)::integer;
+        ddl_seq := split_part(pinned, ':', 4)::bigint;
+        RETURN;
+    END IF;
+    txn_hlc := coalesce(nullif(current_setting('chorus.hlc', true), '')::bigint, chorus.clock_hlc());
+    origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
+                       (SELECT l.node_id FROM chorus.local l));
+    ddl_seq := coalesce((SELECT max(h.seq) FROM chorus.ddl_history h), 0);
+    PERFORM set_config('chorus.txn', xid || ':' || txn_hlc || ':' || origin || ':' || ddl_seq, true);
+END
+$$;
+
 -- The primary key of a row image, as a JSON object; NULL without a key.
 CREATE OR REPLACE FUNCTION chorus.key_of(img jsonb, cols text[]) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
@@ -242,7 +267,8 @@ BEGIN
     END IF;
     -- One stamp per transaction: the first one seen is pinned (with the
     -- transaction id) for the transaction's later rows, even if the proxy
-    -- stamps again before a later statement of the same transaction.
+    -- stamps again before a later statement of the same transaction
+    -- (chorus.txn_stamp, inlined: this runs for every row).
     xid := txid_current()::text;
     pinned := current_setting('chorus.txn', true);
     IF pinned IS NOT NULL AND split_part(pinned, ':', 1) = xid THEN
@@ -326,11 +352,17 @@ BEGIN
             PERFORM pg_advisory_xact_lock(hashtextextended(rel || ' ' || key::text, 0));
             -- Read the previous version and write the new one in one
             -- statement.
+            -- The table's TRUNCATE marker (key '{}', see
+            -- chorus.capture_truncate): a write after a TRUNCATE is newer
+            -- than it, whatever this backend's clock says.
             WITH old AS (
                 SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key
+            ), mark AS (
+                SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = '{}'
             ), new AS (
                 INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
-                SELECT rel, key, greatest(txn_hlc, coalesce((SELECT version FROM old), 0) + 1),
+                SELECT rel, key, greatest(txn_hlc, coalesce((SELECT version FROM old), 0) + 1,
+                                          coalesce((SELECT version FROM mark), 0) + 1),
                        origin, ops[i] = 'DELETE'
                 ON CONFLICT (tbl, pk) DO UPDATE
                     SET version = excluded.version, origin = excluded.origin,
@@ -348,6 +380,64 @@ BEGIN
             'version', ver, 'prev', prev, 'origin', origin)::text);
     END LOOP;
     RETURN NULL;
+END
+$$;
+
+-- The TRUNCATE trigger (AFTER, FOR EACH STATEMENT) on every adopted table.
+-- A TRUNCATE replicates as a record with the table and a version newer
+-- than every row it removed here; every backend then removes the rows it
+-- holds with older versions, and keeps the table's marker (a version row
+-- with key '{}'): a change older than the TRUNCATE that arrives later is
+-- skipped, and a write after it gets a newer version. So a row inserted
+-- concurrently through another node survives everywhere exactly when its
+-- version is newer than the TRUNCATE's (last writer wins, as for rows).
+-- Partitioned tables: refused (a partition's rows are recorded under its
+-- root's name, which TRUNCATE of one partition cannot be told from).
+CREATE OR REPLACE FUNCTION chorus.capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel text := TG_ARGV[0];
+    txn_hlc bigint;
+    origin integer;
+    ddl_seq bigint;
+    ver bigint;
+BEGIN
+    IF current_setting('chorus.applying', true) = 'on' AND current_setting('is_superuser') = 'on' THEN
+        RETURN NULL;
+    END IF;
+    IF rel <> format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) THEN
+        RAISE EXCEPTION 'TRUNCATE of a partitioned table cannot be replicated'
+            USING ERRCODE = '0A000',
+                  HINT = format('Use DELETE FROM %s instead.', rel);
+    END IF;
+    SELECT s.txn_hlc, s.origin, s.ddl_seq INTO txn_hlc, origin, ddl_seq FROM chorus.txn_stamp() s;
+    -- Newer than every row it removed here, and than an earlier TRUNCATE.
+    SELECT greatest(txn_hlc, max(v.version) + 1) INTO ver FROM chorus.row_version v WHERE v.tbl = rel;
+    DELETE FROM chorus.row_version v WHERE v.tbl = rel;
+    INSERT INTO chorus.row_version (tbl, pk, version, origin, deleted) VALUES (rel, '{}', ver, origin, true);
+    PERFORM pg_logical_emit_message(true, 'chorus:' || ddl_seq, jsonb_build_object(
+        'truncate', rel, 'version', ver, 'origin', origin)::text);
+    RETURN NULL;
+END
+$$;
+
+-- Tables adopted before TRUNCATE replicated get its trigger.
+DO $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT c.tgrelid::regclass AS leaf,
+                    coalesce(nullif(split_part(encode(c.tgargs, 'escape'), E'\\000', 3), ''),
+                             (SELECT format('%I.%I', n.nspname, r.relname)
+                                FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace
+                               WHERE r.oid = c.tgrelid)) AS name
+               FROM pg_trigger c
+              WHERE c.tgname = 'chorus_capture'
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger d
+                                 WHERE d.tgrelid = c.tgrelid AND d.tgname = 'chorus_truncate') LOOP
+        EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', t.leaf, t.name);
+    END LOOP;
 END
 $$;
 
@@ -423,6 +513,11 @@ BEGIN
                        'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L, %L)',
                        leaf, coalesce(cols, '{}')::text, (insert_only OR cols IS NULL)::text, name,
                        textual::text);
+        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = leaf AND tgname = 'chorus_truncate') THEN
+            EXECUTE format('DROP TRIGGER chorus_truncate ON %s', leaf);
+        END IF;
+        EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', leaf, name);
     END LOOP;
     -- Former partitions still recording under this name replicate as
     -- tables of their own now.

@@ -1195,6 +1195,19 @@ where
                     return Ok(Flow::Replace(out));
                 }
             }
+            if replicating && tag == b'F' {
+                // The fast-path FunctionCall: what libpq's large-object
+                // functions (lo_import, lo_write, …) send.
+                *batch_start = true;
+                push_pending(state, *stamped, std::mem::take(scope_pending));
+                *stamped = false;
+                let refused = &REFUSED_CALLS[1];
+                return Ok(Flow::Replace(refusal_query(
+                    "0A000",
+                    refused.message,
+                    refused.hint,
+                )));
+            }
             let mut stamp = None;
             let mut stage = None;
             match tag {
@@ -1258,14 +1271,17 @@ where
                             }
                         }
                     }
-                    if replicating
-                        && summary.counts[StatementClass::Write.index()] > 0
-                        && mentions_setval(&sql())
-                    {
-                        push_pending(state, *stamped, Vec::new());
-                        *stamped = false;
-                        scope_pending.clear();
-                        return Ok(Flow::Replace(refusal_query("0A000", SETVAL_REFUSED, SETVAL_HINT)));
+                    if replicating && summary.counts[StatementClass::Write.index()] > 0 {
+                        if let Some(refused) = refused_call(&sql()) {
+                            push_pending(state, *stamped, Vec::new());
+                            *stamped = false;
+                            scope_pending.clear();
+                            return Ok(Flow::Replace(refusal_query(
+                                "0A000",
+                                refused.message,
+                                refused.hint,
+                            )));
+                        }
                     }
                     let ddl = summary.counts[StatementClass::Ddl.index()];
                     if replicating && ddl > 0 && !state.ddl_is_local() {
@@ -1371,17 +1387,22 @@ where
                 }
                 FrontendEvent::Parsed(StatementClass::Write)
                     if replicating
-                        && mentions_setval(
+                        && refused_call(
                             protocol::read_cstr(body)
                                 .and_then(|(_, rest)| protocol::read_cstr(rest))
                                 .map_or("", |(sql, _)| sql),
-                        ) =>
+                        )
+                        .is_some() =>
                 {
+                    let sql = protocol::read_cstr(body)
+                        .and_then(|(_, rest)| protocol::read_cstr(rest))
+                        .map_or("", |(sql, _)| sql);
+                    let refused = refused_call(sql).unwrap_or(&REFUSED_CALLS[0]);
                     let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
                     let mut out = BytesMut::new();
                     protocol::write_message(&mut out, b'P', |m| {
                         protocol::put_cstr(m, name);
-                        protocol::put_cstr(m, &refusal_sql("0A000", SETVAL_REFUSED, SETVAL_HINT));
+                        protocol::put_cstr(m, &refusal_sql("0A000", refused.message, refused.hint));
                         m.extend_from_slice(&0i16.to_be_bytes());
                     });
                     remember_prepared(state, b'P', &out[5..]);
@@ -1583,21 +1604,51 @@ fn refusal_query(code: &str, message: &str, hint: &str) -> BytesMut {
     out
 }
 
-const SETVAL_REFUSED: &str =
-    "setval() is not supported through Chorus: the cluster's sequences are set up per backend";
-const SETVAL_HINT: &str = "Sequences made through Chorus hand out values that never collide across backends; setval() on one backend could make it repeat another's.";
+/// A function Chorus refuses to let a statement call, with why and what
+/// to do instead.
+struct RefusedCall {
+    names: &'static [&'static str],
+    message: &'static str,
+    hint: &'static str,
+}
 
-/// Whether a statement calls `setval(` (case-insensitive; text in quotes
-/// is not told apart, so a literal mentioning it is refused too).
-fn mentions_setval(sql: &str) -> bool {
+const REFUSED_CALLS: [RefusedCall; 2] = [
+    RefusedCall {
+        names: &["setval"],
+        message: "setval() is not supported through Chorus: the cluster's sequences are set up per backend",
+        hint: "Sequences made through Chorus hand out values that never collide across backends; setval() on one backend could make it repeat another's.",
+    },
+    // Large objects live in pg_largeobject, which no trigger sees: written
+    // through one node they would exist on one backend only.
+    RefusedCall {
+        names: chorus_router::LARGE_OBJECT_WRITERS,
+        message: "large objects are not replicated by Chorus",
+        hint: "Store the data in a bytea column of a table, which replicates like any other.",
+    },
+];
+
+/// The refusal for a statement that calls one of [`REFUSED_CALLS`]
+/// (a name followed by `(`, case-insensitive; text in quotes is not told
+/// apart, so a literal mentioning one is refused too).
+fn refused_call(sql: &str) -> Option<&'static RefusedCall> {
     let bytes = sql.as_bytes();
-    bytes.windows(6).enumerate().any(|(i, w)| {
-        w.eq_ignore_ascii_case(b"setval")
-            && bytes[i + 6..]
-                .iter()
-                .find(|b| !b.is_ascii_whitespace())
-                .is_some_and(|b| *b == b'(')
+    REFUSED_CALLS.iter().find(|refused| {
+        refused.names.iter().any(|name| {
+            let name = name.as_bytes();
+            bytes.windows(name.len()).enumerate().any(|(i, w)| {
+                w.eq_ignore_ascii_case(name)
+                    && (i == 0 || !is_word_byte(bytes[i - 1]))
+                    && bytes[i + name.len()..]
+                        .iter()
+                        .find(|b| !b.is_ascii_whitespace())
+                        .is_some_and(|b| *b == b'(')
+            })
+        })
     })
+}
+
+fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
 }
 
 /// A statement that raises this error when run.

@@ -390,6 +390,14 @@ mod tests {
         assert_eq!(txn.end_lsn, 0x1_0000_0020);
         assert_eq!(format_lsn(txn.end_lsn), "1/20");
         assert_eq!(txn.commit_time, Some(946_684_801.0));
+        // A TRUNCATE record carries the version rows older than it lose.
+        d.feed(&begin()).unwrap();
+        d.feed(&message(
+            "chorus:4",
+            r#"{"origin": 2, "version": 77, "truncate": "public.t"}"#,
+        ))
+        .unwrap();
+        assert_eq!(d.feed(&commit()).unwrap().unwrap().max_version, 77);
         assert!(d.take_rejected().is_empty());
         // A commit without a begin, or a truncated one, is an error.
         assert!(d.feed(&commit()).is_err());

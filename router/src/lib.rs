@@ -19,6 +19,7 @@ mod parsed;
 
 pub use ddl::{ddl_route, DdlRoute};
 pub use lexer::{first_keyword, split_statements, Statements};
+pub use parsed::LARGE_OBJECT_WRITERS;
 
 /// What a single SQL statement does, as far as Chorus is concerned.
 ///

@@ -9,10 +9,8 @@ use sqlparser::parser::Parser;
 
 use crate::StatementClass;
 
-/// Functions that change data or sequences when called from a query.
-const WRITING_FUNCTIONS: &[&str] = &[
-    "nextval",
-    "setval",
+/// Functions that write large objects when called from a query.
+pub const LARGE_OBJECT_WRITERS: &[&str] = &[
     "lo_creat",
     "lo_create",
     "lo_import",
@@ -23,6 +21,14 @@ const WRITING_FUNCTIONS: &[&str] = &[
     "lo_truncate64",
     "lowrite",
 ];
+
+/// Functions that change data or sequences when called from a query.
+fn writing_function(name: &str) -> bool {
+    ["nextval", "setval"]
+        .iter()
+        .chain(LARGE_OBJECT_WRITERS)
+        .any(|f| name.eq_ignore_ascii_case(f))
+}
 
 /// Parse one statement and classify it from its syntax tree.
 ///
@@ -143,10 +149,7 @@ impl Visitor for EffectFinder {
         if let Expr::Function(function) = expr {
             let name = function.name.to_string();
             let base = name.rsplit('.').next().unwrap_or(&name).trim_matches('"');
-            if WRITING_FUNCTIONS
-                .iter()
-                .any(|f| base.eq_ignore_ascii_case(f))
-            {
+            if writing_function(base) {
                 self.writes = true;
             }
         }
