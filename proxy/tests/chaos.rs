@@ -44,6 +44,9 @@ use procs::{cluster_opts, Cluster, Options};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// The role the workload connects as (not a superuser).
+const APP_ROLE: &str = "chaos_app";
+
 /// Seeds CI runs: every workload, and between them every kind of fault
 /// (a test checks that they do).
 const CI_SEEDS: &[u64] = &[6, 9, 10, 12, 14, 17, 18];
@@ -292,7 +295,7 @@ impl Workload {
     async fn connect(&self, rng: &mut StdRng) -> Option<tokio_postgres::Client> {
         let port = self.ports[rng.random_range(0..self.ports.len())];
         let conninfo =
-            format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
+            format!("host=127.0.0.1 port={port} user={APP_ROLE} dbname=postgres connect_timeout=2");
         tokio::time::timeout(Duration::from_secs(2), common::connect(&conninfo))
             .await
             .ok()?
@@ -474,6 +477,11 @@ async fn run_seed(seed: u64) -> String {
         links: true,
     })
     .await;
+    // The workload runs as an ordinary application role, as applications
+    // do: LOGIN, CREATE on schema public, and its tables' privileges.
+    c.exec(1, &format!("CREATE ROLE {APP_ROLE} LOGIN")).await;
+    c.exec(1, &format!("GRANT CREATE ON SCHEMA public TO {APP_ROLE}"))
+        .await;
     c.exec(1, "CREATE TABLE chaos_set (id text PRIMARY KEY)")
         .await;
     c.exec(1, "CREATE TABLE chaos_reg (k int PRIMARY KEY, v text)")
@@ -483,7 +491,25 @@ async fn run_seed(seed: u64) -> String {
         "CREATE TABLE chaos_seq (id bigserial PRIMARY KEY, w text)",
     )
     .await;
-    c.wait_ddl(3).await;
+    c.exec(
+        1,
+        &format!(
+            "GRANT ALL ON ALL TABLES IN SCHEMA public TO {APP_ROLE}; \
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {APP_ROLE}"
+        ),
+    )
+    .await;
+    // Role, schema grant, three tables, table and sequence grants.
+    c.wait_ddl(6).await;
+    // The register's check reads the version its write got (a test's
+    // look inside; applications have no access to chorus.*).
+    for b in 1..=3 {
+        c.direct(b)
+            .await
+            .batch_execute(&format!("GRANT SELECT ON chorus.row_version TO {APP_ROLE}"))
+            .await
+            .unwrap();
+    }
 
     let load = Arc::new(Workload {
         ports: c.ports.clone(),
