@@ -71,8 +71,10 @@ BEGIN
         END IF;
     END IF;
     -- OVERRIDING SYSTEM VALUE: the origin's value of a GENERATED ALWAYS
-    -- identity column is the row's.
-    EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)',
+    -- identity column is the row's. (The alias: a table may be named
+    -- "excluded", which the upsert's excluded.* would then be ambiguous
+    -- with.)
+    EXECUTE format('INSERT INTO %1$s AS chorus_target (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)',
                    rel, chorus.ident_list(present)) || upsert
     USING imgs;
 END

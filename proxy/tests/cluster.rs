@@ -725,6 +725,31 @@ async fn truncate_replicates_alone_with_cascade_and_racing_inserts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_table_named_excluded_replicates_its_updates() {
+    // The apply's upsert names the new row excluded.*: a table of that name
+    // must not make it ambiguous (found by PostgreSQL's regression suite,
+    // where it held up a stream for good).
+    let c = cluster(2).await;
+    c.create_table(
+        1,
+        "CREATE TABLE excluded (key int PRIMARY KEY, data text)",
+        "public.excluded",
+    )
+    .await;
+    let client = c.via(1).await;
+    client
+        .batch_execute(
+            "INSERT INTO excluded VALUES (1, 'one'); \
+             UPDATE excluded SET data = 'uno' WHERE key = 1; \
+             INSERT INTO excluded AS e VALUES (1, 'ein') ON CONFLICT (key) DO UPDATE SET data = excluded.data",
+        )
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT data FROM excluded WHERE key = 1", "ein")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn large_objects_are_refused_through_a_replicating_node() {
     // pg_largeobject is seen by no trigger: written through a node, a large
     // object would exist on one backend only.
