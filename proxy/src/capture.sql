@@ -871,6 +871,7 @@ CREATE OR REPLACE FUNCTION chorus.handle_ddl(tg_tag text, user_path text) RETURN
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     role_name text := chorus.invoker();
+    unreadable text;
     cmd record;
     replicate boolean;
     lease bigint;
@@ -1021,6 +1022,20 @@ BEGIN
     -- Peers apply this only once they have every DDL this backend had.
     dep := coalesce((SELECT max(h.seq) FROM chorus.ddl_history h WHERE h.seq <> lease), 0);
     IF made IS NOT NULL THEN
+        -- Its rows travel as values, which peers read back with the
+        -- columns' input functions: some internal types have none.
+        SELECT format_type(a.atttypid, a.atttypmod) INTO unreadable
+          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+         WHERE a.attrelid = made AND a.attnum > 0 AND NOT a.attisdropped
+           AND t.typinput::text IN ('pg_node_tree_in', 'pg_ndistinct_in', 'pg_dependencies_in',
+                                    'pg_mcv_list_in', 'pg_ddl_command_in', 'brin_bloom_summary_in',
+                                    'brin_minmax_multi_summary_in')
+         LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION '% with a column of type % cannot be replicated: PostgreSQL cannot read such a value back', tg_tag, unreadable
+                USING ERRCODE = '0A000',
+                      HINT = 'Cast the column to text in the query.';
+        END IF;
         statement := chorus.table_definition(made);
     END IF;
     INSERT INTO chorus.ddl_history AS h (seq, origin, search_path, role, command)

@@ -725,7 +725,7 @@ async fn truncate_replicates_alone_with_cascade_and_racing_inserts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_table_named_excluded_replicates_its_updates() {
+async fn tables_the_regression_suite_makes_replicate_or_are_refused() {
     // The apply's upsert names the new row excluded.*: a table of that name
     // must not make it ambiguous (found by PostgreSQL's regression suite,
     // where it held up a stream for good).
@@ -746,6 +746,24 @@ async fn a_table_named_excluded_replicates_its_updates() {
         .await
         .unwrap();
     c.expect_everywhere("SELECT data FROM excluded WHERE key = 1", "ein")
+        .await;
+    // A CREATE TABLE AS whose rows no backend could read back (an internal
+    // type without an input function, also found by the suite) is refused
+    // rather than left to hold up the stream.
+    let refused = client
+        .batch_execute("CREATE TABLE defaults AS SELECT adbin FROM pg_attrdef")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        common::sqlstate(&refused).as_deref(),
+        Some("0A000"),
+        "{refused:?}"
+    );
+    client
+        .batch_execute("CREATE TABLE defaults AS SELECT adbin::text FROM pg_attrdef")
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT (to_regclass('defaults') IS NOT NULL)::text", "true")
         .await;
 }
 
