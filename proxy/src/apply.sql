@@ -9,15 +9,25 @@ LANGUAGE sql IMMUTABLE AS $$
       FROM unnest(names) WITH ORDINALITY AS u(n, o)
 $$;
 
+-- `t.a = k.a AND t.b = k.b …` for the key columns: rows matched column by
+-- column. (A row comparison, (a, b) IN (…), needs every column's = in a
+-- btree operator family, which a user's type need not have: PostgreSQL's
+-- regression suite makes such keys, and the apply failed on them for good.)
+CREATE OR REPLACE FUNCTION chorus.key_match(cols text[]) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT string_agg(format('t.%1$I = k.%1$I', c), ' AND ' ORDER BY o)
+      FROM unnest(cols) WITH ORDINALITY AS u(c, o)
+$$;
+
 -- Lock the rows with these keys (a JSON array of key objects) that exist,
 -- in key order.
 CREATE OR REPLACE FUNCTION chorus.lock_rows(rel text, cols text[], keys jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %1$s t WHERE (%2$s) IN '
-                   '(SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)) '
-                   'ORDER BY %2$s FOR UPDATE) s',
-                   rel, chorus.ident_list(cols))
+    EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %1$s t WHERE EXISTS '
+                   '(SELECT 1 FROM jsonb_populate_recordset(NULL::%1$s, $1) k WHERE %3$s) '
+                   'ORDER BY %2$s FOR UPDATE OF t) s',
+                   rel, chorus.ident_list(cols, 't.'), chorus.key_match(cols))
     USING keys;
 END
 $$;
@@ -162,8 +172,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     img jsonb;
 BEGIN
-    EXECUTE format('SELECT to_jsonb(t) FROM %1$s t WHERE (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1))',
-                   rel, chorus.ident_list(cols))
+    EXECUTE format('SELECT to_jsonb(t) FROM %1$s t, jsonb_populate_record(NULL::%1$s, $1) k WHERE %2$s',
+                   rel, chorus.key_match(cols))
     INTO img USING key;
     RETURN img;
 END
@@ -172,8 +182,8 @@ $$;
 CREATE OR REPLACE FUNCTION chorus.delete_row(rel text, cols text[], key jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('DELETE FROM %1$s WHERE (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1))',
-                   rel, chorus.ident_list(cols))
+    EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_record(NULL::%1$s, $1) k WHERE %2$s',
+                   rel, chorus.key_match(cols))
     USING key;
 END
 $$;
@@ -395,9 +405,8 @@ BEGIN
     END LOOP;
 
     IF cardinality(del_keys) > 0 THEN
-        EXECUTE format('DELETE FROM %1$s WHERE (%2$s) IN '
-                       '(SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1))',
-                       rel, chorus.ident_list(cols))
+        EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_recordset(NULL::%1$s, $1) k WHERE %2$s',
+                       rel, chorus.key_match(cols))
         USING to_jsonb(del_keys);
     END IF;
     IF cardinality(up_rows) > 0 THEN
