@@ -1201,11 +1201,10 @@ where
                 *batch_start = true;
                 push_pending(state, *stamped, std::mem::take(scope_pending));
                 *stamped = false;
-                let refused = &REFUSED_CALLS[1];
                 return Ok(Flow::Replace(refusal_query(
                     "0A000",
-                    refused.message,
-                    refused.hint,
+                    LARGE_OBJECTS.message,
+                    LARGE_OBJECTS.hint,
                 )));
             }
             let mut stamp = None;
@@ -1385,28 +1384,25 @@ where
                     }
                     state.apply_ddl_scope(&scope::ddl_scope_changes(sql));
                 }
-                FrontendEvent::Parsed(StatementClass::Write)
-                    if replicating
-                        && refused_call(
-                            protocol::read_cstr(body)
-                                .and_then(|(_, rest)| protocol::read_cstr(rest))
-                                .map_or("", |(sql, _)| sql),
-                        )
-                        .is_some() =>
-                {
+                FrontendEvent::Parsed(StatementClass::Write) if replicating => {
                     let sql = protocol::read_cstr(body)
                         .and_then(|(_, rest)| protocol::read_cstr(rest))
                         .map_or("", |(sql, _)| sql);
-                    let refused = refused_call(sql).unwrap_or(&REFUSED_CALLS[0]);
-                    let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
-                    let mut out = BytesMut::new();
-                    protocol::write_message(&mut out, b'P', |m| {
-                        protocol::put_cstr(m, name);
-                        protocol::put_cstr(m, &refusal_sql("0A000", refused.message, refused.hint));
-                        m.extend_from_slice(&0i16.to_be_bytes());
-                    });
-                    remember_prepared(state, b'P', &out[5..]);
-                    return Ok(Flow::Replace(out));
+                    // (Not refused: on to the stamp below, as any write.)
+                    if let Some(refused) = refused_call(sql) {
+                        let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
+                        let mut out = BytesMut::new();
+                        protocol::write_message(&mut out, b'P', |m| {
+                            protocol::put_cstr(m, name);
+                            protocol::put_cstr(
+                                m,
+                                &refusal_sql("0A000", refused.message, refused.hint),
+                            );
+                            m.extend_from_slice(&0i16.to_be_bytes());
+                        });
+                        remember_prepared(state, b'P', &out[5..]);
+                        return Ok(Flow::Replace(out));
+                    }
                 }
                 FrontendEvent::Parsed(StatementClass::Ddl)
                     if replicating
@@ -1612,27 +1608,28 @@ struct RefusedCall {
     hint: &'static str,
 }
 
-const REFUSED_CALLS: [RefusedCall; 2] = [
-    RefusedCall {
-        names: &["setval"],
-        message: "setval() is not supported through Chorus: the cluster's sequences are set up per backend",
-        hint: "Sequences made through Chorus hand out values that never collide across backends; setval() on one backend could make it repeat another's.",
-    },
-    // Large objects live in pg_largeobject, which no trigger sees: written
-    // through one node they would exist on one backend only.
-    RefusedCall {
-        names: chorus_router::LARGE_OBJECT_WRITERS,
-        message: "large objects are not replicated by Chorus",
-        hint: "Store the data in a bytea column of a table, which replicates like any other.",
-    },
-];
+const SETVAL: RefusedCall = RefusedCall {
+    names: &["setval"],
+    message: "setval() is not supported through Chorus: the cluster's sequences are set up per backend",
+    hint: "Sequences made through Chorus hand out values that never collide across backends; setval() on one backend could make it repeat another's.",
+};
+
+/// Large objects live in pg_largeobject, which no trigger sees: written
+/// through one node they would exist on one backend only.
+const LARGE_OBJECTS: RefusedCall = RefusedCall {
+    names: chorus_router::LARGE_OBJECT_WRITERS,
+    message: "large objects are not replicated by Chorus",
+    hint: "Store the data in a bytea column of a table, which replicates like any other.",
+};
+
+const REFUSED_CALLS: [&RefusedCall; 2] = [&SETVAL, &LARGE_OBJECTS];
 
 /// The refusal for a statement that calls one of [`REFUSED_CALLS`]
 /// (a name followed by `(`, case-insensitive; text in quotes is not told
 /// apart, so a literal mentioning one is refused too).
 fn refused_call(sql: &str) -> Option<&'static RefusedCall> {
     let bytes = sql.as_bytes();
-    REFUSED_CALLS.iter().find(|refused| {
+    REFUSED_CALLS.into_iter().find(|refused| {
         refused.names.iter().any(|name| {
             let name = name.as_bytes();
             bytes.windows(name.len()).enumerate().any(|(i, w)| {
