@@ -114,6 +114,11 @@ pub struct DdlProposal {
     /// skip the entry; see `Request::DdlLease`).
     #[serde(default)]
     pub in_stream: bool,
+    /// The origin session's settings the statement depends on, as a JSON
+    /// object (see `chorus.ddl_settings` in the proxy's capture.sql);
+    /// `None` from a node that did not send them.
+    #[serde(default)]
+    pub settings: Option<String>,
 }
 
 /// A DDL statement in the cluster's DDL log.
@@ -343,6 +348,7 @@ impl ClusterState {
                 sequence_kind: None,
                 galloc_block: None,
                 in_stream: true,
+                settings: None,
             },
             after: self.ddl_last,
         });
@@ -396,6 +402,7 @@ mod tests {
             sequence_kind: None,
             galloc_block: None,
             in_stream: false,
+            settings: None,
         }
     }
 

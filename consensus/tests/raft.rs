@@ -39,6 +39,7 @@ fn ddl(id: &str, origin: u64) -> Request {
         sequence_kind: None,
         galloc_block: None,
         in_stream: false,
+        settings: None,
     })
 }
 

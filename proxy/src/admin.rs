@@ -169,12 +169,12 @@ async fn on_every_backend(
 /// keys and install the capture trigger. The tables must already exist,
 /// with the same rows, on every backend. All backends or none (see
 /// [`on_every_backend`]). A table without a primary key is refused
-/// (SQLSTATE 55000) unless `insert_only`. Returns the qualified table
+/// (SQLSTATE 55000) unless `keyless`. Returns the qualified table
 /// names.
 pub async fn adopt(
     config: &Config,
     tables: &[String],
-    insert_only: bool,
+    keyless: bool,
 ) -> Result<Vec<String>, AdminError> {
-    on_every_backend(config, tables, capture::ADOPT_SQL, &[&insert_only]).await
+    on_every_backend(config, tables, capture::ADOPT_SQL, &[&keyless]).await
 }

@@ -126,10 +126,11 @@ BEGIN
           CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
           LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
          WHERE i.indrelid = rel::regclass AND c.relname = index_name AND NOT i.indisprimary
+           AND k.ord <= i.indnkeyatts  -- (not its INCLUDE columns)
         HAVING bool_and(a.attname IS NOT NULL);
         local_img := NULL;
         IF index_cols IS NOT NULL THEN
-            EXECUTE format('SELECT to_jsonb(t) FROM %1$s t WHERE (%2$s) = '
+            EXECUTE format('SELECT to_jsonb(t.*) FROM %1$s t WHERE (%2$s) = '
                            '(SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1))',
                            rel, chorus.ident_list(index_cols))
             INTO local_img USING img;
@@ -142,7 +143,7 @@ BEGIN
             SELECT v.version, v.origin INTO lv, lo FROM chorus.row_version v
              WHERE v.tbl = rel AND v.pk = local_key FOR UPDATE;
         END IF;
-        -- Without a key on either side (insert-only tables, expression
+        -- Without a key on either side (keyless tables, expression
         -- indexes) there is nothing to compare: the local row stays.
         IF key IS NOT NULL AND local_key IS NOT NULL
            AND (ver, org) > (coalesce(lv, 0), coalesce(lo, 0)) THEN
@@ -172,7 +173,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     img jsonb;
 BEGIN
-    EXECUTE format('SELECT to_jsonb(t) FROM %1$s t, jsonb_populate_record(NULL::%1$s, $1) k WHERE %2$s',
+    EXECUTE format('SELECT to_jsonb(t.*) FROM %1$s t, jsonb_populate_record(NULL::%1$s, $1) k WHERE %2$s',
                    rel, chorus.key_match(cols))
     INTO img USING key;
     RETURN img;
@@ -185,6 +186,53 @@ BEGIN
     EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_record(NULL::%1$s, $1) k WHERE %2$s',
                    rel, chorus.key_match(cols))
     USING key;
+END
+$$;
+
+-- Apply an UPDATE or DELETE of a table without a primary key: one row
+-- whose columns read the same as the change's old row (compared in their
+-- text form, which every type has, unlike =) is changed, as the origin
+-- changed one. With no row versions there is nothing to order concurrent
+-- writes by: when no row matches (it was changed or deleted here first),
+-- the change is skipped and logged as update_missing or delete_missing.
+-- Each call scans the table, as PostgreSQL's own logical replication does
+-- for REPLICA IDENTITY FULL without an index.
+CREATE OR REPLACE FUNCTION chorus.apply_keyless(rel text, op text, old jsonb, img jsonb,
+                                                ver bigint, org integer) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    matched text[] := chorus.present_columns(rel, old);
+    changed text[];
+    found_oid oid;
+    found_tid tid;
+BEGIN
+    EXECUTE format('SELECT t.tableoid, t.ctid FROM %1$s t WHERE ROW(%2$s)::text = '
+                   '(SELECT ROW(%3$s)::text FROM jsonb_populate_record(NULL::%1$s, $1) k) '
+                   'LIMIT 1 FOR UPDATE OF t',
+                   rel, chorus.ident_list(matched, 't.'), chorus.ident_list(matched, 'k.'))
+    INTO found_oid, found_tid USING old;
+    IF found_tid IS NULL THEN
+        INSERT INTO chorus.conflict (tbl, kind, resolution, remote_version, remote_origin, remote_row, detail)
+        VALUES (rel, lower(op) || '_missing', 'skipped', ver, org, coalesce(img, old),
+                'no row here matches the old row of this table without a primary key');
+        RETURN lower(op) || '_missing:skipped';
+    END IF;
+    IF op = 'DELETE' THEN
+        EXECUTE format('DELETE FROM %s t WHERE t.tableoid = $1 AND t.ctid = $2', rel)
+        USING found_oid, found_tid;
+        RETURN 'applied';
+    END IF;
+    -- Only the columns the update changed: the others (an identity column
+    -- GENERATED ALWAYS among them) keep the value the row has.
+    SELECT array_agg(c ORDER BY o) INTO changed
+      FROM unnest(chorus.present_columns(rel, img)) WITH ORDINALITY AS u(c, o)
+     WHERE img -> c IS DISTINCT FROM old -> c;
+    IF changed IS NOT NULL THEN
+        EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $3)) '
+                       'WHERE t.tableoid = $1 AND t.ctid = $2', rel, chorus.ident_list(changed))
+        USING found_oid, found_tid, img;
+    END IF;
+    RETURN 'applied';
 END
 $$;
 
@@ -217,6 +265,9 @@ BEGIN
     IF (ver, org) < (SELECT v.version, v.origin FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = '{}') THEN
         -- Made before a TRUNCATE of the table that this backend has had.
         RETURN 'truncated:skipped';
+    END IF;
+    IF key IS NULL AND op <> 'INSERT' THEN
+        RETURN chorus.apply_keyless(rel, op, change -> 'old', img, ver, org);
     END IF;
     IF key IS NULL THEN
         unique_outcome := chorus.write_row_resolving(rel, cols, key, img, ver, org);
@@ -329,11 +380,16 @@ DECLARE
 BEGIN
     cols := chorus.key_columns(rel);
     IF cardinality(cols) = 0 THEN
-        -- Insert-only: every change is an insert of its own row.
-        PERFORM chorus.write_rows(rel, cols,
-            (SELECT jsonb_agg(c -> 'row' ORDER BY (c ->> 'n')::integer)
-               FROM jsonb_array_elements(changes) c));
-        RETURN array_fill('applied'::text, ARRAY[jsonb_array_length(changes)]);
+        -- Without a key: inserts together, updates and deletes (matched by
+        -- content) one by one, in order.
+        IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(changes) c WHERE c ->> 'op' <> 'INSERT') THEN
+            PERFORM chorus.write_rows(rel, cols,
+                (SELECT jsonb_agg(c -> 'row' ORDER BY (c ->> 'n')::integer)
+                   FROM jsonb_array_elements(changes) c));
+            RETURN array_fill('applied'::text, ARRAY[jsonb_array_length(changes)]);
+        END IF;
+        RETURN ARRAY(SELECT chorus.apply_change(c) FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
+                      ORDER BY e.n);
     END IF;
 
     -- Lock the existing rows, then every key, each in one order (so two
@@ -565,6 +621,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     path text := current_setting('search_path');
     failure text;
+    before jsonb;
 BEGIN
     -- Sequences the DDL makes need this backend's sequence id, which its
     -- node records shortly after it starts: until then the apply fails and
@@ -577,7 +634,11 @@ BEGIN
             set_config('chorus.sequence_kind', coalesce(change ->> 'sequence_kind', 'snowflake'), true),
             set_config('chorus.sequence_block', coalesce(change ->> 'sequence_block', '1000000'), true);
     BEGIN
+        -- With the origin session's settings (see chorus.ddl_settings):
+        -- one naming a tablespace this backend lacks fails like the DDL.
+        before := chorus.use_settings(change -> 'settings');
         PERFORM chorus.run_as(change ->> 'role', change ->> 'ddl');
+        PERFORM chorus.use_settings(before);
     EXCEPTION WHEN OTHERS THEN
         failure := SQLSTATE || ': ' || SQLERRM;
     END;
@@ -603,7 +664,7 @@ $$;
 -- the table's marker keeps its version. When no row here is newer (the
 -- usual case) that is one TRUNCATE of all the statement's tables together
 -- (their foreign keys between them allow it); otherwise DELETE of the
--- older rows, referencing tables first. An insert-only table has no row
+-- older rows, referencing tables first. A keyless table has no row
 -- versions: it is truncated.
 CREATE OR REPLACE FUNCTION chorus.apply_truncate(items jsonb) RETURNS text[]
 LANGUAGE plpgsql AS $$
@@ -655,7 +716,7 @@ BEGIN
                 EXECUTE format('DELETE FROM %s', rel);
             ELSE
                 EXECUTE format('DELETE FROM %1$s t WHERE NOT EXISTS (SELECT 1 FROM chorus.row_version v '
-                               'WHERE v.tbl = $1 AND v.pk = chorus.key_of(to_jsonb(t), $2) '
+                               'WHERE v.tbl = $1 AND v.pk = chorus.key_of(to_jsonb(t.*), $2) '
                                'AND (v.version, v.origin) > ($3, $4))', rel)
                     USING rel, cols, ver, org;
             END IF;

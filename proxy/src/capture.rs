@@ -65,19 +65,15 @@ pub async fn install(client: &Client, node_id: u16) -> Result<(), CaptureError> 
     Ok(())
 }
 
-/// Adopts a table (`$1`, insert-only flag `$2`); returns its qualified
+/// Adopts a table (`$1`, keyless flag `$2`); returns its qualified
 /// name. A table without a primary key is refused (SQLSTATE 55000, with a
-/// hint) unless insert-only.
+/// hint) unless adopted keyless.
 pub const ADOPT_SQL: &str = "SELECT chorus.adopt($1::text::regclass, $2)";
 
 /// Adopt an existing table for replication; returns its qualified name
 /// (see [`ADOPT_SQL`]).
-pub async fn adopt(
-    client: &Client,
-    table: &str,
-    insert_only: bool,
-) -> Result<String, CaptureError> {
-    let row = client.query_one(ADOPT_SQL, &[&table, &insert_only]).await?;
+pub async fn adopt(client: &Client, table: &str, keyless: bool) -> Result<String, CaptureError> {
+    let row = client.query_one(ADOPT_SQL, &[&table, &keyless]).await?;
     Ok(row.get(0))
 }
 
@@ -98,10 +94,14 @@ pub struct ChangeRecord {
     /// Quoted, schema-qualified table name.
     pub table: String,
     pub op: Operation,
-    /// Primary key as a JSON object; `None` for insert-only tables.
+    /// Primary key as a JSON object; `None` for keyless tables.
     pub key: Option<Box<RawValue>>,
     /// The full new row image; `None` for a delete.
     pub row: Option<Box<RawValue>>,
+    /// The full old row image of an update or delete of a keyless table
+    /// (by which peers find the row); `None` otherwise.
+    #[serde(default)]
+    pub old: Option<Box<RawValue>>,
     /// The row's new version: a packed HLC (see `chorus_router::hlc`).
     pub version: i64,
     /// The version this write overwrote on its origin (`None`: no earlier
@@ -117,8 +117,8 @@ pub struct ChangeRecord {
 pub type Rejection = &'static str;
 
 /// Check that a change message's content is a record capture writes: a
-/// row change (table, op, key, row, version, prev, origin, with the row
-/// image an operation needs), a TRUNCATE (truncate, version, origin) or a
+/// row change (table, op, key, row, old, version, prev, origin, with the
+/// row images an operation needs), a TRUNCATE (truncate, version, origin) or a
 /// DDL record (ddl, seq, origin, role, search_path). Returns the version
 /// of a row change or TRUNCATE (`None` for DDL). Only
 /// the fields are read; the images stay unparsed (see [`ChangeRecord`]).
@@ -136,6 +136,8 @@ pub fn check_record(content: &str) -> Result<Option<i64>, Rejection> {
         key: Option<&'a RawValue>,
         #[serde(borrow, default)]
         row: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        old: Option<&'a RawValue>,
         #[serde(default)]
         version: Option<i64>,
         #[serde(default)]
@@ -172,7 +174,9 @@ pub fn check_record(content: &str) -> Result<Option<i64>, Rejection> {
                 && fields.origin.is_some()
                 && (op == Operation::Delete || object(fields.row))
                 && (fields.key.is_none() || object(fields.key))
-                && (op == Operation::Insert || fields.key.is_some())
+                // An update or delete names its row by key, or (a table
+                // without a primary key) by its old image.
+                && (op == Operation::Insert || fields.key.is_some() || object(fields.old))
         }
         _ => false,
     };
@@ -180,6 +184,35 @@ pub fn check_record(content: &str) -> Result<Option<i64>, Rejection> {
         return Err("not_a_record");
     }
     Ok(fields.version.filter(|_| fields.ddl.is_none()))
+}
+
+/// What a rejected message is about, for the log: its `op` and `table`
+/// (or `truncate`, `ddl`) fields when it has them, never its row image.
+pub fn record_subject(content: &str) -> String {
+    #[derive(Deserialize)]
+    struct Subject {
+        #[serde(default)]
+        op: Option<String>,
+        #[serde(default)]
+        table: Option<String>,
+        #[serde(default)]
+        truncate: Option<String>,
+        #[serde(default)]
+        ddl: Option<serde::de::IgnoredAny>,
+    }
+    match serde_json::from_str::<Subject>(content) {
+        Ok(s) => [
+            s.op,
+            s.table,
+            s.truncate.map(|t| format!("TRUNCATE {t}")),
+            s.ddl.map(|_| "DDL".to_owned()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" "),
+        Err(_) => String::new(),
+    }
 }
 
 /// Why a decoded line is not a change record.
@@ -232,6 +265,30 @@ mod tests {
         );
         assert_eq!(change.version, 123456);
         assert_eq!(change.origin, 1);
+    }
+
+    #[test]
+    fn a_keyless_update_or_delete_is_a_record_only_with_its_old_row() {
+        let update = r#"{"op": "UPDATE", "key": null, "row": {"a": 2}, "old": {"a": 1}, "table": "public.t", "origin": 1, "version": 7}"#;
+        let delete = r#"{"op": "DELETE", "key": null, "row": null, "old": {"a": 1}, "table": "public.t", "origin": 1, "version": 7}"#;
+        assert_eq!(check_record(update), Ok(Some(7)));
+        assert_eq!(check_record(delete), Ok(Some(7)));
+        let no_old = r#"{"op": "DELETE", "key": null, "row": null, "table": "public.t", "origin": 1, "version": 7}"#;
+        assert_eq!(check_record(no_old), Err("not_a_record"));
+        let old_not_a_row = r#"{"op": "UPDATE", "key": null, "row": {"a": 2}, "old": 1, "table": "public.t", "origin": 1, "version": 7}"#;
+        assert_eq!(check_record(old_not_a_row), Err("not_a_record"));
+    }
+
+    #[test]
+    fn a_rejected_message_is_described_without_its_rows() {
+        let update = r#"{"op": "UPDATE", "row": {"secret": 2}, "table": "public.t"}"#;
+        assert_eq!(record_subject(update), "UPDATE public.t");
+        assert_eq!(
+            record_subject(r#"{"truncate": "public.t", "version": 1}"#),
+            "TRUNCATE public.t"
+        );
+        assert_eq!(record_subject(r#"{"ddl": "DROP TABLE t"}"#), "DDL");
+        assert_eq!(record_subject("not json"), "");
     }
 
     #[test]

@@ -19,12 +19,23 @@ ALTER TABLE chorus.local ADD COLUMN IF NOT EXISTS sequence_id integer;
 ALTER TABLE chorus.local ADD COLUMN IF NOT EXISTS driver_epoch bigint NOT NULL DEFAULT 0;
 
 -- Tables whose changes replicate, with their primary key columns in key
--- order (empty for an insert-only table without a primary key).
+-- order (empty for a keyless table: one without a primary key, whose
+-- updated and deleted rows peers find by content, see
+-- chorus.apply_keyless).
 CREATE TABLE IF NOT EXISTS chorus.replicated_table (
     tbl text PRIMARY KEY,
     pk_columns text[] NOT NULL,
-    insert_only boolean NOT NULL
+    keyless boolean NOT NULL
 );
+-- (Named insert_only before such tables replicated updates and deletes.)
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_attribute a
+                WHERE a.attrelid = 'chorus.replicated_table'::regclass AND a.attname = 'insert_only') THEN
+        ALTER TABLE chorus.replicated_table RENAME COLUMN insert_only TO keyless;
+    END IF;
+END
+$$;
 
 -- The version of every row ever written, kept after a delete as its
 -- tombstone, so that a late update cannot bring a deleted row back.
@@ -210,7 +221,6 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rel text;
     cols text[];
-    only_inserts boolean;
     txn_hlc bigint;
     origin integer;
     ddl_seq bigint;
@@ -234,11 +244,11 @@ BEGIN
     IF current_setting('chorus.applying', true) = 'on' AND current_setting('is_superuser') = 'on' THEN
         RETURN NULL;
     END IF;
-    -- chorus.adopt passes the key columns, the insert-only flag and the
-    -- qualified name as trigger arguments, which saves work on every row.
+    -- chorus.adopt passes the key columns, the keyless flag (unused here:
+    -- no key columns say the same) and the qualified name as trigger
+    -- arguments, which saves work on every row.
     IF TG_NARGS >= 3 THEN
         cols := TG_ARGV[0]::text[];
-        only_inserts := TG_ARGV[1]::boolean;
         rel := TG_ARGV[2];
         IF TG_NARGS >= 4 THEN
             textual := TG_ARGV[3]::text[];
@@ -254,16 +264,10 @@ BEGIN
         END IF;
     ELSE
         rel := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
-        SELECT t.pk_columns, t.insert_only INTO cols, only_inserts
-          FROM chorus.replicated_table t WHERE t.tbl = rel;
+        SELECT t.pk_columns INTO cols FROM chorus.replicated_table t WHERE t.tbl = rel;
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
-    END IF;
-    IF only_inserts AND TG_OP <> 'INSERT' THEN
-        RAISE EXCEPTION 'cannot % table % because it is replicated insert-only', lower(TG_OP), rel
-            USING ERRCODE = '55000',
-                  HINT = 'Add a primary key and adopt the table again to replicate updates and deletes.';
     END IF;
     -- One stamp per transaction: the first one seen is pinned (with the
     -- transaction id) for the transaction's later rows, even if the proxy
@@ -342,7 +346,9 @@ BEGIN
         key := keys[i];
         prev := NULL;
         IF key IS NULL THEN
-            ver := txn_hlc;
+            -- Newer than the table's TRUNCATE marker, as below.
+            ver := greatest(txn_hlc, (SELECT v.version + 1 FROM chorus.row_version v
+                                       WHERE v.tbl = rel AND v.pk = '{}'));
         ELSE
             -- Serializes this key with the apply of remote changes (the
             -- body of chorus.key_lock, inlined: this runs for every
@@ -375,9 +381,14 @@ BEGIN
         -- the row has exactly that version applies it without a conflict.
         -- The prefix carries the DDL index ('chorus:<seq>'), which the
         -- streams read without parsing the payload.
-        PERFORM pg_logical_emit_message(true, 'chorus:' || ddl_seq, jsonb_build_object(
+        -- A table without a primary key has no key: its update or delete
+        -- carries the old row, which peers match by content (see
+        -- chorus.apply_keyless).
+        PERFORM pg_logical_emit_message(true, 'chorus:' || ddl_seq, (jsonb_build_object(
             'table', rel, 'op', ops[i], 'key', key, 'row', imgs[i],
-            'version', ver, 'prev', prev, 'origin', origin)::text);
+            'version', ver, 'prev', prev, 'origin', origin)
+            || CASE WHEN key IS NULL AND old_img IS NOT NULL THEN jsonb_build_object('old', old_img)
+                    ELSE '{}' END)::text);
     END LOOP;
     RETURN NULL;
 END
@@ -391,8 +402,13 @@ $$;
 -- skipped, and a write after it gets a newer version. So a row inserted
 -- concurrently through another node survives everywhere exactly when its
 -- version is newer than the TRUNCATE's (last writer wins, as for rows).
--- Partitioned tables: refused (a partition's rows are recorded under its
--- root's name, which TRUNCATE of one partition cannot be told from).
+-- A partitioned table replicates a TRUNCATE of the whole tree: its root's
+-- trigger fires first (PostgreSQL fires the AFTER TRUNCATE triggers of a
+-- statement in the order of its tables: the root, then its partitions)
+-- and records it under the root's name, as the rows are; the partitions'
+-- triggers of the same statement then stay quiet. A TRUNCATE of single
+-- partitions is refused (their rows are recorded under the root's name,
+-- so a later change could not be told to be older than it or not).
 CREATE OR REPLACE FUNCTION chorus.capture_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -401,14 +417,29 @@ DECLARE
     origin integer;
     ddl_seq bigint;
     ver bigint;
+    tree jsonb;
 BEGIN
     IF current_setting('chorus.applying', true) = 'on' AND current_setting('is_superuser') = 'on' THEN
         RETURN NULL;
     END IF;
     IF rel <> format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) THEN
-        RAISE EXCEPTION 'TRUNCATE of a partitioned table cannot be replicated'
+        -- A partition: quiet when its root's TRUNCATE was just recorded.
+        tree := nullif(current_setting('chorus.truncating_tree', true), '')::jsonb;
+        IF tree ->> 'root' = rel AND (tree ->> 'left')::integer > 0 THEN
+            PERFORM set_config('chorus.truncating_tree', jsonb_set(tree, '{left}',
+                               to_jsonb((tree ->> 'left')::integer - 1))::text, true);
+            RETURN NULL;
+        END IF;
+        RAISE EXCEPTION 'TRUNCATE of a partition cannot be replicated'
             USING ERRCODE = '0A000',
-                  HINT = format('Use DELETE FROM %s instead.', rel);
+                  HINT = format('Truncate the whole table %s, or use DELETE FROM %s.', rel, TG_RELID::regclass);
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = TG_RELID) = 'p' THEN
+        PERFORM set_config('chorus.truncating_tree', jsonb_build_object(
+            'root', rel,
+            'left', (SELECT count(*) FROM pg_partition_tree(TG_RELID) p
+                       JOIN pg_trigger t ON t.tgrelid = p.relid AND t.tgname = 'chorus_truncate'
+                      WHERE p.isleaf))::text, true);
     END IF;
     SELECT s.txn_hlc, s.origin, s.ddl_seq INTO txn_hlc, origin, ddl_seq FROM chorus.txn_stamp() s;
     -- Newer than every row it removed here, and than an earlier TRUNCATE.
@@ -438,17 +469,38 @@ BEGIN
         EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
                        'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', t.leaf, t.name);
     END LOOP;
+    -- And partitioned tables adopted before their TRUNCATE replicated, on
+    -- their root.
+    FOR t IN SELECT r.tbl::regclass AS leaf, r.tbl AS name FROM chorus.replicated_table r
+              WHERE to_regclass(r.tbl) IS NOT NULL
+                AND (SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass(r.tbl)) = 'p'
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger d
+                                 WHERE d.tgrelid = to_regclass(r.tbl) AND d.tgname = 'chorus_truncate') LOOP
+        EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', t.leaf, t.name);
+    END LOOP;
 END
 $$;
 
 -- Adopt an existing table: record its key and install the capture trigger.
--- A table without a primary key is refused unless adopted insert-only.
+-- A table without a primary key is refused unless adopted keyless.
 -- A partitioned table replicates as one table: each leaf partition gets
 -- the trigger, recording its rows under the root's name and key (so an
 -- UPDATE that moves a row between partitions is a change of one row).
 -- Adopting a partition adopts its root; a table that left the tree
 -- (DETACH PARTITION) is adopted on its own.
-CREATE OR REPLACE FUNCTION chorus.adopt(rel regclass, insert_only boolean DEFAULT false)
+-- (Its flag was named insert_only before; a parameter cannot be renamed
+-- in place.)
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_proc p
+                WHERE p.oid = to_regprocedure('chorus.adopt(regclass, boolean)')
+                  AND 'insert_only' = ANY (p.proargnames)) THEN
+        DROP FUNCTION chorus.adopt(regclass, boolean);
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION chorus.adopt(rel regclass, keyless boolean DEFAULT false)
 RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -462,7 +514,7 @@ DECLARE
 BEGIN
     IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
         rel := pg_partition_root(rel);
-        insert_only := NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary);
+        keyless := NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary);
     END IF;
     SELECT format('%I.%I', n.nspname, c.relname), c.relkind INTO name, kind
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -471,22 +523,23 @@ BEGIN
       FROM pg_index i
       CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = rel AND i.indisprimary;
-    IF cols IS NULL AND NOT insert_only THEN
+     WHERE i.indrelid = rel AND i.indisprimary
+       AND k.ord <= i.indnkeyatts;  -- the key, not its INCLUDE columns
+    IF cols IS NULL AND NOT keyless THEN
         RAISE EXCEPTION 'table % has no primary key, so its updates and deletes cannot be replicated', name
             USING ERRCODE = '55000',
-                  HINT = format('Add a primary key, or adopt it insert-only: SELECT chorus.adopt(%L, insert_only => true);', name);
+                  HINT = format('Add a primary key, or adopt it keyless (its rows matched by content): SELECT chorus.adopt(%L, keyless => true);', name);
     END IF;
-    INSERT INTO chorus.replicated_table (tbl, pk_columns, insert_only)
-    VALUES (name, coalesce(cols, '{}'), insert_only OR cols IS NULL)
+    INSERT INTO chorus.replicated_table (tbl, pk_columns, keyless)
+    VALUES (name, coalesce(cols, '{}'), keyless OR cols IS NULL)
     ON CONFLICT (tbl) DO UPDATE
-        SET pk_columns = excluded.pk_columns, insert_only = excluded.insert_only;
+        SET pk_columns = excluded.pk_columns, keyless = excluded.keyless;
     -- Rows already there get version 0 from origin 0, the same on every
     -- backend that holds them, so their first replicated update applies
     -- cleanly instead of looking like an update of a missing row.
     IF cols IS NOT NULL THEN
         EXECUTE format('INSERT INTO chorus.row_version (tbl, pk, version, origin, deleted) '
-                       'SELECT %L, chorus.key_of(to_jsonb(t), %L), 0, 0, false FROM %s t '
+                       'SELECT %L, chorus.key_of(to_jsonb(t.*), %L), 0, 0, false FROM %s t '
                        'ON CONFLICT (tbl, pk) DO NOTHING', name, cols, rel);
     END IF;
     -- Columns whose type (or array element type) has a cast to json or
@@ -511,7 +564,7 @@ BEGIN
         END IF;
         EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                        'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L, %L)',
-                       leaf, coalesce(cols, '{}')::text, (insert_only OR cols IS NULL)::text, name,
+                       leaf, coalesce(cols, '{}')::text, (keyless OR cols IS NULL)::text, name,
                        textual::text);
         IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = leaf AND tgname = 'chorus_truncate') THEN
             EXECUTE format('DROP TRIGGER chorus_truncate ON %s', leaf);
@@ -519,6 +572,15 @@ BEGIN
         EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
                        'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', leaf, name);
     END LOOP;
+    -- The root of a partitioned table records a TRUNCATE of the whole tree
+    -- (see chorus.capture_truncate).
+    IF kind = 'p' THEN
+        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'chorus_truncate') THEN
+            EXECUTE format('DROP TRIGGER chorus_truncate ON %s', rel);
+        END IF;
+        EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', rel, name);
+    END IF;
     -- Former partitions still recording under this name replicate as
     -- tables of their own now.
     FOR gone IN
@@ -719,6 +781,43 @@ BEGIN
 END
 $$;
 
+-- The session settings a DDL statement's meaning depends on, beyond its
+-- search_path and role: where its objects go (default_tablespace, the
+-- access method, TOAST compression), whether function bodies are checked,
+-- how its literals read (standard_conforming_strings, DateStyle,
+-- IntervalStyle, TimeZone), and whether an empty tablespace location is
+-- allowed. They travel with the statement, and every backend applies it
+-- under them (chorus.use_settings).
+CREATE OR REPLACE FUNCTION chorus.ddl_settings() RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'default_tablespace', current_setting('default_tablespace'),
+        'default_table_access_method', current_setting('default_table_access_method'),
+        'default_toast_compression', current_setting('default_toast_compression'),
+        'check_function_bodies', current_setting('check_function_bodies'),
+        'standard_conforming_strings', current_setting('standard_conforming_strings'),
+        'DateStyle', current_setting('DateStyle'),
+        'IntervalStyle', current_setting('IntervalStyle'),
+        'TimeZone', current_setting('TimeZone'),
+        'allow_in_place_tablespaces', current_setting('allow_in_place_tablespaces'))
+$$;
+
+-- Set these settings (see chorus.ddl_settings) for the transaction (or,
+-- `local` false, the session); returns their values before, to set back.
+CREATE OR REPLACE FUNCTION chorus.use_settings(settings jsonb, local boolean DEFAULT true) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    item record;
+    before jsonb := '{}';
+BEGIN
+    FOR item IN SELECT * FROM jsonb_each_text(coalesce(settings, '{}')) LOOP
+        before := before || jsonb_build_object(item.key, current_setting(item.key));
+        PERFORM set_config(item.key, item.value, local);
+    END LOOP;
+    RETURN before;
+END
+$$;
+
 -- The text of the DDL statement this event trigger fires for, as the
 -- client sent it, or NULL when Chorus did not see it (DDL run from a
 -- function or a DO block). For a simple query the proxy stages, with its
@@ -806,26 +905,43 @@ DECLARE
     root regclass := rel;
     name text;
     cols text[];
-    only_inserts boolean;
+    is_keyless boolean;
     sent bigint;
+    ver bigint;
 BEGIN
     IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
         root := pg_partition_root(rel);
     END IF;
     SELECT format('%I.%I', n.nspname, c.relname) INTO name
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = root;
-    SELECT t.pk_columns, t.insert_only INTO cols, only_inserts
+    SELECT t.pk_columns, t.keyless INTO cols, is_keyless
       FROM chorus.replicated_table t WHERE t.tbl = name;
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
-    IF only_inserts THEN
-        RAISE EXCEPTION 'ALTER TABLE that computes new values for the rows of % cannot be replicated: it has no primary key', name
+    IF is_keyless AND root <> rel THEN
+        RAISE EXCEPTION 'ALTER TABLE that computes new values for the rows of % cannot be replicated: it is partitioned and has no primary key', name
             USING ERRCODE = '0A000',
                   HINT = 'Add a primary key first, or compute the values with an UPDATE after a plain ALTER TABLE.';
     END IF;
+    IF is_keyless THEN
+        -- No key to send the rows as updates by: the table's rows are
+        -- replaced, as a TRUNCATE (see chorus.capture_truncate) and the
+        -- rows inserted after it.
+        SELECT greatest(txn_hlc, max(v.version) + 1) INTO ver FROM chorus.row_version v WHERE v.tbl = name;
+        DELETE FROM chorus.row_version v WHERE v.tbl = name;
+        INSERT INTO chorus.row_version (tbl, pk, version, origin, deleted) VALUES (name, '{}', ver, origin, true);
+        PERFORM pg_logical_emit_message(true, prefix, jsonb_build_object(
+            'truncate', name, 'version', ver, 'origin', origin)::text);
+        EXECUTE format('SELECT count(pg_logical_emit_message(true, $1, jsonb_build_object('
+                       '''table'', $2, ''op'', ''INSERT'', ''key'', NULL, ''row'', to_jsonb(t.*), '
+                       '''version'', $3, ''prev'', NULL, ''origin'', $4)::text)) FROM %s t', rel)
+            INTO sent
+            USING prefix, name, ver + 1, origin;
+        RETURN sent;
+    END IF;
     EXECUTE format(
-        'WITH img AS (SELECT to_jsonb(t) AS img FROM %s t), '
+        'WITH img AS (SELECT to_jsonb(t.*) AS img FROM %s t), '
         '     old AS (SELECT i.img, chorus.key_of(i.img, $1) AS key, v.version AS prev '
         '               FROM img i LEFT JOIN chorus.row_version v '
         '                 ON v.tbl = $2 AND v.pk = chorus.key_of(i.img, $1)), '
@@ -1044,7 +1160,8 @@ BEGIN
     PERFORM pg_logical_emit_message(true, 'chorus:' || dep, jsonb_build_object(
         'ddl', statement, 'seq', lease, 'origin', origin, 'search_path', user_path,
         'role', role_name, 'sequence_kind', current_setting('chorus.sequence_kind', true),
-        'sequence_block', current_setting('chorus.sequence_block', true))::text);
+        'sequence_block', current_setting('chorus.sequence_block', true),
+        'settings', chorus.ddl_settings())::text);
     -- Tables this statement rewrote: their rows as the origin computed them.
     IF coalesce(current_setting('chorus.rewritten', true), '') <> '' THEN
         -- (Only tables the role may alter: the list is a setting.)
@@ -1058,7 +1175,7 @@ BEGIN
         SELECT format('%I.%I', n.nspname, c.relname) INTO made_name
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = made;
         EXECUTE format('SELECT count(pg_logical_emit_message(true, $1, jsonb_build_object('
-                       '''table'', $2, ''op'', ''INSERT'', ''key'', NULL, ''row'', to_jsonb(t), '
+                       '''table'', $2, ''op'', ''INSERT'', ''key'', NULL, ''row'', to_jsonb(t.*), '
                        '''version'', $3, ''prev'', NULL, ''origin'', $4)::text)) FROM %s t', made)
             USING 'chorus:' || dep, made_name, txn_hlc, origin;
     END IF;

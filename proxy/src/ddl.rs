@@ -361,6 +361,7 @@ async fn apply_entry(
     let kind = p.sequence_kind.as_deref().unwrap_or("snowflake");
     let block = p.galloc_block.unwrap_or(1_000_000).to_string();
     let sequence_id = sequence_id.to_string();
+    let settings = p.settings.as_deref().unwrap_or("{}");
     let outcome = if p.transactional {
         client
             .execute(
@@ -369,11 +370,22 @@ async fn apply_entry(
                 &[&p.search_path, &sequence_id, &kind, &block],
             )
             .await?;
-        // As the role, without a way back to this superuser session (see
+        // Under the origin session's settings (see chorus.ddl_settings),
+        // for this transaction (one this backend cannot take, a
+        // default_tablespace it lacks, fails like the statement), and as
+        // the role, without a way back to this superuser session (see
         // chorus.run_as).
-        let ran = client
-            .execute("SELECT chorus.run_as($1, $2)", &[&p.role, &p.sql])
-            .await;
+        let ran = match client
+            .execute("SELECT chorus.use_settings($1::text::jsonb)", &[&settings])
+            .await
+        {
+            Ok(_) => {
+                client
+                    .execute("SELECT chorus.run_as($1, $2)", &[&p.role, &p.sql])
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         match ran {
             Ok(_) => None,
             Err(e) => {
@@ -397,16 +409,40 @@ async fn apply_entry(
                 &[&p.search_path],
             )
             .await?;
+        // The origin session's settings, for this session until set back.
         let ran = match client
-            .batch_execute(&format!("SET ROLE {}", quote_ident(&p.role)))
+            .query_one(
+                "SELECT chorus.use_settings($1::text::jsonb, false)::text",
+                &[&settings],
+            )
             .await
         {
-            Ok(()) => client.batch_execute(&p.sql).await,
-            Err(e) => Err(e),
+            Ok(row) => {
+                let before: String = row.get(0);
+                let ran = match client
+                    .batch_execute(&format!("SET ROLE {}", quote_ident(&p.role)))
+                    .await
+                {
+                    Ok(()) => client.batch_execute(&p.sql).await,
+                    Err(e) => Err(e),
+                };
+                client
+                    .batch_execute("RESET ROLE; RESET search_path")
+                    .await?;
+                client
+                    .execute(
+                        "SELECT chorus.use_settings($1::text::jsonb, false)",
+                        &[&before],
+                    )
+                    .await?;
+                ran
+            }
+            Err(e) => {
+                client.batch_execute("RESET search_path").await?;
+                Err(e)
+            }
         };
-        client
-            .batch_execute("RESET ROLE; RESET search_path; BEGIN")
-            .await?;
+        client.batch_execute("BEGIN").await?;
         match ran {
             Ok(()) => None,
             Err(e) => Some(db_error(e)?),
@@ -443,6 +479,9 @@ pub struct DdlJob {
     search_path: String,
     /// The session's `chorus.sequence_kind` (empty: the node's default).
     sequence_kind: String,
+    /// The session's settings the DDL depends on (`chorus.ddl_settings()`,
+    /// JSON).
+    settings: Option<String>,
     /// The DDL's own answers (notices, CommandComplete, or its error).
     output: BytesMut,
     failed: Option<String>,
@@ -468,6 +507,7 @@ impl DdlJob {
             role: String::new(),
             search_path: String::new(),
             sequence_kind: String::new(),
+            settings: None,
             output: BytesMut::new(),
             failed: None,
             ready_seen: 0,
@@ -501,6 +541,7 @@ impl DdlJob {
                     self.role = fields.next().flatten().unwrap_or_default();
                     self.search_path = fields.next().flatten().unwrap_or_default();
                     self.sequence_kind = fields.next().flatten().unwrap_or_default();
+                    self.settings = fields.next().flatten();
                 }
             }
             _ => protocol::write_message(&mut self.output, tag, |m| m.extend_from_slice(body)),
@@ -553,7 +594,7 @@ pub fn validation_query(sql: &str) -> BytesMut {
         &mut out,
         &format!(
             "BEGIN; SET LOCAL chorus.ddl_scope = 'local'; SELECT current_user, current_setting('search_path'), \
-             current_setting('chorus.sequence_kind', true);\n{sql}\n"
+             current_setting('chorus.sequence_kind', true), chorus.ddl_settings();\n{sql}\n"
         ),
     );
     protocol::query(&mut out, "ROLLBACK");
@@ -663,6 +704,7 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         sequence_kind: Some(sequence_kind.to_owned()),
         galloc_block: Some(cluster.galloc_range_size),
         in_stream: false,
+        settings: job.settings.clone(),
     };
     let started = Instant::now();
     // The lease keeps this DDL from running between another transaction's

@@ -42,14 +42,15 @@ enum Command {
     },
     /// Adopt existing tables for replication on every backend of the
     /// cluster (they must exist with the same rows everywhere). A table
-    /// without a primary key is refused unless --insert-only.
+    /// without a primary key is refused unless --keyless.
     Adopt {
         /// Configuration file of any node of the cluster.
         #[arg(long, short)]
         config: PathBuf,
-        /// Replicate inserts only (for tables without a primary key).
+        /// Adopt tables without a primary key: peers find the rows an
+        /// update or delete changed by their content.
         #[arg(long)]
-        insert_only: bool,
+        keyless: bool,
         /// Tables, optionally schema-qualified.
         #[arg(required = true)]
         tables: Vec<String>,
@@ -181,12 +182,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Adopt {
             config,
-            insert_only,
+            keyless,
             tables,
         } => {
             let config = Config::load(&config)?;
             let adopted =
-                runtime.block_on(chorus_proxy::admin::adopt(&config, &tables, insert_only))?;
+                runtime.block_on(chorus_proxy::admin::adopt(&config, &tables, keyless))?;
             for name in adopted {
                 println!("adopted {name} on {} backends", config.backends.len());
             }

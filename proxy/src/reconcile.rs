@@ -41,7 +41,7 @@ pub async fn reconcile(backends: &[(String, Client)]) -> Result<Report, tokio_po
     };
     let tables: Vec<(String, Vec<String>)> = first
         .query(
-            "SELECT tbl, pk_columns FROM chorus.replicated_table WHERE NOT insert_only ORDER BY tbl",
+            "SELECT tbl, pk_columns FROM chorus.replicated_table WHERE NOT keyless ORDER BY tbl",
             &[],
         )
         .await?

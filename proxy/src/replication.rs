@@ -735,6 +735,7 @@ async fn run_stream(
                             lsn = %format_lsn(r.lsn),
                             prefix = %r.prefix,
                             bytes = r.bytes,
+                            subject = %r.subject,
                             reason = r.reason,
                             "a change message is not one of Chorus's records; skipped"
                         );

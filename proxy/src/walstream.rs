@@ -59,6 +59,9 @@ pub struct Rejected {
     pub reason: capture::Rejection,
     pub prefix: String,
     pub bytes: usize,
+    /// Its operation and table, when it names them (see
+    /// [`capture::record_subject`]).
+    pub subject: String,
 }
 
 fn be_u64(data: &[u8], at: usize) -> Result<u64, ReplicationError> {
@@ -118,7 +121,11 @@ impl PgOutputDecoder {
                 let (content, version) = match checked {
                     Ok(found) => found,
                     Err(reason) => {
+                        let subject = std::str::from_utf8(raw)
+                            .map(capture::record_subject)
+                            .unwrap_or_default();
                         self.rejected.push(Rejected {
+                            subject,
                             lsn,
                             reason,
                             prefix: prefix.to_owned(),

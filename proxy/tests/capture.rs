@@ -193,7 +193,7 @@ async fn a_key_change_is_a_delete_and_an_insert() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn tables_without_a_primary_key_replicate_insert_only_or_not_at_all() {
+async fn tables_without_a_primary_key_are_adopted_keyless_or_not_at_all() {
     let b = backend(1).await;
     b.client
         .batch_execute("CREATE TABLE events (at timestamptz, what text)")
@@ -212,7 +212,7 @@ async fn tables_without_a_primary_key_replicate_insert_only_or_not_at_all() {
         "{}",
         db.message()
     );
-    assert!(db.hint().unwrap().contains("insert_only => true"));
+    assert!(db.hint().unwrap().contains("keyless => true"));
 
     capture::adopt(&b.client, "events", true).await.unwrap();
     b.client
@@ -223,12 +223,17 @@ async fn tables_without_a_primary_key_replicate_insert_only_or_not_at_all() {
     assert_eq!(captured.len(), 1);
     assert!(captured[0].key.is_none());
     assert_eq!(json(&captured[0].row)["what"], "started");
-    let err = b
-        .client
+    // An update carries the old row, by which peers find the row.
+    b.client
         .batch_execute("UPDATE events SET what = 'x'")
         .await
-        .unwrap_err();
-    assert_eq!(err.code().unwrap().code(), "55000");
+        .unwrap();
+    let captured = changes(&b.client).await;
+    assert_eq!(captured.len(), 1);
+    assert_eq!(captured[0].op, Operation::Update);
+    assert!(captured[0].key.is_none());
+    assert_eq!(json(&captured[0].row)["what"], "x");
+    assert_eq!(json(&captured[0].old)["what"], "started");
 }
 
 #[tokio::test(flavor = "multi_thread")]

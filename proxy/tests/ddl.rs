@@ -915,12 +915,29 @@ async fn alter_table_with_volatile_defaults_or_using_gives_identical_rows_everyw
     )
     .await
     .unwrap();
-    // A table without a primary key cannot carry the new values: refused.
-    two.batch_execute("CREATE TABLE loose (n int); INSERT INTO loose VALUES (1)")
-        .await
-        .unwrap();
+    // A table without a primary key gets its rows replaced by the
+    // origin's; a partitioned one has no way to: refused.
+    two.batch_execute(
+        "CREATE TABLE loose (n int); INSERT INTO loose SELECT generate_series(1, 20); \
+         ALTER TABLE loose ADD COLUMN r float DEFAULT random()",
+    )
+    .await
+    .unwrap();
+    c.converge(
+        "SELECT count(*)::text || md5(string_agg(t::text, ';' ORDER BY n)) FROM loose t",
+        2,
+        &[1, 3],
+    )
+    .await;
+    two.batch_execute(
+        "CREATE TABLE loose_parted (n int) PARTITION BY RANGE (n); \
+         CREATE TABLE loose_parted_1 PARTITION OF loose_parted FOR VALUES FROM (0) TO (10); \
+         INSERT INTO loose_parted VALUES (1)",
+    )
+    .await
+    .unwrap();
     let e = two
-        .batch_execute("ALTER TABLE loose ADD COLUMN r float DEFAULT random()")
+        .batch_execute("ALTER TABLE loose_parted ADD COLUMN r float DEFAULT random()")
         .await
         .unwrap_err();
     assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");

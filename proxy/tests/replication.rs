@@ -556,7 +556,7 @@ async fn tables_made_by_ddl_on_each_backend_are_adopted_and_changes_carry_the_dd
         let adopted: bool = c
             .client(node)
             .query_one(
-                "SELECT NOT insert_only FROM chorus.replicated_table WHERE tbl = 'public.accounts'",
+                "SELECT NOT keyless FROM chorus.replicated_table WHERE tbl = 'public.accounts'",
                 &[],
             )
             .await
