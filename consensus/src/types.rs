@@ -247,7 +247,15 @@ impl ClusterState {
             Request::RegisterNode { id, info } => {
                 self.nodes.insert(*id, info.clone());
                 if !self.sequence_ids.contains_key(id) {
-                    let next = self.sequence_ids.values().max().map_or(1, |m| m + 1);
+                    // The node's own id when no node ever had it (so node 1
+                    // hands out the first galloc range, 1, 2, 3, …, as one
+                    // PostgreSQL would), else the next never used.
+                    let own = u16::try_from(*id)
+                        .ok()
+                        .filter(|own| (1..=1023).contains(own))
+                        .filter(|own| !self.sequence_ids.values().any(|used| used == own));
+                    let next = own
+                        .unwrap_or_else(|| self.sequence_ids.values().max().map_or(1, |m| m + 1));
                     // Ids run out after 1023 nodes ever; later nodes get none
                     // and cannot hand out global sequence values.
                     if next <= 1023 {
@@ -551,14 +559,23 @@ mod tests {
             home_backend: "pg".into(),
             state: NodeState::Active,
         };
-        for id in [5, 9, 5] {
+        for id in [5, 9, 5, 2000, 3] {
             state.apply(&Request::RegisterNode {
                 id,
                 info: info.clone(),
             });
         }
-        assert_eq!(state.sequence_ids.get(&5), Some(&1));
-        assert_eq!(state.sequence_ids.get(&9), Some(&2));
+        // A node's own id when free, else the next never used.
+        assert_eq!(state.sequence_ids.get(&5), Some(&5));
+        assert_eq!(state.sequence_ids.get(&9), Some(&9));
+        assert_eq!(state.sequence_ids.get(&2000), Some(&10));
+        assert_eq!(state.sequence_ids.get(&3), Some(&3));
+        state.sequence_ids.insert(7, 11);
+        state.apply(&Request::RegisterNode {
+            id: 11,
+            info: info.clone(),
+        });
+        assert_eq!(state.sequence_ids.get(&11), Some(&12));
         let range = |state: &mut ClusterState, node| {
             state.apply(&Request::AllocateRange {
                 sequence: "public.t_id_seq".into(),

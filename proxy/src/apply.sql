@@ -84,6 +84,14 @@ BEGIN
     -- identity column is the row's. (The alias: a table may be named
     -- "excluded", which the upsert's excluded.* would then be ambiguous
     -- with.)
+    IF present IS NULL THEN
+        -- No column (a table of none, or all dropped here): rows of
+        -- defaults, one per image.
+        EXECUTE format('INSERT INTO %1$s AS chorus_target OVERRIDING SYSTEM VALUE SELECT FROM jsonb_array_elements($1)',
+                       rel) || upsert
+        USING imgs;
+        RETURN;
+    END IF;
     EXECUTE format('INSERT INTO %1$s AS chorus_target (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)',
                    rel, chorus.ident_list(present)) || upsert
     USING imgs;

@@ -482,6 +482,12 @@ BEGIN
 END
 $$;
 
+-- Triggers made before they were marked internal (see chorus.adopt).
+UPDATE pg_trigger t SET tgisinternal = true
+ WHERE t.tgname IN ('chorus_capture', 'chorus_truncate') AND NOT t.tgisinternal
+   AND t.tgfoid IN ('chorus.capture()'::regprocedure, 'chorus.capture_truncate()'::regprocedure);
+
+
 -- Adopt an existing table: record its key and install the capture trigger.
 -- A table without a primary key is refused unless adopted keyless.
 -- A partitioned table replicates as one table: each leaf partition gets
@@ -581,6 +587,14 @@ BEGIN
         EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
                        'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', rel, name);
     END IF;
+    -- Chorus's triggers are marked internal, as PostgreSQL marks the
+    -- triggers of a foreign key: psql's \d and pg_dump leave them out (the
+    -- table looks as it would on one PostgreSQL), and only a superuser can
+    -- disable them (ALTER TABLE … DISABLE TRIGGER USER passes them by), so
+    -- a table's owner cannot quietly stop its replication.
+    UPDATE pg_trigger t SET tgisinternal = true
+     WHERE t.tgname IN ('chorus_capture', 'chorus_truncate') AND NOT t.tgisinternal
+       AND (t.tgrelid = rel OR t.tgrelid = ANY (leaves));
     -- Former partitions still recording under this name replicate as
     -- tables of their own now.
     FOR gone IN
@@ -1194,6 +1208,61 @@ $$;
 
 DROP EVENT TRIGGER IF EXISTS chorus_ddl;
 CREATE EVENT TRIGGER chorus_ddl ON ddl_command_end EXECUTE FUNCTION chorus.capture_ddl();
+
+-- A statement PostgreSQL fires no event trigger for (roles, grants on
+-- databases, event triggers, …; chorus_router::DdlRoute::Log) sent through
+-- Chorus inside a transaction block: the proxy has taken the cluster DDL
+-- lease for the transaction and staged the statement (see
+-- chorus.ddl_statement), and its stamp, run just before the statement,
+-- calls this to record it in the transaction's change stream, as
+-- chorus.handle_ddl records other DDL. If the statement then fails, the
+-- (sub)transaction is aborted and the record with it. Peers run it as
+-- the role that ran it here (chorus.apply_stream_ddl), so a role gains
+-- nothing by calling this itself.
+CREATE OR REPLACE FUNCTION chorus.handle_log_statement(user_path text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    stage jsonb := nullif(current_setting('chorus.ddl_stage', true), '')::jsonb;
+    lease bigint := nullif(current_setting('chorus.ddl_seq', true), '')::bigint;
+    origin integer := nullif(current_setting('chorus.origin', true), '')::integer;
+    raw bytea;
+    statement text;
+    dep bigint;
+BEGIN
+    IF stage IS NULL OR stage -> 'ddl' -> 0 IS NULL OR lease IS NULL OR origin IS NULL THEN
+        RAISE EXCEPTION 'this statement cannot be replicated: the transaction holds no cluster DDL lease'
+            USING ERRCODE = '0A000',
+                  HINT = 'Send it through Chorus as a simple query, or run it outside BEGIN ... COMMIT.';
+    END IF;
+    IF coalesce(current_setting('chorus.ddl_txn', true), '') <> lease::text
+       AND EXISTS (SELECT 1 FROM chorus.ddl_history h WHERE h.seq = lease) THEN
+        RAISE EXCEPTION 'this statement cannot be replicated: this transaction does not hold the cluster DDL lease'
+            USING ERRCODE = '0A000';
+    END IF;
+    PERFORM set_config('chorus.ddl_txn', lease::text, true);
+    raw := decode(stage ->> 'q', 'hex');
+    statement := convert_from(substring(raw FROM (stage -> 'ddl' -> 0 ->> 0)::integer + 1
+                                            FOR (stage -> 'ddl' -> 0 ->> 1)::integer),
+                              pg_client_encoding());
+    PERFORM set_config('chorus.ddl_stage_pos', '1', false);
+    dep := coalesce((SELECT max(h.seq) FROM chorus.ddl_history h WHERE h.seq <> lease), 0);
+    INSERT INTO chorus.ddl_history AS h (seq, origin, search_path, role, command)
+    VALUES (lease, origin, user_path, chorus.invoker(), statement)
+    ON CONFLICT (seq) DO UPDATE SET command = h.command || E';\n' || excluded.command;
+    PERFORM pg_logical_emit_message(true, 'chorus:' || dep, jsonb_build_object(
+        'ddl', statement, 'seq', lease, 'origin', origin, 'search_path', user_path,
+        'role', chorus.invoker(), 'settings', chorus.ddl_settings())::text);
+END
+$$;
+
+-- Called by the stamp, as the session's role (see
+-- chorus.handle_log_statement).
+CREATE OR REPLACE FUNCTION chorus.capture_log_statement() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    PERFORM chorus.handle_log_statement(pg_catalog.current_setting('search_path'));
+END
+$$;
 
 -- An extension's script runs DDL of its own (some of it, such as DROP,
 -- without a command record that says it is the extension's): from the

@@ -601,6 +601,24 @@ pub fn validation_query(sql: &str) -> BytesMut {
     out
 }
 
+/// A refusal: its message and hint (SQLSTATE 0A000).
+pub struct Refusal {
+    pub message: &'static str,
+    pub hint: &'static str,
+}
+
+/// Global sequences are set up per backend; the same ALTER on every
+/// backend would undo that.
+pub const ALTER_SEQUENCE: Refusal = Refusal {
+    message: "ALTER SEQUENCE cannot be replicated: the cluster's sequences are set up per backend",
+    hint: "Create a new sequence with the options you need, or SET chorus.ddl_scope = 'local' to alter this node's copy only.",
+};
+
+/// Whether `sql` is an ALTER SEQUENCE (refused: [`ALTER_SEQUENCE`]).
+pub fn alter_sequence(sql: &str) -> bool {
+    starts_with_words(sql, &["alter", "sequence"])
+}
+
 /// Whether `sql` begins with these (lower-case) words.
 fn starts_with_words(sql: &str, words: &[&str]) -> bool {
     let mut found = sql.split_whitespace();
@@ -675,14 +693,12 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
             return;
         }
     };
-    // Global sequences are set up per backend; the same ALTER on every
-    // backend would undo that.
-    if starts_with_words(&job.sql, &["alter", "sequence"]) {
+    if alter_sequence(&job.sql) {
         error(
             out,
             "0A000",
-            "ALTER SEQUENCE cannot be replicated: the cluster's sequences are set up per backend",
-            Some("Create a new sequence with the options you need, or SET chorus.ddl_scope = 'local' to alter this node's copy only."),
+            ALTER_SEQUENCE.message,
+            Some(ALTER_SEQUENCE.hint),
         );
         return;
     }

@@ -11,7 +11,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA chorus FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA chorus FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA chorus FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION chorus.uuidv7(), chorus.sequence_status(), chorus.trusted_session(),
-    chorus.ddl_settings()
+    chorus.ddl_settings(), chorus.capture_log_statement()
     TO PUBLIC;
 
 -- Change records are transactional logical messages with the prefix

@@ -680,6 +680,7 @@ impl RelayState {
                 let me = u64::from(node.config.node.id);
                 c.state().read(|s| s.sequence_ids.get(&me).copied())
             }),
+            record_staged: false,
         })
     }
 
@@ -1209,6 +1210,10 @@ where
             }
             let mut stamp = None;
             let mut stage = None;
+            // A DDL-log statement inside a transaction block: it travels in
+            // the transaction's change stream instead (the stamp records it,
+            // see chorus.capture_log_statement).
+            let mut log_in_stream = false;
             match tag {
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'H' if *batch_start => {
                     // A batch with replicated DDL takes the cluster DDL
@@ -1306,11 +1311,8 @@ where
                                 "a query string that mixes this DDL with other statements cannot be replicated",
                                 "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: send each as its own query.",
                             ))
-                        } else if by_log && in_block {
-                            Some((
-                                "this DDL cannot be replicated inside a transaction block",
-                                "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: run it outside BEGIN ... COMMIT, or SET LOCAL chorus.ddl_scope = 'local' to run it on this node's backend only.",
-                            ))
+                        } else if by_log && in_block && ddl::alter_sequence(&text) {
+                            Some((ddl::ALTER_SEQUENCE.message, ddl::ALTER_SEQUENCE.hint))
                         } else if runs_code {
                             Some((
                                 "a query string that mixes DDL with DO or CALL cannot be replicated",
@@ -1325,7 +1327,10 @@ where
                             scope_pending.clear();
                             return Ok(Flow::Replace(refusal_query("0A000", message, hint)));
                         }
-                        if !by_log && state.tx_status.load(Ordering::Relaxed) != b'E' {
+                        log_in_stream = by_log && in_block;
+                        if (!by_log || log_in_stream)
+                            && state.tx_status.load(Ordering::Relaxed) != b'E'
+                        {
                             // In its transaction's change stream, under the
                             // cluster DDL lease (see cluster::ddl_lease).
                             if state.needs_lease() {
@@ -1355,7 +1360,10 @@ where
                         // In a failed transaction the backend refuses it
                         // (25P02) as it is; otherwise it is validated here
                         // and replicated through the DDL log (see ddl.rs).
-                        if by_log && state.tx_status.load(Ordering::Relaxed) != b'E' {
+                        if by_log
+                            && !log_in_stream
+                            && state.tx_status.load(Ordering::Relaxed) != b'E'
+                        {
                             if *stamped {
                                 push_pending(state, true, Vec::new());
                                 *stamped = false;
@@ -1441,7 +1449,10 @@ where
                 | FrontendEvent::Nothing => {}
             }
             let ddl_stamp = match stamp {
-                Some(_) => state.ddl_stamp(node, stage),
+                Some(_) => state.ddl_stamp(node, stage).map(|mut d| {
+                    d.record_staged = log_in_stream;
+                    d
+                }),
                 None => None,
             };
             let flow = match stamp {

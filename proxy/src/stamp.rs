@@ -70,6 +70,13 @@ pub struct DdlStamp {
     pub galloc_block: i64,
     /// The node's sequence id (the low bits of its snowflake values).
     pub sequence_id: Option<u16>,
+    /// The staged statement is one PostgreSQL fires no event trigger for
+    /// (a role, a grant on a database, …), sent inside a transaction
+    /// block: the stamp of a simple query records it in the transaction's
+    /// change stream itself (`chorus.capture_log_statement`). A failure
+    /// of the statement aborts the (sub)transaction, and the record with
+    /// it.
+    pub record_staged: bool,
 }
 
 impl DdlStamp {
@@ -110,13 +117,16 @@ impl DdlStamp {
     }
 }
 
-fn set_sql(hlc: Hlc, ddl: Option<&DdlStamp>) -> String {
+fn set_sql(hlc: Hlc, ddl: Option<&DdlStamp>, kind: StampKind) -> String {
     let mut sql = format!(
         "SELECT set_config('chorus.hlc', '{}', false), set_config('chorus.origin', '{}', false)",
         hlc.timestamp, hlc.node
     );
     if let Some(ddl) = ddl {
         ddl.sql(&mut sql);
+        if ddl.record_staged && kind == StampKind::Query {
+            sql.push_str("; SELECT chorus.capture_log_statement()");
+        }
     }
     sql
 }
@@ -131,7 +141,7 @@ fn put_message(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
 
 /// Append the stamp of `kind` for `hlc` to `out`.
 pub fn write_stamp(out: &mut BytesMut, kind: StampKind, hlc: Hlc, ddl: Option<&DdlStamp>) {
-    let sql = set_sql(hlc, ddl);
+    let sql = set_sql(hlc, ddl, kind);
     match kind {
         StampKind::Query => protocol::query(out, &sql),
         StampKind::Extended => {

@@ -415,6 +415,35 @@ async fn an_application_role_writes_and_runs_ddl_through_every_node() {
         .unwrap();
     c.expect_everywhere("SELECT count(*)::text FROM pgbench_history", "601")
         .await;
+    // Nor by disabling the triggers of a table it owns: Chorus's are
+    // internal (and so not in psql's \d either).
+    direct_app
+        .batch_execute("ALTER TABLE pgbench_history DISABLE TRIGGER USER")
+        .await
+        .unwrap();
+    let system = direct_app
+        .batch_execute("ALTER TABLE pgbench_history DISABLE TRIGGER chorus_capture")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        common::sqlstate(&system).as_deref(),
+        Some("42501"),
+        "{system:?}"
+    );
+    direct_app
+        .batch_execute(
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 8, now())",
+        )
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT count(*)::text FROM pgbench_history", "602")
+        .await;
+    c.expect_everywhere(
+        "SELECT count(*)::text FROM pg_trigger \
+          WHERE tgrelid = 'pgbench_history'::regclass AND NOT tgisinternal",
+        "0",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -955,6 +984,18 @@ async fn tables_without_a_primary_key_replicate_updates_and_deletes_by_content()
     c.expect_everywhere("SELECT count(*)::text FROM parts", "17")
         .await;
 
+    // A table of no columns (PostgreSQL's regression suite makes some).
+    c.via(3)
+        .await
+        .batch_execute(
+            "CREATE TABLE nothing (); INSERT INTO nothing DEFAULT VALUES; \
+             INSERT INTO nothing SELECT FROM generate_series(1, 3); \
+             DELETE FROM nothing WHERE ctid = (SELECT ctid FROM nothing LIMIT 1)",
+        )
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT count(*)::text FROM nothing", "3")
+        .await;
     // An ALTER TABLE that computes values: every backend gets the origin's.
     c.via(2)
         .await
@@ -1054,6 +1095,64 @@ async fn ddl_runs_under_the_sessions_settings_on_every_backend() {
             .unwrap();
         assert_eq!(row.get::<_, i64>(0), 0, "backend {b}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_and_grants_replicate_inside_transaction_blocks() {
+    // Statements PostgreSQL fires no event trigger for, sent one by one
+    // inside BEGIN ... COMMIT (as psql and migration tools send them),
+    // travel in the transaction's change stream: they land with it, and
+    // not at all when it rolls back or their savepoint does.
+    let c = cluster(3).await;
+    let client = c.via(1).await;
+    for sql in [
+        "BEGIN",
+        "CREATE ROLE in_block_owner NOLOGIN",
+        "CREATE TABLE in_block (id int PRIMARY KEY)",
+        "ALTER TABLE in_block OWNER TO in_block_owner",
+        "GRANT in_block_owner TO postgres",
+        "INSERT INTO in_block VALUES (1)",
+        "SAVEPOINT s",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    let exists = client
+        .batch_execute("CREATE ROLE in_block_owner")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&exists).as_deref(), Some("42710"));
+    for sql in [
+        "ROLLBACK TO SAVEPOINT s",
+        "CREATE ROLE in_block_second",
+        "COMMIT",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    for sql in ["BEGIN", "CREATE ROLE never_committed", "ROLLBACK"] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    // ALTER SEQUENCE stays refused, in a block too.
+    client.batch_execute("BEGIN").await.unwrap();
+    let refused = client
+        .batch_execute("ALTER SEQUENCE no_such_sequence RESTART")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("0A000"));
+    client.batch_execute("ROLLBACK").await.unwrap();
+    c.expect_everywhere(
+        "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles \
+          WHERE rolname IN ('in_block_owner', 'in_block_second', 'never_committed')",
+        "in_block_owner,in_block_second",
+    )
+    .await;
+    c.expect_everywhere(
+        "SELECT r.rolname || ':' || (SELECT count(*) FROM in_block) || ':' || \
+                pg_has_role('postgres', 'in_block_owner', 'MEMBER') \
+           FROM pg_class t JOIN pg_roles r ON r.oid = t.relowner WHERE t.relname = 'in_block'",
+        "in_block_owner:1:true",
+    )
+    .await;
+    assert_eq!(c.conflicts_logged("ddl_failed").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -41,6 +41,28 @@ fn global_object(word: &str) -> bool {
     matches!(word, "ROLE" | "USER" | "GROUP" | "DATABASE" | "TABLESPACE")
 }
 
+/// Whether an `ALTER SEQUENCE` changes only what is around the sequence's
+/// values (name, owner, schema, logging, OWNED BY), not how it hands them
+/// out. Errs on the side of no: any word of a value option makes it one.
+fn sequence_metadata_only(statement: &str) -> bool {
+    let mut rest = statement;
+    let mut metadata = false;
+    while let Some((found, after)) = first_keyword(rest) {
+        if found.is_empty() {
+            rest = after.get(1..).unwrap_or("");
+            continue;
+        }
+        match found.to_ascii_uppercase().as_str() {
+            "RESTART" | "START" | "INCREMENT" | "MINVALUE" | "MAXVALUE" | "CYCLE" | "CACHE"
+            | "AS" => return false,
+            "OWNED" | "OWNER" | "RENAME" | "SCHEMA" | "LOGGED" | "UNLOGGED" => metadata = true,
+            _ => {}
+        }
+        rest = after;
+    }
+    metadata
+}
+
 /// The route of one DDL statement (see [`DdlRoute`]).
 pub fn ddl_route(statement: &str) -> DdlRoute {
     let w = words::<5>(statement);
@@ -58,8 +80,10 @@ pub fn ddl_route(statement: &str) -> DdlRoute {
                 || (word(0) == "ALTER" && word(1) == "SYSTEM")
                 || word(1) == "SUBSCRIPTION"
                 // Refused on that path: global sequences are set up per
-                // backend, and one ALTER on every backend would undo that.
-                || (word(0) == "ALTER" && word(1) == "SEQUENCE")
+                // backend, and one ALTER of their values on every backend
+                // would undo that. (Renaming one, its owner, schema,
+                // logging or OWNED BY are ordinary DDL.)
+                || (word(0) == "ALTER" && word(1) == "SEQUENCE" && !sequence_metadata_only(statement))
         }
         "GRANT" | "REVOKE" => {
             // Role membership (no ON), or privileges on a cluster-wide
@@ -129,6 +153,10 @@ mod tests {
             "CREATE SCHEMA s",
             "ALTER TYPE mood ADD VALUE 'meh'",
             "/* c */ CREATE VIEW v AS SELECT 1",
+            "ALTER SEQUENCE s OWNED BY t.id",
+            "ALTER SEQUENCE IF EXISTS app.s RENAME TO s2",
+            "alter sequence s set unlogged",
+            "ALTER SEQUENCE s OWNER TO app",
         ] {
             assert_eq!(ddl_route(sql), DdlRoute::Stream, "{sql}");
         }
@@ -155,6 +183,7 @@ mod tests {
             "COMMENT ON ROLE app IS 'x'",
             "REASSIGN OWNED BY a TO b",
             "ALTER SEQUENCE s RESTART",
+            "ALTER SEQUENCE s INCREMENT 5 OWNED BY t.id",
         ] {
             assert_eq!(ddl_route(sql), DdlRoute::Log, "{sql}");
         }
