@@ -5,7 +5,11 @@
 # schema (pg_dump --schema-only) and the same rows (pg_dump --data-only,
 # Chorus's own schema left out). Not part of CI.
 #
-# Usage: PG_SRC=DIR bash scripts/pg-regress.sh
+# Usage: PG_SRC=DIR [PLAIN=1] bash scripts/pg-regress.sh
+#   PLAIN=1: the baseline instead, the same run against one plain
+#   PostgreSQL (the backend of a one-node demo, directly): which tests fail
+#   on this machine whatever Chorus does (psql and server minor versions
+#   other than the tests').
 #   DIR: PostgreSQL's source of the backends' major version (the Debian
 #   source package: apt-get source postgresql-15), with
 #   src/test/regress/regress.so built (the script builds it with the server
@@ -27,37 +31,45 @@ fi
 cargo build --release -q -p chorus-proxy
 WORK=$(mktemp -d /tmp/chorus-regress-XXXXXX)
 chmod 755 "$WORK"
+if [ -n "${PLAIN:-}" ]; then DEMO_ARGS=(--nodes 1 --proxy-only); else DEMO_ARGS=(); fi
 RUST_LOG=${RUST_LOG:-warn} ./target/release/chorus demo --port "$PORT" --dir "$WORK/demo" --database regression \
-    > "$WORK/demo.out" 2> "$WORK/demo.err" &
+    "${DEMO_ARGS[@]}" > "$WORK/demo.out" 2> "$WORK/demo.err" &
 DEMO=$!
 trap 'kill -INT $DEMO 2>/dev/null || true; wait $DEMO 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 1 600); do grep -q '^ready$' "$WORK/demo.out" 2>/dev/null && break; sleep 0.1; done
 grep -q '^ready$' "$WORK/demo.out" || { cat "$WORK/demo.err" >&2; exit 1; }
+port() { sed -n "s|^backend $1: postgres://postgres@127.0.0.1:\([0-9]*\)/regression$|\1|p" "$WORK/demo.out"; }
+# The suite's target: node 1, or for the baseline backend 1 itself.
+TARGET=$PORT
+[ -n "${PLAIN:-}" ] && TARGET=$(port 1)
 
 # What pg_regress sets when it creates the database itself.
 for setting in "lc_messages TO 'C'" "lc_monetary TO 'C'" "lc_numeric TO 'C'" "lc_time TO 'C'" \
     "bytea_output TO 'hex'" "timezone_abbreviations TO 'Default'"; do
-    psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d regression -c "ALTER DATABASE regression SET $setting"
+    psql -X -q -h 127.0.0.1 -p "$TARGET" -U postgres -d regression -c "ALTER DATABASE regression SET $setting"
 done
 
 OUT=${OUT:-$WORK/out}
-mkdir -p "$OUT"
-chmod 777 "$OUT"
+# (results/ too: the backends, run as another user when this runs as
+# root, write COPY TO files there.)
+mkdir -p "$OUT/results"
+chmod 777 "$OUT" "$OUT/results"
 ( cd "$REGRESS" && "$PG_REGRESS" --inputdir=. --bindir="$BINDIR" --dlpath=. \
-    --schedule=parallel_schedule --host=127.0.0.1 --port="$PORT" --user=postgres \
+    --schedule=parallel_schedule --host=127.0.0.1 --port="$TARGET" --user=postgres \
     --use-existing --dbname=regression --outputdir="$OUT" --max-concurrent-tests=20 ) \
     > "$WORK/regress.log" 2>&1 || true
 # One line a test: "name ... ok" or "... FAILED" (PostgreSQL 15), or TAP
 # "ok N - name" / "not ok N - name" (16 and later).
 grep -E '\.\.\. (ok|FAILED|failed)|^(ok|not ok) [0-9]' "$WORK/regress.log" > "$WORK/results" || true
 passed=$(grep -cE '\.\.\. ok|^ok [0-9]' "$WORK/results" || true)
-echo "pg_regress through node 1: $passed of $(wc -l < "$WORK/results") tests pass"
+if [ -n "${PLAIN:-}" ]; then LABEL="on plain PostgreSQL"; else LABEL="through node 1"; fi
+echo "pg_regress $LABEL: $passed of $(wc -l < "$WORK/results") tests pass"
 grep -vE '\.\.\. ok|^ok [0-9]' "$WORK/results" | sed 's/^/  /' || true
 [ -n "${KEEP_DIFFS:-}" ] && cp "$OUT/regression.diffs" "$KEEP_DIFFS" 2>/dev/null || true
 
+[ -n "${PLAIN:-}" ] && exit 0
 # Every backend, once replication has settled: the same schema and rows.
 sleep "${SETTLE:-20}"
-port() { sed -n "s|^backend $1: postgres://postgres@127.0.0.1:\([0-9]*\)/regression$|\1|p" "$WORK/demo.out"; }
 for b in 1 2 3; do
     "$BINDIR/pg_dump" -h 127.0.0.1 -p "$(port "$b")" -U postgres --schema-only --no-owner \
         --exclude-schema=chorus regression | grep -v -E '^\\(un)?restrict' > "$WORK/schema$b.sql"

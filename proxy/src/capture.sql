@@ -422,6 +422,11 @@ BEGIN
     IF current_setting('chorus.applying', true) = 'on' AND current_setting('is_superuser') = 'on' THEN
         RETURN NULL;
     END IF;
+    -- A partitioned table inside a tree (made on its own, then attached):
+    -- its leaves speak for it.
+    IF (SELECT c.relkind = 'p' AND c.relispartition FROM pg_class c WHERE c.oid = TG_RELID) THEN
+        RETURN NULL;
+    END IF;
     IF rel <> format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) THEN
         -- A partition: quiet when its root's TRUNCATE was just recorded.
         tree := nullif(current_setting('chorus.truncating_tree', true), '')::jsonb;
@@ -579,8 +584,15 @@ BEGIN
                        'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', leaf, name);
     END LOOP;
     -- The root of a partitioned table records a TRUNCATE of the whole tree
-    -- (see chorus.capture_truncate).
+    -- (see chorus.capture_truncate); a partitioned table attached inside
+    -- the tree no longer does.
     IF kind = 'p' THEN
+        FOR gone IN SELECT t.relid FROM pg_partition_tree(rel) t
+                     WHERE NOT t.isleaf AND t.relid <> rel
+                       AND EXISTS (SELECT 1 FROM pg_trigger g
+                                    WHERE g.tgrelid = t.relid AND g.tgname = 'chorus_truncate') LOOP
+            EXECUTE format('DROP TRIGGER chorus_truncate ON %s', gone);
+        END LOOP;
         IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'chorus_truncate') THEN
             EXECUTE format('DROP TRIGGER chorus_truncate ON %s', rel);
         END IF;

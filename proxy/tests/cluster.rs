@@ -777,6 +777,28 @@ async fn truncate_replicates_alone_with_cascade_and_racing_inserts() {
     );
     c.expect_everywhere("SELECT count(*)::text FROM parted_2", "1")
         .await;
+    // A partitioned table made on its own, then attached inside the tree:
+    // the root's TRUNCATE still covers it.
+    c.via(1)
+        .await
+        .batch_execute(
+            "CREATE TABLE parted_3 (id int NOT NULL) PARTITION BY RANGE (id); \
+             CREATE TABLE parted_3a PARTITION OF parted_3 FOR VALUES FROM (200) TO (300); \
+             ALTER TABLE parted_3 ADD PRIMARY KEY (id); \
+             ALTER TABLE parted ATTACH PARTITION parted_3 FOR VALUES FROM (200) TO (300); \
+             INSERT INTO parted VALUES (250)",
+        )
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT count(*)::text FROM parted", "2")
+        .await;
+    c.via(2)
+        .await
+        .batch_execute("TRUNCATE parted")
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT count(*)::text FROM parted", "0")
+        .await;
     // Once detached, a former partition is a table of its own.
     let one = c.via(1).await;
     one.batch_execute(
