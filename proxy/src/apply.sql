@@ -236,9 +236,19 @@ BEGIN
       FROM unnest(chorus.present_columns(rel, img)) WITH ORDINALITY AS u(c, o)
      WHERE img -> c IS DISTINCT FROM old -> c;
     IF changed IS NOT NULL THEN
-        EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $3)) '
-                       'WHERE t.tableoid = $1 AND t.ctid = $2', rel, chorus.ident_list(changed))
-        USING found_oid, found_tid, img;
+        BEGIN
+            EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $3)) '
+                           'WHERE t.tableoid = $1 AND t.ctid = $2', rel, chorus.ident_list(changed))
+            USING found_oid, found_tid, img;
+        EXCEPTION WHEN unique_violation THEN
+            -- Another row here holds the new value of a unique column;
+            -- with no key on either side there is nothing to order them
+            -- by: the local rows stay (as for inserts, see
+            -- chorus.write_row_resolving).
+            INSERT INTO chorus.conflict (tbl, kind, resolution, remote_version, remote_origin, remote_row, detail)
+            VALUES (rel, 'unique', 'local_wins', ver, org, img, SQLERRM);
+            RETURN 'unique:local_wins';
+        END;
     END IF;
     RETURN 'applied';
 END
@@ -854,7 +864,20 @@ BEGIN
     skipped := jsonb_array_length(txns) - applying;
     results := '{}';
     IF applying > 0 THEN
-        results := chorus.apply_changes(todo);
+        -- Deferrable constraints (a DEFERRABLE UNIQUE, a deferrable foreign
+        -- key) are checked once the batch is applied, as the origin checked
+        -- them at the end of its statements or transactions: applied row
+        -- by row, an UPDATE t SET u = u + 1 would collide with itself on
+        -- the way. Should they fail then (rows of another node in
+        -- between), the batch is applied again checking them row by row,
+        -- which resolves each collision as a conflict.
+        BEGIN
+            SET CONSTRAINTS ALL DEFERRED;
+            results := chorus.apply_changes(todo);
+            SET CONSTRAINTS ALL IMMEDIATE;
+        EXCEPTION WHEN unique_violation OR foreign_key_violation OR exclusion_violation THEN
+            results := chorus.apply_changes(todo);
+        END;
         PERFORM chorus.apply_end(org, upto, newest_version);
     END IF;
 END

@@ -883,6 +883,26 @@ async fn tables_the_regression_suite_makes_replicate_or_are_refused() {
         "c1,c2",
     )
     .await;
+    // A DEFERRABLE unique column shifted in one statement (which collides
+    // with itself row by row): every backend ends with every row.
+    client
+        .batch_execute(
+            "CREATE TABLE shifted (id int PRIMARY KEY, u int UNIQUE DEFERRABLE); \
+             CREATE TABLE shifted_keyless (u int UNIQUE DEFERRABLE, t text); \
+             INSERT INTO shifted SELECT g, g FROM generate_series(1, 20) g; \
+             INSERT INTO shifted_keyless SELECT g, 'x' FROM generate_series(1, 20) g; \
+             UPDATE shifted SET u = u + 1; \
+             UPDATE shifted_keyless SET u = u + 1",
+        )
+        .await
+        .unwrap();
+    for table in ["shifted", "shifted_keyless"] {
+        c.expect_everywhere(
+            &format!("SELECT count(*) || ':' || min(u) || ':' || max(u) FROM {table}"),
+            "20:2:21",
+        )
+        .await;
+    }
     // A table with a column named like the apply's and capture's row alias
     // (t): its rows, copied by CREATE TABLE AS, are rows, not that column.
     client
