@@ -23,10 +23,16 @@ BINDIR=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 LIBDIR=$(dirname "$BINDIR")/lib
 PG_REGRESS=${PG_REGRESS:-$LIBDIR/pgxs/src/test/regress/pg_regress}
 REGRESS=$PG_SRC/src/test/regress
+INC=$("$BINDIR/pg_config" --includedir-server 2>/dev/null || pg_config --includedir-server)
 if [ ! -f "$REGRESS/regress.so" ]; then
-    INC=$("$BINDIR/pg_config" --includedir-server 2>/dev/null || pg_config --includedir-server)
     cc -O2 -fPIC -shared -I"$INC" "$REGRESS/regress.c" -o "$REGRESS/regress.so"
 fi
+# The trigger functions the "triggers" test loads (contrib/spi).
+for spi in autoinc refint; do
+    if [ ! -f "$REGRESS/$spi.so" ] && [ -f "$PG_SRC/contrib/spi/$spi.c" ]; then
+        cc -O2 -fPIC -shared -I"$INC" "$PG_SRC/contrib/spi/$spi.c" -o "$REGRESS/$spi.so"
+    fi
+done
 
 cargo build --release -q -p chorus-proxy
 WORK=$(mktemp -d /tmp/chorus-regress-XXXXXX)

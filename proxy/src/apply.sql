@@ -814,6 +814,15 @@ BEGIN
     PERFORM set_config('chorus.applying', 'on', true);
     PERFORM set_config('deadlock_timeout', '10ms', true);
     PERFORM set_config('synchronous_commit', 'on', true);
+    -- As PostgreSQL's own logical replication applies: the tables'
+    -- ordinary triggers (and foreign key checks and actions) do not fire
+    -- again for rows their origin's triggers already made or checked,
+    -- whose effects arrive as changes of their own; triggers marked ENABLE
+    -- REPLICA or ENABLE ALWAYS do. (For the session, not the transaction:
+    -- every change of the setting drops the session's cached plans.)
+    IF current_setting('session_replication_role') <> 'replica' THEN
+        PERFORM set_config('session_replication_role', 'replica', false);
+    END IF;
     SELECT a.lsn, a.driver_epoch INTO done, fence FROM chorus.applied a WHERE a.origin = org FOR UPDATE;
     IF NOT FOUND THEN
         INSERT INTO chorus.applied (origin, lsn) VALUES (org, '0/0') ON CONFLICT (origin) DO NOTHING;

@@ -920,6 +920,9 @@ $$;
 
 DROP EVENT TRIGGER IF EXISTS chorus_rewrite;
 CREATE EVENT TRIGGER chorus_rewrite ON table_rewrite EXECUTE FUNCTION chorus.note_rewrite();
+-- (ALWAYS: also in the apply's sessions, which run with
+-- session_replication_role = replica, see chorus.apply_begin.)
+ALTER EVENT TRIGGER chorus_rewrite ENABLE ALWAYS;
 
 -- Send every row of `rel` (a replicated table, or a leaf partition of one)
 -- as an update made by this transaction: versions bumped as the capture
@@ -1220,6 +1223,9 @@ $$;
 
 DROP EVENT TRIGGER IF EXISTS chorus_ddl;
 CREATE EVENT TRIGGER chorus_ddl ON ddl_command_end EXECUTE FUNCTION chorus.capture_ddl();
+-- (ALWAYS: replicated DDL is applied with session_replication_role =
+-- replica, and peers adopt its tables here too.)
+ALTER EVENT TRIGGER chorus_ddl ENABLE ALWAYS;
 
 -- A statement PostgreSQL fires no event trigger for (roles, grants on
 -- databases, event triggers, …; chorus_router::DdlRoute::Log) sent through
@@ -1291,3 +1297,4 @@ DROP EVENT TRIGGER IF EXISTS chorus_extension;
 CREATE EVENT TRIGGER chorus_extension ON ddl_command_start
     WHEN TAG IN ('CREATE EXTENSION', 'ALTER EXTENSION')
     EXECUTE FUNCTION chorus.note_extension();
+ALTER EVENT TRIGGER chorus_extension ENABLE ALWAYS;

@@ -133,6 +133,14 @@ pub struct ClusterConfig {
     /// application before the client gets an error. Default 10 s.
     #[serde(default = "default_ddl_timeout")]
     pub ddl_timeout_ms: u64,
+    /// How long a transaction's DDL waits for another transaction with
+    /// DDL (which holds the cluster's DDL lease until it ends) before it
+    /// fails with 55P03, as a lock wait under `lock_timeout` would. On one
+    /// PostgreSQL, DDL on unrelated objects would not wait at all; a
+    /// migration's long transaction should not fail every other DDL after
+    /// a few seconds. Default 60 s.
+    #[serde(default = "default_ddl_lock_timeout")]
+    pub ddl_lock_timeout_ms: u64,
     /// A transaction with DDL holds the cluster's DDL lease from its first
     /// DDL statement to its end. If its node dies meanwhile, the lease
     /// passes to another holder after this long. Default 60 s.
@@ -215,6 +223,9 @@ fn default_snapshot_every() -> u64 {
 }
 fn default_ddl_timeout() -> u64 {
     10_000
+}
+fn default_ddl_lock_timeout() -> u64 {
+    60_000
 }
 
 fn default_node_lease() -> u64 {
@@ -754,6 +765,16 @@ impl Config {
     /// 10 s without a cluster).
     pub fn ddl_timeout(&self) -> Duration {
         Duration::from_millis(self.cluster.as_ref().map_or(10_000, |c| c.ddl_timeout_ms))
+    }
+
+    /// How long DDL waits for another transaction's DDL lease
+    /// (`cluster.ddl_lock_timeout_ms`).
+    pub fn ddl_lock_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.cluster
+                .as_ref()
+                .map_or(60_000, |c| c.ddl_lock_timeout_ms),
+        )
     }
 
     /// Number of session worker threads.

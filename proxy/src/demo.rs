@@ -141,6 +141,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 snapshot_every: 1000,
                 keep_logs: 1000,
                 ddl_timeout_ms: 10_000,
+                ddl_lock_timeout_ms: 60_000,
                 ddl_lease_ms: 60_000,
                 node_lease_ms: 3_000,
                 sequence_kind: Default::default(),

@@ -903,6 +903,34 @@ async fn tables_the_regression_suite_makes_replicate_or_are_refused() {
         )
         .await;
     }
+    // A table's own trigger does not fire again on the peers (its effects
+    // replicate as changes of their own), as in PostgreSQL's logical
+    // replication: one audit row everywhere, not one per backend that
+    // applied the insert; a trigger that refuses writes other than its
+    // own does not hold up the stream.
+    client
+        .batch_execute(
+            "CREATE TABLE audited (id int PRIMARY KEY, v text); \
+             CREATE TABLE audit_log (id bigserial PRIMARY KEY, what text); \
+             CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS \
+               $$ BEGIN INSERT INTO audit_log (what) VALUES (TG_OP || ' ' || NEW.id); RETURN NEW; END $$; \
+             CREATE TRIGGER audited_log AFTER INSERT OR UPDATE ON audited \
+               FOR EACH ROW EXECUTE FUNCTION audit(); \
+             CREATE FUNCTION guard() RETURNS trigger LANGUAGE plpgsql AS \
+               $$ BEGIN IF NEW.v = 'forced' THEN RETURN NEW; END IF; \
+                  RAISE EXCEPTION 'only forced values'; END $$; \
+             CREATE TRIGGER audited_guard BEFORE UPDATE ON audited \
+               FOR EACH ROW EXECUTE FUNCTION guard(); \
+             INSERT INTO audited VALUES (1, 'one'); \
+             UPDATE audited SET v = 'forced' WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    c.expect_everywhere(
+        "SELECT string_agg(what, ',' ORDER BY what) || '/' || (SELECT v FROM audited) FROM audit_log",
+        "INSERT 1,UPDATE 1/forced",
+    )
+    .await;
     // A table with a column named like the apply's and capture's row alias
     // (t): its rows, copied by CREATE TABLE AS, are rows, not that column.
     client

@@ -759,6 +759,46 @@ async fn concurrent_conflicting_ddl_through_two_nodes_ends_with_one_outcome() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_waits_for_another_transactions_lease_up_to_the_lock_timeout() {
+    // The wait for another transaction's DDL lease is a lock wait, bounded
+    // by ddl_lock_timeout_ms (here 4 s), not by the 3 s the cluster has to
+    // answer (ddl_timeout_ms).
+    let c = cluster("ddl_lock_timeout_ms = 4000").await;
+    c.exec(1, "CREATE TABLE held (id int PRIMARY KEY)").await;
+    c.wait_ddl(1).await;
+    let first = c.via(1).await;
+    for (hold, outcome) in [(3500u64, None), (6000, Some("55P03"))] {
+        first
+            .batch_execute("BEGIN; ALTER TABLE held ADD COLUMN IF NOT EXISTS a int")
+            .await
+            .unwrap();
+        let second = c.via(2).await;
+        let waiting = tokio::spawn(async move {
+            let started = Instant::now();
+            let result = second
+                .batch_execute("CREATE TABLE IF NOT EXISTS waited (id int PRIMARY KEY)")
+                .await;
+            (result, started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(hold)).await;
+        first.batch_execute("COMMIT").await.unwrap();
+        let (result, waited) = waiting.await.unwrap();
+        match outcome {
+            None => {
+                result.unwrap();
+                assert!(waited >= Duration::from_millis(3500), "{waited:?}");
+            }
+            Some(code) => {
+                let e = result.unwrap_err();
+                assert_eq!(common::sqlstate(&e).as_deref(), Some(code), "{e}");
+                assert!(waited >= Duration::from_millis(4000), "{waited:?}");
+                assert!(waited < Duration::from_millis(6000), "{waited:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ddl_from_a_do_block_or_function_is_refused_not_left_on_one_backend() {
     let c = cluster("").await;
     let client = c.via(1).await;

@@ -56,6 +56,8 @@ pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, Lease
     };
     let timeout = node.config.ddl_timeout();
     let deadline = Instant::now() + timeout;
+    let lock_timeout = node.config.ddl_lock_timeout();
+    let lock_deadline = Instant::now() + lock_timeout;
     let me = holder(node, session);
     // Sequences the DDL makes need the node's sequence id, which comes
     // with its registration in the cluster state shortly after it starts.
@@ -72,16 +74,15 @@ pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, Lease
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (seq, after) = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        // Each attempt may wait for a majority up to the DDL timeout; the
+        // attempts, while another transaction holds the lease, go on up to
+        // the lock timeout.
         let request = Request::DdlLease {
             holder: me,
             now_ms: unix_ms(),
             ttl_ms: cluster.ddl_lease_ms,
         };
-        let busy_with = match consensus
-            .propose(request, left.max(Duration::from_millis(1)))
-            .await
-        {
+        let busy_with = match consensus.propose(request, timeout).await {
             Ok(Response::Lease {
                 seq,
                 after,
@@ -115,18 +116,21 @@ pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, Lease
                 })
             }
         };
-        if Instant::now() >= deadline {
+        if Instant::now() >= lock_deadline {
             return Err(LeaseRefusal {
                 code: "55P03",
                 message: format!(
                     "could not obtain the cluster DDL lock within {} ms: a transaction with DDL is open through node {}",
-                    timeout.as_millis(),
+                    lock_timeout.as_millis(),
                     busy_with
                 ),
             });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    // The backend gets up to the DDL timeout from here to have the earlier
+    // DDL (it may just have committed).
+    let deadline = Instant::now() + timeout;
     // The DDL must run on the schema the earlier DDL made.
     let config = node.config.backends.iter().find(|b| b.name == backend);
     if after > 0 {
