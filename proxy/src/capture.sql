@@ -457,6 +457,19 @@ BEGIN
 END
 $$;
 
+-- (Re)make the TRUNCATE trigger of `rel` (a table, a leaf partition or a
+-- partitioned root), recording under `name`.
+CREATE OR REPLACE FUNCTION chorus.put_truncate_trigger(rel regclass, name text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'chorus_truncate') THEN
+        EXECUTE format('DROP TRIGGER chorus_truncate ON %s', rel);
+    END IF;
+    EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', rel, name);
+END
+$$;
+
 -- Tables adopted before TRUNCATE replicated get its trigger.
 DO $$
 DECLARE
@@ -577,11 +590,7 @@ BEGIN
                        'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L, %L)',
                        leaf, coalesce(cols, '{}')::text, (keyless OR cols IS NULL)::text, name,
                        textual::text);
-        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = leaf AND tgname = 'chorus_truncate') THEN
-            EXECUTE format('DROP TRIGGER chorus_truncate ON %s', leaf);
-        END IF;
-        EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', leaf, name);
+        PERFORM chorus.put_truncate_trigger(leaf, name);
     END LOOP;
     -- The root of a partitioned table records a TRUNCATE of the whole tree
     -- (see chorus.capture_truncate); a partitioned table attached inside
@@ -593,11 +602,7 @@ BEGIN
                                     WHERE g.tgrelid = t.relid AND g.tgname = 'chorus_truncate') LOOP
             EXECUTE format('DROP TRIGGER chorus_truncate ON %s', gone);
         END LOOP;
-        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'chorus_truncate') THEN
-            EXECUTE format('DROP TRIGGER chorus_truncate ON %s', rel);
-        END IF;
-        EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', rel, name);
+        PERFORM chorus.put_truncate_trigger(rel, name);
     END IF;
     -- Chorus's triggers are marked internal, as PostgreSQL marks the
     -- triggers of a foreign key: psql's \d and pg_dump leave them out (the
