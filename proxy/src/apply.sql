@@ -57,43 +57,49 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Insert or update rows from their images (a JSON array; every image of
--- one call has the same keys). Columns are matched by name: those the
--- images lack take their default, keys the table lacks are ignored. A
--- table without key columns only ever gets inserts.
+-- one call has the same keys, and no two the same key). Columns are matched
+-- by name: those the images lack take their default, keys the table lacks
+-- are ignored. A table without key columns only ever gets inserts.
+--
+-- An UPDATE of the rows that exist, then an INSERT of the others, not
+-- INSERT … ON CONFLICT: a speculative insertion that writes anything in
+-- between (an index expression whose function writes, as PostgreSQL's
+-- regression suite makes) leaves WAL that logical decoding cannot read
+-- ("invalid ordering of speculative insertion changes"), and the stream
+-- from this backend would stop there for good. No other session can
+-- insert one of these keys in between: the apply holds every key's lock,
+-- which a local write takes before it commits.
 CREATE OR REPLACE FUNCTION chorus.write_rows(rel text, cols text[], imgs jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     present text[] := chorus.present_columns(rel, imgs -> 0);
     others text[];
-    upsert text;
+    absent text := '';
 BEGIN
-    IF cardinality(cols) = 0 THEN
-        upsert := '';
-    ELSE
-        SELECT array_agg(p ORDER BY o) INTO others
-          FROM unnest(present) WITH ORDINALITY AS u(p, o) WHERE p <> ALL (cols);
-        IF others IS NULL THEN
-            upsert := format(' ON CONFLICT (%s) DO NOTHING', chorus.ident_list(cols));
-        ELSE
-            upsert := format(' ON CONFLICT (%s) DO UPDATE SET (%s) = ROW(%s)',
-                             chorus.ident_list(cols), chorus.ident_list(others),
-                             chorus.ident_list(others, 'excluded.'));
-        END IF;
-    END IF;
     -- OVERRIDING SYSTEM VALUE: the origin's value of a GENERATED ALWAYS
-    -- identity column is the row's. (The alias: a table may be named
-    -- "excluded", which the upsert's excluded.* would then be ambiguous
-    -- with.)
+    -- identity column is the row's.
     IF present IS NULL THEN
         -- No column (a table of none, or all dropped here): rows of
         -- defaults, one per image.
-        EXECUTE format('INSERT INTO %1$s AS chorus_target OVERRIDING SYSTEM VALUE SELECT FROM jsonb_array_elements($1)',
-                       rel) || upsert
+        EXECUTE format('INSERT INTO %1$s OVERRIDING SYSTEM VALUE SELECT FROM jsonb_array_elements($1)', rel)
         USING imgs;
         RETURN;
     END IF;
-    EXECUTE format('INSERT INTO %1$s AS chorus_target (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)',
-                   rel, chorus.ident_list(present)) || upsert
+    IF cardinality(cols) > 0 THEN
+        SELECT array_agg(p ORDER BY o) INTO others
+          FROM unnest(present) WITH ORDINALITY AS u(p, o) WHERE p <> ALL (cols);
+        IF others IS NOT NULL THEN
+            EXECUTE format('UPDATE %1$s t SET (%2$s) = ROW(%3$s) '
+                           'FROM jsonb_populate_recordset(NULL::%1$s, $1) k WHERE %4$s',
+                           rel, chorus.ident_list(others), chorus.ident_list(others, 'k.'),
+                           chorus.key_match(cols))
+            USING imgs;
+        END IF;
+        absent := format(' WHERE NOT EXISTS (SELECT FROM %1$s t WHERE %2$s)', rel, chorus.key_match(cols));
+    END IF;
+    EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE '
+                   'SELECT %3$s FROM jsonb_populate_recordset(NULL::%1$s, $1) k',
+                   rel, chorus.ident_list(present), chorus.ident_list(present, 'k.')) || absent
     USING imgs;
 END
 $$;

@@ -945,6 +945,38 @@ async fn tables_the_regression_suite_makes_replicate_or_are_refused() {
         "x1,x2!,x3",
     )
     .await;
+    // An index expression whose function writes (ANALYZE of a catalog, as
+    // the suite's vacuum test does): the peers' apply of its rows must
+    // leave WAL that logical decoding reads, or the streams from the peers
+    // stop for good. The marker: a write through node 2 reaches backend 1
+    // afterwards.
+    client
+        .batch_execute(
+            "CREATE FUNCTION do_analyze() RETURNS void VOLATILE LANGUAGE sql AS 'ANALYZE pg_am'; \
+             CREATE FUNCTION analyzes(c int) RETURNS int IMMUTABLE LANGUAGE sql AS \
+               'SELECT $1 FROM public.do_analyze()'; \
+             CREATE TABLE analyzing (i int PRIMARY KEY, v text); \
+             CREATE INDEX ON analyzing (analyzes(i)); \
+             INSERT INTO analyzing VALUES (1, 'a'), (2, 'b'); \
+             UPDATE analyzing SET v = 'c' WHERE i = 2",
+        )
+        .await
+        .unwrap();
+    c.expect_everywhere(
+        "SELECT string_agg(i || v, ',' ORDER BY i) FROM analyzing",
+        "1a,2c",
+    )
+    .await;
+    c.via(2)
+        .await
+        .batch_execute("INSERT INTO analyzing VALUES (3, 'from node 2')")
+        .await
+        .unwrap();
+    c.expect_everywhere(
+        "SELECT string_agg(i || v, ',' ORDER BY i) FROM analyzing",
+        "1a,2c,3from node 2",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
