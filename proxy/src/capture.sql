@@ -1035,7 +1035,12 @@ DECLARE
     dep bigint;
     kind text;
     block text;
+    kept text := coalesce(current_setting('chorus.drop_kept', true), '');
 BEGIN
+    -- (What the statement's sql_drop noted is for this statement only.)
+    IF kept <> '' THEN
+        PERFORM set_config('chorus.drop_kept', '', true);
+    END IF;
     -- Chorus's own DDL inside this trigger (adopting a table) belongs to
     -- the statement being handled.
     IF current_setting('chorus.in_ddl_trigger', true) = 'on' THEN
@@ -1075,8 +1080,16 @@ BEGIN
     IF NOT ordinary AND EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands()) THEN
         replicate := false;
     END IF;
+    -- A DROP of temporary objects only stays here too; one of temporary
+    -- and other objects goes to the peers for the others (chorus.note_drop).
+    IF kept = 'temporary' THEN
+        replicate := false;
+    END IF;
     IF replicate THEN
         statement := chorus.ddl_statement(tg_tag);
+        IF statement IS NOT NULL AND kept NOT IN ('', 'temporary') THEN
+            statement := kept || CASE WHEN statement ~* '\mcascade\s*;?\s*$' THEN ' CASCADE' ELSE '' END;
+        END IF;
         lease := nullif(current_setting('chorus.ddl_seq', true), '')::bigint;
         IF statement IS NOT NULL AND lease IS NULL
            AND coalesce(current_setting('chorus.ddl_refusal', true), '') <> '' THEN
@@ -1215,6 +1228,36 @@ BEGIN
     END IF;
 END
 $$;
+
+-- What a DROP statement named, noted for chorus.handle_ddl (sql_drop fires
+-- just before ddl_command_end, and only it can list the dropped objects):
+-- 'temporary' when it named temporary objects only, which exist on this
+-- backend only and stay there (replicated, the statement would drop a
+-- permanent object of the same name on every peer); when it named both
+-- kinds, a DROP of the others, for the peers; otherwise nothing.
+CREATE OR REPLACE FUNCTION chorus.note_drop() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    any_temporary boolean;
+    others text;
+    kind text;
+BEGIN
+    SELECT bool_or(d.is_temporary),
+           string_agg(d.object_identity, ', ') FILTER (WHERE NOT d.is_temporary),
+           min(d.object_type) FILTER (WHERE NOT d.is_temporary)
+      INTO any_temporary, others, kind
+      FROM pg_event_trigger_dropped_objects() d
+     WHERE d.original;
+    PERFORM set_config('chorus.drop_kept',
+                       CASE WHEN NOT coalesce(any_temporary, false) THEN ''
+                            WHEN others IS NULL THEN 'temporary'
+                            ELSE format('DROP %s %s', upper(replace(kind, 'composite ', '')), others)
+                       END, true);
+END
+$$;
+
+DROP EVENT TRIGGER IF EXISTS chorus_drop;
+CREATE EVENT TRIGGER chorus_drop ON sql_drop EXECUTE FUNCTION chorus.note_drop();
 
 -- The event trigger's function: as the chorus schema's owner, it hands
 -- the statement's tag and the session's search_path to chorus.handle_ddl

@@ -887,10 +887,93 @@ async fn partitioned_tables_replicate_their_rows_and_partition_changes() {
             "backend {b}"
         );
     }
+    // DETACH … CONCURRENTLY runs as two transactions of its own, outside
+    // any block (where PostgreSQL's error is the answer), on every backend.
+    one.batch_execute(
+        "CREATE TABLE readings_apr PARTITION OF readings FOR VALUES FROM ('2026-04-01') TO ('2026-05-01'); \
+         INSERT INTO readings VALUES (5, '2026-04-02', 50)",
+    )
+    .await
+    .unwrap();
+    one.batch_execute("BEGIN").await.unwrap();
+    let in_block = one
+        .batch_execute("ALTER TABLE readings DETACH PARTITION readings_apr CONCURRENTLY")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        common::sqlstate(&in_block).as_deref(),
+        Some("25001"),
+        "{in_block:?}"
+    );
+    one.batch_execute("ROLLBACK").await.unwrap();
+    one.batch_execute("ALTER TABLE readings DETACH PARTITION readings_apr CONCURRENTLY")
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT (SELECT relispartition::text FROM pg_class WHERE relname = 'readings_apr') \
+                    || ':' || (SELECT count(*) FROM readings)",
+            |v| v == "false:2",
+        )
+        .await;
+    }
+    c.converge(
+        "SELECT string_agg(t::text, ';') FROM readings_apr t",
+        1,
+        &[2, 3],
+    )
+    .await;
     let schema = c.schema(1);
     for b in 2..=3 {
         assert_eq!(c.schema(b), schema, "backend {b}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_temporary_tables_leaves_the_peers_permanent_ones_alone() {
+    // A temporary table exists on its session's backend only. Dropping it
+    // must not drop, on the peers, the permanent table its name shadows;
+    // a DROP of a temporary and a permanent table drops the permanent one
+    // everywhere.
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    one.batch_execute(
+        "CREATE TABLE shadowed (a int PRIMARY KEY); CREATE TABLE plain (a int PRIMARY KEY); \
+         INSERT INTO shadowed VALUES (1)",
+    )
+    .await
+    .unwrap();
+    one.batch_execute("CREATE TEMP TABLE shadowed (b text); DROP TABLE shadowed")
+        .await
+        .unwrap();
+    one.batch_execute("CREATE TEMP TABLE scratch (a int); DROP TABLE scratch, plain CASCADE")
+        .await
+        .unwrap();
+    // The marker: replicated DDL after both drops.
+    one.batch_execute("CREATE TABLE after_drops (a int PRIMARY KEY)")
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        let seen = c
+            .wait_for(
+                b,
+                "SELECT (to_regclass('public.after_drops') IS NOT NULL)::text || ':' \
+                        || (to_regclass('public.shadowed') IS NOT NULL) || ':' \
+                        || (to_regclass('public.plain') IS NOT NULL)",
+                |v| v.starts_with("true"),
+            )
+            .await;
+        assert_eq!(seen, "true:true:false", "backend {b}");
+        assert_eq!(rows(&c, b, "shadowed").await, "(1)", "backend {b}");
+    }
+    let errors: Vec<_> = c
+        .history(2)
+        .await
+        .into_iter()
+        .filter(|(_, _, error)| error.is_some())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

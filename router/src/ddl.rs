@@ -63,6 +63,27 @@ fn sequence_metadata_only(statement: &str) -> bool {
     metadata
 }
 
+/// Whether an `ALTER TABLE` detaches a partition `CONCURRENTLY`, which
+/// PostgreSQL runs as two transactions of its own, outside any block.
+fn detaches_concurrently(statement: &str) -> bool {
+    let mut rest = statement.trim_end().trim_end_matches(';');
+    let mut detach = false;
+    let mut last = "";
+    while let Some((found, after)) = first_keyword(rest) {
+        if found.is_empty() {
+            // Not a word (a quoted name, punctuation): a quoted
+            // "concurrently" is a name, not the option.
+            last = "";
+            rest = after.get(1..).unwrap_or("");
+            continue;
+        }
+        detach |= found.eq_ignore_ascii_case("DETACH");
+        last = found;
+        rest = after;
+    }
+    detach && last.eq_ignore_ascii_case("CONCURRENTLY")
+}
+
 /// The route of one DDL statement (see [`DdlRoute`]).
 pub fn ddl_route(statement: &str) -> DdlRoute {
     let w = words::<5>(statement);
@@ -76,6 +97,7 @@ pub fn ddl_route(statement: &str) -> DdlRoute {
             let global = global_object(word(1)) && !(word(1) == "USER" && word(2) == "MAPPING");
             global
                 || index_concurrently
+                || (word(0) == "ALTER" && word(1) == "TABLE" && detaches_concurrently(statement))
                 || (word(1) == "EVENT" && word(2) == "TRIGGER")
                 || (word(0) == "ALTER" && word(1) == "SYSTEM")
                 || word(1) == "SUBSCRIPTION"
@@ -151,6 +173,9 @@ mod tests {
             "COMMENT ON TABLE t IS 'x'",
             "CREATE USER MAPPING FOR app SERVER s",
             "CREATE SCHEMA s",
+            "ALTER TABLE p DETACH PARTITION c",
+            "ALTER TABLE p DETACH PARTITION c FINALIZE",
+            "ALTER TABLE p DETACH PARTITION \"concurrently\"",
             "ALTER TYPE mood ADD VALUE 'meh'",
             "/* c */ CREATE VIEW v AS SELECT 1",
             "ALTER SEQUENCE s OWNED BY t.id",
@@ -173,6 +198,8 @@ mod tests {
             "DROP DATABASE d",
             "CREATE TABLESPACE ts LOCATION '/x'",
             "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+            "alter table if exists only p detach partition s.c concurrently;",
             "CREATE UNIQUE INDEX CONCURRENTLY i ON t (a)",
             "DROP INDEX CONCURRENTLY i",
             "CREATE EVENT TRIGGER e ON ddl_command_start EXECUTE FUNCTION f()",
