@@ -203,6 +203,26 @@ BEGIN
 END
 $$;
 
+-- A column definition list (`a int4, b text`) of these columns of a
+-- table, each with its type, or for a domain the type the domain is
+-- over (domains of domains followed to the end).
+CREATE OR REPLACE FUNCTION chorus.base_type_columns(rel text, cols text[]) RETURNS text
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE chain AS (
+        SELECT a.attname, a.attnum, a.atttypid AS typ, a.atttypmod AS typmod
+          FROM pg_attribute a
+         WHERE a.attrelid = rel::regclass AND a.attname = ANY (cols) AND NOT a.attisdropped
+        UNION ALL
+        SELECT c.attname, c.attnum, t.typbasetype,
+               CASE WHEN t.typtypmod <> -1 THEN t.typtypmod ELSE c.typmod END
+          FROM chain c JOIN pg_type t ON t.oid = c.typ
+         WHERE t.typtype = 'd'
+    )
+    SELECT string_agg(format('%I %s', c.attname, format_type(c.typ, c.typmod)), ', ' ORDER BY c.attnum)
+      FROM chain c JOIN pg_type t ON t.oid = c.typ
+     WHERE t.typtype <> 'd'
+$$;
+
 -- Apply an UPDATE or DELETE of a table without a primary key: one row
 -- whose columns read the same as the change's old row (compared in their
 -- text form, which every type has, unlike =) is changed, as the origin
@@ -220,10 +240,14 @@ DECLARE
     found_oid oid;
     found_tid tid;
 BEGIN
+    -- The old row read with its columns' base types: a domain's check
+    -- constraint added NOT VALID since may refuse the value it had.
+    -- (A table of no columns: any row.)
     EXECUTE format('SELECT t.tableoid, t.ctid FROM %1$s t WHERE ROW(%2$s)::text = '
-                   '(SELECT ROW(%3$s)::text FROM jsonb_populate_record(NULL::%1$s, $1) k) '
+                   '(SELECT ROW(%3$s)::text FROM jsonb_to_record($1) AS k(%4$s)) '
                    'LIMIT 1 FOR UPDATE OF t',
-                   rel, chorus.ident_list(matched, 't.'), chorus.ident_list(matched, 'k.'))
+                   rel, chorus.ident_list(matched, 't.'), chorus.ident_list(matched, 'k.'),
+                   coalesce(chorus.base_type_columns(rel, matched), 'chorus_none int'))
     INTO found_oid, found_tid USING old;
     IF found_tid IS NULL THEN
         INSERT INTO chorus.conflict (tbl, kind, resolution, remote_version, remote_origin, remote_row, detail)

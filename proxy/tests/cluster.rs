@@ -977,6 +977,26 @@ async fn tables_the_regression_suite_makes_replicate_or_are_refused() {
         "1a,2c,3from node 2",
     )
     .await;
+    // A row of a table without a key whose old value a domain's check,
+    // added NOT VALID since, refuses: its update still finds it on the
+    // peers, and the constraint validates everywhere.
+    client
+        .batch_execute(
+            "CREATE DOMAIN things AS int; \
+             CREATE TABLE thethings (stuff things); \
+             INSERT INTO thethings VALUES (55); \
+             ALTER DOMAIN things ADD CONSTRAINT meow CHECK (VALUE < 11) NOT VALID; \
+             UPDATE thethings SET stuff = 10; \
+             ALTER DOMAIN things VALIDATE CONSTRAINT meow",
+        )
+        .await
+        .unwrap();
+    c.expect_everywhere(
+        "SELECT string_agg(stuff::text, ',') || ':' \
+                || (SELECT convalidated FROM pg_constraint WHERE conname = 'meow') FROM thethings",
+        "10:true",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
