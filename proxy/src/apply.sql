@@ -684,7 +684,11 @@ BEGIN
     BEGIN
         -- With the origin session's settings (see chorus.ddl_settings):
         -- one naming a tablespace this backend lacks fails like the DDL.
-        before := chorus.use_settings(change -> 'settings');
+        -- Function bodies are not checked again, as in a restore: the
+        -- origin checked them (if its session asked), and a body may name
+        -- the origin session's temporary tables, which are not here.
+        before := chorus.use_settings(coalesce(change -> 'settings', '{}')
+                                      || '{"check_function_bodies": "off"}');
         PERFORM chorus.run_as(change ->> 'role', change ->> 'ddl');
         PERFORM chorus.use_settings(before);
     EXCEPTION WHEN OTHERS THEN

@@ -849,6 +849,13 @@ BEGIN
 END
 $$;
 
+-- The first word of a statement, upper-cased (white space, comments and
+-- opening parentheses before it skipped).
+CREATE OR REPLACE FUNCTION chorus.first_word(statement text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT upper(substring(statement FROM E'^(?:\\s|--[^\\n]*(?:\\n|$)|/\\*(?:[^*]|\\*+[^*/])*\\*+/|\\()*([A-Za-z]+)'))
+$$;
+
 -- The text of the DDL statement this event trigger fires for, as the
 -- client sent it, or NULL when Chorus did not see it (DDL run from a
 -- function or a DO block). For a simple query the proxy stages, with its
@@ -865,6 +872,7 @@ DECLARE
     pos integer;
     range jsonb;
     first_word text;
+    statement text;
 BEGIN
     IF stage IS NOT NULL THEN
         raw := decode(stage ->> 'q', 'hex');
@@ -875,11 +883,17 @@ BEGIN
                 RETURN NULL;
             END IF;
             PERFORM set_config('chorus.ddl_stage_pos', (pos + 1)::text, false);
-            RETURN convert_from(substring(raw FROM (range ->> 0)::integer + 1 FOR (range ->> 1)::integer),
-                                pg_client_encoding());
+            statement := convert_from(substring(raw FROM (range ->> 0)::integer + 1 FOR (range ->> 1)::integer),
+                                      pg_client_encoding());
+            -- A statement out of step with the staged list (one the proxy
+            -- did not count as DDL) is not taken for another.
+            IF chorus.first_word(statement) = split_part(tag, ' ', 1) THEN
+                RETURN statement;
+            END IF;
+            RETURN NULL;
         END IF;
     END IF;
-    first_word := upper(substring(q FROM E'^(?:\\s|--[^\\n]*(?:\\n|$)|/\\*(?:[^*]|\\*+[^*/])*\\*+/|\\()*([A-Za-z]+)'));
+    first_word := chorus.first_word(q);
     IF first_word IS NOT NULL AND first_word = split_part(tag, ' ', 1) THEN
         RETURN q;
     END IF;
@@ -1053,6 +1067,10 @@ BEGIN
     ELSIF coalesce(current_setting('chorus.in_extension', true), '') = 'on' THEN
         RETURN;
     END IF;
+    -- The client's statement, taken now whether or not it replicates: the
+    -- staged statements of a query string are taken in order, one for
+    -- each statement that fires this trigger.
+    statement := chorus.ddl_statement(tg_tag);
     -- A cast to json or jsonb is what to_jsonb runs of a type's owner
     -- inside capture (which runs as the chorus schema's owner).
     IF tg_tag = 'CREATE CAST'
@@ -1086,7 +1104,6 @@ BEGIN
         replicate := false;
     END IF;
     IF replicate THEN
-        statement := chorus.ddl_statement(tg_tag);
         IF statement IS NOT NULL AND kept NOT IN ('', 'temporary') THEN
             statement := kept || CASE WHEN statement ~* '\mcascade\s*;?\s*$' THEN ' CASCADE' ELSE '' END;
         END IF;

@@ -10,6 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use chorus_router::split_statements;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::config::CommitScope;
@@ -28,8 +29,7 @@ pub enum ScopeChange {
     Invalid,
 }
 
-/// Find commit scope changes in a query string (statements separated by
-/// semicolons; quoted text is not looked into for separators). Only
+/// Find commit scope changes in a query string. Only
 /// statements that mention `commit_scope`, or are `RESET ALL` / `DISCARD
 /// ALL`, are examined, so ordinary statements cost one substring search.
 pub fn scope_changes(sql: &str) -> Vec<ScopeChange> {
@@ -40,26 +40,6 @@ pub fn scope_changes(sql: &str) -> Vec<ScopeChange> {
     split_statements(&lower)
         .filter_map(parse_statement)
         .collect()
-}
-
-fn split_statements(sql: &str) -> impl Iterator<Item = &str> {
-    let mut parts = Vec::new();
-    let mut start = 0;
-    let mut quote: Option<char> = None;
-    for (i, c) in sql.char_indices() {
-        match (quote, c) {
-            (Some(q), c) if c == q => quote = None,
-            (Some(_), _) => {}
-            (None, '\'' | '"') => quote = Some(c),
-            (None, ';') => {
-                parts.push(&sql[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&sql[start..]);
-    parts.into_iter()
 }
 
 /// A SET/RESET of one setting, with its raw (lower-cased) value.

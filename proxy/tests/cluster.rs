@@ -997,6 +997,24 @@ async fn tables_the_regression_suite_makes_replicate_or_are_refused() {
         "10:true",
     )
     .await;
+    // A function with an SQL-standard body (its ; inside BEGIN ATOMIC …
+    // END do not end the statement), and one whose body names a temporary
+    // table of the session (the peers have no such table).
+    client
+        .batch_execute(
+            "CREATE FUNCTION atomic_next(x int) RETURNS int LANGUAGE sql BEGIN ATOMIC \
+               SELECT CASE WHEN x > 0 THEN x + 1 ELSE 0 END; END; \
+             CREATE TEMP TABLE scratch (data text); \
+             CREATE FUNCTION into_scratch(text) RETURNS void LANGUAGE sql AS \
+               $$ INSERT INTO scratch VALUES ($1) $$",
+        )
+        .await
+        .unwrap();
+    c.expect_everywhere(
+        "SELECT atomic_next(1) || ':' || (to_regprocedure('into_scratch(text)') IS NOT NULL)",
+        "2:true",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -201,6 +201,48 @@ pub struct Statements<'a> {
     pos: usize,
 }
 
+/// Whether a statement is inside the SQL-standard body of a routine
+/// (`CREATE [OR REPLACE] FUNCTION|PROCEDURE … BEGIN ATOMIC …; …; END`),
+/// whose `;` do not end the statement. The same rule as psql's: for such a
+/// statement, outside parentheses, BEGIN opens a block, END closes one,
+/// and CASE (which also ends with END) opens one inside a block.
+#[derive(Default)]
+struct RoutineBody {
+    /// How many words the statement has had so far.
+    words: usize,
+    /// The first letter of each of its first four words that is one of
+    /// CREATE, OR, REPLACE, FUNCTION, PROCEDURE (0 for another word).
+    lead: [u8; 4],
+    begin_depth: usize,
+}
+
+impl RoutineBody {
+    fn word(&mut self, word: &str, paren_depth: usize) {
+        if self.words < self.lead.len()
+            && ["create", "or", "replace", "function", "procedure"]
+                .iter()
+                .any(|k| word.eq_ignore_ascii_case(k))
+        {
+            self.lead[self.words] = word.as_bytes()[0].to_ascii_lowercase();
+        }
+        self.words += 1;
+        let routine = matches!(
+            self.lead,
+            [b'c', b'f' | b'p', _, _] | [b'c', b'o', b'r', b'f' | b'p']
+        );
+        if !routine || paren_depth > 0 {
+            return;
+        }
+        if word.eq_ignore_ascii_case("begin")
+            || (self.begin_depth > 0 && word.eq_ignore_ascii_case("case"))
+        {
+            self.begin_depth += 1;
+        } else if word.eq_ignore_ascii_case("end") {
+            self.begin_depth = self.begin_depth.saturating_sub(1);
+        }
+    }
+}
+
 /// Split a query string into its statements.
 pub fn split_statements(text: &str) -> Statements<'_> {
     Statements { text, pos: 0 }
@@ -214,16 +256,18 @@ impl<'a> Iterator for Statements<'a> {
             let rest = &self.text[self.pos..];
             let mut scanner = Scanner::new(rest);
             let mut depth = 0usize;
+            let mut routine = RoutineBody::default();
             let mut significant = false;
             let mut end = rest.len();
             while let Some(token) = scanner.next_token() {
                 match token {
-                    Token::Punct(b';') if depth == 0 => {
+                    Token::Punct(b';') if depth == 0 && routine.begin_depth == 0 => {
                         end = scanner.pos - 1;
                         break;
                     }
                     Token::Punct(b'(') => depth += 1,
                     Token::Punct(b')') => depth = depth.saturating_sub(1),
+                    Token::Word(start, end) => routine.word(scanner.word(start, end), depth),
                     _ => {}
                 }
                 significant = true;

@@ -278,3 +278,27 @@ fn pseudo_random_input_never_panics() {
         assert!(summary.statements() <= 64);
     }
 }
+
+#[test]
+fn a_routine_body_in_begin_atomic_is_one_statement() {
+    let sql = "CREATE FUNCTION f(x int) RETURNS int LANGUAGE sql BEGIN ATOMIC \
+                 SELECT CASE WHEN x > 0 THEN 1 ELSE 0 END; SELECT x + 1; \
+               END; \
+               create or replace procedure p() begin atomic insert into t values (1); end; \
+               CREATE FUNCTION g() RETURNS int LANGUAGE sql AS 'SELECT 1'; BEGIN; SELECT 2; END";
+    let parts: Vec<&str> = split_statements(sql).collect();
+    assert_eq!(parts.len(), 6, "{parts:?}");
+    assert!(parts[0].trim_end().ends_with("END"), "{parts:?}");
+    assert!(
+        parts[1].contains("insert into t values (1); end"),
+        "{parts:?}"
+    );
+    assert_eq!(parts[3].trim(), "BEGIN");
+    assert_eq!(parts[4].trim(), "SELECT 2");
+    // BEGIN inside parentheses (a column named begin) opens nothing.
+    let parts: Vec<&str> = split_statements(
+        "CREATE FUNCTION h() RETURNS TABLE (begin int) LANGUAGE sql AS 'SELECT 1'; SELECT 3",
+    )
+    .collect();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+}
