@@ -711,6 +711,16 @@ BEGIN
 END
 $$;
 
+-- A table as a TRUNCATE or DELETE names it to act on its own rows: with
+-- ONLY, so that the tables inheriting from it (each with its own record)
+-- keep theirs; a partitioned table, whose rows are its partitions', as
+-- it is.
+CREATE OR REPLACE FUNCTION chorus.only(rel text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN c.relkind = 'p' THEN rel::regclass::text ELSE 'ONLY ' || rel::regclass::text END
+      FROM pg_class c WHERE c.oid = rel::regclass
+$$;
+
 -- Apply the TRUNCATE records of one statement (see chorus.capture_truncate):
 -- per table, the rows whose versions are older than the record's go, and
 -- the table's marker keeps its version. When no row here is newer (the
@@ -753,7 +763,7 @@ BEGIN
                                          > ((item ->> 'version')::bigint, (item ->> 'origin')::integer));
     END LOOP;
     IF NOT newer THEN
-        EXECUTE 'TRUNCATE ' || (SELECT string_agg(r::regclass::text, ', ') FROM unnest(rels) AS r);
+        EXECUTE 'TRUNCATE ' || (SELECT string_agg(chorus.only(r), ', ') FROM unnest(rels) AS r);
     END IF;
     FOR item IN SELECT e.c FROM jsonb_array_elements(items) WITH ORDINALITY AS e(c, i)
                  WHERE to_regclass(e.c ->> 'truncate') IS NOT NULL ORDER BY e.i DESC LOOP
@@ -765,11 +775,11 @@ BEGIN
         -- values from two nodes are told apart by the node.)
         IF newer THEN
             IF cardinality(cols) = 0 THEN
-                EXECUTE format('DELETE FROM %s', rel);
+                EXECUTE format('DELETE FROM %s', chorus.only(rel));
             ELSE
                 EXECUTE format('DELETE FROM %1$s t WHERE NOT EXISTS (SELECT 1 FROM chorus.row_version v '
                                'WHERE v.tbl = $1 AND v.pk = chorus.key_of(to_jsonb(t.*), $2) '
-                               'AND (v.version, v.origin) > ($3, $4))', rel)
+                               'AND (v.version, v.origin) > ($3, $4))', chorus.only(rel))
                     USING rel, cols, ver, org;
             END IF;
         END IF;

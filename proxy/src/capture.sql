@@ -830,7 +830,8 @@ LANGUAGE sql STABLE AS $$
         'DateStyle', current_setting('DateStyle'),
         'IntervalStyle', current_setting('IntervalStyle'),
         'TimeZone', current_setting('TimeZone'),
-        'allow_in_place_tablespaces', current_setting('allow_in_place_tablespaces'))
+        'allow_in_place_tablespaces', current_setting('allow_in_place_tablespaces'),
+        'password_encryption', current_setting('password_encryption'))
 $$;
 
 -- Set these settings (see chorus.ddl_settings) for the transaction (or,
@@ -943,8 +944,9 @@ CREATE EVENT TRIGGER chorus_rewrite ON table_rewrite EXECUTE FUNCTION chorus.not
 -- session_replication_role = replica, see chorus.apply_begin.)
 ALTER EVENT TRIGGER chorus_rewrite ENABLE ALWAYS;
 
--- Send every row of `rel` (a replicated table, or a leaf partition of one)
--- as an update made by this transaction: versions bumped as the capture
+-- Send every row of `rel` (a replicated table, or a leaf partition of one;
+-- not those of the tables inheriting from it, which are sent for
+-- themselves) as an update made by this transaction: versions bumped as the capture
 -- trigger bumps them, one message per row, set-based.
 CREATE OR REPLACE FUNCTION chorus.emit_rows(rel regclass, txn_hlc bigint, origin integer, prefix text)
 RETURNS bigint
@@ -983,13 +985,13 @@ BEGIN
             'truncate', name, 'version', ver, 'origin', origin)::text);
         EXECUTE format('SELECT count(pg_logical_emit_message(true, $1, jsonb_build_object('
                        '''table'', $2, ''op'', ''INSERT'', ''key'', NULL, ''row'', to_jsonb(t.*), '
-                       '''version'', $3, ''prev'', NULL, ''origin'', $4)::text)) FROM %s t', rel)
+                       '''version'', $3, ''prev'', NULL, ''origin'', $4)::text)) FROM ONLY %s t', rel)
             INTO sent
             USING prefix, name, ver + 1, origin;
         RETURN sent;
     END IF;
     EXECUTE format(
-        'WITH img AS (SELECT to_jsonb(t.*) AS img FROM %s t), '
+        'WITH img AS (SELECT to_jsonb(t.*) AS img FROM ONLY %s t), '
         '     old AS (SELECT i.img, chorus.key_of(i.img, $1) AS key, v.version AS prev '
         '               FROM img i LEFT JOIN chorus.row_version v '
         '                 ON v.tbl = $2 AND v.pk = chorus.key_of(i.img, $1)), '

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::config::{BackendConfig, CommitScope};
-use crate::protocol::{self, Severity};
+use crate::protocol;
 use crate::replication::{BackendClients, ReplicationError};
 use crate::server::Node;
 
@@ -76,7 +76,7 @@ impl PgError {
 #[derive(Debug)]
 pub struct DdlProgress {
     applied: watch::Sender<u64>,
-    outcomes: Mutex<HashMap<u64, Option<PgError>>>,
+    outcomes: Mutex<HashMap<u64, Outcome>>,
     /// Connections to every backend, to see how far each has applied.
     peers: tokio::sync::Mutex<BackendClients>,
 }
@@ -91,6 +91,16 @@ impl Default for DdlProgress {
     }
 }
 
+/// What became of a DDL statement on its origin's home backend.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// Its error, when it failed there.
+    failure: Option<PgError>,
+    /// The notices it raised there (NoticeResponse messages), for the
+    /// client: `DROP … IF EXISTS` of what is not there, and the like.
+    notices: BytesMut,
+}
+
 /// Outcomes kept for sessions that have not collected them (a session
 /// that timed out never does).
 const MAX_OUTCOMES: usize = 10_000;
@@ -100,7 +110,7 @@ impl DdlProgress {
         self.applied.send_replace(seq);
     }
 
-    fn record(&self, seq: u64, outcome: Option<PgError>) {
+    fn record(&self, seq: u64, outcome: Outcome) {
         if let Ok(mut outcomes) = self.outcomes.lock() {
             if outcomes.len() >= MAX_OUTCOMES {
                 outcomes.clear();
@@ -109,12 +119,12 @@ impl DdlProgress {
         }
     }
 
-    fn take(&self, seq: u64) -> Option<PgError> {
+    fn take(&self, seq: u64) -> Outcome {
         self.outcomes
             .lock()
             .ok()
             .and_then(|mut o| o.remove(&seq))
-            .flatten()
+            .unwrap_or_default()
     }
 
     /// Wait until the home backend applied `seq`; false on timeout.
@@ -242,7 +252,18 @@ async fn apply_log(
         // The chorus schema (with chorus.ddl_history) comes first.
         while !node.wait_schema_ready(Duration::from_secs(1)).await {}
     }
-    let client = crate::replication::connect_backend(backend, config).await?;
+    // On the home backend, the notices of the entries that came through
+    // this node go to their sessions.
+    let (client, mut notices) = if home {
+        let (client, notices) =
+            crate::replication::connect_backend_with_notices(backend, config).await?;
+        (client, Some(notices))
+    } else {
+        (
+            crate::replication::connect_backend(backend, config).await?,
+            None,
+        )
+    };
     let mut applied =
         u64::try_from(client.query_one(INDEX_SQL, &[]).await?.get::<_, i64>(0)).unwrap_or(0);
     if home {
@@ -294,11 +315,21 @@ async fn apply_log(
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let outcome = apply_entry(&client, &entry, sequence_id).await?;
-            if let Some(e) = &outcome {
+            if let Some(notices) = notices.as_mut() {
+                while notices.try_recv().is_ok() {}
+            }
+            let failure = apply_entry(&client, &entry, sequence_id).await?;
+            if let Some(e) = &failure {
                 tracing::warn!(backend = %backend.name, seq = entry.seq, code = %e.code, error = %e.message, "replicated DDL failed here");
             }
-            if home && entry.proposal.origin == owner {
+            if let Some(notices) = notices.as_mut().filter(|_| entry.proposal.origin == owner) {
+                let mut outcome = Outcome {
+                    failure,
+                    notices: BytesMut::new(),
+                };
+                while let Ok(notice) = notices.try_recv() {
+                    protocol::relay_notice(&mut outcome.notices, &notice);
+                }
                 node.ddl.record(entry.seq, outcome);
             }
             applied = entry.seq;
@@ -782,7 +813,12 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
     }
     node.metrics.ddl_latency(started.elapsed());
     let applied_after = started.elapsed();
-    if let Some(failure) = node.ddl.take(seq) {
+    let outcome = node.ddl.take(seq);
+    if !transactional {
+        // (A validated statement's notices came with its validation.)
+        out.extend_from_slice(&outcome.notices);
+    }
+    if let Some(failure) = outcome.failure {
         failure.write(out);
         return;
     }
@@ -824,7 +860,13 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
 const PEER_WAIT: Duration = Duration::from_millis(1000);
 
 fn error(out: &mut BytesMut, code: &str, message: &str, hint: Option<&str>) {
-    protocol::error_response(out, Severity::Error, code, message, hint);
+    PgError {
+        code: code.to_owned(),
+        message: message.to_owned(),
+        detail: None,
+        hint: hint.map(str::to_owned),
+    }
+    .write(out);
 }
 
 #[cfg(test)]

@@ -300,6 +300,28 @@ pub fn warning_notice(out: &mut BytesMut, code: &str, message: &str) {
     });
 }
 
+/// Append a NoticeResponse relaying a notice (NOTICE, WARNING, …) a
+/// backend sent on a connection of the proxy's own.
+pub fn relay_notice(out: &mut BytesMut, notice: &tokio_postgres::error::DbError) {
+    write_message(out, b'N', |body| {
+        let mut put = |field: u8, value: &str| {
+            body.put_u8(field);
+            put_cstr(body, value);
+        };
+        put(b'S', notice.severity());
+        put(b'V', notice.severity());
+        put(b'C', notice.code().code());
+        put(b'M', notice.message());
+        if let Some(detail) = notice.detail() {
+            put(b'D', detail);
+        }
+        if let Some(hint) = notice.hint() {
+            put(b'H', hint);
+        }
+        body.put_u8(0);
+    });
+}
+
 /// Append an authentication request ('R') with code and payload.
 pub fn authentication(out: &mut BytesMut, code: i32, payload: &[u8]) {
     write_message(out, b'R', |body| {

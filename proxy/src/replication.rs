@@ -449,6 +449,16 @@ pub(crate) async fn connect_backend(
     backend: &BackendConfig,
     config: &ReplicationConfig,
 ) -> Result<Client, ReplicationError> {
+    let (client, connection) = backend_config(backend, config)
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn backend_config(backend: &BackendConfig, config: &ReplicationConfig) -> tokio_postgres::Config {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&backend.host)
         .port(backend.port)
@@ -465,11 +475,35 @@ pub(crate) async fn connect_backend(
     if let Some(password) = &config.password {
         pg.password(password);
     }
-    let (client, connection) = pg.connect(tokio_postgres::NoTls).await?;
+    pg
+}
+
+/// [`connect_backend`], with the notices the backend sends on the
+/// connection (NOTICE, WARNING, …) delivered in order, ahead of the
+/// answer of the statement that raised them. Notices nobody takes beyond
+/// the channel's room are dropped.
+pub(crate) async fn connect_backend_with_notices(
+    backend: &BackendConfig,
+    config: &ReplicationConfig,
+) -> Result<
+    (
+        Client,
+        tokio::sync::mpsc::Receiver<tokio_postgres::error::DbError>,
+    ),
+    ReplicationError,
+> {
+    let (client, mut connection) = backend_config(backend, config)
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
-        let _ = connection.await;
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notice(notice) = message {
+                let _ = tx.try_send(notice);
+            }
+        }
     });
-    Ok(client)
+    Ok((client, rx))
 }
 
 /// A slot-name-safe form of a backend name.

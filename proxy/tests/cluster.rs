@@ -1292,6 +1292,19 @@ async fn roles_and_grants_replicate_inside_transaction_blocks() {
         "in_block_owner:1:true",
     )
     .await;
+    // A password is hashed on every backend as the session asked
+    // (password_encryption travels with the statement).
+    for sql in [
+        "SET password_encryption = 'md5'",
+        "CREATE ROLE hashed_md5 PASSWORD 'secret'",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    c.expect_everywhere(
+        "SELECT left(rolpassword, 3) FROM pg_authid WHERE rolname = 'hashed_md5'",
+        "md5",
+    )
+    .await;
     assert_eq!(c.conflicts_logged("ddl_failed").await, 0);
 }
 

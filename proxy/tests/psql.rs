@@ -205,4 +205,25 @@ async fn notices_reach_the_client() {
         "{}",
         stderr(&out)
     );
+    // Those of statements replicated through the cluster's DDL log too:
+    // one validated on the backend first, and one that cannot run in a
+    // transaction block (its notice comes from the log's apply).
+    for (statement, notice) in [
+        (
+            "DROP ROLE IF EXISTS nobody_here",
+            "NOTICE:  role \"nobody_here\" does not exist, skipping",
+        ),
+        (
+            "DROP DATABASE IF EXISTS nothing_here",
+            "NOTICE:  database \"nothing_here\" does not exist, skipping",
+        ),
+    ] {
+        let out = psql(&node, &["-c", statement]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(notice),
+            "{statement}: {}",
+            stderr(&out)
+        );
+    }
 }
