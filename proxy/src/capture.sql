@@ -905,9 +905,10 @@ $$;
 -- What a CREATE TABLE AS or SELECT INTO made, as a plain CREATE TABLE:
 -- peers make the table from it and get the rows as changes, so the query
 -- is never evaluated again elsewhere.
+-- (Its access method, storage parameters and tablespace as well.)
 CREATE OR REPLACE FUNCTION chorus.table_definition(rel regclass) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT format('CREATE %sTABLE %I.%I (%s)',
+    SELECT format('CREATE %sTABLE %I.%I (%s) USING %I%s%s',
                   CASE c.relpersistence WHEN 'u' THEN 'UNLOGGED ' ELSE '' END,
                   n.nspname, c.relname,
                   (SELECT string_agg(format('%I %s%s', a.attname, format_type(a.atttypid, a.atttypmod),
@@ -915,7 +916,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                                                  THEN ' COLLATE ' || a.attcollation::regcollation::text ELSE '' END),
                                      ', ' ORDER BY a.attnum)
                      FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-                    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped))
+                    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+                  (SELECT am.amname FROM pg_am am WHERE am.oid = c.relam),
+                  (SELECT ' WITH (' || array_to_string(c.reloptions, ', ') || ')' WHERE c.reloptions IS NOT NULL),
+                  (SELECT format(' TABLESPACE %I', t.spcname) FROM pg_tablespace t WHERE t.oid = c.reltablespace))
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = rel
 $$;

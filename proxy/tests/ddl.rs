@@ -684,6 +684,25 @@ async fn create_table_as_and_select_into_give_identical_rows_everywhere() {
         .unwrap()
         .get(0);
     assert_eq!(n, 500);
+    // The made table's access method and storage parameters come along.
+    c.via(2)
+        .await
+        .batch_execute(
+            "CREATE ACCESS METHOD heap_copy TYPE TABLE HANDLER heap_tableam_handler; \
+             CREATE TABLE stored USING heap_copy WITH (fillfactor = 70) AS SELECT 1 AS one",
+        )
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT (SELECT amname FROM pg_am WHERE oid = c.relam) || ':' || array_to_string(c.reloptions, ',') \
+                    || ':' || (SELECT count(*) FROM stored) \
+               FROM pg_class c WHERE c.relname = 'stored'",
+            |v| v == "heap_copy:fillfactor=70:1",
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
