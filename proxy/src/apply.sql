@@ -153,7 +153,6 @@ BEGIN
         lv := NULL;
         lo := NULL;
         IF local_key IS NOT NULL THEN
-            PERFORM chorus.key_lock(rel, local_key);
             SELECT v.version, v.origin INTO lv, lo FROM chorus.row_version v
              WHERE v.tbl = rel AND v.pk = local_key FOR UPDATE;
         END IF;
@@ -178,6 +177,31 @@ BEGIN
     END LOOP;
     RAISE EXCEPTION 'could not resolve unique conflicts for a row of %', rel
         USING ERRCODE = '23505';
+END
+$$;
+
+-- Record the first versions of keys that had none when the apply read
+-- them. Their version rows could not be locked then: if a local write has
+-- made one since (its transaction was still open, or committed after the
+-- read), this apply decided without it, so it is undone and retried
+-- (40001), and then compares with that version.
+CREATE OR REPLACE FUNCTION chorus.first_versions(rel text, keys jsonb[], vers bigint[],
+                                                 orgs integer[], dels boolean[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    made integer;
+BEGIN
+    IF cardinality(keys) = 0 THEN
+        RETURN;
+    END IF;
+    INSERT INTO chorus.row_version (tbl, pk, version, origin, deleted)
+    SELECT rel, u.k, u.ver, u.org, u.del FROM unnest(keys, vers, orgs, dels) AS u(k, ver, org, del)
+    ON CONFLICT (tbl, pk) DO NOTHING;
+    GET DIAGNOSTICS made = ROW_COUNT;
+    IF made < cardinality(keys) THEN
+        RAISE EXCEPTION 'a local write of % changed a key this apply found without a version', rel
+            USING ERRCODE = '40001';
+    END IF;
 END
 $$;
 
@@ -322,11 +346,10 @@ BEGIN
         RETURN coalesce('unique:' || unique_outcome, 'applied');
     END IF;
 
-    -- The row first, then the key lock: the order a local write takes them
-    -- in (its statement locks the row, its capture trigger the key), so the
-    -- two cannot deadlock on an existing row.
+    -- The row first, then its version row: the order a local write locks
+    -- them in (its statement the row, its capture trigger the version), so
+    -- the two cannot deadlock on an existing row.
     PERFORM chorus.lock_rows(rel, cols, jsonb_build_array(key));
-    PERFORM chorus.key_lock(rel, key);
     SELECT * INTO cur FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key FOR UPDATE;
     have_version := FOUND;
     IF have_version AND cur.version = ver AND cur.origin = org THEN
@@ -370,10 +393,15 @@ BEGIN
             PERFORM chorus.delete_row(rel, cols, key);
         END IF;
     END IF;
-    INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
-    VALUES (rel, key, ver, org, op = 'DELETE' OR unique_outcome IS NOT DISTINCT FROM 'local_wins')
-    ON CONFLICT (tbl, pk) DO UPDATE
-        SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted;
+    IF have_version THEN
+        UPDATE chorus.row_version v
+           SET version = ver, origin = org,
+               deleted = op = 'DELETE' OR unique_outcome IS NOT DISTINCT FROM 'local_wins'
+         WHERE v.tbl = rel AND v.pk = key;
+    ELSE
+        PERFORM chorus.first_versions(rel, ARRAY[key], ARRAY[ver], ARRAY[org],
+                                      ARRAY[op = 'DELETE' OR unique_outcome IS NOT DISTINCT FROM 'local_wins']);
+    END IF;
     IF unique_outcome IS NOT NULL THEN
         RETURN 'unique:' || unique_outcome;
     END IF;
@@ -424,6 +452,10 @@ DECLARE
     v_vers bigint[] := '{}';
     v_orgs integer[] := '{}';
     v_dels boolean[] := '{}';
+    n_keys jsonb[] := '{}';
+    n_vers bigint[] := '{}';
+    n_orgs integer[] := '{}';
+    n_dels boolean[] := '{}';
     keys integer := 0;
 BEGIN
     cols := chorus.key_columns(rel);
@@ -440,13 +472,15 @@ BEGIN
                       ORDER BY e.n);
     END IF;
 
-    -- Lock the existing rows, then every key, each in one order (so two
-    -- applies cannot deadlock), rows first as local writes do.
+    -- Lock the existing rows, then the keys' version rows, each in one
+    -- order (so two applies cannot deadlock), rows first as local writes
+    -- do. A key without a version row cannot be locked: a local write may
+    -- make one meanwhile, which chorus.first_versions finds out.
     PERFORM chorus.lock_rows(rel, cols,
                              (SELECT jsonb_agg(DISTINCT c -> 'key') FROM jsonb_array_elements(changes) c));
-    PERFORM chorus.key_lock(rel, s.k)
-       FROM (SELECT DISTINCT c -> 'key' AS k FROM jsonb_array_elements(changes) c) s
-      ORDER BY s.k;
+    PERFORM 1 FROM chorus.row_version v
+     WHERE v.tbl = rel AND v.pk IN (SELECT c -> 'key' FROM jsonb_array_elements(changes) c)
+     ORDER BY v.pk FOR UPDATE;
 
     FOR r IN
         WITH c AS (
@@ -502,10 +536,17 @@ BEGIN
         ELSE
             up_rows := up_rows || r.img;
         END IF;
-        v_keys := v_keys || r.k;
-        v_vers := v_vers || r.ver;
-        v_orgs := v_orgs || r.org;
-        v_dels := v_dels || (r.op = 'DELETE');
+        IF r.have THEN
+            v_keys := v_keys || r.k;
+            v_vers := v_vers || r.ver;
+            v_orgs := v_orgs || r.org;
+            v_dels := v_dels || (r.op = 'DELETE');
+        ELSE
+            n_keys := n_keys || r.k;
+            n_vers := n_vers || r.ver;
+            n_orgs := n_orgs || r.org;
+            n_dels := n_dels || (r.op = 'DELETE');
+        END IF;
     END LOOP;
 
     IF cardinality(del_keys) > 0 THEN
@@ -516,10 +557,10 @@ BEGIN
     IF cardinality(up_rows) > 0 THEN
         PERFORM chorus.write_rows(rel, cols, to_jsonb(up_rows));
     END IF;
-    INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
-    SELECT rel, u.k, u.ver, u.org, u.del FROM unnest(v_keys, v_vers, v_orgs, v_dels) AS u(k, ver, org, del)
-    ON CONFLICT (tbl, pk) DO UPDATE
-        SET version = excluded.version, origin = excluded.origin, deleted = excluded.deleted;
+    UPDATE chorus.row_version v SET version = u.ver, origin = u.org, deleted = u.del
+      FROM unnest(v_keys, v_vers, v_orgs, v_dels) AS u(k, ver, org, del)
+     WHERE v.tbl = rel AND v.pk = u.k;
+    PERFORM chorus.first_versions(rel, n_keys, n_vers, n_orgs, n_dels);
     RETURN results || array_fill('applied'::text, ARRAY[jsonb_array_length(changes) - keys]);
 END
 $$;

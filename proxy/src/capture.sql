@@ -190,15 +190,11 @@ LANGUAGE sql IMMUTABLE AS $$
            END
 $$;
 
--- A transaction-scoped lock on one row key, taken by the capture of a local
--- write and by the apply of a remote one before either reads the row's
--- version. Without it, an apply could find no version yet while a local
--- insert of the same key is still uncommitted, and then overwrite that
--- insert without comparing versions.
-CREATE OR REPLACE FUNCTION chorus.key_lock(rel text, key jsonb) RETURNS void
-LANGUAGE sql AS $$
-    SELECT pg_advisory_xact_lock(hashtextextended(rel || ' ' || key::text, 0))
-$$;
+-- Writers of one row key used to serialize on an advisory lock per key,
+-- which filled PostgreSQL's lock table in transactions of some thousand
+-- rows; they serialize on the key's chorus.row_version row now (see
+-- chorus.capture and chorus.apply_batch).
+DROP FUNCTION IF EXISTS chorus.key_lock(text, jsonb);
 
 -- An older version's helper, now part of chorus.capture.
 DROP FUNCTION IF EXISTS chorus.record(text, text, jsonb, jsonb, bigint, integer);
@@ -350,19 +346,17 @@ BEGIN
             ver := greatest(txn_hlc, (SELECT v.version + 1 FROM chorus.row_version v
                                        WHERE v.tbl = rel AND v.pk = '{}'));
         ELSE
-            -- Serializes this key with the apply of remote changes (the
-            -- body of chorus.key_lock, inlined: this runs for every
-            -- captured row), including while the row is still uncommitted.
-            -- Every writer of the key holds it, so the version read below
-            -- cannot change.
-            PERFORM pg_advisory_xact_lock(hashtextextended(rel || ' ' || key::text, 0));
             -- Read the previous version and write the new one in one
-            -- statement.
+            -- statement, with the key's version row locked from the read
+            -- on: writers of one key (this capture, the apply of remote
+            -- changes) serialize on that row until they commit. (A key
+            -- without one yet: the apply finds out when it makes one, see
+            -- chorus.apply_batch. The version then still only grows.)
             -- The table's TRUNCATE marker (key '{}', see
             -- chorus.capture_truncate): a write after a TRUNCATE is newer
             -- than it, whatever this backend's clock says.
             WITH old AS (
-                SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key
+                SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = key FOR UPDATE
             ), mark AS (
                 SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = '{}'
             ), new AS (
@@ -371,7 +365,7 @@ BEGIN
                                           coalesce((SELECT version FROM mark), 0) + 1),
                        origin, ops[i] = 'DELETE'
                 ON CONFLICT (tbl, pk) DO UPDATE
-                    SET version = excluded.version, origin = excluded.origin,
+                    SET version = greatest(excluded.version, v.version + 1), origin = excluded.origin,
                         deleted = excluded.deleted
                 RETURNING v.version
             )
