@@ -577,6 +577,8 @@ BEGIN
         leaves := ARRAY[rel];
     END IF;
     FOREACH leaf IN ARRAY leaves LOOP
+        -- A foreign table's rows are on its foreign server, not here.
+        CONTINUE WHEN (SELECT c.relkind FROM pg_class c WHERE c.oid = leaf) = 'f';
         IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = leaf AND tgname = 'chorus_capture') THEN
             EXECUTE format('DROP TRIGGER chorus_capture ON %s', leaf);
         END IF;
@@ -1104,6 +1106,19 @@ BEGIN
         replicate := false;
     END IF;
     IF replicate THEN
+        -- An identity column's sequence options (ALTER TABLE … ALTER
+        -- COLUMN … RESTART, SET START …) change a global sequence, set up
+        -- per backend: refused, as ALTER SEQUENCE is (on the peers the
+        -- values would be out of their ranges, and the statement fail).
+        IF tg_tag = 'ALTER TABLE'
+           AND statement ~* '\m(restart|set\s+(start|increment|minvalue|maxvalue|cycle|no\s+(minvalue|maxvalue|cycle)))\M'
+           AND EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() d
+                         JOIN chorus.global_sequence g ON g.seq = d.object_identity
+                        WHERE d.command_tag = 'ALTER SEQUENCE') THEN
+            RAISE EXCEPTION 'ALTER TABLE that changes an identity column''s sequence options cannot be replicated: the cluster''s sequences are set up per backend'
+                USING ERRCODE = '0A000',
+                      HINT = 'Change only the identity''s kind (SET GENERATED …) here, or SET chorus.ddl_scope = ''local'' to alter this node''s copy only.';
+        END IF;
         IF statement IS NOT NULL AND kept NOT IN ('', 'temporary') THEN
             statement := kept || CASE WHEN statement ~* '\mcascade\s*;?\s*$' THEN ' CASCADE' ELSE '' END;
         END IF;

@@ -1015,6 +1015,25 @@ async fn tables_the_regression_suite_makes_replicate_or_are_refused() {
         "2:true",
     )
     .await;
+    // A foreign table as a partition (its rows are on its foreign server:
+    // no capture on it); the other partitions replicate as ever.
+    client
+        .batch_execute(
+            "CREATE FOREIGN DATA WRAPPER nowhere; \
+             CREATE SERVER far FOREIGN DATA WRAPPER nowhere; \
+             CREATE TABLE spread (id int, v text) PARTITION BY RANGE (id); \
+             CREATE TABLE spread_near PARTITION OF spread FOR VALUES FROM (0) TO (100); \
+             CREATE FOREIGN TABLE spread_far PARTITION OF spread FOR VALUES FROM (100) TO (200) SERVER far; \
+             INSERT INTO spread VALUES (1, 'near')",
+        )
+        .await
+        .unwrap();
+    c.expect_everywhere(
+        "SELECT (SELECT string_agg(id || v, ',') FROM spread_near) || ':' \
+                || (SELECT relkind::text FROM pg_class WHERE relname = 'spread_far')",
+        "1near:f",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
