@@ -4,7 +4,7 @@
 
 -- A comma-separated list of quoted identifiers.
 CREATE OR REPLACE FUNCTION chorus.ident_list(names text[], prefix text DEFAULT '') RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT string_agg(prefix || quote_ident(n), ', ' ORDER BY o)
       FROM unnest(names) WITH ORDINALITY AS u(n, o)
 $$;
@@ -14,7 +14,7 @@ $$;
 -- btree operator family, which a user's type need not have: PostgreSQL's
 -- regression suite makes such keys, and the apply failed on them for good.)
 CREATE OR REPLACE FUNCTION chorus.key_match(cols text[]) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT string_agg(format('t.%1$I = k.%1$I', c), ' AND ' ORDER BY o)
       FROM unnest(cols) WITH ORDINALITY AS u(c, o)
 $$;

@@ -184,7 +184,7 @@ $$;
 
 -- The primary key of a row image, as a JSON object; NULL without a key.
 CREATE OR REPLACE FUNCTION chorus.key_of(img jsonb, cols text[]) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN cardinality(cols) = 0 THEN NULL
                 ELSE (SELECT jsonb_object_agg(c, img -> c) FROM unnest(cols) AS c)
            END
@@ -849,7 +849,7 @@ $$;
 -- The first word of a statement, upper-cased (white space, comments and
 -- opening parentheses before it skipped).
 CREATE OR REPLACE FUNCTION chorus.first_word(statement text) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT upper(substring(statement FROM E'^(?:\\s|--[^\\n]*(?:\\n|$)|/\\*(?:[^*]|\\*+[^*/])*\\*+/|\\()*([A-Za-z]+)'))
 $$;
 
