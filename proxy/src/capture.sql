@@ -665,18 +665,25 @@ CREATE OR REPLACE FUNCTION chorus.make_global(seq regclass, kind text, node inte
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
+    step bigint;
     name text;
     typ text;
     maxv bigint;
     lo bigint;
     hi bigint;
 BEGIN
-    SELECT format('%I.%I', n.nspname, c.relname), s.seqtypid::regtype::text, s.seqmax
-      INTO name, typ, maxv
+    SELECT format('%I.%I', n.nspname, c.relname), s.seqtypid::regtype::text, s.seqmax, s.seqincrement
+      INTO name, typ, maxv, step
       FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN pg_sequence s ON s.seqrelid = c.oid
      WHERE c.oid = seq;
+    -- Global values are handed out upwards (by time, or from ranges).
+    IF step < 0 THEN
+        RAISE EXCEPTION 'a descending sequence cannot be replicated: the cluster''s sequences hand out values upwards, per node'
+            USING ERRCODE = '0A000',
+                  HINT = 'Create it with a positive INCREMENT, or SET chorus.ddl_scope = ''local'' to keep it on this node''s backend only.';
+    END IF;
     PERFORM set_config('chorus.making_global', 'on', true);
     IF kind = 'snowflake' AND typ = 'bigint' THEN
         EXECUTE format('ALTER SEQUENCE %s INCREMENT BY 1024 MINVALUE 1 MAXVALUE 9223372036854775807 NO CYCLE START WITH 1 RESTART WITH %s',
