@@ -447,7 +447,13 @@ async fn node_local_ddl_and_maintenance_stay_on_their_backend() {
         .batch_execute("REINDEX INDEX docs_pkey")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Replicated DDL after them, through the same session: when backend 2
+    // has it, it would have had them too if they had replicated.
+    fresh
+        .batch_execute("CREATE TABLE after_maintenance (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.wait_ddl(4).await;
     let after: Vec<u32> = [
         relfilenode(&c, 1, "docs").await,
         relfilenode(&c, 2, "docs").await,
@@ -460,7 +466,7 @@ async fn node_local_ddl_and_maintenance_stay_on_their_backend() {
     assert_ne!(after[2], before[2], "REINDEX ran on backend 1");
     assert_eq!(after[3], before[3], "REINDEX did not run on backend 2");
     let history = c.history(1).await;
-    assert_eq!(history.len(), 3, "{history:?}");
+    assert_eq!(history.len(), 4, "{history:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
