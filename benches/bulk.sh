@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One transaction of N rows into a table with a primary key: its time on a
+# plain PostgreSQL, its time through node 1 of a three-node Chorus cluster,
+# and how long after its commit both peers hold every row. Both setups run
+# in this one run, one after the other (the plain one alone, then the
+# cluster), on this machine.
+#
+# Usage: N=1000000 bash benches/bulk.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N=${N:-1000000}
+PSQL=$(ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -1)
+PSQL=${PSQL:-psql}
+cargo build --release -q -p chorus-proxy
+WORK=$(mktemp -d /tmp/chorus-bulk-XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# start NAME PORT ARGS...: a demo, waited for until ready.
+start() {
+    local name=$1 port=$2
+    shift 2
+    RUST_LOG=warn ./target/release/chorus demo --port "$port" --dir "$WORK/$name" "$@" \
+        > "$WORK/$name.out" 2> "$WORK/$name.err" &
+    PIDS+=($!)
+    for _ in $(seq 1 600); do grep -q '^ready$' "$WORK/$name.out" 2>/dev/null && break; sleep 0.1; done
+    grep -q '^ready$' "$WORK/$name.out" || { cat "$WORK/$name.err" >&2; exit 1; }
+}
+port_of() { sed -n "s|^$2: postgres://postgres@127.0.0.1:\([0-9]*\)/.*|\1|p" "$WORK/$1.out"; }
+q() { "$PSQL" -X -qAt -h 127.0.0.1 -U postgres -d postgres "$@"; }
+now() { date +%s.%N; }
+load="INSERT INTO bulk SELECT g, 'row ' || g FROM generate_series(1, $N) g"
+
+start plain 17432 --nodes 1 --proxy-only
+direct=$(port_of plain "backend 1")
+q -p "$direct" -c "CREATE TABLE bulk (id bigint PRIMARY KEY, v text)"
+t0=$(now)
+q -p "$direct" -c "$load"
+t1=$(now)
+echo "plain PostgreSQL: $N rows in one transaction in $(echo "$t1 - $t0" | bc) s"
+kill -INT "${PIDS[0]}"
+wait "${PIDS[0]}" 2>/dev/null || true
+PIDS=()
+
+start cluster 18432
+node1=$(port_of cluster "node 1")
+q -p "$node1" -c "CREATE TABLE bulk (id bigint PRIMARY KEY, v text)"
+t0=$(now)
+q -p "$node1" -c "$load"
+t1=$(now)
+for b in 2 3; do
+    p=$(port_of cluster "backend $b")
+    until [ "$(q -p "$p" -c 'SELECT count(*) FROM bulk' 2>/dev/null)" = "$N" ]; do sleep 0.2; done
+done
+t2=$(now)
+echo "through node 1 of 3: $N rows in one transaction in $(echo "$t1 - $t0" | bc) s"
+echo "both peers hold every row $(echo "$t2 - $t1" | bc) s after the commit"
