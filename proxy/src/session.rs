@@ -471,6 +471,7 @@ async fn read_password_message(
 }
 
 /// How a relay ended.
+#[derive(Debug)]
 enum RelayEnd {
     /// The client sent Terminate or closed its connection.
     ClientDone,
@@ -859,6 +860,14 @@ async fn relay<CR, CW>(
                 movable = code != "57P01" || !backend_accepts(node, session).await;
             }
         }
+        tracing::debug!(
+            backend = %session.backend_name,
+            ?end,
+            movable,
+            client_clean = client.pump.clean(),
+            backend_clean = from_backend.clean(),
+            "relay ended"
+        );
         if movable {
             drop(backend_read);
             drop(backend_write);
@@ -2121,6 +2130,9 @@ enum Flow {
 #[derive(Debug)]
 enum PumpError {
     Eof,
+    /// Writing failed. From `forward`, every message `on_message` saw (but
+    /// one it held) is then consumed from the buffer: they count as sent
+    /// to a failed peer.
     WriteFailed,
     Protocol(ProtocolError),
 }
@@ -2190,22 +2202,25 @@ where
             if let Flow::Replace(replacement) = &flow {
                 // Rare (a refused statement): write what came before, then
                 // the replacement, and skip the original.
-                let before = &buf[start..pos];
-                for part in [before, &replacement[..]] {
-                    writer
-                        .write_all(part)
-                        .await
-                        .map_err(|_| PumpError::WriteFailed)?;
+                let written = async {
+                    writer.write_all(&buf[start..pos]).await?;
+                    writer.write_all(replacement).await
+                }
+                .await;
+                if written.is_err() {
+                    buf.advance(pos + total);
+                    return Err(PumpError::WriteFailed);
                 }
                 start = pos + total;
                 flow = Flow::Continue;
             }
             if flow == Flow::Await {
                 let held = BytesMut::from(&buf[pos..pos + total]);
-                writer
-                    .write_all(&buf[start..pos])
-                    .await
-                    .map_err(|_| PumpError::WriteFailed)?;
+                if writer.write_all(&buf[start..pos]).await.is_err() {
+                    // The held message stays, to be looked at again.
+                    buf.advance(pos);
+                    return Err(PumpError::WriteFailed);
+                }
                 buf.advance(pos + total);
                 return Ok(Flow::Held(held));
             }
@@ -2217,11 +2232,9 @@ where
             framer.passthrough = total;
         }
     }
-    if pos > start {
-        writer
-            .write_all(&buf[start..pos])
-            .await
-            .map_err(|_| PumpError::WriteFailed)?;
+    if pos > start && writer.write_all(&buf[start..pos]).await.is_err() {
+        buf.advance(pos);
+        return Err(PumpError::WriteFailed);
     }
     if pos > 0 {
         buf.advance(pos);
@@ -2273,7 +2286,7 @@ where
             read_more(reader, &mut side.buf).await?;
         }
         side.busy = true;
-        let flow = forward(
+        let flow = match forward(
             &mut side.framer,
             &mut side.buf,
             writer,
@@ -2281,7 +2294,19 @@ where
             &inspect,
             &mut on_message,
         )
-        .await?;
+        .await
+        {
+            Ok(flow) => flow,
+            // The direction stopped at a message boundary, unless a
+            // pass-through message is cut (`clean` sees that); what is
+            // still buffered goes to the next backend, if there is one.
+            Err(PumpError::WriteFailed) => {
+                side.busy = false;
+                side.rescan = true;
+                return Err(PumpError::WriteFailed);
+            }
+            Err(e) => return Err(e),
+        };
         side.busy = false;
         match flow {
             Flow::Stop => return Ok(None),
@@ -2356,6 +2381,73 @@ mod tests {
         )
         .await;
         (result, out)
+    }
+
+    /// A peer that is gone: every write fails.
+    struct Gone;
+
+    impl AsyncWrite for Gone {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_leaves_the_direction_at_a_message_boundary() {
+        // Whole inspected messages, then the start of another: the whole
+        // ones count as sent, the partial one waits for the next backend.
+        let mut input = message(b'B', b"bind");
+        input.extend(message(b'S', b""));
+        let partial = message(b'Q', b"SELECT 1\0");
+        input.extend(&partial[..7]);
+        let mut side = PumpSide::default();
+        let mut seen = Vec::new();
+        let result = pump(
+            &mut &input[..],
+            &mut Gone,
+            &mut side,
+            1 << 20,
+            |_| true,
+            |tag, _, _| {
+                seen.push(tag);
+                Ok(Flow::Continue)
+            },
+        )
+        .await;
+        assert!(matches!(result, Err(PumpError::WriteFailed)), "{result:?}");
+        assert_eq!(seen, [b'B', b'S']);
+        assert!(side.clean());
+        assert_eq!(&side.buf[..], &partial[..7]);
+        // A pass-through message cut by the failure: not clean.
+        let mut side = PumpSide::default();
+        let big = message(b'd', &[7u8; 100]);
+        let result = pump(
+            &mut &big[..50],
+            &mut Gone,
+            &mut side,
+            1 << 20,
+            |_| false,
+            |_, _, _| Ok(Flow::Continue),
+        )
+        .await;
+        assert!(matches!(result, Err(PumpError::WriteFailed)), "{result:?}");
+        assert!(!side.clean());
     }
 
     #[tokio::test]

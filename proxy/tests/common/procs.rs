@@ -56,10 +56,16 @@ impl Drop for Cluster {
             let _ = node.wait();
         }
         // A failing test shows what the nodes logged last.
+        // With CHORUS_TEST_LOGS=DIR, the whole logs are kept there too.
         if std::thread::panicking() {
+            let keep = std::env::var_os("CHORUS_TEST_LOGS").map(std::path::PathBuf::from);
             for i in 1..=3 {
-                let log = std::fs::read_to_string(self.dir.path().join(format!("node{i}.log")))
-                    .unwrap_or_default();
+                let path = self.dir.path().join(format!("node{i}.log"));
+                if let Some(dir) = &keep {
+                    let _ = std::fs::create_dir_all(dir);
+                    let _ = std::fs::copy(&path, dir.join(format!("node{i}.log")));
+                }
+                let log = std::fs::read_to_string(&path).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
                 eprintln!("--- node {i} log (errors, then the last lines) ---");
                 for line in log
