@@ -1059,7 +1059,14 @@ DECLARE
     kind text;
     block text;
     kept text := coalesce(current_setting('chorus.drop_kept', true), '');
+    depth integer := coalesce(nullif(current_setting('chorus.ddl_depth', true), ''), '1')::integer;
 BEGIN
+    -- A statement that another DDL statement ran comes with that one,
+    -- which every backend runs itself (see chorus.note_ddl_start).
+    PERFORM set_config('chorus.ddl_depth', greatest(depth - 1, 0)::text, true);
+    IF depth > 1 THEN
+        RETURN;
+    END IF;
     -- (What the statement's sql_drop noted is for this statement only.)
     IF kept <> '' THEN
         PERFORM set_config('chorus.drop_kept', '', true);
@@ -1067,13 +1074,6 @@ BEGIN
     -- Chorus's own DDL inside this trigger (adopting a table) belongs to
     -- the statement being handled.
     IF current_setting('chorus.in_ddl_trigger', true) = 'on' THEN
-        RETURN;
-    END IF;
-    -- The commands of an extension's script come with its CREATE or ALTER
-    -- EXTENSION (see chorus.note_extension), which ends here.
-    IF tg_tag IN ('CREATE EXTENSION', 'ALTER EXTENSION') THEN
-        PERFORM set_config('chorus.in_extension', '', true);
-    ELSIF coalesce(current_setting('chorus.in_extension', true), '') = 'on' THEN
         RETURN;
     END IF;
     -- The client's statement, taken now whether or not it replicates: the
@@ -1112,6 +1112,11 @@ BEGIN
     IF kept = 'temporary' THEN
         replicate := false;
     END IF;
+    -- A DROP … IF EXISTS run from a function that found nothing changed
+    -- nothing (sql_drop did not fire).
+    IF statement IS NULL AND kept = '' AND tg_tag LIKE 'DROP %' AND tg_tag <> 'DROP OWNED' THEN
+        replicate := false;
+    END IF;
     IF replicate THEN
         -- An identity column's sequence options (ALTER TABLE … ALTER
         -- COLUMN … RESTART, SET START …) change a global sequence, set up
@@ -1126,7 +1131,7 @@ BEGIN
                 USING ERRCODE = '0A000',
                       HINT = 'Change only the identity''s kind (SET GENERATED …) here, or SET chorus.ddl_scope = ''local'' to alter this node''s copy only.';
         END IF;
-        IF statement IS NOT NULL AND kept NOT IN ('', 'temporary') THEN
+        IF statement IS NOT NULL AND kept NOT IN ('', 'temporary', 'permanent') THEN
             statement := kept || CASE WHEN statement ~* '\mcascade\s*;?\s*$' THEN ' CASCADE' ELSE '' END;
         END IF;
         lease := nullif(current_setting('chorus.ddl_seq', true), '')::bigint;
@@ -1273,7 +1278,9 @@ $$;
 -- 'temporary' when it named temporary objects only, which exist on this
 -- backend only and stay there (replicated, the statement would drop a
 -- permanent object of the same name on every peer); when it named both
--- kinds, a DROP of the others, for the peers; otherwise nothing.
+-- kinds, a DROP of the others, for the peers; otherwise 'permanent'.
+-- (A statement that another DDL statement ran notes nothing: it comes
+-- with that one.)
 CREATE OR REPLACE FUNCTION chorus.note_drop() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -1281,6 +1288,9 @@ DECLARE
     others text;
     kind text;
 BEGIN
+    IF coalesce(nullif(current_setting('chorus.ddl_depth', true), ''), '1')::integer > 1 THEN
+        RETURN;
+    END IF;
     SELECT bool_or(d.is_temporary),
            string_agg(d.object_identity, ', ') FILTER (WHERE NOT d.is_temporary),
            min(d.object_type) FILTER (WHERE NOT d.is_temporary)
@@ -1288,7 +1298,7 @@ BEGIN
       FROM pg_event_trigger_dropped_objects() d
      WHERE d.original;
     PERFORM set_config('chorus.drop_kept',
-                       CASE WHEN NOT coalesce(any_temporary, false) THEN ''
+                       CASE WHEN NOT coalesce(any_temporary, false) THEN 'permanent'
                             WHEN others IS NULL THEN 'temporary'
                             ELSE format('DROP %s %s', upper(replace(kind, 'composite ', '')), others)
                        END, true);
@@ -1373,15 +1383,24 @@ $$;
 -- without a command record that says it is the extension's): from the
 -- start of CREATE or ALTER EXTENSION to its end, chorus.capture_ddl leaves
 -- it to the extension statement.
-CREATE OR REPLACE FUNCTION chorus.note_extension() RETURNS event_trigger
-LANGUAGE plpgsql AS $$
+-- How deep in DDL statements the session is, counted up here and down in
+-- chorus.handle_ddl. A DDL statement that another one runs (the work
+-- tables of REFRESH MATERIALIZED VIEW CONCURRENTLY, an extension's
+-- script, what a function in a DDL's expression or an event trigger
+-- does) comes with that statement, which every backend runs itself.
+-- (The setting is transaction-local: a statement that fails takes its
+-- count back with it.)
+CREATE OR REPLACE FUNCTION chorus.note_ddl_start() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM set_config('chorus.in_extension', 'on', true);
+    PERFORM set_config('chorus.ddl_depth',
+                       (coalesce(nullif(current_setting('chorus.ddl_depth', true), ''), '0')::integer + 1)::text,
+                       true);
 END
 $$;
 
 DROP EVENT TRIGGER IF EXISTS chorus_extension;
-CREATE EVENT TRIGGER chorus_extension ON ddl_command_start
-    WHEN TAG IN ('CREATE EXTENSION', 'ALTER EXTENSION')
-    EXECUTE FUNCTION chorus.note_extension();
-ALTER EVENT TRIGGER chorus_extension ENABLE ALWAYS;
+DROP FUNCTION IF EXISTS chorus.note_extension();
+DROP EVENT TRIGGER IF EXISTS chorus_ddl_start;
+CREATE EVENT TRIGGER chorus_ddl_start ON ddl_command_start EXECUTE FUNCTION chorus.note_ddl_start();
+ALTER EVENT TRIGGER chorus_ddl_start ENABLE ALWAYS;

@@ -1170,6 +1170,75 @@ async fn materialized_views_replicate_unless_their_query_is_volatile() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_that_a_statement_or_function_runs_on_temporary_objects_stays_on_its_backend() {
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    // REFRESH … CONCURRENTLY makes, alters and drops work tables of its
+    // own (DDL that the refresh runs): it works, and the view's rows are
+    // the same everywhere.
+    one.batch_execute(
+        "CREATE TABLE stock (id int PRIMARY KEY, qty int);
+         INSERT INTO stock SELECT g, g FROM generate_series(1, 10) g;
+         CREATE MATERIALIZED VIEW stock_view AS SELECT id, qty * 2 AS double FROM stock;
+         CREATE UNIQUE INDEX ON stock_view (id)",
+    )
+    .await
+    .unwrap();
+    c.via(2)
+        .await
+        .batch_execute("UPDATE stock SET qty = 100 WHERE id = 3; DELETE FROM stock WHERE id = 4")
+        .await
+        .unwrap();
+    c.wait_for(1, "SELECT count(*)::text FROM stock", |v| v == "9")
+        .await;
+    one.batch_execute("REFRESH MATERIALIZED VIEW CONCURRENTLY stock_view")
+        .await
+        .unwrap();
+    let view = "SELECT string_agg(id || ':' || double, ',' ORDER BY id) FROM stock_view";
+    for b in 1..=3 {
+        c.wait_for(b, view, |v| {
+            v == "1:2,2:4,3:200,5:10,6:12,7:14,8:16,9:18,10:20"
+        })
+        .await;
+    }
+    // A function's temporary table, and a DROP … IF EXISTS that finds
+    // nothing, stay on the backend that ran them (they change nothing
+    // elsewhere).
+    one.batch_execute(
+        "CREATE FUNCTION scratch_sum() RETURNS bigint LANGUAGE plpgsql AS $$
+         DECLARE total bigint;
+         BEGIN
+             DROP TABLE IF EXISTS scratch;
+             CREATE TEMP TABLE scratch (v int);
+             INSERT INTO scratch SELECT qty FROM stock;
+             SELECT sum(v) INTO total FROM scratch;
+             DROP TABLE scratch;
+             RETURN total;
+         END $$",
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let total: i64 = one
+            .query_one("SELECT scratch_sum()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(total, 148);
+    }
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT (to_regprocedure('scratch_sum()') IS NOT NULL)::text",
+            |v| v == "true",
+        )
+        .await;
+    }
+    assert_eq!(c.schema(1), c.schema(2));
+    assert_eq!(c.schema(1), c.schema(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_is_not_replicated_is_refused_unless_configured_local() {
     let c = procs::cluster_opts(procs::Options {
         replication: "local_databases = [\"template1\"]".into(),
