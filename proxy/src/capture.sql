@@ -1076,6 +1076,15 @@ BEGIN
     IF current_setting('chorus.in_ddl_trigger', true) = 'on' THEN
         RETURN;
     END IF;
+    -- A statement of the DDL log's kind that fires event triggers (ALTER
+    -- SUBSCRIPTION) inside a transaction block: its stamp recorded it
+    -- (chorus.handle_log_statement).
+    IF coalesce(current_setting('chorus.ddl_stage_pos', true), '') = 'logged' THEN
+        IF convert_from(decode(current_setting('chorus.ddl_stage', true)::jsonb ->> 'q', 'hex'),
+                        pg_client_encoding()) = current_query() THEN
+            RETURN;
+        END IF;
+    END IF;
     -- The client's statement, taken now whether or not it replicates: the
     -- staged statements of a query string are taken in order, one for
     -- each statement that fires this trigger.
@@ -1359,7 +1368,9 @@ BEGIN
     statement := convert_from(substring(raw FROM (stage -> 'ddl' -> 0 ->> 0)::integer + 1
                                             FOR (stage -> 'ddl' -> 0 ->> 1)::integer),
                               pg_client_encoding());
-    PERFORM set_config('chorus.ddl_stage_pos', '1', false);
+    -- (The statement's own event triggers, if it fires any, find it
+    -- recorded: see chorus.handle_ddl.)
+    PERFORM set_config('chorus.ddl_stage_pos', 'logged', false);
     dep := coalesce((SELECT max(h.seq) FROM chorus.ddl_history h WHERE h.seq <> lease), 0);
     INSERT INTO chorus.ddl_history AS h (seq, origin, search_path, role, command)
     VALUES (lease, origin, user_path, chorus.invoker(), statement)
@@ -1379,10 +1390,6 @@ BEGIN
 END
 $$;
 
--- An extension's script runs DDL of its own (some of it, such as DROP,
--- without a command record that says it is the extension's): from the
--- start of CREATE or ALTER EXTENSION to its end, chorus.capture_ddl leaves
--- it to the extension statement.
 -- How deep in DDL statements the session is, counted up here and down in
 -- chorus.handle_ddl. A DDL statement that another one runs (the work
 -- tables of REFRESH MATERIALIZED VIEW CONCURRENTLY, an extension's

@@ -563,7 +563,11 @@ impl DdlJob {
             b'Z' => self.ready_seen = 1,
             b'E' => {
                 self.failed = Some(protocol::parse_error_fields(body).code.to_owned());
-                protocol::write_message(&mut self.output, tag, |m| m.extend_from_slice(body));
+                // A position in the client's statement, not in the
+                // validation query around it.
+                let length = self.sql.chars().count() + 1;
+                let body = protocol::shift_error_position(body, VALIDATION_PREFIX.len(), length);
+                protocol::write_message(&mut self.output, tag, |m| m.extend_from_slice(&body));
             }
             b'C' | b'T' | b'D' if self.wrapper_left > 0 => {
                 self.wrapper_left -= 1;
@@ -621,16 +625,15 @@ fn data_row_texts(body: &[u8]) -> Vec<Option<String>> {
 pub fn validation_query(sql: &str) -> BytesMut {
     let mut out = BytesMut::with_capacity(sql.len() + 128);
     // The newline ends a trailing `--` comment of the client's text.
-    protocol::query(
-        &mut out,
-        &format!(
-            "BEGIN; SET LOCAL chorus.ddl_scope = 'local'; SELECT current_user, current_setting('search_path'), \
-             current_setting('chorus.sequence_kind', true), chorus.ddl_settings();\n{sql}\n"
-        ),
-    );
+    protocol::query(&mut out, &format!("{VALIDATION_PREFIX}{sql}\n"));
     protocol::query(&mut out, "ROLLBACK");
     out
 }
+
+/// What goes before the client's statement in [`validation_query`] (ASCII:
+/// as many characters as bytes, for error positions).
+const VALIDATION_PREFIX: &str = "BEGIN; SET LOCAL chorus.ddl_scope = 'local'; SELECT current_user, \
+    current_setting('search_path'), current_setting('chorus.sequence_kind', true), chorus.ddl_settings();\n";
 
 /// A refusal: its message and hint (SQLSTATE 0A000).
 pub struct Refusal {

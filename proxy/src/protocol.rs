@@ -432,9 +432,60 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields<'_> {
     fields
 }
 
+/// An ErrorResponse or NoticeResponse body with its position field (`P`,
+/// 1-based characters into the query) moved `by` characters back: for a
+/// query that was sent inside a longer one. A position that falls outside
+/// the first `length` characters is dropped.
+pub fn shift_error_position(body: &[u8], by: usize, length: usize) -> BytesMut {
+    let mut out = BytesMut::with_capacity(body.len());
+    let mut rest = body;
+    while let Some((&field, after)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        // (Bytes, not text: messages are in the client's encoding.)
+        let Some(end) = after.iter().position(|&b| b == 0) else {
+            break;
+        };
+        let value = &after[..end];
+        rest = &after[end + 1..];
+        if field == b'P' {
+            let position = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok());
+            match position.and_then(|p| p.checked_sub(by)) {
+                Some(p) if (1..=length).contains(&p) => {
+                    out.put_u8(b'P');
+                    out.extend_from_slice(p.to_string().as_bytes());
+                    out.put_u8(0);
+                }
+                _ => {}
+            }
+            continue;
+        }
+        out.put_u8(field);
+        out.extend_from_slice(value);
+        out.put_u8(0);
+    }
+    out.put_u8(0);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_position_moves_back_by_a_prefix_or_goes() {
+        let body = b"SERROR\0C42601\0Msyntax error \xe9\0P57\0\0";
+        let moved = shift_error_position(body, 50, 10);
+        assert_eq!(&moved[..], b"SERROR\0C42601\0Msyntax error \xe9\0P7\0\0");
+        // Before the prefix's end, or past the statement: no position.
+        for (by, length) in [(57, 10), (60, 10), (40, 10)] {
+            let moved = shift_error_position(body, by, length);
+            assert_eq!(&moved[..], b"SERROR\0C42601\0Msyntax error \xe9\0\0");
+        }
+    }
 
     #[test]
     fn sql_in_another_encoding_keeps_its_length_and_keywords() {

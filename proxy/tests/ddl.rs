@@ -1341,6 +1341,18 @@ async fn create_extension_replicates_with_the_objects_its_script_makes() {
 async fn subscriptions_go_through_the_ddl_log_to_every_backend() {
     let c = cluster("").await;
     let one = c.via(1).await;
+    // A statement of this route that fails answers as PostgreSQL does,
+    // with the error's position in the client's text.
+    let bad = "CREATE SUBSCRIPTION regress_sub PUBLICATION p";
+    let through = one.batch_execute(bad).await.unwrap_err();
+    let direct = c.direct(1).await.batch_execute(bad).await.unwrap_err();
+    let (through, direct) = (
+        through.as_db_error().unwrap(),
+        direct.as_db_error().unwrap(),
+    );
+    assert_eq!(through.message(), direct.message());
+    assert!(direct.position().is_some());
+    assert_eq!(through.position(), direct.position());
     for sql in [
         "CREATE SUBSCRIPTION regress_sub CONNECTION 'dbname=regress_nowhere' PUBLICATION p \
          WITH (connect = false)",
@@ -1348,17 +1360,27 @@ async fn subscriptions_go_through_the_ddl_log_to_every_backend() {
     ] {
         one.batch_execute(sql).await.unwrap();
     }
+    // In a transaction block too (ALTER and DROP SUBSCRIPTION fire event
+    // triggers there, which find them recorded already).
+    one.batch_execute("BEGIN").await.unwrap();
+    one.batch_execute("ALTER SUBSCRIPTION regress_sub SET (synchronous_commit = 'on')")
+        .await
+        .unwrap();
+    one.batch_execute("COMMIT").await.unwrap();
     for b in 1..=3 {
         c.wait_for(
             b,
-            "SELECT count(*)::text FROM pg_subscription WHERE subname = 'regress_sub' AND subslotname IS NULL",
+            "SELECT count(*)::text FROM pg_subscription WHERE subname = 'regress_sub' \
+             AND subslotname IS NULL AND subsynccommit = 'on'",
             |v| v == "1",
         )
         .await;
     }
+    one.batch_execute("BEGIN").await.unwrap();
     one.batch_execute("DROP SUBSCRIPTION regress_sub")
         .await
         .unwrap();
+    one.batch_execute("COMMIT").await.unwrap();
     for b in 1..=3 {
         c.wait_for(
             b,
