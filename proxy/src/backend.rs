@@ -13,6 +13,23 @@ use tokio::net::TcpStream;
 
 use crate::protocol::{self, read_message, ProtocolError};
 
+/// A control-plane query's error as an operator should read it: the
+/// server's message, SQLSTATE and detail, where tokio-postgres's own text
+/// says only "db error".
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => e.to_string(),
+    }
+}
+
 /// Largest message accepted from a backend during login.
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
 

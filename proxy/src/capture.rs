@@ -15,11 +15,22 @@ use thiserror::Error;
 use tokio_postgres::Client;
 
 /// The schema and capture functions installed on every backend.
-pub const SCHEMA_SQL: &str = include_str!("capture.sql");
+pub const SCHEMA_SQL: &str = include_str!("sql/capture.sql");
 /// The functions that apply changes from other nodes.
-pub const APPLY_SQL: &str = include_str!("apply.sql");
+pub const APPLY_SQL: &str = include_str!("sql/apply.sql");
 /// What application roles may use of the schema (see `docs/security.md`).
-pub const PRIVILEGES_SQL: &str = include_str!("privileges.sql");
+pub const PRIVILEGES_SQL: &str = include_str!("sql/privileges.sql");
+
+/// The version of the `chorus` schema this build installs, recorded in
+/// `chorus.schema_version`. Version 1 is a schema installed before
+/// versions were recorded.
+pub const SCHEMA_VERSION: i32 = 2;
+
+/// The numbered migrations: `(n, sql)` takes a schema of version `n - 1`
+/// to version `n`, before the definitions (which are idempotent: they
+/// create what is missing and replace every function) run. A new install
+/// needs none of them.
+const MIGRATIONS: &[(i32, &str)] = &[(2, include_str!("sql/migrations/0002_versioned.sql"))];
 
 /// The prefix of Chorus's logical messages.
 pub const MESSAGE_PREFIX: &str = "chorus";
@@ -27,7 +38,7 @@ pub const MESSAGE_PREFIX: &str = "chorus";
 /// Why installing or adopting failed.
 #[derive(Debug, Error)]
 pub enum CaptureError {
-    #[error("{0}")]
+    #[error("{}", crate::backend::error_text(.0))]
     Sql(#[from] tokio_postgres::Error),
     #[error(
         "role {0:?} is not a superuser on this backend: Chorus's role (replication.user) needs \
@@ -35,6 +46,11 @@ pub enum CaptureError {
          changes to every table (see docs/security.md)"
     )]
     NotSuperuser(String),
+    #[error(
+        "the backend's chorus schema is version {found}, newer than this Chorus installs \
+         ({SCHEMA_VERSION}): a newer Chorus upgraded it; run that release (or a later one) here too"
+    )]
+    NewerSchema { found: i32 },
 }
 
 /// Install (or upgrade in place) the `chorus` schema on a backend and record
@@ -50,19 +66,62 @@ pub async fn install(client: &Client, node_id: u16) -> Result<(), CaptureError> 
         return Err(CaptureError::NotSuperuser(row.get(0)));
     }
     client
-        .batch_execute(&format!(
+        .batch_execute(
             "BEGIN;\n\
              SELECT pg_advisory_xact_lock(hashtext('chorus.install'));\n\
-             SET LOCAL chorus.ddl_scope = 'local';\n\
-             {SCHEMA_SQL}\n\
-             {APPLY_SQL}\n\
-             {PRIVILEGES_SQL}\n\
-             INSERT INTO chorus.local (node_id) VALUES ({node_id})\n\
-                 ON CONFLICT (singleton) DO UPDATE SET node_id = excluded.node_id;\n\
-             COMMIT;"
-        ))
+             SET LOCAL chorus.ddl_scope = 'local';",
+        )
         .await?;
-    Ok(())
+    let upgraded = async {
+        let tables = client
+            .query_one(
+                "SELECT to_regclass('chorus.schema_version') IS NOT NULL, \
+                        to_regclass('chorus.local') IS NOT NULL",
+                &[],
+            )
+            .await?;
+        let found: i32 = if tables.get(0) {
+            client
+                .query_one("SELECT max(version) FROM chorus.schema_version", &[])
+                .await?
+                .get::<_, Option<i32>>(0)
+                .unwrap_or(1)
+        } else if tables.get(1) {
+            1
+        } else {
+            0
+        };
+        if found > SCHEMA_VERSION {
+            return Err(CaptureError::NewerSchema { found });
+        }
+        let mut sql = String::new();
+        if found > 0 {
+            for (_, migration) in MIGRATIONS.iter().filter(|(n, _)| *n > found) {
+                sql.push_str(migration);
+                sql.push('\n');
+            }
+        }
+        client
+            .batch_execute(&format!(
+                "{sql}{SCHEMA_SQL}\n{APPLY_SQL}\n{PRIVILEGES_SQL}\n\
+                 INSERT INTO chorus.schema_version (version) VALUES ({SCHEMA_VERSION})\n\
+                     ON CONFLICT (singleton) DO UPDATE SET version = excluded.version, installed_at = now()\n\
+                     WHERE chorus.schema_version.version <> excluded.version;\n\
+                 INSERT INTO chorus.local (node_id) VALUES ({node_id})\n\
+                     ON CONFLICT (singleton) DO UPDATE SET node_id = excluded.node_id;\n\
+                 COMMIT;"
+            ))
+            .await?;
+        if found != SCHEMA_VERSION {
+            tracing::info!(from = found, to = SCHEMA_VERSION, "chorus schema installed");
+        }
+        Ok(())
+    }
+    .await;
+    if upgraded.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    upgraded
 }
 
 /// Adopts a table (`$1`, keyless flag `$2`); returns its qualified

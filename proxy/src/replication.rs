@@ -28,7 +28,7 @@ use crate::walstream::{PgOutputDecoder, WalEvent, WalStream};
 /// Why a step failed. The stream retries from its last position.
 #[derive(Debug, Error)]
 pub enum ReplicationError {
-    #[error("{0}")]
+    #[error("{}", crate::backend::error_text(.0))]
     Sql(#[from] tokio_postgres::Error),
     #[error("installing the chorus schema: {0}")]
     Install(#[from] CaptureError),
@@ -403,8 +403,13 @@ pub async fn run_home_upkeep(node: Arc<Node>) {
         return;
     };
     loop {
-        if let Err(e) = home_upkeep(&node, &config).await {
-            tracing::warn!(error = %e, "home backend upkeep interrupted; retrying");
+        match home_upkeep(&node, &config).await {
+            // Sessions wait for the schema: this needs an operator.
+            Err(e @ ReplicationError::Install(CaptureError::NewerSchema { .. })) => {
+                tracing::error!(error = %e, "home backend not served; retrying");
+            }
+            Err(e) => tracing::warn!(error = %e, "home backend upkeep interrupted; retrying"),
+            Ok(()) => {}
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -258,6 +258,110 @@ async fn install_is_idempotent_and_safe_concurrently() {
     assert_eq!(changes(&b.client).await.len(), 1);
 }
 
+/// The chorus schema of the previous version (1).
+const SCHEMA_V1: &str = include_str!("fixtures/schema_v1.sql");
+
+/// Install the previous version's schema as that version's installer did.
+async fn install_v1(client: &Client, node_id: u16) {
+    client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL chorus.ddl_scope = 'local';\n{SCHEMA_V1}\n\
+             INSERT INTO chorus.local (node_id) VALUES ({node_id});\nCOMMIT;"
+        ))
+        .await
+        .unwrap();
+}
+
+/// The chorus schema as pg_dump shows it.
+fn chorus_schema(pg: &LocalPostgres, database: &str) -> String {
+    let port = pg.port().to_string();
+    let out = common::run_pg_program(
+        "pg_dump",
+        &[
+            "--schema-only",
+            "--schema=chorus",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            database,
+        ],
+        &[],
+        std::time::Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    common::stdout(&out)
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_of_the_previous_version_is_upgraded_in_place_and_a_newer_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = tokio::task::block_in_place(|| {
+        LocalPostgres::create(
+            &common::pg_binaries(),
+            &dir.path().join("pg"),
+            LocalPgOptions::default(),
+        )
+    })
+    .unwrap();
+    let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
+    install_v1(&client, 1).await;
+    client
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             SELECT chorus.adopt('items'::regclass, false);
+             INSERT INTO items VALUES (1, 'before');",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('test_slot', 'test_decoding')")
+        .await
+        .unwrap();
+    capture::install(&client, 1).await.unwrap();
+    let version: i32 = client
+        .query_one("SELECT version FROM chorus.schema_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, capture::SCHEMA_VERSION);
+    // The table stays adopted, its rows and versions kept, and it captures.
+    client
+        .batch_execute("UPDATE items SET v = 'after' WHERE id = 1")
+        .await
+        .unwrap();
+    let captured = changes(&client).await;
+    assert_eq!(captured.len(), 1, "{captured:?}");
+    assert_eq!(json(&captured[0].row)["v"], "after");
+    assert!(captured[0].prev.is_some(), "{captured:?}");
+    // The upgraded schema is the one a new install makes.
+    client.batch_execute("CREATE DATABASE fresh").await.unwrap();
+    let fresh = common::connect(&pg.conninfo("fresh")).await.unwrap();
+    capture::install(&fresh, 1).await.unwrap();
+    assert_eq!(chorus_schema(&pg, "postgres"), chorus_schema(&pg, "fresh"));
+    // A schema newer than this build is left alone, with a clear error.
+    client
+        .batch_execute("UPDATE chorus.schema_version SET version = 99")
+        .await
+        .unwrap();
+    let err = capture::install(&client, 1).await.unwrap_err().to_string();
+    assert!(err.contains("version 99, newer than this Chorus"), "{err}");
+    let version: i32 = client
+        .query_one("SELECT version FROM chorus.schema_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 99);
+    // The session is usable afterwards (the install's transaction ended).
+    client.batch_execute("SELECT 1").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn install_as_a_role_that_is_not_a_superuser_says_what_is_missing() {
     let b = backend(1).await;

@@ -475,6 +475,7 @@ async fn run_seed(seed: u64) -> String {
         // Duties of a node that stops answering move after a second.
         extra: "node_lease_ms = 1000\n".into(),
         links: true,
+        ..Options::default()
     })
     .await;
     // The workload runs as an ordinary application role, as applications

@@ -47,6 +47,10 @@ pub struct Options {
     pub extra: String,
     /// A fault-injecting relay on every node-to-backend link.
     pub links: bool,
+    /// SQL run on each backend (by position) before any node starts.
+    pub prepare: Vec<String>,
+    /// The nodes started with the cluster (empty: all three).
+    pub start: Vec<usize>,
 }
 
 impl Drop for Cluster {
@@ -108,6 +112,15 @@ pub async fn cluster_with(node_extra: &str, extra: &str) -> Cluster {
 pub async fn cluster_opts(options: Options) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let backends = common::backends(dir.path(), 3);
+    for (pg, sql) in backends.iter().zip(&options.prepare) {
+        let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
+        client.batch_execute(sql).await.unwrap();
+    }
+    let start: Vec<usize> = if options.start.is_empty() {
+        vec![1, 2, 3]
+    } else {
+        options.start.clone()
+    };
     let raft_ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
     let mut relays = Vec::new();
     for port in &raft_ports {
@@ -137,7 +150,7 @@ pub async fn cluster_opts(options: Options) -> Cluster {
         replication: options.replication,
         links,
     };
-    for i in 1..=3 {
+    for &i in &start {
         c.start_node(i);
     }
     // A node that could not bind one of its ports (another process took it
@@ -163,7 +176,7 @@ pub async fn cluster_opts(options: Options) -> Cluster {
             break;
         }
     }
-    for i in 1..=3 {
+    for &i in &start {
         c.wait_for(i, "SELECT count(*)::text FROM chorus.local", |v| v == "1")
             .await;
     }

@@ -104,7 +104,6 @@ BEGIN
 END
 $$;
 
-DROP FUNCTION IF EXISTS chorus.write_row(text, text[], jsonb);
 -- Write a remote row image, resolving conflicts on secondary UNIQUE
 -- indexes by last writer wins: when the image collides with a different
 -- local row, the one with the lower (version, origin) loses. A losing
@@ -409,10 +408,6 @@ BEGIN
 END
 $$;
 
--- DDL no longer travels in the change stream: the Raft-ordered DDL log
--- is applied by each node (proxy/src/ddl.rs).
-DROP FUNCTION IF EXISTS chorus.apply_ddl(jsonb);
-
 -- Whether a table's changes may be applied set-based (chorus.apply_batch):
 -- nothing on it depends on the order in which rows of one batch are
 -- written, or on the order relative to other tables. No foreign keys in or
@@ -564,9 +559,6 @@ BEGIN
     RETURN results || array_fill('applied'::text, ARRAY[jsonb_array_length(changes) - keys]);
 END
 $$;
-
--- What a conflict of kind schema_mismatch or unknown_column was about.
-ALTER TABLE chorus.conflict ADD COLUMN IF NOT EXISTS detail text;
 
 -- Apply the row changes at positions lo..hi of a batch (no DDL among
 -- them; see chorus.apply_changes): batchable tables set-based, one
@@ -874,12 +866,6 @@ BEGIN
     RETURN results;
 END
 $$;
-
--- The epoch of the node that drives an origin's stream (see
--- Request::SetDriver): an apply from an older one is refused (fenced).
-ALTER TABLE chorus.applied ADD COLUMN IF NOT EXISTS driver_epoch bigint NOT NULL DEFAULT 0;
-
-DROP FUNCTION IF EXISTS chorus.apply_transactions(integer, jsonb, bigint, pg_lsn);
 
 -- The start of an apply transaction for origin `org` by the driver of
 -- `epoch`: the capture trigger stays quiet, a deadlock with a local write
