@@ -1,6 +1,12 @@
 //! Cancel keys: the proxy hands each client its own BackendKeyData and maps
 //! it to the backend connection serving that client, so a CancelRequest
 //! (which arrives on a new connection) reaches the right backend.
+//!
+//! The pid a client gets is its backend's, unless another session of the
+//! node holds that number already (backends on other hosts): then
+//! `pg_backend_pid()`, `pg_terminate_backend(pid)` and notifications
+//! agree with what the client knows, as on PostgreSQL. The secret is the
+//! proxy's own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,6 +44,12 @@ impl Drop for CancelKey {
 }
 
 impl CancelKey {
+    /// The pid of the backend connection this key's cancels go to.
+    pub fn backend_pid(&self) -> Option<i32> {
+        let keys = self.registry.keys.lock().ok()?;
+        keys.get(&self.pid).map(|t| t.backend_pid)
+    }
+
     /// Send this key's cancels to another backend connection (the session
     /// moved); the client keeps its key.
     pub fn retarget(&self, backend_address: &str, backend_pid: i32, backend_secret: i32) {
@@ -68,13 +80,16 @@ impl CancelRegistry {
             backend_secret,
         };
         let pid = match self.keys.lock() {
-            Ok(mut keys) => loop {
-                let pid = rng.random_range(1..i32::MAX);
-                if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(pid) {
-                    slot.insert(target);
-                    break pid;
+            Ok(mut keys) => {
+                let mut pid = backend_pid;
+                loop {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(pid) {
+                        slot.insert(target);
+                        break pid;
+                    }
+                    pid = rng.random_range(1..i32::MAX);
                 }
-            },
+            }
             // A poisoned lock only means another session panicked while
             // holding it; cancel is best-effort, so the key simply won't work.
             Err(_) => rng.random_range(1..i32::MAX),
@@ -130,12 +145,16 @@ mod tests {
         let registry = Arc::new(CancelRegistry::default());
         let a = registry.register("127.0.0.1:1", 10, 20);
         let b = registry.register("127.0.0.1:1", 11, 21);
-        assert_ne!(a.pid, b.pid);
-        assert!(a.pid > 0);
-        assert_eq!(registry.len(), 2);
+        // Clients see their backends' pids where they are free...
+        assert_eq!((a.pid, b.pid), (10, 11));
+        // ... and another number where one is taken (another host's
+        // backend with the same pid).
+        let c = registry.register("127.0.0.2:1", 10, 22);
+        assert!(c.pid > 0 && c.pid != 10 && c.pid != 11, "{}", c.pid);
+        assert_eq!(registry.len(), 3);
         drop(a);
-        assert_eq!(registry.len(), 1);
-        drop(b);
+        assert_eq!(registry.len(), 2);
+        drop((b, c));
         assert!(registry.is_empty());
     }
 

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -556,6 +556,11 @@ struct RelayState {
     lease_release_due: AtomicBool,
     /// Renews the lease while its transaction is open.
     lease_keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The pid in the client's BackendKeyData, and the pid of the backend
+    /// connection serving it now: a notification of the session's own
+    /// backend carries the client's (see cancel.rs).
+    client_pid: AtomicI32,
+    backend_pid: AtomicI32,
 }
 
 /// What the client-to-backend direction keeps across backend connections.
@@ -628,6 +633,8 @@ impl RelayState {
             lease_refusal: Mutex::new(None),
             lease_release_due: AtomicBool::new(false),
             lease_keeper: Mutex::new(None),
+            client_pid: AtomicI32::new(0),
+            backend_pid: AtomicI32::new(0),
         }
     }
 
@@ -790,6 +797,12 @@ async fn relay<CR, CW>(
     CW: AsyncWrite + Unpin,
 {
     let state = RelayState::new();
+    state
+        .client_pid
+        .store(session.cancel_key.pid, Ordering::Relaxed);
+    if let Some(pid) = session.cancel_key.backend_pid() {
+        state.backend_pid.store(pid, Ordering::Relaxed);
+    }
     let mut client = ClientSide::new();
     let mut shutdown = node.shutdown_signal();
     let mut went_down = node.backend_went_down();
@@ -1120,6 +1133,7 @@ async fn move_session<W: AsyncWrite + Unpin>(
     session
         .cancel_key
         .retarget(&address, connection.pid, connection.secret);
+    state.backend_pid.store(connection.pid, Ordering::Relaxed);
     session.backend_open = node
         .metrics
         .backend(&name)
@@ -1748,7 +1762,7 @@ where
     let mut away: Option<tokio_postgres::Client> = None;
     let ddl_ready = Mutex::new(None::<DdlJob>);
     let inspect = |tag: u8| {
-        matches!(tag, b'Z' | b'E' | b'S')
+        matches!(tag, b'Z' | b'E' | b'S' | b'A')
             || state.stamps.load(Ordering::SeqCst) > 0
             || state.ddl_jobs.load(Ordering::SeqCst) > 0
     };
@@ -1844,6 +1858,11 @@ where
                 }
             }
             b'S' => state.report(body),
+            b'A' => {
+                if let Some(message) = notification_for_client(state, body) {
+                    return Ok(Flow::Replace(message));
+                }
+            }
             _ => {}
         }
         Ok(Flow::Continue)
@@ -1950,6 +1969,22 @@ where
             }
         }
     }
+}
+
+/// A NotificationResponse sent by the session's own backend, with the pid
+/// the client knows instead of the backend's (`None`: it goes as it is).
+fn notification_for_client(state: &RelayState, body: &[u8]) -> Option<BytesMut> {
+    let pid = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    let client_pid = state.client_pid.load(Ordering::Relaxed);
+    if pid != state.backend_pid.load(Ordering::Relaxed) || pid == client_pid {
+        return None;
+    }
+    let mut message = BytesMut::with_capacity(body.len() + 5);
+    protocol::write_message(&mut message, b'A', |m| {
+        m.extend_from_slice(&client_pid.to_be_bytes());
+        m.extend_from_slice(&body[4..]);
+    });
+    Some(message)
 }
 
 fn backend_end(end: PumpError, after_fatal: bool) -> RelayEnd {
@@ -2381,6 +2416,25 @@ mod tests {
         )
         .await;
         (result, out)
+    }
+
+    #[test]
+    fn notifications_of_the_sessions_own_backend_carry_the_clients_pid() {
+        let state = RelayState::new();
+        state.client_pid.store(77, Ordering::Relaxed);
+        state.backend_pid.store(4242, Ordering::Relaxed);
+        let body = |pid: i32| {
+            let mut b = pid.to_be_bytes().to_vec();
+            b.extend_from_slice(b"chan\0payload\0");
+            b
+        };
+        let rewritten = notification_for_client(&state, &body(4242)).unwrap();
+        assert_eq!(&rewritten[..], &message(b'A', &body(77))[..]);
+        // Another session's notification keeps its sender's pid; so does
+        // one where the client already knows the backend's pid.
+        assert!(notification_for_client(&state, &body(999)).is_none());
+        state.client_pid.store(4242, Ordering::Relaxed);
+        assert!(notification_for_client(&state, &body(4242)).is_none());
     }
 
     /// A peer that is gone: every write fails.

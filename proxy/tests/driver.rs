@@ -154,7 +154,11 @@ async fn listen_notify_is_delivered() {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(Ok(message)) = messages.next().await {
             if let AsyncMessage::Notification(n) = message {
-                let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+                let _ = tx.send((
+                    n.channel().to_owned(),
+                    n.payload().to_owned(),
+                    n.process_id(),
+                ));
             }
         }
     });
@@ -169,13 +173,34 @@ async fn listen_notify_is_delivered() {
         .execute("SELECT pg_notify('bike_events', $1)", &[&"second"])
         .await
         .unwrap();
-    for expected in ["first", "second"] {
-        let (channel, payload) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+    // The listener's own notification, whose pid is the one its session
+    // reports, as on PostgreSQL.
+    listener
+        .batch_execute("NOTIFY bike_events, 'own'")
+        .await
+        .unwrap();
+    let own_pid: i32 = listener
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let sender_pid: i32 = sender
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for (expected, pid) in [
+        ("first", sender_pid),
+        ("second", sender_pid),
+        ("own", own_pid),
+    ] {
+        let (channel, payload, from) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .expect("notification not delivered in time")
             .unwrap();
         assert_eq!(channel, "bike_events");
         assert_eq!(payload, expected);
+        assert_eq!(from, pid, "{expected}");
     }
 }
 

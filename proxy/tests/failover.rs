@@ -24,6 +24,134 @@ async fn served_by(session: &tokio_postgres::Client) -> i32 {
         .get(0)
 }
 
+/// A session spoken to in the protocol itself, to see what a driver sees:
+/// the pid of its BackendKeyData, and the pid of each notification.
+struct RawSession {
+    stream: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+    /// The pid the session got in BackendKeyData.
+    pid: i32,
+}
+
+/// What one query brought: its rows' first values, the pids of the
+/// notifications that came with it, or its SQLSTATE.
+type RawAnswer = Result<(Vec<String>, Vec<i32>), String>;
+
+impl RawSession {
+    async fn connect(port: u16) -> RawSession {
+        use tokio::io::AsyncWriteExt;
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut session = RawSession {
+            stream,
+            buf: bytes::BytesMut::new(),
+            pid: 0,
+        };
+        let mut startup = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::startup_message(
+            [("user", "postgres"), ("database", "postgres")],
+            &mut startup,
+        )
+        .unwrap();
+        session.stream.write_all(&startup).await.unwrap();
+        session.read_until_ready().await.unwrap();
+        assert_ne!(session.pid, 0, "no BackendKeyData");
+        session
+    }
+
+    async fn query(&mut self, sql: &str) -> RawAnswer {
+        use tokio::io::AsyncWriteExt;
+        let mut out = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::query(sql, &mut out).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+        self.read_until_ready().await
+    }
+
+    async fn read_until_ready(&mut self) -> RawAnswer {
+        use tokio::io::AsyncReadExt;
+        let (mut values, mut notified, mut error) = (Vec::new(), Vec::new(), None);
+        loop {
+            let whole = self.buf.len() >= 5 && {
+                let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+                self.buf.len() > len
+            };
+            if !whole {
+                let n = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    self.stream.read_buf(&mut self.buf),
+                )
+                .await
+                .expect("no answer in 30 s")
+                .unwrap();
+                assert!(n > 0, "the node closed the session");
+                continue;
+            }
+            let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+            let message = self.buf.split_to(1 + len);
+            let (tag, body) = (message[0], &message[5..]);
+            let int = |at: usize| i32::from_be_bytes(body[at..at + 4].try_into().unwrap());
+            match tag {
+                b'K' => self.pid = int(0),
+                b'A' => notified.push(int(0)),
+                // The first value of a row (columns count, then length).
+                b'D' => {
+                    let n = int(2) as usize;
+                    values.push(String::from_utf8_lossy(&body[6..6 + n]).into_owned());
+                }
+                b'E' => {
+                    let mut at = 0;
+                    while body[at] != 0 {
+                        let end = at + 1 + body[at + 1..].iter().position(|&b| b == 0).unwrap();
+                        if body[at] == b'C' {
+                            error = Some(String::from_utf8_lossy(&body[at + 1..end]).into_owned());
+                        }
+                        at = end + 1;
+                    }
+                }
+                b'Z' => {
+                    return match error {
+                        Some(code) => Err(code),
+                        None => Ok((values, notified)),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_pid_is_its_backends_and_its_notifications_carry_it_after_a_move() {
+    let mut c = cluster("").await;
+    let mut session = RawSession::connect(c.ports[0]).await;
+    // The pid the driver got is its backend's: pg_backend_pid() and
+    // pg_terminate_backend() agree with it, as on PostgreSQL.
+    let (values, _) = session.query("SELECT pg_backend_pid()").await.unwrap();
+    assert_eq!(values, [session.pid.to_string()]);
+    session.query("LISTEN moved").await.unwrap();
+    let (_, notified) = session.query("NOTIFY moved, 'before'").await.unwrap();
+    assert_eq!(notified, [session.pid]);
+    // The session moves to another backend, whose pid differs: its own
+    // notifications still carry the pid the driver knows.
+    c.backends[0].kill();
+    let mut errors = 0;
+    let (values, _) = loop {
+        match session.query("SELECT pg_backend_pid()").await {
+            Ok(answer) => break answer,
+            Err(code) => {
+                assert_eq!(code, "08006");
+                errors += 1;
+                assert!(errors <= 1, "more than one statement failed");
+            }
+        }
+    };
+    assert_ne!(values, [session.pid.to_string()]);
+    session.query("LISTEN moved").await.unwrap();
+    let (_, notified) = session.query("NOTIFY moved, 'after'").await.unwrap();
+    assert_eq!(notified, [session.pid]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_terminated_by_an_administrator_ends_and_does_not_move() {
     let c = cluster("").await;
