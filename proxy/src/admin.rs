@@ -2,9 +2,10 @@
 
 use thiserror::Error;
 
+use crate::backend::connect_backend;
 use crate::capture;
 use crate::config::Config;
-use crate::replication::{connect_backend, ReplicationError};
+use crate::replication::ReplicationError;
 
 #[derive(Debug, Error)]
 pub enum AdminError {
@@ -62,7 +63,7 @@ async fn connect_all(config: &Config) -> Result<Vec<(&str, tokio_postgres::Clien
             .await
             .map_err(|source| AdminError::Backend {
                 backend: backend.name.clone(),
-                source,
+                source: source.into(),
             })?;
         clients.push((backend.name.as_str(), client));
     }
@@ -88,7 +89,7 @@ pub async fn reconcile(
                 missing.push(backend.name.clone());
                 last_error = Some(AdminError::Backend {
                     backend: backend.name.clone(),
-                    source,
+                    source: source.into(),
                 });
             }
         }

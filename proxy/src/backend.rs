@@ -11,6 +11,9 @@ use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use tokio_postgres::Client;
+
+use crate::config::{BackendConfig, ReplicationConfig};
 use crate::protocol::{self, read_message, ProtocolError};
 
 /// A control-plane query's error as an operator should read it: the
@@ -238,4 +241,104 @@ pub async fn cancel(address: &str, pid: i32, secret: i32) -> std::io::Result<()>
     stream.write_all(&out).await?;
     stream.shutdown().await?;
     Ok(())
+}
+
+// Control connections: the node's own connections to backends (as the
+// replication user) for replication, DDL, upkeep and health, through
+// tokio-postgres.
+
+/// Control connections to backends (as the replication user), made on
+/// first use and remade once closed.
+#[derive(Debug, Default)]
+pub struct BackendClients {
+    clients: std::collections::HashMap<String, Client>,
+}
+
+impl BackendClients {
+    /// The connection to `backend`, connecting within `limit` if need be.
+    pub async fn get(
+        &mut self,
+        backend: &BackendConfig,
+        config: &ReplicationConfig,
+        limit: Duration,
+    ) -> Option<&Client> {
+        if self
+            .clients
+            .get(&backend.name)
+            .is_none_or(Client::is_closed)
+        {
+            let client = tokio::time::timeout(limit, connect_backend(backend, config))
+                .await
+                .ok()?
+                .ok()?;
+            self.clients.insert(backend.name.clone(), client);
+        }
+        self.clients.get(&backend.name)
+    }
+
+    /// Drop the connection to a backend (it failed).
+    pub fn forget(&mut self, name: &str) {
+        self.clients.remove(name);
+    }
+}
+
+pub async fn connect_backend(
+    backend: &BackendConfig,
+    config: &ReplicationConfig,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = backend_config(backend, config)
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn backend_config(backend: &BackendConfig, config: &ReplicationConfig) -> tokio_postgres::Config {
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&backend.host)
+        .port(backend.port)
+        .user(&config.user)
+        .dbname(&config.database)
+        .application_name("chorus replication")
+        .connect_timeout(Duration::from_secs(5))
+        // A peer that vanished from the network (no reset) is noticed and
+        // its stream reconnects; a large batch may still take long.
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3);
+    if let Some(password) = &config.password {
+        pg.password(password);
+    }
+    pg
+}
+
+/// [`connect_backend`], with the notices the backend sends on the
+/// connection (NOTICE, WARNING, …) delivered in order, ahead of the
+/// answer of the statement that raised them. Notices nobody takes beyond
+/// the channel's room are dropped.
+pub async fn connect_backend_with_notices(
+    backend: &BackendConfig,
+    config: &ReplicationConfig,
+) -> Result<
+    (
+        Client,
+        tokio::sync::mpsc::Receiver<tokio_postgres::error::DbError>,
+    ),
+    tokio_postgres::Error,
+> {
+    let (client, mut connection) = backend_config(backend, config)
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notice(notice) = message {
+                let _ = tx.try_send(notice);
+            }
+        }
+    });
+    Ok((client, rx))
 }

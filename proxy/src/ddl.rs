@@ -16,196 +16,18 @@
 //! its origin (see capture.sql), and a peer stream applies it only once its
 //! backend has applied that much of the DDL log (replication.rs).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use chorus_consensus::{Consensus, DdlEntry, DdlProposal, ProposeError, Request, Response};
-use tokio::sync::watch;
 use tokio_postgres::Client;
 
+use crate::cluster::ddl_progress::{Outcome, PgError, INDEX_SQL};
 use crate::config::{BackendConfig, CommitScope};
+use crate::node::Node;
 use crate::protocol;
-use crate::replication::{BackendClients, ReplicationError};
-use crate::server::Node;
-
-/// A PostgreSQL error, as the applying backend reported it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PgError {
-    pub code: String,
-    pub message: String,
-    pub detail: Option<String>,
-    pub hint: Option<String>,
-}
-
-impl PgError {
-    fn from_db(e: &tokio_postgres::error::DbError) -> PgError {
-        PgError {
-            code: e.code().code().to_owned(),
-            message: e.message().to_owned(),
-            detail: e.detail().map(str::to_owned),
-            hint: e.hint().map(str::to_owned),
-        }
-    }
-
-    fn write(&self, out: &mut BytesMut) {
-        protocol::write_message(out, b'E', |body| {
-            let mut put = |field: u8, value: &str| {
-                body.put_u8(field);
-                body.extend_from_slice(value.as_bytes());
-                body.put_u8(0);
-            };
-            put(b'S', "ERROR");
-            put(b'V', "ERROR");
-            put(b'C', &self.code);
-            put(b'M', &self.message);
-            if let Some(detail) = &self.detail {
-                put(b'D', detail);
-            }
-            if let Some(hint) = &self.hint {
-                put(b'H', hint);
-            }
-            body.put_u8(0);
-        });
-    }
-}
-
-/// How far the DDL log has been applied on this node's home backend, and
-/// what became of the DDL that came through this node.
-#[derive(Debug)]
-pub struct DdlProgress {
-    applied: watch::Sender<u64>,
-    outcomes: Mutex<HashMap<u64, Outcome>>,
-    /// Connections to every backend, to see how far each has applied.
-    peers: tokio::sync::Mutex<BackendClients>,
-}
-
-impl Default for DdlProgress {
-    fn default() -> Self {
-        DdlProgress {
-            applied: watch::channel(0).0,
-            outcomes: Mutex::new(HashMap::new()),
-            peers: tokio::sync::Mutex::new(BackendClients::default()),
-        }
-    }
-}
-
-/// What became of a DDL statement on its origin's home backend.
-#[derive(Debug, Default)]
-struct Outcome {
-    /// Its error, when it failed there.
-    failure: Option<PgError>,
-    /// The notices it raised there (NoticeResponse messages), for the
-    /// client: `DROP … IF EXISTS` of what is not there, and the like.
-    notices: BytesMut,
-}
-
-/// Outcomes kept for sessions that have not collected them (a session
-/// that timed out never does).
-const MAX_OUTCOMES: usize = 10_000;
-
-impl DdlProgress {
-    fn set_applied(&self, seq: u64) {
-        self.applied.send_replace(seq);
-    }
-
-    fn record(&self, seq: u64, outcome: Outcome) {
-        if let Ok(mut outcomes) = self.outcomes.lock() {
-            if outcomes.len() >= MAX_OUTCOMES {
-                outcomes.clear();
-            }
-            outcomes.insert(seq, outcome);
-        }
-    }
-
-    fn take(&self, seq: u64) -> Outcome {
-        self.outcomes
-            .lock()
-            .ok()
-            .and_then(|mut o| o.remove(&seq))
-            .unwrap_or_default()
-    }
-
-    /// Wait until the home backend applied `seq`; false on timeout.
-    async fn wait_applied(&self, seq: u64, limit: Duration) -> bool {
-        let mut rx = self.applied.subscribe();
-        tokio::time::timeout(limit, rx.wait_for(|a| *a >= seq))
-            .await
-            .is_ok_and(|r| r.is_ok())
-    }
-
-    /// Whether a backend has DDL `seq` (`None` when unreachable).
-    pub(crate) async fn has_seq(
-        &self,
-        node: &Node,
-        backend: &BackendConfig,
-        seq: u64,
-    ) -> Option<bool> {
-        let config = node.config.replication.as_ref()?;
-        let seq = i64::try_from(seq).ok()?;
-        let mut peers = self.peers.lock().await;
-        let client = peers.get(backend, config, Duration::from_secs(1)).await?;
-        let row = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.query_one(
-                "SELECT EXISTS (SELECT 1 FROM chorus.ddl_history WHERE seq = $1)",
-                &[&seq],
-            ),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        Some(row.get(0))
-    }
-
-    /// The DDL index of a backend, read from it (`None` when unreachable).
-    pub(crate) async fn backend_index(&self, node: &Node, backend: &BackendConfig) -> Option<u64> {
-        let config = node.config.replication.as_ref()?;
-        let mut peers = self.peers.lock().await;
-        let client = peers.get(backend, config, Duration::from_secs(1)).await?;
-        let row = tokio::time::timeout(Duration::from_secs(1), client.query_one(INDEX_SQL, &[]))
-            .await
-            .ok()?
-            .ok()?;
-        u64::try_from(row.get::<_, i64>(0)).ok()
-    }
-
-    /// Wait until every backend applied `seq`, until `limit`; returns how
-    /// many have. Unless `strict`, a backend that is unreachable or had not
-    /// even applied the entry before `seq` when first asked (its node is
-    /// down or far behind) is not waited for.
-    pub(crate) async fn wait_all(
-        &self,
-        node: &Node,
-        seq: u64,
-        limit: Duration,
-        strict: bool,
-    ) -> (usize, usize) {
-        let deadline = Instant::now() + limit;
-        let backends = &node.config.backends;
-        let home = node.config.home_backend().name.clone();
-        let mut done: Vec<bool> = backends.iter().map(|b| b.name == home).collect();
-        let mut first = true;
-        loop {
-            for (i, backend) in backends.iter().enumerate() {
-                if !done[i] {
-                    let index = self.backend_index(node, backend).await;
-                    done[i] = index.is_some_and(|applied| applied >= seq)
-                        || (first && !strict && index.is_none_or(|a| a + 1 < seq));
-                }
-            }
-            first = false;
-            let have = done.iter().filter(|d| **d).count();
-            if have == backends.len() || Instant::now() >= deadline {
-                return (have, backends.len());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-pub(crate) const INDEX_SQL: &str = "SELECT coalesce(max(seq), 0) FROM chorus.ddl_history";
+use crate::replication::ReplicationError;
 
 /// Apply the committed DDL log to the home backend, in order, for as long
 /// as the node runs.
@@ -256,11 +78,11 @@ async fn apply_log(
     // this node go to their sessions.
     let (client, mut notices) = if home {
         let (client, notices) =
-            crate::replication::connect_backend_with_notices(backend, config).await?;
+            crate::backend::connect_backend_with_notices(backend, config).await?;
         (client, Some(notices))
     } else {
         (
-            crate::replication::connect_backend(backend, config).await?,
+            crate::backend::connect_backend(backend, config).await?,
             None,
         )
     };
@@ -832,7 +654,7 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         CommitScope::All => (deadline.saturating_duration_since(Instant::now()), true),
         _ => (PEER_WAIT, false),
     };
-    let (have, total) = node.ddl.wait_all(node, seq, limit, strict).await;
+    let (have, total) = node.ddl.wait_all(&node.config, seq, limit, strict).await;
     tracing::debug!(
         seq,
         applied_ms = applied_after.as_millis() as u64,

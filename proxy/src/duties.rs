@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use chorus_consensus::{Consensus, Request};
 
 use crate::config::BackendConfig;
+use crate::node::Node;
 use crate::replication::{self, ReplicationError};
-use crate::server::Node;
 
 /// How often the assignment is looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -269,7 +269,7 @@ pub async fn reconcile_when_lost(node: Arc<Node>, consensus: Arc<Consensus>) {
             .iter()
             .filter(|b| !node.is_backend_down(&b.name))
         {
-            if let Ok(client) = replication::connect_backend(backend, &config).await {
+            if let Ok(client) = crate::backend::connect_backend(backend, &config).await {
                 clients.push((backend.name.clone(), client));
             }
         }

@@ -1,9 +1,11 @@
 //! Chorus: a PostgreSQL wire-protocol proxy that turns several stock
 //! PostgreSQL servers into one active-active database.
 //!
-//! Today a node is a transparent proxy to its home backend: clients
-//! authenticate to the proxy, which logs in to the backend on their behalf
-//! and relays the protocol as raw bytes, classifying statements on the way.
+//! Clients authenticate to a node, which logs in to a backend on their
+//! behalf and relays the protocol as raw bytes, classifying statements and
+//! stamping writes on the way; capture on each backend and the node's
+//! replication streams carry every change to the other backends, and the
+//! nodes order DDL through Raft. docs/architecture.md is the map.
 
 pub mod admin;
 pub mod auth;
@@ -18,6 +20,7 @@ pub mod duties;
 pub mod frontend;
 pub mod localpg;
 pub mod metrics;
+pub mod node;
 pub mod protocol;
 pub mod reconcile;
 pub mod replication;

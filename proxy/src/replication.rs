@@ -17,73 +17,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use thiserror::Error;
 use tokio_postgres::Client;
 
+use crate::backend::connect_backend;
 use crate::capture::{self, CaptureError};
 use crate::config::{BackendConfig, ReplicationConfig};
-use crate::server::Node;
-use crate::walstream::{PgOutputDecoder, WalEvent, WalStream};
-
-/// Why a step failed. The stream retries from its last position.
-#[derive(Debug, Error)]
-pub enum ReplicationError {
-    #[error("{}", crate::backend::error_text(.0))]
-    Sql(#[from] tokio_postgres::Error),
-    #[error("installing the chorus schema: {0}")]
-    Install(#[from] CaptureError),
-    #[error("unexpected logical decoding output: {0:.120}")]
-    Decoding(String),
-    #[error("invalid LSN {0:?}")]
-    Lsn(String),
-    /// A node with a newer epoch drives these streams now.
-    #[error("fenced: {0}")]
-    Fenced(String),
-}
-
-/// The SQLSTATE chorus.apply_transactions refuses a stale driver with.
-const FENCED: &str = "CH001";
-
-impl ReplicationError {
-    /// A refusal of a stale driver becomes `Fenced`.
-    fn fenced_or(e: tokio_postgres::Error) -> ReplicationError {
-        match e.as_db_error() {
-            Some(db) if db.code().code() == FENCED => {
-                ReplicationError::Fenced(db.message().to_owned())
-            }
-            _ => ReplicationError::Sql(e),
-        }
-    }
-}
-
-/// A (text) log sequence number as a comparable integer.
-pub fn parse_lsn(text: &str) -> Result<u64, ReplicationError> {
-    let (high, low) = text
-        .split_once('/')
-        .ok_or_else(|| ReplicationError::Lsn(text.to_owned()))?;
-    let high = u64::from_str_radix(high, 16).map_err(|_| ReplicationError::Lsn(text.to_owned()))?;
-    let low = u64::from_str_radix(low, 16).map_err(|_| ReplicationError::Lsn(text.to_owned()))?;
-    Ok((high << 32) | low)
-}
-
-/// An origin transaction: its commit position and its Chorus change payloads.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct DecodedTransaction {
-    /// End of the transaction's commit record (what `chorus.applied`
-    /// stores, as text: see [`format_lsn`]).
-    pub end_lsn: u64,
-    /// Origin commit time, Unix seconds (when the decoder reported it).
-    pub commit_time: Option<f64>,
-    pub changes: Vec<String>,
-    /// The DDL index its changes were made at: a peer applies them only
-    /// once it has applied that much of the DDL log.
-    pub ddl: u64,
-    /// It carries DDL: applied at once, without gathering more (its
-    /// origin's session waits for the peers to have it).
-    pub has_ddl: bool,
-    /// The highest row version among its changes (0 without any).
-    pub max_version: i64,
-}
+use crate::node::Node;
+pub use crate::walstream::{
+    format_lsn, parse_lsn, DecodedTransaction, PgOutputDecoder, ReplicationError, WalEvent,
+    WalStream,
+};
 
 /// The Unix time now, in seconds.
 fn unix_now() -> f64 {
@@ -99,11 +42,6 @@ fn max_version<'a>(transactions: impl IntoIterator<Item = &'a DecodedTransaction
         .map(|t| t.max_version)
         .max()
         .unwrap_or(0)
-}
-
-/// A log sequence number in PostgreSQL's text form.
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
 /// What one step did.
@@ -413,102 +351,6 @@ pub async fn run_home_upkeep(node: Arc<Node>) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-/// Control connections to backends (as the replication user), made on
-/// first use and remade once closed.
-#[derive(Debug, Default)]
-pub(crate) struct BackendClients {
-    clients: std::collections::HashMap<String, Client>,
-}
-
-impl BackendClients {
-    /// The connection to `backend`, connecting within `limit` if need be.
-    pub(crate) async fn get(
-        &mut self,
-        backend: &BackendConfig,
-        config: &ReplicationConfig,
-        limit: Duration,
-    ) -> Option<&Client> {
-        if self
-            .clients
-            .get(&backend.name)
-            .is_none_or(Client::is_closed)
-        {
-            let client = tokio::time::timeout(limit, connect_backend(backend, config))
-                .await
-                .ok()?
-                .ok()?;
-            self.clients.insert(backend.name.clone(), client);
-        }
-        self.clients.get(&backend.name)
-    }
-
-    /// Drop the connection to a backend (it failed).
-    pub(crate) fn forget(&mut self, name: &str) {
-        self.clients.remove(name);
-    }
-}
-
-pub(crate) async fn connect_backend(
-    backend: &BackendConfig,
-    config: &ReplicationConfig,
-) -> Result<Client, ReplicationError> {
-    let (client, connection) = backend_config(backend, config)
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-fn backend_config(backend: &BackendConfig, config: &ReplicationConfig) -> tokio_postgres::Config {
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&backend.host)
-        .port(backend.port)
-        .user(&config.user)
-        .dbname(&config.database)
-        .application_name("chorus replication")
-        .connect_timeout(Duration::from_secs(5))
-        // A peer that vanished from the network (no reset) is noticed and
-        // its stream reconnects; a large batch may still take long.
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(10))
-        .keepalives_interval(Duration::from_secs(2))
-        .keepalives_retries(3);
-    if let Some(password) = &config.password {
-        pg.password(password);
-    }
-    pg
-}
-
-/// [`connect_backend`], with the notices the backend sends on the
-/// connection (NOTICE, WARNING, …) delivered in order, ahead of the
-/// answer of the statement that raised them. Notices nobody takes beyond
-/// the channel's room are dropped.
-pub(crate) async fn connect_backend_with_notices(
-    backend: &BackendConfig,
-    config: &ReplicationConfig,
-) -> Result<
-    (
-        Client,
-        tokio::sync::mpsc::Receiver<tokio_postgres::error::DbError>,
-    ),
-    ReplicationError,
-> {
-    let (client, mut connection) = backend_config(backend, config)
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            if let tokio_postgres::AsyncMessage::Notice(notice) = message {
-                let _ = tx.try_send(notice);
-            }
-        }
-    });
-    Ok((client, rx))
 }
 
 /// A slot-name-safe form of a backend name.
@@ -848,7 +690,10 @@ async fn run_stream(
                 continue;
             };
             if needed > peer_ddl {
-                match client.query_one(crate::ddl::INDEX_SQL, &[]).await {
+                match client
+                    .query_one(crate::cluster::ddl_progress::INDEX_SQL, &[])
+                    .await
+                {
                     Ok(row) => peer_ddl = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
                     Err(e) => {
                         tracing::debug!(peer = %backend.name, error = %e, "reading the peer's DDL index failed");

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use chorus_consensus::{Consensus, Request, Response};
 
+use crate::node::Node;
 use crate::replication::ReplicationError;
-use crate::server::Node;
 
 /// How often the sequences are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -35,7 +35,7 @@ async fn upkeep(node: &Node, consensus: &Consensus) -> Result<(), ReplicationErr
         return Ok(());
     };
     while !node.wait_schema_ready(Duration::from_secs(1)).await {}
-    let client = crate::replication::connect_backend(node.config.home_backend(), config).await?;
+    let client = crate::backend::connect_backend(node.config.home_backend(), config).await?;
     let me = u64::from(node.config.node.id);
     let mut recorded = None;
     let mut last_values: HashMap<String, i64> = HashMap::new();

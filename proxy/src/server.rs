@@ -1,282 +1,23 @@
-//! A Chorus node: the client listener, its shared state, and graceful
-//! shutdown. `run` takes an already-bound listener so tests can bind
-//! `127.0.0.1:0`.
+//! A Chorus node running: the client listener, the background work
+//! (health checks, replication duties, the DDL log, Raft upkeep), and
+//! graceful shutdown. `run` takes an already-bound listener so tests can
+//! bind `127.0.0.1:0`. The node's shared state is `node::Node`.
 
-use chorus_router::hlc::HybridClock;
-
-use crate::scope::ReplicationProgress;
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 
-use crate::auth::ScramVerifier;
-use crate::cancel::CancelRegistry;
-use crate::config::{Config, TlsConfig};
-use crate::metrics::{self, ErrorKind, Metrics};
+use crate::metrics::{self, ErrorKind};
 use crate::protocol::{self, Severity};
 use crate::session;
 
-/// Why a node could not start.
-#[derive(Debug, Error)]
-pub enum StartError {
-    #[error("cannot load TLS certificate or key: {0}")]
-    Tls(String),
-    #[error("cannot derive a SCRAM verifier")]
-    Scram,
-    #[error("cannot bind {what} to {address}: {source}")]
-    Bind {
-        what: &'static str,
-        address: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("cannot start the cluster's Raft member: {0}")]
-    Consensus(#[from] chorus_consensus::StartError),
-}
-
-/// State shared by every session of one node.
-pub struct Node {
-    pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub cancel_keys: Arc<CancelRegistry>,
-    pub tls: Option<TlsAcceptor>,
-    /// SCRAM verifiers derived from configured passwords at start-up.
-    verifiers: HashMap<String, ScramVerifier>,
-    /// A verifier for unknown users, so that their login runs the whole
-    /// exchange and fails like a wrong password (no user enumeration).
-    mock_verifier: ScramVerifier,
-    /// This node's hybrid logical clock, stamped on every write transaction.
-    pub clock: HybridClock,
-    /// How far the replicator has brought this node's changes to the
-    /// peers (commit scopes wait on it); none without replication.
-    pub progress: Option<Arc<ReplicationProgress>>,
-    /// This node's Raft member (set when the node starts, with `[cluster]`).
-    consensus: std::sync::OnceLock<Arc<chorus_consensus::Consensus>>,
-    /// How far the DDL log is applied on the home backend.
-    pub ddl: crate::ddl::DdlProgress,
-    /// Per backend (in config order): whether it was last seen down.
-    backend_down: Vec<AtomicBool>,
-    /// Bumped whenever a backend is seen going down: sessions on it move.
-    backend_went_down: watch::Sender<u64>,
-    /// Whether this node drives its home backend's streams now (see
-    /// duties.rs); when another node does, commit scopes are judged from
-    /// the backend's slots instead of this node's stream positions.
-    pub drives_home: AtomicBool,
-    /// Set once shutdown begins.
-    pub draining: Arc<AtomicBool>,
-    shutdown_tx: watch::Sender<bool>,
-    /// Whether the chorus schema is installed on the home backend (always
-    /// true without replication).
-    schema_ready: watch::Sender<bool>,
-}
-
-impl Node {
-    /// Build a node from its configuration (loads TLS material, derives
-    /// SCRAM verifiers, registers metrics).
-    pub fn new(config: Config) -> Result<Arc<Node>, StartError> {
-        let tls = config.tls.as_ref().map(load_tls).transpose()?;
-        let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
-        let verifiers = config
-            .users
-            .iter()
-            .filter_map(|u| {
-                let password = u.password.as_deref()?;
-                Some((u.name.clone(), ScramVerifier::from_password(password)?))
-            })
-            .collect();
-        let mut random = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
-        let mock_verifier =
-            ScramVerifier::from_password(&format!("{random:?}")).ok_or(StartError::Scram)?;
-        let (shutdown_tx, _) = watch::channel(false);
-        let replication_off = config.replication.is_none();
-        let clock = HybridClock::new(config.node.id, config.node.max_clock_skew_ms);
-        clock.set_offset_ms(config.node.clock_offset_ms);
-        let backend_down = config
-            .backends
-            .iter()
-            .map(|_| AtomicBool::new(false))
-            .collect();
-        let home = config.home_backend().name.clone();
-        let peers: Vec<String> = backends.iter().filter(|b| **b != home).cloned().collect();
-        let progress = config
-            .replication
-            .is_some()
-            .then(|| Arc::new(ReplicationProgress::new(&peers, backends.len())));
-        Ok(Arc::new(Node {
-            clock,
-            progress,
-            metrics: Arc::new(Metrics::new(&backends)),
-            config,
-            cancel_keys: Arc::new(CancelRegistry::default()),
-            tls,
-            verifiers,
-            mock_verifier,
-            drives_home: AtomicBool::new(true),
-            draining: Arc::new(AtomicBool::new(false)),
-            consensus: std::sync::OnceLock::new(),
-            backend_down,
-            backend_went_down: watch::channel(0).0,
-            ddl: crate::ddl::DdlProgress::default(),
-            shutdown_tx,
-            schema_ready: watch::channel(replication_off).0,
-        }))
-    }
-
-    /// The SCRAM verifier for a user (a mock one for unknown users).
-    pub fn verifier(&self, user: &str) -> ScramVerifier {
-        self.verifiers
-            .get(user)
-            .unwrap_or(&self.mock_verifier)
-            .clone()
-    }
-
-    /// Mark a backend up or down (health checks and failed logins).
-    pub fn set_backend_down(&self, name: &str, down: bool) {
-        if let Some(i) = self.config.backends.iter().position(|b| b.name == name) {
-            let was = self.backend_down[i].swap(down, Ordering::SeqCst);
-            if was != down {
-                if down {
-                    self.backend_went_down.send_modify(|n| *n += 1);
-                    tracing::warn!(backend = name, "backend down");
-                } else {
-                    tracing::info!(backend = name, "backend up");
-                }
-            }
-            if let Some((_, up)) = self.metrics.backend(name) {
-                up.set(if down { 0.0 } else { 1.0 });
-            }
-        }
-    }
-
-    /// Whether a backend was last seen down.
-    pub fn is_backend_down(&self, name: &str) -> bool {
-        self.config
-            .backends
-            .iter()
-            .position(|b| b.name == name)
-            .is_some_and(|i| self.backend_down[i].load(Ordering::SeqCst))
-    }
-
-    /// Changes whenever a backend is seen going down.
-    pub fn backend_went_down(&self) -> watch::Receiver<u64> {
-        self.backend_went_down.subscribe()
-    }
-
-    /// The backends a new session tries, in order: the home backend unless
-    /// it is down, then (with replication, where every backend has the
-    /// same data) the others that are up, then those down (they may be
-    /// back). Without replication only the home backend.
-    pub fn session_backends(&self) -> Vec<&crate::config::BackendConfig> {
-        let home = self.config.home_backend();
-        if self.config.replication.is_none() {
-            return vec![home];
-        }
-        if self.config.node.routing == crate::config::Routing::Leader {
-            // Only the write leader: writing anywhere else could conflict.
-            // None yet (or it is down and not yet replaced): no backend,
-            // and the client gets a connection error to retry.
-            let leader = self
-                .consensus()
-                .and_then(|c| c.state().read(|s| s.write_leader.clone()));
-            return self
-                .config
-                .backends
-                .iter()
-                .filter(|b| Some(&b.name) == leader.as_ref())
-                .collect();
-        }
-        let down = |b: &crate::config::BackendConfig| {
-            self.config
-                .backends
-                .iter()
-                .position(|o| o.name == b.name)
-                .is_some_and(|i| self.backend_down[i].load(Ordering::SeqCst))
-        };
-        let mut order = Vec::with_capacity(self.config.backends.len());
-        if !down(home) {
-            order.push(home);
-        }
-        order.extend(
-            self.config
-                .backends
-                .iter()
-                .filter(|b| b.name != home.name && !down(b)),
-        );
-        if down(home) {
-            order.push(home);
-        }
-        order.extend(
-            self.config
-                .backends
-                .iter()
-                .filter(|b| b.name != home.name && down(b)),
-        );
-        order
-    }
-
-    /// This node's Raft member, once started.
-    pub fn consensus(&self) -> Option<&Arc<chorus_consensus::Consensus>> {
-        self.consensus.get()
-    }
-
-    /// The replicator installed the chorus schema on the home backend.
-    pub fn schema_installed(&self) {
-        self.schema_ready.send_replace(true);
-    }
-
-    /// Wait (at most `limit`) until the chorus schema is on the home
-    /// backend; whether it is.
-    pub async fn wait_schema_ready(&self, limit: std::time::Duration) -> bool {
-        let mut ready = self.schema_ready.subscribe();
-        let waited = tokio::time::timeout(limit, ready.wait_for(|r| *r)).await;
-        matches!(waited, Ok(Ok(_)))
-    }
-
-    /// A receiver that fires when shutdown begins.
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown_tx.subscribe()
-    }
-
-    fn begin_drain(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-        self.shutdown_tx.send_replace(true);
-    }
-}
-
-fn load_tls(tls: &TlsConfig) -> Result<TlsAcceptor, StartError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
-        .and_then(|iter| iter.collect())
-        .map_err(|e| StartError::Tls(format!("{}: {e}", tls.cert.display())))?;
-    if certs.is_empty() {
-        return Err(StartError::Tls(format!(
-            "{}: no certificate found",
-            tls.cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(&tls.key)
-        .map_err(|e| StartError::Tls(format!("{}: {e}", tls.key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StartError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| StartError::Tls(e.to_string()))?;
-    Ok(TlsAcceptor::from(Arc::new(server)))
-}
+pub use crate::node::{Node, StartError};
 
 /// Session workers: one single-threaded tokio runtime per thread. Each
 /// accepted connection is handed to one worker, where its session and its
@@ -484,7 +225,7 @@ pub async fn run_node_with(
     if let Some(cluster) = &node.config.cluster {
         let consensus =
             chorus_consensus::Consensus::start(cluster.consensus(node.config.node.id)).await?;
-        let _ = node.consensus.set(consensus.clone());
+        node.set_consensus(consensus.clone());
         background.spawn(crate::ddl::run_applier(node.clone(), consensus.clone()));
         background.spawn(crate::sequences::run(node.clone(), consensus.clone()));
         background.spawn(crate::duties::reassign(node.clone(), consensus.clone()));
@@ -521,7 +262,7 @@ async fn health_checks(node: Arc<Node>) {
     let interval =
         std::time::Duration::from_millis(node.config.node.health_check_interval_ms.max(10));
     let limit = std::time::Duration::from_millis(node.config.node.health_check_timeout_ms.max(10));
-    let mut clients = crate::replication::BackendClients::default();
+    let mut clients = crate::backend::BackendClients::default();
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
@@ -558,11 +299,7 @@ async fn elect_write_leader(node: &Node) {
     }
     let current = consensus.state().read(|s| s.write_leader.clone());
     let is_up = |name: &str| {
-        node.config
-            .backends
-            .iter()
-            .position(|b| b.name == name)
-            .is_some_and(|i| !node.backend_down[i].load(Ordering::SeqCst))
+        node.config.backends.iter().any(|b| b.name == name) && !node.is_backend_down(name)
     };
     if current.as_deref().is_some_and(is_up) {
         return;

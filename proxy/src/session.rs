@@ -30,9 +30,9 @@ use crate::config::{AuthMethod, CommitScope, TimeoutAction};
 use crate::ddl::{self, DdlJob, JobStep};
 use crate::frontend::{is_inspected, query_stamps, FrontendEvent, FrontendState};
 use crate::metrics::{ErrorKind, GaugeGuard};
+use crate::node::Node;
 use crate::protocol::{self, read_message, ProtocolError, Severity, StartupPacket};
 use crate::scope::{self, DdlScopeChange, ScopeChange};
-use crate::server::Node;
 use crate::stamp::{self, DdlStage, DdlStamp, StampKind, Swallower, Verdict};
 
 /// Bytes read from a socket at a time.
@@ -2032,11 +2032,9 @@ async fn wait_on_slots(
     };
     let deadline = tokio::time::Instant::now() + limit;
     if away.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-        let connected = tokio::time::timeout_at(
-            deadline,
-            crate::replication::connect_backend(backend, config),
-        )
-        .await;
+        let connected =
+            tokio::time::timeout_at(deadline, crate::backend::connect_backend(backend, config))
+                .await;
         *away = connected.ok().and_then(Result::ok);
     }
     let Some(client) = away.as_ref() else {

@@ -22,14 +22,80 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, BytesMut};
+use thiserror::Error;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::backend::{self, LoginParams};
 use crate::capture;
+use crate::capture::CaptureError;
 use crate::config::{BackendConfig, ReplicationConfig};
 use crate::protocol::{self, read_message};
-use crate::replication::{DecodedTransaction, ReplicationError};
+
+/// Why a step failed. The stream retries from its last position.
+#[derive(Debug, Error)]
+pub enum ReplicationError {
+    #[error("{}", crate::backend::error_text(.0))]
+    Sql(#[from] tokio_postgres::Error),
+    #[error("installing the chorus schema: {0}")]
+    Install(#[from] CaptureError),
+    #[error("unexpected logical decoding output: {0:.120}")]
+    Decoding(String),
+    #[error("invalid LSN {0:?}")]
+    Lsn(String),
+    /// A node with a newer epoch drives these streams now.
+    #[error("fenced: {0}")]
+    Fenced(String),
+}
+
+/// The SQLSTATE chorus.apply_transactions refuses a stale driver with.
+const FENCED: &str = "CH001";
+
+impl ReplicationError {
+    /// A refusal of a stale driver becomes `Fenced`.
+    pub(crate) fn fenced_or(e: tokio_postgres::Error) -> ReplicationError {
+        match e.as_db_error() {
+            Some(db) if db.code().code() == FENCED => {
+                ReplicationError::Fenced(db.message().to_owned())
+            }
+            _ => ReplicationError::Sql(e),
+        }
+    }
+}
+
+/// A (text) log sequence number as a comparable integer.
+pub fn parse_lsn(text: &str) -> Result<u64, ReplicationError> {
+    let (high, low) = text
+        .split_once('/')
+        .ok_or_else(|| ReplicationError::Lsn(text.to_owned()))?;
+    let high = u64::from_str_radix(high, 16).map_err(|_| ReplicationError::Lsn(text.to_owned()))?;
+    let low = u64::from_str_radix(low, 16).map_err(|_| ReplicationError::Lsn(text.to_owned()))?;
+    Ok((high << 32) | low)
+}
+
+/// A log sequence number in PostgreSQL's text form.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// An origin transaction: its commit position and its Chorus change payloads.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DecodedTransaction {
+    /// End of the transaction's commit record (what `chorus.applied`
+    /// stores, as text: see [`format_lsn`]).
+    pub end_lsn: u64,
+    /// Origin commit time, Unix seconds (when the decoder reported it).
+    pub commit_time: Option<f64>,
+    pub changes: Vec<String>,
+    /// The DDL index its changes were made at: a peer applies them only
+    /// once it has applied that much of the DDL log.
+    pub ddl: u64,
+    /// It carries DDL: applied at once, without gathering more (its
+    /// origin's session waits for the peers to have it).
+    pub has_ddl: bool,
+    /// The highest row version among its changes (0 without any).
+    pub max_version: i64,
+}
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -347,7 +413,6 @@ impl WalWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replication::format_lsn;
 
     fn message(prefix: &str, content: &str) -> Vec<u8> {
         let mut m = vec![b'M', 1];

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chorus_consensus::{LeaseHolder, ProposeError, Request, Response};
 
-use crate::server::Node;
+use crate::node::Node;
 
 /// Why a transaction's DDL cannot run: a SQLSTATE and a message, which the
 /// backend raises in place of the DDL.
@@ -136,7 +136,7 @@ pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, Lease
     if after > 0 {
         loop {
             let index = match config {
-                Some(b) => node.ddl.backend_index(node, b).await,
+                Some(b) => node.ddl.backend_index(&node.config, b).await,
                 None => None,
             };
             if index.is_some_and(|i| i >= after) {
@@ -199,7 +199,11 @@ pub async fn give_back(
     let committed = match committed {
         Some(c) => c,
         None => match node.config.backends.iter().find(|b| b.name == backend) {
-            Some(b) => node.ddl.has_seq(node, b, seq).await.unwrap_or(false),
+            Some(b) => node
+                .ddl
+                .has_seq(&node.config, b, seq)
+                .await
+                .unwrap_or(false),
             None => false,
         },
     };
@@ -226,5 +230,5 @@ pub const PEER_WAIT: Duration = Duration::from_millis(1000);
 /// After a committed transaction with DDL `seq`: wait for the other
 /// backends (see [`PEER_WAIT`]).
 pub async fn wait_for_peers(node: &Node, seq: u64) {
-    let _ = node.ddl.wait_all(node, seq, PEER_WAIT, false).await;
+    let _ = node.ddl.wait_all(&node.config, seq, PEER_WAIT, false).await;
 }

@@ -2,3 +2,4 @@
 //! here from the flat `proxy/src` as they are rewritten.)
 
 pub mod ddl_lease;
+pub mod ddl_progress;

@@ -1,0 +1,197 @@
+//! How far the DDL log is applied: on the home backend (a watch the
+//! sessions wait on), on every backend (read from it), and what became of
+//! each DDL statement that came through this node (see ddl.rs).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use tokio::sync::watch;
+
+use crate::backend::BackendClients;
+use crate::config::{BackendConfig, Config};
+use crate::protocol;
+
+/// A PostgreSQL error, as the applying backend reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl PgError {
+    pub(crate) fn from_db(e: &tokio_postgres::error::DbError) -> PgError {
+        PgError {
+            code: e.code().code().to_owned(),
+            message: e.message().to_owned(),
+            detail: e.detail().map(str::to_owned),
+            hint: e.hint().map(str::to_owned),
+        }
+    }
+
+    pub(crate) fn write(&self, out: &mut BytesMut) {
+        protocol::write_message(out, b'E', |body| {
+            let mut put = |field: u8, value: &str| {
+                body.put_u8(field);
+                body.extend_from_slice(value.as_bytes());
+                body.put_u8(0);
+            };
+            put(b'S', "ERROR");
+            put(b'V', "ERROR");
+            put(b'C', &self.code);
+            put(b'M', &self.message);
+            if let Some(detail) = &self.detail {
+                put(b'D', detail);
+            }
+            if let Some(hint) = &self.hint {
+                put(b'H', hint);
+            }
+            body.put_u8(0);
+        });
+    }
+}
+
+/// How far the DDL log has been applied on this node's home backend, and
+/// what became of the DDL that came through this node.
+#[derive(Debug)]
+pub struct DdlProgress {
+    applied: watch::Sender<u64>,
+    outcomes: Mutex<HashMap<u64, Outcome>>,
+    /// Connections to every backend, to see how far each has applied.
+    peers: tokio::sync::Mutex<BackendClients>,
+}
+
+impl Default for DdlProgress {
+    fn default() -> Self {
+        DdlProgress {
+            applied: watch::channel(0).0,
+            outcomes: Mutex::new(HashMap::new()),
+            peers: tokio::sync::Mutex::new(BackendClients::default()),
+        }
+    }
+}
+
+/// What became of a DDL statement on its origin's home backend.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// Its error, when it failed there.
+    pub(crate) failure: Option<PgError>,
+    /// The notices it raised there (NoticeResponse messages), for the
+    /// client: `DROP … IF EXISTS` of what is not there, and the like.
+    pub(crate) notices: BytesMut,
+}
+
+/// Outcomes kept for sessions that have not collected them (a session
+/// that timed out never does).
+const MAX_OUTCOMES: usize = 10_000;
+
+impl DdlProgress {
+    pub(crate) fn set_applied(&self, seq: u64) {
+        self.applied.send_replace(seq);
+    }
+
+    pub(crate) fn record(&self, seq: u64, outcome: Outcome) {
+        if let Ok(mut outcomes) = self.outcomes.lock() {
+            if outcomes.len() >= MAX_OUTCOMES {
+                outcomes.clear();
+            }
+            outcomes.insert(seq, outcome);
+        }
+    }
+
+    pub(crate) fn take(&self, seq: u64) -> Outcome {
+        self.outcomes
+            .lock()
+            .ok()
+            .and_then(|mut o| o.remove(&seq))
+            .unwrap_or_default()
+    }
+
+    /// Wait until the home backend applied `seq`; false on timeout.
+    pub(crate) async fn wait_applied(&self, seq: u64, limit: Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|a| *a >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Whether a backend has DDL `seq` (`None` when unreachable).
+    pub(crate) async fn has_seq(
+        &self,
+        config: &Config,
+        backend: &BackendConfig,
+        seq: u64,
+    ) -> Option<bool> {
+        let config = config.replication.as_ref()?;
+        let seq = i64::try_from(seq).ok()?;
+        let mut peers = self.peers.lock().await;
+        let client = peers.get(backend, config, Duration::from_secs(1)).await?;
+        let row = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.query_one(
+                "SELECT EXISTS (SELECT 1 FROM chorus.ddl_history WHERE seq = $1)",
+                &[&seq],
+            ),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(row.get(0))
+    }
+
+    /// The DDL index of a backend, read from it (`None` when unreachable).
+    pub(crate) async fn backend_index(
+        &self,
+        config: &Config,
+        backend: &BackendConfig,
+    ) -> Option<u64> {
+        let replication = config.replication.as_ref()?;
+        let mut peers = self.peers.lock().await;
+        let client = peers
+            .get(backend, replication, Duration::from_secs(1))
+            .await?;
+        let row = tokio::time::timeout(Duration::from_secs(1), client.query_one(INDEX_SQL, &[]))
+            .await
+            .ok()?
+            .ok()?;
+        u64::try_from(row.get::<_, i64>(0)).ok()
+    }
+
+    /// Wait until every backend applied `seq`, until `limit`; returns how
+    /// many have. Unless `strict`, a backend that is unreachable or had not
+    /// even applied the entry before `seq` when first asked (its node is
+    /// down or far behind) is not waited for.
+    pub(crate) async fn wait_all(
+        &self,
+        config: &Config,
+        seq: u64,
+        limit: Duration,
+        strict: bool,
+    ) -> (usize, usize) {
+        let deadline = Instant::now() + limit;
+        let backends = &config.backends;
+        let home = config.home_backend().name.clone();
+        let mut done: Vec<bool> = backends.iter().map(|b| b.name == home).collect();
+        let mut first = true;
+        loop {
+            for (i, backend) in backends.iter().enumerate() {
+                if !done[i] {
+                    let index = self.backend_index(config, backend).await;
+                    done[i] = index.is_some_and(|applied| applied >= seq)
+                        || (first && !strict && index.is_none_or(|a| a + 1 < seq));
+                }
+            }
+            first = false;
+            let have = done.iter().filter(|d| **d).count();
+            if have == backends.len() || Instant::now() >= deadline {
+                return (have, backends.len());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+pub(crate) const INDEX_SQL: &str = "SELECT coalesce(max(seq), 0) FROM chorus.ddl_history";
