@@ -301,10 +301,19 @@ pub struct ReplicationConfig {
     /// others. 0: never. Default 30 s.
     #[serde(default = "default_reconcile_after")]
     pub reconcile_after_ms: u64,
+    /// A slot of the home backend that keeps more WAL than this for a peer
+    /// (a peer down or far behind) is logged at WARN, again every minute
+    /// while it does. 0: never. Default 1 GiB.
+    #[serde(default = "default_slot_retained_warn")]
+    pub slot_retained_warn_bytes: u64,
 }
 
 fn default_reconcile_after() -> u64 {
     30_000
+}
+
+fn default_slot_retained_warn() -> u64 {
+    1 << 30
 }
 
 impl Default for ReplicationConfig {
@@ -322,6 +331,7 @@ impl Default for ReplicationConfig {
             commit_scope_timeout_ms: default_commit_scope_timeout(),
             commit_scope_timeout_action: TimeoutAction::default(),
             reconcile_after_ms: default_reconcile_after(),
+            slot_retained_warn_bytes: default_slot_retained_warn(),
         }
     }
 }

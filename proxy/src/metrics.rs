@@ -17,6 +17,8 @@
 //! | `chorus_conflicts_total` | counter | `kind` | conflicts resolved while applying this node's changes on peers, by kind |
 //! | `chorus_changes_applied_per_second` | gauge | `peer` | changes applied on the peer over the last second or so |
 //! | `chorus_replication_lag_bytes` | gauge | `peer` | WAL on the home backend not yet applied on the peer |
+//! | `chorus_slot_retained_bytes` | gauge | `origin`, `peer` | WAL the home backend (`origin`) keeps for the slot of its stream to the peer |
+//! | `chorus_slot_invalidated` | gauge | `origin`, `peer` | 1 when PostgreSQL invalidated that slot (`max_slot_wal_keep_size`): the peer misses the origin's changes until it is copied again |
 //! | `chorus_replication_lag_seconds` | gauge | `peer` | age of the oldest origin commit not yet applied on the peer (0 when caught up) |
 //! | `chorus_replication_delay_seconds` | histogram | `peer` | per transaction, origin commit to its apply on the peer |
 //! | `chorus_replication_rejected_total` | counter | `origin`, `reason` | change messages skipped because they are not Chorus's records (`not_utf8`, `not_json`, `not_a_record`) |
@@ -120,6 +122,8 @@ pub struct PeerMetrics {
     pub lag_bytes: Gauge,
     pub lag_seconds: Gauge,
     pub delay: Histogram,
+    pub slot_retained_bytes: Gauge,
+    pub slot_invalidated: Gauge,
 }
 
 /// Conflict kinds the apply function reports (see apply.sql).
@@ -145,7 +149,8 @@ const DURATION_BUCKETS: &[f64] = &[
 
 impl Metrics {
     /// Register every metric, for a node with these backends.
-    pub fn new(backends: &[String]) -> Metrics {
+    /// The metrics of a node whose backends are `backends`, `home` its own.
+    pub fn new(backends: &[String], home: &str) -> Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full("chorus_query_duration_seconds".into()),
@@ -205,12 +210,20 @@ impl Metrics {
             .iter()
             .map(|name| {
                 let peer = || vec![Label::new("peer", name.clone())];
+                let slot = || {
+                    vec![
+                        Label::new("origin", home.to_owned()),
+                        Label::new("peer", name.clone()),
+                    ]
+                };
                 PeerMetrics {
                     peer: name.clone(),
                     applied: counter("chorus_changes_applied_total", peer()),
                     applied_per_second: gauge("chorus_changes_applied_per_second", peer()),
                     lag_bytes: gauge("chorus_replication_lag_bytes", peer()),
                     lag_seconds: gauge("chorus_replication_lag_seconds", peer()),
+                    slot_retained_bytes: gauge("chorus_slot_retained_bytes", slot()),
+                    slot_invalidated: gauge("chorus_slot_invalidated", slot()),
                     delay: recorder.register_histogram(
                         &Key::from_parts("chorus_replication_delay_seconds", peer()),
                         &METADATA,
@@ -508,7 +521,7 @@ mod tests {
 
     #[test]
     fn renders_registered_metrics_with_labels() {
-        let metrics = Metrics::new(&["pg1".to_owned()]);
+        let metrics = Metrics::new(&["pg1".to_owned()], "pg1");
         metrics.statements(StatementClass::Write, 3);
         metrics.error(ErrorKind::Auth);
         metrics.query_duration.record(0.002);

@@ -108,7 +108,7 @@ impl Node {
         Ok(Arc::new(Node {
             clock,
             progress,
-            metrics: Arc::new(Metrics::new(&backends)),
+            metrics: Arc::new(Metrics::new(&backends, &config.home_backend().name)),
             config,
             cancel_keys: Arc::new(CancelRegistry::default()),
             tls,

@@ -354,7 +354,7 @@ pub async fn run_home_upkeep(node: Arc<Node>) {
 }
 
 /// A slot-name-safe form of a backend name.
-fn slot_label(name: &str) -> String {
+pub(crate) fn slot_label(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -400,6 +400,8 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
     };
     let mut lag_check = tokio::time::interval(Duration::from_secs(1));
     let mut observe = tokio::time::interval(OBSERVE_INTERVAL);
+    let mut slot_watch = SlotWatch::default();
+    let slot_names: Vec<String> = slots.iter().map(|(_, slot)| slot.clone()).collect();
     loop {
         tokio::select! {
             Some(reply) = async {
@@ -415,20 +417,95 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
                 let _ = reply.send(parse_lsn(&lsn)?);
             }
             _ = lag_check.tick() => {
-                for (peer, slot) in &slots {
-                    let lag = origin
-                        .query_opt(
-                            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 \
-                             FROM pg_replication_slots WHERE slot_name = $1",
-                            &[slot],
-                        )
-                        .await?;
-                    if let (Some(m), Some(row)) = (node.metrics.peer(peer), lag) {
-                        m.lag_bytes.set(row.get::<_, Option<f64>>(0).unwrap_or(0.0));
+                let rows = origin
+                    .query(
+                        "SELECT slot_name::text, \
+                                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8, \
+                                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8, \
+                                wal_status = 'lost' \
+                           FROM pg_replication_slots WHERE slot_name = ANY($1)",
+                        &[&slot_names],
+                    )
+                    .await?;
+                for row in rows {
+                    let slot: String = row.get(0);
+                    let Some((peer, _)) = slots.iter().find(|(_, s)| *s == slot) else {
+                        continue;
+                    };
+                    let state = SlotState {
+                        lag: row.get::<_, Option<f64>>(1).unwrap_or(0.0),
+                        retained: row.get::<_, Option<f64>>(2).unwrap_or(0.0),
+                        lost: row.get::<_, Option<bool>>(3).unwrap_or(false),
+                    };
+                    if let Some(m) = node.metrics.peer(peer) {
+                        m.lag_bytes.set(state.lag);
+                        m.slot_retained_bytes.set(state.retained);
+                        m.slot_invalidated.set(if state.lost { 1.0 } else { 0.0 });
                     }
+                    slot_watch.observe(&home.name, peer, &slot, &state, config.slot_retained_warn_bytes);
                 }
             }
             _ = observe.tick() => observe_remote_versions(node, &origin).await?,
+        }
+    }
+}
+
+/// What the home backend's slot for one peer holds (bytes of WAL).
+struct SlotState {
+    /// Not yet confirmed by the peer's stream.
+    lag: f64,
+    /// Kept for the slot (from its restart position).
+    retained: f64,
+    /// Invalidated by PostgreSQL (`max_slot_wal_keep_size`).
+    lost: bool,
+}
+
+/// What has been said in the log about the home backend's slots, so that
+/// a slot holding too much WAL is logged once a minute, and an
+/// invalidated one once.
+#[derive(Default)]
+struct SlotWatch {
+    warned: std::collections::HashMap<String, std::time::Instant>,
+    lost: std::collections::HashSet<String>,
+}
+
+impl SlotWatch {
+    fn observe(&mut self, origin: &str, peer: &str, slot: &str, state: &SlotState, limit: u64) {
+        if state.lost {
+            if self.lost.insert(slot.to_owned()) {
+                tracing::error!(
+                    origin,
+                    peer,
+                    slot,
+                    "PostgreSQL invalidated this replication slot (max_slot_wal_keep_size): \
+                     the peer misses the origin's changes from here on; copy the peer \
+                     again (docs/reliability.md, \"Slots\")"
+                );
+            }
+            return;
+        }
+        self.lost.remove(slot);
+        let over = limit > 0 && state.retained > limit as f64;
+        if !over {
+            self.warned.remove(slot);
+            return;
+        }
+        let due = self
+            .warned
+            .get(slot)
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
+        if due {
+            self.warned
+                .insert(slot.to_owned(), std::time::Instant::now());
+            tracing::warn!(
+                origin,
+                peer,
+                slot,
+                retained_bytes = state.retained as u64,
+                limit_bytes = limit,
+                "a replication slot keeps more WAL than replication.slot_retained_warn_bytes: \
+                 the peer is down or far behind"
+            );
         }
     }
 }

@@ -881,3 +881,80 @@ async fn a_node_cut_off_from_raft_keeps_its_commit_scopes_while_another_node_dri
     }
     c.converge("SELECT count(*)::text FROM k", 1, &[2, 3]).await;
 }
+
+/// The value of `chorus_slot_retained_bytes` for slot of node 1's backend
+/// to `peer`, from node 1's metrics.
+async fn retained_for(c: &procs::Cluster, peer: &str) -> Option<f64> {
+    let addr = format!("127.0.0.1:{}", c.metrics_ports[0]).parse().unwrap();
+    let (_, body) = common::http_get(addr, "/metrics").await;
+    body.lines()
+        .filter(|l| l.starts_with("chorus_slot_retained_bytes{"))
+        .filter(|l| l.contains("origin=\"pg1\"") && l.contains(&format!("peer=\"{peer}\"")))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_keeping_wal_for_a_dead_peer_shows_in_the_metrics_and_the_log() {
+    let mut c = procs::cluster_opts(procs::Options {
+        replication: "slot_retained_warn_bytes = 1000000".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    c.exec(1, "CREATE TABLE w (id int PRIMARY KEY, pad text)")
+        .await;
+    c.wait_ddl(1).await;
+    // Backend 2 is down while about 5 MB of rows go through node 1: the
+    // slot streaming them to it keeps that WAL.
+    c.backends[1].kill();
+    c.via(1)
+        .await
+        .batch_execute("INSERT INTO w SELECT g, repeat('x', 1000) FROM generate_series(1, 5000) g")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if retained_for(&c, "pg2")
+            .await
+            .is_some_and(|b| b > 1_000_000.0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained WAL for pg2 never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = c.dir.path().join("node1.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().any(|l| {
+            l.contains("keeps more WAL than replication.slot_retained_warn_bytes")
+                && l.contains("pg2")
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no warning logged");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Back, it catches up and the slot lets the WAL go.
+    tokio::task::block_in_place(|| c.backends[1].start().unwrap());
+    c.wait_for(2, "SELECT count(*)::text FROM w", |v| v == "5000")
+        .await;
+    let backend_one = c.direct(1).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if retained_for(&c, "pg2")
+            .await
+            .is_some_and(|b| b < 1_000_000.0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot to pg2 kept its WAL");
+        // (A checkpoint logs the running transactions, from which a
+        // logical slot's restart position moves on.)
+        backend_one.batch_execute("CHECKPOINT").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
