@@ -70,6 +70,90 @@ async fn connect_all(config: &Config) -> Result<Vec<(&str, tokio_postgres::Clien
     Ok(clients)
 }
 
+/// Drop the replication slots of a backend that left the cluster (its node
+/// removed, and the backend taken out of every node's configuration): on
+/// every other configured backend, the slots streaming to it; on it, if it
+/// is still configured and answers, its own. A slot still in use (a node
+/// still streams to the backend) is refused, not taken away. Returns the
+/// slots dropped, as `backend: slot`, and the backends not reached.
+pub async fn drop_slots_of(
+    config: &Config,
+    leaving: &str,
+) -> Result<(Vec<String>, Vec<String>), AdminError> {
+    let replication = config
+        .replication
+        .as_ref()
+        .ok_or(AdminError::NoReplication)?;
+    let to_leaving = format!(
+        "^chorus_[0-9]+_to_{}$",
+        crate::replication::slot_label(leaving)
+    );
+    let mut dropped = Vec::new();
+    let mut missing = Vec::new();
+    for backend in &config.backends {
+        let client = match connect_backend(backend, replication).await {
+            Ok(client) => client,
+            Err(_) => {
+                missing.push(backend.name.clone());
+                continue;
+            }
+        };
+        // On the leaving backend, its own streams' slots: every chorus
+        // slot there. Elsewhere, the slots streaming to it.
+        let pattern = if backend.name == leaving {
+            "^chorus_[0-9]+_to_".to_owned()
+        } else {
+            to_leaving.clone()
+        };
+        let rows = client
+            .query(
+                "SELECT slot_name::text, active FROM pg_replication_slots \
+                 WHERE slot_type = 'logical' AND slot_name ~ $1 ORDER BY 1",
+                &[&pattern],
+            )
+            .await
+            .map_err(|e| AdminError::from_sql(&backend.name, e))?;
+        for row in rows {
+            let (slot, mut active): (String, bool) = (row.get(0), row.get(1));
+            // A walsender whose node just stopped takes a moment to go.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while active && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                active = client
+                    .query_opt(
+                        "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await
+                    .map_err(|e| AdminError::from_sql(&backend.name, e))?
+                    .is_some_and(|r| r.get(0));
+            }
+            if active {
+                return Err(AdminError::Refused {
+                    backend: backend.name.clone(),
+                    code: "55006".into(),
+                    message: format!(
+                        "replication slot {slot} is in use: a node still streams to {leaving}"
+                    ),
+                    hint: Some(format!(
+                        "Take {leaving} out of every node's [[backends]] and restart them first."
+                    )),
+                });
+            }
+            client
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                     WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| AdminError::from_sql(&backend.name, e))?;
+            dropped.push(format!("{}: {slot}", backend.name));
+        }
+    }
+    Ok((dropped, missing))
+}
+
 /// Reconcile the backends that answer (see reconcile.rs): at least two
 /// must. Returns the report and the backends that did not answer.
 pub async fn reconcile(

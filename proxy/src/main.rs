@@ -131,6 +131,11 @@ enum ClusterChange {
         config: PathBuf,
         #[arg(long)]
         id: u16,
+        /// The backend leaving with the node (already taken out of every
+        /// node's [[backends]]): the replication slots streaming to it are
+        /// dropped on every backend, so that they keep no WAL for it.
+        #[arg(long)]
+        backend: Option<String>,
     },
 }
 
@@ -234,11 +239,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster { change } => {
-            let (config, add, remove) = match change {
+            let (config, add, remove, leaving) = match change {
                 ClusterChange::AddNode { config, id, raft } => {
-                    (config, Some((u64::from(id), raft)), None)
+                    (config, Some((u64::from(id), raft)), None, None)
                 }
-                ClusterChange::RemoveNode { config, id } => (config, None, Some(u64::from(id))),
+                ClusterChange::RemoveNode {
+                    config,
+                    id,
+                    backend,
+                } => (config, None, Some(u64::from(id)), backend),
             };
             let config = Config::load(&config)?;
             let cluster = config
@@ -253,12 +262,23 @@ fn main() -> anyhow::Result<()> {
                 std::time::Duration::from_secs(60),
             ));
             match answer {
-                Ok(text) => {
-                    println!("{text}");
-                    Ok(())
-                }
+                Ok(text) => println!("{text}"),
                 Err(e) => anyhow::bail!("membership change failed: {e}"),
             }
+            if let Some(leaving) = leaving {
+                let (dropped, missing) =
+                    runtime.block_on(chorus_proxy::admin::drop_slots_of(&config, &leaving))?;
+                for slot in &dropped {
+                    println!("dropped slot {slot}");
+                }
+                if dropped.is_empty() {
+                    println!("no slot of {leaving} found");
+                }
+                if !missing.is_empty() {
+                    println!("not reached: {}", missing.join(", "));
+                }
+            }
+            Ok(())
         }
         Command::Demo {
             nodes,

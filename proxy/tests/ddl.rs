@@ -177,6 +177,47 @@ async fn membership_commands_remove_a_node_and_add_it_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_with_its_backend_drops_the_slots_that_stream_to_it() {
+    let mut c = cluster("").await;
+    let slots_to_3 = "SELECT count(*)::text FROM pg_replication_slots WHERE slot_name ~ '_to_pg3$'";
+    for b in 1..=2 {
+        c.wait_for(b, slots_to_3, |v| v == "1").await;
+    }
+    // Node 3 and backend 3 leave: the other nodes run without it.
+    c.kill_node(3);
+    c.backends[2].kill();
+    c.omitted = vec![3];
+    for i in 1..=2 {
+        c.stop_node(i);
+        c.start_node(i);
+    }
+    c.leader(1).await;
+    let out = c.chorus(
+        1,
+        &["cluster", "remove-node", "--id", "3", "--backend", "pg3"],
+    );
+    assert!(out.contains("removed"), "{out}");
+    assert!(out.contains("dropped slot pg1: chorus_1_to_pg3"), "{out}");
+    assert!(out.contains("dropped slot pg2: chorus_2_to_pg3"), "{out}");
+    for b in 1..=2 {
+        let left: String = c
+            .direct(b)
+            .await
+            .query_one(slots_to_3, &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, "0", "backend {b}");
+    }
+    // The two that stay replicate to each other as before.
+    c.exec(1, "CREATE TABLE after_part (id int PRIMARY KEY)")
+        .await;
+    c.exec(2, "INSERT INTO after_part VALUES (1)").await;
+    c.wait_for(1, "SELECT count(*)::text FROM after_part", |v| v == "1")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ddl_that_fails_gets_postgresql_s_error_and_is_never_proposed() {
     let c = cluster("").await;
     let client = c.via(1).await;

@@ -34,6 +34,9 @@ pub struct Cluster {
     /// `links[i][b]`: the relay node `i + 1` reaches backend `b + 1`
     /// through (empty: nodes connect to backends directly).
     pub links: Vec<Vec<Link>>,
+    /// Backends (by number) left out of the nodes' configurations written
+    /// from now on (a backend taken out of the cluster).
+    pub omitted: Vec<usize>,
 }
 
 /// How to build a cluster.
@@ -149,6 +152,7 @@ pub async fn cluster_opts(options: Options) -> Cluster {
         per_node: options.per_node,
         replication: options.replication,
         links,
+        omitted: Vec::new(),
     };
     for &i in &start {
         c.start_node(i);
@@ -210,6 +214,9 @@ impl Cluster {
             ));
         }
         for (b, pg) in self.backends.iter().enumerate() {
+            if self.omitted.contains(&(b + 1)) {
+                continue;
+            }
             let port = match self.links.get(i - 1) {
                 Some(row) => row[b].port,
                 None => pg.port(),
