@@ -281,7 +281,9 @@ pub struct ReplicationConfig {
     /// that nothing is written to one backend only. Default none.
     #[serde(default)]
     pub local_databases: Vec<String>,
-    /// How often an idle stream looks for new changes. Default 100 ms.
+    /// How often an idle stream asks its walsender how far it has sent
+    /// (changes arrive without asking), doubling while nothing happens up
+    /// to a second. Default 100 ms.
     #[serde(default = "default_poll_interval")]
     pub poll_interval_ms: u64,
     /// Commit scope of sessions that do not `SET chorus.commit_scope`.

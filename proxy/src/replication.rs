@@ -299,23 +299,32 @@ impl ReplicationStream {
 }
 
 /// How often the node's clock takes note of the versions other nodes'
-/// changes brought to its home backend.
+/// changes brought to its home backend: every OBSERVE_INTERVAL while they
+/// change, doubling while they do not, up to OBSERVE_INTERVAL_MAX.
 const OBSERVE_INTERVAL: Duration = Duration::from_millis(100);
+const OBSERVE_INTERVAL_MAX: Duration = Duration::from_secs(1);
+
+/// The longest an idle stream waits before asking its walsender how far it
+/// has sent (so that its position moves past WAL with nothing to apply).
+const IDLE_POLL_MAX: Duration = Duration::from_secs(1);
 
 /// Update this node's clock with the newest version applied on its home
 /// backend from each other origin (recorded by their streams in
 /// `chorus.applied`), so that its next writes order after them. A clock too
 /// far ahead is logged and counted, and not followed.
-async fn observe_remote_versions(node: &Node, home: &Client) -> Result<(), ReplicationError> {
+/// Returns the newest version seen, to tell whether anything changed.
+async fn observe_remote_versions(node: &Node, home: &Client) -> Result<i64, ReplicationError> {
     let rows = home
         .query(
             "SELECT origin, max_version FROM chorus.applied WHERE origin <> $1 AND max_version > 0",
             &[&i32::from(node.config.node.id)],
         )
         .await?;
+    let mut newest = 0;
     for row in rows {
         let origin: i32 = row.get(0);
         let version: i64 = row.get(1);
+        newest = newest.max(version);
         match node.clock.observe(version as u64) {
             Ok(ahead_ms) => node.metrics.hlc_skew_ms.set(ahead_ms as f64),
             Err(refused) => {
@@ -325,13 +334,9 @@ async fn observe_remote_versions(node: &Node, home: &Client) -> Result<(), Repli
             }
         }
     }
-    Ok(())
+    Ok(newest)
 }
 
-/// Run this node's replication until the task is dropped: install the
-/// chorus schema on the home backend, then move its changes to every other
-/// backend, one stream each. Failures (a peer down, the home backend
-/// restarting) are retried; changes wait in the slots meanwhile.
 /// The home backend's upkeep for as long as the node runs: the chorus
 /// schema, flush positions for commit scopes, lag metrics, the clock's view
 /// of other origins. (Its streams are driven by duties.rs, like those of
@@ -399,7 +404,10 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
         None => None,
     };
     let mut lag_check = tokio::time::interval(Duration::from_secs(1));
-    let mut observe = tokio::time::interval(OBSERVE_INTERVAL);
+    let mut observe_every = OBSERVE_INTERVAL;
+    let observe = tokio::time::sleep(observe_every);
+    tokio::pin!(observe);
+    let mut observed = 0i64;
     let mut slot_watch = SlotWatch::default();
     let slot_names: Vec<String> = slots.iter().map(|(_, slot)| slot.clone()).collect();
     loop {
@@ -445,7 +453,16 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
                     slot_watch.observe(&home.name, peer, &slot, &state, config.slot_retained_warn_bytes);
                 }
             }
-            _ = observe.tick() => observe_remote_versions(node, &origin).await?,
+            () = &mut observe => {
+                let newest = observe_remote_versions(node, &origin).await?;
+                observe_every = if newest == observed {
+                    (observe_every * 2).min(OBSERVE_INTERVAL_MAX)
+                } else {
+                    OBSERVE_INTERVAL
+                };
+                observed = newest;
+                observe.as_mut().reset(tokio::time::Instant::now() + observe_every);
+            }
         }
     }
 }
@@ -643,6 +660,10 @@ async fn run_stream(
     });
     let _stop_reading = AbortOnDrop(reading);
     let poll = Duration::from_millis(config.poll_interval_ms.max(1));
+    // How long an idle stream waits before asking the walsender how far
+    // it has sent: `poll`, doubling while nothing happens, up to
+    // IDLE_POLL_MAX (a commit on the home backend wakes it at once).
+    let mut idle_wait = poll;
     let progress = node.progress.clone().filter(|_| home);
     let metrics = node.metrics.peer(&backend.name).filter(|_| home);
     let mut peer: Option<Client> = None;
@@ -662,17 +683,23 @@ async fn run_stream(
     let mut ddl_wait_since: Option<std::time::Instant> = None;
     let mut last_stuck_warning: Option<std::time::Instant> = None;
     loop {
-        let first = match &progress {
+        let (first, woken) = match &progress {
             Some(p) => tokio::select! {
-                event = events.recv() => Some(event),
-                _ = p.idle(&backend.name, poll) => None,
+                event = events.recv() => (Some(event), false),
+                woken = p.idle(&backend.name, idle_wait) => (None, woken),
             },
             None => tokio::select! {
-                event = events.recv() => Some(event),
-                _ = tokio::time::sleep(poll) => None,
+                event = events.recv() => (Some(event), false),
+                _ = tokio::time::sleep(idle_wait) => (None, false),
             },
         };
         if first.is_none() && pending.is_empty() {
+            // (The walsender's answer is a keepalive, not activity.)
+            idle_wait = if woken {
+                poll
+            } else {
+                (idle_wait * 2).min(IDLE_POLL_MAX.max(poll))
+            };
             // Idle (or woken by a commit): ask how far the server has sent,
             // so the position can move past WAL with nothing to apply.
             writer.confirm(confirmed, true).await?;
@@ -685,6 +712,7 @@ async fn run_stream(
                 .ok_or_else(|| ReplicationError::Decoding("walsender reader ended".into()))??
             {
                 WalEvent::Data(data) => {
+                    idle_wait = poll;
                     let txn = decoder.feed(&data)?;
                     for r in decoder.take_rejected() {
                         tracing::error!(

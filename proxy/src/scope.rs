@@ -218,13 +218,15 @@ impl ReplicationProgress {
         }
     }
 
-    /// For the stream to `peer`: sleep until woken or `idle` passes.
-    pub async fn idle(&self, peer: &str, idle: Duration) {
+    /// For the stream to `peer`: sleep until woken (true) or `idle`
+    /// passes (false).
+    pub async fn idle(&self, peer: &str, idle: Duration) -> bool {
         match self.peer(peer) {
-            Some(p) => {
-                let _ = tokio::time::timeout(idle, p.wake.notified()).await;
+            Some(p) => tokio::time::timeout(idle, p.wake.notified()).await.is_ok(),
+            None => {
+                tokio::time::sleep(idle).await;
+                false
             }
-            None => tokio::time::sleep(idle).await,
         }
     }
 

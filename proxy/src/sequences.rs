@@ -17,8 +17,12 @@ use chorus_consensus::{Consensus, Request, Response};
 use crate::node::Node;
 use crate::replication::ReplicationError;
 
-/// How often the sequences are looked at.
+/// How often the sequences are looked at: every TICK while values are
+/// handed out or ranges change, doubling while nothing happens, up to
+/// TICK_MAX (a galloc range is refilled well before it runs out, see
+/// `galloc_refill_percent`).
 const TICK: Duration = Duration::from_millis(100);
+const TICK_MAX: Duration = Duration::from_secs(1);
 
 /// Run the upkeep for as long as the node runs.
 pub async fn run(node: Arc<Node>, consensus: Arc<Consensus>) {
@@ -39,9 +43,10 @@ async fn upkeep(node: &Node, consensus: &Consensus) -> Result<(), ReplicationErr
     let me = u64::from(node.config.node.id);
     let mut recorded = None;
     let mut last_values: HashMap<String, i64> = HashMap::new();
-    let mut tick = tokio::time::interval(TICK);
+    let mut wait = TICK;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(TICK_MAX);
         let Some(sequence_id) = consensus.state().read(|s| s.sequence_ids.get(&me).copied()) else {
             continue;
         };
@@ -75,6 +80,7 @@ async fn upkeep(node: &Node, consensus: &Consensus) -> Result<(), ReplicationErr
                 if delta > 0 && !(snowflake && delta >= 1000 << 22) {
                     let n = if snowflake { delta / 1024 } else { delta };
                     node.metrics.sequence_values(snowflake, n as u64);
+                    wait = TICK;
                 }
             }
             if snowflake {
@@ -104,6 +110,7 @@ async fn upkeep(node: &Node, consensus: &Consensus) -> Result<(), ReplicationErr
                             .await?;
                         tracing::info!(sequence = %seq, lo, hi, "galloc range fetched");
                         has_next = true;
+                        wait = TICK;
                     }
                     Ok(_) => {}
                     // No majority: the current range goes on serving.
