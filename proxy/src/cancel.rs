@@ -101,6 +101,14 @@ impl CancelRegistry {
         }
     }
 
+    /// Whether `pid` is one of this node's sessions' keys, with `secret`.
+    pub fn knows(&self, pid: i32, secret: i32) -> bool {
+        self.keys
+            .lock()
+            .map(|keys| keys.get(&pid).is_some_and(|t| t.secret == secret))
+            .unwrap_or(false)
+    }
+
     /// Forward a CancelRequest for a proxy key to its backend. Unknown keys
     /// and wrong secrets are ignored, as PostgreSQL does.
     pub async fn cancel(&self, pid: i32, secret: i32) -> bool {

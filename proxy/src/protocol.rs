@@ -17,6 +17,12 @@ pub const SSL_REQUEST_CODE: u32 = 80877103;
 pub const GSSENC_REQUEST_CODE: u32 = 80877104;
 /// Request code of a CancelRequest.
 pub const CANCEL_REQUEST_CODE: u32 = 80877102;
+/// Request code of a CancelRequest one Chorus node passes to the others
+/// when the key is not one of its own sessions' (a client with several
+/// hosts in its connection string may send its cancel to any of them).
+/// A node that gets one never passes it on. Chorus's own: 1234.5690, a
+/// code PostgreSQL does not use.
+pub const FORWARDED_CANCEL_CODE: u32 = (1234 << 16) | 5690;
 /// Largest startup packet accepted, as in PostgreSQL (MAX_STARTUP_PACKET_LENGTH).
 pub const MAX_STARTUP_PACKET: usize = 10_000;
 
@@ -68,6 +74,8 @@ pub enum StartupPacket {
     Cancel {
         pid: i32,
         secret: i32,
+        /// Passed on by another Chorus node ([`FORWARDED_CANCEL_CODE`]).
+        forwarded: bool,
     },
     Startup {
         minor: u16,
@@ -98,13 +106,14 @@ pub fn decode_startup(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
     match code {
         SSL_REQUEST_CODE if rest.is_empty() => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE if rest.is_empty() => Ok(StartupPacket::GssEncRequest),
-        CANCEL_REQUEST_CODE => {
+        CANCEL_REQUEST_CODE | FORWARDED_CANCEL_CODE => {
             if rest.len() != 8 {
                 return Err(ProtocolError::StartupLayout("cancel request length"));
             }
             Ok(StartupPacket::Cancel {
                 pid: i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]),
                 secret: i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
+                forwarded: code == FORWARDED_CANCEL_CODE,
             })
         }
         SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => {
@@ -380,6 +389,14 @@ pub fn cancel_request(out: &mut BytesMut, pid: i32, secret: i32) {
     out.put_i32(secret);
 }
 
+/// Append a CancelRequest passed on to another Chorus node.
+pub fn forwarded_cancel(out: &mut BytesMut, pid: i32, secret: i32) {
+    out.put_i32(16);
+    out.put_u32(FORWARDED_CANCEL_CODE);
+    out.put_i32(pid);
+    out.put_i32(secret);
+}
+
 pub fn put_cstr(out: &mut BytesMut, s: &str) {
     out.put_slice(s.as_bytes());
     out.put_u8(0);
@@ -537,7 +554,18 @@ mod tests {
             decode_startup(&cancel[4..]).unwrap(),
             StartupPacket::Cancel {
                 pid: 42,
-                secret: -7
+                secret: -7,
+                forwarded: false
+            }
+        );
+        let mut passed_on = BytesMut::new();
+        forwarded_cancel(&mut passed_on, 42, -7);
+        assert_eq!(
+            decode_startup(&passed_on[4..]).unwrap(),
+            StartupPacket::Cancel {
+                pid: 42,
+                secret: -7,
+                forwarded: true
             }
         );
     }

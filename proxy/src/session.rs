@@ -261,8 +261,16 @@ async fn startup(
                 }
             }
             StartupPacket::GssEncRequest => client.write_all(b"N").await?,
-            StartupPacket::Cancel { pid, secret } => {
-                node.cancel_keys.cancel(pid, secret).await;
+            StartupPacket::Cancel {
+                pid,
+                secret,
+                forwarded,
+            } => {
+                if node.cancel_keys.knows(pid, secret) {
+                    node.cancel_keys.cancel(pid, secret).await;
+                } else if !forwarded {
+                    forward_cancel(node, pid, secret).await;
+                }
                 return Ok(None);
             }
             StartupPacket::Startup { minor, params } => break (minor, params),
@@ -468,6 +476,41 @@ async fn read_password_message(
         b'p' => Ok(buf.split()),
         other => Err(ProtocolError::Unexpected(other as char).into()),
     }
+}
+
+/// Pass a CancelRequest that is not for one of this node's sessions to
+/// every other node of the cluster (as the Raft state lists them): the
+/// session may be on any of them. Each gets at most a second.
+async fn forward_cancel(node: &Node, pid: i32, secret: i32) {
+    let Some(consensus) = node.consensus() else {
+        return;
+    };
+    let me = u64::from(node.config.node.id);
+    let others: Vec<String> = consensus.state().read(|s| {
+        s.nodes
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(_, n)| n.listen.clone())
+            .collect()
+    });
+    let mut packet = BytesMut::with_capacity(16);
+    protocol::forwarded_cancel(&mut packet, pid, secret);
+    let packet = packet.freeze();
+    let mut sends = tokio::task::JoinSet::new();
+    for address in others {
+        let packet = packet.clone();
+        sends.spawn(async move {
+            let send = async {
+                let mut stream = TcpStream::connect(address.as_str()).await?;
+                stream.write_all(&packet).await?;
+                stream.shutdown().await
+            };
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), send).await {
+                tracing::debug!(node = %address, error = %e, "passing on a cancel request failed");
+            }
+        });
+    }
+    while sends.join_next().await.is_some() {}
 }
 
 /// How a relay ended.

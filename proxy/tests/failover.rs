@@ -29,8 +29,9 @@ async fn served_by(session: &tokio_postgres::Client) -> i32 {
 struct RawSession {
     stream: tokio::net::TcpStream,
     buf: bytes::BytesMut,
-    /// The pid the session got in BackendKeyData.
+    /// The pid and secret the session got in BackendKeyData.
     pid: i32,
+    secret: i32,
 }
 
 /// What one query brought: its rows' first values, the pids of the
@@ -47,6 +48,7 @@ impl RawSession {
             stream,
             buf: bytes::BytesMut::new(),
             pid: 0,
+            secret: 0,
         };
         let mut startup = bytes::BytesMut::new();
         postgres_protocol::message::frontend::startup_message(
@@ -61,11 +63,15 @@ impl RawSession {
     }
 
     async fn query(&mut self, sql: &str) -> RawAnswer {
+        self.send(sql).await;
+        self.read_until_ready().await
+    }
+
+    async fn send(&mut self, sql: &str) {
         use tokio::io::AsyncWriteExt;
         let mut out = bytes::BytesMut::new();
         postgres_protocol::message::frontend::query(sql, &mut out).unwrap();
         self.stream.write_all(&out).await.unwrap();
-        self.read_until_ready().await
     }
 
     async fn read_until_ready(&mut self) -> RawAnswer {
@@ -92,7 +98,7 @@ impl RawSession {
             let (tag, body) = (message[0], &message[5..]);
             let int = |at: usize| i32::from_be_bytes(body[at..at + 4].try_into().unwrap());
             match tag {
-                b'K' => self.pid = int(0),
+                b'K' => (self.pid, self.secret) = (int(0), int(4)),
                 b'A' => notified.push(int(0)),
                 // The first value of a row (columns count, then length).
                 b'D' => {
@@ -150,6 +156,57 @@ async fn a_sessions_pid_is_its_backends_and_its_notifications_carry_it_after_a_m
     session.query("LISTEN moved").await.unwrap();
     let (_, notified) = session.query("NOTIFY moved, 'after'").await.unwrap();
     assert_eq!(notified, [session.pid]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_to_another_node_reaches_the_session() {
+    let c = cluster("").await;
+    let mut session = RawSession::connect(c.ports[0]).await;
+    let mut bystander = RawSession::connect(c.ports[1]).await;
+    session.send("SELECT pg_sleep(30)").await;
+    // The statement is running on backend 1 once pg_stat_activity says so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c
+        .direct(1)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the statement never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A driver with several hosts sends its cancel to node 3 (as libpq
+    // may): node 3 passes it on, and node 1 cancels the statement.
+    let cancelled_at = Instant::now();
+    let mut cancel = bytes::BytesMut::new();
+    chorus_proxy::protocol::cancel_request(&mut cancel, session.pid, session.secret);
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", c.ports[2]))
+            .await
+            .unwrap();
+        stream.write_all(&cancel).await.unwrap();
+    }
+    assert_eq!(session.read_until_ready().await, Err("57014".to_owned()));
+    assert!(cancelled_at.elapsed() < Duration::from_secs(5));
+    // A wrong secret cancels nothing anywhere.
+    bystander.send("SELECT pg_sleep(1)").await;
+    let mut wrong = bytes::BytesMut::new();
+    chorus_proxy::protocol::cancel_request(&mut wrong, bystander.pid, bystander.secret ^ 1);
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", c.ports[0]))
+            .await
+            .unwrap();
+        stream.write_all(&wrong).await.unwrap();
+    }
+    assert!(bystander.read_until_ready().await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
