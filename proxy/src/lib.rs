@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod backoff;
 pub mod cancel;
 pub mod capture;
 pub mod cluster;

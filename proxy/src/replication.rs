@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use crate::backend::connect_backend;
+use crate::backoff::Backoff;
 use crate::capture::{self, CaptureError};
 use crate::config::{BackendConfig, ReplicationConfig};
 use crate::node::Node;
@@ -404,8 +405,8 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
         None => None,
     };
     let mut lag_check = tokio::time::interval(Duration::from_secs(1));
-    let mut observe_every = OBSERVE_INTERVAL;
-    let observe = tokio::time::sleep(observe_every);
+    let mut observe_every = Backoff::new(OBSERVE_INTERVAL, OBSERVE_INTERVAL_MAX);
+    let observe = tokio::time::sleep(observe_every.wait());
     tokio::pin!(observe);
     let mut observed = 0i64;
     let mut slot_watch = SlotWatch::default();
@@ -455,13 +456,13 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
             }
             () = &mut observe => {
                 let newest = observe_remote_versions(node, &origin).await?;
-                observe_every = if newest == observed {
-                    (observe_every * 2).min(OBSERVE_INTERVAL_MAX)
+                if newest == observed {
+                    observe_every.idle();
                 } else {
-                    OBSERVE_INTERVAL
-                };
+                    observe_every.active();
+                }
                 observed = newest;
-                observe.as_mut().reset(tokio::time::Instant::now() + observe_every);
+                observe.as_mut().reset(tokio::time::Instant::now() + observe_every.wait());
             }
         }
     }
@@ -663,7 +664,7 @@ async fn run_stream(
     // How long an idle stream waits before asking the walsender how far
     // it has sent: `poll`, doubling while nothing happens, up to
     // IDLE_POLL_MAX (a commit on the home backend wakes it at once).
-    let mut idle_wait = poll;
+    let mut idle_wait = Backoff::new(poll, IDLE_POLL_MAX);
     let progress = node.progress.clone().filter(|_| home);
     let metrics = node.metrics.peer(&backend.name).filter(|_| home);
     let mut peer: Option<Client> = None;
@@ -686,20 +687,20 @@ async fn run_stream(
         let (first, woken) = match &progress {
             Some(p) => tokio::select! {
                 event = events.recv() => (Some(event), false),
-                woken = p.idle(&backend.name, idle_wait) => (None, woken),
+                woken = p.idle(&backend.name, idle_wait.wait()) => (None, woken),
             },
             None => tokio::select! {
                 event = events.recv() => (Some(event), false),
-                _ = tokio::time::sleep(idle_wait) => (None, false),
+                _ = tokio::time::sleep(idle_wait.wait()) => (None, false),
             },
         };
         if first.is_none() && pending.is_empty() {
             // (The walsender's answer is a keepalive, not activity.)
-            idle_wait = if woken {
-                poll
+            if woken {
+                idle_wait.active();
             } else {
-                (idle_wait * 2).min(IDLE_POLL_MAX.max(poll))
-            };
+                idle_wait.idle();
+            }
             // Idle (or woken by a commit): ask how far the server has sent,
             // so the position can move past WAL with nothing to apply.
             writer.confirm(confirmed, true).await?;
@@ -712,7 +713,7 @@ async fn run_stream(
                 .ok_or_else(|| ReplicationError::Decoding("walsender reader ended".into()))??
             {
                 WalEvent::Data(data) => {
-                    idle_wait = poll;
+                    idle_wait.active();
                     let txn = decoder.feed(&data)?;
                     for r in decoder.take_rejected() {
                         tracing::error!(

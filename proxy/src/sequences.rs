@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use chorus_consensus::{Consensus, Request, Response};
 
+use crate::backoff::Backoff;
 use crate::node::Node;
 use crate::replication::ReplicationError;
 
@@ -43,10 +44,10 @@ async fn upkeep(node: &Node, consensus: &Consensus) -> Result<(), ReplicationErr
     let me = u64::from(node.config.node.id);
     let mut recorded = None;
     let mut last_values: HashMap<String, i64> = HashMap::new();
-    let mut wait = TICK;
+    let mut wait = Backoff::new(TICK, TICK_MAX);
     loop {
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(TICK_MAX);
+        tokio::time::sleep(wait.wait()).await;
+        wait.idle();
         let Some(sequence_id) = consensus.state().read(|s| s.sequence_ids.get(&me).copied()) else {
             continue;
         };
@@ -80,7 +81,7 @@ async fn upkeep(node: &Node, consensus: &Consensus) -> Result<(), ReplicationErr
                 if delta > 0 && !(snowflake && delta >= 1000 << 22) {
                     let n = if snowflake { delta / 1024 } else { delta };
                     node.metrics.sequence_values(snowflake, n as u64);
-                    wait = TICK;
+                    wait.active();
                 }
             }
             if snowflake {
@@ -110,7 +111,7 @@ async fn upkeep(node: &Node, consensus: &Consensus) -> Result<(), ReplicationErr
                             .await?;
                         tracing::info!(sequence = %seq, lo, hi, "galloc range fetched");
                         has_next = true;
-                        wait = TICK;
+                        wait.active();
                     }
                     Ok(_) => {}
                     // No majority: the current range goes on serving.
