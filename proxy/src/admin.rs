@@ -84,10 +84,6 @@ pub async fn drop_slots_of(
         .replication
         .as_ref()
         .ok_or(AdminError::NoReplication)?;
-    let to_leaving = format!(
-        "^chorus_[0-9]+_to_{}$",
-        crate::replication::slot_label(leaving)
-    );
     let mut dropped = Vec::new();
     let mut missing = Vec::new();
     for backend in &config.backends {
@@ -100,11 +96,8 @@ pub async fn drop_slots_of(
         };
         // On the leaving backend, its own streams' slots: every chorus
         // slot there. Elsewhere, the slots streaming to it.
-        let pattern = if backend.name == leaving {
-            "^chorus_[0-9]+_to_".to_owned()
-        } else {
-            to_leaving.clone()
-        };
+        let pattern =
+            crate::replication::slot_pattern((backend.name != leaving).then_some(leaving));
         let rows = client
             .query(
                 "SELECT slot_name::text, active FROM pg_replication_slots \

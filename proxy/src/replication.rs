@@ -360,7 +360,7 @@ pub async fn run_home_upkeep(node: Arc<Node>) {
 }
 
 /// A slot-name-safe form of a backend name.
-pub(crate) fn slot_label(name: &str) -> String {
+fn slot_label(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -375,6 +375,15 @@ pub(crate) fn slot_label(name: &str) -> String {
 /// The name of the slot that streams `owner`'s backend to `peer`.
 pub(crate) fn slot_name(owner: u16, peer: &str) -> String {
     format!("chorus_{owner}_to_{}", slot_label(peer))
+}
+
+/// A regular expression for the names of the slots that stream to `peer`
+/// (from any owner), or, without a peer, of every Chorus slot.
+pub(crate) fn slot_pattern(peer: Option<&str>) -> String {
+    match peer {
+        Some(peer) => format!("^chorus_[0-9]+_to_{}$", slot_label(peer)),
+        None => "^chorus_[0-9]+_to_".to_owned(),
+    }
 }
 
 async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), ReplicationError> {
