@@ -235,12 +235,17 @@ fn password<'a>(login: &LoginParams<'a>) -> Result<&'a str, BackendError> {
 
 /// Send a CancelRequest for a backend key to a backend.
 pub async fn cancel(address: &str, pid: i32, secret: i32) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect(address).await?;
     let mut out = BytesMut::with_capacity(16);
     protocol::cancel_request(&mut out, pid, secret);
-    stream.write_all(&out).await?;
-    stream.shutdown().await?;
-    Ok(())
+    send_packet(address, &out).await
+}
+
+/// Send one packet on a new connection to `address`, and close it (a
+/// CancelRequest: nothing is answered).
+pub async fn send_packet(address: &str, packet: &[u8]) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(address).await?;
+    stream.write_all(packet).await?;
+    stream.shutdown().await
 }
 
 // Control connections: the node's own connections to backends (as the

@@ -101,16 +101,10 @@ impl CancelRegistry {
         }
     }
 
-    /// Whether `pid` is one of this node's sessions' keys, with `secret`.
-    pub fn knows(&self, pid: i32, secret: i32) -> bool {
-        self.keys
-            .lock()
-            .map(|keys| keys.get(&pid).is_some_and(|t| t.secret == secret))
-            .unwrap_or(false)
-    }
-
     /// Forward a CancelRequest for a proxy key to its backend. Unknown keys
-    /// and wrong secrets are ignored, as PostgreSQL does.
+    /// and wrong secrets are ignored, as PostgreSQL does. Whether the key
+    /// is one of this node's sessions' (a cancel that could not be sent is
+    /// logged).
     pub async fn cancel(&self, pid: i32, secret: i32) -> bool {
         let target = match self.keys.lock() {
             Ok(keys) => keys.get(&pid).filter(|t| t.secret == secret).cloned(),
@@ -119,19 +113,16 @@ impl CancelRegistry {
         let Some(target) = target else {
             return false;
         };
-        match crate::backend::cancel(
+        if let Err(e) = crate::backend::cancel(
             &target.backend_address,
             target.backend_pid,
             target.backend_secret,
         )
         .await
         {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(backend = %target.backend_address, error = %e, "cancel request failed");
-                false
-            }
+            tracing::warn!(backend = %target.backend_address, error = %e, "cancel request failed");
         }
+        true
     }
 
     /// Number of live keys.

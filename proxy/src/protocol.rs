@@ -383,16 +383,17 @@ pub fn negotiate_protocol_version(out: &mut BytesMut, unrecognized: &[&str]) {
 
 /// Append a CancelRequest packet for a backend key.
 pub fn cancel_request(out: &mut BytesMut, pid: i32, secret: i32) {
-    out.put_i32(16);
-    out.put_u32(CANCEL_REQUEST_CODE);
-    out.put_i32(pid);
-    out.put_i32(secret);
+    cancel_packet(out, CANCEL_REQUEST_CODE, pid, secret);
 }
 
 /// Append a CancelRequest passed on to another Chorus node.
 pub fn forwarded_cancel(out: &mut BytesMut, pid: i32, secret: i32) {
+    cancel_packet(out, FORWARDED_CANCEL_CODE, pid, secret);
+}
+
+fn cancel_packet(out: &mut BytesMut, code: u32, pid: i32, secret: i32) {
     out.put_i32(16);
-    out.put_u32(FORWARDED_CANCEL_CODE);
+    out.put_u32(code);
     out.put_i32(pid);
     out.put_i32(secret);
 }

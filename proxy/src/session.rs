@@ -266,9 +266,7 @@ async fn startup(
                 secret,
                 forwarded,
             } => {
-                if node.cancel_keys.knows(pid, secret) {
-                    node.cancel_keys.cancel(pid, secret).await;
-                } else if !forwarded {
+                if !node.cancel_keys.cancel(pid, secret).await && !forwarded {
                     forward_cancel(node, pid, secret).await;
                 }
                 return Ok(None);
@@ -500,11 +498,7 @@ async fn forward_cancel(node: &Node, pid: i32, secret: i32) {
     for address in others {
         let packet = packet.clone();
         sends.spawn(async move {
-            let send = async {
-                let mut stream = TcpStream::connect(address.as_str()).await?;
-                stream.write_all(&packet).await?;
-                stream.shutdown().await
-            };
+            let send = crate::backend::send_packet(&address, &packet);
             if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), send).await {
                 tracing::debug!(node = %address, error = %e, "passing on a cancel request failed");
             }
