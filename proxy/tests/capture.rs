@@ -22,16 +22,21 @@ struct Backend {
     client: Client,
 }
 
-async fn backend(node_id: u16) -> Backend {
-    let dir = tempfile::tempdir().unwrap();
-    let pg = tokio::task::block_in_place(|| {
+/// A throwaway PostgreSQL in `dir`.
+fn local_pg(dir: &tempfile::TempDir) -> LocalPostgres {
+    tokio::task::block_in_place(|| {
         LocalPostgres::create(
             &common::pg_binaries(),
             &dir.path().join("pg"),
             LocalPgOptions::default(),
         )
     })
-    .unwrap();
+    .unwrap()
+}
+
+async fn backend(node_id: u16) -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = local_pg(&dir);
     let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
     capture::install(&client, node_id).await.unwrap();
     client
@@ -258,60 +263,20 @@ async fn install_is_idempotent_and_safe_concurrently() {
     assert_eq!(changes(&b.client).await.len(), 1);
 }
 
-/// The chorus schema of the previous version (1).
-const SCHEMA_V1: &str = include_str!("fixtures/schema_v1.sql");
-
-/// Install the previous version's schema as that version's installer did.
-async fn install_v1(client: &Client, node_id: u16) {
-    client
-        .batch_execute(&format!(
-            "BEGIN; SET LOCAL chorus.ddl_scope = 'local';\n{SCHEMA_V1}\n\
-             INSERT INTO chorus.local (node_id) VALUES ({node_id});\nCOMMIT;"
-        ))
-        .await
-        .unwrap();
-}
-
 /// The chorus schema as pg_dump shows it.
 fn chorus_schema(pg: &LocalPostgres, database: &str) -> String {
-    let port = pg.port().to_string();
-    let out = common::run_pg_program(
-        "pg_dump",
-        &[
-            "--schema-only",
-            "--schema=chorus",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            database,
-        ],
-        &[],
-        std::time::Duration::from_secs(60),
-    );
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    common::stdout(&out)
-        .lines()
-        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    common::schema_dump(pg.port(), database, &["--schema=chorus"])
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_schema_of_the_previous_version_is_upgraded_in_place_and_a_newer_one_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let pg = tokio::task::block_in_place(|| {
-        LocalPostgres::create(
-            &common::pg_binaries(),
-            &dir.path().join("pg"),
-            LocalPgOptions::default(),
-        )
-    })
-    .unwrap();
+    let pg = local_pg(&dir);
     let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
-    install_v1(&client, 1).await;
+    client
+        .batch_execute(&common::previous_schema_sql(1, ""))
+        .await
+        .unwrap();
     client
         .batch_execute(
             "CREATE TABLE items (id int PRIMARY KEY, v text);

@@ -15,19 +15,14 @@ use std::time::Duration;
 
 use chorus_proxy::capture::SCHEMA_VERSION;
 
-/// The chorus schema of the previous version (1).
-const SCHEMA_V1: &str = include_str!("fixtures/schema_v1.sql");
-
 /// Backend `i` as the previous version left it: its schema, and a table
 /// adopted with the same rows as on the other backends.
 fn previous_version(i: usize) -> String {
-    format!(
-        "BEGIN; SET LOCAL chorus.ddl_scope = 'local';\n{SCHEMA_V1}\n\
-         INSERT INTO chorus.local (node_id) VALUES ({i});\n\
-         CREATE TABLE kv (id int PRIMARY KEY, v text, via int NOT NULL);\n\
+    common::previous_schema_sql(
+        i,
+        "CREATE TABLE kv (id int PRIMARY KEY, v text, via int NOT NULL);\n\
          INSERT INTO kv SELECT g, 'seed', 0 FROM generate_series(1, 100) g;\n\
-         SELECT chorus.adopt('kv'::regclass, false);\n\
-         COMMIT;"
+         SELECT chorus.adopt('kv'::regclass, false);",
     )
 }
 

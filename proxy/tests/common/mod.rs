@@ -417,6 +417,42 @@ pub fn write_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// `pg_dump --schema-only` of `database` on the server at `port`, with
+/// `extra` options, minus its random per-run lines.
+pub fn schema_dump(port: u16, database: &str, extra: &[&str]) -> String {
+    let port = port.to_string();
+    let mut args = vec![
+        "--schema-only",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+    ];
+    args.extend_from_slice(extra);
+    args.push(database);
+    let out = run_pg_program("pg_dump", &args, &[], Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The chorus schema of the previous version (1), as its installer put it
+/// on a backend of node `node_id`, followed by `then` in the same
+/// transaction.
+#[allow(dead_code)]
+pub fn previous_schema_sql(node_id: usize, then: &str) -> String {
+    format!(
+        "BEGIN; SET LOCAL chorus.ddl_scope = 'local';\n{}\n\
+         INSERT INTO chorus.local (node_id) VALUES ({node_id});\n{then}\nCOMMIT;",
+        include_str!("../fixtures/schema_v1.sql")
+    )
+}
+
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }

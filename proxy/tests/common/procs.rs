@@ -414,29 +414,7 @@ impl Cluster {
     /// The backend's schema as pg_dump prints it (minus its random
     /// per-run lines).
     pub fn schema(&self, b: usize) -> String {
-        let pg = &self.backends[b - 1];
-        let out = common::run_pg_program(
-            "pg_dump",
-            &[
-                "--schema-only",
-                "--no-owner",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &pg.port().to_string(),
-                "-U",
-                "postgres",
-                "postgres",
-            ],
-            &[],
-            Duration::from_secs(60),
-        );
-        assert!(out.status.success(), "{}", common::stderr(&out));
-        common::stdout(&out)
-            .lines()
-            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        common::schema_dump(self.backends[b - 1].port(), "postgres", &["--no-owner"])
     }
 
     /// A metric of node `i` (None when absent or the node is down).
