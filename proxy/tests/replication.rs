@@ -156,6 +156,16 @@ impl Cluster {
 }
 
 /// Run SQL in one transaction stamped as the proxy stamps writes.
+/// An HLC value of this moment: a stamp much older than its backend's
+/// clock would be made newer (see `chorus.fresh_stamp`).
+fn recent() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    hlc::from_unix_millis(i64::try_from(ms).unwrap())
+}
+
 async fn stamped(client: &Client, hlc_value: u64, origin: u16, sql: &str) {
     client
         .batch_execute(&format!(
@@ -207,7 +217,7 @@ async fn direct_writes_reach_every_backend() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_talks_insert_insert_conflict_converges_to_the_higher_hlc() {
     let mut c = cluster(3, &[USERS]).await;
-    let now = hlc::from_unix_millis(1_780_000_000_000);
+    let now = recent();
     // "An" through node 1 and "Wim" through node 2, at the same moment;
     // Wim's HLC is one tick higher.
     stamped(c.client(1), now, 1, "INSERT INTO users VALUES (2574, 'An')").await;
@@ -262,7 +272,7 @@ async fn the_talks_insert_insert_conflict_converges_to_the_higher_hlc() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delete_with_the_higher_version_leaves_a_tombstone_no_late_update_revives() {
     let mut c = cluster(3, &[USERS]).await;
-    let t = hlc::from_unix_millis(1_780_000_000_000);
+    let t = recent();
     stamped(c.client(1), t, 1, "INSERT INTO users VALUES (1, 'bike')").await;
     c.sync().await;
     // Concurrently: node 2 deletes (later HLC), node 3 updates (earlier HLC).
@@ -617,7 +627,7 @@ fn quote(text: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn update_update_and_delete_delete_conflicts_are_logged_and_converge() {
     let mut c = cluster(2, &[USERS]).await;
-    let t = hlc::from_unix_millis(1_780_000_000_000);
+    let t = recent();
     stamped(
         c.client(1),
         t,
@@ -677,7 +687,7 @@ async fn update_update_and_delete_delete_conflicts_are_logged_and_converge() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_update_that_overtakes_its_insert_recreates_the_row() {
     let mut c = cluster(3, &[USERS]).await;
-    let t = hlc::from_unix_millis(1_780_000_000_000);
+    let t = recent();
     stamped(c.client(1), t, 1, "INSERT INTO users VALUES (7, 'new')").await;
     c.step(1, 2).await;
     stamped(
@@ -707,7 +717,7 @@ async fn an_update_that_overtakes_its_insert_recreates_the_row() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
     let mut c = cluster(2, &[USERS]).await;
-    let t = hlc::from_unix_millis(1_780_000_000_000);
+    let t = recent();
     // A lower version for key 5 arrives from node 1...
     stamped(
         c.client(1),
