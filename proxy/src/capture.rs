@@ -18,22 +18,39 @@ use tokio_postgres::Client;
 pub const SCHEMA_SQL: &str = include_str!("sql/capture.sql");
 /// The functions that apply changes from other nodes.
 pub const APPLY_SQL: &str = include_str!("sql/apply.sql");
+/// Pruning tombstones (see `tombstones.sql`).
+pub const TOMBSTONES_SQL: &str = include_str!("sql/tombstones.sql");
 /// What application roles may use of the schema (see `docs/security.md`).
 pub const PRIVILEGES_SQL: &str = include_str!("sql/privileges.sql");
 
 /// The version of the `chorus` schema this build installs, recorded in
 /// `chorus.schema_version`. Version 1 is a schema installed before
 /// versions were recorded.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The numbered migrations: `(n, sql)` takes a schema of version `n - 1`
 /// to version `n`, before the definitions (which are idempotent: they
 /// create what is missing and replace every function) run. A new install
 /// needs none of them.
-const MIGRATIONS: &[(i32, &str)] = &[(2, include_str!("sql/migrations/0002_versioned.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (2, include_str!("sql/migrations/0002_versioned.sql")),
+    (3, include_str!("sql/migrations/0003_tombstones.sql")),
+];
 
 /// The prefix of Chorus's logical messages.
 pub const MESSAGE_PREFIX: &str = "chorus";
+
+/// The prefix of a backend's horizon message (see `chorus.emit_horizon`):
+/// its content is two versions, the horizon and what the backend has of
+/// every origin, as decimal numbers separated by a space.
+pub const HORIZON_PREFIX: &str = "chorus-horizon";
+
+/// The two versions of a horizon message's content.
+pub fn parse_horizon(content: &[u8]) -> Option<(i64, i64)> {
+    let text = std::str::from_utf8(content).ok()?;
+    let (horizon, complete) = text.split_once(' ')?;
+    Some((horizon.parse().ok()?, complete.parse().ok()?))
+}
 
 /// Why installing or adopting failed.
 #[derive(Debug, Error)]
@@ -103,7 +120,7 @@ pub async fn install(client: &Client, node_id: u16) -> Result<(), CaptureError> 
         }
         client
             .batch_execute(&format!(
-                "{sql}{SCHEMA_SQL}\n{APPLY_SQL}\n{PRIVILEGES_SQL}\n\
+                "{sql}{SCHEMA_SQL}\n{APPLY_SQL}\n{TOMBSTONES_SQL}\n{PRIVILEGES_SQL}\n\
                  INSERT INTO chorus.schema_version (version) VALUES ({SCHEMA_VERSION})\n\
                      ON CONFLICT (singleton) DO UPDATE SET version = excluded.version, installed_at = now()\n\
                      WHERE chorus.schema_version.version <> excluded.version;\n\

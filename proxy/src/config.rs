@@ -308,6 +308,25 @@ pub struct ReplicationConfig {
     /// while it does. 0: never. Default 1 GiB.
     #[serde(default = "default_slot_retained_warn")]
     pub slot_retained_warn_bytes: u64,
+    /// How often a node prunes the tombstones of the backends it drives,
+    /// and sends their horizons to the other backends (see tombstones.sql).
+    /// 0: never (tombstones are then kept for good). Default 60 s.
+    #[serde(default = "default_prune_interval")]
+    pub prune_interval_ms: u64,
+    /// How much older than its backend's clock a transaction's stamp may
+    /// be: a tombstone is kept at least this long. A write stamped longer
+    /// ago (a session's stamp left from an earlier write) gets a newer
+    /// version. Default 300 s.
+    #[serde(default = "default_tombstone_min_age")]
+    pub tombstone_min_age_ms: u64,
+}
+
+fn default_prune_interval() -> u64 {
+    60_000
+}
+
+fn default_tombstone_min_age() -> u64 {
+    300_000
 }
 
 fn default_reconcile_after() -> u64 {
@@ -334,6 +353,8 @@ impl Default for ReplicationConfig {
             commit_scope_timeout_action: TimeoutAction::default(),
             reconcile_after_ms: default_reconcile_after(),
             slot_retained_warn_bytes: default_slot_retained_warn(),
+            prune_interval_ms: default_prune_interval(),
+            tombstone_min_age_ms: default_tombstone_min_age(),
         }
     }
 }

@@ -22,6 +22,7 @@
 //! | `chorus_replication_lag_seconds` | gauge | `peer` | age of the oldest origin commit not yet applied on the peer (0 when caught up) |
 //! | `chorus_replication_delay_seconds` | histogram | `peer` | per transaction, origin commit to its apply on the peer |
 //! | `chorus_replication_rejected_total` | counter | `origin`, `reason` | change messages skipped because they are not Chorus's records (`not_utf8`, `not_json`, `not_a_record`) |
+//! | `chorus_tombstones_pruned_total` | counter | `backend` | tombstones pruned on a backend this node drives (see tombstones.sql) |
 //! | `chorus_hlc_skew_milliseconds` | gauge | | how far the last remote clock observed was ahead of ours (negative: behind) |
 //! | `chorus_hlc_skew_refused_total` | counter | | remote clocks ahead by more than `max_clock_skew_ms`, logged and not followed |
 //! | `chorus_ddl_index` | gauge | `backend` | DDL log entries applied on the backend (this node's home backend) |
@@ -352,6 +353,19 @@ impl Metrics {
                 &METADATA,
             )
             .increment(1);
+    }
+
+    /// Count tombstones pruned on `backend`.
+    pub fn tombstones_pruned(&self, backend: &str, rows: u64) {
+        self.recorder
+            .register_counter(
+                &Key::from_parts(
+                    "chorus_tombstones_pruned_total",
+                    vec![Label::new("backend", backend.to_owned())],
+                ),
+                &METADATA,
+            )
+            .increment(rows);
     }
 
     /// Values a global sequence of the home backend has left in its

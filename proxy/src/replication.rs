@@ -605,11 +605,19 @@ pub(crate) async fn drive(
             home,
         ));
     }
+    let peers = streams.len();
+    if config.prune_interval_ms > 0 {
+        streams.spawn(run_pruning(
+            node.clone(),
+            config.clone(),
+            origin_backend.clone(),
+        ));
+    }
     tracing::info!(
         node = node.config.node.id,
         origin = %origin_backend.name,
         epoch,
-        peers = streams.len(),
+        peers,
         "replication running"
     );
     match streams.join_next().await {
@@ -622,6 +630,97 @@ pub(crate) async fn drive(
     }
 }
 
+/// Tombstones deleted in one statement at most (see
+/// `chorus.prune_tombstones`), and statements in one round.
+const PRUNE_BATCH: i32 = 10_000;
+const PRUNE_BATCHES: usize = 100;
+
+/// The origin ids of every backend of the cluster but `origin` (their
+/// owners' node ids), from the Raft state: `None` while some backend has
+/// no known owner (it then holds pruning back).
+fn other_origins(node: &Node, origin: &str) -> Option<Vec<i32>> {
+    let others = node.config.backends.iter().filter(|b| b.name != origin);
+    let Some(consensus) = node.consensus() else {
+        // Without a cluster only a lone backend knows its peers: none.
+        return (node.config.backends.len() == 1).then(Vec::new);
+    };
+    consensus.state().read(|s| {
+        others
+            .map(|b| i32::try_from(s.owner_of(&b.name)?).ok())
+            .collect()
+    })
+}
+
+/// For as long as this node drives `origin`: every `prune_interval_ms`, send its horizon through its
+/// streams and prune the tombstones every backend is done with (see
+/// tombstones.sql). Runs next to the streams and ends with them.
+async fn run_pruning(
+    node: Arc<Node>,
+    config: ReplicationConfig,
+    origin: BackendConfig,
+) -> Result<(), ReplicationError> {
+    let mut tick = tokio::time::interval(Duration::from_millis(config.prune_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<Client> = None;
+    loop {
+        tick.tick().await;
+        if client.as_ref().is_none_or(Client::is_closed) {
+            match connect_backend(&origin, &config).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::debug!(backend = %origin.name, error = %e, "pruning: backend unreachable");
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let Some(origins) = other_origins(&node, &origin.name) else {
+            continue;
+        };
+        match prune_round(c, &config, &origins).await {
+            Ok(0) => {}
+            Ok(rows) => {
+                tracing::debug!(backend = %origin.name, rows, "tombstones pruned");
+                node.metrics.tombstones_pruned(&origin.name, rows);
+            }
+            Err(e) => {
+                tracing::debug!(backend = %origin.name, error = %e, "pruning failed; trying again later");
+                client = None;
+            }
+        }
+    }
+}
+
+/// One round of [`run_pruning`]: returns the tombstones pruned.
+async fn prune_round(
+    client: &Client,
+    config: &ReplicationConfig,
+    origins: &[i32],
+) -> Result<u64, tokio_postgres::Error> {
+    let age = i64::try_from(config.tombstone_min_age_ms).unwrap_or(i64::MAX);
+    client
+        .execute("SELECT chorus.set_stamp_age($1)", &[&age])
+        .await?;
+    client
+        .execute("SELECT chorus.emit_horizon($1)", &[&origins])
+        .await?;
+    let mut pruned = 0u64;
+    for _ in 0..PRUNE_BATCHES {
+        let rows: i64 = client
+            .query_one(
+                "SELECT chorus.prune_tombstones($1, $2)",
+                &[&origins, &PRUNE_BATCH],
+            )
+            .await?
+            .get(0);
+        pruned += u64::try_from(rows).unwrap_or(0);
+        if rows < i64::from(PRUNE_BATCH) {
+            break;
+        }
+    }
+    Ok(pruned)
+}
+
 /// How long a stream waits for more transactions once it has some to
 /// apply: bounds the extra replication delay, and lets one apply carry many
 /// small transactions under load.
@@ -631,10 +730,7 @@ const GATHER: Duration = Duration::from_millis(10);
 const DDL_WAIT_POLL: Duration = Duration::from_millis(20);
 
 /// Changes taken into one apply transaction at most (whole transactions
-/// are always taken); keeps the apply, and the key locks it holds, short.
-/// The key locks are advisory locks, which live in the shared lock table
-/// (`max_locks_per_transaction` × connections): thousands per transaction
-/// from several streams at once could exhaust it.
+/// are always taken); keeps the apply, and the row locks it holds, short.
 const MAX_BATCH_CHANGES: usize = 1_000;
 
 /// Changes per statement when a batch is applied in parts (one whole
@@ -738,7 +834,7 @@ async fn run_stream(
                         node.metrics.rejected(&origin.name, r.reason);
                     }
                     if let Some(txn) = txn {
-                        if txn.changes.is_empty() && pending.is_empty() {
+                        if txn.changes.is_empty() && txn.horizon.is_none() && pending.is_empty() {
                             confirmed = confirmed.max(txn.end_lsn);
                         } else {
                             pending_changes += txn.changes.len();
@@ -873,6 +969,23 @@ async fn run_stream(
             continue;
         };
         ddl_wait_since = None;
+        // A horizon of the origin's arrives after every change of its
+        // that is older: now applied, so the peer may note it (see
+        // tombstones.sql). Failing that, the next one will do.
+        if let (Some((horizon, complete)), Some(client)) = (
+            pending[..ready].iter().filter_map(|t| t.horizon).max(),
+            peer.as_ref(),
+        ) {
+            if let Err(e) = client
+                .execute(
+                    "SELECT chorus.note_horizon($1, $2, $3)",
+                    &[&i32::from(stream.origin_node), &horizon, &complete],
+                )
+                .await
+            {
+                tracing::debug!(peer = %backend.name, error = %e, "noting the origin's horizon failed");
+            }
+        }
         let last_end = pending[ready - 1].end_lsn;
         pending.drain(..ready);
         pending_changes = pending.iter().map(|t| t.changes.len()).sum();

@@ -95,6 +95,9 @@ pub struct DecodedTransaction {
     pub has_ddl: bool,
     /// The highest row version among its changes (0 without any).
     pub max_version: i64,
+    /// The origin's horizon and what it has of every origin (see
+    /// `chorus.emit_horizon`), when the transaction sent them.
+    pub horizon: Option<(i64, i64)>,
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -168,6 +171,29 @@ impl PgOutputDecoder {
                 let (prefix, rest) = protocol::read_cstr(rest)
                     .map_err(|_| ReplicationError::Decoding("message prefix".into()))?;
                 let transactional = data.get(1) == Some(&1);
+                if prefix == capture::HORIZON_PREFIX {
+                    let raw = rest.get(4..).unwrap_or_default();
+                    match capture::parse_horizon(raw).filter(|_| transactional) {
+                        Some(horizon) => {
+                            let txn = self.open.as_mut().ok_or_else(|| {
+                                ReplicationError::Decoding(
+                                    "transactional message outside a transaction".into(),
+                                )
+                            })?;
+                            txn.horizon = Some(horizon);
+                        }
+                        // (Skipped like any message that is not a record:
+                        // pruning then waits for the next horizon.)
+                        None => self.rejected.push(Rejected {
+                            lsn: be_u64(data, 2)?,
+                            reason: "not_a_record",
+                            prefix: prefix.to_owned(),
+                            bytes: raw.len(),
+                            subject: String::new(),
+                        }),
+                    }
+                    return Ok(None);
+                }
                 let Some(ddl) = capture::ddl_index(prefix) else {
                     return Ok(None);
                 };
@@ -470,6 +496,12 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(d.feed(&commit()).unwrap().unwrap().max_version, 77);
+        // A horizon travels with its transaction, as no change.
+        d.feed(&begin()).unwrap();
+        d.feed(&message("chorus-horizon", "1200 1100")).unwrap();
+        let horizon = d.feed(&commit()).unwrap().unwrap();
+        assert_eq!(horizon.horizon, Some((1200, 1100)));
+        assert!(horizon.changes.is_empty());
         assert!(d.take_rejected().is_empty());
         // A commit without a begin, or a truncated one, is an error.
         assert!(d.feed(&commit()).is_err());
@@ -498,12 +530,15 @@ mod tests {
                 "chorus",
                 r#"{"op": "DELETE", "table": "public.t", "origin": 1, "version": 2}"#,
             ),
+            message("chorus-horizon", "12"),
+            message("chorus-horizon", "x 1"),
         ] {
             assert!(d.feed(&forged).unwrap().is_none());
         }
         d.feed(&message("chorus:1", ROW)).unwrap();
         let kept = d.feed(&commit()).unwrap().unwrap();
         assert_eq!(kept.changes, vec![ROW]);
+        assert_eq!(kept.horizon, None);
         let reasons: Vec<&str> = d.take_rejected().iter().map(|r| r.reason).collect();
         assert_eq!(
             reasons,
@@ -512,6 +547,8 @@ mod tests {
                 "not_transactional",
                 "not_a_record",
                 "not_json",
+                "not_a_record",
+                "not_a_record",
                 "not_a_record",
                 "not_a_record"
             ]

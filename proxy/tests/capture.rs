@@ -269,62 +269,77 @@ fn chorus_schema(pg: &LocalPostgres, database: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_schema_of_the_previous_version_is_upgraded_in_place_and_a_newer_one_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let pg = local_pg(&dir);
-    let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
-    client
-        .batch_execute(&common::previous_schema_sql(1, ""))
-        .await
-        .unwrap();
-    client
-        .batch_execute(
-            "CREATE TABLE items (id int PRIMARY KEY, v text);
-             SELECT chorus.adopt('items'::regclass, false);
-             INSERT INTO items VALUES (1, 'before');",
-        )
-        .await
-        .unwrap();
-    client
-        .batch_execute("SELECT pg_create_logical_replication_slot('test_slot', 'test_decoding')")
-        .await
-        .unwrap();
-    capture::install(&client, 1).await.unwrap();
-    let version: i32 = client
-        .query_one("SELECT version FROM chorus.schema_version", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(version, capture::SCHEMA_VERSION);
-    // The table stays adopted, its rows and versions kept, and it captures.
-    client
-        .batch_execute("UPDATE items SET v = 'after' WHERE id = 1")
-        .await
-        .unwrap();
-    let captured = changes(&client).await;
-    assert_eq!(captured.len(), 1, "{captured:?}");
-    assert_eq!(json(&captured[0].row)["v"], "after");
-    assert!(captured[0].prev.is_some(), "{captured:?}");
-    // The upgraded schema is the one a new install makes.
-    client.batch_execute("CREATE DATABASE fresh").await.unwrap();
-    let fresh = common::connect(&pg.conninfo("fresh")).await.unwrap();
-    capture::install(&fresh, 1).await.unwrap();
-    assert_eq!(chorus_schema(&pg, "postgres"), chorus_schema(&pg, "fresh"));
-    // A schema newer than this build is left alone, with a clear error.
-    client
-        .batch_execute("UPDATE chorus.schema_version SET version = 99")
-        .await
-        .unwrap();
-    let err = capture::install(&client, 1).await.unwrap_err().to_string();
-    assert!(err.contains("version 99, newer than this Chorus"), "{err}");
-    let version: i32 = client
-        .query_one("SELECT version FROM chorus.schema_version", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(version, 99);
-    // The session is usable afterwards (the install's transaction ended).
-    client.batch_execute("SELECT 1").await.unwrap();
+async fn a_schema_of_an_earlier_version_is_upgraded_in_place_and_a_newer_one_refused() {
+    // From each earlier version (1: before versions were recorded; 2: the
+    // previous one), on a backend of its own.
+    for earlier in 1..capture::SCHEMA_VERSION {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = local_pg(&dir);
+        let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
+        client
+            .batch_execute(&common::earlier_schema_sql(earlier, 1, ""))
+            .await
+            .unwrap();
+        client
+            .batch_execute(
+                "CREATE TABLE items (id int PRIMARY KEY, v text);
+                 SELECT chorus.adopt('items'::regclass, false);
+                 INSERT INTO items VALUES (1, 'before');",
+            )
+            .await
+            .unwrap();
+        client
+            .batch_execute(
+                "SELECT pg_create_logical_replication_slot('test_slot', 'test_decoding')",
+            )
+            .await
+            .unwrap();
+        capture::install(&client, 1).await.unwrap();
+        let version: i32 = client
+            .query_one("SELECT version FROM chorus.schema_version", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(version, capture::SCHEMA_VERSION, "from {earlier}");
+        // The table stays adopted, its rows and versions kept, and it
+        // captures.
+        client
+            .batch_execute("UPDATE items SET v = 'after' WHERE id = 1")
+            .await
+            .unwrap();
+        let captured = changes(&client).await;
+        assert_eq!(captured.len(), 1, "from {earlier}: {captured:?}");
+        assert_eq!(json(&captured[0].row)["v"], "after");
+        assert!(captured[0].prev.is_some(), "{captured:?}");
+        // The upgraded schema is the one a new install makes.
+        client.batch_execute("CREATE DATABASE fresh").await.unwrap();
+        let fresh = common::connect(&pg.conninfo("fresh")).await.unwrap();
+        capture::install(&fresh, 1).await.unwrap();
+        assert_eq!(
+            chorus_schema(&pg, "postgres"),
+            chorus_schema(&pg, "fresh"),
+            "from {earlier}"
+        );
+        if earlier > 1 {
+            continue;
+        }
+        // A schema newer than this build is left alone, with a clear error.
+        client
+            .batch_execute("UPDATE chorus.schema_version SET version = 99")
+            .await
+            .unwrap();
+        let err = capture::install(&client, 1).await.unwrap_err().to_string();
+        assert!(err.contains("version 99, newer than this Chorus"), "{err}");
+        let version: i32 = client
+            .query_one("SELECT version FROM chorus.schema_version", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(version, 99);
+        // The session is usable afterwards (the install's transaction
+        // ended).
+        client.batch_execute("SELECT 1").await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -395,4 +410,142 @@ async fn uuidv7_values_are_unique_time_ordered_and_well_formed() {
             "{id}: {ms} not in {before_ms}..{after_ms}"
         );
     }
+}
+
+/// One text value of `sql`.
+async fn text(client: &Client, sql: &str) -> String {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_stamps_are_freshened_and_tombstones_go_only_below_every_horizon() {
+    let b = backend(1).await;
+    let c = &b.client;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    // A stamp left from long ago is made no older than the stamp age.
+    c.batch_execute("SELECT chorus.set_stamp_age(60000)")
+        .await
+        .unwrap();
+    let ancient = hlc::from_unix_millis(1_750_000_000_000) as i64;
+    c.batch_execute(&format!(
+        "SET chorus.hlc = '{ancient}'; \
+         INSERT INTO users (id) SELECT generate_series(1, 10); RESET chorus.hlc"
+    ))
+    .await
+    .unwrap();
+    let captured = changes(c).await;
+    assert_eq!(captured.len(), 10);
+    let ms = hlc::unix_millis(captured[0].version as u64);
+    assert!(
+        (now_ms() - 61_000..=now_ms() - 59_000).contains(&ms),
+        "a stamp 60 s older than the clock, not {ms}"
+    );
+    c.batch_execute("DELETE FROM users WHERE id <= 5")
+        .await
+        .unwrap();
+    let tombstones = "SELECT count(*)::text FROM chorus.row_version WHERE deleted AND pk <> '{}'";
+    assert_eq!(text(c, tombstones).await, "5");
+
+    // A transaction that has written and is still open holds the horizon
+    // at its start, less the stamp age: after a decrease, the age it may
+    // have pinned its stamp with.
+    let other = common::connect(&b.pg.conninfo("postgres")).await.unwrap();
+    other
+        .batch_execute("BEGIN; INSERT INTO users VALUES (100)")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT chorus.set_stamp_age(0)")
+        .await
+        .unwrap();
+    let held = "SELECT (chorus.horizon() <= ((floor(extract(epoch FROM min(xact_start)) * 1000)::bigint \
+                - 1704067200000 - 60000) << 22))::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL";
+    assert_eq!(text(c, held).await, "true");
+    assert_eq!(
+        text(c, "SELECT chorus.prune_tombstones('{}', 100)::text").await,
+        "0"
+    );
+    other.batch_execute("COMMIT").await.unwrap();
+
+    // Another backend's horizon must be known, and so must what it has
+    // of every origin ("complete"), before anything goes.
+    assert_eq!(
+        text(c, "SELECT chorus.prune_tombstones('{7}', 100)::text").await,
+        "0"
+    );
+    let far = hlc::from_unix_millis(3_000_000_000_000) as i64;
+    let old = hlc::from_unix_millis(1_710_000_000_000) as i64;
+    c.execute("SELECT chorus.note_horizon(7, $1, $2)", &[&far, &old])
+        .await
+        .unwrap();
+    assert_eq!(
+        text(c, "SELECT chorus.prune_tombstones('{7}', 100)::text").await,
+        "0"
+    );
+    c.execute("SELECT chorus.note_horizon(7, $1, $1)", &[&far])
+        .await
+        .unwrap();
+    // (At most `max_rows` a time.)
+    assert_eq!(
+        text(c, "SELECT chorus.prune_tombstones('{7}', 3)::text").await,
+        "3"
+    );
+    assert_eq!(
+        text(c, "SELECT chorus.prune_tombstones('{7}', 100)::text").await,
+        "2"
+    );
+    assert_eq!(text(c, tombstones).await, "0");
+    // Live rows keep their versions.
+    assert_eq!(
+        text(
+            c,
+            "SELECT count(*)::text FROM chorus.row_version WHERE NOT deleted"
+        )
+        .await,
+        "6"
+    );
+
+    // A row older than what was pruned, offered for a key with no version
+    // here (as reconciliation would), is not written; a newer one is.
+    let offer = |version: i64| {
+        format!(
+            "SELECT chorus.apply_change('{{\"table\": \"public.users\", \"op\": \"INSERT\", \"key\": {{\"id\": 3}}, \
+             \"row\": {{\"id\": 3, \"name\": \"back\"}}, \"version\": {version}, \"origin\": 2}}')"
+        )
+    };
+    c.batch_execute("SET chorus.applying = on").await.unwrap();
+    assert_eq!(text(c, &offer(ancient)).await, "pruned:skipped");
+    assert_eq!(
+        text(c, "SELECT count(*)::text FROM users WHERE id = 3").await,
+        "0"
+    );
+    assert_eq!(text(c, &offer(far)).await, "applied");
+    c.batch_execute("RESET chorus.applying").await.unwrap();
+
+    // A horizon sent is a promise: with a larger stamp age afterwards, a
+    // stale stamp is still made newer than it.
+    let sent: i64 = c
+        .query_one("SELECT chorus.emit_horizon('{}')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute(&format!(
+        "SELECT chorus.set_stamp_age(3600000); SET chorus.hlc = '{ancient}'; \
+         INSERT INTO users (id) VALUES (200); RESET chorus.hlc"
+    ))
+    .await
+    .unwrap();
+    let version: i64 = c
+        .query_one(
+            "SELECT version FROM chorus.row_version WHERE pk = '{\"id\": 200}'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(version >= sent, "{version} < {sent}");
 }

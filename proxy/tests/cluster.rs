@@ -201,6 +201,26 @@ impl Cluster {
         panic!("backends never all gave {expected:?} for {sql}: {last:?}");
     }
 
+    /// Wait (bounded) until `sql` gives `expected` on backend `b`.
+    async fn expect_one(&self, b: usize, sql: &str, expected: &str) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut last = None;
+        while Instant::now() < deadline {
+            let value = self
+                .direct(b)
+                .await
+                .query_one(sql, &[])
+                .await
+                .map(|r| r.get::<_, Option<String>>(0));
+            if matches!(&value, Ok(Some(v)) if v == expected) {
+                return;
+            }
+            last = Some(value);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("backend {b} never gave {expected:?} for {sql}: {last:?}");
+    }
+
     /// Wait (bounded) until `sql` gives the same single text value on
     /// every backend; returns it. Use only where agreement means the final
     /// state (a count can agree by chance on the way).
@@ -2195,4 +2215,130 @@ async fn sessions_wait_for_the_chorus_schema_and_are_told_why_when_it_never_come
     assert!(started.elapsed() < Duration::from_secs(5));
     stop.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
+
+/// Tombstones (the versions of deleted rows) on a backend.
+const TOMBSTONES: &str =
+    "SELECT count(*)::text FROM chorus.row_version WHERE deleted AND pk <> '{}'";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tombstones_are_pruned_once_every_backend_is_past_them_and_an_open_writer_holds_them() {
+    let c = cluster_with(
+        3,
+        |_| String::new(),
+        "prune_interval_ms = 200\ntombstone_min_age_ms = 500",
+    )
+    .await;
+    c.create_table(
+        1,
+        "CREATE TABLE tomb (id int PRIMARY KEY, v text)",
+        "public.tomb",
+    )
+    .await;
+    c.via(1)
+        .await
+        .batch_execute("INSERT INTO tomb SELECT g, 'x' FROM generate_series(1, 3000) g")
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT count(*)::text FROM tomb", "3000")
+        .await;
+    // Deletes through two nodes: once every backend has applied past
+    // them, their tombstones go everywhere.
+    c.via(1)
+        .await
+        .batch_execute("DELETE FROM tomb WHERE id <= 1000")
+        .await
+        .unwrap();
+    c.via(2)
+        .await
+        .batch_execute("DELETE FROM tomb WHERE id > 1000 AND id <= 2000")
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT count(*)::text FROM tomb", "1000")
+        .await;
+    c.expect_everywhere(TOMBSTONES, "0").await;
+    let pruned = c
+        .node_handles
+        .iter()
+        .filter_map(|node| {
+            node.metrics.render().lines().find_map(|l| {
+                l.strip_prefix("chorus_tombstones_pruned_total{backend=\"pg1\"} ")
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .sum::<f64>();
+    assert!(
+        pruned >= 2000.0,
+        "pg1's pruned tombstones counted: {pruned}"
+    );
+
+    // A transaction on backend 2 that has written and stays open holds back
+    // every tombstone younger than it, on every backend.
+    let open = c.via(2).await;
+    open.batch_execute("BEGIN; INSERT INTO tomb VALUES (5000, 'open')")
+        .await
+        .unwrap();
+    c.via(3)
+        .await
+        .batch_execute("DELETE FROM tomb WHERE id > 2000 AND id <= 2500")
+        .await
+        .unwrap();
+    c.expect_everywhere(TOMBSTONES, "500").await;
+    // The marker: every backend has noted horizons past these tombstones
+    // from the two other origins (so only backend 2's holds them), and has
+    // run a pruning round since.
+    let past_them = "SELECT (count(*) = 2)::text FROM chorus.applied a \
+                     WHERE a.origin IN (1, 3) AND a.horizon > \
+                     (SELECT max(version) FROM chorus.row_version WHERE deleted AND pk <> '{}')";
+    for b in [1, 3] {
+        // (A backend notes no horizon of its own: one other origin there.)
+        let own = format!(
+            "SELECT ((SELECT count(*) FROM chorus.applied a WHERE a.origin IN (1, 3) AND a.origin <> {b} \
+               AND a.horizon > (SELECT max(version) FROM chorus.row_version WHERE deleted AND pk <> '{{}}')) = 1 \
+               AND chorus.horizon() > (SELECT max(version) FROM chorus.row_version WHERE deleted AND pk <> '{{}}'))::text"
+        );
+        c.expect_one(b, &own, "true").await;
+    }
+    c.expect_one(2, past_them, "true").await;
+    let since: String = c
+        .direct(1)
+        .await
+        .query_one("SELECT clock_timestamp()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.expect_everywhere(
+        &format!("SELECT (pruned_at > '{since}')::text FROM chorus.local"),
+        "true",
+    )
+    .await;
+    assert_eq!(c.values_everywhere(TOMBSTONES).await, ["500", "500", "500"]);
+
+    // Once it ends, they go too, and the backends agree on every row.
+    open.batch_execute("COMMIT").await.unwrap();
+    c.expect_everywhere(TOMBSTONES, "0").await;
+    // Rows written again after their tombstones went replicate as new ones.
+    c.via(3)
+        .await
+        .batch_execute("INSERT INTO tomb SELECT g, 'again' FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT count(*)::text FROM tomb WHERE v = 'again'", "10")
+        .await;
+    c.via(1)
+        .await
+        .batch_execute("UPDATE tomb SET v = 'later' WHERE id <= 5")
+        .await
+        .unwrap();
+    c.expect_everywhere("SELECT count(*)::text FROM tomb WHERE v = 'later'", "5")
+        .await;
+    c.converged(
+        "SELECT md5(string_agg(id || ':' || v, ',' ORDER BY id)) || ' ' || count(*) FROM tomb",
+    )
+    .await;
+    c.converged(
+        "SELECT md5(string_agg(format('%s %s %s %s', pk, version, origin, deleted), ',' ORDER BY pk::text)) \
+         FROM chorus.row_version WHERE tbl = 'public.tomb'",
+    )
+    .await;
 }

@@ -354,6 +354,13 @@ BEGIN
     IF have_version AND cur.version = ver AND cur.origin = org THEN
         RETURN 'duplicate';
     END IF;
+    IF NOT have_version AND ver < (SELECT l.pruned_below FROM chorus.local l) THEN
+        -- Every change this old has been applied here (see
+        -- chorus.prune_tombstones): the key's tombstone was pruned. Only
+        -- reconciliation still offers such a row (one a backend has not
+        -- applied the delete of yet); streams never do.
+        RETURN 'pruned:skipped';
+    END IF;
 
     IF NOT have_version THEN
         kind := CASE op WHEN 'UPDATE' THEN 'update_missing'

@@ -11,11 +11,22 @@ CREATE SCHEMA IF NOT EXISTS chorus;
 -- chorus.make_global). driver_epoch: the epoch of the node that drives
 -- this backend's streams (see Request::SetDriver): a node starting to
 -- drive them with an older epoch learns that it was fenced.
+-- stamp_age_ms, stamp_age_prev_ms, stamp_age_changed_at: how much older
+-- than this backend's clock a transaction's stamp may be (see
+-- chorus.fresh_stamp, chorus.set_stamp_age). pruned_below, pruned_at: the
+-- last pruning of tombstones; horizon_sent: the last horizon sent (see
+-- tombstones.sql).
 CREATE TABLE IF NOT EXISTS chorus.local (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     node_id integer NOT NULL,
     sequence_id integer,
-    driver_epoch bigint NOT NULL DEFAULT 0
+    driver_epoch bigint NOT NULL DEFAULT 0,
+    stamp_age_ms bigint NOT NULL DEFAULT 300000,
+    stamp_age_prev_ms bigint NOT NULL DEFAULT 300000,
+    stamp_age_changed_at timestamptz NOT NULL DEFAULT '-infinity',
+    pruned_below bigint NOT NULL DEFAULT 0,
+    pruned_at timestamptz,
+    horizon_sent bigint NOT NULL DEFAULT 0
 );
 
 -- The version of this schema (see capture.rs, SCHEMA_VERSION, and
@@ -37,7 +48,8 @@ CREATE TABLE IF NOT EXISTS chorus.replicated_table (
 );
 
 -- The version of every row ever written, kept after a delete as its
--- tombstone, so that a late update cannot bring a deleted row back.
+-- tombstone, so that a late update cannot bring a deleted row back, until
+-- no such update can arrive any more (see tombstones.sql).
 CREATE TABLE IF NOT EXISTS chorus.row_version (
     tbl text NOT NULL,
     pk jsonb NOT NULL,
@@ -61,13 +73,17 @@ $$;
 -- max_version: the newest version applied from each origin (the node's
 -- clock observes it). driver_epoch: the epoch of the node that drives the
 -- origin's stream (see Request::SetDriver): an apply from an older one is
--- refused (fenced).
+-- refused (fenced). horizon: every change of the origin's with an older
+-- version has been applied here; complete: the origin has every change of
+-- every backend older than this (see chorus.note_horizon).
 CREATE TABLE IF NOT EXISTS chorus.applied (
     origin integer PRIMARY KEY,
     lsn pg_lsn NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now(),
     max_version bigint NOT NULL DEFAULT 0,
-    driver_epoch bigint NOT NULL DEFAULT 0
+    driver_epoch bigint NOT NULL DEFAULT 0,
+    horizon bigint NOT NULL DEFAULT 0,
+    complete bigint NOT NULL DEFAULT 0
 );
 
 -- Every conflict resolved on this backend.
@@ -165,7 +181,8 @@ $$;
 -- This transaction's stamp: the HLC value, origin node and DDL index its
 -- first captured change pinned (with the transaction id, in chorus.txn),
 -- or, for its first one, the proxy's stamp (chorus.hlc, chorus.origin)
--- with this backend's clock and node id as fallbacks. chorus.capture has
+-- with this backend's clock and node id as fallbacks (the stamp made no
+-- older than chorus.fresh_stamp allows). chorus.capture has
 -- the same inlined (it runs for every row).
 CREATE OR REPLACE FUNCTION chorus.txn_stamp(OUT txn_hlc bigint, OUT origin integer, OUT ddl_seq bigint)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -179,7 +196,7 @@ BEGIN
         ddl_seq := split_part(pinned, ':', 4)::bigint;
         RETURN;
     END IF;
-    txn_hlc := coalesce(nullif(current_setting('chorus.hlc', true), '')::bigint, chorus.clock_hlc());
+    txn_hlc := chorus.fresh_stamp(nullif(current_setting('chorus.hlc', true), '')::bigint);
     origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
                        (SELECT l.node_id FROM chorus.local l));
     ddl_seq := coalesce((SELECT max(h.seq) FROM chorus.ddl_history h), 0);
@@ -272,8 +289,7 @@ BEGIN
         origin := split_part(pinned, ':', 3)::integer;
         ddl_seq := split_part(pinned, ':', 4)::bigint;
     ELSE
-        txn_hlc := coalesce(nullif(current_setting('chorus.hlc', true), '')::bigint,
-                            chorus.clock_hlc());
+        txn_hlc := chorus.fresh_stamp(nullif(current_setting('chorus.hlc', true), '')::bigint);
         origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
                            (SELECT l.node_id FROM chorus.local l));
         -- The DDL this transaction's changes may depend on (see
@@ -1224,7 +1240,7 @@ BEGIN
         txn_hlc := split_part(pinned, ':', 2)::bigint;
         origin := split_part(pinned, ':', 3)::integer;
     ELSE
-        txn_hlc := coalesce(nullif(current_setting('chorus.hlc', true), '')::bigint, chorus.clock_hlc());
+        txn_hlc := chorus.fresh_stamp(nullif(current_setting('chorus.hlc', true), '')::bigint);
         origin := coalesce(nullif(current_setting('chorus.origin', true), '')::integer,
                            (SELECT l.node_id FROM chorus.local l));
         PERFORM set_config('chorus.txn', txid_current()::text || ':' || txn_hlc || ':' || origin || ':' ||

@@ -441,16 +441,26 @@ pub fn schema_dump(port: u16, database: &str, extra: &[&str]) -> String {
         .join("\n")
 }
 
-/// The chorus schema of the previous version (1), as its installer put it
-/// on a backend of node `node_id`, followed by `then` in the same
-/// transaction.
+/// The chorus schema of version `version` (1 or 2, the fixtures of earlier
+/// versions), as its installer put it on a backend of node `node_id`,
+/// followed by `then` in the same transaction.
+#[allow(dead_code)]
+pub fn earlier_schema_sql(version: i32, node_id: usize, then: &str) -> String {
+    let schema = match version {
+        1 => include_str!("../fixtures/schema_v1.sql"),
+        2 => include_str!("../fixtures/schema_v2.sql"),
+        _ => panic!("no fixture of schema version {version}"),
+    };
+    format!(
+        "BEGIN; SET LOCAL chorus.ddl_scope = 'local';\n{schema}\n\
+         INSERT INTO chorus.local (node_id) VALUES ({node_id});\n{then}\nCOMMIT;"
+    )
+}
+
+/// The previous version's schema (see [`earlier_schema_sql`]).
 #[allow(dead_code)]
 pub fn previous_schema_sql(node_id: usize, then: &str) -> String {
-    format!(
-        "BEGIN; SET LOCAL chorus.ddl_scope = 'local';\n{}\n\
-         INSERT INTO chorus.local (node_id) VALUES ({node_id});\n{then}\nCOMMIT;",
-        include_str!("../fixtures/schema_v1.sql")
-    )
+    earlier_schema_sql(chorus_proxy::capture::SCHEMA_VERSION - 1, node_id, then)
 }
 
 pub fn stdout(output: &Output) -> String {
