@@ -52,8 +52,11 @@ pub struct StepReport {
     pub transactions: usize,
     /// Origin transactions skipped because the peer already had them.
     pub duplicates: usize,
-    /// The result of every applied change (`applied`, `duplicate`, or
-    /// `<conflict kind>:<remote_wins|local_wins>`).
+    /// Changes applied (or found applied already).
+    pub changes: usize,
+    /// The result of every applied change but a plain `applied`:
+    /// `duplicate`, or `<kind>:<resolution>` (a conflict, or a change
+    /// skipped).
     pub results: Vec<String>,
     /// Age of the oldest origin commit this step found unapplied, in
     /// seconds (0 when there was none).
@@ -63,6 +66,13 @@ pub struct StepReport {
 }
 
 impl StepReport {
+    /// Take the results of applied changes into account.
+    fn note(&mut self, results: Vec<String>) {
+        self.changes += results.len();
+        self.results
+            .extend(results.into_iter().filter(|r| r != "applied"));
+    }
+
     /// Conflicts resolved in this step, as `kind:resolution`.
     pub fn conflicts(&self) -> impl Iterator<Item = &str> {
         self.results
@@ -158,21 +168,40 @@ impl ReplicationStream {
             tx.commit().await?;
             return Ok(report);
         }
-        let changes: Vec<&String> = todo.iter().flat_map(|t| &t.changes).collect();
-        for part in changes.chunks(APPLY_PART_CHANGES) {
-            let mut json = String::from("[");
-            for (i, change) in part.iter().enumerate() {
-                if i > 0 {
-                    json.push(',');
+        // Parts of at most APPLY_PART_CHANGES records or APPLY_PART_BYTES,
+        // read in order from each transaction (spilled records from their
+        // file), so only one part is in memory at a time.
+        let mut json = String::new();
+        for txn in &todo {
+            let mut reader = txn.changes.reader();
+            loop {
+                json.clear();
+                json.push('[');
+                let mut count = 0;
+                while count < APPLY_PART_CHANGES && json.len() < APPLY_PART_BYTES {
+                    if count > 0 {
+                        json.push(',');
+                    }
+                    if !reader.read_into(&mut json).map_err(|e| {
+                        ReplicationError::Decoding(format!("reading a spilled transaction: {e}"))
+                    })? {
+                        if count > 0 {
+                            json.pop();
+                        }
+                        break;
+                    }
+                    count += 1;
                 }
-                json.push_str(change);
+                if count == 0 {
+                    break;
+                }
+                json.push(']');
+                let results: Vec<String> = tx
+                    .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&json])
+                    .await?
+                    .get(0);
+                report.note(results);
             }
-            json.push(']');
-            let results: Vec<String> = tx
-                .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&json])
-                .await?
-                .get(0);
-            report.results.extend(results);
         }
         let newest_version = max_version(todo.iter().copied());
         tx.execute(
@@ -246,7 +275,8 @@ impl ReplicationStream {
         // apply; the slot simply moves past them.
         let mut report = StepReport::default();
         let total: usize = transactions.iter().map(|t| t.changes.len()).sum();
-        if total > APPLY_PART_CHANGES {
+        let spilled = transactions.iter().any(|t| t.changes.in_memory().is_none());
+        if total > APPLY_PART_CHANGES || spilled {
             return self.apply_in_parts(peer, transactions).await;
         }
         let mut commit_times = Vec::new();
@@ -259,7 +289,13 @@ impl ReplicationStream {
             batch.push_str("{\"end\":\"");
             batch.push_str(&format_lsn(txn.end_lsn));
             batch.push_str("\",\"changes\":[");
-            for (i, change) in txn.changes.iter().enumerate() {
+            for (i, change) in txn
+                .changes
+                .in_memory()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
                 if i > 0 {
                     batch.push(',');
                 }
@@ -293,7 +329,7 @@ impl ReplicationStream {
         if report.transactions > 0 {
             let done = unix_now();
             report.delays = commit_times.iter().map(|t| (done - t).max(0.0)).collect();
-            report.results = row.get(0);
+            report.note(row.get(0));
         }
         Ok(report)
     }
@@ -734,8 +770,11 @@ const DDL_WAIT_POLL: Duration = Duration::from_millis(20);
 const MAX_BATCH_CHANGES: usize = 1_000;
 
 /// Changes per statement when a batch is applied in parts (one whole
-/// transaction larger than this, see `ReplicationStream::apply_in_parts`).
+/// transaction larger than this, or spilled to a file, see
+/// `ReplicationStream::apply_in_parts`), and the size of a part at most
+/// (PostgreSQL's jsonb holds at most 256 MB).
 const APPLY_PART_CHANGES: usize = 50_000;
+const APPLY_PART_BYTES: usize = 64 << 20;
 
 /// Stream an origin backend's changes to one peer until the origin
 /// connection fails (the caller then starts over) or the peer refuses this
@@ -995,13 +1034,13 @@ async fn run_stream(
         }
         writer.confirm(confirmed, true).await?;
         if let Some(m) = metrics {
-            m.applied.increment(report.results.len() as u64);
+            m.applied.increment(report.changes as u64);
             m.lag_seconds.set(report.lag_seconds);
             for delay in &report.delays {
                 m.delay.record(*delay);
             }
         }
-        applied_in_window += report.results.len() as u64;
+        applied_in_window += report.changes as u64;
         for conflict in report.conflicts() {
             let kind = conflict.split(':').next().unwrap_or(conflict);
             node.metrics.conflict(kind);

@@ -19,6 +19,9 @@
 //! of every table are decoded but never formatted or sent; Chorus's own
 //! transactional messages carry the changes.
 
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, BytesMut};
@@ -79,14 +82,14 @@ pub fn format_lsn(lsn: u64) -> String {
 }
 
 /// An origin transaction: its commit position and its Chorus change payloads.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone)]
 pub struct DecodedTransaction {
     /// End of the transaction's commit record (what `chorus.applied`
     /// stores, as text: see [`format_lsn`]).
     pub end_lsn: u64,
     /// Origin commit time, Unix seconds (when the decoder reported it).
     pub commit_time: Option<f64>,
-    pub changes: Vec<String>,
+    pub changes: Changes,
     /// The DDL index its changes were made at: a peer applies them only
     /// once it has applied that much of the DDL log.
     pub ddl: u64,
@@ -98,6 +101,96 @@ pub struct DecodedTransaction {
     /// The origin's horizon and what it has of every origin (see
     /// `chorus.emit_horizon`), when the transaction sent them.
     pub horizon: Option<(i64, i64)>,
+}
+
+/// Change records a transaction keeps in memory; the rest go to a file.
+pub const SPILL_AFTER: usize = 10_000;
+
+/// The change records of one transaction, in order: the first
+/// [`SPILL_AFTER`] in memory, the rest in an anonymous temporary file (gone
+/// when the last copy is dropped), so that a node's memory stays bounded
+/// whatever the size of the transactions it streams.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    memory: Vec<String>,
+    spilled: Option<Arc<Spilled>>,
+}
+
+/// Records written to a file: each as its length (u32, big-endian) and
+/// its bytes.
+#[derive(Debug)]
+struct Spilled {
+    file: std::fs::File,
+    count: usize,
+}
+
+impl Changes {
+    pub fn len(&self) -> usize {
+        self.memory.len() + self.spilled.as_ref().map_or(0, |s| s.count)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The records, when all of them are in memory.
+    pub fn in_memory(&self) -> Option<&[String]> {
+        self.spilled.is_none().then_some(self.memory.as_slice())
+    }
+
+    /// Read the records in order.
+    pub fn reader(&self) -> ChangesReader<'_> {
+        ChangesReader {
+            changes: self,
+            next: 0,
+            offset: 0,
+        }
+    }
+}
+
+impl From<Vec<String>> for Changes {
+    fn from(memory: Vec<String>) -> Changes {
+        Changes {
+            memory,
+            spilled: None,
+        }
+    }
+}
+
+/// Reads a transaction's records in order (see [`Changes::reader`]).
+pub struct ChangesReader<'a> {
+    changes: &'a Changes,
+    /// Records read so far.
+    next: usize,
+    /// Where the next spilled record starts in the file.
+    offset: u64,
+}
+
+impl ChangesReader<'_> {
+    /// Append the next record to `out`; false when there is none left.
+    pub fn read_into(&mut self, out: &mut String) -> std::io::Result<bool> {
+        if let Some(change) = self.changes.memory.get(self.next) {
+            out.push_str(change);
+            self.next += 1;
+            return Ok(true);
+        }
+        let Some(spilled) = &self.changes.spilled else {
+            return Ok(false);
+        };
+        if self.next >= self.changes.memory.len() + spilled.count {
+            return Ok(false);
+        }
+        let mut len = [0u8; 4];
+        spilled.file.read_exact_at(&mut len, self.offset)?;
+        let mut bytes = vec![0u8; u32::from_be_bytes(len) as usize];
+        spilled.file.read_exact_at(&mut bytes, self.offset + 4)?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        out.push_str(text);
+        self.offset += 4 + bytes.len() as u64;
+        self.next += 1;
+        Ok(true)
+    }
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -116,6 +209,8 @@ const MAX_MESSAGE: usize = 1 << 30;
 #[derive(Debug, Default)]
 pub struct PgOutputDecoder {
     open: Option<DecodedTransaction>,
+    /// The open transaction's records past [`SPILL_AFTER`], and how many.
+    spill: Option<(std::io::BufWriter<std::fs::File>, usize)>,
     rejected: Vec<Rejected>,
 }
 
@@ -161,6 +256,7 @@ impl PgOutputDecoder {
         match tag {
             b'B' => {
                 self.open = Some(DecodedTransaction::default());
+                self.spill = None;
                 Ok(None)
             }
             b'M' => {
@@ -236,7 +332,27 @@ impl PgOutputDecoder {
                 if let Some(v) = version {
                     txn.max_version = txn.max_version.max(v);
                 }
-                txn.changes.push(content.to_owned());
+                if txn.changes.memory.len() < SPILL_AFTER {
+                    txn.changes.memory.push(content.to_owned());
+                } else {
+                    let spill_error = |e: std::io::Error| {
+                        ReplicationError::Decoding(format!(
+                            "spilling a large transaction to a file: {e}"
+                        ))
+                    };
+                    if self.spill.is_none() {
+                        let file = tempfile::tempfile().map_err(spill_error)?;
+                        self.spill = Some((std::io::BufWriter::with_capacity(1 << 20, file), 0));
+                    }
+                    if let Some((writer, count)) = self.spill.as_mut() {
+                        let len = u32::try_from(content.len()).map_err(|_| {
+                            ReplicationError::Decoding("change record over 4 GiB".into())
+                        })?;
+                        writer.write_all(&len.to_be_bytes()).map_err(spill_error)?;
+                        writer.write_all(content.as_bytes()).map_err(spill_error)?;
+                        *count += 1;
+                    }
+                }
                 Ok(None)
             }
             b'C' => {
@@ -249,6 +365,15 @@ impl PgOutputDecoder {
                     .ok_or_else(|| ReplicationError::Decoding("commit without begin".into()))?;
                 txn.end_lsn = end;
                 txn.commit_time = Some((time + PG_EPOCH_OFFSET_US) as f64 / 1e6);
+                if let Some((writer, count)) = self.spill.take() {
+                    let file = writer.into_inner().map_err(|e| {
+                        ReplicationError::Decoding(format!(
+                            "spilling a large transaction to a file: {}",
+                            e.error()
+                        ))
+                    })?;
+                    txn.changes.spilled = Some(Arc::new(Spilled { file, count }));
+                }
                 Ok(Some(txn))
             }
             _ => Ok(None),
@@ -474,7 +599,7 @@ mod tests {
         assert!(d.feed(&message("chorus", ROW)).unwrap().is_none());
         assert!(d.feed(&message("other", "x")).unwrap().is_none());
         let txn = d.feed(&commit()).unwrap().unwrap();
-        assert_eq!(txn.changes, vec![ROW]);
+        assert_eq!(txn.changes.in_memory(), Some(&[ROW.to_owned()][..]));
         assert_eq!(txn.max_version, 9);
         assert!(!txn.has_ddl);
         // One with a DDL record is marked (what PostgreSQL's jsonb prints
@@ -509,6 +634,38 @@ mod tests {
     }
 
     #[test]
+    fn a_large_transaction_spills_past_the_limit_and_reads_back_in_order() {
+        let mut d = PgOutputDecoder::default();
+        d.feed(&begin()).unwrap();
+        let rows: Vec<String> = (0..SPILL_AFTER + 5)
+            .map(|i| ROW.replace("\"id\": 1}", &format!("\"id\": {i}}}")))
+            .collect();
+        for row in &rows {
+            d.feed(&message("chorus", row)).unwrap();
+        }
+        let txn = d.feed(&commit()).unwrap().unwrap();
+        assert_eq!(txn.changes.len(), SPILL_AFTER + 5);
+        assert!(txn.changes.in_memory().is_none(), "spilled");
+        // Read back in order, twice (each apply attempt reads it again),
+        // also from a copy.
+        for changes in [&txn.changes, &txn.clone().changes] {
+            let mut reader = changes.reader();
+            let mut out = String::new();
+            for row in &rows {
+                out.clear();
+                assert!(reader.read_into(&mut out).unwrap());
+                assert_eq!(&out, row);
+            }
+            assert!(!reader.read_into(&mut out).unwrap());
+        }
+        // The next transaction starts in memory again.
+        d.feed(&begin()).unwrap();
+        d.feed(&message("chorus", ROW)).unwrap();
+        let small = d.feed(&commit()).unwrap().unwrap();
+        assert_eq!(small.changes.in_memory(), Some(&[ROW.to_owned()][..]));
+    }
+
+    #[test]
     fn messages_that_are_not_chorus_records_are_skipped_and_reported() {
         let mut d = PgOutputDecoder::default();
         d.feed(&begin()).unwrap();
@@ -537,7 +694,7 @@ mod tests {
         }
         d.feed(&message("chorus:1", ROW)).unwrap();
         let kept = d.feed(&commit()).unwrap().unwrap();
-        assert_eq!(kept.changes, vec![ROW]);
+        assert_eq!(kept.changes.in_memory(), Some(&[ROW.to_owned()][..]));
         assert_eq!(kept.horizon, None);
         let reasons: Vec<&str> = d.take_rejected().iter().map(|r| r.reason).collect();
         assert_eq!(
