@@ -7,7 +7,6 @@
 //! replication streams carry every change to the other backends, and the
 //! nodes order DDL through Raft. docs/architecture.md is the map.
 
-pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod backoff;
@@ -22,6 +21,7 @@ pub mod frontend;
 pub mod localpg;
 pub mod metrics;
 pub mod node;
+pub mod ops;
 pub mod protocol;
 pub mod reconcile;
 pub mod replication;

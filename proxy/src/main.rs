@@ -55,6 +55,17 @@ enum Command {
         #[arg(required = true)]
         tables: Vec<String>,
     },
+    /// Read a plain PostgreSQL database before adopting it and list what
+    /// behaves differently once several nodes write to it, each with what
+    /// Chorus does about it. Reads the catalog only.
+    Assess {
+        /// Connection string of the database (libpq key=value or URL).
+        #[arg(long)]
+        dsn: String,
+        /// Print JSON instead of the readable report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make existing local sequences (of adopted tables, say) global on
     /// every backend: values already handed out stay below every later one.
     ConvertSequences {
@@ -192,7 +203,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let config = Config::load(&config)?;
             let adopted =
-                runtime.block_on(chorus_proxy::admin::adopt(&config, &tables, keyless))?;
+                runtime.block_on(chorus_proxy::ops::admin::adopt(&config, &tables, keyless))?;
             for name in adopted {
                 println!("adopted {name} on {} backends", config.backends.len());
             }
@@ -213,7 +224,7 @@ fn main() -> anyhow::Result<()> {
                 kind == "snowflake" || kind == "galloc",
                 "--kind must be snowflake or galloc"
             );
-            let converted = runtime.block_on(chorus_proxy::admin::convert_sequences(
+            let converted = runtime.block_on(chorus_proxy::ops::admin::convert_sequences(
                 &config,
                 &sequences,
                 &kind,
@@ -224,9 +235,25 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Assess { dsn, json } => {
+            let assessment = runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                    .await
+                    .with_context(|| "connecting to --dsn".to_owned())?;
+                tokio::spawn(connection);
+                anyhow::Ok(chorus_proxy::ops::assess::assess(&client).await?)
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&assessment)?);
+            } else {
+                print!("{}", assessment.render());
+            }
+            Ok(())
+        }
         Command::Reconcile { config } => {
             let config = Config::load(&config)?;
-            let (report, missing) = runtime.block_on(chorus_proxy::admin::reconcile(&config))?;
+            let (report, missing) =
+                runtime.block_on(chorus_proxy::ops::admin::reconcile(&config))?;
             if !missing.is_empty() {
                 println!("not reached: {}", missing.join(", "));
             }
@@ -267,7 +294,7 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(leaving) = leaving {
                 let (dropped, missing) =
-                    runtime.block_on(chorus_proxy::admin::drop_slots_of(&config, &leaving))?;
+                    runtime.block_on(chorus_proxy::ops::admin::drop_slots_of(&config, &leaving))?;
                 for slot in &dropped {
                     println!("dropped slot {slot}");
                 }
