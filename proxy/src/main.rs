@@ -89,6 +89,32 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Compare the rows of every replicated table (or of --table) on every
+    /// backend; exits with 1 when some differ. Reads each table in one
+    /// snapshot per backend and blocks no writer.
+    Check {
+        /// Configuration file of any node of the cluster.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (repeatable).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Reconcile the tables that differ (the newest version wins, as in
+        /// the apply), then compare them again.
+        #[arg(long)]
+        repair: bool,
+        /// How long differing rows are read again before they count (a row
+        /// still on its way is not a difference).
+        #[arg(long, default_value_t = 5000)]
+        settle_ms: u64,
+        /// Print JSON instead of the readable report.
+        #[arg(long)]
+        json: bool,
+        /// Also write the result as Prometheus metrics to this file (for
+        /// node_exporter's textfile collector).
+        #[arg(long)]
+        metrics_file: Option<PathBuf>,
+    },
     /// Change the cluster's Raft membership, through any running node.
     Cluster {
         #[command(subcommand)]
@@ -247,6 +273,36 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&assessment)?);
             } else {
                 print!("{}", assessment.render());
+            }
+            Ok(())
+        }
+        Command::Check {
+            config,
+            tables,
+            repair,
+            settle_ms,
+            json,
+            metrics_file,
+        } => {
+            let config = Config::load(&config)?;
+            let options = chorus_proxy::ops::check::CheckOptions {
+                settle: std::time::Duration::from_millis(settle_ms),
+                ..Default::default()
+            };
+            let report = runtime.block_on(chorus_proxy::ops::admin::check(
+                &config, &tables, options, repair,
+            ))?;
+            if let Some(path) = metrics_file {
+                std::fs::write(&path, report.metrics())
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            if !report.differences.is_empty() {
+                std::process::exit(1);
             }
             Ok(())
         }

@@ -35,14 +35,25 @@ pub struct Report {
 /// Make every backend in `backends` (name, connection) hold the newest
 /// version of every row of every replicated table that any of them has.
 pub async fn reconcile(backends: &[(String, Client)]) -> Result<Report, tokio_postgres::Error> {
+    reconcile_tables(backends, None).await
+}
+
+/// The same for the replicated tables named in `only` (as
+/// `chorus.replicated_table` names them), or for all.
+pub async fn reconcile_tables(
+    backends: &[(String, Client)],
+    only: Option<&[String]>,
+) -> Result<Report, tokio_postgres::Error> {
     let mut report = Report::default();
     let Some((_, first)) = backends.first() else {
         return Ok(report);
     };
+    let only: Option<Vec<String>> = only.map(<[String]>::to_vec);
     let tables: Vec<(String, Vec<String>)> = first
         .query(
-            "SELECT tbl, pk_columns FROM chorus.replicated_table WHERE NOT keyless ORDER BY tbl",
-            &[],
+            "SELECT tbl, pk_columns FROM chorus.replicated_table \
+              WHERE NOT keyless AND ($1::text[] IS NULL OR tbl = ANY($1)) ORDER BY tbl",
+            &[&only],
         )
         .await?
         .iter()

@@ -256,3 +256,39 @@ pub async fn adopt(
 ) -> Result<Vec<String>, AdminError> {
     on_every_backend(config, tables, capture::ADOPT_SQL, &[&keyless]).await
 }
+
+/// Compare the rows of the replicated tables (or of `tables`, named as in
+/// SQL) on every backend, all of which must answer (see check.rs).
+pub async fn check(
+    config: &Config,
+    tables: &[String],
+    mut options: super::check::CheckOptions,
+    repair: bool,
+) -> Result<super::check::CheckReport, AdminError> {
+    let clients: Vec<(String, tokio_postgres::Client)> = connect_all(config)
+        .await?
+        .into_iter()
+        .map(|(name, client)| (name.to_owned(), client))
+        .collect();
+    let Some((first_name, first)) = clients.first() else {
+        return Err(AdminError::NoReplication);
+    };
+    for table in tables {
+        let name: String = first
+            .query_one(
+                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+                   JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::text::regclass",
+                &[table],
+            )
+            .await
+            .map_err(|e| AdminError::from_sql(first_name, e))?
+            .get(0);
+        options.tables.push(name);
+    }
+    super::check::check(&clients, &options, repair)
+        .await
+        .map_err(|e| AdminError::Backend {
+            backend: "check".into(),
+            source: ReplicationError::Sql(e),
+        })
+}

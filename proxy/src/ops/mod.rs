@@ -1,6 +1,8 @@
 //! What an operator runs against the cluster's backends from the command
-//! line: administrative commands that act on every backend (`admin`), and
-//! the assessment of a database before adoption (`assess`).
+//! line: administrative commands that act on every backend (`admin`), the
+//! assessment of a database before adoption (`assess`), and the comparison
+//! of the backends' rows (`check`).
 
 pub mod admin;
 pub mod assess;
+pub mod check;
