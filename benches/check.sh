@@ -27,6 +27,7 @@ node1=$(port_of "node 1")
         printf '[[backends]]\nname = "pg%s"\nport = %s\n' "$b" "$(port_of "backend $b")"
     done
     printf '[replication]\nuser = "postgres"\n'
+    printf '[cluster]\nraft_listen = "127.0.0.1:1"\nsecret = "unused"\ndata_dir = "%s/raft"\n' "$WORK"
 } > "$WORK/check.toml"
 
 q -p "$node1" -c "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text, balance numeric, opened date)"

@@ -326,18 +326,27 @@ async fn check_table(
     report: &mut CheckReport,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
     let first = &backends[0].1;
-    let estimate: f64 = first
+    // The planner's row estimate, or a count where it has none yet (a
+    // table never analyzed).
+    let mut estimate: f64 = first
         .query_one(
-            "SELECT greatest(c.reltuples, 0)::float8 FROM pg_class c WHERE c.oid = $1::text::regclass",
+            "SELECT c.reltuples::float8 FROM pg_class c WHERE c.oid = $1::text::regclass",
             &[&table.name],
         )
         .await?
         .get(0);
-    let buckets = ((estimate / options.bucket_rows.max(1) as f64).ceil() as i64).max(1);
-    let mut sums = Vec::new();
-    for (_, client) in backends {
-        sums.push(bucket_sums(client, table, buckets).await?);
+    if estimate <= 0.0 {
+        let sql = format!("SELECT count(*)::float8 FROM {}", table.name);
+        estimate = first.query_one(&sql, &[]).await?.get(0);
     }
+    let buckets = ((estimate / options.bucket_rows.max(1) as f64).ceil() as i64).max(1);
+    // Every backend at once (each reads its own table).
+    let sums: Vec<Sums> = futures_util::future::try_join_all(
+        backends
+            .iter()
+            .map(|(_, client)| bucket_sums(client, table, buckets)),
+    )
+    .await?;
     report.rows += sums[0].values().map(|(n, _)| *n as u64).sum::<u64>();
     report.buckets += buckets as u64;
     let all: BTreeSet<i64> = sums.iter().flat_map(|s| s.keys().copied()).collect();
