@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One transaction of N rows into a table with a primary key: its time on a
 # plain PostgreSQL, its time through node 1 of a three-node Chorus cluster,
-# and how long after its commit both peers hold every row. Both setups run
-# in this one run, one after the other (the plain one alone, then the
-# cluster), on this machine.
+# and how long after its commit every backend holds the same rows, and the
+# nodes' peak memory. Both setups run in this one run, one after the other
+# (the plain one alone, then the cluster), on this machine. With ALL=1 the
+# cluster then also runs an UPDATE of every row, a DELETE of every row and
+# a COPY (psql's \copy) of N rows, each one transaction through node 1.
 #
-# Usage: N=1000000 bash benches/bulk.sh
+# Usage: [ALL=1] N=1000000 bash benches/bulk.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,7 +55,7 @@ start cluster 18432
 node1=$(port_of cluster "node 1")
 q -p "$node1" -c "CREATE TABLE bulk (id bigint PRIMARY KEY, v text)"
 # The demo runs its three nodes in one process: its resident memory, every
-# 0.2 s, from the load's start until both peers hold every row.
+# 0.2 s, from the load's start until the last step has converged.
 demo=${PIDS[0]}
 ( peak=0; while kill -0 "$demo" 2>/dev/null; do
       rss=$(ps -o rss= -p "$demo" 2>/dev/null | tr -d ' ')
@@ -62,15 +64,30 @@ demo=${PIDS[0]}
   done ) &
 sampler=$!
 rss_before=$(ps -o rss= -p "$demo" | tr -d ' ')
-t0=$(now)
-q -p "$node1" -c "$load"
-t1=$(now)
-for b in 2 3; do
-    p=$(port_of cluster "backend $b")
-    until [ "$(q -p "$p" -c 'SELECT count(*) FROM bulk' 2>/dev/null)" = "$N" ]; do sleep 0.2; done
-done
-t2=$(now)
+# step NAME ARGS...: run psql ARGS through node 1 (one transaction), then
+# wait until all three backends hold the same rows; print both times.
+state="SELECT count(*) || md5(coalesce(string_agg(id || v, ',' ORDER BY id), '')) FROM bulk"
+step() {
+    local name=$1
+    shift
+    local t0 t1 t2 want p
+    t0=$(now)
+    q -p "$node1" "$@"
+    t1=$(now)
+    want=$(q -p "$(port_of cluster "backend 1")" -c "$state")
+    for b in 2 3; do
+        p=$(port_of cluster "backend $b")
+        until [ "$(q -p "$p" -c "$state" 2>/dev/null)" = "$want" ]; do sleep 0.5; done
+    done
+    t2=$(now)
+    echo "$name through node 1 of 3: $(echo "$t1 - $t0" | bc) s; every backend identical $(echo "$t2 - $t1" | bc) s after its commit"
+}
+step "INSERT of $N rows in one transaction" -c "$load"
+if [ -n "${ALL:-}" ]; then
+    step "UPDATE of every row" -c "UPDATE bulk SET v = v || ' updated'"
+    step "DELETE of every row" -c "DELETE FROM bulk"
+    seq 1 "$N" | sed 's/$/\tcopied/' > "$WORK/rows.tsv"
+    step "COPY of $N rows" -c "\\copy bulk FROM '$WORK/rows.tsv'"
+fi
 kill "$sampler" 2>/dev/null || true
-echo "through node 1 of 3: $N rows in one transaction in $(echo "$t1 - $t0" | bc) s"
-echo "both peers hold every row $(echo "$t2 - $t1" | bc) s after the commit"
 echo "chorus demo process (3 nodes) resident memory: $((rss_before / 1024)) MiB before, peak $(($(cat "$WORK/rss") / 1024)) MiB"

@@ -148,15 +148,6 @@ impl Changes {
     }
 }
 
-impl From<Vec<String>> for Changes {
-    fn from(memory: Vec<String>) -> Changes {
-        Changes {
-            memory,
-            spilled: None,
-        }
-    }
-}
-
 /// Reads a transaction's records in order (see [`Changes::reader`]).
 pub struct ChangesReader<'a> {
     changes: &'a Changes,
