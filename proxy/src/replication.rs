@@ -606,6 +606,22 @@ pub(crate) async fn drive(
             origin_backend.name
         )));
     }
+    // The backend's sequence id (its owner's, from the Raft state), which
+    // the apply of DDL into it needs: recorded by its driver too, so that a
+    // backend whose own node stopped before recording it (see
+    // sequences.rs) does not hold every stream into it up.
+    let sequence_id = node.consensus().and_then(|c| {
+        c.state()
+            .read(|s| s.sequence_ids.get(&u64::from(owner)).copied())
+    });
+    if let Some(id) = sequence_id {
+        origin
+            .execute(
+                "UPDATE chorus.local SET sequence_id = $1 WHERE sequence_id IS DISTINCT FROM $1",
+                &[&i32::from(id)],
+            )
+            .await?;
+    }
     let prefix = format!("chorus\\_{owner}\\_to\\_%");
     let ended = origin
         .execute(
