@@ -13,13 +13,9 @@ cd "$(dirname "$0")/.."
 
 N=${N:-1000000}
 STEP=100000
-PSQL=$(ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -1)
-PSQL=${PSQL:-psql}
 PORT=${PORT:-19432}
 source benches/demo.sh
 
-port_of() { sed -n "s|^$1: postgres://postgres@127.0.0.1:\([0-9]*\)/.*|\1|p" "$WORK/demo.out"; }
-q() { "$PSQL" -X -qAt -h 127.0.0.1 -U postgres -d postgres "$@"; }
 now() { date +%s.%N; }
 node1=$(port_of "node 1")
 node2=$(port_of "node 2")
