@@ -303,10 +303,21 @@ async fn startup(
     if minor > 0 || !unrecognized.is_empty() {
         protocol::negotiate_protocol_version(&mut out, &unrecognized);
     }
+    // In the replicated database the backend session knows from its first
+    // statement that it serves a client of this node (`chorus.origin`, as
+    // every stamp sets it), so that DDL a function runs there before any
+    // stamp is replicated or refused, never kept on one backend. Clients do
+    // not set Chorus's own settings this way.
+    let replicated = node
+        .config
+        .replication
+        .as_ref()
+        .is_some_and(|r| r.database == database);
     let forwarded: Vec<(String, String)> = params
         .iter()
-        .filter(|(k, _)| !k.starts_with("_pq_."))
+        .filter(|(k, _)| !(k.starts_with("_pq_.") || (replicated && k.starts_with("chorus."))))
         .cloned()
+        .chain(replicated.then(|| ("chorus.origin".to_owned(), node.config.node.id.to_string())))
         .collect();
 
     authenticate(node, client, peer, &user, &database, &mut out).await?;
@@ -727,6 +738,14 @@ impl RelayState {
             }),
             record_staged: false,
         })
+    }
+
+    /// The backend session still holds the number of a lease given back
+    /// (or a refusal): the next statement, whatever it is, gets a stamp
+    /// that clears it, so that DDL a function runs there cannot pass for
+    /// one under the lease.
+    fn ddl_settings_stale(&self) -> bool {
+        self.ddl_lease.load(Ordering::SeqCst) == 0 && self.ddl_settings_sent.load(Ordering::SeqCst)
     }
 
     /// Note that a stamp with these DDL settings went out.
@@ -1287,7 +1306,9 @@ where
                         return Ok(Flow::Await);
                     }
                     *batch_start = false;
-                    if replicating && frontend.batch_stamps(tag, body, rest) {
+                    if replicating
+                        && (frontend.batch_stamps(tag, body, rest) || state.ddl_settings_stale())
+                    {
                         stamp = Some(StampKind::Extended);
                     }
                 }
@@ -1351,20 +1372,21 @@ where
                     if replicating && ddl > 0 && !state.ddl_is_local() {
                         let text = sql();
                         let statements: Vec<&str> = split_statements(&text).collect();
+                        // (A DO block is DDL for the lease only: the
+                        // backend takes the text of each statement it runs
+                        // from the block itself.)
                         let ddl_statements: Vec<&str> = statements
                             .iter()
                             .copied()
-                            .filter(|st| chorus_router::classify(st) == StatementClass::Ddl)
+                            .filter(|st| {
+                                chorus_router::classify(st) == StatementClass::Ddl
+                                    && !first_keyword(st)
+                                        .is_some_and(|(w, _)| w.eq_ignore_ascii_case("DO"))
+                            })
                             .collect();
                         let by_log = ddl_statements
                             .iter()
                             .any(|st| ddl_route(st) == DdlRoute::Log);
-                        let runs_code = statements.len() > 1
-                            && statements.iter().any(|st| {
-                                first_keyword(st).is_some_and(|(w, _)| {
-                                    w.eq_ignore_ascii_case("DO") || w.eq_ignore_ascii_case("CALL")
-                                })
-                            });
                         let in_block = state.tx_status.load(Ordering::Relaxed) == b'T';
                         let refusal = if by_log && summary.statements() > ddl {
                             Some((
@@ -1373,11 +1395,8 @@ where
                             ))
                         } else if by_log && in_block && ddl::alter_sequence(&text) {
                             Some((ddl::ALTER_SEQUENCE.message, ddl::ALTER_SEQUENCE.hint))
-                        } else if runs_code {
-                            Some((
-                                "a query string that mixes DDL with DO or CALL cannot be replicated",
-                                "Send the DO block or CALL as its own query.",
-                            ))
+                        } else if ddl_statements.iter().any(|st| explained(st)) {
+                            Some((EXPLAINED_DDL.message, EXPLAINED_DDL.hint))
                         } else {
                             None
                         };
@@ -1436,7 +1455,7 @@ where
                             return Ok(Flow::Replace(ddl::validation_query(&sql())));
                         }
                     }
-                    if replicating && query_stamps(&summary) {
+                    if replicating && (query_stamps(&summary) || state.ddl_settings_stale()) {
                         stamp = Some(StampKind::Query);
                     }
                 }
@@ -1471,6 +1490,28 @@ where
                         remember_prepared(state, b'P', &out[5..]);
                         return Ok(Flow::Replace(out));
                     }
+                }
+                FrontendEvent::Parsed(StatementClass::Ddl)
+                    if replicating
+                        && !state.ddl_is_local()
+                        && explained(
+                            protocol::read_cstr(body)
+                                .and_then(|(_, rest)| protocol::read_cstr(rest))
+                                .map_or("", |(sql, _)| sql),
+                        ) =>
+                {
+                    let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
+                    let mut out = BytesMut::new();
+                    protocol::write_message(&mut out, b'P', |m| {
+                        protocol::put_cstr(m, name);
+                        protocol::put_cstr(
+                            m,
+                            &refusal_sql("0A000", EXPLAINED_DDL.message, EXPLAINED_DDL.hint),
+                        );
+                        m.extend_from_slice(&0i16.to_be_bytes());
+                    });
+                    remember_prepared(state, b'P', &out[5..]);
+                    return Ok(Flow::Replace(out));
                 }
                 FrontendEvent::Parsed(StatementClass::Ddl)
                     if replicating
@@ -1694,6 +1735,20 @@ const LARGE_OBJECTS: RefusedCall = RefusedCall {
 };
 
 const REFUSED_CALLS: [&RefusedCall; 2] = [&SETVAL, &LARGE_OBJECTS];
+
+/// `EXPLAIN ANALYZE CREATE TABLE … AS` (or `SELECT … INTO`, `CREATE
+/// MATERIALIZED VIEW`) makes its table without firing PostgreSQL's event
+/// triggers: it would exist on one backend only.
+const EXPLAINED_DDL: RefusedCall = RefusedCall {
+    names: &[],
+    message: "EXPLAIN ANALYZE of a statement that makes a table cannot be replicated",
+    hint: "Run the statement itself, and EXPLAIN ANALYZE its query alone.",
+};
+
+/// Whether a DDL statement is one run under EXPLAIN ANALYZE.
+fn explained(sql: &str) -> bool {
+    first_keyword(sql).is_some_and(|(w, _)| w.eq_ignore_ascii_case("EXPLAIN"))
+}
 
 /// The refusal for a statement that calls one of [`REFUSED_CALLS`]
 /// (a name followed by `(`, case-insensitive; text in quotes is not told

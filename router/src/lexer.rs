@@ -423,3 +423,30 @@ pub(crate) fn contains_word(rest: &str, word: &str) -> bool {
     }
     false
 }
+
+/// Whether any of `words` (upper case) occurs in `text` as a word, read
+/// without regard to literals, quoted names or comments: for the body of a
+/// `DO` block, which is itself a literal (any mention counts).
+pub(crate) fn mentions_any(text: &str, words: &[&str]) -> bool {
+    text.as_bytes()
+        .split(|&b| !is_word_char(b) || b == b'$')
+        .any(|w| {
+            words
+                .iter()
+                .any(|word| w.eq_ignore_ascii_case(word.as_bytes()))
+        })
+}
+
+/// For `EXPLAIN [ANALYZE] [VERBOSE] [(options)] statement`: whether the
+/// statement is a `CREATE` (`CREATE TABLE … AS`, `CREATE MATERIALIZED
+/// VIEW`), which sqlparser does not parse after EXPLAIN.
+pub(crate) fn explains_create(rest: &str) -> bool {
+    top_level_words(rest)
+        .map(|(word, _)| word)
+        .find(|word| {
+            !["ANALYZE", "ANALYSE", "VERBOSE"]
+                .iter()
+                .any(|option| word.eq_ignore_ascii_case(option))
+        })
+        .is_some_and(|word| word.eq_ignore_ascii_case("CREATE"))
+}

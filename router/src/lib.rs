@@ -44,10 +44,12 @@ pub enum StatementClass {
     Maintenance,
     /// Changes rows: `INSERT`, `UPDATE`, `DELETE`, `MERGE`, `TRUNCATE`,
     /// `COPY … FROM`, writable CTEs, `SELECT nextval()`, `SELECT … FOR
-    /// UPDATE`, `EXPLAIN ANALYZE <write>`, `DO` blocks and `CALL`.
+    /// UPDATE`, `EXPLAIN ANALYZE <write>`, `CALL`, and `DO` blocks that
+    /// cannot run DDL.
     Write,
     /// Changes the schema or privileges: `CREATE`, `ALTER`, `DROP`,
-    /// `COMMENT`, `GRANT`, `REVOKE`, `SELECT … INTO`, …
+    /// `COMMENT`, `GRANT`, `REVOKE`, `SELECT … INTO`, `DO` blocks whose
+    /// code may run DDL, …
     Ddl,
 }
 
@@ -113,6 +115,12 @@ pub fn classify_query(sql: &str) -> QuerySummary {
     summary
 }
 
+/// The words by which the code of a `DO` block may run DDL.
+const DDL_IN_CODE: &[&str] = &[
+    "CREATE", "ALTER", "DROP", "COMMENT", "GRANT", "REVOKE", "SECURITY", "IMPORT", "REFRESH",
+    "REASSIGN", "EXECUTE", "PERFORM", "CALL",
+];
+
 /// Classify one statement (text without a separating `;`).
 ///
 /// Empty text (only white space and comments) is `Session`: it changes
@@ -140,9 +148,15 @@ pub fn classify(statement: &str) -> StatementClass {
             }
         }
         b"WITH" => parsed::classify_parsed(statement),
-        b"INSERT" | b"UPDATE" | b"DELETE" | b"MERGE" | b"TRUNCATE" | b"LOCK" | b"CALL" | b"DO" => {
+        b"INSERT" | b"UPDATE" | b"DELETE" | b"MERGE" | b"TRUNCATE" | b"LOCK" | b"CALL" => {
             StatementClass::Write
         }
+        // A DO block whose code may run DDL (it names a DDL command, runs
+        // dynamic SQL or calls a function or procedure, which may) is DDL:
+        // it takes the cluster DDL lease, and the backend replicates each
+        // statement it runs. Other DO blocks only change rows.
+        b"DO" if lexer::mentions_any(rest, DDL_IN_CODE) => StatementClass::Ddl,
+        b"DO" => StatementClass::Write,
         b"COPY" => lexer::copy_direction(rest),
         b"CREATE" | b"ALTER" | b"DROP" | b"COMMENT" | b"GRANT" | b"REVOKE" | b"SECURITY"
         | b"IMPORT" | b"REFRESH" | b"REASSIGN" => StatementClass::Ddl,
@@ -171,6 +185,9 @@ pub fn classify(statement: &str) -> StatementClass {
         },
         b"EXPLAIN" => {
             if lexer::contains_word(rest, "ANALYZE") || lexer::contains_word(rest, "ANALYSE") {
+                if lexer::explains_create(rest) {
+                    return StatementClass::Ddl;
+                }
                 parsed::classify_parsed(statement)
             } else {
                 StatementClass::Read

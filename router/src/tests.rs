@@ -105,6 +105,42 @@ fn common_ddl() {
 }
 
 #[test]
+fn explain_analyze_of_a_table_making_statement_is_ddl() {
+    for sql in [
+        "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+        "explain (analyze, costs off) select 1 as x into t",
+        "EXPLAIN ANALYZE CREATE MATERIALIZED VIEW mv AS SELECT 1",
+    ] {
+        assert_eq!(class(sql), Ddl, "{sql}");
+    }
+    assert_eq!(class("EXPLAIN CREATE TABLE t AS SELECT 1"), Read);
+}
+
+#[test]
+fn do_blocks_that_may_run_ddl_are_ddl() {
+    let ddl = [
+        "DO $$ BEGIN CREATE TYPE mood AS ENUM ('sad', 'ok'); EXCEPTION WHEN duplicate_object THEN null; END $$",
+        "do $x$begin execute 'create table t (id int)'; end$x$",
+        "DO LANGUAGE plpgsql 'BEGIN PERFORM make_tables(); END'",
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'i') THEN create index i ON t (v); END IF; END $$",
+        "DO $$BEGIN CALL migrate();END$$",
+    ];
+    for sql in ddl {
+        assert_eq!(class(sql), Ddl, "{sql}");
+        assert_eq!(ddl_route(sql), DdlRoute::Stream, "{sql}");
+    }
+    let rows_only = [
+        "DO $$ BEGIN UPDATE t SET v = v + 1; INSERT INTO log VALUES (now()); END $$",
+        "DO $$ DECLARE n int; BEGIN SELECT count(*) INTO n FROM t; RAISE NOTICE '%', n; END $$",
+        // (A word that only contains one is not one.)
+        "DO $$ BEGIN INSERT INTO created_rows (dropped) VALUES (true); END $$",
+    ];
+    for sql in rows_only {
+        assert_eq!(class(sql), Write, "{sql}");
+    }
+}
+
+#[test]
 fn statements_that_look_like_reads_but_write() {
     let cases = [
         "WITH moved AS (DELETE FROM a WHERE x < 10 RETURNING *) INSERT INTO b SELECT * FROM moved",

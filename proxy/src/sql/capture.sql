@@ -916,6 +916,165 @@ BEGIN
 END
 $$;
 
+-- Whether `q` is one statement: no `;` but at its end, reading literals,
+-- quoted names, dollar quotes and comments as PostgreSQL's lexer does. (A
+-- function body in `BEGIN ATOMIC … END` counts as several.) It walks the
+-- bytes once: DDL run from a function can be long (a CREATE FUNCTION).
+CREATE OR REPLACE FUNCTION chorus.single_statement(q text) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    b bytea := convert_to(q, 'UTF8');
+    n integer := length(b);
+    i integer := 0;
+    c integer;
+    e integer;
+    depth integer;
+    quote bytea;
+    escapes boolean;
+    ended boolean := false;
+BEGIN
+    WHILE i < n LOOP
+        c := get_byte(b, i);
+        IF c IN (9, 10, 11, 12, 13, 32) THEN
+            i := i + 1;
+        ELSIF c = 45 AND i + 1 < n AND get_byte(b, i + 1) = 45 THEN
+            -- -- to the end of the line
+            e := position('\x0a'::bytea IN substring(b FROM i + 1));
+            i := CASE WHEN e = 0 THEN n ELSE i + e END;
+        ELSIF c = 47 AND i + 1 < n AND get_byte(b, i + 1) = 42 THEN
+            -- /* … */, nested
+            depth := 1;
+            i := i + 2;
+            WHILE i < n AND depth > 0 LOOP
+                IF get_byte(b, i) = 47 AND i + 1 < n AND get_byte(b, i + 1) = 42 THEN
+                    depth := depth + 1;
+                    i := i + 2;
+                ELSIF get_byte(b, i) = 42 AND i + 1 < n AND get_byte(b, i + 1) = 47 THEN
+                    depth := depth - 1;
+                    i := i + 2;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+        ELSIF ended THEN
+            -- Something after a `;`.
+            RETURN false;
+        ELSIF c = 59 THEN
+            ended := true;
+            i := i + 1;
+        ELSIF c IN (39, 34) THEN
+            -- '…' (E'…' with backslash escapes) or "…", a doubled quote
+            -- inside
+            escapes := c = 39
+                       AND ((i > 0 AND get_byte(b, i - 1) IN (69, 101)
+                             AND (i = 1 OR NOT (get_byte(b, i - 2) >= 128
+                                                OR chr(get_byte(b, i - 2)) ~ '[A-Za-z0-9_$]')))
+                            OR current_setting('standard_conforming_strings') = 'off');
+            i := i + 1;
+            LOOP
+                EXIT WHEN i >= n;
+                IF escapes AND get_byte(b, i) = 92 THEN
+                    i := i + 2;
+                ELSIF get_byte(b, i) = c THEN
+                    i := i + 1;
+                    EXIT WHEN i >= n OR get_byte(b, i) <> c;
+                    i := i + 1;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+        ELSIF c = 36 AND NOT (i > 0 AND (chr(get_byte(b, i - 1)) ~ '[A-Za-z0-9_$]' OR get_byte(b, i - 1) >= 128)) THEN
+            -- $tag$ … $tag$ (a `$` not inside a name; $1 is a parameter)
+            e := i + 1;
+            WHILE e < n AND (chr(get_byte(b, e)) ~ '[A-Za-z_]' OR get_byte(b, e) >= 128
+                             OR (e > i + 1 AND chr(get_byte(b, e)) ~ '[0-9]')) LOOP
+                e := e + 1;
+            END LOOP;
+            IF e < n AND get_byte(b, e) = 36 THEN
+                quote := substring(b FROM i + 1 FOR e - i + 1);
+                depth := position(quote IN substring(b FROM e + 2));
+                i := CASE WHEN depth = 0 THEN n ELSE e + depth + length(quote) END;
+            ELSE
+                i := i + 1;
+            END IF;
+        ELSE
+            i := i + 1;
+        END IF;
+    END LOOP;
+    RETURN true;
+END
+$$;
+
+-- Where the DDL statement this event trigger fires for comes from. A
+-- statement the client sent has no frame below this trigger's own in
+-- PostgreSQL's context stack (GET DIAGNOSTICS … PG_CONTEXT); one that a
+-- function or a DO block ran has the frames of its callers: for PL/pgSQL's
+-- SQL statements and EXECUTE (and any SPI query), `SQL statement "<its
+-- text>"` first. (An SQL-language function's statement shows as `SQL
+-- function "f" statement N`, without its text: `statement` is NULL.)
+-- `definer` is the owner of the innermost SECURITY DEFINER function among
+-- the callers, the role the statement ran as; `unsure` names a caller that
+-- may be SECURITY DEFINER but could not be told apart from others of its
+-- name.
+CREATE OR REPLACE FUNCTION chorus.nested_ddl(user_path text, OUT nested boolean, OUT statement text,
+                                             OUT definer text, OUT unsure text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    stack text;
+    marker text := E'\nPL/pgSQL function chorus.capture_ddl() line ';
+    at integer;
+    line text;
+    signature text;
+    name text;
+    fn regprocedure;
+BEGIN
+    nested := false;
+    GET DIAGNOSTICS stack = PG_CONTEXT;
+    at := position(marker IN stack);
+    IF at = 0 THEN
+        RETURN;
+    END IF;
+    stack := substr(stack, at + length(marker));
+    at := position(E'\n' IN stack);
+    IF at = 0 THEN
+        RETURN;
+    END IF;
+    stack := substr(stack, at + 1);
+    nested := true;
+    -- The text ends at the first quote followed by a caller's frame (or
+    -- at the last quote, when no frame follows: a C function's SPI).
+    statement := substring(stack FROM E'^SQL statement "(.*?)"\\n(?:PL/[^\\n]* function |SQL function ")');
+    IF statement IS NULL THEN
+        statement := substring(stack FROM E'^SQL statement "(.*)"$');
+    END IF;
+    FOR line IN SELECT l.l FROM regexp_split_to_table(stack, E'\n') WITH ORDINALITY AS l(l, n) ORDER BY l.n LOOP
+        IF line ~ '^PL/pgSQL function .* line [0-9]+ at ' THEN
+            signature := substring(line FROM '^PL/pgSQL function (.*) line [0-9]+ at ');
+            CONTINUE WHEN signature = 'inline_code_block';
+            -- (Printed as the function's path showed it when compiled.)
+            PERFORM set_config('search_path', user_path, true);
+            fn := to_regprocedure(signature);
+            PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+            name := regexp_replace(regexp_replace(signature, E'\\(.*$', ''), E'^.*\\.', '');
+        ELSIF line ~ '^(SQL|PL/[A-Za-z]+) function "' THEN
+            fn := NULL;
+            name := substring(line FROM '^(?:SQL|PL/[A-Za-z]+) function "(.*?)"');
+        ELSE
+            CONTINUE;
+        END IF;
+        IF fn IS NOT NULL THEN
+            IF (SELECT p.prosecdef FROM pg_proc p WHERE p.oid = fn) THEN
+                SELECT pg_get_userbyid(p.proowner)::text INTO definer FROM pg_proc p WHERE p.oid = fn;
+                RETURN;
+            END IF;
+        ELSIF EXISTS (SELECT 1 FROM pg_proc p WHERE p.proname = btrim(name, '"') AND p.prosecdef) THEN
+            unsure := name;
+            RETURN;
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- What a CREATE TABLE AS or SELECT INTO made, as a plain CREATE TABLE:
 -- peers make the table from it and get the rows as changes, so the query
 -- is never evaluated again elsewhere.
@@ -1070,6 +1229,7 @@ DECLARE
     kind text;
     block text;
     kept text := coalesce(current_setting('chorus.drop_kept', true), '');
+    caller record;
     depth integer := coalesce(nullif(current_setting('chorus.ddl_depth', true), ''), '1')::integer;
 BEGIN
     -- A statement that another DDL statement ran comes with that one,
@@ -1098,8 +1258,19 @@ BEGIN
     END IF;
     -- The client's statement, taken now whether or not it replicates: the
     -- staged statements of a query string are taken in order, one for
-    -- each statement that fires this trigger.
-    statement := chorus.ddl_statement(tg_tag);
+    -- each statement that fires this trigger. A statement that a function
+    -- or DO block ran is its own text (one statement, of the command's
+    -- kind), as the role it ran as.
+    caller := chorus.nested_ddl(user_path);
+    IF caller.nested THEN
+        IF chorus.first_word(caller.statement) = split_part(tg_tag, ' ', 1)
+           AND chorus.single_statement(caller.statement) THEN
+            statement := caller.statement;
+        END IF;
+        role_name := coalesce(caller.definer, role_name);
+    ELSE
+        statement := chorus.ddl_statement(tg_tag);
+    END IF;
     -- A cast to json or jsonb is what to_jsonb runs of a type's owner
     -- inside capture (which runs as the chorus schema's owner).
     IF tg_tag = 'CREATE CAST'
@@ -1134,7 +1305,7 @@ BEGIN
     END IF;
     -- A DROP … IF EXISTS run from a function that found nothing changed
     -- nothing (sql_drop did not fire).
-    IF statement IS NULL AND kept = '' AND tg_tag LIKE 'DROP %' AND tg_tag <> 'DROP OWNED' THEN
+    IF (statement IS NULL OR caller.nested) AND kept = '' AND tg_tag LIKE 'DROP %' AND tg_tag <> 'DROP OWNED' THEN
         replicate := false;
     END IF;
     IF replicate THEN
@@ -1162,8 +1333,29 @@ BEGIN
                 USING ERRCODE = split_part(current_setting('chorus.ddl_refusal'), ':', 1),
                       HINT = 'Another transaction with DDL is open in the cluster, or this node cannot reach a Raft majority; retry.';
         END IF;
-        IF statement IS NULL OR lease IS NULL THEN
-            RAISE EXCEPTION '% run from a function or DO block cannot be replicated', tg_tag
+        -- DDL from a function or DO block: the proxy takes the lease for a
+        -- DO block that may run DDL, and for any transaction that sent DDL
+        -- itself; a call in a SELECT or CALL alone it cannot see coming.
+        IF caller.nested
+           AND (lease IS NULL
+                OR (coalesce(current_setting('chorus.ddl_txn', true), '') <> lease::text
+                    AND EXISTS (SELECT 1 FROM chorus.ddl_history h WHERE h.seq = lease))) THEN
+            RAISE EXCEPTION '% run from a function cannot be replicated here: Chorus did not see DDL coming in this transaction', tg_tag
+                USING ERRCODE = '0A000',
+                      HINT = 'Call the function from a DO block (DO $do$ BEGIN PERFORM f(); END $do$), whose DDL Chorus replicates, or send the DDL statement itself; or SET chorus.ddl_scope = ''local'' to run it on this node''s backend only.';
+        END IF;
+        IF caller.unsure IS NOT NULL THEN
+            RAISE EXCEPTION '% run from function % cannot be replicated: a function of that name is SECURITY DEFINER, and Chorus cannot tell which role ran it', tg_tag, caller.unsure
+                USING ERRCODE = '0A000',
+                      HINT = 'Give the function a name no SECURITY DEFINER function has, or send the DDL statement itself; or SET chorus.ddl_scope = ''local'' to run it on this node''s backend only.';
+        END IF;
+        IF statement IS NULL AND caller.nested AND tg_tag NOT IN ('CREATE TABLE AS', 'SELECT INTO') THEN
+            RAISE EXCEPTION '% run from an SQL-language function, or in an EXECUTE of several statements, cannot be replicated', tg_tag
+                USING ERRCODE = '0A000',
+                      HINT = 'Run it from PL/pgSQL, one statement per EXECUTE, or send the DDL statement itself; or SET chorus.ddl_scope = ''local'' to run it on this node''s backend only.';
+        END IF;
+        IF (statement IS NULL AND NOT caller.nested) OR lease IS NULL THEN
+            RAISE EXCEPTION '% cannot be replicated: Chorus did not see this statement', tg_tag
                 USING ERRCODE = '0A000',
                       HINT = 'Send the DDL statement itself through Chorus, or SET chorus.ddl_scope = ''local'' to run it on this node''s backend only.';
         END IF;
