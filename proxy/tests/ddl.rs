@@ -981,6 +981,33 @@ async fn ddl_from_a_do_block_or_function_replicates_or_is_refused_never_left_on_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_event_triggers_see_the_users_ddl_and_not_chorus_own() {
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    one.batch_execute(
+        "CREATE TABLE seen (n bigserial PRIMARY KEY, tag text); \
+         CREATE FUNCTION note_tag() RETURNS event_trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO seen (tag) VALUES (tg_tag); END $$",
+    )
+    .await
+    .unwrap();
+    one.batch_execute("CREATE EVENT TRIGGER noting ON ddl_command_end EXECUTE FUNCTION note_tag()")
+        .await
+        .unwrap();
+    // Chorus adopts the table (its triggers), makes its sequence global
+    // and re-adopts it after the ALTER: none of that is the user's DDL.
+    one.batch_execute(
+        "CREATE TABLE t (id bigserial PRIMARY KEY, v text); ALTER TABLE t ADD COLUMN w int",
+    )
+    .await
+    .unwrap();
+    let tags = "SELECT string_agg(tag, ',' ORDER BY n) FROM seen";
+    let on_origin: String = c.direct(1).await.query_one(tags, &[]).await.unwrap().get(0);
+    assert_eq!(on_origin, "CREATE TABLE,ALTER TABLE");
+    c.converge(tags, 1, &[2, 3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_tables_replicate_their_rows_and_partition_changes() {
     let c = cluster("").await;
     let one = c.via(1).await;

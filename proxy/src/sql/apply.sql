@@ -688,14 +688,22 @@ $$;
 -- ROLE and SET SESSION AUTHORIZATION in any function it calls, so it
 -- cannot reach the applying session's superuser (as it could behind SET
 -- LOCAL ROLE, with RESET ROLE).
+-- (The function's own CREATE and DROP are hidden from the user's event
+-- triggers, as replicas hide them; the statement is not.)
 CREATE OR REPLACE FUNCTION chorus.run_as(role text, statement text) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    prior_role text := current_setting('session_replication_role');
 BEGIN
+    PERFORM set_config('session_replication_role', 'replica', true);
     CREATE FUNCTION pg_temp.chorus_replay(statement text) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER AS 'BEGIN EXECUTE statement; END';
     EXECUTE format('ALTER FUNCTION pg_temp.chorus_replay(text) OWNER TO %I', role);
+    PERFORM set_config('session_replication_role', prior_role, true);
     PERFORM pg_temp.chorus_replay(statement);
+    PERFORM set_config('session_replication_role', 'replica', true);
     DROP FUNCTION pg_temp.chorus_replay(text);
+    PERFORM set_config('session_replication_role', prior_role, true);
 END
 $$;
 

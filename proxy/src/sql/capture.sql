@@ -541,6 +541,7 @@ DECLARE
     gone regclass;
     leaves regclass[];
     textual text[];
+    prior_role text;
 BEGIN
     IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
         rel := pg_partition_root(rel);
@@ -588,6 +589,13 @@ BEGIN
     ELSE
         leaves := ARRAY[rel];
     END IF;
+    -- Chorus's own triggers are not DDL of the user's: the user's event
+    -- triggers (enabled as they are by default, not ALWAYS) do not see
+    -- them come and go, as on the peers, which apply as replicas.
+    prior_role := current_setting('session_replication_role');
+    IF prior_role <> 'replica' THEN
+        PERFORM set_config('session_replication_role', 'replica', true);
+    END IF;
     FOREACH leaf IN ARRAY leaves LOOP
         -- A foreign table's rows are on its foreign server, not here.
         CONTINUE WHEN (SELECT c.relkind FROM pg_class c WHERE c.oid = leaf) = 'f';
@@ -620,6 +628,9 @@ BEGIN
     UPDATE pg_trigger t SET tgisinternal = true
      WHERE t.tgname IN ('chorus_capture', 'chorus_truncate') AND NOT t.tgisinternal
        AND (t.tgrelid = rel OR t.tgrelid = ANY (leaves));
+    IF prior_role <> 'replica' THEN
+        PERFORM set_config('session_replication_role', prior_role, true);
+    END IF;
     -- Former partitions still recording under this name replicate as
     -- tables of their own now.
     FOR gone IN
@@ -1230,6 +1241,7 @@ DECLARE
     block text;
     kept text := coalesce(current_setting('chorus.drop_kept', true), '');
     caller record;
+    prior_role text;
     depth integer := coalesce(nullif(current_setting('chorus.ddl_depth', true), ''), '1')::integer;
 BEGIN
     -- A statement that another DDL statement ran comes with that one,
@@ -1378,6 +1390,12 @@ BEGIN
                 set_config('chorus.sequence_block', block, true);
     END IF;
     PERFORM set_config('chorus.in_ddl_trigger', 'on', true);
+    -- (What Chorus does here, its triggers and its sequences' settings,
+    -- is hidden from the user's event triggers, see chorus.adopt.)
+    prior_role := current_setting('session_replication_role');
+    IF prior_role <> 'replica' THEN
+        PERFORM set_config('session_replication_role', 'replica', true);
+    END IF;
     FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         CONTINUE WHEN cmd.in_extension;
         CONTINUE WHEN cmd.schema_name IS NOT NULL
@@ -1407,6 +1425,9 @@ BEGIN
                                               WHERE i.indrelid = cmd.objid AND i.indisprimary));
         END IF;
     END LOOP;
+    IF prior_role <> 'replica' THEN
+        PERFORM set_config('session_replication_role', prior_role, true);
+    END IF;
     PERFORM set_config('chorus.in_ddl_trigger', 'off', true);
     IF NOT replicate THEN
         RETURN;
