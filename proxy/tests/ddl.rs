@@ -1494,6 +1494,33 @@ async fn create_extension_replicates_with_the_objects_its_script_makes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrays_keep_their_bounds_on_every_backend_however_their_rows_travel() {
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    one.batch_execute(
+        "CREATE TABLE arr (id int PRIMARY KEY, a int[], b text[][], k int);
+         INSERT INTO arr VALUES (1, '[0:1]={1,2}', '{{x,y},{z,w}}', 1), (2, '{3,4}', NULL, 2),
+                                (3, '[-2:-2]={5}', '[2:2][3:3]={{q}}', 3);
+         UPDATE arr SET a[5] = 9 WHERE id = 2;
+         INSERT INTO arr SELECT g, '{7}', NULL, g FROM generate_series(10, 12) g;
+         UPDATE arr SET a = '[4:4]={NULL}' WHERE id = 10;
+         CREATE TABLE keyless_arr AS SELECT id, a, b FROM arr;
+         ALTER TABLE arr ADD COLUMN r float8 DEFAULT random();",
+    )
+    .await
+    .unwrap();
+    let rows = "SELECT string_agg(id || ':' || coalesce(a::text, '-') || ':' || coalesce(b::text, '-'), ' ' ORDER BY id) \
+                || ' / ' || (SELECT string_agg(id || ':' || coalesce(a::text, '-') || ':' || coalesce(b::text, '-'), ' ' ORDER BY id) FROM keyless_arr) \
+                || ' / ' || (SELECT sum(r) FROM arr) FROM arr";
+    let on_origin: String = c.direct(1).await.query_one(rows, &[]).await.unwrap().get(0);
+    assert!(
+        on_origin.starts_with("1:[0:1]={1,2}:{{x,y},{z,w}} 2:{3,4,NULL,NULL,9}:- 3:[-2:-2]={5}:[2:2][3:3]={{q}} 10:[4:4]={NULL}:- "),
+        "{on_origin}"
+    );
+    c.converge(rows, 1, &[2, 3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_go_through_the_ddl_log_to_every_backend() {
     let c = cluster("").await;
     let one = c.via(1).await;

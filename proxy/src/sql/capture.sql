@@ -247,6 +247,7 @@ DECLARE
     keys jsonb[];
     imgs jsonb[];
     textual text[];
+    arrays text[];
     val jsonb;
 BEGIN
     -- (chorus.trusted_session, inlined: this runs for every applied row.)
@@ -261,6 +262,9 @@ BEGIN
         rel := TG_ARGV[2];
         IF TG_NARGS >= 4 THEN
             textual := TG_ARGV[3]::text[];
+        END IF;
+        IF TG_NARGS >= 5 THEN
+            arrays := TG_ARGV[4]::text[];
         END IF;
         -- The name changes are recorded under is this table's (or, for a
         -- partition, its root's): no trigger can record changes of another.
@@ -304,10 +308,16 @@ BEGIN
         new_img := to_jsonb(NEW);
     END IF;
     -- to_jsonb renders a type with a cast to json (hstore, …) as JSON,
-    -- which its own input function cannot read back: those columns carry
-    -- their text form (see chorus.adopt), from the type's output function
-    -- (format's %s: a cast to text could be a function of the type's
-    -- owner).
+    -- which its own input function cannot read back, and an array without
+    -- its bounds: those columns carry their text form (see
+    -- chorus.text_columns), from the type's output function (format's %s:
+    -- a cast to text could be a function of the type's owner). Arrays only
+    -- when the row has one with bounds of its own (array_out writes them
+    -- as `[1:2]={…}`; the row's text is cheap next to a query per column).
+    IF cardinality(arrays) > 0
+       AND (strpos(format('%s', NEW), ']=') > 0 OR strpos(format('%s', OLD), ']=') > 0) THEN
+        textual := textual || arrays;
+    END IF;
     IF cardinality(textual) > 0 THEN
         FOREACH col IN ARRAY textual LOOP
             IF old_img IS NOT NULL THEN
@@ -530,6 +540,42 @@ BEGIN
     END IF;
 END
 $$;
+-- The columns of `rel` that a row image carries as text, from their
+-- type's output function, because to_jsonb cannot carry them exactly:
+-- `always`, a type (or array element type) with a cast to json or jsonb,
+-- which to_jsonb would use and its input function cannot read back;
+-- `arrays`, arrays (not of `keys`, which are compared as to_jsonb gives
+-- them), whose bounds JSON loses ('[0:1]={1,2}' would arrive as '{1,2}').
+CREATE OR REPLACE FUNCTION chorus.text_columns(rel regclass, keys text[], OUT always text[], OUT arrays text[])
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE j.cast_to_json), '{}'),
+           coalesce(array_agg(a.attname::text ORDER BY a.attnum)
+                    FILTER (WHERE NOT j.cast_to_json AND t.typcategory = 'A'
+                              AND NOT a.attname::text = ANY (coalesce(keys, '{}'))), '{}')
+      FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+     CROSS JOIN LATERAL (SELECT t.oid NOT IN ('json'::regtype, 'jsonb'::regtype)
+                                AND EXISTS (SELECT 1 FROM pg_cast c
+                                             WHERE c.castsource IN (t.oid, t.typelem, t.typbasetype)
+                                               AND c.castsource NOT IN (0, 'json'::regtype, 'jsonb'::regtype)
+                                               AND c.casttarget IN ('json'::regtype, 'jsonb'::regtype))
+                         AS cast_to_json) j
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+$$;
+
+-- A row image in SQL, for set-based statements over `rel` (aliased
+-- `alias`): what the capture trigger makes of a row (to_jsonb, with
+-- chorus.text_columns in their text form).
+CREATE OR REPLACE FUNCTION chorus.image_sql(rel regclass, keys text[], alias text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('to_jsonb(%I.*)', alias)
+           || coalesce(' || jsonb_build_object('
+                       || (SELECT string_agg(format('%L, CASE WHEN %I.%I IS NULL THEN NULL ELSE format(''%%s'', %I.%I) END',
+                                                    col, alias, col, alias, col), ', ')
+                             FROM unnest(c.always || c.arrays) AS col)
+                       || ')', '')
+      FROM chorus.text_columns(rel, keys) c
+$$;
+
 CREATE OR REPLACE FUNCTION chorus.adopt(rel regclass, keyless boolean DEFAULT false)
 RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -541,6 +587,7 @@ DECLARE
     gone regclass;
     leaves regclass[];
     textual text[];
+    arrays text[];
     prior_role text;
 BEGIN
     IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
@@ -573,16 +620,7 @@ BEGIN
                        'SELECT %L, chorus.key_of(to_jsonb(t.*), %L), 0, 0, false FROM %s t '
                        'ON CONFLICT (tbl, pk) DO NOTHING', name, cols, rel);
     END IF;
-    -- Columns whose type (or array element type) has a cast to json or
-    -- jsonb, which to_jsonb would use: captured as text instead.
-    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO textual
-      FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
-       AND t.oid NOT IN ('json'::regtype, 'jsonb'::regtype)
-       AND EXISTS (SELECT 1 FROM pg_cast c
-                    WHERE c.castsource IN (t.oid, t.typelem, t.typbasetype)
-                      AND c.castsource NOT IN (0, 'json'::regtype, 'jsonb'::regtype)
-                      AND c.casttarget IN ('json'::regtype, 'jsonb'::regtype));
+    SELECT c.always, c.arrays INTO textual, arrays FROM chorus.text_columns(rel, cols) c;
     IF kind = 'p' THEN
         SELECT coalesce(array_agg(t.relid), '{}') INTO leaves
           FROM pg_partition_tree(rel) t WHERE t.isleaf;
@@ -603,9 +641,9 @@ BEGIN
             EXECUTE format('DROP TRIGGER chorus_capture ON %s', leaf);
         END IF;
         EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                       'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L, %L)',
+                       'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L, %L, %L)',
                        leaf, coalesce(cols, '{}')::text, (keyless OR cols IS NULL)::text, name,
-                       textual::text);
+                       textual::text, arrays::text);
         PERFORM chorus.put_truncate_trigger(leaf, name);
     END LOOP;
     -- The root of a partitioned table records a TRUNCATE of the whole tree
@@ -1172,14 +1210,15 @@ BEGIN
         PERFORM pg_logical_emit_message(true, prefix, jsonb_build_object(
             'truncate', name, 'version', ver, 'origin', origin)::text);
         EXECUTE format('SELECT count(pg_logical_emit_message(true, $1, jsonb_build_object('
-                       '''table'', $2, ''op'', ''INSERT'', ''key'', NULL, ''row'', to_jsonb(t.*), '
-                       '''version'', $3, ''prev'', NULL, ''origin'', $4)::text)) FROM ONLY %s t', rel)
+                       '''table'', $2, ''op'', ''INSERT'', ''key'', NULL, ''row'', %s, '
+                       '''version'', $3, ''prev'', NULL, ''origin'', $4)::text)) FROM ONLY %s t',
+                       chorus.image_sql(rel, '{}', 't'), rel)
             INTO sent
             USING prefix, name, ver + 1, origin;
         RETURN sent;
     END IF;
     EXECUTE format(
-        'WITH img AS (SELECT to_jsonb(t.*) AS img FROM ONLY %s t), '
+        'WITH img AS (SELECT %s AS img FROM ONLY %s t), '
         '     old AS (SELECT i.img, chorus.key_of(i.img, $1) AS key, v.version AS prev '
         '               FROM img i LEFT JOIN chorus.row_version v '
         '                 ON v.tbl = $2 AND v.pk = chorus.key_of(i.img, $1)), '
@@ -1190,7 +1229,7 @@ BEGIN
         '            RETURNING v.pk, v.version) '
         'SELECT count(pg_logical_emit_message(true, $5, jsonb_build_object(''table'', $2, ''op'', ''UPDATE'', '
         '       ''key'', o.key, ''row'', o.img, ''version'', u.version, ''prev'', o.prev, ''origin'', $4)::text)) '
-        '  FROM old o JOIN up u ON u.pk = o.key', rel)
+        '  FROM old o JOIN up u ON u.pk = o.key', chorus.image_sql(rel, cols, 't'), rel)
         INTO sent
         USING cols, name, txn_hlc, origin, prefix;
     RETURN sent;
@@ -1499,8 +1538,9 @@ BEGIN
         SELECT format('%I.%I', n.nspname, c.relname) INTO made_name
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = made;
         EXECUTE format('SELECT count(pg_logical_emit_message(true, $1, jsonb_build_object('
-                       '''table'', $2, ''op'', ''INSERT'', ''key'', NULL, ''row'', to_jsonb(t.*), '
-                       '''version'', $3, ''prev'', NULL, ''origin'', $4)::text)) FROM %s t', made)
+                       '''table'', $2, ''op'', ''INSERT'', ''key'', NULL, ''row'', %s, '
+                       '''version'', $3, ''prev'', NULL, ''origin'', $4)::text)) FROM %s t',
+                       chorus.image_sql(made, '{}', 't'), made)
             USING 'chorus:' || dep, made_name, txn_hlc, origin;
     END IF;
 END
