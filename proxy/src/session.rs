@@ -1311,6 +1311,38 @@ where
                     {
                         stamp = Some(StampKind::Extended);
                     }
+                    // A statement of the DDL log's kind (a role, a grant on
+                    // a database, …) run inside a transaction block: the
+                    // stamp at the batch's start records it in the
+                    // transaction's change stream, as for a simple query.
+                    // Outside a block (prepared inside one) it would stay
+                    // on this backend: the batch fails instead.
+                    let logged = if replicating && !state.ddl_is_local() {
+                        frontend.batch_log_statements(tag, body, rest)
+                    } else {
+                        Vec::new()
+                    };
+                    if let [statement] = logged.as_slice() {
+                        if state.tx_status.load(Ordering::Relaxed) == b'T' {
+                            stage = Some((statement.as_bytes().to_vec(), vec![(0, statement.len())]));
+                            log_in_stream = true;
+                        }
+                    }
+                    if !logged.is_empty() && !log_in_stream {
+                        push_stamp(state, StampKind::Extended);
+                        let mut out = BytesMut::new();
+                        stamp::write_failing(
+                            &mut out,
+                            &refusal_sql(
+                                "0A000",
+                                "this DDL cannot be replicated through the extended query protocol outside a transaction block, or with another of its kind in one batch",
+                                EXTENDED_LOG_HINT,
+                            ),
+                        );
+                        protocol::write_message(&mut out, tag, |m| m.extend_from_slice(body));
+                        frontend.on_message(tag, body)?;
+                        return Ok(Flow::Replace(out));
+                    }
                 }
                 b'Q' | b'S' | b'F' => *batch_start = true,
                 _ => {}
@@ -1516,24 +1548,25 @@ where
                 FrontendEvent::Parsed(StatementClass::Ddl)
                     if replicating
                         && !state.ddl_is_local()
+                        && state.tx_status.load(Ordering::Relaxed) != b'T'
                         && ddl_route(
                             protocol::read_cstr(body)
                                 .and_then(|(_, rest)| protocol::read_cstr(rest))
                                 .map_or("", |(sql, _)| sql),
                         ) == DdlRoute::Log =>
                 {
-                    // DDL through the DDL log goes through the simple
-                    // protocol only: the statement is prepared as one that
-                    // fails when run, so the error comes in its place in
-                    // the batch.
+                    // Outside a transaction block, DDL through the DDL log
+                    // goes through the simple protocol only: the statement
+                    // is prepared as one that fails when run, so the error
+                    // comes in its place in the batch.
                     let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
                     let mut out = BytesMut::new();
                     protocol::write_message(&mut out, b'P', |m| {
                         protocol::put_cstr(m, name);
                         protocol::put_cstr(m, &refusal_sql(
                             "0A000",
-                            "this DDL cannot be replicated through the extended query protocol",
-                            "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: send it as a simple query, or SET chorus.ddl_scope = 'local' to run it on this node's backend only.",
+                            "this DDL cannot be replicated through the extended query protocol outside a transaction block",
+                            EXTENDED_LOG_HINT,
                         ));
                         m.extend_from_slice(&0i16.to_be_bytes());
                     });
@@ -1744,6 +1777,10 @@ const EXPLAINED_DDL: RefusedCall = RefusedCall {
     message: "EXPLAIN ANALYZE of a statement that makes a table cannot be replicated",
     hint: "Run the statement itself, and EXPLAIN ANALYZE its query alone.",
 };
+
+/// What to do instead of a statement of the DDL log's kind that cannot go
+/// through the extended protocol where it was sent.
+const EXTENDED_LOG_HINT: &str = "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: send it as a simple query, or inside BEGIN ... COMMIT, or SET chorus.ddl_scope = 'local' to run it on this node's backend only.";
 
 /// Whether a DDL statement is one run under EXPLAIN ANALYZE.
 fn explained(sql: &str) -> bool {

@@ -64,7 +64,8 @@ pub struct DdlStamp {
     /// refuses the transaction's DDL with it.
     pub refusal: Option<(&'static str, String)>,
     /// For a simple query: its bytes and the byte ranges of its DDL
-    /// statements.
+    /// statements (for an extended-protocol batch that runs a statement of
+    /// the DDL log's kind: that statement).
     pub stage: Option<DdlStage>,
     pub sequence_kind: String,
     pub galloc_block: i64,
@@ -72,8 +73,8 @@ pub struct DdlStamp {
     pub sequence_id: Option<u16>,
     /// The staged statement is one PostgreSQL fires no event trigger for
     /// (a role, a grant on a database, …), sent inside a transaction
-    /// block: the stamp of a simple query records it in the transaction's
-    /// change stream itself (`chorus.capture_log_statement`). A failure
+    /// block: the stamp records it in the transaction's change stream
+    /// itself (`chorus.capture_log_statement`). A failure
     /// of the statement aborts the (sub)transaction, and the record with
     /// it.
     pub record_staged: bool,
@@ -124,8 +125,13 @@ fn set_sql(hlc: Hlc, ddl: Option<&DdlStamp>, kind: StampKind) -> String {
     );
     if let Some(ddl) = ddl {
         ddl.sql(&mut sql);
-        if ddl.record_staged && kind == StampKind::Query {
-            sql.push_str("; SELECT chorus.capture_log_statement()");
+        if ddl.record_staged {
+            // (In the same SELECT for an extended stamp, one statement,
+            // after the settings it reads: its items run in order.)
+            sql.push_str(match kind {
+                StampKind::Query => "; SELECT chorus.capture_log_statement()",
+                StampKind::Extended => ", chorus.capture_log_statement()",
+            });
         }
     }
     sql
@@ -144,18 +150,32 @@ pub fn write_stamp(out: &mut BytesMut, kind: StampKind, hlc: Hlc, ddl: Option<&D
     let sql = set_sql(hlc, ddl, kind);
     match kind {
         StampKind::Query => protocol::query(out, &sql),
-        StampKind::Extended => {
-            let name = NAME.as_bytes();
-            // Parse: name, query, no parameter types.
-            put_message(out, b'P', &[name, b"\0", sql.as_bytes(), b"\0", &[0, 0]]);
-            // Bind: portal, statement, no formats, no parameters, no result formats.
-            put_message(out, b'B', &[name, b"\0", name, b"\0", &[0, 0, 0, 0, 0, 0]]);
-            // Execute: portal, no row limit.
-            put_message(out, b'E', &[name, b"\0", &[0, 0, 0, 0]]);
-            put_message(out, b'C', &[b"P", name, b"\0"]);
-            put_message(out, b'C', &[b"S", name, b"\0"]);
-        }
+        StampKind::Extended => write_extended(out, &sql),
     }
+}
+
+/// An extended-protocol stamp running `sql`, which fails: put at the
+/// start of a batch that must not run, it makes the backend skip the batch
+/// up to its Sync, and its error reaches the client (see [`Swallower`]),
+/// as the batch's first message's would. It uses the unnamed statement and
+/// portal (a failed Execute would leave a named one behind, its Close
+/// skipped): the client's, which the failed batch does not get to use.
+pub fn write_failing(out: &mut BytesMut, sql: &str) {
+    put_message(out, b'P', &[b"\0", sql.as_bytes(), b"\0", &[0, 0]]);
+    put_message(out, b'B', &[b"\0\0", &[0, 0, 0, 0, 0, 0]]);
+    put_message(out, b'E', &[b"\0", &[0, 0, 0, 0]]);
+}
+
+fn write_extended(out: &mut BytesMut, sql: &str) {
+    let name = NAME.as_bytes();
+    // Parse: name, query, no parameter types.
+    put_message(out, b'P', &[name, b"\0", sql.as_bytes(), b"\0", &[0, 0]]);
+    // Bind: portal, statement, no formats, no parameters, no result formats.
+    put_message(out, b'B', &[name, b"\0", name, b"\0", &[0, 0, 0, 0, 0, 0]]);
+    // Execute: portal, no row limit.
+    put_message(out, b'E', &[name, b"\0", &[0, 0, 0, 0]]);
+    put_message(out, b'C', &[b"P", name, b"\0"]);
+    put_message(out, b'C', &[b"S", name, b"\0"]);
 }
 
 /// What to do with a backend message while a stamp's answers are due.

@@ -1348,6 +1348,71 @@ async fn roles_and_grants_replicate_inside_transaction_blocks() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn roles_and_grants_over_the_extended_protocol_replicate_inside_transaction_blocks() {
+    // psycopg 3 in its default mode: every statement over the extended
+    // protocol, inside a transaction it opened.
+    let c = cluster(3).await;
+    let client = c.via(1).await;
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .execute("CREATE ROLE ext_owner NOLOGIN", &[])
+        .await
+        .unwrap();
+    client
+        .execute("CREATE TABLE ext_owned (id int PRIMARY KEY)", &[])
+        .await
+        .unwrap();
+    client
+        .execute("ALTER TABLE ext_owned OWNER TO ext_owner", &[])
+        .await
+        .unwrap();
+    // Prepared first, run later in the block.
+    let grant = client.prepare("GRANT ext_owner TO postgres").await.unwrap();
+    client.execute(&grant, &[]).await.unwrap();
+    client.batch_execute("SAVEPOINT s").await.unwrap();
+    client
+        .execute("CREATE ROLE ext_rolled_back", &[])
+        .await
+        .unwrap();
+    client
+        .batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT")
+        .await
+        .unwrap();
+    // Prepared inside a block, run outside one: refused, not run here only.
+    client.batch_execute("BEGIN").await.unwrap();
+    let later = client.prepare("CREATE ROLE ext_outside").await.unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    let refused = client.execute(&later, &[]).await.unwrap_err();
+    assert_eq!(
+        common::sqlstate(&refused).as_deref(),
+        Some("0A000"),
+        "{refused}"
+    );
+    // Outside a block, from the start: refused as before.
+    let refused = client
+        .execute("CREATE ROLE ext_autocommit", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        common::sqlstate(&refused).as_deref(),
+        Some("0A000"),
+        "{refused}"
+    );
+    c.expect_everywhere(
+        "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname LIKE 'ext\\_%'",
+        "ext_owner",
+    )
+    .await;
+    c.expect_everywhere(
+        "SELECT r.rolname || ':' || pg_has_role('postgres', 'ext_owner', 'MEMBER') \
+           FROM pg_class t JOIN pg_roles r ON r.oid = t.relowner WHERE t.relname = 'ext_owned'",
+        "ext_owner:true",
+    )
+    .await;
+    assert_eq!(c.conflicts_logged("ddl_failed").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn large_objects_are_refused_through_a_replicating_node() {
     // pg_largeobject is seen by no trigger: written through a node, a large
     // object would exist on one backend only.
