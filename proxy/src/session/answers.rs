@@ -1,0 +1,447 @@
+//! Backend to client: the policy on what a backend answers (stamps'
+//! answers swallowed, DDL jobs, commit scope waits, lease release).
+
+use super::*;
+
+/// Backend to client: track transaction state and latency, count errors,
+/// and end idle sessions when the node shuts down.
+pub(super) async fn backend_to_client<R, W>(
+    node: &Node,
+    state: &RelayState,
+    serving: &str,
+    side: &mut PumpSide,
+    reader: &mut R,
+    writer: &mut W,
+    shutdown: &mut watch::Receiver<bool>,
+) -> RelayEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let metrics = &node.metrics;
+    let mut last_was_fatal = false;
+    let idle = || {
+        state.tx_status.load(Ordering::Relaxed) == b'I'
+            && state.pending.lock().map(|p| p.is_empty()).unwrap_or(true)
+    };
+    let draining = || node.draining.load(Ordering::SeqCst);
+    let mut stop_for_shutdown = false;
+    // Whether the transaction in progress (up to the next idle
+    // ReadyForQuery) may have written.
+    let mut txn_wrote = false;
+    // Whether an error came since the last ReadyForQuery.
+    let mut failed_since_ready = false;
+    let default_scope = node
+        .config
+        .replication
+        .as_ref()
+        .map_or(CommitScope::Local, |r| r.commit_scope);
+    let scope_wait = Mutex::new(None::<CommitScope>);
+    let replicating = node.config.replication.is_some();
+    // A FATAL of a server going down, not yet passed on (SQLSTATE, message).
+    let held_fatal = Mutex::new(None::<(String, BytesMut)>);
+    let ended =
+        |end: PumpError, after_fatal: bool| match held_fatal.lock().ok().and_then(|mut h| h.take())
+        {
+            Some((code, raw)) => RelayEnd::BackendClosing { code, raw },
+            None => backend_end(end, after_fatal),
+        };
+    let scope_limit = Duration::from_millis(
+        node.config
+            .replication
+            .as_ref()
+            .map_or(0, |r| r.commit_scope_timeout_ms),
+    );
+    // A control connection to the serving backend when it is not the
+    // home one (see `wait_on_slots`).
+    let mut away: Option<tokio_postgres::Client> = None;
+    let ddl_ready = Mutex::new(None::<DdlJob>);
+    let inspect = |tag: u8| {
+        matches!(tag, b'Z' | b'E' | b'S' | b'A')
+            || state.stamps.load(Ordering::SeqCst) > 0
+            || state.ddl_jobs.load(Ordering::SeqCst) > 0
+    };
+    let mut on_message = |tag: u8, body: &[u8], _rest: &[u8]| {
+        if state.stamps.load(Ordering::SeqCst) > 0 {
+            if let Some(verdict) = judge_for_stamp(state, tag) {
+                if tag == b'E' {
+                    // A stamp's error passed on: the client's batch failed.
+                    failed_since_ready = true;
+                    metrics.error(ErrorKind::BackendError);
+                }
+                return Ok(match verdict {
+                    Verdict::Swallow | Verdict::SwallowLast => Flow::Replace(BytesMut::new()),
+                    Verdict::Pass | Verdict::PassLast => Flow::Continue,
+                });
+            }
+        }
+        if state.ddl_jobs.load(Ordering::SeqCst) > 0 {
+            if let Some(flow) = feed_ddl_job(state, tag, body, &ddl_ready) {
+                return Ok(flow);
+            }
+        }
+        match tag {
+            b'Z' => {
+                last_was_fatal = false;
+                let status = body.first().copied().unwrap_or(b'I');
+                state.tx_status.store(status, Ordering::Relaxed);
+                if status == b'I' {
+                    state.ddl_scope_local.store(0, Ordering::Relaxed);
+                    state.lost_transaction.store(false, Ordering::Relaxed);
+                    // The transaction held the cluster DDL lease: it is
+                    // given back before the client hears of the end.
+                    if state.ddl_lease.load(Ordering::SeqCst) != 0 {
+                        state.lease_release_due.store(true, Ordering::SeqCst);
+                    }
+                }
+                let started = state.pending.lock().ok().and_then(|mut p| p.pop_front());
+                if let Some(Pending::Ready { sent, wrote, scope }) = started {
+                    metrics.query_duration.record(sent.elapsed().as_secs_f64());
+                    txn_wrote |= wrote;
+                    if !std::mem::take(&mut failed_since_ready) {
+                        apply_scope_changes(state, &scope);
+                    }
+                }
+                // A transaction ended; with replication, it may have to wait
+                // for its commit scope, and it wakes the replication streams.
+                if let (b'I', Some(progress)) = (status, &node.progress) {
+                    state.txn_stamped.store(false, Ordering::Relaxed);
+                    let local = scope::decode(state.scope_local.swap(0, Ordering::SeqCst));
+                    if std::mem::take(&mut txn_wrote) {
+                        let scope = local
+                            .or_else(|| scope::decode(state.scope_session.load(Ordering::SeqCst)))
+                            .unwrap_or(default_scope);
+                        if scope == CommitScope::Local {
+                            progress.wake();
+                        } else {
+                            // Hold this ReadyForQuery until the scope is
+                            // reached (see the relay loop below).
+                            if let Ok(mut wait) = scope_wait.lock() {
+                                *wait = Some(scope);
+                            }
+                            return Ok(Flow::Await);
+                        }
+                    }
+                }
+                if state.lease_release_due.load(Ordering::SeqCst) {
+                    return Ok(Flow::Await);
+                }
+                if draining() && idle() {
+                    stop_for_shutdown = true;
+                    return Ok(Flow::Stop);
+                }
+            }
+            b'E' => {
+                failed_since_ready = true;
+                state.lost_transaction.store(false, Ordering::Relaxed);
+                metrics.error(ErrorKind::BackendError);
+                let fields = protocol::parse_error_fields(body);
+                last_was_fatal = fields.severity == "FATAL" || fields.severity == "PANIC";
+                // The server going down (shutdown, crash restart): held, so
+                // that the session can move instead (see relay).
+                if last_was_fatal
+                    && replicating
+                    && matches!(fields.code, "57P01" | "57P02" | "57P03")
+                {
+                    let mut raw = BytesMut::with_capacity(body.len() + 5);
+                    protocol::write_message(&mut raw, b'E', |m| m.extend_from_slice(body));
+                    if let Ok(mut held) = held_fatal.lock() {
+                        *held = Some((fields.code.to_owned(), raw));
+                    }
+                    last_was_fatal = false;
+                    return Ok(Flow::Replace(BytesMut::new()));
+                }
+            }
+            b'S' => state.report(body),
+            b'A' => {
+                if let Some(message) = notification_for_client(state, body) {
+                    return Ok(Flow::Replace(message));
+                }
+            }
+            _ => {}
+        }
+        Ok(Flow::Continue)
+    };
+    let max = usize::MAX >> 1;
+    // One wait for the start of shutdown for the whole session (registering
+    // a fresh waiter before every read would take a lock each time).
+    let shutdown_started = shutdown.wait_for(|started| *started);
+    tokio::pin!(shutdown_started);
+    let mut shutdown_seen = draining();
+    loop {
+        if shutdown_seen && idle() && side.buf.is_empty() {
+            return shutdown_session(writer).await;
+        }
+        if shutdown_seen {
+            if let Err(end) = read_more(reader, &mut side.buf).await {
+                return ended(end, last_was_fatal);
+            }
+        } else {
+            // Wait for backend bytes or the start of shutdown, whichever
+            // comes first; an idle session is then closed at once.
+            tokio::select! {
+                _ = &mut shutdown_started => {
+                    shutdown_seen = true;
+                    continue;
+                }
+                readable = read_more(reader, &mut side.buf) => {
+                    if let Err(end) = readable {
+                        return ended(end, last_was_fatal);
+                    }
+                }
+            }
+        }
+        // A commit held for its scope: wait, then send its ReadyForQuery
+        // (after an error or warning if the scope was not reached) and go on
+        // with what is buffered behind it.
+        side.busy = true;
+        let flow = loop {
+            let flow = forward(
+                &mut side.framer,
+                &mut side.buf,
+                writer,
+                max,
+                &inspect,
+                &mut on_message,
+            )
+            .await;
+            let Ok(Flow::Held(ready)) = &flow else {
+                break flow;
+            };
+            let mut out = BytesMut::new();
+            let job = ddl_ready.lock().ok().and_then(|mut j| j.take());
+            if let Some(job) = job {
+                // A replicated DDL query: its answer replaces the held
+                // ReadyForQuery (of the validation's ROLLBACK).
+                let sent = job.sent();
+                let scope = scope::decode(state.scope_session.load(Ordering::SeqCst))
+                    .unwrap_or(default_scope);
+                ddl::finish(node, job, scope, &mut out).await;
+                metrics.query_duration.record(sent.elapsed().as_secs_f64());
+                state.tx_status.store(b'I', Ordering::Relaxed);
+            } else {
+                if state.lease_release_due.swap(false, Ordering::SeqCst) {
+                    let seq = state.lease_dropped();
+                    if ddl_lease::give_back(node, state.lease_token, seq, None, serving).await {
+                        ddl_lease::wait_for_peers(node, seq).await;
+                    }
+                }
+                let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
+                if let (Some(scope), Some(progress)) = (wait, &node.progress) {
+                    if serving == node.config.home_backend().name
+                        && node.drives_home.load(Ordering::Relaxed)
+                    {
+                        let (reached, ok) = progress.wait(scope, scope_limit).await;
+                        scope_outcome(node, scope, reached, ok, &mut out);
+                    } else {
+                        let (reached, ok) =
+                            wait_on_slots(node, serving, &mut away, scope, scope_limit).await;
+                        scope_outcome(node, scope, reached, ok, &mut out);
+                    }
+                }
+                out.extend_from_slice(ready);
+            }
+            if writer.write_all(&out).await.is_err() {
+                return RelayEnd::ClientDone;
+            }
+        };
+        side.busy = false;
+        match flow {
+            // forward() turns a replacement into Continue once written.
+            Ok(Flow::Continue | Flow::Replace(_) | Flow::Await | Flow::Held(_)) => {}
+            Ok(Flow::Stop) => {
+                if stop_for_shutdown {
+                    return shutdown_session(writer).await;
+                }
+                return RelayEnd::ClientDone;
+            }
+            Err(PumpError::WriteFailed) | Err(PumpError::Eof) => return RelayEnd::ClientDone,
+            Err(PumpError::Protocol(e)) => {
+                tracing::warn!(error = %e, "backend protocol error");
+                return RelayEnd::BackendGone {
+                    after_fatal: last_was_fatal,
+                };
+            }
+        }
+    }
+}
+
+/// A NotificationResponse sent by the session's own backend, with the pid
+/// the client knows instead of the backend's (`None`: it goes as it is).
+pub(super) fn notification_for_client(state: &RelayState, body: &[u8]) -> Option<BytesMut> {
+    let pid = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    let client_pid = state.client_pid.load(Ordering::Relaxed);
+    if pid != state.backend_pid.load(Ordering::Relaxed) || pid == client_pid {
+        return None;
+    }
+    let mut message = BytesMut::with_capacity(body.len() + 5);
+    protocol::write_message(&mut message, b'A', |m| {
+        m.extend_from_slice(&client_pid.to_be_bytes());
+        m.extend_from_slice(&body[4..]);
+    });
+    Some(message)
+}
+
+pub(super) fn backend_end(end: PumpError, after_fatal: bool) -> RelayEnd {
+    match end {
+        PumpError::Eof | PumpError::Protocol(_) | PumpError::WriteFailed => {
+            RelayEnd::BackendGone { after_fatal }
+        }
+    }
+}
+
+pub(super) async fn shutdown_session<W: AsyncWrite + Unpin>(writer: &mut W) -> RelayEnd {
+    let mut out = BytesMut::new();
+    protocol::error_response(
+        &mut out,
+        Severity::Fatal,
+        "57P01",
+        "terminating connection due to administrator command",
+        Some("The Chorus node is shutting down."),
+    );
+    let _ = writer.write_all(&out).await;
+    RelayEnd::Shutdown
+}
+
+/// The commit scope wait of a session served by a backend whose streams
+/// this node does not drive (another backend it moved to, or its home
+/// while handed to another node): that backend's own slots, confirmed by
+/// the streams its driver runs once a peer has applied, tell how many
+/// backends have the transaction. `away` keeps the control connection.
+pub(super) async fn wait_on_slots(
+    node: &Node,
+    serving: &str,
+    away: &mut Option<tokio_postgres::Client>,
+    scope: CommitScope,
+    limit: Duration,
+) -> (usize, bool) {
+    let needed = scope.required(node.config.backends.len());
+    if needed <= 1 {
+        return (1, true);
+    }
+    let (Some(config), Some(backend)) = (
+        node.config.replication.as_ref(),
+        node.config.backends.iter().find(|b| b.name == serving),
+    ) else {
+        return (1, false);
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    if away.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+        let connected =
+            tokio::time::timeout_at(deadline, crate::backend::connect_backend(backend, config))
+                .await;
+        *away = connected.ok().and_then(Result::ok);
+    }
+    let Some(client) = away.as_ref() else {
+        return (1, false);
+    };
+    let Ok(Ok(row)) = tokio::time::timeout_at(
+        deadline,
+        client.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]),
+    )
+    .await
+    else {
+        return (1, false);
+    };
+    let lsn: String = row.get(0);
+    let mut reached = 1;
+    loop {
+        let count = tokio::time::timeout_at(
+            deadline,
+            client.query_one(
+                "SELECT count(*) FROM pg_replication_slots \
+                 WHERE slot_name LIKE 'chorus\\_%\\_to\\_%' AND confirmed_flush_lsn >= $1::text::pg_lsn",
+                &[&lsn],
+            ),
+        )
+        .await;
+        if let Ok(Ok(row)) = count {
+            reached = 1 + usize::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+            if reached >= needed {
+                return (reached, true);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return (reached, false);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What a commit whose scope was not reached in time reports, in `out`.
+pub(super) fn scope_outcome(
+    node: &Node,
+    scope: CommitScope,
+    reached: usize,
+    ok: bool,
+    out: &mut BytesMut,
+) {
+    let Some(config) = &node.config.replication else {
+        return;
+    };
+    if ok {
+        return;
+    }
+    let scope_name = match scope {
+        CommitScope::Local => "local",
+        CommitScope::Majority => "majority",
+        CommitScope::All => "all",
+    };
+    let message = format!(
+        "commit scope \"{scope_name}\" not reached within {} ms: {reached} of {} backends have the transaction",
+        config.commit_scope_timeout_ms,
+        node.config.backends.len()
+    );
+    match config.commit_scope_timeout_action {
+        TimeoutAction::Error => protocol::error_response(
+            out,
+            Severity::Error,
+            "40003",
+            &message,
+            Some("The transaction has committed on this node's backend and reaches the others when they are available."),
+        ),
+        TimeoutAction::Warning => protocol::warning_notice(out, "01000", &message),
+    }
+}
+
+/// If the oldest answer due belongs to a DDL job, feed it this backend
+/// message: swallowed, or (its last answer) held while the job finishes.
+pub(super) fn feed_ddl_job(
+    state: &RelayState,
+    tag: u8,
+    body: &[u8],
+    ready: &Mutex<Option<DdlJob>>,
+) -> Option<Flow> {
+    let mut pending = state.pending.lock().ok()?;
+    let Some(Pending::Ddl(job)) = pending.front_mut() else {
+        return None;
+    };
+    match job.feed(tag, body) {
+        JobStep::Swallow => Some(Flow::Replace(BytesMut::new())),
+        JobStep::Done => {
+            let Some(Pending::Ddl(job)) = pending.pop_front() else {
+                return None;
+            };
+            state.ddl_jobs.fetch_sub(1, Ordering::SeqCst);
+            if let Ok(mut ready) = ready.lock() {
+                *ready = Some(job);
+            }
+            Some(Flow::Await)
+        }
+    }
+}
+
+/// If the oldest answer due belongs to a stamp, what to do with this
+/// backend message (and retire the stamp after its last answer).
+pub(super) fn judge_for_stamp(state: &RelayState, tag: u8) -> Option<Verdict> {
+    let mut pending = state.pending.lock().ok()?;
+    let Some(Pending::Stamp(swallower)) = pending.front_mut() else {
+        return None;
+    };
+    let verdict = swallower.judge(tag);
+    if matches!(verdict, Verdict::SwallowLast | Verdict::PassLast) {
+        pending.pop_front();
+        state.stamps.fetch_sub(1, Ordering::SeqCst);
+    }
+    Some(verdict)
+}

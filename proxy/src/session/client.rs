@@ -1,0 +1,641 @@
+//! Client to backend: the policy on what a client sends (stamps, the
+//! cluster DDL lease, DDL staging and refusals, SET of Chorus's settings).
+
+use super::*;
+
+/// Client to backend: count statements, note when answers are due.
+pub(super) async fn client_to_backend<R, W>(
+    node: &Node,
+    state: &RelayState,
+    serving: &str,
+    side: &mut ClientSide,
+    reader: &mut R,
+    writer: &mut W,
+) -> RelayEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let metrics = &node.metrics;
+    let replicating = node.config.replication.is_some();
+    let ClientSide {
+        pump: pump_side,
+        frontend,
+        terminated,
+        batch_start,
+        stamped,
+        scope_pending,
+        discard_until_sync,
+        refeed,
+    } = side;
+    let result = loop {
+        let held = pump(
+        reader,
+        writer,
+        pump_side,
+        node.config.node.max_message_bytes,
+        is_inspected,
+        |tag, body, rest| {
+            // The rest of a batch whose start went to a backend that failed
+            // (the client has its error): dropped up to its Sync.
+            if *discard_until_sync {
+                if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H') {
+                    return Ok(Flow::Replace(BytesMut::new()));
+                }
+                *discard_until_sync = false;
+            }
+            if replicating {
+                remember_prepared(state, tag, body);
+            }
+            // A transaction lost with its backend is never reported
+            // committed: a COMMIT the client sends before it heard of the
+            // loss becomes a statement the aborted block refuses (25P02).
+            if state.lost_transaction.load(Ordering::Relaxed) {
+                let statement = match tag {
+                    b'Q' => protocol::read_cstr(body).map_or("", |(sql, _)| sql),
+                    b'P' => protocol::read_cstr(body)
+                        .and_then(|(_, rest)| protocol::read_cstr(rest))
+                        .map_or("", |(sql, _)| sql),
+                    _ => "",
+                };
+                if ends_transaction(statement) {
+                    let mut out = BytesMut::new();
+                    if tag == b'Q' {
+                        protocol::query(&mut out, "SELECT 1");
+                        push_pending(state, *stamped, Vec::new());
+                        *stamped = false;
+                        scope_pending.clear();
+                        *batch_start = true;
+                    } else {
+                        let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
+                        protocol::write_message(&mut out, b'P', |m| {
+                            protocol::put_cstr(m, name);
+                            protocol::put_cstr(m, "SELECT 1");
+                            m.extend_from_slice(&0i16.to_be_bytes());
+                        });
+                        *batch_start = false;
+                    }
+                    return Ok(Flow::Replace(out));
+                }
+            }
+            if replicating && tag == b'F' {
+                // The fast-path FunctionCall: what libpq's large-object
+                // functions (lo_import, lo_write, …) send.
+                *batch_start = true;
+                push_pending(state, *stamped, std::mem::take(scope_pending));
+                *stamped = false;
+                return Ok(Flow::Replace(refusal_query(
+                    "0A000",
+                    LARGE_OBJECTS.message,
+                    LARGE_OBJECTS.hint,
+                )));
+            }
+            let mut stamp = None;
+            let mut stage = None;
+            // A DDL-log statement inside a transaction block: it travels in
+            // the transaction's change stream instead (the stamp records it,
+            // see chorus.capture_log_statement).
+            let mut log_in_stream = false;
+            match tag {
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' if *batch_start => {
+                    // A batch with replicated DDL takes the cluster DDL
+                    // lease first (see cluster::ddl_lease); the stamp at
+                    // its start then carries the lease's number.
+                    if replicating
+                        && !state.ddl_is_local()
+                        && state.needs_lease()
+                        && frontend.batch_has(tag, body, rest, |c| c == StatementClass::Ddl)
+                    {
+                        return Ok(Flow::Await);
+                    }
+                    *batch_start = false;
+                    if replicating
+                        && (frontend.batch_stamps(tag, body, rest) || state.ddl_settings_stale())
+                    {
+                        stamp = Some(StampKind::Extended);
+                    }
+                    // A statement of the DDL log's kind (a role, a grant on
+                    // a database, …) run inside a transaction block: the
+                    // stamp at the batch's start records it in the
+                    // transaction's change stream, as for a simple query.
+                    // Outside a block (prepared inside one) it would stay
+                    // on this backend: the batch fails instead.
+                    let logged = if replicating && !state.ddl_is_local() {
+                        frontend.batch_log_statements(tag, body, rest)
+                    } else {
+                        Vec::new()
+                    };
+                    if let [statement] = logged.as_slice() {
+                        if state.tx_status.load(Ordering::Relaxed) == b'T' {
+                            stage = Some((statement.as_bytes().to_vec(), vec![(0, statement.len())]));
+                            log_in_stream = true;
+                        }
+                    }
+                    if !logged.is_empty() && !log_in_stream {
+                        push_stamp(state, StampKind::Extended);
+                        let mut out = BytesMut::new();
+                        stamp::write_failing(
+                            &mut out,
+                            &refusal_sql(
+                                "0A000",
+                                "this DDL cannot be replicated through the extended query protocol outside a transaction block, or with another of its kind in one batch",
+                                EXTENDED_LOG_HINT,
+                            ),
+                        );
+                        protocol::write_message(&mut out, tag, |m| m.extend_from_slice(body));
+                        frontend.on_message(tag, body)?;
+                        return Ok(Flow::Replace(out));
+                    }
+                }
+                b'Q' | b'S' | b'F' => *batch_start = true,
+                _ => {}
+            }
+            match frontend.on_message(tag, body)? {
+                FrontendEvent::Query(summary) => {
+                    // (A query held for the DDL lease comes here twice.)
+                    if !std::mem::take(refeed) {
+                        for class in StatementClass::ALL {
+                            let n = summary.counts[class.index()];
+                            if n > 0 {
+                                metrics.statements(class, u64::from(n));
+                            }
+                        }
+                    }
+                    // The text is looked at only where a rule needs it (it is
+                    // not decoded for every query).
+                    let sql = || {
+                        protocol::read_sql(body)
+                            .map_or(std::borrow::Cow::Borrowed(""), |(sql, _)| sql)
+                    };
+                    if replicating && summary.counts[StatementClass::Session.index()] > 0 {
+                        let ddl_scope = scope::ddl_scope_changes(&sql());
+                        let refusal = if ddl_scope.contains(&DdlScopeChange::Invalid) {
+                            Err(refusal_query(
+                                "22023",
+                                "invalid value for parameter \"chorus.ddl_scope\"",
+                                "Available values: cluster, local.",
+                            ))
+                        } else {
+                            scope_changes_in(&sql())
+                        };
+                        match refusal {
+                            Ok(changes) => {
+                                scope_pending.extend(changes);
+                                state.apply_ddl_scope(&ddl_scope);
+                            }
+                            Err(refusal) => {
+                                push_pending(state, *stamped, Vec::new());
+                                *stamped = false;
+                                scope_pending.clear();
+                                return Ok(Flow::Replace(refusal));
+                            }
+                        }
+                    }
+                    if replicating && summary.counts[StatementClass::Write.index()] > 0 {
+                        if let Some(refused) = refused_call(&sql()) {
+                            push_pending(state, *stamped, Vec::new());
+                            *stamped = false;
+                            scope_pending.clear();
+                            return Ok(Flow::Replace(refusal_query(
+                                "0A000",
+                                refused.message,
+                                refused.hint,
+                            )));
+                        }
+                    }
+                    let ddl = summary.counts[StatementClass::Ddl.index()];
+                    if replicating && ddl > 0 && !state.ddl_is_local() {
+                        let text = sql();
+                        let statements: Vec<&str> = split_statements(&text).collect();
+                        // (A DO block is DDL for the lease only: the
+                        // backend takes the text of each statement it runs
+                        // from the block itself.)
+                        let ddl_statements: Vec<&str> = statements
+                            .iter()
+                            .copied()
+                            .filter(|st| {
+                                chorus_router::classify(st) == StatementClass::Ddl
+                                    && !first_keyword(st)
+                                        .is_some_and(|(w, _)| w.eq_ignore_ascii_case("DO"))
+                            })
+                            .collect();
+                        let by_log = ddl_statements
+                            .iter()
+                            .any(|st| ddl_route(st) == DdlRoute::Log);
+                        let in_block = state.tx_status.load(Ordering::Relaxed) == b'T';
+                        let refusal = if by_log && summary.statements() > ddl {
+                            Some((
+                                "a query string that mixes this DDL with other statements cannot be replicated",
+                                "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: send each as its own query.",
+                            ))
+                        } else if by_log && in_block && ddl::alter_sequence(&text) {
+                            Some((ddl::ALTER_SEQUENCE.message, ddl::ALTER_SEQUENCE.hint))
+                        } else if ddl_statements.iter().any(|st| explained(st)) {
+                            Some((EXPLAINED_DDL.message, EXPLAINED_DDL.hint))
+                        } else {
+                            None
+                        };
+                        if let Some((message, hint)) = refusal {
+                            push_pending(state, *stamped, Vec::new());
+                            *stamped = false;
+                            scope_pending.clear();
+                            return Ok(Flow::Replace(refusal_query("0A000", message, hint)));
+                        }
+                        log_in_stream = by_log && in_block;
+                        if (!by_log || log_in_stream)
+                            && state.tx_status.load(Ordering::Relaxed) != b'E'
+                        {
+                            // In its transaction's change stream, under the
+                            // cluster DDL lease (see cluster::ddl_lease).
+                            if state.needs_lease() {
+                                return Ok(Flow::Await);
+                            }
+                            let refused = state.lease_refusal.lock().ok().and_then(|mut r| r.take());
+                            if let Some(refusal) = refused {
+                                push_pending(state, *stamped, Vec::new());
+                                *stamped = false;
+                                scope_pending.clear();
+                                return Ok(Flow::Replace(refusal_query(
+                                    refusal.code,
+                                    &refusal.message,
+                                    "Another transaction with DDL is open in the cluster, or this node cannot reach a Raft majority; retry.",
+                                )));
+                            }
+                            let base = text.as_ptr() as usize;
+                            let ranges = ddl_statements
+                                .iter()
+                                .map(|st| (st.as_ptr() as usize - base, st.len()))
+                                .collect();
+                            // The client's own bytes: the backend compares
+                            // them with the query it runs.
+                            let raw = protocol::cstr_bytes(body).unwrap_or_default();
+                            stage = Some((raw.to_vec(), ranges));
+                        }
+                        // In a failed transaction the backend refuses it
+                        // (25P02) as it is; otherwise it is validated here
+                        // and replicated through the DDL log (see ddl.rs).
+                        if by_log
+                            && !log_in_stream
+                            && state.tx_status.load(Ordering::Relaxed) != b'E'
+                        {
+                            if *stamped {
+                                push_pending(state, true, Vec::new());
+                                *stamped = false;
+                            }
+                            if let Ok(mut pending) = state.pending.lock() {
+                                state.ddl_jobs.fetch_add(1, Ordering::SeqCst);
+                                pending.push_back(Pending::Ddl(DdlJob::new(&sql())));
+                            }
+                            scope_pending.clear();
+                            return Ok(Flow::Replace(ddl::validation_query(&sql())));
+                        }
+                    }
+                    if replicating && (query_stamps(&summary) || state.ddl_settings_stale()) {
+                        stamp = Some(StampKind::Query);
+                    }
+                }
+                FrontendEvent::Execute(class) => metrics.statements(class, 1),
+                FrontendEvent::Parsed(StatementClass::Session) if replicating => {
+                    // An invalid value only fails in the simple protocol;
+                    // here the setting is just not taken.
+                    let sql = protocol::read_cstr(body)
+                        .and_then(|(_, rest)| protocol::read_cstr(rest))
+                        .map_or("", |(sql, _)| sql);
+                    if let Ok(changes) = scope_changes_in(sql) {
+                        scope_pending.extend(changes);
+                    }
+                    state.apply_ddl_scope(&scope::ddl_scope_changes(sql));
+                }
+                FrontendEvent::Parsed(StatementClass::Write) if replicating => {
+                    let sql = protocol::read_cstr(body)
+                        .and_then(|(_, rest)| protocol::read_cstr(rest))
+                        .map_or("", |(sql, _)| sql);
+                    // (Not refused: on to the stamp below, as any write.)
+                    if let Some(refused) = refused_call(sql) {
+                        let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
+                        let mut out = BytesMut::new();
+                        protocol::write_message(&mut out, b'P', |m| {
+                            protocol::put_cstr(m, name);
+                            protocol::put_cstr(
+                                m,
+                                &refusal_sql("0A000", refused.message, refused.hint),
+                            );
+                            m.extend_from_slice(&0i16.to_be_bytes());
+                        });
+                        remember_prepared(state, b'P', &out[5..]);
+                        return Ok(Flow::Replace(out));
+                    }
+                }
+                FrontendEvent::Parsed(StatementClass::Ddl)
+                    if replicating
+                        && !state.ddl_is_local()
+                        && explained(
+                            protocol::read_cstr(body)
+                                .and_then(|(_, rest)| protocol::read_cstr(rest))
+                                .map_or("", |(sql, _)| sql),
+                        ) =>
+                {
+                    let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
+                    let mut out = BytesMut::new();
+                    protocol::write_message(&mut out, b'P', |m| {
+                        protocol::put_cstr(m, name);
+                        protocol::put_cstr(
+                            m,
+                            &refusal_sql("0A000", EXPLAINED_DDL.message, EXPLAINED_DDL.hint),
+                        );
+                        m.extend_from_slice(&0i16.to_be_bytes());
+                    });
+                    remember_prepared(state, b'P', &out[5..]);
+                    return Ok(Flow::Replace(out));
+                }
+                FrontendEvent::Parsed(StatementClass::Ddl)
+                    if replicating
+                        && !state.ddl_is_local()
+                        && state.tx_status.load(Ordering::Relaxed) != b'T'
+                        && ddl_route(
+                            protocol::read_cstr(body)
+                                .and_then(|(_, rest)| protocol::read_cstr(rest))
+                                .map_or("", |(sql, _)| sql),
+                        ) == DdlRoute::Log =>
+                {
+                    // Outside a transaction block, DDL through the DDL log
+                    // goes through the simple protocol only: the statement
+                    // is prepared as one that fails when run, so the error
+                    // comes in its place in the batch.
+                    let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
+                    let mut out = BytesMut::new();
+                    protocol::write_message(&mut out, b'P', |m| {
+                        protocol::put_cstr(m, name);
+                        protocol::put_cstr(m, &refusal_sql(
+                            "0A000",
+                            "this DDL cannot be replicated through the extended query protocol outside a transaction block",
+                            EXTENDED_LOG_HINT,
+                        ));
+                        m.extend_from_slice(&0i16.to_be_bytes());
+                    });
+                    remember_prepared(state, b'P', &out[5..]);
+                    return Ok(Flow::Replace(out));
+                }
+                FrontendEvent::Terminate => {
+                    *terminated = true;
+                    return Ok(Flow::Stop);
+                }
+                FrontendEvent::AwaitsReady
+                | FrontendEvent::Parsed(_)
+                | FrontendEvent::Extended
+                | FrontendEvent::Nothing => {}
+            }
+            let ddl_stamp = match stamp {
+                Some(_) => state.ddl_stamp(node, stage).map(|mut d| {
+                    d.record_staged = log_in_stream;
+                    d
+                }),
+                None => None,
+            };
+            let flow = match stamp {
+                // Inside a transaction block that already has its stamp:
+                // the capture trigger keeps the transaction's first stamp
+                // anyway, so another would only cost a statement (unless
+                // it carries DDL settings).
+                Some(_)
+                    if state.tx_status.load(Ordering::Relaxed) == b'T'
+                        && state.txn_stamped.load(Ordering::Relaxed)
+                        && ddl_stamp.is_none() =>
+                {
+                    *stamped = true;
+                    Flow::Continue
+                }
+                Some(kind) => {
+                    push_stamp(state, kind);
+                    *stamped = true;
+                    state.txn_stamped.store(true, Ordering::Relaxed);
+                    let mut out = BytesMut::with_capacity(160 + body.len());
+                    if let Some(ddl) = &ddl_stamp {
+                        state.ddl_stamp_sent(ddl);
+                    }
+                    stamp::write_stamp(&mut out, kind, node.clock.now(), ddl_stamp.as_ref());
+                    protocol::write_message(&mut out, tag, |m| m.extend_from_slice(body));
+                    Flow::Replace(out)
+                }
+                None => Flow::Continue,
+            };
+            if matches!(tag, b'Q' | b'S' | b'F') {
+                push_pending(state, *stamped, std::mem::take(scope_pending));
+                *stamped = false;
+            }
+            Ok(flow)
+        },
+    )
+    .await;
+        match held {
+            // A message held to take the cluster DDL lease first: take it
+            // (or note why not), then look at the message again.
+            Ok(Some(message)) => {
+                match ddl_lease::take(node, state.lease_token, serving).await {
+                    Ok(seq) => state.lease_taken(node, seq),
+                    Err(refusal) => {
+                        node.metrics.ddl_failed();
+                        if let Ok(mut r) = state.lease_refusal.lock() {
+                            *r = Some(refusal);
+                        }
+                    }
+                }
+                let mut buf = BytesMut::with_capacity(message.len() + pump_side.buf.len());
+                buf.extend_from_slice(&message);
+                buf.extend_from_slice(&pump_side.buf);
+                pump_side.buf = buf;
+                pump_side.rescan = true;
+                *refeed = message.first() == Some(&b'Q');
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    match result {
+        Ok(()) => RelayEnd::ClientDone,
+        Err(PumpError::Eof) => RelayEnd::ClientDone,
+        Err(PumpError::Protocol(e)) if e.is_disconnect() => RelayEnd::ClientDone,
+        Err(PumpError::Protocol(e)) => RelayEnd::ClientProtocol(e),
+        // The backend side failed while we wrote to it.
+        Err(PumpError::WriteFailed) if *terminated => RelayEnd::ClientDone,
+        Err(PumpError::WriteFailed) => RelayEnd::BackendGone { after_fatal: false },
+    }
+}
+
+/// Whether a statement ends a transaction by committing it (in an aborted
+/// transaction PostgreSQL answers these with ROLLBACK, no error).
+pub(super) fn ends_transaction(sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|w| !w.is_empty())
+        .take(2)
+        .map(str::to_ascii_lowercase)
+        .collect();
+    match words.first().map(String::as_str) {
+        Some("commit" | "end") => true,
+        Some("prepare") => words.get(1).is_some_and(|w| w == "transaction"),
+        _ => false,
+    }
+}
+
+/// Keep the named statements a client prepares (as sent to the backend),
+/// so that a session moved to another backend has them there too.
+pub(super) fn remember_prepared(state: &RelayState, tag: u8, body: &[u8]) {
+    let name = |body: &[u8]| {
+        protocol::read_cstr(body)
+            .map_or("", |(name, _)| name)
+            .to_owned()
+    };
+    match tag {
+        b'P' => {
+            let name = name(body);
+            if !name.is_empty() {
+                let mut message = BytesMut::with_capacity(body.len() + 5);
+                protocol::write_message(&mut message, b'P', |m| m.extend_from_slice(body));
+                if let Ok(mut prepared) = state.prepared.lock() {
+                    prepared.insert(name, message);
+                }
+            }
+        }
+        b'C' if body.first() == Some(&b'S') => {
+            if let Ok(mut prepared) = state.prepared.lock() {
+                prepared.remove(&name(&body[1..]));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The `chorus.commit_scope` changes in a statement's text, or a refusal
+/// to send instead when a value is invalid.
+pub(super) fn scope_changes_in(sql: &str) -> Result<Vec<ScopeChange>, BytesMut> {
+    let changes = scope::scope_changes(sql);
+    if changes.contains(&ScopeChange::Invalid) {
+        return Err(refusal_query(
+            "22023",
+            "invalid value for parameter \"chorus.commit_scope\"",
+            "Available values: local, majority, all.",
+        ));
+    }
+    Ok(changes)
+}
+
+/// Make commit scope changes the session's.
+pub(super) fn apply_scope_changes(state: &RelayState, changes: &[ScopeChange]) {
+    for change in changes {
+        match *change {
+            ScopeChange::Session(s) => state
+                .scope_session
+                .store(scope::encode(Some(s)), Ordering::SeqCst),
+            ScopeChange::Local(s) => state
+                .scope_local
+                .store(scope::encode(Some(s)), Ordering::SeqCst),
+            ScopeChange::Reset => {
+                state.scope_session.store(0, Ordering::SeqCst);
+                state.scope_local.store(0, Ordering::SeqCst);
+            }
+            ScopeChange::Invalid => {}
+        }
+    }
+}
+
+/// A Query message that makes the backend raise an error, so the client
+/// gets a normal ErrorResponse and ReadyForQuery from it.
+pub(super) fn refusal_query(code: &str, message: &str, hint: &str) -> BytesMut {
+    let sql = refusal_sql(code, message, hint);
+    let mut out = BytesMut::with_capacity(sql.len() + 6);
+    protocol::query(&mut out, &sql);
+    out
+}
+
+/// A function Chorus refuses to let a statement call, with why and what
+/// to do instead.
+pub(super) struct RefusedCall {
+    pub(super) names: &'static [&'static str],
+    pub(super) message: &'static str,
+    pub(super) hint: &'static str,
+}
+
+pub(super) const SETVAL: RefusedCall = RefusedCall {
+    names: &["setval"],
+    message: "setval() is not supported through Chorus: the cluster's sequences are set up per backend",
+    hint: "Sequences made through Chorus hand out values that never collide across backends; setval() on one backend could make it repeat another's.",
+};
+
+/// Large objects live in pg_largeobject, which no trigger sees: written
+/// through one node they would exist on one backend only.
+pub(super) const LARGE_OBJECTS: RefusedCall = RefusedCall {
+    names: chorus_router::LARGE_OBJECT_WRITERS,
+    message: "large objects are not replicated by Chorus",
+    hint: "Store the data in a bytea column of a table, which replicates like any other.",
+};
+
+pub(super) const REFUSED_CALLS: [&RefusedCall; 2] = [&SETVAL, &LARGE_OBJECTS];
+
+/// `EXPLAIN ANALYZE CREATE TABLE … AS` (or `SELECT … INTO`, `CREATE
+/// MATERIALIZED VIEW`) makes its table without firing PostgreSQL's event
+/// triggers: it would exist on one backend only.
+pub(super) const EXPLAINED_DDL: RefusedCall = RefusedCall {
+    names: &[],
+    message: "EXPLAIN ANALYZE of a statement that makes a table cannot be replicated",
+    hint: "Run the statement itself, and EXPLAIN ANALYZE its query alone.",
+};
+
+/// What to do instead of a statement of the DDL log's kind that cannot go
+/// through the extended protocol where it was sent.
+pub(super) const EXTENDED_LOG_HINT: &str = "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: send it as a simple query, or inside BEGIN ... COMMIT, or SET chorus.ddl_scope = 'local' to run it on this node's backend only.";
+
+/// Whether a DDL statement is one run under EXPLAIN ANALYZE.
+pub(super) fn explained(sql: &str) -> bool {
+    first_keyword(sql).is_some_and(|(w, _)| w.eq_ignore_ascii_case("EXPLAIN"))
+}
+
+/// The refusal for a statement that calls one of [`REFUSED_CALLS`]
+/// (a name followed by `(`, case-insensitive; text in quotes is not told
+/// apart, so a literal mentioning one is refused too).
+pub(super) fn refused_call(sql: &str) -> Option<&'static RefusedCall> {
+    let bytes = sql.as_bytes();
+    REFUSED_CALLS.into_iter().find(|refused| {
+        refused.names.iter().any(|name| {
+            let name = name.as_bytes();
+            bytes.windows(name.len()).enumerate().any(|(i, w)| {
+                w.eq_ignore_ascii_case(name)
+                    && (i == 0 || !is_word_byte(bytes[i - 1]))
+                    && bytes[i + name.len()..]
+                        .iter()
+                        .find(|b| !b.is_ascii_whitespace())
+                        .is_some_and(|b| *b == b'(')
+            })
+        })
+    })
+}
+
+pub(super) fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// A statement that raises this error when run.
+pub(super) fn refusal_sql(code: &str, message: &str, hint: &str) -> String {
+    format!(
+        "DO $chorus$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}', HINT = '{}'; END $chorus$",
+        message.replace('\'', "''"),
+        hint.replace('\'', "''")
+    )
+}
+
+pub(super) fn push_pending(state: &RelayState, wrote: bool, scope: Vec<ScopeChange>) {
+    if let Ok(mut pending) = state.pending.lock() {
+        pending.push_back(Pending::Ready {
+            sent: Instant::now(),
+            wrote,
+            scope,
+        });
+    }
+}
+
+pub(super) fn push_stamp(state: &RelayState, kind: StampKind) {
+    if let Ok(mut pending) = state.pending.lock() {
+        state.stamps.fetch_add(1, Ordering::SeqCst);
+        pending.push_back(Pending::Stamp(Swallower::new(kind)));
+    }
+}

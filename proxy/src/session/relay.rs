@@ -1,0 +1,365 @@
+//! The relay loop, and moving a session to another backend when its own
+//! fails.
+
+use super::*;
+
+/// Move messages both ways until either side ends. With replication, a
+/// session whose backend fails (or is found down by the health checks)
+/// moves to another backend between messages, see `move_session`.
+pub(super) async fn relay<CR, CW>(
+    node: &Arc<Node>,
+    mut client_read: CR,
+    mut client_write: CW,
+    backend: TcpStream,
+    session: &mut Session,
+) where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let state = RelayState::new();
+    state
+        .client_pid
+        .store(session.cancel_key.pid, Ordering::Relaxed);
+    if let Some(pid) = session.cancel_key.backend_pid() {
+        state.backend_pid.store(pid, Ordering::Relaxed);
+    }
+    let mut client = ClientSide::new();
+    let mut shutdown = node.shutdown_signal();
+    let mut went_down = node.backend_went_down();
+    let mut backend = backend;
+    let replicating = node.config.replication.is_some();
+    let (end, mut backend_write) = loop {
+        let (mut backend_read, mut backend_write) = backend.into_split();
+        let mut from_backend = PumpSide::default();
+        let end = {
+            let serving = session.backend_name.clone();
+            let to_backend = client_to_backend(
+                node,
+                &state,
+                &serving,
+                &mut client,
+                &mut client_read,
+                &mut backend_write,
+            );
+            let to_client = backend_to_client(
+                node,
+                &state,
+                &serving,
+                &mut from_backend,
+                &mut backend_read,
+                &mut client_write,
+                &mut shutdown,
+            );
+            tokio::pin!(to_backend, to_client);
+            let name = session.backend_name.clone();
+            let marked_down = async {
+                loop {
+                    if went_down.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                    if node.is_backend_down(&name) {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                end = &mut to_backend => match end {
+                    // Writing to the backend failed: the other direction
+                    // sees the end too, after what it still forwards.
+                    RelayEnd::BackendGone { .. } => {
+                        tokio::time::timeout(Duration::from_secs(1), &mut to_client)
+                            .await
+                            .unwrap_or(RelayEnd::BackendGone { after_fatal: false })
+                    }
+                    other => other,
+                },
+                end = &mut to_client => end,
+                () = marked_down, if replicating => RelayEnd::BackendDown,
+            }
+        };
+        let mut movable = replicating
+            && matches!(
+                end,
+                RelayEnd::BackendGone { after_fatal: false }
+                    | RelayEnd::BackendDown
+                    | RelayEnd::BackendClosing { .. }
+            )
+            && client.pump.clean()
+            && from_backend.clean();
+        // 57P01 is also what pg_terminate_backend() sends: if the server
+        // still takes logins, that session was meant to end.
+        if movable {
+            if let RelayEnd::BackendClosing { code, .. } = &end {
+                movable = code != "57P01" || !backend_accepts(node, session).await;
+            }
+        }
+        tracing::debug!(
+            backend = %session.backend_name,
+            ?end,
+            movable,
+            client_clean = client.pump.clean(),
+            backend_clean = from_backend.clean(),
+            "relay ended"
+        );
+        if movable {
+            drop(backend_read);
+            drop(backend_write);
+            if let Some(next) =
+                move_session(node, &state, session, &mut client, &mut client_write).await
+            {
+                backend = next;
+                continue;
+            }
+            break (RelayEnd::BackendGone { after_fatal: false }, None);
+        }
+        break (end, Some(backend_write));
+    };
+    // A transaction that held the cluster DDL lease ends with the session.
+    let lease = state.lease_dropped();
+    if lease != 0 {
+        let (node, token, backend) = (
+            node.clone(),
+            state.lease_token,
+            session.backend_name.clone(),
+        );
+        tokio::spawn(async move {
+            let _ = ddl_lease::give_back(&node, token, lease, None, &backend).await;
+        });
+    }
+    let mut out = BytesMut::new();
+    match end {
+        RelayEnd::ClientDone | RelayEnd::Shutdown => {}
+        RelayEnd::ClientProtocol(e) => {
+            node.metrics.error(ErrorKind::Protocol);
+            tracing::debug!(error = %e, "client protocol violation");
+            protocol::error_response(&mut out, Severity::Fatal, "08P01", &e.to_string(), None);
+        }
+        RelayEnd::BackendGone { after_fatal } => {
+            if !after_fatal {
+                node.metrics.error(ErrorKind::BackendLost);
+                protocol::error_response(
+                    &mut out,
+                    Severity::Fatal,
+                    "08006",
+                    "connection to the backend was lost",
+                    Some("The PostgreSQL server closed the connection unexpectedly."),
+                );
+            }
+        }
+        RelayEnd::BackendClosing { raw, .. } => out = raw,
+        RelayEnd::BackendDown => {
+            node.metrics.error(ErrorKind::BackendLost);
+            protocol::error_response(
+                &mut out,
+                Severity::Fatal,
+                "08006",
+                "the backend stopped answering health checks",
+                None,
+            );
+        }
+    }
+    if !out.is_empty() {
+        let _ = client_write.write_all(&out).await;
+    }
+    let _ = client_write.shutdown().await;
+    // Say goodbye to the backend so it does not log an unexpected EOF.
+    if let Some(backend_write) = backend_write.as_mut() {
+        let _ = backend_write.write_all(&[b'X', 0, 0, 0, 4]).await;
+    }
+}
+
+/// Whether the session's backend still takes logins (within a second).
+pub(super) async fn backend_accepts(node: &Node, session: &Session) -> bool {
+    let Some(backend) = node
+        .config
+        .backends
+        .iter()
+        .find(|b| b.name == session.backend_name)
+    else {
+        return false;
+    };
+    let address = backend.address();
+    let login = session.login(node, &address, &session.params);
+    match backend::connect(&login, Duration::from_secs(1)).await {
+        Ok(mut probe) => {
+            let _ = probe.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// A statement that leaves a new backend connection in a failed
+/// transaction block, as the client's was when its backend failed: the
+/// backend then answers the client's next statements as PostgreSQL does in
+/// an aborted transaction (25P02, and COMMIT rolls back).
+pub(super) const LOST_TRANSACTION_SQL: &str = "BEGIN; DO $$BEGIN RAISE EXCEPTION \
+    'chorus: the transaction was lost with its backend' USING ERRCODE = '40001'; END$$";
+
+/// Give a session whose backend failed another backend, between messages:
+/// log in as the session did (with the settings the old backend reported),
+/// prepare its named statements again, and answer what the client is owed:
+/// each statement in flight gets ERROR 08006 (its outcome is unknown: it
+/// may have committed on the failed backend), then ReadyForQuery. An open
+/// transaction is lost: the new connection is put in a failed transaction
+/// block, so that the client's next statements fail (25P02) until it rolls
+/// back, exactly as in an aborted transaction. `None` when no backend took
+/// the session within `MOVE_LIMIT`.
+pub(super) async fn move_session<W: AsyncWrite + Unpin>(
+    node: &Node,
+    state: &RelayState,
+    session: &mut Session,
+    client: &mut ClientSide,
+    client_write: &mut W,
+) -> Option<TcpStream> {
+    let from = session.backend_name.clone();
+    node.set_backend_down(&from, true);
+    let in_block = matches!(state.tx_status.load(Ordering::Relaxed), b'T' | b'E');
+    let mut params = session.params.clone();
+    if let Ok(reported) = state.reported.lock() {
+        for (name, value) in reported.iter() {
+            params.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+            params.push((name.clone(), value.clone()));
+        }
+    }
+    let deadline = Instant::now() + MOVE_LIMIT;
+    let (name, address, mut connection) = 'found: loop {
+        let candidates: Vec<_> = node
+            .session_backends()
+            .into_iter()
+            .filter(|b| b.name != from)
+            .cloned()
+            .collect();
+        for candidate in candidates {
+            let address = candidate.address();
+            let login = session.login(node, &address, &params);
+            let left = deadline.saturating_duration_since(Instant::now());
+            match backend::connect(&login, left.min(node.config.backend_connect_timeout())).await {
+                Ok(connection) => break 'found (candidate.name, address, connection),
+                Err(e) => {
+                    tracing::debug!(backend = %candidate.name, error = %e, "moving a session: login failed");
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(from = %from, "a session whose backend failed found no other backend");
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The session's transaction state and named statements, on the new
+    // connection; the answers are read and dropped.
+    let mut setup = BytesMut::new();
+    let mut readies = 0;
+    if in_block {
+        protocol::query(&mut setup, LOST_TRANSACTION_SQL);
+        readies += 1;
+    }
+    let prepared: Vec<BytesMut> = state
+        .prepared
+        .lock()
+        .map(|p| p.values().cloned().collect())
+        .unwrap_or_default();
+    if !prepared.is_empty() {
+        for parse in &prepared {
+            setup.extend_from_slice(parse);
+        }
+        protocol::write_message(&mut setup, b'S', |_| {});
+        readies += 1;
+    }
+    if readies > 0 {
+        let ready = async {
+            connection.stream.write_all(&setup).await.ok()?;
+            let mut buf = BytesMut::new();
+            let mut seen = 0;
+            while seen < readies {
+                let tag = read_message(&mut connection.stream, &mut buf, 1 << 30)
+                    .await
+                    .ok()?;
+                if tag == b'Z' {
+                    seen += 1;
+                }
+                buf.clear();
+            }
+            Some(())
+        };
+        if tokio::time::timeout(MOVE_LIMIT, ready)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            tracing::warn!(backend = %name, "a moved session could not be set up");
+            return None;
+        }
+    }
+    // What the client is owed.
+    let status = if in_block { b'E' } else { b'I' };
+    let owed = state
+        .pending
+        .lock()
+        .map(|mut p| {
+            p.drain(..)
+                .filter(|p| !matches!(p, Pending::Stamp(_)))
+                .count()
+        })
+        .unwrap_or(0);
+    let message = format!(
+        "the connection to backend \"{from}\" was lost; the outcome of the statement in progress is unknown"
+    );
+    let detail = format!(
+        "The session goes on with backend \"{name}\"{}.",
+        if in_block {
+            "; its transaction was rolled back"
+        } else {
+            ""
+        }
+    );
+    let mut out = BytesMut::new();
+    for _ in 0..owed {
+        protocol::error_response(&mut out, Severity::Error, "08006", &message, Some(&detail));
+        protocol::ready_for_query(&mut out, status);
+    }
+    // A batch under way (messages since its last Sync went to the failed
+    // backend): its error now, the rest of it dropped, its Sync answered by
+    // the new backend.
+    if !client.batch_start {
+        protocol::error_response(&mut out, Severity::Error, "08006", &message, Some(&detail));
+        client.discard_until_sync = true;
+    }
+    if !out.is_empty() && client_write.write_all(&out).await.is_err() {
+        return None;
+    }
+    state.stamps.store(0, Ordering::SeqCst);
+    state.ddl_jobs.store(0, Ordering::SeqCst);
+    state.txn_stamped.store(false, Ordering::Relaxed);
+    // The transaction that held the cluster DDL lease is lost with its
+    // backend.
+    let lease = state.lease_dropped();
+    if lease != 0 {
+        let _ = ddl_lease::give_back(node, state.lease_token, lease, None, &from).await;
+    }
+    state.lease_release_due.store(false, Ordering::SeqCst);
+    state.ddl_settings_sent.store(false, Ordering::SeqCst);
+    state.scope_local.store(0, Ordering::SeqCst);
+    state.ddl_scope_local.store(0, Ordering::Relaxed);
+    state.tx_status.store(status, Ordering::Relaxed);
+    state.lost_transaction.store(
+        in_block && owed == 0 && client.batch_start,
+        Ordering::Relaxed,
+    );
+    client.stamped = false;
+    client.scope_pending.clear();
+    session
+        .cancel_key
+        .retarget(&address, connection.pid, connection.secret);
+    state.backend_pid.store(connection.pid, Ordering::Relaxed);
+    session.backend_open = node
+        .metrics
+        .backend(&name)
+        .map(|(conns, _)| GaugeGuard::new(conns));
+    node.metrics.sessions_moved();
+    tracing::info!(from = %from, to = %name, owed, in_block, "session moved to another backend");
+    session.backend_name = name;
+    Some(connection.stream)
+}

@@ -1,0 +1,305 @@
+//! Startup: TLS, protocol negotiation, cancel requests, authentication
+//! and the login to a backend.
+
+use super::*;
+
+pub(super) struct Established {
+    pub(super) backend: BackendConnection,
+    pub(super) session: Session,
+}
+
+/// Startup packet(s), authentication and backend login. `Ok(None)` when the
+/// connection was only a probe or a cancel request.
+pub(super) async fn startup(
+    node: &Arc<Node>,
+    client: &mut ClientStream,
+    peer: SocketAddr,
+) -> Result<Option<Established>, StartupFailure> {
+    let (minor, params) = loop {
+        let Some(packet) = protocol::read_startup(client).await? else {
+            return Ok(None);
+        };
+        match packet {
+            StartupPacket::SslRequest => {
+                let tls = match (&node.tls, &*client) {
+                    (Some(acceptor), ClientStream::Plain(_)) => acceptor.clone(),
+                    (None, ClientStream::Plain(_)) => {
+                        client.write_all(b"N").await?;
+                        continue;
+                    }
+                    (_, ClientStream::Tls(_) | ClientStream::Closed) => {
+                        return Err(ProtocolError::StartupLayout("SSLRequest inside TLS").into())
+                    }
+                };
+                client.write_all(b"S").await?;
+                // Swap the plain stream out for the TLS one.
+                let ClientStream::Plain(tcp) = std::mem::replace(client, ClientStream::Closed)
+                else {
+                    return Err(ProtocolError::StartupLayout("TLS state").into());
+                };
+                match tls.accept(tcp).await {
+                    Ok(stream) => *client = ClientStream::Tls(Box::new(stream)),
+                    Err(e) => {
+                        node.metrics.error(ErrorKind::Tls);
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return Ok(None);
+                    }
+                }
+            }
+            StartupPacket::GssEncRequest => client.write_all(b"N").await?,
+            StartupPacket::Cancel {
+                pid,
+                secret,
+                forwarded,
+            } => {
+                if !node.cancel_keys.cancel(pid, secret).await && !forwarded {
+                    forward_cancel(node, pid, secret).await;
+                }
+                return Ok(None);
+            }
+            StartupPacket::Startup { minor, params } => break (minor, params),
+        }
+    };
+
+    let user = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.clone())
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| StartupFailure::Fatal {
+            kind: ErrorKind::Protocol,
+            code: "28000",
+            message: "no PostgreSQL user name specified in startup packet".into(),
+        })?;
+    let database = params
+        .iter()
+        .find(|(k, _)| k == "database")
+        .map(|(_, v)| v.clone())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+
+    let mut out = BytesMut::with_capacity(512);
+    // Protocol options (`_pq_.*`) are not forwarded; a client asking for a
+    // newer minor version or for options learns what this server speaks.
+    let unrecognized: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if minor > 0 || !unrecognized.is_empty() {
+        protocol::negotiate_protocol_version(&mut out, &unrecognized);
+    }
+    // In the replicated database the backend session knows from its first
+    // statement that it serves a client of this node (`chorus.origin`, as
+    // every stamp sets it), so that DDL a function runs there before any
+    // stamp is replicated or refused, never kept on one backend. Clients do
+    // not set Chorus's own settings this way.
+    let replicated = node
+        .config
+        .replication
+        .as_ref()
+        .is_some_and(|r| r.database == database);
+    let forwarded: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| !(k.starts_with("_pq_.") || (replicated && k.starts_with("chorus."))))
+        .cloned()
+        .chain(replicated.then(|| ("chorus.origin".to_owned(), node.config.node.id.to_string())))
+        .collect();
+
+    authenticate(node, client, peer, &user, &database, &mut out).await?;
+
+    // Only the replicated database (and those configured local) can be
+    // used: writes anywhere else would reach one backend only.
+    if let Some(replication) = &node.config.replication {
+        if database != replication.database && !replication.local_databases.contains(&database) {
+            return Err(StartupFailure::Fatal {
+                kind: ErrorKind::Auth,
+                code: "0A000",
+                message: format!(
+                    "database \"{database}\" is not replicated by this Chorus cluster: connect to \"{}\", or list it in replication.local_databases to use each backend's copy on its own",
+                    replication.database
+                ),
+            });
+        }
+    }
+
+    // With replication, a session's writes must be captured: wait until the
+    // chorus schema is on the home backend (a node that has just started
+    // installs it), as PostgreSQL makes clients wait while it starts up.
+    if !node
+        .wait_schema_ready(node.config.backend_connect_timeout())
+        .await
+    {
+        return Err(StartupFailure::Fatal {
+            kind: ErrorKind::BackendConnect,
+            code: "57P03",
+            message: "the Chorus node is still installing its schema on its home backend".into(),
+        });
+    }
+
+    // The home backend, or (with replication) another one when it is down:
+    // every backend has the same data.
+    let password = node.config.user(&user).and_then(|u| u.password.as_deref());
+    let mut failure = None;
+    let mut connected = None;
+    for candidate in node.session_backends() {
+        let address = candidate.address();
+        let login = LoginParams {
+            address: &address,
+            user: &user,
+            password,
+            database: &database,
+            params: &forwarded,
+        };
+        match backend::connect(&login, node.config.backend_connect_timeout()).await {
+            Ok(backend) => {
+                node.set_backend_down(&candidate.name, false);
+                connected = Some((candidate, address, backend));
+                break;
+            }
+            // PostgreSQL itself refused (bad database, …): the same
+            // everywhere, so it goes to the client as it is.
+            Err(BackendError::Refused { raw, .. }) => {
+                node.set_backend_down(&candidate.name, false);
+                return Err(StartupFailure::Backend(raw));
+            }
+            Err(e) => {
+                node.set_backend_down(&candidate.name, true);
+                tracing::warn!(backend = %candidate.name, error = %e, "backend login failed");
+                failure.get_or_insert((candidate.name.clone(), e));
+            }
+        }
+    }
+    let Some((home, address, backend)) = connected else {
+        let message = match failure {
+            Some((name, e)) => format!("could not connect to backend \"{name}\": {e}"),
+            None => "no backend to connect to".to_owned(),
+        };
+        return Err(StartupFailure::Fatal {
+            kind: ErrorKind::BackendConnect,
+            code: "08006",
+            message,
+        });
+    };
+
+    let cancel_key = node
+        .cancel_keys
+        .register(&address, backend.pid, backend.secret);
+    protocol::authentication(&mut out, 0, &[]);
+    out.extend_from_slice(&backend.startup_messages);
+    protocol::backend_key_data(&mut out, cancel_key.pid, cancel_key.secret);
+    protocol::ready_for_query(&mut out, b'I');
+    client.write_all(&out).await?;
+    Ok(Some(Established {
+        backend,
+        session: Session {
+            user,
+            database,
+            params: forwarded,
+            backend_name: home.name.clone(),
+            cancel_key,
+            backend_open: None,
+        },
+    }))
+}
+
+/// Run the authentication exchange chosen by the rules. Messages queued in
+/// `out` (NegotiateProtocolVersion) are sent first.
+pub(super) async fn authenticate(
+    node: &Node,
+    client: &mut ClientStream,
+    peer: SocketAddr,
+    user: &str,
+    database: &str,
+    out: &mut BytesMut,
+) -> Result<(), StartupFailure> {
+    let method = auth::method_for(&node.config, user, database, peer.ip())?;
+    let password = node.config.user(user).and_then(|u| u.password.as_deref());
+    let mut buf = BytesMut::with_capacity(256);
+    let max = 64 * 1024;
+    match method {
+        AuthMethod::Trust => Ok(()),
+        AuthMethod::Reject => Err(AuthError::Rejected(user.to_owned()).into()),
+        AuthMethod::Md5 => {
+            let mut salt = [0u8; 4];
+            rand::rng().fill_bytes(&mut salt);
+            protocol::authentication(out, 5, &salt);
+            client.write_all(out).await?;
+            out.clear();
+            let response = read_password_message(client, &mut buf, max).await?;
+            let response = protocol::read_cstr(&response)?.0;
+            match password {
+                Some(password) if auth::verify_md5(user, password, salt, response) => Ok(()),
+                _ => Err(AuthError::PasswordFailed(user.to_owned()).into()),
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            protocol::authentication_sasl(out);
+            client.write_all(out).await?;
+            out.clear();
+            let initial = read_password_message(client, &mut buf, max).await?;
+            let (mechanism, rest) = protocol::read_cstr(&initial)?;
+            if mechanism != "SCRAM-SHA-256" || rest.len() < 4 {
+                return Err(AuthError::Scram("unsupported SASL mechanism").into());
+            }
+            let data = &rest[4..];
+            let verifier = if password.is_some() {
+                node.verifier(user)
+            } else {
+                node.verifier("")
+            };
+            let server = ScramServer::start(verifier, data)?;
+            protocol::authentication(out, 11, server.server_first().as_bytes());
+            client.write_all(out).await?;
+            out.clear();
+            let client_final = read_password_message(client, &mut buf, max).await?;
+            let server_final = server
+                .finish(&client_final)
+                .map_err(|_| AuthError::PasswordFailed(user.to_owned()))?;
+            protocol::authentication(out, 12, server_final.as_bytes());
+            Ok(())
+        }
+    }
+}
+
+pub(super) async fn read_password_message(
+    client: &mut ClientStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<BytesMut, StartupFailure> {
+    match read_message(client, buf, max).await? {
+        b'p' => Ok(buf.split()),
+        other => Err(ProtocolError::Unexpected(other as char).into()),
+    }
+}
+
+/// Pass a CancelRequest that is not for one of this node's sessions to
+/// every other node of the cluster (as the Raft state lists them): the
+/// session may be on any of them. Each gets at most a second.
+pub(super) async fn forward_cancel(node: &Node, pid: i32, secret: i32) {
+    let Some(consensus) = node.consensus() else {
+        return;
+    };
+    let me = u64::from(node.config.node.id);
+    let others: Vec<String> = consensus.state().read(|s| {
+        s.nodes
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(_, n)| n.listen.clone())
+            .collect()
+    });
+    let mut packet = BytesMut::with_capacity(16);
+    protocol::forwarded_cancel(&mut packet, pid, secret);
+    let packet = packet.freeze();
+    let mut sends = tokio::task::JoinSet::new();
+    for address in others {
+        let packet = packet.clone();
+        sends.spawn(async move {
+            let send = crate::backend::send_packet(&address, &packet);
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), send).await {
+                tracing::debug!(node = %address, error = %e, "passing on a cancel request failed");
+            }
+        });
+    }
+    while sends.join_next().await.is_some() {}
+}

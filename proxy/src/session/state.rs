@@ -1,0 +1,325 @@
+//! What the two directions of a relay share: the session's transaction
+//! state, answers due, the cluster DDL lease, stamps.
+
+use super::*;
+
+/// How a relay ended.
+#[derive(Debug)]
+pub(super) enum RelayEnd {
+    /// The client sent Terminate or closed its connection.
+    ClientDone,
+    /// The client broke the protocol.
+    ClientProtocol(ProtocolError),
+    /// The backend connection ended or failed.
+    BackendGone { after_fatal: bool },
+    /// The node is shutting down and this session was idle.
+    Shutdown,
+    /// The health checks found the backend down (it may still hold the
+    /// connection open, frozen).
+    BackendDown,
+    /// The backend ended the session with a FATAL of a server going down
+    /// (57P01 shutdown or terminate, 57P02 crash, 57P03 not accepting),
+    /// held back from the client.
+    BackendClosing { code: String, raw: BytesMut },
+}
+
+/// Something sent to the backend whose answers are still due, in order.
+#[derive(Debug)]
+pub(super) enum Pending {
+    /// A client's Query, Sync or FunctionCall (sent at this time), answered
+    /// by a ReadyForQuery; `wrote` when a stamp went before it (it may
+    /// have written); `scope`: commit scope settings it makes, taken when
+    /// its ReadyForQuery comes without an error before it (PostgreSQL
+    /// drops a failed SET too).
+    Ready {
+        sent: Instant,
+        wrote: bool,
+        scope: Vec<ScopeChange>,
+    },
+    /// A clock stamp of the relay's own, whose answers are swallowed.
+    Stamp(Swallower),
+    /// A replicated DDL query, being validated (see ddl.rs).
+    Ddl(DdlJob),
+}
+
+/// State shared by the two directions of a relay.
+pub(super) struct RelayState {
+    pub(super) pending: Mutex<VecDeque<Pending>>,
+    /// Stamps in `pending`: while there are any, the backend side looks at
+    /// every message, not only ReadyForQuery and errors.
+    pub(super) stamps: AtomicU32,
+    /// Transaction status from the last ReadyForQuery.
+    pub(super) tx_status: AtomicU8,
+    /// Whether a stamp went out since the last idle ReadyForQuery.
+    pub(super) txn_stamped: AtomicBool,
+    /// The session's `chorus.commit_scope` (see scope::encode; 0: the
+    /// node's default), and one set with SET LOCAL for the current
+    /// transaction.
+    pub(super) scope_session: AtomicU8,
+    pub(super) scope_local: AtomicU8,
+    /// DDL jobs in `pending` (the backend side then looks at everything).
+    pub(super) ddl_jobs: AtomicU32,
+    /// `chorus.ddl_scope`: the session's (1: local) and the current
+    /// transaction's (0: none, 1: local, 2: cluster).
+    pub(super) ddl_scope_session: AtomicU8,
+    pub(super) ddl_scope_local: AtomicU8,
+    /// Named prepared statements, as sent (see `remember_prepared`).
+    pub(super) prepared: Mutex<rustc_hash::FxHashMap<String, BytesMut>>,
+    /// Settings the backend reported changed (ParameterStatus) that a
+    /// moved session takes along.
+    pub(super) reported: Mutex<Vec<(String, String)>>,
+    /// The session moved while idle in a transaction block: the client has
+    /// not heard yet that its transaction is gone, so a COMMIT must fail
+    /// (see `move_session`). Cleared by the next error or idle status.
+    pub(super) lost_transaction: AtomicBool,
+    /// The cluster DDL lease of the current transaction (see
+    /// cluster::ddl_lease): its number, 0 when none.
+    pub(super) ddl_lease: AtomicU64,
+    /// This session's part of the lease holder's name.
+    pub(super) lease_token: u64,
+    /// The lease's number went to the backend with a stamp.
+    pub(super) lease_stamped: AtomicBool,
+    /// The backend session holds DDL settings of a stamp (a lease number or
+    /// a refusal) that the next stamp clears.
+    pub(super) ddl_settings_sent: AtomicBool,
+    /// Why the lease could not be taken, for the stamp to pass on.
+    pub(super) lease_refusal: Mutex<Option<LeaseRefusal>>,
+    /// The transaction ended: give the lease back before its ReadyForQuery
+    /// reaches the client.
+    pub(super) lease_release_due: AtomicBool,
+    /// Renews the lease while its transaction is open.
+    pub(super) lease_keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The pid in the client's BackendKeyData, and the pid of the backend
+    /// connection serving it now: a notification of the session's own
+    /// backend carries the client's (see cancel.rs).
+    pub(super) client_pid: AtomicI32,
+    pub(super) backend_pid: AtomicI32,
+}
+
+/// What the client-to-backend direction keeps across backend connections.
+pub(super) struct ClientSide {
+    pub(super) pump: PumpSide,
+    pub(super) frontend: FrontendState,
+    /// The client sent Terminate.
+    pub(super) terminated: bool,
+    /// Whether the next extended-protocol message starts a batch.
+    pub(super) batch_start: bool,
+    /// Whether a stamp went to the backend since the last message that a
+    /// ReadyForQuery answers.
+    pub(super) stamped: bool,
+    /// Commit scope settings sent since then.
+    pub(super) scope_pending: Vec<ScopeChange>,
+    /// Drop extended-protocol messages up to the next Sync (see
+    /// `move_session`).
+    pub(super) discard_until_sync: bool,
+    /// The next message was held for the DDL lease and is seen again: its
+    /// statements are counted already.
+    pub(super) refeed: bool,
+}
+
+impl ClientSide {
+    pub(super) fn new() -> ClientSide {
+        ClientSide {
+            pump: PumpSide::default(),
+            frontend: FrontendState::default(),
+            terminated: false,
+            batch_start: true,
+            stamped: false,
+            scope_pending: Vec::new(),
+            discard_until_sync: false,
+            refeed: false,
+        }
+    }
+}
+
+/// Settings reported by ParameterStatus that a session moved to another
+/// backend gets again (as startup parameters).
+pub(super) const MOVED_SETTINGS: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "search_path",
+    "standard_conforming_strings",
+];
+
+impl RelayState {
+    pub(super) fn new() -> RelayState {
+        RelayState {
+            pending: Mutex::new(VecDeque::new()),
+            stamps: AtomicU32::new(0),
+            tx_status: AtomicU8::new(b'I'),
+            txn_stamped: AtomicBool::new(false),
+            scope_session: AtomicU8::new(0),
+            scope_local: AtomicU8::new(0),
+            ddl_jobs: AtomicU32::new(0),
+            ddl_scope_session: AtomicU8::new(0),
+            ddl_scope_local: AtomicU8::new(0),
+            prepared: Mutex::new(rustc_hash::FxHashMap::default()),
+            reported: Mutex::new(Vec::new()),
+            lost_transaction: AtomicBool::new(false),
+            ddl_lease: AtomicU64::new(0),
+            lease_token: rand::rng().next_u64(),
+            lease_stamped: AtomicBool::new(false),
+            ddl_settings_sent: AtomicBool::new(false),
+            lease_refusal: Mutex::new(None),
+            lease_release_due: AtomicBool::new(false),
+            lease_keeper: Mutex::new(None),
+            client_pid: AtomicI32::new(0),
+            backend_pid: AtomicI32::new(0),
+        }
+    }
+
+    /// The lease is held now (number `seq`).
+    pub(super) fn lease_taken(&self, node: &Node, seq: u64) {
+        self.ddl_lease.store(seq, Ordering::SeqCst);
+        self.lease_stamped.store(false, Ordering::SeqCst);
+        if let Ok(mut keeper) = self.lease_keeper.lock() {
+            *keeper = ddl_lease::keep(node, self.lease_token);
+        }
+    }
+
+    /// The lease is let go of (given back or about to be): its number,
+    /// 0 when none was held.
+    pub(super) fn lease_dropped(&self) -> u64 {
+        if let Some(keeper) = self.lease_keeper.lock().ok().and_then(|mut k| k.take()) {
+            keeper.abort();
+        }
+        self.lease_stamped.store(false, Ordering::SeqCst);
+        self.ddl_lease.swap(0, Ordering::SeqCst)
+    }
+
+    /// Whether a transaction's DDL must take the cluster DDL lease first
+    /// (no lease yet, no refusal to pass on, not in a failed block).
+    pub(super) fn needs_lease(&self) -> bool {
+        self.ddl_lease.load(Ordering::SeqCst) == 0
+            && self.tx_status.load(Ordering::Relaxed) != b'E'
+            && self.lease_refusal.lock().is_ok_and(|r| r.is_none())
+    }
+
+    /// What a stamp must tell the backend about DDL now, if anything:
+    /// `stage` for a simple query with DDL.
+    pub(super) fn ddl_stamp(&self, node: &Node, stage: Option<DdlStage>) -> Option<DdlStamp> {
+        let lease = self.ddl_lease.load(Ordering::SeqCst);
+        let refusal = self.lease_refusal.lock().ok().and_then(|mut r| r.take());
+        let fresh_lease = lease != 0 && !self.lease_stamped.load(Ordering::SeqCst);
+        let stale = lease == 0 && self.ddl_settings_sent.load(Ordering::SeqCst);
+        if stage.is_none() && refusal.is_none() && !fresh_lease && !stale {
+            return None;
+        }
+        let cluster = node.config.cluster.as_ref();
+        Some(DdlStamp {
+            seq: (lease != 0).then_some(lease),
+            refusal: refusal.map(|r| (r.code, r.message)),
+            stage,
+            sequence_kind: cluster
+                .map_or("snowflake", |c| c.sequence_kind.as_str())
+                .to_owned(),
+            galloc_block: cluster.map_or(1_000_000, |c| c.galloc_range_size),
+            sequence_id: node.consensus().and_then(|c| {
+                let me = u64::from(node.config.node.id);
+                c.state().read(|s| s.sequence_ids.get(&me).copied())
+            }),
+            record_staged: false,
+        })
+    }
+
+    /// The backend session still holds the number of a lease given back
+    /// (or a refusal): the next statement, whatever it is, gets a stamp
+    /// that clears it, so that DDL a function runs there cannot pass for
+    /// one under the lease.
+    pub(super) fn ddl_settings_stale(&self) -> bool {
+        self.ddl_lease.load(Ordering::SeqCst) == 0 && self.ddl_settings_sent.load(Ordering::SeqCst)
+    }
+
+    /// Note that a stamp with these DDL settings went out.
+    pub(super) fn ddl_stamp_sent(&self, ddl: &DdlStamp) {
+        if ddl.seq.is_some() {
+            self.lease_stamped.store(true, Ordering::SeqCst);
+        }
+        self.ddl_settings_sent
+            .store(ddl.seq.is_some() || ddl.refusal.is_some(), Ordering::SeqCst);
+    }
+
+    /// Note a ParameterStatus of the backend's.
+    pub(super) fn report(&self, body: &[u8]) {
+        let Ok((name, rest)) = protocol::read_cstr(body) else {
+            return;
+        };
+        if !MOVED_SETTINGS.contains(&name) {
+            return;
+        }
+        let Ok((value, _)) = protocol::read_cstr(rest) else {
+            return;
+        };
+        if let Ok(mut reported) = self.reported.lock() {
+            reported.retain(|(n, _)| n != name);
+            reported.push((name.to_owned(), value.to_owned()));
+        }
+    }
+
+    /// Whether DDL now runs on this node's backend only.
+    pub(super) fn ddl_is_local(&self) -> bool {
+        match self.ddl_scope_local.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => self.ddl_scope_session.load(Ordering::Relaxed) == 1,
+        }
+    }
+
+    pub(super) fn apply_ddl_scope(&self, changes: &[DdlScopeChange]) {
+        for change in changes {
+            match *change {
+                DdlScopeChange::Session(local) => self
+                    .ddl_scope_session
+                    .store(u8::from(local), Ordering::Relaxed),
+                DdlScopeChange::Local(local) => self
+                    .ddl_scope_local
+                    .store(if local { 1 } else { 2 }, Ordering::Relaxed),
+                DdlScopeChange::Reset => {
+                    self.ddl_scope_session.store(0, Ordering::Relaxed);
+                    self.ddl_scope_local.store(0, Ordering::Relaxed);
+                }
+                DdlScopeChange::Invalid => {}
+            }
+        }
+    }
+}
+
+/// What a session keeps to move to another backend when its own fails.
+pub(super) struct Session {
+    pub(super) user: String,
+    pub(super) database: String,
+    /// The client's startup parameters, as sent to the backend.
+    pub(super) params: Vec<(String, String)>,
+    pub(super) backend_name: String,
+    pub(super) cancel_key: crate::cancel::CancelKey,
+    /// Counts the session in its backend's connections.
+    pub(super) backend_open: Option<GaugeGuard>,
+}
+
+impl Session {
+    /// The login this session makes to a backend at `address`, with these
+    /// startup parameters.
+    pub(super) fn login<'a>(
+        &'a self,
+        node: &'a Node,
+        address: &'a str,
+        params: &'a [(String, String)],
+    ) -> LoginParams<'a> {
+        LoginParams {
+            address,
+            user: &self.user,
+            password: node
+                .config
+                .user(&self.user)
+                .and_then(|u| u.password.as_deref()),
+            database: &self.database,
+            params,
+        }
+    }
+}
+
+/// How long a session whose backend failed tries to get another one.
+pub(super) const MOVE_LIMIT: Duration = Duration::from_secs(5);
