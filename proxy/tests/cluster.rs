@@ -1348,6 +1348,49 @@ async fn roles_and_grants_replicate_inside_transaction_blocks() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn ddl_and_writes_after_a_rollback_to_savepoint_replicate() {
+    // The rollback undoes the settings the transaction's first stamp made
+    // inside the savepoint (its origin, its DDL lease's number): what comes
+    // after is stamped again, over either protocol.
+    let c = cluster(3).await;
+    let client = c.via(1).await;
+    for sql in [
+        "BEGIN",
+        "SAVEPOINT s",
+        "CREATE TABLE sp_gone (id int)",
+        "ROLLBACK TO SAVEPOINT s",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    client
+        .execute("CREATE TABLE sp_kept (id int PRIMARY KEY)", &[])
+        .await
+        .unwrap();
+    for sql in [
+        "SAVEPOINT t",
+        "INSERT INTO sp_kept VALUES (1)",
+        "ROLLBACK TO t",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    client
+        .execute("ALTER TABLE sp_kept ADD COLUMN v text", &[])
+        .await
+        .unwrap();
+    client
+        .execute("INSERT INTO sp_kept VALUES (2, 'two')", &[])
+        .await
+        .unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    c.expect_everywhere(
+        "SELECT coalesce(to_regclass('sp_gone')::text, '-') || ' ' || \
+                (SELECT string_agg(id || ':' || v, ',') FROM sp_kept)",
+        "- 2:two",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn roles_and_grants_over_the_extended_protocol_replicate_inside_transaction_blocks() {
     // psycopg 3 in its default mode: every statement over the extended
     // protocol, inside a transaction it opened.

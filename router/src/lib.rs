@@ -197,6 +197,32 @@ pub fn classify(statement: &str) -> StatementClass {
     }
 }
 
+/// Whether a query string rolls back to a savepoint (`ROLLBACK [WORK |
+/// TRANSACTION] TO [SAVEPOINT] name`): that undoes the session settings
+/// made since the savepoint as well.
+pub fn rolls_back_to_savepoint(sql: &str) -> bool {
+    split_statements(sql).any(|statement| {
+        let mut rest = statement;
+        let mut words = std::iter::from_fn(|| {
+            let (word, after) = first_keyword(rest)?;
+            rest = after;
+            (!word.is_empty()).then_some(word)
+        });
+        words
+            .next()
+            .is_some_and(|w| w.eq_ignore_ascii_case("ROLLBACK"))
+            && match words.next() {
+                Some(w) if w.eq_ignore_ascii_case("TO") => true,
+                Some(w)
+                    if w.eq_ignore_ascii_case("WORK") || w.eq_ignore_ascii_case("TRANSACTION") =>
+                {
+                    words.next().is_some_and(|w| w.eq_ignore_ascii_case("TO"))
+                }
+                _ => false,
+            }
+    })
+}
+
 /// Upper-case a short ASCII keyword into `buf`; `None` when it does not fit.
 fn ascii_upper<'a>(word: &str, buf: &'a mut [u8; 16]) -> Option<&'a [u8]> {
     let bytes = word.as_bytes();

@@ -338,3 +338,23 @@ fn a_routine_body_in_begin_atomic_is_one_statement() {
     .collect();
     assert_eq!(parts.len(), 2, "{parts:?}");
 }
+
+#[test]
+fn rollbacks_to_a_savepoint_are_recognized() {
+    for sql in [
+        "ROLLBACK TO SAVEPOINT s",
+        "rollback to s",
+        "ROLLBACK WORK TO SAVEPOINT \"S\"",
+        "SELECT 1; ROLLBACK TRANSACTION TO s",
+    ] {
+        assert!(rolls_back_to_savepoint(sql), "{sql}");
+    }
+    for sql in [
+        "ROLLBACK",
+        "ROLLBACK PREPARED 'to'",
+        "RELEASE SAVEPOINT s",
+        "SELECT 'ROLLBACK TO s'",
+    ] {
+        assert!(!rolls_back_to_savepoint(sql), "{sql}");
+    }
+}

@@ -167,6 +167,12 @@ where
                         protocol::read_sql(body)
                             .map_or(std::borrow::Cow::Borrowed(""), |(sql, _)| sql)
                     };
+                    if replicating
+                        && summary.counts[StatementClass::Transaction.index()] > 0
+                        && chorus_router::rolls_back_to_savepoint(&sql())
+                    {
+                        state.stamp_undone();
+                    }
                     if replicating && summary.counts[StatementClass::Session.index()] > 0 {
                         let ddl_scope = scope::ddl_scope_changes(&sql());
                         let refusal = if ddl_scope.contains(&DdlScopeChange::Invalid) {
@@ -295,6 +301,16 @@ where
                     }
                 }
                 FrontendEvent::Execute(class) => metrics.statements(class, 1),
+                FrontendEvent::Parsed(StatementClass::Transaction)
+                    if replicating
+                        && chorus_router::rolls_back_to_savepoint(
+                            protocol::read_cstr(body)
+                                .and_then(|(_, rest)| protocol::read_cstr(rest))
+                                .map_or("", |(sql, _)| sql),
+                        ) =>
+                {
+                    state.stamp_undone();
+                }
                 FrontendEvent::Parsed(StatementClass::Session) if replicating => {
                     // An invalid value only fails in the simple protocol;
                     // here the setting is just not taken.

@@ -225,6 +225,14 @@ impl RelayState {
         })
     }
 
+    /// A rollback to a savepoint undoes the settings a stamp made after the
+    /// savepoint (even session-level ones): the transaction's next write
+    /// or DDL gets a stamp again, with the lease's number if it holds one.
+    pub(super) fn stamp_undone(&self) {
+        self.txn_stamped.store(false, Ordering::Relaxed);
+        self.lease_stamped.store(false, Ordering::SeqCst);
+    }
+
     /// The backend session still holds the number of a lease given back
     /// (or a refusal): the next statement, whatever it is, gets a stamp
     /// that clears it, so that DDL a function runs there cannot pass for
