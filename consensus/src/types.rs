@@ -115,7 +115,7 @@ pub struct DdlProposal {
     #[serde(default)]
     pub in_stream: bool,
     /// The origin session's settings the statement depends on, as a JSON
-    /// object (see `chorus.ddl_settings` in the proxy's capture.sql);
+    /// object (see `chorus.ddl_settings` in the proxy's sql/ddl.sql);
     /// `None` from a node that did not send them.
     #[serde(default)]
     pub settings: Option<String>,

@@ -14,8 +14,15 @@ use serde_json::value::RawValue;
 use thiserror::Error;
 use tokio_postgres::Client;
 
-/// The schema and capture functions installed on every backend.
-pub const SCHEMA_SQL: &str = include_str!("sql/capture.sql");
+/// The schema installed on every backend, in order: its tables and the
+/// capture of rows, global sequences, DDL replication.
+pub const SCHEMA_SQL: &str = concat!(
+    include_str!("sql/capture.sql"),
+    "\n",
+    include_str!("sql/sequences.sql"),
+    "\n",
+    include_str!("sql/ddl.sql")
+);
 /// The functions that apply changes from other nodes.
 pub const APPLY_SQL: &str = include_str!("sql/apply.sql");
 /// Pruning tombstones (see `tombstones.sql`).

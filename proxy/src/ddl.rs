@@ -13,7 +13,7 @@
 //! `all`, the others; see [`finish`]).
 //!
 //! DML does not wait here: each captured change carries the DDL index of
-//! its origin (see capture.sql), and a peer stream applies it only once its
+//! its origin (see sql/ddl.sql), and a peer stream applies it only once its
 //! backend has applied that much of the DDL log (replication.rs).
 
 use std::sync::Arc;
@@ -209,7 +209,7 @@ async fn apply_entry(
             hint: None,
         }));
     }
-    // Sequences this DDL makes become global (see capture.sql), with this
+    // Sequences this DDL makes become global (see sql/sequences.sql), with this
     // backend's sequence id.
     let kind = p.sequence_kind.as_deref().unwrap_or("snowflake");
     let block = p.galloc_block.unwrap_or(1_000_000).to_string();

@@ -1,4 +1,4 @@
-//! Upkeep of the home backend's global sequences (see capture.sql for what
+//! Upkeep of the home backend's global sequences (see sql/sequences.sql for what
 //! snowflake and galloc sequences are): snowflake sequences that fell
 //! behind the clock move forward, galloc sequences get their next range
 //! from the Raft log ahead of need and switch to it, and the values handed

@@ -51,7 +51,7 @@ pub enum StampKind {
 /// statements in them.
 pub type DdlStage = (Vec<u8>, Vec<(usize, usize)>);
 
-/// What a stamp tells the backend about DDL (see capture.sql,
+/// What a stamp tells the backend about DDL (see ddl.sql,
 /// `chorus.capture_ddl`): the number of the cluster DDL lease the
 /// transaction holds, where the DDL statements of a simple query are, and
 /// the node's defaults for the sequences DDL makes.
