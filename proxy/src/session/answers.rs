@@ -1,7 +1,26 @@
 //! Backend to client: the policy on what a backend answers (stamps'
 //! answers swallowed, DDL jobs, commit scope waits, lease release).
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::cluster::ddl_lease;
+use crate::config::{CommitScope, TimeoutAction};
+use crate::ddl::{DdlJob, JobStep};
+use crate::metrics::ErrorKind;
+use crate::node::Node;
+use crate::protocol::Severity;
+use crate::stamp::Verdict;
+use crate::{ddl, protocol, scope};
+
+use super::client::apply_scope_changes;
+use super::pump::{forward, read_more, Flow, PumpError, PumpSide};
+use super::state::{Pending, RelayEnd, RelayState};
 
 /// Backend to client: track transaction state and latency, count errors,
 /// and end idle sessions when the node shuts down.

@@ -1,7 +1,23 @@
 //! Client to backend: the policy on what a client sends (stamps, the
 //! cluster DDL lease, DDL staging and refusals, SET of Chorus's settings).
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use chorus_router::{ddl_route, first_keyword, split_statements, DdlRoute, StatementClass};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::cluster::ddl_lease;
+use crate::ddl::DdlJob;
+use crate::frontend::{is_inspected, query_stamps, FrontendEvent};
+use crate::node::Node;
+use crate::scope::{DdlScopeChange, ScopeChange};
+use crate::stamp::{StampKind, Swallower};
+use crate::{ddl, protocol, scope, stamp};
+
+use super::pump::{pump, Flow, PumpError};
+use super::state::{ClientSide, Pending, RelayEnd, RelayState};
 
 /// Client to backend: count statements, note when answers are due.
 pub(super) async fn client_to_backend<R, W>(

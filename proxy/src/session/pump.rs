@@ -1,7 +1,14 @@
 //! Moving framed protocol messages from one socket to another, looking
 //! only at those a direction asks to see.
 
-use super::*;
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::protocol;
+use crate::protocol::ProtocolError;
+
+/// Bytes read from a socket at a time.
+pub(super) const READ_CHUNK: usize = 16 * 1024;
 
 /// Whether a pump goes on after a message.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,24 @@
 //! The relay loop, and moving a session to another backend when its own
 //! fails.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::cluster::ddl_lease;
+use crate::metrics::{ErrorKind, GaugeGuard};
+use crate::node::Node;
+use crate::protocol::{read_message, Severity};
+use crate::{backend, protocol};
+
+use super::answers::backend_to_client;
+use super::client::client_to_backend;
+use super::pump::PumpSide;
+use super::state::{ClientSide, Pending, RelayEnd, RelayState, Session, MOVE_LIMIT};
 
 /// Move messages both ways until either side ends. With replication, a
 /// session whose backend fails (or is found down by the health checks)

@@ -1,7 +1,158 @@
 //! Startup: TLS, protocol negotiation, cancel requests, authentication
 //! and the login to a backend.
 
-use super::*;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rand::RngCore;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::auth::{AuthError, ScramServer};
+use crate::backend::{BackendConnection, BackendError, LoginParams};
+use crate::config::AuthMethod;
+use crate::metrics::ErrorKind;
+use crate::node::Node;
+use crate::protocol::{read_message, ProtocolError, Severity, StartupPacket};
+use crate::{auth, backend, protocol};
+
+use super::state::Session;
+
+/// A client connection, before or after TLS.
+pub(super) enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Moved out (into a TLS handshake that failed); every operation fails.
+    Closed,
+}
+
+pub(super) fn closed() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotConnected, "connection closed")
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+}
+
+/// A failure during startup, with what the client should be told.
+#[derive(Debug)]
+pub(super) enum StartupFailure {
+    /// The client went away; nothing to say.
+    Gone,
+    /// Send this FATAL error and close.
+    Fatal {
+        kind: ErrorKind,
+        code: &'static str,
+        message: String,
+    },
+    /// Forward the backend's own ErrorResponse (raw) and close.
+    Backend(BytesMut),
+}
+
+impl From<ProtocolError> for StartupFailure {
+    fn from(e: ProtocolError) -> Self {
+        if e.is_disconnect() {
+            StartupFailure::Gone
+        } else {
+            let code = match e {
+                ProtocolError::UnsupportedVersion { .. } => "0A000",
+                _ => "08P01",
+            };
+
+            StartupFailure::Fatal {
+                kind: ErrorKind::Protocol,
+                code,
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+impl From<AuthError> for StartupFailure {
+    fn from(e: AuthError) -> Self {
+        StartupFailure::Fatal {
+            kind: ErrorKind::Auth,
+            code: e.sqlstate(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<std::io::Error> for StartupFailure {
+    fn from(e: std::io::Error) -> Self {
+        ProtocolError::Io(e).into()
+    }
+}
+
+pub(super) async fn report_startup_failure(
+    node: &Node,
+    client: &mut ClientStream,
+    failure: StartupFailure,
+) {
+    let mut out = BytesMut::new();
+    match failure {
+        StartupFailure::Gone => return,
+        StartupFailure::Fatal {
+            kind,
+            code,
+            message,
+        } => {
+            node.metrics.error(kind);
+            tracing::debug!(code, %message, "startup failed");
+            protocol::error_response(&mut out, Severity::Fatal, code, &message, None);
+        }
+        StartupFailure::Backend(raw) => {
+            node.metrics.error(ErrorKind::BackendConnect);
+            out = raw;
+        }
+    }
+    let _ = client.write_all(&out).await;
+    let _ = client.shutdown().await;
+}
 
 pub(super) struct Established {
     pub(super) backend: BackendConnection,

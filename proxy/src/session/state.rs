@@ -1,7 +1,27 @@
 //! What the two directions of a relay share: the session's transaction
 //! state, answers due, the cluster DDL lease, stamps.
 
-use super::*;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rand::RngCore;
+
+use crate::backend::LoginParams;
+use crate::cluster::ddl_lease;
+use crate::cluster::ddl_lease::LeaseRefusal;
+use crate::ddl::DdlJob;
+use crate::frontend::FrontendState;
+use crate::metrics::GaugeGuard;
+use crate::node::Node;
+use crate::protocol;
+use crate::protocol::ProtocolError;
+use crate::scope::{DdlScopeChange, ScopeChange};
+use crate::stamp::{DdlStage, DdlStamp, Swallower};
+
+use super::pump::PumpSide;
 
 /// How a relay ended.
 #[derive(Debug)]

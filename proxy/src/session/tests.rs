@@ -1,4 +1,12 @@
-use super::*;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::answers::notification_for_client;
+use super::client::ends_transaction;
+use super::pump::{pump, Flow, PumpError, PumpSide};
+use super::state::RelayState;
 
 fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut m = vec![tag];
