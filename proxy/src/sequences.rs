@@ -1,5 +1,5 @@
-//! Upkeep of the home backend's global sequences (see sql/sequences.sql for what
-//! snowflake and galloc sequences are): snowflake sequences that fell
+//! Upkeep of the home backend's global sequences (what snowflake and
+//! galloc sequences are: `chorus.make_global` in the backend SQL): snowflake sequences that fell
 //! behind the clock move forward, galloc sequences get their next range
 //! from the Raft log ahead of need and switch to it, and the values handed
 //! out are counted.
