@@ -1511,7 +1511,7 @@ async fn arrays_keep_their_bounds_on_every_backend_however_their_rows_travel() {
     .unwrap();
     let rows = "SELECT string_agg(id || ':' || coalesce(a::text, '-') || ':' || coalesce(b::text, '-'), ' ' ORDER BY id) \
                 || ' / ' || (SELECT string_agg(id || ':' || coalesce(a::text, '-') || ':' || coalesce(b::text, '-'), ' ' ORDER BY id) FROM keyless_arr) \
-                || ' / ' || (SELECT sum(r) FROM arr) FROM arr";
+                || ' / ' || (SELECT string_agg(r::text, ',' ORDER BY id) FROM arr) FROM arr";
     let on_origin: String = c.direct(1).await.query_one(rows, &[]).await.unwrap().get(0);
     assert!(
         on_origin.starts_with("1:[0:1]={1,2}:{{x,y},{z,w}} 2:{3,4,NULL,NULL,9}:- 3:[-2:-2]={5}:[2:2][3:3]={{q}} 10:[4:4]={NULL}:- "),
