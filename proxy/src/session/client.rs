@@ -344,18 +344,12 @@ where
                         .map_or("", |(sql, _)| sql);
                     // (Not refused: on to the stamp below, as any write.)
                     if let Some(refused) = refused_call(sql) {
-                        let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
-                        let mut out = BytesMut::new();
-                        protocol::write_message(&mut out, b'P', |m| {
-                            protocol::put_cstr(m, name);
-                            protocol::put_cstr(
-                                m,
-                                &refusal_sql("0A000", refused.message, refused.hint),
-                            );
-                            m.extend_from_slice(&0i16.to_be_bytes());
-                        });
-                        remember_prepared(state, b'P', &out[5..]);
-                        return Ok(Flow::Replace(out));
+                        return Ok(Flow::Replace(refused_parse(
+                            state,
+                            body,
+                            refused.message,
+                            refused.hint,
+                        )));
                     }
                 }
                 FrontendEvent::Parsed(StatementClass::Ddl)
@@ -367,18 +361,12 @@ where
                                 .map_or("", |(sql, _)| sql),
                         ) =>
                 {
-                    let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
-                    let mut out = BytesMut::new();
-                    protocol::write_message(&mut out, b'P', |m| {
-                        protocol::put_cstr(m, name);
-                        protocol::put_cstr(
-                            m,
-                            &refusal_sql("0A000", EXPLAINED_DDL.message, EXPLAINED_DDL.hint),
-                        );
-                        m.extend_from_slice(&0i16.to_be_bytes());
-                    });
-                    remember_prepared(state, b'P', &out[5..]);
-                    return Ok(Flow::Replace(out));
+                    return Ok(Flow::Replace(refused_parse(
+                        state,
+                        body,
+                        EXPLAINED_DDL.message,
+                        EXPLAINED_DDL.hint,
+                    )));
                 }
                 FrontendEvent::Parsed(StatementClass::Ddl)
                     if replicating
@@ -394,19 +382,12 @@ where
                     // goes through the simple protocol only: the statement
                     // is prepared as one that fails when run, so the error
                     // comes in its place in the batch.
-                    let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
-                    let mut out = BytesMut::new();
-                    protocol::write_message(&mut out, b'P', |m| {
-                        protocol::put_cstr(m, name);
-                        protocol::put_cstr(m, &refusal_sql(
-                            "0A000",
-                            "this DDL cannot be replicated through the extended query protocol outside a transaction block",
-                            EXTENDED_LOG_HINT,
-                        ));
-                        m.extend_from_slice(&0i16.to_be_bytes());
-                    });
-                    remember_prepared(state, b'P', &out[5..]);
-                    return Ok(Flow::Replace(out));
+                    return Ok(Flow::Replace(refused_parse(
+                        state,
+                        body,
+                        "this DDL cannot be replicated through the extended query protocol outside a transaction block",
+                        EXTENDED_LOG_HINT,
+                    )));
                 }
                 FrontendEvent::Terminate => {
                     *terminated = true;
@@ -644,6 +625,21 @@ pub(super) fn refused_call(sql: &str) -> Option<&'static RefusedCall> {
 
 pub(super) fn is_word_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// The client's Parse (`body`) of a statement Chorus refuses, made a Parse
+/// of the same name that fails with `0A000` when run: the error comes in
+/// the statement's place in the batch.
+fn refused_parse(state: &RelayState, body: &[u8], message: &str, hint: &str) -> BytesMut {
+    let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
+    let mut out = BytesMut::new();
+    protocol::write_message(&mut out, b'P', |m| {
+        protocol::put_cstr(m, name);
+        protocol::put_cstr(m, &refusal_sql("0A000", message, hint));
+        m.extend_from_slice(&0i16.to_be_bytes());
+    });
+    remember_prepared(state, b'P', &out[5..]);
+    out
 }
 
 /// A statement that raises this error when run.
