@@ -1,7 +1,7 @@
 //! Backend to client: the policy on what a backend answers (stamps'
 //! answers swallowed, DDL jobs, commit scope waits, lease release).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -75,8 +75,12 @@ where
     // home one (see `wait_on_slots`).
     let mut away: Option<tokio_postgres::Client> = None;
     let ddl_ready = Mutex::new(None::<DdlJob>);
+    // Whether the rows coming are EXPLAIN's text output (see
+    // `describes_plan`): they are looked at for Chorus's capture trigger.
+    let plan_rows = AtomicBool::new(false);
     let inspect = |tag: u8| {
-        matches!(tag, b'Z' | b'E' | b'S' | b'A')
+        matches!(tag, b'Z' | b'E' | b'S' | b'A' | b'T')
+            || (plan_rows.load(Ordering::Relaxed) && matches!(tag, b'D' | b'C'))
             || state.stamps.load(Ordering::SeqCst) > 0
             || state.ddl_jobs.load(Ordering::SeqCst) > 0
     };
@@ -150,7 +154,13 @@ where
                     return Ok(Flow::Stop);
                 }
             }
+            b'T' => plan_rows.store(describes_plan(body), Ordering::Relaxed),
+            b'D' if plan_rows.load(Ordering::Relaxed) && capture_trigger_line(body) => {
+                return Ok(Flow::Replace(BytesMut::new()));
+            }
+            b'C' => plan_rows.store(false, Ordering::Relaxed),
             b'E' => {
+                plan_rows.store(false, Ordering::Relaxed);
                 failed_since_ready = true;
                 state.lost_transaction.store(false, Ordering::Relaxed);
                 metrics.error(ErrorKind::BackendError);
@@ -299,6 +309,30 @@ pub(super) fn notification_for_client(state: &RelayState, body: &[u8]) -> Option
         m.extend_from_slice(&body[4..]);
     });
     Some(message)
+}
+
+/// Whether a RowDescription describes EXPLAIN's output: one column,
+/// named `QUERY PLAN`.
+pub(super) fn describes_plan(body: &[u8]) -> bool {
+    body.get(..2) == Some(&1i16.to_be_bytes()[..])
+        && protocol::cstr_bytes(&body[2..]) == Some(&b"QUERY PLAN"[..])
+}
+
+/// Whether a DataRow of EXPLAIN ANALYZE's text output is the line of
+/// Chorus's capture trigger (`Trigger chorus_capture: calls=…`, or `…
+/// chorus_capture on <partition>: …`). It is left out, as the trigger is
+/// left out of psql's `\d`: the plan reads as PostgreSQL's own (its times
+/// still include the capture's). Other formats (JSON, YAML, XML) keep it.
+pub(super) fn capture_trigger_line(body: &[u8]) -> bool {
+    const LINE: &[u8] = b"Trigger chorus_capture";
+    if body.get(..2) != Some(&1i16.to_be_bytes()[..]) {
+        return false;
+    }
+    let Some(text) = body.get(6..) else {
+        return false;
+    };
+    text.strip_prefix(LINE)
+        .is_some_and(|rest| matches!(rest.first(), Some(b':' | b' ')))
 }
 
 pub(super) fn backend_end(end: PumpError, after_fatal: bool) -> RelayEnd {

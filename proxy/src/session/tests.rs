@@ -3,7 +3,7 @@ use std::sync::atomic::Ordering;
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::answers::notification_for_client;
+use super::answers::{capture_trigger_line, describes_plan, notification_for_client};
 use super::client::ends_transaction;
 use super::pump::{pump, Flow, PumpError, PumpSide};
 use super::state::RelayState;
@@ -197,4 +197,45 @@ async fn truncated_stream_ends_without_forwarding_the_partial_message() {
     let (result, out) = pump_all(&input).await;
     assert!(matches!(result, Err(PumpError::Eof)));
     assert_eq!(out, message(b'Q', b"SELECT 1\0"));
+}
+
+fn data_row(values: &[&[u8]]) -> Vec<u8> {
+    let mut body = (values.len() as i16).to_be_bytes().to_vec();
+    for v in values {
+        body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        body.extend_from_slice(v);
+    }
+    body
+}
+
+#[test]
+fn only_the_capture_triggers_plan_line_is_recognised() {
+    let mut plan = 1i16.to_be_bytes().to_vec();
+    plan.extend_from_slice(b"QUERY PLAN\0");
+    plan.extend_from_slice(&[0; 18]);
+    assert!(describes_plan(&plan));
+    let mut other = 1i16.to_be_bytes().to_vec();
+    other.extend_from_slice(b"QUERY\0");
+    other.extend_from_slice(&[0; 18]);
+    assert!(!describes_plan(&other));
+    assert!(!describes_plan(&2i16.to_be_bytes()));
+
+    assert!(capture_trigger_line(&data_row(&[
+        b"Trigger chorus_capture: calls=3"
+    ])));
+    assert!(capture_trigger_line(&data_row(&[
+        b"Trigger chorus_capture on part_a: time=0.1 calls=1"
+    ])));
+    assert!(!capture_trigger_line(&data_row(&[
+        b"Trigger chorus_captured: calls=3"
+    ])));
+    assert!(!capture_trigger_line(&data_row(&[
+        b"Trigger audit: calls=3"
+    ])));
+    assert!(!capture_trigger_line(&data_row(&[b"  ->  Seq Scan on t"])));
+    assert!(!capture_trigger_line(&data_row(&[
+        b"Trigger chorus_capture: calls=3",
+        b"x"
+    ])));
+    assert!(!capture_trigger_line(&[0, 1]));
 }
