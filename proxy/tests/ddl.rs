@@ -832,9 +832,21 @@ async fn ddl_waits_for_another_transactions_lease_up_to_the_lock_timeout() {
     // answer (ddl_timeout_ms).
     let c = cluster("ddl_lock_timeout_ms = 4000").await;
     c.exec(1, "CREATE TABLE held (id int PRIMARY KEY)").await;
-    c.wait_ddl(1).await;
+    c.exec(
+        1,
+        "CREATE FUNCTION make_waited() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN \
+           CREATE TABLE IF NOT EXISTS waited_too (id int PRIMARY KEY); END $f$",
+    )
+    .await;
+    c.wait_ddl(2).await;
     let first = c.via(1).await;
-    for (hold, outcome) in [(3500u64, None), (6000, Some("55P03"))] {
+    // A function's DDL asks for the lease mid-statement, and waits as long.
+    let statement = "CREATE TABLE IF NOT EXISTS waited (id int PRIMARY KEY)";
+    for (hold, outcome, waiter) in [
+        (3500u64, None, statement),
+        (6000, Some("55P03"), statement),
+        (6000, Some("55P03"), "SELECT make_waited()"),
+    ] {
         first
             .batch_execute("BEGIN; ALTER TABLE held ADD COLUMN IF NOT EXISTS a int")
             .await
@@ -842,9 +854,7 @@ async fn ddl_waits_for_another_transactions_lease_up_to_the_lock_timeout() {
         let second = c.via(2).await;
         let waiting = tokio::spawn(async move {
             let started = Instant::now();
-            let result = second
-                .batch_execute("CREATE TABLE IF NOT EXISTS waited (id int PRIMARY KEY)")
-                .await;
+            let result = second.batch_execute(waiter).await;
             (result, started.elapsed())
         });
         tokio::time::sleep(Duration::from_millis(hold)).await;
@@ -883,9 +893,8 @@ async fn ddl_from_a_do_block_or_function_replicates_or_is_refused_never_left_on_
     )
     .await
     .unwrap();
-    // A function's DDL: alone in a SELECT Chorus cannot see it coming, so
-    // it is refused; from a DO block, or in a transaction that already
-    // sent DDL, it replicates.
+    // A function's DDL replicates: from a DO block, in a transaction that
+    // already sent DDL, and called alone (below).
     one.batch_execute(
         "CREATE FUNCTION make_it(n text) RETURNS void LANGUAGE plpgsql AS $f$ BEGIN \
            EXECUTE format('CREATE TABLE %I (id int PRIMARY KEY)', n); \
@@ -893,10 +902,36 @@ async fn ddl_from_a_do_block_or_function_replicates_or_is_refused_never_left_on_
     )
     .await
     .unwrap();
-    let e = one.query("SELECT make_it('alone')", &[]).await.unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
-    let hint = e.as_db_error().and_then(|d| d.hint()).unwrap_or_default();
-    assert!(hint.contains("DO block"), "{e:?}");
+    // Called alone, the function's session asks its node for the lease
+    // mid-statement (chorus.ask_lease): over the extended protocol, in a
+    // REPEATABLE READ block whose client hears only warnings, and by CALL.
+    // The question is the node's: the client hears no notice of it.
+    let (asking, heard) = common::connect_hearing_notices(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        c.ports[0]
+    ))
+    .await;
+    asking.query("SELECT make_it('alone')", &[]).await.unwrap();
+    asking
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL client_min_messages = warning; \
+             SELECT count(*) FROM pg_class; SELECT make_it('in_rr'); SELECT make_it('in_rr_too'); COMMIT",
+        )
+        .await
+        .unwrap();
+    asking
+        .batch_execute(
+            "CREATE PROCEDURE make_called(n text) LANGUAGE plpgsql AS $p$ BEGIN \
+               EXECUTE format('CREATE TABLE %I (id int PRIMARY KEY)', n); END $p$; \
+             CALL make_called('called')",
+        )
+        .await
+        .unwrap();
+    asking
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'the client''s own'; END $$")
+        .await
+        .unwrap();
+    assert_eq!(*heard.lock().unwrap(), ["the client's own"]);
     one.batch_execute("DO $$ BEGIN PERFORM make_it('via_do'); END $$")
         .await
         .unwrap();
@@ -971,7 +1006,8 @@ async fn ddl_from_a_do_block_or_function_replicates_or_is_refused_never_left_on_
         .get(0);
     assert!(
         on_origin.starts_with(
-            "app_made:app,drawn:postgres,dyn:postgres,first_ddl:postgres,in_txn:postgres,\
+            "alone:postgres,app_made:app,called:postgres,drawn:postgres,dyn:postgres,\
+             first_ddl:postgres,in_rr:postgres,in_rr_too:postgres,in_txn:postgres,\
              made_by_owner:postgres,via_do:postgres 1 11 "
         ) && on_origin.ends_with(" sad,ok"),
         "{on_origin}"

@@ -219,6 +219,67 @@ pub async fn give_back(
     committed
 }
 
+/// Answer question `question` of a backend session (serving this node's
+/// session `session` on `backend`) that asked for the lease in the middle
+/// of a statement, for DDL a function runs (see `chorus.ask_lease`): `held`, the
+/// number of the lease its transaction holds already (0: none), or a lease
+/// taken now. Returns the lease taken now, if any, which the session gives
+/// back at the end of its transaction.
+pub async fn answer(
+    node: &Node,
+    session: u64,
+    backend: &str,
+    question: u32,
+    held: u64,
+) -> Option<u64> {
+    let (answer, taken) = if held != 0 {
+        (Ok(held), None)
+    } else {
+        match take(node, session, backend).await {
+            Ok(seq) => (Ok(seq), Some(seq)),
+            Err(refusal) => (Err(refusal), None),
+        }
+    };
+    let written = match node.config.backends.iter().find(|b| b.name == backend) {
+        Some(b) => {
+            node.ddl
+                .set_lease_grant(&node.config, b, grant_value(question, &answer))
+                .await
+        }
+        None => false,
+    };
+    if !written {
+        // The session gives up waiting after `chorus.lease_wait_ms`.
+        tracing::warn!(
+            backend,
+            question,
+            "could not answer a backend session's question for the DDL lease"
+        );
+    }
+    taken
+}
+
+/// The value of `chorus.lease_grant` that answers `question`: its number
+/// in the high 32 bits; in the low ones the lease's number, or bit 31 and
+/// the kind of refusal (see `chorus.ask_lease`).
+pub fn grant_value(question: u32, answer: &Result<u64, LeaseRefusal>) -> i64 {
+    const REFUSED: i64 = 1 << 31;
+    let low = match answer {
+        Ok(seq) if *seq < 1 << 31 => i64::try_from(*seq).unwrap_or(REFUSED | 4),
+        Ok(_) => REFUSED | 4,
+        Err(refusal) => {
+            REFUSED
+                | match refusal.code {
+                    "55P03" => 1,
+                    "40003" => 2,
+                    "55000" => 3,
+                    _ => 4,
+                }
+        }
+    };
+    (i64::from(question) << 32) | low
+}
+
 /// How long the end of a transaction with DDL waits for the other
 /// backends to have it, so that the new schema is usable through any node
 /// once the client hears of the commit (as in a single PostgreSQL). A
@@ -231,4 +292,29 @@ pub const PEER_WAIT: Duration = Duration::from_millis(1000);
 /// backends (see [`PEER_WAIT`]).
 pub async fn wait_for_peers(node: &Node, seq: u64) {
     let _ = node.ddl.wait_all(&node.config, seq, PEER_WAIT, false).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: &'static str) -> Result<u64, LeaseRefusal> {
+        Err(LeaseRefusal {
+            code,
+            message: String::new(),
+        })
+    }
+
+    #[test]
+    fn an_answer_carries_its_question_and_the_lease_or_why_not() {
+        assert_eq!(grant_value(7, &Ok(12)), (7 << 32) | 12);
+        assert_eq!(grant_value(7, &refused("55P03")), (7 << 32) | (1 << 31) | 1);
+        assert_eq!(grant_value(7, &refused("40003")), (7 << 32) | (1 << 31) | 2);
+        assert_eq!(grant_value(7, &refused("55000")), (7 << 32) | (1 << 31) | 3);
+        assert_eq!(grant_value(7, &refused("XX000")), (7 << 32) | (1 << 31) | 4);
+        // A lease number the answer cannot carry is a refusal, never cut.
+        assert_eq!(grant_value(7, &Ok(1 << 31)), (7 << 32) | (1 << 31) | 4);
+        let last = (1u32 << 31) - 1;
+        assert!(grant_value(last, &Ok(1)) > 0);
+    }
 }

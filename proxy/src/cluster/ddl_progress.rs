@@ -160,6 +160,40 @@ impl DdlProgress {
         u64::try_from(row.get::<_, i64>(0)).ok()
     }
 
+    /// Write a backend's `chorus.lease_grant` (the answer to a session that
+    /// asked for the cluster DDL lease, see `ddl_lease::answer`); whether
+    /// it was written.
+    pub(crate) async fn set_lease_grant(
+        &self,
+        config: &Config,
+        backend: &BackendConfig,
+        value: i64,
+    ) -> bool {
+        let Some(replication) = config.replication.as_ref() else {
+            return false;
+        };
+        let mut peers = self.peers.lock().await;
+        let Some(client) = peers
+            .get(backend, replication, Duration::from_secs(5))
+            .await
+        else {
+            return false;
+        };
+        let written = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.execute(
+                "SELECT pg_catalog.setval('chorus.lease_grant', $1)",
+                &[&value],
+            ),
+        )
+        .await;
+        if matches!(written, Ok(Ok(_))) {
+            return true;
+        }
+        peers.forget(&backend.name);
+        false
+    }
+
     /// Wait until every backend applied `seq`, until `limit`; returns how
     /// many have. Unless `strict`, a backend that is unreachable or had not
     /// even applied the entry before `seq` when first asked (its node is

@@ -1,7 +1,7 @@
 //! Backend to client: the policy on what a backend answers (stamps'
 //! answers swallowed, DDL jobs, commit scope waits, lease release).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -78,13 +78,22 @@ where
     // Whether the rows coming are EXPLAIN's text output (see
     // `describes_plan`): they are looked at for Chorus's capture trigger.
     let plan_rows = AtomicBool::new(false);
+    // The backend session asked for the cluster DDL lease (the question's
+    // number; 0: none), see `lease_question`.
+    let asked = AtomicU32::new(0);
     let inspect = |tag: u8| {
-        matches!(tag, b'Z' | b'E' | b'S' | b'A' | b'T')
+        matches!(tag, b'Z' | b'E' | b'S' | b'A' | b'T' | b'N')
             || (plan_rows.load(Ordering::Relaxed) && matches!(tag, b'D' | b'C'))
             || state.stamps.load(Ordering::SeqCst) > 0
             || state.ddl_jobs.load(Ordering::SeqCst) > 0
     };
     let mut on_message = |tag: u8, body: &[u8], _rest: &[u8]| {
+        if tag == b'N' && replicating {
+            if let Some(question) = lease_question(body) {
+                asked.store(question, Ordering::Relaxed);
+                return Ok(Flow::Await);
+            }
+        }
         if state.stamps.load(Ordering::SeqCst) > 0 {
             if let Some(verdict) = judge_for_stamp(state, tag) {
                 if tag == b'E' {
@@ -237,6 +246,18 @@ where
             let Ok(Flow::Held(ready)) = &flow else {
                 break flow;
             };
+            let question = asked.swap(0, Ordering::Relaxed);
+            if question != 0 {
+                // The question is the node's, not the client's: answered,
+                // and not passed on. The backend waits for the answer.
+                let held = state.ddl_lease.load(Ordering::SeqCst);
+                if let Some(seq) =
+                    ddl_lease::answer(node, state.lease_token, serving, question, held).await
+                {
+                    state.lease_taken(node, seq);
+                }
+                continue;
+            }
             let mut out = BytesMut::new();
             let job = ddl_ready.lock().ok().and_then(|mut j| j.take());
             if let Some(job) = job {
@@ -309,6 +330,17 @@ pub(super) fn notification_for_client(state: &RelayState, body: &[u8]) -> Option
         m.extend_from_slice(&body[4..]);
     });
     Some(message)
+}
+
+/// The number of a backend session's question for the cluster DDL lease,
+/// from its NoticeResponse (`chorus:lease <n>`, see `chorus.ask_lease`).
+pub(super) fn lease_question(body: &[u8]) -> Option<u32> {
+    let fields = protocol::parse_error_fields(body);
+    if fields.code != "00000" {
+        return None;
+    }
+    let question: u32 = fields.message.strip_prefix("chorus:lease ")?.parse().ok()?;
+    (question > 0 && question < 1 << 31).then_some(question)
 }
 
 /// Whether a RowDescription describes EXPLAIN's output: one column,

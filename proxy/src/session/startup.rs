@@ -255,6 +255,7 @@ pub(super) async fn startup(
         .filter(|(k, _)| !(k.starts_with("_pq_.") || (replicated && k.starts_with("chorus."))))
         .cloned()
         .chain(replicated.then(|| ("chorus.origin".to_owned(), node.config.node.id.to_string())))
+        .chain(replicated.then(|| ("chorus.lease_wait_ms".to_owned(), lease_wait_ms(node))))
         .collect();
 
     authenticate(node, client, peer, &user, &database, &mut out).await?;
@@ -453,4 +454,14 @@ pub(super) async fn forward_cancel(node: &Node, pid: i32, secret: i32) {
         });
     }
     while sends.join_next().await.is_some() {}
+}
+
+/// How long a backend session waits for the node's answer when it asks for
+/// the cluster DDL lease mid-statement (see `chorus.ask_lease`): longer
+/// than the node can take to answer (the lock timeout, then the DDL
+/// timeout for each of the lease's proposal and the backend's catching up).
+fn lease_wait_ms(node: &Node) -> String {
+    let answer_within =
+        node.config.ddl_lock_timeout() + 2 * node.config.ddl_timeout() + Duration::from_secs(5);
+    answer_within.as_millis().to_string()
 }

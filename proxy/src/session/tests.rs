@@ -3,7 +3,9 @@ use std::sync::atomic::Ordering;
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::answers::{capture_trigger_line, describes_plan, notification_for_client};
+use super::answers::{
+    capture_trigger_line, describes_plan, lease_question, notification_for_client,
+};
 use super::client::ends_transaction;
 use super::pump::{pump, Flow, PumpError, PumpSide};
 use super::state::RelayState;
@@ -238,4 +240,31 @@ fn only_the_capture_triggers_plan_line_is_recognised() {
         b"x"
     ])));
     assert!(!capture_trigger_line(&[0, 1]));
+}
+
+fn notice(code: &str, message: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (field, value) in [(b'S', "NOTICE"), (b'C', code), (b'M', message)] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    body
+}
+
+#[test]
+fn a_backend_sessions_question_for_the_lease_is_told_from_other_notices() {
+    assert_eq!(
+        lease_question(&notice("00000", "chorus:lease 42")),
+        Some(42)
+    );
+    assert_eq!(lease_question(&notice("00000", "chorus:lease 0")), None);
+    assert_eq!(
+        lease_question(&notice("00000", "chorus:lease 2147483648")),
+        None
+    );
+    assert_eq!(lease_question(&notice("00000", "chorus:lease x")), None);
+    assert_eq!(lease_question(&notice("01000", "chorus:lease 42")), None);
+    assert_eq!(lease_question(&notice("00000", "relation exists")), None);
 }

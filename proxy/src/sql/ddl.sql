@@ -388,6 +388,69 @@ $$;
 -- It runs as the owner of the chorus schema, with a pinned search_path
 -- (chorus.capture_ddl passes the session's); the DDL's role is the one
 -- that ran it (chorus.invoker).
+-- DDL that a function runs in a transaction without the cluster DDL lease
+-- (a `SELECT f()` or `CALL p()` that Chorus could not see coming): the
+-- session asks its Chorus node for the lease, mid-statement, and waits for
+-- the answer. The question is a NOTICE (`chorus:lease <n>`, n a number
+-- from chorus.lease_question, unique to the question), which the backend
+-- sends at once and the node keeps from the client. The answer comes in the
+-- sequence chorus.lease_grant, which a transaction reads as it is now,
+-- whatever its snapshot: the question's number in the high 32 bits, and in
+-- the low ones the lease's number, or, with bit 31 set, why it was refused
+-- (1: another transaction holds it, 2: no Raft majority in time, 3: the
+-- node cannot replicate DDL now, 4: another failure). Only one session in
+-- the cluster holds the lease at a time, so one sequence serves every
+-- session of the backend. A session that does not come through a Chorus
+-- node (no `chorus.lease_wait_ms`, set at login) has no one to ask.
+CREATE SEQUENCE IF NOT EXISTS chorus.lease_question MINVALUE 1 MAXVALUE 2147483647 CYCLE;
+CREATE SEQUENCE IF NOT EXISTS chorus.lease_grant MINVALUE 0 START 0;
+
+CREATE OR REPLACE FUNCTION chorus.ask_lease(tag text) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    question bigint;
+    answer bigint;
+    level text := current_setting('client_min_messages');
+    wait_ms bigint := coalesce(nullif(current_setting('chorus.lease_wait_ms', true), '')::bigint, 0);
+    deadline timestamptz;
+    refused bigint;
+BEGIN
+    IF wait_ms <= 0 OR coalesce(current_setting('chorus.origin', true), '') = '' THEN
+        RAISE EXCEPTION '% run from a function cannot be replicated here: Chorus did not see DDL coming in this transaction', tag
+            USING ERRCODE = '0A000',
+                  HINT = 'Run it through a Chorus node, or SET chorus.ddl_scope = ''local'' to run it on this backend only.';
+    END IF;
+    question := nextval('chorus.lease_question');
+    deadline := clock_timestamp() + make_interval(secs => wait_ms / 1000.0);
+    -- The question reaches the node whatever the client asked to hear.
+    PERFORM set_config('client_min_messages', 'notice', true);
+    RAISE NOTICE 'chorus:lease %', question;
+    PERFORM set_config('client_min_messages', level, true);
+    LOOP
+        SELECT g.last_value INTO answer FROM chorus.lease_grant g;
+        EXIT WHEN answer >> 32 = question;
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION '% run from a function cannot be replicated: no answer from the Chorus node for the cluster DDL lease within % ms', tag, wait_ms
+                USING ERRCODE = '55P03';
+        END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
+    answer := answer & 4294967295;
+    IF answer >= 2147483648 THEN
+        refused := answer - 2147483648;
+        RAISE EXCEPTION '% run from a function cannot be replicated now: %', tag,
+            CASE refused WHEN 1 THEN 'another transaction with DDL is open in the cluster'
+                         WHEN 2 THEN 'the cluster DDL lease was not confirmed by a Raft majority in time'
+                         WHEN 3 THEN 'this node cannot replicate DDL now'
+                         ELSE 'the cluster DDL lease could not be taken' END
+            USING ERRCODE = CASE refused WHEN 1 THEN '55P03' WHEN 2 THEN '40003' WHEN 3 THEN '55000' ELSE 'XX000' END,
+                  HINT = 'Another transaction with DDL is open in the cluster, or this node cannot reach a Raft majority; retry.';
+    END IF;
+    PERFORM set_config('chorus.ddl_seq', answer::text, true);
+    RETURN answer;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION chorus.handle_ddl(tg_tag text, user_path text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -514,14 +577,13 @@ BEGIN
         END IF;
         -- DDL from a function or DO block: the proxy takes the lease for a
         -- DO block that may run DDL, and for any transaction that sent DDL
-        -- itself; a call in a SELECT or CALL alone it cannot see coming.
+        -- itself; for a call in a SELECT or CALL alone, which it cannot
+        -- see coming, the session asks it now (chorus.ask_lease).
         IF caller.nested
            AND (lease IS NULL
                 OR (coalesce(current_setting('chorus.ddl_txn', true), '') <> lease::text
                     AND EXISTS (SELECT 1 FROM chorus.ddl_history h WHERE h.seq = lease))) THEN
-            RAISE EXCEPTION '% run from a function cannot be replicated here: Chorus did not see DDL coming in this transaction', tg_tag
-                USING ERRCODE = '0A000',
-                      HINT = 'Call the function from a DO block (DO $do$ BEGIN PERFORM f(); END $do$), whose DDL Chorus replicates, or send the DDL statement itself; or SET chorus.ddl_scope = ''local'' to run it on this node''s backend only.';
+            lease := chorus.ask_lease(tg_tag);
         END IF;
         IF caller.unsure IS NOT NULL THEN
             RAISE EXCEPTION '% run from function % cannot be replicated: a function of that name is SECURITY DEFINER, and Chorus cannot tell which role ran it', tg_tag, caller.unsure

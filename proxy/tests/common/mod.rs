@@ -303,6 +303,30 @@ pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_pos
     Ok(client)
 }
 
+/// Connect with tokio-postgres, keeping the text of every notice the
+/// session hears.
+#[allow(dead_code)]
+pub async fn connect_hearing_notices(
+    conninfo: &str,
+) -> (
+    tokio_postgres::Client,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let (client, mut connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let notices = heard.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notice(notice) = message {
+                notices.lock().unwrap().push(notice.message().to_owned());
+            }
+        }
+    });
+    (client, heard)
+}
+
 /// The SQLSTATE of a tokio-postgres error, if the server sent one.
 pub fn sqlstate(error: &tokio_postgres::Error) -> Option<String> {
     error.code().map(|c| c.code().to_owned())
@@ -449,6 +473,7 @@ pub fn earlier_schema_sql(version: i32, node_id: usize, then: &str) -> String {
     let schema = match version {
         1 => include_str!("../fixtures/schema_v1.sql"),
         2 => include_str!("../fixtures/schema_v2.sql"),
+        3 => include_str!("../fixtures/schema_v3.sql"),
         _ => panic!("no fixture of schema version {version}"),
     };
     format!(
