@@ -302,6 +302,21 @@ async fn galloc_ranges_refill_ahead_and_a_cut_off_node_serves_until_its_range_is
             .await;
     c.exec(1, "CREATE SEQUENCE g AS integer").await;
     c.wait_ddl(1).await;
+    // A sequence that a function called alone makes (under a lease it asks
+    // for mid-statement, without a stamp) gets the configured range too.
+    c.exec(
+        2,
+        "CREATE FUNCTION make_g2() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN \
+           CREATE SEQUENCE g2 AS integer; END $f$",
+    )
+    .await;
+    c.exec(2, "SELECT make_g2()").await;
+    c.wait_ddl(3).await;
+    let width = "SELECT string_agg((max_value - min_value + 1)::text, ',' ORDER BY sequencename) \
+                 FROM pg_sequences WHERE sequencename IN ('g', 'g2')";
+    for b in 1..=3 {
+        c.wait_for(b, width, |v| v == "200,200").await;
+    }
     // Steady use through nodes 1 and 2: ranges are fetched ahead and
     // switched to before they run out.
     let mut tasks = Vec::new();

@@ -254,8 +254,12 @@ pub(super) async fn startup(
         .iter()
         .filter(|(k, _)| !(k.starts_with("_pq_.") || (replicated && k.starts_with("chorus."))))
         .cloned()
-        .chain(replicated.then(|| ("chorus.origin".to_owned(), node.config.node.id.to_string())))
-        .chain(replicated.then(|| ("chorus.lease_wait_ms".to_owned(), lease_wait_ms(node))))
+        .chain(
+            replicated
+                .then(|| login_settings(node))
+                .into_iter()
+                .flatten(),
+        )
         .collect();
 
     authenticate(node, client, peer, &user, &database, &mut out).await?;
@@ -454,6 +458,23 @@ pub(super) async fn forward_cancel(node: &Node, pid: i32, secret: i32) {
         });
     }
     while sends.join_next().await.is_some() {}
+}
+
+/// What a backend session of the replicated database is logged in with:
+/// the node it serves (`chorus.origin`), how long it waits for the node's
+/// answer to a question for the DDL lease, and the settings of the global
+/// sequences DDL makes there (which a lease's stamp sets too: DDL that a
+/// function runs under a lease asked for mid-statement has no stamp).
+fn login_settings(node: &Node) -> [(String, String); 4] {
+    let cluster = node.config.cluster.as_ref();
+    let kind = cluster.map_or("snowflake", |c| c.sequence_kind.as_str());
+    let block = cluster.map_or(1_000_000, |c| c.galloc_range_size);
+    [
+        ("chorus.origin".to_owned(), node.config.node.id.to_string()),
+        ("chorus.lease_wait_ms".to_owned(), lease_wait_ms(node)),
+        ("chorus.sequence_default_kind".to_owned(), kind.to_owned()),
+        ("chorus.sequence_block".to_owned(), block.to_string()),
+    ]
 }
 
 /// How long a backend session waits for the node's answer when it asks for
