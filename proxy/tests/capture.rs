@@ -282,9 +282,9 @@ async fn a_schema_of_an_earlier_version_is_upgraded_in_place_and_a_newer_one_ref
             .unwrap();
         client
             .batch_execute(
-                "CREATE TABLE items (id int PRIMARY KEY, v text);
+                "CREATE TABLE items (id int PRIMARY KEY, v text, j json);
                  SELECT chorus.adopt('items'::regclass, false);
-                 INSERT INTO items VALUES (1, 'before');",
+                 INSERT INTO items VALUES (1, 'before', NULL);",
             )
             .await
             .unwrap();
@@ -304,12 +304,19 @@ async fn a_schema_of_an_earlier_version_is_upgraded_in_place_and_a_newer_one_ref
         // The table stays adopted, its rows and versions kept, and it
         // captures.
         client
-            .batch_execute("UPDATE items SET v = 'after' WHERE id = 1")
+            .batch_execute(r#"UPDATE items SET v = 'after', j = '{"b":1,  "a":2}' WHERE id = 1"#)
             .await
             .unwrap();
         let captured = changes(&client).await;
         assert_eq!(captured.len(), 1, "from {earlier}: {captured:?}");
         assert_eq!(json(&captured[0].row)["v"], "after");
+        // Its capture trigger was made again for the json value's exact
+        // text (see chorus.with_json_texts).
+        assert_eq!(
+            json(&captured[0].row)[""]["j"],
+            r#"{"b":1,  "a":2}"#,
+            "from {earlier}: {captured:?}"
+        );
         assert!(captured[0].prev.is_some(), "{captured:?}");
         // The upgraded schema is the one a new install makes.
         client.batch_execute("CREATE DATABASE fresh").await.unwrap();

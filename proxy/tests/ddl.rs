@@ -1607,6 +1607,89 @@ async fn arrays_keep_their_bounds_on_every_backend_however_their_rows_travel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_values_and_json_nulls_reach_every_backend_exactly() {
+    // json keeps its text as written (white space, key order, duplicate
+    // keys); a JSON null is not SQL NULL, in json and jsonb alike, in
+    // arrays too; whichever way rows travel: changes through any node,
+    // keyless matches, CREATE TABLE AS, a rewrite.
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    one.batch_execute(
+        r#"CREATE DOMAIN jdom AS json;
+           CREATE TABLE js (id int PRIMARY KEY, j json, b jsonb, d jdom, ja json[], ba jsonb[]);
+           INSERT INTO js VALUES
+             (1, '{"b": 1,   "a" :2, "a": 3}', '{"x": null}', '[1,  2]', ARRAY['{"k" : 1}', NULL, 'null']::json[], ARRAY['null', NULL]::jsonb[]),
+             (2, 'null', 'null', 'null', NULL, NULL),
+             (3, NULL, NULL, NULL, '{}', '{}'),
+             (4, '"text"', '"text"', ' 7 ', NULL, NULL);
+           CREATE TABLE jk (j json, b jsonb);
+           INSERT INTO jk VALUES ('{"z":1,"a":2}', 'null'), ('{"z":1, "a":2}', NULL), (NULL, 'null');"#,
+    )
+    .await
+    .unwrap();
+    // Through the other nodes: a change of white space only, a JSON null
+    // for SQL NULL and back, and keyless rows told apart by their text.
+    let two = c.via(2).await;
+    two.batch_execute(
+        r#"UPDATE js SET j = '{"b":1,"a":2,"a":3}' WHERE id = 1;
+           UPDATE js SET b = 'null', j = NULL WHERE id = 3;
+           UPDATE js SET b = NULL WHERE id = 2;
+           UPDATE jk SET b = '{"n": 1}' WHERE j::text = '{"z":1, "a":2}';
+           DELETE FROM jk WHERE j IS NULL AND b = 'null';"#,
+    )
+    .await
+    .unwrap();
+    // (CREATE TABLE AS copies what backend 3 holds: node 2's changes first.)
+    c.wait_for(
+        3,
+        "SELECT (SELECT count(*) FROM jk) || ' ' || (SELECT j::text FROM js WHERE id = 1)",
+        |v| v == r#"2 {"b":1,"a":2,"a":3}"#,
+    )
+    .await;
+    let three = c.via(3).await;
+    three
+        .batch_execute(
+            "CREATE TABLE js_copy AS SELECT * FROM js; \
+             ALTER TABLE js ADD COLUMN r float8 DEFAULT random()",
+        )
+        .await
+        .unwrap();
+    let show = |table: &str| {
+        format!(
+            "SELECT string_agg(id || ':' || coalesce(j::text, '-') || ':' || coalesce(b::text, '-') \
+                    || ':' || coalesce(d::text, '-') || ':' || coalesce(ja::text, '-') \
+                    || ':' || coalesce(ba::text, '-'), ' | ' ORDER BY id) FROM {table}"
+        )
+    };
+    let state = format!(
+        "SELECT ({}) || ' / ' || ({}) || ' / ' || \
+                (SELECT string_agg(coalesce(j::text, '-') || ':' || coalesce(b::text, '-'), ' | ' ORDER BY j::text COLLATE \"C\", b::text) FROM jk) \
+                || ' / ' || (SELECT string_agg(r::text, ',' ORDER BY id) FROM js)",
+        show("js"),
+        show("js_copy")
+    );
+    c.wait_for(3, "SELECT count(*)::text FROM js_copy", |v| v == "4")
+        .await;
+    let on_origin: String = c
+        .direct(3)
+        .await
+        .query_one(&state, &[])
+        .await
+        .unwrap()
+        .get(0);
+    let rows = r#"1:{"b":1,"a":2,"a":3}:{"x": null}:[1,  2]:{"{\"k\" : 1}",NULL,"null"}:{"null",NULL} | 2:null:-:null:-:- | 3:-:null:-:{}:{} | 4:"text":"text": 7 :-:-"#;
+    assert!(
+        on_origin.starts_with(&format!("{rows} / {rows} / ")),
+        "{on_origin}"
+    );
+    assert!(
+        on_origin.contains(r#" / {"z":1, "a":2}:{"n": 1} | {"z":1,"a":2}:null / "#),
+        "{on_origin}"
+    );
+    c.converge(&state, 3, &[1, 2]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_go_through_the_ddl_log_to_every_backend() {
     let c = cluster("").await;
     let one = c.via(1).await;

@@ -56,6 +56,33 @@ LANGUAGE sql STABLE AS $$
        AND a.attgenerated = '' AND img ? a.attname
 $$;
 
+-- The select list that reads columns `cols` of `rel` from a row image
+-- (`img`, an SQL expression, populated as the record `k`): each column
+-- from `k`, but a json or jsonb column (or a domain over one) from the
+-- image's exact text when it carries one (see chorus.with_json_texts).
+CREATE OR REPLACE FUNCTION chorus.image_columns(rel text, cols text[], img text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT string_agg(CASE WHEN b.base IN ('json'::regtype, 'jsonb'::regtype)
+                           THEN format('CASE WHEN (%1$s -> '''') ? %2$L THEN ((%1$s -> '''') ->> %2$L)::%3$s ELSE k.%4$I END',
+                                       img, a.attname, b.base::regtype, a.attname)
+                           ELSE format('k.%I', a.attname) END, ', ' ORDER BY u.o)
+      FROM unnest(cols) WITH ORDINALITY AS u(c, o)
+      JOIN pg_attribute a ON a.attrelid = rel::regclass AND a.attname = u.c AND NOT a.attisdropped
+      JOIN pg_type t ON t.oid = a.atttypid
+     CROSS JOIN LATERAL (SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END AS base) b
+$$;
+
+-- Whether any of columns `cols` of `rel` is json or jsonb (or a domain
+-- over one): then the rows of a batch of images are read one image at a
+-- time, for chorus.image_columns.
+CREATE OR REPLACE FUNCTION chorus.has_json_columns(rel text, cols text[]) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                    WHERE a.attrelid = rel::regclass AND a.attname = ANY (cols) AND NOT a.attisdropped
+                      AND (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END)
+                          IN ('json'::regtype, 'jsonb'::regtype))
+$$;
+
 -- Insert or update rows from their images (a JSON array; every image of
 -- one call has the same keys, and no two the same key). Columns are matched
 -- by name: those the images lack take their default, keys the table lacks
@@ -75,6 +102,7 @@ DECLARE
     present text[] := chorus.present_columns(rel, imgs -> 0);
     others text[];
     absent text := '';
+    source text;
 BEGIN
     -- OVERRIDING SYSTEM VALUE: the origin's value of a GENERATED ALWAYS
     -- identity column is the row's.
@@ -85,21 +113,24 @@ BEGIN
         USING imgs;
         RETURN;
     END IF;
+    IF chorus.has_json_columns(rel, present) THEN
+        source := format('jsonb_array_elements($1) AS e(v) CROSS JOIN LATERAL jsonb_populate_record(NULL::%s, e.v) k', rel);
+    ELSE
+        source := format('jsonb_populate_recordset(NULL::%s, $1) k', rel);
+    END IF;
     IF cardinality(cols) > 0 THEN
         SELECT array_agg(p ORDER BY o) INTO others
           FROM unnest(present) WITH ORDINALITY AS u(p, o) WHERE p <> ALL (cols);
         IF others IS NOT NULL THEN
-            EXECUTE format('UPDATE %1$s t SET (%2$s) = ROW(%3$s) '
-                           'FROM jsonb_populate_recordset(NULL::%1$s, $1) k WHERE %4$s',
-                           rel, chorus.ident_list(others), chorus.ident_list(others, 'k.'),
-                           chorus.key_match(cols))
+            EXECUTE format('UPDATE %1$s t SET (%2$s) = ROW(%3$s) FROM %5$s WHERE %4$s',
+                           rel, chorus.ident_list(others), chorus.image_columns(rel, others, 'e.v'),
+                           chorus.key_match(cols), source)
             USING imgs;
         END IF;
         absent := format(' WHERE NOT EXISTS (SELECT FROM %1$s t WHERE %2$s)', rel, chorus.key_match(cols));
     END IF;
-    EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE '
-                   'SELECT %3$s FROM jsonb_populate_recordset(NULL::%1$s, $1) k',
-                   rel, chorus.ident_list(present), chorus.ident_list(present, 'k.')) || absent
+    EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %3$s FROM %4$s',
+                   rel, chorus.ident_list(present), chorus.image_columns(rel, present, 'e.v'), source) || absent
     USING imgs;
 END
 $$;
@@ -210,8 +241,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     img jsonb;
 BEGIN
-    EXECUTE format('SELECT to_jsonb(t.*) FROM %1$s t, jsonb_populate_record(NULL::%1$s, $1) k WHERE %2$s',
-                   rel, chorus.key_match(cols))
+    EXECUTE format('SELECT %3$s FROM %1$s t, jsonb_populate_record(NULL::%1$s, $1) k WHERE %2$s',
+                   rel, chorus.key_match(cols), chorus.image_sql(rel::regclass, cols, 't'))
     INTO img USING key;
     RETURN img;
 END
@@ -269,7 +300,7 @@ BEGIN
     EXECUTE format('SELECT t.tableoid, t.ctid FROM %1$s t WHERE ROW(%2$s)::text = '
                    '(SELECT ROW(%3$s)::text FROM jsonb_to_record($1) AS k(%4$s)) '
                    'LIMIT 1 FOR UPDATE OF t',
-                   rel, chorus.ident_list(matched, 't.'), chorus.ident_list(matched, 'k.'),
+                   rel, chorus.ident_list(matched, 't.'), chorus.image_columns(rel, matched, '$1'),
                    coalesce(chorus.base_type_columns(rel, matched), 'chorus_none int'))
     INTO found_oid, found_tid USING old;
     IF found_tid IS NULL THEN
@@ -287,11 +318,13 @@ BEGIN
     -- GENERATED ALWAYS among them) keep the value the row has.
     SELECT array_agg(c ORDER BY o) INTO changed
       FROM unnest(chorus.present_columns(rel, img)) WITH ORDINALITY AS u(c, o)
-     WHERE img -> c IS DISTINCT FROM old -> c;
+     WHERE img -> c IS DISTINCT FROM old -> c
+        OR img -> '' -> c IS DISTINCT FROM old -> '' -> c;
     IF changed IS NOT NULL THEN
         BEGIN
-            EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $3)) '
-                           'WHERE t.tableoid = $1 AND t.ctid = $2', rel, chorus.ident_list(changed))
+            EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM jsonb_populate_record(NULL::%1$s, $3) k) '
+                           'WHERE t.tableoid = $1 AND t.ctid = $2', rel, chorus.ident_list(changed),
+                           chorus.image_columns(rel, changed, '$3'))
             USING found_oid, found_tid, img;
         EXCEPTION WHEN unique_violation THEN
             -- Another row here holds the new value of a unique column;

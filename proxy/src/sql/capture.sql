@@ -248,6 +248,9 @@ DECLARE
     imgs jsonb[];
     textual text[];
     arrays text[];
+    jsons text[];
+    jsonbs text[];
+    wants_texts boolean;
     val jsonb;
 BEGIN
     -- (chorus.trusted_session, inlined: this runs for every applied row.)
@@ -265,6 +268,10 @@ BEGIN
         END IF;
         IF TG_NARGS >= 5 THEN
             arrays := TG_ARGV[4]::text[];
+        END IF;
+        IF TG_NARGS >= 7 THEN
+            jsons := TG_ARGV[5]::text[];
+            jsonbs := TG_ARGV[6]::text[];
         END IF;
         -- The name changes are recorded under is this table's (or, for a
         -- partition, its root's): no trigger can record changes of another.
@@ -310,7 +317,7 @@ BEGIN
     -- to_jsonb renders a type with a cast to json (hstore, …) as JSON,
     -- which its own input function cannot read back, and an array without
     -- its bounds: those columns carry their text form (see
-    -- chorus.text_columns), from the type's output function (format's %s:
+    -- chorus.column_forms), from the type's output function (format's %s:
     -- a cast to text could be a function of the type's owner). Arrays only
     -- when the row has one with bounds of its own (array_out writes them
     -- as `[1:2]={…}`; the row's text is cheap next to a query per column).
@@ -331,6 +338,25 @@ BEGIN
                 new_img := jsonb_set(new_img, ARRAY[col], coalesce(val, 'null'::jsonb));
             END IF;
         END LOOP;
+    END IF;
+    -- json and jsonb columns: what JSON cannot carry exactly travels as
+    -- text (see chorus.with_json_texts).
+    wants_texts := cardinality(jsons) > 0;
+    IF NOT wants_texts AND cardinality(jsonbs) > 0 THEN
+        FOREACH col IN ARRAY jsonbs LOOP
+            IF new_img -> col = 'null'::jsonb OR old_img -> col = 'null'::jsonb THEN
+                wants_texts := true;
+                EXIT;
+            END IF;
+        END LOOP;
+    END IF;
+    IF wants_texts THEN
+        IF old_img IS NOT NULL THEN
+            old_img := chorus.with_json_texts(old_img, OLD, jsons, jsonbs);
+        END IF;
+        IF new_img IS NOT NULL THEN
+            new_img := chorus.with_json_texts(new_img, NEW, jsons, jsonbs);
+        END IF;
     END IF;
     -- The keys, built here rather than with chorus.key_of (same value: a
     -- jsonb object does not depend on the order its keys were added in).
@@ -540,31 +566,120 @@ BEGIN
     END IF;
 END
 $$;
--- The columns of `rel` that a row image carries as text, from their
--- type's output function, because to_jsonb cannot carry them exactly:
--- `always`, a type (or array element type) with a cast to json or jsonb,
--- which to_jsonb would use and its input function cannot read back;
--- `arrays`, arrays (not of `keys`, which are compared as to_jsonb gives
--- them), whose bounds JSON loses ('[0:1]={1,2}' would arrive as '{1,2}').
-CREATE OR REPLACE FUNCTION chorus.text_columns(rel regclass, keys text[], OUT always text[], OUT arrays text[])
+-- How a row image carries the columns of `rel`, where to_jsonb alone
+-- cannot carry them exactly:
+-- `always`, in their text form, from the type's output function: a type
+-- (or array element type) with a cast to json or jsonb, which to_jsonb
+-- would use and its input function cannot read back, and arrays of json
+-- or jsonb (JSON would lose their elements' text, or tell a JSON null
+-- from a NULL element);
+-- `arrays`, in their text form when a row has one with bounds of its own
+-- (arrays not of `keys`, which are compared as to_jsonb gives them): JSON
+-- loses the bounds ('[0:1]={1,2}' would arrive as '{1,2}');
+-- `jsons` and `jsonbs`, columns of type json or jsonb (or a domain over
+-- one): JSON carries a json value normalized (key order, white space,
+-- duplicate keys) and a JSON null as SQL NULL, so the image adds their
+-- exact text where it differs (see chorus.with_json_texts).
+CREATE OR REPLACE FUNCTION chorus.column_forms(rel regclass, keys text[], OUT always text[],
+                                               OUT arrays text[], OUT jsons text[], OUT jsonbs text[])
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE j.cast_to_json), '{}'),
+    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE j.cast_to_json OR j.json_elements), '{}'),
            coalesce(array_agg(a.attname::text ORDER BY a.attnum)
-                    FILTER (WHERE NOT j.cast_to_json AND t.typcategory = 'A'
-                              AND NOT a.attname::text = ANY (coalesce(keys, '{}'))), '{}')
+                    FILTER (WHERE NOT j.cast_to_json AND NOT j.json_elements AND t.typcategory = 'A'
+                              AND NOT a.attname::text = ANY (coalesce(keys, '{}'))), '{}'),
+           coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE j.base = 'json'::regtype), '{}'),
+           coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE j.base = 'jsonb'::regtype), '{}')
       FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-     CROSS JOIN LATERAL (SELECT t.oid NOT IN ('json'::regtype, 'jsonb'::regtype)
+     CROSS JOIN LATERAL (SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END AS base,
+                                t.typcategory = 'A' AND t.typelem IN ('json'::regtype, 'jsonb'::regtype)
+                                    AS json_elements,
+                                t.oid NOT IN ('json'::regtype, 'jsonb'::regtype)
                                 AND EXISTS (SELECT 1 FROM pg_cast c
                                              WHERE c.castsource IN (t.oid, t.typelem, t.typbasetype)
                                                AND c.castsource NOT IN (0, 'json'::regtype, 'jsonb'::regtype)
                                                AND c.casttarget IN ('json'::regtype, 'jsonb'::regtype))
-                         AS cast_to_json) j
+                                    AS cast_to_json) j
      WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+$$;
+
+-- A row image (`img`, to_jsonb of row `r`) with the exact text of its
+-- json and jsonb columns (`jsons`, `jsonbs`, see chorus.column_forms)
+-- where JSON cannot carry it: under the key '' (no column has an empty
+-- name), an object of column name to text, for a json value (as it was
+-- written: white space, key order, duplicate keys) and for a JSON null in
+-- a jsonb column (which to_jsonb gives as it gives SQL NULL). The apply
+-- (chorus.image_columns) takes a column from there when it is there; an
+-- apply that does not know of it reads the image as before. (No SET
+-- search_path: it runs inside chorus.capture, whose own is pinned, and a
+-- SET clause costs on every row.)
+CREATE OR REPLACE FUNCTION chorus.with_json_texts(img jsonb, r anyelement, jsons text[], jsonbs text[])
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    texts jsonb := '{}';
+    whole json;
+    whole_text text;
+    val text;
+    probe text;
+    row_text text;
+    col text;
+    is_null boolean;
+    nulls text[] := '{}';
+BEGIN
+    IF cardinality(jsons) > 0 THEN
+        -- row_to_json writes a json value as it is stored, and `->` reads
+        -- it back as it is but for white space around it: a value found
+        -- right after its key and right before the next has none. (A rare
+        -- value with some is read from the row itself, in one query.)
+        whole := row_to_json(r);
+        whole_text := whole::text;
+        FOREACH col IN ARRAY jsons LOOP
+            val := (whole -> col)::text;
+            IF val = 'null' THEN
+                nulls := nulls || col;
+                CONTINUE;
+            END IF;
+            probe := to_json(col)::text || ':' || val;
+            IF strpos(whole_text, probe || ',') = 0 AND strpos(whole_text, probe || '}') = 0 THEN
+                EXECUTE format('SELECT jsonb_strip_nulls(jsonb_build_object(%s))',
+                               (SELECT string_agg(format('%L, ($1).%I::text', c, c), ', ') FROM unnest(jsons) AS c))
+                    USING r INTO texts;
+                nulls := '{}';
+                EXIT;
+            END IF;
+            texts := texts || jsonb_build_object(col, val);
+        END LOOP;
+    END IF;
+    FOREACH col IN ARRAY jsonbs LOOP
+        IF img -> col = 'null'::jsonb THEN
+            nulls := nulls || col;
+        END IF;
+    END LOOP;
+    FOREACH col IN ARRAY nulls LOOP
+        -- SQL NULL or a JSON null: without a `null` in the row's text (SQL
+        -- NULL is empty there), SQL NULL; else asked of the row.
+        row_text := coalesce(row_text, format('%s', r));
+        EXIT WHEN strpos(row_text, 'null') = 0;
+        EXECUTE format('SELECT ($1).%I IS NULL', col) USING r INTO is_null;
+        IF NOT is_null THEN
+            texts := texts || jsonb_build_object(col, 'null');
+        END IF;
+    END LOOP;
+    RETURN img || chorus.json_texts_entry(texts);
+END
+$$;
+
+-- What a row image adds for the exact texts `texts` (see
+-- chorus.with_json_texts): nothing when there are none.
+CREATE OR REPLACE FUNCTION chorus.json_texts_entry(texts jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN texts = '{}' THEN '{}'::jsonb ELSE jsonb_build_object('', texts) END
 $$;
 
 -- A row image in SQL, for set-based statements over `rel` (aliased
 -- `alias`): what the capture trigger makes of a row (to_jsonb, with
--- chorus.text_columns in their text form).
+-- chorus.column_forms's `always` and `arrays` in their text form, and the
+-- exact text of json values and JSON nulls, see chorus.with_json_texts).
 CREATE OR REPLACE FUNCTION chorus.image_sql(rel regclass, keys text[], alias text) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT format('to_jsonb(%I.*)', alias)
@@ -573,7 +688,38 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                                                     col, alias, col, alias, col), ', ')
                              FROM unnest(c.always || c.arrays) AS col)
                        || ')', '')
-      FROM chorus.text_columns(rel, keys) c
+           || coalesce(' || chorus.json_texts_entry(jsonb_strip_nulls(jsonb_build_object('
+                       || (SELECT string_agg(format('%L, CASE WHEN %L OR %I.%I::text = ''null'' THEN %I.%I::text END',
+                                                    col, col = ANY (c.jsons), alias, col, alias, col), ', ')
+                             FROM unnest(c.jsons || c.jsonbs) AS col)
+                       || ')))', '')
+      FROM chorus.column_forms(rel, keys) c
+$$;
+
+-- The capture trigger of one table (`leaf`, a partition of `root` or
+-- `root` itself), with what it needs to know as arguments (see
+-- chorus.capture). Marked internal, as PostgreSQL marks the triggers of a
+-- foreign key: psql's \d and pg_dump leave it out (the table looks as it
+-- would on one PostgreSQL), and only a superuser can disable it (ALTER
+-- TABLE … DISABLE TRIGGER USER passes it by), so a table's owner cannot
+-- quietly stop its replication.
+CREATE OR REPLACE FUNCTION chorus.put_capture_trigger(leaf regclass, root regclass, cols text[],
+                                                      keyless boolean, name text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f record;
+BEGIN
+    SELECT c.always, c.arrays, c.jsons, c.jsonbs INTO f FROM chorus.column_forms(root, cols) c;
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = leaf AND tgname = 'chorus_capture') THEN
+        EXECUTE format('DROP TRIGGER chorus_capture ON %s', leaf);
+    END IF;
+    EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L, %L, %L, %L, %L)',
+                   leaf, coalesce(cols, '{}')::text, keyless::text, name,
+                   f.always::text, f.arrays::text, f.jsons::text, f.jsonbs::text);
+    UPDATE pg_trigger t SET tgisinternal = true
+     WHERE t.tgrelid = leaf AND t.tgname = 'chorus_capture' AND NOT t.tgisinternal;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION chorus.adopt(rel regclass, keyless boolean DEFAULT false)
@@ -586,8 +732,6 @@ DECLARE
     leaf regclass;
     gone regclass;
     leaves regclass[];
-    textual text[];
-    arrays text[];
     prior_role text;
 BEGIN
     IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
@@ -620,7 +764,6 @@ BEGIN
                        'SELECT %L, chorus.key_of(to_jsonb(t.*), %L), 0, 0, false FROM %s t '
                        'ON CONFLICT (tbl, pk) DO NOTHING', name, cols, rel);
     END IF;
-    SELECT c.always, c.arrays INTO textual, arrays FROM chorus.text_columns(rel, cols) c;
     IF kind = 'p' THEN
         SELECT coalesce(array_agg(t.relid), '{}') INTO leaves
           FROM pg_partition_tree(rel) t WHERE t.isleaf;
@@ -637,13 +780,7 @@ BEGIN
     FOREACH leaf IN ARRAY leaves LOOP
         -- A foreign table's rows are on its foreign server, not here.
         CONTINUE WHEN (SELECT c.relkind FROM pg_class c WHERE c.oid = leaf) = 'f';
-        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = leaf AND tgname = 'chorus_capture') THEN
-            EXECUTE format('DROP TRIGGER chorus_capture ON %s', leaf);
-        END IF;
-        EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                       'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L, %L, %L)',
-                       leaf, coalesce(cols, '{}')::text, (keyless OR cols IS NULL)::text, name,
-                       textual::text, arrays::text);
+        PERFORM chorus.put_capture_trigger(leaf, rel, cols, keyless OR cols IS NULL, name);
         PERFORM chorus.put_truncate_trigger(leaf, name);
     END LOOP;
     -- The root of a partitioned table records a TRUNCATE of the whole tree
@@ -658,11 +795,8 @@ BEGIN
         END LOOP;
         PERFORM chorus.put_truncate_trigger(rel, name);
     END IF;
-    -- Chorus's triggers are marked internal, as PostgreSQL marks the
-    -- triggers of a foreign key: psql's \d and pg_dump leave them out (the
-    -- table looks as it would on one PostgreSQL), and only a superuser can
-    -- disable them (ALTER TABLE … DISABLE TRIGGER USER passes them by), so
-    -- a table's owner cannot quietly stop its replication.
+    -- Chorus's triggers are marked internal (see
+    -- chorus.put_capture_trigger).
     UPDATE pg_trigger t SET tgisinternal = true
      WHERE t.tgname IN ('chorus_capture', 'chorus_truncate') AND NOT t.tgisinternal
        AND (t.tgrelid = rel OR t.tgrelid = ANY (leaves));
@@ -680,5 +814,28 @@ BEGIN
                                                 WHERE i.indrelid = gone AND i.indisprimary));
     END LOOP;
     RETURN name;
+END
+$$;
+
+-- Capture triggers made before json and jsonb values carried their exact
+-- text, and arrays of them their text form (with fewer than 7 arguments,
+-- see chorus.put_capture_trigger), are made again, once.
+DO $$
+DECLARE
+    t record;
+    prior_role text := current_setting('session_replication_role');
+BEGIN
+    FOR t IN SELECT g.tgrelid::regclass AS leaf, a[1] AS cols, a[2] AS keyless, a[3] AS name
+               FROM pg_trigger g
+              CROSS JOIN LATERAL string_to_array(encode(g.tgargs, 'escape'), E'\\000') AS a
+              WHERE g.tgname = 'chorus_capture' AND g.tgnargs BETWEEN 3 AND 6
+                AND to_regclass(a[3]) IS NOT NULL
+    LOOP
+        -- (Chorus's own DDL: no event trigger sees it, see chorus.adopt.)
+        PERFORM set_config('session_replication_role', 'replica', true);
+        PERFORM chorus.put_capture_trigger(t.leaf, t.name::regclass, t.cols::text[],
+                                           t.keyless::boolean, t.name);
+    END LOOP;
+    PERFORM set_config('session_replication_role', prior_role, true);
 END
 $$;
