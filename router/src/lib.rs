@@ -115,10 +115,15 @@ pub fn classify_query(sql: &str) -> QuerySummary {
     summary
 }
 
-/// The words by which the code of a `DO` block may run DDL.
+/// The words by which the code of a `DO` block names DDL: such a block
+/// takes the cluster DDL lease before it starts, so that what it reads of
+/// the schema (`IF NOT EXISTS (…) THEN CREATE …`) already has the cluster's
+/// earlier DDL. DDL that it runs otherwise (a function it calls, a string
+/// it builds for `EXECUTE`) asks for the lease when it runs (see
+/// `chorus.ask_lease` on the backend).
 const DDL_IN_CODE: &[&str] = &[
     "CREATE", "ALTER", "DROP", "COMMENT", "GRANT", "REVOKE", "SECURITY", "IMPORT", "REFRESH",
-    "REASSIGN", "EXECUTE", "PERFORM", "CALL",
+    "REASSIGN",
 ];
 
 /// Classify one statement (text without a separating `;`).
