@@ -15,16 +15,26 @@ use thiserror::Error;
 use tokio_postgres::Client;
 
 /// The schema installed on every backend, in order: its tables and the
-/// capture of rows, global sequences, DDL replication.
+/// capture of rows, row images, global sequences, DDL that code runs, DDL
+/// replication.
 pub const SCHEMA_SQL: &str = concat!(
     include_str!("sql/capture.sql"),
     "\n",
+    include_str!("sql/images.sql"),
+    "\n",
     include_str!("sql/sequences.sql"),
+    "\n",
+    include_str!("sql/ddl_code.sql"),
     "\n",
     include_str!("sql/ddl.sql")
 );
-/// The functions that apply changes from other nodes.
-pub const APPLY_SQL: &str = include_str!("sql/apply.sql");
+/// The functions that apply changes from other nodes: rows, then
+/// statements (DDL, TRUNCATE).
+pub const APPLY_SQL: &str = concat!(
+    include_str!("sql/apply.sql"),
+    "\n",
+    include_str!("sql/apply_statements.sql")
+);
 /// Pruning tombstones (see `tombstones.sql`).
 pub const TOMBSTONES_SQL: &str = include_str!("sql/tombstones.sql");
 /// What application roles may use of the schema (see `docs/security.md`).

@@ -751,6 +751,48 @@ async fn create_table_as_and_select_into_give_identical_rows_everywhere() {
         )
         .await;
     }
+    // A column of a type whose values PostgreSQL cannot read back (a
+    // catalog's pg_node_tree) replicates while it holds only NULLs; with
+    // values it is refused, before anything is left on one backend.
+    client
+        .batch_execute(
+            "CREATE TABLE catalog_rows AS SELECT relname, relpartbound FROM pg_class \
+               WHERE relname IN ('dice', 'more_dice', 'stored')",
+        )
+        .await
+        .unwrap();
+    c.converge(
+        "SELECT string_agg(relname || ':' || (relpartbound IS NULL), ',' ORDER BY relname) FROM catalog_rows",
+        2,
+        &[1, 3],
+    )
+    .await;
+    client
+        .batch_execute(
+            "CREATE TABLE parted (a int) PARTITION BY RANGE (a); \
+             CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (1) TO (10)",
+        )
+        .await
+        .unwrap();
+    let e = client
+        .batch_execute(
+            "CREATE TABLE bounds AS SELECT relname, relpartbound FROM pg_class WHERE relname = 'parted_1'",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT count(*)::text FROM parted_1", |v| v == "0")
+            .await;
+        let made: bool = c
+            .direct(b)
+            .await
+            .query_one("SELECT to_regclass('bounds') IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!made, "backend {b}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

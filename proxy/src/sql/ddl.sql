@@ -1,7 +1,7 @@
 -- DDL replication on every backend: the event triggers that put a
 -- transaction's DDL in its change stream (or refuse it), and the
 -- statements of the DDL log recorded in a transaction block (installed
--- after sequences.sql; see capture.rs, SCHEMA_SQL).
+-- after sequences.sql and ddl_code.sql; see capture.rs, SCHEMA_SQL).
 
 -- The session settings a DDL statement's meaning depends on, beyond its
 -- search_path and role: where its objects go (default_tablespace, the
@@ -90,165 +90,6 @@ BEGIN
         RETURN q;
     END IF;
     RETURN NULL;
-END
-$$;
-
--- Whether `q` is one statement: no `;` but at its end, reading literals,
--- quoted names, dollar quotes and comments as PostgreSQL's lexer does. (A
--- function body in `BEGIN ATOMIC … END` counts as several.) It walks the
--- bytes once: DDL run from a function can be long (a CREATE FUNCTION).
-CREATE OR REPLACE FUNCTION chorus.single_statement(q text) RETURNS boolean
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    b bytea := convert_to(q, 'UTF8');
-    n integer := length(b);
-    i integer := 0;
-    c integer;
-    e integer;
-    depth integer;
-    quote bytea;
-    escapes boolean;
-    ended boolean := false;
-BEGIN
-    WHILE i < n LOOP
-        c := get_byte(b, i);
-        IF c IN (9, 10, 11, 12, 13, 32) THEN
-            i := i + 1;
-        ELSIF c = 45 AND i + 1 < n AND get_byte(b, i + 1) = 45 THEN
-            -- -- to the end of the line
-            e := position('\x0a'::bytea IN substring(b FROM i + 1));
-            i := CASE WHEN e = 0 THEN n ELSE i + e END;
-        ELSIF c = 47 AND i + 1 < n AND get_byte(b, i + 1) = 42 THEN
-            -- /* … */, nested
-            depth := 1;
-            i := i + 2;
-            WHILE i < n AND depth > 0 LOOP
-                IF get_byte(b, i) = 47 AND i + 1 < n AND get_byte(b, i + 1) = 42 THEN
-                    depth := depth + 1;
-                    i := i + 2;
-                ELSIF get_byte(b, i) = 42 AND i + 1 < n AND get_byte(b, i + 1) = 47 THEN
-                    depth := depth - 1;
-                    i := i + 2;
-                ELSE
-                    i := i + 1;
-                END IF;
-            END LOOP;
-        ELSIF ended THEN
-            -- Something after a `;`.
-            RETURN false;
-        ELSIF c = 59 THEN
-            ended := true;
-            i := i + 1;
-        ELSIF c IN (39, 34) THEN
-            -- '…' (E'…' with backslash escapes) or "…", a doubled quote
-            -- inside
-            escapes := c = 39
-                       AND ((i > 0 AND get_byte(b, i - 1) IN (69, 101)
-                             AND (i = 1 OR NOT (get_byte(b, i - 2) >= 128
-                                                OR chr(get_byte(b, i - 2)) ~ '[A-Za-z0-9_$]')))
-                            OR current_setting('standard_conforming_strings') = 'off');
-            i := i + 1;
-            LOOP
-                EXIT WHEN i >= n;
-                IF escapes AND get_byte(b, i) = 92 THEN
-                    i := i + 2;
-                ELSIF get_byte(b, i) = c THEN
-                    i := i + 1;
-                    EXIT WHEN i >= n OR get_byte(b, i) <> c;
-                    i := i + 1;
-                ELSE
-                    i := i + 1;
-                END IF;
-            END LOOP;
-        ELSIF c = 36 AND NOT (i > 0 AND (chr(get_byte(b, i - 1)) ~ '[A-Za-z0-9_$]' OR get_byte(b, i - 1) >= 128)) THEN
-            -- $tag$ … $tag$ (a `$` not inside a name; $1 is a parameter)
-            e := i + 1;
-            WHILE e < n AND (chr(get_byte(b, e)) ~ '[A-Za-z_]' OR get_byte(b, e) >= 128
-                             OR (e > i + 1 AND chr(get_byte(b, e)) ~ '[0-9]')) LOOP
-                e := e + 1;
-            END LOOP;
-            IF e < n AND get_byte(b, e) = 36 THEN
-                quote := substring(b FROM i + 1 FOR e - i + 1);
-                depth := position(quote IN substring(b FROM e + 2));
-                i := CASE WHEN depth = 0 THEN n ELSE e + depth + length(quote) END;
-            ELSE
-                i := i + 1;
-            END IF;
-        ELSE
-            i := i + 1;
-        END IF;
-    END LOOP;
-    RETURN true;
-END
-$$;
-
--- Where the DDL statement this event trigger fires for comes from. A
--- statement the client sent has no frame below this trigger's own in
--- PostgreSQL's context stack (GET DIAGNOSTICS … PG_CONTEXT); one that a
--- function or a DO block ran has the frames of its callers: for PL/pgSQL's
--- SQL statements and EXECUTE (and any SPI query), `SQL statement "<its
--- text>"` first. (An SQL-language function's statement shows as `SQL
--- function "f" statement N`, without its text: `statement` is NULL.)
--- `definer` is the owner of the innermost SECURITY DEFINER function among
--- the callers, the role the statement ran as; `unsure` names a caller that
--- may be SECURITY DEFINER but could not be told apart from others of its
--- name.
-CREATE OR REPLACE FUNCTION chorus.nested_ddl(user_path text, OUT nested boolean, OUT statement text,
-                                             OUT definer text, OUT unsure text)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    stack text;
-    marker text := E'\nPL/pgSQL function chorus.capture_ddl() line ';
-    at integer;
-    line text;
-    signature text;
-    name text;
-    fn regprocedure;
-BEGIN
-    nested := false;
-    GET DIAGNOSTICS stack = PG_CONTEXT;
-    at := position(marker IN stack);
-    IF at = 0 THEN
-        RETURN;
-    END IF;
-    stack := substr(stack, at + length(marker));
-    at := position(E'\n' IN stack);
-    IF at = 0 THEN
-        RETURN;
-    END IF;
-    stack := substr(stack, at + 1);
-    nested := true;
-    -- The text ends at the first quote followed by a caller's frame (or
-    -- at the last quote, when no frame follows: a C function's SPI).
-    statement := substring(stack FROM E'^SQL statement "(.*?)"\\n(?:PL/[^\\n]* function |SQL function ")');
-    IF statement IS NULL THEN
-        statement := substring(stack FROM E'^SQL statement "(.*)"$');
-    END IF;
-    FOR line IN SELECT l.l FROM regexp_split_to_table(stack, E'\n') WITH ORDINALITY AS l(l, n) ORDER BY l.n LOOP
-        IF line ~ '^PL/pgSQL function .* line [0-9]+ at ' THEN
-            signature := substring(line FROM '^PL/pgSQL function (.*) line [0-9]+ at ');
-            CONTINUE WHEN signature = 'inline_code_block';
-            -- (Printed as the function's path showed it when compiled.)
-            PERFORM set_config('search_path', user_path, true);
-            fn := to_regprocedure(signature);
-            PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-            name := regexp_replace(regexp_replace(signature, E'\\(.*$', ''), E'^.*\\.', '');
-        ELSIF line ~ '^(SQL|PL/[A-Za-z]+) function "' THEN
-            fn := NULL;
-            name := substring(line FROM '^(?:SQL|PL/[A-Za-z]+) function "(.*?)"');
-        ELSE
-            CONTINUE;
-        END IF;
-        IF fn IS NOT NULL THEN
-            IF (SELECT p.prosecdef FROM pg_proc p WHERE p.oid = fn) THEN
-                SELECT pg_get_userbyid(p.proowner)::text INTO definer FROM pg_proc p WHERE p.oid = fn;
-                RETURN;
-            END IF;
-        ELSIF EXISTS (SELECT 1 FROM pg_proc p WHERE p.proname = btrim(name, '"') AND p.prosecdef) THEN
-            unsure := name;
-            RETURN;
-        END IF;
-    END LOOP;
 END
 $$;
 
@@ -388,74 +229,13 @@ $$;
 -- It runs as the owner of the chorus schema, with a pinned search_path
 -- (chorus.capture_ddl passes the session's); the DDL's role is the one
 -- that ran it (chorus.invoker).
--- DDL that a function runs in a transaction without the cluster DDL lease
--- (a `SELECT f()` or `CALL p()` that Chorus could not see coming): the
--- session asks its Chorus node for the lease, mid-statement, and waits for
--- the answer. The question is a NOTICE (`chorus:lease <n>`, n a number
--- from chorus.lease_question, unique to the question), which the backend
--- sends at once and the node keeps from the client. The answer comes in the
--- sequence chorus.lease_grant, which a transaction reads as it is now,
--- whatever its snapshot: the question's number in the high 32 bits, and in
--- the low ones the lease's number, or, with bit 31 set, why it was refused
--- (1: another transaction holds it, 2: no Raft majority in time, 3: the
--- node cannot replicate DDL now, 4: another failure). Only one session in
--- the cluster holds the lease at a time, so one sequence serves every
--- session of the backend. A session that does not come through a Chorus
--- node (no `chorus.lease_wait_ms`, set at login) has no one to ask.
-CREATE SEQUENCE IF NOT EXISTS chorus.lease_question MINVALUE 1 MAXVALUE 2147483647 CYCLE;
-CREATE SEQUENCE IF NOT EXISTS chorus.lease_grant MINVALUE 0 START 0;
-
-CREATE OR REPLACE FUNCTION chorus.ask_lease(tag text) RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    question bigint;
-    answer bigint;
-    level text := current_setting('client_min_messages');
-    wait_ms bigint := coalesce(nullif(current_setting('chorus.lease_wait_ms', true), '')::bigint, 0);
-    deadline timestamptz;
-    refused bigint;
-BEGIN
-    IF wait_ms <= 0 OR coalesce(current_setting('chorus.origin', true), '') = '' THEN
-        RAISE EXCEPTION '% run from a function cannot be replicated here: Chorus did not see DDL coming in this transaction', tag
-            USING ERRCODE = '0A000',
-                  HINT = 'Run it through a Chorus node, or SET chorus.ddl_scope = ''local'' to run it on this backend only.';
-    END IF;
-    question := nextval('chorus.lease_question');
-    deadline := clock_timestamp() + make_interval(secs => wait_ms / 1000.0);
-    -- The question reaches the node whatever the client asked to hear.
-    PERFORM set_config('client_min_messages', 'notice', true);
-    RAISE NOTICE 'chorus:lease %', question;
-    PERFORM set_config('client_min_messages', level, true);
-    LOOP
-        SELECT g.last_value INTO answer FROM chorus.lease_grant g;
-        EXIT WHEN answer >> 32 = question;
-        IF clock_timestamp() > deadline THEN
-            RAISE EXCEPTION '% run from a function cannot be replicated: no answer from the Chorus node for the cluster DDL lease within % ms', tag, wait_ms
-                USING ERRCODE = '55P03';
-        END IF;
-        PERFORM pg_sleep(0.001);
-    END LOOP;
-    answer := answer & 4294967295;
-    IF answer >= 2147483648 THEN
-        refused := answer - 2147483648;
-        RAISE EXCEPTION '% run from a function cannot be replicated now: %', tag,
-            CASE refused WHEN 1 THEN 'another transaction with DDL is open in the cluster'
-                         WHEN 2 THEN 'the cluster DDL lease was not confirmed by a Raft majority in time'
-                         WHEN 3 THEN 'this node cannot replicate DDL now'
-                         ELSE 'the cluster DDL lease could not be taken' END
-            USING ERRCODE = CASE refused WHEN 1 THEN '55P03' WHEN 2 THEN '40003' WHEN 3 THEN '55000' ELSE 'XX000' END,
-                  HINT = 'Another transaction with DDL is open in the cluster, or this node cannot reach a Raft majority; retry.';
-    END IF;
-    PERFORM set_config('chorus.ddl_seq', answer::text, true);
-    RETURN answer;
-END
-$$;
-
 CREATE OR REPLACE FUNCTION chorus.handle_ddl(tg_tag text, user_path text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     role_name text := chorus.invoker();
     unreadable text;
+    unreadable_type text;
+    has_values boolean;
     cmd record;
     replicate boolean;
     lease bigint;
@@ -692,19 +472,24 @@ BEGIN
     dep := coalesce((SELECT max(h.seq) FROM chorus.ddl_history h WHERE h.seq <> lease), 0);
     IF made IS NOT NULL THEN
         -- Its rows travel as values, which peers read back with the
-        -- columns' input functions: some internal types have none.
-        SELECT format_type(a.atttypid, a.atttypmod) INTO unreadable
-          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-         WHERE a.attrelid = made AND a.attnum > 0 AND NOT a.attisdropped
-           AND t.typinput::text IN ('pg_node_tree_in', 'pg_ndistinct_in', 'pg_dependencies_in',
-                                    'pg_mcv_list_in', 'pg_ddl_command_in', 'brin_bloom_summary_in',
-                                    'brin_minmax_multi_summary_in')
-         LIMIT 1;
-        IF FOUND THEN
-            RAISE EXCEPTION '% with a column of type % cannot be replicated: PostgreSQL cannot read such a value back', tg_tag, unreadable
-                USING ERRCODE = '0A000',
-                      HINT = 'Cast the column to text in the query.';
-        END IF;
+        -- columns' input functions: some internal types have none, so such
+        -- a column may only hold NULLs (as a catalog's mostly do).
+        FOR unreadable, unreadable_type IN
+            SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+              FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+             WHERE a.attrelid = made AND a.attnum > 0 AND NOT a.attisdropped
+               AND t.typinput::text IN ('pg_node_tree_in', 'pg_ndistinct_in', 'pg_dependencies_in',
+                                        'pg_mcv_list_in', 'pg_ddl_command_in', 'brin_bloom_summary_in',
+                                        'brin_minmax_multi_summary_in')
+        LOOP
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s t WHERE t.%I IS NOT NULL)', made, unreadable)
+                INTO has_values;
+            IF has_values THEN
+                RAISE EXCEPTION '% with values in a column of type % cannot be replicated: PostgreSQL cannot read such a value back', tg_tag, unreadable_type
+                    USING ERRCODE = '0A000',
+                          HINT = format('Cast column %I to text in the query.', unreadable);
+            END IF;
+        END LOOP;
         statement := chorus.table_definition(made);
     END IF;
     INSERT INTO chorus.ddl_history AS h (seq, origin, search_path, role, command)
