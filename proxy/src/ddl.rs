@@ -14,7 +14,7 @@
 //!
 //! DML does not wait here: each captured change carries the DDL index of
 //! its origin (see sql/ddl.sql), and a peer stream applies it only once its
-//! backend has applied that much of the DDL log (replication.rs).
+//! backend has applied that much of the DDL log (cluster::replication).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,10 +24,10 @@ use chorus_consensus::{Consensus, DdlEntry, DdlProposal, ProposeError, Request, 
 use tokio_postgres::Client;
 
 use crate::cluster::ddl_progress::{Outcome, PgError, INDEX_SQL};
+use crate::cluster::replication::ReplicationError;
 use crate::config::{BackendConfig, CommitScope};
 use crate::node::Node;
 use crate::protocol;
-use crate::replication::ReplicationError;
 
 /// Apply the committed DDL log to the home backend, in order, for as long
 /// as the node runs.

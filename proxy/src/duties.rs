@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use chorus_consensus::{Consensus, Request};
 
+use crate::cluster::replication::{self, ReplicationError};
 use crate::config::BackendConfig;
 use crate::node::Node;
-use crate::replication::{self, ReplicationError};
 
 /// How often the assignment is looked at.
 const TICK: Duration = Duration::from_millis(100);

@@ -15,8 +15,8 @@ use std::time::Duration;
 use chorus_consensus::{Consensus, Request, Response};
 
 use crate::backoff::Backoff;
+use crate::cluster::replication::ReplicationError;
 use crate::node::Node;
-use crate::replication::ReplicationError;
 
 /// How often the sequences are looked at: every TICK while values are
 /// handed out or ranges change, doubling while nothing happens, up to

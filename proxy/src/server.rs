@@ -235,7 +235,7 @@ pub async fn run_node_with(
         ));
         background.spawn(raft_upkeep(node.clone(), consensus));
     }
-    background.spawn(crate::replication::run_home_upkeep(node.clone()));
+    background.spawn(crate::cluster::replication::run_home_upkeep(node.clone()));
     background.spawn(crate::duties::run(node.clone()));
     background.spawn(health_checks(node.clone()));
     tracing::info!(

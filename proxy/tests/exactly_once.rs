@@ -10,8 +10,8 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use chorus_proxy::cluster::replication::parse_lsn;
 use chorus_proxy::localpg::LocalPostgres;
-use chorus_proxy::replication::parse_lsn;
 use tokio_postgres::Client;
 
 /// Transactions written on the origin, and rows per transaction.

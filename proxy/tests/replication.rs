@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use chorus_proxy::capture;
+use chorus_proxy::cluster::replication::{ReplicationError, ReplicationStream};
 use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
-use chorus_proxy::replication::{ReplicationError, ReplicationStream};
 use chorus_router::hlc;
 use tokio_postgres::Client;
 

@@ -3,3 +3,4 @@
 
 pub mod ddl_lease;
 pub mod ddl_progress;
+pub mod replication;

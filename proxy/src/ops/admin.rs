@@ -4,8 +4,8 @@ use thiserror::Error;
 
 use crate::backend::connect_backend;
 use crate::capture;
+use crate::cluster::replication::ReplicationError;
 use crate::config::Config;
-use crate::replication::ReplicationError;
 
 #[derive(Debug, Error)]
 pub enum AdminError {
@@ -97,7 +97,7 @@ pub async fn drop_slots_of(
         // On the leaving backend, its own streams' slots: every chorus
         // slot there. Elsewhere, the slots streaming to it.
         let pattern =
-            crate::replication::slot_pattern((backend.name != leaving).then_some(leaving));
+            crate::cluster::replication::slot_pattern((backend.name != leaving).then_some(leaving));
         let rows = client
             .query(
                 "SELECT slot_name::text, active FROM pg_replication_slots \

@@ -1,0 +1,222 @@
+//! The home backend's upkeep: the chorus schema, its slots' positions and
+//! retained WAL, lag metrics, and the clock's view of other origins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::backend::connect_backend;
+use crate::backoff::Backoff;
+use crate::capture::{self, CaptureError};
+use crate::config::ReplicationConfig;
+use crate::node::Node;
+
+use super::{parse_lsn, slot_name, ReplicationError, ReplicationStream};
+
+/// How often the node's clock takes note of the versions other nodes'
+/// changes brought to its home backend: every OBSERVE_INTERVAL while they
+/// change, doubling while they do not, up to OBSERVE_INTERVAL_MAX.
+const OBSERVE_INTERVAL: Duration = Duration::from_millis(100);
+const OBSERVE_INTERVAL_MAX: Duration = Duration::from_secs(1);
+
+/// Update this node's clock with the newest version applied on its home
+/// backend from each other origin (recorded by their streams in
+/// `chorus.applied`), so that its next writes order after them. A clock too
+/// far ahead is logged and counted, and not followed.
+/// Returns the newest version seen, to tell whether anything changed.
+async fn observe_remote_versions(node: &Node, home: &Client) -> Result<i64, ReplicationError> {
+    let rows = home
+        .query(
+            "SELECT origin, max_version FROM chorus.applied WHERE origin <> $1 AND max_version > 0",
+            &[&i32::from(node.config.node.id)],
+        )
+        .await?;
+    let mut newest = 0;
+    for row in rows {
+        let origin: i32 = row.get(0);
+        let version: i64 = row.get(1);
+        newest = newest.max(version);
+        match node.clock.observe(version as u64) {
+            Ok(ahead_ms) => node.metrics.hlc_skew_ms.set(ahead_ms as f64),
+            Err(refused) => {
+                node.metrics.hlc_skew_ms.set(refused.ahead_ms as f64);
+                node.metrics.hlc_skew_refused.increment(1);
+                tracing::warn!(origin, error = %refused, "clock of another node not followed");
+            }
+        }
+    }
+    Ok(newest)
+}
+
+/// The home backend's upkeep for as long as the node runs: the chorus
+/// schema, flush positions for commit scopes, lag metrics, the clock's view
+/// of other origins. (Its streams are driven by duties.rs, like those of
+/// any backend handed to this node.)
+pub async fn run_home_upkeep(node: Arc<Node>) {
+    let Some(config) = node.config.replication.clone() else {
+        return;
+    };
+    loop {
+        match home_upkeep(&node, &config).await {
+            // Sessions wait for the schema: this needs an operator.
+            Err(e @ ReplicationError::Install(CaptureError::NewerSchema { .. })) => {
+                tracing::error!(error = %e, "home backend not served; retrying");
+            }
+            Err(e) => tracing::warn!(error = %e, "home backend upkeep interrupted; retrying"),
+            Ok(()) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), ReplicationError> {
+    let home = node.config.home_backend();
+    let origin = connect_backend(home, config).await?;
+    capture::install(&origin, node.config.node.id).await?;
+    let slots: Vec<(String, String)> = node
+        .config
+        .backends
+        .iter()
+        .filter(|b| b.name != home.name)
+        .map(|b| (b.name.clone(), slot_name(node.config.node.id, &b.name)))
+        .collect();
+    // Sessions are admitted once the schema is ready; a change committed
+    // before its stream's slot exists would never reach that peer, so the
+    // slots come first.
+    for (_, slot) in &slots {
+        let stream = ReplicationStream {
+            slot: slot.clone(),
+            ..ReplicationStream::new(node.config.node.id, 0)
+        };
+        stream.ensure_slot(&origin).await?;
+    }
+    node.schema_installed();
+    // Commits waiting for a scope ask for the home backend's flush position.
+    let mut flush_requests = match &node.progress {
+        Some(progress) => Some(progress.flush_requests_rx.lock().await),
+        None => None,
+    };
+    let mut lag_check = tokio::time::interval(Duration::from_secs(1));
+    let mut observe_every = Backoff::new(OBSERVE_INTERVAL, OBSERVE_INTERVAL_MAX);
+    let observe = tokio::time::sleep(observe_every.wait());
+    tokio::pin!(observe);
+    let mut observed = 0i64;
+    let mut slot_watch = SlotWatch::default();
+    let slot_names: Vec<String> = slots.iter().map(|(_, slot)| slot.clone()).collect();
+    loop {
+        tokio::select! {
+            Some(reply) = async {
+                match flush_requests.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let lsn: String = origin
+                    .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                    .await?
+                    .get(0);
+                let _ = reply.send(parse_lsn(&lsn)?);
+            }
+            _ = lag_check.tick() => {
+                let rows = origin
+                    .query(
+                        "SELECT slot_name::text, \
+                                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8, \
+                                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8, \
+                                wal_status = 'lost' \
+                           FROM pg_replication_slots WHERE slot_name = ANY($1)",
+                        &[&slot_names],
+                    )
+                    .await?;
+                for row in rows {
+                    let slot: String = row.get(0);
+                    let Some((peer, _)) = slots.iter().find(|(_, s)| *s == slot) else {
+                        continue;
+                    };
+                    let state = SlotState {
+                        lag: row.get::<_, Option<f64>>(1).unwrap_or(0.0),
+                        retained: row.get::<_, Option<f64>>(2).unwrap_or(0.0),
+                        lost: row.get::<_, Option<bool>>(3).unwrap_or(false),
+                    };
+                    if let Some(m) = node.metrics.peer(peer) {
+                        m.lag_bytes.set(state.lag);
+                        m.slot_retained_bytes.set(state.retained);
+                        m.slot_invalidated.set(if state.lost { 1.0 } else { 0.0 });
+                    }
+                    slot_watch.observe(&home.name, peer, &slot, &state, config.slot_retained_warn_bytes);
+                }
+            }
+            () = &mut observe => {
+                let newest = observe_remote_versions(node, &origin).await?;
+                if newest == observed {
+                    observe_every.idle();
+                } else {
+                    observe_every.active();
+                }
+                observed = newest;
+                observe.as_mut().reset(tokio::time::Instant::now() + observe_every.wait());
+            }
+        }
+    }
+}
+
+/// What the home backend's slot for one peer holds (bytes of WAL).
+struct SlotState {
+    /// Not yet confirmed by the peer's stream.
+    lag: f64,
+    /// Kept for the slot (from its restart position).
+    retained: f64,
+    /// Invalidated by PostgreSQL (`max_slot_wal_keep_size`).
+    lost: bool,
+}
+
+/// What has been said in the log about the home backend's slots, so that
+/// a slot holding too much WAL is logged once a minute, and an
+/// invalidated one once.
+#[derive(Default)]
+struct SlotWatch {
+    warned: std::collections::HashMap<String, std::time::Instant>,
+    lost: std::collections::HashSet<String>,
+}
+
+impl SlotWatch {
+    fn observe(&mut self, origin: &str, peer: &str, slot: &str, state: &SlotState, limit: u64) {
+        if state.lost {
+            if self.lost.insert(slot.to_owned()) {
+                tracing::error!(
+                    origin,
+                    peer,
+                    slot,
+                    "PostgreSQL invalidated this replication slot (max_slot_wal_keep_size): \
+                     the peer misses the origin's changes from here on; copy the peer \
+                     again (docs/reliability.md, \"Slots\")"
+                );
+            }
+            return;
+        }
+        self.lost.remove(slot);
+        let over = limit > 0 && state.retained > limit as f64;
+        if !over {
+            self.warned.remove(slot);
+            return;
+        }
+        let due = self
+            .warned
+            .get(slot)
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
+        if due {
+            self.warned
+                .insert(slot.to_owned(), std::time::Instant::now());
+            tracing::warn!(
+                origin,
+                peer,
+                slot,
+                retained_bytes = state.retained as u64,
+                limit_bytes = limit,
+                "a replication slot keeps more WAL than replication.slot_retained_warn_bytes: \
+                 the peer is down or far behind"
+            );
+        }
+    }
+}
