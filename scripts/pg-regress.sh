@@ -82,15 +82,26 @@ grep -vE '\.\.\. ok|^ok [0-9]' "$WORK/results" | sed 's/^/  /' || true
 # Rows are compared as sets: each table's rows sorted, since the physical
 # order differs from backend to backend.
 sleep "${SETTLE:-20}"
+[ -n "${KEEP_LOG:-}" ] && cp "$WORK/demo.err" "$KEEP_LOG" 2>/dev/null || true
 sort_rows() {
     awk '/^COPY .* FROM stdin;$/ { print; fflush(); copying = 1; next }
          copying && $0 == "\\." { close(sorter); print; copying = 0; next }
          copying { sorter = "LC_ALL=C sort"; print | sorter; next }
          { print }'
 }
+# A dump fails when the catalog changes under it (a backend still applying
+# the suite's last DDL): tried again, up to a minute.
+dump_schema() {
+    "$BINDIR/pg_dump" -h 127.0.0.1 -p "$(port "$1")" -U postgres --schema-only --no-owner \
+        --exclude-schema=chorus regression > "$WORK/schema$1.raw"
+}
 for b in 1 2 3; do
-    "$BINDIR/pg_dump" -h 127.0.0.1 -p "$(port "$b")" -U postgres --schema-only --no-owner \
-        --exclude-schema=chorus regression | grep -v -E '^\\(un)?restrict' \
+    for attempt in 1 2 3 4 5 6; do
+        dump_schema "$b" && break
+        echo "backend $b: schema dump failed (attempt $attempt); its catalog is still changing"
+        sleep 10
+    done
+    grep -v -E '^\\(un)?restrict' "$WORK/schema$b.raw" \
         | grep -v -E '^    (START WITH|MINVALUE|MAXVALUE|NO MINVALUE|NO MAXVALUE)' > "$WORK/schema$b.sql"
     "$BINDIR/pg_dump" -h 127.0.0.1 -p "$(port "$b")" -U postgres --data-only --exclude-schema=chorus \
         --no-unlogged-table-data regression 2>/dev/null | grep -v -E '^\\(un)?restrict' \
