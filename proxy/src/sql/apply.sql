@@ -67,6 +67,7 @@ DECLARE
     others text[];
     absent text := '';
     source text;
+    json_columns boolean;
 BEGIN
     -- OVERRIDING SYSTEM VALUE: the origin's value of a GENERATED ALWAYS
     -- identity column is the row's.
@@ -77,7 +78,10 @@ BEGIN
         USING imgs;
         RETURN;
     END IF;
-    IF chorus.has_json_columns(rel, present) THEN
+    -- (Images with exact json texts are read one at a time; the others,
+    -- as a set, column by column from the record.)
+    json_columns := chorus.has_json_columns(rel, present);
+    IF json_columns THEN
         source := format('jsonb_array_elements($1) AS e(v) CROSS JOIN LATERAL jsonb_populate_record(NULL::%s, e.v) k', rel);
     ELSE
         source := format('jsonb_populate_recordset(NULL::%s, $1) k', rel);
@@ -87,14 +91,18 @@ BEGIN
           FROM unnest(present) WITH ORDINALITY AS u(p, o) WHERE p <> ALL (cols);
         IF others IS NOT NULL THEN
             EXECUTE format('UPDATE %1$s t SET (%2$s) = ROW(%3$s) FROM %5$s WHERE %4$s',
-                           rel, chorus.ident_list(others), chorus.image_columns(rel, others, 'e.v'),
+                           rel, chorus.ident_list(others),
+                           CASE WHEN json_columns THEN chorus.image_columns(rel, others, 'e.v')
+                                ELSE chorus.ident_list(others, 'k.') END,
                            chorus.key_match(cols), source)
             USING imgs;
         END IF;
         absent := format(' WHERE NOT EXISTS (SELECT FROM %1$s t WHERE %2$s)', rel, chorus.key_match(cols));
     END IF;
     EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %3$s FROM %4$s',
-                   rel, chorus.ident_list(present), chorus.image_columns(rel, present, 'e.v'), source) || absent
+                   rel, chorus.ident_list(present),
+                   CASE WHEN json_columns THEN chorus.image_columns(rel, present, 'e.v')
+                        ELSE chorus.ident_list(present, 'k.') END, source) || absent
     USING imgs;
 END
 $$;

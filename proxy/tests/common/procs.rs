@@ -371,18 +371,30 @@ impl Cluster {
         panic!("backend {b}: {sql} still gives {last:?}");
     }
 
-    /// Wait until `sql` gives on each of `others` what it gives on backend
-    /// `from` now.
+    /// Wait until `sql` gives the same on `from` and on each of `others`
+    /// (read again each round: `from` may still be receiving changes too).
     pub async fn converge(&self, sql: &str, from: usize, others: &[usize]) {
-        let expected: String = self
-            .direct(from)
-            .await
-            .query_one(sql, &[])
-            .await
-            .unwrap()
-            .get(0);
-        for &b in others {
-            self.wait_for(b, sql, |v| v == expected).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let read = |b: usize| async move {
+            let client = common::connect(&self.backends[b - 1].conninfo("postgres"))
+                .await
+                .ok()?;
+            let row = client.query_one(sql, &[]).await.ok()?;
+            Some(row.get::<_, Option<String>>(0).unwrap_or_default())
+        };
+        loop {
+            let expected = read(from).await;
+            let mut values = Vec::new();
+            for &b in others {
+                values.push((b, read(b).await));
+            }
+            if expected.is_some() && values.iter().all(|(_, v)| *v == expected) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("{sql}: backend {from} gives {expected:?}, the others {values:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
