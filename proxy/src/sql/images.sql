@@ -174,14 +174,11 @@ $$;
 -- image's exact text when it carries one (see chorus.with_json_texts).
 CREATE OR REPLACE FUNCTION chorus.image_columns(rel text, cols text[], img text) RETURNS text
 LANGUAGE sql STABLE AS $$
-    SELECT string_agg(CASE WHEN b.base IN ('json'::regtype, 'jsonb'::regtype)
-                           THEN format('CASE WHEN (%1$s -> '''') ? %2$L THEN ((%1$s -> '''') ->> %2$L)::%3$s ELSE k.%4$I END',
-                                       img, a.attname, b.base::regtype, a.attname)
-                           ELSE format('k.%I', a.attname) END, ', ' ORDER BY u.o)
-      FROM unnest(cols) WITH ORDINALITY AS u(c, o)
-      JOIN pg_attribute a ON a.attrelid = rel::regclass AND a.attname = u.c AND NOT a.attisdropped
-      JOIN pg_type t ON t.oid = a.atttypid
-     CROSS JOIN LATERAL (SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END AS base) b
+    SELECT string_agg(CASE WHEN u.c = ANY (f.jsons || f.jsonbs)
+                           THEN format('CASE WHEN (%1$s -> '''') ? %2$L THEN ((%1$s -> '''') ->> %2$L)::%3$s ELSE k.%2$I END',
+                                       img, u.c, CASE WHEN u.c = ANY (f.jsons) THEN 'json' ELSE 'jsonb' END)
+                           ELSE format('k.%I', u.c) END, ', ' ORDER BY u.o)
+      FROM chorus.column_forms(rel::regclass, '{}') f, unnest(cols) WITH ORDINALITY AS u(c, o)
 $$;
 
 -- Whether any of columns `cols` of `rel` is json or jsonb (or a domain
@@ -189,10 +186,7 @@ $$;
 -- time, for chorus.image_columns.
 CREATE OR REPLACE FUNCTION chorus.has_json_columns(rel text, cols text[]) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-                    WHERE a.attrelid = rel::regclass AND a.attname = ANY (cols) AND NOT a.attisdropped
-                      AND (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END)
-                          IN ('json'::regtype, 'jsonb'::regtype))
+    SELECT (f.jsons || f.jsonbs) && cols FROM chorus.column_forms(rel::regclass, '{}') f
 $$;
 
 -- A column definition list (`a int4, b text`) of these columns of a
