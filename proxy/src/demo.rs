@@ -76,6 +76,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             name: format!("pg{}", i + 1),
             host: "127.0.0.1".to_owned(),
             port: pg.port(),
+            sslmode: crate::backend::SslMode::Disable,
+            sslrootcert: None,
+            tls: None,
         })
         .collect();
 

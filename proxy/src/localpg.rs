@@ -153,6 +153,17 @@ pub struct LocalPgOptions {
     pub password: Option<String>,
     /// Extra `-c name=value` settings.
     pub settings: Vec<(String, String)>,
+    /// TLS for TCP logins.
+    pub tls: Option<LocalTls>,
+}
+
+/// A server's TLS: its certificate and key (PEM), and whether TCP logins
+/// without TLS are refused (logins on the Unix socket never need it).
+#[derive(Clone)]
+pub struct LocalTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub required: bool,
 }
 
 impl Default for LocalPgOptions {
@@ -161,6 +172,7 @@ impl Default for LocalPgOptions {
             user: "postgres".to_owned(),
             password: None,
             settings: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -212,6 +224,9 @@ impl LocalPostgres {
             initdb.arg("--auth-host=trust");
         }
         run_checked(initdb, run_as, "initdb")?;
+        if let Some(tls) = &options.tls {
+            set_up_tls(&data, tls, run_as)?;
+        }
         let mut server = LocalPostgres {
             bins: bins.clone(),
             dir: dir.to_owned(),
@@ -404,6 +419,17 @@ impl LocalPostgres {
         )
     }
 
+    /// A key-value connection string over the server's Unix socket.
+    pub fn socket_conninfo(&self, database: &str) -> String {
+        format!(
+            "host={} port={} user={} dbname={}",
+            self.dir.display(),
+            self.port,
+            self.options.user,
+            database
+        )
+    }
+
     /// A tokio-postgres / libpq key-value connection string.
     pub fn conninfo(&self, database: &str) -> String {
         let mut s = format!(
@@ -415,6 +441,48 @@ impl LocalPostgres {
         }
         s
     }
+}
+
+/// Give the server in `data` its certificate and key (the key readable by
+/// the server's user alone, as PostgreSQL demands), turn TLS on, and, when
+/// asked, refuse TCP logins without it.
+impl std::fmt::Debug for LocalTls {
+    /// The key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalTls")
+            .field("required", &self.required)
+            .finish_non_exhaustive()
+    }
+}
+
+fn set_up_tls(data: &Path, tls: &LocalTls, run_as: Option<RunAs>) -> Result<(), LocalPgError> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    for (name, pem, mode) in [
+        ("server.crt", &tls.cert_pem, 0o644),
+        ("server.key", &tls.key_pem, 0o600),
+    ] {
+        let path = data.join(name);
+        fs::write(&path, pem).map_err(io_err(&path))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io_err(&path))?;
+        if let Some(user) = run_as {
+            std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
+                .map_err(io_err(&path))?;
+        }
+    }
+    let conf = data.join("postgresql.conf");
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&conf)
+        .and_then(|mut f| f.write_all(b"\nssl = on\n"))
+        .map_err(io_err(&conf))?;
+    if tls.required {
+        let hba = data.join("pg_hba.conf");
+        let rules = fs::read_to_string(&hba).map_err(io_err(&hba))?;
+        let refuse = "hostnossl all all all reject\nhostnossl replication all all reject\n";
+        fs::write(&hba, format!("{refuse}{rules}")).map_err(io_err(&hba))?;
+    }
+    Ok(())
 }
 
 enum Retry {

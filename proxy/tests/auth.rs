@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -402,4 +403,155 @@ async fn newer_protocol_minor_version_is_negotiated_down() {
         .unwrap()
         .unwrap();
     assert_eq!(buf[0], b'T', "{:?}", &buf[..n]);
+}
+
+/// The error and its causes, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Chorus's own connections to a backend (sessions' and streams' logins,
+/// and control connections) follow the backend's `sslmode` as libpq does.
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_connections_follow_sslmode_as_libpq_does() {
+    use chorus_proxy::backend::{self, BackendTls, LoginParams, SslMode};
+    use chorus_proxy::config::{BackendConfig, ReplicationConfig};
+    use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::TestCa::new(dir.path(), "ca");
+    let other_ca = common::TestCa::new(dir.path(), "other-ca");
+    // One server whose certificate names localhost only, one without TLS.
+    let start = |name: &str, tls| {
+        tokio::task::block_in_place(|| {
+            LocalPostgres::create(
+                &common::pg_binaries(),
+                &dir.path().join(name),
+                LocalPgOptions {
+                    tls,
+                    ..LocalPgOptions::default()
+                },
+            )
+        })
+        .unwrap()
+    };
+    let with_tls = start("tls", Some(ca.issue(&["localhost"])));
+    let plain = start("plain", None);
+
+    // (server, host, sslmode, root certificate) -> the login's outcome:
+    // whether it is encrypted, or why it failed; the same for the raw
+    // login and for a control connection.
+    let attempt = |pg: &LocalPostgres, host: &str, mode: SslMode, root: Option<&Path>| {
+        let backend = BackendConfig {
+            name: "b".into(),
+            host: host.into(),
+            port: pg.port(),
+            sslmode: mode,
+            sslrootcert: root.map(Path::to_owned),
+            tls: BackendTls::new(mode, root, host).unwrap(),
+        };
+        async move {
+            let address = backend.address();
+            let login = LoginParams {
+                address: &address,
+                tls: backend.tls.as_ref(),
+                user: "postgres",
+                password: None,
+                database: "postgres",
+                params: &[],
+            };
+            let raw = backend::connect(&login, Duration::from_secs(5))
+                .await
+                .map(|c| c.stream.is_tls())
+                .map_err(|e| chain(&e));
+            let control =
+                match backend::connect_backend(&backend, &ReplicationConfig::default()).await {
+                    Ok(client) => Ok(client
+                        .query_one(
+                            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .get::<_, bool>(0)),
+                    Err(e) => Err(chain(&e)),
+                };
+            (raw, control)
+        }
+    };
+    let both = |outcome: (Result<bool, String>, Result<bool, String>)| {
+        assert_eq!(
+            outcome.0.is_ok(),
+            outcome.1.is_ok(),
+            "the raw login and the control connection disagree: {outcome:?}"
+        );
+        match outcome {
+            (Ok(raw), Ok(control)) => {
+                assert_eq!(raw, control);
+                Ok(raw)
+            }
+            (Err(raw), Err(control)) => Err(format!("{raw} / {control}")),
+            _ => unreachable!(),
+        }
+    };
+    let ca_path = ca.path.as_path();
+    let ip = "127.0.0.1";
+
+    assert_eq!(
+        both(attempt(&with_tls, ip, SslMode::Disable, None).await),
+        Ok(false)
+    );
+    assert_eq!(
+        both(attempt(&with_tls, ip, SslMode::Prefer, None).await),
+        Ok(true)
+    );
+    assert_eq!(
+        both(attempt(&plain, ip, SslMode::Prefer, None).await),
+        Ok(false)
+    );
+    // require: encrypted, the certificate taken as it is.
+    assert_eq!(
+        both(attempt(&with_tls, ip, SslMode::Require, None).await),
+        Ok(true)
+    );
+    let refused = both(attempt(&plain, ip, SslMode::Require, None).await).unwrap_err();
+    assert!(
+        refused.contains("does not support SSL") || refused.contains("server does not support TLS"),
+        "{refused}"
+    );
+    // verify-ca: the chain counts, not the name.
+    assert_eq!(
+        both(attempt(&with_tls, ip, SslMode::VerifyCa, Some(ca_path)).await),
+        Ok(true)
+    );
+    let foreign =
+        both(attempt(&with_tls, ip, SslMode::VerifyCa, Some(&other_ca.path)).await).unwrap_err();
+    assert!(foreign.to_lowercase().contains("issuer"), "{foreign}");
+    // require with a root certificate checks the chain, as libpq does.
+    let foreign =
+        both(attempt(&with_tls, ip, SslMode::Require, Some(&other_ca.path)).await).unwrap_err();
+    assert!(foreign.to_lowercase().contains("issuer"), "{foreign}");
+    // verify-full: the chain and the name.
+    let misnamed =
+        both(attempt(&with_tls, ip, SslMode::VerifyFull, Some(ca_path)).await).unwrap_err();
+    assert!(misnamed.contains("not valid for name"), "{misnamed}");
+    assert_eq!(
+        both(attempt(&with_tls, "localhost", SslMode::VerifyFull, Some(ca_path)).await),
+        Ok(true)
+    );
+
+    // A configuration that cannot verify is refused when it is read.
+    let config = format!(
+        "[node]\nid = 1\n[[backends]]\nname = \"pg1\"\nport = {}\nsslmode = \"verify-full\"\n",
+        with_tls.port()
+    );
+    let e = chorus_proxy::config::Config::from_toml(&config).unwrap_err();
+    assert!(e.to_string().contains("sslrootcert"), "{e}");
 }

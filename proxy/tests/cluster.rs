@@ -63,11 +63,22 @@ async fn cluster_on(
     node_extra: impl Fn(usize) -> String,
     replication_extra: &str,
 ) -> Cluster {
+    cluster_on_backends(dir, backends, "", node_extra, replication_extra).await
+}
+
+/// [`cluster_on`], with `backend_extra` settings in every `[[backends]]`.
+async fn cluster_on_backends(
+    dir: tempfile::TempDir,
+    backends: Vec<chorus_proxy::localpg::LocalPostgres>,
+    backend_extra: &str,
+    node_extra: impl Fn(usize) -> String,
+    replication_extra: &str,
+) -> Cluster {
     let n = backends.len();
     let mut backend_toml = String::new();
     for (i, pg) in backends.iter().enumerate() {
         backend_toml.push_str(&format!(
-            "[[backends]]\nname = \"pg{}\"\nport = {}\n",
+            "[[backends]]\nname = \"pg{}\"\nport = {}\n{backend_extra}\n",
             i + 1,
             pg.port()
         ));
@@ -155,8 +166,10 @@ impl Cluster {
         .unwrap()
     }
 
+    /// A session on a backend, over its Unix socket (which takes logins
+    /// without TLS even where TCP does not).
     async fn direct(&self, backend: usize) -> Client {
-        common::connect(&self.backends[backend - 1].conninfo("postgres"))
+        common::connect(&self.backends[backend - 1].socket_conninfo("postgres"))
             .await
             .unwrap()
     }
@@ -562,6 +575,122 @@ async fn replicated_ddl_cannot_gain_privileges_on_the_peers() {
         "0",
     )
     .await;
+}
+
+/// Backends that refuse TCP logins without TLS: with `sslmode =
+/// "verify-full"`, sessions, replication streams, DDL and control
+/// connections all run over TLS, and the cluster replicates as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn backends_that_take_only_tls_logins_replicate_over_tls() {
+    use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
+
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("chorus_proxy=info")),
+        )
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::TestCa::new(dir.path(), "ca");
+    let backends: Vec<LocalPostgres> = (1..=3)
+        .map(|i| {
+            tokio::task::block_in_place(|| {
+                LocalPostgres::create(
+                    &common::pg_binaries(),
+                    &dir.path().join(format!("pg{i}")),
+                    LocalPgOptions {
+                        tls: Some(chorus_proxy::localpg::LocalTls {
+                            required: true,
+                            ..ca.issue(&["127.0.0.1"])
+                        }),
+                        ..LocalPgOptions::default()
+                    },
+                )
+            })
+            .unwrap()
+        })
+        .collect();
+    // A login in the clear is refused: nothing below could work without TLS.
+    let clear = common::connect(&backends[0].conninfo("postgres")).await;
+    assert_eq!(
+        clear.err().and_then(|e| common::sqlstate(&e)).as_deref(),
+        Some("28000")
+    );
+    let backend_extra = format!(
+        "sslmode = \"verify-full\"\nsslrootcert = \"{}\"",
+        ca.path.display()
+    );
+    let c = cluster_on_backends(dir, backends, &backend_extra, |_| String::new(), "").await;
+
+    // DDL through node 1, writes through every node, over both protocols.
+    c.create_table(
+        1,
+        "CREATE TABLE sealed (id int PRIMARY KEY, v text)",
+        "public.sealed",
+    )
+    .await;
+    let one = c.via(1).await;
+    for node in 1..=3 {
+        let client = c.via(node).await;
+        client
+            .execute(
+                "INSERT INTO sealed VALUES ($1, $2)",
+                &[&i32::try_from(node).unwrap(), &format!("via {node}")],
+            )
+            .await
+            .unwrap();
+        client
+            .batch_execute(&format!(
+                "INSERT INTO sealed VALUES ({}, 'simple')",
+                node + 10
+            ))
+            .await
+            .unwrap();
+    }
+    let ssl: bool = one
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "a session's backend connection is not encrypted");
+    let expected = "1:via 1,2:via 2,3:via 3,11:simple,12:simple,13:simple";
+    c.expect_everywhere(
+        "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM sealed",
+        expected,
+    )
+    .await;
+    // Every backend serves its two peers' streams (walsenders) and control
+    // connections, all over TLS; no TCP connection is in the clear.
+    for b in 1..=3 {
+        let row = c
+            .direct(b)
+            .await
+            .query_one(
+                "SELECT count(*) FILTER (WHERE a.backend_type = 'walsender' AND s.ssl), \
+                        count(*) FILTER (WHERE a.backend_type = 'client backend' \
+                                           AND a.application_name = 'chorus replication' AND s.ssl), \
+                        count(*) FILTER (WHERE NOT s.ssl) \
+                 FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.client_addr IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (walsenders, control, clear): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert!(
+            walsenders >= 2,
+            "backend {b}: {walsenders} walsenders over TLS"
+        );
+        assert!(
+            control >= 1,
+            "backend {b}: {control} control connections over TLS"
+        );
+        assert_eq!(clear, 0, "backend {b}: connections in the clear");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

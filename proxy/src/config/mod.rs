@@ -12,6 +12,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::backend::{BackendTls, SslMode};
+
 mod cluster;
 pub use cluster::{
     ClusterConfig, CommitScope, MemberConfig, ReplicationConfig, SequenceKind, TimeoutAction,
@@ -191,6 +193,19 @@ pub struct BackendConfig {
     /// Port. Default 5432.
     #[serde(default = "default_pg_port")]
     pub port: u16,
+    /// TLS to this backend, as libpq's `sslmode`: `disable` (default),
+    /// `prefer`, `require`, `verify-ca` or `verify-full`.
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// The CA certificates (PEM) the backend's certificate must lead to;
+    /// needed by `verify-ca` and `verify-full`. A relative path is taken
+    /// from the configuration file's directory.
+    #[serde(default)]
+    pub sslrootcert: Option<PathBuf>,
+    /// The TLS settings made from `sslmode` and `sslrootcert` when the
+    /// configuration is read.
+    #[serde(skip)]
+    pub tls: Option<BackendTls>,
 }
 
 impl BackendConfig {
@@ -327,6 +342,7 @@ impl Config {
             source: Box::new(source),
         })?;
         config.resolve_secrets(path.parent())?;
+        config.resolve_tls(path.parent())?;
         config.validate()?;
         Ok(config)
     }
@@ -338,6 +354,7 @@ impl Config {
             source: Box::new(source),
         })?;
         config.resolve_secrets(None)?;
+        config.resolve_tls(None)?;
         config.validate()?;
         Ok(config)
     }
@@ -374,6 +391,20 @@ impl Config {
                 user.password_env.as_deref(),
                 base,
             )?;
+        }
+        Ok(())
+    }
+
+    /// Make each backend's TLS settings from its `sslmode` and
+    /// `sslrootcert` (a relative path is taken from `base`).
+    pub fn resolve_tls(&mut self, base: Option<&Path>) -> Result<(), ConfigError> {
+        for backend in &mut self.backends {
+            let root = backend.sslrootcert.as_ref().map(|file| match base {
+                Some(base) if file.is_relative() => base.join(file),
+                _ => file.clone(),
+            });
+            backend.tls = BackendTls::new(backend.sslmode, root.as_deref(), &backend.host)
+                .map_err(|e| ConfigError::Invalid(format!("backend {}: {e}", backend.name)))?;
         }
         Ok(())
     }

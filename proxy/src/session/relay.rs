@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
+use crate::backend::BackendStream;
 use crate::cluster::ddl_lease;
 use crate::metrics::{ErrorKind, GaugeGuard};
 use crate::node::Node;
@@ -27,7 +27,7 @@ pub(super) async fn relay<CR, CW>(
     node: &Arc<Node>,
     mut client_read: CR,
     mut client_write: CW,
-    backend: TcpStream,
+    backend: BackendStream,
     session: &mut Session,
 ) where
     CR: AsyncRead + Unpin,
@@ -196,7 +196,7 @@ pub(super) async fn backend_accepts(node: &Node, session: &Session) -> bool {
         return false;
     };
     let address = backend.address();
-    let login = session.login(node, &address, &session.params);
+    let login = session.login(node, &address, backend.tls.as_ref(), &session.params);
     match backend::connect(&login, Duration::from_secs(1)).await {
         Ok(mut probe) => {
             let _ = probe.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
@@ -228,7 +228,7 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
     session: &mut Session,
     client: &mut ClientSide,
     client_write: &mut W,
-) -> Option<TcpStream> {
+) -> Option<BackendStream> {
     let from = session.backend_name.clone();
     node.set_backend_down(&from, true);
     let in_block = matches!(state.tx_status.load(Ordering::Relaxed), b'T' | b'E');
@@ -249,7 +249,7 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
             .collect();
         for candidate in candidates {
             let address = candidate.address();
-            let login = session.login(node, &address, &params);
+            let login = session.login(node, &address, candidate.tls.as_ref(), &params);
             let left = deadline.saturating_duration_since(Instant::now());
             match backend::connect(&login, left.min(node.config.backend_connect_timeout())).await {
                 Ok(connection) => break 'found (candidate.name, address, connection),

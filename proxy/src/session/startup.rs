@@ -302,6 +302,7 @@ pub(super) async fn startup(
         let address = candidate.address();
         let login = LoginParams {
             address: &address,
+            tls: candidate.tls.as_ref(),
             user: &user,
             password,
             database: &database,

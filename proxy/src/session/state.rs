@@ -334,10 +334,12 @@ impl Session {
         &'a self,
         node: &'a Node,
         address: &'a str,
+        tls: Option<&'a crate::backend::BackendTls>,
         params: &'a [(String, String)],
     ) -> LoginParams<'a> {
         LoginParams {
             address,
+            tls,
             user: &self.user,
             password: node
                 .config

@@ -441,6 +441,43 @@ pub fn write_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// A certificate authority for tests: its certificate, written to
+/// `dir/ca.crt`, and the server certificates it signs.
+pub struct TestCa {
+    pub path: PathBuf,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.join(format!("{name}.crt"));
+        std::fs::write(&path, cert.pem()).unwrap();
+        TestCa { path, cert, key }
+    }
+
+    /// A server certificate for `names` (host names or addresses), and its
+    /// key, as PEM.
+    pub fn issue(&self, names: &[&str]) -> chorus_proxy::localpg::LocalTls {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        chorus_proxy::localpg::LocalTls {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            required: false,
+        }
+    }
+}
+
 /// `pg_dump --schema-only` of `database` on the server at `port`, with
 /// `extra` options, minus its random per-run lines.
 pub fn schema_dump(port: u16, database: &str, extra: &[&str]) -> String {

@@ -27,9 +27,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::backend::{self, LoginParams};
+use crate::backend::{self, BackendRead, BackendWrite, LoginParams};
 use crate::capture;
 use crate::capture::CaptureError;
 use crate::config::{BackendConfig, ReplicationConfig};
@@ -383,20 +382,20 @@ pub enum WalEvent {
 
 /// A logical replication connection streaming one slot.
 pub struct WalStream {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: BufReader<BackendRead>,
+    writer: BackendWrite,
     buf: BytesMut,
 }
 
 /// The receiving half of a [`WalStream`].
 pub struct WalReader {
-    reader: BufReader<OwnedReadHalf>,
+    reader: BufReader<BackendRead>,
     buf: BytesMut,
 }
 
 /// The sending half of a [`WalStream`]: position reports.
 pub struct WalWriter {
-    writer: OwnedWriteHalf,
+    writer: BackendWrite,
 }
 
 impl WalStream {
@@ -419,6 +418,7 @@ impl WalStream {
         let connection = backend::connect(
             &LoginParams {
                 address: &address,
+                tls: backend.tls.as_ref(),
                 user: &config.user,
                 password: config.password.as_deref(),
                 database: &config.database,

@@ -1,6 +1,7 @@
 //! One server connection: connect to a PostgreSQL backend and log in on a
 //! client's behalf, answering whatever authentication the backend asks for
-//! (trust, cleartext, md5 or SCRAM-SHA-256).
+//! (trust, cleartext, md5 or SCRAM-SHA-256), in the clear or over TLS
+//! (`tls.rs`). The node's own control connections are in `control.rs`.
 
 use std::time::Duration;
 
@@ -11,10 +12,13 @@ use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use tokio_postgres::Client;
-
-use crate::config::{BackendConfig, ReplicationConfig};
 use crate::protocol::{self, read_message, ProtocolError};
+
+mod control;
+mod tls;
+
+pub use control::{connect_backend, connect_backend_with_notices, BackendClients};
+pub use tls::{BackendRead, BackendStream, BackendTls, BackendWrite, SslMode};
 
 /// A control-plane query's error as an operator should read it: the
 /// server's message, SQLSTATE and detail, where tokio-postgres's own text
@@ -62,7 +66,7 @@ pub enum BackendError {
 
 /// A logged-in backend connection, ready for queries.
 pub struct BackendConnection {
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     /// The backend's own cancel key.
     pub pid: i32,
     pub secret: i32,
@@ -74,6 +78,8 @@ pub struct BackendConnection {
 /// What the proxy logs in with.
 pub struct LoginParams<'a> {
     pub address: &'a str,
+    /// TLS to the backend, when its `sslmode` is not `disable`.
+    pub tls: Option<&'a BackendTls>,
     pub user: &'a str,
     pub password: Option<&'a str>,
     pub database: &'a str,
@@ -93,19 +99,18 @@ pub async fn connect(
 }
 
 async fn connect_inner(login: &LoginParams<'_>) -> Result<BackendConnection, BackendError> {
-    let mut stream =
-        TcpStream::connect(login.address)
-            .await
-            .map_err(|source| BackendError::Connect {
-                address: login.address.to_owned(),
-                source,
-            })?;
-    stream
-        .set_nodelay(true)
-        .map_err(|source| BackendError::Connect {
-            address: login.address.to_owned(),
-            source,
-        })?;
+    let connect_error = |source| BackendError::Connect {
+        address: login.address.to_owned(),
+        source,
+    };
+    let tcp = TcpStream::connect(login.address)
+        .await
+        .map_err(connect_error)?;
+    tcp.set_nodelay(true).map_err(connect_error)?;
+    let mut stream = match login.tls {
+        Some(tls) => tls::negotiate(tcp, tls).await.map_err(connect_error)?,
+        None => BackendStream::Plain(tcp),
+    };
 
     let mut out = BytesMut::with_capacity(256);
     let params = [("user", login.user), ("database", login.database)]
@@ -246,104 +251,4 @@ pub async fn send_packet(address: &str, packet: &[u8]) -> std::io::Result<()> {
     let mut stream = TcpStream::connect(address).await?;
     stream.write_all(packet).await?;
     stream.shutdown().await
-}
-
-// Control connections: the node's own connections to backends (as the
-// replication user) for replication, DDL, upkeep and health, through
-// tokio-postgres.
-
-/// Control connections to backends (as the replication user), made on
-/// first use and remade once closed.
-#[derive(Debug, Default)]
-pub struct BackendClients {
-    clients: std::collections::HashMap<String, Client>,
-}
-
-impl BackendClients {
-    /// The connection to `backend`, connecting within `limit` if need be.
-    pub async fn get(
-        &mut self,
-        backend: &BackendConfig,
-        config: &ReplicationConfig,
-        limit: Duration,
-    ) -> Option<&Client> {
-        if self
-            .clients
-            .get(&backend.name)
-            .is_none_or(Client::is_closed)
-        {
-            let client = tokio::time::timeout(limit, connect_backend(backend, config))
-                .await
-                .ok()?
-                .ok()?;
-            self.clients.insert(backend.name.clone(), client);
-        }
-        self.clients.get(&backend.name)
-    }
-
-    /// Drop the connection to a backend (it failed).
-    pub fn forget(&mut self, name: &str) {
-        self.clients.remove(name);
-    }
-}
-
-pub async fn connect_backend(
-    backend: &BackendConfig,
-    config: &ReplicationConfig,
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = backend_config(backend, config)
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-fn backend_config(backend: &BackendConfig, config: &ReplicationConfig) -> tokio_postgres::Config {
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&backend.host)
-        .port(backend.port)
-        .user(&config.user)
-        .dbname(&config.database)
-        .application_name("chorus replication")
-        .connect_timeout(Duration::from_secs(5))
-        // A peer that vanished from the network (no reset) is noticed and
-        // its stream reconnects; a large batch may still take long.
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(10))
-        .keepalives_interval(Duration::from_secs(2))
-        .keepalives_retries(3);
-    if let Some(password) = &config.password {
-        pg.password(password);
-    }
-    pg
-}
-
-/// [`connect_backend`], with the notices the backend sends on the
-/// connection (NOTICE, WARNING, …) delivered in order, ahead of the
-/// answer of the statement that raised them. Notices nobody takes beyond
-/// the channel's room are dropped.
-pub async fn connect_backend_with_notices(
-    backend: &BackendConfig,
-    config: &ReplicationConfig,
-) -> Result<
-    (
-        Client,
-        tokio::sync::mpsc::Receiver<tokio_postgres::error::DbError>,
-    ),
-    tokio_postgres::Error,
-> {
-    let (client, mut connection) = backend_config(backend, config)
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            if let tokio_postgres::AsyncMessage::Notice(notice) = message {
-                let _ = tx.try_send(notice);
-            }
-        }
-    });
-    Ok((client, rx))
 }
