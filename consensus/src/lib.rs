@@ -1,6 +1,6 @@
 //! Chorus cluster consensus: one Raft group (openraft 0.9) among the Chorus
 //! nodes holds the cluster's metadata and the DDL log, persisted on disk
-//! and replicated over authenticated TCP.
+//! and replicated over authenticated TCP, or TLS (tls.rs).
 //!
 //! DML never goes through here: only schema changes and membership do, so
 //! a node cut off from the majority keeps serving reads and writes.
@@ -10,6 +10,7 @@
 
 pub mod network;
 pub mod store;
+mod tls;
 pub mod types;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -27,8 +28,9 @@ use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 
 pub use network::ProposeFailure;
-use network::{Network, Peer, Reply, Rpc, HANDSHAKE_TIMEOUT};
+use network::{Conn, Credentials, Io, Network, Peer, Reply, Rpc, HANDSHAKE_TIMEOUT};
 pub use store::Shared;
+pub use tls::RaftTls;
 use types::TypeConfig;
 pub use types::{
     ClusterState, DdlEntry, DdlLease, DdlProposal, Driver, LeaseHolder, NodeInfo, NodeState,
@@ -45,6 +47,8 @@ pub struct ConsensusConfig {
     pub listen: SocketAddr,
     /// The shared cluster secret every node must know.
     pub secret: String,
+    /// TLS for Raft RPC (every node of the cluster must use it, or none).
+    pub tls: Option<RaftTls>,
     /// Where the log and snapshots are kept.
     pub dir: PathBuf,
     /// The voters a new cluster starts with (id → Raft address); every
@@ -92,7 +96,7 @@ pub struct Consensus {
     raft: Raft<TypeConfig>,
     shared: Arc<Shared>,
     committed: watch::Receiver<u64>,
-    secret: String,
+    credentials: Arc<Credentials>,
     /// Connections used to forward proposals to the leader.
     forwarders: Mutex<HashMap<Nid, Peer>>,
     auth_failures: AtomicU64,
@@ -133,8 +137,12 @@ impl Consensus {
                     source,
                 })?;
         let contacts = network::Contacts::default();
-        let network = Network {
+        let credentials = Arc::new(Credentials {
             secret: config.secret.clone(),
+            tls: config.tls.clone(),
+        });
+        let network = Network {
+            credentials: credentials.clone(),
             me: config.id,
             contacts: contacts.clone(),
         };
@@ -146,7 +154,7 @@ impl Consensus {
             raft,
             shared,
             committed,
-            secret: config.secret.clone(),
+            credentials,
             forwarders: Mutex::new(HashMap::new()),
             auth_failures: AtomicU64::new(0),
             contacts,
@@ -303,7 +311,7 @@ impl Consensus {
                     let mut forwarders = self.forwarders.lock().await;
                     let peer = forwarders
                         .entry(id)
-                        .or_insert_with(|| Peer::new(addr, self.secret.clone(), self.id));
+                        .or_insert_with(|| Peer::new(addr, self.credentials.clone(), self.id));
                     match peer.call(&copy()?, deadline - now).await {
                         Ok(reply) => reply,
                         // (A refusal too: a node with the wrong secret is
@@ -401,6 +409,7 @@ impl Consensus {
 pub async fn admin_request(
     addr: &str,
     secret: &str,
+    tls: Option<&RaftTls>,
     add: Option<(Nid, String)>,
     remove: Option<Nid>,
     timeout: Duration,
@@ -410,7 +419,11 @@ pub async fn admin_request(
         (None, Some(id)) => Rpc::RemoveNode { id },
         _ => return Err("give exactly one change".into()),
     };
-    let mut peer = Peer::new(addr.to_owned(), secret.to_owned(), 0);
+    let credentials = Arc::new(Credentials {
+        secret: secret.to_owned(),
+        tls: tls.cloned(),
+    });
+    let mut peer = Peer::new(addr.to_owned(), credentials, 0);
     match peer.call(&rpc, timeout).await {
         Ok(Reply::Admin(Ok(text))) => Ok(text),
         Ok(Reply::Admin(Err(e))) => Err(e.to_string()),
@@ -452,21 +465,29 @@ async fn serve(listener: TcpListener, consensus: std::sync::Weak<Consensus>) {
 async fn serve_connection(me: &Consensus, stream: TcpStream) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr()?;
-    let mut stream = BufStream::new(stream);
-    let handshake = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        network::handshake_server(&mut stream, &me.secret),
-    )
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let stream: Box<dyn Io> = match &me.credentials.tls {
+            Some(tls) => match tls.accept(stream).await {
+                Ok(stream) => stream,
+                Err(e) => return Err(format!("TLS handshake failed: {e}")),
+            },
+            None => Box::new(stream),
+        };
+        let mut stream: Conn = BufStream::new(stream);
+        network::handshake_server(&mut stream, &me.credentials.secret)
+            .await
+            .map(|_node| stream)
+    })
     .await;
-    match handshake {
-        Ok(Ok(_node)) => {}
+    let mut stream = match handshake {
+        Ok(Ok(stream)) => stream,
         Ok(Err(reason)) => {
             me.auth_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, %reason, "raft connection refused");
             return Ok(());
         }
         Err(_) => return Ok(()),
-    }
+    };
     loop {
         let rpc: Rpc = network::read_frame(&mut stream).await?;
         let reply = match rpc {

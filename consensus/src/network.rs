@@ -1,5 +1,6 @@
-//! Raft RPC between Chorus nodes: length-prefixed JSON frames over TCP,
-//! after a mutual challenge-response on the cluster secret (HMAC-SHA256),
+//! Raft RPC between Chorus nodes: length-prefixed JSON frames over TCP
+//! (or TLS, see tls.rs), after a mutual challenge-response on the cluster
+//! secret (HMAC-SHA256),
 //! so that a process without the secret can neither join nor impersonate
 //! a node. openraft leaves the transport to the application; this one is
 //! small because the traffic is small (heartbeats, DDL, membership).
@@ -20,8 +21,10 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
+
+use crate::tls::RaftTls;
 
 use crate::types::{Request, Response, TypeConfig};
 
@@ -111,23 +114,33 @@ pub enum CallError {
     },
 }
 
+/// A Raft RPC connection's transport: TCP, or TLS over it.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+/// A buffered Raft RPC connection.
+pub(crate) type Conn = BufStream<Box<dyn Io>>;
+
+/// What a node proves itself with: the cluster secret, and its TLS
+/// material when Raft RPC runs over TLS.
+#[derive(Debug)]
+pub(crate) struct Credentials {
+    pub(crate) secret: String,
+    pub(crate) tls: Option<RaftTls>,
+}
+
 fn invalid(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned())
 }
 
-pub(crate) async fn write_frame<T: Serialize>(
-    stream: &mut BufStream<TcpStream>,
-    value: &T,
-) -> std::io::Result<()> {
+pub(crate) async fn write_frame<T: Serialize>(stream: &mut Conn, value: &T) -> std::io::Result<()> {
     let body = serde_json::to_vec(value)?;
     stream.write_all(&(body.len() as u32).to_be_bytes()).await?;
     stream.write_all(&body).await?;
     stream.flush().await
 }
 
-pub(crate) async fn read_frame<T: DeserializeOwned>(
-    stream: &mut BufStream<TcpStream>,
-) -> std::io::Result<T> {
+pub(crate) async fn read_frame<T: DeserializeOwned>(stream: &mut Conn) -> std::io::Result<T> {
     let len = stream.read_u32().await? as usize;
     if len > MAX_FRAME {
         return Err(invalid("frame too large"));
@@ -195,7 +208,7 @@ impl From<std::io::Error> for HandshakeError {
 /// The client side of the handshake. `node` is the caller's node id (0 for
 /// the admin command).
 async fn handshake_client(
-    stream: &mut BufStream<TcpStream>,
+    stream: &mut Conn,
     secret: &str,
     node: Nid,
 ) -> Result<(), HandshakeError> {
@@ -238,10 +251,7 @@ async fn handshake_client(
 }
 
 /// The server side of the handshake; returns the caller's node id.
-pub(crate) async fn handshake_server(
-    stream: &mut BufStream<TcpStream>,
-    secret: &str,
-) -> Result<Nid, String> {
+pub(crate) async fn handshake_server(stream: &mut Conn, secret: &str) -> Result<Nid, String> {
     let hello: Hello = read_frame(stream).await.map_err(|e| e.to_string())?;
     let mine = nonce();
     let proof = prove(
@@ -288,16 +298,16 @@ pub(crate) async fn handshake_server(
 /// A connection to one node, made on first use and remade after a failure.
 pub(crate) struct Peer {
     addr: String,
-    secret: String,
+    credentials: Arc<Credentials>,
     me: Nid,
-    conn: Option<BufStream<TcpStream>>,
+    conn: Option<Conn>,
 }
 
 impl Peer {
-    pub(crate) fn new(addr: String, secret: String, me: Nid) -> Peer {
+    pub(crate) fn new(addr: String, credentials: Arc<Credentials>, me: Nid) -> Peer {
         Peer {
             addr,
-            secret,
+            credentials,
             me,
             conn: None,
         }
@@ -332,8 +342,19 @@ impl Peer {
                         source,
                     })?;
             let _ = stream.set_nodelay(true);
+            let stream: Box<dyn Io> = match &self.credentials.tls {
+                Some(tls) => {
+                    tls.connect(&self.addr, stream)
+                        .await
+                        .map_err(|source| CallError::Io {
+                            addr: self.addr.clone(),
+                            source,
+                        })?
+                }
+                None => Box::new(stream),
+            };
             let mut stream = BufStream::new(stream);
-            handshake_client(&mut stream, &self.secret, self.me)
+            handshake_client(&mut stream, &self.credentials.secret, self.me)
                 .await
                 .map_err(|e| match e {
                     HandshakeError::Refused(reason) => CallError::Refused {
@@ -364,7 +385,7 @@ impl Peer {
 
 /// Makes the connections openraft replicates over.
 pub(crate) struct Network {
-    pub(crate) secret: String,
+    pub(crate) credentials: Arc<Credentials>,
     pub(crate) me: Nid,
     pub(crate) contacts: Contacts,
 }
@@ -379,7 +400,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: Nid, node: &BasicNode) -> PeerClient {
         PeerClient {
             target,
-            peer: Peer::new(node.addr.clone(), self.secret.clone(), self.me),
+            peer: Peer::new(node.addr.clone(), self.credentials.clone(), self.me),
             contacts: self.contacts.clone(),
         }
     }

@@ -25,6 +25,7 @@ fn config(id: u64, dir: &Path, members: &BTreeMap<u64, String>, secret: &str) ->
         election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
         snapshot_every: 4,
         keep_logs: 0,
+        tls: None,
     }
 }
 
@@ -161,6 +162,7 @@ async fn a_node_with_the_wrong_secret_is_refused() {
     let refused = chorus_consensus::admin_request(
         &members[&1],
         "wrong",
+        None,
         Some((2, intruder_addr.clone())),
         None,
         Duration::from_secs(5),
@@ -175,4 +177,100 @@ async fn a_node_with_the_wrong_secret_is_refused() {
     assert!(added.is_err());
     assert!(log_of(&intruder).is_empty());
     assert!(intruder.auth_failures() >= 1);
+}
+
+/// A certificate authority: its certificate in `dir/<name>.crt`, and a
+/// function writing certificates it signs (for 127.0.0.1) with their keys.
+struct Authority {
+    path: std::path::PathBuf,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Authority {
+    fn new(dir: &Path, name: &str) -> Authority {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.join(format!("{name}.crt"));
+        std::fs::write(&path, cert.pem()).unwrap();
+        Authority { path, cert, key }
+    }
+
+    /// TLS material for a node named `node`, signed by this authority.
+    fn tls_for(&self, dir: &Path, node: &str) -> chorus_consensus::RaftTls {
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let (cert_path, key_path) = (
+            dir.join(format!("{node}.crt")),
+            dir.join(format!("{node}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        chorus_consensus::RaftTls::from_pem_files(&cert_path, &key_path, &self.path).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_talk_over_tls_and_refuse_whoever_the_cluster_ca_did_not_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Authority::new(dir.path(), "ca");
+    let mut members: BTreeMap<u64, String> = BTreeMap::new();
+    for id in 1..=3 {
+        members.insert(id, free_addr().to_string());
+    }
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        let mut c = config(id, dir.path(), &members, "s3cret");
+        c.tls = Some(ca.tls_for(dir.path(), &format!("n{id}")));
+        nodes.push(Consensus::start(c).await.unwrap());
+    }
+    // Proposals through every member commit, in one order everywhere.
+    for (i, node) in nodes.iter().enumerate() {
+        node.propose(ddl(&format!("t{i}"), i as u64 + 1), Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    wait_for("every member has the three entries", || {
+        nodes.iter().all(|n| log_of(n).len() == 3)
+    })
+    .await;
+    assert_eq!(log_of(&nodes[0]), log_of(&nodes[2]));
+
+    // Knowing the secret is not enough without TLS, nor with a certificate
+    // from another authority.
+    let other = Authority::new(dir.path(), "other-ca");
+    let foreign = other.tls_for(dir.path(), "intruder");
+    let own = ca.tls_for(dir.path(), "admin");
+    for (tls, what) in [(None, "in the clear"), (Some(&foreign), "another CA")] {
+        let refused = chorus_consensus::admin_request(
+            &members[&1],
+            "s3cret",
+            tls,
+            None,
+            Some(9),
+            Duration::from_secs(5),
+        )
+        .await;
+        let refused = refused.unwrap_err();
+        if tls.is_some() {
+            assert!(refused.contains("certificate"), "{what}: {refused}");
+        }
+    }
+    // (The member counts a refusal once its side of the handshake ends.)
+    wait_for("both refusals counted", || nodes[0].auth_failures() >= 2).await;
+    // With the cluster's CA and the secret, the admin command is heard
+    // (removing a node that is not a member is answered, not refused).
+    let answered = chorus_consensus::admin_request(
+        &members[&1],
+        "s3cret",
+        Some(&own),
+        None,
+        Some(9),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(answered.as_deref(), Ok("node 9 removed"));
 }

@@ -340,6 +340,7 @@ fn main() -> anyhow::Result<()> {
             let answer = runtime.block_on(chorus_consensus::admin_request(
                 &cluster.raft_listen.to_string(),
                 &cluster.secret,
+                cluster.tls.as_ref(),
                 add,
                 remove,
                 std::time::Duration::from_secs(60),

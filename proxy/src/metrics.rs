@@ -32,7 +32,7 @@
 //! | `chorus_raft_leader` | gauge | | id of the Raft leader this node knows (0: none) |
 //! | `chorus_raft_commit_index` | gauge | | committed Raft log index known to this node |
 //! | `chorus_raft_applied_index` | gauge | | Raft log index applied to this node's state machine |
-//! | `chorus_raft_auth_failures_total` | gauge | | Raft connections refused for a wrong cluster secret |
+//! | `chorus_raft_auth_failures_total` | gauge | | Raft connections refused: a wrong cluster secret, or a failed TLS handshake |
 //! | `chorus_sequence_values_total` | counter | `kind` | values handed out by the home backend's global sequences |
 //! | `chorus_galloc_values_left` | gauge | `sequence` | values left in a galloc sequence's current range |
 

@@ -63,14 +63,24 @@ async fn cluster_on(
     node_extra: impl Fn(usize) -> String,
     replication_extra: &str,
 ) -> Cluster {
-    cluster_on_backends(dir, backends, "", node_extra, replication_extra).await
+    cluster_on_backends(
+        dir,
+        backends,
+        "",
+        &|_| String::new(),
+        node_extra,
+        replication_extra,
+    )
+    .await
 }
 
-/// [`cluster_on`], with `backend_extra` settings in every `[[backends]]`.
+/// [`cluster_on`], with `backend_extra` settings in every `[[backends]]`
+/// and `cluster_extra` ones (per node id) in `[cluster]`.
 async fn cluster_on_backends(
     dir: tempfile::TempDir,
     backends: Vec<chorus_proxy::localpg::LocalPostgres>,
     backend_extra: &str,
+    cluster_extra: &dyn Fn(usize) -> String,
     node_extra: impl Fn(usize) -> String,
     replication_extra: &str,
 ) -> Cluster {
@@ -100,6 +110,7 @@ async fn cluster_on_backends(
              [replication]\npoll_interval_ms = 20\n{replication_extra}\n{}",
             node_extra(i),
             common::cluster_toml(dir.path(), i, &raft_ports, "test-secret")
+                .replacen("[cluster]\n", &format!("[cluster]\n{}\n", cluster_extra(i)), 1)
         ))
         .unwrap();
         let node = Node::new(config).unwrap();
@@ -579,7 +590,8 @@ async fn replicated_ddl_cannot_gain_privileges_on_the_peers() {
 
 /// Backends that refuse TCP logins without TLS: with `sslmode =
 /// "verify-full"`, sessions, replication streams, DDL and control
-/// connections all run over TLS, and the cluster replicates as usual.
+/// connections all run over TLS, and the cluster replicates as usual,
+/// its nodes' Raft RPC over TLS too.
 #[tokio::test(flavor = "multi_thread")]
 async fn backends_that_take_only_tls_logins_replicate_over_tls() {
     use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
@@ -621,7 +633,30 @@ async fn backends_that_take_only_tls_logins_replicate_over_tls() {
         "sslmode = \"verify-full\"\nsslrootcert = \"{}\"",
         ca.path.display()
     );
-    let c = cluster_on_backends(dir, backends, &backend_extra, |_| String::new(), "").await;
+    // Each node's Raft certificate, from the same CA.
+    for i in 1..=3 {
+        let issued = ca.issue(&["127.0.0.1"]);
+        std::fs::write(dir.path().join(format!("node{i}.crt")), issued.cert_pem).unwrap();
+        std::fs::write(dir.path().join(format!("node{i}.key")), issued.key_pem).unwrap();
+    }
+    let base = dir.path().to_owned();
+    let ca_path = ca.path.clone();
+    let raft_tls = move |i: usize| {
+        format!(
+            "tls_cert = \"{0}/node{i}.crt\"\ntls_key = \"{0}/node{i}.key\"\ntls_ca = \"{1}\"",
+            base.display(),
+            ca_path.display()
+        )
+    };
+    let c = cluster_on_backends(
+        dir,
+        backends,
+        &backend_extra,
+        &raft_tls,
+        |_| String::new(),
+        "",
+    )
+    .await;
 
     // DDL through node 1, writes through every node, over both protocols.
     c.create_table(
@@ -663,6 +698,25 @@ async fn backends_that_take_only_tls_logins_replicate_over_tls() {
         expected,
     )
     .await;
+    // Raft RPC takes TLS only: the admin command with the secret but
+    // without the certificate is refused, with it heard.
+    let cluster = c.node_handles[0].config.cluster.clone().unwrap();
+    let raft = cluster.raft_listen.to_string();
+    let remove = |tls| {
+        chorus_consensus::admin_request(
+            &raft,
+            "test-secret",
+            tls,
+            None,
+            Some(9),
+            Duration::from_secs(10),
+        )
+    };
+    assert!(remove(None).await.is_err());
+    assert_eq!(
+        remove(cluster.tls.as_ref()).await.as_deref(),
+        Ok("node 9 removed")
+    );
     // Every backend serves its two peers' streams (walsenders) and control
     // connections, all over TLS; no TCP connection is in the clear.
     for b in 1..=3 {

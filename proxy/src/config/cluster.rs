@@ -22,6 +22,20 @@ pub struct ClusterConfig {
     pub secret_file: Option<PathBuf>,
     #[serde(default)]
     pub secret_env: Option<String>,
+    /// TLS for Raft RPC: this node's certificate and key, and the CA
+    /// certificates every node's certificate leads to (PEM files; all
+    /// three or none, and every node of the cluster alike). Each node
+    /// checks that the other's certificate comes from that CA, and a
+    /// connecting node that it names the host of the address it dialled.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// The TLS material loaded from those files.
+    #[serde(skip)]
+    pub tls: Option<chorus_consensus::RaftTls>,
     /// Where the Raft log and snapshots are kept.
     pub data_dir: PathBuf,
     /// The voters a new cluster starts with, the same list on every node.
@@ -153,6 +167,7 @@ impl ClusterConfig {
             id: u64::from(id),
             listen: self.raft_listen,
             secret: self.secret.clone(),
+            tls: self.tls.clone(),
             dir: self.data_dir.clone(),
             members: self
                 .members

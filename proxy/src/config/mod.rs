@@ -396,13 +396,34 @@ impl Config {
     }
 
     /// Make each backend's TLS settings from its `sslmode` and
-    /// `sslrootcert` (a relative path is taken from `base`).
+    /// `sslrootcert`, and load Raft RPC's TLS material (a relative path is
+    /// taken from `base`).
     pub fn resolve_tls(&mut self, base: Option<&Path>) -> Result<(), ConfigError> {
+        let within = |file: &PathBuf| match base {
+            Some(base) if file.is_relative() => base.join(file),
+            _ => file.clone(),
+        };
+        if let Some(cluster) = &mut self.cluster {
+            match (&cluster.tls_cert, &cluster.tls_key, &cluster.tls_ca) {
+                (None, None, None) => {}
+                (Some(cert), Some(key), Some(ca)) => {
+                    let tls = chorus_consensus::RaftTls::from_pem_files(
+                        &within(cert),
+                        &within(key),
+                        &within(ca),
+                    )
+                    .map_err(|e| ConfigError::Invalid(format!("cluster TLS: {e}")))?;
+                    cluster.tls = Some(tls);
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "cluster: give tls_cert, tls_key and tls_ca together, or none".into(),
+                    ))
+                }
+            }
+        }
         for backend in &mut self.backends {
-            let root = backend.sslrootcert.as_ref().map(|file| match base {
-                Some(base) if file.is_relative() => base.join(file),
-                _ => file.clone(),
-            });
+            let root = backend.sslrootcert.as_ref().map(within);
             backend.tls = BackendTls::new(backend.sslmode, root.as_deref(), &backend.host)
                 .map_err(|e| ConfigError::Invalid(format!("backend {}: {e}", backend.name)))?;
         }
