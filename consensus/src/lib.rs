@@ -205,7 +205,7 @@ impl Consensus {
         *self.committed.borrow()
     }
 
-    /// Connections refused for a wrong cluster secret.
+    /// Connections refused: a wrong cluster secret, or a failed TLS handshake.
     pub fn auth_failures(&self) -> u64 {
         self.auth_failures.load(Ordering::Relaxed)
     }
