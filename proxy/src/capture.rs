@@ -155,8 +155,39 @@ pub async fn install(client: &Client, node_id: u16) -> Result<(), CaptureError> 
     .await;
     if upgraded.is_err() {
         let _ = client.batch_execute("ROLLBACK").await;
+        return upgraded;
     }
-    upgraded
+    give_tables_to_owner(client).await
+}
+
+/// Give the chorus schema's tables to `chorus_owner` (see privileges.sql),
+/// one per transaction: a table's change of owner locks it, and taking
+/// those locks together under load deadlocks with capture. A table whose
+/// lock does not come within the timeout fails the install, which is
+/// retried.
+async fn give_tables_to_owner(client: &Client) -> Result<(), CaptureError> {
+    let tables: Vec<String> = client
+        .query("SELECT t::text FROM chorus.tables_to_own() t", &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for table in tables {
+        let moved = client
+            .batch_execute(&format!(
+                "BEGIN;\n\
+                 SET LOCAL chorus.ddl_scope = 'local';\n\
+                 SET LOCAL lock_timeout = '2s';\n\
+                 ALTER TABLE {table} OWNER TO chorus_owner;\n\
+                 COMMIT;"
+            ))
+            .await;
+        if let Err(e) = moved {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
 
 /// Adopts a table (`$1`, keyless flag `$2`); returns its qualified

@@ -241,6 +241,86 @@ async fn tables_without_a_primary_key_are_adopted_keyless_or_not_at_all() {
     assert_eq!(json(&captured[0].old)["what"], "started");
 }
 
+/// Objects of Chorus's on a backend that `chorus_owner` does not own.
+async fn not_owned(client: &Client) -> Vec<String> {
+    client
+        .query(
+            "WITH o AS (SELECT oid FROM pg_roles WHERE rolname = 'chorus_owner') \
+             SELECT 'schema' FROM pg_namespace WHERE nspname = 'chorus' AND nspowner <> (SELECT oid FROM o) \
+             UNION ALL SELECT c.oid::regclass::text FROM pg_class c \
+                 WHERE c.relnamespace = 'chorus'::regnamespace AND c.relowner <> (SELECT oid FROM o) \
+                   AND c.relkind NOT IN ('i', 'I', 'c', 't') \
+             UNION ALL SELECT p.oid::regprocedure::text FROM pg_proc p \
+                 WHERE p.pronamespace = 'chorus'::regnamespace AND p.proowner <> (SELECT oid FROM o) \
+             UNION ALL SELECT evtname FROM pg_event_trigger \
+                 WHERE evtname LIKE 'chorus%' AND evtowner <> (SELECT oid FROM o) \
+             UNION ALL SELECT pubname FROM pg_publication \
+                 WHERE pubname = 'chorus' AND pubowner <> (SELECT oid FROM o)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chorus_objects_belong_to_a_role_nobody_logs_in_as() {
+    let b = backend(1).await;
+    assert_eq!(not_owned(&b.client).await, Vec::<String>::new());
+    let (login, superuser): (bool, bool) = {
+        let row = b
+            .client
+            .query_one(
+                "SELECT rolcanlogin, rolsuper FROM pg_roles WHERE rolname = 'chorus_owner'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(!login && superuser);
+    let definers: i64 = b
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'chorus'::regnamespace AND prosecdef",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(definers >= 3, "{definers} SECURITY DEFINER functions");
+    // Installed again by another superuser: still chorus_owner's, and
+    // capture still works.
+    b.client
+        .batch_execute("CREATE ROLE other_admin LOGIN SUPERUSER")
+        .await
+        .unwrap();
+    let other = common::connect(&format!(
+        "host=127.0.0.1 port={} user=other_admin dbname=postgres",
+        b.pg.port()
+    ))
+    .await
+    .unwrap();
+    capture::install(&other, 1).await.unwrap();
+    other
+        .batch_execute("CREATE TABLE after_reinstall (id int PRIMARY KEY); SELECT chorus.adopt('after_reinstall'::regclass, false)")
+        .await
+        .unwrap();
+    assert_eq!(not_owned(&b.client).await, Vec::<String>::new());
+    let before = changes(&b.client).await.len();
+    other
+        .batch_execute("INSERT INTO after_reinstall VALUES (1); INSERT INTO users (id) VALUES (7)")
+        .await
+        .unwrap();
+    assert_eq!(
+        changes(&b.client).await.len(),
+        2,
+        "changes before: {before}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn install_is_idempotent_and_safe_concurrently() {
     let b = backend(1).await;
