@@ -47,6 +47,9 @@ pub struct ConsensusConfig {
     pub listen: SocketAddr,
     /// The shared cluster secret every node must know.
     pub secret: String,
+    /// Other secrets accepted from other nodes, never used to prove this
+    /// one: while the cluster secret is rotated (see docs/security.md).
+    pub also_accepted: Vec<String>,
     /// TLS for Raft RPC (every node of the cluster must use it, or none).
     pub tls: Option<RaftTls>,
     /// Where the log and snapshots are kept.
@@ -139,6 +142,7 @@ impl Consensus {
         let contacts = network::Contacts::default();
         let credentials = Arc::new(Credentials {
             secret: config.secret.clone(),
+            also_accepted: config.also_accepted.clone(),
             tls: config.tls.clone(),
         });
         let network = Network {
@@ -421,6 +425,7 @@ pub async fn admin_request(
     };
     let credentials = Arc::new(Credentials {
         secret: secret.to_owned(),
+        also_accepted: Vec::new(),
         tls: tls.cloned(),
     });
     let mut peer = Peer::new(addr.to_owned(), credentials, 0);
@@ -474,7 +479,7 @@ async fn serve_connection(me: &Consensus, stream: TcpStream) -> std::io::Result<
             None => Box::new(stream),
         };
         let mut stream: Conn = BufStream::new(stream);
-        network::handshake_server(&mut stream, &me.credentials.secret)
+        network::handshake_server(&mut stream, &me.credentials)
             .await
             .map(|_node| stream)
     })

@@ -125,8 +125,21 @@ pub(crate) type Conn = BufStream<Box<dyn Io>>;
 /// material when Raft RPC runs over TLS.
 #[derive(Debug)]
 pub(crate) struct Credentials {
+    /// The secret this node proves itself with.
     pub(crate) secret: String,
+    /// Other secrets it accepts from the other side (while the cluster
+    /// secret is rotated), never proves itself with.
+    pub(crate) also_accepted: Vec<String>,
     pub(crate) tls: Option<RaftTls>,
+}
+
+impl Credentials {
+    /// Whether `proof` proves one of the accepted secrets.
+    fn accepts(&self, parts: &[&[u8]], proof: &str) -> bool {
+        std::iter::once(&self.secret)
+            .chain(&self.also_accepted)
+            .any(|secret| verify(secret, parts, proof))
+    }
 }
 
 fn invalid(what: &str) -> std::io::Error {
@@ -209,9 +222,10 @@ impl From<std::io::Error> for HandshakeError {
 /// the admin command).
 async fn handshake_client(
     stream: &mut Conn,
-    secret: &str,
+    credentials: &Credentials,
     node: Nid,
 ) -> Result<(), HandshakeError> {
+    let secret = credentials.secret.as_str();
     let mine = nonce();
     write_frame(
         stream,
@@ -238,8 +252,7 @@ async fn handshake_client(
     if let Verdict::Refused(reason) = verdict {
         return Err(HandshakeError::Refused(reason));
     }
-    if !verify(
-        secret,
+    if !credentials.accepts(
         &[b"server", mine.as_bytes(), challenge.nonce.as_bytes()],
         &challenge.proof,
     ) {
@@ -251,7 +264,11 @@ async fn handshake_client(
 }
 
 /// The server side of the handshake; returns the caller's node id.
-pub(crate) async fn handshake_server(stream: &mut Conn, secret: &str) -> Result<Nid, String> {
+pub(crate) async fn handshake_server(
+    stream: &mut Conn,
+    credentials: &Credentials,
+) -> Result<Nid, String> {
+    let secret = credentials.secret.as_str();
     let hello: Hello = read_frame(stream).await.map_err(|e| e.to_string())?;
     let mine = nonce();
     let proof = prove(
@@ -268,8 +285,7 @@ pub(crate) async fn handshake_server(stream: &mut Conn, secret: &str) -> Result<
     .await
     .map_err(|e| e.to_string())?;
     let answer: Proof = read_frame(stream).await.map_err(|e| e.to_string())?;
-    if verify(
-        secret,
+    if credentials.accepts(
         &[
             b"client",
             mine.as_bytes(),
@@ -354,7 +370,7 @@ impl Peer {
                 None => Box::new(stream),
             };
             let mut stream = BufStream::new(stream);
-            handshake_client(&mut stream, &self.credentials.secret, self.me)
+            handshake_client(&mut stream, &self.credentials, self.me)
                 .await
                 .map_err(|e| match e {
                     HandshakeError::Refused(reason) => CallError::Refused {

@@ -25,6 +25,7 @@ fn config(id: u64, dir: &Path, members: &BTreeMap<u64, String>, secret: &str) ->
         election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
         snapshot_every: 4,
         keep_logs: 0,
+        also_accepted: Vec::new(),
         tls: None,
     }
 }
@@ -273,4 +274,49 @@ async fn members_talk_over_tls_and_refuse_whoever_the_cluster_ca_did_not_sign() 
     )
     .await;
     assert_eq!(answered.as_deref(), Ok("node 9 removed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secret_rotates_while_members_accept_the_old_and_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut members: BTreeMap<u64, String> = BTreeMap::new();
+    for id in 1..=3 {
+        members.insert(id, free_addr().to_string());
+    }
+    // Mid-rotation: node 2 proves itself with the new secret already,
+    // nodes 1 and 3 still with the old; each accepts the other one.
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        let (proves, accepts) = if id == 2 {
+            ("new", "old")
+        } else {
+            ("old", "new")
+        };
+        let mut c = config(id, dir.path(), &members, proves);
+        c.also_accepted = vec![accepts.to_owned()];
+        nodes.push(Consensus::start(c).await.unwrap());
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        node.propose(ddl(&format!("r{i}"), i as u64 + 1), Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    wait_for("every member has the three entries", || {
+        nodes.iter().all(|n| log_of(n).len() == 3)
+    })
+    .await;
+    assert_eq!(log_of(&nodes[0]), log_of(&nodes[1]));
+    assert!(nodes.iter().all(|n| n.auth_failures() == 0));
+    // A third secret is still refused.
+    let refused = chorus_consensus::admin_request(
+        &members[&1],
+        "other",
+        None,
+        None,
+        Some(9),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("secret"), "{refused}");
 }

@@ -22,6 +22,16 @@ pub struct ClusterConfig {
     pub secret_file: Option<PathBuf>,
     #[serde(default)]
     pub secret_env: Option<String>,
+    /// Another secret this node accepts from other nodes, but never proves
+    /// itself with: for rotating the secret without a pause (see
+    /// docs/security.md). Also from `accept_secret_file` or
+    /// `accept_secret_env`.
+    #[serde(default)]
+    pub accept_secret: Option<String>,
+    #[serde(default)]
+    pub accept_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub accept_secret_env: Option<String>,
     /// TLS for Raft RPC: this node's certificate and key, and the CA
     /// certificates every node's certificate leads to (PEM files; all
     /// three or none, and every node of the cluster alike). Each node
@@ -167,6 +177,7 @@ impl ClusterConfig {
             id: u64::from(id),
             listen: self.raft_listen,
             secret: self.secret.clone(),
+            also_accepted: self.accept_secret.iter().cloned().collect(),
             tls: self.tls.clone(),
             dir: self.data_dir.clone(),
             members: self

@@ -373,6 +373,13 @@ impl Config {
                 base,
             )?;
             cluster.secret = secret.unwrap_or_default();
+            resolve_secret(
+                "cluster.accept_secret",
+                &mut cluster.accept_secret,
+                cluster.accept_secret_file.as_deref(),
+                cluster.accept_secret_env.as_deref(),
+                base,
+            )?;
         }
         if let Some(replication) = &mut self.replication {
             resolve_secret(
