@@ -57,6 +57,10 @@ pub enum Request {
         holder: LeaseHolder,
         now_ms: u64,
         ttl_ms: u64,
+        /// The database the holder's DDL runs in (`None` from a node that
+        /// did not say: the replicated database of old).
+        #[serde(default)]
+        database: Option<String>,
     },
     /// Give the lease back; `committed` says whether its DDL committed
     /// (then later DDL is ordered after it).
@@ -119,6 +123,12 @@ pub struct DdlProposal {
     /// `None` from a node that did not send them.
     #[serde(default)]
     pub settings: Option<String>,
+    /// The database the DDL is applied in; `None` for cluster-wide objects
+    /// (roles, databases, tablespaces), which are applied in
+    /// `replication.database`, as every entry was before databases were
+    /// named.
+    #[serde(default)]
+    pub database: Option<String>,
 }
 
 /// A DDL statement in the cluster's DDL log.
@@ -303,7 +313,8 @@ impl ClusterState {
                 holder,
                 now_ms,
                 ttl_ms,
-            } => self.lease(*holder, *now_ms, *ttl_ms),
+                database,
+            } => self.lease(*holder, *now_ms, *ttl_ms, database.clone()),
             Request::DdlRelease {
                 holder,
                 seq,
@@ -323,7 +334,13 @@ impl ClusterState {
         }
     }
 
-    fn lease(&mut self, holder: LeaseHolder, now_ms: u64, ttl_ms: u64) -> Response {
+    fn lease(
+        &mut self,
+        holder: LeaseHolder,
+        now_ms: u64,
+        ttl_ms: u64,
+        database: Option<String>,
+    ) -> Response {
         let expires_ms = now_ms.saturating_add(ttl_ms);
         let mut unknown = None;
         match &mut self.ddl_lease {
@@ -357,6 +374,7 @@ impl ClusterState {
                 galloc_block: None,
                 in_stream: true,
                 settings: None,
+                database,
             },
             after: self.ddl_last,
         });
@@ -411,6 +429,7 @@ mod tests {
             galloc_block: None,
             in_stream: false,
             settings: None,
+            database: None,
         }
     }
 
@@ -430,6 +449,7 @@ mod tests {
                 holder,
                 now_ms,
                 ttl_ms: 1000,
+                database: None,
             })
         };
         state.apply(&Request::Ddl(proposal("x")));

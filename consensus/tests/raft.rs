@@ -42,6 +42,7 @@ fn ddl(id: &str, origin: u64) -> Request {
         galloc_block: None,
         in_stream: false,
         settings: None,
+        database: None,
     })
 }
 

@@ -24,55 +24,127 @@ use chorus_consensus::{Consensus, DdlEntry, DdlProposal, ProposeError, Request, 
 use tokio_postgres::Client;
 
 use crate::cluster::ddl_progress::{Outcome, PgError, INDEX_SQL};
+use crate::cluster::lane::Lane;
 use crate::cluster::replication::ReplicationError;
 use crate::config::{BackendConfig, CommitScope};
 use crate::node::Node;
 use crate::protocol;
 
-/// Apply the committed DDL log to the home backend, in order, for as long
-/// as the node runs.
+/// Apply the committed DDL log to the home backend, in order, in every
+/// replicated database, for as long as the node runs.
 pub async fn run_applier(node: Arc<Node>, consensus: Arc<Consensus>) {
     let home = node.config.home_backend().clone();
     let me = u64::from(node.config.node.id);
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in node.lanes() {
+        lanes.spawn(run_foreign_applier(
+            node.clone(),
+            consensus.clone(),
+            lane.clone(),
+            home.clone(),
+            me,
+        ));
+    }
+    while lanes.join_next().await.is_some() {}
+}
+
+/// Apply the committed DDL log in one database (`lane`) to `backend`, the
+/// home backend of node `owner` (this node's own, or one whose duties were
+/// handed to this node); until aborted. (The owner's own applier may run
+/// too: appliers of one backend take turns and apply each entry once, see
+/// `apply_entry`.)
+pub async fn run_foreign_applier(
+    node: Arc<Node>,
+    consensus: Arc<Consensus>,
+    lane: Arc<Lane>,
+    backend: BackendConfig,
+    owner: u64,
+) {
     loop {
-        if let Err(e) = apply_log(&node, &consensus, &home, me).await {
-            tracing::warn!(error = %e, "DDL apply failed; retrying");
+        if let Err(e) = apply_log(&node, &consensus, &lane, &backend, owner).await {
+            tracing::warn!(backend = %backend.name, database = lane.database(), error = %e, "DDL apply failed; retrying");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
-/// Apply the committed DDL log to `backend`, the home backend of node
-/// `owner`, whose duties were handed to this node; until aborted. (The
-/// owner's own applier may run too: appliers of one backend take turns
-/// and apply each entry once, see `apply_entry`.)
-pub async fn run_foreign_applier(
-    node: Arc<Node>,
-    consensus: Arc<Consensus>,
-    backend: BackendConfig,
-    owner: u64,
-) {
-    loop {
-        if let Err(e) = apply_log(&node, &consensus, &backend, owner).await {
-            tracing::warn!(backend = %backend.name, error = %e, "DDL apply failed; retrying");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+/// What an entry of the DDL log is to one database's applier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntryRole {
+    /// A statement of this database (or, in the main one, a cluster-wide
+    /// one): applied here.
+    Apply,
+    /// DDL of this database that travels in its transaction's change
+    /// stream: the stream records it.
+    Streamed,
+    /// Another database's DDL: a marker is recorded here, in its place,
+    /// so that this database's DDL index counts every entry (later entries
+    /// name the last committed one, of whichever database, as the one they
+    /// come after).
+    Marker,
+    /// A cluster-wide statement, seen from a database other than the main
+    /// one: its marker waits until the main database has applied it, so
+    /// that this database's later DDL finds the role (or tablespace) it
+    /// made.
+    GlobalMarker,
+}
+
+fn entry_role(lane: &Lane, entry: &DdlEntry) -> EntryRole {
+    let mine = match &entry.proposal.database {
+        Some(database) => database == lane.database(),
+        None => lane.main,
+    };
+    match (mine, entry.proposal.in_stream) {
+        (true, true) => EntryRole::Streamed,
+        (true, false) => EntryRole::Apply,
+        (false, false) if entry.proposal.database.is_none() => EntryRole::GlobalMarker,
+        (false, _) => EntryRole::Marker,
     }
+}
+
+/// The DDL index of a database on a backend (see `INDEX_SQL`).
+async fn index_of(client: &Client) -> Result<u64, tokio_postgres::Error> {
+    let index = client.query_one(INDEX_SQL, &[]).await?.get::<_, i64>(0);
+    Ok(u64::try_from(index).unwrap_or(0))
+}
+
+/// Wait until `client`'s database has the DDL up to `after`.
+async fn wait_index(
+    client: &Client,
+    after: u64,
+    backend: &str,
+    database: &str,
+    seq: u64,
+) -> Result<(), tokio_postgres::Error> {
+    let mut waited = 0u32;
+    while index_of(client).await? < after {
+        waited += 1;
+        if waited % 1000 == 0 {
+            tracing::warn!(
+                backend,
+                database,
+                seq,
+                after,
+                "DDL waits for earlier DDL to reach this backend"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
 }
 
 async fn apply_log(
     node: &Node,
     consensus: &Consensus,
+    lane: &Lane,
     backend: &BackendConfig,
     owner: u64,
 ) -> Result<(), ReplicationError> {
-    let Some(config) = &node.config.replication else {
-        return Ok(());
-    };
+    let config = &lane.config;
     let home = owner == u64::from(node.config.node.id);
     if home {
         // The chorus schema (with chorus.ddl_history) comes first.
-        while !node.wait_schema_ready(Duration::from_secs(1)).await {}
+        while !lane.wait_schema_ready(Duration::from_secs(1)).await {}
     }
     // On the home backend, the notices of the entries that came through
     // this node go to their sessions.
@@ -86,12 +158,22 @@ async fn apply_log(
             None,
         )
     };
-    let mut applied =
-        u64::try_from(client.query_one(INDEX_SQL, &[]).await?.get::<_, i64>(0)).unwrap_or(0);
+    // The other databases of this backend, connected when needed: the main
+    // lane waits for them before a cluster-wide statement, another lane for
+    // the main one after it.
+    let mut others: Vec<(Arc<Lane>, Option<Client>)> = node
+        .lanes()
+        .iter()
+        .filter(|l| l.database() != lane.database())
+        .map(|l| (l.clone(), None))
+        .collect();
+    let mut applied = index_of(&client).await?;
     if home {
-        node.ddl.set_applied(applied);
+        lane.ddl.set_applied(applied);
     }
-    node.metrics.ddl_applied(&backend.name, applied);
+    if lane.main {
+        node.metrics.ddl_applied(&backend.name, applied);
+    }
     let mut committed = consensus.state().ddl_seq();
     loop {
         let entries: Vec<DdlEntry> = consensus.state().read(|s| {
@@ -116,50 +198,166 @@ async fn apply_log(
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         for entry in entries {
-            // A lease's number: its DDL travels in its transaction's change
-            // stream (see cluster::ddl_lease).
-            if entry.proposal.in_stream {
-                applied = entry.seq;
-                node.metrics.ddl_applied(&backend.name, applied);
-                continue;
+            let role = entry_role(lane, &entry);
+            // Its DDL travels in its transaction's change stream (see
+            // cluster::ddl_lease). Anything else waits until this backend
+            // has the committed DDL before it (which may have come through
+            // a change stream).
+            if role != EntryRole::Streamed {
+                wait_index(
+                    &client,
+                    entry.after,
+                    &backend.name,
+                    lane.database(),
+                    entry.seq,
+                )
+                .await?;
             }
-            // Applied only once this backend has the committed DDL before
-            // it (which may have come through a change stream).
-            let mut waited = 0u32;
-            loop {
-                let index = client.query_one(INDEX_SQL, &[]).await?.get::<_, i64>(0);
-                if u64::try_from(index).unwrap_or(0) >= entry.after {
-                    break;
+            match role {
+                EntryRole::Streamed => {}
+                EntryRole::Apply => {
+                    if lane.main && entry.proposal.database.is_none() {
+                        // A cluster-wide statement also waits for every
+                        // other database's DDL before it (a role is dropped
+                        // only after the REVOKE that came first).
+                        for (other, slot) in &mut others {
+                            let c = other_client(slot, backend, other).await?;
+                            wait_index(c, entry.after, &backend.name, other.database(), entry.seq)
+                                .await?;
+                        }
+                    }
+                    let here = Applying {
+                        lane,
+                        client: &client,
+                        backend,
+                        owner,
+                        sequence_id,
+                    };
+                    here.apply(&entry, notices.as_mut()).await?;
                 }
-                waited += 1;
-                if waited % 1000 == 0 {
-                    tracing::warn!(backend = %backend.name, seq = entry.seq, after = entry.after, "DDL waits for earlier DDL to reach this backend");
+                EntryRole::GlobalMarker => {
+                    if let Some((main, slot)) = others.iter_mut().find(|(l, _)| l.main) {
+                        let c = other_client(slot, backend, main).await?;
+                        wait_for_entry(c, &entry, &backend.name, lane.database()).await?;
+                    }
+                    record_marker(&client, &entry).await?;
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            if let Some(notices) = notices.as_mut() {
-                while notices.try_recv().is_ok() {}
-            }
-            let failure = apply_entry(&client, &entry, sequence_id).await?;
-            if let Some(e) = &failure {
-                tracing::warn!(backend = %backend.name, seq = entry.seq, code = %e.code, error = %e.message, "replicated DDL failed here");
-            }
-            if let Some(notices) = notices.as_mut().filter(|_| entry.proposal.origin == owner) {
-                let mut outcome = Outcome {
-                    failure,
-                    notices: BytesMut::new(),
-                };
-                while let Ok(notice) = notices.try_recv() {
-                    protocol::relay_notice(&mut outcome.notices, &notice);
-                }
-                node.ddl.record(entry.seq, outcome);
+                EntryRole::Marker => record_marker(&client, &entry).await?,
             }
             applied = entry.seq;
             if home {
-                node.ddl.set_applied(applied);
+                lane.ddl.set_applied(applied);
             }
-            node.metrics.ddl_applied(&backend.name, applied);
+            if lane.main {
+                node.metrics.ddl_applied(&backend.name, applied);
+            }
         }
+    }
+}
+
+/// The connection to another database of `backend`, made on first use.
+async fn other_client<'a>(
+    slot: &'a mut Option<Client>,
+    backend: &BackendConfig,
+    lane: &Lane,
+) -> Result<&'a Client, ReplicationError> {
+    if slot.as_ref().is_none_or(Client::is_closed) {
+        *slot = Some(crate::backend::connect_backend(backend, &lane.config).await?);
+    }
+    match slot.as_ref() {
+        Some(client) => Ok(client),
+        None => Err(ReplicationError::Decoding("no connection".into())),
+    }
+}
+
+/// Wait until `client`'s database has recorded `entry`.
+async fn wait_for_entry(
+    client: &Client,
+    entry: &DdlEntry,
+    backend: &str,
+    database: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let seq = i64::try_from(entry.seq).unwrap_or(i64::MAX);
+    let mut waited = 0u32;
+    loop {
+        let has: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM chorus.ddl_history WHERE seq = $1)",
+                &[&seq],
+            )
+            .await?
+            .get(0);
+        if has {
+            return Ok(());
+        }
+        waited += 1;
+        if waited % 1000 == 0 {
+            tracing::warn!(
+                backend,
+                database,
+                seq = entry.seq,
+                "DDL waits for a cluster-wide statement to be applied in the main database"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Record another database's entry in this database's history (see
+/// `EntryRole::Marker`).
+async fn record_marker(client: &Client, entry: &DdlEntry) -> Result<(), tokio_postgres::Error> {
+    let seq = i64::try_from(entry.seq).unwrap_or(i64::MAX);
+    let origin = i32::try_from(entry.proposal.origin).unwrap_or(0);
+    let command = match entry.proposal.database.as_deref() {
+        None => "-- cluster-wide DDL, applied in the main database".to_owned(),
+        Some(database) => format!("-- DDL of database {}", quote_ident(database)),
+    };
+    client
+        .execute(
+            "INSERT INTO chorus.ddl_history (seq, origin, search_path, role, command) \
+             VALUES ($1, $2, '', '', $3) ON CONFLICT (seq) DO NOTHING",
+            &[&seq, &origin, &command],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Where an applier applies this database's entries.
+struct Applying<'a> {
+    lane: &'a Lane,
+    client: &'a Client,
+    backend: &'a BackendConfig,
+    owner: u64,
+    sequence_id: u16,
+}
+
+impl Applying<'_> {
+    /// Apply an entry of this database here, and hand its outcome to the
+    /// session that sent it through this node.
+    async fn apply(
+        &self,
+        entry: &DdlEntry,
+        notices: Option<&mut tokio::sync::mpsc::Receiver<crate::backend::Notice>>,
+    ) -> Result<(), ReplicationError> {
+        let mut notices = notices;
+        if let Some(notices) = notices.as_mut() {
+            while notices.try_recv().is_ok() {}
+        }
+        let failure = apply_entry(self.client, entry, self.sequence_id).await?;
+        if let Some(e) = &failure {
+            tracing::warn!(backend = %self.backend.name, database = self.lane.database(), seq = entry.seq, code = %e.code, error = %e.message, "replicated DDL failed here");
+        }
+        if let Some(notices) = notices.filter(|_| entry.proposal.origin == self.owner) {
+            let mut outcome = Outcome {
+                failure,
+                notices: BytesMut::new(),
+            };
+            while let Ok(notice) = notices.try_recv() {
+                protocol::relay_notice(&mut outcome.notices, &notice);
+            }
+            self.lane.ddl.record(entry.seq, outcome);
+        }
+        Ok(())
     }
 }
 
@@ -503,12 +701,14 @@ fn command_tag(sql: &str) -> String {
 
 /// Finish a validated DDL query: propose it, wait for its application, and
 /// put the client's answer (ending with ReadyForQuery) in `out`.
-pub async fn finish(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut) {
-    answer(node, job, scope, out).await;
+pub async fn finish(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, out: &mut BytesMut) {
+    answer(node, lane, job, scope, out).await;
     protocol::ready_for_query(out, b'I');
 }
 
-async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut) {
+/// `lane`: the session's database (the main one for a session in a local
+/// database, whose statements here are all cluster-wide).
+async fn answer(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, out: &mut BytesMut) {
     let transactional = match job.failed.as_deref() {
         None => true,
         // Cannot run inside a transaction block: not validated; applied on
@@ -558,6 +758,13 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         );
         return;
     }
+    // Cluster-wide objects are applied in the main database; the rest of
+    // the log's statements in the session's.
+    let cluster_wide = chorus_router::cluster_wide(&job.sql);
+    let applier = match node.main_lane() {
+        Some(main) if cluster_wide => main.as_ref(),
+        _ => lane,
+    };
     let timeout = node.config.ddl_timeout();
     let deadline = Instant::now() + timeout;
     // No wait for the peers to have this node's earlier changes: these
@@ -577,13 +784,14 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         galloc_block: Some(cluster.galloc_range_size),
         in_stream: false,
         settings: job.settings.clone(),
+        database: (!cluster_wide).then(|| lane.database().to_owned()),
     };
     let started = Instant::now();
     // The lease keeps this DDL from running between another transaction's
     // DDL and its commit (see cluster::ddl_lease).
     let session = rand::RngCore::next_u64(&mut rand::rng());
     let home = node.config.home_backend().name.clone();
-    let lease = match crate::cluster::ddl_lease::take(node, session, &home).await {
+    let lease = match crate::cluster::ddl_lease::take(node, lane, session, &home).await {
         Ok(lease) => lease,
         Err(refusal) => {
             node.metrics.ddl_failed();
@@ -592,7 +800,8 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         }
     };
     let proposed = consensus.propose(Request::Ddl(proposal), timeout).await;
-    let _ = crate::cluster::ddl_lease::give_back(node, session, lease, Some(false), &home).await;
+    let _ =
+        crate::cluster::ddl_lease::give_back(node, lane, session, lease, Some(false), &home).await;
     let seq = match proposed {
         Ok(Response::Ddl { seq, .. }) => seq,
         Ok(_) => {
@@ -624,7 +833,7 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         }
     };
     let left = deadline.saturating_duration_since(Instant::now());
-    if !node.ddl.wait_applied(seq, left).await {
+    if !applier.ddl.wait_applied(seq, left).await {
         error(
             out,
             "40003",
@@ -638,7 +847,7 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
     }
     node.metrics.ddl_latency(started.elapsed());
     let applied_after = started.elapsed();
-    let outcome = node.ddl.take(seq);
+    let outcome = applier.ddl.take(seq);
     if !transactional {
         // (A validated statement's notices came with its validation.)
         out.extend_from_slice(&outcome.notices);
@@ -654,7 +863,7 @@ async fn answer(node: &Node, job: DdlJob, scope: CommitScope, out: &mut BytesMut
         CommitScope::All => (deadline.saturating_duration_since(Instant::now()), true),
         _ => (PEER_WAIT, false),
     };
-    let (have, total) = node.ddl.wait_all(&node.config, seq, limit, strict).await;
+    let (have, total) = applier.ddl.wait_all(&node.config, seq, limit, strict).await;
     tracing::debug!(
         seq,
         applied_ms = applied_after.as_millis() as u64,

@@ -36,9 +36,9 @@ struct Duty {
 
 /// Run the duties this node is assigned, for as long as it runs.
 pub async fn run(node: Arc<Node>) {
-    let Some(config) = node.config.replication.clone() else {
+    if node.config.replication.is_none() {
         return;
-    };
+    }
     let me = u64::from(node.config.node.id);
     let (fenced_tx, mut fenced_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u64)>();
     let mut running: HashMap<String, (u64, Vec<tokio::task::JoinHandle<()>>)> = HashMap::new();
@@ -74,24 +74,25 @@ pub async fn run(node: Arc<Node>) {
                 continue;
             }
             let mut tasks = Vec::new();
-            {
+            // Each replicated database's streams, on their own.
+            for lane in node.lanes() {
                 let node = node.clone();
-                let config = config.clone();
+                let lane = lane.clone();
                 let fenced_tx = fenced_tx.clone();
                 let duty = duty.clone();
                 tasks.push(tokio::spawn(async move {
                     loop {
-                        match replication::drive(&node, &config, &duty.backend, duty.owner, duty.epoch)
+                        match replication::drive(&node, &lane, &duty.backend, duty.owner, duty.epoch)
                             .await
                         {
                             Err(ReplicationError::Fenced(why)) => {
                                 node.metrics.fenced();
-                                tracing::warn!(backend = %duty.backend.name, epoch = duty.epoch, %why, "fenced: another node drives this backend now");
+                                tracing::warn!(backend = %duty.backend.name, database = lane.database(), epoch = duty.epoch, %why, "fenced: another node drives this backend now");
                                 let _ = fenced_tx.send((duty.backend.name.clone(), duty.epoch));
                                 return;
                             }
                             Err(e) => {
-                                tracing::warn!(backend = %duty.backend.name, error = %e, "replication interrupted; retrying")
+                                tracing::warn!(backend = %duty.backend.name, database = lane.database(), error = %e, "replication interrupted; retrying")
                             }
                             Ok(()) => {}
                         }
@@ -103,12 +104,15 @@ pub async fn run(node: Arc<Node>) {
             // applier always runs, see server.rs).
             if u64::from(duty.owner) != me {
                 if let Some(consensus) = node.consensus() {
-                    tasks.push(tokio::spawn(crate::ddl::run_foreign_applier(
-                        node.clone(),
-                        consensus.clone(),
-                        duty.backend.clone(),
-                        u64::from(duty.owner),
-                    )));
+                    for lane in node.lanes() {
+                        tasks.push(tokio::spawn(crate::ddl::run_foreign_applier(
+                            node.clone(),
+                            consensus.clone(),
+                            lane.clone(),
+                            duty.backend.clone(),
+                            u64::from(duty.owner),
+                        )));
+                    }
                 }
             }
             node.metrics.driving(&name, true);
@@ -262,27 +266,37 @@ pub async fn reconcile_when_lost(node: Arc<Node>, consensus: Arc<Consensus>) {
         else {
             continue;
         };
-        let mut clients = Vec::new();
-        for backend in node
-            .config
-            .backends
-            .iter()
-            .filter(|b| !node.is_backend_down(&b.name))
-        {
-            if let Ok(client) = crate::backend::connect_backend(backend, &config).await {
-                clients.push((backend.name.clone(), client));
+        // Every replicated database, each on its own.
+        let mut reconciled = true;
+        for lane in node.lanes() {
+            let mut clients = Vec::new();
+            for backend in node
+                .config
+                .backends
+                .iter()
+                .filter(|b| !node.is_backend_down(&b.name))
+            {
+                if let Ok(client) = crate::backend::connect_backend(backend, &lane.config).await {
+                    clients.push((backend.name.clone(), client));
+                }
+            }
+            if clients.len() < 2 {
+                reconciled = false;
+                continue;
+            }
+            match crate::reconcile::reconcile(&clients).await {
+                Ok(report) => {
+                    tracing::info!(lost = %lost, database = lane.database(), tables = report.tables, rows = report.rows, "backends reconciled");
+                    node.metrics.reconciled(report.rows);
+                }
+                Err(e) => {
+                    reconciled = false;
+                    tracing::warn!(lost = %lost, database = lane.database(), error = %e, "reconciliation failed; retrying");
+                }
             }
         }
-        if clients.len() < 2 {
-            continue;
-        }
-        match crate::reconcile::reconcile(&clients).await {
-            Ok(report) => {
-                tracing::info!(lost = %lost, tables = report.tables, rows = report.rows, "backends reconciled");
-                node.metrics.reconciled(report.rows);
-                done.insert(lost);
-            }
-            Err(e) => tracing::warn!(lost = %lost, error = %e, "reconciliation failed; retrying"),
+        if reconciled {
+            done.insert(lost);
         }
     }
 }

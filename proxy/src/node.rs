@@ -1,6 +1,6 @@
 //! A node's shared state: its configuration, metrics, clock, cancel keys,
-//! what it knows of its backends' health, the progress of replication and
-//! of the DDL log, and shutdown. Every part of the node holds it; it
+//! what it knows of its backends' health, its replicated databases (lanes:
+//! the progress of replication and of the DDL log in each), and shutdown. Every part of the node holds it; it
 //! depends on none of them.
 
 use std::collections::HashMap;
@@ -14,10 +14,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::ScramVerifier;
 use crate::cancel::CancelRegistry;
-use crate::cluster::ddl_progress::DdlProgress;
+use crate::cluster::lane::Lane;
 use crate::config::{Config, TlsConfig};
 use crate::metrics::Metrics;
-use crate::scope::ReplicationProgress;
 
 /// Why a node could not start.
 #[derive(Debug, Error)]
@@ -49,13 +48,11 @@ pub struct Node {
     mock_verifier: ScramVerifier,
     /// This node's hybrid logical clock, stamped on every write transaction.
     pub clock: HybridClock,
-    /// How far the replicator has brought this node's changes to the
-    /// peers (commit scopes wait on it); none without replication.
-    pub progress: Option<Arc<ReplicationProgress>>,
+    /// The replicated databases (see lane.rs), the main one first; none
+    /// without replication.
+    lanes: Vec<Arc<Lane>>,
     /// This node's Raft member (set when the node starts, with `[cluster]`).
     consensus: std::sync::OnceLock<Arc<chorus_consensus::Consensus>>,
-    /// How far the DDL log is applied on the home backend.
-    pub ddl: DdlProgress,
     /// Per backend (in config order): whether it was last seen down.
     backend_down: Vec<AtomicBool>,
     /// Bumped whenever a backend is seen going down: sessions on it move.
@@ -67,9 +64,6 @@ pub struct Node {
     /// Set once shutdown begins.
     pub draining: Arc<AtomicBool>,
     shutdown_tx: watch::Sender<bool>,
-    /// Whether the chorus schema is installed on the home backend (always
-    /// true without replication).
-    schema_ready: watch::Sender<bool>,
 }
 
 impl Node {
@@ -91,7 +85,6 @@ impl Node {
         let mock_verifier =
             ScramVerifier::from_password(&format!("{random:?}")).ok_or(StartError::Scram)?;
         let (shutdown_tx, _) = watch::channel(false);
-        let replication_off = config.replication.is_none();
         let clock = HybridClock::new(config.node.id, config.node.max_clock_skew_ms);
         clock.set_offset_ms(config.node.clock_offset_ms);
         let backend_down = config
@@ -99,15 +92,9 @@ impl Node {
             .iter()
             .map(|_| AtomicBool::new(false))
             .collect();
-        let home = config.home_backend().name.clone();
-        let peers: Vec<String> = backends.iter().filter(|b| **b != home).cloned().collect();
-        let progress = config
-            .replication
-            .is_some()
-            .then(|| Arc::new(ReplicationProgress::new(&peers, backends.len())));
         Ok(Arc::new(Node {
             clock,
-            progress,
+            lanes: Lane::all(&config),
             metrics: Arc::new(Metrics::new(&backends, &config.home_backend().name)),
             config,
             cancel_keys: Arc::new(CancelRegistry::default()),
@@ -119,9 +106,7 @@ impl Node {
             consensus: std::sync::OnceLock::new(),
             backend_down,
             backend_went_down: watch::channel(0).0,
-            ddl: DdlProgress::default(),
             shutdown_tx,
-            schema_ready: watch::channel(replication_off).0,
         }))
     }
 
@@ -227,17 +212,31 @@ impl Node {
         let _ = self.consensus.set(consensus);
     }
 
-    /// The replicator installed the chorus schema on the home backend.
-    pub fn schema_installed(&self) {
-        self.schema_ready.send_replace(true);
+    /// The replicated databases, the main one first (none without
+    /// replication).
+    pub fn lanes(&self) -> &[Arc<Lane>] {
+        &self.lanes
+    }
+
+    /// The lane of a replicated database.
+    pub fn lane(&self, database: &str) -> Option<&Arc<Lane>> {
+        self.lanes.iter().find(|l| l.database() == database)
+    }
+
+    /// The lane of `replication.database`, where cluster-wide DDL is
+    /// applied.
+    pub fn main_lane(&self) -> Option<&Arc<Lane>> {
+        self.lanes.first()
     }
 
     /// Wait (at most `limit`) until the chorus schema is on the home
-    /// backend; whether it is.
+    /// backend in the main database; whether it is (always, without
+    /// replication).
     pub async fn wait_schema_ready(&self, limit: std::time::Duration) -> bool {
-        let mut ready = self.schema_ready.subscribe();
-        let waited = tokio::time::timeout(limit, ready.wait_for(|r| *r)).await;
-        matches!(waited, Ok(Ok(_)))
+        match self.main_lane() {
+            Some(lane) => lane.wait_schema_ready(limit).await,
+            None => true,
+        }
     }
 
     /// A receiver that fires when shutdown begins.

@@ -15,6 +15,7 @@ use std::time::Duration;
 use chorus_consensus::{Consensus, Request, Response};
 
 use crate::backoff::Backoff;
+use crate::cluster::lane::Lane;
 use crate::cluster::replication::ReplicationError;
 use crate::node::Node;
 
@@ -25,22 +26,30 @@ use crate::node::Node;
 const TICK: Duration = Duration::from_millis(100);
 const TICK_MAX: Duration = Duration::from_secs(1);
 
-/// Run the upkeep for as long as the node runs.
+/// Run the upkeep, in every replicated database, for as long as the node
+/// runs.
 pub async fn run(node: Arc<Node>, consensus: Arc<Consensus>) {
-    loop {
-        if let Err(e) = upkeep(&node, &consensus).await {
-            tracing::warn!(error = %e, "sequence upkeep failed; retrying");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in node.lanes() {
+        let (node, consensus, lane) = (node.clone(), consensus.clone(), lane.clone());
+        lanes.spawn(async move {
+            loop {
+                if let Err(e) = upkeep(&node, &consensus, &lane).await {
+                    tracing::warn!(database = lane.database(), error = %e, "sequence upkeep failed; retrying");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
+    while lanes.join_next().await.is_some() {}
 }
 
-async fn upkeep(node: &Node, consensus: &Consensus) -> Result<(), ReplicationError> {
-    let (Some(config), Some(cluster)) = (&node.config.replication, &node.config.cluster) else {
+async fn upkeep(node: &Node, consensus: &Consensus, lane: &Lane) -> Result<(), ReplicationError> {
+    let Some(cluster) = &node.config.cluster else {
         return Ok(());
     };
-    while !node.wait_schema_ready(Duration::from_secs(1)).await {}
-    let client = crate::backend::connect_backend(node.config.home_backend(), config).await?;
+    while !lane.wait_schema_ready(Duration::from_secs(1)).await {}
+    let client = crate::backend::connect_backend(node.config.home_backend(), &lane.config).await?;
     let me = u64::from(node.config.node.id);
     let mut recorded = None;
     let mut last_values: HashMap<String, i64> = HashMap::new();
@@ -95,8 +104,15 @@ async fn upkeep(node: &Node, consensus: &Consensus) -> Result<(), ReplicationErr
             let below =
                 |percent: u8| left.saturating_mul(100) < block.saturating_mul(i64::from(percent));
             if !has_next && below(cluster.galloc_refill_percent) {
+                // (A sequence of another database than the main one has
+                // its ranges under a name of its own.)
+                let sequence = if lane.main {
+                    seq.clone()
+                } else {
+                    format!("{}:{seq}", lane.database())
+                };
                 let request = Request::AllocateRange {
-                    sequence: seq.clone(),
+                    sequence,
                     node: me,
                     size: block,
                     floor,

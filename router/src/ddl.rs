@@ -155,9 +155,64 @@ pub fn ddl_route(statement: &str) -> DdlRoute {
     }
 }
 
+/// Whether a statement of the DDL log acts on cluster-wide objects (roles,
+/// databases, tablespaces, `ALTER SYSTEM`, privileges on those): applied
+/// once per backend, in the main replicated database. The others of the
+/// log (`… CONCURRENTLY`, event triggers, subscriptions, `REASSIGN
+/// OWNED`) act on the database they were sent in.
+pub fn cluster_wide(statement: &str) -> bool {
+    if ddl_route(statement) != DdlRoute::Log {
+        return false;
+    }
+    let w = words::<4>(statement);
+    let word = |i: usize| w.get(i).map_or("", String::as_str);
+    let per_database = match word(0) {
+        "CREATE" | "ALTER" | "DROP" => {
+            (word(1) == "INDEX" && word(2) == "CONCURRENTLY")
+                || (word(1) == "UNIQUE" && word(2) == "INDEX")
+                || (word(1) == "EVENT" && word(2) == "TRIGGER")
+                || word(1) == "SUBSCRIPTION"
+                || word(1) == "TABLE"
+                || word(1) == "SEQUENCE"
+        }
+        "REASSIGN" => true,
+        _ => false,
+    };
+    !per_database
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_statements_on_cluster_wide_objects_are_told_from_the_others() {
+        for sql in [
+            "CREATE ROLE app LOGIN",
+            "ALTER USER app PASSWORD 'x'",
+            "DROP DATABASE d",
+            "CREATE TABLESPACE t LOCATION '/x'",
+            "ALTER SYSTEM SET work_mem = '8MB'",
+            "GRANT admin TO app",
+            "GRANT CONNECT ON DATABASE d TO app",
+            "COMMENT ON ROLE app IS 'x'",
+        ] {
+            assert!(cluster_wide(sql), "{sql}");
+        }
+        for sql in [
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "CREATE UNIQUE INDEX CONCURRENTLY i ON t (a)",
+            "DROP INDEX CONCURRENTLY i",
+            "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+            "CREATE EVENT TRIGGER e ON ddl_command_end EXECUTE FUNCTION f()",
+            "DROP SUBSCRIPTION s",
+            "REASSIGN OWNED BY a TO b",
+            // Not the log's at all.
+            "CREATE TABLE t (id int)",
+        ] {
+            assert!(!cluster_wide(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn ordinary_ddl_travels_in_its_transaction() {

@@ -17,7 +17,7 @@ use crate::protocol::{self, read_message, ProtocolError};
 mod control;
 mod tls;
 
-pub use control::{connect_backend, connect_backend_with_notices, BackendClients};
+pub use control::{connect_backend, connect_backend_with_notices, BackendClients, Notice};
 pub use tls::{BackendRead, BackendStream, BackendTls, BackendWrite, SslMode};
 
 /// A control-plane query's error as an operator should read it: the

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chorus_consensus::{LeaseHolder, ProposeError, Request, Response};
 
+use crate::cluster::lane::Lane;
 use crate::node::Node;
 
 /// Why a transaction's DDL cannot run: a SQLSTATE and a message, which the
@@ -44,10 +45,15 @@ fn holder(node: &Node, session: u64) -> LeaseHolder {
     }
 }
 
-/// Take the DDL lease for a transaction of `session` served by `backend`,
-/// and wait until that backend has the cluster's earlier DDL. Returns the
-/// transaction's DDL number.
-pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, LeaseRefusal> {
+/// Take the DDL lease for a transaction of `session` served by `backend`
+/// in `lane`'s database, and wait until that backend has the cluster's
+/// earlier DDL there. Returns the transaction's DDL number.
+pub async fn take(
+    node: &Node,
+    lane: &Lane,
+    session: u64,
+    backend: &str,
+) -> Result<u64, LeaseRefusal> {
     let (Some(consensus), Some(cluster)) = (node.consensus(), node.config.cluster.as_ref()) else {
         return Err(LeaseRefusal {
             code: "55000",
@@ -81,6 +87,7 @@ pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, Lease
             holder: me,
             now_ms: unix_ms(),
             ttl_ms: cluster.ddl_lease_ms,
+            database: Some(lane.database().to_owned()),
         };
         let busy_with = match consensus.propose(request, timeout).await {
             Ok(Response::Lease {
@@ -136,14 +143,14 @@ pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, Lease
     if after > 0 {
         loop {
             let index = match config {
-                Some(b) => node.ddl.backend_index(&node.config, b).await,
+                Some(b) => lane.ddl.backend_index(b).await,
                 None => None,
             };
             if index.is_some_and(|i| i >= after) {
                 break;
             }
             if Instant::now() >= deadline {
-                let _ = give_back(node, session, seq, Some(false), backend).await;
+                let _ = give_back(node, lane, session, seq, Some(false), backend).await;
                 return Err(LeaseRefusal {
                     code: "55P03",
                     message: format!(
@@ -161,11 +168,12 @@ pub async fn take(node: &Node, session: u64, backend: &str) -> Result<u64, Lease
 /// Renew the lease of `session` every third of `ddl_lease_ms` while its
 /// transaction stays open (a migration can run for longer than the
 /// lease); the caller aborts the task when it gives the lease back.
-pub fn keep(node: &Node, session: u64) -> Option<tokio::task::JoinHandle<()>> {
+pub fn keep(node: &Node, lane: &Lane, session: u64) -> Option<tokio::task::JoinHandle<()>> {
     let consensus = node.consensus()?.clone();
     let cluster = node.config.cluster.as_ref()?;
     let ttl_ms = cluster.ddl_lease_ms;
     let holder = holder(node, session);
+    let database = lane.database().to_owned();
     Some(tokio::spawn(async move {
         let every = Duration::from_millis((ttl_ms / 3).max(1));
         loop {
@@ -174,6 +182,7 @@ pub fn keep(node: &Node, session: u64) -> Option<tokio::task::JoinHandle<()>> {
                 holder,
                 now_ms: unix_ms(),
                 ttl_ms,
+                database: Some(database.clone()),
             };
             match consensus.propose(request, every).await {
                 Ok(Response::Lease { .. }) => {}
@@ -187,6 +196,7 @@ pub fn keep(node: &Node, session: u64) -> Option<tokio::task::JoinHandle<()>> {
 /// when not known (the backend is asked). Returns whether it committed.
 pub async fn give_back(
     node: &Node,
+    lane: &Lane,
     session: u64,
     seq: u64,
     committed: Option<bool>,
@@ -199,11 +209,7 @@ pub async fn give_back(
     let committed = match committed {
         Some(c) => c,
         None => match node.config.backends.iter().find(|b| b.name == backend) {
-            Some(b) => node
-                .ddl
-                .has_seq(&node.config, b, seq)
-                .await
-                .unwrap_or(false),
+            Some(b) => lane.ddl.has_seq(b, seq).await.unwrap_or(false),
             None => false,
         },
     };
@@ -227,6 +233,7 @@ pub async fn give_back(
 /// back at the end of its transaction.
 pub async fn answer(
     node: &Node,
+    lane: &Lane,
     session: u64,
     backend: &str,
     question: u32,
@@ -235,15 +242,15 @@ pub async fn answer(
     let (answer, taken) = if held != 0 {
         (Ok(held), None)
     } else {
-        match take(node, session, backend).await {
+        match take(node, lane, session, backend).await {
             Ok(seq) => (Ok(seq), Some(seq)),
             Err(refusal) => (Err(refusal), None),
         }
     };
     let written = match node.config.backends.iter().find(|b| b.name == backend) {
         Some(b) => {
-            node.ddl
-                .set_lease_grant(&node.config, b, grant_value(question, &answer))
+            lane.ddl
+                .set_lease_grant(b, grant_value(question, &answer))
                 .await
         }
         None => false,
@@ -290,8 +297,8 @@ pub const PEER_WAIT: Duration = Duration::from_millis(1000);
 
 /// After a committed transaction with DDL `seq`: wait for the other
 /// backends (see [`PEER_WAIT`]).
-pub async fn wait_for_peers(node: &Node, seq: u64) {
-    let _ = node.ddl.wait_all(&node.config, seq, PEER_WAIT, false).await;
+pub async fn wait_for_peers(node: &Node, lane: &Lane, seq: u64) {
+    let _ = lane.ddl.wait_all(&node.config, seq, PEER_WAIT, false).await;
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::sync::watch;
 
 use crate::backend::BackendClients;
-use crate::config::{BackendConfig, Config};
+use crate::config::{BackendConfig, Config, ReplicationConfig};
 use crate::protocol;
 
 /// A PostgreSQL error, as the applying backend reported it.
@@ -54,24 +54,17 @@ impl PgError {
     }
 }
 
-/// How far the DDL log has been applied on this node's home backend, and
-/// what became of the DDL that came through this node.
+/// How far the DDL log has been applied in one database (a lane, see
+/// lane.rs) on this node's home backend, and what became of the DDL that
+/// came through this node.
 #[derive(Debug)]
 pub struct DdlProgress {
     applied: watch::Sender<u64>,
     outcomes: Mutex<HashMap<u64, Outcome>>,
+    /// How the connections below are made (to the lane's database).
+    replication: ReplicationConfig,
     /// Connections to every backend, to see how far each has applied.
     peers: tokio::sync::Mutex<BackendClients>,
-}
-
-impl Default for DdlProgress {
-    fn default() -> Self {
-        DdlProgress {
-            applied: watch::channel(0).0,
-            outcomes: Mutex::new(HashMap::new()),
-            peers: tokio::sync::Mutex::new(BackendClients::default()),
-        }
-    }
 }
 
 /// What became of a DDL statement on its origin's home backend.
@@ -89,6 +82,15 @@ pub(crate) struct Outcome {
 const MAX_OUTCOMES: usize = 10_000;
 
 impl DdlProgress {
+    pub(crate) fn new(replication: ReplicationConfig) -> DdlProgress {
+        DdlProgress {
+            applied: watch::channel(0).0,
+            outcomes: Mutex::new(HashMap::new()),
+            replication,
+            peers: tokio::sync::Mutex::new(BackendClients::default()),
+        }
+    }
+
     pub(crate) fn set_applied(&self, seq: u64) {
         self.applied.send_replace(seq);
     }
@@ -119,16 +121,12 @@ impl DdlProgress {
     }
 
     /// Whether a backend has DDL `seq` (`None` when unreachable).
-    pub(crate) async fn has_seq(
-        &self,
-        config: &Config,
-        backend: &BackendConfig,
-        seq: u64,
-    ) -> Option<bool> {
-        let config = config.replication.as_ref()?;
+    pub(crate) async fn has_seq(&self, backend: &BackendConfig, seq: u64) -> Option<bool> {
         let seq = i64::try_from(seq).ok()?;
         let mut peers = self.peers.lock().await;
-        let client = peers.get(backend, config, Duration::from_secs(1)).await?;
+        let client = peers
+            .get(backend, &self.replication, Duration::from_secs(1))
+            .await?;
         let row = tokio::time::timeout(
             Duration::from_secs(1),
             client.query_one(
@@ -143,15 +141,10 @@ impl DdlProgress {
     }
 
     /// The DDL index of a backend, read from it (`None` when unreachable).
-    pub(crate) async fn backend_index(
-        &self,
-        config: &Config,
-        backend: &BackendConfig,
-    ) -> Option<u64> {
-        let replication = config.replication.as_ref()?;
+    pub(crate) async fn backend_index(&self, backend: &BackendConfig) -> Option<u64> {
         let mut peers = self.peers.lock().await;
         let client = peers
-            .get(backend, replication, Duration::from_secs(1))
+            .get(backend, &self.replication, Duration::from_secs(1))
             .await?;
         let row = tokio::time::timeout(Duration::from_secs(1), client.query_one(INDEX_SQL, &[]))
             .await
@@ -163,18 +156,10 @@ impl DdlProgress {
     /// Write a backend's `chorus.lease_grant` (the answer to a session that
     /// asked for the cluster DDL lease, see `ddl_lease::answer`); whether
     /// it was written.
-    pub(crate) async fn set_lease_grant(
-        &self,
-        config: &Config,
-        backend: &BackendConfig,
-        value: i64,
-    ) -> bool {
-        let Some(replication) = config.replication.as_ref() else {
-            return false;
-        };
+    pub(crate) async fn set_lease_grant(&self, backend: &BackendConfig, value: i64) -> bool {
         let mut peers = self.peers.lock().await;
         let Some(client) = peers
-            .get(backend, replication, Duration::from_secs(5))
+            .get(backend, &self.replication, Duration::from_secs(5))
             .await
         else {
             return false;
@@ -213,7 +198,7 @@ impl DdlProgress {
         loop {
             for (i, backend) in backends.iter().enumerate() {
                 if !done[i] {
-                    let index = self.backend_index(config, backend).await;
+                    let index = self.backend_index(backend).await;
                     done[i] = index.is_some_and(|applied| applied >= seq)
                         || (first && !strict && index.is_none_or(|a| a + 1 < seq));
                 }

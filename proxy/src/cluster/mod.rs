@@ -3,4 +3,5 @@
 
 pub mod ddl_lease;
 pub mod ddl_progress;
+pub mod lane;
 pub mod replication;

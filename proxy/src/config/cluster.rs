@@ -221,6 +221,11 @@ pub struct ReplicationConfig {
     /// that nothing is written to one backend only. Default none.
     #[serde(default)]
     pub local_databases: Vec<String>,
+    /// Further databases replicated as `database` is, each on its own:
+    /// its changes and DDL apply in the same database on every backend.
+    /// Each must exist on every backend. Default none.
+    #[serde(default)]
+    pub databases: Vec<String>,
     /// How often an idle stream asks its walsender how far it has sent
     /// (changes arrive without asking), doubling while nothing happens up
     /// to a second. Default 100 ms.
@@ -277,6 +282,26 @@ fn default_slot_retained_warn() -> u64 {
     1 << 30
 }
 
+impl ReplicationConfig {
+    /// Every replicated database: `database` first, then `databases`.
+    pub fn replicated_databases(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.database.as_str()).chain(
+            self.databases
+                .iter()
+                .map(String::as_str)
+                .filter(|d| *d != self.database),
+        )
+    }
+
+    /// These settings for replicating `database`.
+    pub fn for_database(&self, database: &str) -> ReplicationConfig {
+        ReplicationConfig {
+            database: database.to_owned(),
+            ..self.clone()
+        }
+    }
+}
+
 impl Default for ReplicationConfig {
     /// The values an empty `[replication]` section gets.
     fn default() -> Self {
@@ -287,6 +312,7 @@ impl Default for ReplicationConfig {
             password_env: None,
             database: default_replication_database(),
             local_databases: Vec::new(),
+            databases: Vec::new(),
             poll_interval_ms: default_poll_interval(),
             commit_scope: CommitScope::default(),
             commit_scope_timeout_ms: default_commit_scope_timeout(),

@@ -480,6 +480,21 @@ impl Config {
                 "node.max_message_bytes must be at least 1024".into(),
             ));
         }
+        if let Some(replication) = &self.replication {
+            let all: Vec<&str> = replication.replicated_databases().collect();
+            for (i, database) in all.iter().enumerate() {
+                if all[..i].contains(database) {
+                    return Err(ConfigError::Invalid(format!(
+                        "replication.databases names {database:?} twice"
+                    )));
+                }
+                if replication.local_databases.iter().any(|l| l == database) {
+                    return Err(ConfigError::Invalid(format!(
+                        "database {database:?} is both replicated and in replication.local_databases"
+                    )));
+                }
+            }
+        }
         if self.replication.is_some() && self.cluster.is_none() {
             return Err(ConfigError::Invalid(
                 "replication needs a [cluster] section: the nodes' Raft group orders DDL".into(),

@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::cluster::ddl_lease;
+use crate::cluster::lane::Lane;
 use crate::config::{CommitScope, TimeoutAction};
 use crate::ddl::{DdlJob, JobStep};
 use crate::metrics::ErrorKind;
@@ -55,6 +56,10 @@ where
         .replication
         .as_ref()
         .map_or(CommitScope::Local, |r| r.commit_scope);
+    // Commits wait for their scope on the streams of their own database;
+    // a local database's commits do not replicate.
+    let session_lane = state.lane.as_ref().filter(|_| state.replicated_database);
+    let session_progress = session_lane.map(|lane| &lane.progress);
     let scope_wait = Mutex::new(None::<CommitScope>);
     let replicating = node.config.replication.is_some();
     // A FATAL of a server going down, not yet passed on (SQLSTATE, message).
@@ -136,7 +141,7 @@ where
                 }
                 // A transaction ended; with replication, it may have to wait
                 // for its commit scope, and it wakes the replication streams.
-                if let (b'I', Some(progress)) = (status, &node.progress) {
+                if let (b'I', Some(progress)) = (status, session_progress) {
                     state.txn_stamped.store(false, Ordering::Relaxed);
                     let local = scope::decode(state.scope_local.swap(0, Ordering::SeqCst));
                     if std::mem::take(&mut txn_wrote) {
@@ -251,9 +256,14 @@ where
                 // The question is the node's, not the client's: answered,
                 // and not passed on. The backend waits for the answer.
                 let held = state.ddl_lease.load(Ordering::SeqCst);
-                if let Some(seq) =
-                    ddl_lease::answer(node, state.lease_token, serving, question, held).await
-                {
+                let taken = match &state.lane {
+                    Some(lane) => {
+                        ddl_lease::answer(node, lane, state.lease_token, serving, question, held)
+                            .await
+                    }
+                    None => None,
+                };
+                if let Some(seq) = taken {
                     state.lease_taken(node, seq);
                 }
                 continue;
@@ -266,26 +276,33 @@ where
                 let sent = job.sent();
                 let scope = scope::decode(state.scope_session.load(Ordering::SeqCst))
                     .unwrap_or(default_scope);
-                ddl::finish(node, job, scope, &mut out).await;
+                match &state.lane {
+                    Some(lane) => ddl::finish(node, lane, job, scope, &mut out).await,
+                    None => protocol::ready_for_query(&mut out, b'I'),
+                }
                 metrics.query_duration.record(sent.elapsed().as_secs_f64());
                 state.tx_status.store(b'I', Ordering::Relaxed);
             } else {
                 if state.lease_release_due.swap(false, Ordering::SeqCst) {
                     let seq = state.lease_dropped();
-                    if ddl_lease::give_back(node, state.lease_token, seq, None, serving).await {
-                        ddl_lease::wait_for_peers(node, seq).await;
+                    if let Some(lane) = &state.lane {
+                        if ddl_lease::give_back(node, lane, state.lease_token, seq, None, serving)
+                            .await
+                        {
+                            ddl_lease::wait_for_peers(node, lane, seq).await;
+                        }
                     }
                 }
                 let wait = scope_wait.lock().ok().and_then(|mut w| w.take());
-                if let (Some(scope), Some(progress)) = (wait, &node.progress) {
+                if let (Some(scope), Some(lane)) = (wait, session_lane) {
                     if serving == node.config.home_backend().name
                         && node.drives_home.load(Ordering::Relaxed)
                     {
-                        let (reached, ok) = progress.wait(scope, scope_limit).await;
+                        let (reached, ok) = lane.progress.wait(scope, scope_limit).await;
                         scope_outcome(node, scope, reached, ok, &mut out);
                     } else {
                         let (reached, ok) =
-                            wait_on_slots(node, serving, &mut away, scope, scope_limit).await;
+                            wait_on_slots(node, lane, serving, &mut away, scope, scope_limit).await;
                         scope_outcome(node, scope, reached, ok, &mut out);
                     }
                 }
@@ -395,6 +412,7 @@ pub(super) async fn shutdown_session<W: AsyncWrite + Unpin>(writer: &mut W) -> R
 /// backends have the transaction. `away` keeps the control connection.
 pub(super) async fn wait_on_slots(
     node: &Node,
+    lane: &Lane,
     serving: &str,
     away: &mut Option<tokio_postgres::Client>,
     scope: CommitScope,
@@ -404,10 +422,8 @@ pub(super) async fn wait_on_slots(
     if needed <= 1 {
         return (1, true);
     }
-    let (Some(config), Some(backend)) = (
-        node.config.replication.as_ref(),
-        node.config.backends.iter().find(|b| b.name == serving),
-    ) else {
+    let config = &lane.config;
+    let Some(backend) = node.config.backends.iter().find(|b| b.name == serving) else {
         return (1, false);
     };
     let deadline = tokio::time::Instant::now() + limit;
@@ -435,7 +451,8 @@ pub(super) async fn wait_on_slots(
             deadline,
             client.query_one(
                 "SELECT count(*) FROM pg_replication_slots \
-                 WHERE slot_name LIKE 'chorus\\_%\\_to\\_%' AND confirmed_flush_lsn >= $1::text::pg_lsn",
+                 WHERE slot_name LIKE 'chorus\\_%\\_to\\_%' AND database = current_database() \
+                   AND confirmed_flush_lsn >= $1::text::pg_lsn",
                 &[&lsn],
             ),
         )

@@ -241,9 +241,14 @@ where
                                         .is_some_and(|(w, _)| w.eq_ignore_ascii_case("DO"))
                             })
                             .collect();
-                        let by_log = ddl_statements
-                            .iter()
-                            .any(|st| ddl_route(st) == DdlRoute::Log);
+                        // (In a local database only cluster-wide objects
+                        // go through the log; its own CONCURRENTLY
+                        // statements stay on its backend, as its other
+                        // DDL does.)
+                        let by_log = ddl_statements.iter().any(|st| {
+                            ddl_route(st) == DdlRoute::Log
+                                && (state.replicated_database || chorus_router::cluster_wide(st))
+                        });
                         let in_block = state.tx_status.load(Ordering::Relaxed) == b'T';
                         let refusal = if by_log && summary.statements() > ddl {
                             Some((
@@ -444,7 +449,14 @@ where
             // A message held to take the cluster DDL lease first: take it
             // (or note why not), then look at the message again.
             Ok(Some(message)) => {
-                match ddl_lease::take(node, state.lease_token, serving).await {
+                let taken = match &state.lane {
+                    Some(lane) => ddl_lease::take(node, lane, state.lease_token, serving).await,
+                    None => Err(ddl_lease::LeaseRefusal {
+                        code: "55000",
+                        message: "this node has no cluster to replicate DDL through".into(),
+                    }),
+                };
+                match taken {
                     Ok(seq) => state.lease_taken(node, seq),
                     Err(refusal) => {
                         node.metrics.ddl_failed();

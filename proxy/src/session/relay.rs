@@ -33,7 +33,7 @@ pub(super) async fn relay<CR, CW>(
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
 {
-    let state = RelayState::new();
+    let state = RelayState::new(Some(node), &session.database);
     state
         .client_pid
         .store(session.cancel_key.pid, Ordering::Relaxed);
@@ -133,14 +133,14 @@ pub(super) async fn relay<CR, CW>(
     };
     // A transaction that held the cluster DDL lease ends with the session.
     let lease = state.lease_dropped();
-    if lease != 0 {
+    if let (true, Some(lane)) = (lease != 0, state.lane.clone()) {
         let (node, token, backend) = (
             node.clone(),
             state.lease_token,
             session.backend_name.clone(),
         );
         tokio::spawn(async move {
-            let _ = ddl_lease::give_back(&node, token, lease, None, &backend).await;
+            let _ = ddl_lease::give_back(&node, &lane, token, lease, None, &backend).await;
         });
     }
     let mut out = BytesMut::new();
@@ -353,8 +353,8 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
     // The transaction that held the cluster DDL lease is lost with its
     // backend.
     let lease = state.lease_dropped();
-    if lease != 0 {
-        let _ = ddl_lease::give_back(node, state.lease_token, lease, None, &from).await;
+    if let (true, Some(lane)) = (lease != 0, &state.lane) {
+        let _ = ddl_lease::give_back(node, lane, state.lease_token, lease, None, &from).await;
     }
     state.lease_release_due.store(false, Ordering::SeqCst);
     state.ddl_settings_sent.store(false, Ordering::SeqCst);

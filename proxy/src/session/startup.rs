@@ -245,11 +245,8 @@ pub(super) async fn startup(
     // every stamp sets it), so that DDL a function runs there before any
     // stamp is replicated or refused, never kept on one backend. Clients do
     // not set Chorus's own settings this way.
-    let replicated = node
-        .config
-        .replication
-        .as_ref()
-        .is_some_and(|r| r.database == database);
+    let lane = node.lane(&database).cloned();
+    let replicated = lane.is_some();
     let forwarded: Vec<(String, String)> = params
         .iter()
         .filter(|(k, _)| !(k.starts_with("_pq_.") || (replicated && k.starts_with("chorus."))))
@@ -264,28 +261,40 @@ pub(super) async fn startup(
 
     authenticate(node, client, peer, &user, &database, &mut out).await?;
 
-    // Only the replicated database (and those configured local) can be
+    // Only the replicated databases (and those configured local) can be
     // used: writes anywhere else would reach one backend only.
     if let Some(replication) = &node.config.replication {
-        if database != replication.database && !replication.local_databases.contains(&database) {
+        if !replicated && !replication.local_databases.contains(&database) {
+            let replicated: Vec<String> = replication
+                .replicated_databases()
+                .map(|d| format!("\"{d}\""))
+                .collect();
             return Err(StartupFailure::Fatal {
                 kind: ErrorKind::Auth,
                 code: "0A000",
                 message: format!(
-                    "database \"{database}\" is not replicated by this Chorus cluster: connect to \"{}\", or list it in replication.local_databases to use each backend's copy on its own",
-                    replication.database
+                    "database \"{database}\" is not replicated by this Chorus cluster: connect to {}, or list it in replication.databases to replicate it, or in replication.local_databases to use each backend's copy on its own",
+                    replicated.join(", ")
                 ),
             });
         }
     }
 
     // With replication, a session's writes must be captured: wait until the
-    // chorus schema is on the home backend (a node that has just started
-    // installs it), as PostgreSQL makes clients wait while it starts up.
-    if !node
-        .wait_schema_ready(node.config.backend_connect_timeout())
-        .await
-    {
+    // chorus schema is on the home backend in its database (a node that
+    // has just started installs it), as PostgreSQL makes clients wait while
+    // it starts up.
+    let ready = match &lane {
+        Some(lane) => {
+            lane.wait_schema_ready(node.config.backend_connect_timeout())
+                .await
+        }
+        None => {
+            node.wait_schema_ready(node.config.backend_connect_timeout())
+                .await
+        }
+    };
+    if !ready {
         return Err(StartupFailure::Fatal {
             kind: ErrorKind::BackendConnect,
             code: "57P03",

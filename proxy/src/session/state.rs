@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -12,6 +12,7 @@ use rand::RngCore;
 use crate::backend::LoginParams;
 use crate::cluster::ddl_lease;
 use crate::cluster::ddl_lease::LeaseRefusal;
+use crate::cluster::lane::Lane;
 use crate::ddl::DdlJob;
 use crate::frontend::FrontendState;
 use crate::metrics::GaugeGuard;
@@ -114,6 +115,13 @@ pub(super) struct RelayState {
     /// backend carries the client's (see cancel.rs).
     pub(super) client_pid: AtomicI32,
     pub(super) backend_pid: AtomicI32,
+    /// The lane (see cluster/lane.rs) of the session's database when it
+    /// replicates; for a session in a local database the main one, which
+    /// takes the cluster DDL lease and cluster-wide DDL. None without
+    /// replication.
+    pub(super) lane: Option<Arc<Lane>>,
+    /// Whether the session's database replicates.
+    pub(super) replicated_database: bool,
 }
 
 /// What the client-to-backend direction keeps across backend connections.
@@ -165,8 +173,12 @@ pub(super) const MOVED_SETTINGS: &[&str] = &[
 ];
 
 impl RelayState {
-    pub(super) fn new() -> RelayState {
+    /// The relay state of a session in `database`.
+    pub(super) fn new(node: Option<&Node>, database: &str) -> RelayState {
+        let own = node.and_then(|n| n.lane(database)).cloned();
         RelayState {
+            replicated_database: own.is_some(),
+            lane: own.or_else(|| node.and_then(|n| n.main_lane()).cloned()),
             pending: Mutex::new(VecDeque::new()),
             stamps: AtomicU32::new(0),
             tx_status: AtomicU8::new(b'I'),
@@ -196,7 +208,10 @@ impl RelayState {
         self.ddl_lease.store(seq, Ordering::SeqCst);
         self.lease_stamped.store(false, Ordering::SeqCst);
         if let Ok(mut keeper) = self.lease_keeper.lock() {
-            *keeper = ddl_lease::keep(node, self.lease_token);
+            *keeper = self
+                .lane
+                .as_ref()
+                .and_then(|lane| ddl_lease::keep(node, lane, self.lease_token));
         }
     }
 

@@ -75,7 +75,7 @@ async fn pump_all(input: &[u8]) -> (Result<Option<BytesMut>, PumpError>, Vec<u8>
 
 #[test]
 fn notifications_of_the_sessions_own_backend_carry_the_clients_pid() {
-    let state = RelayState::new();
+    let state = RelayState::new(None, "postgres");
     state.client_pid.store(77, Ordering::Relaxed);
     state.backend_pid.store(4242, Ordering::Relaxed);
     let body = |pid: i32| {

@@ -295,8 +295,13 @@ impl Cluster {
 
     /// A client session through node `i` (waits for the node to listen).
     pub async fn via(&self, i: usize) -> Client {
+        self.via_db(i, "postgres").await
+    }
+
+    /// A session through node `i` on `database`.
+    pub async fn via_db(&self, i: usize, database: &str) -> Client {
         let conninfo = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            "host=127.0.0.1 port={} user=postgres dbname={database}",
             self.ports[i - 1]
         );
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -345,6 +350,14 @@ impl Cluster {
         common::connect(&self.backends[b - 1].conninfo("postgres"))
             .await
             .ok()
+    }
+
+    /// A session on backend `b`, on `database`.
+    #[allow(dead_code)]
+    pub async fn direct_db(&self, b: usize, database: &str) -> Client {
+        common::connect(&self.backends[b - 1].conninfo(database))
+            .await
+            .unwrap()
     }
 
     pub async fn direct(&self, b: usize) -> Client {

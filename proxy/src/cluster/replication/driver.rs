@@ -9,33 +9,35 @@ use tokio_postgres::Client;
 
 use crate::backend::connect_backend;
 use crate::backoff::Backoff;
+use crate::cluster::lane::Lane;
 use crate::config::{BackendConfig, ReplicationConfig};
 use crate::node::Node;
 
 use super::{
-    format_lsn, slot_name, unix_now, DecodedTransaction, PgOutputDecoder, ReplicationError,
-    ReplicationStream, WalEvent, WalStream,
+    format_lsn, unix_now, DecodedTransaction, PgOutputDecoder, ReplicationError, ReplicationStream,
+    WalEvent, WalStream,
 };
 
 /// The longest an idle stream waits before asking its walsender how far it
 /// has sent (so that its position moves past WAL with nothing to apply).
 const IDLE_POLL_MAX: Duration = Duration::from_secs(1);
 
-/// Drive the streams of `origin` (the home backend of node `owner`) to
-/// every other backend, as the driver of `epoch`, until one fails. A
-/// driver that finds a newer epoch recorded on the origin, or is refused
-/// by a peer, gets `Fenced` and must stop.
+/// Drive the streams of `origin` (the home backend of node `owner`) in
+/// one database (`lane`) to every other backend, as the driver of
+/// `epoch`, until one fails. A driver that finds a newer epoch recorded on
+/// the origin, or is refused by a peer, gets `Fenced` and must stop.
 pub(crate) async fn drive(
     node: &Arc<Node>,
-    config: &ReplicationConfig,
+    lane: &Arc<Lane>,
     origin_backend: &BackendConfig,
     owner: u16,
     epoch: u64,
 ) -> Result<(), ReplicationError> {
+    let config = &lane.config;
     let home = origin_backend.name == node.config.home_backend().name;
     if home {
         // The home upkeep installs the schema first.
-        while !node.wait_schema_ready(Duration::from_secs(1)).await {}
+        while !lane.wait_schema_ready(Duration::from_secs(1)).await {}
     }
     let epoch = i64::try_from(epoch).unwrap_or(i64::MAX);
     let origin = connect_backend(origin_backend, config).await?;
@@ -70,11 +72,13 @@ pub(crate) async fn drive(
             )
             .await?;
     }
+    // (This database's slots only: each database's streams have a driver
+    // of their own.)
     let prefix = format!("chorus\\_{owner}\\_to\\_%");
     let ended = origin
         .execute(
             "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-             WHERE slot_name LIKE $1 AND active_pid IS NOT NULL",
+             WHERE slot_name LIKE $1 AND database = current_database() AND active_pid IS NOT NULL",
             &[&prefix],
         )
         .await?;
@@ -91,14 +95,14 @@ pub(crate) async fn drive(
         .filter(|b| b.name != origin_backend.name)
     {
         let stream = ReplicationStream {
-            slot: slot_name(owner, &backend.name),
+            slot: lane.slot_name(owner, &backend.name),
             epoch,
             ..ReplicationStream::new(owner, 0)
         };
         stream.ensure_slot(&origin).await?;
         streams.spawn(run_stream(
             node.clone(),
-            config.clone(),
+            lane.clone(),
             origin_backend.clone(),
             backend.clone(),
             stream,
@@ -116,6 +120,7 @@ pub(crate) async fn drive(
     tracing::info!(
         node = node.config.node.id,
         origin = %origin_backend.name,
+        database = lane.database(),
         epoch,
         peers,
         "replication running"
@@ -240,12 +245,13 @@ const MAX_BATCH_CHANGES: usize = 1_000;
 /// node's home backend (its commit scopes and metrics follow the stream).
 async fn run_stream(
     node: Arc<Node>,
-    config: ReplicationConfig,
+    lane: Arc<Lane>,
     origin: BackendConfig,
     backend: BackendConfig,
     stream: ReplicationStream,
     home: bool,
 ) -> Result<(), ReplicationError> {
+    let config = lane.config.clone();
     let wal = WalStream::start(&origin, &config, &stream.slot, Duration::from_secs(5)).await?;
     let (mut reader, mut writer) = wal.split();
     // The reader runs on its own (reading a message is not cancel-safe);
@@ -266,8 +272,12 @@ async fn run_stream(
     // it has sent: `poll`, doubling while nothing happens, up to
     // IDLE_POLL_MAX (a commit on the home backend wakes it at once).
     let mut idle_wait = Backoff::new(poll, IDLE_POLL_MAX);
-    let progress = node.progress.clone().filter(|_| home);
-    let metrics = node.metrics.peer(&backend.name).filter(|_| home);
+    let progress = Some(lane.progress.clone()).filter(|_| home);
+    // (Per peer: the main database's streams.)
+    let metrics = node
+        .metrics
+        .peer(&backend.name)
+        .filter(|_| home && lane.main);
     let mut peer: Option<Client> = None;
     let mut decoder = PgOutputDecoder::default();
     let mut pending: Vec<DecodedTransaction> = Vec::new();

@@ -9,10 +9,10 @@ use tokio_postgres::Client;
 use crate::backend::connect_backend;
 use crate::backoff::Backoff;
 use crate::capture::{self, CaptureError};
-use crate::config::ReplicationConfig;
+use crate::cluster::lane::Lane;
 use crate::node::Node;
 
-use super::{parse_lsn, slot_name, ReplicationError, ReplicationStream};
+use super::{parse_lsn, ReplicationError, ReplicationStream};
 
 /// How often the node's clock takes note of the versions other nodes'
 /// changes brought to its home backend: every OBSERVE_INTERVAL while they
@@ -49,28 +49,38 @@ async fn observe_remote_versions(node: &Node, home: &Client) -> Result<i64, Repl
     Ok(newest)
 }
 
-/// The home backend's upkeep for as long as the node runs: the chorus
-/// schema, flush positions for commit scopes, lag metrics, the clock's view
-/// of other origins. (Its streams are driven by duties.rs, like those of
-/// any backend handed to this node.)
+/// The home backend's upkeep in every replicated database, for as long as
+/// the node runs.
 pub async fn run_home_upkeep(node: Arc<Node>) {
-    let Some(config) = node.config.replication.clone() else {
-        return;
-    };
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in node.lanes() {
+        lanes.spawn(run_lane_upkeep(node.clone(), lane.clone()));
+    }
+    while lanes.join_next().await.is_some() {}
+}
+
+/// The home backend's upkeep in one database (a lane): the chorus schema,
+/// flush positions for commit scopes, lag metrics, the clock's view of
+/// other origins. (Its streams are driven by duties.rs, like those of any
+/// backend handed to this node.)
+async fn run_lane_upkeep(node: Arc<Node>, lane: Arc<Lane>) {
     loop {
-        match home_upkeep(&node, &config).await {
+        match home_upkeep(&node, &lane).await {
             // Sessions wait for the schema: this needs an operator.
             Err(e @ ReplicationError::Install(CaptureError::NewerSchema { .. })) => {
-                tracing::error!(error = %e, "home backend not served; retrying");
+                tracing::error!(database = lane.database(), error = %e, "home backend not served; retrying");
             }
-            Err(e) => tracing::warn!(error = %e, "home backend upkeep interrupted; retrying"),
+            Err(e) => {
+                tracing::warn!(database = lane.database(), error = %e, "home backend upkeep interrupted; retrying")
+            }
             Ok(()) => {}
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
-async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(), ReplicationError> {
+async fn home_upkeep(node: &Arc<Node>, lane: &Lane) -> Result<(), ReplicationError> {
+    let config = &lane.config;
     let home = node.config.home_backend();
     let origin = connect_backend(home, config).await?;
     capture::install(&origin, node.config.node.id).await?;
@@ -79,7 +89,7 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
         .backends
         .iter()
         .filter(|b| b.name != home.name)
-        .map(|b| (b.name.clone(), slot_name(node.config.node.id, &b.name)))
+        .map(|b| (b.name.clone(), lane.slot_name(node.config.node.id, &b.name)))
         .collect();
     // Sessions are admitted once the schema is ready; a change committed
     // before its stream's slot exists would never reach that peer, so the
@@ -91,12 +101,9 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
         };
         stream.ensure_slot(&origin).await?;
     }
-    node.schema_installed();
+    lane.schema_installed();
     // Commits waiting for a scope ask for the home backend's flush position.
-    let mut flush_requests = match &node.progress {
-        Some(progress) => Some(progress.flush_requests_rx.lock().await),
-        None => None,
-    };
+    let mut flush_requests = Some(lane.progress.flush_requests_rx.lock().await);
     let mut lag_check = tokio::time::interval(Duration::from_secs(1));
     let mut observe_every = Backoff::new(OBSERVE_INTERVAL, OBSERVE_INTERVAL_MAX);
     let observe = tokio::time::sleep(observe_every.wait());
@@ -139,7 +146,9 @@ async fn home_upkeep(node: &Arc<Node>, config: &ReplicationConfig) -> Result<(),
                         retained: row.get::<_, Option<f64>>(2).unwrap_or(0.0),
                         lost: row.get::<_, Option<bool>>(3).unwrap_or(false),
                     };
-                    if let Some(m) = node.metrics.peer(peer) {
+                    // (Per peer: the main database's slots. Every
+                    // database's slots are watched below.)
+                    if let Some(m) = node.metrics.peer(peer).filter(|_| lane.main) {
                         m.lag_bytes.set(state.lag);
                         m.slot_retained_bytes.set(state.retained);
                         m.slot_invalidated.set(if state.lost { 1.0 } else { 0.0 });

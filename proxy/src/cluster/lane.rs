@@ -1,0 +1,129 @@
+//! One replicated database on this node: a lane. Each database that
+//! replicates (`replication.database`, and `replication.databases`) has
+//! its own chorus schema on every backend, its own streams (slots are
+//! per database in PostgreSQL), its own application of the DDL log and
+//! its own progress, which its sessions' commit scopes wait on. Roles,
+//! databases and tablespaces are cluster-wide: their DDL is applied in
+//! the main lane, `replication.database`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::cluster::ddl_progress::DdlProgress;
+use crate::config::{Config, ReplicationConfig};
+use crate::scope::ReplicationProgress;
+
+/// A replicated database's state on this node.
+pub struct Lane {
+    /// The replication settings, `database` being this lane's.
+    pub config: ReplicationConfig,
+    /// Whether this is `replication.database`, where cluster-wide DDL is
+    /// applied.
+    pub main: bool,
+    /// How far this lane's streams have brought the home backend's
+    /// changes to the peers (commit scopes wait on it).
+    pub progress: Arc<ReplicationProgress>,
+    /// How far the DDL log is applied in this database on the home
+    /// backend.
+    pub ddl: DdlProgress,
+    /// Whether the chorus schema is installed in this database on the
+    /// home backend.
+    schema_ready: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane")
+            .field("database", &self.config.database)
+            .field("main", &self.main)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lane {
+    /// The lanes of a node's configuration, the main one first (none
+    /// without replication).
+    pub fn all(config: &Config) -> Vec<Arc<Lane>> {
+        let Some(replication) = &config.replication else {
+            return Vec::new();
+        };
+        let home = config.home_backend().name.clone();
+        let peers: Vec<String> = config
+            .backends
+            .iter()
+            .filter(|b| b.name != home)
+            .map(|b| b.name.clone())
+            .collect();
+        replication
+            .replicated_databases()
+            .map(|database| {
+                let config = replication.for_database(database);
+                Arc::new(Lane {
+                    main: database == replication.database,
+                    progress: Arc::new(ReplicationProgress::new(&peers, peers.len() + 1)),
+                    ddl: DdlProgress::new(config.clone()),
+                    config,
+                    schema_ready: watch::channel(false).0,
+                })
+            })
+            .collect()
+    }
+
+    /// The database.
+    pub fn database(&self) -> &str {
+        &self.config.database
+    }
+
+    /// The chorus schema is installed in this database on the home
+    /// backend.
+    pub fn schema_installed(&self) {
+        self.schema_ready.send_replace(true);
+    }
+
+    /// Wait (at most `limit`) until the chorus schema is installed here on
+    /// the home backend; whether it is.
+    pub async fn wait_schema_ready(&self, limit: Duration) -> bool {
+        let mut ready = self.schema_ready.subscribe();
+        let waited = tokio::time::timeout(limit, ready.wait_for(|r| *r)).await;
+        matches!(waited, Ok(Ok(_)))
+    }
+
+    /// The name of the slot that streams `owner`'s backend to `peer` in
+    /// this database: the main lane's names are those of old, another
+    /// lane's end in a tag of its database (slot names are cluster-wide
+    /// in PostgreSQL, and a database's name may not fit in one).
+    pub fn slot_name(&self, owner: u16, peer: &str) -> String {
+        let base = crate::cluster::replication::slot_name(owner, peer);
+        if self.main {
+            base
+        } else {
+            format!("{base}_in_{}", database_tag(self.database()))
+        }
+    }
+}
+
+/// A short, stable tag of a database name: FNV-1a, 32 bits, in hex (the
+/// same in every release and on every node, unlike std's hasher).
+pub fn database_tag(database: &str) -> String {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in database.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    format!("{hash:08x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_tags_are_stable_and_differ() {
+        // FNV-1a's published value for "a".
+        assert_eq!(database_tag("a"), "e40c292c");
+        assert_ne!(database_tag("app"), database_tag("apq"));
+        assert_eq!(database_tag("app").len(), 8);
+    }
+}

@@ -1,0 +1,207 @@
+//! Several replicated databases: each has its own chorus schema, streams
+//! and DDL on every backend; DDL and writes apply in the database where
+//! they were sent; cluster-wide objects (roles) once per backend.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/link.rs"]
+mod link;
+#[path = "common/procs.rs"]
+mod procs;
+#[path = "common/relay.rs"]
+mod relay;
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+/// One text value of `sql` on `client` (empty on error or NULL).
+async fn text(client: &Client, sql: &str) -> String {
+    match client.query_one(sql, &[]).await {
+        Ok(row) => row.get::<_, Option<String>>(0).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Wait (bounded) until `sql` gives `expected` in `database` on every
+/// backend.
+async fn everywhere(c: &procs::Cluster, database: &str, sql: &str, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Vec::new();
+    while Instant::now() < deadline {
+        last.clear();
+        for b in 1..=3 {
+            last.push(text(&c.direct_db(b, database).await, sql).await);
+        }
+        if last.iter().all(|v| v == expected) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{database}: backends never all gave {expected:?} for {sql}: {last:?}");
+}
+
+/// Wait (bounded) until `sql` gives the same value, not empty, in
+/// `database` on every backend (each read again every round).
+async fn converged(c: &procs::Cluster, database: &str, sql: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Vec::new();
+    while Instant::now() < deadline {
+        last.clear();
+        for b in 1..=3 {
+            last.push(text(&c.direct_db(b, database).await, sql).await);
+        }
+        if !last[0].is_empty() && last.iter().all(|v| *v == last[0]) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{database}: backends did not converge on {sql}: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_and_writes_apply_in_the_database_where_they_were_sent() {
+    let c = procs::cluster_opts(procs::Options {
+        replication: "databases = [\"app\"]".into(),
+        prepare: vec!["CREATE DATABASE app".into(); 3],
+        ..procs::Options::default()
+    })
+    .await;
+    // The same table name in both databases, with different columns, DDL
+    // and rows in a transaction over the extended protocol.
+    let app1 = c.via_db(1, "app").await;
+    app1.batch_execute("BEGIN").await.unwrap();
+    app1.execute("CREATE TABLE t (id int PRIMARY KEY, v text)", &[])
+        .await
+        .unwrap();
+    app1.execute("INSERT INTO t VALUES ($1, $2)", &[&1i32, &"app via 1"])
+        .await
+        .unwrap();
+    app1.batch_execute("COMMIT").await.unwrap();
+    let main2 = c.via_db(2, "postgres").await;
+    main2
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, w int); INSERT INTO t VALUES (7, 70)")
+        .await
+        .unwrap();
+    // Writes to app through the other nodes; an index built concurrently
+    // (the DDL log's route) in app; a role (cluster-wide) created from a
+    // session on app, and a grant to it in app.
+    let app3 = c.via_db(3, "app").await;
+    app3.execute("INSERT INTO t VALUES ($1, $2)", &[&3i32, &"app via 3"])
+        .await
+        .unwrap();
+    let app2 = c.via_db(2, "app").await;
+    app2.batch_execute("INSERT INTO t VALUES (2, 'app via 2')")
+        .await
+        .unwrap();
+    app2.batch_execute("CREATE INDEX CONCURRENTLY t_v ON t (v)")
+        .await
+        .unwrap();
+    app2.batch_execute("CREATE ROLE app_reader").await.unwrap();
+    app3.batch_execute("GRANT SELECT ON t TO app_reader")
+        .await
+        .unwrap();
+
+    everywhere(
+        &c,
+        "app",
+        "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM t",
+        "1:app via 1,2:app via 2,3:app via 3",
+    )
+    .await;
+    everywhere(
+        &c,
+        "postgres",
+        "SELECT string_agg(id || ':' || w, ',' ORDER BY id) FROM t",
+        "7:70",
+    )
+    .await;
+    let index = "SELECT count(*)::text FROM pg_indexes WHERE indexname = 't_v'";
+    everywhere(&c, "app", index, "1").await;
+    everywhere(&c, "postgres", index, "0").await;
+    everywhere(
+        &c,
+        "app",
+        "SELECT has_table_privilege('app_reader', 't', 'SELECT')::text",
+        "true",
+    )
+    .await;
+    // A role is dropped after the REVOKE that another database's DDL sent
+    // first, on every backend (its DROP waits for that database), and a
+    // commit under scope `all` in app waits for app's own streams.
+    app3.batch_execute("REVOKE SELECT ON t FROM app_reader")
+        .await
+        .unwrap();
+    c.via_db(1, "postgres")
+        .await
+        .batch_execute("DROP ROLE app_reader")
+        .await
+        .unwrap();
+    app1.batch_execute("SET chorus.commit_scope = 'all'; INSERT INTO t VALUES (4, 'all')")
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        let app = c.direct_db(b, "app").await;
+        assert_eq!(
+            text(&app, "SELECT v FROM t WHERE id = 4").await,
+            "all",
+            "backend {b}"
+        );
+    }
+    everywhere(
+        &c,
+        "postgres",
+        "SELECT count(*)::text FROM pg_roles WHERE rolname = 'app_reader'",
+        "0",
+    )
+    .await;
+    for database in ["app", "postgres"] {
+        everywhere(
+            &c,
+            database,
+            "SELECT count(*)::text FROM chorus.ddl_history WHERE error IS NOT NULL",
+            "0",
+        )
+        .await;
+    }
+    // Each database's DDL history, on every backend alike, holds every
+    // entry of the log: its own, and markers for the others'.
+    for database in ["app", "postgres"] {
+        let history =
+            "SELECT string_agg(seq || ':' || (command LIKE '-- %')::text, ',' ORDER BY seq) \
+                       FROM chorus.ddl_history";
+        converged(&c, database, history).await;
+    }
+    // Both databases' schemas are identical on every backend.
+    for database in ["app", "postgres"] {
+        let port = |b: usize| c.backends[b - 1].port();
+        let dump = common::schema_dump(port(1), database, &[]);
+        for b in 2..=3 {
+            assert_eq!(
+                common::schema_dump(port(b), database, &[]),
+                dump,
+                "{database} on backend {b}"
+            );
+        }
+    }
+
+    // A database that is neither replicated nor local is refused, and
+    // the message names both settings.
+    for b in 1..=3 {
+        c.direct(b)
+            .await
+            .batch_execute("CREATE DATABASE elsewhere")
+            .await
+            .unwrap();
+    }
+    let refused = common::connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=elsewhere",
+        c.ports[0]
+    ))
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("0A000"));
+    let text = procs::message(&refused);
+    assert!(text.contains("replication.databases"), "{text}");
+}
