@@ -31,21 +31,16 @@ use crate::node::Node;
 use crate::protocol;
 
 /// Apply the committed DDL log to the home backend, in order, in every
-/// replicated database, for as long as the node runs.
+/// replicated database (those that join later too), for as long as the
+/// node runs.
 pub async fn run_applier(node: Arc<Node>, consensus: Arc<Consensus>) {
     let home = node.config.home_backend().clone();
     let me = u64::from(node.config.node.id);
-    let mut lanes = tokio::task::JoinSet::new();
-    for lane in node.lanes() {
-        lanes.spawn(run_foreign_applier(
-            node.clone(),
-            consensus.clone(),
-            lane.clone(),
-            home.clone(),
-            me,
-        ));
-    }
-    while lanes.join_next().await.is_some() {}
+    let each = node.clone();
+    each.each_lane(|lane| {
+        run_foreign_applier(node.clone(), consensus.clone(), lane, home.clone(), me)
+    })
+    .await;
 }
 
 /// Apply the committed DDL log in one database (`lane`) to `backend`, the
@@ -160,13 +155,9 @@ async fn apply_log(
     };
     // The other databases of this backend, connected when needed: the main
     // lane waits for them before a cluster-wide statement, another lane for
-    // the main one after it.
-    let mut others: Vec<(Arc<Lane>, Option<Client>)> = node
-        .lanes()
-        .iter()
-        .filter(|l| l.database() != lane.database())
-        .map(|l| (l.clone(), None))
-        .collect();
+    // the main one after it. (Looked at again before each entry: a database
+    // may join.)
+    let mut others: Vec<(Arc<Lane>, Option<Client>)> = Vec::new();
     let mut applied = index_of(&client).await?;
     if home {
         lane.ddl.set_applied(applied);
@@ -198,6 +189,13 @@ async fn apply_log(
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         for entry in entries {
+            for other in node.lanes() {
+                if other.database() != lane.database()
+                    && !others.iter().any(|(l, _)| l.database() == other.database())
+                {
+                    others.push((other, None));
+                }
+            }
             let role = entry_role(lane, &entry);
             // Its DDL travels in its transaction's change stream (see
             // cluster::ddl_lease). Anything else waits until this backend
@@ -761,8 +759,9 @@ async fn answer(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, out: 
     // Cluster-wide objects are applied in the main database; the rest of
     // the log's statements in the session's.
     let cluster_wide = chorus_router::cluster_wide(&job.sql);
-    let applier = match node.main_lane() {
-        Some(main) if cluster_wide => main.as_ref(),
+    let main = node.main_lane();
+    let applier: &Lane = match &main {
+        Some(main) if cluster_wide => main,
         _ => lane,
     };
     let timeout = node.config.ddl_timeout();

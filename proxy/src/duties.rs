@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use chorus_consensus::{Consensus, Request};
 
+use crate::cluster::lane::Lane;
 use crate::cluster::replication::{self, ReplicationError};
 use crate::config::BackendConfig;
 use crate::node::Node;
@@ -74,45 +75,40 @@ pub async fn run(node: Arc<Node>) {
                 continue;
             }
             let mut tasks = Vec::new();
-            // Each replicated database's streams, on their own.
-            for lane in node.lanes() {
+            // Each replicated database's streams, on their own (those of a
+            // database that joins later too).
+            {
                 let node = node.clone();
-                let lane = lane.clone();
                 let fenced_tx = fenced_tx.clone();
                 let duty = duty.clone();
                 tasks.push(tokio::spawn(async move {
-                    loop {
-                        match replication::drive(&node, &lane, &duty.backend, duty.owner, duty.epoch)
-                            .await
-                        {
-                            Err(ReplicationError::Fenced(why)) => {
-                                node.metrics.fenced();
-                                tracing::warn!(backend = %duty.backend.name, database = lane.database(), epoch = duty.epoch, %why, "fenced: another node drives this backend now");
-                                let _ = fenced_tx.send((duty.backend.name.clone(), duty.epoch));
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::warn!(backend = %duty.backend.name, database = lane.database(), error = %e, "replication interrupted; retrying")
-                            }
-                            Ok(()) => {}
-                        }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
+                    let each = node.clone();
+                    each.each_lane(|lane| {
+                        drive_lane(node.clone(), lane, duty.clone(), fenced_tx.clone())
+                    })
+                    .await;
                 }));
             }
             // Another node's backend: its DDL log too (the home backend's
             // applier always runs, see server.rs).
             if u64::from(duty.owner) != me {
-                if let Some(consensus) = node.consensus() {
-                    for lane in node.lanes() {
-                        tasks.push(tokio::spawn(crate::ddl::run_foreign_applier(
-                            node.clone(),
-                            consensus.clone(),
-                            lane.clone(),
-                            duty.backend.clone(),
-                            u64::from(duty.owner),
-                        )));
-                    }
+                if let Some(consensus) = node.consensus().cloned() {
+                    let node = node.clone();
+                    let backend = duty.backend.clone();
+                    let owner = u64::from(duty.owner);
+                    tasks.push(tokio::spawn(async move {
+                        let each = node.clone();
+                        each.each_lane(|lane| {
+                            crate::ddl::run_foreign_applier(
+                                node.clone(),
+                                consensus.clone(),
+                                lane,
+                                backend.clone(),
+                                owner,
+                            )
+                        })
+                        .await;
+                    }));
                 }
             }
             node.metrics.driving(&name, true);
@@ -123,6 +119,30 @@ pub async fn run(node: Arc<Node>) {
             running.contains_key(&node.config.home_backend().name),
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+}
+
+/// Drive one backend's streams in one database until fenced.
+async fn drive_lane(
+    node: Arc<Node>,
+    lane: Arc<Lane>,
+    duty: Duty,
+    fenced_tx: tokio::sync::mpsc::UnboundedSender<(String, u64)>,
+) {
+    loop {
+        match replication::drive(&node, &lane, &duty.backend, duty.owner, duty.epoch).await {
+            Err(ReplicationError::Fenced(why)) => {
+                node.metrics.fenced();
+                tracing::warn!(backend = %duty.backend.name, database = lane.database(), epoch = duty.epoch, %why, "fenced: another node drives this backend now");
+                let _ = fenced_tx.send((duty.backend.name.clone(), duty.epoch));
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(backend = %duty.backend.name, database = lane.database(), error = %e, "replication interrupted; retrying")
+            }
+            Ok(()) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -49,8 +49,11 @@ pub struct Node {
     /// This node's hybrid logical clock, stamped on every write transaction.
     pub clock: HybridClock,
     /// The replicated databases (see lane.rs), the main one first; none
-    /// without replication.
-    lanes: Vec<Arc<Lane>>,
+    /// without replication. Databases created through Chorus join them
+    /// (`lane::follow`).
+    lanes: std::sync::RwLock<Vec<Arc<Lane>>>,
+    /// Bumped whenever a lane joins.
+    lanes_changed: watch::Sender<u64>,
     /// This node's Raft member (set when the node starts, with `[cluster]`).
     consensus: std::sync::OnceLock<Arc<chorus_consensus::Consensus>>,
     /// Per backend (in config order): whether it was last seen down.
@@ -94,7 +97,8 @@ impl Node {
             .collect();
         Ok(Arc::new(Node {
             clock,
-            lanes: Lane::all(&config),
+            lanes: std::sync::RwLock::new(Lane::all(&config)),
+            lanes_changed: watch::channel(0).0,
             metrics: Arc::new(Metrics::new(&backends, &config.home_backend().name)),
             config,
             cancel_keys: Arc::new(CancelRegistry::default()),
@@ -214,19 +218,66 @@ impl Node {
 
     /// The replicated databases, the main one first (none without
     /// replication).
-    pub fn lanes(&self) -> &[Arc<Lane>] {
-        &self.lanes
+    pub fn lanes(&self) -> Vec<Arc<Lane>> {
+        self.lanes.read().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// The lane of a replicated database.
-    pub fn lane(&self, database: &str) -> Option<&Arc<Lane>> {
-        self.lanes.iter().find(|l| l.database() == database)
+    pub fn lane(&self, database: &str) -> Option<Arc<Lane>> {
+        self.lanes
+            .read()
+            .ok()?
+            .iter()
+            .find(|l| l.database() == database)
+            .cloned()
     }
 
     /// The lane of `replication.database`, where cluster-wide DDL is
     /// applied.
-    pub fn main_lane(&self) -> Option<&Arc<Lane>> {
-        self.lanes.first()
+    pub fn main_lane(&self) -> Option<Arc<Lane>> {
+        self.lanes.read().ok()?.first().cloned()
+    }
+
+    /// A database joins replication (see `lane::follow`); whether it is
+    /// new.
+    pub(crate) fn add_lane(&self, database: &str) -> bool {
+        let Ok(mut lanes) = self.lanes.write() else {
+            return false;
+        };
+        if lanes.iter().any(|l| l.database() == database) {
+            return false;
+        }
+        let Some(lane) = Lane::joining(&self.config, database) else {
+            return false;
+        };
+        lanes.push(lane);
+        drop(lanes);
+        self.lanes_changed.send_modify(|n| *n += 1);
+        true
+    }
+
+    /// Run `start` for every lane, and for each that joins later, until
+    /// the returned future is dropped, which ends them all.
+    pub async fn each_lane<F, Fut>(&self, start: F)
+    where
+        F: Fn(Arc<Lane>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut changed = self.lanes_changed.subscribe();
+        let mut started: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            for lane in self.lanes() {
+                if started.insert(lane.database().to_owned()) {
+                    tasks.spawn(start(lane));
+                }
+            }
+            if changed.changed().await.is_err() {
+                // (The node is gone.)
+                while tasks.join_next().await.is_some() {}
+                return;
+            }
+        }
     }
 
     /// Wait (at most `limit`) until the chorus schema is on the home

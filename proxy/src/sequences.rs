@@ -26,22 +26,22 @@ use crate::node::Node;
 const TICK: Duration = Duration::from_millis(100);
 const TICK_MAX: Duration = Duration::from_secs(1);
 
-/// Run the upkeep, in every replicated database, for as long as the node
-/// runs.
+/// Run the upkeep, in every replicated database (those that join later
+/// too), for as long as the node runs.
 pub async fn run(node: Arc<Node>, consensus: Arc<Consensus>) {
-    let mut lanes = tokio::task::JoinSet::new();
-    for lane in node.lanes() {
-        let (node, consensus, lane) = (node.clone(), consensus.clone(), lane.clone());
-        lanes.spawn(async move {
+    let each = node.clone();
+    each.each_lane(|lane| {
+        let (node, consensus) = (node.clone(), consensus.clone());
+        async move {
             loop {
                 if let Err(e) = upkeep(&node, &consensus, &lane).await {
                     tracing::warn!(database = lane.database(), error = %e, "sequence upkeep failed; retrying");
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-        });
-    }
-    while lanes.join_next().await.is_some() {}
+        }
+    })
+    .await;
 }
 
 async fn upkeep(node: &Node, consensus: &Consensus, lane: &Lane) -> Result<(), ReplicationError> {

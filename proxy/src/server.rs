@@ -228,6 +228,10 @@ pub async fn run_node_with(
         node.set_consensus(consensus.clone());
         background.spawn(crate::ddl::run_applier(node.clone(), consensus.clone()));
         background.spawn(crate::sequences::run(node.clone(), consensus.clone()));
+        background.spawn(crate::cluster::databases::follow(
+            node.clone(),
+            consensus.clone(),
+        ));
         background.spawn(crate::duties::reassign(node.clone(), consensus.clone()));
         background.spawn(crate::duties::reconcile_when_lost(
             node.clone(),

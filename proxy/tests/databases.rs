@@ -205,3 +205,71 @@ async fn ddl_and_writes_apply_in_the_database_where_they_were_sent() {
     let text = procs::message(&refused);
     assert!(text.contains("replication.databases"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_created_through_chorus_replicates_on_every_node() {
+    let mut c = procs::cluster_opts(procs::Options {
+        replication: "replicate_created_databases = true".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    c.via(1)
+        .await
+        .batch_execute("CREATE DATABASE shop")
+        .await
+        .unwrap();
+    // At once, through another node: DDL and rows in a transaction.
+    let shop2 = c.via_db(2, "shop").await;
+    shop2
+        .batch_execute(
+            "BEGIN; CREATE TABLE orders (id int PRIMARY KEY, item text); \
+             INSERT INTO orders VALUES (1, 'via 2'); COMMIT",
+        )
+        .await
+        .unwrap();
+    everywhere(
+        &c,
+        "shop",
+        "SELECT count(*)::text FROM chorus.replicated_table WHERE tbl = 'public.orders'",
+        "1",
+    )
+    .await;
+    c.via_db(3, "shop")
+        .await
+        .execute("INSERT INTO orders VALUES ($1, $2)", &[&3i32, &"via 3"])
+        .await
+        .unwrap();
+    everywhere(
+        &c,
+        "shop",
+        "SELECT string_agg(id || ':' || item, ',' ORDER BY id) FROM orders",
+        "1:via 2,3:via 3",
+    )
+    .await;
+    // A node that starts again finds the database in the log and serves
+    // it; what it writes there replicates.
+    c.stop_node(3);
+    c.start_node(3);
+    let shop3 = c.via_db(3, "shop").await;
+    shop3
+        .batch_execute("ALTER TABLE orders ADD COLUMN qty int DEFAULT 1; INSERT INTO orders VALUES (4, 'after restart', 5)")
+        .await
+        .unwrap();
+    everywhere(
+        &c,
+        "shop",
+        "SELECT string_agg(id || ':' || item || ':' || qty, ',' ORDER BY id) FROM orders",
+        "1:via 2:1,3:via 3:1,4:after restart:5",
+    )
+    .await;
+    // Its schema is the same on every backend.
+    let port = |b: usize| c.backends[b - 1].port();
+    let dump = common::schema_dump(port(1), "shop", &[]);
+    for b in 2..=3 {
+        assert_eq!(
+            common::schema_dump(port(b), "shop", &[]),
+            dump,
+            "shop on backend {b}"
+        );
+    }
+}

@@ -181,9 +181,69 @@ pub fn cluster_wide(statement: &str) -> bool {
     !per_database
 }
 
+/// The database a `CREATE DATABASE` statement makes (its name as
+/// PostgreSQL folds it), if `statement` is one.
+pub fn created_database(statement: &str) -> Option<String> {
+    let w = words::<2>(statement);
+    if w.len() < 2 || w[0] != "CREATE" || w[1] != "DATABASE" {
+        return None;
+    }
+    // The text after the two keywords.
+    let (_, rest) = first_keyword(statement)?;
+    let (_, rest) = first_keyword(rest)?;
+    identifier(rest.trim_start())
+}
+
+/// The identifier at the start of `text`: a quoted one as written, an
+/// unquoted one in lower case (ASCII, as PostgreSQL folds it).
+fn identifier(text: &str) -> Option<String> {
+    if let Some(quoted) = text.strip_prefix('"') {
+        let mut name = String::new();
+        let mut chars = quoted.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '"' {
+                if chars.peek() == Some(&'"') {
+                    chars.next();
+                    name.push('"');
+                } else {
+                    return (!name.is_empty()).then_some(name);
+                }
+            } else {
+                name.push(c);
+            }
+        }
+        return None;
+    }
+    let name: String = text
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '$')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_database_a_create_database_makes() {
+        assert_eq!(
+            created_database("CREATE DATABASE shop").as_deref(),
+            Some("shop")
+        );
+        assert_eq!(
+            created_database("create database Shop_2 TEMPLATE template0;").as_deref(),
+            Some("shop_2")
+        );
+        assert_eq!(
+            created_database("CREATE DATABASE \"My \"\"DB\"\" x\" OWNER app").as_deref(),
+            Some("My \"DB\" x")
+        );
+        assert_eq!(created_database("CREATE TABLE database (id int)"), None);
+        assert_eq!(created_database("DROP DATABASE shop"), None);
+        assert_eq!(created_database("CREATE DATABASE"), None);
+    }
 
     #[test]
     fn log_statements_on_cluster_wide_objects_are_told_from_the_others() {

@@ -58,17 +58,33 @@ impl Lane {
             .collect();
         replication
             .replicated_databases()
-            .map(|database| {
-                let config = replication.for_database(database);
-                Arc::new(Lane {
-                    main: database == replication.database,
-                    progress: Arc::new(ReplicationProgress::new(&peers, peers.len() + 1)),
-                    ddl: DdlProgress::new(config.clone()),
-                    config,
-                    schema_ready: watch::channel(false).0,
-                })
-            })
+            .map(|database| Lane::new(replication, &peers, database))
             .collect()
+    }
+
+    /// The lane of a database that joins replication while the node runs
+    /// (one created through Chorus); none without replication.
+    pub fn joining(config: &Config, database: &str) -> Option<Arc<Lane>> {
+        let replication = config.replication.as_ref()?;
+        let home = config.home_backend().name.clone();
+        let peers: Vec<String> = config
+            .backends
+            .iter()
+            .filter(|b| b.name != home)
+            .map(|b| b.name.clone())
+            .collect();
+        Some(Lane::new(replication, &peers, database))
+    }
+
+    fn new(replication: &ReplicationConfig, peers: &[String], database: &str) -> Arc<Lane> {
+        let config = replication.for_database(database);
+        Arc::new(Lane {
+            main: database == replication.database,
+            progress: Arc::new(ReplicationProgress::new(peers, peers.len() + 1)),
+            ddl: DdlProgress::new(config.clone()),
+            config,
+            schema_ready: watch::channel(false).0,
+        })
     }
 
     /// The database.

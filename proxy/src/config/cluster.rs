@@ -226,6 +226,13 @@ pub struct ReplicationConfig {
     /// Each must exist on every backend. Default none.
     #[serde(default)]
     pub databases: Vec<String>,
+    /// Whether a database created through Chorus (`CREATE DATABASE`)
+    /// replicates from then on, unless `local_databases` lists it. A
+    /// replicated database cannot be dropped or renamed while it
+    /// replicates (PostgreSQL refuses while Chorus's connections and
+    /// slots use it). Default false.
+    #[serde(default)]
+    pub replicate_created_databases: bool,
     /// How often an idle stream asks its walsender how far it has sent
     /// (changes arrive without asking), doubling while nothing happens up
     /// to a second. Default 100 ms.
@@ -313,6 +320,7 @@ impl Default for ReplicationConfig {
             database: default_replication_database(),
             local_databases: Vec::new(),
             databases: Vec::new(),
+            replicate_created_databases: false,
             poll_interval_ms: default_poll_interval(),
             commit_scope: CommitScope::default(),
             commit_scope_timeout_ms: default_commit_scope_timeout(),

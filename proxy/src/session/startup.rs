@@ -245,7 +245,16 @@ pub(super) async fn startup(
     // every stamp sets it), so that DDL a function runs there before any
     // stamp is replicated or refused, never kept on one backend. Clients do
     // not set Chorus's own settings this way.
-    let lane = node.lane(&database).cloned();
+    // A database created through Chorus a moment ago may not have joined
+    // replication on this node yet: wait for it, as for the schema below.
+    let mut lane = node.lane(&database);
+    if lane.is_none() && crate::cluster::databases::created_through_chorus(node, &database) {
+        let deadline = std::time::Instant::now() + node.config.backend_connect_timeout();
+        while lane.is_none() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            lane = node.lane(&database);
+        }
+    }
     let replicated = lane.is_some();
     let forwarded: Vec<(String, String)> = params
         .iter()

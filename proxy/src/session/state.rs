@@ -175,10 +175,10 @@ pub(super) const MOVED_SETTINGS: &[&str] = &[
 impl RelayState {
     /// The relay state of a session in `database`.
     pub(super) fn new(node: Option<&Node>, database: &str) -> RelayState {
-        let own = node.and_then(|n| n.lane(database)).cloned();
+        let own = node.and_then(|n| n.lane(database));
         RelayState {
             replicated_database: own.is_some(),
-            lane: own.or_else(|| node.and_then(|n| n.main_lane()).cloned()),
+            lane: own.or_else(|| node.and_then(|n| n.main_lane())),
             pending: Mutex::new(VecDeque::new()),
             stamps: AtomicU32::new(0),
             tx_status: AtomicU8::new(b'I'),

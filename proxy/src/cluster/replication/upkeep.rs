@@ -49,14 +49,12 @@ async fn observe_remote_versions(node: &Node, home: &Client) -> Result<i64, Repl
     Ok(newest)
 }
 
-/// The home backend's upkeep in every replicated database, for as long as
-/// the node runs.
+/// The home backend's upkeep in every replicated database (those that join
+/// later too), for as long as the node runs.
 pub async fn run_home_upkeep(node: Arc<Node>) {
-    let mut lanes = tokio::task::JoinSet::new();
-    for lane in node.lanes() {
-        lanes.spawn(run_lane_upkeep(node.clone(), lane.clone()));
-    }
-    while lanes.join_next().await.is_some() {}
+    let each = node.clone();
+    each.each_lane(|lane| run_lane_upkeep(node.clone(), lane))
+        .await;
 }
 
 /// The home backend's upkeep in one database (a lane): the chorus schema,
