@@ -28,8 +28,9 @@ use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 
 pub use network::ProposeFailure;
-use network::{Conn, Credentials, Io, Network, Peer, Reply, Rpc, HANDSHAKE_TIMEOUT};
+use network::{Conn, Credentials, Network, Peer, Reply, Rpc, HANDSHAKE_TIMEOUT};
 pub use store::Shared;
+use tls::Io;
 pub use tls::RaftTls;
 use types::TypeConfig;
 pub use types::{

@@ -21,10 +21,10 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
 
-use crate::tls::RaftTls;
+use crate::tls::{Io, RaftTls};
 
 use crate::types::{Request, Response, TypeConfig};
 
@@ -113,10 +113,6 @@ pub enum CallError {
         source: std::io::Error,
     },
 }
-
-/// A Raft RPC connection's transport: TCP, or TLS over it.
-pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 
 /// A buffered Raft RPC connection.
 pub(crate) type Conn = BufStream<Box<dyn Io>>;

@@ -99,7 +99,7 @@ pub async fn run(node: Arc<Node>) {
                     tasks.push(tokio::spawn(async move {
                         let each = node.clone();
                         each.each_lane(|lane| {
-                            crate::ddl::run_foreign_applier(
+                            crate::cluster::ddl::run_foreign_applier(
                                 node.clone(),
                                 consensus.clone(),
                                 lane,

@@ -14,7 +14,6 @@ pub mod cancel;
 pub mod capture;
 pub mod cluster;
 pub mod config;
-pub mod ddl;
 pub mod demo;
 pub mod duties;
 pub mod frontend;

@@ -226,7 +226,10 @@ pub async fn run_node_with(
         let consensus =
             chorus_consensus::Consensus::start(cluster.consensus(node.config.node.id)).await?;
         node.set_consensus(consensus.clone());
-        background.spawn(crate::ddl::run_applier(node.clone(), consensus.clone()));
+        background.spawn(crate::cluster::ddl::run_applier(
+            node.clone(),
+            consensus.clone(),
+        ));
         background.spawn(crate::sequences::run(node.clone(), consensus.clone()));
         background.spawn(crate::cluster::databases::follow(
             node.clone(),

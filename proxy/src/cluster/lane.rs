@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::cluster::ddl_progress::DdlProgress;
+use crate::cluster::ddl::progress::DdlProgress;
 use crate::config::{Config, ReplicationConfig};
 use crate::scope::ReplicationProgress;
 

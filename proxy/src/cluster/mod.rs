@@ -2,7 +2,6 @@
 //! here from the flat `proxy/src` as they are rewritten.)
 
 pub mod databases;
-pub mod ddl_lease;
-pub mod ddl_progress;
+pub mod ddl;
 pub mod lane;
 pub mod replication;

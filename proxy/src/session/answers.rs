@@ -9,15 +9,16 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::cluster::ddl_lease;
+use crate::cluster::ddl;
+use crate::cluster::ddl::lease as ddl_lease;
+use crate::cluster::ddl::{DdlJob, JobStep};
 use crate::cluster::lane::Lane;
 use crate::config::{CommitScope, TimeoutAction};
-use crate::ddl::{DdlJob, JobStep};
 use crate::metrics::ErrorKind;
 use crate::node::Node;
 use crate::protocol::Severity;
 use crate::stamp::Verdict;
-use crate::{ddl, protocol, scope};
+use crate::{protocol, scope};
 
 use super::client::apply_scope_changes;
 use super::pump::{forward, read_more, Flow, PumpError, PumpSide};

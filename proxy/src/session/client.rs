@@ -8,13 +8,14 @@ use bytes::BytesMut;
 use chorus_router::{ddl_route, first_keyword, split_statements, DdlRoute, StatementClass};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::cluster::ddl_lease;
-use crate::ddl::DdlJob;
+use crate::cluster::ddl;
+use crate::cluster::ddl::lease as ddl_lease;
+use crate::cluster::ddl::DdlJob;
 use crate::frontend::{is_inspected, query_stamps, FrontendEvent};
 use crate::node::Node;
 use crate::scope::{DdlScopeChange, ScopeChange};
 use crate::stamp::{StampKind, Swallower};
-use crate::{ddl, protocol, scope, stamp};
+use crate::{protocol, scope, stamp};
 
 use super::pump::{pump, Flow, PumpError};
 use super::state::{ClientSide, Pending, RelayEnd, RelayState};
@@ -115,7 +116,7 @@ where
             match tag {
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'H' if *batch_start => {
                     // A batch with replicated DDL takes the cluster DDL
-                    // lease first (see cluster::ddl_lease); the stamp at
+                    // lease first (see cluster::ddl::lease); the stamp at
                     // its start then carries the lease's number.
                     if replicating
                         && !state.ddl_is_local()
@@ -273,7 +274,7 @@ where
                             && state.tx_status.load(Ordering::Relaxed) != b'E'
                         {
                             // In its transaction's change stream, under the
-                            // cluster DDL lease (see cluster::ddl_lease).
+                            // cluster DDL lease (see cluster::ddl::lease).
                             if state.needs_lease() {
                                 return Ok(Flow::Await);
                             }
@@ -300,7 +301,7 @@ where
                         }
                         // In a failed transaction the backend refuses it
                         // (25P02) as it is; otherwise it is validated here
-                        // and replicated through the DDL log (see ddl.rs).
+                        // and replicated through the DDL log (see cluster/ddl/).
                         if by_log
                             && !log_in_stream
                             && state.tx_status.load(Ordering::Relaxed) != b'E'

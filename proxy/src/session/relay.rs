@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::BackendStream;
-use crate::cluster::ddl_lease;
+use crate::cluster::ddl::lease as ddl_lease;
 use crate::metrics::{ErrorKind, GaugeGuard};
 use crate::node::Node;
 use crate::protocol::{read_message, Severity};

@@ -10,10 +10,10 @@ use bytes::BytesMut;
 use rand::RngCore;
 
 use crate::backend::LoginParams;
-use crate::cluster::ddl_lease;
-use crate::cluster::ddl_lease::LeaseRefusal;
+use crate::cluster::ddl::lease as ddl_lease;
+use crate::cluster::ddl::lease::LeaseRefusal;
+use crate::cluster::ddl::DdlJob;
 use crate::cluster::lane::Lane;
-use crate::ddl::DdlJob;
 use crate::frontend::FrontendState;
 use crate::metrics::GaugeGuard;
 use crate::node::Node;
@@ -59,7 +59,7 @@ pub(super) enum Pending {
     },
     /// A clock stamp of the relay's own, whose answers are swallowed.
     Stamp(Swallower),
-    /// A replicated DDL query, being validated (see ddl.rs).
+    /// A replicated DDL query, being validated (see cluster/ddl/).
     Ddl(DdlJob),
 }
 
@@ -94,7 +94,7 @@ pub(super) struct RelayState {
     /// (see `move_session`). Cleared by the next error or idle status.
     pub(super) lost_transaction: AtomicBool,
     /// The cluster DDL lease of the current transaction (see
-    /// cluster::ddl_lease): its number, 0 when none.
+    /// cluster::ddl::lease): its number, 0 when none.
     pub(super) ddl_lease: AtomicU64,
     /// This session's part of the lease holder's name.
     pub(super) lease_token: u64,

@@ -408,7 +408,7 @@ async fn run_stream(
             };
             if needed > peer_ddl {
                 match client
-                    .query_one(crate::cluster::ddl_progress::INDEX_SQL, &[])
+                    .query_one(crate::cluster::ddl::progress::INDEX_SQL, &[])
                     .await
                 {
                     Ok(row) => peer_ddl = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
