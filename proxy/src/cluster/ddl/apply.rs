@@ -207,10 +207,32 @@ async fn apply_log(
                         // A cluster-wide statement also waits for every
                         // other database's DDL before it (a role is dropped
                         // only after the REVOKE that came first).
+                        // (A database this backend lacks, or whose
+                        // schema is not installed here yet, has no DDL to
+                        // wait for.)
                         for (other, slot) in &mut others {
-                            let c = other_client(slot, backend, other).await?;
-                            wait_index(c, entry.after, &backend.name, other.database(), entry.seq)
+                            let c = match other_client(slot, backend, other).await {
+                                Ok(c) => c,
+                                Err(ReplicationError::Sql(e)) if missing(&e) => continue,
+                                Err(e) => return Err(e),
+                            };
+                            let installed: bool = c
+                                .query_one(
+                                    "SELECT to_regclass('chorus.ddl_history') IS NOT NULL",
+                                    &[],
+                                )
+                                .await?
+                                .get(0);
+                            if installed {
+                                wait_index(
+                                    c,
+                                    entry.after,
+                                    &backend.name,
+                                    other.database(),
+                                    entry.seq,
+                                )
                                 .await?;
+                            }
                         }
                     }
                     let here = Applying {
@@ -240,6 +262,11 @@ async fn apply_log(
             }
         }
     }
+}
+
+/// Whether a connection failed because its database does not exist.
+fn missing(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME)
 }
 
 /// The connection to another database of `backend`, made on first use.
