@@ -83,6 +83,17 @@ async fn ddl_and_writes_apply_in_the_database_where_they_were_sent() {
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, w int); INSERT INTO t VALUES (7, 70)")
         .await
         .unwrap();
+    // (DDL waits for the other backends only a moment: under load this
+    // test waits for the tables itself.)
+    for database in ["app", "postgres"] {
+        everywhere(
+            &c,
+            database,
+            "SELECT count(*)::text FROM chorus.replicated_table WHERE tbl = 'public.t'",
+            "1",
+        )
+        .await;
+    }
     // Writes to app through the other nodes; an index built concurrently
     // (the DDL log's route) in app; a role (cluster-wide) created from a
     // session on app, and a grant to it in app.
