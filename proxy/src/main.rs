@@ -114,6 +114,10 @@ enum Command {
         /// node_exporter's textfile collector).
         #[arg(long)]
         metrics_file: Option<PathBuf>,
+        /// The replicated database to compare (default: the configuration's
+        /// `replication.database`).
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Change the cluster's Raft membership, through any running node.
     Cluster {
@@ -283,8 +287,12 @@ fn main() -> anyhow::Result<()> {
             settle_ms,
             json,
             metrics_file,
+            database,
         } => {
-            let config = Config::load(&config)?;
+            let mut config = Config::load(&config)?;
+            if let (Some(database), Some(replication)) = (database, config.replication.as_mut()) {
+                replication.database = database;
+            }
             let options = chorus_proxy::ops::check::CheckOptions {
                 settle: std::time::Duration::from_millis(settle_ms),
                 ..Default::default()

@@ -196,6 +196,13 @@ async fn ddl_and_writes_apply_in_the_database_where_they_were_sent() {
         }
     }
 
+    // `chorus check` compares app's tables when asked for app: its t has
+    // four rows (postgres's one), the same everywhere.
+    let report: serde_json::Value =
+        serde_json::from_str(&c.chorus(1, &["check", "--database", "app", "--json"])).unwrap();
+    assert_eq!(report["rows"], 4, "{report}");
+    assert_eq!(report["differing_buckets"], 0, "{report}");
+
     // A database that is neither replicated nor local is refused, and
     // the message names both settings.
     for b in 1..=3 {
