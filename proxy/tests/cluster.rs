@@ -2401,6 +2401,10 @@ async fn the_adopt_command_makes_existing_tables_replicate() {
             .await
             .unwrap();
     }
+    // `chorus adopt` needs the schema, which each node installs on its
+    // home backend as it starts.
+    c.expect_everywhere("SELECT count(*)::text FROM chorus.local", "1")
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("chorus.toml");
     let mut toml = format!(
