@@ -23,9 +23,10 @@ async fn text(client: &Client, sql: &str) -> String {
     }
 }
 
-/// Wait (bounded) until `sql` gives `expected` in `database` on every
-/// backend.
-async fn everywhere(c: &procs::Cluster, database: &str, sql: &str, expected: &str) {
+/// Wait (bounded) until `sql` gives the same value in `database` on every
+/// backend (each read again every round): `expected`, or with `None` any
+/// value but the empty one.
+async fn agree(c: &procs::Cluster, database: &str, sql: &str, expected: Option<&str>) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = Vec::new();
     while Instant::now() < deadline {
@@ -33,30 +34,25 @@ async fn everywhere(c: &procs::Cluster, database: &str, sql: &str, expected: &st
         for b in 1..=3 {
             last.push(text(&c.direct_db(b, database).await, sql).await);
         }
-        if last.iter().all(|v| v == expected) {
+        let first = last[0].as_str();
+        let wanted = expected.is_none_or(|e| e == first) && !first.is_empty();
+        if wanted && last.iter().all(|v| v == first) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{database}: backends never all gave {expected:?} for {sql}: {last:?}");
+    panic!("{database}: backends never agreed on {expected:?} for {sql}: {last:?}");
 }
 
-/// Wait (bounded) until `sql` gives the same value, not empty, in
-/// `database` on every backend (each read again every round).
+/// Wait until `sql` gives `expected` in `database` on every backend.
+async fn everywhere(c: &procs::Cluster, database: &str, sql: &str, expected: &str) {
+    agree(c, database, sql, Some(expected)).await;
+}
+
+/// Wait until `sql` gives the same value, not empty, in `database` on
+/// every backend.
 async fn converged(c: &procs::Cluster, database: &str, sql: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = Vec::new();
-    while Instant::now() < deadline {
-        last.clear();
-        for b in 1..=3 {
-            last.push(text(&c.direct_db(b, database).await, sql).await);
-        }
-        if !last[0].is_empty() && last.iter().all(|v| *v == last[0]) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{database}: backends did not converge on {sql}: {last:?}");
+    agree(c, database, sql, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,13 +49,7 @@ impl Lane {
         let Some(replication) = &config.replication else {
             return Vec::new();
         };
-        let home = config.home_backend().name.clone();
-        let peers: Vec<String> = config
-            .backends
-            .iter()
-            .filter(|b| b.name != home)
-            .map(|b| b.name.clone())
-            .collect();
+        let peers = peers(config);
         replication
             .replicated_databases()
             .map(|database| Lane::new(replication, &peers, database))
@@ -66,14 +60,7 @@ impl Lane {
     /// (one created through Chorus); none without replication.
     pub fn joining(config: &Config, database: &str) -> Option<Arc<Lane>> {
         let replication = config.replication.as_ref()?;
-        let home = config.home_backend().name.clone();
-        let peers: Vec<String> = config
-            .backends
-            .iter()
-            .filter(|b| b.name != home)
-            .map(|b| b.name.clone())
-            .collect();
-        Some(Lane::new(replication, &peers, database))
+        Some(Lane::new(replication, &peers(config), database))
     }
 
     fn new(replication: &ReplicationConfig, peers: &[String], database: &str) -> Arc<Lane> {
@@ -118,6 +105,17 @@ impl Lane {
             format!("{base}_in_{}", database_tag(self.database()))
         }
     }
+}
+
+/// The backends other than the home one, which a lane's streams reach.
+fn peers(config: &Config) -> Vec<String> {
+    let home = &config.home_backend().name;
+    config
+        .backends
+        .iter()
+        .filter(|b| b.name != *home)
+        .map(|b| b.name.clone())
+        .collect()
 }
 
 /// A short, stable tag of a database name: FNV-1a, 32 bits, in hex (the
