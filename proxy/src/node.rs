@@ -240,14 +240,14 @@ impl Node {
 
     /// A database joins replication (see `lane::follow`); whether it is
     /// new.
-    pub(crate) fn add_lane(&self, database: &str) -> bool {
+    pub(crate) fn add_lane(&self, database: &str, since: u64) -> bool {
         let Ok(mut lanes) = self.lanes.write() else {
             return false;
         };
         if lanes.iter().any(|l| l.database() == database) {
             return false;
         }
-        let Some(lane) = Lane::joining(&self.config, database) else {
+        let Some(lane) = Lane::joining(&self.config, database, since) else {
             return false;
         };
         lanes.push(lane);
@@ -256,22 +256,52 @@ impl Node {
         true
     }
 
+    /// Take a database that was created through Chorus out of
+    /// replication, before it is dropped: what `each_lane` runs for it
+    /// ends. Whether it was a lane.
+    pub(crate) fn remove_lane(&self, database: &str) -> bool {
+        let Ok(mut lanes) = self.lanes.write() else {
+            return false;
+        };
+        let before = lanes.len();
+        lanes.retain(|l| l.main || l.database() != database);
+        let removed = lanes.len() != before;
+        drop(lanes);
+        if removed {
+            self.lanes_changed.send_modify(|n| *n += 1);
+        }
+        removed
+    }
+
     /// Run `start` for every lane, and for each that joins later, until
-    /// the returned future is dropped, which ends them all.
+    /// the returned future is dropped, which ends them all. What runs for
+    /// a lane that is removed ends then.
     pub async fn each_lane<F, Fut>(&self, start: F)
     where
         F: Fn(Arc<Lane>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let mut changed = self.lanes_changed.subscribe();
-        let mut started: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut started: std::collections::HashMap<String, tokio::task::AbortHandle> =
+            std::collections::HashMap::new();
         let mut tasks = tokio::task::JoinSet::new();
         loop {
-            for lane in self.lanes() {
-                if started.insert(lane.database().to_owned()) {
-                    tasks.spawn(start(lane));
+            let lanes = self.lanes();
+            started.retain(|database, task| {
+                let kept = lanes.iter().any(|l| l.database() == database);
+                if !kept {
+                    task.abort();
+                }
+                kept
+            });
+            for lane in lanes {
+                if !started.contains_key(lane.database()) {
+                    let database = lane.database().to_owned();
+                    started.insert(database, tasks.spawn(start(lane)));
                 }
             }
+            // (Finished and aborted tasks are let go of.)
+            while tasks.try_join_next().is_some() {}
             if changed.changed().await.is_err() {
                 // (The node is gone.)
                 while tasks.join_next().await.is_some() {}

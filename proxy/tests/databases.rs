@@ -1,6 +1,7 @@
 //! Several replicated databases: each has its own chorus schema, streams
 //! and DDL on every backend; DDL and writes apply in the database where
-//! they were sent; cluster-wide objects (roles) once per backend.
+//! they were sent; cluster-wide objects (roles) once per backend; a
+//! database created through Chorus replicates until it is dropped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -221,7 +222,7 @@ async fn ddl_and_writes_apply_in_the_database_where_they_were_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_created_through_chorus_replicates_on_every_node() {
+async fn a_database_created_through_chorus_replicates_on_every_node_until_dropped() {
     let mut c = procs::cluster_opts(procs::Options {
         replication: "replicate_created_databases = true".into(),
         ..procs::Options::default()
@@ -286,4 +287,91 @@ async fn a_database_created_through_chorus_replicates_on_every_node() {
             "shop on backend {b}"
         );
     }
+    drop(shop3);
+
+    // A replicated database is not renamed, and one the configuration
+    // replicates is not dropped: each with its SQLSTATE and a hint.
+    let main1 = c.via(1).await;
+    let renamed = main1
+        .batch_execute("ALTER DATABASE shop RENAME TO store")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&renamed).as_deref(), Some("0A000"));
+    let configured = c
+        .via_db(1, "shop")
+        .await
+        .batch_execute("DROP DATABASE postgres")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&configured).as_deref(), Some("55006"));
+    assert!(
+        procs::message(&configured).contains("configuration"),
+        "{}",
+        procs::message(&configured)
+    );
+    // Through node 2, whose backend has a session in shop (shop2), the
+    // drop is refused as PostgreSQL refuses it; through node 1 it goes,
+    // and the session on backend 2 ends with it.
+    let busy = c
+        .via(2)
+        .await
+        .batch_execute("DROP DATABASE shop")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&busy).as_deref(), Some("55006"));
+    assert!(
+        procs::message(&busy).contains("being accessed by other users"),
+        "{}",
+        procs::message(&busy)
+    );
+    main1.batch_execute("DROP DATABASE shop").await.unwrap();
+    let lane_slots =
+        "SELECT count(*)::text FROM pg_replication_slots WHERE slot_name LIKE '%\\_in\\_%'";
+    everywhere(
+        &c,
+        "postgres",
+        "SELECT count(*)::text FROM pg_database WHERE datname = 'shop'",
+        "0",
+    )
+    .await;
+    everywhere(&c, "postgres", lane_slots, "0").await;
+    assert!(shop2.batch_execute("SELECT 1").await.is_err());
+    everywhere(
+        &c,
+        "postgres",
+        "SELECT count(*)::text FROM chorus.ddl_history WHERE error IS NOT NULL",
+        "0",
+    )
+    .await;
+
+    // Created again, it replicates again.
+    c.via(3)
+        .await
+        .batch_execute("CREATE DATABASE shop")
+        .await
+        .unwrap();
+    c.via_db(1, "shop")
+        .await
+        .batch_execute("CREATE TABLE again (id int PRIMARY KEY); INSERT INTO again VALUES (1)")
+        .await
+        .unwrap();
+    everywhere(
+        &c,
+        "shop",
+        "SELECT count(*)::text FROM chorus.replicated_table WHERE tbl = 'public.again'",
+        "1",
+    )
+    .await;
+    c.via_db(2, "shop")
+        .await
+        .batch_execute("INSERT INTO again VALUES (2)")
+        .await
+        .unwrap();
+    everywhere(
+        &c,
+        "shop",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM again",
+        "1,2",
+    )
+    .await;
 }

@@ -194,6 +194,61 @@ pub fn created_database(statement: &str) -> Option<String> {
     identifier(rest.trim_start())
 }
 
+/// The database a `DROP DATABASE [IF EXISTS]` statement drops (its name
+/// as PostgreSQL folds it), if `statement` is one.
+pub fn dropped_database(statement: &str) -> Option<String> {
+    let w = words::<4>(statement);
+    if w.len() < 2 || w[0] != "DROP" || w[1] != "DATABASE" {
+        return None;
+    }
+    let (_, rest) = first_keyword(statement)?;
+    let (_, mut rest) = first_keyword(rest)?;
+    if w.get(2).is_some_and(|x| x == "IF") && w.get(3).is_some_and(|x| x == "EXISTS") {
+        rest = first_keyword(first_keyword(rest)?.1)?.1;
+    }
+    identifier(rest.trim_start())
+}
+
+/// The database an `ALTER DATABASE … RENAME TO …` renames, if
+/// `statement` is one.
+pub fn renamed_database(statement: &str) -> Option<String> {
+    let w = words::<2>(statement);
+    if w.len() < 2 || w[0] != "ALTER" || w[1] != "DATABASE" {
+        return None;
+    }
+    // (The name may be quoted: the word after it is read past it.)
+    let (_, rest) = first_keyword(statement)?;
+    let (_, rest) = first_keyword(rest)?;
+    let name = identifier(rest.trim_start())?;
+    let after = skip_identifier(rest.trim_start());
+    let renames = first_keyword(after).is_some_and(|(w, _)| w.eq_ignore_ascii_case("RENAME"));
+    renames.then_some(name)
+}
+
+/// `text` after the identifier at its start.
+fn skip_identifier(text: &str) -> &str {
+    if let Some(quoted) = text.strip_prefix('"') {
+        let bytes = quoted.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'"' {
+                if bytes.get(i + 1) == Some(&b'"') {
+                    i += 2;
+                    continue;
+                }
+                return &quoted[i + 1..];
+            }
+            i += 1;
+        }
+        return "";
+    }
+    let end = text
+        .char_indices()
+        .find(|(_, c)| !(c.is_alphanumeric() || *c == '_' || *c == '$'))
+        .map_or(text.len(), |(i, _)| i);
+    &text[end..]
+}
+
 /// The identifier at the start of `text`: a quoted one as written, an
 /// unquoted one in lower case (ASCII, as PostgreSQL folds it).
 fn identifier(text: &str) -> Option<String> {
@@ -243,6 +298,42 @@ mod tests {
         assert_eq!(created_database("CREATE TABLE database (id int)"), None);
         assert_eq!(created_database("DROP DATABASE shop"), None);
         assert_eq!(created_database("CREATE DATABASE"), None);
+    }
+
+    #[test]
+    fn the_database_a_drop_or_rename_names() {
+        assert_eq!(
+            dropped_database("DROP DATABASE shop").as_deref(),
+            Some("shop")
+        );
+        assert_eq!(
+            dropped_database("drop database if exists Shop WITH (FORCE);").as_deref(),
+            Some("shop")
+        );
+        assert_eq!(
+            dropped_database("DROP DATABASE \"If\"").as_deref(),
+            Some("If")
+        );
+        assert_eq!(dropped_database("DROP DATABASE if").as_deref(), Some("if"));
+        assert_eq!(dropped_database("DROP TABLE shop"), None);
+        assert_eq!(dropped_database("CREATE DATABASE shop"), None);
+        assert_eq!(
+            renamed_database("ALTER DATABASE Shop RENAME TO store").as_deref(),
+            Some("shop")
+        );
+        assert_eq!(renamed_database("ALTER DATABASE shop OWNER TO app"), None);
+        assert_eq!(
+            renamed_database("ALTER DATABASE shop SET work_mem = 1"),
+            None
+        );
+        assert_eq!(
+            renamed_database("ALTER DATABASE \"a \"\"b\"\"\" RENAME TO c").as_deref(),
+            Some("a \"b\"")
+        );
+        assert_eq!(
+            renamed_database("ALTER DATABASE \"rename\" OWNER TO x"),
+            None
+        );
     }
 
     #[test]

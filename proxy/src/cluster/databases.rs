@@ -6,6 +6,11 @@
 //! sequence upkeep start, and sessions may use it. A database listed in
 //! `replication.local_databases` stays local. Since the log holds every
 //! entry, a node that starts later finds the same databases.
+//!
+//! `DROP DATABASE` of such a database takes it out of replication on each
+//! backend as the backend applies it (cluster::ddl::apply). The origin
+//! first refuses what PostgreSQL or replication could not carry through
+//! everywhere: see [`refusal`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,16 +36,138 @@ fn created(node: &Node, entry: &DdlEntry) -> Option<String> {
         .filter(|d| !replication.local_databases.contains(d))
 }
 
+/// Why a statement of the DDL log that drops or renames a database may not
+/// go to the cluster (SQLSTATE, message, detail, hint).
+pub struct Refused {
+    pub code: &'static str,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<&'static str>,
+}
+
+/// The origin's checks before a `DROP DATABASE` or `ALTER DATABASE …
+/// RENAME` goes to the cluster:
+/// - a database the configuration replicates is not dropped (its nodes
+///   would replicate it again at their next start);
+/// - a replicated database is not renamed (its slots, streams and sessions
+///   are per database name, and changes on their way to or from it would
+///   be lost);
+/// - a database that sessions use on the origin backend is not dropped,
+///   as PostgreSQL refuses it (after waiting up to 5 s, as PostgreSQL
+///   does). The other backends end their sessions in it when they apply
+///   the drop, as `WITH (FORCE)` would: the database is gone at the
+///   origin.
+pub async fn refusal(node: &Node, sql: &str) -> Option<Refused> {
+    let replication = node.config.replication.as_ref()?;
+    let configured = |d: &str| replication.replicated_databases().any(|r| r == d);
+    for statement in chorus_router::split_statements(sql) {
+        if let Some(database) = chorus_router::renamed_database(statement) {
+            if configured(&database) || node.lane(&database).is_some() {
+                return Some(Refused {
+                    code: "0A000",
+                    message: format!("replicated database \"{database}\" cannot be renamed"),
+                    detail: None,
+                    hint: Some("Create a database under the new name and move the data into it (pg_dump and psql), or set replication.replicate_created_databases = false for databases that must be renamed."),
+                });
+            }
+        }
+        let Some(database) = chorus_router::dropped_database(statement) else {
+            continue;
+        };
+        if configured(&database) {
+            return Some(Refused {
+                code: "55006",
+                message: format!(
+                    "database \"{database}\" is replicated by the configuration of the cluster's nodes"
+                ),
+                detail: None,
+                hint: Some("Remove it from replication.databases on every node and restart them, then drop it."),
+            });
+        }
+        let sessions = sessions_in(node, &database).await;
+        if sessions > 0 {
+            return Some(Refused {
+                code: "55006",
+                message: format!("database \"{database}\" is being accessed by other users"),
+                detail: Some(if sessions == 1 {
+                    "There is 1 other session using the database.".to_owned()
+                } else {
+                    format!("There are {sessions} other sessions using the database.")
+                }),
+                hint: None,
+            });
+        }
+    }
+    None
+}
+
+/// How many sessions other than Chorus's own are in `database` on the home
+/// backend, once they have had up to 5 s to end (0 when it cannot tell:
+/// the drop then meets PostgreSQL's own check there).
+async fn sessions_in(node: &Node, database: &str) -> i64 {
+    let Some(main) = node.main_lane() else {
+        return 0;
+    };
+    let Ok(client) = connect_backend(node.config.home_backend(), &main.config).await else {
+        return 0;
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let counted = client
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_stat_activity \
+                  WHERE datname = $1 AND pid <> pg_backend_pid() \
+                    AND NOT (application_name IS NOT DISTINCT FROM 'chorus replication' \
+                             AND usename = current_user)",
+                &[&database],
+            )
+            .await;
+        let Ok(row) = counted else {
+            return 0;
+        };
+        let sessions: i64 = row.get(0);
+        if sessions == 0 || tokio::time::Instant::now() >= deadline {
+            return sessions;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The database a log entry drops, if it is a `DROP DATABASE`.
+fn dropped(entry: &DdlEntry) -> Option<String> {
+    if entry.proposal.in_stream || entry.proposal.database.is_some() {
+        return None;
+    }
+    chorus_router::split_statements(&entry.proposal.sql).find_map(chorus_router::dropped_database)
+}
+
+/// Whether the DDL log drops `database` after entry `seq`.
+fn dropped_after(consensus: &Consensus, database: &str, seq: u64) -> bool {
+    consensus.state().read(|s| {
+        s.ddl
+            .iter()
+            .any(|e| e.seq > seq && dropped(e).as_deref() == Some(database))
+    })
+}
+
 /// Whether the DDL log has a `CREATE DATABASE` of `database` that
-/// replication takes up (a session to it waits for its lane).
+/// replication takes up, and no drop of it since (a session to it waits
+/// for its lane).
 pub fn created_through_chorus(node: &Node, database: &str) -> bool {
     let Some(consensus) = node.consensus() else {
         return false;
     };
+    // (Its last CREATE DATABASE, unless a DROP DATABASE came after it.)
     consensus.state().read(|s| {
-        s.ddl
-            .iter()
-            .any(|e| created(node, e).as_deref() == Some(database))
+        s.ddl.iter().fold(false, |exists, e| {
+            if created(node, e).as_deref() == Some(database) {
+                true
+            } else if dropped(e).as_deref() == Some(database) {
+                false
+            } else {
+                exists
+            }
+        })
     })
 }
 
@@ -64,16 +191,22 @@ pub async fn follow(node: Arc<Node>, consensus: Arc<Consensus>) {
             let Some(database) = created(&node, entry) else {
                 continue;
             };
-            if node.lane(&database).is_some() {
+            // (A database of that name dropped later in the log is not
+            // this one.)
+            if dropped_after(&consensus, &database, entry.seq) {
                 continue;
             }
-            // Once the home backend has applied it: did it make the
+            // Once the home backend has applied it (and with it any drop
+            // of an earlier database of that name): did it make the
             // database?
             while !main
                 .ddl
                 .wait_applied(entry.seq, Duration::from_secs(60))
                 .await
             {}
+            if node.lane(&database).is_some() {
+                continue;
+            }
             let exists = loop {
                 let asked = async {
                     let client = connect_backend(&home, &main.config).await?;
@@ -93,7 +226,7 @@ pub async fn follow(node: Arc<Node>, consensus: Arc<Consensus>) {
                     }
                 }
             };
-            if exists && node.add_lane(&database) {
+            if exists && node.add_lane(&database, entry.seq) {
                 tracing::info!(
                     database,
                     seq = entry.seq,

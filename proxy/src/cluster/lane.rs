@@ -28,6 +28,10 @@ pub struct Lane {
     /// How far the DDL log is applied in this database on the home
     /// backend.
     pub ddl: DdlProgress,
+    /// The DDL log entry that created this database (0: the configuration
+    /// names it). The log's entries of this database before it belong to
+    /// an earlier database of the same name, since dropped.
+    pub since: u64,
     /// Whether the chorus schema is installed in this database on the
     /// home backend.
     schema_ready: watch::Sender<bool>,
@@ -52,20 +56,27 @@ impl Lane {
         let peers = peers(config);
         replication
             .replicated_databases()
-            .map(|database| Lane::new(replication, &peers, database))
+            .map(|database| Lane::new(replication, &peers, database, 0))
             .collect()
     }
 
     /// The lane of a database that joins replication while the node runs
-    /// (one created through Chorus); none without replication.
-    pub fn joining(config: &Config, database: &str) -> Option<Arc<Lane>> {
+    /// (one created through Chorus, by DDL log entry `since`); none without
+    /// replication.
+    pub fn joining(config: &Config, database: &str, since: u64) -> Option<Arc<Lane>> {
         let replication = config.replication.as_ref()?;
-        Some(Lane::new(replication, &peers(config), database))
+        Some(Lane::new(replication, &peers(config), database, since))
     }
 
-    fn new(replication: &ReplicationConfig, peers: &[String], database: &str) -> Arc<Lane> {
+    fn new(
+        replication: &ReplicationConfig,
+        peers: &[String],
+        database: &str,
+        since: u64,
+    ) -> Arc<Lane> {
         let config = replication.for_database(database);
         Arc::new(Lane {
+            since,
             main: database == replication.database,
             progress: Arc::new(ReplicationProgress::new(peers, peers.len() + 1)),
             ddl: DdlProgress::new(config.clone()),

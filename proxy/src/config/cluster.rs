@@ -227,10 +227,9 @@ pub struct ReplicationConfig {
     #[serde(default)]
     pub databases: Vec<String>,
     /// Whether a database created through Chorus (`CREATE DATABASE`)
-    /// replicates from then on, unless `local_databases` lists it. A
-    /// replicated database cannot be dropped or renamed while it
-    /// replicates (PostgreSQL refuses while Chorus's connections and
-    /// slots use it). Default false.
+    /// replicates from then on, unless `local_databases` lists it, until
+    /// it is dropped (see cluster::databases). Such a database cannot be
+    /// renamed. Default false.
     #[serde(default)]
     pub replicate_created_databases: bool,
     /// How often an idle stream asks its walsender how far it has sent

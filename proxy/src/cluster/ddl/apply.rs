@@ -74,8 +74,10 @@ enum EntryRole {
 }
 
 fn entry_role(lane: &Lane, entry: &DdlEntry) -> EntryRole {
+    // (Entries before the database was created belong to an earlier
+    // database of its name.)
     let mine = match &entry.proposal.database {
-        Some(database) => database == lane.database(),
+        Some(database) => database == lane.database() && entry.seq > lane.since,
         None => lane.main,
     };
     match (mine, entry.proposal.in_stream) {
@@ -235,12 +237,21 @@ async fn apply_log(
                             }
                         }
                     }
+                    // A database dropped through Chorus leaves replication
+                    // first: its lane here ends, and so does this
+                    // applier's connection to it.
+                    let released = released_database(node, lane, &entry);
+                    if let Some(database) = &released {
+                        node.remove_lane(database);
+                        others.retain(|(l, _)| l.database() != database);
+                    }
                     let here = Applying {
                         lane,
                         client: &client,
                         backend,
                         owner,
                         sequence_id,
+                        released: released.as_deref(),
                     };
                     here.apply(&entry, notices.as_mut()).await?;
                 }
@@ -262,6 +273,75 @@ async fn apply_log(
             }
         }
     }
+}
+
+/// The database a cluster-wide entry drops, when the main lane applies it
+/// (not one that the configuration replicates: the origin refuses those,
+/// see cluster::ddl).
+fn released_database(node: &Node, lane: &Lane, entry: &DdlEntry) -> Option<String> {
+    if !lane.main || entry.proposal.database.is_some() || entry.proposal.in_stream {
+        return None;
+    }
+    let database = chorus_router::split_statements(&entry.proposal.sql)
+        .find_map(chorus_router::dropped_database)?;
+    let configured = node
+        .config
+        .replication
+        .as_ref()
+        .is_some_and(|r| r.replicated_databases().any(|d| d == database));
+    (!configured).then_some(database)
+}
+
+/// Before a `DROP DATABASE`, which PostgreSQL refuses while a replication
+/// slot or another session is in the database: end Chorus's own
+/// connections to it on this backend, and drop Chorus's slots in it.
+/// `everyone`: end the other sessions in it too (on a backend other than
+/// the origin's: the drop has happened at the origin, which refused it
+/// while a session was there, see cluster::ddl). Bounded: the drop then
+/// fails as PostgreSQL would, and says why.
+async fn release_database(
+    client: &Client,
+    database: &str,
+    everyone: bool,
+) -> Result<(), tokio_postgres::Error> {
+    for _ in 0..100 {
+        client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                  WHERE datname = $1 AND pid <> pg_backend_pid() \
+                    AND ($2 OR (application_name = 'chorus replication' AND usename = current_user))",
+                &[&database, &everyone],
+            )
+            .await?;
+        // (A slot that is still active, its walsender not gone yet, is
+        // dropped next time round; so is one taken up again meanwhile,
+        // which fails this drop.)
+        let dropped = client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                  WHERE database = $1 AND slot_name LIKE 'chorus\\_%' AND NOT active",
+                &[&database],
+            )
+            .await;
+        if let Err(e) = dropped {
+            if e.code() != Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) {
+                return Err(e);
+            }
+        }
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots \
+                  WHERE database = $1 AND slot_name LIKE 'chorus\\_%'",
+                &[&database],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// Whether a connection failed because its database does not exist.
@@ -343,6 +423,9 @@ struct Applying<'a> {
     backend: &'a BackendConfig,
     owner: u64,
     sequence_id: u16,
+    /// The database the entry drops, which leaves replication (see
+    /// `release_database`).
+    released: Option<&'a str>,
 }
 
 impl Applying<'_> {
@@ -357,7 +440,10 @@ impl Applying<'_> {
         if let Some(notices) = notices.as_mut() {
             while notices.try_recv().is_ok() {}
         }
-        let failure = apply_entry(self.client, entry, self.sequence_id).await?;
+        let release = self
+            .released
+            .map(|database| (database, entry.proposal.origin != self.owner));
+        let failure = apply_entry(self.client, entry, self.sequence_id, release).await?;
         if let Some(e) = &failure {
             tracing::warn!(backend = %self.backend.name, database = self.lane.database(), seq = entry.seq, code = %e.code, error = %e.message, "replicated DDL failed here");
         }
@@ -375,6 +461,45 @@ impl Applying<'_> {
     }
 }
 
+/// Run a statement of the log outside a transaction block; one that drops
+/// a replicated database after releasing it (see `release_database`),
+/// again while only Chorus's own reconnecting sessions stand in its way.
+/// (Run as `role`, set already; the release as this session's own.)
+async fn run_releasing(
+    client: &Client,
+    sql: &str,
+    role: &str,
+    release: Option<(&str, bool)>,
+) -> Result<(), tokio_postgres::Error> {
+    let Some((database, everyone)) = release else {
+        return client.batch_execute(sql).await;
+    };
+    let mut tries = 0;
+    let started = std::time::Instant::now();
+    loop {
+        client.batch_execute("RESET ROLE").await?;
+        release_database(client, database, everyone).await?;
+        tracing::info!(
+            database,
+            tries,
+            ms = started.elapsed().as_millis() as u64,
+            "a dropped database leaves replication here"
+        );
+        client
+            .batch_execute(&format!("SET ROLE {}", quote_ident(role)))
+            .await?;
+        match client.batch_execute(sql).await {
+            Err(e)
+                if tries < 5
+                    && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+            {
+                tries += 1;
+            }
+            ran => return ran,
+        }
+    }
+}
+
 /// Quote an identifier as PostgreSQL's quote_ident does.
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -387,6 +512,7 @@ async fn apply_entry(
     client: &Client,
     entry: &DdlEntry,
     sequence_id: u16,
+    release: Option<(&str, bool)>,
 ) -> Result<Option<PgError>, tokio_postgres::Error> {
     let p = &entry.proposal;
     let seq = i64::try_from(entry.seq).unwrap_or(i64::MAX);
@@ -488,7 +614,7 @@ async fn apply_entry(
                     .batch_execute(&format!("SET ROLE {}", quote_ident(&p.role)))
                     .await
                 {
-                    Ok(()) => client.batch_execute(&p.sql).await,
+                    Ok(()) => run_releasing(client, &p.sql, &p.role, release).await,
                     Err(e) => Err(e),
                 };
                 client

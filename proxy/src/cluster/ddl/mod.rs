@@ -230,6 +230,18 @@ pub async fn finish(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, o
 /// `lane`: the session's database (the main one for a session in a local
 /// database, whose statements here are all cluster-wide).
 async fn answer(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, out: &mut BytesMut) {
+    // (Before the validation's own verdict: a rename runs in the
+    // validation, where Chorus's own sessions in the database refuse it.)
+    if let Some(refused) = crate::cluster::databases::refusal(node, &job.sql).await {
+        PgError {
+            code: refused.code.to_owned(),
+            message: refused.message,
+            detail: refused.detail,
+            hint: refused.hint.map(str::to_owned),
+        }
+        .write(out);
+        return;
+    }
     let transactional = match job.failed.as_deref() {
         None => true,
         // Cannot run inside a transaction block: not validated; applied on
