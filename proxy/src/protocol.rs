@@ -489,6 +489,35 @@ pub fn shift_error_position(body: &[u8], by: usize, length: usize) -> BytesMut {
     out
 }
 
+/// The text values of a DataRow.
+pub fn data_row_texts(body: &[u8]) -> Vec<Option<String>> {
+    let mut values = Vec::new();
+    let Some(count) = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+        return values;
+    };
+    let mut at = 2;
+    for _ in 0..count {
+        let Some(len) = body
+            .get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            break;
+        };
+        at += 4;
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let len = len as usize;
+        let Some(value) = body.get(at..at + len) else {
+            break;
+        };
+        values.push(Some(String::from_utf8_lossy(value).into_owned()));
+        at += len;
+    }
+    values
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1282,6 +1282,62 @@ async fn dropping_temporary_tables_leaves_the_peers_permanent_ones_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_built_concurrently_on_temporary_tables_stay_on_their_backend() {
+    // CREATE and DROP INDEX CONCURRENTLY go through the DDL log, where a
+    // session's temporary table does not exist: on a temporary table they
+    // run on the session's backend (PostgreSQL builds such an index
+    // plainly), on a permanent one of the same name they replicate.
+    let c = cluster("").await;
+    let one = c.via(1).await;
+    one.batch_execute("CREATE TABLE shadow (f1 int PRIMARY KEY)")
+        .await
+        .unwrap();
+    one.batch_execute(
+        "CREATE TEMP TABLE concur_temp (f1 int, f2 text) ON COMMIT DELETE ROWS; \
+         CREATE TEMP TABLE shadow (f1 int)",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "CREATE INDEX CONCURRENTLY concur_temp_ind ON concur_temp(f1)",
+        "CREATE UNIQUE INDEX CONCURRENTLY temp_shadow_ind ON shadow (f1)",
+    ] {
+        one.batch_execute(sql).await.unwrap();
+    }
+    let here = "SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes \
+                WHERE indexname IN ('concur_temp_ind', 'temp_shadow_ind')";
+    let mine: Option<String> = one.query_one(here, &[]).await.unwrap().get(0);
+    assert_eq!(mine.as_deref(), Some("concur_temp_ind,temp_shadow_ind"));
+    one.batch_execute("DROP INDEX CONCURRENTLY concur_temp_ind")
+        .await
+        .unwrap();
+    // The permanent table of the shadowed name, named with its schema:
+    // through the log, on every backend (the marker).
+    one.batch_execute("CREATE INDEX CONCURRENTLY perm_shadow_ind ON public.shadow (f1)")
+        .await
+        .unwrap();
+    for b in 1..=3 {
+        let seen = c
+            .wait_for(
+                b,
+                "SELECT coalesce(string_agg(indexname, ',' ORDER BY indexname), '') FROM pg_indexes \
+                  WHERE schemaname = 'public' AND tablename IN ('shadow', 'concur_temp') \
+                    AND indexname LIKE '%_ind'",
+                |v| v.contains("perm_shadow_ind"),
+            )
+            .await;
+        assert_eq!(seen, "perm_shadow_ind", "backend {b}");
+    }
+    let errors: Vec<_> = c
+        .history(2)
+        .await
+        .into_iter()
+        .filter(|(_, _, error)| error.is_some())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_latin1_session_runs_and_replicates_ddl_and_dml_with_accents() {
     let c = cluster("").await;
     // Two statements in one simple query and one on its own, in LATIN1

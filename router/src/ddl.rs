@@ -181,6 +181,62 @@ pub fn cluster_wide(statement: &str) -> bool {
     !per_database
 }
 
+/// What a `CREATE [UNIQUE] INDEX CONCURRENTLY` builds on (its table) or a
+/// `DROP INDEX CONCURRENTLY` drops (its index), as written (a possibly
+/// qualified, possibly quoted name, fit for `to_regclass`): the session
+/// asks its backend whether that is a temporary relation, whose index
+/// statements stay on its backend (see docs/compatibility.md).
+pub fn concurrent_index_target(statement: &str) -> Option<&str> {
+    let w = words::<4>(statement);
+    let word = |i: usize| w.get(i).map_or("", String::as_str);
+    let rest = if word(0) == "CREATE"
+        && ((word(1) == "INDEX" && word(2) == "CONCURRENTLY")
+            || (word(1) == "UNIQUE" && word(2) == "INDEX" && word(3) == "CONCURRENTLY"))
+    {
+        // The table follows the first ON (an index may be named "on" only
+        // quoted), and maybe ONLY.
+        let mut rest = crate::lexer::after_top_level_word(statement, "ON")?;
+        if let Some((only, after)) = first_keyword(rest) {
+            if only.eq_ignore_ascii_case("ONLY") {
+                rest = after;
+            }
+        }
+        rest
+    } else if word(0) == "DROP" && word(1) == "INDEX" && word(2) == "CONCURRENTLY" {
+        let mut rest = first_keyword(first_keyword(first_keyword(statement)?.1)?.1)?.1;
+        if word(3) == "IF" {
+            rest = first_keyword(first_keyword(rest)?.1)?.1;
+        }
+        rest
+    } else {
+        return None;
+    };
+    let rest = rest.trim_start();
+    let mut end = 0;
+    loop {
+        let part = &rest[end..];
+        let length = if let Some(quoted) = part.strip_prefix('"') {
+            let tail = skip_identifier(part);
+            if tail.len() == part.len() || quoted.is_empty() {
+                return None;
+            }
+            part.len() - tail.len()
+        } else {
+            part.len() - skip_identifier(part).len()
+        };
+        if length == 0 {
+            return None;
+        }
+        end += length;
+        if rest[end..].starts_with('.') {
+            end += 1;
+        } else {
+            break;
+        }
+    }
+    Some(&rest[..end])
+}
+
 /// The database a `CREATE DATABASE` statement makes (its name as
 /// PostgreSQL folds it), if `statement` is one.
 pub fn created_database(statement: &str) -> Option<String> {
@@ -298,6 +354,28 @@ mod tests {
         assert_eq!(created_database("CREATE TABLE database (id int)"), None);
         assert_eq!(created_database("DROP DATABASE shop"), None);
         assert_eq!(created_database("CREATE DATABASE"), None);
+    }
+
+    #[test]
+    fn the_relation_of_a_concurrent_index_statement() {
+        for (sql, target) in [
+            ("CREATE INDEX CONCURRENTLY i ON t (a)", Some("t")),
+            (
+                "create unique index concurrently on ONLY s.\"T x\" using btree (a)",
+                Some("s.\"T x\""),
+            ),
+            (
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS i ON public.t(a)",
+                Some("public.t"),
+            ),
+            ("DROP INDEX CONCURRENTLY i", Some("i")),
+            ("DROP INDEX CONCURRENTLY IF EXISTS s.i CASCADE", Some("s.i")),
+            ("CREATE INDEX i ON t (a)", None),
+            ("DROP INDEX i", None),
+            ("DROP TABLE t", None),
+        ] {
+            assert_eq!(concurrent_index_target(sql), target, "{sql}");
+        }
     }
 
     #[test]

@@ -395,7 +395,7 @@ pub(crate) fn copy_direction(rest: &str) -> StatementClass {
 }
 
 /// The text after the first top-level word `keyword`.
-fn after_top_level_word<'a>(rest: &'a str, keyword: &str) -> Option<&'a str> {
+pub(crate) fn after_top_level_word<'a>(rest: &'a str, keyword: &str) -> Option<&'a str> {
     top_level_words(rest)
         .find(|(word, _)| word.eq_ignore_ascii_case(keyword))
         .map(|(_, end)| &rest[end..])

@@ -18,7 +18,8 @@ mod lexer;
 mod parsed;
 
 pub use ddl::{
-    cluster_wide, created_database, ddl_route, dropped_database, renamed_database, DdlRoute,
+    cluster_wide, concurrent_index_target, created_database, ddl_route, dropped_database,
+    renamed_database, DdlRoute,
 };
 pub use lexer::{first_keyword, split_statements, Statements};
 pub use parsed::LARGE_OBJECT_WRITERS;

@@ -92,6 +92,7 @@ where
             || (plan_rows.load(Ordering::Relaxed) && matches!(tag, b'D' | b'C'))
             || state.stamps.load(Ordering::SeqCst) > 0
             || state.ddl_jobs.load(Ordering::SeqCst) > 0
+            || state.probes.load(Ordering::SeqCst) > 0
     };
     let mut on_message = |tag: u8, body: &[u8], _rest: &[u8]| {
         if tag == b'N' && replicating {
@@ -99,6 +100,9 @@ where
                 asked.store(question, Ordering::Relaxed);
                 return Ok(Flow::Await);
             }
+        }
+        if state.probes.load(Ordering::SeqCst) > 0 && feed_probe(state, tag, body) {
+            return Ok(Flow::Replace(BytesMut::new()));
         }
         if state.stamps.load(Ordering::SeqCst) > 0 {
             if let Some(verdict) = judge_for_stamp(state, tag) {
@@ -532,6 +536,31 @@ pub(super) fn feed_ddl_job(
             Some(Flow::Await)
         }
     }
+}
+
+/// If the oldest answer due belongs to a probe, take this backend message
+/// for it (it is swallowed; see `client::probe`).
+fn feed_probe(state: &RelayState, tag: u8, body: &[u8]) -> bool {
+    let Ok(mut pending) = state.pending.lock() else {
+        return false;
+    };
+    let Some(Pending::Probe { value, done }) = pending.front_mut() else {
+        return false;
+    };
+    match tag {
+        b'D' if value.is_none() => {
+            *value = protocol::data_row_texts(body).into_iter().next().flatten();
+        }
+        b'Z' => {
+            if let Some(done) = done.take() {
+                let _ = done.send(value.take());
+            }
+            pending.pop_front();
+            state.probes.fetch_sub(1, Ordering::SeqCst);
+        }
+        _ => {}
+    }
+    true
 }
 
 /// If the oldest answer due belongs to a stamp, what to do with this

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use chorus_router::{ddl_route, first_keyword, split_statements, DdlRoute, StatementClass};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::cluster::ddl;
 use crate::cluster::ddl::lease as ddl_lease;
@@ -44,6 +44,8 @@ where
         scope_pending,
         discard_until_sync,
         refeed,
+        probe_question,
+        probe_answer,
     } = side;
     let result = loop {
         let held = pump(
@@ -227,7 +229,36 @@ where
                         }
                     }
                     let ddl = summary.counts[StatementClass::Ddl.index()];
-                    if replicating && ddl > 0 && !state.ddl_is_local() {
+                    // An index built or dropped CONCURRENTLY on a
+                    // temporary table exists in this session only (and
+                    // PostgreSQL builds it plainly): it stays on this
+                    // backend. The backend is asked first (see `probe`).
+                    let mut temporary = false;
+                    if replicating
+                        && ddl > 0
+                        && !state.ddl_is_local()
+                        && state.tx_status.load(Ordering::Relaxed) == b'I'
+                    {
+                        let text = sql();
+                        let mut statements = split_statements(&text);
+                        if let (Some(target), None) = (
+                            statements.next().and_then(chorus_router::concurrent_index_target),
+                            statements.next(),
+                        ) {
+                            match probe_answer.take() {
+                                Some(persistence) => temporary = persistence.as_deref() == Some("t"),
+                                None => {
+                                    *probe_question = Some(format!(
+                                        "SELECT c.relpersistence::text FROM pg_catalog.pg_class c \
+                                          WHERE c.oid = pg_catalog.to_regclass({})",
+                                        quote_literal(target)
+                                    ));
+                                    return Ok(Flow::Await);
+                                }
+                            }
+                        }
+                    }
+                    if replicating && ddl > 0 && !state.ddl_is_local() && !temporary {
                         let text = sql();
                         let statements: Vec<&str> = split_statements(&text).collect();
                         // (A DO block is DDL for the lease only: the
@@ -318,7 +349,10 @@ where
                             return Ok(Flow::Replace(ddl::validation_query(&sql())));
                         }
                     }
-                    if replicating && (query_stamps(&summary) || state.ddl_settings_stale()) {
+                    if replicating
+                        && !temporary
+                        && (query_stamps(&summary) || state.ddl_settings_stale())
+                    {
                         stamp = Some(StampKind::Query);
                     }
                 }
@@ -447,6 +481,18 @@ where
     )
     .await;
         match held {
+            // A message held for a question to the backend: ask it, then
+            // look at the message again.
+            Ok(Some(message)) if probe_question.is_some() => {
+                let question = probe_question.take().unwrap_or_default();
+                *probe_answer = Some(probe(state, writer, &question).await);
+                let mut buf = BytesMut::with_capacity(message.len() + pump_side.buf.len());
+                buf.extend_from_slice(&message);
+                buf.extend_from_slice(&pump_side.buf);
+                pump_side.buf = buf;
+                pump_side.rescan = true;
+                *refeed = message.first() == Some(&b'Q');
+            }
             // A message held to take the cluster DDL lease first: take it
             // (or note why not), then look at the message again.
             Ok(Some(message)) => {
@@ -486,6 +532,42 @@ where
         Err(PumpError::WriteFailed) if *terminated => RelayEnd::ClientDone,
         Err(PumpError::WriteFailed) => RelayEnd::BackendGone { after_fatal: false },
     }
+}
+
+/// Ask the backend a question of the relay's own, in a query between the
+/// client's (its answers never reach the client, see `Pending::Probe`):
+/// the first value of its first row; none when it has none, failed, or
+/// took longer than a few seconds (the message then goes on as if the
+/// answer were no).
+async fn probe<W: AsyncWrite + Unpin>(
+    state: &RelayState,
+    writer: &mut W,
+    question: &str,
+) -> Option<String> {
+    let (done, answer) = tokio::sync::oneshot::channel();
+    if let Ok(mut pending) = state.pending.lock() {
+        pending.push_back(Pending::Probe {
+            value: None,
+            done: Some(done),
+        });
+        state.probes.fetch_add(1, Ordering::SeqCst);
+    }
+    let mut out = BytesMut::new();
+    protocol::query(&mut out, question);
+    if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
+        return None;
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(5), answer)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten()
+}
+
+/// A string literal of `text`, read alike whatever the session's
+/// standard_conforming_strings.
+fn quote_literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// Whether a statement ends a transaction by committing it (in an aborted

@@ -61,6 +61,12 @@ pub(super) enum Pending {
     Stamp(Swallower),
     /// A replicated DDL query, being validated (see cluster/ddl/).
     Ddl(DdlJob),
+    /// A question of the relay's own (see `client::probe`): its answers
+    /// are swallowed, and the first value of its first row goes to `done`.
+    Probe {
+        value: Option<String>,
+        done: Option<tokio::sync::oneshot::Sender<Option<String>>>,
+    },
 }
 
 /// State shared by the two directions of a relay.
@@ -80,6 +86,8 @@ pub(super) struct RelayState {
     pub(super) scope_local: AtomicU8,
     /// DDL jobs in `pending` (the backend side then looks at everything).
     pub(super) ddl_jobs: AtomicU32,
+    /// Probes in `pending` (likewise).
+    pub(super) probes: AtomicU32,
     /// `chorus.ddl_scope`: the session's (1: local) and the current
     /// transaction's (0: none, 1: local, 2: cluster).
     pub(super) ddl_scope_session: AtomicU8,
@@ -143,6 +151,10 @@ pub(super) struct ClientSide {
     /// The next message was held for the DDL lease and is seen again: its
     /// statements are counted already.
     pub(super) refeed: bool,
+    /// A question for the backend before the held message goes on (see
+    /// `client::probe`), and its answer when the message is seen again.
+    pub(super) probe_question: Option<String>,
+    pub(super) probe_answer: Option<Option<String>>,
 }
 
 impl ClientSide {
@@ -156,6 +168,8 @@ impl ClientSide {
             scope_pending: Vec::new(),
             discard_until_sync: false,
             refeed: false,
+            probe_question: None,
+            probe_answer: None,
         }
     }
 }
@@ -186,6 +200,7 @@ impl RelayState {
             scope_session: AtomicU8::new(0),
             scope_local: AtomicU8::new(0),
             ddl_jobs: AtomicU32::new(0),
+            probes: AtomicU32::new(0),
             ddl_scope_session: AtomicU8::new(0),
             ddl_scope_local: AtomicU8::new(0),
             prepared: Mutex::new(rustc_hash::FxHashMap::default()),

@@ -113,7 +113,7 @@ impl DdlJob {
             b'C' | b'T' | b'D' if self.wrapper_left > 0 => {
                 self.wrapper_left -= 1;
                 if tag == b'D' {
-                    let mut fields = data_row_texts(body).into_iter();
+                    let mut fields = protocol::data_row_texts(body).into_iter();
                     self.role = fields.next().flatten().unwrap_or_default();
                     self.search_path = fields.next().flatten().unwrap_or_default();
                     self.sequence_kind = fields.next().flatten().unwrap_or_default();
@@ -124,35 +124,6 @@ impl DdlJob {
         }
         JobStep::Swallow
     }
-}
-
-/// The text values of a DataRow.
-fn data_row_texts(body: &[u8]) -> Vec<Option<String>> {
-    let mut values = Vec::new();
-    let Some(count) = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
-        return values;
-    };
-    let mut at = 2;
-    for _ in 0..count {
-        let Some(len) = body
-            .get(at..at + 4)
-            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-        else {
-            break;
-        };
-        at += 4;
-        if len < 0 {
-            values.push(None);
-            continue;
-        }
-        let len = len as usize;
-        let Some(value) = body.get(at..at + len) else {
-            break;
-        };
-        values.push(Some(String::from_utf8_lossy(value).into_owned()));
-        at += len;
-    }
-    values
 }
 
 /// What goes to the backend instead of a DDL query: the statement inside a
@@ -462,6 +433,9 @@ mod tests {
         body.extend_from_slice(&3i32.to_be_bytes());
         body.extend_from_slice(b"bob");
         body.extend_from_slice(&(-1i32).to_be_bytes());
-        assert_eq!(data_row_texts(&body), vec![Some("bob".into()), None]);
+        assert_eq!(
+            protocol::data_row_texts(&body),
+            vec![Some("bob".into()), None]
+        );
     }
 }
