@@ -129,6 +129,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 password_env: None,
                 database: options.database.clone(),
                 poll_interval_ms: 50,
+                // (Its backends have slots and walsenders to spare.)
+                replicate_created_databases: true,
                 ..ReplicationConfig::default()
             }),
             cluster: (!options.proxy_only).then(|| ClusterConfig {

@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::ScramVerifier;
 use crate::cancel::CancelRegistry;
-use crate::cluster::lane::Lane;
+use crate::cluster::lane::{Created, Lane};
 use crate::config::{Config, TlsConfig};
 use crate::metrics::Metrics;
 
@@ -54,6 +54,9 @@ pub struct Node {
     lanes: std::sync::RwLock<Vec<Arc<Lane>>>,
     /// Bumped whenever a lane joins.
     lanes_changed: watch::Sender<u64>,
+    /// Held while lanes come or go with the DDL log (see
+    /// cluster::databases): a drop or rename applied, or the log followed.
+    pub(crate) lanes_turn: tokio::sync::Mutex<()>,
     /// This node's Raft member (set when the node starts, with `[cluster]`).
     consensus: std::sync::OnceLock<Arc<chorus_consensus::Consensus>>,
     /// Per backend (in config order): whether it was last seen down.
@@ -99,6 +102,7 @@ impl Node {
             clock,
             lanes: std::sync::RwLock::new(Lane::all(&config)),
             lanes_changed: watch::channel(0).0,
+            lanes_turn: tokio::sync::Mutex::new(()),
             metrics: Arc::new(Metrics::new(&backends, &config.home_backend().name)),
             config,
             cancel_keys: Arc::new(CancelRegistry::default()),
@@ -240,14 +244,15 @@ impl Node {
 
     /// A database joins replication (see `lane::follow`); whether it is
     /// new.
-    pub(crate) fn add_lane(&self, database: &str, since: u64) -> bool {
+    pub(crate) fn add_lane(&self, created: &Created) -> bool {
+        let database = created.name();
         let Ok(mut lanes) = self.lanes.write() else {
             return false;
         };
         if lanes.iter().any(|l| l.database() == database) {
             return false;
         }
-        let Some(lane) = Lane::joining(&self.config, database, since) else {
+        let Some(lane) = Lane::joining(&self.config, created) else {
             return false;
         };
         lanes.push(lane);

@@ -222,7 +222,7 @@ async fn ddl_and_writes_apply_in_the_database_where_they_were_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_created_through_chorus_replicates_on_every_node_until_dropped() {
+async fn a_database_created_through_chorus_replicates_on_every_node_renamed_or_not_until_dropped() {
     let mut c = procs::cluster_opts(procs::Options {
         replication: "replicate_created_databases = true".into(),
         ..procs::Options::default()
@@ -289,33 +289,77 @@ async fn a_database_created_through_chorus_replicates_on_every_node_until_droppe
     }
     drop(shop3);
 
-    // A replicated database is not renamed, and one the configuration
-    // replicates is not dropped: each with its SQLSTATE and a hint.
-    let main1 = c.via(1).await;
-    let renamed = main1
-        .batch_execute("ALTER DATABASE shop RENAME TO store")
-        .await
-        .unwrap_err();
-    assert_eq!(common::sqlstate(&renamed).as_deref(), Some("0A000"));
-    let configured = c
-        .via_db(1, "shop")
-        .await
-        .batch_execute("DROP DATABASE postgres")
-        .await
-        .unwrap_err();
-    assert_eq!(common::sqlstate(&configured).as_deref(), Some("55006"));
-    assert!(
-        procs::message(&configured).contains("configuration"),
-        "{}",
-        procs::message(&configured)
-    );
-    // Through node 2, whose backend has a session in shop (shop2), the
-    // drop is refused as PostgreSQL refuses it; through node 1 it goes,
-    // and the session on backend 2 ends with it.
+    // One the configuration replicates is neither renamed nor dropped,
+    // each with its SQLSTATE and a hint.
+    let in_shop = c.via_db(1, "shop").await;
+    for (sql, code) in [
+        ("ALTER DATABASE postgres RENAME TO elsewhere", "0A000"),
+        ("DROP DATABASE postgres", "55006"),
+    ] {
+        let refused = in_shop.batch_execute(sql).await.unwrap_err();
+        assert_eq!(common::sqlstate(&refused).as_deref(), Some(code), "{sql}");
+        assert!(
+            procs::message(&refused).contains("configuration"),
+            "{}",
+            procs::message(&refused)
+        );
+    }
+    drop(in_shop);
+    // Through node 2, whose backend has a session in shop (shop2), a
+    // rename is refused as PostgreSQL refuses it; through node 1 it goes,
+    // the session on backend 2 ends with it, and the database replicates
+    // under its new name, with the same slots.
+    let lane_slots =
+        "SELECT count(*)::text FROM pg_replication_slots WHERE slot_name LIKE '%\\_in\\_%'";
+    everywhere(&c, "postgres", lane_slots, "2").await;
     let busy = c
         .via(2)
         .await
-        .batch_execute("DROP DATABASE shop")
+        .batch_execute("ALTER DATABASE shop RENAME TO store")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&busy).as_deref(), Some("55006"));
+    let main1 = c.via(1).await;
+    main1
+        .batch_execute("ALTER DATABASE shop RENAME TO store")
+        .await
+        .unwrap();
+    everywhere(
+        &c,
+        "postgres",
+        "SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_database \
+          WHERE datname IN ('shop', 'store')",
+        "store",
+    )
+    .await;
+    assert!(shop2.batch_execute("SELECT 1").await.is_err());
+    let store2 = c.via_db(2, "store").await;
+    store2
+        .batch_execute("INSERT INTO orders VALUES (5, 'renamed', 2)")
+        .await
+        .unwrap();
+    c.via_db(3, "store")
+        .await
+        .batch_execute(
+            "ALTER TABLE orders ADD COLUMN note text; UPDATE orders SET note = 'n' WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    everywhere(
+        &c,
+        "store",
+        "SELECT string_agg(id || ':' || qty || ':' || coalesce(note, '-'), ',' ORDER BY id) FROM orders",
+        "1:1:n,3:1:-,4:5:-,5:2:-",
+    )
+    .await;
+    everywhere(&c, "postgres", lane_slots, "2").await;
+
+    // A drop is refused as PostgreSQL refuses it through node 2, where
+    // store2 is in it; through node 1 it goes, and store2 ends with it.
+    let busy = c
+        .via(2)
+        .await
+        .batch_execute("DROP DATABASE store")
         .await
         .unwrap_err();
     assert_eq!(common::sqlstate(&busy).as_deref(), Some("55006"));
@@ -324,18 +368,16 @@ async fn a_database_created_through_chorus_replicates_on_every_node_until_droppe
         "{}",
         procs::message(&busy)
     );
-    main1.batch_execute("DROP DATABASE shop").await.unwrap();
-    let lane_slots =
-        "SELECT count(*)::text FROM pg_replication_slots WHERE slot_name LIKE '%\\_in\\_%'";
+    main1.batch_execute("DROP DATABASE store").await.unwrap();
     everywhere(
         &c,
         "postgres",
-        "SELECT count(*)::text FROM pg_database WHERE datname = 'shop'",
+        "SELECT count(*)::text FROM pg_database WHERE datname = 'store'",
         "0",
     )
     .await;
     everywhere(&c, "postgres", lane_slots, "0").await;
-    assert!(shop2.batch_execute("SELECT 1").await.is_err());
+    assert!(store2.batch_execute("SELECT 1").await.is_err());
     everywhere(
         &c,
         "postgres",

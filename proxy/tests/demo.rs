@@ -112,6 +112,38 @@ async fn demo_prints_connection_lines_and_serves_psql() {
         assert!(body.contains("chorus_statements_total"), "{body}");
     }
     assert!(data.join("pg1").is_dir());
+    // A database created through the demo replicates (the demo turns
+    // replicate_created_databases on).
+    let psql = |url: &str, sql: &str| {
+        let out = run_pg_program(
+            "psql",
+            &[url, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
+            &[],
+            Duration::from_secs(30),
+        );
+        (stdout(&out).trim().to_owned(), stderr(&out))
+    };
+    let in_db = |url: String| format!("{}/shop", url.strip_suffix("/postgres").unwrap());
+    let (_, err) = psql(&value("node 1: "), "CREATE DATABASE shop");
+    assert!(err.is_empty(), "{err}");
+    let (_, err) = psql(
+        &in_db(value("node 2: ")),
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (7)",
+    );
+    assert!(err.is_empty(), "{err}");
+    let backend1 = in_db(value("backend 1: "));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (seen, err) = psql(&backend1, "SELECT string_agg(id::text, ',') FROM t");
+        if seen == "7" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend 1 never had shop's row: {seen:?} {err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])

@@ -267,7 +267,7 @@ pub fn dropped_database(statement: &str) -> Option<String> {
 
 /// The database an `ALTER DATABASE … RENAME TO …` renames, if
 /// `statement` is one.
-pub fn renamed_database(statement: &str) -> Option<String> {
+pub fn renamed_database(statement: &str) -> Option<(String, String)> {
     let w = words::<2>(statement);
     if w.len() < 2 || w[0] != "ALTER" || w[1] != "DATABASE" {
         return None;
@@ -277,8 +277,12 @@ pub fn renamed_database(statement: &str) -> Option<String> {
     let (_, rest) = first_keyword(rest)?;
     let name = identifier(rest.trim_start())?;
     let after = skip_identifier(rest.trim_start());
-    let renames = first_keyword(after).is_some_and(|(w, _)| w.eq_ignore_ascii_case("RENAME"));
-    renames.then_some(name)
+    let (rename, after) = first_keyword(after)?;
+    let (to, after) = first_keyword(after)?;
+    if !rename.eq_ignore_ascii_case("RENAME") || !to.eq_ignore_ascii_case("TO") {
+        return None;
+    }
+    Some((name, identifier(after.trim_start())?))
 }
 
 /// `text` after the identifier at its start.
@@ -395,9 +399,10 @@ mod tests {
         assert_eq!(dropped_database("DROP DATABASE if").as_deref(), Some("if"));
         assert_eq!(dropped_database("DROP TABLE shop"), None);
         assert_eq!(dropped_database("CREATE DATABASE shop"), None);
+        let pair = |a: &str, b: &str| Some((a.to_owned(), b.to_owned()));
         assert_eq!(
-            renamed_database("ALTER DATABASE Shop RENAME TO store").as_deref(),
-            Some("shop")
+            renamed_database("ALTER DATABASE Shop RENAME TO Store;"),
+            pair("shop", "store")
         );
         assert_eq!(renamed_database("ALTER DATABASE shop OWNER TO app"), None);
         assert_eq!(
@@ -405,8 +410,8 @@ mod tests {
             None
         );
         assert_eq!(
-            renamed_database("ALTER DATABASE \"a \"\"b\"\"\" RENAME TO c").as_deref(),
-            Some("a \"b\"")
+            renamed_database("ALTER DATABASE \"a \"\"b\"\"\" RENAME TO \"C d\""),
+            pair("a \"b\"", "C d")
         );
         assert_eq!(
             renamed_database("ALTER DATABASE \"rename\" OWNER TO x"),

@@ -8,9 +8,10 @@
 //! entry, a node that starts later finds the same databases.
 //!
 //! `DROP DATABASE` of such a database takes it out of replication on each
-//! backend as the backend applies it (cluster::ddl::apply). The origin
-//! first refuses what PostgreSQL or replication could not carry through
-//! everywhere: see [`refusal`].
+//! backend as the backend applies it (cluster::ddl::apply), and a rename
+//! too, after which it comes back under its new name with the slots it had
+//! (see `Lane::slot_name`). The origin first refuses what PostgreSQL or
+//! replication could not carry through everywhere: see [`refusal`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,22 +19,18 @@ use std::time::Duration;
 use chorus_consensus::{Consensus, DdlEntry};
 
 use crate::backend::connect_backend;
+use crate::cluster::lane::{Created, Lane};
 use crate::node::Node;
 
-/// The database a log entry creates, if it is a `CREATE DATABASE` that
-/// replication takes up (not one of the local databases).
-fn created(node: &Node, entry: &DdlEntry) -> Option<String> {
+/// The database a statement of the log creates, if it is a `CREATE
+/// DATABASE` that replication takes up (not one of the local databases).
+fn taken_up(node: &Node, statement: &str) -> Option<String> {
     let replication = node
         .config
         .replication
         .as_ref()
         .filter(|r| r.replicate_created_databases)?;
-    if entry.proposal.in_stream || entry.proposal.database.is_some() {
-        return None;
-    }
-    chorus_router::split_statements(&entry.proposal.sql)
-        .find_map(chorus_router::created_database)
-        .filter(|d| !replication.local_databases.contains(d))
+    chorus_router::created_database(statement).filter(|d| !replication.local_databases.contains(d))
 }
 
 /// Why a statement of the DDL log that drops or renames a database may not
@@ -47,31 +44,32 @@ pub struct Refused {
 
 /// The origin's checks before a `DROP DATABASE` or `ALTER DATABASE …
 /// RENAME` goes to the cluster:
-/// - a database the configuration replicates is not dropped (its nodes
-///   would replicate it again at their next start);
-/// - a replicated database is not renamed (its slots, streams and sessions
-///   are per database name, and changes on their way to or from it would
-///   be lost);
-/// - a database that sessions use on the origin backend is not dropped,
-///   as PostgreSQL refuses it (after waiting up to 5 s, as PostgreSQL
-///   does). The other backends end their sessions in it when they apply
-///   the drop, as `WITH (FORCE)` would: the database is gone at the
-///   origin.
+/// - a database the configuration replicates is neither dropped nor
+///   renamed (its nodes would look for it under its name at their next
+///   start);
+/// - a database that sessions use on the origin backend is not dropped or
+///   renamed, as PostgreSQL refuses it (after waiting up to 5 s, as
+///   PostgreSQL does). The other backends end their sessions in it when
+///   they apply the statement, as `DROP DATABASE … WITH (FORCE)` would: at
+///   the origin it has happened.
 pub async fn refusal(node: &Node, sql: &str) -> Option<Refused> {
     let replication = node.config.replication.as_ref()?;
     let configured = |d: &str| replication.replicated_databases().any(|r| r == d);
     for statement in chorus_router::split_statements(sql) {
-        if let Some(database) = chorus_router::renamed_database(statement) {
-            if configured(&database) || node.lane(&database).is_some() {
+        let renamed = chorus_router::renamed_database(statement).map(|(from, _)| from);
+        if let Some(database) = &renamed {
+            if configured(database) {
                 return Some(Refused {
                     code: "0A000",
-                    message: format!("replicated database \"{database}\" cannot be renamed"),
+                    message: format!(
+                        "database \"{database}\" is replicated by the configuration of the cluster's nodes and cannot be renamed"
+                    ),
                     detail: None,
-                    hint: Some("Create a database under the new name and move the data into it (pg_dump and psql), or set replication.replicate_created_databases = false for databases that must be renamed."),
+                    hint: Some("Create a database under the new name and move the data into it (pg_dump and psql), or list the new name in replication.databases and rename it with the nodes stopped."),
                 });
             }
         }
-        let Some(database) = chorus_router::dropped_database(statement) else {
+        let Some(database) = renamed.or_else(|| chorus_router::dropped_database(statement)) else {
             continue;
         };
         if configured(&database) {
@@ -99,6 +97,16 @@ pub async fn refusal(node: &Node, sql: &str) -> Option<Refused> {
         }
     }
     None
+}
+
+/// Whether `sql` renames a database created through Chorus that
+/// replicates here: its validation on the origin backend fails (`55006`)
+/// on Chorus's own sessions in it, which the backends end when they apply
+/// it (see cluster::ddl::apply), after `refusal` found no other.
+pub fn renames_lane(node: &Node, sql: &str) -> bool {
+    chorus_router::split_statements(sql)
+        .filter_map(chorus_router::renamed_database)
+        .any(|(from, _)| node.lane(&from).is_some_and(|l| l.created().since > 0))
 }
 
 /// How many sessions other than Chorus's own are in `database` on the home
@@ -133,110 +141,140 @@ async fn sessions_in(node: &Node, database: &str) -> i64 {
     }
 }
 
-/// The database a log entry drops, if it is a `DROP DATABASE`.
-fn dropped(entry: &DdlEntry) -> Option<String> {
-    if entry.proposal.in_stream || entry.proposal.database.is_some() {
-        return None;
+/// The databases created through Chorus that the log's entries (in order)
+/// leave replicated, each as the log tells it: the entry that created it
+/// and the names it has had since (see `Created`).
+fn created_databases(node: &Node, entries: &[DdlEntry]) -> Vec<Created> {
+    let mut alive = Vec::new();
+    follow_entries(node, &mut alive, entries);
+    alive
+}
+
+/// Bring `alive` (see `created_databases`) past `entries`.
+fn follow_entries(node: &Node, alive: &mut Vec<Created>, entries: &[DdlEntry]) {
+    for entry in entries {
+        if entry.proposal.in_stream || entry.proposal.database.is_some() {
+            continue;
+        }
+        for statement in chorus_router::split_statements(&entry.proposal.sql) {
+            if let Some(database) = chorus_router::dropped_database(statement) {
+                alive.retain(|c| c.name() != database);
+            } else if let Some((from, to)) = chorus_router::renamed_database(statement) {
+                if let Some(c) = alive.iter_mut().find(|c| c.name() == from) {
+                    c.names.push((entry.seq, to));
+                }
+            } else if let Some(database) = taken_up(node, statement) {
+                if !alive.iter().any(|c| c.name() == database) {
+                    alive.push(Created {
+                        since: entry.seq,
+                        names: vec![(entry.seq, database)],
+                    });
+                }
+            }
+        }
     }
-    chorus_router::split_statements(&entry.proposal.sql).find_map(chorus_router::dropped_database)
 }
 
-/// Whether the DDL log drops `database` after entry `seq`.
-fn dropped_after(consensus: &Consensus, database: &str, seq: u64) -> bool {
-    consensus.state().read(|s| {
-        s.ddl
-            .iter()
-            .any(|e| e.seq > seq && dropped(e).as_deref() == Some(database))
-    })
-}
-
-/// Whether the DDL log has a `CREATE DATABASE` of `database` that
-/// replication takes up, and no drop of it since (a session to it waits
-/// for its lane).
+/// Whether the DDL log has a database of that name created through
+/// Chorus, not dropped since (a session to it waits for its lane).
 pub fn created_through_chorus(node: &Node, database: &str) -> bool {
     let Some(consensus) = node.consensus() else {
         return false;
     };
-    // (Its last CREATE DATABASE, unless a DROP DATABASE came after it.)
     consensus.state().read(|s| {
-        s.ddl.iter().fold(false, |exists, e| {
-            if created(node, e).as_deref() == Some(database) {
-                true
-            } else if dropped(e).as_deref() == Some(database) {
-                false
-            } else {
-                exists
-            }
-        })
+        created_databases(node, &s.ddl)
+            .iter()
+            .any(|c| c.name() == database)
     })
 }
 
-/// Follow the DDL log for as long as the node runs, making a lane of each
-/// database created through Chorus.
+/// Follow the DDL log for as long as the node runs: each database that it
+/// leaves created through Chorus is a lane once the home backend has it,
+/// under its name now; a lane of one that was renamed or dropped ends.
+/// (The applier ends a lane before it applies its drop or rename; see
+/// cluster::ddl::apply. Both hold the node's `lanes_turn`.)
 pub async fn follow(node: Arc<Node>, consensus: Arc<Consensus>) {
     let Some(main) = node.main_lane() else {
         return;
     };
-    let home = node.config.home_backend().clone();
-    let mut seen = 0usize;
     let mut committed = consensus.state().ddl_seq();
+    // What the log's first `seen` entries leave, the last of them, and the
+    // last entry the lanes were made to agree with.
+    let mut alive: Vec<Created> = Vec::new();
+    let mut seen = 0usize;
+    let mut read = 0u64;
+    let mut settled = 0u64;
     loop {
-        let entries: Vec<DdlEntry> = consensus.state().read(|s| {
-            s.ddl
-                .get(seen..)
-                .map(<[DdlEntry]>::to_vec)
-                .unwrap_or_default()
-        });
-        for entry in &entries {
-            let Some(database) = created(&node, entry) else {
-                continue;
-            };
-            // (A database of that name dropped later in the log is not
-            // this one.)
-            if dropped_after(&consensus, &database, entry.seq) {
-                continue;
+        let last = consensus
+            .state()
+            .read(|s| s.ddl.last().map_or(0, |e| e.seq));
+        if last != settled && main.ddl.wait_applied(last, Duration::from_secs(1)).await {
+            let turn = node.lanes_turn.lock().await;
+            // (Under the turn, and once the home backend has applied all
+            // that was read: its databases are as the log says.)
+            let entries: Vec<DdlEntry> = consensus.state().read(|s| {
+                s.ddl
+                    .get(seen..)
+                    .map(<[DdlEntry]>::to_vec)
+                    .unwrap_or_default()
+            });
+            follow_entries(&node, &mut alive, &entries);
+            seen += entries.len();
+            read = entries.last().map_or(read, |e| e.seq);
+            if main.ddl.applied() >= read && reconcile(&node, &main, &alive).await {
+                settled = read;
             }
-            // Once the home backend has applied it (and with it any drop
-            // of an earlier database of that name): did it make the
-            // database?
-            while !main
-                .ddl
-                .wait_applied(entry.seq, Duration::from_secs(60))
-                .await
-            {}
-            if node.lane(&database).is_some() {
-                continue;
-            }
-            let exists = loop {
-                let asked = async {
-                    let client = connect_backend(&home, &main.config).await?;
-                    let row = client
-                        .query_one(
-                            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)",
-                            &[&database],
-                        )
-                        .await?;
-                    Ok::<bool, tokio_postgres::Error>(row.get(0))
-                };
-                match asked.await {
-                    Ok(exists) => break exists,
-                    Err(e) => {
-                        tracing::warn!(database, error = %e, "cannot tell whether a database created through Chorus exists; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            };
-            if exists && node.add_lane(&database, entry.seq) {
-                tracing::info!(
-                    database,
-                    seq = entry.seq,
-                    "a database created through Chorus replicates"
-                );
-            }
+            drop(turn);
+            continue;
         }
-        seen += entries.len();
-        if entries.is_empty() {
+        if last == settled {
             let _ = tokio::time::timeout(Duration::from_secs(1), committed.changed()).await;
         }
     }
+}
+
+/// Make the lanes of databases created through Chorus those of `wanted`
+/// (the ones the home backend has); whether it could tell which it has.
+async fn reconcile(node: &Node, main: &Lane, wanted: &[Created]) -> bool {
+    for lane in node.lanes() {
+        if lane.created().since > 0 && !wanted.contains(&lane.created()) {
+            node.remove_lane(lane.database());
+        }
+    }
+    let missing: Vec<&Created> = wanted
+        .iter()
+        .filter(|c| node.lane(c.name()).is_none())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
+    let asked = async {
+        let client = connect_backend(node.config.home_backend(), &main.config).await?;
+        let rows = client
+            .query(
+                "SELECT datname::text FROM pg_catalog.pg_database WHERE datname = ANY($1)",
+                &[&names],
+            )
+            .await?;
+        Ok::<Vec<String>, tokio_postgres::Error>(rows.iter().map(|r| r.get(0)).collect())
+    };
+    let present = match asked.await {
+        Ok(present) => present,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell which databases created through Chorus the home backend has; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return false;
+        }
+    };
+    for created in missing {
+        if present.iter().any(|p| p == created.name()) && node.add_lane(created) {
+            tracing::info!(
+                database = created.name(),
+                seq = created.since,
+                "a database created through Chorus replicates"
+            );
+        }
+    }
+    true
 }

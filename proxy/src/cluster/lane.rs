@@ -29,9 +29,10 @@ pub struct Lane {
     /// backend.
     pub ddl: DdlProgress,
     /// The DDL log entry that created this database (0: the configuration
-    /// names it). The log's entries of this database before it belong to
-    /// an earlier database of the same name, since dropped.
-    pub since: u64,
+    /// names it), and the names it has had, each from the entry that gave
+    /// it (see [`Created`]).
+    since: u64,
+    names: Vec<(u64, String)>,
     /// Whether the chorus schema is installed in this database on the
     /// home backend.
     schema_ready: watch::Sender<bool>,
@@ -56,27 +57,23 @@ impl Lane {
         let peers = peers(config);
         replication
             .replicated_databases()
-            .map(|database| Lane::new(replication, &peers, database, 0))
+            .map(|database| Lane::new(replication, &peers, &Created::configured(database)))
             .collect()
     }
 
     /// The lane of a database that joins replication while the node runs
-    /// (one created through Chorus, by DDL log entry `since`); none without
-    /// replication.
-    pub fn joining(config: &Config, database: &str, since: u64) -> Option<Arc<Lane>> {
+    /// (one created through Chorus); none without replication.
+    pub fn joining(config: &Config, created: &Created) -> Option<Arc<Lane>> {
         let replication = config.replication.as_ref()?;
-        Some(Lane::new(replication, &peers(config), database, since))
+        Some(Lane::new(replication, &peers(config), created))
     }
 
-    fn new(
-        replication: &ReplicationConfig,
-        peers: &[String],
-        database: &str,
-        since: u64,
-    ) -> Arc<Lane> {
+    fn new(replication: &ReplicationConfig, peers: &[String], created: &Created) -> Arc<Lane> {
+        let database = created.name();
         let config = replication.for_database(database);
         Arc::new(Lane {
-            since,
+            since: created.since,
+            names: created.names.clone(),
             main: database == replication.database,
             progress: Arc::new(ReplicationProgress::new(peers, peers.len() + 1)),
             ddl: DdlProgress::new(config.clone()),
@@ -88,6 +85,28 @@ impl Lane {
     /// The database.
     pub fn database(&self) -> &str {
         &self.config.database
+    }
+
+    /// Whether a DDL log entry `seq` of `database` is this database's
+    /// (not that of an earlier database of the name, since dropped, nor of
+    /// another that had its name before a rename).
+    pub fn owns(&self, database: &str, seq: u64) -> bool {
+        let named = self
+            .names
+            .iter()
+            .rev()
+            .find(|(from, _)| *from < seq)
+            .or(self.names.first())
+            .is_some_and(|(_, name)| name == database);
+        seq > self.since && named
+    }
+
+    /// What the log told of this database when the lane began.
+    pub fn created(&self) -> Created {
+        Created {
+            since: self.since,
+            names: self.names.clone(),
+        }
     }
 
     /// The chorus schema is installed in this database on the home
@@ -110,11 +129,37 @@ impl Lane {
     /// in PostgreSQL, and a database's name may not fit in one).
     pub fn slot_name(&self, owner: u16, peer: &str) -> String {
         let base = crate::cluster::replication::slot_name(owner, peer);
+        // (The name it was created with: a rename keeps its slots.)
+        let first = self.names.first().map_or(self.database(), |(_, n)| n);
         if self.main {
             base
         } else {
-            format!("{base}_in_{}", database_tag(self.database()))
+            format!("{base}_in_{}", database_tag(first))
         }
+    }
+}
+
+/// What the DDL log tells of a replicated database: the entry that created
+/// it (0 for one the configuration names), and each name it has had, from
+/// the entry that gave it (the first from `since`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub since: u64,
+    pub names: Vec<(u64, String)>,
+}
+
+impl Created {
+    /// A database the configuration names.
+    pub fn configured(database: &str) -> Created {
+        Created {
+            since: 0,
+            names: vec![(0, database.to_owned())],
+        }
+    }
+
+    /// Its name now.
+    pub fn name(&self) -> &str {
+        self.names.last().map_or("", |(_, n)| n.as_str())
     }
 }
 
@@ -143,6 +188,39 @@ pub fn database_tag(database: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renamed_database_keeps_its_entries_and_slots() {
+        let config: Config = toml::from_str(
+            "[node]\nid = 1\nlisten = \"127.0.0.1:1\"\nhome_backend = \"a\"\n\
+             [[backends]]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 1\n\
+             [[backends]]\nname = \"b\"\nhost = \"127.0.0.1\"\nport = 2\n\
+             [replication]\ndatabase = \"postgres\"\n",
+        )
+        .unwrap();
+        let created = Created {
+            since: 5,
+            names: vec![(5, "shop".into()), (9, "store".into())],
+        };
+        let lane = Lane::joining(&config, &created).unwrap();
+        assert_eq!(lane.database(), "store");
+        // An earlier "shop", dropped before entry 5; this one's entries as
+        // "shop" up to the rename (entry 9), then as "store".
+        assert!(!lane.owns("shop", 3));
+        assert!(lane.owns("shop", 7));
+        assert!(!lane.owns("store", 7));
+        assert!(lane.owns("store", 12));
+        assert!(!lane.owns("shop", 12));
+        let before = Lane::joining(
+            &config,
+            &Created {
+                since: 5,
+                names: vec![(5, "shop".into())],
+            },
+        )
+        .unwrap();
+        assert_eq!(lane.slot_name(1, "b"), before.slot_name(1, "b"));
+    }
 
     #[test]
     fn database_tags_are_stable_and_differ() {

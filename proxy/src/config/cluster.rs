@@ -227,9 +227,10 @@ pub struct ReplicationConfig {
     #[serde(default)]
     pub databases: Vec<String>,
     /// Whether a database created through Chorus (`CREATE DATABASE`)
-    /// replicates from then on, unless `local_databases` lists it, until
-    /// it is dropped (see cluster::databases). Such a database cannot be
-    /// renamed. Default false.
+    /// replicates from then on, unless `local_databases` lists it, under
+    /// its name of the moment, until it is dropped (see
+    /// cluster::databases). Default false: each takes slots and
+    /// walsenders on every backend.
     #[serde(default)]
     pub replicate_created_databases: bool,
     /// How often an idle stream asks its walsender how far it has sent

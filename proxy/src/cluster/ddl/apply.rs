@@ -77,7 +77,7 @@ fn entry_role(lane: &Lane, entry: &DdlEntry) -> EntryRole {
     // (Entries before the database was created belong to an earlier
     // database of its name.)
     let mine = match &entry.proposal.database {
-        Some(database) => database == lane.database() && entry.seq > lane.since,
+        Some(database) => lane.owns(database, entry.seq),
         None => lane.main,
     };
     match (mine, entry.proposal.in_stream) {
@@ -237,21 +237,28 @@ async fn apply_log(
                             }
                         }
                     }
-                    // A database dropped through Chorus leaves replication
-                    // first: its lane here ends, and so does this
-                    // applier's connection to it.
+                    // A database dropped or renamed through Chorus leaves
+                    // replication first: its lane here ends, and so does
+                    // this applier's connection to it (a renamed one
+                    // comes back under its new name, see
+                    // cluster::databases). Lanes change under the turn.
                     let released = released_database(node, lane, &entry);
-                    if let Some(database) = &released {
-                        node.remove_lane(database);
-                        others.retain(|(l, _)| l.database() != database);
-                    }
+                    let _turn = match &released {
+                        Some(release) => {
+                            let turn = node.lanes_turn.lock().await;
+                            node.remove_lane(&release.database);
+                            others.retain(|(l, _)| l.database() != release.database);
+                            Some(turn)
+                        }
+                        None => None,
+                    };
                     let here = Applying {
                         lane,
                         client: &client,
                         backend,
                         owner,
                         sequence_id,
-                        released: released.as_deref(),
+                        released: released.as_ref(),
                     };
                     here.apply(&entry, notices.as_mut()).await?;
                 }
@@ -275,35 +282,56 @@ async fn apply_log(
     }
 }
 
-/// The database a cluster-wide entry drops, when the main lane applies it
-/// (not one that the configuration replicates: the origin refuses those,
-/// see cluster::ddl).
-fn released_database(node: &Node, lane: &Lane, entry: &DdlEntry) -> Option<String> {
+/// A database that a cluster-wide entry drops or renames.
+#[derive(Debug, Clone)]
+struct Release {
+    database: String,
+    /// Dropped (its slots go too), not renamed (they stay, see
+    /// `Lane::slot_name`).
+    dropped: bool,
+    /// On a backend other than the origin's (see `release_database`).
+    everyone: bool,
+}
+
+/// The database a cluster-wide entry drops or renames, when the main lane
+/// applies it (not one that the configuration replicates: the origin
+/// refuses those, see cluster::databases).
+fn released_database(node: &Node, lane: &Lane, entry: &DdlEntry) -> Option<Release> {
     if !lane.main || entry.proposal.database.is_some() || entry.proposal.in_stream {
         return None;
     }
-    let database = chorus_router::split_statements(&entry.proposal.sql)
-        .find_map(chorus_router::dropped_database)?;
+    let (database, dropped) =
+        chorus_router::split_statements(&entry.proposal.sql).find_map(|st| {
+            chorus_router::dropped_database(st)
+                .map(|d| (d, true))
+                .or_else(|| chorus_router::renamed_database(st).map(|(from, _)| (from, false)))
+        })?;
     let configured = node
         .config
         .replication
         .as_ref()
         .is_some_and(|r| r.replicated_databases().any(|d| d == database));
-    (!configured).then_some(database)
+    (!configured).then_some(Release {
+        database,
+        dropped,
+        everyone: false,
+    })
 }
 
-/// Before a `DROP DATABASE`, which PostgreSQL refuses while a replication
-/// slot or another session is in the database: end Chorus's own
-/// connections to it on this backend, and drop Chorus's slots in it.
-/// `everyone`: end the other sessions in it too (on a backend other than
-/// the origin's: the drop has happened at the origin, which refused it
-/// while a session was there, see cluster::ddl). Bounded: the drop then
-/// fails as PostgreSQL would, and says why.
-async fn release_database(
-    client: &Client,
-    database: &str,
-    everyone: bool,
-) -> Result<(), tokio_postgres::Error> {
+/// Before a `DROP DATABASE` or a rename, which PostgreSQL refuses while
+/// another session is in the database (a drop, while a replication slot
+/// is): end Chorus's own connections to it on this backend, and for a drop
+/// its slots in it. With `everyone`, end the other sessions in it too (on
+/// a backend other than the origin's: the statement has run at the
+/// origin, which refused it while a session was there, see
+/// cluster::databases). Bounded: the statement then fails as PostgreSQL
+/// would, and says why.
+async fn release_database(client: &Client, release: &Release) -> Result<(), tokio_postgres::Error> {
+    let Release {
+        database,
+        dropped,
+        everyone,
+    } = release;
     for _ in 0..100 {
         client
             .execute(
@@ -313,6 +341,9 @@ async fn release_database(
                 &[&database, &everyone],
             )
             .await?;
+        if !dropped {
+            return Ok(());
+        }
         // (A slot that is still active, its walsender not gone yet, is
         // dropped next time round; so is one taken up again meanwhile,
         // which fails this drop.)
@@ -423,9 +454,9 @@ struct Applying<'a> {
     backend: &'a BackendConfig,
     owner: u64,
     sequence_id: u16,
-    /// The database the entry drops, which leaves replication (see
-    /// `release_database`).
-    released: Option<&'a str>,
+    /// The database the entry drops or renames, which leaves replication
+    /// (see `release_database`).
+    released: Option<&'a Release>,
 }
 
 impl Applying<'_> {
@@ -440,10 +471,11 @@ impl Applying<'_> {
         if let Some(notices) = notices.as_mut() {
             while notices.try_recv().is_ok() {}
         }
-        let release = self
-            .released
-            .map(|database| (database, entry.proposal.origin != self.owner));
-        let failure = apply_entry(self.client, entry, self.sequence_id, release).await?;
+        let release = self.released.map(|r| Release {
+            everyone: entry.proposal.origin != self.owner,
+            ..r.clone()
+        });
+        let failure = apply_entry(self.client, entry, self.sequence_id, release.as_ref()).await?;
         if let Some(e) = &failure {
             tracing::warn!(backend = %self.backend.name, database = self.lane.database(), seq = entry.seq, code = %e.code, error = %e.message, "replicated DDL failed here");
         }
@@ -469,21 +501,22 @@ async fn run_releasing(
     client: &Client,
     sql: &str,
     role: &str,
-    release: Option<(&str, bool)>,
+    release: Option<&Release>,
 ) -> Result<(), tokio_postgres::Error> {
-    let Some((database, everyone)) = release else {
+    let Some(release) = release else {
         return client.batch_execute(sql).await;
     };
+    let database = release.database.as_str();
     let mut tries = 0;
     let started = std::time::Instant::now();
     loop {
         client.batch_execute("RESET ROLE").await?;
-        release_database(client, database, everyone).await?;
+        release_database(client, release).await?;
         tracing::info!(
             database,
             tries,
             ms = started.elapsed().as_millis() as u64,
-            "a dropped database leaves replication here"
+            "a dropped or renamed database leaves replication here"
         );
         client
             .batch_execute(&format!("SET ROLE {}", quote_ident(role)))
@@ -512,7 +545,7 @@ async fn apply_entry(
     client: &Client,
     entry: &DdlEntry,
     sequence_id: u16,
-    release: Option<(&str, bool)>,
+    release: Option<&Release>,
 ) -> Result<Option<PgError>, tokio_postgres::Error> {
     let p = &entry.proposal;
     let seq = i64::try_from(entry.seq).unwrap_or(i64::MAX);

@@ -218,6 +218,10 @@ async fn answer(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, out: 
         // Cannot run inside a transaction block: not validated; applied on
         // its own (CREATE INDEX CONCURRENTLY, CREATE DATABASE, …).
         Some("25001") => false,
+        // A rename of a replicated database, refused in the validation by
+        // Chorus's own sessions in it only (see cluster::databases).
+        // (Applied on its own, as a drop is.)
+        Some("55006") if crate::cluster::databases::renames_lane(node, &job.sql) => false,
         Some(_) => {
             // PostgreSQL's own error: nothing is proposed.
             out.extend_from_slice(&job.output);

@@ -113,6 +113,11 @@ impl DdlProgress {
     }
 
     /// Wait until the home backend applied `seq`; false on timeout.
+    /// How far the home backend has applied the log in this database.
+    pub(crate) fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
     pub(crate) async fn wait_applied(&self, seq: u64, limit: Duration) -> bool {
         let mut rx = self.applied.subscribe();
         tokio::time::timeout(limit, rx.wait_for(|a| *a >= seq))
