@@ -353,6 +353,49 @@ async fn a_database_created_through_chorus_replicates_on_every_node_renamed_or_n
     )
     .await;
     everywhere(&c, "postgres", lane_slots, "2").await;
+    // An ordinary role (LOGIN, CREATE on the schema) runs a migration-like
+    // transaction in it over the extended protocol, through node 3.
+    main1
+        .batch_execute("CREATE ROLE shopper LOGIN")
+        .await
+        .unwrap();
+    c.via_db(1, "store")
+        .await
+        .batch_execute("GRANT CREATE ON SCHEMA public TO shopper")
+        .await
+        .unwrap();
+    everywhere(
+        &c,
+        "store",
+        "SELECT has_schema_privilege('shopper', 'public', 'CREATE')::text",
+        "true",
+    )
+    .await;
+    let shopper = common::connect(&format!(
+        "host=127.0.0.1 port={} user=shopper dbname=store",
+        c.ports[2]
+    ))
+    .await
+    .unwrap();
+    shopper.batch_execute("BEGIN").await.unwrap();
+    shopper
+        .execute("CREATE TABLE basket (id int PRIMARY KEY, n int)", &[])
+        .await
+        .unwrap();
+    shopper
+        .execute("INSERT INTO basket VALUES ($1, $2)", &[&1i32, &2i32])
+        .await
+        .unwrap();
+    shopper.batch_execute("COMMIT").await.unwrap();
+    everywhere(
+        &c,
+        "store",
+        "SELECT (SELECT tableowner FROM pg_tables WHERE tablename = 'basket') || ':' \
+                || (SELECT string_agg(id || '=' || n, ',') FROM basket)",
+        "shopper:1=2",
+    )
+    .await;
+    drop(shopper);
 
     // A drop is refused as PostgreSQL refuses it through node 2, where
     // store2 is in it; through node 1 it goes, and store2 ends with it.
