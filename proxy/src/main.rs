@@ -173,7 +173,7 @@ enum ClusterChange {
         #[arg(long)]
         id: u16,
         /// The backend leaving with the node (already taken out of every
-        /// node's [[backends]]): the replication slots streaming to it are
+        /// node's `[[backends]]`): the replication slots streaming to it are
         /// dropped on every backend, so that they keep no WAL for it.
         #[arg(long)]
         backend: Option<String>,

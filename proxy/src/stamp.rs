@@ -16,8 +16,9 @@
 //! - At the start of an extended-protocol batch (the first message after a
 //!   Sync): Parse/Bind/Execute/Close/Close of a named statement and portal,
 //!   without a Sync, so it joins the client's batch. A simple Query there
-//!   would drop the client's unnamed prepared statement. Its five answers
-//!   are counted; if it fails (an aborted transaction), the backend skips
+//!   would drop the client's unnamed prepared statement. Its six answers
+//!   (ParseComplete, BindComplete, DataRow, CommandComplete and two
+//!   CloseComplete) are counted; if it fails (an aborted transaction), the backend skips
 //!   the rest of the batch up to the client's Sync, which is exactly what
 //!   the client's first message would have caused, so that one error is
 //!   passed on to the client.
@@ -43,7 +44,7 @@ const EXTENDED_RESPONSES: u8 = 6;
 pub enum StampKind {
     /// Answered up to and including a ReadyForQuery.
     Query,
-    /// Answered by [`EXTENDED_RESPONSES`] messages, or cut short by an error.
+    /// Answered by `EXTENDED_RESPONSES` messages, or cut short by an error.
     Extended,
 }
 

@@ -183,7 +183,8 @@ pub async fn reconcile(
     Ok((report, missing))
 }
 
-/// Make existing (local) sequences global on every backend, all or none:
+/// Make existing (local) sequences global on every backend (see
+/// `on_every_backend` for how far "every" goes):
 /// `kind` for bigint ones (others become galloc), with galloc ranges of
 /// `block` values. Values already handed out stay below every later one.
 /// Each backend's node must have its sequence id (it records it once it has
@@ -204,10 +205,15 @@ pub async fn convert_sequences(
 }
 
 /// Run `sql` (a function of each item, then `extra`, returning a name) for
-/// every item on every backend, all or none: each backend in an open
-/// transaction, committed only once every one succeeded (a failure drops
-/// the connections, which rolls every open transaction back). Returns the
-/// names the first backend gave.
+/// every item on every backend: each backend in an open transaction, and
+/// the transactions committed one after another once every one succeeded.
+/// A failure before the commits drops the connections, which rolls every
+/// open transaction back: none of the backends changed. A backend lost
+/// during the commits (there is no two-phase commit here: backends need
+/// not allow prepared transactions) leaves the backends committed before
+/// it changed and the others not; the error names it, and running the
+/// command again finishes the work (both callers' functions may run again
+/// on what they did). Returns the names the first backend gave.
 async fn on_every_backend(
     config: &Config,
     items: &[String],
@@ -245,8 +251,8 @@ async fn on_every_backend(
 
 /// Adopt existing tables for replication on every backend: record their
 /// keys and install the capture trigger. The tables must already exist,
-/// with the same rows, on every backend. All backends or none (see
-/// [`on_every_backend`]). A table without a primary key is refused
+/// with the same rows, on every backend (see `on_every_backend` for how
+/// far "every" goes). A table without a primary key is refused
 /// (SQLSTATE 55000) unless `keyless`. Returns the qualified table
 /// names.
 pub async fn adopt(
