@@ -205,6 +205,18 @@ impl Consensus {
         self.raft.metrics()
     }
 
+    /// This member's Raft role now: "leader", "follower", "candidate",
+    /// "learner" or "shutdown".
+    pub fn role(&self) -> &'static str {
+        match self.raft.metrics().borrow().state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        }
+    }
+
     /// The committed log index as this node knows it.
     pub fn committed_index(&self) -> u64 {
         *self.committed.borrow()

@@ -49,10 +49,10 @@ pub struct Node {
     /// This node's hybrid logical clock, stamped on every write transaction.
     pub clock: HybridClock,
     /// The replicated databases (see lane.rs), the main one first; none
-    /// without replication. Databases created through Chorus join them
-    /// (`lane::follow`).
+    /// without replication. Databases created through Chorus join them,
+    /// and leave when dropped or renamed (cluster::databases).
     lanes: std::sync::RwLock<Vec<Arc<Lane>>>,
-    /// Bumped whenever a lane joins.
+    /// Bumped whenever a lane joins or leaves.
     lanes_changed: watch::Sender<u64>,
     /// Held while lanes come or go with the DDL log (see
     /// cluster::databases): a drop or rename applied, or the log followed.

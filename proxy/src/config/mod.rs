@@ -159,6 +159,17 @@ pub struct NodeConfig {
     /// Default 1000 ms.
     #[serde(default = "default_health_timeout")]
     pub health_check_timeout_ms: u64,
+    /// Roles that may log in to the admin console (see ops/console.rs),
+    /// after the usual authentication rules. Default: none.
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// The admin console's database name. Default "chorus".
+    #[serde(default = "default_admin_database")]
+    pub admin_database: String,
+}
+
+fn default_admin_database() -> String {
+    "chorus".to_owned()
 }
 
 /// How a node picks the backend of a session.
@@ -287,6 +298,8 @@ impl Default for NodeConfig {
             routing: Routing::Local,
             health_check_interval_ms: default_health_interval(),
             health_check_timeout_ms: default_health_timeout(),
+            admin_users: Vec::new(),
+            admin_database: default_admin_database(),
         }
     }
 }

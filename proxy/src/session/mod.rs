@@ -26,7 +26,9 @@ mod state;
 mod tests;
 
 use relay::relay;
-use startup::{report_startup_failure, startup, ClientStream, Established, StartupFailure};
+use startup::{
+    report_startup_failure, startup, ClientStream, Established, Started, StartupFailure,
+};
 
 /// Serve one client connection to its end.
 pub async fn serve(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
@@ -39,7 +41,12 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
     )
     .await;
     let established = match started {
-        Ok(Ok(Some(established))) => established,
+        Ok(Ok(Some(Started::Session(established)))) => established,
+        // (Past the authentication timeout: a console session lasts.)
+        Ok(Ok(Some(Started::Console(greeting)))) => {
+            let _ = crate::ops::console::serve(&node, &mut client, greeting).await;
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(failure)) => {
             report_startup_failure(&node, &mut client, failure).await;

@@ -159,13 +159,22 @@ pub(super) struct Established {
     pub(super) session: Session,
 }
 
+/// What a startup that went through leads to.
+pub(super) enum Started {
+    /// A client session, logged in to its backend.
+    Session(Established),
+    /// An admin console session (see ops/console.rs), authenticated; what
+    /// is still to be sent before its greeting.
+    Console(BytesMut),
+}
+
 /// Startup packet(s), authentication and backend login. `Ok(None)` when the
 /// connection was only a probe or a cancel request.
 pub(super) async fn startup(
     node: &Arc<Node>,
     client: &mut ClientStream,
     peer: SocketAddr,
-) -> Result<Option<Established>, StartupFailure> {
+) -> Result<Option<Started>, StartupFailure> {
     let (minor, params) = loop {
         let Some(packet) = protocol::read_startup(client).await? else {
             return Ok(None);
@@ -270,6 +279,20 @@ pub(super) async fn startup(
 
     authenticate(node, client, peer, &user, &database, &mut out).await?;
 
+    // The admin console: served by the node itself, to the roles named.
+    if database == node.config.node.admin_database {
+        if !node.config.node.admin_users.contains(&user) {
+            return Err(StartupFailure::Fatal {
+                kind: ErrorKind::Auth,
+                code: "28000",
+                message: format!(
+                    "role \"{user}\" may not use the admin console: node.admin_users does not name it"
+                ),
+            });
+        }
+        return Ok(Some(Started::Console(out)));
+    }
+
     // Only the replicated databases (and those configured local) can be
     // used: writes anywhere else would reach one backend only.
     if let Some(replication) = &node.config.replication {
@@ -365,7 +388,7 @@ pub(super) async fn startup(
     protocol::backend_key_data(&mut out, cancel_key.pid, cancel_key.secret);
     protocol::ready_for_query(&mut out, b'I');
     client.write_all(&out).await?;
-    Ok(Some(Established {
+    Ok(Some(Started::Session(Established {
         backend,
         session: Session {
             user,
@@ -375,7 +398,7 @@ pub(super) async fn startup(
             cancel_key,
             backend_open: None,
         },
-    }))
+    })))
 }
 
 /// Run the authentication exchange chosen by the rules. Messages queued in

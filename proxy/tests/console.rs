@@ -1,0 +1,172 @@
+//! The admin console (`psql -d chorus` on any node): the cluster's state as
+//! result sets, for the roles the configuration names.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/link.rs"]
+mod link;
+#[path = "common/procs.rs"]
+mod procs;
+#[path = "common/relay.rs"]
+mod relay;
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// The rows of a console command, each value as text.
+async fn show(client: &Client, command: &str) -> Vec<Vec<String>> {
+    client
+        .simple_query(command)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("").to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Ask `command` until `done` holds of its rows (bounded); the last rows.
+async fn show_until(
+    client: &Client,
+    command: &str,
+    done: impl Fn(&[Vec<String>]) -> bool,
+) -> Vec<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = show(client, command).await;
+        if done(&rows) {
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "{command}: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
+    let mut c = procs::cluster_opts(procs::Options {
+        node_extra: "admin_users = [\"postgres\"]".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    let console = |i: usize, user: &'static str| {
+        let port = c.ports[i - 1];
+        async move {
+            common::connect(&format!(
+                "host=127.0.0.1 port={port} user={user} dbname=chorus"
+            ))
+            .await
+        }
+    };
+    let one = console(1, "postgres").await.unwrap();
+
+    // Three members, one of them the leader, node 1 this one.
+    let nodes = show_until(&one, "SHOW NODES", |rows| {
+        rows.len() == 3 && rows.iter().filter(|r| r[2] == "leader").count() == 1
+    })
+    .await;
+    let ids: Vec<&str> = nodes.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(ids, ["1", "2", "3"]);
+    let this: Vec<&str> = nodes.iter().map(|r| r[3].as_str()).collect();
+    assert_eq!(this, ["true", "false", "false"]);
+    let raft = show(&one, "show raft;").await;
+    assert_eq!(raft.len(), 1);
+    assert_eq!(raft[0][0], "1");
+    assert!(
+        ["leader", "follower"].contains(&raft[0][1].as_str()),
+        "{raft:?}"
+    );
+
+    // DDL through node 2 shows in node 1's log tail, and in every
+    // backend's DDL index.
+    c.via(2)
+        .await
+        .batch_execute("CREATE TABLE console_t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let ddl = show_until(&one, "SHOW DDL", |rows| {
+        rows.iter().any(|r| r[4].contains("console_t"))
+    })
+    .await;
+    let entry = ddl.iter().find(|r| r[4].contains("console_t")).unwrap();
+    assert_eq!(entry[1], "2", "{entry:?}");
+    let seq = entry[0].clone();
+    show_until(&one, "SHOW BACKENDS", |rows| {
+        rows.len() == 3 && rows.iter().all(|r| r[4] == seq && r[3] == "false")
+    })
+    .await;
+    let backends = show(&one, "SHOW BACKENDS").await;
+    let homes: Vec<(&str, &str)> = backends
+        .iter()
+        .map(|r| (r[0].as_str(), r[2].as_str()))
+        .collect();
+    assert_eq!(homes, [("pg1", "true"), ("pg2", "false"), ("pg3", "false")]);
+    let databases = show(&one, "SHOW DATABASES").await;
+    assert_eq!(databases.len(), 1);
+    assert_eq!(databases[0][..3], ["postgres", "true", "configuration"]);
+
+    // A backend that stops shows as down.
+    c.backends[2].stop();
+    show_until(&one, "SHOW BACKENDS", |rows| {
+        rows.iter().any(|r| r[0] == "pg3" && r[3] == "true")
+    })
+    .await;
+    c.backends[2].start().unwrap();
+
+    // psql reads it as any result set.
+    let out = common::run_pg_program(
+        "psql",
+        &[
+            "-X",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &c.ports[1].to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "chorus",
+            "-c",
+            "SHOW VERSION",
+        ],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert!(
+        common::stdout(&out).starts_with("Chorus "),
+        "{}{}",
+        common::stdout(&out),
+        common::stderr(&out)
+    );
+
+    // An unknown command: 42601, with the list of commands.
+    let unknown = one.simple_query("DRAIN pg1").await.unwrap_err();
+    assert_eq!(common::sqlstate(&unknown).as_deref(), Some("42601"));
+    let hint = unknown
+        .as_db_error()
+        .and_then(|e| e.hint())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(hint.contains("SHOW NODES"), "{hint}");
+    // The extended protocol: 0A000, and the session goes on.
+    let extended = one.query("SHOW NODES", &[]).await.unwrap_err();
+    assert_eq!(common::sqlstate(&extended).as_deref(), Some("0A000"));
+    assert_eq!(show(&one, "SHOW VERSION").await.len(), 1);
+
+    // A role the configuration does not name is refused at login.
+    c.via(1)
+        .await
+        .batch_execute("CREATE ROLE watcher LOGIN")
+        .await
+        .unwrap();
+    let refused = console(3, "watcher").await.err().unwrap();
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("28000"));
+}
