@@ -112,6 +112,38 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
     assert_eq!(databases.len(), 1);
     assert_eq!(databases[0][..3], ["postgres", "true", "configuration"]);
 
+    // The home backend's slots (one per peer), its global sequences, its
+    // conflicts by kind.
+    let slots = show_until(&one, "SHOW REPLICATION", |rows| {
+        rows.len() == 2 && rows.iter().all(|r| r[2] == "t")
+    })
+    .await;
+    assert!(
+        slots.iter().all(|r| r[0].starts_with("chorus_1_to_")),
+        "{slots:?}"
+    );
+    c.via(1)
+        .await
+        .batch_execute("CREATE TABLE console_s (id serial PRIMARY KEY)")
+        .await
+        .unwrap();
+    let sequences = show(&one, "SHOW SEQUENCES").await;
+    assert!(
+        sequences.iter().any(|r| r[0] == "public.console_s_id_seq"),
+        "{sequences:?}"
+    );
+    let conflicts = one.simple_query("SHOW CONFLICTS").await.unwrap();
+    let columns: Vec<String> = conflicts
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::RowDescription(columns) => {
+                Some(columns.iter().map(|c| c.name().to_owned()).collect())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(columns, ["kind", "resolution", "conflicts", "latest"]);
+
     // A backend that stops shows as down.
     c.backends[2].stop();
     show_until(&one, "SHOW BACKENDS", |rows| {

@@ -13,6 +13,12 @@
 //!   sees it down, and how far it has applied the DDL log;
 //! - `SHOW DATABASES`: the replicated databases;
 //! - `SHOW DDL`: the tail of the DDL log;
+//! - `SHOW REPLICATION`: the home backend's slots, one per peer and
+//!   replicated database: lag and retained WAL in bytes, state, and the
+//!   walsender's flush lag;
+//! - `SHOW SEQUENCES`: the global sequences, as the home backend has them;
+//! - `SHOW CONFLICTS`: the conflicts resolved on the home backend, counted
+//!   by kind and resolution;
 //! - `SHOW COMMANDS`: these.
 //!
 //! Anything else gets `42601` with the list of commands. Only the simple
@@ -37,8 +43,34 @@ const COMMANDS: &[(&str, &str)] = &[
     ("SHOW BACKENDS", "the backends, their health and DDL index"),
     ("SHOW DATABASES", "the replicated databases"),
     ("SHOW DDL", "the last entries of the DDL log"),
+    (
+        "SHOW REPLICATION",
+        "the home backend's slots: lag, retained WAL, state",
+    ),
+    ("SHOW SEQUENCES", "the global sequences on the home backend"),
+    (
+        "SHOW CONFLICTS",
+        "conflicts resolved on the home backend, by kind",
+    ),
     ("SHOW COMMANDS", "this list"),
 ];
+
+/// `SHOW REPLICATION`: each of Chorus's slots on the home backend (one
+/// per peer and replicated database), with its walsender's lag.
+const REPLICATION_SQL: &str = "SELECT s.slot_name, s.database, s.active, \
+        pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes, \
+        pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_bytes, \
+        s.wal_status, extract(epoch FROM r.flush_lag) AS flush_lag_seconds \
+   FROM pg_catalog.pg_replication_slots s \
+   LEFT JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid \
+  WHERE s.slot_name LIKE 'chorus\\_%' ORDER BY s.slot_name";
+
+/// `SHOW SEQUENCES`.
+const SEQUENCES_SQL: &str = "SELECT * FROM chorus.sequence_status() ORDER BY 1";
+
+/// `SHOW CONFLICTS`: counts by kind and resolution, and the latest.
+const CONFLICTS_SQL: &str = "SELECT kind, resolution, count(*) AS conflicts, \
+        max(resolved_at) AS latest FROM chorus.conflict GROUP BY 1, 2 ORDER BY 1, 2";
 
 /// How many of the DDL log's last entries `SHOW DDL` lists.
 const DDL_TAIL: usize = 20;
@@ -129,6 +161,18 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         ["SHOW", "BACKENDS"] => backends(node).await,
         ["SHOW", "DATABASES"] => databases(node),
         ["SHOW", "DDL"] => ddl(node).await,
+        ["SHOW", "REPLICATION"] => match home(node, REPLICATION_SQL).await {
+            Ok(rows) => rows,
+            Err(e) => return e.write(out),
+        },
+        ["SHOW", "SEQUENCES"] => match home(node, SEQUENCES_SQL).await {
+            Ok(rows) => rows,
+            Err(e) => return e.write(out),
+        },
+        ["SHOW", "CONFLICTS"] => match home(node, CONFLICTS_SQL).await {
+            Ok(rows) => rows,
+            Err(e) => return e.write(out),
+        },
         ["SHOW", "COMMANDS"] => table(
             &["command", "shows"],
             COMMANDS
@@ -151,15 +195,60 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
     rows.write(out);
 }
 
+/// A query's result on the home backend, in the main database, as text.
+async fn home(node: &Node, sql: &str) -> Result<Table, PgError> {
+    let unreachable = |e: &dyn std::fmt::Display| PgError {
+        code: "08006".into(),
+        message: format!("the home backend did not answer: {e}"),
+        detail: None,
+        hint: None,
+    };
+    let Some(main) = node.main_lane() else {
+        return Err(PgError {
+            code: "55000".into(),
+            message: "this node does not replicate".into(),
+            detail: None,
+            hint: None,
+        });
+    };
+    let asked = async {
+        let client = connect_backend(node.config.home_backend(), &main.config).await?;
+        client.simple_query(sql).await
+    };
+    let messages = match tokio::time::timeout(Duration::from_secs(5), asked).await {
+        Ok(Ok(messages)) => messages,
+        Ok(Err(e)) => return Err(unreachable(&e)),
+        Err(_) => return Err(unreachable(&"no answer within 5 s")),
+    };
+    let mut result = Table {
+        columns: Vec::new(),
+        rows: Vec::new(),
+    };
+    for message in messages {
+        match message {
+            tokio_postgres::SimpleQueryMessage::RowDescription(columns) => {
+                result.columns = columns.iter().map(|c| c.name().to_owned()).collect();
+            }
+            tokio_postgres::SimpleQueryMessage::Row(row) => result.rows.push(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("").to_owned())
+                    .collect(),
+            ),
+            _ => {}
+        }
+    }
+    Ok(result)
+}
+
 /// A result set of text values.
 struct Table {
-    columns: Vec<&'static str>,
+    columns: Vec<String>,
     rows: Vec<Vec<String>>,
 }
 
-fn table(columns: &[&'static str], rows: Vec<Vec<String>>) -> Table {
+fn table(columns: &[&str], rows: Vec<Vec<String>>) -> Table {
     Table {
-        columns: columns.to_vec(),
+        columns: columns.iter().map(|c| (*c).to_owned()).collect(),
         rows,
     }
 }
