@@ -20,6 +20,27 @@ struct CancelTarget {
     backend_address: String,
     backend_pid: i32,
     backend_secret: i32,
+    /// Who the session is (see `CancelKey::describe`).
+    client: Option<ClientInfo>,
+}
+
+/// Who a client session is, for the admin console's `SHOW CLIENTS`.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub user: String,
+    pub database: String,
+    pub address: std::net::SocketAddr,
+    pub since: std::time::Instant,
+}
+
+/// A live client session as the registry knows it.
+#[derive(Debug, Clone)]
+pub struct LiveClient {
+    /// The pid the client knows.
+    pub pid: i32,
+    pub client: ClientInfo,
+    pub backend_address: String,
+    pub backend_pid: i32,
 }
 
 /// All live cancel keys of a node.
@@ -50,6 +71,15 @@ impl CancelKey {
         keys.get(&self.pid).map(|t| t.backend_pid)
     }
 
+    /// Note who the session is.
+    pub fn describe(&self, client: ClientInfo) {
+        if let Ok(mut keys) = self.registry.keys.lock() {
+            if let Some(target) = keys.get_mut(&self.pid) {
+                target.client = Some(client);
+            }
+        }
+    }
+
     /// Send this key's cancels to another backend connection (the session
     /// moved); the client keeps its key.
     pub fn retarget(&self, backend_address: &str, backend_pid: i32, backend_secret: i32) {
@@ -78,6 +108,7 @@ impl CancelRegistry {
             backend_address: backend_address.to_owned(),
             backend_pid,
             backend_secret,
+            client: None,
         };
         let pid = match self.keys.lock() {
             Ok(mut keys) => {
@@ -123,6 +154,26 @@ impl CancelRegistry {
             tracing::warn!(backend = %target.backend_address, error = %e, "cancel request failed");
         }
         true
+    }
+
+    /// The described sessions, by the pid their clients know.
+    pub fn clients(&self) -> Vec<LiveClient> {
+        let Ok(keys) = self.keys.lock() else {
+            return Vec::new();
+        };
+        let mut clients: Vec<LiveClient> = keys
+            .iter()
+            .filter_map(|(pid, t)| {
+                Some(LiveClient {
+                    pid: *pid,
+                    client: t.client.clone()?,
+                    backend_address: t.backend_address.clone(),
+                    backend_pid: t.backend_pid,
+                })
+            })
+            .collect();
+        clients.sort_by_key(|c| c.pid);
+        clients
     }
 
     /// Number of live keys.

@@ -144,6 +144,26 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
         .unwrap();
     assert_eq!(columns, ["kind", "resolution", "conflicts", "latest"]);
 
+    // A client session of node 1, idle in a transaction, as the console
+    // shows it.
+    let session = c.via(1).await;
+    session.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let pid: i32 = session
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let clients = show_until(&one, "SHOW CLIENTS", |rows| {
+        rows.iter()
+            .any(|r| r[0] == pid.to_string() && r[7] == "idle in transaction")
+    })
+    .await;
+    let row = clients.iter().find(|r| r[0] == pid.to_string()).unwrap();
+    assert_eq!(row[1..3], ["postgres", "postgres"], "{row:?}");
+    assert_eq!(row[4], "pg1", "{row:?}");
+    session.batch_execute("COMMIT").await.unwrap();
+    drop(session);
+
     // A backend that stops shows as down.
     c.backends[2].stop();
     show_until(&one, "SHOW BACKENDS", |rows| {

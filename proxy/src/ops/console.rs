@@ -13,6 +13,10 @@
 //!   sees it down, and how far it has applied the DDL log;
 //! - `SHOW DATABASES`: the replicated databases;
 //! - `SHOW DDL`: the tail of the DDL log;
+//! - `SHOW CLIENTS`: this node's client sessions: the pid each client
+//!   knows, its role, database and address, its backend and backend pid,
+//!   how long it has been connected, and, for one on the home backend, its
+//!   state there (`pg_stat_activity.state`);
 //! - `SHOW REPLICATION`: the home backend's slots, one per peer and
 //!   replicated database: lag and retained WAL in bytes, state, and the
 //!   walsender's flush lag;
@@ -43,6 +47,7 @@ const COMMANDS: &[(&str, &str)] = &[
     ("SHOW BACKENDS", "the backends, their health and DDL index"),
     ("SHOW DATABASES", "the replicated databases"),
     ("SHOW DDL", "the last entries of the DDL log"),
+    ("SHOW CLIENTS", "the client sessions of this node"),
     (
         "SHOW REPLICATION",
         "the home backend's slots: lag, retained WAL, state",
@@ -161,6 +166,7 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         ["SHOW", "BACKENDS"] => backends(node).await,
         ["SHOW", "DATABASES"] => databases(node),
         ["SHOW", "DDL"] => ddl(node).await,
+        ["SHOW", "CLIENTS"] => clients(node).await,
         ["SHOW", "REPLICATION"] => match home(node, REPLICATION_SQL).await {
             Ok(rows) => rows,
             Err(e) => return e.write(out),
@@ -193,6 +199,72 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         }
     };
     rows.write(out);
+}
+
+/// `SHOW CLIENTS`.
+async fn clients(node: &Node) -> Table {
+    let clients = node.cancel_keys.clients();
+    let home = node.config.home_backend();
+    let home_address = home.address();
+    // The state of the sessions on the home backend, from the backend.
+    let pids: Vec<i32> = clients
+        .iter()
+        .filter(|c| c.backend_address == home_address)
+        .map(|c| c.backend_pid)
+        .collect();
+    let mut states: Vec<(i32, String)> = Vec::new();
+    if let (false, Some(main)) = (pids.is_empty(), node.main_lane()) {
+        let asked = async {
+            let client = connect_backend(home, &main.config).await?;
+            client
+                .query(
+                    "SELECT pid, coalesce(state, '') FROM pg_catalog.pg_stat_activity WHERE pid = ANY($1)",
+                    &[&pids],
+                )
+                .await
+        };
+        if let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_secs(2), asked).await {
+            states = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        }
+    }
+    let rows = clients
+        .iter()
+        .map(|c| {
+            let backend = node
+                .config
+                .backends
+                .iter()
+                .find(|b| b.address() == c.backend_address)
+                .map_or(c.backend_address.clone(), |b| b.name.clone());
+            let state = states
+                .iter()
+                .find(|(pid, _)| *pid == c.backend_pid && c.backend_address == home_address)
+                .map_or(String::new(), |(_, s)| s.clone());
+            vec![
+                c.pid.to_string(),
+                c.client.user.clone(),
+                c.client.database.clone(),
+                c.client.address.to_string(),
+                backend,
+                c.backend_pid.to_string(),
+                c.client.since.elapsed().as_secs().to_string(),
+                state,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "pid",
+            "user",
+            "database",
+            "client_address",
+            "backend",
+            "backend_pid",
+            "connected_s",
+            "state",
+        ],
+        rows,
+    )
 }
 
 /// A query's result on the home backend, in the main database, as text.

@@ -383,6 +383,12 @@ pub(super) async fn startup(
     let cancel_key = node
         .cancel_keys
         .register(&address, backend.pid, backend.secret);
+    cancel_key.describe(crate::cancel::ClientInfo {
+        user: user.clone(),
+        database: database.clone(),
+        address: peer,
+        since: std::time::Instant::now(),
+    });
     protocol::authentication(&mut out, 0, &[]);
     out.extend_from_slice(&backend.startup_messages);
     protocol::backend_key_data(&mut out, cancel_key.pid, cancel_key.secret);
