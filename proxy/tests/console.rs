@@ -144,6 +144,23 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
         .unwrap();
     assert_eq!(columns, ["kind", "resolution", "conflicts", "latest"]);
 
+    // Its settings, without secrets.
+    let settings = show(&one, "SHOW CONFIG").await;
+    let setting = |name: &str| {
+        settings
+            .iter()
+            .find(|r| r[0] == name)
+            .map(|r| r[1].clone())
+            .unwrap_or_else(|| panic!("no {name} in {settings:?}"))
+    };
+    assert_eq!(setting("node.id"), "1");
+    assert_eq!(setting("node.admin_users"), "postgres");
+    assert_eq!(setting("node.home_backend"), "pg1");
+    assert!(setting("backends.pg2").ends_with("sslmode=disable"));
+    assert!(settings
+        .iter()
+        .all(|r| !r[0].contains("secret") && !r[0].contains("password")));
+
     // A client session of node 1, idle in a transaction, as the console
     // shows it.
     let session = c.via(1).await;

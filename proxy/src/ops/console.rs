@@ -13,6 +13,8 @@
 //!   sees it down, and how far it has applied the DDL log;
 //! - `SHOW DATABASES`: the replicated databases;
 //! - `SHOW DDL`: the tail of the DDL log;
+//! - `SHOW CONFIG`: this node's settings as it runs with them, secrets
+//!   and passwords left out;
 //! - `SHOW CLIENTS`: this node's client sessions: the pid each client
 //!   knows, its role, database and address, its backend and backend pid,
 //!   how long it has been connected, and, for one on the home backend, its
@@ -48,6 +50,7 @@ const COMMANDS: &[(&str, &str)] = &[
     ("SHOW DATABASES", "the replicated databases"),
     ("SHOW DDL", "the last entries of the DDL log"),
     ("SHOW CLIENTS", "the client sessions of this node"),
+    ("SHOW CONFIG", "this node's settings (no secrets)"),
     (
         "SHOW REPLICATION",
         "the home backend's slots: lag, retained WAL, state",
@@ -167,6 +170,7 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         ["SHOW", "DATABASES"] => databases(node),
         ["SHOW", "DDL"] => ddl(node).await,
         ["SHOW", "CLIENTS"] => clients(node).await,
+        ["SHOW", "CONFIG"] => config(node),
         ["SHOW", "REPLICATION"] => match home(node, REPLICATION_SQL).await {
             Ok(rows) => rows,
             Err(e) => return e.write(out),
@@ -199,6 +203,120 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         }
     };
     rows.write(out);
+}
+
+/// A setting's enum value as the configuration spells it
+/// (`VerifyFull` → `verify-full`).
+fn spelled(value: impl std::fmt::Debug) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{value:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('-');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// `SHOW CONFIG`: the settings that shape what the node does; secrets,
+/// passwords and key files are left out.
+fn config(node: &Node) -> Table {
+    let c = &node.config;
+    let list = |items: &[String]| items.join(",");
+    let mut rows: Vec<(String, String)> = vec![
+        ("node.id".into(), c.node.id.to_string()),
+        ("node.listen".into(), c.node.listen.to_string()),
+        (
+            "node.metrics_listen".into(),
+            c.node
+                .metrics_listen
+                .map_or(String::new(), |a| a.to_string()),
+        ),
+        ("node.home_backend".into(), c.home_backend().name.clone()),
+        ("node.routing".into(), spelled(c.node.routing)),
+        (
+            "node.max_client_connections".into(),
+            c.node.max_client_connections.to_string(),
+        ),
+        (
+            "node.auth_timeout_ms".into(),
+            c.node.auth_timeout_ms.to_string(),
+        ),
+        (
+            "node.backend_connect_timeout_ms".into(),
+            c.node.backend_connect_timeout_ms.to_string(),
+        ),
+        (
+            "node.health_check_interval_ms".into(),
+            c.node.health_check_interval_ms.to_string(),
+        ),
+        (
+            "node.health_check_timeout_ms".into(),
+            c.node.health_check_timeout_ms.to_string(),
+        ),
+        ("node.admin_database".into(), c.node.admin_database.clone()),
+        ("node.admin_users".into(), list(&c.node.admin_users)),
+        ("tls".into(), c.tls.is_some().to_string()),
+    ];
+    for b in &c.backends {
+        rows.push((
+            format!("backends.{}", b.name),
+            format!("{} sslmode={}", b.address(), spelled(b.sslmode)),
+        ));
+    }
+    if let Some(r) = &c.replication {
+        rows.extend([
+            ("replication.user".into(), r.user.clone()),
+            ("replication.database".into(), r.database.clone()),
+            ("replication.databases".into(), list(&r.databases)),
+            (
+                "replication.local_databases".into(),
+                list(&r.local_databases),
+            ),
+            (
+                "replication.replicate_created_databases".into(),
+                r.replicate_created_databases.to_string(),
+            ),
+            ("replication.commit_scope".into(), spelled(r.commit_scope)),
+            (
+                "replication.commit_scope_timeout_ms".into(),
+                r.commit_scope_timeout_ms.to_string(),
+            ),
+            (
+                "replication.poll_interval_ms".into(),
+                r.poll_interval_ms.to_string(),
+            ),
+        ]);
+    }
+    if let Some(k) = &c.cluster {
+        let members: Vec<String> = k
+            .members
+            .iter()
+            .map(|m| format!("{}={}", m.id, m.raft))
+            .collect();
+        rows.extend([
+            ("cluster.raft_listen".into(), k.raft_listen.to_string()),
+            ("cluster.members".into(), list(&members)),
+            ("cluster.tls".into(), k.tls.is_some().to_string()),
+            (
+                "cluster.ddl_timeout_ms".into(),
+                k.ddl_timeout_ms.to_string(),
+            ),
+            (
+                "cluster.ddl_lock_timeout_ms".into(),
+                k.ddl_lock_timeout_ms.to_string(),
+            ),
+            ("cluster.sequence_kind".into(), spelled(k.sequence_kind)),
+            (
+                "cluster.galloc_range_size".into(),
+                k.galloc_range_size.to_string(),
+            ),
+        ]);
+    }
+    table(
+        &["setting", "value"],
+        rows.into_iter().map(|(k, v)| vec![k, v]).collect(),
+    )
 }
 
 /// `SHOW CLIENTS`.
