@@ -54,7 +54,7 @@ pub struct Refused {
 ///   the origin it has happened.
 pub async fn refusal(node: &Node, sql: &str) -> Option<Refused> {
     let replication = node.config.replication.as_ref()?;
-    let configured = |d: &str| replication.replicated_databases().any(|r| r == d);
+    let configured = |d: &str| replication.names(d);
     for statement in chorus_router::split_statements(sql) {
         let renamed = chorus_router::renamed_database(statement).map(|(from, _)| from);
         if let Some(database) = &renamed {

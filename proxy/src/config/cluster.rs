@@ -300,6 +300,12 @@ impl ReplicationConfig {
         )
     }
 
+    /// Whether the configuration names `database` as replicated (the main
+    /// database or one of `databases`).
+    pub fn names(&self, database: &str) -> bool {
+        self.replicated_databases().any(|d| d == database)
+    }
+
     /// These settings for replicating `database`.
     pub fn for_database(&self, database: &str) -> ReplicationConfig {
         ReplicationConfig {

@@ -330,21 +330,19 @@ async fn clients(node: &Node) -> Table {
         .filter(|c| c.backend_address == home_address)
         .map(|c| c.backend_pid)
         .collect();
-    let mut states: Vec<(i32, String)> = Vec::new();
-    if let (false, Some(main)) = (pids.is_empty(), node.main_lane()) {
-        let asked = async {
-            let client = connect_backend(home, &main.config).await?;
-            client
-                .query(
-                    "SELECT pid, coalesce(state, '') FROM pg_catalog.pg_stat_activity WHERE pid = ANY($1)",
-                    &[&pids],
-                )
-                .await
-        };
-        if let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_secs(2), asked).await {
-            states = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        }
-    }
+    let states: Vec<(i32, String)> = if pids.is_empty() {
+        Vec::new()
+    } else {
+        home_rows(
+            node,
+            "SELECT pid, coalesce(state, '') FROM pg_catalog.pg_stat_activity WHERE pid = ANY($1)",
+            &[&pids],
+        )
+        .await
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    };
     let rows = clients
         .iter()
         .map(|c| {
@@ -383,6 +381,26 @@ async fn clients(node: &Node) -> Table {
         ],
         rows,
     )
+}
+
+/// The rows of `sql` on the home backend, in the main database; none when
+/// it does not answer within 2 s (what they would add is left out).
+async fn home_rows(
+    node: &Node,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Vec<tokio_postgres::Row> {
+    let Some(main) = node.main_lane() else {
+        return Vec::new();
+    };
+    let asked = async {
+        let client = connect_backend(node.config.home_backend(), &main.config).await?;
+        client.query(sql, params).await
+    };
+    match tokio::time::timeout(Duration::from_secs(2), asked).await {
+        Ok(Ok(rows)) => rows,
+        _ => Vec::new(),
+    }
 }
 
 /// A query's result on the home backend, in the main database, as text.
@@ -629,23 +647,18 @@ async fn ddl(node: &Node) -> Table {
         .filter(|r| r[4].is_empty())
         .filter_map(|r| r[0].parse().ok())
         .collect();
-    if let (false, Some(main)) = (wanted.is_empty(), node.main_lane()) {
-        let recorded = async {
-            let client = connect_backend(node.config.home_backend(), &main.config).await?;
-            client
-                .query(
-                    "SELECT seq, command FROM chorus.ddl_history WHERE seq = ANY($1)",
-                    &[&wanted],
-                )
-                .await
-        };
-        if let Ok(Ok(found)) = tokio::time::timeout(Duration::from_secs(2), recorded).await {
-            for row in found {
-                let seq: i64 = row.get(0);
-                let command: String = row.get(1);
-                if let Some(r) = rows.iter_mut().find(|r| r[0] == seq.to_string()) {
-                    r[4] = command;
-                }
+    if !wanted.is_empty() {
+        let found = home_rows(
+            node,
+            "SELECT seq, command FROM chorus.ddl_history WHERE seq = ANY($1)",
+            &[&wanted],
+        )
+        .await;
+        for row in found {
+            let seq: i64 = row.get(0);
+            let command: String = row.get(1);
+            if let Some(r) = rows.iter_mut().find(|r| r[0] == seq.to_string()) {
+                r[4] = command;
             }
         }
     }

@@ -310,7 +310,7 @@ fn released_database(node: &Node, lane: &Lane, entry: &DdlEntry) -> Option<Relea
         .config
         .replication
         .as_ref()
-        .is_some_and(|r| r.replicated_databases().any(|d| d == database));
+        .is_some_and(|r| r.names(&database));
     (!configured).then_some(Release {
         database,
         dropped,
