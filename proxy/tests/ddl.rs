@@ -1132,10 +1132,26 @@ async fn partitioned_tables_replicate_their_rows_and_partition_changes() {
     .unwrap();
     // Writes through other nodes, a row moved between partitions, a
     // partition attached and one detached.
+    // Backend 3 applies nothing from node 2 until the DETACH of the
+    // partition that node 2 moves a row out of has reached it, so there the
+    // DETACH comes first, while on backend 2 the move does: the move's
+    // delete must still find the row, now in the detached table, and a
+    // row inserted into that partition must land there too. (The
+    // applies of an origin take its row of chorus.applied first.)
+    let held = c.direct(3).await;
+    held.batch_execute(
+        "BEGIN; INSERT INTO chorus.applied (origin, lsn) VALUES (2, '0/0') \
+         ON CONFLICT (origin) DO UPDATE SET lsn = chorus.applied.lsn",
+    )
+    .await
+    .unwrap();
     let two = c.via(2).await;
-    two.batch_execute("UPDATE readings SET day = '2026-02-05' WHERE id = 1")
-        .await
-        .unwrap();
+    two.batch_execute(
+        "UPDATE readings SET day = '2026-02-05' WHERE id = 1; \
+         INSERT INTO readings VALUES (7, '2026-01-20', 70)",
+    )
+    .await
+    .unwrap();
     let three = c.via(3).await;
     three
         .batch_execute(
@@ -1148,6 +1164,18 @@ async fn partitioned_tables_replicate_their_rows_and_partition_changes() {
     one.batch_execute("ALTER TABLE readings DETACH PARTITION readings_jan")
         .await
         .unwrap();
+    c.wait_for(
+        3,
+        "SELECT relispartition::text FROM pg_class WHERE relname = 'readings_jan'",
+        |v| v == "false",
+    )
+    .await;
+    assert_eq!(
+        rows(&c, 3, "readings_jan").await,
+        "(1,2026-01-05,10);(2,2026-01-06,20)",
+        "backend 3 detached the partition before it had node 2's move"
+    );
+    held.batch_execute("COMMIT").await.unwrap();
     // The detached table replicates as a table of its own.
     two.batch_execute("INSERT INTO readings_jan VALUES (9, '2026-01-09', 90)")
         .await
@@ -1173,7 +1201,7 @@ async fn partitioned_tables_replicate_their_rows_and_partition_changes() {
         );
         assert_eq!(
             rows(&c, b, "readings_jan").await,
-            "(2,2026-01-06,20);(9,2026-01-09,90)",
+            "(2,2026-01-06,20);(7,2026-01-20,70);(9,2026-01-09,90)",
             "backend {b}"
         );
     }

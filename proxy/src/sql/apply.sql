@@ -552,6 +552,19 @@ BEGIN
 END
 $$;
 
+-- The table a change of `rel`'s row lands in, given the partition it was
+-- in on its origin (`leaf`, see chorus.capture): `rel` itself, unless that
+-- partition has left `rel`'s tree here (a DETACH from another node applied
+-- here before this change, while on the origin it came after). The row is
+-- then in the detached table, which replicates on its own, so the change
+-- applies there, as it will on the origin once the DETACH arrives.
+CREATE OR REPLACE FUNCTION chorus.landed(rel text, leaf text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN l IS NULL OR to_regclass(rel) IN (SELECT pg_partition_ancestors(l)) THEN rel
+                ELSE leaf END
+      FROM to_regclass(leaf) AS l
+$$;
+
 -- Apply the row changes at positions lo..hi of a batch (no DDL among
 -- them; see chorus.apply_changes): batchable tables set-based, one
 -- statement group per table; the others change by change in stream
@@ -580,6 +593,18 @@ DECLARE
     mark chorus.row_version%ROWTYPE;
     cs jsonb;
 BEGIN
+    -- Partitions' rows whose partition has left the tree here go to it
+    -- (see chorus.landed): one check per partition named, not per row.
+    IF EXISTS (SELECT 1 FROM (SELECT DISTINCT e.c ->> 'table' AS tbl, e.c ->> 'leaf' AS leaf
+                                FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
+                               WHERE e.n BETWEEN lo AND hi AND e.c ? 'leaf') p
+                WHERE chorus.landed(p.tbl, p.leaf) <> p.tbl) THEN
+        changes := (SELECT jsonb_agg(CASE WHEN e.c ? 'leaf' AND e.n BETWEEN lo AND hi
+                                          THEN e.c || jsonb_build_object('table',
+                                                          chorus.landed(e.c ->> 'table', e.c ->> 'leaf'))
+                                          ELSE e.c END ORDER BY e.n)
+                      FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n));
+    END IF;
     FOR grp IN
         SELECT e.c ->> 'table' AS tbl, jsonb_agg(e.c || jsonb_build_object('n', e.n) ORDER BY e.n) AS cs
           FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)

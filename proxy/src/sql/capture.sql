@@ -229,6 +229,7 @@ CREATE OR REPLACE FUNCTION chorus.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rel text;
+    here text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
     cols text[];
     txn_hlc bigint;
     origin integer;
@@ -275,7 +276,7 @@ BEGIN
         END IF;
         -- The name changes are recorded under is this table's (or, for a
         -- partition, its root's): no trigger can record changes of another.
-        IF rel <> format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)
+        IF rel <> here
            AND rel IS DISTINCT FROM (SELECT format('%I.%I', n.nspname, c.relname)
                                        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                                       WHERE c.oid = pg_partition_root(TG_RELID)) THEN
@@ -283,7 +284,7 @@ BEGIN
                 USING ERRCODE = '42501';
         END IF;
     ELSE
-        rel := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+        rel := here;
         SELECT t.pk_columns INTO cols FROM chorus.replicated_table t WHERE t.tbl = rel;
         IF NOT FOUND THEN
             RETURN NULL;
@@ -426,11 +427,16 @@ BEGIN
         -- A table without a primary key has no key: its update or delete
         -- carries the old row, which peers match by content (see
         -- chorus.apply_keyless).
+        -- A partition's row also names the partition it is in here
+        -- ('leaf'): a peer where that partition has left the tree since
+        -- (a concurrent DETACH) applies the change to it, where the row
+        -- is, rather than through the root (see chorus.landed).
         PERFORM pg_logical_emit_message(true, 'chorus:' || ddl_seq, (jsonb_build_object(
             'table', rel, 'op', ops[i], 'key', key, 'row', imgs[i],
             'version', ver, 'prev', prev, 'origin', origin)
             || CASE WHEN key IS NULL AND old_img IS NOT NULL THEN jsonb_build_object('old', old_img)
-                    ELSE '{}' END)::text);
+                    ELSE '{}' END
+            || CASE WHEN rel <> here THEN jsonb_build_object('leaf', here) ELSE '{}' END)::text);
     END LOOP;
     RETURN NULL;
 END
