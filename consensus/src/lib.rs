@@ -35,7 +35,7 @@ pub use tls::RaftTls;
 use types::TypeConfig;
 pub use types::{
     ClusterState, DdlEntry, DdlLease, DdlProposal, Driver, LeaseHolder, NodeInfo, NodeState,
-    Request, Response,
+    Request, Response, Routing,
 };
 
 type Nid = u64;

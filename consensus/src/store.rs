@@ -25,7 +25,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::types::{ClusterState, Response, TypeConfig};
+use crate::types::{ClusterState, Response, Routing, TypeConfig};
 
 type Nid = u64;
 type StoreResult<T> = Result<T, StorageError<Nid>>;
@@ -353,6 +353,8 @@ pub struct Shared {
     applied: RwLock<Applied>,
     /// The last DDL sequence number applied to the state machine.
     ddl_seq: watch::Sender<u64>,
+    /// Where sessions may go, as the state machine has it.
+    routing: watch::Sender<Routing>,
     /// The latest snapshot (built here or received), as stored on disk.
     current: Mutex<Option<StoredSnapshot>>,
 }
@@ -371,13 +373,25 @@ impl Shared {
         self.ddl_seq.subscribe()
     }
 
+    /// Watch where sessions may go: the drained backends and the write
+    /// leader.
+    pub fn routing(&self) -> watch::Receiver<Routing> {
+        self.routing.subscribe()
+    }
+
     fn replace(&self, applied: Applied) {
         let seq = applied.state.ddl_seq();
+        let routing = applied.state.routing();
         match self.applied.write() {
             Ok(mut guard) => *guard = applied,
             Err(poisoned) => *poisoned.into_inner() = applied,
         }
         self.ddl_seq.send_replace(seq);
+        self.routing.send_if_modified(|known| {
+            let changed = *known != routing;
+            *known = routing;
+            changed
+        });
     }
 
     fn set_current(&self, snapshot: StoredSnapshot) {
@@ -427,10 +441,12 @@ impl StateMachine {
             None => Applied::default(),
         };
         let seq = applied.state.ddl_seq();
+        let routing = applied.state.routing();
         Ok(StateMachine {
             shared: Arc::new(Shared {
                 applied: RwLock::new(applied),
                 ddl_seq: watch::channel(seq).0,
+                routing: watch::channel(routing).0,
                 current: Mutex::new(current),
             }),
             snapshot_path,

@@ -1,6 +1,6 @@
 //! What the Raft log carries and what its state machine holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
@@ -62,6 +62,11 @@ pub enum Request {
         #[serde(default)]
         database: Option<String>,
     },
+    /// Drain a backend for maintenance (`drained`), or take it back: no
+    /// new session goes to a drained backend, and every node moves its
+    /// sessions off it at their next transaction boundary. Replication to
+    /// and from it goes on.
+    SetDrained { backend: String, drained: bool },
     /// Give the lease back; `committed` says whether its DDL committed
     /// (then later DDL is ordered after it).
     DdlRelease {
@@ -220,6 +225,19 @@ pub struct ClusterState {
     /// committed).
     #[serde(default)]
     pub ddl_last: u64,
+    /// The backends drained for maintenance (see `Request::SetDrained`).
+    #[serde(default)]
+    pub drained: BTreeSet<String>,
+}
+
+/// Where sessions may go: what of the cluster state every node's sessions
+/// follow (see `Shared::routing`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// The backends drained for maintenance.
+    pub drained: BTreeSet<String>,
+    /// The write leader (write-leader routing).
+    pub write_leader: Option<String>,
 }
 
 /// The node that drives a backend's replication, and since which hand-over.
@@ -315,6 +333,14 @@ impl ClusterState {
                 ttl_ms,
                 database,
             } => self.lease(*holder, *now_ms, *ttl_ms, database.clone()),
+            Request::SetDrained { backend, drained } => {
+                if *drained {
+                    self.drained.insert(backend.clone());
+                } else {
+                    self.drained.remove(backend);
+                }
+                Response::Done
+            }
             Request::DdlRelease {
                 holder,
                 seq,
@@ -409,6 +435,14 @@ impl ClusterState {
 
     pub fn ddl_seq(&self) -> u64 {
         self.ddl.len() as u64
+    }
+
+    /// Where sessions may go now.
+    pub fn routing(&self) -> Routing {
+        Routing {
+            drained: self.drained.clone(),
+            write_leader: self.write_leader.clone(),
+        }
     }
 }
 

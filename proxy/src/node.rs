@@ -63,6 +63,11 @@ pub struct Node {
     backend_down: Vec<AtomicBool>,
     /// Bumped whenever a backend is seen going down: sessions on it move.
     backend_went_down: watch::Sender<u64>,
+    /// Per backend (in config order): whether it takes no session now
+    /// (see `set_routing`): sessions on it move off.
+    backend_closed: Vec<AtomicBool>,
+    /// Bumped whenever a backend closes or opens: idle sessions move.
+    backend_closed_changed: watch::Sender<u64>,
     /// Whether this node drives its home backend's streams now (see
     /// duties.rs); when another node does, commit scopes are judged from
     /// the backend's slots instead of this node's stream positions.
@@ -93,11 +98,15 @@ impl Node {
         let (shutdown_tx, _) = watch::channel(false);
         let clock = HybridClock::new(config.node.id, config.node.max_clock_skew_ms);
         clock.set_offset_ms(config.node.clock_offset_ms);
-        let backend_down = config
-            .backends
-            .iter()
-            .map(|_| AtomicBool::new(false))
-            .collect();
+        let flags = || {
+            config
+                .backends
+                .iter()
+                .map(|_| AtomicBool::new(false))
+                .collect()
+        };
+        let backend_down = flags();
+        let backend_closed = flags();
         Ok(Arc::new(Node {
             clock,
             lanes: std::sync::RwLock::new(Lane::all(&config)),
@@ -114,6 +123,8 @@ impl Node {
             consensus: std::sync::OnceLock::new(),
             backend_down,
             backend_went_down: watch::channel(0).0,
+            backend_closed,
+            backend_closed_changed: watch::channel(0).0,
             shutdown_tx,
         }))
     }
@@ -158,10 +169,66 @@ impl Node {
         self.backend_went_down.subscribe()
     }
 
+    /// Follow where the cluster's sessions may go (see
+    /// `chorus_consensus::Routing`): a backend drained for maintenance
+    /// takes no session, nor, under write-leader routing, one that is not
+    /// the write leader (once there is one).
+    pub(crate) fn set_routing(&self, routing: &chorus_consensus::Routing) {
+        let by_leader = self.config.node.routing == crate::config::Routing::Leader;
+        let mut changed = false;
+        for (backend, flag) in self.config.backends.iter().zip(&self.backend_closed) {
+            let drained = routing.drained.contains(&backend.name);
+            let not_leader = by_leader
+                && routing
+                    .write_leader
+                    .as_ref()
+                    .is_some_and(|leader| *leader != backend.name);
+            let closed = drained || not_leader;
+            if flag.swap(closed, Ordering::SeqCst) != closed {
+                changed = true;
+                if drained {
+                    tracing::info!(backend = %backend.name, "backend drained: sessions move off it");
+                } else if closed {
+                    tracing::info!(backend = %backend.name, "no longer the write leader: sessions move off it");
+                } else {
+                    tracing::info!(backend = %backend.name, "backend takes sessions again");
+                }
+            }
+        }
+        if changed {
+            self.backend_closed_changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The position of a backend in the configuration.
+    pub fn backend_index(&self, name: &str) -> Option<usize> {
+        self.config.backends.iter().position(|b| b.name == name)
+    }
+
+    /// Whether the backend at `index` (see `backend_index`) takes no
+    /// session now (see `set_routing`).
+    pub fn is_closed_at(&self, index: usize) -> bool {
+        self.backend_closed
+            .get(index)
+            .is_some_and(|d| d.load(Ordering::SeqCst))
+    }
+
+    /// Whether a backend takes no session now (see `set_routing`).
+    pub fn is_backend_closed(&self, name: &str) -> bool {
+        self.backend_index(name)
+            .is_some_and(|i| self.is_closed_at(i))
+    }
+
+    /// Changes whenever a backend closes to sessions or opens again.
+    pub fn backend_closed_changed(&self) -> watch::Receiver<u64> {
+        self.backend_closed_changed.subscribe()
+    }
+
     /// The backends a new session tries, in order: the home backend unless
     /// it is down, then (with replication, where every backend has the
     /// same data) the others that are up, then those down (they may be
-    /// back). Without replication only the home backend.
+    /// back). Without replication only the home backend. A backend closed
+    /// to sessions (drained, see `set_routing`) takes none.
     pub fn session_backends(&self) -> Vec<&crate::config::BackendConfig> {
         let home = self.config.home_backend();
         if self.config.replication.is_none() {
@@ -182,31 +249,26 @@ impl Node {
                 .collect();
         }
         let down = |b: &crate::config::BackendConfig| {
-            self.config
-                .backends
-                .iter()
-                .position(|o| o.name == b.name)
+            self.backend_index(&b.name)
                 .is_some_and(|i| self.backend_down[i].load(Ordering::SeqCst))
         };
+        let drained = |b: &crate::config::BackendConfig| self.is_backend_closed(&b.name);
+        let others = || {
+            self.config
+                .backends
+                .iter()
+                .filter(|b| b.name != home.name && !drained(b))
+        };
+        let home_usable = !drained(home);
         let mut order = Vec::with_capacity(self.config.backends.len());
-        if !down(home) {
+        if home_usable && !down(home) {
             order.push(home);
         }
-        order.extend(
-            self.config
-                .backends
-                .iter()
-                .filter(|b| b.name != home.name && !down(b)),
-        );
-        if down(home) {
+        order.extend(others().filter(|b| !down(b)));
+        if home_usable && down(home) {
             order.push(home);
         }
-        order.extend(
-            self.config
-                .backends
-                .iter()
-                .filter(|b| b.name != home.name && down(b)),
-        );
+        order.extend(others().filter(|b| down(b)));
         order
     }
 

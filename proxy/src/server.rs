@@ -240,6 +240,7 @@ pub async fn run_node_with(
             node.clone(),
             consensus.clone(),
         ));
+        background.spawn(follow_routing(node.clone(), consensus.clone()));
         background.spawn(raft_upkeep(node.clone(), consensus));
     }
     background.spawn(crate::cluster::replication::run_home_upkeep(node.clone()));
@@ -290,6 +291,19 @@ async fn health_checks(node: Arc<Node>) {
         }
         if node.config.node.routing == crate::config::Routing::Leader {
             elect_write_leader(&node).await;
+        }
+    }
+}
+
+/// Keep where this node's sessions may go the cluster state's (drained
+/// backends, the write leader; see `Node::set_routing`).
+async fn follow_routing(node: Arc<Node>, consensus: Arc<chorus_consensus::Consensus>) {
+    let mut routing = consensus.state().routing();
+    loop {
+        let now = routing.borrow_and_update().clone();
+        node.set_routing(&now);
+        if routing.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -99,7 +99,7 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
     assert_eq!(entry[1], "2", "{entry:?}");
     let seq = entry[0].clone();
     show_until(&one, "SHOW BACKENDS", |rows| {
-        rows.len() == 3 && rows.iter().all(|r| r[4] == seq && r[3] == "false")
+        rows.len() == 3 && rows.iter().all(|r| r[7] == seq && r[3] == "false")
     })
     .await;
     let backends = show(&one, "SHOW BACKENDS").await;
@@ -217,7 +217,7 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
     );
 
     // An unknown command: 42601, with the list of commands.
-    let unknown = one.simple_query("DRAIN pg1").await.unwrap_err();
+    let unknown = one.simple_query("PAUSE pg1").await.unwrap_err();
     assert_eq!(common::sqlstate(&unknown).as_deref(), Some("42601"));
     let hint = unknown
         .as_db_error()
@@ -238,4 +238,209 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
         .unwrap();
     let refused = console(3, "watcher").await.err().unwrap();
     assert_eq!(common::sqlstate(&refused).as_deref(), Some("28000"));
+}
+
+/// The port of the backend serving a session.
+async fn server_port(client: &Client) -> i32 {
+    client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The SHOW BACKENDS row of a backend.
+fn backend_row<'a>(rows: &'a [Vec<String>], name: &str) -> &'a [String] {
+    rows.iter().find(|r| r[0] == name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_loses_its_sessions_between_transactions_and_takes_vacuum_full() {
+    let c = procs::cluster_opts(procs::Options {
+        node_extra: "admin_users = [\"postgres\"]".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    let console = |i: usize| {
+        let port = c.ports[i - 1];
+        async move {
+            common::connect(&format!(
+                "host=127.0.0.1 port={port} user=postgres dbname=chorus"
+            ))
+            .await
+            .unwrap()
+        }
+    };
+    let (one, two) = (console(1).await, console(2).await);
+    let init = common::pgbench(c.ports[0], &["-i", "-s", "1", "-q"]);
+    assert!(init.status.success(), "{}", common::stderr(&init));
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT count(*)::text FROM pgbench_accounts", |v| {
+            v == "100000"
+        })
+        .await;
+    }
+    let home_port = i32::from(c.backends[0].port());
+
+    // Sessions through node 1, on its home backend: one with a setting
+    // and a prepared statement, one with a temporary table.
+    let moving = c.via(1).await;
+    moving.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    let statement = moving
+        .prepare("SELECT $1::int + 1, current_setting('work_mem'), inet_server_port()")
+        .await
+        .unwrap();
+    let staying = c.via(1).await;
+    staying
+        .batch_execute("CREATE TEMP TABLE scratch (a int); INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(server_port(&moving).await, home_port);
+    assert_eq!(server_port(&staying).await, home_port);
+
+    // pgbench writes through node 1 all along.
+    let port = c.ports[0];
+    let load = std::thread::spawn(move || {
+        common::pgbench(port, &["-n", "-N", "-c", "4", "-j", "2", "-T", "15"])
+    });
+    show_until(&one, "SHOW BACKENDS", |rows| {
+        backend_row(rows, "pg1")[6].parse::<usize>().unwrap_or(0) >= 6
+    })
+    .await;
+
+    one.simple_query("DRAIN pg1").await.unwrap();
+    // Every node follows (Raft); node 1's sessions leave, but for the one
+    // with a temporary table.
+    show_until(&two, "SHOW BACKENDS", |rows| {
+        backend_row(rows, "pg1")[4] == "true"
+    })
+    .await;
+    let row = client_row(&moving, &statement).await;
+    assert_eq!(row.0, 42);
+    assert_eq!(row.1, "7MB", "the setting moved with the session");
+    assert_ne!(row.2, home_port, "the session left the drained backend");
+    let rows = show_until(&one, "SHOW BACKENDS", |rows| {
+        backend_row(rows, "pg1")[6] == "1"
+    })
+    .await;
+    assert_eq!(backend_row(&rows, "pg1")[4], "true", "{rows:?}");
+    let kept: i32 = staying
+        .query_one("SELECT a FROM scratch", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1);
+    assert_eq!(server_port(&staying).await, home_port);
+    // A new session through node 1 goes elsewhere.
+    assert_ne!(server_port(&c.via(1).await).await, home_port);
+
+    // Maintenance on the drained backend, while the load goes on
+    // elsewhere and replication keeps it current.
+    let direct = c.direct(1).await;
+    direct
+        .batch_execute("SET lock_timeout = '30s'")
+        .await
+        .unwrap();
+    direct
+        .batch_execute("VACUUM FULL pgbench_accounts")
+        .await
+        .unwrap();
+
+    // What cannot be drained, or switched over.
+    let refusal = |e: tokio_postgres::Error| common::sqlstate(&e).unwrap_or_default();
+    assert_eq!(
+        refusal(one.simple_query("DRAIN nosuch").await.unwrap_err()),
+        "42704"
+    );
+    one.simple_query("DRAIN pg2").await.unwrap();
+    let last = one.simple_query("DRAIN pg3").await.unwrap_err();
+    assert_eq!(refusal(last), "55000");
+    assert_eq!(
+        refusal(one.simple_query("SWITCHOVER pg2").await.unwrap_err()),
+        "55000"
+    );
+    one.simple_query("RESUME pg2").await.unwrap();
+    one.simple_query("RESUME pg1").await.unwrap();
+    let rows = show(&one, "SHOW BACKENDS").await;
+    assert!(rows.iter().all(|r| r[4] == "false"), "{rows:?}");
+    assert_eq!(server_port(&c.via(1).await).await, home_port);
+
+    // The load lost no transaction, and the backends agree.
+    let out = load.join().unwrap();
+    let report = common::stdout(&out);
+    assert!(out.status.success(), "{report}{}", common::stderr(&out));
+    assert!(
+        report.contains("number of failed transactions: 0 "),
+        "{report}"
+    );
+    c.converge(
+        "SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a",
+        1,
+        &[2, 3],
+    )
+    .await;
+}
+
+/// Run the prepared statement of the drain test.
+async fn client_row(client: &Client, statement: &tokio_postgres::Statement) -> (i32, String, i32) {
+    let row = client.query_one(statement, &[&41i32]).await.unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_moves_the_write_leader_and_its_sessions_between_transactions() {
+    let c = procs::cluster_opts(procs::Options {
+        node_extra: "admin_users = [\"postgres\"]\nrouting = \"leader\"".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    let console = common::connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=chorus",
+        c.ports[0]
+    ))
+    .await
+    .unwrap();
+    let rows = show_until(&console, "SHOW BACKENDS", |rows| {
+        rows.iter().filter(|r| r[5] == "true").count() == 1
+    })
+    .await;
+    let leader = rows.iter().find(|r| r[5] == "true").unwrap()[0].clone();
+    let target = rows.iter().find(|r| r[5] == "false").unwrap()[0].clone();
+    let port_of = |name: &str| {
+        let b: usize = name.trim_start_matches("pg").parse().unwrap();
+        i32::from(c.backends[b - 1].port())
+    };
+    let session = c.via(2).await;
+    assert_eq!(server_port(&session).await, port_of(&leader));
+
+    console
+        .simple_query(&format!("SWITCHOVER {target}"))
+        .await
+        .unwrap();
+    let rows = show(&console, "SHOW BACKENDS").await;
+    assert_eq!(backend_row(&rows, &target)[5], "true", "{rows:?}");
+    // The open session's next transaction runs on the new write leader, as
+    // a new session's does, through any node.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server_port(&session).await != port_of(&target) {
+        assert!(Instant::now() < deadline, "the session stayed on {leader}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server_port(&c.via(3).await).await, port_of(&target));
+
+    let refused = |e: tokio_postgres::Error| common::sqlstate(&e).unwrap_or_default();
+    assert_eq!(
+        refused(
+            console
+                .simple_query(&format!("DRAIN {target}"))
+                .await
+                .unwrap_err()
+        ),
+        "55000",
+        "the write leader cannot be drained"
+    );
+    assert_eq!(
+        refused(console.simple_query("SWITCHOVER nosuch").await.unwrap_err()),
+        "42704"
+    );
 }

@@ -285,6 +285,24 @@ impl BackendStream {
         }
     }
 
+    /// Put halves made by [`BackendStream::into_split`] together again;
+    /// `None` for halves of different streams.
+    pub fn unsplit(read: BackendRead, write: BackendWrite) -> Option<BackendStream> {
+        match (read, write) {
+            (BackendRead::Plain(r), BackendWrite::Plain(w)) => {
+                r.reunite(w).ok().map(BackendStream::Plain)
+            }
+            (BackendRead::Tls(r), BackendWrite::Tls(w)) => {
+                if r.is_pair_of(&w) {
+                    Some(BackendStream::Tls(Box::new(r.unsplit(w))))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the connection is encrypted.
     pub fn is_tls(&self) -> bool {
         matches!(self, BackendStream::Tls(_))

@@ -125,6 +125,9 @@ where
         match tag {
             b'Z' => {
                 last_was_fatal = false;
+                // (A session that could not leave a drained backend
+                // tries again at its next transaction, see drain.rs.)
+                state.drain_blocked.store(false, Ordering::Relaxed);
                 let status = body.first().copied().unwrap_or(b'I');
                 state.tx_status.store(status, Ordering::Relaxed);
                 if status == b'I' {
@@ -220,6 +223,7 @@ where
         if shutdown_seen && idle() && side.buf.is_empty() {
             return shutdown_session(writer).await;
         }
+
         if shutdown_seen {
             if let Err(end) = read_more(reader, &mut side.buf).await {
                 return ended(end, last_was_fatal);

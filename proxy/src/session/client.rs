@@ -47,6 +47,10 @@ where
         probe_question,
         probe_answer,
     } = side;
+    let serving_index = node.backend_index(serving);
+    // The message starting the next transaction was held because the
+    // backend is drained (see `drain`): the relay moves the session first.
+    let mut drain_now = false;
     let result = loop {
         let held = pump(
         reader,
@@ -62,6 +66,18 @@ where
                     return Ok(Flow::Replace(BytesMut::new()));
                 }
                 *discard_until_sync = false;
+            }
+            // A transaction about to start on a drained backend: held, so
+            // that the session leaves it first (nothing sent or owed).
+            if replicating
+                && (tag == b'Q'
+                    || (*batch_start && matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H')))
+                && serving_index.is_some_and(|i| node.is_closed_at(i))
+                && !state.drain_blocked.load(Ordering::Relaxed)
+                && super::drain::idle(state)
+            {
+                drain_now = true;
+                return Ok(Flow::Await);
             }
             if replicating {
                 remember_prepared(state, tag, body);
@@ -481,6 +497,16 @@ where
     )
     .await;
         match held {
+            // Held to leave a drained backend: it goes, as it came, to the
+            // backend the session is on next.
+            Ok(Some(message)) if drain_now => {
+                let mut buf = BytesMut::with_capacity(message.len() + pump_side.buf.len());
+                buf.extend_from_slice(&message);
+                buf.extend_from_slice(&pump_side.buf);
+                pump_side.buf = buf;
+                pump_side.rescan = true;
+                return RelayEnd::BackendDrained;
+            }
             // A message held for a question to the backend: ask it, then
             // look at the message again.
             Ok(Some(message)) if probe_question.is_some() => {

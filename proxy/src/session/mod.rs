@@ -18,6 +18,7 @@ use crate::node::Node;
 
 mod answers;
 mod client;
+mod drain;
 mod pump;
 mod relay;
 mod startup;

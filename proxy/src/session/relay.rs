@@ -17,6 +17,7 @@ use crate::{backend, protocol};
 
 use super::answers::backend_to_client;
 use super::client::client_to_backend;
+use super::drain;
 use super::pump::PumpSide;
 use super::state::{ClientSide, Pending, RelayEnd, RelayState, Session, MOVE_LIMIT};
 
@@ -43,11 +44,13 @@ pub(super) async fn relay<CR, CW>(
     let mut client = ClientSide::new();
     let mut shutdown = node.shutdown_signal();
     let mut went_down = node.backend_went_down();
+    let mut drains = node.backend_closed_changed();
     let mut backend = backend;
     let replicating = node.config.replication.is_some();
+    // (Kept across a stay on a drained backend; new for a new backend.)
+    let mut from_backend = PumpSide::default();
     let (end, mut backend_write) = loop {
         let (mut backend_read, mut backend_write) = backend.into_split();
-        let mut from_backend = PumpSide::default();
         let end = {
             let serving = session.backend_name.clone();
             let to_backend = client_to_backend(
@@ -79,6 +82,20 @@ pub(super) async fn relay<CR, CW>(
                     }
                 }
             };
+            // Drained while idle: the session leaves now rather than at its
+            // next transaction (see `drain::leave`). (Busy sessions are
+            // stopped at their next transaction's start by the client
+            // side, or after their ReadyForQuery by the backend side.)
+            let drained_idle = async {
+                loop {
+                    if drains.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                    if node.is_backend_closed(&name) && drain::idle(&state) {
+                        return;
+                    }
+                }
+            };
             tokio::select! {
                 end = &mut to_backend => match end {
                     // Writing to the backend failed: the other direction
@@ -92,8 +109,46 @@ pub(super) async fn relay<CR, CW>(
                 },
                 end = &mut to_client => end,
                 () = marked_down, if replicating => RelayEnd::BackendDown,
+                () = drained_idle, if replicating => RelayEnd::BackendDrained,
             }
         };
+        if matches!(end, RelayEnd::BackendDrained) {
+            // Both directions stopped between messages (a write cut
+            // halfway would leave neither backend usable): stay or move.
+            if client.pump.clean() && from_backend.clean() {
+                let Some(stream) = BackendStream::unsplit(backend_read, backend_write) else {
+                    break (RelayEnd::BackendGone { after_fatal: false }, None);
+                };
+                let at_boundary = client.batch_start && drain::idle(&state);
+                match drain::leave(
+                    node,
+                    &state,
+                    session,
+                    stream,
+                    at_boundary,
+                    &mut from_backend,
+                )
+                .await
+                {
+                    drain::Left::Moved(next) => {
+                        from_backend = PumpSide::default();
+                        backend = next;
+                    }
+                    drain::Left::Stayed(same) => {
+                        state.drain_blocked.store(true, Ordering::Relaxed);
+                        backend = same;
+                    }
+                    drain::Left::Broken => {
+                        break (RelayEnd::BackendGone { after_fatal: false }, None);
+                    }
+                }
+                continue;
+            }
+            break (
+                RelayEnd::BackendGone { after_fatal: false },
+                Some(backend_write),
+            );
+        }
         let mut movable = replicating
             && matches!(
                 end,
@@ -124,6 +179,7 @@ pub(super) async fn relay<CR, CW>(
             if let Some(next) =
                 move_session(node, &state, session, &mut client, &mut client_write).await
             {
+                from_backend = PumpSide::default();
                 backend = next;
                 continue;
             }
@@ -164,7 +220,7 @@ pub(super) async fn relay<CR, CW>(
             }
         }
         RelayEnd::BackendClosing { raw, .. } => out = raw,
-        RelayEnd::BackendDown => {
+        RelayEnd::BackendDown | RelayEnd::BackendDrained => {
             node.metrics.error(ErrorKind::BackendLost);
             protocol::error_response(
                 &mut out,
@@ -232,37 +288,11 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
     let from = session.backend_name.clone();
     node.set_backend_down(&from, true);
     let in_block = matches!(state.tx_status.load(Ordering::Relaxed), b'T' | b'E');
-    let mut params = session.params.clone();
-    if let Ok(reported) = state.reported.lock() {
-        for (name, value) in reported.iter() {
-            params.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-            params.push((name.clone(), value.clone()));
-        }
-    }
-    let deadline = Instant::now() + MOVE_LIMIT;
-    let (name, address, mut connection) = 'found: loop {
-        let candidates: Vec<_> = node
-            .session_backends()
-            .into_iter()
-            .filter(|b| b.name != from)
-            .cloned()
-            .collect();
-        for candidate in candidates {
-            let address = candidate.address();
-            let login = session.login(node, &address, candidate.tls.as_ref(), &params);
-            let left = deadline.saturating_duration_since(Instant::now());
-            match backend::connect(&login, left.min(node.config.backend_connect_timeout())).await {
-                Ok(connection) => break 'found (candidate.name, address, connection),
-                Err(e) => {
-                    tracing::debug!(backend = %candidate.name, error = %e, "moving a session: login failed");
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            tracing::warn!(from = %from, "a session whose backend failed found no other backend");
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let params = moved_params(state, session);
+    let Some((name, address, mut connection)) = login_elsewhere(node, session, &params).await
+    else {
+        tracing::warn!(from = %from, "a session whose backend failed found no other backend");
+        return None;
     };
     // The session's transaction state and named statements, on the new
     // connection; the answers are read and dropped.
@@ -367,16 +397,76 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
     );
     client.stamped = false;
     client.scope_pending.clear();
+    tracing::info!(from = %from, to = %name, owed, in_block, "session moved to another backend");
+    Some(retarget(node, state, session, name, &address, connection))
+}
+
+/// The startup parameters a moving session logs in with: the client's,
+/// with the settings the old backend reported changed (ParameterStatus).
+pub(super) fn moved_params(state: &RelayState, session: &Session) -> Vec<(String, String)> {
+    let mut params = session.params.clone();
+    if let Ok(reported) = state.reported.lock() {
+        for (name, value) in reported.iter() {
+            params.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+            params.push((name.clone(), value.clone()));
+        }
+    }
+    params
+}
+
+/// Log in as the session did to another backend that takes sessions
+/// (`Node::session_backends`), trying them in turn for up to
+/// `MOVE_LIMIT`: its name, address and connection.
+pub(super) async fn login_elsewhere(
+    node: &Node,
+    session: &Session,
+    params: &[(String, String)],
+) -> Option<(String, String, backend::BackendConnection)> {
+    let deadline = Instant::now() + MOVE_LIMIT;
+    loop {
+        let candidates: Vec<_> = node
+            .session_backends()
+            .into_iter()
+            .filter(|b| b.name != session.backend_name)
+            .cloned()
+            .collect();
+        for candidate in candidates {
+            let address = candidate.address();
+            let login = session.login(node, &address, candidate.tls.as_ref(), params);
+            let left = deadline.saturating_duration_since(Instant::now());
+            match backend::connect(&login, left.min(node.config.backend_connect_timeout())).await {
+                Ok(connection) => return Some((candidate.name, address, connection)),
+                Err(e) => {
+                    tracing::debug!(backend = %candidate.name, error = %e, "moving a session: login failed");
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The session is served by `connection` to backend `name` from now on:
+/// its cancel key, backend pid and connection count follow.
+pub(super) fn retarget(
+    node: &Node,
+    state: &RelayState,
+    session: &mut Session,
+    name: String,
+    address: &str,
+    connection: backend::BackendConnection,
+) -> BackendStream {
     session
         .cancel_key
-        .retarget(&address, connection.pid, connection.secret);
+        .retarget(address, connection.pid, connection.secret);
     state.backend_pid.store(connection.pid, Ordering::Relaxed);
     session.backend_open = node
         .metrics
         .backend(&name)
         .map(|(conns, _)| GaugeGuard::new(conns));
     node.metrics.sessions_moved();
-    tracing::info!(from = %from, to = %name, owed, in_block, "session moved to another backend");
     session.backend_name = name;
-    Some(connection.stream)
+    connection.stream
 }

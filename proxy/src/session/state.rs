@@ -38,6 +38,10 @@ pub(super) enum RelayEnd {
     /// The health checks found the backend down (it may still hold the
     /// connection open, frozen).
     BackendDown,
+    /// The backend is drained for maintenance and the session is idle
+    /// between transactions: it moves if nothing of it stays behind (see
+    /// `relay::drain_move`).
+    BackendDrained,
     /// The backend ended the session with a FATAL of a server going down
     /// (57P01 shutdown or terminate, 57P02 crash, 57P03 not accepting),
     /// held back from the client.
@@ -101,6 +105,10 @@ pub(super) struct RelayState {
     /// not heard yet that its transaction is gone, so a COMMIT must fail
     /// (see `move_session`). Cleared by the next error or idle status.
     pub(super) lost_transaction: AtomicBool,
+    /// The session could not leave its drained backend at the last idle
+    /// point (state of its own there, a batch under way): it tries again
+    /// at its next ReadyForQuery, which clears this.
+    pub(super) drain_blocked: AtomicBool,
     /// The cluster DDL lease of the current transaction (see
     /// cluster::ddl::lease): its number, 0 when none.
     pub(super) ddl_lease: AtomicU64,
@@ -206,6 +214,7 @@ impl RelayState {
             prepared: Mutex::new(rustc_hash::FxHashMap::default()),
             reported: Mutex::new(Vec::new()),
             lost_transaction: AtomicBool::new(false),
+            drain_blocked: AtomicBool::new(false),
             ddl_lease: AtomicU64::new(0),
             lease_token: rand::rng().next_u64(),
             lease_stamped: AtomicBool::new(false),

@@ -1,71 +1,17 @@
-//! The admin console: a database of the node itself (`node.admin_database`,
-//! by default `chorus`), as PgBouncer's `pgbouncer` database is. A role
-//! named in `node.admin_users` logs in to it with psql or any client, after
-//! the usual authentication rules, and reads the cluster's state as
-//! ordinary result sets (every value text):
-//!
-//! - `SHOW VERSION`
-//! - `SHOW NODES`: each Raft member, its address, its role as this node
-//!   sees it, and how long ago this node last heard from it;
-//! - `SHOW RAFT`: this node's term, leader, and committed and applied
-//!   index;
-//! - `SHOW BACKENDS`: each backend, whose home it is, whether this node
-//!   sees it down, and how far it has applied the DDL log;
-//! - `SHOW DATABASES`: the replicated databases;
-//! - `SHOW DDL`: the tail of the DDL log;
-//! - `SHOW CONFIG`: this node's settings as it runs with them, secrets
-//!   and passwords left out;
-//! - `SHOW CLIENTS`: this node's client sessions: the pid each client
-//!   knows, its role, database and address, its backend and backend pid,
-//!   how long it has been connected, and, for one on the home backend, its
-//!   state there (`pg_stat_activity.state`);
-//! - `SHOW REPLICATION`: the home backend's slots, one per peer and
-//!   replicated database: lag and retained WAL in bytes, state, and the
-//!   walsender's flush lag;
-//! - `SHOW SEQUENCES`: the global sequences, as the home backend has them;
-//! - `SHOW CONFLICTS`: the conflicts resolved on the home backend, counted
-//!   by kind and resolution;
-//! - `SHOW COMMANDS`: these.
-//!
-//! Anything else gets `42601` with the list of commands. Only the simple
-//! query protocol is served (psql's); the extended one gets `0A000`.
+//! The `SHOW` commands of the admin console: what they read, and from
+//! where.
 
 use std::time::Duration;
-
-use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::connect_backend;
 use crate::cluster::ddl::progress::PgError;
 use crate::node::Node;
-use crate::protocol;
 
-/// The commands, as `SHOW COMMANDS` lists them and an unknown command's
-/// hint names them.
-const COMMANDS: &[(&str, &str)] = &[
-    ("SHOW VERSION", "the node's version"),
-    ("SHOW NODES", "the cluster's members as this node sees them"),
-    ("SHOW RAFT", "this node's Raft state"),
-    ("SHOW BACKENDS", "the backends, their health and DDL index"),
-    ("SHOW DATABASES", "the replicated databases"),
-    ("SHOW DDL", "the last entries of the DDL log"),
-    ("SHOW CLIENTS", "the client sessions of this node"),
-    ("SHOW CONFIG", "this node's settings (no secrets)"),
-    (
-        "SHOW REPLICATION",
-        "the home backend's slots: lag, retained WAL, state",
-    ),
-    ("SHOW SEQUENCES", "the global sequences on the home backend"),
-    (
-        "SHOW CONFLICTS",
-        "conflicts resolved on the home backend, by kind",
-    ),
-    ("SHOW COMMANDS", "this list"),
-];
+use super::{table, Table};
 
 /// `SHOW REPLICATION`: each of Chorus's slots on the home backend (one
 /// per peer and replicated database), with its walsender's lag.
-const REPLICATION_SQL: &str = "SELECT s.slot_name, s.database, s.active, \
+pub(super) const REPLICATION_SQL: &str = "SELECT s.slot_name, s.database, s.active, \
         pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes, \
         pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_bytes, \
         s.wal_status, extract(epoch FROM r.flush_lag) AS flush_lag_seconds \
@@ -74,136 +20,14 @@ const REPLICATION_SQL: &str = "SELECT s.slot_name, s.database, s.active, \
   WHERE s.slot_name LIKE 'chorus\\_%' ORDER BY s.slot_name";
 
 /// `SHOW SEQUENCES`.
-const SEQUENCES_SQL: &str = "SELECT * FROM chorus.sequence_status() ORDER BY 1";
+pub(super) const SEQUENCES_SQL: &str = "SELECT * FROM chorus.sequence_status() ORDER BY 1";
 
 /// `SHOW CONFLICTS`: counts by kind and resolution, and the latest.
-const CONFLICTS_SQL: &str = "SELECT kind, resolution, count(*) AS conflicts, \
+pub(super) const CONFLICTS_SQL: &str = "SELECT kind, resolution, count(*) AS conflicts, \
         max(resolved_at) AS latest FROM chorus.conflict GROUP BY 1, 2 ORDER BY 1, 2";
 
 /// How many of the DDL log's last entries `SHOW DDL` lists.
 const DDL_TAIL: usize = 20;
-
-/// Serve a logged-in admin session until the client ends it. The caller
-/// has sent nothing after authentication yet; `out` holds what is to go
-/// first (AuthenticationOk and the rest of the greeting are added here).
-pub async fn serve<S>(node: &Node, client: &mut S, mut out: BytesMut) -> std::io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    protocol::authentication(&mut out, 0, &[]);
-    for (name, value) in [
-        ("server_version", "15.0 (Chorus admin console)"),
-        ("server_encoding", "UTF8"),
-        ("client_encoding", "UTF8"),
-        ("DateStyle", "ISO, MDY"),
-        ("integer_datetimes", "on"),
-        ("standard_conforming_strings", "on"),
-    ] {
-        protocol::parameter_status(&mut out, name, value);
-    }
-    protocol::backend_key_data(&mut out, 0, 0);
-    protocol::ready_for_query(&mut out, b'I');
-    client.write_all(&out).await?;
-    let max = node.config.node.max_message_bytes;
-    let mut skip_to_sync = false;
-    loop {
-        let mut header = [0u8; 5];
-        if client.read_exact(&mut header).await.is_err() {
-            return Ok(());
-        }
-        let tag = header[0];
-        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if !(4..=max).contains(&length) {
-            return Ok(());
-        }
-        let mut body = vec![0u8; length - 4];
-        client.read_exact(&mut body).await?;
-        let mut out = BytesMut::new();
-        match tag {
-            b'X' => return Ok(()),
-            b'Q' => {
-                let sql = protocol::read_cstr(&body).map_or("", |(sql, _)| sql);
-                answer(node, sql, &mut out).await;
-                protocol::ready_for_query(&mut out, b'I');
-            }
-            b'S' => {
-                skip_to_sync = false;
-                protocol::ready_for_query(&mut out, b'I');
-            }
-            _ if skip_to_sync => {}
-            _ => {
-                skip_to_sync = true;
-                PgError {
-                    code: "0A000".into(),
-                    message: "the admin console speaks the simple query protocol only".into(),
-                    detail: None,
-                    hint: Some("Use psql, or a client's simple query mode.".into()),
-                }
-                .write(&mut out);
-            }
-        }
-        client.write_all(&out).await?;
-    }
-}
-
-/// The answer to one query string (without its ReadyForQuery).
-async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
-    let words: Vec<String> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .map(str::to_ascii_uppercase)
-        .collect();
-    let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    let rows = match words.as_slice() {
-        [] => {
-            protocol::write_message(out, b'I', |_| {});
-            return;
-        }
-        ["SHOW", "VERSION"] => table(
-            &["version"],
-            vec![vec![format!("Chorus {}", env!("CARGO_PKG_VERSION"))]],
-        ),
-        ["SHOW", "NODES"] => nodes(node),
-        ["SHOW", "RAFT"] => raft(node),
-        ["SHOW", "BACKENDS"] => backends(node).await,
-        ["SHOW", "DATABASES"] => databases(node),
-        ["SHOW", "DDL"] => ddl(node).await,
-        ["SHOW", "CLIENTS"] => clients(node).await,
-        ["SHOW", "CONFIG"] => config(node),
-        ["SHOW", "REPLICATION"] => match home(node, REPLICATION_SQL).await {
-            Ok(rows) => rows,
-            Err(e) => return e.write(out),
-        },
-        ["SHOW", "SEQUENCES"] => match home(node, SEQUENCES_SQL).await {
-            Ok(rows) => rows,
-            Err(e) => return e.write(out),
-        },
-        ["SHOW", "CONFLICTS"] => match home(node, CONFLICTS_SQL).await {
-            Ok(rows) => rows,
-            Err(e) => return e.write(out),
-        },
-        ["SHOW", "COMMANDS"] => table(
-            &["command", "shows"],
-            COMMANDS
-                .iter()
-                .map(|(c, what)| vec![(*c).to_owned(), (*what).to_owned()])
-                .collect(),
-        ),
-        _ => {
-            let list: Vec<&str> = COMMANDS.iter().map(|(c, _)| *c).collect();
-            PgError {
-                code: "42601".into(),
-                message: format!("unrecognized admin console command: {}", sql.trim()),
-                detail: None,
-                hint: Some(format!("The commands are: {}.", list.join(", "))),
-            }
-            .write(out);
-            return;
-        }
-    };
-    rows.write(out);
-}
 
 /// A setting's enum value as the configuration spells it
 /// (`VerifyFull` → `verify-full`).
@@ -220,7 +44,7 @@ fn spelled(value: impl std::fmt::Debug) -> String {
 
 /// `SHOW CONFIG`: the settings that shape what the node does; secrets,
 /// passwords and key files are left out.
-fn config(node: &Node) -> Table {
+pub(super) fn config(node: &Node) -> Table {
     let c = &node.config;
     let list = |items: &[String]| items.join(",");
     let mut rows: Vec<(String, String)> = vec![
@@ -320,7 +144,7 @@ fn config(node: &Node) -> Table {
 }
 
 /// `SHOW CLIENTS`.
-async fn clients(node: &Node) -> Table {
+pub(super) async fn clients(node: &Node) -> Table {
     let clients = node.cancel_keys.clients();
     let home = node.config.home_backend();
     let home_address = home.address();
@@ -404,7 +228,7 @@ async fn home_rows(
 }
 
 /// A query's result on the home backend, in the main database, as text.
-async fn home(node: &Node, sql: &str) -> Result<Table, PgError> {
+pub(super) async fn home(node: &Node, sql: &str) -> Result<Table, PgError> {
     let unreachable = |e: &dyn std::fmt::Display| PgError {
         code: "08006".into(),
         message: format!("the home backend did not answer: {e}"),
@@ -448,50 +272,7 @@ async fn home(node: &Node, sql: &str) -> Result<Table, PgError> {
     Ok(result)
 }
 
-/// A result set of text values.
-struct Table {
-    columns: Vec<String>,
-    rows: Vec<Vec<String>>,
-}
-
-fn table(columns: &[&str], rows: Vec<Vec<String>>) -> Table {
-    Table {
-        columns: columns.iter().map(|c| (*c).to_owned()).collect(),
-        rows,
-    }
-}
-
-impl Table {
-    /// RowDescription, a DataRow per row, CommandComplete.
-    fn write(&self, out: &mut BytesMut) {
-        protocol::write_message(out, b'T', |m| {
-            m.put_i16(self.columns.len() as i16);
-            for column in &self.columns {
-                protocol::put_cstr(m, column);
-                m.put_i32(0); // table oid
-                m.put_i16(0); // column number
-                m.put_i32(25); // text
-                m.put_i16(-1); // variable length
-                m.put_i32(-1); // no modifier
-                m.put_i16(0); // text format
-            }
-        });
-        for row in &self.rows {
-            protocol::write_message(out, b'D', |m| {
-                m.put_i16(row.len() as i16);
-                for value in row {
-                    m.put_i32(value.len() as i32);
-                    m.extend_from_slice(value.as_bytes());
-                }
-            });
-        }
-        protocol::write_message(out, b'C', |m| {
-            protocol::put_cstr(m, &format!("SHOW {}", self.rows.len()));
-        });
-    }
-}
-
-fn nodes(node: &Node) -> Table {
+pub(super) fn nodes(node: &Node) -> Table {
     let mut rows = Vec::new();
     let me = node.config.node.id;
     let consensus = node.consensus();
@@ -537,7 +318,7 @@ fn nodes(node: &Node) -> Table {
     )
 }
 
-fn raft(node: &Node) -> Table {
+pub(super) fn raft(node: &Node) -> Table {
     let Some(consensus) = node.consensus() else {
         return table(
             &["id", "state"],
@@ -567,10 +348,24 @@ fn raft(node: &Node) -> Table {
     )
 }
 
-async fn backends(node: &Node) -> Table {
+/// `SHOW BACKENDS`: each backend, whose home it is, whether this node
+/// sees it down, whether it is drained (see `commands::drain`) or the
+/// write leader, how many of this node's sessions it serves, and how far
+/// it has applied the DDL log.
+pub(super) async fn backends(node: &Node) -> Table {
     let main = node.main_lane();
+    let (drained, leader) = node.consensus().map_or((Default::default(), None), |c| {
+        c.state()
+            .read(|s| (s.drained.clone(), s.write_leader.clone()))
+    });
+    let clients = node.cancel_keys.clients();
     let mut rows = Vec::new();
     for backend in &node.config.backends {
+        let address = backend.address();
+        let sessions = clients
+            .iter()
+            .filter(|c| c.backend_address == address)
+            .count();
         let index = match &main {
             Some(lane) => {
                 tokio::time::timeout(Duration::from_secs(2), lane.ddl.backend_index(backend))
@@ -583,16 +378,31 @@ async fn backends(node: &Node) -> Table {
         };
         rows.push(vec![
             backend.name.clone(),
-            backend.address(),
+            address,
             (backend.name == node.config.home_backend().name).to_string(),
             node.is_backend_down(&backend.name).to_string(),
+            drained.contains(&backend.name).to_string(),
+            (leader.as_ref() == Some(&backend.name)).to_string(),
+            sessions.to_string(),
             index,
         ]);
     }
-    table(&["name", "address", "home", "down", "ddl_index"], rows)
+    table(
+        &[
+            "name",
+            "address",
+            "home",
+            "down",
+            "drained",
+            "write_leader",
+            "sessions",
+            "ddl_index",
+        ],
+        rows,
+    )
 }
 
-fn databases(node: &Node) -> Table {
+pub(super) fn databases(node: &Node) -> Table {
     let rows = node
         .lanes()
         .iter()
@@ -620,7 +430,7 @@ fn databases(node: &Node) -> Table {
 /// transaction's change stream is not in the log (the entry orders it): it
 /// is read from the home backend's `chorus.ddl_history` in the main
 /// database (another database's shows as its marker there).
-async fn ddl(node: &Node) -> Table {
+pub(super) async fn ddl(node: &Node) -> Table {
     let mut rows: Vec<Vec<String>> = node.consensus().map_or(Vec::new(), |consensus| {
         consensus.state().read(|s| {
             let skip = s.ddl.len().saturating_sub(DDL_TAIL);

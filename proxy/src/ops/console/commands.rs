@@ -1,0 +1,195 @@
+//! The admin console's commands that change the cluster: `DRAIN`,
+//! `RESUME` and `SWITCHOVER`. Each goes through Raft, so every node
+//! follows it (see `Node::set_routing`), and answers once this node has
+//! applied it.
+
+use std::time::Duration;
+
+use chorus_consensus::Request;
+
+use crate::cluster::ddl::progress::PgError;
+use crate::config::Routing;
+use crate::node::Node;
+
+/// How long a command waits for Raft.
+const LIMIT: Duration = Duration::from_secs(5);
+
+fn error(code: &str, message: String, hint: Option<&str>) -> PgError {
+    PgError {
+        code: code.into(),
+        message,
+        detail: None,
+        hint: hint.map(str::to_owned),
+    }
+}
+
+/// The configured backend a command names (quotes around it allowed).
+fn backend<'a>(node: &'a Node, named: &str) -> Result<&'a str, PgError> {
+    let name = named.trim_matches(|c| c == '"' || c == '\'');
+    node.config
+        .backends
+        .iter()
+        .find(|b| b.name == name)
+        .map(|b| b.name.as_str())
+        .ok_or_else(|| {
+            let known: Vec<&str> = node
+                .config
+                .backends
+                .iter()
+                .map(|b| b.name.as_str())
+                .collect();
+            error(
+                "42704",
+                format!("backend \"{name}\" does not exist"),
+                Some(&format!("The backends are: {}.", known.join(", "))),
+            )
+        })
+}
+
+/// Propose `request`, then wait until this node has applied it (`done`).
+async fn run(
+    node: &Node,
+    request: Request,
+    done: impl Fn(&chorus_consensus::ClusterState) -> bool,
+) -> Result<(), PgError> {
+    let Some(consensus) = node.consensus() else {
+        return Err(error(
+            "55000",
+            "this node is not part of a cluster".into(),
+            None,
+        ));
+    };
+    consensus.propose(request, LIMIT).await.map_err(|e| {
+        error(
+            "55000",
+            format!("the cluster did not take the command: {e}"),
+            Some("A majority of the nodes must be reachable; retry."),
+        )
+    })?;
+    let applied = async {
+        let mut routing = consensus.state().routing();
+        while !consensus.state().read(&done) {
+            if routing.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LIMIT, applied).await;
+    Ok(())
+}
+
+/// `DRAIN backend`: no new session goes to it, and the sessions on it move
+/// off between transactions; replication keeps it current.
+pub(super) async fn drain(node: &Node, named: &str) -> Result<(), PgError> {
+    let name = backend(node, named)?;
+    let Some(consensus) = node.consensus() else {
+        return Err(error(
+            "55000",
+            "this node is not part of a cluster".into(),
+            None,
+        ));
+    };
+    let (drained, leader) = consensus
+        .state()
+        .read(|s| (s.drained.clone(), s.write_leader.clone()));
+    if node.config.node.routing == Routing::Leader && leader.as_deref() == Some(name) {
+        return Err(error(
+            "55000",
+            format!("backend \"{name}\" is the write leader"),
+            Some("Move the write leader first: SWITCHOVER <another backend>."),
+        ));
+    }
+    let others = node
+        .config
+        .backends
+        .iter()
+        .any(|b| b.name != name && !drained.contains(&b.name));
+    if !others {
+        return Err(error(
+            "55000",
+            format!("backend \"{name}\" is the last one that takes sessions"),
+            Some("RESUME another backend first."),
+        ));
+    }
+    let owned = name.to_owned();
+    run(
+        node,
+        Request::SetDrained {
+            backend: owned.clone(),
+            drained: true,
+        },
+        move |s| s.drained.contains(&owned),
+    )
+    .await
+}
+
+/// `RESUME backend`: it takes sessions again.
+pub(super) async fn resume(node: &Node, named: &str) -> Result<(), PgError> {
+    let name = backend(node, named)?.to_owned();
+    let owned = name.clone();
+    run(
+        node,
+        Request::SetDrained {
+            backend: name,
+            drained: false,
+        },
+        move |s| !s.drained.contains(&owned),
+    )
+    .await
+}
+
+/// `SWITCHOVER backend`: under write-leader routing, make it the write
+/// leader; sessions on the old one move to it between transactions.
+pub(super) async fn switchover(node: &Node, named: &str) -> Result<(), PgError> {
+    let name = backend(node, named)?.to_owned();
+    if node.config.node.routing != Routing::Leader {
+        return Err(error(
+            "55000",
+            "this cluster has no write leader: every backend takes writes".into(),
+            Some("SWITCHOVER applies under write-leader routing (node.routing = \"leader\")."),
+        ));
+    }
+    if node.is_backend_down(&name) {
+        return Err(error("55000", format!("backend \"{name}\" is down"), None));
+    }
+    let Some(consensus) = node.consensus() else {
+        return Err(error(
+            "55000",
+            "this node is not part of a cluster".into(),
+            None,
+        ));
+    };
+    let (drained, current) = consensus
+        .state()
+        .read(|s| (s.drained.contains(&name), s.write_leader.clone()));
+    if drained {
+        return Err(error(
+            "55000",
+            format!("backend \"{name}\" is drained"),
+            Some("RESUME it first."),
+        ));
+    }
+    let owned = name.clone();
+    run(
+        node,
+        Request::SetWriteLeader {
+            backend: name,
+            expected: current,
+        },
+        move |s| s.write_leader.as_deref() == Some(owned.as_str()),
+    )
+    .await?;
+    // The leader may have moved again meanwhile (it was found down).
+    let now = consensus.state().read(|s| s.write_leader.clone());
+    if now.as_deref() != Some(named.trim_matches(|c| c == '"' || c == '\'')) {
+        return Err(error(
+            "40001",
+            format!(
+                "the write leader moved meanwhile, to {}",
+                now.as_deref().unwrap_or("none")
+            ),
+            Some("Look at SHOW BACKENDS, and retry."),
+        ));
+    }
+    Ok(())
+}
