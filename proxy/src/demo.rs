@@ -102,6 +102,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut nodes = Vec::new();
     let mut metrics_ports = Vec::new();
+    let mut config_paths = Vec::new();
     for i in 1..=options.nodes {
         let port = options.port + i - 1;
         let metrics_port = options.port + 100 + i - 1;
@@ -112,6 +113,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 metrics_listen: Some(([127, 0, 0, 1], metrics_port).into()),
                 home_backend: Some(format!("pg{i}")),
                 shutdown_timeout_ms: 5_000,
+                admin_users: vec![DEMO_USER.to_owned()],
                 ..NodeConfig::default()
             },
             tls: None,
@@ -169,6 +171,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             }],
         };
         config.validate()?;
+        let path = base.join(format!("node{i}.toml"));
+        write_config(&config, &path)?;
+        config_paths.push(path);
         let node = Node::new(config)?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
@@ -195,6 +200,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     }
     for (i, port) in metrics_ports.iter().enumerate() {
         println!("metrics {}: http://127.0.0.1:{port}/metrics", i + 1);
+    }
+    for (i, path) in config_paths.iter().enumerate() {
+        println!("config {}: {}", i + 1, path.display());
     }
     let signals = StopSignals::install()?;
     println!("ready");
@@ -232,12 +240,31 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 std::fs::remove_dir_all(&raft)
                     .with_context(|| format!("removing {}", raft.display()))?;
             }
+            let _ = std::fs::remove_file(base.join(format!("node{i}.toml")));
         }
         if created_base {
             let _ = std::fs::remove_dir(&base);
         }
     }
     Ok(())
+}
+
+/// Write a node's configuration where `chorus check --config`, `chorus
+/// reconcile --config` and the other commands can read it (readable by
+/// its owner only: it holds the cluster's secret).
+fn write_config(config: &Config, path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = toml::to_string(config).context("writing a node's configuration as TOML")?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// SIGINT and SIGTERM, caught from the moment this is made (make it

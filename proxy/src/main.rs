@@ -180,14 +180,20 @@ enum ClusterChange {
     },
 }
 
+/// The log filter a process starts with: `RUST_LOG`, else info.
+fn start_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        // openraft narrates every election at info level.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"))
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // openraft narrates every election at info level.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::prelude::*;
+    // (Reloadable: a node's `node.log_level`, again at RELOAD.)
+    let (filter, log_filter) = tracing_subscriber::reload::Layer::new(start_filter());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
     let cli = Cli::parse();
     // The main runtime accepts connections and serves metrics; sessions run
@@ -199,13 +205,13 @@ fn main() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     match cli.command {
         Command::Run {
-            config,
+            config: path,
             listen,
             metrics_listen,
             node_id,
             home_backend,
         } => {
-            let mut config = Config::load(&config)?;
+            let mut config = Config::load(&path)?;
             if let Some(listen) = listen {
                 config.node.listen = listen;
             }
@@ -219,9 +225,36 @@ fn main() -> anyhow::Result<()> {
                 config.node.home_backend = home_backend;
             }
             config.validate()?;
+            let set_log_level = move |level: Option<&str>| -> Result<(), String> {
+                let filter = match level {
+                    Some(level) => {
+                        tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?
+                    }
+                    None => start_filter(),
+                };
+                log_filter.reload(filter).map_err(|e| e.to_string())
+            };
+            set_log_level(config.node.log_level.as_deref())
+                .map_err(|e| anyhow::anyhow!("node.log_level: {e}"))?;
             runtime.block_on(async {
                 let signals = demo::StopSignals::install()?;
                 let node = Node::new(config)?;
+                node.set_reloader(chorus_proxy::node::Reloader {
+                    path,
+                    set_log_level: Box::new(set_log_level),
+                });
+                // SIGHUP reloads, as RELOAD on the admin console does.
+                let mut hangups =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                        .context("installing SIGHUP handler")?;
+                let reloading = node.clone();
+                tokio::spawn(async move {
+                    while hangups.recv().await.is_some() {
+                        if let Err(e) = reloading.reload() {
+                            tracing::error!(error = %e, "configuration not reloaded");
+                        }
+                    }
+                });
                 server::run_node(node, signals.wait()).await?;
                 anyhow::Ok(())
             })

@@ -35,14 +35,68 @@ pub enum StartError {
     Consensus(#[from] chorus_consensus::StartError),
 }
 
+/// What the admin console's `RELOAD` (or SIGHUP) reads again from the
+/// configuration file without a restart: the authentication rules, the
+/// users and their passwords, the admin roles, the client and backend
+/// timeouts, and the log level. Everything else is read at start only.
+pub struct Live {
+    /// The configuration as last read; only the parts above are taken
+    /// from it.
+    pub config: Config,
+    /// SCRAM verifiers derived from the users' passwords.
+    verifiers: HashMap<String, ScramVerifier>,
+}
+
+impl Live {
+    fn new(config: Config) -> Live {
+        let verifiers = config
+            .users
+            .iter()
+            .filter_map(|u| {
+                let password = u.password.as_deref()?;
+                Some((u.name.clone(), ScramVerifier::from_password(password)?))
+            })
+            .collect();
+        Live { config, verifiers }
+    }
+
+    /// A user's password, for logins to the backends on its behalf.
+    pub fn password(&self, user: &str) -> Option<String> {
+        self.config.user(user).and_then(|u| u.password.clone())
+    }
+}
+
+/// Sets the log filter (`node.log_level`, or the start-up one for `None`);
+/// the error when the filter does not parse.
+pub type LogLevelSetter = Box<dyn Fn(Option<&str>) -> Result<(), String> + Send + Sync>;
+
+/// Where `RELOAD` reads the configuration, and how it sets the log level
+/// (see main.rs).
+pub struct Reloader {
+    pub path: std::path::PathBuf,
+    pub set_log_level: LogLevelSetter,
+}
+
+/// Why `RELOAD` kept the settings it had.
+#[derive(Debug, Error)]
+pub enum ReloadError {
+    #[error("this node was not started from a configuration file")]
+    NoFile,
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// State shared by every session of one node.
 pub struct Node {
+    /// The configuration the node started with (see `Live` for what
+    /// `RELOAD` changes).
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub cancel_keys: Arc<CancelRegistry>,
     pub tls: Option<TlsAcceptor>,
-    /// SCRAM verifiers derived from configured passwords at start-up.
-    verifiers: HashMap<String, ScramVerifier>,
+    /// The reloadable settings (see `Live`).
+    live: std::sync::RwLock<Arc<Live>>,
+    reloader: std::sync::OnceLock<Reloader>,
     /// A verifier for unknown users, so that their login runs the whole
     /// exchange and fails like a wrong password (no user enumeration).
     mock_verifier: ScramVerifier,
@@ -83,14 +137,7 @@ impl Node {
     pub fn new(config: Config) -> Result<Arc<Node>, StartError> {
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
-        let verifiers = config
-            .users
-            .iter()
-            .filter_map(|u| {
-                let password = u.password.as_deref()?;
-                Some((u.name.clone(), ScramVerifier::from_password(password)?))
-            })
-            .collect();
+        let live = std::sync::RwLock::new(Arc::new(Live::new(config.clone())));
         let mut random = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
         let mock_verifier =
@@ -116,7 +163,8 @@ impl Node {
             config,
             cancel_keys: Arc::new(CancelRegistry::default()),
             tls,
-            verifiers,
+            live,
+            reloader: std::sync::OnceLock::new(),
             mock_verifier,
             drives_home: AtomicBool::new(true),
             draining: Arc::new(AtomicBool::new(false)),
@@ -131,10 +179,51 @@ impl Node {
 
     /// The SCRAM verifier for a user (a mock one for unknown users).
     pub fn verifier(&self, user: &str) -> ScramVerifier {
-        self.verifiers
+        self.live()
+            .verifiers
             .get(user)
             .unwrap_or(&self.mock_verifier)
             .clone()
+    }
+
+    /// The reloadable settings as they are now.
+    pub fn live(&self) -> Arc<Live> {
+        match self.live.read() {
+            Ok(live) => live.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Say where `RELOAD` reads the configuration (set once, at start).
+    pub fn set_reloader(&self, reloader: Reloader) {
+        let _ = self.reloader.set(reloader);
+    }
+
+    /// Read the configuration file again and take its reloadable settings
+    /// (see `Live`); the settings that changed in the file but are read at
+    /// start only, which keep their values until a restart. A file that
+    /// does not load, validate or set its log level changes nothing.
+    pub fn reload(&self) -> Result<Vec<String>, ReloadError> {
+        let reloader = self.reloader.get().ok_or(ReloadError::NoFile)?;
+        let mut config = crate::config::Config::load(&reloader.path)
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        // (Command-line overrides of the start stay.)
+        config.node.listen = self.config.node.listen;
+        config.node.metrics_listen = self.config.node.metrics_listen;
+        config.node.id = self.config.node.id;
+        config.node.home_backend = self.config.node.home_backend.clone();
+        config
+            .validate()
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        (reloader.set_log_level)(config.node.log_level.as_deref())
+            .map_err(|e| ReloadError::Invalid(format!("node.log_level: {e}")))?;
+        let at_restart = self.config.differs_at_restart(&config);
+        match self.live.write() {
+            Ok(mut live) => *live = Arc::new(Live::new(config)),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(Live::new(config)),
+        }
+        tracing::info!(?at_restart, "configuration reloaded");
+        Ok(at_restart)
     }
 
     /// Mark a backend up or down (health checks and failed logins).

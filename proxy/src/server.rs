@@ -153,8 +153,11 @@ pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<O
     node.begin_drain();
     // Every session holds a slot; all slots back means all sessions ended.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
-    let drained =
-        tokio::time::timeout(node.config.shutdown_timeout(), slots.acquire_many(all)).await;
+    let drained = tokio::time::timeout(
+        node.live().config.shutdown_timeout(),
+        slots.acquire_many(all),
+    )
+    .await;
     if drained.is_err() {
         tracing::warn!(
             sessions = max - slots.available_permits(),

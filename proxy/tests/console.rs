@@ -444,3 +444,103 @@ async fn switchover_moves_the_write_leader_and_its_sessions_between_transactions
         "42704"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_takes_new_authentication_rules_timeouts_and_log_level_and_names_what_waits() {
+    let c = procs::cluster_opts(procs::Options {
+        node_extra: "admin_users = [\"postgres\"]".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    c.via(1)
+        .await
+        .batch_execute("CREATE ROLE late LOGIN")
+        .await
+        .unwrap();
+    let as_late = |i: usize| {
+        let port = c.ports[i - 1];
+        async move {
+            common::connect(&format!(
+                "host=127.0.0.1 port={port} user=late dbname=postgres"
+            ))
+            .await
+        }
+    };
+    as_late(1).await.unwrap();
+    let log = c.dir.path().join("node1.log");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log_text().contains("relay ended"), "debug lines are logged");
+
+    // The file changes: a rule refusing `late`, a timeout, the log level,
+    // and a setting read at start only.
+    let path = c.dir.path().join("node1.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let edited = original
+        .replace(
+            "[[auth]]\nmethod = \"trust\"\n",
+            "[[auth]]\nuser = \"late\"\nmethod = \"reject\"\n[[auth]]\nmethod = \"trust\"\n",
+        )
+        .replace(
+            "[node]\n",
+            "[node]\nauth_timeout_ms = 7000\nlog_level = \"warn\"\nmax_client_connections = 77\n",
+        );
+    assert_ne!(edited, original);
+    std::fs::write(&path, &edited).unwrap();
+    let (console, heard) = common::connect_hearing_notices(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=chorus",
+        c.ports[0]
+    ))
+    .await;
+    let logged_before = log_text().len();
+    console.simple_query("RELOAD").await.unwrap();
+    let notices = heard.lock().unwrap().clone();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.starts_with("node.max_client_connections changed")),
+        "{notices:?}"
+    );
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    let settings = show(&console, "SHOW CONFIG").await;
+    let setting = |name: &str| {
+        settings
+            .iter()
+            .find(|r| r[0] == name)
+            .map(|r| r[1].clone())
+            .unwrap()
+    };
+    assert_eq!(setting("node.auth_timeout_ms"), "7000");
+    assert_eq!(setting("node.log_level"), "warn");
+    assert_eq!(setting("node.max_client_connections"), "1000");
+    // The new rule holds on node 1 at once; node 2 read nothing.
+    let refused = as_late(1).await.err().unwrap();
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("28000"));
+    as_late(2).await.unwrap();
+
+    // A session through node 1 would log debug lines; then a file that
+    // does not load, and SIGHUP: an error logged (and nothing changed).
+    drop(c.via(1).await);
+    show_until(&console, "SHOW CLIENTS", <[Vec<String>]>::is_empty).await;
+    std::fs::write(&path, "[node\n").unwrap();
+    let pid = c.nodes[0].as_ref().unwrap().id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log_text()[logged_before..].contains("configuration not reloaded") {
+        assert!(Instant::now() < deadline, "SIGHUP logged nothing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !log_text()[logged_before..].contains("relay ended"),
+        "debug lines after log_level = \"warn\""
+    );
+    let broken = console.simple_query("RELOAD").await.unwrap_err();
+    assert_eq!(common::sqlstate(&broken).as_deref(), Some("F0000"));
+    assert!(as_late(1).await.is_err(), "the rules stayed");
+    std::fs::write(&path, &original).unwrap();
+    console.simple_query("RELOAD").await.unwrap();
+    as_late(1).await.unwrap();
+}

@@ -145,6 +145,31 @@ async fn demo_prints_connection_lines_and_serves_psql() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Each node's configuration, for the commands that read one; the
+    // demo's role is an admin of the console.
+    let config = value("config 1: ");
+    assert_eq!(
+        std::path::Path::new(&config),
+        data.join("node1.toml"),
+        "{lines:?}"
+    );
+    let check = chorus()
+        .args(["check", "--config", &config])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let console = format!(
+        "{}/chorus",
+        value("node 2: ").strip_suffix("/postgres").unwrap()
+    );
+    let (version, err) = psql(&console, "SHOW VERSION");
+    assert!(version.starts_with("Chorus "), "{version}{err}");
+
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// This node's membership in the cluster's Raft group.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Where this node's Raft RPC listens.
@@ -108,7 +108,7 @@ pub struct ClusterConfig {
 }
 
 /// The kind of a global sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SequenceKind {
     #[default]
@@ -139,7 +139,7 @@ fn default_galloc_switch() -> u8 {
 }
 
 /// One initial voter.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemberConfig {
     pub id: u16,
@@ -197,7 +197,7 @@ impl ClusterConfig {
 }
 
 /// How this node replicates its home backend's changes to the others.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
     /// Role Chorus uses on every backend to install its schema, read
@@ -341,7 +341,7 @@ impl Default for ReplicationConfig {
 
 /// How many backends must have applied a transaction before its commit is
 /// acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CommitScope {
     /// The home backend only.
@@ -374,7 +374,7 @@ impl CommitScope {
 }
 
 /// What a commit whose scope timed out reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TimeoutAction {
     /// An ERROR with SQLSTATE 40003 (statement completion unknown).

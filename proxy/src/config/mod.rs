@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::backend::{BackendTls, SslMode};
@@ -73,7 +73,7 @@ fn resolve_secret(
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub node: NodeConfig,
@@ -101,7 +101,7 @@ pub struct Config {
 }
 
 /// Settings of this node.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// Node id, unique in the cluster (1..=1023). Default 1.
@@ -166,6 +166,11 @@ pub struct NodeConfig {
     /// The admin console's database name. Default "chorus".
     #[serde(default = "default_admin_database")]
     pub admin_database: String,
+    /// What is logged, as a `RUST_LOG` filter (`info`,
+    /// `info,chorus_proxy=debug`, …). Default: the `RUST_LOG` environment
+    /// variable, else `info,openraft=warn`. Taken again by `RELOAD`.
+    #[serde(default)]
+    pub log_level: Option<String>,
 }
 
 fn default_admin_database() -> String {
@@ -173,7 +178,7 @@ fn default_admin_database() -> String {
 }
 
 /// How a node picks the backend of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Routing {
     #[default]
@@ -193,7 +198,7 @@ fn default_max_clock_skew() -> i64 {
 }
 
 /// A PostgreSQL server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// Unique name, used in metrics and by `home_backend`.
@@ -227,7 +232,7 @@ impl BackendConfig {
 }
 
 /// A user known to the proxy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -243,7 +248,7 @@ pub struct UserConfig {
 }
 
 /// TLS certificate and key (PEM files).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: PathBuf,
@@ -251,7 +256,7 @@ pub struct TlsConfig {
 }
 
 /// One authentication rule, in the spirit of a pg_hba.conf line.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthRule {
     /// User name, a comma-separated list, or "all". Default "all".
@@ -267,7 +272,7 @@ pub struct AuthRule {
 }
 
 /// How a client proves who it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum AuthMethod {
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
@@ -300,6 +305,7 @@ impl Default for NodeConfig {
             health_check_timeout_ms: default_health_timeout(),
             admin_users: Vec::new(),
             admin_database: default_admin_database(),
+            log_level: None,
         }
     }
 }
@@ -549,6 +555,46 @@ impl Config {
     }
 
     /// Look up a user.
+    /// The settings `other` changes that a node reads at start only
+    /// (see `node::Live` for those `RELOAD` takes), as `section.name`.
+    pub fn differs_at_restart(&self, other: &Config) -> Vec<String> {
+        const RELOADED: &[&str] = &[
+            "node.auth_timeout_ms",
+            "node.backend_connect_timeout_ms",
+            "node.shutdown_timeout_ms",
+            "node.admin_users",
+            "node.log_level",
+        ];
+        let fields = |c: &Config| match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(sections)) => sections,
+            _ => serde_json::Map::new(),
+        };
+        let (before, after) = (fields(self), fields(other));
+        let mut changed = Vec::new();
+        for (section, was) in &before {
+            if section == "users" || section == "auth" {
+                continue;
+            }
+            let now = after.get(section).unwrap_or(&serde_json::Value::Null);
+            match (was, now) {
+                (serde_json::Value::Object(was), serde_json::Value::Object(now)) => {
+                    let mut names: Vec<&String> = was.keys().chain(now.keys()).collect();
+                    names.sort();
+                    names.dedup();
+                    for name in names {
+                        let full = format!("{section}.{name}");
+                        if was.get(name) != now.get(name) && !RELOADED.contains(&full.as_str()) {
+                            changed.push(full);
+                        }
+                    }
+                }
+                _ if was != now => changed.push(section.clone()),
+                _ => {}
+            }
+        }
+        changed
+    }
+
     pub fn user(&self, name: &str) -> Option<&UserConfig> {
         self.users.iter().find(|u| u.name == name)
     }
@@ -600,6 +646,27 @@ mod tests {
         let config = Config::from_toml(text).unwrap();
         assert_eq!(config.home_backend().name, "pg1");
         assert!(config.tls.is_none());
+    }
+
+    #[test]
+    fn a_config_written_out_reads_back_the_same_and_reports_what_waits_for_a_restart() {
+        let text = include_str!("../../../chorus.example.toml");
+        let config = Config::from_toml(text).unwrap();
+        let written = toml::to_string(&config).unwrap();
+        let again = Config::from_toml(&written).unwrap();
+        assert_eq!(toml::to_string(&again).unwrap(), written);
+        assert!(config.differs_at_restart(&again).is_empty());
+        let mut changed = again.clone();
+        changed.node.auth_timeout_ms += 1;
+        changed.node.log_level = Some("debug".into());
+        changed.auth.clear();
+        assert!(config.differs_at_restart(&changed).is_empty());
+        changed.node.max_client_connections += 1;
+        changed.backends.pop();
+        assert_eq!(
+            config.differs_at_restart(&changed),
+            ["backends", "node.max_client_connections"]
+        );
     }
 
     #[test]

@@ -37,12 +37,12 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let mut client = ClientStream::Plain(stream);
     let started = tokio::time::timeout(
-        node.config.auth_timeout(),
+        node.live().config.auth_timeout(),
         startup(&node, &mut client, peer),
     )
     .await;
     let established = match started {
-        Ok(Ok(Some(Started::Session(established)))) => established,
+        Ok(Ok(Some(Started::Session(established)))) => *established,
         // (Past the authentication timeout: a console session lasts.)
         Ok(Ok(Some(Started::Console(greeting)))) => {
             let _ = crate::ops::console::serve(&node, &mut client, greeting).await;

@@ -252,7 +252,7 @@ pub(super) async fn backend_accepts(node: &Node, session: &Session) -> bool {
         return false;
     };
     let address = backend.address();
-    let login = session.login(node, &address, backend.tls.as_ref(), &session.params);
+    let login = session.login(&address, backend.tls.as_ref(), &session.params);
     match backend::connect(&login, Duration::from_secs(1)).await {
         Ok(mut probe) => {
             let _ = probe.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
@@ -432,9 +432,14 @@ pub(super) async fn login_elsewhere(
             .collect();
         for candidate in candidates {
             let address = candidate.address();
-            let login = session.login(node, &address, candidate.tls.as_ref(), params);
+            let login = session.login(&address, candidate.tls.as_ref(), params);
             let left = deadline.saturating_duration_since(Instant::now());
-            match backend::connect(&login, left.min(node.config.backend_connect_timeout())).await {
+            match backend::connect(
+                &login,
+                left.min(node.live().config.backend_connect_timeout()),
+            )
+            .await
+            {
                 Ok(connection) => return Some((candidate.name, address, connection)),
                 Err(e) => {
                     tracing::debug!(backend = %candidate.name, error = %e, "moving a session: login failed");

@@ -162,7 +162,7 @@ pub(super) struct Established {
 /// What a startup that went through leads to.
 pub(super) enum Started {
     /// A client session, logged in to its backend.
-    Session(Established),
+    Session(Box<Established>),
     /// An admin console session (see ops/console.rs), authenticated; what
     /// is still to be sent before its greeting.
     Console(BytesMut),
@@ -258,7 +258,7 @@ pub(super) async fn startup(
     // replication on this node yet: wait for it, as for the schema below.
     let mut lane = node.lane(&database);
     if lane.is_none() && crate::cluster::databases::created_through_chorus(node, &database) {
-        let deadline = std::time::Instant::now() + node.config.backend_connect_timeout();
+        let deadline = std::time::Instant::now() + node.live().config.backend_connect_timeout();
         while lane.is_none() && std::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             lane = node.lane(&database);
@@ -281,7 +281,7 @@ pub(super) async fn startup(
 
     // The admin console: served by the node itself, to the roles named.
     if database == node.config.node.admin_database {
-        if !node.config.node.admin_users.contains(&user) {
+        if !node.live().config.node.admin_users.contains(&user) {
             return Err(StartupFailure::Fatal {
                 kind: ErrorKind::Auth,
                 code: "28000",
@@ -318,11 +318,11 @@ pub(super) async fn startup(
     // it starts up.
     let ready = match &lane {
         Some(lane) => {
-            lane.wait_schema_ready(node.config.backend_connect_timeout())
+            lane.wait_schema_ready(node.live().config.backend_connect_timeout())
                 .await
         }
         None => {
-            node.wait_schema_ready(node.config.backend_connect_timeout())
+            node.wait_schema_ready(node.live().config.backend_connect_timeout())
                 .await
         }
     };
@@ -336,7 +336,8 @@ pub(super) async fn startup(
 
     // The home backend, or (with replication) another one when it is down:
     // every backend has the same data.
-    let password = node.config.user(&user).and_then(|u| u.password.as_deref());
+    let login_password = node.live().password(&user);
+    let password = login_password.as_deref();
     let mut failure = None;
     let mut connected = None;
     for candidate in node.session_backends() {
@@ -349,7 +350,7 @@ pub(super) async fn startup(
             database: &database,
             params: &forwarded,
         };
-        match backend::connect(&login, node.config.backend_connect_timeout()).await {
+        match backend::connect(&login, node.live().config.backend_connect_timeout()).await {
             Ok(backend) => {
                 node.set_backend_down(&candidate.name, false);
                 connected = Some((candidate, address, backend));
@@ -394,7 +395,7 @@ pub(super) async fn startup(
     protocol::backend_key_data(&mut out, cancel_key.pid, cancel_key.secret);
     protocol::ready_for_query(&mut out, b'I');
     client.write_all(&out).await?;
-    Ok(Some(Started::Session(Established {
+    Ok(Some(Started::Session(Box::new(Established {
         backend,
         session: Session {
             user,
@@ -403,8 +404,9 @@ pub(super) async fn startup(
             backend_name: home.name.clone(),
             cancel_key,
             backend_open: None,
+            password: login_password,
         },
-    })))
+    }))))
 }
 
 /// Run the authentication exchange chosen by the rules. Messages queued in
@@ -417,8 +419,9 @@ pub(super) async fn authenticate(
     database: &str,
     out: &mut BytesMut,
 ) -> Result<(), StartupFailure> {
-    let method = auth::method_for(&node.config, user, database, peer.ip())?;
-    let password = node.config.user(user).and_then(|u| u.password.as_deref());
+    let live = node.live();
+    let method = auth::method_for(&live.config, user, database, peer.ip())?;
+    let password = live.config.user(user).and_then(|u| u.password.as_deref());
     let mut buf = BytesMut::with_capacity(256);
     let max = 64 * 1024;
     match method {

@@ -364,6 +364,9 @@ pub(super) struct Session {
     pub(super) cancel_key: crate::cancel::CancelKey,
     /// Counts the session in its backend's connections.
     pub(super) backend_open: Option<GaugeGuard>,
+    /// The password the session's logins to backends use (the user's, as
+    /// configured when the session started).
+    pub(super) password: Option<String>,
 }
 
 impl Session {
@@ -371,7 +374,6 @@ impl Session {
     /// startup parameters.
     pub(super) fn login<'a>(
         &'a self,
-        node: &'a Node,
         address: &'a str,
         tls: Option<&'a crate::backend::BackendTls>,
         params: &'a [(String, String)],
@@ -380,10 +382,7 @@ impl Session {
             address,
             tls,
             user: &self.user,
-            password: node
-                .config
-                .user(&self.user)
-                .and_then(|u| u.password.as_deref()),
+            password: self.password.as_deref(),
             database: &self.database,
             params,
         }

@@ -1,7 +1,7 @@
-//! The admin console's commands that change the cluster: `DRAIN`,
-//! `RESUME` and `SWITCHOVER`. Each goes through Raft, so every node
-//! follows it (see `Node::set_routing`), and answers once this node has
-//! applied it.
+//! The admin console's commands that change something: `DRAIN`, `RESUME`
+//! and `SWITCHOVER` go through Raft, so every node follows them (see
+//! `Node::set_routing`), and answer once this node has applied them;
+//! `RELOAD` reads this node's configuration file again.
 
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use chorus_consensus::Request;
 
 use crate::cluster::ddl::progress::PgError;
 use crate::config::Routing;
-use crate::node::Node;
+use crate::node::{Node, ReloadError};
 
 /// How long a command waits for Raft.
 const LIMIT: Duration = Duration::from_secs(5);
@@ -192,4 +192,18 @@ pub(super) async fn switchover(node: &Node, named: &str) -> Result<(), PgError> 
         ));
     }
     Ok(())
+}
+
+/// `RELOAD`: this node reads its configuration file again and takes the
+/// settings it can without a restart (see `node::Live`); the settings that
+/// changed in the file but wait for a restart.
+pub(super) fn reload(node: &Node) -> Result<Vec<String>, PgError> {
+    node.reload().map_err(|e| match e {
+        ReloadError::NoFile => error("55000", e.to_string(), None),
+        ReloadError::Invalid(why) => error(
+            "F0000",
+            format!("the configuration was not reloaded: {why}"),
+            Some("The node keeps the settings it had. Mend the file and RELOAD again."),
+        ),
+    })
 }

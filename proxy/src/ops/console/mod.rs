@@ -35,7 +35,12 @@
 //!   `VACUUM FULL` or `REINDEX` can run there;
 //! - `RESUME <backend>`: it takes sessions again;
 //! - `SWITCHOVER <backend>`: under write-leader routing, it becomes the
-//!   write leader, and sessions on the old one move to it likewise.
+//!   write leader, and sessions on the old one move to it likewise;
+//! - `RELOAD`: this node reads its configuration file again, as on
+//!   SIGHUP: the authentication rules, users and passwords, admin roles,
+//!   client and backend timeouts and the log level change at once (see
+//!   `node::Live`); a WARNING names each other setting that changed, which
+//!   waits for a restart.
 //!
 //! Anything else gets `42601` with the list of commands. Only the simple
 //! query protocol is served (psql's); the extended one gets `0A000`.
@@ -79,6 +84,10 @@ const COMMANDS: &[(&str, &str)] = &[
     (
         "SWITCHOVER <backend>",
         "make it the write leader (write-leader routing)",
+    ),
+    (
+        "RELOAD",
+        "read the authentication rules, users, timeouts and log level again",
     ),
 ];
 
@@ -163,6 +172,22 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         }
         _ => None,
     };
+    if words == ["RELOAD"] {
+        match commands::reload(node) {
+            Ok(at_restart) => {
+                for setting in at_restart {
+                    protocol::warning_notice(
+                        out,
+                        "55P02",
+                        &format!("{setting} changed in the configuration file: it takes effect at the node's restart"),
+                    );
+                }
+                protocol::write_message(out, b'C', |m| protocol::put_cstr(m, "RELOAD"));
+            }
+            Err(e) => e.write(out),
+        }
+        return;
+    }
     if let Some((tag, outcome)) = done {
         match outcome {
             Ok(()) => protocol::write_message(out, b'C', |m| protocol::put_cstr(m, tag)),

@@ -46,6 +46,9 @@ fn spelled(value: impl std::fmt::Debug) -> String {
 /// passwords and key files are left out.
 pub(super) fn config(node: &Node) -> Table {
     let c = &node.config;
+    // (What RELOAD changes, as it is now.)
+    let live = node.live();
+    let l = &live.config;
     let list = |items: &[String]| items.join(",");
     let mut rows: Vec<(String, String)> = vec![
         ("node.id".into(), c.node.id.to_string()),
@@ -64,11 +67,11 @@ pub(super) fn config(node: &Node) -> Table {
         ),
         (
             "node.auth_timeout_ms".into(),
-            c.node.auth_timeout_ms.to_string(),
+            l.node.auth_timeout_ms.to_string(),
         ),
         (
             "node.backend_connect_timeout_ms".into(),
-            c.node.backend_connect_timeout_ms.to_string(),
+            l.node.backend_connect_timeout_ms.to_string(),
         ),
         (
             "node.health_check_interval_ms".into(),
@@ -79,7 +82,30 @@ pub(super) fn config(node: &Node) -> Table {
             c.node.health_check_timeout_ms.to_string(),
         ),
         ("node.admin_database".into(), c.node.admin_database.clone()),
-        ("node.admin_users".into(), list(&c.node.admin_users)),
+        ("node.admin_users".into(), list(&l.node.admin_users)),
+        (
+            "node.shutdown_timeout_ms".into(),
+            l.node.shutdown_timeout_ms.to_string(),
+        ),
+        (
+            "node.log_level".into(),
+            l.node.log_level.clone().unwrap_or_default(),
+        ),
+        (
+            "users".into(),
+            list(&l.users.iter().map(|u| u.name.clone()).collect::<Vec<_>>()),
+        ),
+        (
+            "auth".into(),
+            l.auth
+                .iter()
+                .map(|r| {
+                    let from = r.address.map_or("all".to_owned(), |a| a.to_string());
+                    format!("{} {} {from} {}", r.user, r.database, spelled(r.method))
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
         ("tls".into(), c.tls.is_some().to_string()),
     ];
     for b in &c.backends {
