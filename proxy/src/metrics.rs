@@ -13,6 +13,7 @@
 //! | `chorus_query_duration_seconds` | histogram | | time from a client's Query or Sync to the ReadyForQuery that answers it |
 //! | `chorus_backend_connections` | gauge | `backend` | server connections open now |
 //! | `chorus_backend_up` | gauge | `backend` | 1 when the last login to the backend worked, 0 when it failed |
+//! | `chorus_backend_drained` | gauge | `backend` | 1 while the backend is drained (the admin console's DRAIN) |
 //! | `chorus_changes_applied_total` | counter | `peer` | row changes and DDL from this node's home backend applied on a peer |
 //! | `chorus_conflicts_total` | counter | `kind` | conflicts resolved while applying this node's changes on peers, by kind |
 //! | `chorus_changes_applied_per_second` | gauge | `peer` | changes applied on the peer over the last second or so |
@@ -101,6 +102,7 @@ pub struct Metrics {
     errors: [Counter; 7],
     pub query_duration: Histogram,
     backend_connections: Vec<(String, Gauge, Gauge)>,
+    backend_drained: Vec<(String, Gauge)>,
     replication: Vec<PeerMetrics>,
     conflicts: Vec<(&'static str, Counter)>,
     pub hlc_skew_ms: Gauge,
@@ -253,8 +255,43 @@ impl Metrics {
                 )
             })
             .collect();
+        // Counters made when their first event comes, exported at 0 from
+        // the start (a dashboard's queries find them).
+        for name in [
+            "chorus_sessions_moved_total",
+            "chorus_reconciled_rows_total",
+            "chorus_replication_fenced_total",
+        ] {
+            recorder
+                .register_counter(&Key::from_static_name(name), &METADATA)
+                .increment(0);
+        }
+        for name in backends {
+            recorder
+                .register_counter(
+                    &Key::from_parts(
+                        "chorus_tombstones_pruned_total",
+                        vec![Label::new("backend", name.clone())],
+                    ),
+                    &METADATA,
+                )
+                .increment(0);
+        }
+        let backend_drained = backends
+            .iter()
+            .map(|name| {
+                (
+                    name.clone(),
+                    gauge(
+                        "chorus_backend_drained",
+                        vec![Label::new("backend", name.clone())],
+                    ),
+                )
+            })
+            .collect();
         Metrics {
             ddl_index,
+            backend_drained,
             ddl_duration: recorder.register_histogram(
                 &Key::from_static_name("chorus_ddl_duration_seconds"),
                 &METADATA,
@@ -307,6 +344,14 @@ impl Metrics {
             .iter()
             .find(|(n, _, _)| n == name)
             .map(|(_, conns, up)| (conns, up))
+    }
+
+    /// Whether a backend is drained for maintenance (see the admin
+    /// console's DRAIN).
+    pub fn backend_drained(&self, name: &str, drained: bool) {
+        if let Some((_, gauge)) = self.backend_drained.iter().find(|(n, _)| n == name) {
+            gauge.set(if drained { 1.0 } else { 0.0 });
+        }
     }
 
     /// Replication metrics towards a peer backend.
@@ -403,7 +448,8 @@ impl Metrics {
             .increment(rows as u64);
     }
 
-    /// Count a session moved to another backend after its own failed.
+    /// Count a session moved to another backend (its own failed, or it was
+    /// drained).
     pub fn sessions_moved(&self) {
         self.recorder
             .register_counter(&Key::from_name("chorus_sessions_moved_total"), &METADATA)

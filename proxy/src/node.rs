@@ -273,6 +273,7 @@ impl Node {
                     .as_ref()
                     .is_some_and(|leader| *leader != backend.name);
             let closed = drained || not_leader;
+            self.metrics.backend_drained(&backend.name, drained);
             if flag.swap(closed, Ordering::SeqCst) != closed {
                 changed = true;
                 if drained {

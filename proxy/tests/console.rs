@@ -544,3 +544,53 @@ async fn reload_takes_new_authentication_rules_timeouts_and_log_level_and_names_
     console.simple_query("RELOAD").await.unwrap();
     as_late(1).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_only_metrics_a_node_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/grafana-dashboard.json")).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("chorus_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                names.insert(name);
+            }
+        }
+    }
+    assert!(names.len() >= 25, "{names:?}");
+
+    // A node that has served a write, DDL and its replication.
+    let c = procs::cluster("").await;
+    c.via(1)
+        .await
+        .batch_execute("CREATE TABLE watched (id int PRIMARY KEY); INSERT INTO watched VALUES (1)")
+        .await
+        .unwrap();
+    c.wait_for(2, "SELECT count(*)::text FROM watched", |v| v == "1")
+        .await;
+    let address = format!("127.0.0.1:{}", c.metrics_ports[0]).parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = common::http_get(address, "/metrics").await;
+        let exported = |name: &str| {
+            body.lines()
+                .any(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        };
+        let missing: Vec<&String> = names.iter().filter(|n| !exported(n)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dashboard queries metrics node 1 does not export: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
