@@ -467,6 +467,13 @@ async fn reload_takes_new_authentication_rules_timeouts_and_log_level_and_names_
         }
     };
     as_late(1).await.unwrap();
+    // (The role reaches backend 2 through replication.)
+    c.wait_for(
+        2,
+        "SELECT count(*)::text FROM pg_roles WHERE rolname = 'late'",
+        |v| v == "1",
+    )
+    .await;
     let log = c.dir.path().join("node1.log");
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(log_text().contains("relay ended"), "debug lines are logged");

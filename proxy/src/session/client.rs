@@ -74,7 +74,7 @@ where
                     || (*batch_start && matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H')))
                 && serving_index.is_some_and(|i| node.is_closed_at(i))
                 && !state.drain_blocked.load(Ordering::Relaxed)
-                && super::drain::idle(state)
+                && state.idle()
             {
                 drain_now = true;
                 return Ok(Flow::Await);

@@ -11,8 +11,6 @@
 //! the client's is in flight there (see `relay`): the relay sends the
 //! question and reads its answer itself.
 
-use std::sync::atomic::Ordering;
-
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
@@ -20,16 +18,9 @@ use crate::backend::BackendStream;
 use crate::node::Node;
 use crate::protocol::{self, read_message};
 
+use super::elsewhere::{login_elsewhere, moved_params, retarget};
 use super::pump::PumpSide;
-use super::relay::{login_elsewhere, moved_params, retarget};
 use super::state::{RelayState, Session, MOVE_LIMIT};
-
-/// Whether nothing is in flight on the session's backend: the last
-/// ReadyForQuery said idle, and no answer is due.
-pub(super) fn idle(state: &RelayState) -> bool {
-    state.tx_status.load(Ordering::Relaxed) == b'I'
-        && state.pending.lock().map(|p| p.is_empty()).unwrap_or(false)
-}
 
 /// How a session fared at leaving its drained backend.
 pub(super) enum Left {

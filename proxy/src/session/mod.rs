@@ -19,6 +19,7 @@ use crate::node::Node;
 mod answers;
 mod client;
 mod drain;
+mod elsewhere;
 mod pump;
 mod relay;
 mod startup;

@@ -3,14 +3,14 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::BackendStream;
 use crate::cluster::ddl::lease as ddl_lease;
-use crate::metrics::{ErrorKind, GaugeGuard};
+use crate::metrics::ErrorKind;
 use crate::node::Node;
 use crate::protocol::{read_message, Severity};
 use crate::{backend, protocol};
@@ -18,6 +18,7 @@ use crate::{backend, protocol};
 use super::answers::backend_to_client;
 use super::client::client_to_backend;
 use super::drain;
+use super::elsewhere::{login_elsewhere, moved_params, retarget};
 use super::pump::PumpSide;
 use super::state::{ClientSide, Pending, RelayEnd, RelayState, Session, MOVE_LIMIT};
 
@@ -91,7 +92,7 @@ pub(super) async fn relay<CR, CW>(
                     if drains.changed().await.is_err() {
                         std::future::pending::<()>().await;
                     }
-                    if node.is_backend_closed(&name) && drain::idle(&state) {
+                    if node.is_backend_closed(&name) && state.idle() {
                         return;
                     }
                 }
@@ -119,7 +120,7 @@ pub(super) async fn relay<CR, CW>(
                 let Some(stream) = BackendStream::unsplit(backend_read, backend_write) else {
                     break (RelayEnd::BackendGone { after_fatal: false }, None);
                 };
-                let at_boundary = client.batch_start && drain::idle(&state);
+                let at_boundary = client.batch_start && state.idle();
                 match drain::leave(
                     node,
                     &state,
@@ -399,79 +400,4 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
     client.scope_pending.clear();
     tracing::info!(from = %from, to = %name, owed, in_block, "session moved to another backend");
     Some(retarget(node, state, session, name, &address, connection))
-}
-
-/// The startup parameters a moving session logs in with: the client's,
-/// with the settings the old backend reported changed (ParameterStatus).
-pub(super) fn moved_params(state: &RelayState, session: &Session) -> Vec<(String, String)> {
-    let mut params = session.params.clone();
-    if let Ok(reported) = state.reported.lock() {
-        for (name, value) in reported.iter() {
-            params.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-            params.push((name.clone(), value.clone()));
-        }
-    }
-    params
-}
-
-/// Log in as the session did to another backend that takes sessions
-/// (`Node::session_backends`), trying them in turn for up to
-/// `MOVE_LIMIT`: its name, address and connection.
-pub(super) async fn login_elsewhere(
-    node: &Node,
-    session: &Session,
-    params: &[(String, String)],
-) -> Option<(String, String, backend::BackendConnection)> {
-    let deadline = Instant::now() + MOVE_LIMIT;
-    loop {
-        let candidates: Vec<_> = node
-            .session_backends()
-            .into_iter()
-            .filter(|b| b.name != session.backend_name)
-            .cloned()
-            .collect();
-        for candidate in candidates {
-            let address = candidate.address();
-            let login = session.login(&address, candidate.tls.as_ref(), params);
-            let left = deadline.saturating_duration_since(Instant::now());
-            match backend::connect(
-                &login,
-                left.min(node.live().config.backend_connect_timeout()),
-            )
-            .await
-            {
-                Ok(connection) => return Some((candidate.name, address, connection)),
-                Err(e) => {
-                    tracing::debug!(backend = %candidate.name, error = %e, "moving a session: login failed");
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The session is served by `connection` to backend `name` from now on:
-/// its cancel key, backend pid and connection count follow.
-pub(super) fn retarget(
-    node: &Node,
-    state: &RelayState,
-    session: &mut Session,
-    name: String,
-    address: &str,
-    connection: backend::BackendConnection,
-) -> BackendStream {
-    session
-        .cancel_key
-        .retarget(address, connection.pid, connection.secret);
-    state.backend_pid.store(connection.pid, Ordering::Relaxed);
-    session.backend_open = node
-        .metrics
-        .backend(&name)
-        .map(|(conns, _)| GaugeGuard::new(conns));
-    node.metrics.sessions_moved();
-    session.backend_name = name;
-    connection.stream
 }

@@ -369,6 +369,15 @@ pub(super) struct Session {
     pub(super) password: Option<String>,
 }
 
+impl RelayState {
+    /// Whether nothing is in flight on the session's backend: the last
+    /// ReadyForQuery said idle, and no answer is due.
+    pub(super) fn idle(&self) -> bool {
+        self.tx_status.load(Ordering::Relaxed) == b'I'
+            && self.pending.lock().map(|p| p.is_empty()).unwrap_or(false)
+    }
+}
+
 impl Session {
     /// The login this session makes to a backend at `address`, with these
     /// startup parameters.

@@ -1,0 +1,86 @@
+//! Giving a session another backend (see `relay::move_session` and
+//! `drain`): the login it makes there, and what follows it.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::backend::{self, BackendStream};
+use crate::metrics::GaugeGuard;
+use crate::node::Node;
+
+use super::state::{RelayState, Session, MOVE_LIMIT};
+
+/// The startup parameters a moving session logs in with: the client's,
+/// with the settings the old backend reported changed (ParameterStatus).
+pub(super) fn moved_params(state: &RelayState, session: &Session) -> Vec<(String, String)> {
+    let mut params = session.params.clone();
+    if let Ok(reported) = state.reported.lock() {
+        for (name, value) in reported.iter() {
+            params.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+            params.push((name.clone(), value.clone()));
+        }
+    }
+    params
+}
+
+/// Log in as the session did to another backend that takes sessions
+/// (`Node::session_backends`), trying them in turn for up to
+/// `MOVE_LIMIT`: its name, address and connection.
+pub(super) async fn login_elsewhere(
+    node: &Node,
+    session: &Session,
+    params: &[(String, String)],
+) -> Option<(String, String, backend::BackendConnection)> {
+    let deadline = Instant::now() + MOVE_LIMIT;
+    loop {
+        let candidates: Vec<_> = node
+            .session_backends()
+            .into_iter()
+            .filter(|b| b.name != session.backend_name)
+            .cloned()
+            .collect();
+        for candidate in candidates {
+            let address = candidate.address();
+            let login = session.login(&address, candidate.tls.as_ref(), params);
+            let left = deadline.saturating_duration_since(Instant::now());
+            match backend::connect(
+                &login,
+                left.min(node.live().config.backend_connect_timeout()),
+            )
+            .await
+            {
+                Ok(connection) => return Some((candidate.name, address, connection)),
+                Err(e) => {
+                    tracing::debug!(backend = %candidate.name, error = %e, "moving a session: login failed");
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The session is served by `connection` to backend `name` from now on:
+/// its cancel key, backend pid and connection count follow.
+pub(super) fn retarget(
+    node: &Node,
+    state: &RelayState,
+    session: &mut Session,
+    name: String,
+    address: &str,
+    connection: backend::BackendConnection,
+) -> BackendStream {
+    session
+        .cancel_key
+        .retarget(address, connection.pid, connection.secret);
+    state.backend_pid.store(connection.pid, Ordering::Relaxed);
+    session.backend_open = node
+        .metrics
+        .backend(&name)
+        .map(|(conns, _)| GaugeGuard::new(conns));
+    node.metrics.sessions_moved();
+    session.backend_name = name;
+    connection.stream
+}
