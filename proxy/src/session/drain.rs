@@ -5,7 +5,8 @@
 //! temporary table, open cursor, SQL-level prepared statement, LISTEN,
 //! advisory lock or changed role. One that has any stays where it is, and
 //! asks again after its next transaction; `SHOW CLIENTS` shows where each
-//! session is.
+//! session is. Sessions of a database that does not replicate (configured
+//! local) stay too: its contents differ from backend to backend.
 //!
 //! The session is asked on its own connection, at a point where nothing of
 //! the client's is in flight there (see `relay`): the relay sends the
@@ -59,7 +60,13 @@ pub(super) async fn leave(
     at_boundary: bool,
     from_backend: &mut PumpSide,
 ) -> Left {
-    if !at_boundary {
+    // (A database that does not replicate has other contents on every
+    // backend: its sessions stay.)
+    let elsewhere = node
+        .session_backends()
+        .iter()
+        .any(|b| b.name != session.backend_name);
+    if !at_boundary || !state.replicated_database || !elsewhere {
         return Left::Stayed(stream);
     }
     let Some(answer) = ask(&mut stream, from_backend).await else {
