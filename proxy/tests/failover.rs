@@ -1036,3 +1036,98 @@ async fn a_slot_keeping_wal_for_a_dead_peer_shows_in_the_metrics_and_the_log() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_never_writes_on_another_nodes_backend_before_its_streams_exist() {
+    // Node 2 cannot make its backend's slots while a transaction is open
+    // there (creating a logical slot waits for it). Node 1's home backend
+    // is down, so its sessions go elsewhere: not to backend 2, whose
+    // changes could never reach the peers then, but to backend 3.
+    let mut c = procs::cluster_opts(procs::Options {
+        node_extra: "backend_connect_timeout_ms = 1000".into(),
+        start: vec![1, 3],
+        ..procs::Options::default()
+    })
+    .await;
+    let blocker = c.direct(2).await;
+    blocker
+        .batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    c.start_node(2);
+    c.wait_for(2, "SELECT count(*)::text FROM chorus.local", |v| v == "1")
+        .await;
+    c.backends[0].kill();
+    let ports: Vec<i32> = c.backends.iter().map(|b| i32::from(b.port())).collect();
+    let mut served = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 served nothing: {served:?}"
+        );
+        let Ok(client) = common::connect(&format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            c.ports[0]
+        ))
+        .await
+        else {
+            continue;
+        };
+        let port: i32 = client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        served.push(port);
+    }
+    assert!(
+        served.iter().all(|p| *p == ports[2]),
+        "sessions served by {served:?}; backend 2 is {}",
+        ports[1]
+    );
+    let slots: i64 = blocker
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'chorus\\_2\\_to\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        slots < 2,
+        "the test needs backend 2 without a slot of its streams"
+    );
+
+    // Once the slots exist, backend 2 takes sessions, and what they write
+    // reaches backend 3.
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        assert!(Instant::now() < deadline, "backend 2 never took a session");
+        if let Ok(client) = common::connect(&format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            c.ports[0]
+        ))
+        .await
+        {
+            let port: i32 = client
+                .query_one("SELECT inet_server_port()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if port == ports[1] {
+                break client;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    client
+        .batch_execute(
+            "CREATE TABLE late_streams (id int PRIMARY KEY); INSERT INTO late_streams VALUES (1)",
+        )
+        .await
+        .unwrap();
+    c.wait_for(3, "SELECT count(*)::text FROM late_streams", |v| v == "1")
+        .await;
+}

@@ -36,6 +36,10 @@ pub struct Lane {
     /// Whether the chorus schema is installed in this database on the
     /// home backend.
     schema_ready: watch::Sender<bool>,
+    /// Other backends seen with the slots of their streams to every other
+    /// backend, in this database (see
+    /// `replication::wait_streams_ready`): they stay.
+    streams_ready: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Lane {
@@ -79,6 +83,7 @@ impl Lane {
             ddl: DdlProgress::new(config.clone()),
             config,
             schema_ready: watch::channel(false).0,
+            streams_ready: Default::default(),
         })
     }
 
@@ -106,6 +111,22 @@ impl Lane {
         Created {
             since: self.since,
             names: self.names.clone(),
+        }
+    }
+
+    /// Whether `backend` was seen with every slot of its streams.
+    pub fn streams_seen(&self, backend: &str) -> bool {
+        self.streams_ready
+            .lock()
+            .map(|r| r.contains(backend))
+            .unwrap_or(false)
+    }
+
+    /// `backend` has every slot of its streams (they are never dropped
+    /// while it is in the cluster).
+    pub fn streams_found(&self, backend: &str) {
+        if let Ok(mut ready) = self.streams_ready.lock() {
+            ready.insert(backend.to_owned());
         }
     }
 

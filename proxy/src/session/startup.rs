@@ -340,7 +340,21 @@ pub(super) async fn startup(
     let password = login_password.as_deref();
     let mut failure = None;
     let mut connected = None;
+    let mut unready = None;
     for candidate in node.session_backends() {
+        // Another node's home takes writes once its changes can reach
+        // every peer (see `wait_streams_ready`).
+        if let Some(lane) = lane
+            .as_ref()
+            .filter(|_| candidate.name != node.config.home_backend().name)
+        {
+            let limit = node.live().config.backend_connect_timeout();
+            if !crate::cluster::replication::wait_streams_ready(node, lane, candidate, limit).await
+            {
+                unready.get_or_insert(candidate.name.clone());
+                continue;
+            }
+        }
         let address = candidate.address();
         let login = LoginParams {
             address: &address,
@@ -370,6 +384,15 @@ pub(super) async fn startup(
         }
     }
     let Some((home, address, backend)) = connected else {
+        if let (None, Some(name)) = (&failure, unready) {
+            return Err(StartupFailure::Fatal {
+                kind: ErrorKind::BackendConnect,
+                code: "57P03",
+                message: format!(
+                    "backend \"{name}\" does not stream its changes to every other backend yet"
+                ),
+            });
+        }
         let message = match failure {
             Some((name, e)) => format!("could not connect to backend \"{name}\": {e}"),
             None => "no backend to connect to".to_owned(),

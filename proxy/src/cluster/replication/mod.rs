@@ -23,7 +23,7 @@ mod upkeep;
 pub mod walstream;
 
 pub(crate) use driver::drive;
-pub use upkeep::run_home_upkeep;
+pub use upkeep::{run_home_upkeep, wait_streams_ready};
 pub use walstream::{
     format_lsn, parse_lsn, DecodedTransaction, PgOutputDecoder, ReplicationError, WalEvent,
     WalStream,

@@ -20,6 +20,63 @@ use super::{parse_lsn, ReplicationError, ReplicationStream};
 const OBSERVE_INTERVAL: Duration = Duration::from_millis(100);
 const OBSERVE_INTERVAL_MAX: Duration = Duration::from_secs(1);
 
+/// Wait (at most `limit`) until `backend`, another node's home, has the
+/// slots of its streams to every other backend in `lane`'s database: a
+/// session may then write there. Its own node makes them before it admits
+/// sessions (see `home_upkeep`), but a session through this node can reach
+/// it first (write-leader routing, a home backend down at start), and a
+/// change committed before a slot exists would never reach that peer.
+/// Whether they are there.
+pub async fn wait_streams_ready(
+    node: &Node,
+    lane: &Lane,
+    backend: &crate::config::BackendConfig,
+    limit: Duration,
+) -> bool {
+    if lane.streams_seen(&backend.name) {
+        return true;
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let owner = node
+            .consensus()
+            .and_then(|c| c.state().read(|s| s.owner_of(&backend.name)))
+            .and_then(|id| u16::try_from(id).ok());
+        if let Some(owner) = owner {
+            let slots: Vec<String> = node
+                .config
+                .backends
+                .iter()
+                .filter(|b| b.name != backend.name)
+                .map(|b| lane.slot_name(owner, &b.name))
+                .collect();
+            let found = async {
+                let client = connect_backend(backend, &lane.config).await.ok()?;
+                let row = client
+                    .query_one(
+                        "SELECT count(*) FROM pg_catalog.pg_replication_slots \
+                          WHERE slot_name = ANY($1) AND database = current_database()",
+                        &[&slots],
+                    )
+                    .await
+                    .ok()?;
+                Some(row.get::<_, i64>(0))
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Ok(Some(n)) = tokio::time::timeout(left, found).await {
+                if usize::try_from(n).is_ok_and(|n| n == slots.len()) {
+                    lane.streams_found(&backend.name);
+                    return true;
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Update this node's clock with the newest version applied on its home
 /// backend from each other origin (recorded by their streams in
 /// `chorus.applied`), so that its next writes order after them. A clock too
