@@ -80,7 +80,8 @@ pub(super) async fn leave(
         }
     };
     let params = moved_params(state, session);
-    let Some((name, address, mut connection)) = login_elsewhere(node, session, &params).await
+    let Some((name, address, mut connection)) =
+        login_elsewhere(node, state, session, &params).await
     else {
         tracing::warn!(backend = %session.backend_name, "a session found no other backend to leave its drained one for");
         return Left::Stayed(stream);

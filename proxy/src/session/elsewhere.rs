@@ -28,9 +28,14 @@ pub(super) fn moved_params(state: &RelayState, session: &Session) -> Vec<(String
 /// `MOVE_LIMIT`: its name, address and connection.
 pub(super) async fn login_elsewhere(
     node: &Node,
+    state: &RelayState,
     session: &Session,
     params: &[(String, String)],
 ) -> Option<(String, String, backend::BackendConnection)> {
+    // (Another node's home only once its changes reach every peer, as at
+    // startup: see `wait_streams_ready`.)
+    let lane = state.lane.as_deref().filter(|_| state.replicated_database);
+    let home = &node.config.home_backend().name;
     let deadline = Instant::now() + MOVE_LIMIT;
     loop {
         let candidates: Vec<_> = node
@@ -40,9 +45,17 @@ pub(super) async fn login_elsewhere(
             .cloned()
             .collect();
         for candidate in candidates {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(lane) = lane.filter(|_| candidate.name != *home) {
+                let limit = left.min(Duration::from_secs(1));
+                if !crate::cluster::replication::wait_streams_ready(node, lane, &candidate, limit)
+                    .await
+                {
+                    continue;
+                }
+            }
             let address = candidate.address();
             let login = session.login(&address, candidate.tls.as_ref(), params);
-            let left = deadline.saturating_duration_since(Instant::now());
             match backend::connect(
                 &login,
                 left.min(node.live().config.backend_connect_timeout()),

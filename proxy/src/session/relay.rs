@@ -259,6 +259,14 @@ pub(super) async fn backend_accepts(node: &Node, session: &Session) -> bool {
             let _ = probe.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
             true
         }
+        // The server answers, and refuses this login for a reason of its
+        // own (its database was just dropped or renamed, which is what
+        // ended the session): it is up. Only a server going down (class
+        // 57) does not count.
+        Err(backend::BackendError::Refused { raw, .. }) => raw
+            .get(5..)
+            .map(protocol::parse_error_fields)
+            .is_some_and(|fields| !fields.code.starts_with("57")),
         Err(_) => false,
     }
 }
@@ -290,7 +298,8 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
     node.set_backend_down(&from, true);
     let in_block = matches!(state.tx_status.load(Ordering::Relaxed), b'T' | b'E');
     let params = moved_params(state, session);
-    let Some((name, address, mut connection)) = login_elsewhere(node, session, &params).await
+    let Some((name, address, mut connection)) =
+        login_elsewhere(node, state, session, &params).await
     else {
         tracing::warn!(from = %from, "a session whose backend failed found no other backend");
         return None;
