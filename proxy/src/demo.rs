@@ -173,8 +173,17 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         config.validate()?;
         let path = base.join(format!("node{i}.toml"));
         write_config(&config, &path)?;
-        config_paths.push(path);
         let node = Node::new(config)?;
+        // RELOAD reads the file written here. The demo's nodes share one
+        // process and its log: RUST_LOG sets the level for all of them.
+        node.set_reloader(crate::node::Reloader {
+            path: path.clone(),
+            set_log_level: Box::new(|level| match level {
+                None => Ok(()),
+                Some(_) => Err("the demo's nodes share one log: set RUST_LOG instead".into()),
+            }),
+        });
+        config_paths.push(path);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .with_context(|| format!("binding node {i} to port {port}"))?;

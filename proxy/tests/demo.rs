@@ -169,6 +169,9 @@ async fn demo_prints_connection_lines_and_serves_psql() {
     );
     let (version, err) = psql(&console, "SHOW VERSION");
     assert!(version.starts_with("Chorus "), "{version}{err}");
+    // RELOAD reads the file the demo wrote.
+    let (_, err) = psql(&console, "RELOAD");
+    assert!(err.is_empty(), "{err}");
 
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
