@@ -19,7 +19,7 @@ use crate::backend::BackendStream;
 use crate::node::Node;
 use crate::protocol::{self, read_message};
 
-use super::elsewhere::{login_elsewhere, moved_params, retarget};
+use super::elsewhere::{login_elsewhere, moved_params, retarget, set_up};
 use super::pump::PumpSide;
 use super::state::{RelayState, Session, MOVE_LIMIT};
 
@@ -87,25 +87,7 @@ pub(super) async fn leave(
         return Left::Stayed(stream);
     };
     // Its settings and named statements, on the new connection.
-    let mut setup = BytesMut::new();
-    let mut readies = 0;
-    if let Some(settings) = &settings {
-        protocol::query(&mut setup, settings);
-        readies += 1;
-    }
-    let prepared: Vec<BytesMut> = state
-        .prepared
-        .lock()
-        .map(|p| p.values().cloned().collect())
-        .unwrap_or_default();
-    if !prepared.is_empty() {
-        for parse in &prepared {
-            setup.extend_from_slice(parse);
-        }
-        protocol::write_message(&mut setup, b'S', |_| {});
-        readies += 1;
-    }
-    if readies > 0 && !set_up(&mut connection.stream, &setup, readies).await {
+    if set_up(&mut connection.stream, state, settings.as_deref()).await != Some(true) {
         tracing::warn!(backend = %name, "a session leaving a drained backend could not be set up on another");
         let _ = connection.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
         return Left::Stayed(stream);
@@ -155,29 +137,4 @@ async fn ask(
         .await
         .ok()
         .flatten()
-}
-
-/// Send `setup` on a new connection and read its `readies` answers;
-/// whether none was an error.
-async fn set_up(stream: &mut BackendStream, setup: &[u8], readies: usize) -> bool {
-    let run = async {
-        stream.write_all(setup).await.ok()?;
-        let mut buf = BytesMut::new();
-        let (mut seen, mut failed) = (0, false);
-        while seen < readies {
-            let tag = read_message(stream, &mut buf, 1 << 30).await.ok()?;
-            match tag {
-                b'Z' => seen += 1,
-                b'E' => failed = true,
-                _ => {}
-            }
-            buf.clear();
-        }
-        Some(!failed)
-    };
-    tokio::time::timeout(MOVE_LIMIT, run)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
 }

@@ -4,9 +4,13 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
 use crate::backend::{self, BackendStream};
 use crate::metrics::GaugeGuard;
 use crate::node::Node;
+use crate::protocol::{self, read_message};
 
 use super::state::{RelayState, Session, MOVE_LIMIT};
 
@@ -96,4 +100,50 @@ pub(super) fn retarget(
     node.metrics.sessions_moved();
     session.backend_name = name;
     connection.stream
+}
+
+/// Set a moved session up on its new connection: `first` (a query of the
+/// relay's own), then its named statements prepared again. `None` when the
+/// connection failed or did not answer within `MOVE_LIMIT`, else whether
+/// no answer was an error.
+pub(super) async fn set_up(
+    stream: &mut BackendStream,
+    state: &RelayState,
+    first: Option<&str>,
+) -> Option<bool> {
+    let mut setup = BytesMut::new();
+    let mut readies = 0;
+    if let Some(sql) = first {
+        protocol::query(&mut setup, sql);
+        readies += 1;
+    }
+    let prepared: Vec<BytesMut> = state
+        .prepared
+        .lock()
+        .map(|p| p.values().cloned().collect())
+        .unwrap_or_default();
+    if !prepared.is_empty() {
+        for parse in &prepared {
+            setup.extend_from_slice(parse);
+        }
+        protocol::write_message(&mut setup, b'S', |_| {});
+        readies += 1;
+    }
+    if readies == 0 {
+        return Some(true);
+    }
+    let run = async {
+        stream.write_all(&setup).await.ok()?;
+        let mut buf = BytesMut::new();
+        let (mut seen, mut failed) = (0, false);
+        while seen < readies {
+            match read_message(stream, &mut buf, 1 << 30).await.ok()? {
+                b'Z' => seen += 1,
+                b'E' => failed = true,
+                _ => {}
+            }
+        }
+        Some(!failed)
+    };
+    tokio::time::timeout(MOVE_LIMIT, run).await.ok().flatten()
 }

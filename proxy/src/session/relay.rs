@@ -12,15 +12,15 @@ use crate::backend::BackendStream;
 use crate::cluster::ddl::lease as ddl_lease;
 use crate::metrics::ErrorKind;
 use crate::node::Node;
-use crate::protocol::{read_message, Severity};
+use crate::protocol::Severity;
 use crate::{backend, protocol};
 
 use super::answers::backend_to_client;
 use super::client::client_to_backend;
 use super::drain;
-use super::elsewhere::{login_elsewhere, moved_params, retarget};
+use super::elsewhere::{login_elsewhere, moved_params, retarget, set_up};
 use super::pump::PumpSide;
-use super::state::{ClientSide, Pending, RelayEnd, RelayState, Session, MOVE_LIMIT};
+use super::state::{ClientSide, Pending, RelayEnd, RelayState, Session};
 
 /// Move messages both ways until either side ends. With replication, a
 /// session whose backend fails (or is found down by the health checks)
@@ -305,50 +305,11 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
         return None;
     };
     // The session's transaction state and named statements, on the new
-    // connection; the answers are read and dropped.
-    let mut setup = BytesMut::new();
-    let mut readies = 0;
-    if in_block {
-        protocol::query(&mut setup, LOST_TRANSACTION_SQL);
-        readies += 1;
-    }
-    let prepared: Vec<BytesMut> = state
-        .prepared
-        .lock()
-        .map(|p| p.values().cloned().collect())
-        .unwrap_or_default();
-    if !prepared.is_empty() {
-        for parse in &prepared {
-            setup.extend_from_slice(parse);
-        }
-        protocol::write_message(&mut setup, b'S', |_| {});
-        readies += 1;
-    }
-    if readies > 0 {
-        let ready = async {
-            connection.stream.write_all(&setup).await.ok()?;
-            let mut buf = BytesMut::new();
-            let mut seen = 0;
-            while seen < readies {
-                let tag = read_message(&mut connection.stream, &mut buf, 1 << 30)
-                    .await
-                    .ok()?;
-                if tag == b'Z' {
-                    seen += 1;
-                }
-                buf.clear();
-            }
-            Some(())
-        };
-        if tokio::time::timeout(MOVE_LIMIT, ready)
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-        {
-            tracing::warn!(backend = %name, "a moved session could not be set up");
-            return None;
-        }
+    // connection (the lost transaction's error is expected).
+    let first = in_block.then_some(LOST_TRANSACTION_SQL);
+    if set_up(&mut connection.stream, state, first).await.is_none() {
+        tracing::warn!(backend = %name, "a moved session could not be set up");
+        return None;
     }
     // What the client is owed.
     let status = if in_block { b'E' } else { b'I' };
