@@ -179,6 +179,23 @@ fn write_extended(out: &mut BytesMut, sql: &str) {
     put_message(out, b'C', &[b"S", name, b"\0"]);
 }
 
+/// Whether a backend message is the final answer to one client message of
+/// the extended protocol: ParseComplete, BindComplete, CloseComplete;
+/// RowDescription or NoData (a Describe; a statement's ParameterDescription
+/// comes before); CommandComplete, EmptyQueryResponse or PortalSuspended
+/// (an Execute, after its rows or its COPY). Errors are not counted: after
+/// one, the backend skips the rest of the batch.
+#[inline]
+pub fn ends_an_answer(tag: u8) -> bool {
+    matches!(tag, b'1' | b'2' | b'3' | b'T' | b'n' | b'C' | b'I' | b's')
+}
+
+/// Whether a client message gets one final answer (see [`ends_an_answer`]).
+#[inline]
+pub fn gets_an_answer(tag: u8) -> bool {
+    matches!(tag, b'P' | b'B' | b'C' | b'D' | b'E')
+}
+
 /// What to do with a backend message while a stamp's answers are due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -190,6 +207,9 @@ pub enum Verdict {
     Pass,
     /// Pass it to the client; the stamp expects nothing more.
     PassLast,
+    /// Not the stamp's: the backend skipped the stamp (an error earlier in
+    /// its batch, passed on already), and this is the batch's end.
+    Skipped,
 }
 
 /// Tracks the answers of one stamp.
@@ -215,6 +235,7 @@ impl Swallower {
             StampKind::Query if tag == b'Z' => Verdict::SwallowLast,
             StampKind::Query => Verdict::Swallow,
             StampKind::Extended if tag == b'E' => Verdict::PassLast,
+            StampKind::Extended if tag == b'Z' => Verdict::Skipped,
             StampKind::Extended => {
                 self.seen += 1;
                 if self.seen >= EXTENDED_RESPONSES {
@@ -260,6 +281,29 @@ mod tests {
     }
 
     #[test]
+    fn each_extended_message_gets_exactly_one_final_answer() {
+        // Parse, Bind, Describe (statement), Describe (portal), Execute of a
+        // SELECT, Execute with a row limit, Execute of an empty query,
+        // Execute of a COPY TO STDOUT, Close, then Sync.
+        let sent = b"PBDDEEEEC";
+        let answers = b"12tTT" as &[u8];
+        let answers = [answers, b"DDC", b"Ds", b"I", b"HddcC", b"3", b"Z"].concat();
+        assert_eq!(
+            sent.iter().filter(|t| gets_an_answer(**t)).count(),
+            answers.iter().filter(|t| ends_an_answer(**t)).count()
+        );
+        // A stamp's answers: one final answer per message, and its row.
+        let mut stamp = BytesMut::new();
+        let hlc = Hlc {
+            timestamp: 1,
+            node: 1,
+        };
+        write_stamp(&mut stamp, StampKind::Extended, hlc, None);
+        let final_answers = tags(&stamp).iter().filter(|t| gets_an_answer(**t)).count();
+        assert_eq!(final_answers + 1, usize::from(EXTENDED_RESPONSES));
+    }
+
+    #[test]
     fn query_stamp_swallows_through_its_ready_for_query() {
         let mut s = Swallower::new(StampKind::Query);
         assert_eq!(s.judge(b'T'), Verdict::Swallow);
@@ -282,5 +326,7 @@ mod tests {
         assert_eq!(s.judge(b'3'), Verdict::SwallowLast);
         let mut failed = Swallower::new(StampKind::Extended);
         assert_eq!(failed.judge(b'E'), Verdict::PassLast);
+        let mut skipped = Swallower::new(StampKind::Extended);
+        assert_eq!(skipped.judge(b'Z'), Verdict::Skipped);
     }
 }

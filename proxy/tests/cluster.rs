@@ -1858,6 +1858,101 @@ async fn a_query_string_mixing_ddl_with_other_statements_replicates_as_one_trans
 }
 
 /// The physical time (Unix ms) of every version of `table`'s rows on a backend.
+/// A client session over a raw socket, to send protocol messages in reads
+/// of its own choosing.
+struct RawSession {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawSession {
+    async fn send(&mut self, messages: &[Vec<u8>]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(&messages.concat()).await.unwrap();
+    }
+
+    /// The tags of the messages received up to and including the first
+    /// with tag `last` (within 10 s); an error fails the test unless it
+    /// is the one awaited.
+    async fn read_until(&mut self, last: u8) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut tags = Vec::new();
+        loop {
+            while self.buf.len() >= 5 {
+                let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+                if self.buf.len() < 1 + len {
+                    break;
+                }
+                let tag = self.buf[0];
+                let message: Vec<u8> = self.buf.drain(..1 + len).collect();
+                assert!(
+                    tag != b'E' || last == b'E',
+                    "error: {}",
+                    String::from_utf8_lossy(&message)
+                );
+                tags.push(tag);
+                if tag == last {
+                    return tags;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+            assert!(n > 0, "the node closed the session");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// A session as `postgres` (trusted) through the node at `port`, logged in.
+async fn raw_session(port: u16) -> RawSession {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for part in ["user", "postgres", "database", "postgres"] {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    startup.extend(body);
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut session = RawSession {
+        stream,
+        buf: Vec::new(),
+    };
+    session.send(&[startup]).await;
+    session.read_until(b'Z').await;
+    session
+}
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Parse of the unnamed statement, no parameter types.
+fn extended_parse(sql: &str) -> Vec<u8> {
+    let mut body = vec![0];
+    body.extend_from_slice(sql.as_bytes());
+    body.extend_from_slice(&[0, 0, 0]);
+    message(b'P', &body)
+}
+
+/// Bind of the unnamed portal to the unnamed statement, no parameters.
+fn bind_unnamed() -> Vec<u8> {
+    message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0])
+}
+
+/// Execute of the unnamed portal, every row.
+fn execute_unnamed() -> Vec<u8> {
+    message(b'E', &[0, 0, 0, 0, 0])
+}
+
 async fn version_times(client: &Client, table: &str) -> Vec<i64> {
     client
         .query(
@@ -2002,6 +2097,69 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
     a.unwrap();
     b.unwrap();
     d.unwrap();
+    // A pipeline whose write arrives after its batch began with a read the
+    // node has already passed on (one batch: no Sync between them).
+    let mut raw = raw_session(c.nodes[0].port()).await;
+    raw.send(&[
+        extended_parse("SELECT 1"),
+        bind_unnamed(),
+        execute_unnamed(),
+        vec![b'H', 0, 0, 0, 4],
+    ])
+    .await;
+    raw.read_until(b'C').await;
+    raw.send(&[
+        extended_parse("INSERT INTO stamped VALUES (10, 'later read')"),
+        bind_unnamed(),
+        execute_unnamed(),
+        vec![b'S', 0, 0, 0, 4],
+    ])
+    .await;
+    let answers = raw.read_until(b'Z').await;
+    assert_eq!(answers, b"12CZ".to_vec(), "answers after the first read");
+    // The same after an error in the batch's first read: the backend skips
+    // the write (and its stamp) up to the Sync.
+    raw.send(&[
+        extended_parse("SELECT 1 / (SELECT 0)"),
+        bind_unnamed(),
+        execute_unnamed(),
+        vec![b'H', 0, 0, 0, 4],
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'E').await, b"12E".to_vec());
+    raw.send(&[
+        extended_parse("INSERT INTO stamped VALUES (11, 'skipped')"),
+        bind_unnamed(),
+        execute_unnamed(),
+        vec![b'S', 0, 0, 0, 4],
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'Z').await, b"Z".to_vec());
+    let skipped: i64 = client
+        .query_one("SELECT count(*) FROM stamped WHERE id = 11", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(skipped, 0);
+    // And the session goes on: a batch with a read, then a Describe and a
+    // write in the next read.
+    raw.send(&[
+        extended_parse("SELECT 2"),
+        bind_unnamed(),
+        execute_unnamed(),
+        vec![b'H', 0, 0, 0, 4],
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'C').await, b"12DC".to_vec());
+    raw.send(&[
+        extended_parse("INSERT INTO stamped VALUES (12, 'described') RETURNING id"),
+        bind_unnamed(),
+        message(b'D', b"P\0"),
+        execute_unnamed(),
+        vec![b'S', 0, 0, 0, 4],
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'Z').await, b"12TDCZ".to_vec());
     // A transaction block gets one stamp for all its rows.
     client
         .batch_execute(

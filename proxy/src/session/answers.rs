@@ -18,7 +18,7 @@ use crate::metrics::ErrorKind;
 use crate::node::Node;
 use crate::protocol::Severity;
 use crate::stamp::Verdict;
-use crate::{protocol, scope};
+use crate::{protocol, scope, stamp};
 
 use super::client::apply_scope_changes;
 use super::pump::{forward, read_more, Flow, PumpError, PumpSide};
@@ -89,6 +89,7 @@ where
     let asked = AtomicU32::new(0);
     let inspect = |tag: u8| {
         matches!(tag, b'Z' | b'E' | b'S' | b'A' | b'T' | b'N')
+            || (replicating && stamp::ends_an_answer(tag))
             || (plan_rows.load(Ordering::Relaxed) && matches!(tag, b'D' | b'C'))
             || state.stamps.load(Ordering::SeqCst) > 0
             || state.ddl_jobs.load(Ordering::SeqCst) > 0
@@ -113,7 +114,7 @@ where
                 }
                 return Ok(match verdict {
                     Verdict::Swallow | Verdict::SwallowLast => Flow::Replace(BytesMut::new()),
-                    Verdict::Pass | Verdict::PassLast => Flow::Continue,
+                    Verdict::Pass | Verdict::PassLast | Verdict::Skipped => Flow::Continue,
                 });
             }
         }
@@ -121,6 +122,9 @@ where
             if let Some(flow) = feed_ddl_job(state, tag, body, &ddl_ready) {
                 return Ok(flow);
             }
+        }
+        if replicating && stamp::ends_an_answer(tag) {
+            state.answered.fetch_add(1, Ordering::Relaxed);
         }
         match tag {
             b'Z' => {
@@ -140,7 +144,14 @@ where
                     }
                 }
                 let started = state.pending.lock().ok().and_then(|mut p| p.pop_front());
-                if let Some(Pending::Ready { sent, wrote, scope }) = started {
+                if let Some(Pending::Ready {
+                    sent,
+                    wrote,
+                    scope,
+                    messages,
+                }) = started
+                {
+                    state.answered.store(messages, Ordering::Relaxed);
                     metrics.query_duration.record(sent.elapsed().as_secs_f64());
                     txn_wrote |= wrote;
                     if !std::mem::take(&mut failed_since_ready) {
@@ -571,13 +582,34 @@ fn feed_probe(state: &RelayState, tag: u8, body: &[u8]) -> bool {
 /// backend message (and retire the stamp after its last answer).
 pub(super) fn judge_for_stamp(state: &RelayState, tag: u8) -> Option<Verdict> {
     let mut pending = state.pending.lock().ok()?;
+    if let Some(Pending::Ahead { until }) = pending.front() {
+        if state.answered.load(Ordering::Relaxed) < *until {
+            // An answer to a client message sent before the stamp; an
+            // error, or the batch's end after an error that came before
+            // the stamp was sent.
+            if matches!(tag, b'E' | b'Z') {
+                // The backend skips the rest of the batch, the stamp too.
+                pending.pop_front();
+                if matches!(pending.front(), Some(Pending::Stamp(_))) {
+                    pending.pop_front();
+                    state.stamps.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            return None;
+        }
+        pending.pop_front();
+    }
     let Some(Pending::Stamp(swallower)) = pending.front_mut() else {
         return None;
     };
     let verdict = swallower.judge(tag);
-    if matches!(verdict, Verdict::SwallowLast | Verdict::PassLast) {
+    if matches!(
+        verdict,
+        Verdict::SwallowLast | Verdict::PassLast | Verdict::Skipped
+    ) {
         pending.pop_front();
         state.stamps.fetch_sub(1, Ordering::SeqCst);
     }
-    Some(verdict)
+    // (A skipped stamp's message is the client's, looked at as any.)
+    (verdict != Verdict::Skipped).then_some(verdict)
 }

@@ -108,6 +108,7 @@ where
                             protocol::put_cstr(m, "SELECT 1");
                             m.extend_from_slice(&0i16.to_be_bytes());
                         });
+                        state.sent.fetch_add(1, Ordering::Relaxed);
                         *batch_start = false;
                     }
                     return Ok(Flow::Replace(out));
@@ -131,6 +132,7 @@ where
             // the transaction's change stream instead (the stamp records it,
             // see chorus.capture_log_statement).
             let mut log_in_stream = false;
+            let mut mid_batch = false;
             match tag {
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'H' if *batch_start => {
                     // A batch with replicated DDL takes the cluster DDL
@@ -167,7 +169,7 @@ where
                         }
                     }
                     if !logged.is_empty() && !log_in_stream {
-                        push_stamp(state, StampKind::Extended);
+                        push_stamp(state, StampKind::Extended, None);
                         let mut out = BytesMut::new();
                         stamp::write_failing(
                             &mut out,
@@ -181,6 +183,15 @@ where
                         frontend.on_message(tag, body)?;
                         return Ok(Flow::Replace(out));
                     }
+                }
+                // A write later in a batch whose messages so far did not
+                // stamp it (they came in an earlier read, or only read):
+                // stamped now, just before its Execute, so that it carries
+                // the node's clock and its commit waits for its scope.
+                b'E' if replicating && !*stamped && frontend.batch_stamps(tag, body, &[]) =>
+                {
+                    stamp = Some(StampKind::Extended);
+                    mid_batch = true;
                 }
                 b'Q' | b'S' | b'F' => *batch_start = true,
                 _ => {}
@@ -475,7 +486,10 @@ where
                     Flow::Continue
                 }
                 Some(kind) => {
-                    push_stamp(state, kind);
+                    // Mid-batch, the stamp's answers come after those still
+                    // due to the batch's earlier messages.
+                    let after = mid_batch.then(|| state.sent.load(Ordering::Relaxed));
+                    push_stamp(state, kind, after);
                     *stamped = true;
                     state.txn_stamped.store(true, Ordering::Relaxed);
                     let mut out = BytesMut::with_capacity(160 + body.len());
@@ -488,6 +502,9 @@ where
                 }
                 None => Flow::Continue,
             };
+            if replicating && stamp::gets_an_answer(tag) {
+                state.sent.fetch_add(1, Ordering::Relaxed);
+            }
             if matches!(tag, b'Q' | b'S' | b'F') {
                 push_pending(state, *stamped, std::mem::take(scope_pending));
                 *stamped = false;
@@ -778,13 +795,22 @@ pub(super) fn push_pending(state: &RelayState, wrote: bool, scope: Vec<ScopeChan
             sent: Instant::now(),
             wrote,
             scope,
+            messages: state.sent.load(Ordering::Relaxed),
         });
     }
 }
 
-pub(super) fn push_stamp(state: &RelayState, kind: StampKind) {
+/// A stamp's answers are due next; `after`: once the client's messages
+/// sent before it (`RelayState::sent` now) are answered, for a stamp in
+/// the middle of a batch.
+pub(super) fn push_stamp(state: &RelayState, kind: StampKind, after: Option<u64>) {
     if let Ok(mut pending) = state.pending.lock() {
+        // (Counted first: the backend side then looks at every message,
+        // and finds the queue whole.)
         state.stamps.fetch_add(1, Ordering::SeqCst);
+        if let Some(until) = after {
+            pending.push_back(Pending::Ahead { until });
+        }
         pending.push_back(Pending::Stamp(Swallower::new(kind)));
     }
 }

@@ -318,10 +318,14 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
         .lock()
         .map(|mut p| {
             p.drain(..)
-                .filter(|p| !matches!(p, Pending::Stamp(_)))
+                .filter(|p| !matches!(p, Pending::Stamp(_) | Pending::Ahead { .. }))
                 .count()
         })
         .unwrap_or(0);
+    // Nothing is due from the new connection.
+    state
+        .answered
+        .store(state.sent.load(Ordering::Relaxed), Ordering::Relaxed);
     let message = format!(
         "the connection to backend \"{from}\" was lost; the outcome of the statement in progress is unknown"
     );
