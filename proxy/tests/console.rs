@@ -112,16 +112,64 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
     assert_eq!(databases.len(), 1);
     assert_eq!(databases[0][..3], ["postgres", "true", "configuration"]);
 
-    // The home backend's slots (one per peer), its global sequences, its
-    // conflicts by kind.
-    let slots = show_until(&one, "SHOW REPLICATION", |rows| {
-        rows.len() == 2 && rows.iter().all(|r| r[2] == "t")
+    // Every stream: per origin backend, one slot per peer, all active.
+    let streams = show_until(&one, "SHOW REPLICATION", |rows| {
+        rows.len() == 6 && rows.iter().all(|r| r[4] == "t")
     })
     .await;
-    assert!(
-        slots.iter().all(|r| r[0].starts_with("chorus_1_to_")),
-        "{slots:?}"
-    );
+    for origin in ["pg1", "pg2", "pg3"] {
+        let mut peers: Vec<&str> = streams
+            .iter()
+            .filter(|r| r[0] == origin)
+            .map(|r| r[1].as_str())
+            .collect();
+        peers.sort_unstable();
+        let mut others: Vec<&str> = ["pg1", "pg2", "pg3"]
+            .into_iter()
+            .filter(|b| *b != origin)
+            .collect();
+        others.sort_unstable();
+        assert_eq!(peers, others, "{streams:?}");
+    }
+    // A peer that stops applying an origin's changes shows as that
+    // stream's lag: backend 2 is held from applying node 1's (its row of
+    // chorus.applied locked) while rows are written through node 1.
+    let writer = c.via(1).await;
+    writer
+        .batch_execute("CREATE TABLE console_lag (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let mut holder = c.direct(2).await;
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("SELECT * FROM chorus.applied WHERE origin = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    writer
+        .batch_execute(
+            "INSERT INTO console_lag SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g",
+        )
+        .await
+        .unwrap();
+    let stream = |rows: &[Vec<String>], peer: &str| -> (i64, String) {
+        let row = rows
+            .iter()
+            .find(|r| r[0] == "pg1" && r[1] == peer)
+            .unwrap_or_else(|| panic!("no stream pg1 -> {peer}: {rows:?}"));
+        (row[6].parse().unwrap_or(-1), row[7].clone())
+    };
+    let held = show_until(&one, "SHOW REPLICATION", |rows| {
+        stream(rows, "pg2").0 > 500_000 && stream(rows, "pg3").0 < 500_000
+    })
+    .await;
+    let held_bytes = stream(&held, "pg2").0;
+    hold.rollback().await.unwrap();
+    show_until(&one, "SHOW REPLICATION", |rows| {
+        let (bytes, seconds) = stream(rows, "pg2");
+        bytes < held_bytes && seconds.parse::<f64>().is_ok()
+    })
+    .await;
+
+    // Its global sequences, its conflicts by kind.
     c.via(1)
         .await
         .batch_execute("CREATE TABLE console_s (id serial PRIMARY KEY)")

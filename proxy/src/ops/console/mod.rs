@@ -211,7 +211,7 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         ["SHOW", "DDL"] => show::ddl(node).await,
         ["SHOW", "CLIENTS"] => show::clients(node).await,
         ["SHOW", "CONFIG"] => show::config(node),
-        ["SHOW", "REPLICATION"] => match show::home(node, show::REPLICATION_SQL).await {
+        ["SHOW", "REPLICATION"] => match show::replication(node).await {
             Ok(rows) => rows,
             Err(e) => return e.write(out),
         },

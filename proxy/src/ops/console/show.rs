@@ -9,15 +9,96 @@ use crate::node::Node;
 
 use super::{table, Table};
 
-/// `SHOW REPLICATION`: each of Chorus's slots on the home backend (one
-/// per peer and replicated database), with its walsender's lag.
-pub(super) const REPLICATION_SQL: &str = "SELECT s.slot_name, s.database, s.active, \
+/// What `SHOW REPLICATION` asks each backend: Chorus's slots on it (one
+/// per stream from it to a peer, per replicated database), with its
+/// walsender's lag. The lag in seconds is the walsender's `replay_lag`:
+/// from the WAL's flush on the origin to the node's report that the peer
+/// applied it (PostgreSQL leaves it empty once a stream is idle and caught
+/// up, shown as 0 for an active slot with nothing to send).
+const REPLICATION_SQL: &str = "SELECT s.slot_name::text, s.database::text, s.active, \
+        s.wal_status, \
         pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes, \
-        pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_bytes, \
-        s.wal_status, extract(epoch FROM r.flush_lag) AS flush_lag_seconds \
+        CASE WHEN r.replay_lag IS NOT NULL THEN extract(epoch FROM r.replay_lag)::float8 \
+             WHEN s.active AND r.sent_lsn >= pg_current_wal_lsn() THEN 0 END AS lag_seconds, \
+        pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_bytes \
    FROM pg_catalog.pg_replication_slots s \
    LEFT JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid \
-  WHERE s.slot_name LIKE 'chorus\\_%' ORDER BY s.slot_name";
+  WHERE s.slot_name LIKE 'chorus\\_%\\_to\\_%' ORDER BY s.slot_name";
+
+/// The peer a stream's slot (`chorus_<node>_to_<peer>`) feeds.
+fn slot_peer(slot: &str) -> &str {
+    slot.split_once("_to_").map_or("", |(_, peer)| peer)
+}
+
+/// `SHOW REPLICATION`: every stream of the cluster, per origin backend
+/// (each backend is asked, all at once, within 2 s) and peer. A backend
+/// that does not answer has one row, in state `unreachable`.
+pub(super) async fn replication(node: &Node) -> Result<Table, PgError> {
+    let Some(main) = node.main_lane() else {
+        return Err(PgError {
+            code: "55000".into(),
+            message: "this node does not replicate".into(),
+            detail: None,
+            hint: None,
+        });
+    };
+    let asks = node.config.backends.iter().map(|backend| {
+        let config = &main.config;
+        async move {
+            let asked = async {
+                let client = connect_backend(backend, config).await?;
+                client.query(REPLICATION_SQL, &[]).await
+            };
+            (
+                backend,
+                tokio::time::timeout(Duration::from_secs(2), asked).await,
+            )
+        }
+    });
+    let mut rows = Vec::new();
+    for (backend, answer) in futures_util::future::join_all(asks).await {
+        let Ok(Ok(slots)) = answer else {
+            let mut row = vec![String::new(); 9];
+            row[0].clone_from(&backend.name);
+            row[5] = "unreachable".into();
+            rows.push(row);
+            continue;
+        };
+        for slot in slots {
+            let name: String = slot.get(0);
+            let number = |i: usize| {
+                slot.get::<_, Option<i64>>(i)
+                    .map_or(String::new(), |v| v.to_string())
+            };
+            rows.push(vec![
+                backend.name.clone(),
+                slot_peer(&name).to_owned(),
+                slot.get::<_, Option<String>>(1).unwrap_or_default(),
+                name.clone(),
+                if slot.get::<_, bool>(2) { "t" } else { "f" }.to_owned(),
+                slot.get::<_, Option<String>>(3).unwrap_or_default(),
+                number(4),
+                slot.get::<_, Option<f64>>(5)
+                    .map_or(String::new(), |v| format!("{v:.3}")),
+                number(6),
+            ]);
+        }
+    }
+    Ok(table(
+        &[
+            "origin",
+            "peer",
+            "database",
+            "slot_name",
+            "active",
+            "state",
+            "lag_bytes",
+            "lag_seconds",
+            "retained_bytes",
+        ],
+        rows,
+    ))
+}
 
 /// `SHOW SEQUENCES`.
 pub(super) const SEQUENCES_SQL: &str = "SELECT * FROM chorus.sequence_status() ORDER BY 1";
