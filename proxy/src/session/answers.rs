@@ -87,6 +87,9 @@ where
     // The backend session asked for the cluster DDL lease (the question's
     // number; 0: none), see `lease_question`.
     let asked = AtomicU32::new(0);
+    // Final answers to the client's messages since the last ReadyForQuery
+    // (see `Pending::Ahead`).
+    let mut batch_answered: u32 = 0;
     let inspect = |tag: u8| {
         matches!(tag, b'Z' | b'E' | b'S' | b'A' | b'T' | b'N')
             || (replicating && stamp::ends_an_answer(tag))
@@ -106,7 +109,7 @@ where
             return Ok(Flow::Replace(BytesMut::new()));
         }
         if state.stamps.load(Ordering::SeqCst) > 0 {
-            if let Some(verdict) = judge_for_stamp(state, tag) {
+            if let Some(verdict) = judge_for_stamp(state, tag, batch_answered) {
                 if tag == b'E' {
                     // A stamp's error passed on: the client's batch failed.
                     failed_since_ready = true;
@@ -124,7 +127,7 @@ where
             }
         }
         if replicating && stamp::ends_an_answer(tag) {
-            state.answered.fetch_add(1, Ordering::Relaxed);
+            batch_answered += 1;
         }
         match tag {
             b'Z' => {
@@ -144,14 +147,8 @@ where
                     }
                 }
                 let started = state.pending.lock().ok().and_then(|mut p| p.pop_front());
-                if let Some(Pending::Ready {
-                    sent,
-                    wrote,
-                    scope,
-                    messages,
-                }) = started
-                {
-                    state.answered.store(messages, Ordering::Relaxed);
+                batch_answered = 0;
+                if let Some(Pending::Ready { sent, wrote, scope }) = started {
                     metrics.query_duration.record(sent.elapsed().as_secs_f64());
                     txn_wrote |= wrote;
                     if !std::mem::take(&mut failed_since_ready) {
@@ -580,10 +577,10 @@ fn feed_probe(state: &RelayState, tag: u8, body: &[u8]) -> bool {
 
 /// If the oldest answer due belongs to a stamp, what to do with this
 /// backend message (and retire the stamp after its last answer).
-pub(super) fn judge_for_stamp(state: &RelayState, tag: u8) -> Option<Verdict> {
+pub(super) fn judge_for_stamp(state: &RelayState, tag: u8, batch_answered: u32) -> Option<Verdict> {
     let mut pending = state.pending.lock().ok()?;
     if let Some(Pending::Ahead { until }) = pending.front() {
-        if state.answered.load(Ordering::Relaxed) < *until {
+        if batch_answered < *until {
             // An answer to a client message sent before the stamp; an
             // error, or the batch's end after an error that came before
             // the stamp was sent.

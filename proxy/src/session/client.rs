@@ -42,6 +42,7 @@ where
         batch_start,
         stamped,
         scope_pending,
+        batch_answers,
         discard_until_sync,
         refeed,
         probe_question,
@@ -108,7 +109,7 @@ where
                             protocol::put_cstr(m, "SELECT 1");
                             m.extend_from_slice(&0i16.to_be_bytes());
                         });
-                        state.sent.fetch_add(1, Ordering::Relaxed);
+                        *batch_answers += 1;
                         *batch_start = false;
                     }
                     return Ok(Flow::Replace(out));
@@ -488,7 +489,7 @@ where
                 Some(kind) => {
                     // Mid-batch, the stamp's answers come after those still
                     // due to the batch's earlier messages.
-                    let after = mid_batch.then(|| state.sent.load(Ordering::Relaxed));
+                    let after = mid_batch.then_some(*batch_answers);
                     push_stamp(state, kind, after);
                     *stamped = true;
                     state.txn_stamped.store(true, Ordering::Relaxed);
@@ -503,9 +504,10 @@ where
                 None => Flow::Continue,
             };
             if replicating && stamp::gets_an_answer(tag) {
-                state.sent.fetch_add(1, Ordering::Relaxed);
+                *batch_answers += 1;
             }
             if matches!(tag, b'Q' | b'S' | b'F') {
+                *batch_answers = 0;
                 push_pending(state, *stamped, std::mem::take(scope_pending));
                 *stamped = false;
             }
@@ -795,15 +797,14 @@ pub(super) fn push_pending(state: &RelayState, wrote: bool, scope: Vec<ScopeChan
             sent: Instant::now(),
             wrote,
             scope,
-            messages: state.sent.load(Ordering::Relaxed),
         });
     }
 }
 
-/// A stamp's answers are due next; `after`: once the client's messages
-/// sent before it (`RelayState::sent` now) are answered, for a stamp in
-/// the middle of a batch.
-pub(super) fn push_stamp(state: &RelayState, kind: StampKind, after: Option<u64>) {
+/// A stamp's answers are due next; `after`: for a stamp in the middle of
+/// a batch, once the batch's earlier messages got that many final
+/// answers.
+pub(super) fn push_stamp(state: &RelayState, kind: StampKind, after: Option<u32>) {
     if let Ok(mut pending) = state.pending.lock() {
         // (Counted first: the backend side then looks at every message,
         // and finds the queue whole.)

@@ -322,10 +322,6 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
                 .count()
         })
         .unwrap_or(0);
-    // Nothing is due from the new connection.
-    state
-        .answered
-        .store(state.sent.load(Ordering::Relaxed), Ordering::Relaxed);
     let message = format!(
         "the connection to backend \"{from}\" was lost; the outcome of the statement in progress is unknown"
     );

@@ -60,18 +60,15 @@ pub(super) enum Pending {
         sent: Instant,
         wrote: bool,
         scope: Vec<ScopeChange>,
-        /// `RelayState::sent` when it was sent: every client message up to
-        /// it is answered (or skipped after an error) by its ReadyForQuery.
-        messages: u64,
     },
     /// A clock stamp of the relay's own, whose answers are swallowed.
     Stamp(Swallower),
-    /// The answers still due to the client's messages before a stamp sent
-    /// in the middle of an extended-protocol batch (see
-    /// `client::client_to_backend`): the stamp's answers come once
-    /// `RelayState::answered` reaches `until`. An error first means the
-    /// backend skips the stamp with the rest of the batch.
-    Ahead { until: u64 },
+    /// A stamp sent in the middle of an extended-protocol batch (see
+    /// `client::client_to_backend`) follows the client's messages that get
+    /// `until` final answers (see `stamp::ends_an_answer`) in the batch:
+    /// its own answers come after those. An error first means the backend
+    /// skips the stamp with the rest of the batch.
+    Ahead { until: u32 },
     /// A replicated DDL query, being validated (see cluster/ddl/).
     Ddl(DdlJob),
     /// A question of the relay's own (see `client::probe`): its answers
@@ -88,14 +85,6 @@ pub(super) struct RelayState {
     /// Stamps in `pending`: while there are any, the backend side looks at
     /// every message, not only ReadyForQuery and errors.
     pub(super) stamps: AtomicU32,
-    /// Client messages of the extended protocol that each get one final
-    /// answer (Parse, Bind, Close, Describe, Execute) sent to the backend,
-    /// and those final answers passed back (see `stamp::ends_an_answer`),
-    /// set to the sent count at every ReadyForQuery (which settles the
-    /// messages an error skipped): a stamp sent in the middle of a batch
-    /// knows where its answers start.
-    pub(super) sent: AtomicU64,
-    pub(super) answered: AtomicU64,
     /// Transaction status from the last ReadyForQuery.
     pub(super) tx_status: AtomicU8,
     /// Whether a stamp went out since the last idle ReadyForQuery.
@@ -170,6 +159,9 @@ pub(super) struct ClientSide {
     pub(super) stamped: bool,
     /// Commit scope settings sent since then.
     pub(super) scope_pending: Vec<ScopeChange>,
+    /// Final answers due to the messages of the batch under way (see
+    /// `stamp::gets_an_answer`), for a stamp in its middle.
+    pub(super) batch_answers: u32,
     /// Drop extended-protocol messages up to the next Sync (see
     /// `move_session`).
     pub(super) discard_until_sync: bool,
@@ -191,6 +183,7 @@ impl ClientSide {
             batch_start: true,
             stamped: false,
             scope_pending: Vec::new(),
+            batch_answers: 0,
             discard_until_sync: false,
             refeed: false,
             probe_question: None,
@@ -220,8 +213,6 @@ impl RelayState {
             lane: own.or_else(|| node.and_then(|n| n.main_lane())),
             pending: Mutex::new(VecDeque::new()),
             stamps: AtomicU32::new(0),
-            sent: AtomicU64::new(0),
-            answered: AtomicU64::new(0),
             tx_status: AtomicU8::new(b'I'),
             txn_stamped: AtomicBool::new(false),
             scope_session: AtomicU8::new(0),
