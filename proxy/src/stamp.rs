@@ -22,6 +22,11 @@
 //!   the rest of the batch up to the client's Sync, which is exactly what
 //!   the client's first message would have caused, so that one error is
 //!   passed on to the client.
+//! - In the middle of a batch, just before the Execute of a write that the
+//!   batch's messages read so far did not announce (it came in a later
+//!   read): the same messages. Its answers follow the final answers of the
+//!   batch's earlier messages, which the backend side counts (see
+//!   [`ends_an_answer`]); an error before it means the backend skipped it.
 //!
 //! The setting is session-level, not transaction-local: a simple Query
 //! before the client's runs in its own transaction, and a pipeline may hold
