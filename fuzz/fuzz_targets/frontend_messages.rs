@@ -2,8 +2,8 @@
 //! message framing, and the messages the relay inspects.
 #![no_main]
 
-use chorus_proxy::frontend::{is_inspected, FrontendState};
-use chorus_proxy::protocol::{decode_startup, frame_header, parse_error_fields};
+use chorus_proxy::wire::frontend::{is_inspected, FrontendState};
+use chorus_proxy::wire::protocol::{decode_startup, frame_header, parse_error_fields};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::ScramVerifier;
-use crate::cancel::CancelRegistry;
+use crate::backend::cancel::CancelRegistry;
 use crate::cluster::lane::{Created, Lane};
 use crate::config::{Config, TlsConfig};
 use crate::metrics::Metrics;

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::metrics::{self, ErrorKind};
-use crate::protocol::{self, Severity};
 use crate::session;
+use crate::wire::protocol::{self, Severity};
 
 pub use crate::node::{Node, StartError};
 
@@ -233,13 +233,19 @@ pub async fn run_node_with(
             node.clone(),
             consensus.clone(),
         ));
-        background.spawn(crate::sequences::run(node.clone(), consensus.clone()));
+        background.spawn(crate::cluster::sequences::run(
+            node.clone(),
+            consensus.clone(),
+        ));
         background.spawn(crate::cluster::databases::follow(
             node.clone(),
             consensus.clone(),
         ));
-        background.spawn(crate::duties::reassign(node.clone(), consensus.clone()));
-        background.spawn(crate::duties::reconcile_when_lost(
+        background.spawn(crate::cluster::duties::reassign(
+            node.clone(),
+            consensus.clone(),
+        ));
+        background.spawn(crate::cluster::duties::reconcile_when_lost(
             node.clone(),
             consensus.clone(),
         ));
@@ -247,7 +253,7 @@ pub async fn run_node_with(
         background.spawn(raft_upkeep(node.clone(), consensus));
     }
     background.spawn(crate::cluster::replication::run_home_upkeep(node.clone()));
-    background.spawn(crate::duties::run(node.clone()));
+    background.spawn(crate::cluster::duties::run(node.clone()));
     background.spawn(health_checks(node.clone()));
     tracing::info!(
         node = node.config.node.id,

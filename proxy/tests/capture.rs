@@ -6,7 +6,7 @@
 
 mod common;
 
-use chorus_proxy::capture::{self, ChangeRecord, Operation};
+use chorus_proxy::cluster::capture::{self, ChangeRecord, Operation};
 use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
 use chorus_router::hlc;
 use serde_json::Value;

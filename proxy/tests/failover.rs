@@ -187,7 +187,7 @@ async fn a_cancel_sent_to_another_node_reaches_the_session() {
     // registers itself once a leader is elected: until then a cancel is
     // not passed on, so it is sent again each second.)
     let mut cancel = bytes::BytesMut::new();
-    chorus_proxy::protocol::cancel_request(&mut cancel, session.pid, session.secret);
+    chorus_proxy::wire::protocol::cancel_request(&mut cancel, session.pid, session.secret);
     let deadline = Instant::now() + Duration::from_secs(20);
     let answer = loop {
         {
@@ -211,7 +211,7 @@ async fn a_cancel_sent_to_another_node_reaches_the_session() {
     // A wrong secret cancels nothing anywhere.
     bystander.send("SELECT pg_sleep(1)").await;
     let mut wrong = bytes::BytesMut::new();
-    chorus_proxy::protocol::cancel_request(&mut wrong, bystander.pid, bystander.secret ^ 1);
+    chorus_proxy::wire::protocol::cancel_request(&mut wrong, bystander.pid, bystander.secret ^ 1);
     {
         use tokio::io::AsyncWriteExt;
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", c.ports[0]))

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use chorus_proxy::capture;
+use chorus_proxy::cluster::capture;
 use chorus_proxy::cluster::replication::{ReplicationError, ReplicationStream};
 use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
 use chorus_router::hlc;

@@ -13,7 +13,7 @@ mod relay;
 
 use std::time::Duration;
 
-use chorus_proxy::capture::SCHEMA_VERSION;
+use chorus_proxy::cluster::capture::SCHEMA_VERSION;
 
 /// Backend `i` as the previous version left it: its schema, and a table
 /// adopted with the same rows as on the other backends.

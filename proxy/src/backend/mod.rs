@@ -1,7 +1,9 @@
 //! One server connection: connect to a PostgreSQL backend and log in on a
 //! client's behalf, answering whatever authentication the backend asks for
 //! (trust, cleartext, md5 or SCRAM-SHA-256), in the clear or over TLS
-//! (`tls.rs`). The node's own control connections are in `control.rs`.
+//! (`tls.rs`). The node's own control connections are in `control.rs`;
+//! the cancel keys it hands its clients, and where their cancels go, in
+//! `cancel.rs`.
 
 use std::time::Duration;
 
@@ -12,8 +14,9 @@ use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::protocol::{self, read_message, ProtocolError};
+use crate::wire::protocol::{self, read_message, ProtocolError};
 
+pub mod cancel;
 mod control;
 mod tls;
 
@@ -239,7 +242,7 @@ fn password<'a>(login: &LoginParams<'a>) -> Result<&'a str, BackendError> {
 }
 
 /// Send a CancelRequest for a backend key to a backend.
-pub async fn cancel(address: &str, pid: i32, secret: i32) -> std::io::Result<()> {
+pub async fn send_cancel(address: &str, pid: i32, secret: i32) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(16);
     protocol::cancel_request(&mut out, pid, secret);
     send_packet(address, &out).await

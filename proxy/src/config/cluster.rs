@@ -250,7 +250,7 @@ pub struct ReplicationConfig {
     #[serde(default)]
     pub commit_scope_timeout_action: TimeoutAction,
     /// Once a backend has been down this long, the Raft leader's node
-    /// reconciles the backends that are up (see reconcile.rs), so that a
+    /// reconciles the backends that are up (see cluster/reconcile.rs), so that a
     /// change of the lost backend's that only some of them got reaches the
     /// others. 0: never. Default 30 s.
     #[serde(default = "default_reconcile_after")]

@@ -3,7 +3,7 @@
 use thiserror::Error;
 
 use crate::backend::connect_backend;
-use crate::capture;
+use crate::cluster::capture;
 use crate::cluster::replication::ReplicationError;
 use crate::config::Config;
 
@@ -147,11 +147,11 @@ pub async fn drop_slots_of(
     Ok((dropped, missing))
 }
 
-/// Reconcile the backends that answer (see reconcile.rs): at least two
+/// Reconcile the backends that answer (see cluster/reconcile.rs): at least two
 /// must. Returns the report and the backends that did not answer.
 pub async fn reconcile(
     config: &Config,
-) -> Result<(crate::reconcile::Report, Vec<String>), AdminError> {
+) -> Result<(crate::cluster::reconcile::Report, Vec<String>), AdminError> {
     let replication = config
         .replication
         .as_ref()
@@ -174,7 +174,7 @@ pub async fn reconcile(
     if clients.len() < 2 {
         return Err(last_error.unwrap_or(AdminError::NoReplication));
     }
-    let report = crate::reconcile::reconcile(&clients)
+    let report = crate::cluster::reconcile::reconcile(&clients)
         .await
         .map_err(|e| AdminError::Backend {
             backend: "reconcile".into(),

@@ -401,7 +401,7 @@ pub async fn check(
     }
     if repair && !found.is_empty() {
         let names: Vec<String> = found.iter().map(|(t, _)| t.name.clone()).collect();
-        report.repaired_rows = crate::reconcile::reconcile_tables(backends, Some(&names))
+        report.repaired_rows = crate::cluster::reconcile::reconcile_tables(backends, Some(&names))
             .await?
             .rows;
         let mut still = Vec::new();

@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::stamp::Verdict;
 use crate::cluster::ddl;
 use crate::cluster::ddl::lease as ddl_lease;
 use crate::cluster::ddl::{DdlJob, JobStep};
@@ -16,9 +17,11 @@ use crate::cluster::lane::Lane;
 use crate::config::{CommitScope, TimeoutAction};
 use crate::metrics::ErrorKind;
 use crate::node::Node;
-use crate::protocol::Severity;
-use crate::stamp::Verdict;
-use crate::{protocol, scope, stamp};
+use crate::scope;
+use crate::wire::protocol;
+use crate::wire::protocol::Severity;
+
+use super::stamp;
 
 use super::client::apply_scope_changes;
 use super::pump::{forward, read_more, Flow, PumpError, PumpSide};

@@ -8,14 +8,17 @@ use bytes::BytesMut;
 use chorus_router::{ddl_route, first_keyword, split_statements, DdlRoute, StatementClass};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::stamp::{StampKind, Swallower};
 use crate::cluster::ddl;
 use crate::cluster::ddl::lease as ddl_lease;
 use crate::cluster::ddl::DdlJob;
-use crate::frontend::{is_inspected, query_stamps, FrontendEvent};
 use crate::node::Node;
+use crate::scope;
 use crate::scope::{DdlScopeChange, ScopeChange};
-use crate::stamp::{StampKind, Swallower};
-use crate::{protocol, scope, stamp};
+use crate::wire::frontend::{is_inspected, query_stamps, FrontendEvent};
+use crate::wire::protocol;
+
+use super::stamp;
 
 use super::pump::{pump, Flow, PumpError};
 use super::state::{ClientSide, Pending, RelayEnd, RelayState};

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::backend::BackendStream;
 use crate::node::Node;
-use crate::protocol::{self, read_message};
+use crate::wire::protocol::{self, read_message};
 
 use super::elsewhere::{login_elsewhere, moved_params, retarget, set_up};
 use super::pump::PumpSide;

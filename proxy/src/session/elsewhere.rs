@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use crate::backend::{self, BackendStream};
 use crate::metrics::GaugeGuard;
 use crate::node::Node;
-use crate::protocol::{self, read_message};
+use crate::wire::protocol::{self, read_message};
 
 use super::state::{RelayState, Session, MOVE_LIMIT};
 

@@ -22,6 +22,7 @@ mod drain;
 mod elsewhere;
 mod pump;
 mod relay;
+mod stamp;
 mod startup;
 mod state;
 #[cfg(test)]

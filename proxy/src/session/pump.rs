@@ -4,8 +4,8 @@
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::protocol;
-use crate::protocol::ProtocolError;
+use crate::wire::protocol;
+use crate::wire::protocol::ProtocolError;
 
 /// Bytes read from a socket at a time.
 pub(super) const READ_CHUNK: usize = 16 * 1024;

@@ -8,12 +8,13 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use crate::backend;
 use crate::backend::BackendStream;
 use crate::cluster::ddl::lease as ddl_lease;
 use crate::metrics::ErrorKind;
 use crate::node::Node;
-use crate::protocol::Severity;
-use crate::{backend, protocol};
+use crate::wire::protocol;
+use crate::wire::protocol::Severity;
 
 use super::answers::backend_to_client;
 use super::client::client_to_backend;

@@ -17,8 +17,9 @@ use crate::backend::{BackendConnection, BackendError, LoginParams};
 use crate::config::AuthMethod;
 use crate::metrics::ErrorKind;
 use crate::node::Node;
-use crate::protocol::{read_message, ProtocolError, Severity, StartupPacket};
-use crate::{auth, backend, protocol};
+use crate::wire::protocol;
+use crate::wire::protocol::{read_message, ProtocolError, Severity, StartupPacket};
+use crate::{auth, backend};
 
 use super::state::Session;
 
@@ -407,7 +408,7 @@ pub(super) async fn startup(
     let cancel_key = node
         .cancel_keys
         .register(&address, backend.pid, backend.secret);
-    cancel_key.describe(crate::cancel::ClientInfo {
+    cancel_key.describe(crate::backend::cancel::ClientInfo {
         user: user.clone(),
         database: database.clone(),
         address: peer,

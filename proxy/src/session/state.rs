@@ -9,18 +9,18 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rand::RngCore;
 
+use super::stamp::{DdlStage, DdlStamp, Swallower};
 use crate::backend::LoginParams;
 use crate::cluster::ddl::lease as ddl_lease;
 use crate::cluster::ddl::lease::LeaseRefusal;
 use crate::cluster::ddl::DdlJob;
 use crate::cluster::lane::Lane;
-use crate::frontend::FrontendState;
 use crate::metrics::GaugeGuard;
 use crate::node::Node;
-use crate::protocol;
-use crate::protocol::ProtocolError;
 use crate::scope::{DdlScopeChange, ScopeChange};
-use crate::stamp::{DdlStage, DdlStamp, Swallower};
+use crate::wire::frontend::FrontendState;
+use crate::wire::protocol;
+use crate::wire::protocol::ProtocolError;
 
 use super::pump::PumpSide;
 
@@ -134,7 +134,7 @@ pub(super) struct RelayState {
     pub(super) lease_keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The pid in the client's BackendKeyData, and the pid of the backend
     /// connection serving it now: a notification of the session's own
-    /// backend carries the client's (see cancel.rs).
+    /// backend carries the client's (see backend/cancel.rs).
     pub(super) client_pid: AtomicI32,
     pub(super) backend_pid: AtomicI32,
     /// The lane (see cluster/lane.rs) of the session's database when it
@@ -371,7 +371,7 @@ pub(super) struct Session {
     /// The client's startup parameters, as sent to the backend.
     pub(super) params: Vec<(String, String)>,
     pub(super) backend_name: String,
-    pub(super) cancel_key: crate::cancel::CancelKey,
+    pub(super) cancel_key: crate::backend::cancel::CancelKey,
     /// Counts the session in its backend's connections.
     pub(super) backend_open: Option<GaugeGuard>,
     /// The password the session's logins to backends use (the user's, as

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS chorus.local (
     horizon_sent bigint NOT NULL DEFAULT 0
 );
 
--- The version of this schema (see capture.rs, SCHEMA_VERSION, and
+-- The version of this schema (see cluster/capture.rs, SCHEMA_VERSION, and
 -- sql/migrations/).
 CREATE TABLE IF NOT EXISTS chorus.schema_version (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -214,7 +214,7 @@ $$;
 
 -- The capture trigger (AFTER, FOR EACH ROW) on every adopted table.
 -- `chorus.hlc` and `chorus.origin` are set by the proxy in the session
--- before each write (see proxy/src/stamp.rs); a write made directly on the
+-- before each write (see proxy/src/session/stamp.rs); a write made directly on the
 -- backend falls back to this backend's clock and node id. Changes made by the apply of remote changes
 -- (`chorus.applying = on`) are not captured again.
 --

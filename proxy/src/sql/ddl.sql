@@ -1,7 +1,7 @@
 -- DDL replication on every backend: the event triggers that put a
 -- transaction's DDL in its change stream (or refuse it), and the
 -- statements of the DDL log recorded in a transaction block (installed
--- after sequences.sql and ddl_code.sql; see capture.rs, SCHEMA_SQL).
+-- after sequences.sql and ddl_code.sql; see cluster/capture.rs, SCHEMA_SQL).
 
 -- The session settings a DDL statement's meaning depends on, beyond its
 -- search_path and role: where its objects go (default_tablespace, the

@@ -1,5 +1,5 @@
 -- Global sequences on every backend (installed after capture.sql and
--- images.sql, before ddl_code.sql and ddl.sql; see capture.rs, SCHEMA_SQL).
+-- images.sql, before ddl_code.sql and ddl.sql; see cluster/capture.rs, SCHEMA_SQL).
 
 -- Global sequences. Both kinds are native PostgreSQL sequences, set up
 -- per backend so that no two backends can hand out the same value:

@@ -122,7 +122,7 @@ $$;
 -- applied and will capture (chorus.complete_below), and than what each of
 -- `origins` (every other backend of the cluster) said it has (its
 -- `complete`). A backend that has not applied a delete yet may still get
--- an older change of the row from reconciliation (see reconcile.rs),
+-- an older change of the row from reconciliation (see cluster/reconcile.rs),
 -- which the tombstone stops. Rows a writer holds are left for the next
 -- time. Returns how many went.
 CREATE OR REPLACE FUNCTION chorus.prune_tombstones(origins integer[], max_rows integer) RETURNS bigint

@@ -522,7 +522,11 @@ pub fn earlier_schema_sql(version: i32, node_id: usize, then: &str) -> String {
 /// The previous version's schema (see [`earlier_schema_sql`]).
 #[allow(dead_code)]
 pub fn previous_schema_sql(node_id: usize, then: &str) -> String {
-    earlier_schema_sql(chorus_proxy::capture::SCHEMA_VERSION - 1, node_id, then)
+    earlier_schema_sql(
+        chorus_proxy::cluster::capture::SCHEMA_VERSION - 1,
+        node_id,
+        then,
+    )
 }
 
 pub fn stdout(output: &Output) -> String {

@@ -17,7 +17,7 @@ use crate::cluster::lane::Lane;
 use crate::cluster::replication::ReplicationError;
 use crate::config::BackendConfig;
 use crate::node::Node;
-use crate::protocol;
+use crate::wire::protocol;
 
 /// Apply the committed DDL log to the home backend, in order, in every
 /// replicated database (those that join later too), for as long as the

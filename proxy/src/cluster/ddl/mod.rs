@@ -28,7 +28,7 @@ use chorus_consensus::{DdlProposal, ProposeError, Request, Response};
 use crate::cluster::lane::Lane;
 use crate::config::CommitScope;
 use crate::node::Node;
-use crate::protocol;
+use crate::wire::protocol;
 
 mod apply;
 pub mod lease;

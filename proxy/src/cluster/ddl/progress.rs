@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::backend::BackendClients;
 use crate::config::{BackendConfig, Config, ReplicationConfig};
-use crate::protocol;
+use crate::wire::protocol;
 
 /// A PostgreSQL error, as the applying backend reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 
 use crate::backend::connect_backend;
 use crate::backoff::Backoff;
-use crate::capture::{self, CaptureError};
+use crate::cluster::capture::{self, CaptureError};
 use crate::cluster::lane::Lane;
 use crate::node::Node;
 

@@ -29,10 +29,10 @@ use thiserror::Error;
 use tokio::io::{AsyncWriteExt, BufReader};
 
 use crate::backend::{self, BackendRead, BackendWrite, LoginParams};
-use crate::capture;
-use crate::capture::CaptureError;
+use crate::cluster::capture;
+use crate::cluster::capture::CaptureError;
 use crate::config::{BackendConfig, ReplicationConfig};
-use crate::protocol::{self, read_message};
+use crate::wire::protocol::{self, read_message};
 
 /// Why a step failed. The stream retries from its last position.
 #[derive(Debug, Error)]

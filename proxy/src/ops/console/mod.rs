@@ -50,7 +50,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::cluster::ddl::progress::PgError;
 use crate::node::Node;
-use crate::protocol;
+use crate::wire::protocol;
 
 mod commands;
 mod show;

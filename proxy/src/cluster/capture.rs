@@ -18,27 +18,27 @@ use tokio_postgres::Client;
 /// capture of rows, row images, global sequences, DDL that code runs, DDL
 /// replication.
 pub const SCHEMA_SQL: &str = concat!(
-    include_str!("sql/capture.sql"),
+    include_str!("../sql/capture.sql"),
     "\n",
-    include_str!("sql/images.sql"),
+    include_str!("../sql/images.sql"),
     "\n",
-    include_str!("sql/sequences.sql"),
+    include_str!("../sql/sequences.sql"),
     "\n",
-    include_str!("sql/ddl_code.sql"),
+    include_str!("../sql/ddl_code.sql"),
     "\n",
-    include_str!("sql/ddl.sql")
+    include_str!("../sql/ddl.sql")
 );
 /// The functions that apply changes from other nodes: rows, then
 /// statements (DDL, TRUNCATE).
 pub const APPLY_SQL: &str = concat!(
-    include_str!("sql/apply.sql"),
+    include_str!("../sql/apply.sql"),
     "\n",
-    include_str!("sql/apply_statements.sql")
+    include_str!("../sql/apply_statements.sql")
 );
 /// Pruning tombstones (see `tombstones.sql`).
-pub const TOMBSTONES_SQL: &str = include_str!("sql/tombstones.sql");
+pub const TOMBSTONES_SQL: &str = include_str!("../sql/tombstones.sql");
 /// What application roles may use of the schema (see `docs/security.md`).
-pub const PRIVILEGES_SQL: &str = include_str!("sql/privileges.sql");
+pub const PRIVILEGES_SQL: &str = include_str!("../sql/privileges.sql");
 
 /// The version of the `chorus` schema this build installs, recorded in
 /// `chorus.schema_version`. Version 1 is a schema installed before
@@ -50,9 +50,9 @@ pub const SCHEMA_VERSION: i32 = 4;
 /// create what is missing and replace every function) run. A new install
 /// needs none of them.
 const MIGRATIONS: &[(i32, &str)] = &[
-    (2, include_str!("sql/migrations/0002_versioned.sql")),
-    (3, include_str!("sql/migrations/0003_tombstones.sql")),
-    (4, include_str!("sql/migrations/0004_lease_question.sql")),
+    (2, include_str!("../sql/migrations/0002_versioned.sql")),
+    (3, include_str!("../sql/migrations/0003_tombstones.sql")),
+    (4, include_str!("../sql/migrations/0004_lease_question.sql")),
 ];
 
 /// The prefix of Chorus's logical messages.

@@ -35,7 +35,7 @@
 use bytes::BytesMut;
 use chorus_router::hlc::Hlc;
 
-use crate::protocol;
+use crate::wire::protocol;
 
 /// Name of the statement and portal of an extended-protocol stamp.
 const NAME: &str = "chorus_stamp";

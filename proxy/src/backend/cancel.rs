@@ -144,7 +144,7 @@ impl CancelRegistry {
         let Some(target) = target else {
             return false;
         };
-        if let Err(e) = crate::backend::cancel(
+        if let Err(e) = super::send_cancel(
             &target.backend_address,
             target.backend_pid,
             target.backend_secret,

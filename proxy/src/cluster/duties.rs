@@ -304,7 +304,7 @@ pub async fn reconcile_when_lost(node: Arc<Node>, consensus: Arc<Consensus>) {
                 reconciled = false;
                 continue;
             }
-            match crate::reconcile::reconcile(&clients).await {
+            match crate::cluster::reconcile::reconcile(&clients).await {
                 Ok(report) => {
                     tracing::info!(lost = %lost, database = lane.database(), tables = report.tables, rows = report.rows, "backends reconciled");
                     node.metrics.reconciled(report.rows);

@@ -7,7 +7,7 @@ use chorus_router::{
 };
 use rustc_hash::FxHashMap;
 
-use crate::protocol::{read_cstr, ProtocolError};
+use crate::wire::protocol::{read_cstr, ProtocolError};
 
 /// Message types [`FrontendState::on_message`] needs to see whole; every
 /// other client message is forwarded without being looked at.
@@ -212,7 +212,7 @@ impl FrontendState {
     pub fn on_message(&mut self, tag: u8, body: &[u8]) -> Result<FrontendEvent, ProtocolError> {
         Ok(match tag {
             b'Q' => {
-                let (sql, _) = crate::protocol::read_sql(body)
+                let (sql, _) = crate::wire::protocol::read_sql(body)
                     .map_err(|_| ProtocolError::Malformed("Query"))?;
                 FrontendEvent::Query(classify_query(&sql))
             }
@@ -309,7 +309,7 @@ fn two_cstrs<'a>(body: &'a [u8], what: &'static str) -> Result<(&'a str, &'a str
 fn parse_message(body: &[u8]) -> Result<(&str, std::borrow::Cow<'_, str>), ProtocolError> {
     let (name, rest) = read_cstr(body).map_err(|_| ProtocolError::Malformed("Parse"))?;
     let (sql, _) =
-        crate::protocol::read_sql(rest).map_err(|_| ProtocolError::Malformed("Parse"))?;
+        crate::wire::protocol::read_sql(rest).map_err(|_| ProtocolError::Malformed("Parse"))?;
     Ok((name, sql))
 }
 
