@@ -9,10 +9,50 @@ mod common;
 use std::time::Duration;
 
 use chorus_proxy::cluster::capture;
-use chorus_proxy::cluster::replication::{ReplicationError, ReplicationStream};
+use chorus_proxy::cluster::replication::walstream::{format_lsn, PgOutputDecoder};
+use chorus_proxy::cluster::replication::{ReplicationError, ReplicationStream, StepReport};
 use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
 use chorus_router::hlc;
 use tokio_postgres::Client;
+
+/// Decoded rows fetched per step (whole transactions are always taken).
+const BATCH_ROWS: i32 = 2_000;
+
+/// Move one batch of a stream from origin to peer through the SQL decoding
+/// functions (the nodes use a walsender stream; this steps it by hand).
+async fn step(
+    stream: &ReplicationStream,
+    origin: &Client,
+    peer: &mut Client,
+) -> Result<StepReport, ReplicationError> {
+    // The same pgoutput options as walstream::PGOUTPUT_OPTIONS.
+    let rows = origin
+        .query(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
+             'proto_version', '1', 'publication_names', 'chorus', 'messages', 'true')",
+            &[&stream.slot, &BATCH_ROWS],
+        )
+        .await?;
+    let mut decoder = PgOutputDecoder::default();
+    let mut transactions = Vec::new();
+    for row in &rows {
+        if let Some(txn) = decoder.feed(row.get::<_, &[u8]>(0))? {
+            transactions.push(txn);
+        }
+    }
+    let Some(last) = transactions.last() else {
+        return Ok(StepReport::default());
+    };
+    let last_lsn = format_lsn(last.end_lsn);
+    let report = stream.apply(peer, &transactions).await?;
+    origin
+        .execute(
+            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+            &[&stream.slot, &last_lsn],
+        )
+        .await?;
+    Ok(report)
+}
 
 struct Cluster {
     _dir: tempfile::TempDir,
@@ -93,7 +133,7 @@ impl Cluster {
                 let origin = &self.clients[stream.origin_node as usize - 1];
                 let peer = &mut self.appliers[stream.peer_node as usize - 1];
                 let report =
-                    tokio::time::timeout(Duration::from_secs(30), stream.step(origin, peer))
+                    tokio::time::timeout(Duration::from_secs(30), step(stream, origin, peer))
                         .await
                         .expect("replication step hung")
                         .unwrap();
@@ -114,13 +154,13 @@ impl Cluster {
             .iter()
             .find(|s| s.origin_node == origin && s.peer_node == peer)
             .unwrap();
-        let report = stream
-            .step(
-                &self.clients[origin as usize - 1],
-                &mut self.appliers[peer as usize - 1],
-            )
-            .await
-            .unwrap();
+        let report = step(
+            stream,
+            &self.clients[origin as usize - 1],
+            &mut self.appliers[peer as usize - 1],
+        )
+        .await
+        .unwrap();
         report.conflicts().map(str::to_owned).collect()
     }
 
@@ -488,8 +528,7 @@ async fn redelivered_changes_are_applied_exactly_once() {
         slot: "replay".to_owned(),
         ..ReplicationStream::new(1, 2)
     };
-    let report = replay
-        .step(&c.clients[0], &mut c.appliers[1])
+    let report = step(&replay, &c.clients[0], &mut c.appliers[1])
         .await
         .unwrap();
     assert_eq!(report.transactions, 0, "{report:?}");
@@ -750,7 +789,7 @@ async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
     let mut peer = common::connect(&c._servers[1].conninfo("postgres"))
         .await
         .unwrap();
-    let apply = tokio::spawn(async move { stream.step(&origin, &mut peer).await });
+    let apply = tokio::spawn(async move { step(&stream, &origin, &mut peer).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     local.batch_execute("COMMIT").await.unwrap();
     // The apply either waited for the commit or lost a deadlock and is
@@ -787,8 +826,7 @@ async fn a_driver_older_than_the_last_one_a_peer_saw_is_refused() {
         epoch: 2,
         ..ReplicationStream::new(1, 2)
     };
-    let report = current
-        .step(&c.clients[0], &mut c.appliers[1])
+    let report = step(&current, &c.clients[0], &mut c.appliers[1])
         .await
         .unwrap();
     assert_eq!(report.transactions, 1, "{report:?}");
@@ -803,7 +841,7 @@ async fn a_driver_older_than_the_last_one_a_peer_saw_is_refused() {
         epoch: 1,
         ..ReplicationStream::new(1, 2)
     };
-    let refused = stale.step(&c.clients[0], &mut c.appliers[1]).await;
+    let refused = step(&stale, &c.clients[0], &mut c.appliers[1]).await;
     assert!(
         matches!(refused, Err(ReplicationError::Fenced(_))),
         "{refused:?}"
@@ -816,8 +854,7 @@ async fn a_driver_older_than_the_last_one_a_peer_saw_is_refused() {
         .get(0);
     assert_eq!(updated, 0, "the stale driver applied");
     // The current driver goes on.
-    current
-        .step(&c.clients[0], &mut c.appliers[1])
+    step(&current, &c.clients[0], &mut c.appliers[1])
         .await
         .unwrap();
     let hashes = c.hashes().await;

@@ -5,9 +5,8 @@
 //! A change record is the JSON payload of a transactional
 //! `pg_logical_emit_message(true, 'chorus', …)`: table, operation, primary
 //! key, the full new row image, the row's new version (a packed HLC) and
-//! the origin node. Logical decoding (e.g. the `test_decoding` plugin that
-//! ships with PostgreSQL) delivers them only for committed transactions, in
-//! commit order.
+//! the origin node. Logical decoding delivers them only for committed
+//! transactions, in commit order.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -340,22 +339,6 @@ pub fn record_subject(content: &str) -> String {
     }
 }
 
-/// Why a decoded line is not a change record.
-#[derive(Debug, Error)]
-pub enum DecodeError {
-    #[error("malformed change record: {0}")]
-    Json(#[from] serde_json::Error),
-}
-
-/// The JSON payload of a `test_decoding` line holding a Chorus message;
-/// `None` for any other line (BEGIN, COMMIT, table changes, other prefixes).
-pub fn change_payload(line: &str) -> Option<&str> {
-    let rest = line.strip_prefix("message: transactional: 1 prefix: ")?;
-    let (prefix, rest) = rest.split_once(", sz: ")?;
-    ddl_index(prefix)?;
-    Some(rest.split_once(" content:")?.1)
-}
-
 /// The DDL index a message prefix carries (`chorus:<seq>`; plain `chorus`
 /// is 0), or `None` when it is not a Chorus message.
 pub fn ddl_index(prefix: &str) -> Option<u64> {
@@ -365,22 +348,14 @@ pub fn ddl_index(prefix: &str) -> Option<u64> {
     }
 }
 
-/// Decode one line of `test_decoding` output. `Ok(None)` for lines that are
-/// not Chorus messages.
-pub fn decode_test_decoding_line(line: &str) -> Result<Option<ChangeRecord>, DecodeError> {
-    change_payload(line)
-        .map(|payload| serde_json::from_str(payload).map_err(DecodeError::from))
-        .transpose()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn decodes_a_change_line() {
-        let line = r#"message: transactional: 1 prefix: chorus:7, sz: 120 content:{"key": {"id": 2574}, "op": "INSERT", "row": {"id": 2574, "name": "An, Wim", "balance": 10.50}, "table": "public.users", "origin": 1, "version": 123456}"#;
-        let change = decode_test_decoding_line(line).unwrap().unwrap();
+    fn decodes_a_change_record_keeping_numbers_as_written() {
+        let payload = r#"{"key": {"id": 2574}, "op": "INSERT", "row": {"id": 2574, "name": "An, Wim", "balance": 10.50}, "table": "public.users", "origin": 1, "version": 123456}"#;
+        let change: ChangeRecord = serde_json::from_str(payload).unwrap();
         assert_eq!(change.table, "public.users");
         assert_eq!(change.op, Operation::Insert);
         assert_eq!(change.key.unwrap().get(), r#"{"id": 2574}"#);
@@ -423,24 +398,5 @@ mod tests {
         assert_eq!(ddl_index("chorus:x"), None);
         assert_eq!(ddl_index("chorusx"), None);
         assert_eq!(ddl_index("other"), None);
-    }
-
-    #[test]
-    fn ignores_other_lines_and_rejects_garbage() {
-        assert!(decode_test_decoding_line("BEGIN").unwrap().is_none());
-        assert!(
-            decode_test_decoding_line("table public.t: INSERT: id[integer]:1")
-                .unwrap()
-                .is_none()
-        );
-        assert!(decode_test_decoding_line(
-            "message: transactional: 1 prefix: other, sz: 2 content:{}"
-        )
-        .unwrap()
-        .is_none());
-        assert!(decode_test_decoding_line(
-            "message: transactional: 1 prefix: chorus, sz: 3 content:{no"
-        )
-        .is_err());
     }
 }

@@ -13,8 +13,8 @@
 //! Running nodes stream each slot over a replication connection (the
 //! driver of an origin runs one stream per peer, see `driver.rs`; the home
 //! backend's own upkeep is `upkeep.rs`, the connection and the decoder
-//! `walstream.rs`); [`ReplicationStream::step`] does one batch through the
-//! SQL functions instead (peek, apply, advance), for tests and tools.
+//! `walstream.rs`); the replication tests step a stream one batch at a
+//! time through the SQL functions instead (peek, apply, advance).
 
 use tokio_postgres::Client;
 
@@ -95,8 +95,6 @@ pub struct ReplicationStream {
     pub origin_node: u16,
     pub peer_node: u16,
     pub slot: String,
-    /// Decoded rows fetched per step (whole transactions are always taken).
-    pub batch_rows: i32,
     /// The epoch of the driver applying it (see `Request::SetDriver`).
     pub epoch: i64,
 }
@@ -107,9 +105,6 @@ impl ReplicationStream {
             origin_node,
             peer_node,
             slot: format!("chorus_{origin_node}_to_{peer_node}"),
-            // Whole transactions are always taken; smaller batches keep the
-            // apply transaction, and the row locks it holds, short.
-            batch_rows: 2_000,
             epoch: 0,
         }
     }
@@ -228,41 +223,6 @@ impl ReplicationStream {
         }
         report.delays = commit_times.iter().map(|t| (now - t).max(0.0)).collect();
         report.transactions = todo.len();
-        Ok(report)
-    }
-
-    /// Move one batch from origin to peer.
-    pub async fn step(
-        &self,
-        origin: &Client,
-        peer: &mut Client,
-    ) -> Result<StepReport, ReplicationError> {
-        // The same pgoutput options as walstream::PGOUTPUT_OPTIONS.
-        let rows = origin
-            .query(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
-                 'proto_version', '1', 'publication_names', 'chorus', 'messages', 'true')",
-                &[&self.slot, &self.batch_rows],
-            )
-            .await?;
-        let mut decoder = PgOutputDecoder::default();
-        let mut transactions = Vec::new();
-        for row in &rows {
-            if let Some(txn) = decoder.feed(row.get::<_, &[u8]>(0))? {
-                transactions.push(txn);
-            }
-        }
-        let Some(last) = transactions.last() else {
-            return Ok(StepReport::default());
-        };
-        let last_lsn = format_lsn(last.end_lsn);
-        let report = self.apply(peer, &transactions).await?;
-        origin
-            .execute(
-                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                &[&self.slot, &last_lsn],
-            )
-            .await?;
         Ok(report)
     }
 

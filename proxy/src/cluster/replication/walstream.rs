@@ -186,8 +186,8 @@ impl ChangesReader<'_> {
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
-/// The `pgoutput` options Chorus decodes with (also spelled out in
-/// `ReplicationStream::step`).
+/// The `pgoutput` options Chorus decodes with (also spelled out in the
+/// replication tests' `step`).
 pub const PGOUTPUT_OPTIONS: &str =
     "\"proto_version\" '1', \"publication_names\" 'chorus', \"messages\" 'true'";
 
