@@ -1,115 +1,17 @@
-//! Client authentication by the proxy: pg_hba-like rules pick a method per
-//! user, database and client address; SCRAM-SHA-256 (RFC 5802/7677, as
-//! PostgreSQL speaks it), md5 and trust are supported.
-//!
-//! The SCRAM exchange on the server side is written here because no
-//! maintained crate offers PostgreSQL's server side; the verifier format and
-//! the client side used towards backends come from `postgres-protocol`.
-
-use std::net::IpAddr;
+//! SCRAM-SHA-256 on the server side (RFC 5802/7677, as PostgreSQL speaks
+//! it), written here because no maintained crate offers PostgreSQL's server
+//! side; the verifier format and the client side used towards backends
+//! come from `postgres-protocol`.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use thiserror::Error;
 
-use crate::config::{AuthMethod, AuthRule, Config};
+use super::{constant_time_eq, AuthError};
 
 type HmacSha256 = Hmac<Sha256>;
-
-/// Why a login failed. Each variant maps to the SQLSTATE PostgreSQL uses.
-#[derive(Debug, Error)]
-pub enum AuthError {
-    #[error("password authentication failed for user \"{0}\"")]
-    PasswordFailed(String),
-    #[error("no authentication rule allows host \"{address}\", user \"{user}\", database \"{database}\"")]
-    NoRule {
-        address: IpAddr,
-        user: String,
-        database: String,
-    },
-    #[error("authentication rejected for user \"{0}\" by rule")]
-    Rejected(String),
-    #[error("malformed SCRAM message: {0}")]
-    Scram(&'static str),
-    #[error("invalid stored password for user \"{0}\"")]
-    BadVerifier(String),
-}
-
-impl AuthError {
-    /// The SQLSTATE reported to the client.
-    pub fn sqlstate(&self) -> &'static str {
-        match self {
-            AuthError::PasswordFailed(_) | AuthError::Scram(_) | AuthError::BadVerifier(_) => {
-                "28P01"
-            }
-            AuthError::NoRule { .. } | AuthError::Rejected(_) => "28000",
-        }
-    }
-}
-
-/// Pick the rule for a connection: the first rule that matches wins.
-pub fn find_rule<'a>(
-    config: &'a Config,
-    user: &str,
-    database: &str,
-    address: IpAddr,
-) -> Option<&'a AuthRule> {
-    config.auth.iter().find(|rule| {
-        matches_name(&rule.user, user)
-            && matches_name(&rule.database, database)
-            && rule
-                .address
-                .as_ref()
-                .is_none_or(|net| net.contains(&normalize(address)))
-    })
-}
-
-fn matches_name(pattern: &str, name: &str) -> bool {
-    pattern == "all" || pattern.split(',').any(|p| p.trim() == name)
-}
-
-/// IPv4-mapped IPv6 addresses compare as IPv4.
-fn normalize(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
-}
-
-/// Decide which method applies; errors when no rule matches or the rule rejects.
-pub fn method_for(
-    config: &Config,
-    user: &str,
-    database: &str,
-    address: IpAddr,
-) -> Result<AuthMethod, AuthError> {
-    let rule = find_rule(config, user, database, address).ok_or_else(|| AuthError::NoRule {
-        address,
-        user: user.to_owned(),
-        database: database.to_owned(),
-    })?;
-    if rule.method == AuthMethod::Reject {
-        return Err(AuthError::Rejected(user.to_owned()));
-    }
-    Ok(rule.method)
-}
-
-/// Check an md5 password response against a plaintext password.
-pub fn verify_md5(user: &str, password: &str, salt: [u8; 4], response: &str) -> bool {
-    let expected =
-        postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
-    constant_time_eq(expected.as_bytes(), response.as_bytes())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
 
 /// A parsed SCRAM-SHA-256 verifier (`SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`,
 /// the format of `pg_authid.rolpassword`).
@@ -288,14 +190,6 @@ mod tests {
         assert!(server.finish(b"c=biws,r=abc").is_err());
         assert!(server.finish(b"c=biws,r=wrong,p=AAAA").is_err());
         assert!(server.finish(&[0xff, 0xfe]).is_err());
-    }
-
-    #[test]
-    fn md5_check() {
-        let response = postgres_protocol::authentication::md5_hash(b"app", b"pw", [1, 2, 3, 4]);
-        assert!(verify_md5("app", "pw", [1, 2, 3, 4], &response));
-        assert!(!verify_md5("app", "other", [1, 2, 3, 4], &response));
-        assert!(!verify_md5("app", "pw", [1, 2, 3, 5], &response));
     }
 
     #[test]
