@@ -20,8 +20,9 @@ pub mod cancel;
 mod control;
 mod tls;
 
+pub use crate::config::{BackendTls, SslMode};
 pub use control::{connect_backend, connect_backend_with_notices, BackendClients, Notice};
-pub use tls::{BackendRead, BackendStream, BackendTls, BackendWrite, SslMode};
+pub use tls::{BackendRead, BackendStream, BackendWrite};
 
 /// A control-plane query's error as an operator should read it: the
 /// server's message, SQLSTATE and detail, where tokio-postgres's own text

@@ -12,8 +12,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::backend::{BackendTls, SslMode};
-
+mod backend_tls;
+pub use backend_tls::{BackendTls, SslMode};
 mod cluster;
 pub use cluster::{
     ClusterConfig, CommitScope, MemberConfig, ReplicationConfig, SequenceKind, TimeoutAction,
