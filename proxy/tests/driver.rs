@@ -215,8 +215,25 @@ async fn cancel_reaches_the_right_backend() {
         let result = client.batch_execute("SELECT pg_sleep(10)").await;
         (result, started.elapsed())
     });
-    // Let the query reach the backend before cancelling it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Cancel once the query runs on the backend.
+    let direct = node.direct().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let running: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query = 'SELECT pg_sleep(10)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the query never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let cancelled_at = Instant::now();
     token.cancel_query(NoTls).await.unwrap();
     let (result, _) = tokio::time::timeout(Duration::from_secs(5), sleeper)

@@ -790,7 +790,30 @@ async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
         .await
         .unwrap();
     let apply = tokio::spawn(async move { step(&stream, &origin, &mut peer).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Commit once the apply waits for the local transaction's lock (or, if
+    // it went another way, has finished).
+    let watcher = common::connect(&c._servers[1].conninfo("postgres"))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 || apply.is_finished() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the apply neither waited nor ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     local.batch_execute("COMMIT").await.unwrap();
     // The apply either waited for the commit or lost a deadlock and is
     // retried by the next step; either way the newer local row stays.
