@@ -2,13 +2,12 @@
 //! cluster DDL lease, DDL staging and refusals, SET of Chorus's settings).
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use bytes::BytesMut;
 use chorus_router::{ddl_route, first_keyword, split_statements, DdlRoute, StatementClass};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::stamp::{StampKind, Swallower};
+use super::stamp::StampKind;
 use crate::cluster::ddl;
 use crate::cluster::ddl::lease as ddl_lease;
 use crate::cluster::ddl::DdlJob;
@@ -101,7 +100,7 @@ where
                     let mut out = BytesMut::new();
                     if tag == b'Q' {
                         protocol::query(&mut out, "SELECT 1");
-                        push_pending(state, *stamped, Vec::new());
+                        state.push_ready(*stamped, Vec::new());
                         *stamped = false;
                         scope_pending.clear();
                         *batch_start = true;
@@ -122,7 +121,7 @@ where
                 // The fast-path FunctionCall: what libpq's large-object
                 // functions (lo_import, lo_write, …) send.
                 *batch_start = true;
-                push_pending(state, *stamped, std::mem::take(scope_pending));
+                state.push_ready(*stamped, std::mem::take(scope_pending));
                 *stamped = false;
                 return Ok(Flow::Replace(refusal_query(
                     "0A000",
@@ -173,7 +172,7 @@ where
                         }
                     }
                     if !logged.is_empty() && !log_in_stream {
-                        push_stamp(state, StampKind::Extended, None);
+                        state.push_stamp(StampKind::Extended, None);
                         let mut out = BytesMut::new();
                         stamp::write_failing(
                             &mut out,
@@ -240,7 +239,7 @@ where
                                 state.apply_ddl_scope(&ddl_scope);
                             }
                             Err(refusal) => {
-                                push_pending(state, *stamped, Vec::new());
+                                state.push_ready(*stamped, Vec::new());
                                 *stamped = false;
                                 scope_pending.clear();
                                 return Ok(Flow::Replace(refusal));
@@ -249,7 +248,7 @@ where
                     }
                     if replicating && summary.counts[StatementClass::Write.index()] > 0 {
                         if let Some(refused) = refused_call(&sql()) {
-                            push_pending(state, *stamped, Vec::new());
+                            state.push_ready(*stamped, Vec::new());
                             *stamped = false;
                             scope_pending.clear();
                             return Ok(Flow::Replace(refusal_query(
@@ -326,7 +325,7 @@ where
                             None
                         };
                         if let Some((message, hint)) = refusal {
-                            push_pending(state, *stamped, Vec::new());
+                            state.push_ready(*stamped, Vec::new());
                             *stamped = false;
                             scope_pending.clear();
                             return Ok(Flow::Replace(refusal_query("0A000", message, hint)));
@@ -342,7 +341,7 @@ where
                             }
                             let refused = state.lease_refusal.lock().ok().and_then(|mut r| r.take());
                             if let Some(refusal) = refused {
-                                push_pending(state, *stamped, Vec::new());
+                                state.push_ready(*stamped, Vec::new());
                                 *stamped = false;
                                 scope_pending.clear();
                                 return Ok(Flow::Replace(refusal_query(
@@ -369,7 +368,7 @@ where
                             && state.tx_status.load(Ordering::Relaxed) != b'E'
                         {
                             if *stamped {
-                                push_pending(state, true, Vec::new());
+                                state.push_ready(true, Vec::new());
                                 *stamped = false;
                             }
                             if let Ok(mut pending) = state.pending.lock() {
@@ -493,7 +492,7 @@ where
                     // Mid-batch, the stamp's answers come after those still
                     // due to the batch's earlier messages.
                     let after = mid_batch.then_some(*batch_answers);
-                    push_stamp(state, kind, after);
+                    state.push_stamp(kind, after);
                     *stamped = true;
                     state.txn_stamped.store(true, Ordering::Relaxed);
                     let mut out = BytesMut::with_capacity(160 + body.len());
@@ -511,7 +510,7 @@ where
             }
             if matches!(tag, b'Q' | b'S' | b'F') {
                 *batch_answers = 0;
-                push_pending(state, *stamped, std::mem::take(scope_pending));
+                state.push_ready(*stamped, std::mem::take(scope_pending));
                 *stamped = false;
             }
             Ok(flow)
@@ -792,29 +791,4 @@ pub(super) fn refusal_sql(code: &str, message: &str, hint: &str) -> String {
         message.replace('\'', "''"),
         hint.replace('\'', "''")
     )
-}
-
-pub(super) fn push_pending(state: &RelayState, wrote: bool, scope: Vec<ScopeChange>) {
-    if let Ok(mut pending) = state.pending.lock() {
-        pending.push_back(Pending::Ready {
-            sent: Instant::now(),
-            wrote,
-            scope,
-        });
-    }
-}
-
-/// A stamp's answers are due next; `after`: for a stamp in the middle of
-/// a batch, once the batch's earlier messages got that many final
-/// answers.
-pub(super) fn push_stamp(state: &RelayState, kind: StampKind, after: Option<u32>) {
-    if let Ok(mut pending) = state.pending.lock() {
-        // (Counted first: the backend side then looks at every message,
-        // and finds the queue whole.)
-        state.stamps.fetch_add(1, Ordering::SeqCst);
-        if let Some(until) = after {
-            pending.push_back(Pending::Ahead { until });
-        }
-        pending.push_back(Pending::Stamp(Swallower::new(kind)));
-    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rand::RngCore;
 
-use super::stamp::{DdlStage, DdlStamp, Swallower};
+use super::stamp::{DdlStage, DdlStamp, StampKind, Swallower};
 use crate::backend::LoginParams;
 use crate::cluster::ddl::lease as ddl_lease;
 use crate::cluster::ddl::lease::LeaseRefusal;
@@ -380,6 +380,34 @@ pub(super) struct Session {
 }
 
 impl RelayState {
+    /// A client's Query, Sync or FunctionCall went to the backend: its
+    /// ReadyForQuery is due (`wrote`: a stamp went before it; `scope`: the
+    /// commit scope settings it makes).
+    pub(super) fn push_ready(&self, wrote: bool, scope: Vec<ScopeChange>) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.push_back(Pending::Ready {
+                sent: Instant::now(),
+                wrote,
+                scope,
+            });
+        }
+    }
+
+    /// A stamp's answers are due next; `after`: for a stamp in the middle
+    /// of a batch, once the batch's earlier messages got that many final
+    /// answers.
+    pub(super) fn push_stamp(&self, kind: StampKind, after: Option<u32>) {
+        if let Ok(mut pending) = self.pending.lock() {
+            // (Counted first: the backend side then looks at every
+            // message, and finds the queue whole.)
+            self.stamps.fetch_add(1, Ordering::SeqCst);
+            if let Some(until) = after {
+                pending.push_back(Pending::Ahead { until });
+            }
+            pending.push_back(Pending::Stamp(Swallower::new(kind)));
+        }
+    }
+
     /// Whether nothing is in flight on the session's backend: the last
     /// ReadyForQuery said idle, and no answer is due.
     pub(super) fn idle(&self) -> bool {
