@@ -1906,6 +1906,19 @@ impl RawSession {
     }
 }
 
+/// Start a batch with a read, flushed and answered (the node has passed it
+/// on before the rest of the batch comes).
+async fn read_first(raw: &mut RawSession) {
+    raw.send(&[
+        extended_parse("SELECT 1"),
+        bind_unnamed(),
+        execute_unnamed(),
+        vec![b'H', 0, 0, 0, 4],
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'C').await, b"12DC".to_vec());
+}
+
 /// A session as `postgres` (trusted) through the node at `port`, logged in.
 async fn raw_session(port: u16) -> RawSession {
     let mut body = 196_608u32.to_be_bytes().to_vec();
@@ -2257,6 +2270,69 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
     c.converged(
         "SELECT md5(string_agg(pk::text || version, ',' ORDER BY pk::text)) \
          FROM chorus.row_version WHERE tbl = 'public.stamped'",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ddl_and_roles_later_in_an_extended_batch_replicate_or_are_refused() {
+    // A pipeline that began with a read the node passed on already, then
+    // sends DDL before its Sync: the DDL takes the cluster's lease there
+    // and replicates, as at a batch's start.
+    let c = cluster(3).await;
+    let mut raw = raw_session(c.nodes[0].port()).await;
+    read_first(&mut raw).await;
+    raw.send(&[
+        extended_parse("CREATE TABLE later_ddl (id int PRIMARY KEY)"),
+        bind_unnamed(),
+        execute_unnamed(),
+        vec![b'S', 0, 0, 0, 4],
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'Z').await, b"12CZ".to_vec());
+    c.expect_everywhere(
+        "SELECT count(*)::text FROM pg_class WHERE relname = 'later_ddl'",
+        "1",
+    )
+    .await;
+    // A role (PostgreSQL fires no event trigger for it) outside a
+    // transaction block: refused, as at a batch's start, never made on one
+    // backend only.
+    read_first(&mut raw).await;
+    raw.send(&[
+        extended_parse("CREATE ROLE later_role NOLOGIN"),
+        bind_unnamed(),
+        execute_unnamed(),
+        vec![b'S', 0, 0, 0, 4],
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'E').await, b"12E".to_vec());
+    assert_eq!(raw.read_until(b'Z').await, b"Z".to_vec());
+    // Inside a block it travels in the transaction's change stream.
+    read_first(&mut raw).await;
+    raw.send(&[
+        extended_parse("BEGIN"),
+        bind_unnamed(),
+        execute_unnamed(),
+        vec![b'S', 0, 0, 0, 4],
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'Z').await, b"12CZ".to_vec());
+    read_first(&mut raw).await;
+    raw.send(&[
+        extended_parse("CREATE ROLE later_role_in_block NOLOGIN"),
+        bind_unnamed(),
+        execute_unnamed(),
+        extended_parse("COMMIT"),
+        bind_unnamed(),
+        execute_unnamed(),
+        vec![b'S', 0, 0, 0, 4],
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'Z').await, b"12C12CZ".to_vec());
+    c.expect_everywhere(
+        "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname LIKE 'later\\_role%'",
+        "later_role_in_block",
     )
     .await;
 }

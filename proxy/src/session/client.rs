@@ -14,7 +14,7 @@ use crate::cluster::ddl::DdlJob;
 use crate::node::Node;
 use crate::scope;
 use crate::scope::{DdlScopeChange, ScopeChange};
-use crate::wire::frontend::{is_inspected, query_stamps, FrontendEvent};
+use crate::wire::frontend::{is_inspected, query_stamps, FrontendEvent, FrontendState};
 use crate::wire::protocol;
 
 use super::stamp;
@@ -45,6 +45,7 @@ where
         stamped,
         scope_pending,
         batch_answers,
+        judged_ahead,
         discard_until_sync,
         refeed,
         probe_question,
@@ -149,6 +150,7 @@ where
                         return Ok(Flow::Await);
                     }
                     *batch_start = false;
+                    *judged_ahead = FrontendState::batch_buffered(tag, rest);
                     if replicating
                         && (frontend.batch_stamps(tag, body, rest) || state.ddl_settings_stale())
                     {
@@ -176,11 +178,7 @@ where
                         let mut out = BytesMut::new();
                         stamp::write_failing(
                             &mut out,
-                            &refusal_sql(
-                                "0A000",
-                                "this DDL cannot be replicated through the extended query protocol outside a transaction block, or with another of its kind in one batch",
-                                EXTENDED_LOG_HINT,
-                            ),
+                            &refusal_sql("0A000", EXTENDED_LOG_REFUSAL, EXTENDED_LOG_HINT),
                         );
                         protocol::write_message(&mut out, tag, |m| m.extend_from_slice(body));
                         frontend.on_message(tag, body)?;
@@ -190,11 +188,47 @@ where
                 // A write later in a batch whose messages so far did not
                 // stamp it (they came in an earlier read, or only read):
                 // stamped now, just before its Execute, so that it carries
-                // the node's clock and its commit waits for its scope.
-                b'E' if replicating && !*stamped && frontend.batch_stamps(tag, body, &[]) =>
-                {
-                    stamp = Some(StampKind::Extended);
-                    mid_batch = true;
+                // the node's clock and its commit waits for its scope. DDL
+                // there takes the cluster DDL lease first, and a statement
+                // of the DDL log's kind is staged or refused, as at a
+                // batch's start.
+                b'E' if replicating && *judged_ahead == 0 => {
+                    let cluster_ddl = !state.ddl_is_local();
+                    if cluster_ddl
+                        && state.needs_lease()
+                        && frontend.batch_has(tag, body, &[], |c| c == StatementClass::Ddl)
+                    {
+                        return Ok(Flow::Await);
+                    }
+                    let logged = if cluster_ddl {
+                        frontend.batch_log_statements(tag, body, &[])
+                    } else {
+                        Vec::new()
+                    };
+                    if let [statement] = logged.as_slice() {
+                        if state.tx_status.load(Ordering::Relaxed) == b'T' {
+                            stage =
+                                Some((statement.as_bytes().to_vec(), vec![(0, statement.len())]));
+                            log_in_stream = true;
+                        }
+                    }
+                    if !logged.is_empty() && !log_in_stream {
+                        state.push_stamp(StampKind::Extended, Some(*batch_answers));
+                        let mut out = BytesMut::new();
+                        stamp::write_failing(
+                            &mut out,
+                            &refusal_sql("0A000", EXTENDED_LOG_REFUSAL, EXTENDED_LOG_HINT),
+                        );
+                        protocol::write_message(&mut out, tag, |m| m.extend_from_slice(body));
+                        frontend.on_message(tag, body)?;
+                        return Ok(Flow::Replace(out));
+                    }
+                    if (!*stamped || state.lease_unstamped() || log_in_stream)
+                        && frontend.batch_stamps(tag, body, &[])
+                    {
+                        stamp = Some(StampKind::Extended);
+                        mid_batch = true;
+                    }
                 }
                 b'Q' | b'S' | b'F' => *batch_start = true,
                 _ => {}
@@ -414,6 +448,8 @@ where
                         .map_or("", |(sql, _)| sql);
                     // (Not refused: on to the stamp below, as any write.)
                     if let Some(refused) = refused_call(sql) {
+                        *batch_answers += u32::from(replicating);
+                        *judged_ahead = judged_ahead.saturating_sub(1);
                         return Ok(Flow::Replace(refused_parse(
                             state,
                             body,
@@ -431,7 +467,9 @@ where
                                 .map_or("", |(sql, _)| sql),
                         ) =>
                 {
-                    return Ok(Flow::Replace(refused_parse(
+                    *batch_answers += u32::from(replicating);
+                        *judged_ahead = judged_ahead.saturating_sub(1);
+                        return Ok(Flow::Replace(refused_parse(
                         state,
                         body,
                         EXPLAINED_DDL.message,
@@ -452,7 +490,9 @@ where
                     // goes through the simple protocol only: the statement
                     // is prepared as one that fails when run, so the error
                     // comes in its place in the batch.
-                    return Ok(Flow::Replace(refused_parse(
+                    *batch_answers += u32::from(replicating);
+                        *judged_ahead = judged_ahead.saturating_sub(1);
+                        return Ok(Flow::Replace(refused_parse(
                         state,
                         body,
                         "this DDL cannot be replicated through the extended query protocol outside a transaction block",
@@ -508,6 +548,7 @@ where
             if replicating && stamp::gets_an_answer(tag) {
                 *batch_answers += 1;
             }
+            *judged_ahead = judged_ahead.saturating_sub(1);
             if matches!(tag, b'Q' | b'S' | b'F') {
                 *batch_answers = 0;
                 state.push_ready(*stamped, std::mem::take(scope_pending));
@@ -735,6 +776,10 @@ pub(super) const EXPLAINED_DDL: RefusedCall = RefusedCall {
     message: "EXPLAIN ANALYZE of a statement that makes a table cannot be replicated",
     hint: "Run the statement itself, and EXPLAIN ANALYZE its query alone.",
 };
+
+/// Why a statement of the DDL log's kind is refused over the extended
+/// protocol (see `EXTENDED_LOG_HINT`).
+const EXTENDED_LOG_REFUSAL: &str = "this DDL cannot be replicated through the extended query protocol outside a transaction block, or with another of its kind in one batch";
 
 /// What to do instead of a statement of the DDL log's kind that cannot go
 /// through the extended protocol where it was sent.

@@ -162,6 +162,10 @@ pub(super) struct ClientSide {
     /// Final answers due to the messages of the batch under way (see
     /// `stamp::gets_an_answer`), for a stamp in its middle.
     pub(super) batch_answers: u32,
+    /// Messages of the batch under way still to come that its start was
+    /// judged on (they were buffered then); those after them came in a
+    /// later read, and are judged one by one.
+    pub(super) judged_ahead: u32,
     /// Drop extended-protocol messages up to the next Sync (see
     /// `move_session`).
     pub(super) discard_until_sync: bool,
@@ -184,6 +188,7 @@ impl ClientSide {
             stamped: false,
             scope_pending: Vec::new(),
             batch_answers: 0,
+            judged_ahead: 0,
             discard_until_sync: false,
             refeed: false,
             probe_question: None,
@@ -265,6 +270,12 @@ impl RelayState {
         self.ddl_lease.load(Ordering::SeqCst) == 0
             && self.tx_status.load(Ordering::Relaxed) != b'E'
             && self.lease_refusal.lock().is_ok_and(|r| r.is_none())
+    }
+
+    /// The transaction holds the cluster DDL lease, and no stamp has told
+    /// the backend its number yet.
+    pub(super) fn lease_unstamped(&self) -> bool {
+        self.ddl_lease.load(Ordering::SeqCst) != 0 && !self.lease_stamped.load(Ordering::SeqCst)
     }
 
     /// What a stamp must tell the backend about DDL now, if anything:

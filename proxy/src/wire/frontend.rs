@@ -117,6 +117,25 @@ impl FrontendState {
         self.batch_has(tag, body, rest, stamps)
     }
 
+    /// How many inspected messages of the batch starting with this one (up
+    /// to its Sync) are buffered now: those the batch's start is judged on.
+    pub fn batch_buffered(tag: u8, rest: &[u8]) -> u32 {
+        let mut count = 1;
+        if matches!(tag, b'S' | b'Q' | b'F' | b'X') {
+            return count;
+        }
+        let mut rest = rest;
+        while let Some((tag, _)) = next_message(&mut rest) {
+            if is_inspected(tag) {
+                count += 1;
+            }
+            if matches!(tag, b'S' | b'Q' | b'F' | b'X') {
+                break;
+            }
+        }
+        count
+    }
+
     /// Whether the batch starting with this message (up to its Sync, among
     /// the messages already buffered) runs a statement of a class `wanted`
     /// accepts.
@@ -316,6 +335,22 @@ fn parse_message(body: &[u8]) -> Result<(&str, std::borrow::Cow<'_, str>), Proto
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_start_counts_what_is_buffered_up_to_its_sync() {
+        let bind = message(b'B', b"\0\0\0\0\0\0\0\0");
+        let execute = message(b'E', b"\0\0\0\0\0");
+        let sync = message(b'S', b"");
+        // Bind (the batch's first message), Execute, Sync, and the next
+        // batch's Bind: three.
+        let rest = [execute.clone(), sync, bind.clone()].concat();
+        assert_eq!(FrontendState::batch_buffered(b'B', &rest), 3);
+        // The Execute and half of the Sync buffered: the rest comes later.
+        let rest = [execute, vec![b'S', 0, 0]].concat();
+        assert_eq!(FrontendState::batch_buffered(b'B', &rest), 2);
+        // A Sync alone is its own batch.
+        assert_eq!(FrontendState::batch_buffered(b'S', &bind), 1);
+    }
 
     #[test]
     fn execute_is_counted_by_the_class_of_its_statement() {
