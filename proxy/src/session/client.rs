@@ -20,6 +20,10 @@ use crate::wire::protocol;
 use super::stamp;
 
 use super::pump::{pump, Flow, PumpError};
+use super::refusals::{
+    explained, refusal_query, refusal_sql, refused_call, refused_parse, EXPLAINED_DDL,
+    EXTENDED_LOG_HINT, EXTENDED_LOG_REFUSAL, LARGE_OBJECTS,
+};
 use super::state::{ClientSide, Pending, RelayEnd, RelayState};
 
 /// Client to backend: count statements, note when answers are due.
@@ -733,107 +737,4 @@ pub(super) fn apply_scope_changes(state: &RelayState, changes: &[ScopeChange]) {
             ScopeChange::Invalid => {}
         }
     }
-}
-
-/// A Query message that makes the backend raise an error, so the client
-/// gets a normal ErrorResponse and ReadyForQuery from it.
-pub(super) fn refusal_query(code: &str, message: &str, hint: &str) -> BytesMut {
-    let sql = refusal_sql(code, message, hint);
-    let mut out = BytesMut::with_capacity(sql.len() + 6);
-    protocol::query(&mut out, &sql);
-    out
-}
-
-/// A function Chorus refuses to let a statement call, with why and what
-/// to do instead.
-pub(super) struct RefusedCall {
-    pub(super) names: &'static [&'static str],
-    pub(super) message: &'static str,
-    pub(super) hint: &'static str,
-}
-
-pub(super) const SETVAL: RefusedCall = RefusedCall {
-    names: &["setval"],
-    message: "setval() is not supported through Chorus: the cluster's sequences are set up per backend",
-    hint: "Sequences made through Chorus hand out values that never collide across backends; setval() on one backend could make it repeat another's.",
-};
-
-/// Large objects live in pg_largeobject, which no trigger sees: written
-/// through one node they would exist on one backend only.
-pub(super) const LARGE_OBJECTS: RefusedCall = RefusedCall {
-    names: chorus_router::LARGE_OBJECT_WRITERS,
-    message: "large objects are not replicated by Chorus",
-    hint: "Store the data in a bytea column of a table, which replicates like any other.",
-};
-
-pub(super) const REFUSED_CALLS: [&RefusedCall; 2] = [&SETVAL, &LARGE_OBJECTS];
-
-/// `EXPLAIN ANALYZE CREATE TABLE … AS` (or `SELECT … INTO`, `CREATE
-/// MATERIALIZED VIEW`) makes its table without firing PostgreSQL's event
-/// triggers: it would exist on one backend only.
-pub(super) const EXPLAINED_DDL: RefusedCall = RefusedCall {
-    names: &[],
-    message: "EXPLAIN ANALYZE of a statement that makes a table cannot be replicated",
-    hint: "Run the statement itself, and EXPLAIN ANALYZE its query alone.",
-};
-
-/// Why a statement of the DDL log's kind is refused over the extended
-/// protocol (see `EXTENDED_LOG_HINT`).
-const EXTENDED_LOG_REFUSAL: &str = "this DDL cannot be replicated through the extended query protocol outside a transaction block, or with another of its kind in one batch";
-
-/// What to do instead of a statement of the DDL log's kind that cannot go
-/// through the extended protocol where it was sent.
-pub(super) const EXTENDED_LOG_HINT: &str = "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: send it as a simple query, or inside BEGIN ... COMMIT, or SET chorus.ddl_scope = 'local' to run it on this node's backend only.";
-
-/// Whether a DDL statement is one run under EXPLAIN ANALYZE.
-pub(super) fn explained(sql: &str) -> bool {
-    first_keyword(sql).is_some_and(|(w, _)| w.eq_ignore_ascii_case("EXPLAIN"))
-}
-
-/// The refusal for a statement that calls one of [`REFUSED_CALLS`]
-/// (a name followed by `(`, case-insensitive; text in quotes is not told
-/// apart, so a literal mentioning one is refused too).
-pub(super) fn refused_call(sql: &str) -> Option<&'static RefusedCall> {
-    let bytes = sql.as_bytes();
-    REFUSED_CALLS.into_iter().find(|refused| {
-        refused.names.iter().any(|name| {
-            let name = name.as_bytes();
-            bytes.windows(name.len()).enumerate().any(|(i, w)| {
-                w.eq_ignore_ascii_case(name)
-                    && (i == 0 || !is_word_byte(bytes[i - 1]))
-                    && bytes[i + name.len()..]
-                        .iter()
-                        .find(|b| !b.is_ascii_whitespace())
-                        .is_some_and(|b| *b == b'(')
-            })
-        })
-    })
-}
-
-pub(super) fn is_word_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_'
-}
-
-/// The client's Parse (`body`) of a statement Chorus refuses, made a Parse
-/// of the same name that fails with `0A000` when run: the error comes in
-/// the statement's place in the batch.
-fn refused_parse(state: &RelayState, body: &[u8], message: &str, hint: &str) -> BytesMut {
-    let name = protocol::read_cstr(body).map_or("", |(name, _)| name);
-    let mut out = BytesMut::new();
-    protocol::write_message(&mut out, b'P', |m| {
-        protocol::put_cstr(m, name);
-        protocol::put_cstr(m, &refusal_sql("0A000", message, hint));
-        m.extend_from_slice(&0i16.to_be_bytes());
-    });
-    remember_prepared(state, b'P', &out[5..]);
-    out
-}
-
-/// A statement that raises this error when run.
-pub(super) fn refusal_sql(code: &str, message: &str, hint: &str) -> String {
-    format!(
-        "DO $chorus$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}', HINT = '{}'; END $chorus$",
-        message.replace('\'', "''"),
-        hint.replace('\'', "''")
-    )
 }

@@ -21,6 +21,7 @@ mod client;
 mod drain;
 mod elsewhere;
 mod pump;
+mod refusals;
 mod relay;
 mod stamp;
 mod startup;
