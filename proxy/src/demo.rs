@@ -159,7 +159,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 ddl_lease_ms: 60_000,
                 node_lease_ms: 3_000,
                 sequence_kind: Default::default(),
-                galloc_range_size: 1_000_000,
+                galloc_range_size: crate::config::DEFAULT_GALLOC_RANGE,
                 galloc_refill_percent: 50,
                 galloc_switch_percent: 10,
             }),

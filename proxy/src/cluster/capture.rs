@@ -391,6 +391,75 @@ mod tests {
         assert_eq!(record_subject("not json"), "");
     }
 
+    /// The number written right after `at` in `text`.
+    fn number_after(text: &str, at: usize) -> Option<i64> {
+        let digits: String = text[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    }
+
+    #[test]
+    fn the_backend_sql_uses_the_constants_the_proxy_uses() {
+        use crate::cluster::sequences::{SNOWFLAKE_CLOCK_JUMP, SNOWFLAKE_STEP};
+        use crate::config::DEFAULT_GALLOC_RANGE;
+        use chorus_router::hlc::{HLC_EPOCH_UNIX_MS, LOGICAL_BITS};
+        let sql = [SCHEMA_SQL, APPLY_SQL, TOMBSTONES_SQL, PRIVILEGES_SQL].concat();
+        let bits = i64::from(LOGICAL_BITS);
+        // A clock reading in SQL: milliseconds since the HLC's epoch,
+        // shifted past its logical bits.
+        let mut readings = 0;
+        for (at, found) in sql.match_indices("::bigint - ") {
+            let start = at + found.len();
+            let Some(epoch) = number_after(&sql, start).filter(|n| *n > 1_000_000_000) else {
+                continue;
+            };
+            assert_eq!(epoch, HLC_EPOCH_UNIX_MS, "{}", &sql[at..at + 60]);
+            let shift = start + sql[start..].find("<< ").expect("a shift") + 3;
+            assert_eq!(
+                number_after(&sql, shift),
+                Some(bits),
+                "{}",
+                &sql[at..shift + 3]
+            );
+            readings += 1;
+        }
+        assert!(readings >= 3, "{readings} clock readings found");
+        // Milliseconds turned into an HLC difference.
+        let mut spans = 0;
+        for pattern in ["_ms << ", "1000::bigint << "] {
+            for (at, found) in sql.match_indices(pattern) {
+                assert_eq!(number_after(&sql, at + found.len()), Some(bits));
+                spans += 1;
+            }
+        }
+        assert!(spans >= 2, "{spans} spans found");
+        assert!(sql.contains("(1000::bigint << "));
+        assert_eq!(SNOWFLAKE_CLOCK_JUMP, 1000 << bits);
+        // A snowflake sequence's increment (a galloc one counts by 1).
+        let increments: Vec<i64> = sql
+            .match_indices("INCREMENT BY ")
+            .filter_map(|(at, found)| number_after(&sql, at + found.len()))
+            .collect();
+        assert!(increments.contains(&SNOWFLAKE_STEP), "{increments:?}");
+        assert!(
+            increments.iter().all(|i| [1, SNOWFLAKE_STEP].contains(i)),
+            "{increments:?}"
+        );
+        // The galloc range size a backend falls back to.
+        let mut fallbacks = 0;
+        for line in sql.lines().filter(|l| l.contains("sequence_block")) {
+            for (at, _) in line.match_indices(", '") {
+                if let Some(n) = number_after(line, at + 3) {
+                    assert_eq!(n, DEFAULT_GALLOC_RANGE, "{line}");
+                    fallbacks += 1;
+                }
+            }
+        }
+        assert!(fallbacks >= 3, "{fallbacks} fallbacks found");
+    }
+
     #[test]
     fn message_prefixes_carry_the_ddl_index() {
         assert_eq!(ddl_index("chorus"), Some(0));

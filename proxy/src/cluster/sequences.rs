@@ -19,6 +19,15 @@ use crate::cluster::lane::Lane;
 use crate::cluster::replication::ReplicationError;
 use crate::node::Node;
 
+/// A snowflake sequence's increment: its values' low 10 bits are the node's
+/// sequence id (sequences.sql: `INCREMENT BY 1024`; a test checks it).
+pub const SNOWFLAKE_STEP: i64 = 1 << 10;
+
+/// A snowflake sequence that moved by this much or more was moved forward
+/// to the clock (a second's worth of timestamps), not by values handed
+/// out (sequences.sql: `1000::bigint << 22`; a test checks it).
+pub const SNOWFLAKE_CLOCK_JUMP: i64 = 1000 << chorus_router::hlc::LOGICAL_BITS;
+
 /// How often the sequences are looked at: every TICK while values are
 /// handed out or ranges change, doubling while nothing happens, up to
 /// TICK_MAX (a galloc range is refilled well before it runs out, see
@@ -87,8 +96,12 @@ async fn upkeep(node: &Node, consensus: &Consensus, lane: &Lane) -> Result<(), R
                 let delta = last - before;
                 // (A snowflake sequence moved forward to the clock is not
                 // values handed out.)
-                if delta > 0 && !(snowflake && delta >= 1000 << 22) {
-                    let n = if snowflake { delta / 1024 } else { delta };
+                if delta > 0 && !(snowflake && delta >= SNOWFLAKE_CLOCK_JUMP) {
+                    let n = if snowflake {
+                        delta / SNOWFLAKE_STEP
+                    } else {
+                        delta
+                    };
                     node.metrics.sequence_values(snowflake, n as u64);
                     wait.active();
                 }

@@ -128,8 +128,13 @@ impl SequenceKind {
 fn default_ddl_lease() -> u64 {
     60_000
 }
+/// Values in a galloc range unless `galloc_range_size` says otherwise
+/// (the backend SQL's fallback for `chorus.sequence_block` is the same; a
+/// test checks it).
+pub const DEFAULT_GALLOC_RANGE: i64 = 1_000_000;
+
 fn default_galloc_range() -> i64 {
-    1_000_000
+    DEFAULT_GALLOC_RANGE
 }
 fn default_galloc_refill() -> u8 {
     50

@@ -17,6 +17,7 @@ pub use backend_tls::{BackendTls, SslMode};
 mod cluster;
 pub use cluster::{
     ClusterConfig, CommitScope, MemberConfig, ReplicationConfig, SequenceKind, TimeoutAction,
+    DEFAULT_GALLOC_RANGE,
 };
 
 /// Why a configuration could not be used.

@@ -543,7 +543,7 @@ pub(super) async fn forward_cancel(node: &Node, pid: i32, secret: i32) {
 fn login_settings(node: &Node) -> [(String, String); 4] {
     let cluster = node.config.cluster.as_ref();
     let kind = cluster.map_or("snowflake", |c| c.sequence_kind.as_str());
-    let block = cluster.map_or(1_000_000, |c| c.galloc_range_size);
+    let block = cluster.map_or(crate::config::DEFAULT_GALLOC_RANGE, |c| c.galloc_range_size);
     [
         ("chorus.origin".to_owned(), node.config.node.id.to_string()),
         ("chorus.lease_wait_ms".to_owned(), lease_wait_ms(node)),

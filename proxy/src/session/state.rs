@@ -296,7 +296,8 @@ impl RelayState {
             sequence_kind: cluster
                 .map_or("snowflake", |c| c.sequence_kind.as_str())
                 .to_owned(),
-            galloc_block: cluster.map_or(1_000_000, |c| c.galloc_range_size),
+            galloc_block: cluster
+                .map_or(crate::config::DEFAULT_GALLOC_RANGE, |c| c.galloc_range_size),
             sequence_id: node.consensus().and_then(|c| {
                 let me = u64::from(node.config.node.id);
                 c.state().read(|s| s.sequence_ids.get(&me).copied())

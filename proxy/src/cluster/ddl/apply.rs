@@ -583,7 +583,10 @@ async fn apply_entry(
     // Sequences this DDL makes become global (see sql/sequences.sql), with this
     // backend's sequence id.
     let kind = p.sequence_kind.as_deref().unwrap_or("snowflake");
-    let block = p.galloc_block.unwrap_or(1_000_000).to_string();
+    let block = p
+        .galloc_block
+        .unwrap_or(crate::config::DEFAULT_GALLOC_RANGE)
+        .to_string();
     let sequence_id = sequence_id.to_string();
     let settings = p.settings.as_deref().unwrap_or("{}");
     let outcome = if p.transactional {
