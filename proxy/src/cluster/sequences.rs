@@ -20,12 +20,12 @@ use crate::cluster::replication::ReplicationError;
 use crate::node::Node;
 
 /// A snowflake sequence's increment: its values' low 10 bits are the node's
-/// sequence id (sequences.sql: `INCREMENT BY 1024`; a test checks it).
+/// sequence id (the backend SQL says `INCREMENT BY 1024`; a test checks it).
 pub const SNOWFLAKE_STEP: i64 = 1 << 10;
 
 /// A snowflake sequence that moved by this much or more was moved forward
 /// to the clock (a second's worth of timestamps), not by values handed
-/// out (sequences.sql: `1000::bigint << 22`; a test checks it).
+/// out (the backend SQL says `1000::bigint << 22`; a test checks it).
 pub const SNOWFLAKE_CLOCK_JUMP: i64 = 1000 << chorus_router::hlc::LOGICAL_BITS;
 
 /// How often the sequences are looked at: every TICK while values are

@@ -88,7 +88,7 @@ where
                 return Ok(Flow::Await);
             }
             if replicating {
-                remember_prepared(state, tag, body);
+                state.remember_prepared(tag, body);
             }
             // A transaction lost with its backend is never reported
             // committed: a COMMIT the client sends before it heard of the
@@ -675,34 +675,6 @@ pub(super) fn ends_transaction(sql: &str) -> bool {
         Some("commit" | "end") => true,
         Some("prepare") => words.get(1).is_some_and(|w| w == "transaction"),
         _ => false,
-    }
-}
-
-/// Keep the named statements a client prepares (as sent to the backend),
-/// so that a session moved to another backend has them there too.
-pub(super) fn remember_prepared(state: &RelayState, tag: u8, body: &[u8]) {
-    let name = |body: &[u8]| {
-        protocol::read_cstr(body)
-            .map_or("", |(name, _)| name)
-            .to_owned()
-    };
-    match tag {
-        b'P' => {
-            let name = name(body);
-            if !name.is_empty() {
-                let mut message = BytesMut::with_capacity(body.len() + 5);
-                protocol::write_message(&mut message, b'P', |m| m.extend_from_slice(body));
-                if let Ok(mut prepared) = state.prepared.lock() {
-                    prepared.insert(name, message);
-                }
-            }
-        }
-        b'C' if body.first() == Some(&b'S') => {
-            if let Ok(mut prepared) = state.prepared.lock() {
-                prepared.remove(&name(&body[1..]));
-            }
-        }
-        _ => {}
     }
 }
 

@@ -8,7 +8,6 @@ use chorus_router::first_keyword;
 
 use crate::wire::protocol;
 
-use super::client::remember_prepared;
 use super::state::RelayState;
 
 /// A Query message that makes the backend raise an error, so the client
@@ -106,7 +105,7 @@ pub(super) fn refused_parse(
         protocol::put_cstr(m, &refusal_sql("0A000", message, hint));
         m.extend_from_slice(&0i16.to_be_bytes());
     });
-    remember_prepared(state, b'P', &out[5..]);
+    state.remember_prepared(b'P', &out[5..]);
     out
 }
 

@@ -392,6 +392,35 @@ pub(super) struct Session {
 }
 
 impl RelayState {
+    /// Keep the named statements a client prepares (as sent to the
+    /// backend), so that a session moved to another backend has them there
+    /// too.
+    pub(super) fn remember_prepared(&self, tag: u8, body: &[u8]) {
+        let name = |body: &[u8]| {
+            protocol::read_cstr(body)
+                .map_or("", |(name, _)| name)
+                .to_owned()
+        };
+        match tag {
+            b'P' => {
+                let name = name(body);
+                if !name.is_empty() {
+                    let mut message = BytesMut::with_capacity(body.len() + 5);
+                    protocol::write_message(&mut message, b'P', |m| m.extend_from_slice(body));
+                    if let Ok(mut prepared) = self.prepared.lock() {
+                        prepared.insert(name, message);
+                    }
+                }
+            }
+            b'C' if body.first() == Some(&b'S') => {
+                if let Ok(mut prepared) = self.prepared.lock() {
+                    prepared.remove(&name(&body[1..]));
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// A client's Query, Sync or FunctionCall went to the backend: its
     /// ReadyForQuery is due (`wrote`: a stamp went before it; `scope`: the
     /// commit scope settings it makes).
