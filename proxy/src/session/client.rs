@@ -21,8 +21,8 @@ use super::stamp;
 
 use super::pump::{pump, Flow, PumpError};
 use super::refusals::{
-    explained, refusal_query, refusal_sql, refused_call, refused_parse, EXPLAINED_DDL,
-    EXTENDED_LOG_HINT, EXTENDED_LOG_REFUSAL, LARGE_OBJECTS,
+    explained, log_statement_refused, refusal_query, refused_call, refused_parse, EXPLAINED_DDL,
+    EXTENDED_LOG_HINT, LARGE_OBJECTS,
 };
 use super::state::{ClientSide, Pending, RelayEnd, RelayState};
 
@@ -178,13 +178,7 @@ where
                         }
                     }
                     if !logged.is_empty() && !log_in_stream {
-                        state.push_stamp(StampKind::Extended, None);
-                        let mut out = BytesMut::new();
-                        stamp::write_failing(
-                            &mut out,
-                            &refusal_sql("0A000", EXTENDED_LOG_REFUSAL, EXTENDED_LOG_HINT),
-                        );
-                        protocol::write_message(&mut out, tag, |m| m.extend_from_slice(body));
+                        let out = log_statement_refused(state, tag, body, None);
                         frontend.on_message(tag, body)?;
                         return Ok(Flow::Replace(out));
                     }
@@ -217,13 +211,7 @@ where
                         }
                     }
                     if !logged.is_empty() && !log_in_stream {
-                        state.push_stamp(StampKind::Extended, Some(*batch_answers));
-                        let mut out = BytesMut::new();
-                        stamp::write_failing(
-                            &mut out,
-                            &refusal_sql("0A000", EXTENDED_LOG_REFUSAL, EXTENDED_LOG_HINT),
-                        );
-                        protocol::write_message(&mut out, tag, |m| m.extend_from_slice(body));
+                        let out = log_statement_refused(state, tag, body, Some(*batch_answers));
                         frontend.on_message(tag, body)?;
                         return Ok(Flow::Replace(out));
                     }

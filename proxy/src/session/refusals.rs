@@ -8,6 +8,7 @@ use chorus_router::first_keyword;
 
 use crate::wire::protocol;
 
+use super::stamp::{self, StampKind};
 use super::state::RelayState;
 
 /// A Query message that makes the backend raise an error, so the client
@@ -54,7 +55,7 @@ pub(super) const EXPLAINED_DDL: RefusedCall = RefusedCall {
 
 /// Why a statement of the DDL log's kind is refused over the extended
 /// protocol (see `EXTENDED_LOG_HINT`).
-pub(super) const EXTENDED_LOG_REFUSAL: &str = "this DDL cannot be replicated through the extended query protocol outside a transaction block, or with another of its kind in one batch";
+const EXTENDED_LOG_REFUSAL: &str = "this DDL cannot be replicated through the extended query protocol outside a transaction block, or with another of its kind in one batch";
 
 /// What to do instead of a statement of the DDL log's kind that cannot go
 /// through the extended protocol where it was sent.
@@ -116,4 +117,25 @@ pub(super) fn refusal_sql(code: &str, message: &str, hint: &str) -> String {
         message.replace('\'', "''"),
         hint.replace('\'', "''")
     )
+}
+
+/// A statement of the DDL log's kind that cannot run where the client's
+/// Execute (or the batch starting with this message) would run it: a
+/// failing stamp goes first (its answers come `after` the batch's earlier
+/// ones when it is sent mid-batch), then the client's message, which the
+/// backend skips with the rest of the batch.
+pub(super) fn log_statement_refused(
+    state: &RelayState,
+    tag: u8,
+    body: &[u8],
+    after: Option<u32>,
+) -> BytesMut {
+    state.push_stamp(StampKind::Extended, after);
+    let mut out = BytesMut::new();
+    stamp::write_failing(
+        &mut out,
+        &refusal_sql("0A000", EXTENDED_LOG_REFUSAL, EXTENDED_LOG_HINT),
+    );
+    protocol::write_message(&mut out, tag, |m| m.extend_from_slice(body));
+    out
 }
