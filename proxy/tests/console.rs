@@ -139,11 +139,24 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
         .batch_execute("CREATE TABLE console_lag (id int PRIMARY KEY, v text)")
         .await
         .unwrap();
-    let mut holder = c.direct(2).await;
-    let hold = holder.transaction().await.unwrap();
-    hold.batch_execute("SELECT * FROM chorus.applied WHERE origin = 1 FOR UPDATE")
+    // Backend 2's row for origin 1 is made by its first apply: one write
+    // through node 1, seen there, makes sure the lock below holds a row.
+    writer
+        .batch_execute("INSERT INTO console_lag VALUES (0, 'first')")
         .await
         .unwrap();
+    c.wait_for(2, "SELECT count(*)::text FROM console_lag", |n| n == "1")
+        .await;
+    let mut holder = c.direct(2).await;
+    let hold = holder.transaction().await.unwrap();
+    let locked = hold
+        .query(
+            "SELECT * FROM chorus.applied WHERE origin = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(locked.len(), 1, "backend 2 has no row for origin 1");
     writer
         .batch_execute(
             "INSERT INTO console_lag SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g",
