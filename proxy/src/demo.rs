@@ -24,6 +24,8 @@ pub struct DemoOptions {
     /// The database that replicates (made on every backend when it is not
     /// "postgres").
     pub database: String,
+    /// How client sessions share server connections.
+    pub pool_mode: crate::config::PoolMode,
 }
 
 /// The user the demo prints in its connection strings.
@@ -117,6 +119,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
                 ..NodeConfig::default()
             },
             tls: None,
+            pool: crate::config::PoolConfig {
+                mode: options.pool_mode,
+                ..crate::config::PoolConfig::default()
+            },
             backends: backend_configs.clone(),
             users: vec![UserConfig {
                 name: DEMO_USER.to_owned(),

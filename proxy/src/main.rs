@@ -147,7 +147,20 @@ enum Command {
         /// not "postgres").
         #[arg(long, default_value = "postgres")]
         database: String,
+        /// "session" (a client keeps its server connection) or
+        /// "transaction" (server connections are shared between
+        /// transactions).
+        #[arg(long, default_value = "session", value_parser = parse_pool_mode)]
+        pool_mode: chorus_proxy::config::PoolMode,
     },
+}
+
+fn parse_pool_mode(text: &str) -> Result<chorus_proxy::config::PoolMode, String> {
+    match text {
+        "session" => Ok(chorus_proxy::config::PoolMode::Session),
+        "transaction" => Ok(chorus_proxy::config::PoolMode::Transaction),
+        other => Err(format!("\"{other}\": expected session or transaction")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -412,6 +425,7 @@ fn main() -> anyhow::Result<()> {
             keep,
             proxy_only,
             database,
+            pool_mode,
         } => runtime.block_on(demo::run(DemoOptions {
             nodes,
             port,
@@ -419,6 +433,7 @@ fn main() -> anyhow::Result<()> {
             keep,
             proxy_only,
             database,
+            pool_mode,
         })),
     }
 }

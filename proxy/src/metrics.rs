@@ -62,7 +62,8 @@ pub enum ErrorKind {
     BackendLost,
     /// An ErrorResponse sent by a backend (SQL errors).
     BackendError,
-    /// Too many client connections waiting.
+    /// Too many client connections waiting, or no pooled server
+    /// connection free in time.
     Capacity,
 }
 

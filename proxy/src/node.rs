@@ -93,6 +93,9 @@ pub struct Node {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub cancel_keys: Arc<CancelRegistry>,
+    /// The server connections of transaction pooling (see
+    /// backend/pool.rs).
+    pub pool: crate::backend::pool::ServerPool,
     pub tls: Option<TlsAcceptor>,
     /// The reloadable settings (see `Live`).
     live: std::sync::RwLock<Arc<Live>>,
@@ -154,6 +157,7 @@ impl Node {
         };
         let backend_down = flags();
         let backend_closed = flags();
+        let pool = crate::backend::pool::ServerPool::new(config.pool.size);
         Ok(Arc::new(Node {
             clock,
             lanes: std::sync::RwLock::new(Lane::all(&config)),
@@ -162,6 +166,7 @@ impl Node {
             metrics: Arc::new(Metrics::new(&backends, &config.home_backend().name)),
             config,
             cancel_keys: Arc::new(CancelRegistry::default()),
+            pool,
             tls,
             live,
             reloader: std::sync::OnceLock::new(),

@@ -16,6 +16,7 @@ pub mod ddl;
 pub mod hlc;
 mod lexer;
 mod parsed;
+mod pooling;
 
 pub use ddl::{
     cluster_wide, concurrent_index_target, created_database, ddl_route, dropped_database,
@@ -23,6 +24,7 @@ pub use ddl::{
 };
 pub use lexer::{first_keyword, split_statements, Statements};
 pub use parsed::LARGE_OBJECT_WRITERS;
+pub use pooling::may_keep_session_state;
 
 /// What a single SQL statement does, as far as Chorus is concerned.
 ///

@@ -80,6 +80,22 @@ impl CancelKey {
         }
     }
 
+    /// The backend connection this key's cancels go to now: its address,
+    /// pid and secret (none while the session has no server connection).
+    pub fn target(&self) -> Option<(String, i32, i32)> {
+        let keys = self.registry.keys.lock().ok()?;
+        keys.get(&self.pid)
+            .filter(|t| !t.backend_address.is_empty())
+            .map(|t| (t.backend_address.clone(), t.backend_pid, t.backend_secret))
+    }
+
+    /// The session gave its server connection back (transaction pooling):
+    /// its cancels go nowhere until it takes one again, since the
+    /// connection may serve another session meanwhile.
+    pub fn detach(&self) {
+        self.retarget("", 0, 0);
+    }
+
     /// Send this key's cancels to another backend connection (the session
     /// moved); the client keeps its key.
     pub fn retarget(&self, backend_address: &str, backend_pid: i32, backend_secret: i32) {
@@ -112,7 +128,13 @@ impl CancelRegistry {
         };
         let pid = match self.keys.lock() {
             Ok(mut keys) => {
-                let mut pid = backend_pid;
+                // (No backend yet, as a pooled session's key is made:
+                // another number.)
+                let mut pid = if backend_pid > 0 {
+                    backend_pid
+                } else {
+                    rng.random_range(1..i32::MAX)
+                };
                 loop {
                     if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(pid) {
                         slot.insert(target);
@@ -144,6 +166,10 @@ impl CancelRegistry {
         let Some(target) = target else {
             return false;
         };
+        // (A session between transactions: there is nothing to cancel.)
+        if target.backend_address.is_empty() {
+            return true;
+        }
         if let Err(e) = super::send_cancel(
             &target.backend_address,
             target.backend_pid,

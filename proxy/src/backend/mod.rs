@@ -3,7 +3,7 @@
 //! (trust, cleartext, md5 or SCRAM-SHA-256), in the clear or over TLS
 //! (`tls.rs`). The node's own control connections are in `control.rs`;
 //! the cancel keys it hands its clients, and where their cancels go, in
-//! `cancel.rs`.
+//! `cancel.rs`; the connections transaction pooling shares, in `pool.rs`.
 
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use crate::wire::protocol::{self, read_message, ProtocolError};
 
 pub mod cancel;
 mod control;
+pub mod pool;
 mod tls;
 
 pub use crate::config::{BackendTls, SslMode};

@@ -14,6 +14,8 @@ use thiserror::Error;
 
 mod backend_tls;
 pub use backend_tls::{BackendTls, SslMode};
+mod pool;
+pub use pool::{PoolConfig, PoolMode};
 mod cluster;
 pub use cluster::{
     ClusterConfig, CommitScope, MemberConfig, ReplicationConfig, SequenceKind, TimeoutAction,
@@ -99,6 +101,10 @@ pub struct Config {
     /// required with replication.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// How client sessions share server connections (session or
+    /// transaction pooling).
+    #[serde(default)]
+    pub pool: PoolConfig,
 }
 
 /// Settings of this node.
@@ -459,6 +465,7 @@ impl Config {
 
     /// Check what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.pool.validate().map_err(ConfigError::Invalid)?;
         if self.backends.is_empty() {
             return Err(ConfigError::Invalid(
                 "at least one [[backends]] entry is required".into(),

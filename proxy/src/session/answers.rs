@@ -235,8 +235,17 @@ where
             return shutdown_session(writer).await;
         }
 
+        if state.pooled {
+            state
+                .backend_reading
+                .store(side.buf.is_empty(), Ordering::SeqCst);
+        }
         if shutdown_seen {
-            if let Err(end) = read_more(reader, &mut side.buf).await {
+            let read = read_more(reader, &mut side.buf).await;
+            if state.pooled {
+                state.backend_reading.store(false, Ordering::SeqCst);
+            }
+            if let Err(end) = read {
                 return ended(end, last_was_fatal);
             }
         } else {
@@ -244,10 +253,16 @@ where
             // comes first; an idle session is then closed at once.
             tokio::select! {
                 _ = &mut shutdown_started => {
+                    if state.pooled {
+                state.backend_reading.store(false, Ordering::SeqCst);
+            }
                     shutdown_seen = true;
                     continue;
                 }
                 readable = read_more(reader, &mut side.buf) => {
+                    if state.pooled {
+                state.backend_reading.store(false, Ordering::SeqCst);
+            }
                     if let Err(end) = readable {
                         return ended(end, last_was_fatal);
                     }
@@ -333,6 +348,10 @@ where
             }
         };
         side.busy = false;
+        // (Transaction pooling: the relay may give the connection back.)
+        if state.pooled && side.buf.is_empty() && idle() {
+            state.idle_signal.notify_one();
+        }
         match flow {
             // forward() turns a replacement into Continue once written.
             Ok(Flow::Continue | Flow::Replace(_) | Flow::Await | Flow::Held(_)) => {}

@@ -65,6 +65,7 @@ where
         writer,
         pump_side,
         node.config.node.max_message_bytes,
+        state.pooled.then_some(&state.client_reading),
         is_inspected,
         |tag, body, rest| {
             // The rest of a batch whose start went to a backend that failed
@@ -87,8 +88,11 @@ where
                 drain_now = true;
                 return Ok(Flow::Await);
             }
-            if replicating {
+            if replicating || state.pooled {
                 state.remember_prepared(tag, body);
+            }
+            if state.pooled && matches!(tag, b'Q' | b'P') {
+                note_session_state(state, tag, body);
             }
             // A transaction lost with its backend is never reported
             // committed: a COMMIT the client sends before it heard of the
@@ -644,9 +648,39 @@ async fn probe<W: AsyncWrite + Unpin>(
         .flatten()
 }
 
+/// (Transaction pooling) note a statement that may leave session state,
+/// and forget the named statements `DISCARD ALL` or `DEALLOCATE ALL`
+/// drops.
+fn note_session_state(state: &RelayState, tag: u8, body: &[u8]) {
+    let text = match tag {
+        b'Q' => protocol::read_cstr(body).map_or("", |(sql, _)| sql),
+        _ => protocol::read_cstr(body)
+            .and_then(|(_, rest)| protocol::read_cstr(rest))
+            .map_or("", |(sql, _)| sql),
+    };
+    for statement in split_statements(text) {
+        if !chorus_router::may_keep_session_state(statement) {
+            continue;
+        }
+        state.session_touched.store(true, Ordering::Relaxed);
+        let words: Vec<&str> = statement.split_whitespace().take(2).collect();
+        if let [first, second] = words.as_slice() {
+            let all = second.trim_end_matches(';').eq_ignore_ascii_case("all");
+            if all
+                && (first.eq_ignore_ascii_case("discard")
+                    || first.eq_ignore_ascii_case("deallocate"))
+            {
+                if let Ok(mut prepared) = state.prepared.lock() {
+                    *prepared = Default::default();
+                }
+            }
+        }
+    }
+}
+
 /// A string literal of `text`, read alike whatever the session's
 /// standard_conforming_strings.
-fn quote_literal(text: &str) -> String {
+pub(super) fn quote_literal(text: &str) -> String {
     format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 

@@ -100,7 +100,7 @@ pub(super) async fn leave(
 /// Ask the session's backend `QUESTION`: `None` when the connection
 /// failed or did not answer in time, `Some(None)` when the question
 /// failed, else whether the session may move and its settings' statement.
-async fn ask(
+pub(super) async fn ask(
     stream: &mut BackendStream,
     from_backend: &mut PumpSide,
 ) -> Option<Option<(bool, Option<String>)>> {

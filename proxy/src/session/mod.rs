@@ -20,6 +20,7 @@ mod answers;
 mod client;
 mod drain;
 mod elsewhere;
+mod pooled;
 mod pump;
 mod refusals;
 mod relay;

@@ -1,6 +1,8 @@
 //! Moving framed protocol messages from one socket to another, looking
 //! only at those a direction asks to see.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -164,12 +166,15 @@ impl PumpSide {
 
 /// Read from `reader`, forward to `writer`, until EOF, an error, or
 /// `on_message` says stop (`None`) or holds a message (`Some`: the caller
-/// puts it back in `side.buf` and sets `side.rescan` to go on).
+/// puts it back in `side.buf` and sets `side.rescan` to go on). `reading`
+/// is set while the pump waits for bytes with none buffered (nothing
+/// half-done: the pump may be dropped then).
 pub(super) async fn pump<R, W, I, M>(
     reader: &mut R,
     writer: &mut W,
     side: &mut PumpSide,
     max: usize,
+    reading: Option<&AtomicBool>,
     inspect: I,
     mut on_message: M,
 ) -> Result<Option<BytesMut>, PumpError>
@@ -181,7 +186,15 @@ where
 {
     loop {
         if !std::mem::take(&mut side.rescan) {
-            read_more(reader, &mut side.buf).await?;
+            match reading {
+                Some(reading) => {
+                    reading.store(side.buf.is_empty(), Ordering::SeqCst);
+                    let read = read_more(reader, &mut side.buf).await;
+                    reading.store(false, Ordering::SeqCst);
+                    read?;
+                }
+                None => read_more(reader, &mut side.buf).await?,
+            }
         }
         side.busy = true;
         let flow = match forward(

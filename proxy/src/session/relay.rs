@@ -20,6 +20,7 @@ use super::answers::backend_to_client;
 use super::client::client_to_backend;
 use super::drain;
 use super::elsewhere::{login_elsewhere, moved_params, retarget, set_up};
+use super::pooled;
 use super::pump::PumpSide;
 use super::state::{ClientSide, Pending, RelayEnd, RelayState, Session};
 
@@ -36,7 +37,8 @@ pub(super) async fn relay<CR, CW>(
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
 {
-    let state = RelayState::new(Some(node), &session.database);
+    let pooled = session.pooled.is_some();
+    let state = RelayState::new(Some(node), &session.database, pooled);
     state
         .client_pid
         .store(session.cancel_key.pid, Ordering::Relaxed);
@@ -51,6 +53,14 @@ pub(super) async fn relay<CR, CW>(
     let replicating = node.config.replication.is_some();
     // (Kept across a stay on a drained backend; new for a new backend.)
     let mut from_backend = PumpSide::default();
+    // (Pooled) whether to look for a point to give the connection back
+    // before the next idle ReadyForQuery: at the session's start.
+    let mut idle_now = pooled;
+    if let Some(p) = &session.pooled {
+        state
+            .ddl_settings_sent
+            .store(p.ddl_settings_sent(), Ordering::SeqCst);
+    }
     let (end, mut backend_write) = loop {
         let (mut backend_read, mut backend_write) = backend.into_split();
         let end = {
@@ -98,7 +108,28 @@ pub(super) async fn relay<CR, CW>(
                     }
                 }
             };
+            // (Pooled) both directions wait for bytes with nothing
+            // buffered, and nothing is due: the transaction is over, and
+            // the connection can go back (see pooled.rs).
+            let look_now = std::mem::take(&mut idle_now);
+            let release_point = async {
+                if !look_now {
+                    state.idle_signal.notified().await;
+                }
+                loop {
+                    if state.client_reading.load(Ordering::SeqCst)
+                        && state.backend_reading.load(Ordering::SeqCst)
+                        && state.idle()
+                    {
+                        return;
+                    }
+                    state.idle_signal.notified().await;
+                }
+            };
+            // (Biased: the release point is looked at after both
+            // directions went as far as they could.)
             tokio::select! {
+                biased;
                 end = &mut to_backend => match end {
                     // Writing to the backend failed: the other direction
                     // sees the end too, after what it still forwards.
@@ -112,8 +143,50 @@ pub(super) async fn relay<CR, CW>(
                 end = &mut to_client => end,
                 () = marked_down, if replicating => RelayEnd::BackendDown,
                 () = drained_idle, if replicating => RelayEnd::BackendDrained,
+                () = release_point, if pooled => RelayEnd::Idle,
             }
         };
+        if matches!(end, RelayEnd::Idle) {
+            let Some(stream) = BackendStream::unsplit(backend_read, backend_write) else {
+                break (RelayEnd::BackendGone { after_fatal: false }, None);
+            };
+            let between = client.batch_start
+                && client.pump.clean()
+                && client.pump.buf.is_empty()
+                && !client.discard_until_sync
+                && from_backend.clean()
+                && from_backend.buf.is_empty()
+                && state.idle();
+            if !between {
+                backend = stream;
+                continue;
+            }
+            match pooled::give_back(node, &state, session, stream, &mut from_backend).await {
+                pooled::Released::Kept(stream) => {
+                    backend = stream;
+                    continue;
+                }
+                pooled::Released::Given | pooled::Released::Broken => {}
+            }
+            match pooled::park(
+                node,
+                &state,
+                session,
+                &mut client,
+                &mut client_read,
+                &mut client_write,
+                &mut shutdown,
+            )
+            .await
+            {
+                pooled::Parked::Resume(stream) => {
+                    from_backend = PumpSide::default();
+                    backend = stream;
+                    continue;
+                }
+                pooled::Parked::End(end) => break (end, None),
+            }
+        }
         if matches!(end, RelayEnd::BackendDrained) {
             // Both directions stopped between messages (a write cut
             // halfway would leave neither backend usable): stay or move.
@@ -203,7 +276,7 @@ pub(super) async fn relay<CR, CW>(
     }
     let mut out = BytesMut::new();
     match end {
-        RelayEnd::ClientDone | RelayEnd::Shutdown => {}
+        RelayEnd::ClientDone | RelayEnd::Shutdown | RelayEnd::Idle => {}
         RelayEnd::ClientProtocol(e) => {
             node.metrics.error(ErrorKind::Protocol);
             tracing::debug!(error = %e, "client protocol violation");

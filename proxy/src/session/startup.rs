@@ -14,14 +14,15 @@ use tokio::net::TcpStream;
 
 use crate::auth::{AuthError, ScramServer};
 use crate::backend::{BackendConnection, BackendError, LoginParams};
-use crate::config::AuthMethod;
+use crate::config::{AuthMethod, PoolMode};
 use crate::metrics::ErrorKind;
 use crate::node::Node;
 use crate::wire::protocol;
 use crate::wire::protocol::{read_message, ProtocolError, Severity, StartupPacket};
 use crate::{auth, backend};
 
-use super::state::Session;
+use super::pooled::{self, Pooled, Refusal};
+use super::state::{RelayState, Session};
 
 /// A client connection, before or after TLS.
 pub(super) enum ClientStream {
@@ -335,6 +336,12 @@ pub(super) async fn startup(
         });
     }
 
+    // Transaction pooling: a connection of the pool, set up for this
+    // session (see pooled.rs).
+    if node.config.pool.mode_for(&user, &database) == PoolMode::Transaction {
+        return start_pooled(node, client, user, database, forwarded, peer, out).await;
+    }
+
     // The home backend, or (with replication) another one when it is down:
     // every backend has the same data.
     let login_password = node.live().password(&user);
@@ -429,7 +436,76 @@ pub(super) async fn startup(
             cancel_key,
             backend_open: None,
             password: login_password,
+            pooled: None,
         },
+    }))))
+}
+
+/// The end of a pooled session's startup: a connection of the pool (waited
+/// for as a statement waits), the settings it reports with the client's
+/// own, and the client's key.
+async fn start_pooled(
+    node: &Arc<Node>,
+    client: &mut ClientStream,
+    user: String,
+    database: String,
+    forwarded: Vec<(String, String)>,
+    peer: SocketAddr,
+    mut out: BytesMut,
+) -> Result<Option<Started>, StartupFailure> {
+    let pooled = Pooled::new(&forwarded);
+    let mut session = Session {
+        password: node.live().password(&user),
+        user,
+        database,
+        params: forwarded,
+        backend_name: node.config.home_backend().name.clone(),
+        cancel_key: node.cancel_keys.register("", 0, 0),
+        backend_open: None,
+        pooled: Some(pooled),
+    };
+    let state = RelayState::new(Some(node), &session.database, true);
+    let stream = match pooled::check_out(node, &state, &mut session).await {
+        Ok(stream) => stream,
+        Err(Refusal::Fatal(raw)) => return Err(StartupFailure::Backend(raw)),
+        Err(Refusal::Error { code, message, .. }) => {
+            return Err(StartupFailure::Fatal {
+                kind: ErrorKind::BackendConnect,
+                code,
+                message,
+            })
+        }
+    };
+    session
+        .cancel_key
+        .describe(crate::backend::cancel::ClientInfo {
+            user: session.user.clone(),
+            database: session.database.clone(),
+            address: peer,
+            since: std::time::Instant::now(),
+        });
+    let startup_messages = session
+        .pooled
+        .as_ref()
+        .map(pooled::startup_parameters)
+        .unwrap_or_default();
+    protocol::authentication(&mut out, 0, &[]);
+    out.extend_from_slice(&startup_messages);
+    protocol::backend_key_data(&mut out, session.cancel_key.pid, session.cancel_key.secret);
+    protocol::ready_for_query(&mut out, b'I');
+    client.write_all(&out).await?;
+    let (pid, secret) = match session.cancel_key.target() {
+        Some((_, pid, secret)) => (pid, secret),
+        None => (0, 0),
+    };
+    Ok(Some(Started::Session(Box::new(Established {
+        backend: BackendConnection {
+            stream,
+            pid,
+            secret,
+            startup_messages,
+        },
+        session,
     }))))
 }
 

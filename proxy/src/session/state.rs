@@ -23,6 +23,7 @@ use crate::wire::protocol;
 use crate::wire::protocol::ProtocolError;
 
 use super::pump::PumpSide;
+pub(super) use crate::backend::pool::PreparedStatements;
 
 /// How a relay ended.
 #[derive(Debug)]
@@ -42,6 +43,9 @@ pub(super) enum RelayEnd {
     /// between transactions: it moves if nothing of it stays behind (see
     /// `relay::drain_move`).
     BackendDrained,
+    /// (Transaction pooling) the transaction ended and both directions
+    /// wait for bytes: the connection may go back to the pool.
+    Idle,
     /// The backend ended the session with a FATAL of a server going down
     /// (57P01 shutdown or terminate, 57P02 crash, 57P03 not accepting),
     /// held back from the client.
@@ -102,8 +106,9 @@ pub(super) struct RelayState {
     /// transaction's (0: none, 1: local, 2: cluster).
     pub(super) ddl_scope_session: AtomicU8,
     pub(super) ddl_scope_local: AtomicU8,
-    /// Named prepared statements, as sent (see `remember_prepared`).
-    pub(super) prepared: Mutex<rustc_hash::FxHashMap<String, BytesMut>>,
+    /// Named prepared statements, as sent (see `remember_prepared`);
+    /// shared with the pooled connection that has the same (pooled.rs).
+    pub(super) prepared: Mutex<Arc<PreparedStatements>>,
     /// Settings the backend reported changed (ParameterStatus) that a
     /// moved session takes along.
     pub(super) reported: Mutex<Vec<(String, String)>>,
@@ -144,6 +149,19 @@ pub(super) struct RelayState {
     pub(super) lane: Option<Arc<Lane>>,
     /// Whether the session's database replicates.
     pub(super) replicated_database: bool,
+    /// Transaction pooling (see pooled.rs): the session gives its server
+    /// connection back between transactions.
+    pub(super) pooled: bool,
+    /// (Pooled) the backend side forwarded an idle ReadyForQuery.
+    pub(super) idle_signal: tokio::sync::Notify,
+    /// (Pooled) each direction waits for bytes, with none buffered: a
+    /// relay stopped now leaves nothing half-done.
+    pub(super) client_reading: AtomicBool,
+    pub(super) backend_reading: AtomicBool,
+    /// (Pooled) the client sent a statement that may leave session state
+    /// (see `chorus_router::may_keep_session_state`) since the connection
+    /// was last given back.
+    pub(super) session_touched: AtomicBool,
 }
 
 /// What the client-to-backend direction keeps across backend connections.
@@ -211,9 +229,14 @@ pub(super) const MOVED_SETTINGS: &[&str] = &[
 
 impl RelayState {
     /// The relay state of a session in `database`.
-    pub(super) fn new(node: Option<&Node>, database: &str) -> RelayState {
+    pub(super) fn new(node: Option<&Node>, database: &str, pooled: bool) -> RelayState {
         let own = node.and_then(|n| n.lane(database));
         RelayState {
+            pooled,
+            idle_signal: tokio::sync::Notify::new(),
+            client_reading: AtomicBool::new(false),
+            backend_reading: AtomicBool::new(false),
+            session_touched: AtomicBool::new(false),
             replicated_database: own.is_some(),
             lane: own.or_else(|| node.and_then(|n| n.main_lane())),
             pending: Mutex::new(VecDeque::new()),
@@ -226,7 +249,7 @@ impl RelayState {
             probes: AtomicU32::new(0),
             ddl_scope_session: AtomicU8::new(0),
             ddl_scope_local: AtomicU8::new(0),
-            prepared: Mutex::new(rustc_hash::FxHashMap::default()),
+            prepared: Mutex::new(Arc::default()),
             reported: Mutex::new(Vec::new()),
             lost_transaction: AtomicBool::new(false),
             drain_blocked: AtomicBool::new(false),
@@ -389,6 +412,9 @@ pub(super) struct Session {
     /// The password the session's logins to backends use (the user's, as
     /// configured when the session started).
     pub(super) password: Option<String>,
+    /// Under transaction pooling: what follows the session from one server
+    /// connection to the next.
+    pub(super) pooled: Option<super::pooled::Pooled>,
 }
 
 impl RelayState {
@@ -408,13 +434,16 @@ impl RelayState {
                     let mut message = BytesMut::with_capacity(body.len() + 5);
                     protocol::write_message(&mut message, b'P', |m| m.extend_from_slice(body));
                     if let Ok(mut prepared) = self.prepared.lock() {
-                        prepared.insert(name, message);
+                        Arc::make_mut(&mut prepared).insert(name, message);
                     }
                 }
             }
             b'C' if body.first() == Some(&b'S') => {
                 if let Ok(mut prepared) = self.prepared.lock() {
-                    prepared.remove(&name(&body[1..]));
+                    let name = name(&body[1..]);
+                    if prepared.contains_key(&name) {
+                        Arc::make_mut(&mut prepared).remove(&name);
+                    }
                 }
             }
             _ => {}

@@ -39,6 +39,7 @@ async fn forwards_split_and_large_messages_unchanged() {
         &mut out,
         &mut PumpSide::default(),
         1 << 20,
+        None,
         |t| t == b'Q' || t == b'X',
         |tag, body, _| {
             seen.push((tag, body.to_vec()));
@@ -66,6 +67,7 @@ async fn pump_all(input: &[u8]) -> (Result<Option<BytesMut>, PumpError>, Vec<u8>
         &mut out,
         &mut PumpSide::default(),
         1 << 20,
+        None,
         |_| true,
         |_, _, _| Ok(Flow::Continue),
     )
@@ -75,7 +77,7 @@ async fn pump_all(input: &[u8]) -> (Result<Option<BytesMut>, PumpError>, Vec<u8>
 
 #[test]
 fn notifications_of_the_sessions_own_backend_carry_the_clients_pid() {
-    let state = RelayState::new(None, "postgres");
+    let state = RelayState::new(None, "postgres", false);
     state.client_pid.store(77, Ordering::Relaxed);
     state.backend_pid.store(4242, Ordering::Relaxed);
     let body = |pid: i32| {
@@ -132,6 +134,7 @@ async fn a_failed_write_leaves_the_direction_at_a_message_boundary() {
         &mut Gone,
         &mut side,
         1 << 20,
+        None,
         |_| true,
         |tag, _, _| {
             seen.push(tag);
@@ -151,6 +154,7 @@ async fn a_failed_write_leaves_the_direction_at_a_message_boundary() {
         &mut Gone,
         &mut side,
         1 << 20,
+        None,
         |_| false,
         |_, _, _| Ok(Flow::Continue),
     )

@@ -230,13 +230,21 @@ impl Drop for TestNode {
 
 /// `n` throwaway backends `pg1`..`pgN` under `dir`, with default options.
 pub fn backends(dir: &Path, n: usize) -> Vec<LocalPostgres> {
+    backends_with(dir, n, &[])
+}
+
+/// [`backends`], each with these settings.
+pub fn backends_with(dir: &Path, n: usize, settings: &[(String, String)]) -> Vec<LocalPostgres> {
     (1..=n)
         .map(|i| {
             tokio::task::block_in_place(|| {
                 LocalPostgres::create(
                     &pg_binaries(),
                     &dir.join(format!("pg{i}")),
-                    LocalPgOptions::default(),
+                    LocalPgOptions {
+                        settings: settings.to_vec(),
+                        ..LocalPgOptions::default()
+                    },
                 )
             })
             .unwrap()

@@ -54,6 +54,8 @@ pub struct Options {
     pub prepare: Vec<String>,
     /// The nodes started with the cluster (empty: all three).
     pub start: Vec<usize>,
+    /// Settings (`-c name=value`) of every backend.
+    pub backend_settings: Vec<(String, String)>,
 }
 
 impl Drop for Cluster {
@@ -114,7 +116,7 @@ pub async fn cluster_with(node_extra: &str, extra: &str) -> Cluster {
 /// A 3-node cluster built as `options` say.
 pub async fn cluster_opts(options: Options) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
-    let backends = common::backends(dir.path(), 3);
+    let backends = common::backends_with(dir.path(), 3, &options.backend_settings);
     for (pg, sql) in backends.iter().zip(&options.prepare) {
         let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
         client.batch_execute(sql).await.unwrap();

@@ -1,0 +1,391 @@
+//! Transaction pooling (`pool.mode = "transaction"`): clients share a few
+//! server connections between their transactions, and each keeps what it
+//! made in its session: prepared statements, settings, and (on a pinned
+//! connection) temporary tables and LISTEN.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/link.rs"]
+mod link;
+#[path = "common/procs.rs"]
+mod procs;
+#[path = "common/relay.rs"]
+mod relay;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{Options, TestNode};
+use tokio_postgres::{AsyncMessage, Client};
+
+/// A proxy node in transaction mode with `size` server connections.
+async fn pooled_node(size: usize, extra: &str) -> TestNode {
+    common::start(Options {
+        extra_toml: format!("[pool]\nmode = \"transaction\"\nsize = {size}\n{extra}\n"),
+        ..Options::default()
+    })
+    .await
+}
+
+/// Client backends on the node's backend, but the one asking.
+async fn server_connections(node: &TestNode) -> i64 {
+    let direct = common::connect(&node.pg.conninfo("postgres"))
+        .await
+        .unwrap();
+    direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn value(client: &Client, sql: &str) -> String {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_share_two_server_connections_and_keep_their_prepared_statements() {
+    let node = pooled_node(2, "").await;
+    let setup = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+        .await
+        .unwrap();
+    setup
+        .batch_execute("CREATE TABLE pooled_t (client int, n int, PRIMARY KEY (client, n))")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8i32 {
+        let conninfo = node.conninfo(common::PG_USER, Some(common::PG_PASSWORD));
+        tasks.push(tokio::spawn(async move {
+            let mut client = common::connect(&conninfo).await.unwrap();
+            // Named statements of this session, prepared once.
+            let add = client
+                .prepare(&format!("SELECT $1::int + {i}"))
+                .await
+                .unwrap();
+            let insert = client
+                .prepare("INSERT INTO pooled_t VALUES ($1, $2)")
+                .await
+                .unwrap();
+            let mut pids = BTreeSet::new();
+            for n in 0..30i32 {
+                let row = client.query_one(&add, &[&n]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), n + i);
+                let tx = client.transaction().await.unwrap();
+                tx.execute(&insert, &[&i, &n]).await.unwrap();
+                let pid: i32 = tx
+                    .query_one("SELECT pg_backend_pid()", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                pids.insert(pid);
+                tx.commit().await.unwrap();
+            }
+            pids
+        }));
+    }
+    let mut pids = BTreeSet::new();
+    for task in tasks {
+        pids.extend(task.await.unwrap());
+    }
+    // Eight clients, at most two server connections between them.
+    assert!(pids.len() <= 2, "{pids:?}");
+    assert!(server_connections(&node).await <= 2);
+    let count: i64 = setup
+        .query_one("SELECT count(*) FROM pooled_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 8 * 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_settings_follow_it_and_stay_out_of_other_sessions() {
+    // One server connection: the two sessions take turns on it.
+    let node = pooled_node(1, "").await;
+    let a = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+        .await
+        .unwrap();
+    let b = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+        .await
+        .unwrap();
+    let default_work_mem = value(&b, "SHOW work_mem").await;
+    a.batch_execute("SET work_mem = '7MB'; SET application_name = 'session-a'")
+        .await
+        .unwrap();
+    a.batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(value(&b, "SHOW work_mem").await, default_work_mem);
+        assert_eq!(
+            value(&b, "SELECT current_setting('application_name')").await,
+            ""
+        );
+        assert_ne!(value(&b, "SHOW TimeZone").await, "Asia/Tokyo");
+        assert_eq!(value(&a, "SHOW work_mem").await, "7MB");
+        assert_eq!(
+            value(&a, "SELECT current_setting('application_name')").await,
+            "session-a"
+        );
+        assert_eq!(value(&a, "SHOW TimeZone").await, "Asia/Tokyo");
+    }
+    // SET LOCAL ends with its transaction; RESET goes back to the default.
+    a.batch_execute("BEGIN; SET LOCAL work_mem = '9MB'; COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(value(&a, "SHOW work_mem").await, "7MB");
+    a.batch_execute("RESET work_mem").await.unwrap();
+    assert_eq!(value(&b, "SHOW work_mem").await, default_work_mem);
+    assert_eq!(value(&a, "SHOW work_mem").await, default_work_mem);
+    assert_eq!(server_connections(&node).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_that_cannot_move_keeps_the_connection_until_it_is_gone() {
+    let node = pooled_node(2, "").await;
+    let a = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+        .await
+        .unwrap();
+    let other = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+        .await
+        .unwrap();
+    // A temporary table and an SQL-level prepared statement: the session
+    // keeps its connection, and finds them in its next transactions.
+    a.batch_execute("CREATE TEMP TABLE scratch (v int); INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    a.batch_execute("PREPARE twice (int) AS SELECT $1 * 2")
+        .await
+        .unwrap();
+    let pinned = value(&a, "SELECT pg_backend_pid()::text").await;
+    for _ in 0..3 {
+        // Another session's transactions go to the other connection.
+        assert_ne!(value(&other, "SELECT pg_backend_pid()::text").await, pinned);
+        assert_eq!(value(&a, "SELECT v::text FROM scratch").await, "1");
+        let twice: i32 = a.query_one("EXECUTE twice(21)", &[]).await.unwrap().get(0);
+        assert_eq!(twice, 42);
+    }
+    assert_eq!(value(&a, "SELECT pg_backend_pid()::text").await, pinned);
+    // Once the state is gone, the connection serves others again.
+    a.batch_execute("DISCARD TEMP; DEALLOCATE twice")
+        .await
+        .unwrap();
+    // (The session gives its connection back after its next transaction.)
+    a.batch_execute("SELECT 1").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut seen = BTreeSet::new();
+        for _ in 0..5 {
+            seen.insert(value(&other, "SELECT pg_backend_pid()::text").await);
+        }
+        if seen.contains(&pinned) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pinned} never served another session"
+        );
+        a.batch_execute("SELECT 1").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_session_keeps_its_connection_and_gets_its_notifications() {
+    let node = pooled_node(2, "").await;
+    let (listener, mut connection) = tokio_postgres::connect(
+        &node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let (notes, mut received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = notes.send((n.channel().to_owned(), n.payload().to_owned()));
+            }
+        }
+    });
+    listener.batch_execute("LISTEN jobs").await.unwrap();
+    let sender = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+        .await
+        .unwrap();
+    sender.batch_execute("NOTIFY jobs, 'one'").await.unwrap();
+    let note = tokio::time::timeout(Duration::from_secs(10), received.recv())
+        .await
+        .expect("a notification within 10 s")
+        .unwrap();
+    assert_eq!(note, ("jobs".to_owned(), "one".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waits_for_a_free_connection_up_to_query_wait_timeout() {
+    let node = pooled_node(1, "query_wait_timeout_ms = 300").await;
+    let mut holder = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+        .await
+        .unwrap();
+    let waiter = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+        .await
+        .unwrap();
+    let open = holder.transaction().await.unwrap();
+    open.batch_execute("SELECT 1").await.unwrap();
+    let started = Instant::now();
+    let refused = waiter.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("53300"));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let db = refused.as_db_error().unwrap();
+    assert!(
+        db.message().contains("query_wait_timeout"),
+        "{}",
+        db.message()
+    );
+    // The extended protocol: the same error, and the session goes on.
+    let refused = waiter.query("SELECT $1::int", &[&1i32]).await.unwrap_err();
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("53300"));
+    open.commit().await.unwrap();
+    // Once the connection is free, the waiter gets it.
+    assert_eq!(value(&waiter, "SELECT 'served'").await, "served");
+}
+
+/// A 3-node cluster whose nodes pool by transaction, on backends that take
+/// 100 connections.
+async fn pooled_cluster() -> procs::Cluster {
+    procs::cluster_opts(procs::Options {
+        node_extra: "max_client_connections = 2000\n[pool]\nmode = \"transaction\"\nsize = 20\n"
+            .into(),
+        backend_settings: vec![("max_connections".into(), "100".into())],
+        ..procs::Options::default()
+    })
+    .await
+}
+
+/// pgbench through node `i`: it ran every transaction, none failed.
+fn pgbench_clean(c: &procs::Cluster, i: usize, args: &[&str], transactions: u32) {
+    let out = common::pgbench(c.ports[i - 1], args);
+    let text = common::stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", common::stderr(&out));
+    assert!(
+        text.contains(&format!(
+            "number of transactions actually processed: {transactions}/{transactions}"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("number of failed transactions: 0 "), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_share_a_hundred_server_connections_and_replication_holds() {
+    let mut c = pooled_cluster().await;
+    // DDL, COPY and maintenance in transaction mode.
+    let init = common::pgbench(c.ports[0], &["-i", "-s", "1", "-q"]);
+    assert!(init.status.success(), "{}", common::stderr(&init));
+    let accounts = "SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a";
+    c.converge(accounts, 1, &[2, 3]).await;
+
+    // A thousand clients on one node, whose backend takes a hundred.
+    pgbench_clean(
+        &c,
+        1,
+        &[
+            "-n", "-S", "-M", "prepared", "-c", "1000", "-j", "2", "-t", "5",
+        ],
+        5000,
+    );
+    // Write transactions from many clients at once. (Not `-M prepared`
+    // with more clients than connections: pgbench 15 prepares a statement
+    // synchronously the first time a client runs it, in the middle of its
+    // transaction, and waits for that client alone while the others hold
+    // every connection, as it would through any transaction pooler.)
+    pgbench_clean(
+        &c,
+        1,
+        &[
+            "-n", "-N", "-M", "extended", "-c", "200", "-j", "2", "-t", "5",
+        ],
+        1000,
+    );
+    // With as many clients as connections, prepared.
+    pgbench_clean(
+        &c,
+        1,
+        &[
+            "-n", "-N", "-M", "prepared", "-c", "20", "-j", "2", "-t", "10",
+        ],
+        200,
+    );
+    c.converge(accounts, 1, &[2, 3]).await;
+    c.converge("SELECT count(*)::text FROM pgbench_history", 1, &[2, 3])
+        .await;
+    let history = c
+        .wait_for(1, "SELECT count(*)::text FROM pgbench_history", |_| true)
+        .await;
+    assert_eq!(history, "1200");
+
+    // DDL with DML in one transaction, and a commit scope set in the
+    // session, through pooled connections: under scope `all` a commit is
+    // on every backend when it is acknowledged.
+    let client = c.via(1).await;
+    client
+        .batch_execute(
+            "BEGIN; CREATE TABLE pooled_ddl (id int PRIMARY KEY, v text); \
+             INSERT INTO pooled_ddl VALUES (1, 'one'); COMMIT",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("SET chorus.commit_scope = 'all'")
+        .await
+        .unwrap();
+    for id in 2..=6 {
+        client
+            .execute("INSERT INTO pooled_ddl VALUES ($1, 'more')", &[&id])
+            .await
+            .unwrap();
+        for b in 1..=3 {
+            let found: i64 = c
+                .direct(b)
+                .await
+                .query_one("SELECT count(*) FROM pooled_ddl WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(found, 1, "row {id} not on backend {b} when acknowledged");
+        }
+    }
+
+    // The home backend stops: pooled sessions go on with another one.
+    client
+        .batch_execute("RESET chorus.commit_scope")
+        .await
+        .unwrap();
+    c.backends[0].stop();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client
+            .query_one("SELECT count(*) FROM pooled_ddl", &[])
+            .await
+        {
+            Ok(row) => {
+                assert_eq!(row.get::<_, i64>(0), 6);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "never served again: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+        .execute("INSERT INTO pooled_ddl VALUES (7, 'after')", &[])
+        .await
+        .unwrap();
+    c.converge("SELECT count(*)::text FROM pooled_ddl", 2, &[3])
+        .await;
+}
