@@ -5,6 +5,8 @@
 #   pgb-tx     PgBouncer, transaction pooling (not with -M prepared: PgBouncer
 #              1.18 cannot keep prepared statements in transaction mode)
 #   chorus     a Chorus node (release build) in front of the same PostgreSQL
+#   chorus-tx  a second Chorus node on it, in transaction pooling
+#              (pool.mode = "transaction", pool.size = 64, as PgBouncer's)
 # for the select-only (-S) and simple-update (-N) scripts, -M simple|extended|
 # prepared, with 8 and 32 clients. Prints a Markdown table.
 #
@@ -20,7 +22,7 @@ SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-"8 32"}
 MODES=${MODES:-"simple extended prepared"}
 SCRIPTS=${SCRIPTS:-"select-only simple-update"}
-TARGETS=${TARGETS:-"direct pgb-sess pgb-tx chorus"}
+TARGETS=${TARGETS:-"direct pgb-sess pgb-tx chorus chorus-tx"}
 THREADS=${THREADS:-2}
 
 if ! command -v pgbouncer >/dev/null 2>&1; then
@@ -64,6 +66,19 @@ for _ in $(seq 1 300); do grep -q '^ready$' "$WORK/demo.out" 2>/dev/null && brea
 grep -q '^ready$' "$WORK/demo.out" || { cat "$WORK/demo.err" >&2; exit 1; }
 PG_PORT=$(sed -n 's|^backend 1: postgres://postgres@127.0.0.1:\([0-9]*\)/postgres$|\1|p' "$WORK/demo.out")
 
+# The same node's configuration, on another port, in transaction pooling.
+CHORUS_TX_PORT=$(free_port)
+awk -v port="$CHORUS_TX_PORT" '
+    /^\[/ { section = $0 }
+    section == "[node]" && /^listen = / { print "listen = \"127.0.0.1:" port "\""; next }
+    section == "[node]" && /^metrics_listen = / { next }
+    section == "[pool]" && /^mode = / { print "mode = \"transaction\""; next }
+    section == "[pool]" && /^size = / { print "size = 64"; next }
+    { print }' "$WORK/cluster/node1.toml" > "$WORK/chorus-tx.toml"
+grep -q '^mode = "transaction"' "$WORK/chorus-tx.toml" || { echo "no [pool] in the demo's configuration" >&2; exit 1; }
+RUST_LOG=warn ./target/release/chorus run --config "$WORK/chorus-tx.toml" > "$WORK/chorus-tx.log" 2>&1 &
+PIDS+=($!)
+
 # PgBouncer, one instance per pooling mode, as the postgres user when root.
 start_pgbouncer() { # name mode port
     local dir="$WORK/$1"
@@ -95,7 +110,7 @@ INI
 PGB_SESS_PORT=$(free_port); start_pgbouncer pgb-sess session "$PGB_SESS_PORT"
 PGB_TX_PORT=$(free_port); start_pgbouncer pgb-tx transaction "$PGB_TX_PORT"
 wait_port() { for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
-wait_port "$PGB_SESS_PORT"; wait_port "$PGB_TX_PORT"; wait_port "$CHORUS_PORT"
+wait_port "$PGB_SESS_PORT"; wait_port "$PGB_TX_PORT"; wait_port "$CHORUS_PORT"; wait_port "$CHORUS_TX_PORT"
 
 port_of() {
     case $1 in
@@ -103,6 +118,7 @@ port_of() {
         pgb-sess) echo "$PGB_SESS_PORT" ;;
         pgb-tx) echo "$PGB_TX_PORT" ;;
         chorus) echo "$CHORUS_PORT" ;;
+        chorus-tx) echo "$CHORUS_TX_PORT" ;;
     esac
 }
 

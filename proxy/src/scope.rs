@@ -135,6 +135,37 @@ pub fn ddl_scope_changes(sql: &str) -> Vec<DdlScopeChange> {
         .collect()
 }
 
+/// A change of the session's `chorus.read_routing` (transaction pooling:
+/// where its read-only transactions run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadRoutingChange {
+    /// `SET [SESSION] chorus.read_routing = …` (true: any).
+    Session(bool),
+    /// Back to the node's `pool.read_routing`.
+    Reset,
+    Invalid,
+}
+
+/// Find `chorus.read_routing` changes in a query string (`SET LOCAL`
+/// changes nothing: a transaction's backend is chosen before it starts).
+pub fn read_routing_changes(sql: &str) -> Vec<ReadRoutingChange> {
+    let lower = sql.to_ascii_lowercase();
+    if !lower.contains("read_routing") && !lower.contains("all") {
+        return Vec::new();
+    }
+    split_statements(&lower)
+        .filter_map(|statement| {
+            Some(match parse_set(statement, "chorus.read_routing")? {
+                SetStatement::Reset => ReadRoutingChange::Reset,
+                SetStatement::Local(_) => return None,
+                SetStatement::Session("any") => ReadRoutingChange::Session(true),
+                SetStatement::Session("home") => ReadRoutingChange::Session(false),
+                SetStatement::Session(_) => ReadRoutingChange::Invalid,
+            })
+        })
+        .collect()
+}
+
 /// Encoding of an optional scope in an atomic byte.
 pub fn encode(scope: Option<CommitScope>) -> u8 {
     match scope {
@@ -277,6 +308,20 @@ impl ReplicationProgress {
     pub fn backends(&self) -> usize {
         self.backends
     }
+
+    /// The home backend's WAL flush position now (a transaction that has
+    /// committed there is at or before it), within `limit`.
+    pub async fn flush_position(&self, limit: Duration) -> Option<u64> {
+        let (reply, position) = oneshot::channel();
+        self.flush_requests.send(reply).ok()?;
+        tokio::time::timeout(limit, position).await.ok()?.ok()
+    }
+
+    /// Whether `peer` has everything of the home backend up to `lsn`.
+    pub fn applied(&self, peer: &str, lsn: u64) -> bool {
+        self.peer(peer)
+            .is_some_and(|p| p.position.load(Ordering::SeqCst) >= lsn)
+    }
 }
 
 #[cfg(test)]
@@ -313,6 +358,23 @@ mod tests {
         ];
         for (sql, expected) in cases {
             assert_eq!(&scope_changes(sql), expected, "{sql}");
+        }
+    }
+
+    #[test]
+    fn read_routing_settings_are_recognized() {
+        use ReadRoutingChange as R;
+        let cases: &[(&str, &[ReadRoutingChange])] = &[
+            ("SET chorus.read_routing = 'any'", &[R::Session(true)]),
+            ("set chorus.read_routing to home", &[R::Session(false)]),
+            ("SET LOCAL chorus.read_routing = 'any'", &[]),
+            ("RESET chorus.read_routing", &[R::Reset]),
+            ("DISCARD ALL", &[R::Reset]),
+            ("SET chorus.read_routing = 'everywhere'", &[R::Invalid]),
+            ("SELECT 1", &[]),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(&read_routing_changes(sql), expected, "{sql}");
         }
     }
 

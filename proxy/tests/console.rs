@@ -171,7 +171,7 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
         (row[6].parse().unwrap_or(-1), row[7].clone())
     };
     let held = show_until(&one, "SHOW REPLICATION", |rows| {
-        stream(rows, "pg2").0 > 500_000 && stream(rows, "pg3").0 < 500_000
+        stream(rows, "pg2").0 > 100_000 && stream(rows, "pg3").0 < 50_000
     })
     .await;
     let held_bytes = stream(&held, "pg2").0;

@@ -389,3 +389,108 @@ async fn a_thousand_clients_share_a_hundred_server_connections_and_replication_h
     c.converge("SELECT count(*)::text FROM pooled_ddl", 2, &[3])
         .await;
 }
+
+/// The backend port serving a statement, and its one value.
+async fn served(client: &Client, sql: &str, id: i32) -> (i64, i32) {
+    let row = client
+        .query_one(sql, &[&id])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_spread_over_backends_and_a_session_always_reads_its_own_writes() {
+    let c = procs::cluster_opts(procs::Options {
+        node_extra: "[pool]\nmode = \"transaction\"\nread_routing = \"any\"\n".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    let port = |b: usize| i32::from(c.backends[b - 1].port());
+    let client = c.via(1).await;
+    client
+        .batch_execute("CREATE TABLE ryw (id int PRIMARY KEY, v int)")
+        .await
+        .unwrap();
+    client
+        .execute("INSERT INTO ryw VALUES (0, 0)", &[])
+        .await
+        .unwrap();
+    for b in 2..=3 {
+        c.wait_for(b, "SELECT count(*)::text FROM ryw", |n| n == "1")
+            .await;
+    }
+    // Read-only transactions take turns on the three backends.
+    let check = "SELECT count(*), inet_server_port() FROM ryw WHERE id = $1";
+    let mut ports = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ports.len() < 3 {
+        assert!(Instant::now() < deadline, "reads went to {ports:?} only");
+        ports.insert(served(&client, check, 0).await.1);
+    }
+
+    // Backend 2 stops applying node 1's changes (its row of
+    // chorus.applied locked): each write is read back at once by the same
+    // session, never from backend 2, which does not have it.
+    let mut holder = c.direct(2).await;
+    let hold = holder.transaction().await.unwrap();
+    let locked = hold
+        .query(
+            "SELECT * FROM chorus.applied WHERE origin = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(locked.len(), 1);
+    let mut reads_from = BTreeSet::new();
+    for id in 1..=20 {
+        client
+            .execute("INSERT INTO ryw VALUES ($1, $1)", &[&id])
+            .await
+            .unwrap();
+        let (found, from) = served(&client, check, id).await;
+        assert_eq!(found, 1, "write {id} not read back (read on port {from})");
+        reads_from.insert(from);
+        // Between writes, reads of older rows still spread.
+        let (found, from) = served(&client, check, 0).await;
+        assert_eq!(found, 1);
+        reads_from.insert(from);
+    }
+    assert!(!reads_from.contains(&port(2)), "{reads_from:?}");
+    // (Backend 2 really lacked the writes all along.)
+    let behind: i64 = c
+        .direct(2)
+        .await
+        .query_one("SELECT count(*) FROM ryw WHERE id > 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(behind, 0);
+    hold.rollback().await.unwrap();
+    // Once backend 2 has them, the session's reads go there again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (found, from) = served(&client, check, 20).await;
+        assert_eq!(found, 1);
+        if from == port(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reads never went back to backend 2"
+        );
+    }
+    // A session that asks for home routing reads where it writes.
+    client
+        .batch_execute("SET chorus.read_routing = 'home'")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(served(&client, check, 0).await.1, port(1));
+    }
+    let invalid = client
+        .batch_execute("SET chorus.read_routing = 'everywhere'")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&invalid).as_deref(), Some("22023"));
+}

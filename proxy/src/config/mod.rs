@@ -15,7 +15,7 @@ use thiserror::Error;
 mod backend_tls;
 pub use backend_tls::{BackendTls, SslMode};
 mod pool;
-pub use pool::{PoolConfig, PoolMode};
+pub use pool::{PoolConfig, PoolMode, ReadRouting};
 mod cluster;
 pub use cluster::{
     ClusterConfig, CommitScope, MemberConfig, ReplicationConfig, SequenceKind, TimeoutAction,

@@ -17,6 +17,17 @@ pub enum PoolMode {
     Transaction,
 }
 
+/// Where a pooled session's read-only transactions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadRouting {
+    /// On the session's home backend, as its writes.
+    #[default]
+    Home,
+    /// On any healthy backend that has the session's own last write.
+    Any,
+}
+
 /// How client sessions share server connections.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +55,11 @@ pub struct PoolConfig {
     /// closed. Default 600 s.
     #[serde(default = "default_idle")]
     pub server_idle_timeout_ms: u64,
+    /// In transaction mode, with replication: where read-only transactions
+    /// run ("home", default, or "any"); a session changes it with `SET
+    /// chorus.read_routing`.
+    #[serde(default)]
+    pub read_routing: ReadRouting,
 }
 
 fn default_size() -> usize {
@@ -65,6 +81,7 @@ impl Default for PoolConfig {
             size: default_size(),
             query_wait_timeout_ms: default_wait(),
             server_idle_timeout_ms: default_idle(),
+            read_routing: ReadRouting::Home,
         }
     }
 }

@@ -164,6 +164,11 @@ where
                     state.txn_stamped.store(false, Ordering::Relaxed);
                     let local = scope::decode(state.scope_local.swap(0, Ordering::SeqCst));
                     if std::mem::take(&mut txn_wrote) {
+                        if state.pooled {
+                            if let Ok(mut last) = state.last_write.lock() {
+                                *last = Some((serving.to_owned(), None));
+                            }
+                        }
                         let scope = local
                             .or_else(|| scope::decode(state.scope_session.load(Ordering::SeqCst)))
                             .unwrap_or(default_scope);

@@ -13,7 +13,7 @@ use crate::cluster::ddl::lease as ddl_lease;
 use crate::cluster::ddl::DdlJob;
 use crate::node::Node;
 use crate::scope;
-use crate::scope::{DdlScopeChange, ScopeChange};
+use crate::scope::{DdlScopeChange, ReadRoutingChange, ScopeChange};
 use crate::wire::frontend::{is_inspected, query_stamps, FrontendEvent, FrontendState};
 use crate::wire::protocol;
 
@@ -254,11 +254,18 @@ where
                     }
                     if replicating && summary.counts[StatementClass::Session.index()] > 0 {
                         let ddl_scope = scope::ddl_scope_changes(&sql());
+                        let routing = scope::read_routing_changes(&sql());
                         let refusal = if ddl_scope.contains(&DdlScopeChange::Invalid) {
                             Err(refusal_query(
                                 "22023",
                                 "invalid value for parameter \"chorus.ddl_scope\"",
                                 "Available values: cluster, local.",
+                            ))
+                        } else if routing.contains(&ReadRoutingChange::Invalid) {
+                            Err(refusal_query(
+                                "22023",
+                                "invalid value for parameter \"chorus.read_routing\"",
+                                "Available values: home, any.",
                             ))
                         } else {
                             scope_changes_in(&sql())
@@ -267,6 +274,7 @@ where
                             Ok(changes) => {
                                 scope_pending.extend(changes);
                                 state.apply_ddl_scope(&ddl_scope);
+                                state.apply_read_routing(&routing);
                             }
                             Err(refusal) => {
                                 state.push_ready(*stamped, Vec::new());
@@ -437,6 +445,7 @@ where
                         scope_pending.extend(changes);
                     }
                     state.apply_ddl_scope(&scope::ddl_scope_changes(sql));
+                    state.apply_read_routing(&scope::read_routing_changes(sql));
                 }
                 FrontendEvent::Parsed(StatementClass::Write) if replicating => {
                     let sql = protocol::read_cstr(body)

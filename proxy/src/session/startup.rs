@@ -465,7 +465,7 @@ async fn start_pooled(
         pooled: Some(pooled),
     };
     let state = RelayState::new(Some(node), &session.database, true);
-    let stream = match pooled::check_out(node, &state, &mut session).await {
+    let stream = match pooled::check_out(node, &state, &mut session, false).await {
         Ok(stream) => stream,
         Err(Refusal::Fatal(raw)) => return Err(StartupFailure::Backend(raw)),
         Err(Refusal::Error { code, message, .. }) => {

@@ -17,7 +17,7 @@ use crate::cluster::ddl::DdlJob;
 use crate::cluster::lane::Lane;
 use crate::metrics::GaugeGuard;
 use crate::node::Node;
-use crate::scope::{DdlScopeChange, ScopeChange};
+use crate::scope::{DdlScopeChange, ReadRoutingChange, ScopeChange};
 use crate::wire::frontend::FrontendState;
 use crate::wire::protocol;
 use crate::wire::protocol::ProtocolError;
@@ -162,6 +162,12 @@ pub(super) struct RelayState {
     /// (see `chorus_router::may_keep_session_state`) since the connection
     /// was last given back.
     pub(super) session_touched: AtomicBool,
+    /// (Pooled) `chorus.read_routing`: 0 the node's, 1 home, 2 any.
+    pub(super) read_routing: AtomicU8,
+    /// (Pooled) where the session's last write transaction committed, and
+    /// (once asked, see pooled.rs) a WAL position of that backend at or
+    /// after its commit: its reads go where that is.
+    pub(super) last_write: Mutex<Option<(String, Option<u64>)>>,
 }
 
 /// What the client-to-backend direction keeps across backend connections.
@@ -237,6 +243,8 @@ impl RelayState {
             client_reading: AtomicBool::new(false),
             backend_reading: AtomicBool::new(false),
             session_touched: AtomicBool::new(false),
+            read_routing: AtomicU8::new(0),
+            last_write: Mutex::new(None),
             replicated_database: own.is_some(),
             lane: own.or_else(|| node.and_then(|n| n.main_lane())),
             pending: Mutex::new(VecDeque::new()),
@@ -377,6 +385,27 @@ impl RelayState {
             1 => true,
             2 => false,
             _ => self.ddl_scope_session.load(Ordering::Relaxed) == 1,
+        }
+    }
+
+    pub(super) fn apply_read_routing(&self, changes: &[ReadRoutingChange]) {
+        for change in changes {
+            let value = match change {
+                ReadRoutingChange::Session(any) => 1 + u8::from(*any),
+                ReadRoutingChange::Reset => 0,
+                ReadRoutingChange::Invalid => continue,
+            };
+            self.read_routing.store(value, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the session's read-only transactions may run on any
+    /// backend that has its last write (`default`: the node's setting).
+    pub(super) fn reads_anywhere(&self, default: bool) -> bool {
+        match self.read_routing.load(Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => default,
         }
     }
 

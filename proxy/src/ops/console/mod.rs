@@ -65,6 +65,10 @@ const COMMANDS: &[(&str, &str)] = &[
     ("SHOW DATABASES", "the replicated databases"),
     ("SHOW DDL", "the last entries of the DDL log"),
     ("SHOW CLIENTS", "the client sessions of this node"),
+    (
+        "SHOW POOLS",
+        "transaction pooling: server connections in use and idle, per pool",
+    ),
     ("SHOW CONFIG", "this node's settings (no secrets)"),
     (
         "SHOW REPLICATION",
@@ -210,6 +214,7 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         ["SHOW", "DATABASES"] => show::databases(node),
         ["SHOW", "DDL"] => show::ddl(node).await,
         ["SHOW", "CLIENTS"] => show::clients(node).await,
+        ["SHOW", "POOLS"] => show::pools(node),
         ["SHOW", "CONFIG"] => show::config(node),
         ["SHOW", "REPLICATION"] => match show::replication(node).await {
             Ok(rows) => rows,

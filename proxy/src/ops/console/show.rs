@@ -533,6 +533,31 @@ pub(super) fn databases(node: &Node) -> Table {
     )
 }
 
+/// The pools of transaction pooling (backend/pool.rs): per backend,
+/// database and user, the server connections in use and idle.
+pub(super) fn pools(node: &Node) -> Table {
+    let size = node.pool.size();
+    let rows = node
+        .pool
+        .counts()
+        .into_iter()
+        .map(|(key, in_use, idle)| {
+            vec![
+                key.backend,
+                key.database,
+                key.user,
+                in_use.to_string(),
+                idle.to_string(),
+                size.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["backend", "database", "user", "in_use", "idle", "size"],
+        rows,
+    )
+}
+
 /// The log's last entries. A statement that traveled in its
 /// transaction's change stream is not in the log (the entry orders it): it
 /// is read from the home backend's `chorus.ddl_history` in the main
