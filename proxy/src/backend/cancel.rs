@@ -80,20 +80,25 @@ impl CancelKey {
         }
     }
 
-    /// The backend connection this key's cancels go to now: its address,
-    /// pid and secret (none while the session has no server connection).
-    pub fn target(&self) -> Option<(String, i32, i32)> {
+    /// The key (pid and secret) of the backend connection this key's
+    /// cancels go to now; none while the session has no server connection.
+    pub fn backend_key(&self) -> Option<(i32, i32)> {
         let keys = self.registry.keys.lock().ok()?;
         keys.get(&self.pid)
-            .filter(|t| !t.backend_address.is_empty())
-            .map(|t| (t.backend_address.clone(), t.backend_pid, t.backend_secret))
+            .filter(|t| t.backend_pid != 0)
+            .map(|t| (t.backend_pid, t.backend_secret))
     }
 
     /// The session gave its server connection back (transaction pooling):
     /// its cancels go nowhere until it takes one again, since the
     /// connection may serve another session meanwhile.
     pub fn detach(&self) {
-        self.retarget("", 0, 0);
+        if let Ok(mut keys) = self.registry.keys.lock() {
+            if let Some(target) = keys.get_mut(&self.pid) {
+                target.backend_pid = 0;
+                target.backend_secret = 0;
+            }
+        }
     }
 
     /// Send this key's cancels to another backend connection (the session
@@ -101,7 +106,10 @@ impl CancelKey {
     pub fn retarget(&self, backend_address: &str, backend_pid: i32, backend_secret: i32) {
         if let Ok(mut keys) = self.registry.keys.lock() {
             if let Some(target) = keys.get_mut(&self.pid) {
-                target.backend_address = backend_address.to_owned();
+                if target.backend_address != backend_address {
+                    target.backend_address.clear();
+                    target.backend_address.push_str(backend_address);
+                }
                 target.backend_pid = backend_pid;
                 target.backend_secret = backend_secret;
             }
@@ -167,7 +175,7 @@ impl CancelRegistry {
             return false;
         };
         // (A session between transactions: there is nothing to cancel.)
-        if target.backend_address.is_empty() {
+        if target.backend_pid == 0 {
             return true;
         }
         if let Err(e) = super::send_cancel(

@@ -25,7 +25,7 @@ pub struct PoolKey {
     pub user: String,
     pub database: String,
     /// Startup parameters other than the settings a session takes along
-    /// (see `session::state::MOVED_SETTINGS`), as the connections log in.
+    /// (see `session::carried::MOVED_SETTINGS`), as the connections log in.
     pub params: Vec<(String, String)>,
 }
 

@@ -17,6 +17,7 @@ use crate::metrics::{ErrorKind, GaugeGuard};
 use crate::node::Node;
 
 mod answers;
+mod carried;
 mod client;
 mod drain;
 mod elsewhere;

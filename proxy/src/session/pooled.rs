@@ -27,70 +27,19 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 
-use crate::backend::pool::{KeyPool, PoolKey, PreparedStatements, Server, ServerState};
+use crate::backend::pool::{PoolKey, PreparedStatements, Server, ServerState};
 use crate::backend::{self, BackendError, BackendStream};
 use crate::metrics::GaugeGuard;
 use crate::node::Node;
 use crate::wire::protocol::{self, read_message, Severity};
 
+use super::carried::{Lease, Pooled};
 use super::client::quote_literal;
 use super::drain;
 use super::pump::{read_more, PumpSide};
-use super::state::{ClientSide, RelayEnd, RelayState, Session, MOVED_SETTINGS, MOVE_LIMIT};
-
-/// What follows a pooled session from one server connection to the next.
-pub(super) struct Pooled {
-    /// The startup parameters the pool's connections log in with: the
-    /// session's, less the settings it takes along (`desired`).
-    key_params: Vec<(String, String)>,
-    /// The pool of each backend the session used.
-    pools: Vec<(String, Arc<KeyPool>)>,
-    /// The reported settings as the client knows them.
-    desired: Vec<(String, String)>,
-    /// The statement that makes the session's own settings (from the last
-    /// question), none when it has none.
-    settings: Option<String>,
-    /// The session keeps its connection between transactions.
-    pinned: bool,
-    /// The connection in use.
-    lease: Option<Lease>,
-    /// Read-only transactions routed (their backends take turns).
-    reads: usize,
-}
-
-/// A server connection in a session's hands.
-struct Lease {
-    pool: Arc<KeyPool>,
-    _permit: OwnedSemaphorePermit,
-    /// What the connection has (the session's, while it holds it).
-    server: ServerState,
-}
-
-impl Pooled {
-    /// A session with these startup parameters (as sent to backends).
-    pub(super) fn new(params: &[(String, String)]) -> Pooled {
-        let taken = |name: &str| MOVED_SETTINGS.iter().any(|m| m.eq_ignore_ascii_case(name));
-        Pooled {
-            key_params: params.iter().filter(|(n, _)| !taken(n)).cloned().collect(),
-            pools: Vec::new(),
-            desired: params.iter().filter(|(n, _)| taken(n)).cloned().collect(),
-            settings: None,
-            pinned: false,
-            lease: None,
-            reads: rand::random::<u32>() as usize,
-        }
-    }
-
-    /// The DDL settings the connection in hand holds (see
-    /// `RelayState::ddl_settings_sent`).
-    pub(super) fn ddl_settings_sent(&self) -> bool {
-        self.lease
-            .as_ref()
-            .is_some_and(|l| l.server.ddl_settings_sent)
-    }
-}
+use super::state::{ClientSide, RelayEnd, RelayState, Session, MOVE_LIMIT};
 
 /// Why a session got no server connection.
 pub(super) enum Refusal {
@@ -373,7 +322,8 @@ fn parameter(body: &[u8]) -> Option<(String, String)> {
 
 fn set_value(list: &mut Vec<(String, String)>, name: &str, value: &str) {
     match list.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
-        Some(entry) => entry.1 = value.to_owned(),
+        Some(entry) if entry.1 != value => entry.1 = value.to_owned(),
+        Some(_) => {}
         None => list.push((name.to_owned(), value.to_owned())),
     }
 }
@@ -568,7 +518,7 @@ pub(super) async fn give_back(
         Some((_, pool)) => pool.clone(),
         None => lease.pool.clone(),
     };
-    let Some((_, pid, secret)) = session.cancel_key.target() else {
+    let Some((pid, secret)) = session.cancel_key.backend_key() else {
         return Released::Broken;
     };
     for (name, value) in &pooled.desired {

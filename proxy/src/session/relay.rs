@@ -179,8 +179,9 @@ pub(super) async fn relay<CR, CW>(
             )
             .await
             {
+                // (The backend side stopped clean and empty: its buffer
+                // serves the next connection as it is.)
                 pooled::Parked::Resume(stream) => {
-                    from_backend = PumpSide::default();
                     backend = stream;
                     continue;
                 }

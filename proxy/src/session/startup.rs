@@ -21,7 +21,8 @@ use crate::wire::protocol;
 use crate::wire::protocol::{read_message, ProtocolError, Severity, StartupPacket};
 use crate::{auth, backend};
 
-use super::pooled::{self, Pooled, Refusal};
+use super::carried::Pooled;
+use super::pooled::{self, Refusal};
 use super::state::{RelayState, Session};
 
 /// A client connection, before or after TLS.
@@ -494,10 +495,7 @@ async fn start_pooled(
     protocol::backend_key_data(&mut out, session.cancel_key.pid, session.cancel_key.secret);
     protocol::ready_for_query(&mut out, b'I');
     client.write_all(&out).await?;
-    let (pid, secret) = match session.cancel_key.target() {
-        Some((_, pid, secret)) => (pid, secret),
-        None => (0, 0),
-    };
+    let (pid, secret) = session.cancel_key.backend_key().unwrap_or((0, 0));
     Ok(Some(Started::Session(Box::new(Established {
         backend: BackendConnection {
             stream,

@@ -22,6 +22,7 @@ use crate::wire::frontend::FrontendState;
 use crate::wire::protocol;
 use crate::wire::protocol::ProtocolError;
 
+use super::carried::MOVED_SETTINGS;
 use super::pump::PumpSide;
 pub(super) use crate::backend::pool::PreparedStatements;
 
@@ -220,18 +221,6 @@ impl ClientSide {
         }
     }
 }
-
-/// Settings reported by ParameterStatus that a session moved to another
-/// backend gets again (as startup parameters).
-pub(super) const MOVED_SETTINGS: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "DateStyle",
-    "IntervalStyle",
-    "TimeZone",
-    "search_path",
-    "standard_conforming_strings",
-];
 
 impl RelayState {
     /// The relay state of a session in `database`.
@@ -443,7 +432,7 @@ pub(super) struct Session {
     pub(super) password: Option<String>,
     /// Under transaction pooling: what follows the session from one server
     /// connection to the next.
-    pub(super) pooled: Option<super::pooled::Pooled>,
+    pub(super) pooled: Option<super::carried::Pooled>,
 }
 
 impl RelayState {
