@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-10000}
 SIZE=${SIZE:-20}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if [ "$(ulimit -n)" -lt $((CLIENTS * 2 + 1000)) ]; then
+if [ "$(ulimit -n)" -lt $((CLIENTS + 1000)) ]; then
     echo "open files limit $(ulimit -n) is too low for $CLIENTS clients" >&2
     exit 1
 fi
@@ -66,7 +66,7 @@ BEFORE=$(rss_mb)
 # The clients: raw protocol (trust), asyncio. Logs in all of them, signals
 # "idle" and waits for a line on stdin; then one query each, and "done".
 mkfifo "$WORK/go"
-python3 - "$PORT" "$CLIENTS" < "$WORK/go" > "$WORK/clients.out" 2>&1 <<'PY' &
+cat > "$WORK/clients.py" <<'PY'
 import asyncio, struct, sys
 port, count = int(sys.argv[1]), int(sys.argv[2])
 
@@ -109,15 +109,18 @@ async def main():
 
 asyncio.run(main())
 PY
+python3 "$WORK/clients.py" "$PORT" "$CLIENTS" < "$WORK/go" > "$WORK/clients.out" 2>&1 &
 CLIENTS_PID=$!
 exec 3> "$WORK/go"
 for _ in $(seq 1 1200); do grep -q '^idle' "$WORK/clients.out" && break; sleep 0.1; done
 grep -q '^idle' "$WORK/clients.out" || { cat "$WORK/clients.out" >&2; exit 1; }
+sleep "${SETTLE:-3}"   # (idle sessions give their read buffers back after 1 s)
 IDLE=$(rss_mb)
 IDLE_SERVERS=$(servers)
 echo >&3
 for _ in $(seq 1 1200); do grep -q '^done' "$WORK/clients.out" && break; sleep 0.1; done
 grep -q '^done' "$WORK/clients.out" || { cat "$WORK/clients.out" >&2; exit 1; }
+sleep "${SETTLE:-3}"
 AFTER=$(rss_mb)
 AFTER_SERVERS=$(servers)
 exec 3>&-

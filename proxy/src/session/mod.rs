@@ -43,14 +43,14 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
     let mut client = ClientStream::Plain(stream);
     let started = tokio::time::timeout(
         node.live().config.auth_timeout(),
-        startup(&node, &mut client, peer),
+        Box::pin(startup(&node, &mut client, peer)),
     )
     .await;
     let established = match started {
         Ok(Ok(Some(Started::Session(established)))) => *established,
         // (Past the authentication timeout: a console session lasts.)
         Ok(Ok(Some(Started::Console(greeting)))) => {
-            let _ = crate::ops::console::serve(&node, &mut client, greeting).await;
+            let _ = Box::pin(crate::ops::console::serve(&node, &mut client, greeting)).await;
             return;
         }
         Ok(Ok(None)) => return,

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::backend::pool::{PoolKey, PreparedStatements, Server, ServerState};
@@ -544,14 +544,21 @@ pub(super) enum Parked {
     End(RelayEnd),
 }
 
+/// How long a parked session keeps its read buffers.
+const TRIM_AFTER: Duration = Duration::from_secs(1);
+/// The buffer a parked session waits with after that.
+const IDLE_BUFFER: usize = 512;
+
 /// Wait, without a server connection, for the client's next message (or
 /// the node's shutdown), then take a connection for it. A message that
 /// gets none is answered with the error.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn park<R, W>(
     node: &Node,
     state: &RelayState,
     session: &mut Session,
     client: &mut ClientSide,
+    from_backend: &mut PumpSide,
     client_read: &mut R,
     client_write: &mut W,
     shutdown: &mut watch::Receiver<bool>,
@@ -560,13 +567,33 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // A client that comes back at once keeps its buffers; one idle for
+    // longer gives them back, and waits with a small one, so that many
+    // idle clients cost little memory.
+    let mut trimmed = false;
     loop {
-        if client.pump.buf.is_empty() {
+        while client.pump.buf.is_empty() {
+            let read = async {
+                if trimmed {
+                    client.pump.buf.reserve(IDLE_BUFFER);
+                    client_read
+                        .read_buf(&mut client.pump.buf)
+                        .await
+                        .map_or(true, |n| n == 0)
+                } else {
+                    read_more(client_read, &mut client.pump.buf).await.is_err()
+                }
+            };
             tokio::select! {
-                read = read_more(client_read, &mut client.pump.buf) => {
-                    if read.is_err() {
+                ended = read => {
+                    if ended {
                         return Parked::End(RelayEnd::ClientDone);
                     }
+                }
+                () = tokio::time::sleep(TRIM_AFTER), if !trimmed => {
+                    client.pump.buf = BytesMut::new();
+                    from_backend.buf = BytesMut::new();
+                    trimmed = true;
                 }
                 () = async {
                     let _ = shutdown.wait_for(|started| *started).await;
@@ -582,7 +609,7 @@ where
             return Parked::End(RelayEnd::ClientDone);
         }
         let read_only = read_only_request(client, node.config.node.max_message_bytes);
-        match check_out(node, state, session, read_only).await {
+        match Box::pin(check_out(node, state, session, read_only)).await {
             Ok(stream) => return Parked::Resume(stream),
             Err(Refusal::Fatal(raw)) => {
                 return Parked::End(RelayEnd::BackendClosing {

@@ -65,15 +65,18 @@ pub(super) async fn relay<CR, CW>(
         let (mut backend_read, mut backend_write) = backend.into_split();
         let end = {
             let serving = session.backend_name.clone();
-            let to_backend = client_to_backend(
+            // (On the heap, for as long as the session has this backend
+            // connection: the two directions' state is most of a session's
+            // memory, and a pooled session between transactions has none.)
+            let mut to_backend = Box::pin(client_to_backend(
                 node,
                 &state,
                 &serving,
                 &mut client,
                 &mut client_read,
                 &mut backend_write,
-            );
-            let to_client = backend_to_client(
+            ));
+            let mut to_client = Box::pin(backend_to_client(
                 node,
                 &state,
                 &serving,
@@ -81,8 +84,7 @@ pub(super) async fn relay<CR, CW>(
                 &mut backend_read,
                 &mut client_write,
                 &mut shutdown,
-            );
-            tokio::pin!(to_backend, to_client);
+            ));
             let name = session.backend_name.clone();
             let marked_down = async {
                 loop {
@@ -161,22 +163,31 @@ pub(super) async fn relay<CR, CW>(
                 backend = stream;
                 continue;
             }
-            match pooled::give_back(node, &state, session, stream, &mut from_backend).await {
+            match Box::pin(pooled::give_back(
+                node,
+                &state,
+                session,
+                stream,
+                &mut from_backend,
+            ))
+            .await
+            {
                 pooled::Released::Kept(stream) => {
                     backend = stream;
                     continue;
                 }
                 pooled::Released::Given | pooled::Released::Broken => {}
             }
-            match pooled::park(
+            match Box::pin(pooled::park(
                 node,
                 &state,
                 session,
                 &mut client,
+                &mut from_backend,
                 &mut client_read,
                 &mut client_write,
                 &mut shutdown,
-            )
+            ))
             .await
             {
                 // (The backend side stopped clean and empty: its buffer
@@ -196,14 +207,14 @@ pub(super) async fn relay<CR, CW>(
                     break (RelayEnd::BackendGone { after_fatal: false }, None);
                 };
                 let at_boundary = client.batch_start && state.idle();
-                match drain::leave(
+                match Box::pin(drain::leave(
                     node,
                     &state,
                     session,
                     stream,
                     at_boundary,
                     &mut from_backend,
-                )
+                ))
                 .await
                 {
                     drain::Left::Moved(next) => {
@@ -238,7 +249,7 @@ pub(super) async fn relay<CR, CW>(
         // still takes logins, that session was meant to end.
         if movable {
             if let RelayEnd::BackendClosing { code, .. } = &end {
-                movable = code != "57P01" || !backend_accepts(node, session).await;
+                movable = code != "57P01" || !Box::pin(backend_accepts(node, session)).await;
             }
         }
         tracing::debug!(
@@ -252,8 +263,14 @@ pub(super) async fn relay<CR, CW>(
         if movable {
             drop(backend_read);
             drop(backend_write);
-            if let Some(next) =
-                move_session(node, &state, session, &mut client, &mut client_write).await
+            if let Some(next) = Box::pin(move_session(
+                node,
+                &state,
+                session,
+                &mut client,
+                &mut client_write,
+            ))
+            .await
             {
                 from_backend = PumpSide::default();
                 backend = next;
