@@ -5,7 +5,8 @@
 # passed/failed/skipped for both and lists the tests that pass directly but
 # fail through Chorus. Not part of CI (it takes several minutes).
 #
-# Usage: PSYCOPG_SRC=DIR bash scripts/psycopg-suite.sh [extra pytest args]
+# Usage: PSYCOPG_SRC=DIR [CHORUS_DEMO_ARGS="--pool-mode transaction"] \
+#          bash scripts/psycopg-suite.sh [extra pytest args]
 #   DIR holds psycopg's source at a release tag (git clone, checkout 3.3.4).
 # Needs python3 with venv; installs psycopg (pure Python, the system libpq)
 # and its test dependencies into a virtualenv under $WORK.
@@ -41,7 +42,10 @@ demo() { # dir port args…
 }
 demo plain 26432 --nodes 1 --proxy-only
 PLAIN_PORT=$(sed -n 's|^backend 1: postgres://postgres@127.0.0.1:\([0-9]*\)/postgres$|\1|p' "$WORK/plain.out")
-demo chorus 26632
+# (CHORUS_DEMO_ARGS: more `chorus demo` options for the Chorus side, e.g.
+# "--pool-mode transaction".)
+# shellcheck disable=SC2086
+demo chorus 26632 ${CHORUS_DEMO_ARGS:-}
 
 run() { # name dsn
     echo "== psycopg $(cat "$PSYCOPG_SRC/TAG" 2>/dev/null || true) tests: $1 ($2)"
