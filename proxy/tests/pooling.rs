@@ -390,6 +390,13 @@ async fn a_thousand_clients_share_a_hundred_server_connections_and_replication_h
         .await;
 }
 
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 /// The backend port serving a statement, and its one value.
 async fn served(client: &Client, sql: &str, id: i32) -> (i64, i32) {
     let row = client
@@ -401,11 +408,18 @@ async fn served(client: &Client, sql: &str, id: i32) -> (i64, i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_spread_over_backends_and_a_session_always_reads_its_own_writes() {
+    // The nodes' clocks run a minute behind: a version the proxy stamps is
+    // unmistakable next to one a backend would make from its own clock.
+    const OFFSET_MS: i64 = -60_000;
     let c = procs::cluster_opts(procs::Options {
-        node_extra: "[pool]\nmode = \"transaction\"\nread_routing = \"any\"\n".into(),
+        node_extra: format!(
+            "clock_offset_ms = {OFFSET_MS}\nmax_clock_skew_ms = 120000\n\
+             [pool]\nmode = \"transaction\"\nread_routing = \"any\"\n"
+        ),
         ..procs::Options::default()
     })
     .await;
+    let started = unix_ms_now();
     let port = |b: usize| i32::from(c.backends[b - 1].port());
     let client = c.via(1).await;
     client
@@ -457,6 +471,27 @@ async fn reads_spread_over_backends_and_a_session_always_reads_its_own_writes() 
         reads_from.insert(from);
     }
     assert!(!reads_from.contains(&port(2)), "{reads_from:?}");
+    // Every write through the pooled sessions carries the node's clock.
+    let finished = unix_ms_now();
+    let versions: Vec<i64> = c
+        .direct(1)
+        .await
+        .query(
+            "SELECT version FROM chorus.row_version WHERE tbl = 'public.ryw'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| chorus_router::hlc::unix_millis(r.get::<_, i64>(0) as u64))
+        .collect();
+    assert_eq!(versions.len(), 21, "{versions:?}");
+    for t in &versions {
+        assert!(
+            (started + OFFSET_MS - 1000..=finished + OFFSET_MS + 1000).contains(t),
+            "version at {t} is not from the node's clock"
+        );
+    }
     // (Backend 2 really lacked the writes all along.)
     let behind: i64 = c
         .direct(2)
