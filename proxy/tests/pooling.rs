@@ -146,6 +146,21 @@ async fn a_sessions_settings_follow_it_and_stay_out_of_other_sessions() {
     a.batch_execute("RESET work_mem").await.unwrap();
     assert_eq!(value(&b, "SHOW work_mem").await, default_work_mem);
     assert_eq!(value(&a, "SHOW work_mem").await, default_work_mem);
+    // A setting made at login follows its session too, and a session that
+    // made none has the login's value, not what the last one left.
+    let named = common::connect(&format!(
+        "{} application_name=alpha",
+        node.conninfo(common::PG_USER, Some(common::PG_PASSWORD))
+    ))
+    .await
+    .unwrap();
+    let plain = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(value(&named, "SHOW application_name").await, "alpha");
+        assert_eq!(value(&plain, "SHOW application_name").await, "");
+    }
     assert_eq!(server_connections(&node).await, 1);
 }
 

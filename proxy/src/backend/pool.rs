@@ -74,6 +74,9 @@ pub struct KeyPool {
     idle: Mutex<Vec<Server>>,
     /// One permit per connection that may be in use.
     permits: Arc<Semaphore>,
+    /// The settings a new connection reports at login (before any session
+    /// changed them): what a session that did not set one gets.
+    defaults: Mutex<Vec<(String, String)>>,
 }
 
 /// Why no connection could be had.
@@ -116,6 +119,21 @@ impl KeyPool {
                 idle.push(server);
             }
         }
+    }
+
+    /// Note the settings a new connection reported at login (the first
+    /// one's are kept).
+    pub fn note_defaults(&self, reported: &[(String, String)]) {
+        if let Ok(mut defaults) = self.defaults.lock() {
+            if defaults.is_empty() {
+                defaults.extend_from_slice(reported);
+            }
+        }
+    }
+
+    /// The settings a new connection reports at login, once one has.
+    pub fn defaults(&self) -> Vec<(String, String)> {
+        self.defaults.lock().map(|d| d.clone()).unwrap_or_default()
     }
 
     /// Connections idle now.
@@ -177,6 +195,7 @@ impl ServerPool {
         let pool = Arc::new(KeyPool {
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(self.size)),
+            defaults: Mutex::new(Vec::new()),
         });
         keys.insert(key.clone(), pool.clone());
         pool

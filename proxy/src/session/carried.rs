@@ -39,6 +39,9 @@ pub(super) struct Pooled {
     pub(super) lease: Option<Lease>,
     /// Read-only transactions routed (their backends take turns).
     pub(super) reads: usize,
+    /// `desired` has every reported setting (those the client did not set
+    /// are the login's, see `pooled::check_out`).
+    pub(super) complete: bool,
 }
 
 /// A server connection in a session's hands.
@@ -62,6 +65,7 @@ impl Pooled {
             pinned: false,
             lease: None,
             reads: rand::random::<u32>() as usize,
+            complete: false,
         }
     }
 

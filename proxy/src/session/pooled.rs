@@ -35,7 +35,7 @@ use crate::metrics::GaugeGuard;
 use crate::node::Node;
 use crate::wire::protocol::{self, read_message, Severity};
 
-use super::carried::{Lease, Pooled};
+use super::carried::{Lease, Pooled, MOVED_SETTINGS};
 use super::client::quote_literal;
 use super::drain;
 use super::pump::{read_more, PumpSide};
@@ -133,6 +133,7 @@ pub(super) async fn check_out(
                     Ok(connection) => {
                         node.set_backend_down(&candidate.name, false);
                         let reported = reported_in(&connection.startup_messages);
+                        pool.note_defaults(&reported);
                         Server::new(
                             connection.stream,
                             connection.pid,
@@ -156,6 +157,17 @@ pub(super) async fn check_out(
                 }
             }
         };
+        // A setting the session never set is the login's, not what the
+        // connection's last session left.
+        if !pooled.complete {
+            for (name, value) in pool.defaults() {
+                let taken = MOVED_SETTINGS.iter().any(|m| m.eq_ignore_ascii_case(&name));
+                if taken && value_of(&pooled.desired, &name).is_none() {
+                    pooled.desired.push((name, value));
+                }
+            }
+            pooled.complete = true;
+        }
         if set_up(&mut server, state, pooled).await.is_none() {
             tracing::warn!(backend = %candidate.name, "a pooled server connection could not be set up");
             failure.get_or_insert(format!(
@@ -338,6 +350,9 @@ fn value_of<'a>(list: &'a [(String, String)], name: &str) -> Option<&'a str> {
 enum Step {
     /// Settings: an error fails the set-up.
     Settings,
+    /// The reported settings made again: likewise, and its row holds
+    /// their values as the server keeps them.
+    Tracked,
     /// Statements closed.
     Closes,
     /// A named statement prepared: an error leaves it out (the client's
@@ -362,10 +377,15 @@ async fn set_up(server: &mut Server, state: &RelayState, pooled: &mut Pooled) ->
             steps.push(Step::Settings);
         }
     }
-    let changes: Vec<String> = pooled
+    // (set_config answers with each value as the server keeps it, which
+    // the server does not report again when it did not change.)
+    let changed: Vec<&(String, String)> = pooled
         .desired
         .iter()
         .filter(|(name, value)| reset || value_of(&have.reported, name) != Some(value.as_str()))
+        .collect();
+    let changes: Vec<String> = changed
+        .iter()
         .map(|(name, value)| {
             format!(
                 "pg_catalog.set_config({}, {}, false)",
@@ -374,9 +394,10 @@ async fn set_up(server: &mut Server, state: &RelayState, pooled: &mut Pooled) ->
             )
         })
         .collect();
+    let set_names: Vec<String> = changed.iter().map(|(name, _)| name.clone()).collect();
     if !changes.is_empty() {
         protocol::query(&mut out, &format!("SELECT {}", changes.join(", ")));
-        steps.push(Step::Settings);
+        steps.push(Step::Tracked);
         for (name, value) in &pooled.desired {
             set_value(&mut have.reported, name, value);
         }
@@ -419,7 +440,7 @@ async fn set_up(server: &mut Server, state: &RelayState, pooled: &mut Pooled) ->
         stream.write_all(&out).await.ok()?;
         let mut buf = BytesMut::new();
         let mut failed = false;
-        let mut steps = steps.into_iter();
+        let mut steps = steps.into_iter().peekable();
         loop {
             match read_message(stream, &mut buf, 1 << 30).await.ok()? {
                 b'E' => failed = true,
@@ -428,13 +449,20 @@ async fn set_up(server: &mut Server, state: &RelayState, pooled: &mut Pooled) ->
                         set_value(&mut have.reported, &name, &value);
                     }
                 }
+                b'D' if matches!(steps.peek(), Some(Step::Tracked)) => {
+                    for (name, value) in set_names.iter().zip(protocol::data_row_texts(&buf)) {
+                        if let Some(value) = value {
+                            set_value(&mut have.reported, name, &value);
+                        }
+                    }
+                }
                 b'Z' => {
                     match (steps.next()?, std::mem::take(&mut failed)) {
-                        (Step::Settings | Step::Closes, true) => return None,
+                        (Step::Settings | Step::Tracked | Step::Closes, true) => return None,
                         (Step::Parse(name), true) => unprepared.push(name),
                         _ => {}
                     }
-                    if steps.len() == 0 {
+                    if steps.peek().is_none() {
                         return Some(());
                     }
                 }
