@@ -377,6 +377,28 @@ async fn a_thousand_clients_share_a_hundred_server_connections_and_replication_h
         }
     }
 
+    // A named statement whose Parse was skipped (an error earlier in its
+    // batch) does not exist, and the client may prepare it again, on
+    // whichever connection it gets next.
+    let mut raw = raw_session(c.ports[0]).await;
+    raw.send(&[
+        parse("", "SELECT 1/0"),
+        message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]),
+        message(b'E', &[0, 0, 0, 0, 0]),
+        parse("again", "SELECT 2"),
+        message(b'S', &[]),
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'Z').await, b"1EZ".to_vec());
+    // Another session holds the connection that session just gave back.
+    let mut holder = c.via(1).await;
+    let held = holder.transaction().await.unwrap();
+    held.batch_execute("SELECT 1").await.unwrap();
+    raw.send(&[parse("again", "SELECT 2"), message(b'S', &[])])
+        .await;
+    assert_eq!(raw.read_until(b'Z').await, b"1Z".to_vec());
+    held.commit().await.unwrap();
+
     // The home backend stops: pooled sessions go on with another one.
     client
         .batch_execute("RESET chorus.commit_scope")
@@ -403,6 +425,87 @@ async fn a_thousand_clients_share_a_hundred_server_connections_and_replication_h
         .unwrap();
     c.converge("SELECT count(*)::text FROM pooled_ddl", 2, &[3])
         .await;
+}
+
+/// A client session over a raw socket, as `postgres` (trusted).
+struct RawSession {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawSession {
+    async fn send(&mut self, messages: &[Vec<u8>]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(&messages.concat()).await.unwrap();
+    }
+
+    /// The tags of the messages received up to the first `last` (10 s).
+    async fn read_until(&mut self, last: u8) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut tags = Vec::new();
+        loop {
+            while self.buf.len() >= 5 {
+                let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+                if self.buf.len() < 1 + len {
+                    break;
+                }
+                let message: Vec<u8> = self.buf.drain(..1 + len).collect();
+                assert!(
+                    message[0] != b'E' || tags.last() != Some(&b'1') || last == b'Z',
+                    "{}",
+                    String::from_utf8_lossy(&message)
+                );
+                tags.push(message[0]);
+                if message[0] == last {
+                    return tags;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+            assert!(n > 0, "the node closed the session");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+async fn raw_session(port: u16) -> RawSession {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for part in ["user", "postgres", "database", "postgres"] {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    startup.extend(body);
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut session = RawSession {
+        stream,
+        buf: Vec::new(),
+    };
+    session.send(&[startup]).await;
+    session.read_until(b'Z').await;
+    session
+}
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Parse of a statement, no parameter types.
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = name.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(sql.as_bytes());
+    body.extend_from_slice(&[0, 0, 0]);
+    message(b'P', &body)
 }
 
 fn unix_ms_now() -> i64 {

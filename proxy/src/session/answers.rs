@@ -102,6 +102,9 @@ where
             || state.probes.load(Ordering::SeqCst) > 0
     };
     let mut on_message = |tag: u8, body: &[u8], _rest: &[u8]| {
+        if tag == b'E' && state.pooled {
+            state.error_seen.store(true, Ordering::Relaxed);
+        }
         if tag == b'N' && replicating {
             if let Some(question) = lease_question(body) {
                 asked.store(question, Ordering::Relaxed);

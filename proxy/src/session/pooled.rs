@@ -489,6 +489,47 @@ async fn set_up(server: &mut Server, state: &RelayState, pooled: &mut Pooled) ->
     Some(())
 }
 
+/// The names of the protocol-level prepared statements the server behind
+/// `stream` has (asked between transactions); `None` when the connection
+/// failed or did not answer in time. Notices meanwhile go to the client.
+async fn statement_names(
+    stream: &mut BackendStream,
+    from_backend: &mut PumpSide,
+) -> Option<std::collections::HashSet<String>> {
+    let mut out = BytesMut::new();
+    protocol::query(
+        &mut out,
+        "SELECT name FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql",
+    );
+    let answer = async {
+        stream.write_all(&out).await.ok()?;
+        let mut names = std::collections::HashSet::new();
+        let mut failed = false;
+        let mut buf = BytesMut::new();
+        loop {
+            match read_message(stream, &mut buf, 1 << 30).await.ok()? {
+                b'D' => {
+                    if let Some(Some(name)) = protocol::data_row_texts(&buf).into_iter().next() {
+                        names.insert(name);
+                    }
+                }
+                b'E' => failed = true,
+                b'Z' => break,
+                b'T' | b'C' => {}
+                tag => protocol::write_message(&mut from_backend.buf, tag, |m| {
+                    m.extend_from_slice(&buf)
+                }),
+            }
+            buf.clear();
+        }
+        (!failed).then_some(names)
+    };
+    tokio::time::timeout(MOVE_LIMIT, answer)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// What became of a session's connection at the end of a transaction.
 pub(super) enum Released {
     /// Back in the pool.
@@ -525,6 +566,28 @@ pub(super) async fn give_back(
             Some(_) => {
                 pooled.pinned = true;
                 return Released::Kept(stream);
+            }
+        }
+    }
+    // Named statements prepared in this transaction: only those the server
+    // has follow the session (a Parse that failed made none, and its
+    // client may send it again, which must not meet one made by `set_up`
+    // on the next connection). Without an error, every Parse went through.
+    let current = state.prepared.lock().map(|p| p.clone()).unwrap_or_default();
+    let unchanged = pooled
+        .lease
+        .as_ref()
+        .is_some_and(|l| Arc::ptr_eq(&l.server.prepared, &current));
+    if state.error_seen.swap(false, Ordering::Relaxed) && !unchanged && !current.is_empty() {
+        let Some(names) = statement_names(&mut stream, from_backend).await else {
+            pooled.lease = None;
+            return Released::Broken;
+        };
+        if current.keys().any(|name| !names.contains(name)) {
+            let mut made = (*current).clone();
+            made.retain(|name, _| names.contains(name));
+            if let Ok(mut prepared) = state.prepared.lock() {
+                *prepared = Arc::new(made);
             }
         }
     }
@@ -620,7 +683,9 @@ where
                 }
                 () = tokio::time::sleep(TRIM_AFTER), if !trimmed => {
                     client.pump.buf = BytesMut::new();
-                    from_backend.buf = BytesMut::new();
+                    if from_backend.buf.is_empty() {
+                        from_backend.buf = BytesMut::new();
+                    }
                     trimmed = true;
                 }
                 () = async {

@@ -163,6 +163,9 @@ pub(super) struct RelayState {
     /// (see `chorus_router::may_keep_session_state`) since the connection
     /// was last given back.
     pub(super) session_touched: AtomicBool,
+    /// (Pooled) the backend sent an error since the connection was taken:
+    /// a Parse may have failed (see `pooled::give_back`).
+    pub(super) error_seen: AtomicBool,
     /// (Pooled) `chorus.read_routing`: 0 the node's, 1 home, 2 any.
     pub(super) read_routing: AtomicU8,
     /// (Pooled) where the session's last write transaction committed, and
@@ -232,6 +235,7 @@ impl RelayState {
             client_reading: AtomicBool::new(false),
             backend_reading: AtomicBool::new(false),
             session_touched: AtomicBool::new(false),
+            error_seen: AtomicBool::new(false),
             read_routing: AtomicU8::new(0),
             last_write: Mutex::new(None),
             replicated_database: own.is_some(),
