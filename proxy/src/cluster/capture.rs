@@ -42,7 +42,7 @@ pub const PRIVILEGES_SQL: &str = include_str!("../sql/privileges.sql");
 /// The version of the `chorus` schema this build installs, recorded in
 /// `chorus.schema_version`. Version 1 is a schema installed before
 /// versions were recorded.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The numbered migrations: `(n, sql)` takes a schema of version `n - 1`
 /// to version `n`, before the definitions (which are idempotent: they
@@ -52,6 +52,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../sql/migrations/0002_versioned.sql")),
     (3, include_str!("../sql/migrations/0003_tombstones.sql")),
     (4, include_str!("../sql/migrations/0004_lease_question.sql")),
+    (5, include_str!("../sql/migrations/0005_set_based.sql")),
 ];
 
 /// The prefix of Chorus's logical messages.

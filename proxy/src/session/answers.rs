@@ -415,10 +415,12 @@ pub(super) fn describes_plan(body: &[u8]) -> bool {
 }
 
 /// Whether a DataRow of EXPLAIN ANALYZE's text output is the line of
-/// Chorus's capture trigger (`Trigger chorus_capture: calls=…`, or `…
-/// chorus_capture on <partition>: …`). It is left out, as the trigger is
-/// left out of psql's `\d`: the plan reads as PostgreSQL's own (its times
-/// still include the capture's). Other formats (JSON, YAML, XML) keep it.
+/// Chorus's capture triggers (`Trigger chorus_capture: calls=…`, `…
+/// chorus_capture on <partition>: …`, or by statement `Trigger
+/// chorus_capture_inserts: …`, `_updates`, `_deletes`). They are left out,
+/// as the triggers are left out of psql's `\d`: the plan reads as
+/// PostgreSQL's own (its times still include the capture's). Other formats
+/// (JSON, YAML, XML) keep them.
 pub(super) fn capture_trigger_line(body: &[u8]) -> bool {
     const LINE: &[u8] = b"Trigger chorus_capture";
     if body.get(..2) != Some(&1i16.to_be_bytes()[..]) {
@@ -428,6 +430,12 @@ pub(super) fn capture_trigger_line(body: &[u8]) -> bool {
         return false;
     };
     text.strip_prefix(LINE)
+        .map(|rest| {
+            [&b"_inserts"[..], b"_updates", b"_deletes"]
+                .iter()
+                .find_map(|suffix| rest.strip_prefix(*suffix))
+                .unwrap_or(rest)
+        })
         .is_some_and(|rest| matches!(rest.first(), Some(b':' | b' ')))
 }
 

@@ -232,8 +232,17 @@ fn only_the_capture_triggers_plan_line_is_recognised() {
     assert!(capture_trigger_line(&data_row(&[
         b"Trigger chorus_capture on part_a: time=0.1 calls=1"
     ])));
+    assert!(capture_trigger_line(&data_row(&[
+        b"Trigger chorus_capture_inserts: time=0.2 calls=1"
+    ])));
+    assert!(capture_trigger_line(&data_row(&[
+        b"Trigger chorus_capture_updates on t: calls=1"
+    ])));
     assert!(!capture_trigger_line(&data_row(&[
         b"Trigger chorus_captured: calls=3"
+    ])));
+    assert!(!capture_trigger_line(&data_row(&[
+        b"Trigger chorus_capture_insertsx: calls=1"
     ])));
     assert!(!capture_trigger_line(&data_row(&[
         b"Trigger audit: calls=3"

@@ -442,6 +442,161 @@ BEGIN
 END
 $$;
 
+-- The capture by statement of a plain table's INSERTs, DELETEs and UPDATEs
+-- (AFTER, FOR EACH STATEMENT, with the rows as the transition tables
+-- chorus_new and chorus_old), where chorus.by_statement and
+-- chorus.updates_by_statement say so: the same records chorus.capture
+-- makes of each row, made in one set-based statement (chorus.capture runs
+-- PL/pgSQL and several queries per row, which a load of a million rows
+-- pays a million times). Arguments: the key columns and the table's
+-- qualified name. The transaction's stamp, the row versions (the newest of
+-- the stamp, the key's version plus one and the table's TRUNCATE marker
+-- plus one) and the messages are chorus.capture's; a row image is
+-- to_jsonb's (of `r.*`: a column may be named like the alias), which
+-- carries every column of such a table exactly. Static
+-- SQL: PL/pgSQL keeps its plans per trigger, so a one-row statement costs
+-- about what chorus.capture costs for its row.
+--
+-- An UPDATE is a set of changes by key, as chorus.capture makes them: a
+-- key both before and after is an UPDATE, one only after an INSERT, one
+-- only before a DELETE (a changed key).
+CREATE OR REPLACE FUNCTION chorus.capture_statement() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cols text[] := TG_ARGV[0]::text[];
+    rel text := TG_ARGV[1];
+    stamp record;
+    mark bigint;
+BEGIN
+    IF current_setting('chorus.applying', true) = 'on' AND current_setting('is_superuser') = 'on' THEN
+        RETURN NULL;
+    END IF;
+    IF rel <> format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) THEN
+        RAISE EXCEPTION 'trigger % on % records changes of another table (%)', TG_NAME, TG_RELID::regclass, rel
+            USING ERRCODE = '42501';
+    END IF;
+    -- (A statement of no row writes nothing: no stamp, no transaction id.)
+    IF TG_OP = 'DELETE' THEN
+        IF NOT EXISTS (SELECT 1 FROM chorus_old) THEN
+            RETURN NULL;
+        END IF;
+    ELSIF NOT EXISTS (SELECT 1 FROM chorus_new) THEN
+        RETURN NULL;
+    END IF;
+    SELECT s.txn_hlc, s.origin, 'chorus:' || s.ddl_seq AS prefix INTO stamp FROM chorus.txn_stamp() s;
+    mark := coalesce((SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = '{}'), 0);
+
+    IF cardinality(cols) = 0 THEN
+        -- No key: no version row; a deleted row travels whole, for peers to
+        -- find by content (see chorus.apply_keyless).
+        -- (The rows' columns stay inside the subqueries, away from this
+        -- function's variables.)
+        IF TG_OP = 'INSERT' THEN
+            PERFORM count(pg_logical_emit_message(true, stamp.prefix, jsonb_build_object(
+                        'table', rel, 'op', 'INSERT', 'key', NULL, 'row', i.img,
+                        'version', greatest(stamp.txn_hlc, mark + 1), 'prev', NULL,
+                        'origin', stamp.origin)::text))
+              FROM (SELECT to_jsonb(r.*) AS img FROM chorus_new r) i;
+        ELSE
+            PERFORM count(pg_logical_emit_message(true, stamp.prefix, jsonb_build_object(
+                        'table', rel, 'op', 'DELETE', 'key', NULL, 'row', NULL,
+                        'version', greatest(stamp.txn_hlc, mark + 1), 'prev', NULL,
+                        'origin', stamp.origin, 'old', i.img)::text))
+              FROM (SELECT to_jsonb(r.*) AS img FROM chorus_old r) i;
+        END IF;
+        RETURN NULL;
+    END IF;
+
+    -- The changes by key (`changed`), then, for all of them at once: the
+    -- keys' version rows (a tombstone, or one a concurrent apply made)
+    -- locked from the read on, as chorus.capture locks each, the new
+    -- versions, the messages. (Three statements, one per operation, that
+    -- differ in `changed` only: a statement may name only the transition
+    -- tables its trigger has.)
+    IF TG_OP = 'INSERT' THEN
+        WITH changed AS (
+            SELECT CASE cardinality(cols) WHEN 1 THEN jsonb_build_object(cols[1], i.img -> cols[1])
+                      ELSE (SELECT jsonb_object_agg(c, i.img -> c) FROM unnest(cols) AS c) END AS key, i.img, 'INSERT' AS op
+              FROM (SELECT to_jsonb(r.*) AS img FROM chorus_new r) i
+        ), held AS (
+            SELECT v.pk, v.version FROM changed c JOIN chorus.row_version v ON v.tbl = rel AND v.pk = c.key
+               FOR UPDATE OF v
+        ), old AS (
+            SELECT c.key, c.img, c.op, h.version AS prev FROM changed c LEFT JOIN held h ON h.pk = c.key
+        ), up AS (
+            INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+            SELECT rel, o.key, greatest(stamp.txn_hlc, coalesce(o.prev, 0) + 1, mark + 1), stamp.origin,
+                   o.op = 'DELETE'
+              FROM old o
+            ON CONFLICT (tbl, pk) DO UPDATE SET version = greatest(excluded.version, v.version + 1),
+                origin = excluded.origin, deleted = excluded.deleted
+            RETURNING v.pk, v.version
+        )
+        SELECT count(pg_logical_emit_message(true, stamp.prefix, jsonb_build_object(
+                   'table', rel, 'op', o.op, 'key', o.key, 'row', o.img, 'version', u.version,
+                   'prev', o.prev, 'origin', stamp.origin)::text))
+          INTO mark
+          FROM old o JOIN up u ON u.pk = o.key;
+    ELSIF TG_OP = 'DELETE' THEN
+        WITH changed AS (
+            SELECT CASE cardinality(cols) WHEN 1 THEN jsonb_build_object(cols[1], i.img -> cols[1])
+                      ELSE (SELECT jsonb_object_agg(c, i.img -> c) FROM unnest(cols) AS c) END AS key, NULL::jsonb AS img, 'DELETE' AS op
+              FROM (SELECT to_jsonb(r.*) AS img FROM chorus_old r) i
+        ), held AS (
+            SELECT v.pk, v.version FROM changed c JOIN chorus.row_version v ON v.tbl = rel AND v.pk = c.key
+               FOR UPDATE OF v
+        ), old AS (
+            SELECT c.key, c.img, c.op, h.version AS prev FROM changed c LEFT JOIN held h ON h.pk = c.key
+        ), up AS (
+            INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+            SELECT rel, o.key, greatest(stamp.txn_hlc, coalesce(o.prev, 0) + 1, mark + 1), stamp.origin,
+                   o.op = 'DELETE'
+              FROM old o
+            ON CONFLICT (tbl, pk) DO UPDATE SET version = greatest(excluded.version, v.version + 1),
+                origin = excluded.origin, deleted = excluded.deleted
+            RETURNING v.pk, v.version
+        )
+        SELECT count(pg_logical_emit_message(true, stamp.prefix, jsonb_build_object(
+                   'table', rel, 'op', o.op, 'key', o.key, 'row', o.img, 'version', u.version,
+                   'prev', o.prev, 'origin', stamp.origin)::text))
+          INTO mark
+          FROM old o JOIN up u ON u.pk = o.key;
+    ELSE
+        WITH after AS (
+            SELECT CASE cardinality(cols) WHEN 1 THEN jsonb_build_object(cols[1], i.img -> cols[1])
+                      ELSE (SELECT jsonb_object_agg(c, i.img -> c) FROM unnest(cols) AS c) END AS key, i.img FROM (SELECT to_jsonb(r.*) AS img FROM chorus_new r) i
+        ), before AS (
+            SELECT CASE cardinality(cols) WHEN 1 THEN jsonb_build_object(cols[1], i.img -> cols[1])
+                      ELSE (SELECT jsonb_object_agg(c, i.img -> c) FROM unnest(cols) AS c) END AS key FROM (SELECT to_jsonb(r.*) AS img FROM chorus_old r) i
+        ), changed AS (
+            SELECT a.key, a.img, CASE WHEN b.key IS NULL THEN 'INSERT' ELSE 'UPDATE' END AS op
+              FROM after a LEFT JOIN before b ON b.key = a.key
+            UNION ALL
+            SELECT b.key, NULL, 'DELETE' FROM before b WHERE NOT EXISTS (SELECT 1 FROM after a WHERE a.key = b.key)
+        ), held AS (
+            SELECT v.pk, v.version FROM changed c JOIN chorus.row_version v ON v.tbl = rel AND v.pk = c.key
+               FOR UPDATE OF v
+        ), old AS (
+            SELECT c.key, c.img, c.op, h.version AS prev FROM changed c LEFT JOIN held h ON h.pk = c.key
+        ), up AS (
+            INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+            SELECT rel, o.key, greatest(stamp.txn_hlc, coalesce(o.prev, 0) + 1, mark + 1), stamp.origin,
+                   o.op = 'DELETE'
+              FROM old o
+            ON CONFLICT (tbl, pk) DO UPDATE SET version = greatest(excluded.version, v.version + 1),
+                origin = excluded.origin, deleted = excluded.deleted
+            RETURNING v.pk, v.version
+        )
+        SELECT count(pg_logical_emit_message(true, stamp.prefix, jsonb_build_object(
+                   'table', rel, 'op', o.op, 'key', o.key, 'row', o.img, 'version', u.version,
+                   'prev', o.prev, 'origin', stamp.origin)::text))
+          INTO mark
+          FROM old o JOIN up u ON u.pk = o.key;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 -- The TRUNCATE trigger (AFTER, FOR EACH STATEMENT) on every adopted table.
 -- A TRUNCATE replicates as a record with the table and a version newer
 -- than every row it removed here; every backend then removes the rows it
@@ -648,7 +803,8 @@ BEGIN
     -- Chorus's triggers are marked internal (see
     -- chorus.put_capture_trigger).
     UPDATE pg_trigger t SET tgisinternal = true
-     WHERE t.tgname IN ('chorus_capture', 'chorus_truncate') AND NOT t.tgisinternal
+     WHERE t.tgname IN ('chorus_capture', 'chorus_capture_inserts', 'chorus_capture_deletes',
+                        'chorus_capture_updates', 'chorus_truncate') AND NOT t.tgisinternal
        AND (t.tgrelid = rel OR t.tgrelid = ANY (leaves));
     IF prior_role <> 'replica' THEN
         PERFORM set_config('session_replication_role', prior_role, true);

@@ -251,6 +251,7 @@ DECLARE
     block text;
     kept text := coalesce(current_setting('chorus.drop_kept', true), '');
     caller record;
+    unique_on record;
     prior_role text;
     depth integer := coalesce(nullif(current_setting('chorus.ddl_depth', true), ''), '1')::integer;
 BEGIN
@@ -432,6 +433,21 @@ BEGIN
             PERFORM chorus.adopt(cmd.objid::regclass,
                                  NOT EXISTS (SELECT 1 FROM pg_index i
                                               WHERE i.indrelid = cmd.objid AND i.indisprimary));
+        END IF;
+        -- A unique index ends the capture of its table's UPDATEs by
+        -- statement (see chorus.updates_by_statement).
+        IF cmd.object_type = 'index' AND cmd.command_tag = 'CREATE INDEX' THEN
+            FOR unique_on IN
+                SELECT g.tgrelid::regclass AS leaf, a[1]::text[] AS cols, a[2] AS name, r.keyless
+                  FROM pg_index i
+                  JOIN pg_trigger g ON g.tgrelid = i.indrelid AND g.tgname = 'chorus_capture_updates'
+                 CROSS JOIN LATERAL string_to_array(encode(g.tgargs, 'escape'), E'\\000') AS a
+                  JOIN chorus.replicated_table r ON r.tbl = a[2]
+                 WHERE i.indexrelid = cmd.objid AND i.indisunique
+            LOOP
+                PERFORM chorus.put_capture_trigger(unique_on.leaf, unique_on.leaf, unique_on.cols,
+                                                   unique_on.keyless, unique_on.name);
+            END LOOP;
         END IF;
     END LOOP;
     IF prior_role <> 'replica' THEN

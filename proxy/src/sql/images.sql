@@ -133,29 +133,99 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM chorus.column_forms(rel, keys) c
 $$;
 
--- The capture trigger of one table (`leaf`, a partition of `root` or
--- `root` itself), with what it needs to know as arguments (see
--- chorus.capture). Marked internal, as PostgreSQL marks the triggers of a
--- foreign key: psql's \d and pg_dump leave it out (the table looks as it
--- would on one PostgreSQL), and only a superuser can disable it (ALTER
--- TABLE … DISABLE TRIGGER USER passes it by), so a table's owner cannot
--- quietly stop its replication.
+-- Whether the INSERTs and DELETEs of `leaf` (`root` itself or a partition
+-- of it, with key columns `cols`) are captured by statement (see
+-- chorus.capture_statement): a plain table (rows routed to a partition
+-- fire no statement trigger of the partition's), whose primary key, if
+-- any, is not deferrable (one statement may hold a key twice until its
+-- commit), and whose every column to_jsonb carries exactly
+-- (chorus.column_forms names none).
+CREATE OR REPLACE FUNCTION chorus.by_statement(leaf regclass, root regclass, cols text[])
+RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT leaf = root
+       AND (SELECT c.relkind = 'r' AND NOT c.relispartition FROM pg_class c WHERE c.oid = leaf)
+       AND NOT EXISTS (SELECT 1 FROM pg_constraint k
+                        WHERE k.conrelid = leaf AND k.contype = 'p' AND k.condeferrable)
+       AND (SELECT cardinality(f.always || f.arrays || f.jsons || f.jsonbs) = 0
+              FROM chorus.column_forms(root, cols) f)
+$$;
+
+-- Whether the UPDATEs of such a table are captured by statement too: it
+-- has a key (a keyless table's updated row travels with its old image,
+-- which a statement cannot pair with its new one), and no unique index
+-- but its primary key and no exclusion constraint. An UPDATE by statement
+-- is captured as a set of changes by key, applied by peers as a set where
+-- the table allows it and otherwise one by one in the order sent; with
+-- such an index, the order one row at a time would matter (two rows
+-- trading a unique value), and only chorus.capture keeps the origin's.
+-- (A unique index made later makes the trigger again: see
+-- chorus.handle_ddl.)
+CREATE OR REPLACE FUNCTION chorus.updates_by_statement(leaf regclass, root regclass, cols text[])
+RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT cardinality(cols) > 0
+       AND chorus.by_statement(leaf, root, cols)
+       AND NOT EXISTS (SELECT 1 FROM pg_index i
+                        WHERE i.indrelid = leaf AND i.indisunique AND NOT i.indisprimary)
+       AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = leaf AND k.contype = 'x')
+$$;
+
+-- The capture triggers of one table (`leaf`, a partition of `root` or
+-- `root` itself), with what they need to know as arguments: by statement
+-- (chorus_capture_inserts, _deletes and _updates, see
+-- chorus.capture_statement) where chorus.by_statement and
+-- chorus.updates_by_statement say so, and for the rest by row
+-- (chorus_capture, see chorus.capture). Marked internal, as PostgreSQL
+-- marks the triggers of a foreign key: psql's \d and pg_dump leave them
+-- out (the table looks as it would on one PostgreSQL), and only a
+-- superuser can disable them (ALTER TABLE … DISABLE TRIGGER USER passes
+-- them by), so a table's owner cannot quietly stop its replication.
 CREATE OR REPLACE FUNCTION chorus.put_capture_trigger(leaf regclass, root regclass, cols text[],
                                                       keyless boolean, name text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f record;
+    by_row text[] := '{}';
+    trigger_name text;
 BEGIN
     SELECT c.always, c.arrays, c.jsons, c.jsonbs INTO f FROM chorus.column_forms(root, cols) c;
-    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = leaf AND tgname = 'chorus_capture') THEN
-        EXECUTE format('DROP TRIGGER chorus_capture ON %s', leaf);
+    FOR trigger_name IN SELECT t.tgname FROM pg_trigger t
+                         WHERE t.tgrelid = leaf
+                           AND t.tgname IN ('chorus_capture', 'chorus_capture_inserts',
+                                            'chorus_capture_deletes', 'chorus_capture_updates') LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, leaf);
+    END LOOP;
+    IF chorus.by_statement(leaf, root, cols) THEN
+        EXECUTE format('CREATE TRIGGER chorus_capture_inserts AFTER INSERT ON %s '
+                       'REFERENCING NEW TABLE AS chorus_new '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_statement(%L, %L)',
+                       leaf, coalesce(cols, '{}')::text, name);
+        EXECUTE format('CREATE TRIGGER chorus_capture_deletes AFTER DELETE ON %s '
+                       'REFERENCING OLD TABLE AS chorus_old '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_statement(%L, %L)',
+                       leaf, coalesce(cols, '{}')::text, name);
+    ELSE
+        by_row := ARRAY['INSERT', 'DELETE'];
     END IF;
-    EXECUTE format('CREATE TRIGGER chorus_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L, %L, %L, %L, %L)',
-                   leaf, coalesce(cols, '{}')::text, keyless::text, name,
-                   f.always::text, f.arrays::text, f.jsons::text, f.jsonbs::text);
+    IF chorus.updates_by_statement(leaf, root, coalesce(cols, '{}')) THEN
+        EXECUTE format('CREATE TRIGGER chorus_capture_updates AFTER UPDATE ON %s '
+                       'REFERENCING OLD TABLE AS chorus_old NEW TABLE AS chorus_new '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_statement(%L, %L)',
+                       leaf, coalesce(cols, '{}')::text, name);
+    ELSE
+        by_row := by_row || 'UPDATE'::text;
+    END IF;
+    IF cardinality(by_row) > 0 THEN
+        EXECUTE format('CREATE TRIGGER chorus_capture AFTER %s ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION chorus.capture(%L, %L, %L, %L, %L, %L, %L)',
+                       array_to_string(by_row, ' OR '), leaf, coalesce(cols, '{}')::text, keyless::text, name,
+                       f.always::text, f.arrays::text, f.jsons::text, f.jsonbs::text);
+    END IF;
     UPDATE pg_trigger t SET tgisinternal = true
-     WHERE t.tgrelid = leaf AND t.tgname = 'chorus_capture' AND NOT t.tgisinternal;
+     WHERE t.tgrelid = leaf AND NOT t.tgisinternal
+       AND t.tgname IN ('chorus_capture', 'chorus_capture_inserts', 'chorus_capture_deletes',
+                        'chorus_capture_updates');
 END
 $$;
 
@@ -211,7 +281,9 @@ $$;
 
 -- Capture triggers made before json and jsonb values carried their exact
 -- text, and arrays of them their text form (with fewer than 7 arguments,
--- see chorus.put_capture_trigger), are made again, once.
+-- see chorus.put_capture_trigger), or before a plain table's changes were
+-- captured by statement (a row trigger on its INSERTs and DELETEs, see
+-- chorus.by_statement), are made again, once.
 DO $$
 DECLARE
     t record;
@@ -220,8 +292,10 @@ BEGIN
     FOR t IN SELECT g.tgrelid::regclass AS leaf, a[1] AS cols, a[2] AS keyless, a[3] AS name
                FROM pg_trigger g
               CROSS JOIN LATERAL string_to_array(encode(g.tgargs, 'escape'), E'\\000') AS a
-              WHERE g.tgname = 'chorus_capture' AND g.tgnargs BETWEEN 3 AND 6
-                AND to_regclass(a[3]) IS NOT NULL
+              WHERE g.tgname = 'chorus_capture' AND to_regclass(a[3]) IS NOT NULL
+                AND (g.tgnargs BETWEEN 3 AND 6
+                     OR (g.tgtype & 12 <> 0  -- TRIGGER_TYPE_INSERT, TRIGGER_TYPE_DELETE
+                         AND chorus.by_statement(g.tgrelid, to_regclass(a[3]), a[1]::text[])))
     LOOP
         -- (Chorus's own DDL: no event trigger sees it, see chorus.adopt.)
         PERFORM set_config('session_replication_role', 'replica', true);

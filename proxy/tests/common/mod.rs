@@ -519,6 +519,7 @@ pub fn earlier_schema_sql(version: i32, node_id: usize, then: &str) -> String {
         1 => include_str!("../fixtures/schema_v1.sql"),
         2 => include_str!("../fixtures/schema_v2.sql"),
         3 => include_str!("../fixtures/schema_v3.sql"),
+        4 => include_str!("../fixtures/schema_v4.sql"),
         _ => panic!("no fixture of schema version {version}"),
     };
     format!(
