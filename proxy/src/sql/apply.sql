@@ -19,20 +19,16 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
       FROM unnest(cols) WITH ORDINALITY AS u(c, o)
 $$;
 
--- Lock the rows with these keys (a JSON array of key objects, a key may
--- come more than once) that exist, in key order; how many there were.
-CREATE OR REPLACE FUNCTION chorus.lock_rows(rel text, cols text[], keys jsonb) RETURNS bigint
+-- Lock the rows with these keys (a JSON array of key objects) that exist,
+-- in key order.
+CREATE OR REPLACE FUNCTION chorus.lock_rows(rel text, cols text[], keys jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    locked bigint;
 BEGIN
     EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %1$s t WHERE EXISTS '
                    '(SELECT 1 FROM jsonb_populate_recordset(NULL::%1$s, $1) k WHERE %3$s) '
                    'ORDER BY %2$s FOR UPDATE OF t) s',
                    rel, chorus.ident_list(cols, 't.'), chorus.key_match(cols))
-    INTO locked
     USING keys;
-    RETURN locked;
 END
 $$;
 
@@ -54,9 +50,7 @@ $$;
 -- Insert or update rows from their images (a JSON array; every image of
 -- one call has the same keys, and no two the same key). Columns are matched
 -- by name: those the images lack take their default, keys the table lacks
--- are ignored. A table without key columns only ever gets inserts, and so
--- do the rows when the caller knows that none of their keys is there
--- (`all_new`).
+-- are ignored. A table without key columns only ever gets inserts.
 --
 -- An UPDATE of the rows that exist, then an INSERT of the others, not
 -- INSERT … ON CONFLICT: a speculative insertion that writes anything in
@@ -66,8 +60,7 @@ $$;
 -- from this backend would stop there for good. No other session can
 -- insert one of these keys in between: the apply holds every key's lock,
 -- which a local write takes before it commits.
-CREATE OR REPLACE FUNCTION chorus.write_rows(rel text, cols text[], imgs jsonb,
-                                             all_new boolean DEFAULT false) RETURNS void
+CREATE OR REPLACE FUNCTION chorus.write_rows(rel text, cols text[], imgs jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     present text[] := chorus.present_columns(rel, imgs -> 0);
@@ -93,7 +86,7 @@ BEGIN
     ELSE
         source := format('jsonb_populate_recordset(NULL::%s, $1) k', rel);
     END IF;
-    IF cardinality(cols) > 0 AND NOT all_new THEN
+    IF cardinality(cols) > 0 THEN
         SELECT array_agg(p ORDER BY o) INTO others
           FROM unnest(present) WITH ORDINALITY AS u(p, o) WHERE p <> ALL (cols);
         IF others IS NOT NULL THEN
@@ -193,10 +186,7 @@ $$;
 -- them. Their version rows could not be locked then: if a local write has
 -- made one since (its transaction was still open, or committed after the
 -- read), this apply decided without it, so it is undone and retried
--- (40001), and then compares with that version. Many keys go in with a
--- plain INSERT, which fails on such a key, in a subtransaction: a
--- speculative insertion (ON CONFLICT) costs about twice as much per row.
--- A few keys, as the apply of one change, need none.
+-- (40001), and then compares with that version.
 CREATE OR REPLACE FUNCTION chorus.first_versions(rel text, keys jsonb[], vers bigint[],
                                                  orgs integer[], dels boolean[]) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -206,20 +196,10 @@ BEGIN
     IF cardinality(keys) = 0 THEN
         RETURN;
     END IF;
-    IF cardinality(keys) >= 1000 THEN
-        BEGIN
-            INSERT INTO chorus.row_version (tbl, pk, version, origin, deleted)
-            SELECT rel, u.k, u.ver, u.org, u.del FROM unnest(keys, vers, orgs, dels) AS u(k, ver, org, del);
-            RETURN;
-        EXCEPTION WHEN unique_violation THEN
-            made := 0;
-        END;
-    ELSE
-        INSERT INTO chorus.row_version (tbl, pk, version, origin, deleted)
-        SELECT rel, u.k, u.ver, u.org, u.del FROM unnest(keys, vers, orgs, dels) AS u(k, ver, org, del)
-        ON CONFLICT (tbl, pk) DO NOTHING;
-        GET DIAGNOSTICS made = ROW_COUNT;
-    END IF;
+    INSERT INTO chorus.row_version (tbl, pk, version, origin, deleted)
+    SELECT rel, u.k, u.ver, u.org, u.del FROM unnest(keys, vers, orgs, dels) AS u(k, ver, org, del)
+    ON CONFLICT (tbl, pk) DO NOTHING;
+    GET DIAGNOSTICS made = ROW_COUNT;
     IF made < cardinality(keys) THEN
         RAISE EXCEPTION 'a local write of % changed a key this apply found without a version', rel
             USING ERRCODE = '40001';
@@ -450,19 +430,21 @@ CREATE OR REPLACE FUNCTION chorus.apply_batch(rel text, changes jsonb) RETURNS t
 LANGUAGE plpgsql AS $$
 DECLARE
     cols text[];
-    results text[];
-    del_keys jsonb[];
-    up_rows jsonb[];
-    v_keys jsonb[];
-    v_vers bigint[];
-    v_orgs integer[];
-    v_dels boolean[];
-    n_keys jsonb[];
-    n_vers bigint[];
-    n_orgs integer[];
-    n_dels boolean[];
-    keys integer;
-    rows_held bigint;
+    r record;
+    kind text;
+    remote_wins boolean;
+    results text[] := '{}';
+    del_keys jsonb[] := '{}';
+    up_rows jsonb[] := '{}';
+    v_keys jsonb[] := '{}';
+    v_vers bigint[] := '{}';
+    v_orgs integer[] := '{}';
+    v_dels boolean[] := '{}';
+    n_keys jsonb[] := '{}';
+    n_vers bigint[] := '{}';
+    n_orgs integer[] := '{}';
+    n_dels boolean[] := '{}';
+    keys integer := 0;
 BEGIN
     cols := chorus.key_columns(rel);
     IF cardinality(cols) = 0 THEN
@@ -470,7 +452,8 @@ BEGIN
         -- content) one by one, in order.
         IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(changes) c WHERE c ->> 'op' <> 'INSERT') THEN
             PERFORM chorus.write_rows(rel, cols,
-                (SELECT jsonb_agg(c -> 'row') FROM jsonb_array_elements(changes) c));
+                (SELECT jsonb_agg(c -> 'row' ORDER BY (c ->> 'n')::integer)
+                   FROM jsonb_array_elements(changes) c));
             RETURN array_fill('applied'::text, ARRAY[jsonb_array_length(changes)]);
         END IF;
         RETURN ARRAY(SELECT chorus.apply_change(c) FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
@@ -481,78 +464,78 @@ BEGIN
     -- order (so two applies cannot deadlock), rows first as local writes
     -- do. A key without a version row cannot be locked: a local write may
     -- make one meanwhile, which chorus.first_versions finds out.
-    rows_held := chorus.lock_rows(rel, cols,
-                                  (SELECT jsonb_agg(c -> 'key') FROM jsonb_array_elements(changes) c));
+    PERFORM chorus.lock_rows(rel, cols,
+                             (SELECT jsonb_agg(DISTINCT c -> 'key') FROM jsonb_array_elements(changes) c));
+    PERFORM 1 FROM chorus.row_version v
+     WHERE v.tbl = rel AND v.pk IN (SELECT c -> 'key' FROM jsonb_array_elements(changes) c)
+     ORDER BY v.pk FOR UPDATE;
 
-    -- Per key: its last change against the version held here; a conflict
-    -- (logged) when its first change did not overwrite that version. The
-    -- rows are read for the log before this function writes any.
-    WITH c AS (
-        SELECT a.n, e ->> 'op' AS op, e -> 'key' AS k,
-               nullif(e -> 'row', 'null'::jsonb) AS img, (e ->> 'version')::bigint AS ver,
-               (e ->> 'prev')::bigint AS prev, (e ->> 'origin')::integer AS org
-          FROM jsonb_array_elements(changes) WITH ORDINALITY AS a(e, n)
-    ), locked AS (
-        SELECT v.pk, v.version, v.origin, v.deleted FROM chorus.row_version v
-         WHERE v.tbl = rel AND v.pk IN (SELECT c.k FROM c)
-         ORDER BY v.pk FOR UPDATE
-    ), first_change AS (
-        SELECT DISTINCT ON (k) k, op AS first_op, prev AS first_prev FROM c ORDER BY k, n
-    ), last_change AS (
-        SELECT DISTINCT ON (k) k, op, img, ver, org FROM c ORDER BY k, n DESC
-    ), held AS (
+    FOR r IN
+        WITH c AS (
+            SELECT (e ->> 'n')::integer AS n, e ->> 'op' AS op, e -> 'key' AS k,
+                   nullif(e -> 'row', 'null'::jsonb) AS img, (e ->> 'version')::bigint AS ver,
+                   (e ->> 'prev')::bigint AS prev, (e ->> 'origin')::integer AS org
+              FROM jsonb_array_elements(changes) e
+        ), first_change AS (
+            SELECT DISTINCT ON (k) k, op AS first_op, prev AS first_prev FROM c ORDER BY k, n
+        ), last_change AS (
+            SELECT DISTINCT ON (k) k, op, img, ver, org FROM c ORDER BY k, n DESC
+        )
         SELECT l.k, l.op, l.img, l.ver, l.org, f.first_op, f.first_prev,
-               v.pk IS NOT NULL AS have, v.version AS cur_ver, v.origin AS cur_org,
+               v.tbl IS NOT NULL AS have, v.version AS cur_ver, v.origin AS cur_org,
                v.deleted AS cur_deleted
           FROM last_change l
           JOIN first_change f USING (k)
-          LEFT JOIN locked v ON v.pk = l.k
-    ), judged AS (
-        SELECT h.*,
-               h.have AND h.cur_ver = h.ver AND h.cur_org = h.org AS duplicate,
-               CASE WHEN NOT h.have THEN CASE h.first_op WHEN 'UPDATE' THEN 'update_missing'
-                                                         WHEN 'DELETE' THEN 'delete_missing' END
-                    WHEN h.cur_ver IS NOT DISTINCT FROM h.first_prev THEN NULL
-                    WHEN h.cur_deleted THEN CASE h.first_op WHEN 'INSERT' THEN 'insert_delete'
-                                                            WHEN 'UPDATE' THEN 'update_delete'
-                                                            ELSE 'delete_delete' END
-                    ELSE CASE h.first_op WHEN 'INSERT' THEN 'insert_insert'
-                                         WHEN 'UPDATE' THEN 'update_update'
-                                         ELSE 'update_delete' END
-               END AS kind,
-               NOT h.have OR (h.ver, h.org) > (h.cur_ver, h.cur_org) AS remote_wins
-          FROM held h
-    ), logged AS (
-        INSERT INTO chorus.conflict (tbl, pk, kind, resolution, local_version, local_origin,
-                                     local_row, remote_version, remote_origin, remote_row)
-        SELECT rel, j.k, j.kind, CASE WHEN j.remote_wins THEN 'remote_wins' ELSE 'local_wins' END,
-               j.cur_ver, j.cur_org, chorus.read_row(rel, cols, j.k), j.ver, j.org, j.img
-          FROM judged j
-         WHERE NOT j.duplicate AND j.kind IS NOT NULL
-        RETURNING 1
-    ), written AS (
-        SELECT j.* FROM judged j WHERE NOT j.duplicate AND j.remote_wins
-    )
-    SELECT (SELECT count(*) FROM judged)::integer,
-           ARRAY(SELECT CASE WHEN j.duplicate THEN 'duplicate'
-                             WHEN NOT j.remote_wins THEN j.kind || ':local_wins'
-                             ELSE coalesce(j.kind || ':remote_wins', 'applied') END
-                   FROM judged j),
-           ARRAY(SELECT w.k FROM written w WHERE w.op = 'DELETE'),
-           ARRAY(SELECT w.img FROM written w WHERE w.op <> 'DELETE'),
-           w.v_keys, w.v_vers, w.v_orgs, w.v_dels, w.n_keys, w.n_vers, w.n_orgs, w.n_dels
-      INTO keys, results, del_keys, up_rows,
-           v_keys, v_vers, v_orgs, v_dels, n_keys, n_vers, n_orgs, n_dels
-      FROM (SELECT coalesce(array_agg(k) FILTER (WHERE have), '{}') AS v_keys,
-                   coalesce(array_agg(ver) FILTER (WHERE have), '{}') AS v_vers,
-                   coalesce(array_agg(org) FILTER (WHERE have), '{}') AS v_orgs,
-                   coalesce(array_agg(op = 'DELETE') FILTER (WHERE have), '{}') AS v_dels,
-                   coalesce(array_agg(k) FILTER (WHERE NOT have), '{}') AS n_keys,
-                   coalesce(array_agg(ver) FILTER (WHERE NOT have), '{}') AS n_vers,
-                   coalesce(array_agg(org) FILTER (WHERE NOT have), '{}') AS n_orgs,
-                   coalesce(array_agg(op = 'DELETE') FILTER (WHERE NOT have), '{}') AS n_dels
-              FROM written) w;
-    -- (logged runs whether read or not, as every data-modifying WITH.)
+          LEFT JOIN chorus.row_version v ON v.tbl = rel AND v.pk = l.k
+    LOOP
+        keys := keys + 1;
+        IF r.have AND r.cur_ver = r.ver AND r.cur_org = r.org THEN
+            results := results || 'duplicate'::text;
+            CONTINUE;
+        END IF;
+        IF NOT r.have THEN
+            kind := CASE r.first_op WHEN 'UPDATE' THEN 'update_missing'
+                                    WHEN 'DELETE' THEN 'delete_missing' END;
+        ELSIF r.cur_ver IS NOT DISTINCT FROM r.first_prev THEN
+            kind := NULL;
+        ELSIF r.cur_deleted THEN
+            kind := CASE r.first_op WHEN 'INSERT' THEN 'insert_delete'
+                                    WHEN 'UPDATE' THEN 'update_delete'
+                                    ELSE 'delete_delete' END;
+        ELSE
+            kind := CASE r.first_op WHEN 'INSERT' THEN 'insert_insert'
+                                    WHEN 'UPDATE' THEN 'update_update'
+                                    ELSE 'update_delete' END;
+        END IF;
+        remote_wins := NOT r.have OR (r.ver, r.org) > (r.cur_ver, r.cur_org);
+        IF kind IS NOT NULL THEN
+            INSERT INTO chorus.conflict (tbl, pk, kind, resolution, local_version, local_origin,
+                                         local_row, remote_version, remote_origin, remote_row)
+            VALUES (rel, r.k, kind, CASE WHEN remote_wins THEN 'remote_wins' ELSE 'local_wins' END,
+                    r.cur_ver, r.cur_org, chorus.read_row(rel, cols, r.k), r.ver, r.org, r.img);
+        END IF;
+        IF NOT remote_wins THEN
+            results := results || (kind || ':local_wins');
+            CONTINUE;
+        END IF;
+        results := results || coalesce(kind || ':remote_wins', 'applied');
+        IF r.op = 'DELETE' THEN
+            del_keys := del_keys || r.k;
+        ELSE
+            up_rows := up_rows || r.img;
+        END IF;
+        IF r.have THEN
+            v_keys := v_keys || r.k;
+            v_vers := v_vers || r.ver;
+            v_orgs := v_orgs || r.org;
+            v_dels := v_dels || (r.op = 'DELETE');
+        ELSE
+            n_keys := n_keys || r.k;
+            n_vers := n_vers || r.ver;
+            n_orgs := n_orgs || r.org;
+            n_dels := n_dels || (r.op = 'DELETE');
+        END IF;
+    END LOOP;
 
     IF cardinality(del_keys) > 0 THEN
         EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_recordset(NULL::%1$s, $1) k WHERE %2$s',
@@ -560,11 +543,7 @@ BEGIN
         USING to_jsonb(del_keys);
     END IF;
     IF cardinality(up_rows) > 0 THEN
-        -- (When no row of these keys was here, and none can have come since
-        -- (their keys are locked by the version rows, or by the unique
-        -- index for a key without one: see chorus.first_versions), they
-        -- are all new.)
-        PERFORM chorus.write_rows(rel, cols, to_jsonb(up_rows), rows_held = 0);
+        PERFORM chorus.write_rows(rel, cols, to_jsonb(up_rows));
     END IF;
     UPDATE chorus.row_version v SET version = u.ver, origin = u.org, deleted = u.del
       FROM unnest(v_keys, v_vers, v_orgs, v_dels) AS u(k, ver, org, del)
@@ -614,8 +593,6 @@ DECLARE
     failure text;
     mark chorus.row_version%ROWTYPE;
     cs jsonb;
-    one_table boolean;
-    first_table text;
 BEGIN
     -- Partitions' rows whose partition has left the tree here go to it
     -- (see chorus.landed): one check per partition named, not per row.
@@ -629,23 +606,12 @@ BEGIN
                                           ELSE e.c END ORDER BY e.n)
                       FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n));
     END IF;
-    -- The changes of each table, in order (all of them as they are when
-    -- they are one table's, as a load's are: no copy).
-    -- (The first table read once: `changes -> 0` in the query would read
-    -- the whole array again for every element under a generic plan.)
-    first_table := changes -> 0 ->> 'table';
-    one_table := lo = 1 AND hi = jsonb_array_length(changes)
-                 AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(changes) e
-                                  WHERE e ->> 'table' IS DISTINCT FROM first_table);
     FOR grp IN
-        SELECT first_table AS tbl, changes AS cs, 1::bigint AS first
-         WHERE one_table
-        UNION ALL
-        SELECT e.c ->> 'table', jsonb_agg(e.c ORDER BY e.n), min(e.n)
+        SELECT e.c ->> 'table' AS tbl, jsonb_agg(e.c || jsonb_build_object('n', e.n) ORDER BY e.n) AS cs
           FROM jsonb_array_elements(changes) WITH ORDINALITY AS e(c, n)
-         WHERE NOT one_table AND e.n BETWEEN lo AND hi
+         WHERE e.n BETWEEN lo AND hi
          GROUP BY 1
-         ORDER BY first
+         ORDER BY min(e.n)
     LOOP
         IF to_regclass(grp.tbl) IS NULL THEN
             -- Dropped here by DDL ordered after these changes were made on

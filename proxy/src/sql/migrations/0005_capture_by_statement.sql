@@ -1,0 +1,3 @@
+-- Migration 5: a plain table's changes are captured by statement
+-- (chorus.capture_statement). Nothing changes shape: the capture triggers
+-- of such tables are made again at the end of images.sql.
