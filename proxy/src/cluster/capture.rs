@@ -52,7 +52,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../sql/migrations/0002_versioned.sql")),
     (3, include_str!("../sql/migrations/0003_tombstones.sql")),
     (4, include_str!("../sql/migrations/0004_lease_question.sql")),
-    (5, include_str!("../sql/migrations/0005_capture_by_statement.sql")),
+    (
+        5,
+        include_str!("../sql/migrations/0005_capture_by_statement.sql"),
+    ),
 ];
 
 /// The prefix of Chorus's logical messages.
