@@ -23,6 +23,7 @@ mod drain;
 mod elsewhere;
 mod pooled;
 mod pump;
+mod reads;
 mod refusals;
 mod relay;
 mod stamp;
