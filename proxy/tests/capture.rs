@@ -381,6 +381,64 @@ async fn a_plain_tables_statements_are_captured_as_sets_of_changes_by_key() {
         ]
     );
 
+    // Inheritance: a statement on a parent fires no statement trigger of
+    // its children, and the parent's transition tables would hold their
+    // rows; parent and child are captured by row, each row once, under
+    // its own table.
+    b.client
+        .batch_execute(
+            "CREATE TABLE parent_t (id int PRIMARY KEY, v text); \
+             INSERT INTO parent_t VALUES (1, 'p')",
+        )
+        .await
+        .unwrap();
+    capture::adopt(&b.client, "parent_t", false).await.unwrap();
+    assert_eq!(
+        capture_triggers(&b.client, "parent_t").await,
+        [
+            "chorus_capture_deletes statement delete",
+            "chorus_capture_inserts statement insert",
+            "chorus_capture_updates statement update",
+        ]
+    );
+    b.client
+        .batch_execute(
+            "CREATE TABLE child_t (extra int) INHERITS (parent_t); \
+             ALTER TABLE child_t ADD PRIMARY KEY (id)",
+        )
+        .await
+        .unwrap();
+    capture::adopt(&b.client, "child_t", false).await.unwrap();
+    for table in ["parent_t", "child_t"] {
+        assert_eq!(
+            capture_triggers(&b.client, table).await,
+            ["chorus_capture row insert update delete"],
+            "{table}"
+        );
+    }
+    b.client
+        .batch_execute("INSERT INTO child_t VALUES (2, 'c', 7)")
+        .await
+        .unwrap();
+    changes(&b.client).await;
+    b.client
+        .batch_execute("UPDATE parent_t SET v = v || '!'")
+        .await
+        .unwrap();
+    let mut tables: Vec<(String, Value)> = changes(&b.client)
+        .await
+        .iter()
+        .map(|c| (c.table.clone(), json(&c.key)))
+        .collect();
+    tables.sort_by_key(|(t, _)| t.clone());
+    assert_eq!(
+        tables,
+        [
+            ("public.child_t".to_owned(), json!({"id": 2})),
+            ("public.parent_t".to_owned(), json!({"id": 1})),
+        ]
+    );
+
     // Columns named like the statement capture's own names, keyed and
     // keyless: every image is the row's.
     b.client

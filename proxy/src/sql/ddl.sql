@@ -251,7 +251,6 @@ DECLARE
     block text;
     kept text := coalesce(current_setting('chorus.drop_kept', true), '');
     caller record;
-    unique_on record;
     prior_role text;
     depth integer := coalesce(nullif(current_setting('chorus.ddl_depth', true), ''), '1')::integer;
 BEGIN
@@ -434,20 +433,15 @@ BEGIN
                                  NOT EXISTS (SELECT 1 FROM pg_index i
                                               WHERE i.indrelid = cmd.objid AND i.indisprimary));
         END IF;
-        -- A unique index ends the capture of its table's UPDATEs by
-        -- statement (see chorus.updates_by_statement).
+        -- A unique index, or a table that inherits, changes how its table
+        -- (or parent) is captured (see chorus.by_statement).
         IF cmd.object_type = 'index' AND cmd.command_tag = 'CREATE INDEX' THEN
-            FOR unique_on IN
-                SELECT g.tgrelid::regclass AS leaf, a[1]::text[] AS cols, a[2] AS name, r.keyless
-                  FROM pg_index i
-                  JOIN pg_trigger g ON g.tgrelid = i.indrelid AND g.tgname = 'chorus_capture_updates'
-                 CROSS JOIN LATERAL string_to_array(encode(g.tgargs, 'escape'), E'\\000') AS a
-                  JOIN chorus.replicated_table r ON r.tbl = a[2]
-                 WHERE i.indexrelid = cmd.objid AND i.indisunique
-            LOOP
-                PERFORM chorus.put_capture_trigger(unique_on.leaf, unique_on.leaf, unique_on.cols,
-                                                   unique_on.keyless, unique_on.name);
-            END LOOP;
+            PERFORM chorus.remake_capture_triggers(i.indrelid::regclass)
+               FROM pg_index i WHERE i.indexrelid = cmd.objid AND i.indisunique;
+        END IF;
+        IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE', 'ALTER TABLE') THEN
+            PERFORM chorus.remake_capture_triggers(i.inhparent::regclass)
+               FROM pg_inherits i WHERE i.inhrelid = cmd.objid;
         END IF;
     END LOOP;
     IF prior_role <> 'replica' THEN

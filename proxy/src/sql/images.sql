@@ -136,7 +136,9 @@ $$;
 -- Whether the INSERTs and DELETEs of `leaf` (`root` itself or a partition
 -- of it, with key columns `cols`) are captured by statement (see
 -- chorus.capture_statement): a plain table (rows routed to a partition
--- fire no statement trigger of the partition's), whose primary key, if
+-- fire no statement trigger of the partition's) outside any inheritance
+-- (a statement on a parent fires no statement trigger of its children,
+-- and its own transition tables hold their rows), whose primary key, if
 -- any, is not deferrable (one statement may hold a key twice until its
 -- commit), and whose every column to_jsonb carries exactly
 -- (chorus.column_forms names none).
@@ -145,6 +147,7 @@ RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT leaf = root
        AND (SELECT c.relkind = 'r' AND NOT c.relispartition FROM pg_class c WHERE c.oid = leaf)
+       AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = leaf OR i.inhparent = leaf)
        AND NOT EXISTS (SELECT 1 FROM pg_constraint k
                         WHERE k.conrelid = leaf AND k.contype = 'p' AND k.condeferrable)
        AND (SELECT cardinality(f.always || f.arrays || f.jsons || f.jsonbs) = 0
@@ -157,10 +160,10 @@ $$;
 -- but its primary key and no exclusion constraint. An UPDATE by statement
 -- is captured as a set of changes by key, applied by peers as a set where
 -- the table allows it and otherwise one by one in the order sent; with
--- such an index, the order one row at a time would matter (two rows
--- trading a unique value), and only chorus.capture keeps the origin's.
--- (A unique index made later makes the trigger again: see
--- chorus.handle_ddl.)
+-- such an index, a peer applying one by one must meet the rows in the
+-- order the origin's unique checks passed, which only chorus.capture
+-- keeps. (A unique index or an inheritance made later makes the triggers
+-- again: see chorus.remake_capture_triggers.)
 CREATE OR REPLACE FUNCTION chorus.updates_by_statement(leaf regclass, root regclass, cols text[])
 RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -226,6 +229,28 @@ BEGIN
      WHERE t.tgrelid = leaf AND NOT t.tgisinternal
        AND t.tgname IN ('chorus_capture', 'chorus_capture_inserts', 'chorus_capture_deletes',
                         'chorus_capture_updates');
+END
+$$;
+
+-- Make the capture triggers of a replicated plain table again, when what
+-- chorus.by_statement and chorus.updates_by_statement read of it has
+-- changed without an ALTER TABLE of its own (which adopts it again): a
+-- unique index made on it, a table made to inherit from it. Only a table
+-- captured by statement has anything to change.
+CREATE OR REPLACE FUNCTION chorus.remake_capture_triggers(rel regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT r.tbl, r.pk_columns, r.keyless
+               FROM chorus.replicated_table r
+              WHERE to_regclass(r.tbl) = rel
+                AND EXISTS (SELECT 1 FROM pg_trigger g
+                             WHERE g.tgrelid = rel
+                               AND g.tgname IN ('chorus_capture_inserts', 'chorus_capture_deletes',
+                                                'chorus_capture_updates')) LOOP
+        PERFORM chorus.put_capture_trigger(rel, rel, t.pk_columns, t.keyless, t.tbl);
+    END LOOP;
 END
 $$;
 
