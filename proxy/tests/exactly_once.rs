@@ -230,7 +230,25 @@ async fn the_node_killed_mid_batch_neither_loses_nor_repeats_a_change() {
         if seen >= TRANSACTIONS * ROWS {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Kill it while an apply runs on the peer (seen there), or, if
+        // none comes within a second, as it is.
+        let watcher = pair.direct(2).await;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let applying: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+                     AND query LIKE '%chorus.apply\\_%' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if applying > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         pair.kill_node(1);
         // An apply under way when the node died still commits on the peer
         // (the statement and its Sync were already sent), but its position
