@@ -11,15 +11,26 @@ use super::{table, Table};
 
 /// What `SHOW REPLICATION` asks each backend: Chorus's slots on it (one
 /// per stream from it to a peer, per replicated database), with its
-/// walsender's lag. The lag in seconds is the walsender's `replay_lag`:
-/// from the WAL's flush on the origin to the node's report that the peer
-/// applied it (PostgreSQL leaves it empty once a stream is idle and caught
-/// up, shown as 0 for an active slot with nothing to send).
+/// walsender's lag.
+///
+/// The lag in bytes counts from the slot's confirmed position. As with
+/// PostgreSQL's own subscriptions, that position follows the walsender's
+/// keepalives while nothing is waiting to be applied, so it may have
+/// passed the start of a transaction that was still being written; the
+/// retained WAL counts from where decoding would restart, which never
+/// passes a transaction not yet applied.
+///
+/// The lag in seconds is the walsender's `replay_lag`: from the WAL's
+/// flush on the origin to the node's report that the peer applied it.
+/// PostgreSQL forgets it once a stream has reported its sent position
+/// twice; it is then 0 if the slot has confirmed all the WAL there is, and
+/// unknown (empty) otherwise: a stream held up in front of a transaction
+/// it was sent whole is not "0 seconds behind".
 const REPLICATION_SQL: &str = "SELECT s.slot_name::text, s.database::text, s.active, \
         s.wal_status, \
         pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes, \
         CASE WHEN r.replay_lag IS NOT NULL THEN extract(epoch FROM r.replay_lag)::float8 \
-             WHEN s.active AND r.sent_lsn >= pg_current_wal_lsn() THEN 0 END AS lag_seconds, \
+             WHEN s.active AND s.confirmed_flush_lsn >= pg_current_wal_lsn() THEN 0 END AS lag_seconds, \
         pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_bytes \
    FROM pg_catalog.pg_replication_slots s \
    LEFT JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid \
