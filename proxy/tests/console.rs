@@ -356,9 +356,13 @@ async fn a_drained_backend_loses_its_sessions_between_transactions_and_takes_vac
     let home_port = i32::from(c.backends[0].port());
 
     // Sessions through node 1, on its home backend: one with a setting
-    // and a prepared statement, one with a temporary table.
+    // and prepared statements (of the protocol and of SQL), one with a
+    // temporary table.
     let moving = c.via(1).await;
-    moving.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    moving
+        .batch_execute("SET work_mem = '7MB'; PREPARE port_of AS SELECT inet_server_port()")
+        .await
+        .unwrap();
     let statement = moving
         .prepare("SELECT $1::int + 1, current_setting('work_mem'), inet_server_port()")
         .await
@@ -392,6 +396,12 @@ async fn a_drained_backend_loses_its_sessions_between_transactions_and_takes_vac
     assert_eq!(row.0, 42);
     assert_eq!(row.1, "7MB", "the setting moved with the session");
     assert_ne!(row.2, home_port, "the session left the drained backend");
+    let sql_prepared: i32 = moving
+        .query_one("EXECUTE port_of", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sql_prepared, row.2, "the SQL-level statement moved too");
     let rows = show_until(&one, "SHOW BACKENDS", |rows| {
         backend_row(rows, "pg1")[6] == "1"
     })

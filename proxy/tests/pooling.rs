@@ -173,12 +173,9 @@ async fn state_that_cannot_move_keeps_the_connection_until_it_is_gone() {
     let other = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
         .await
         .unwrap();
-    // A temporary table and an SQL-level prepared statement: the session
-    // keeps its connection, and finds them in its next transactions.
+    // A temporary table: the session keeps its connection, and finds it in
+    // its next transactions.
     a.batch_execute("CREATE TEMP TABLE scratch (v int); INSERT INTO scratch VALUES (1)")
-        .await
-        .unwrap();
-    a.batch_execute("PREPARE twice (int) AS SELECT $1 * 2")
         .await
         .unwrap();
     let pinned = value(&a, "SELECT pg_backend_pid()::text").await;
@@ -186,14 +183,10 @@ async fn state_that_cannot_move_keeps_the_connection_until_it_is_gone() {
         // Another session's transactions go to the other connection.
         assert_ne!(value(&other, "SELECT pg_backend_pid()::text").await, pinned);
         assert_eq!(value(&a, "SELECT v::text FROM scratch").await, "1");
-        let twice: i32 = a.query_one("EXECUTE twice(21)", &[]).await.unwrap().get(0);
-        assert_eq!(twice, 42);
     }
     assert_eq!(value(&a, "SELECT pg_backend_pid()::text").await, pinned);
     // Once the state is gone, the connection serves others again.
-    a.batch_execute("DISCARD TEMP; DEALLOCATE twice")
-        .await
-        .unwrap();
+    a.batch_execute("DISCARD TEMP").await.unwrap();
     // (The session gives its connection back after its next transaction.)
     a.batch_execute("SELECT 1").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -210,6 +203,74 @@ async fn state_that_cannot_move_keeps_the_connection_until_it_is_gone() {
             "{pinned} never served another session"
         );
         a.batch_execute("SELECT 1").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepared_statements_follow_their_session_from_connection_to_connection() {
+    // Two server connections for three sessions: a session that kept its
+    // connection for its statements would leave the other two one, and
+    // they would take turns on it; here every session meets both.
+    let node = pooled_node(2, "").await;
+    let conninfo = node.conninfo(common::PG_USER, Some(common::PG_PASSWORD));
+    let a = common::connect(&conninfo).await.unwrap();
+    let b = common::connect(&conninfo).await.unwrap();
+    let c = common::connect(&conninfo).await.unwrap();
+    // Made alone, in a query string with others, under a quoted name, and
+    // with a setting the statement depends on (its search_path).
+    a.batch_execute(
+        "CREATE SCHEMA prep_s; CREATE TABLE prep_s.t (v int); INSERT INTO prep_s.t VALUES (5)",
+    )
+    .await
+    .unwrap();
+    a.batch_execute("PREPARE twice (int) AS SELECT $1 * 2")
+        .await
+        .unwrap();
+    a.batch_execute(
+        "SET search_path = prep_s, public; SELECT 1; \
+         PREPARE \"Odd Name\" AS SELECT v, 'a;b' FROM t -- the table of prep_s\n; SELECT 2",
+    )
+    .await
+    .unwrap();
+    // The other sessions have none of them, nor the schema on their path.
+    b.batch_execute("PREPARE twice (int) AS SELECT $1 * 3")
+        .await
+        .unwrap();
+    let mut a_pids = BTreeSet::new();
+    let mut b_pids = BTreeSet::new();
+    for round in 0..20 {
+        let (x, y, z) = tokio::join!(
+            a.query_one("EXECUTE twice(21)", &[]),
+            b.query_one("EXECUTE twice(21)", &[]),
+            c.simple_query("EXECUTE twice(21)"),
+        );
+        assert_eq!(x.unwrap().get::<_, i32>(0), 42, "round {round}");
+        assert_eq!(y.unwrap().get::<_, i32>(0), 63, "round {round}");
+        let missing = z.unwrap_err();
+        assert_eq!(
+            common::sqlstate(&missing).as_deref(),
+            Some("26000"),
+            "{missing}"
+        );
+        let odd = a.query_one("EXECUTE \"Odd Name\"", &[]).await.unwrap();
+        assert_eq!(odd.get::<_, i32>(0), 5);
+        a_pids.insert(value(&a, "SELECT pg_backend_pid()::text").await);
+        b_pids.insert(value(&b, "SELECT pg_backend_pid()::text").await);
+    }
+    assert_eq!(a_pids.len(), 2, "{a_pids:?}");
+    assert_eq!(b_pids.len(), 2, "{b_pids:?}");
+    assert_eq!(server_connections(&node).await, 2);
+    // DEALLOCATE drops it for good, wherever the session goes next.
+    a.batch_execute("DEALLOCATE twice").await.unwrap();
+    for _ in 0..4 {
+        let gone = a.simple_query("EXECUTE twice(1)").await.unwrap_err();
+        assert_eq!(common::sqlstate(&gone).as_deref(), Some("26000"), "{gone}");
+        let (odd, other) = tokio::join!(
+            a.query_one("EXECUTE \"Odd Name\"", &[]),
+            b.query_one("EXECUTE twice(1)", &[]),
+        );
+        assert_eq!(odd.unwrap().get::<_, i32>(0), 5);
+        assert_eq!(other.unwrap().get::<_, i32>(0), 3);
     }
 }
 

@@ -24,7 +24,7 @@ pub use ddl::{
 };
 pub use lexer::{first_keyword, split_statements, Statements};
 pub use parsed::LARGE_OBJECT_WRITERS;
-pub use pooling::may_keep_session_state;
+pub use pooling::{may_keep_session_state, preparing_statement};
 
 /// What a single SQL statement does, as far as Chorus is concerned.
 ///

@@ -1,7 +1,7 @@
 //! What transaction pooling needs to know of a statement: whether it may
 //! leave something in its session that outlives its transaction.
 
-use crate::lexer::{first_keyword, mentions_any};
+use crate::lexer::{first_keyword, mentions_any, split_statements};
 
 /// Function names and words that make session state from inside an
 /// ordinary statement: advisory locks held past the transaction, settings
@@ -52,9 +52,81 @@ pub fn may_keep_session_state(statement: &str) -> bool {
         || mentions_any(statement, STATEFUL_WORDS)
 }
 
+/// The statement of `query` that prepared the SQL-level statement `name`
+/// (`PREPARE name … AS …`), as the server names it (an unquoted name
+/// folded to lower case). PostgreSQL keeps the whole query string a
+/// statement was prepared from (`pg_prepared_statements.statement`);
+/// transaction pooling and DRAIN make the statement again elsewhere from
+/// this part of it. `None` when no statement of `query` prepares `name`
+/// in a form read here (a Unicode-escaped name, say).
+pub fn preparing_statement<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    split_statements(query).find(|statement| {
+        let Some((word, rest)) = first_keyword(statement) else {
+            return false;
+        };
+        word.eq_ignore_ascii_case("PREPARE") && prepared_name(rest).as_deref() == Some(name)
+    })
+}
+
+/// The name a `PREPARE` statement gives (`rest` follows the keyword), as
+/// the server keeps it.
+fn prepared_name(rest: &str) -> Option<String> {
+    let (word, after) = first_keyword(rest)?;
+    if !word.is_empty() {
+        return Some(word.to_ascii_lowercase());
+    }
+    // A quoted name (after the white space and comments before it): its
+    // doubled quotes stand for one.
+    let mut after = after;
+    loop {
+        after = after.trim_start();
+        if let Some(comment) = after.strip_prefix("--") {
+            after = comment.split_once('\n').map_or("", |(_, next)| next);
+        } else if let Some(comment) = after.strip_prefix("/*") {
+            after = comment.split_once("*/").map_or("", |(_, next)| next);
+        } else {
+            break;
+        }
+    }
+    let quoted = after.strip_prefix('"')?;
+    let mut name = String::new();
+    let mut chars = quoted.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '"' {
+            if chars.peek() == Some(&'"') {
+                chars.next();
+            } else {
+                return Some(name);
+            }
+        }
+        name.push(c);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::may_keep_session_state as keeps;
+    use super::preparing_statement;
+
+    #[test]
+    fn the_statement_that_prepared_a_name_is_found_in_its_query() {
+        let query = "SELECT 1; PREPARE A(int) AS SELECT $1 + 1;\
+                     PREPARE /* c */ \"Odd \"\"name\"\"\" AS SELECT 'x;y' -- end\n; SELECT 2";
+        assert_eq!(
+            preparing_statement(query, "a"),
+            Some(" PREPARE A(int) AS SELECT $1 + 1")
+        );
+        assert_eq!(
+            preparing_statement(query, "Odd \"name\""),
+            Some("PREPARE /* c */ \"Odd \"\"name\"\"\" AS SELECT 'x;y' -- end\n")
+        );
+        // A name is folded unless quoted; others are not found.
+        assert_eq!(preparing_statement(query, "A"), None);
+        assert_eq!(preparing_statement(query, "b"), None);
+        assert_eq!(preparing_statement("PREPARE TRANSACTION 'x'", "x"), None);
+        assert_eq!(preparing_statement("EXECUTE a", "a"), None);
+    }
 
     #[test]
     fn statements_that_leave_session_state_are_seen() {

@@ -32,6 +32,10 @@ pub struct PoolKey {
 /// Named prepared statements, by name: the Parse message that made each.
 pub type PreparedStatements = FxHashMap<String, BytesMut>;
 
+/// SQL-level prepared statements (`PREPARE`), by name: the statement that
+/// made each, in order of name.
+pub type SqlPrepared = Vec<(String, String)>;
+
 /// What a server connection has that a session may need to change.
 #[derive(Debug, Clone, Default)]
 pub struct ServerState {
@@ -40,6 +44,9 @@ pub struct ServerState {
     /// Named prepared statements (shared with the session that made them
     /// when it gave the connection back).
     pub prepared: Arc<PreparedStatements>,
+    /// SQL-level prepared statements (the session's that made them, when
+    /// it gave the connection back).
+    pub sql_prepared: Arc<SqlPrepared>,
     /// The statement that makes the session-level settings in force (see
     /// `session::pooled`), none when there are none.
     pub settings: Option<String>,

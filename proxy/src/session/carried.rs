@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::backend::pool::{KeyPool, ServerState};
+use crate::backend::pool::{KeyPool, ServerState, SqlPrepared};
 
 /// Settings reported by ParameterStatus that a session moved to another
 /// backend gets again (as startup parameters).
@@ -33,6 +33,8 @@ pub(super) struct Pooled {
     /// The statement that makes the session's own settings (from the last
     /// question), none when it has none.
     pub(super) settings: Option<String>,
+    /// Its SQL-level prepared statements (from the last question).
+    pub(super) sql_prepared: Arc<SqlPrepared>,
     /// The session keeps its connection between transactions.
     pub(super) pinned: bool,
     /// The connection in use.
@@ -62,6 +64,7 @@ impl Pooled {
             pools: Vec::new(),
             desired: params.iter().filter(|(n, _)| taken(n)).cloned().collect(),
             settings: None,
+            sql_prepared: Arc::default(),
             pinned: false,
             lease: None,
             reads: rand::random::<u32>() as usize,

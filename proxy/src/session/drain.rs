@@ -1,20 +1,23 @@
 //! Leaving a backend drained for maintenance (the admin console's `DRAIN`):
 //! a session moves to another backend between two of its transactions,
 //! taking its settings and its prepared statements along, so that the
-//! client cannot tell. Only a session that leaves nothing behind moves: no
-//! temporary table, open cursor, SQL-level prepared statement, LISTEN,
-//! advisory lock or changed role. One that has any stays where it is, and
-//! asks again after its next transaction; `SHOW CLIENTS` shows where each
-//! session is. Sessions of a database that does not replicate (configured
+//! client cannot tell; SQL-level prepared statements (`PREPARE`) go along
+//! too, made again from their text. Only a session that leaves nothing
+//! behind moves: no temporary table, open cursor, LISTEN, advisory lock or
+//! changed role. One that has any stays where it is, and asks again after
+//! its next transaction; `SHOW CLIENTS` shows where each session is. Sessions of a database that does not replicate (configured
 //! local) stay too: its contents differ from backend to backend.
 //!
 //! The session is asked on its own connection, at a point where nothing of
 //! the client's is in flight there (see `relay`): the relay sends the
 //! question and reads its answer itself.
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
+use crate::backend::pool::SqlPrepared;
 use crate::backend::BackendStream;
 use crate::node::Node;
 use crate::wire::protocol::{self, read_message};
@@ -33,11 +36,12 @@ pub(super) enum Left {
     Broken,
 }
 
-/// Whether the session may leave (first value, `t` or `f`), and the
-/// settings it changed, as one statement that makes them again (second).
-/// Chorus's own settings are left out, except the two a client sets.
-const QUESTION: &str = "SELECT (NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
-       AND NOT EXISTS (SELECT FROM pg_catalog.pg_cursors) \
+/// Whether the session may leave (first value, `t` or `f`); the settings
+/// it changed, as one statement that makes them again (second), Chorus's
+/// own left out except the two a client sets; its SQL-level prepared
+/// statements, as a JSON array of [name, the query string that made it]
+/// (third).
+const QUESTION: &str = "SELECT (NOT EXISTS (SELECT FROM pg_catalog.pg_cursors) \
        AND NOT EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) \
        AND NOT EXISTS (SELECT FROM pg_catalog.pg_locks \
                         WHERE pid = pg_catalog.pg_backend_pid() AND locktype = 'advisory') \
@@ -46,7 +50,60 @@ const QUESTION: &str = "SELECT (NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_s
   (SELECT 'SELECT ' || pg_catalog.string_agg(pg_catalog.format('pg_catalog.set_config(%L, %L, false)', name, setting), ', ') \
      FROM pg_catalog.pg_settings \
     WHERE source = 'session' \
-      AND (name NOT LIKE 'chorus.%' OR name IN ('chorus.commit_scope', 'chorus.ddl_scope')))";
+      AND (name NOT LIKE 'chorus.%' OR name IN ('chorus.commit_scope', 'chorus.ddl_scope'))), \
+  (SELECT pg_catalog.json_agg(pg_catalog.json_build_array(name, statement) ORDER BY name) \
+     FROM pg_catalog.pg_prepared_statements WHERE from_sql)::text";
+
+/// What a session holds on its backend connection, as `ask` found it.
+pub(super) struct Held {
+    /// Nothing there ties it to this connection.
+    pub(super) movable: bool,
+    /// The statement that makes its settings again, none when it has none.
+    pub(super) settings: Option<String>,
+    /// Its SQL-level prepared statements.
+    pub(super) sql_prepared: Arc<SqlPrepared>,
+}
+
+impl Held {
+    /// Read the answer to `QUESTION`. A prepared statement whose own
+    /// statement is not found in the query string it came from (see
+    /// `chorus_router::preparing_statement`) cannot be made again: the
+    /// session is then not movable.
+    fn read(values: &[Option<String>]) -> Held {
+        let mut movable = values.first().cloned().flatten().as_deref() == Some("true");
+        let listed: Vec<(String, String)> = values
+            .get(2)
+            .cloned()
+            .flatten()
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default();
+        let mut sql_prepared = Vec::with_capacity(listed.len());
+        for (name, query) in listed {
+            match chorus_router::preparing_statement(&query, &name) {
+                Some(statement) => sql_prepared.push((name, statement.trim().to_owned())),
+                None => movable = false,
+            }
+        }
+        Held {
+            movable,
+            settings: values.get(1).cloned().flatten(),
+            sql_prepared: Arc::new(sql_prepared),
+        }
+    }
+
+    /// One query that makes the settings and the prepared statements again
+    /// (statements are joined by a line break first: one may end in a
+    /// `--` comment), none when there is nothing to make.
+    fn remake(&self) -> Option<String> {
+        let statements: Vec<&str> = self
+            .settings
+            .iter()
+            .map(String::as_str)
+            .chain(self.sql_prepared.iter().map(|(_, sql)| sql.as_str()))
+            .collect();
+        (!statements.is_empty()).then(|| statements.join("\n;\n"))
+    }
+}
 
 /// Leave the drained backend behind `stream` if the session may: at a
 /// transaction boundary (`at_boundary`) and with nothing of its own there.
@@ -72,8 +129,8 @@ pub(super) async fn leave(
     let Some(answer) = ask(&mut stream, from_backend).await else {
         return Left::Broken;
     };
-    let settings = match answer {
-        Some((movable, settings)) if movable => settings,
+    let remake = match answer {
+        Some(held) if held.movable => held.remake(),
         _ => {
             tracing::debug!(backend = %session.backend_name, "a session stays on its drained backend: it has state there");
             return Left::Stayed(stream);
@@ -87,7 +144,7 @@ pub(super) async fn leave(
         return Left::Stayed(stream);
     };
     // Its settings and named statements, on the new connection.
-    if set_up(&mut connection.stream, state, settings.as_deref()).await != Some(true) {
+    if set_up(&mut connection.stream, state, remake.as_deref()).await != Some(true) {
         tracing::warn!(backend = %name, "a session leaving a drained backend could not be set up on another");
         let _ = connection.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
         return Left::Stayed(stream);
@@ -99,11 +156,11 @@ pub(super) async fn leave(
 
 /// Ask the session's backend `QUESTION`: `None` when the connection
 /// failed or did not answer in time, `Some(None)` when the question
-/// failed, else whether the session may move and its settings' statement.
+/// failed, else what the session holds there.
 pub(super) async fn ask(
     stream: &mut BackendStream,
     from_backend: &mut PumpSide,
-) -> Option<Option<(bool, Option<String>)>> {
+) -> Option<Option<Held>> {
     let mut out = BytesMut::new();
     protocol::query(&mut out, QUESTION);
     let answer = async {
@@ -112,7 +169,7 @@ pub(super) async fn ask(
         let mut failed = false;
         let mut buf = BytesMut::new();
         loop {
-            let tag = read_message(stream, &mut buf, 1 << 20).await.ok()?;
+            let tag = read_message(stream, &mut buf, 1 << 30).await.ok()?;
             match tag {
                 b'D' => values = Some(protocol::data_row_texts(&buf)),
                 b'E' => failed = true,
@@ -126,10 +183,7 @@ pub(super) async fn ask(
             buf.clear();
         }
         Some(match (failed, values) {
-            (false, Some(values)) => {
-                let movable = values.first().cloned().flatten().as_deref() == Some("true");
-                Some((movable, values.get(1).cloned().flatten()))
-            }
+            (false, Some(values)) => Some(Held::read(&values)),
             _ => None,
         })
     };

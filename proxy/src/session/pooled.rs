@@ -11,12 +11,15 @@
 //! - its named prepared statements, of the extended protocol: each
 //!   connection remembers the ones it has (by name and text), and gets the
 //!   session's that it lacks before the session's first message;
+//! - its SQL-level prepared statements (`PREPARE`), likewise, by name and
+//!   the statement that made them (found in the query string the server
+//!   keeps for each, after a transaction that may have made or dropped
+//!   some);
 //! - the commit scope and DDL scope (relay state).
 //!
 //! A session with state that cannot move keeps its connection (it is
 //! pinned) until that state is gone: temporary tables, cursors WITH HOLD,
-//! SQL-level prepared statements, LISTEN, session advisory locks, a
-//! changed role. The relay asks the server (the drain question, see
+//! LISTEN, session advisory locks, a changed role. The relay asks the server (the drain question, see
 //! drain.rs) after a transaction whose statements may have made such
 //! state (`chorus_router::may_keep_session_state`), and after every
 //! transaction of a pinned session.
@@ -255,6 +258,13 @@ enum Step {
     /// A named statement prepared: an error leaves it out (the client's
     /// own Parse of it failed too, or it would not be remembered).
     Parse(String),
+    /// Another session's SQL-level statement dropped (an error: it was
+    /// not there).
+    Deallocate,
+    /// An SQL-level statement made again: an error leaves it out (its
+    /// table may be gone; the client's EXECUTE then fails, as a re-plan
+    /// would have).
+    Prepare(String),
 }
 
 /// Make `server` hold what the session holds: its settings, then its
@@ -326,13 +336,37 @@ async fn set_up(server: &mut Server, state: &RelayState, pooled: &mut Pooled) ->
             }
         }
     }
+    let wanted_sql = pooled.sql_prepared.clone();
+    if !Arc::ptr_eq(&have.sql_prepared, &wanted_sql) {
+        for (name, statement) in have.sql_prepared.iter() {
+            if !wanted_sql.iter().any(|(n, s)| n == name && s == statement) {
+                protocol::query(
+                    &mut out,
+                    &format!("DEALLOCATE \"{}\"", name.replace('"', "\"\"")),
+                );
+                steps.push(Step::Deallocate);
+            }
+        }
+        for (name, statement) in wanted_sql.iter() {
+            if !have
+                .sql_prepared
+                .iter()
+                .any(|(n, s)| n == name && s == statement)
+            {
+                protocol::query(&mut out, statement);
+                steps.push(Step::Prepare(name.clone()));
+            }
+        }
+    }
     have.settings = pooled.settings.clone();
     if steps.is_empty() {
         have.prepared = wanted;
+        have.sql_prepared = wanted_sql;
         return Some(());
     }
     let stream = &mut server.stream;
     let mut unprepared = Vec::new();
+    let mut sql_unprepared = Vec::new();
     let run = async {
         stream.write_all(&out).await.ok()?;
         let mut buf = BytesMut::new();
@@ -357,6 +391,7 @@ async fn set_up(server: &mut Server, state: &RelayState, pooled: &mut Pooled) ->
                     match (steps.next()?, std::mem::take(&mut failed)) {
                         (Step::Settings | Step::Tracked | Step::Closes, true) => return None,
                         (Step::Parse(name), true) => unprepared.push(name),
+                        (Step::Prepare(name), true) => sql_unprepared.push(name),
                         _ => {}
                     }
                     if steps.peek().is_none() {
@@ -376,6 +411,13 @@ async fn set_up(server: &mut Server, state: &RelayState, pooled: &mut Pooled) ->
             prepared.remove(name);
         }
         Arc::new(prepared)
+    };
+    have.sql_prepared = if sql_unprepared.is_empty() {
+        wanted_sql
+    } else {
+        let mut made = (*wanted_sql).clone();
+        made.retain(|(name, _)| !sql_unprepared.contains(name));
+        Arc::new(made)
     };
     // The client knows the values as the server reports them.
     for (name, value) in pooled.desired.iter_mut() {
@@ -456,8 +498,14 @@ pub(super) async fn give_back(
                 pooled.lease = None;
                 return Released::Broken;
             }
-            Some(Some((true, settings))) => {
-                pooled.settings = settings;
+            Some(Some(held)) if held.movable => {
+                pooled.settings = held.settings;
+                // (What the connection has: without the question, what
+                // `set_up` made there.)
+                if let Some(lease) = pooled.lease.as_mut() {
+                    lease.server.sql_prepared = held.sql_prepared.clone();
+                }
+                pooled.sql_prepared = held.sql_prepared;
                 pooled.pinned = false;
             }
             Some(_) => {
