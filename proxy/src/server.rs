@@ -269,33 +269,35 @@ pub async fn run_node_with(
     Ok(())
 }
 
-/// With replication, check every backend regularly: a login as the
-/// replication user and `SELECT 1`, within the timeout. Sessions avoid
-/// backends seen down (see [`Node::session_backends`]).
+/// With replication, check every backend regularly: `SELECT 1` as the
+/// replication user, on a control connection of the main database's pool
+/// (a new login when the last one closed), within the timeout. Sessions
+/// avoid backends seen down (see [`Node::session_backends`]).
 async fn health_checks(node: Arc<Node>) {
-    let Some(config) = node.config.replication.clone() else {
+    let Some(control) = node.main_lane().map(|lane| lane.control.clone()) else {
         return;
     };
     let interval =
         std::time::Duration::from_millis(node.config.node.health_check_interval_ms.max(10));
     let limit = std::time::Duration::from_millis(node.config.node.health_check_timeout_ms.max(10));
-    let mut clients = crate::backend::BackendClients::default();
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
         for backend in &node.config.backends {
-            let check = async {
-                let client = clients.get(backend, &config, limit).await?;
-                client.simple_query("SELECT 1").await.ok()
+            let deadline = tokio::time::Instant::now() + limit;
+            let up = match control.get(backend, limit).await {
+                None => false,
+                Some(client) => {
+                    let answer =
+                        tokio::time::timeout_at(deadline, client.simple_query("SELECT 1")).await;
+                    // (One that failed or hangs is not asked again.)
+                    let up = matches!(answer, Ok(Ok(_)));
+                    if !up {
+                        crate::backend::discard(client);
+                    }
+                    up
+                }
             };
-            let up = tokio::time::timeout(limit, check)
-                .await
-                .ok()
-                .flatten()
-                .is_some();
-            if !up {
-                clients.forget(&backend.name);
-            }
             node.set_backend_down(&backend.name, !up);
         }
         if node.config.node.routing == crate::config::Routing::Leader {

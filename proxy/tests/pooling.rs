@@ -705,3 +705,115 @@ async fn reads_spread_over_backends_and_a_session_always_reads_its_own_writes() 
         .unwrap_err();
     assert_eq!(common::sqlstate(&invalid).as_deref(), Some("22023"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_control_connections_are_a_bounded_pool() {
+    use chorus_proxy::backend::{ControlError, ControlPool};
+    use chorus_proxy::config::{BackendConfig, ReplicationConfig};
+    let node = common::start(Options::default()).await;
+    let backend: BackendConfig =
+        toml::from_str(&format!("name = \"pg1\"\nport = {}", node.pg.port())).unwrap();
+    let config = ReplicationConfig {
+        user: common::PG_USER.to_owned(),
+        password: Some(common::PG_PASSWORD.to_owned()),
+        database: "postgres".to_owned(),
+        ..ReplicationConfig::default()
+    };
+    let pool = ControlPool::new(config, 2);
+    let limit = Duration::from_secs(10);
+    let pid = |rows: Vec<tokio_postgres::Row>| -> i32 { rows[0].get(0) };
+    // Sixteen questions at once share two connections.
+    let asks = (0..16).map(|_| {
+        pool.query(
+            &backend,
+            limit,
+            "SELECT pg_backend_pid() FROM pg_sleep(0.1)",
+            &[],
+        )
+    });
+    let pids: BTreeSet<i32> = futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .map(|answer| pid(answer.unwrap()))
+        .collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    // An error of the server's leaves the connection in the pool.
+    let failed = pool
+        .query(&backend, limit, "SELECT 1 / 0", &[])
+        .await
+        .unwrap_err();
+    match &failed {
+        ControlError::Sql(e) => assert_eq!(common::sqlstate(e).as_deref(), Some("22012")),
+        other => panic!("{other}"),
+    }
+    let after = pid(pool
+        .query(&backend, limit, "SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap());
+    assert!(pids.contains(&after), "{after} is not one of {pids:?}");
+    // Connections that end (the backend restarted, say) are made anew.
+    let direct = common::connect(&node.pg.conninfo("postgres"))
+        .await
+        .unwrap();
+    let ended: Vec<i32> = pids.iter().copied().collect();
+    direct
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid",
+            &[&ended],
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(rows) = pool
+            .query(&backend, limit, "SELECT pg_backend_pid()", &[])
+            .await
+        {
+            if !pids.contains(&pid(rows)) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new connection after the old ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A question not answered in time is an error, and its connection is
+    // not used again.
+    let slow = pool
+        .query(
+            &backend,
+            Duration::from_millis(200),
+            "SELECT pg_sleep(30)",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(slow, ControlError::Timeout(_)), "{slow}");
+    let seen: BTreeSet<i32> = futures_util::future::join_all((0..8).map(|_| {
+        pool.query(
+            &backend,
+            limit,
+            "SELECT pg_backend_pid() FROM pg_sleep(0.1)",
+            &[],
+        )
+    }))
+    .await
+    .into_iter()
+    .map(|answer| pid(answer.unwrap()))
+    .collect();
+    assert!(seen.len() <= 2, "{seen:?}");
+    let slow_pid: i32 = direct
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !seen.contains(&slow_pid),
+        "{slow_pid} served again: {seen:?}"
+    );
+}

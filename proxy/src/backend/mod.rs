@@ -22,7 +22,9 @@ pub mod pool;
 mod tls;
 
 pub use crate::config::{BackendTls, SslMode};
-pub use control::{connect_backend, connect_backend_with_notices, BackendClients, Notice};
+pub use control::{
+    connect_backend, connect_backend_with_notices, discard, ControlError, ControlPool, Notice,
+};
 pub use tls::{BackendRead, BackendStream, BackendWrite};
 
 /// A control-plane query's error as an operator should read it: the

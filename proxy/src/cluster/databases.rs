@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use chorus_consensus::{Consensus, DdlEntry};
 
-use crate::backend::connect_backend;
 use crate::cluster::lane::{Created, Lane};
 use crate::node::Node;
 
@@ -116,13 +115,13 @@ async fn sessions_in(node: &Node, database: &str) -> i64 {
     let Some(main) = node.main_lane() else {
         return 0;
     };
-    let Ok(client) = connect_backend(node.config.home_backend(), &main.config).await else {
-        return 0;
-    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let counted = client
-            .query_one(
+        let counted = main
+            .control
+            .query(
+                node.config.home_backend(),
+                Duration::from_secs(5),
                 "SELECT count(*) FROM pg_catalog.pg_stat_activity \
                   WHERE datname = $1 AND pid <> pg_backend_pid() \
                     AND NOT (application_name IS NOT DISTINCT FROM 'chorus replication' \
@@ -130,7 +129,7 @@ async fn sessions_in(node: &Node, database: &str) -> i64 {
                 &[&database],
             )
             .await;
-        let Ok(row) = counted else {
+        let Some(row) = counted.ok().and_then(|rows| rows.into_iter().next()) else {
             return 0;
         };
         let sessions: i64 = row.get(0);
@@ -249,18 +248,17 @@ async fn reconcile(node: &Node, main: &Lane, wanted: &[Created]) -> bool {
         return true;
     }
     let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
-    let asked = async {
-        let client = connect_backend(node.config.home_backend(), &main.config).await?;
-        let rows = client
-            .query(
-                "SELECT datname::text FROM pg_catalog.pg_database WHERE datname = ANY($1)",
-                &[&names],
-            )
-            .await?;
-        Ok::<Vec<String>, tokio_postgres::Error>(rows.iter().map(|r| r.get(0)).collect())
-    };
-    let present = match asked.await {
-        Ok(present) => present,
+    let asked = main
+        .control
+        .query(
+            node.config.home_backend(),
+            Duration::from_secs(10),
+            "SELECT datname::text FROM pg_catalog.pg_database WHERE datname = ANY($1)",
+            &[&names],
+        )
+        .await;
+    let present: Vec<String> = match asked {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot tell which databases created through Chorus the home backend has; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::backend::ControlPool;
 use crate::cluster::ddl::progress::DdlProgress;
 use crate::config::{Config, ReplicationConfig};
 use crate::scope::ReplicationProgress;
@@ -28,6 +29,8 @@ pub struct Lane {
     /// How far the DDL log is applied in this database on the home
     /// backend.
     pub ddl: DdlProgress,
+    /// Pooled control connections to every backend, in this database.
+    pub control: Arc<ControlPool>,
     /// The DDL log entry that created this database (0: the configuration
     /// names it), and the names it has had, each from the entry that gave
     /// it (see [`Created`]).
@@ -75,12 +78,17 @@ impl Lane {
     fn new(replication: &ReplicationConfig, peers: &[String], created: &Created) -> Arc<Lane> {
         let database = created.name();
         let config = replication.for_database(database);
+        let control = Arc::new(ControlPool::new(
+            config.clone(),
+            replication.control_pool_size,
+        ));
         Arc::new(Lane {
             since: created.since,
             names: created.names.clone(),
             main: database == replication.database,
             progress: Arc::new(ReplicationProgress::new(peers, peers.len() + 1)),
-            ddl: DdlProgress::new(config.clone()),
+            ddl: DdlProgress::new(control.clone()),
+            control,
             config,
             schema_ready: watch::channel(false).0,
             streams_ready: Default::default(),

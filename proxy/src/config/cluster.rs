@@ -276,6 +276,15 @@ pub struct ReplicationConfig {
     /// version. Default 300 s.
     #[serde(default = "default_tombstone_min_age")]
     pub tombstone_min_age_ms: u64,
+    /// Control connections a node keeps to each backend, per replicated
+    /// database, for its short questions (health checks, DDL progress, the
+    /// admin console; see backend/control.rs). Default 4.
+    #[serde(default = "default_control_pool_size")]
+    pub control_pool_size: usize,
+}
+
+fn default_control_pool_size() -> usize {
+    4
 }
 
 fn default_prune_interval() -> u64 {
@@ -340,6 +349,7 @@ impl Default for ReplicationConfig {
             slot_retained_warn_bytes: default_slot_retained_warn(),
             prune_interval_ms: default_prune_interval(),
             tombstone_min_age_ms: default_tombstone_min_age(),
+            control_pool_size: default_control_pool_size(),
         }
     }
 }

@@ -3,14 +3,15 @@
 //! each DDL statement that came through this node (see mod.rs).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use tokio::sync::watch;
 
-use crate::backend::BackendClients;
-use crate::config::{BackendConfig, Config, ReplicationConfig};
+use crate::backend::{discard, ControlPool};
+use crate::config::{BackendConfig, Config};
 use crate::wire::protocol;
 
 /// A PostgreSQL error, as the applying backend reported it.
@@ -61,10 +62,9 @@ impl PgError {
 pub struct DdlProgress {
     applied: watch::Sender<u64>,
     outcomes: Mutex<HashMap<u64, Outcome>>,
-    /// How the connections below are made (to the lane's database).
-    replication: ReplicationConfig,
-    /// Connections to every backend, to see how far each has applied.
-    peers: tokio::sync::Mutex<BackendClients>,
+    /// The lane's control connections, to see how far each backend has
+    /// applied.
+    control: Arc<ControlPool>,
 }
 
 /// What became of a DDL statement on its origin's home backend.
@@ -82,12 +82,11 @@ pub(crate) struct Outcome {
 const MAX_OUTCOMES: usize = 10_000;
 
 impl DdlProgress {
-    pub(crate) fn new(replication: ReplicationConfig) -> DdlProgress {
+    pub(crate) fn new(control: Arc<ControlPool>) -> DdlProgress {
         DdlProgress {
             applied: watch::channel(0).0,
             outcomes: Mutex::new(HashMap::new()),
-            replication,
-            peers: tokio::sync::Mutex::new(BackendClients::default()),
+            control,
         }
     }
 
@@ -128,45 +127,41 @@ impl DdlProgress {
     /// Whether a backend has DDL `seq` (`None` when unreachable).
     pub(crate) async fn has_seq(&self, backend: &BackendConfig, seq: u64) -> Option<bool> {
         let seq = i64::try_from(seq).ok()?;
-        let mut peers = self.peers.lock().await;
-        let client = peers
-            .get(backend, &self.replication, Duration::from_secs(1))
-            .await?;
-        let row = tokio::time::timeout(
+        let client = self.control.get(backend, Duration::from_secs(1)).await?;
+        let asked = tokio::time::timeout(
             Duration::from_secs(1),
             client.query_one(
                 "SELECT EXISTS (SELECT 1 FROM chorus.ddl_history WHERE seq = $1)",
                 &[&seq],
             ),
         )
-        .await
-        .ok()?
-        .ok()?;
-        Some(row.get(0))
+        .await;
+        match asked {
+            Ok(Ok(row)) => Some(row.get(0)),
+            _ => {
+                discard(client);
+                None
+            }
+        }
     }
 
     /// The DDL index of a backend, read from it (`None` when unreachable).
     pub(crate) async fn backend_index(&self, backend: &BackendConfig) -> Option<u64> {
-        let mut peers = self.peers.lock().await;
-        let client = peers
-            .get(backend, &self.replication, Duration::from_secs(1))
-            .await?;
-        let row = tokio::time::timeout(Duration::from_secs(1), client.query_one(INDEX_SQL, &[]))
-            .await
-            .ok()?
-            .ok()?;
-        u64::try_from(row.get::<_, i64>(0)).ok()
+        let client = self.control.get(backend, Duration::from_secs(1)).await?;
+        match tokio::time::timeout(Duration::from_secs(1), client.query_one(INDEX_SQL, &[])).await {
+            Ok(Ok(row)) => u64::try_from(row.get::<_, i64>(0)).ok(),
+            _ => {
+                discard(client);
+                None
+            }
+        }
     }
 
     /// Write a backend's `chorus.lease_grant` (the answer to a session that
     /// asked for the cluster DDL lease, see `ddl_lease::answer`); whether
     /// it was written.
     pub(crate) async fn set_lease_grant(&self, backend: &BackendConfig, value: i64) -> bool {
-        let mut peers = self.peers.lock().await;
-        let Some(client) = peers
-            .get(backend, &self.replication, Duration::from_secs(5))
-            .await
-        else {
+        let Some(client) = self.control.get(backend, Duration::from_secs(5)).await else {
             return false;
         };
         let written = tokio::time::timeout(
@@ -180,7 +175,7 @@ impl DdlProgress {
         if matches!(written, Ok(Ok(_))) {
             return true;
         }
-        peers.forget(&backend.name);
+        discard(client);
         false
     }
 

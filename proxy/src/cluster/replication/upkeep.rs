@@ -50,20 +50,20 @@ pub async fn wait_streams_ready(
                 .filter(|b| b.name != backend.name)
                 .map(|b| lane.slot_name(owner, &b.name))
                 .collect();
-            let found = async {
-                let client = connect_backend(backend, &lane.config).await.ok()?;
-                let row = client
-                    .query_one(
-                        "SELECT count(*) FROM pg_catalog.pg_replication_slots \
-                          WHERE slot_name = ANY($1) AND database = current_database()",
-                        &[&slots],
-                    )
-                    .await
-                    .ok()?;
-                Some(row.get::<_, i64>(0))
-            };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if let Ok(Some(n)) = tokio::time::timeout(left, found).await {
+            let found = lane
+                .control
+                .query(
+                    backend,
+                    left,
+                    "SELECT count(*) FROM pg_catalog.pg_replication_slots \
+                      WHERE slot_name = ANY($1) AND database = current_database()",
+                    &[&slots],
+                )
+                .await
+                .ok()
+                .and_then(|rows| rows.first().map(|row| row.get::<_, i64>(0)));
+            if let Some(n) = found {
                 if usize::try_from(n).is_ok_and(|n| n == slots.len()) {
                     lane.streams_found(&backend.name);
                     return true;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use crate::backend::connect_backend;
 use crate::cluster::ddl::progress::PgError;
 use crate::node::Node;
 
@@ -53,22 +52,16 @@ pub(super) async fn replication(node: &Node) -> Result<Table, PgError> {
             hint: None,
         });
     };
-    let asks = node.config.backends.iter().map(|backend| {
-        let config = &main.config;
-        async move {
-            let asked = async {
-                let client = connect_backend(backend, config).await?;
-                client.query(REPLICATION_SQL, &[]).await
-            };
-            (
-                backend,
-                tokio::time::timeout(Duration::from_secs(2), asked).await,
-            )
-        }
+    let control = &main.control;
+    let asks = node.config.backends.iter().map(|backend| async move {
+        let asked = control
+            .query(backend, Duration::from_secs(2), REPLICATION_SQL, &[])
+            .await;
+        (backend, asked)
     });
     let mut rows = Vec::new();
     for (backend, answer) in futures_util::future::join_all(asks).await {
-        let Ok(Ok(slots)) = answer else {
+        let Ok(slots) = answer else {
             let mut row = vec![String::new(); 9];
             row[0].clone_from(&backend.name);
             row[5] = "unreachable".into();
@@ -335,14 +328,15 @@ async fn home_rows(
     let Some(main) = node.main_lane() else {
         return Vec::new();
     };
-    let asked = async {
-        let client = connect_backend(node.config.home_backend(), &main.config).await?;
-        client.query(sql, params).await
-    };
-    match tokio::time::timeout(Duration::from_secs(2), asked).await {
-        Ok(Ok(rows)) => rows,
-        _ => Vec::new(),
-    }
+    main.control
+        .query(
+            node.config.home_backend(),
+            Duration::from_secs(2),
+            sql,
+            params,
+        )
+        .await
+        .unwrap_or_default()
 }
 
 /// A query's result on the home backend, in the main database, as text.
@@ -361,15 +355,11 @@ pub(super) async fn home(node: &Node, sql: &str) -> Result<Table, PgError> {
             hint: None,
         });
     };
-    let asked = async {
-        let client = connect_backend(node.config.home_backend(), &main.config).await?;
-        client.simple_query(sql).await
-    };
-    let messages = match tokio::time::timeout(Duration::from_secs(5), asked).await {
-        Ok(Ok(messages)) => messages,
-        Ok(Err(e)) => return Err(unreachable(&e)),
-        Err(_) => return Err(unreachable(&"no answer within 5 s")),
-    };
+    let messages = main
+        .control
+        .simple_query(node.config.home_backend(), Duration::from_secs(5), sql)
+        .await
+        .map_err(|e| unreachable(&e))?;
     let mut result = Table {
         columns: Vec::new(),
         rows: Vec::new(),
