@@ -166,6 +166,64 @@ pub fn read_routing_changes(sql: &str) -> Vec<ReadRoutingChange> {
         .collect()
 }
 
+/// The settings of Chorus's that a client may give at login, in the
+/// `options` startup parameter (`options='-c chorus.read_routing=any'`,
+/// as libpq's PGOPTIONS sends it), as it may SET them.
+const LOGIN_SETTINGS: &[&str] = &[
+    "chorus.commit_scope",
+    "chorus.ddl_scope",
+    "chorus.read_routing",
+];
+
+/// Chorus's own settings in the `options` startup parameter, in order:
+/// each as the `SET` statement that makes it (lower case, as the parsers
+/// above read statements), and whether its value is one the setting
+/// takes. PostgreSQL's `-c name=value` and `--name=value` forms are read;
+/// a backslash keeps the character after it.
+pub fn login_settings(params: &[(String, String)]) -> Vec<(String, bool)> {
+    let Some((_, options)) = params.iter().find(|(name, _)| name == "options") else {
+        return Vec::new();
+    };
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_whitespace() => words.push(std::mem::take(&mut word)),
+            c => word.push(c),
+        }
+    }
+    words.push(word);
+    let mut words = words.into_iter().filter(|w| !w.is_empty());
+    let mut settings = Vec::new();
+    while let Some(word) = words.next() {
+        let setting = match word.strip_prefix("-c") {
+            Some("") => words.next(),
+            Some(rest) => Some(rest.to_owned()),
+            None => word.strip_prefix("--").map(str::to_owned),
+        };
+        let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('=')) else {
+            continue;
+        };
+        let name = name.to_ascii_lowercase().replace('-', "_");
+        if !LOGIN_SETTINGS.contains(&name.as_str()) {
+            continue;
+        }
+        let value = value.to_ascii_lowercase();
+        let plain =
+            !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let statement = format!("set {name} = '{}'", if plain { &value } else { "?" });
+        let valid = match name.as_str() {
+            "chorus.commit_scope" => !scope_changes(&statement).contains(&ScopeChange::Invalid),
+            "chorus.ddl_scope" => !ddl_scope_changes(&statement).contains(&DdlScopeChange::Invalid),
+            _ => !read_routing_changes(&statement).contains(&ReadRoutingChange::Invalid),
+        };
+        settings.push((statement, valid));
+    }
+    settings
+}
+
 /// Encoding of an optional scope in an atomic byte.
 pub fn encode(scope: Option<CommitScope>) -> u8 {
     match scope {
@@ -326,6 +384,30 @@ impl ReplicationProgress {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn chorus_settings_given_at_login_are_read_from_options() {
+        let params = |options: &str| vec![("options".to_owned(), options.to_owned())];
+        let settings = super::login_settings(&params(
+            "-c chorus.read_routing=any --chorus.commit-scope=ALL -c work_mem=4MB \
+             -cchorus.ddl_scope=local -c chorus.origin=7 -c chorus.read_routing=far\\ away",
+        ));
+        assert_eq!(
+            settings,
+            [
+                ("set chorus.read_routing = 'any'".to_owned(), true),
+                ("set chorus.commit_scope = 'all'".to_owned(), true),
+                ("set chorus.ddl_scope = 'local'".to_owned(), true),
+                ("set chorus.read_routing = '?'".to_owned(), false),
+            ]
+        );
+        assert!(
+            super::login_settings(&params("-c chorus.commit_scope=sometimes"))
+                .iter()
+                .all(|(_, valid)| !valid)
+        );
+        assert!(super::login_settings(&[]).is_empty());
+    }
+
     use super::*;
 
     #[test]

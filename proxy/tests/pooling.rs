@@ -704,6 +704,29 @@ async fn reads_spread_over_backends_and_a_session_always_reads_its_own_writes() 
         .await
         .unwrap_err();
     assert_eq!(common::sqlstate(&invalid).as_deref(), Some("22023"));
+    // So does one that asks for it at login (`options`, as PGOPTIONS
+    // sends it); a value the setting does not take is refused there.
+    let login = |options: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres options='{options}'",
+            c.ports[0]
+        )
+    };
+    let homebound = common::connect(&login("-c chorus.read_routing=home"))
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(served(&homebound, check, 0).await.1, port(1));
+    }
+    let refused = common::connect(&login("-c chorus.read_routing=everywhere"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        common::sqlstate(&refused).as_deref(),
+        Some("22023"),
+        "{refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,6 +45,17 @@ pub(super) async fn relay<CR, CW>(
     if let Some(pid) = session.cancel_key.backend_pid() {
         state.backend_pid.store(pid, Ordering::Relaxed);
     }
+    // Chorus's own settings the client gave at login (`options`, checked
+    // then), as if it had SET them first.
+    if state.replicated_database {
+        for (statement, _) in crate::scope::login_settings(&session.params) {
+            if let Ok(changes) = super::client::scope_changes_in(&statement) {
+                super::client::apply_scope_changes(&state, &changes);
+            }
+            state.apply_ddl_scope(&crate::scope::ddl_scope_changes(&statement));
+            state.apply_read_routing(&crate::scope::read_routing_changes(&statement));
+        }
+    }
     let mut client = ClientSide::new();
     let mut shutdown = node.shutdown_signal();
     let mut went_down = node.backend_went_down();

@@ -282,6 +282,26 @@ pub(super) async fn startup(
 
     authenticate(node, client, peer, &user, &database, &mut out).await?;
 
+    // Chorus's own settings given in `options`: refused at login when a
+    // value is not one they take, as PostgreSQL refuses its own.
+    if replicated {
+        if let Some((statement, _)) = crate::scope::login_settings(&params)
+            .into_iter()
+            .find(|(_, valid)| !valid)
+        {
+            let name = statement
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("chorus")
+                .to_owned();
+            return Err(StartupFailure::Fatal {
+                kind: ErrorKind::Protocol,
+                code: "22023",
+                message: format!("invalid value for parameter \"{name}\" in options"),
+            });
+        }
+    }
+
     // The admin console: served by the node itself, to the roles named.
     if database == node.config.node.admin_database {
         if !node.live().config.node.admin_users.contains(&user) {
