@@ -10,8 +10,19 @@
 # for the select-only (-S) and simple-update (-N) scripts, -M simple|extended|
 # prepared, with 8 and 32 clients. Prints a Markdown table.
 #
+# Two more targets, only when named in TARGETS, measure read routing on a
+# replicating 3-node demo in transaction pooling (its own pgbench tables,
+# at scale RR_SCALE, default 1, loaded through node 1 and waited for on
+# every backend), through node 1:
+#   chorus-rr-home  read-only transactions on node 1's home backend
+#   chorus-rr-any   the same sessions with PGOPTIONS='-c chorus.read_routing=any':
+#                   read-only transactions taking turns on the three backends
+# Compare those two with each other only: the other targets have no
+# replication and a larger table.
+#
 # Usage: benches/pgbench.sh            (DURATION=10 SCALE=10 by default)
 #        DURATION=5 CLIENTS="32" MODES="prepared" SCRIPTS="select-only" benches/pgbench.sh
+#        TARGETS="chorus-rr-home chorus-rr-any" SCRIPTS=select-only benches/pgbench.sh
 # Needs: PostgreSQL server programs and pgbench, pgbouncer (installed with
 # apt-get when running as root and missing).
 set -euo pipefail
@@ -24,6 +35,7 @@ MODES=${MODES:-"simple extended prepared"}
 SCRIPTS=${SCRIPTS:-"select-only simple-update"}
 TARGETS=${TARGETS:-"direct pgb-sess pgb-tx chorus chorus-tx"}
 THREADS=${THREADS:-2}
+RR_SCALE=${RR_SCALE:-1}
 
 if ! command -v pgbouncer >/dev/null 2>&1; then
     if [ "$(id -u)" -eq 0 ]; then
@@ -112,6 +124,39 @@ PGB_TX_PORT=$(free_port); start_pgbouncer pgb-tx transaction "$PGB_TX_PORT"
 wait_port() { for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 wait_port "$PGB_SESS_PORT"; wait_port "$PGB_TX_PORT"; wait_port "$CHORUS_PORT"; wait_port "$CHORUS_TX_PORT"
 
+# The replicating demo of the read-routing targets, when they are asked for.
+RR_PORT=
+case " $TARGETS " in
+    *" chorus-rr-"*)
+        RR_PORT=$(free_port)
+        RUST_LOG=warn ./target/release/chorus demo --nodes 3 --pool-mode transaction --port "$RR_PORT" \
+            --dir "$WORK/rr" > "$WORK/rr.out" 2> "$WORK/rr.err" &
+        PIDS+=($!)
+        for _ in $(seq 1 600); do grep -q '^ready$' "$WORK/rr.out" 2>/dev/null && break; sleep 0.1; done
+        grep -q '^ready$' "$WORK/rr.out" || { cat "$WORK/rr.err" >&2; exit 1; }
+        "$PGBENCH" -i -q -s "$RR_SCALE" -h 127.0.0.1 -p "$RR_PORT" -U postgres postgres > "$WORK/rr-init.log" 2>&1 \
+            || { cat "$WORK/rr-init.log" >&2; exit 1; }
+        rows=$((RR_SCALE * 100000))
+        for backend in $(sed -n 's|^backend [0-9]*: postgres://postgres@127.0.0.1:\([0-9]*\)/postgres$|\1|p' "$WORK/rr.out"); do
+            for _ in $(seq 1 600); do
+                n=$(psql -X -At -h 127.0.0.1 -p "$backend" -U postgres postgres \
+                    -c "SELECT count(*) FROM pgbench_accounts" 2>/dev/null || true)
+                [ "$n" = "$rows" ] && break
+                sleep 0.5
+            done
+            [ "$n" = "$rows" ] || { echo "backend on port $backend has $n of $rows rows" >&2; exit 1; }
+        done
+        ;;
+esac
+
+# Transactions committed on each backend of the replicating demo so far.
+rr_commits() {
+    for backend in $(sed -n 's|^backend [0-9]*: postgres://postgres@127.0.0.1:\([0-9]*\)/postgres$|\1|p' "$WORK/rr.out"); do
+        psql -X -At -h 127.0.0.1 -p "$backend" -U postgres postgres \
+            -c "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'"
+    done
+}
+
 port_of() {
     case $1 in
         direct) echo "$PG_PORT" ;;
@@ -119,6 +164,7 @@ port_of() {
         pgb-tx) echo "$PGB_TX_PORT" ;;
         chorus) echo "$CHORUS_PORT" ;;
         chorus-tx) echo "$CHORUS_TX_PORT" ;;
+        chorus-rr-home | chorus-rr-any) echo "$RR_PORT" ;;
     esac
 }
 
@@ -133,8 +179,17 @@ for script in $SCRIPTS; do
         for clients in $CLIENTS; do
             for target in $TARGETS; do
                 if [ "$target" = pgb-tx ] && [ "$mode" = prepared ]; then continue; fi
-                out=$("$PGBENCH" -n "$flag" -M "$mode" -c "$clients" -j "$THREADS" -T "$DURATION" \
+                options=
+                [ "$target" = chorus-rr-any ] && options='-c chorus.read_routing=any'
+                case $target in chorus-rr-*) before=$(rr_commits) ;; esac
+                out=$(PGOPTIONS="$options" "$PGBENCH" -n "$flag" -M "$mode" -c "$clients" -j "$THREADS" -T "$DURATION" \
                       -h 127.0.0.1 -p "$(port_of "$target")" -U postgres postgres 2>&1) || true
+                case $target in
+                    chorus-rr-*)
+                        spread=$(paste -d' ' <(echo "$before") <(rr_commits) | awk '{ printf "%s%d", (NR > 1 ? " / " : ""), $2 - $1 }')
+                        echo "$script $mode $clients $target: commits per backend $spread" >> "$WORK/notes"
+                        ;;
+                esac
                 tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
                 lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
                 failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')
@@ -143,3 +198,7 @@ for script in $SCRIPTS; do
         done
     done
 done
+if [ -s "$WORK/notes" ]; then
+    echo
+    cat "$WORK/notes"
+fi

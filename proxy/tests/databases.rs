@@ -12,48 +12,15 @@ mod procs;
 #[path = "common/relay.rs"]
 mod relay;
 
-use std::time::{Duration, Instant};
-
-use tokio_postgres::Client;
-
-/// One text value of `sql` on `client` (empty on error or NULL).
-async fn text(client: &Client, sql: &str) -> String {
-    match client.query_one(sql, &[]).await {
-        Ok(row) => row.get::<_, Option<String>>(0).unwrap_or_default(),
-        Err(_) => String::new(),
-    }
-}
-
-/// Wait (bounded) until `sql` gives the same value in `database` on every
-/// backend (each read again every round): `expected`, or with `None` any
-/// value but the empty one.
-async fn agree(c: &procs::Cluster, database: &str, sql: &str, expected: Option<&str>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = Vec::new();
-    while Instant::now() < deadline {
-        last.clear();
-        for b in 1..=3 {
-            last.push(text(&c.direct_db(b, database).await, sql).await);
-        }
-        let first = last[0].as_str();
-        let wanted = expected.is_none_or(|e| e == first) && !first.is_empty();
-        if wanted && last.iter().all(|v| v == first) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{database}: backends never agreed on {expected:?} for {sql}: {last:?}");
-}
-
 /// Wait until `sql` gives `expected` in `database` on every backend.
 async fn everywhere(c: &procs::Cluster, database: &str, sql: &str, expected: &str) {
-    agree(c, database, sql, Some(expected)).await;
+    c.agree(database, sql, Some(expected)).await;
 }
 
 /// Wait until `sql` gives the same value, not empty, in `database` on
 /// every backend.
 async fn converged(c: &procs::Cluster, database: &str, sql: &str) {
-    agree(c, database, sql, None).await;
+    c.agree(database, sql, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,11 +117,8 @@ async fn ddl_and_writes_apply_in_the_database_where_they_were_sent() {
         .unwrap();
     for b in 1..=3 {
         let app = c.direct_db(b, "app").await;
-        assert_eq!(
-            text(&app, "SELECT v FROM t WHERE id = 4").await,
-            "all",
-            "backend {b}"
-        );
+        let row = app.query_one("SELECT v FROM t WHERE id = 4", &[]).await;
+        assert_eq!(row.unwrap().get::<_, String>(0), "all", "backend {b}");
     }
     everywhere(
         &c,

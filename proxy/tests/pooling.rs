@@ -840,3 +840,133 @@ async fn the_nodes_control_connections_are_a_bounded_pool() {
         "{slow_pid} served again: {seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_role_works_in_a_second_database_through_transaction_pooling() {
+    const ROWS: i64 = 300_000;
+    let c = procs::cluster_opts(procs::Options {
+        replication: "replicate_created_databases = true".into(),
+        node_extra: "[pool]\nmode = \"transaction\"\nsize = 4\n".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    // An ordinary role (LOGIN, CREATE on the schema of a database made
+    // through Chorus), and nothing else.
+    let admin = c.via(1).await;
+    admin
+        .batch_execute("CREATE ROLE shopkeeper LOGIN")
+        .await
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE shop").await.unwrap();
+    c.via_db(1, "shop")
+        .await
+        .batch_execute("GRANT CREATE ON SCHEMA public TO shopkeeper")
+        .await
+        .unwrap();
+    c.agree(
+        "shop",
+        "SELECT has_schema_privilege('shopkeeper', 'public', 'CREATE')::text",
+        Some("true"),
+    )
+    .await;
+    let as_app = |node: usize| {
+        let port = c.ports[node - 1];
+        async move {
+            common::connect(&format!(
+                "host=127.0.0.1 port={port} user=shopkeeper dbname=shop"
+            ))
+            .await
+            .unwrap()
+        }
+    };
+    let mut two = as_app(2).await;
+    let three = as_app(3).await;
+    // A migration over the extended protocol: DDL with DML in one
+    // transaction, a partitioned table among them.
+    let migration = two.transaction().await.unwrap();
+    for sql in [
+        "CREATE TABLE item (id bigint PRIMARY KEY, name text NOT NULL, price numeric(10, 2))",
+        "CREATE TABLE sale (id bigint, day date, qty int, PRIMARY KEY (id, day)) PARTITION BY RANGE (day)",
+        "CREATE TABLE sale_2026 PARTITION OF sale FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')",
+        "CREATE TABLE sale_2027 PARTITION OF sale FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')",
+    ] {
+        migration.execute(sql, &[]).await.unwrap();
+    }
+    let add = migration
+        .prepare("INSERT INTO item VALUES ($1, $2, $3::text::numeric)")
+        .await
+        .unwrap();
+    for id in 1..=50i64 {
+        migration
+            .execute(&add, &[&id, &format!("item {id}"), &format!("{id}.25")])
+            .await
+            .unwrap();
+    }
+    migration
+        .execute(
+            "INSERT INTO sale SELECT g, DATE '2026-06-30' + (g % 400), g % 7 FROM generate_series(1, 2000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    migration.commit().await.unwrap();
+    // Many rows in one transaction through another node, then a table made
+    // from a query, TRUNCATE with rows after it in the same transaction.
+    three
+        .batch_execute(&format!(
+            "BEGIN; CREATE TABLE line (id bigint PRIMARY KEY, item bigint, qty int); \
+             INSERT INTO line SELECT g, 1 + g % 50, g % 9 FROM generate_series(1, {ROWS}) g; \
+             UPDATE line SET qty = qty + 1 WHERE id % 3 = 0; \
+             DELETE FROM line WHERE id % 10 = 0; COMMIT"
+        ))
+        .await
+        .unwrap();
+    two.batch_execute(
+        "CREATE TABLE item_total AS SELECT item, sum(qty) AS qty FROM line GROUP BY item; \
+         BEGIN; TRUNCATE sale; INSERT INTO sale VALUES (1, '2027-02-01', 3); COMMIT",
+    )
+    .await
+    .unwrap();
+    // Every backend holds the same rows, and they are what was written.
+    let expected_lines = ROWS - ROWS / 10;
+    for (sql, expected) in [
+        (
+            "SELECT count(*)::text || ':' || sum(qty)::text FROM line".to_owned(),
+            None,
+        ),
+        (
+            "SELECT count(*)::text FROM line".to_owned(),
+            Some(expected_lines.to_string()),
+        ),
+        (
+            "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM item i".to_owned(),
+            None,
+        ),
+        (
+            "SELECT string_agg(s::text, ',' ORDER BY id) FROM sale s".to_owned(),
+            Some("(1,2027-02-01,3)".to_owned()),
+        ),
+        (
+            "SELECT md5(string_agg(t::text, ',' ORDER BY item)) FROM item_total t".to_owned(),
+            None,
+        ),
+        (
+            "SELECT string_agg(tableowner, ',' ORDER BY tablename) FROM pg_tables \
+             WHERE schemaname = 'public'"
+                .to_owned(),
+            Some(vec!["shopkeeper"; 6].join(",")),
+        ),
+    ] {
+        c.agree("shop", &sql, expected.as_deref()).await;
+    }
+    // The totals made from the query match the rows.
+    let total: i64 = three
+        .query_one(
+            "SELECT ((SELECT sum(qty) FROM item_total) - (SELECT sum(qty) FROM line))::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 0);
+}

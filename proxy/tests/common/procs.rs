@@ -413,6 +413,36 @@ impl Cluster {
         }
     }
 
+    /// Wait (bounded) until `sql` gives the same value in `database` on
+    /// every backend (each read again every round): `expected`, or with
+    /// `None` any value but the empty one (an error or NULL reads as
+    /// empty). Returns the value.
+    #[allow(dead_code)]
+    pub async fn agree(&self, database: &str, sql: &str, expected: Option<&str>) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = Vec::new();
+        while Instant::now() < deadline {
+            last.clear();
+            for b in 1..=self.backends.len() {
+                let value = match common::connect(&self.backends[b - 1].conninfo(database)).await {
+                    Ok(client) => match client.query_one(sql, &[]).await {
+                        Ok(row) => row.get::<_, Option<String>>(0).unwrap_or_default(),
+                        Err(_) => String::new(),
+                    },
+                    Err(_) => String::new(),
+                };
+                last.push(value);
+            }
+            let first = last[0].as_str();
+            let wanted = expected.is_none_or(|e| e == first) && !first.is_empty();
+            if wanted && last.iter().all(|v| v == first) {
+                return first.to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{database}: backends never agreed on {expected:?} for {sql}: {last:?}");
+    }
+
     /// Wait until every backend has applied `n` DDL log entries.
     pub async fn wait_ddl(&self, n: usize) {
         for b in 1..=3 {

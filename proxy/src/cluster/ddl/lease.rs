@@ -135,9 +135,12 @@ pub async fn take(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    // The backend gets up to the DDL timeout from here to have the earlier
-    // DDL (it may just have committed).
-    let deadline = Instant::now() + timeout;
+    // The backend gets up to the lock timeout (and at least the DDL
+    // timeout from here) to have the earlier DDL. It may just have
+    // committed; it comes with its transaction's rows, which a large
+    // transaction takes a while to apply: as on one PostgreSQL, where the
+    // DDL would wait for that transaction's locks, it waits for them.
+    let deadline = lock_deadline.max(Instant::now() + timeout);
     // The DDL must run on the schema the earlier DDL made.
     let config = node.config.backends.iter().find(|b| b.name == backend);
     if after > 0 {
@@ -155,7 +158,7 @@ pub async fn take(
                     code: "55P03",
                     message: format!(
                         "could not obtain the cluster DDL lock within {} ms: backend \"{backend}\" has not applied the cluster's earlier DDL {after} yet",
-                        timeout.as_millis()
+                        lock_timeout.max(timeout).as_millis()
                     ),
                 });
             }
