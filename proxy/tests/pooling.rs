@@ -954,7 +954,7 @@ async fn an_application_role_works_in_a_second_database_through_transaction_pool
             "SELECT string_agg(tableowner, ',' ORDER BY tablename) FROM pg_tables \
              WHERE schemaname = 'public'"
                 .to_owned(),
-            Some(vec!["shopkeeper"; 6].join(",")),
+            Some(["shopkeeper"; 6].join(",")),
         ),
     ] {
         c.agree("shop", &sql, expected.as_deref()).await;
