@@ -6,12 +6,17 @@
 # (the plain one alone, then the cluster), on this machine. With ALL=1 the
 # cluster then also runs an UPDATE of every row, a DELETE of every row and
 # a COPY (psql's \copy) of N rows, each one transaction through node 1.
+# POOL_MODE=transaction runs the cluster's nodes in transaction pooling;
+# ROLE=name makes an ordinary role (LOGIN, CREATE on schema public) through
+# node 1 and sends the cluster's table and steps as it.
 #
-# Usage: [ALL=1] N=1000000 bash benches/bulk.sh
+# Usage: [ALL=1] [POOL_MODE=transaction] [ROLE=app] N=1000000 bash benches/bulk.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${N:-1000000}
+POOL_MODE=${POOL_MODE:-session}
+ROLE=${ROLE:-postgres}
 PSQL=$(ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -1)
 PSQL=${PSQL:-psql}
 cargo build --release -q -p chorus-proxy
@@ -36,7 +41,7 @@ start() {
     grep -q '^ready$' "$WORK/$name.out" || { cat "$WORK/$name.err" >&2; exit 1; }
 }
 port_of() { sed -n "s|^$2: postgres://postgres@127.0.0.1:\([0-9]*\)/.*|\1|p" "$WORK/$1.out"; }
-q() { "$PSQL" -X -qAt -h 127.0.0.1 -U postgres -d postgres "$@"; }
+q() { "$PSQL" -X -qAt -h 127.0.0.1 -U "${AS:-postgres}" -d postgres "$@"; }
 now() { date +%s.%N; }
 load="INSERT INTO bulk SELECT g, 'row ' || g FROM generate_series(1, $N) g"
 
@@ -51,9 +56,12 @@ kill -INT "${PIDS[0]}"
 wait "${PIDS[0]}" 2>/dev/null || true
 PIDS=()
 
-start cluster 18432
+start cluster 18432 --pool-mode "$POOL_MODE"
 node1=$(port_of cluster "node 1")
-q -p "$node1" -c "CREATE TABLE bulk (id bigint PRIMARY KEY, v text)"
+if [ "$ROLE" != postgres ]; then
+    q -p "$node1" -c "CREATE ROLE $ROLE LOGIN" -c "GRANT CREATE ON SCHEMA public TO $ROLE"
+fi
+AS=$ROLE q -p "$node1" -c "CREATE TABLE bulk (id bigint PRIMARY KEY, v text)"
 # The demo runs its three nodes in one process: its resident memory, every
 # 0.2 s, from the load's start until the last step has converged.
 demo=${PIDS[0]}
@@ -72,7 +80,7 @@ step() {
     shift
     local t0 t1 t2 want p
     t0=$(now)
-    q -p "$node1" "$@"
+    AS=$ROLE q -p "$node1" "$@"
     t1=$(now)
     want=$(q -p "$(port_of cluster "backend 1")" -c "$state")
     for b in 2 3; do
@@ -80,7 +88,7 @@ step() {
         until [ "$(q -p "$p" -c "$state" 2>/dev/null)" = "$want" ]; do sleep 0.5; done
     done
     t2=$(now)
-    echo "$name through node 1 of 3: $(echo "$t1 - $t0" | bc) s; every backend identical $(echo "$t2 - $t1" | bc) s after its commit"
+    echo "$name through node 1 of 3 ($POOL_MODE pooling, as $ROLE): $(echo "$t1 - $t0" | bc) s; every backend identical $(echo "$t2 - $t1" | bc) s after its commit"
 }
 step "INSERT of $N rows in one transaction" -c "$load"
 if [ -n "${ALL:-}" ]; then

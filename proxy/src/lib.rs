@@ -13,6 +13,7 @@ pub mod backoff;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod lane;
 pub mod localpg;
 pub mod metrics;
 pub mod node;

@@ -14,8 +14,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::ScramVerifier;
 use crate::backend::cancel::CancelRegistry;
-use crate::cluster::lane::{Created, Lane};
 use crate::config::{Config, TlsConfig};
+use crate::lane::{Created, Lane};
 use crate::metrics::Metrics;
 
 /// Why a node could not start.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use chorus_consensus::{Consensus, DdlEntry};
 
-use crate::cluster::lane::{Created, Lane};
+use crate::lane::{Created, Lane};
 use crate::node::Node;
 
 /// The database a statement of the log creates, if it is a `CREATE

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use chorus_consensus::{Consensus, Request};
 
-use crate::cluster::lane::Lane;
 use crate::cluster::replication::{self, ReplicationError};
 use crate::config::BackendConfig;
+use crate::lane::Lane;
 use crate::node::Node;
 
 /// How often the assignment is looked at.

@@ -1,8 +1,9 @@
 //! The parts of a node that make the backends one cluster: the backend
 //! SQL's capture of changes (`capture`), the streams that carry them to
 //! every other backend (`replication`), the DDL log ordered through Raft
-//! (`ddl`), the replicated databases and their progress (`databases`,
-//! `lane`), which node drives which backend's streams (`duties`), global
+//! (`ddl`), the databases created and dropped through it (`databases`;
+//! each replicated database's state on the node is a lane, lane/), which
+//! node drives which backend's streams (`duties`), global
 //! sequences (`sequences`) and the last-writer-wins repair of differing
 //! rows (`reconcile`).
 
@@ -10,7 +11,6 @@ pub mod capture;
 pub mod databases;
 pub mod ddl;
 pub mod duties;
-pub mod lane;
 pub mod reconcile;
 pub mod replication;
 pub mod sequences;

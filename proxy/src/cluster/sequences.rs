@@ -15,8 +15,8 @@ use std::time::Duration;
 use chorus_consensus::{Consensus, Request, Response};
 
 use crate::backoff::Backoff;
-use crate::cluster::lane::Lane;
 use crate::cluster::replication::ReplicationError;
+use crate::lane::Lane;
 use crate::node::Node;
 
 /// A snowflake sequence's increment: its values' low 10 bits are the node's

@@ -96,8 +96,7 @@ pub async fn drop_slots_of(
         };
         // On the leaving backend, its own streams' slots: every chorus
         // slot there. Elsewhere, the slots streaming to it.
-        let pattern =
-            crate::cluster::replication::slot_pattern((backend.name != leaving).then_some(leaving));
+        let pattern = crate::lane::slot_pattern((backend.name != leaving).then_some(leaving));
         let rows = client
             .query(
                 "SELECT slot_name::text, active FROM pg_replication_slots \

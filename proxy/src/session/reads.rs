@@ -20,7 +20,7 @@ use super::state::{ClientSide, RelayState, MOVE_LIMIT};
 pub(super) async fn read_backends<'a>(
     node: &'a Node,
     state: &RelayState,
-    lane: &crate::cluster::lane::Lane,
+    lane: &crate::lane::Lane,
     pooled: &mut Pooled,
     candidates: &[&'a crate::config::BackendConfig],
 ) -> Option<Vec<&'a crate::config::BackendConfig>> {

@@ -14,7 +14,7 @@ use crate::backend::LoginParams;
 use crate::cluster::ddl::lease as ddl_lease;
 use crate::cluster::ddl::lease::LeaseRefusal;
 use crate::cluster::ddl::DdlJob;
-use crate::cluster::lane::Lane;
+use crate::lane::Lane;
 use crate::metrics::GaugeGuard;
 use crate::node::Node;
 use crate::scope::{DdlScopeChange, ReadRoutingChange, ScopeChange};

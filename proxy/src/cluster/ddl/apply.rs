@@ -12,10 +12,10 @@ use bytes::BytesMut;
 use chorus_consensus::{Consensus, DdlEntry};
 use tokio_postgres::Client;
 
-use super::progress::{Outcome, PgError, INDEX_SQL};
-use crate::cluster::lane::Lane;
 use crate::cluster::replication::ReplicationError;
 use crate::config::BackendConfig;
+use crate::lane::ddl_progress::{Outcome, PgError, INDEX_SQL};
+use crate::lane::Lane;
 use crate::node::Node;
 use crate::wire::protocol;
 

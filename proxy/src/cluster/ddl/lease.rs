@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chorus_consensus::{LeaseHolder, ProposeError, Request, Response};
 
-use crate::cluster::lane::Lane;
+use crate::lane::Lane;
 use crate::node::Node;
 
 /// Why a transaction's DDL cannot run: a SQLSTATE and a message, which the

@@ -1,8 +1,8 @@
 //! DDL replication. Most DDL travels in its transaction's change stream
 //! under the cluster DDL lease (`lease.rs`); the rest goes through the
 //! Raft DDL log: the session side of that route is here, its application
-//! on every backend in `apply.rs`, and how far it has come in
-//! `progress.rs`.
+//! on every backend in `apply.rs`, and how far it has come in each
+//! database in lane/ddl_progress.rs.
 //!
 //! The DDL log route: roles, databases, tablespaces, `… CONCURRENTLY` and
 //! the other statements PostgreSQL fires no event trigger for or runs only
@@ -25,17 +25,16 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use chorus_consensus::{DdlProposal, ProposeError, Request, Response};
 
-use crate::cluster::lane::Lane;
 use crate::config::CommitScope;
+use crate::lane::Lane;
 use crate::node::Node;
 use crate::wire::protocol;
 
 mod apply;
 pub mod lease;
-pub mod progress;
 
+use crate::lane::ddl_progress::PgError;
 pub use apply::{run_applier, run_foreign_applier};
-use progress::PgError;
 
 /// A DDL query under way in a session: the validation's answers are read
 /// here (see [`validation_query`]), the rest happens in [`finish`].

@@ -9,8 +9,8 @@ use tokio_postgres::Client;
 
 use crate::backend::connect_backend;
 use crate::backoff::Backoff;
-use crate::cluster::lane::Lane;
 use crate::config::{BackendConfig, ReplicationConfig};
+use crate::lane::Lane;
 use crate::node::Node;
 
 use super::{
@@ -408,7 +408,7 @@ async fn run_stream(
             };
             if needed > peer_ddl {
                 match client
-                    .query_one(crate::cluster::ddl::progress::INDEX_SQL, &[])
+                    .query_one(crate::lane::ddl_progress::INDEX_SQL, &[])
                     .await
                 {
                     Ok(row) => peer_ddl = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),

@@ -302,37 +302,6 @@ impl ReplicationStream {
     }
 }
 
-/// A slot-name-safe form of a backend name.
-fn slot_label(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-/// The name of the slot that streams `owner`'s backend to `peer`.
-pub(crate) fn slot_name(owner: u16, peer: &str) -> String {
-    format!("chorus_{owner}_to_{}", slot_label(peer))
-}
-
-/// A regular expression for the names of the slots that stream to `peer`
-/// (from any owner, in any database: see `Lane::slot_name`), or, without
-/// a peer, of every Chorus slot.
-pub(crate) fn slot_pattern(peer: Option<&str>) -> String {
-    match peer {
-        Some(peer) => format!(
-            "^chorus_[0-9]+_to_{}(_in_[0-9a-f]{{8}})?$",
-            slot_label(peer)
-        ),
-        None => "^chorus_[0-9]+_to_".to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,17 +314,6 @@ mod tests {
         };
         assert_eq!(max_version(&[txn(7), txn(0), txn(12)]), 12);
         assert_eq!(max_version(&[]), 0);
-    }
-
-    #[test]
-    fn slot_patterns_match_every_databases_slots_to_a_peer_and_no_other() {
-        let to_pg2 = regex::Regex::new(&slot_pattern(Some("pg2"))).unwrap();
-        assert!(to_pg2.is_match("chorus_1_to_pg2"));
-        assert!(to_pg2.is_match("chorus_13_to_pg2_in_0a1b2c3d"));
-        assert!(!to_pg2.is_match("chorus_1_to_pg22"));
-        assert!(!to_pg2.is_match("chorus_1_to_pg2_in_x"));
-        let any = regex::Regex::new(&slot_pattern(None)).unwrap();
-        assert!(any.is_match("chorus_2_to_pg1_in_0a1b2c3d"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use crate::backend::connect_backend;
 use crate::backoff::Backoff;
 use crate::cluster::capture::{self, CaptureError};
-use crate::cluster::lane::Lane;
+use crate::lane::Lane;
 use crate::node::Node;
 
 use super::{parse_lsn, ReplicationError, ReplicationStream};

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chorus_consensus::Request;
 
-use crate::cluster::ddl::progress::PgError;
 use crate::config::Routing;
+use crate::lane::ddl_progress::PgError;
 use crate::node::{Node, ReloadError};
 
 /// How long a command waits for Raft.

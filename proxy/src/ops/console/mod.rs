@@ -48,7 +48,7 @@
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::cluster::ddl::progress::PgError;
+use crate::lane::ddl_progress::PgError;
 use crate::node::Node;
 use crate::wire::protocol;
 

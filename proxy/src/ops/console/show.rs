@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::cluster::ddl::progress::PgError;
+use crate::lane::ddl_progress::PgError;
 use crate::node::Node;
 
 use super::{table, Table};

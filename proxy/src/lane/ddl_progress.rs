@@ -1,6 +1,6 @@
 //! How far the DDL log is applied: on the home backend (a watch the
 //! sessions wait on), on every backend (read from it), and what became of
-//! each DDL statement that came through this node (see mod.rs).
+//! each DDL statement that came through this node (see cluster/ddl).
 
 use std::collections::HashMap;
 use std::sync::Arc;

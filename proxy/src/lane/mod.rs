@@ -5,6 +5,13 @@
 //! its own progress, which its sessions' commit scopes wait on. Roles,
 //! databases and tablespaces are cluster-wide: their DDL is applied in
 //! the main lane, `replication.database`.
+//!
+//! The node holds its lanes (node.rs); the cluster's parts (cluster/) work
+//! on them. A lane keeps what they share: the database's replication
+//! configuration, its control connections, how far its streams and its
+//! DDL log have come, and the names of its slots.
+
+pub mod ddl_progress;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +19,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::backend::ControlPool;
-use crate::cluster::ddl::progress::DdlProgress;
 use crate::config::{Config, ReplicationConfig};
 use crate::scope::ReplicationProgress;
+use ddl_progress::DdlProgress;
 
 /// A replicated database's state on this node.
 pub struct Lane {
@@ -157,7 +164,7 @@ impl Lane {
     /// lane's end in a tag of its database (slot names are cluster-wide
     /// in PostgreSQL, and a database's name may not fit in one).
     pub fn slot_name(&self, owner: u16, peer: &str) -> String {
-        let base = crate::cluster::replication::slot_name(owner, peer);
+        let base = slot_name(owner, peer);
         // (The name it was created with: a rename keeps its slots.)
         let first = self.names.first().map_or(self.database(), |(_, n)| n);
         if self.main {
@@ -214,9 +221,51 @@ pub fn database_tag(database: &str) -> String {
     format!("{hash:08x}")
 }
 
+/// A slot-name-safe form of a backend name.
+fn slot_label(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The name of the slot that streams `owner`'s backend to `peer`.
+pub(crate) fn slot_name(owner: u16, peer: &str) -> String {
+    format!("chorus_{owner}_to_{}", slot_label(peer))
+}
+
+/// A regular expression for the names of the slots that stream to `peer`
+/// (from any owner, in any database: see `Lane::slot_name`), or, without
+/// a peer, of every Chorus slot.
+pub(crate) fn slot_pattern(peer: Option<&str>) -> String {
+    match peer {
+        Some(peer) => format!(
+            "^chorus_[0-9]+_to_{}(_in_[0-9a-f]{{8}})?$",
+            slot_label(peer)
+        ),
+        None => "^chorus_[0-9]+_to_".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_patterns_match_every_databases_slots_to_a_peer_and_no_other() {
+        let to_pg2 = regex::Regex::new(&slot_pattern(Some("pg2"))).unwrap();
+        assert!(to_pg2.is_match("chorus_1_to_pg2"));
+        assert!(to_pg2.is_match("chorus_13_to_pg2_in_0a1b2c3d"));
+        assert!(!to_pg2.is_match("chorus_1_to_pg22"));
+        assert!(!to_pg2.is_match("chorus_1_to_pg2_in_x"));
+        let any = regex::Regex::new(&slot_pattern(None)).unwrap();
+        assert!(any.is_match("chorus_2_to_pg1_in_0a1b2c3d"));
+    }
 
     #[test]
     fn a_renamed_database_keeps_its_entries_and_slots() {
