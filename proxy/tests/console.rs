@@ -147,16 +147,7 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
         .unwrap();
     c.wait_for(2, "SELECT count(*)::text FROM console_lag", |n| n == "1")
         .await;
-    let mut holder = c.direct(2).await;
-    let hold = holder.transaction().await.unwrap();
-    let locked = hold
-        .query(
-            "SELECT * FROM chorus.applied WHERE origin = 1 FOR UPDATE",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(locked.len(), 1, "backend 2 has no row for origin 1");
+    let hold = c.hold_applies(2, 1).await;
     writer
         .batch_execute(
             "INSERT INTO console_lag SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g",
@@ -185,7 +176,7 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
         retained > 500_000 && seconds != "0.000" && stream(rows, "pg3").0 < 50_000
     })
     .await;
-    hold.rollback().await.unwrap();
+    hold.batch_execute("ROLLBACK").await.unwrap();
     c.wait_for(2, "SELECT count(*)::text FROM console_lag", |n| n == "5001")
         .await;
     show_until(&one, "SHOW REPLICATION", |rows| {

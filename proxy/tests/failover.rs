@@ -1131,3 +1131,57 @@ async fn a_session_never_writes_on_another_nodes_backend_before_its_streams_exis
     c.wait_for(3, "SELECT count(*)::text FROM late_streams", |v| v == "1")
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_held_longer_than_wal_sender_timeout_keeps_its_stream() {
+    // Walsenders that end a stream after 3 s without a word from its node.
+    let c = procs::cluster_opts(procs::Options {
+        backend_settings: vec![("wal_sender_timeout".into(), "3s".into())],
+        ..procs::Options::default()
+    })
+    .await;
+    let writer = c.via(1).await;
+    writer
+        .batch_execute("CREATE TABLE held (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    writer
+        .batch_execute("INSERT INTO held VALUES (0)")
+        .await
+        .unwrap();
+    c.wait_for(2, "SELECT count(*)::text FROM held", |n| n == "1")
+        .await;
+    let walsender = || async {
+        c.direct(1)
+            .await
+            .query_one(
+                "SELECT active_pid::text FROM pg_replication_slots WHERE slot_name = 'chorus_1_to_pg2'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, Option<String>>(0)
+    };
+    let before = walsender().await.expect("the stream to backend 2 runs");
+    // Backend 2's apply of the next write waits on a lock for three times
+    // the timeout (seen from its own start, on backend 2).
+    let hold = c.hold_applies(2, 1).await;
+    writer
+        .batch_execute("INSERT INTO held VALUES (1)")
+        .await
+        .unwrap();
+    c.wait_for(
+        2,
+        "SELECT (count(*) > 0)::text FROM pg_stat_activity \
+          WHERE wait_event_type = 'Lock' AND application_name = 'chorus replication' \
+            AND now() - query_start > interval '9 s'",
+        |held| held == "true",
+    )
+    .await;
+    // The walsender that was sending to it all along is still the one.
+    assert_eq!(walsender().await.as_deref(), Some(before.as_str()));
+    hold.batch_execute("ROLLBACK").await.unwrap();
+    c.wait_for(2, "SELECT count(*)::text FROM held", |n| n == "2")
+        .await;
+    assert_eq!(walsender().await.as_deref(), Some(before.as_str()));
+}

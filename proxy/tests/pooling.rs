@@ -622,16 +622,7 @@ async fn reads_spread_over_backends_and_a_session_always_reads_its_own_writes() 
     // Backend 2 stops applying node 1's changes (its row of
     // chorus.applied locked): each write is read back at once by the same
     // session, never from backend 2, which does not have it.
-    let mut holder = c.direct(2).await;
-    let hold = holder.transaction().await.unwrap();
-    let locked = hold
-        .query(
-            "SELECT * FROM chorus.applied WHERE origin = 1 FOR UPDATE",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(locked.len(), 1);
+    let hold = c.hold_applies(2, 1).await;
     let mut reads_from = BTreeSet::new();
     for id in 1..=20 {
         client
@@ -677,7 +668,7 @@ async fn reads_spread_over_backends_and_a_session_always_reads_its_own_writes() 
         .unwrap()
         .get(0);
     assert_eq!(behind, 0);
-    hold.rollback().await.unwrap();
+    hold.batch_execute("ROLLBACK").await.unwrap();
     // Once backend 2 has them, the session's reads go there again.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

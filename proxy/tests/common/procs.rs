@@ -443,6 +443,26 @@ impl Cluster {
         panic!("{database}: backends never agreed on {expected:?} for {sql}: {last:?}");
     }
 
+    /// Hold backend `b` from applying `origin`'s changes: a session there
+    /// locks its row of `chorus.applied` (made by the first apply from that
+    /// origin: have one happen first) in an open transaction. Send
+    /// `ROLLBACK` on the session returned to let the applies go on.
+    #[allow(dead_code)]
+    pub async fn hold_applies(&self, b: usize, origin: u16) -> Client {
+        let holder = self.direct(b).await;
+        let locked = holder
+            .simple_query(&format!(
+                "BEGIN; SELECT origin FROM chorus.applied WHERE origin = {origin} FOR UPDATE"
+            ))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count();
+        assert_eq!(locked, 1, "backend {b} has no row for origin {origin}");
+        holder
+    }
+
     /// Wait until every backend has applied `n` DDL log entries.
     pub async fn wait_ddl(&self, n: usize) {
         for b in 1..=3 {

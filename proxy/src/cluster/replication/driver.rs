@@ -234,6 +234,14 @@ const GATHER: Duration = Duration::from_millis(10);
 /// How often a stream whose next transactions wait for DDL looks again.
 const DDL_WAIT_POLL: Duration = Duration::from_millis(20);
 
+/// How often a stream tells the walsender it is alive (its confirmed
+/// position, unchanged: one small message) while an apply runs. One large
+/// origin transaction can take minutes to apply, and an apply can wait on
+/// a lock; without a word for `wal_sender_timeout` (60 s by default, as
+/// low as a few seconds on some servers) the walsender ends the stream,
+/// which then decodes and sends that transaction again from the start.
+const FEEDBACK_EVERY: Duration = Duration::from_secs(1);
+
 /// Changes taken into one apply transaction at most (whole transactions
 /// are always taken); keeps the apply, and the row locks it holds, short.
 const MAX_BATCH_CHANGES: usize = 1_000;
@@ -424,7 +432,21 @@ async fn run_stream(
                     break None;
                 }
             }
-            match stream.apply(client, &pending[..ready]).await {
+            let applied = {
+                let apply = stream.apply(client, &pending[..ready]);
+                tokio::pin!(apply);
+                let mut feedback = tokio::time::interval_at(
+                    tokio::time::Instant::now() + FEEDBACK_EVERY,
+                    FEEDBACK_EVERY,
+                );
+                loop {
+                    tokio::select! {
+                        applied = &mut apply => break applied,
+                        _ = feedback.tick() => writer.confirm(confirmed, false).await?,
+                    }
+                }
+            };
+            match applied {
                 Ok(report) => {
                     failures = 0;
                     break Some(report);
