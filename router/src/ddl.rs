@@ -311,7 +311,7 @@ fn skip_identifier(text: &str) -> &str {
 
 /// The identifier at the start of `text`: a quoted one as written, an
 /// unquoted one in lower case (ASCII, as PostgreSQL folds it).
-fn identifier(text: &str) -> Option<String> {
+pub(crate) fn identifier(text: &str) -> Option<String> {
     if let Some(quoted) = text.strip_prefix('"') {
         let mut name = String::new();
         let mut chars = quoted.chars().peekable();

@@ -1,6 +1,7 @@
 //! What transaction pooling needs to know of a statement: whether it may
 //! leave something in its session that outlives its transaction.
 
+use crate::ddl::identifier;
 use crate::lexer::{first_keyword, mentions_any, split_statements};
 
 /// Function names and words that make session state from inside an
@@ -68,16 +69,10 @@ pub fn preparing_statement<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// The name a `PREPARE` statement gives (`rest` follows the keyword), as
-/// the server keeps it.
+/// The name a `PREPARE` statement gives (`rest` follows the keyword, with
+/// white space and comments before the name), as the server keeps it.
 fn prepared_name(rest: &str) -> Option<String> {
-    let (word, after) = first_keyword(rest)?;
-    if !word.is_empty() {
-        return Some(word.to_ascii_lowercase());
-    }
-    // A quoted name (after the white space and comments before it): its
-    // doubled quotes stand for one.
-    let mut after = after;
+    let mut after = rest;
     loop {
         after = after.trim_start();
         if let Some(comment) = after.strip_prefix("--") {
@@ -85,23 +80,9 @@ fn prepared_name(rest: &str) -> Option<String> {
         } else if let Some(comment) = after.strip_prefix("/*") {
             after = comment.split_once("*/").map_or("", |(_, next)| next);
         } else {
-            break;
+            return identifier(after);
         }
     }
-    let quoted = after.strip_prefix('"')?;
-    let mut name = String::new();
-    let mut chars = quoted.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '"' {
-            if chars.peek() == Some(&'"') {
-                chars.next();
-            } else {
-                return Some(name);
-            }
-        }
-        name.push(c);
-    }
-    None
 }
 
 #[cfg(test)]
