@@ -1178,8 +1178,14 @@ async fn an_apply_held_longer_than_wal_sender_timeout_keeps_its_stream() {
         |held| held == "true",
     )
     .await;
-    // The walsender that was sending to it all along is still the one.
+    // The walsender that was sending to it all along is still the one,
+    // and the stream's lag has grown meanwhile.
     assert_eq!(walsender().await.as_deref(), Some(before.as_str()));
+    let lag = c
+        .metric(1, "chorus_replication_lag_seconds{peer=\"pg2\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(lag >= 5.0, "lag {lag} s while an apply has waited 9 s");
     hold.batch_execute("ROLLBACK").await.unwrap();
     c.wait_for(2, "SELECT count(*)::text FROM held", |n| n == "2")
         .await;

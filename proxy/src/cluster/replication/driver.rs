@@ -442,7 +442,13 @@ async fn run_stream(
                 loop {
                     tokio::select! {
                         applied = &mut apply => break applied,
-                        _ = feedback.tick() => writer.confirm(confirmed, false).await?,
+                        _ = feedback.tick() => {
+                            writer.confirm(confirmed, false).await?;
+                            // (The lag grows while the apply runs, or waits.)
+                            if let Some(m) = metrics {
+                                m.lag_seconds.set(oldest_pending_age(&pending));
+                            }
+                        }
                     }
                 }
             };
