@@ -5,8 +5,9 @@
 //! too, made again from their text. Only a session that leaves nothing
 //! behind moves: no temporary table, open cursor, LISTEN, advisory lock or
 //! changed role. One that has any stays where it is, and asks again after
-//! its next transaction; `SHOW CLIENTS` shows where each session is. Sessions of a database that does not replicate (configured
-//! local) stay too: its contents differ from backend to backend.
+//! its next transaction; `SHOW CLIENTS` shows where each session is.
+//! Sessions of a database that does not replicate (configured local) stay
+//! too: its contents differ from backend to backend.
 //!
 //! The session is asked on its own connection, at a point where nothing of
 //! the client's is in flight there (see `relay`): the relay sends the
@@ -71,12 +72,14 @@ impl Held {
     /// session is then not movable.
     fn read(values: &[Option<String>]) -> Held {
         let mut movable = values.first().cloned().flatten().as_deref() == Some("true");
-        let listed: Vec<(String, String)> = values
-            .get(2)
-            .cloned()
-            .flatten()
-            .and_then(|json| serde_json::from_str(&json).ok())
-            .unwrap_or_default();
+        // (A list that cannot be read keeps the session where it is.)
+        let listed: Vec<(String, String)> = match values.get(2).cloned().flatten() {
+            None => Vec::new(),
+            Some(json) => serde_json::from_str(&json).unwrap_or_else(|_| {
+                movable = false;
+                Vec::new()
+            }),
+        };
         let mut sql_prepared = Vec::with_capacity(listed.len());
         for (name, query) in listed {
             match chorus_router::preparing_statement(&query, &name) {
