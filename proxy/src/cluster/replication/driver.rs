@@ -246,6 +246,15 @@ const FEEDBACK_EVERY: Duration = Duration::from_secs(1);
 /// are always taken); keeps the apply, and the row locks it holds, short.
 const MAX_BATCH_CHANGES: usize = 1_000;
 
+/// Bytes of `pgoutput` messages a stream's reader reads ahead of the
+/// apply at most (one larger message alone).
+const READ_AHEAD_BYTES: usize = 16 << 20;
+
+/// Bytes of change records (held in memory) taken into one apply at most,
+/// likewise: a few transactions with large values stop the gathering, so
+/// that what a stream holds stays bounded.
+const MAX_BATCH_BYTES: usize = 32 << 20;
+
 /// Stream an origin backend's changes to one peer until the origin
 /// connection fails (the caller then starts over) or the peer refuses this
 /// driver as stale (`Fenced`). A failing peer only pauses this stream: it
@@ -263,13 +272,28 @@ async fn run_stream(
     let wal = WalStream::start(&origin, &config, &stream.slot, Duration::from_secs(5)).await?;
     let (mut reader, mut writer) = wal.split();
     // The reader runs on its own (reading a message is not cancel-safe);
-    // the bounded channel makes it wait while a batch is applied.
+    // the bounded channel makes it wait while a batch is applied, and so
+    // does its budget of bytes read ahead (a message can hold a large row
+    // image): each message holds its size of it until it is taken off the
+    // channel.
     let (events_tx, mut events) = tokio::sync::mpsc::channel(4096);
+    let read_ahead = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
     let reading = tokio::spawn(async move {
         loop {
             let event = reader.next().await;
             let failed = event.is_err();
-            if events_tx.send(event).await.is_err() || failed {
+            let size = match &event {
+                Ok(WalEvent::Data(data)) => data.len().clamp(1, READ_AHEAD_BYTES),
+                _ => 0,
+            };
+            let Ok(budget) = read_ahead
+                .clone()
+                .acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX))
+                .await
+            else {
+                break;
+            };
+            if events_tx.send((event, budget)).await.is_err() || failed {
                 break;
             }
         }
@@ -292,6 +316,7 @@ async fn run_stream(
     // The peer's DDL index, as last read.
     let mut peer_ddl = 0u64;
     let mut pending_changes = 0usize;
+    let mut pending_bytes = 0usize;
     // Origin position up to which the peer has everything received.
     let mut confirmed = 0u64;
     let mut window_start = std::time::Instant::now();
@@ -305,11 +330,11 @@ async fn run_stream(
     loop {
         let (first, woken) = match &progress {
             Some(p) => tokio::select! {
-                event = events.recv() => (Some(event), false),
+                event = events.recv() => (Some(event.map(|(event, _budget)| event)), false),
                 woken = p.idle(&backend.name, idle_wait.wait()) => (None, woken),
             },
             None => tokio::select! {
-                event = events.recv() => (Some(event), false),
+                event = events.recv() => (Some(event.map(|(event, _budget)| event)), false),
                 _ = tokio::time::sleep(idle_wait.wait()) => (None, false),
             },
         };
@@ -352,6 +377,7 @@ async fn run_stream(
                             confirmed = confirmed.max(txn.end_lsn);
                         } else {
                             pending_changes += txn.changes.len();
+                            pending_bytes += txn.changes.memory_bytes();
                             pending.push(txn);
                         }
                     }
@@ -371,11 +397,11 @@ async fn run_stream(
                     }
                 }
             }
-            if pending_changes >= MAX_BATCH_CHANGES {
+            if pending_changes >= MAX_BATCH_CHANGES || pending_bytes >= MAX_BATCH_BYTES {
                 break;
             }
             match events.try_recv() {
-                Ok(event) => next = Some(Some(event)),
+                Ok((event, _budget)) => next = Some(Some(event)),
                 // Nothing more yet: with changes pending, gather for a
                 // moment longer, so that under load one apply transaction
                 // carries many origin transactions (its fixed cost is most
@@ -384,7 +410,7 @@ async fn run_stream(
                     let gathered_since =
                         *gather_start.get_or_insert_with(tokio::time::Instant::now);
                     match tokio::time::timeout_at(gathered_since + GATHER, events.recv()).await {
-                        Ok(event) => next = Some(event),
+                        Ok(event) => next = Some(event.map(|(event, _budget)| event)),
                         Err(_) => break,
                     }
                 }
@@ -523,6 +549,7 @@ async fn run_stream(
         let last_end = pending[ready - 1].end_lsn;
         pending.drain(..ready);
         pending_changes = pending.iter().map(|t| t.changes.len()).sum();
+        pending_bytes = pending.iter().map(|t| t.changes.memory_bytes()).sum();
         confirmed = confirmed.max(last_end);
         if let Some(p) = &progress {
             p.advance(&backend.name, confirmed);

@@ -242,8 +242,9 @@ impl ReplicationStream {
         // apply; the slot simply moves past them.
         let mut report = StepReport::default();
         let total: usize = transactions.iter().map(|t| t.changes.len()).sum();
+        let bytes: usize = transactions.iter().map(|t| t.changes.memory_bytes()).sum();
         let spilled = transactions.iter().any(|t| t.changes.in_memory().is_none());
-        if total > APPLY_PART_CHANGES || spilled {
+        if total > APPLY_PART_CHANGES || bytes > APPLY_PART_BYTES || spilled {
             return self.apply_in_parts(peer, transactions).await;
         }
         let mut commit_times = Vec::new();

@@ -105,13 +105,20 @@ pub struct DecodedTransaction {
 /// Change records a transaction keeps in memory; the rest go to a file.
 pub const SPILL_AFTER: usize = 10_000;
 
+/// Bytes of change records a transaction keeps in memory (a few rows with
+/// large values reach it long before [`SPILL_AFTER`] records).
+pub const SPILL_AFTER_BYTES: usize = 32 << 20;
+
 /// The change records of one transaction, in order: the first
-/// [`SPILL_AFTER`] in memory, the rest in an anonymous temporary file (gone
-/// when the last copy is dropped), so that a node's memory stays bounded
-/// whatever the size of the transactions it streams.
+/// [`SPILL_AFTER`] (and at most [`SPILL_AFTER_BYTES`]) in memory, the rest
+/// in an anonymous temporary file (gone when the last copy is dropped), so
+/// that a node's memory stays bounded whatever the size of the
+/// transactions it streams.
 #[derive(Debug, Default, Clone)]
 pub struct Changes {
     memory: Vec<String>,
+    /// The bytes of `memory`'s records.
+    memory_bytes: usize,
     spilled: Option<Arc<Spilled>>,
 }
 
@@ -130,6 +137,11 @@ impl Changes {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The bytes of the records kept in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory_bytes
     }
 
     /// The records, when all of them are in memory.
@@ -322,7 +334,13 @@ impl PgOutputDecoder {
                 if let Some(v) = version {
                     txn.max_version = txn.max_version.max(v);
                 }
-                if txn.changes.memory.len() < SPILL_AFTER {
+                // (Once a record went to the file, every later one does:
+                // they are read back memory first.)
+                if self.spill.is_none()
+                    && txn.changes.memory.len() < SPILL_AFTER
+                    && txn.changes.memory_bytes + content.len() <= SPILL_AFTER_BYTES
+                {
+                    txn.changes.memory_bytes += content.len();
                     txn.changes.memory.push(content.to_owned());
                 } else {
                     let spill_error = |e: std::io::Error| {
@@ -654,6 +672,40 @@ mod tests {
         d.feed(&message("chorus", ROW)).unwrap();
         let small = d.feed(&commit()).unwrap().unwrap();
         assert_eq!(small.changes.in_memory(), Some(&[ROW.to_owned()][..]));
+    }
+
+    #[test]
+    fn a_few_large_records_spill_past_the_byte_limit_in_order() {
+        let mut d = PgOutputDecoder::default();
+        d.feed(&begin()).unwrap();
+        // Records of a quarter of the limit: the fifth goes to the file,
+        // and so does the small one after it, to keep the order.
+        let large = ROW.replace(
+            "\"id\": 1}",
+            &format!(
+                "\"id\": 1, \"v\": \"{}\"}}",
+                "x".repeat(SPILL_AFTER_BYTES / 4 - ROW.len())
+            ),
+        );
+        let rows: Vec<String> = (0..5)
+            .map(|_| large.clone())
+            .chain([ROW.to_owned()])
+            .collect();
+        for row in &rows {
+            d.feed(&message("chorus", row)).unwrap();
+        }
+        let txn = d.feed(&commit()).unwrap().unwrap();
+        assert_eq!(txn.changes.len(), 6);
+        assert!(txn.changes.in_memory().is_none(), "spilled");
+        assert!(txn.changes.memory_bytes() <= SPILL_AFTER_BYTES);
+        let mut reader = txn.changes.reader();
+        let mut out = String::new();
+        for row in &rows {
+            out.clear();
+            assert!(reader.read_into(&mut out).unwrap());
+            assert_eq!(&out, row);
+        }
+        assert!(!reader.read_into(&mut out).unwrap());
     }
 
     #[test]
