@@ -284,20 +284,11 @@ async fn health_checks(node: Arc<Node>) {
     loop {
         tick.tick().await;
         for backend in &node.config.backends {
-            let deadline = tokio::time::Instant::now() + limit;
-            let up = match control.get(backend, limit).await {
-                None => false,
-                Some(client) => {
-                    let answer =
-                        tokio::time::timeout_at(deadline, client.simple_query("SELECT 1")).await;
-                    // (One that failed or hangs is not asked again.)
-                    let up = matches!(answer, Ok(Ok(_)));
-                    if !up {
-                        crate::backend::discard(client);
-                    }
-                    up
-                }
-            };
+            // (A connection that failed or hangs is not asked again.)
+            let up = control
+                .simple_query(backend, limit, "SELECT 1")
+                .await
+                .is_ok();
             node.set_backend_down(&backend.name, !up);
         }
         if node.config.node.routing == crate::config::Routing::Leader {

@@ -49,7 +49,7 @@ impl ControlPool {
     /// A connection to `backend`, within `limit` (waiting for one to be
     /// free, or making one); `None` when there is none by then. It goes
     /// back to the pool when dropped; [`discard`] one that failed.
-    pub async fn get(&self, backend: &BackendConfig, limit: Duration) -> Option<Object> {
+    async fn get(&self, backend: &BackendConfig, limit: Duration) -> Option<Object> {
         let pool = {
             let mut pools = self.pools.lock().ok()?;
             match pools.get(&backend.name) {
@@ -165,7 +165,7 @@ impl ControlPool {
 
 /// Drop a pooled connection that failed or did not answer in time, rather
 /// than give it back: the next question gets a new one.
-pub fn discard(connection: Object) {
+fn discard(connection: Object) {
     drop(Object::take(connection));
 }
 

@@ -23,7 +23,7 @@ mod tls;
 
 pub use crate::config::{BackendTls, SslMode};
 pub use control::{
-    connect_backend, connect_backend_with_notices, discard, ControlError, ControlPool, Notice,
+    connect_backend, connect_backend_with_notices, ControlError, ControlPool, Notice,
 };
 pub use tls::{BackendRead, BackendStream, BackendWrite};
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use tokio::sync::watch;
 
-use crate::backend::{discard, ControlPool};
+use crate::backend::ControlPool;
 use crate::config::{BackendConfig, Config};
 use crate::wire::protocol;
 
@@ -127,56 +127,42 @@ impl DdlProgress {
     /// Whether a backend has DDL `seq` (`None` when unreachable).
     pub(crate) async fn has_seq(&self, backend: &BackendConfig, seq: u64) -> Option<bool> {
         let seq = i64::try_from(seq).ok()?;
-        let client = self.control.get(backend, Duration::from_secs(1)).await?;
-        let asked = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.query_one(
+        let rows = self
+            .control
+            .query(
+                backend,
+                Duration::from_secs(2),
                 "SELECT EXISTS (SELECT 1 FROM chorus.ddl_history WHERE seq = $1)",
                 &[&seq],
-            ),
-        )
-        .await;
-        match asked {
-            Ok(Ok(row)) => Some(row.get(0)),
-            _ => {
-                discard(client);
-                None
-            }
-        }
+            )
+            .await
+            .ok()?;
+        Some(rows.first()?.get(0))
     }
 
     /// The DDL index of a backend, read from it (`None` when unreachable).
     pub(crate) async fn backend_index(&self, backend: &BackendConfig) -> Option<u64> {
-        let client = self.control.get(backend, Duration::from_secs(1)).await?;
-        match tokio::time::timeout(Duration::from_secs(1), client.query_one(INDEX_SQL, &[])).await {
-            Ok(Ok(row)) => u64::try_from(row.get::<_, i64>(0)).ok(),
-            _ => {
-                discard(client);
-                None
-            }
-        }
+        let rows = self
+            .control
+            .query(backend, Duration::from_secs(2), INDEX_SQL, &[])
+            .await
+            .ok()?;
+        u64::try_from(rows.first()?.get::<_, i64>(0)).ok()
     }
 
     /// Write a backend's `chorus.lease_grant` (the answer to a session that
     /// asked for the cluster DDL lease, see `ddl_lease::answer`); whether
     /// it was written.
     pub(crate) async fn set_lease_grant(&self, backend: &BackendConfig, value: i64) -> bool {
-        let Some(client) = self.control.get(backend, Duration::from_secs(5)).await else {
-            return false;
-        };
-        let written = tokio::time::timeout(
-            Duration::from_secs(5),
-            client.execute(
+        self.control
+            .query(
+                backend,
+                Duration::from_secs(10),
                 "SELECT pg_catalog.setval('chorus.lease_grant', $1)",
                 &[&value],
-            ),
-        )
-        .await;
-        if matches!(written, Ok(Ok(_))) {
-            return true;
-        }
-        discard(client);
-        false
+            )
+            .await
+            .is_ok()
     }
 
     /// Wait until every backend applied `seq`, until `limit`; returns how

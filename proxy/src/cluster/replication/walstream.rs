@@ -658,14 +658,7 @@ mod tests {
         // Read back in order, twice (each apply attempt reads it again),
         // also from a copy.
         for changes in [&txn.changes, &txn.clone().changes] {
-            let mut reader = changes.reader();
-            let mut out = String::new();
-            for row in &rows {
-                out.clear();
-                assert!(reader.read_into(&mut out).unwrap());
-                assert_eq!(&out, row);
-            }
-            assert!(!reader.read_into(&mut out).unwrap());
+            assert_reads_back(changes, &rows);
         }
         // The next transaction starts in memory again.
         d.feed(&begin()).unwrap();
@@ -698,9 +691,14 @@ mod tests {
         assert_eq!(txn.changes.len(), 6);
         assert!(txn.changes.in_memory().is_none(), "spilled");
         assert!(txn.changes.memory_bytes() <= SPILL_AFTER_BYTES);
-        let mut reader = txn.changes.reader();
+        assert_reads_back(&txn.changes, &rows);
+    }
+
+    /// `changes` read back give `rows`, in order, and nothing more.
+    fn assert_reads_back(changes: &Changes, rows: &[String]) {
+        let mut reader = changes.reader();
         let mut out = String::new();
-        for row in &rows {
+        for row in rows {
             out.clear();
             assert!(reader.read_into(&mut out).unwrap());
             assert_eq!(&out, row);
