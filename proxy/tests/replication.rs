@@ -56,7 +56,7 @@ async fn step(
 
 struct Cluster {
     _dir: tempfile::TempDir,
-    _servers: Vec<LocalPostgres>,
+    servers: Vec<LocalPostgres>,
     clients: Vec<Client>,
     /// Apply-side connections, one per backend.
     appliers: Vec<Client>,
@@ -111,7 +111,7 @@ async fn cluster(n: u16, ddl: &[&str]) -> Cluster {
     }
     Cluster {
         _dir: dir,
-        _servers: servers,
+        servers,
         clients,
         appliers,
         streams,
@@ -379,6 +379,87 @@ async fn columns_are_matched_by_name() {
         .unwrap()
         .get(0);
     assert_eq!(name, "from two", "extra column ignored");
+}
+
+/// A numeric of 1000 digits and `NaN`, through a stream's apply and
+/// through reconciliation: every digit arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn numerics_keep_every_digit_through_apply_and_reconcile() {
+    let mut c = cluster(
+        2,
+        &[
+            "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL); \
+           CREATE TABLE measures (id int PRIMARY KEY, v numeric(1000, 500), f float8); \
+           SELECT chorus.adopt('measures', false)",
+        ],
+    )
+    .await;
+    let digits = format!("{}.{}", "9".repeat(500), "1234567890".repeat(50));
+    let tiny = format!("-0.{}1", "0".repeat(499));
+    c.client(1)
+        .execute(
+            "INSERT INTO measures VALUES (1, $1::text::numeric, 'NaN'), (2, 'NaN', 'Infinity'), \
+                                         (3, $2::text::numeric, 1e-300)",
+            &[&digits, &tiny],
+        )
+        .await
+        .unwrap();
+    assert!(c.sync().await.is_empty());
+    let rows = |rows: Vec<tokio_postgres::Row>| -> Vec<(i32, String, String)> {
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    };
+    let expected = vec![
+        (1, digits.clone(), "NaN".to_owned()),
+        (2, "NaN".to_owned(), "Infinity".to_owned()),
+        (3, tiny.clone(), "1e-300".to_owned()),
+    ];
+    let sql = "SELECT id, v::text, f::text FROM measures ORDER BY id";
+    for node in [1, 2] {
+        assert_eq!(
+            rows(c.client(node).query(sql, &[]).await.unwrap()),
+            expected,
+            "backend {node} after apply"
+        );
+    }
+
+    // Written on backend 1 only (no stream runs): reconciliation copies it.
+    let more = format!("{}.{}", "1234567890".repeat(50), "9".repeat(500));
+    c.client(1)
+        .execute(
+            "UPDATE measures SET v = $1::text::numeric WHERE id = 1",
+            &[&more],
+        )
+        .await
+        .unwrap();
+    c.client(1)
+        .batch_execute("UPDATE measures SET v = 'NaN', f = '-Infinity' WHERE id = 3")
+        .await
+        .unwrap();
+    let mut backends = Vec::new();
+    for (i, pg) in c.servers.iter().enumerate() {
+        backends.push((
+            format!("b{}", i + 1),
+            common::connect(&pg.conninfo("postgres")).await.unwrap(),
+        ));
+    }
+    let report = chorus_proxy::cluster::reconcile::reconcile(&backends)
+        .await
+        .unwrap();
+    assert_eq!(report.rows, 2, "{report:?}");
+    let expected = vec![
+        (1, more.clone(), "NaN".to_owned()),
+        (2, "NaN".to_owned(), "Infinity".to_owned()),
+        (3, "NaN".to_owned(), "-Infinity".to_owned()),
+    ];
+    for node in [1, 2] {
+        assert_eq!(
+            rows(c.client(node).query(sql, &[]).await.unwrap()),
+            expected,
+            "backend {node} after reconcile"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -766,7 +847,7 @@ async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
     )
     .await;
     // ...while node 2 is inserting key 5 with a higher version, uncommitted.
-    let local = common::connect(&c._servers[1].conninfo("postgres"))
+    let local = common::connect(&c.servers[1].conninfo("postgres"))
         .await
         .unwrap();
     local
@@ -783,16 +864,16 @@ async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
         .find(|s| s.origin_node == 1 && s.peer_node == 2)
         .unwrap()
         .clone();
-    let origin = common::connect(&c._servers[0].conninfo("postgres"))
+    let origin = common::connect(&c.servers[0].conninfo("postgres"))
         .await
         .unwrap();
-    let mut peer = common::connect(&c._servers[1].conninfo("postgres"))
+    let mut peer = common::connect(&c.servers[1].conninfo("postgres"))
         .await
         .unwrap();
     let apply = tokio::spawn(async move { step(&stream, &origin, &mut peer).await });
     // Commit once the apply waits for the local transaction's lock (or, if
     // it went another way, has finished).
-    let watcher = common::connect(&c._servers[1].conninfo("postgres"))
+    let watcher = common::connect(&c.servers[1].conninfo("postgres"))
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

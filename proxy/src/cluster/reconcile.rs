@@ -17,8 +17,11 @@
 
 use std::collections::HashMap;
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use tokio_postgres::Client;
+
+use crate::cluster::replication::ReplicationError;
 
 /// Changes written in one transaction.
 const BATCH: usize = 500;
@@ -34,7 +37,7 @@ pub struct Report {
 
 /// Make every backend in `backends` (name, connection) hold the newest
 /// version of every row of every replicated table that any of them has.
-pub async fn reconcile(backends: &[(String, Client)]) -> Result<Report, tokio_postgres::Error> {
+pub async fn reconcile(backends: &[(String, Client)]) -> Result<Report, ReplicationError> {
     reconcile_tables(backends, None).await
 }
 
@@ -43,7 +46,7 @@ pub async fn reconcile(backends: &[(String, Client)]) -> Result<Report, tokio_po
 pub async fn reconcile_tables(
     backends: &[(String, Client)],
     only: Option<&[String]>,
-) -> Result<Report, tokio_postgres::Error> {
+) -> Result<Report, ReplicationError> {
     let mut report = Report::default();
     let Some((_, first)) = backends.first() else {
         return Ok(report);
@@ -77,6 +80,30 @@ pub async fn reconcile_tables(
     Ok(report)
 }
 
+/// One change as `chorus.apply_change` takes it. The key and the row image
+/// are the JSON text PostgreSQL wrote, passed on unparsed: read into
+/// `serde_json::Value`, a `numeric` of more digits than an `f64` holds
+/// would lose them.
+#[derive(Debug, Clone, Serialize)]
+struct Change<'a> {
+    table: &'a str,
+    op: &'static str,
+    key: Box<RawValue>,
+    row: Option<Box<RawValue>>,
+    version: i64,
+    prev: Option<i64>,
+    origin: i32,
+}
+
+/// JSON text PostgreSQL wrote (`jsonb` output), checked to be JSON.
+fn raw_json(text: String, table: &str, what: &str) -> Result<Box<RawValue>, ReplicationError> {
+    RawValue::from_string(text).map_err(|e| {
+        ReplicationError::Decoding(format!(
+            "reconciling {table}: a row's {what} is not JSON: {e}"
+        ))
+    })
+}
+
 /// Write to `to` the rows of `table` whose version on `from` wins over
 /// the one `to` has (or that `to` lacks). The rows that failed (a foreign
 /// key whose parent comes later) are tried again after the others.
@@ -85,7 +112,7 @@ async fn copy_newer(
     to: &Client,
     table: &str,
     columns: &[String],
-) -> Result<usize, tokio_postgres::Error> {
+) -> Result<usize, ReplicationError> {
     let theirs: HashMap<String, (i64, i32)> = to
         .query(
             "SELECT pk::text, version, origin FROM chorus.row_version WHERE tbl = $1",
@@ -118,28 +145,27 @@ async fn copy_newer(
         if current.is_some_and(|c| c >= (version, origin)) {
             continue;
         }
-        let image: Value = match (deleted, image) {
-            (true, _) => Value::Null,
-            (false, Some(text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
+        let image = match (deleted, image) {
+            (true, _) => None,
+            (false, Some(text)) => Some(raw_json(text, table, "image")?),
             // A version without its row: written by a transaction this
             // snapshot cannot see the row of; the next run gets it.
             (false, None) => continue,
         };
-        let key: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
         let op = match (deleted, current) {
             (true, _) => "DELETE",
             (false, None) => "INSERT",
             (false, Some(_)) => "UPDATE",
         };
-        changes.push(json!({
-            "table": table,
-            "op": op,
-            "key": key,
-            "row": image,
-            "version": version,
-            "prev": current.map(|c| c.0),
-            "origin": origin,
-        }));
+        changes.push(Change {
+            table,
+            op,
+            key: raw_json(key, table, "key")?,
+            row: image,
+            version,
+            prev: current.map(|c| c.0),
+            origin,
+        });
     }
     let mut written = 0;
     let mut pending = changes;
@@ -171,8 +197,9 @@ async fn copy_newer(
 }
 
 /// Apply changes on a backend as a stream does, in one transaction.
-async fn apply(to: &Client, changes: &[Value]) -> Result<(), tokio_postgres::Error> {
-    let batch = Value::Array(changes.to_vec()).to_string();
+async fn apply(to: &Client, changes: &[Change<'_>]) -> Result<(), ReplicationError> {
+    let batch = serde_json::to_string(changes)
+        .map_err(|e| ReplicationError::Decoding(format!("writing a reconcile batch: {e}")))?;
     to.batch_execute("BEGIN").await?;
     let result = async {
         to.execute("SELECT set_config('chorus.applying', 'on', true)", &[])
@@ -185,10 +212,10 @@ async fn apply(to: &Client, changes: &[Value]) -> Result<(), tokio_postgres::Err
     }
     .await;
     match result {
-        Ok(_) => to.batch_execute("COMMIT").await,
+        Ok(_) => Ok(to.batch_execute("COMMIT").await?),
         Err(e) => {
             let _ = to.batch_execute("ROLLBACK").await;
-            Err(e)
+            Err(e.into())
         }
     }
 }

@@ -175,9 +175,9 @@ pub async fn reconcile(
     }
     let report = crate::cluster::reconcile::reconcile(&clients)
         .await
-        .map_err(|e| AdminError::Backend {
+        .map_err(|source| AdminError::Backend {
             backend: "reconcile".into(),
-            source: ReplicationError::Sql(e),
+            source,
         })?;
     Ok((report, missing))
 }
@@ -292,8 +292,8 @@ pub async fn check(
     }
     super::check::check(&clients, &options, repair)
         .await
-        .map_err(|e| AdminError::Backend {
+        .map_err(|source| AdminError::Backend {
             backend: "check".into(),
-            source: ReplicationError::Sql(e),
+            source,
         })
 }

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::cluster::replication::ReplicationError;
+
 /// How to check.
 #[derive(Debug, Clone)]
 pub struct CheckOptions {
@@ -372,7 +374,7 @@ pub async fn check(
     backends: &[(String, Client)],
     options: &CheckOptions,
     repair: bool,
-) -> Result<CheckReport, tokio_postgres::Error> {
+) -> Result<CheckReport, ReplicationError> {
     let started = Instant::now();
     let mut report = CheckReport::default();
     let Some((_, first)) = backends.first() else {
