@@ -130,7 +130,8 @@ pub struct PeerMetrics {
     pub slot_invalidated: Gauge,
 }
 
-/// Conflict kinds the apply function reports (see apply.sql).
+/// Conflict kinds the apply reports and `chorus_conflicts_total` counts
+/// (each one of `cluster::replication::outcome::Kind`, checked there).
 pub const CONFLICT_KINDS: [&str; 9] = [
     "insert_insert",
     "update_update",
@@ -360,10 +361,11 @@ impl Metrics {
         self.replication.iter().find(|m| m.peer == peer)
     }
 
-    /// Count a resolved conflict by kind (`insert_insert`, …).
-    pub fn conflict(&self, kind: &str) {
+    /// Count `changes` resolved conflicts of a kind (`insert_insert`, …;
+    /// changes skipped for other reasons are not counted here).
+    pub fn conflict(&self, kind: &str, changes: usize) {
         if let Some((_, counter)) = self.conflicts.iter().find(|(k, _)| *k == kind) {
-            counter.increment(1);
+            counter.increment(changes as u64);
         }
     }
 

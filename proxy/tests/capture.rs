@@ -912,3 +912,111 @@ async fn stale_stamps_are_freshened_and_tombstones_go_only_below_every_horizon()
         .get(0);
     assert!(version >= sent, "{version} < {sent}");
 }
+
+/// A change's operation, its `prev`, whether the row is held, its version
+/// and whether it is deleted there, and the conflict kind expected.
+type Case = (
+    &'static str,
+    Option<i64>,
+    bool,
+    Option<i64>,
+    Option<bool>,
+    Option<&'static str>,
+);
+
+/// Every conflict kind, from the one function that classifies them: the
+/// change's operation and `prev` against what the backend holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn conflicts_are_classified_by_one_function() {
+    let b = backend(1).await;
+    let cases: &[Case] = &[
+        ("INSERT", None, false, None, None, None),
+        ("UPDATE", Some(5), false, None, None, Some("update_missing")),
+        ("DELETE", Some(5), false, None, None, Some("delete_missing")),
+        ("UPDATE", Some(5), true, Some(5), Some(false), None),
+        ("DELETE", Some(5), true, Some(5), Some(false), None),
+        (
+            "INSERT",
+            None,
+            true,
+            Some(5),
+            Some(true),
+            Some("insert_delete"),
+        ),
+        (
+            "UPDATE",
+            Some(4),
+            true,
+            Some(5),
+            Some(true),
+            Some("update_delete"),
+        ),
+        (
+            "DELETE",
+            Some(4),
+            true,
+            Some(5),
+            Some(true),
+            Some("delete_delete"),
+        ),
+        (
+            "INSERT",
+            None,
+            true,
+            Some(5),
+            Some(false),
+            Some("insert_insert"),
+        ),
+        (
+            "UPDATE",
+            Some(4),
+            true,
+            Some(5),
+            Some(false),
+            Some("update_update"),
+        ),
+        (
+            "DELETE",
+            Some(4),
+            true,
+            Some(5),
+            Some(false),
+            Some("update_delete"),
+        ),
+    ];
+    for (op, prev, have, version, deleted, kind) in cases {
+        let got: Option<String> = b
+            .client
+            .query_one(
+                "SELECT chorus.conflict_kind($1, $2, $3, $4, $5)",
+                &[op, prev, have, version, deleted],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            got.as_deref(),
+            *kind,
+            "{op} prev {prev:?} over {version:?} deleted {deleted:?}"
+        );
+    }
+    // Last writer wins by (version, origin); a row not held is written.
+    for (ver, org, have, cur, cur_org, wins) in [
+        (7i64, 1i32, true, Some(6i64), Some(2i32), true),
+        (7, 1, true, Some(7), Some(2), false),
+        (7, 3, true, Some(7), Some(2), true),
+        (7, 1, true, Some(8), Some(1), false),
+        (1, 1, false, None, None, true),
+    ] {
+        let got: bool = b
+            .client
+            .query_one(
+                "SELECT chorus.remote_wins($1, $2, $3, $4, $5)",
+                &[&ver, &org, &have, &cur, &cur_org],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, wins, "({ver}, {org}) over {cur:?}/{cur_org:?}");
+    }
+}

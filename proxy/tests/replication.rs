@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use chorus_proxy::cluster::capture;
+use chorus_proxy::cluster::replication::outcome::{Kind, Resolution};
 use chorus_proxy::cluster::replication::walstream::{format_lsn, PgOutputDecoder};
 use chorus_proxy::cluster::replication::{ReplicationError, ReplicationStream, StepReport};
 use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
@@ -125,7 +126,7 @@ impl Cluster {
 
     /// Run every stream until a whole round moves nothing; the conflict
     /// results seen on the way.
-    async fn sync(&mut self) -> Vec<(u16, String)> {
+    async fn sync(&mut self) -> Vec<(u16, Kind, Resolution)> {
         let mut conflicts = Vec::new();
         for _ in 0..20 {
             let mut moved = 0;
@@ -138,7 +139,11 @@ impl Cluster {
                         .expect("replication step hung")
                         .unwrap();
                 moved += report.transactions;
-                conflicts.extend(report.conflicts().map(|c| (stream.peer_node, c.to_owned())));
+                conflicts.extend(
+                    report
+                        .conflicts()
+                        .filter_map(|c| Some((stream.peer_node, c.kind?, c.resolution))),
+                );
             }
             if moved == 0 {
                 return conflicts;
@@ -148,7 +153,7 @@ impl Cluster {
     }
 
     /// Run one stream once; its conflict results.
-    async fn step(&mut self, origin: u16, peer: u16) -> Vec<String> {
+    async fn step(&mut self, origin: u16, peer: u16) -> Vec<(Kind, Resolution)> {
         let stream = self
             .streams
             .iter()
@@ -161,7 +166,10 @@ impl Cluster {
         )
         .await
         .unwrap();
-        report.conflicts().map(str::to_owned).collect()
+        report
+            .conflicts()
+            .filter_map(|c| Some((c.kind?, c.resolution)))
+            .collect()
     }
 
     /// The (kind, resolution) rows of a backend's conflict log.
@@ -279,11 +287,11 @@ async fn the_talks_insert_insert_conflict_converges_to_the_higher_hlc() {
         assert_eq!(name, "Wim", "node {node}");
     }
     assert!(
-        conflicts.contains(&(1, "insert_insert:remote_wins".to_owned())),
+        conflicts.contains(&(1, Kind::InsertInsert, Resolution::RemoteWins)),
         "{conflicts:?}"
     );
     assert!(
-        conflicts.contains(&(2, "insert_insert:local_wins".to_owned())),
+        conflicts.contains(&(2, Kind::InsertInsert, Resolution::LocalWins)),
         "{conflicts:?}"
     );
     // Node 1's conflict log shows the loser it replaced.
@@ -340,7 +348,7 @@ async fn a_delete_with_the_higher_version_leaves_a_tombstone_no_late_update_revi
     assert!(
         conflicts
             .iter()
-            .any(|(_, c)| c.starts_with("update_delete")),
+            .any(|(_, kind, _)| *kind == Kind::UpdateDelete),
         "{conflicts:?}"
     );
 }
@@ -484,7 +492,7 @@ async fn rows_written_against_another_schema_never_stall_the_stream_and_are_logg
     let conflicts = c.sync().await;
     assert_eq!(
         conflicts,
-        vec![(2, "schema_mismatch:skipped".to_owned())],
+        vec![(2, Kind::SchemaMismatch, Resolution::Skipped)],
         "{conflicts:?}"
     );
     let rows: Vec<(i64, String, Option<i32>)> = c
@@ -819,9 +827,9 @@ async fn an_update_that_overtakes_its_insert_recreates_the_row() {
     .await;
     // Node 3 hears of the update (from node 2) before the insert (from node 1).
     let first = c.step(2, 3).await;
-    assert_eq!(first, vec!["update_missing:remote_wins".to_owned()]);
+    assert_eq!(first, vec![(Kind::UpdateMissing, Resolution::RemoteWins)]);
     let second = c.step(1, 3).await;
-    assert_eq!(second, vec!["insert_insert:local_wins".to_owned()]);
+    assert_eq!(second, vec![(Kind::InsertInsert, Resolution::LocalWins)]);
     c.sync().await;
     let hashes = c.hashes().await;
     assert!(hashes.iter().all(|h| h == &hashes[0]), "{hashes:?}");

@@ -257,9 +257,9 @@ BEGIN
     INTO found_oid, found_tid USING old;
     IF found_tid IS NULL THEN
         INSERT INTO chorus.conflict (tbl, kind, resolution, remote_version, remote_origin, remote_row, detail)
-        VALUES (rel, lower(op) || '_missing', 'skipped', ver, org, coalesce(img, old),
+        VALUES (rel, chorus.conflict_kind(op, NULL, false, NULL, NULL), 'skipped', ver, org, coalesce(img, old),
                 'no row here matches the old row of this table without a primary key');
-        RETURN lower(op) || '_missing:skipped';
+        RETURN chorus.conflict_kind(op, NULL, false, NULL, NULL) || ':skipped';
     END IF;
     IF op = 'DELETE' THEN
         EXECUTE format('DELETE FROM %s t WHERE t.tableoid = $1 AND t.ctid = $2', rel)
@@ -290,6 +290,41 @@ BEGIN
     END IF;
     RETURN 'applied';
 END
+$$;
+
+-- The conflict a row change meets here, or NULL when it applies cleanly:
+-- the one place conflicts are classified (chorus.apply_change,
+-- chorus.apply_batch and chorus.apply_keyless ask it). `op` and `prev`
+-- are the change's operation and the version it overwrote on its origin;
+-- `have`, `cur_version` and `cur_deleted` what this backend holds of the
+-- row. A change whose `prev` is the version held here is clean; otherwise
+-- the kind names the change's operation and what it found: no row
+-- (`*_missing`), a deleted one (`*_delete`), or a live one written by
+-- someone else (`insert_insert`, `update_update`, and `update_delete`
+-- for a delete that meets an update).
+CREATE OR REPLACE FUNCTION chorus.conflict_kind(op text, prev bigint, have boolean,
+                                                cur_version bigint, cur_deleted boolean) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN NOT have THEN CASE op WHEN 'UPDATE' THEN 'update_missing'
+                                   WHEN 'DELETE' THEN 'delete_missing' END
+        WHEN cur_version IS NOT DISTINCT FROM prev THEN NULL
+        WHEN cur_deleted THEN CASE op WHEN 'INSERT' THEN 'insert_delete'
+                                      WHEN 'UPDATE' THEN 'update_delete'
+                                      ELSE 'delete_delete' END
+        ELSE CASE op WHEN 'INSERT' THEN 'insert_insert'
+                     WHEN 'UPDATE' THEN 'update_update'
+                     ELSE 'update_delete' END
+    END
+$$;
+
+-- Whether a change (version `ver` from origin `org`) wins over what this
+-- backend holds of its row: last writer wins by (version, origin), and a
+-- row not held here is always written.
+CREATE OR REPLACE FUNCTION chorus.remote_wins(ver bigint, org integer, have boolean,
+                                              cur_version bigint, cur_origin integer) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT NOT have OR (ver, org) > (cur_version, cur_origin)
 $$;
 
 -- Apply one change. Last writer wins by (version, origin). A change whose
@@ -347,22 +382,8 @@ BEGIN
         RETURN 'pruned:skipped';
     END IF;
 
-    IF NOT have_version THEN
-        kind := CASE op WHEN 'UPDATE' THEN 'update_missing'
-                        WHEN 'DELETE' THEN 'delete_missing' END;
-    ELSIF cur.version IS NOT DISTINCT FROM prev THEN
-        kind := NULL;
-    ELSIF cur.deleted THEN
-        kind := CASE op WHEN 'INSERT' THEN 'insert_delete'
-                        WHEN 'UPDATE' THEN 'update_delete'
-                        ELSE 'delete_delete' END;
-    ELSE
-        kind := CASE op WHEN 'INSERT' THEN 'insert_insert'
-                        WHEN 'UPDATE' THEN 'update_update'
-                        ELSE 'update_delete' END;
-    END IF;
-
-    remote_wins := NOT have_version OR (ver, org) > (cur.version, cur.origin);
+    kind := chorus.conflict_kind(op, prev, have_version, cur.version, cur.deleted);
+    remote_wins := chorus.remote_wins(ver, org, have_version, cur.version, cur.origin);
     IF kind IS NOT NULL THEN
         local_img := chorus.read_row(rel, cols, key);
         INSERT INTO chorus.conflict (tbl, pk, kind, resolution, local_version, local_origin,
@@ -493,21 +514,8 @@ BEGIN
             results := results || 'duplicate'::text;
             CONTINUE;
         END IF;
-        IF NOT r.have THEN
-            kind := CASE r.first_op WHEN 'UPDATE' THEN 'update_missing'
-                                    WHEN 'DELETE' THEN 'delete_missing' END;
-        ELSIF r.cur_ver IS NOT DISTINCT FROM r.first_prev THEN
-            kind := NULL;
-        ELSIF r.cur_deleted THEN
-            kind := CASE r.first_op WHEN 'INSERT' THEN 'insert_delete'
-                                    WHEN 'UPDATE' THEN 'update_delete'
-                                    ELSE 'delete_delete' END;
-        ELSE
-            kind := CASE r.first_op WHEN 'INSERT' THEN 'insert_insert'
-                                    WHEN 'UPDATE' THEN 'update_update'
-                                    ELSE 'update_delete' END;
-        END IF;
-        remote_wins := NOT r.have OR (r.ver, r.org) > (r.cur_ver, r.cur_org);
+        kind := chorus.conflict_kind(r.first_op, r.first_prev, r.have, r.cur_ver, r.cur_deleted);
+        remote_wins := chorus.remote_wins(r.ver, r.org, r.have, r.cur_ver, r.cur_org);
         IF kind IS NOT NULL THEN
             INSERT INTO chorus.conflict (tbl, pk, kind, resolution, local_version, local_origin,
                                          local_row, remote_version, remote_origin, remote_row)
@@ -730,6 +738,19 @@ BEGIN
     END IF;
     RETURN results;
 END
+$$;
+
+-- An apply's results (one per change: 'applied', 'duplicate',
+-- 'truncated', or '<kind>:<resolution>') as rows: how many changes met
+-- each (kind, resolution). `kind` is NULL for a change without a conflict.
+-- What the nodes read back (see replication/outcome.rs).
+CREATE OR REPLACE FUNCTION chorus.outcomes(results text[])
+RETURNS TABLE (kind text, resolution text, changes integer)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT nullif(split_part(r, ':', 1), r), coalesce(nullif(split_part(r, ':', 2), ''), r),
+           count(*)::integer
+      FROM unnest(results) AS r
+     GROUP BY r
 $$;
 
 -- The start of an apply transaction for origin `org` by the driver of

@@ -564,8 +564,9 @@ async fn run_stream(
         }
         applied_in_window += report.changes as u64;
         for conflict in report.conflicts() {
-            let kind = conflict.split(':').next().unwrap_or(conflict);
-            node.metrics.conflict(kind);
+            if let Some(kind) = conflict.kind {
+                node.metrics.conflict(kind.as_str(), conflict.changes);
+            }
         }
         if window_start.elapsed() >= Duration::from_secs(1) {
             if let Some(m) = metrics {

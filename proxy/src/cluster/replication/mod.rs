@@ -19,8 +19,11 @@
 use tokio_postgres::Client;
 
 mod driver;
+pub mod outcome;
 mod upkeep;
 pub mod walstream;
+
+use outcome::{outcomes_of, Outcome};
 
 pub(crate) use driver::drive;
 pub use upkeep::{run_home_upkeep, wait_streams_ready};
@@ -61,10 +64,9 @@ pub struct StepReport {
     pub duplicates: usize,
     /// Changes applied (or found applied already).
     pub changes: usize,
-    /// The result of every applied change but a plain `applied`:
-    /// `duplicate`, or `<kind>:<resolution>` (a conflict, or a change
-    /// skipped).
-    pub results: Vec<String>,
+    /// What became of the applied changes, but those written cleanly:
+    /// duplicates, TRUNCATEs, conflicts and skipped changes.
+    pub outcomes: Vec<Outcome>,
     /// Age of the oldest origin commit this step found unapplied, in
     /// seconds (0 when there was none).
     pub lag_seconds: f64,
@@ -73,19 +75,25 @@ pub struct StepReport {
 }
 
 impl StepReport {
-    /// Take the results of applied changes into account.
-    fn note(&mut self, results: Vec<String>) {
-        self.changes += results.len();
-        self.results
-            .extend(results.into_iter().filter(|r| r != "applied"));
+    /// Take an apply's outcome rows (see [`outcome`]) into account.
+    fn note(&mut self, rows: &[tokio_postgres::Row]) -> Result<(), ReplicationError> {
+        for row in rows {
+            // (A row without an outcome: an apply of nothing.)
+            let Some(resolution) = row.get::<_, Option<&str>>(1) else {
+                continue;
+            };
+            let outcome = Outcome::from_row(row.get(0), resolution, row.get(2))?;
+            self.changes += outcome.changes;
+            if outcome.resolution != outcome::Resolution::Applied {
+                self.outcomes.push(outcome);
+            }
+        }
+        Ok(())
     }
 
-    /// Conflicts resolved in this step, as `kind:resolution`.
-    pub fn conflicts(&self) -> impl Iterator<Item = &str> {
-        self.results
-            .iter()
-            .map(String::as_str)
-            .filter(|r| r.contains(':'))
+    /// Conflicts resolved (and changes skipped) in this step.
+    pub fn conflicts(&self) -> impl Iterator<Item = &Outcome> {
+        self.outcomes.iter().filter(|o| o.is_conflict())
     }
 }
 
@@ -198,11 +206,13 @@ impl ReplicationStream {
                     break;
                 }
                 json.push(']');
-                let results: Vec<String> = tx
-                    .query_one("SELECT chorus.apply_changes($1::text::jsonb)", &[&json])
-                    .await?
-                    .get(0);
-                report.note(results);
+                let rows = tx
+                    .query(
+                        &outcomes_of("chorus.apply_changes($1::text::jsonb)"),
+                        &[&json],
+                    )
+                    .await?;
+                report.note(&rows)?;
             }
         }
         let newest_version = max_version(todo.iter().copied());
@@ -284,20 +294,33 @@ impl ReplicationStream {
         // One statement, so one round trip and its own transaction: the
         // peer skips what it already has, applies the rest and records the
         // position (see chorus.apply_transactions).
-        let row = peer
-            .query_one(
-                "SELECT results, skipped FROM chorus.apply_transactions($1, $2::text::jsonb, $3, $4::text::pg_lsn, $5)",
-                &[&i32::from(self.origin_node), &batch, &newest_version, &last_lsn, &self.epoch],
+        // One row per outcome, or one without any (a batch found applied
+        // already), each with the count of transactions skipped.
+        let rows = peer
+            .query(
+                "SELECT o.kind, o.resolution, o.changes, a.skipped \
+                   FROM chorus.apply_transactions($1, $2::text::jsonb, $3, $4::text::pg_lsn, $5) a \
+                   LEFT JOIN LATERAL chorus.outcomes(a.results) o ON true",
+                &[
+                    &i32::from(self.origin_node),
+                    &batch,
+                    &newest_version,
+                    &last_lsn,
+                    &self.epoch,
+                ],
             )
             .await
             .map_err(ReplicationError::fenced_or)?;
-        let skipped = usize::try_from(row.get::<_, i32>(1)).unwrap_or(0);
+        let skipped = rows
+            .first()
+            .and_then(|r| usize::try_from(r.get::<_, i32>(3)).ok())
+            .unwrap_or(0);
         report.duplicates = skipped;
         report.transactions = sent.saturating_sub(skipped);
         if report.transactions > 0 {
             let done = unix_now();
             report.delays = commit_times.iter().map(|t| (done - t).max(0.0)).collect();
-            report.note(row.get(0));
+            report.note(&rows)?;
         }
         Ok(report)
     }
