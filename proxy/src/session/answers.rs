@@ -321,7 +321,7 @@ where
                     .unwrap_or(default_scope);
                 match &state.lane {
                     Some(lane) => ddl::finish(node, lane, job, scope, &mut out).await,
-                    None => protocol::ready_for_query(&mut out, b'I'),
+                    None => protocol::ready_for_query(&mut out, protocol::TransactionStatus::Idle),
                 }
                 metrics.query_duration.record(sent.elapsed().as_secs_f64());
                 state.tx_status.store(b'I', Ordering::Relaxed);

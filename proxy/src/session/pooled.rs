@@ -705,7 +705,7 @@ where
                 if !errored {
                     out.extend_from_slice(error);
                 }
-                protocol::ready_for_query(&mut out, b'I');
+                protocol::ready_for_query(&mut out, protocol::TransactionStatus::Idle);
                 true
             }
             b'H' => false,

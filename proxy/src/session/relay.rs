@@ -439,7 +439,7 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
     let mut out = BytesMut::new();
     for _ in 0..owed {
         protocol::error_response(&mut out, Severity::Error, "08006", &message, Some(&detail));
-        protocol::ready_for_query(&mut out, status);
+        protocol::ready_for_query(&mut out, protocol::transaction_status(status));
     }
     // A batch under way (messages since its last Sync went to the failed
     // backend): its error now, the rest of it dropped, its Sync answered by

@@ -442,10 +442,10 @@ pub(super) async fn startup(
         address: peer,
         since: std::time::Instant::now(),
     });
-    protocol::authentication(&mut out, 0, &[]);
+    protocol::authentication(&mut out, &protocol::Authentication::Ok);
     out.extend_from_slice(&backend.startup_messages);
     protocol::backend_key_data(&mut out, cancel_key.pid, cancel_key.secret);
-    protocol::ready_for_query(&mut out, b'I');
+    protocol::ready_for_query(&mut out, protocol::TransactionStatus::Idle);
     client.write_all(&out).await?;
     Ok(Some(Started::Session(Box::new(Established {
         backend,
@@ -510,10 +510,10 @@ async fn start_pooled(
         .as_ref()
         .map(pooled::startup_parameters)
         .unwrap_or_default();
-    protocol::authentication(&mut out, 0, &[]);
+    protocol::authentication(&mut out, &protocol::Authentication::Ok);
     out.extend_from_slice(&startup_messages);
     protocol::backend_key_data(&mut out, session.cancel_key.pid, session.cancel_key.secret);
-    protocol::ready_for_query(&mut out, b'I');
+    protocol::ready_for_query(&mut out, protocol::TransactionStatus::Idle);
     client.write_all(&out).await?;
     let (pid, secret) = session.cancel_key.backend_key().unwrap_or((0, 0));
     Ok(Some(Started::Session(Box::new(Established {
@@ -548,7 +548,7 @@ pub(super) async fn authenticate(
         AuthMethod::Md5 => {
             let mut salt = [0u8; 4];
             rand::rng().fill_bytes(&mut salt);
-            protocol::authentication(out, 5, &salt);
+            protocol::authentication(out, &protocol::Authentication::MD5Password(salt.to_vec()));
             client.write_all(out).await?;
             out.clear();
             let response = read_password_message(client, &mut buf, max).await?;
@@ -574,14 +574,14 @@ pub(super) async fn authenticate(
                 node.verifier("")
             };
             let server = ScramServer::start(verifier, data)?;
-            protocol::authentication(out, 11, server.server_first().as_bytes());
+            protocol::authentication_sasl_data(out, server.server_first(), false);
             client.write_all(out).await?;
             out.clear();
             let client_final = read_password_message(client, &mut buf, max).await?;
             let server_final = server
                 .finish(&client_final)
                 .map_err(|_| AuthError::PasswordFailed(user.to_owned()))?;
-            protocol::authentication(out, 12, server_final.as_bytes());
+            protocol::authentication_sasl_data(out, &server_final, true);
             Ok(())
         }
     }

@@ -1,12 +1,28 @@
 //! PostgreSQL wire protocol v3: the few messages the proxy decodes or
 //! builds itself. Everything else crosses the proxy as raw framed bytes.
 //!
-//! The startup and authentication exchange is small and fixed, so it is
-//! written here directly (as Neon's and PgDog's proxies do) rather than
-//! through a general codec; the hot path only needs [`frame_header`].
+//! Messages the proxy builds (errors, notices, the authentication
+//! exchange, ParameterStatus, BackendKeyData, ReadyForQuery, Query) are
+//! pgwire's, encoded by its codec. What the proxy reads is decoded here,
+//! borrowing from the bytes it has: the startup packet (with Chorus's own
+//! forwarded-cancel code, and PostgreSQL's answers to versions it does not
+//! speak), error fields, DataRow values. pgwire's decoders are not used
+//! on bytes that come from elsewhere: they copy every field into owned
+//! strings, and its ErrorResponse decoder reads past the end of a body
+//! that lacks its terminator (a panic), where these stop. The hot path
+//! only needs [`frame_header`].
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
+use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery};
+use pgwire::messages::simplequery::Query;
+use pgwire::messages::startup::{
+    BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+};
+use pgwire::messages::Message;
 use thiserror::Error;
+
+pub use pgwire::messages::response::TransactionStatus;
+pub use pgwire::messages::startup::Authentication;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Protocol version 3.0 as sent in a StartupMessage.
@@ -271,6 +287,39 @@ impl Severity {
     }
 }
 
+/// Append a message encoded by pgwire. Encoding fails only for a message
+/// longer than its type allows (30 000 bytes for authentication
+/// requests, 1 GB for errors); none the proxy builds comes near. Should
+/// one, nothing of it is appended and it is logged.
+fn put(out: &mut BytesMut, message: &impl Message) {
+    let at = out.len();
+    if let Err(e) = message.encode(out) {
+        out.truncate(at);
+        tracing::error!(error = %e, "a protocol message could not be encoded");
+    }
+}
+
+/// The fields of an error or notice: severity (localized and not), code,
+/// message, and the optional ones.
+fn fields(
+    severity: &str,
+    code: &str,
+    message: &str,
+    rest: &[(u8, Option<&str>)],
+) -> Vec<(u8, String)> {
+    let mut fields = vec![
+        (b'S', severity.to_owned()),
+        (b'V', severity.to_owned()),
+        (b'C', code.to_owned()),
+        (b'M', message.to_owned()),
+    ];
+    fields.extend(
+        rest.iter()
+            .filter_map(|(field, value)| Some((*field, (*value)?.to_owned()))),
+    );
+    fields
+}
+
 /// Append an ErrorResponse.
 pub fn error_response(
     out: &mut BytesMut,
@@ -279,106 +328,82 @@ pub fn error_response(
     message: &str,
     detail: Option<&str>,
 ) {
-    write_message(out, b'E', |body| {
-        body.put_u8(b'S');
-        put_cstr(body, severity.as_str());
-        body.put_u8(b'V');
-        put_cstr(body, severity.as_str());
-        body.put_u8(b'C');
-        put_cstr(body, code);
-        body.put_u8(b'M');
-        put_cstr(body, message);
-        if let Some(detail) = detail {
-            body.put_u8(b'D');
-            put_cstr(body, detail);
-        }
-        body.put_u8(0);
-    });
+    let fields = fields(severity.as_str(), code, message, &[(b'D', detail)]);
+    put(out, &ErrorResponse::new(fields));
 }
 
 /// Append a NoticeResponse (severity WARNING).
 pub fn warning_notice(out: &mut BytesMut, code: &str, message: &str) {
-    write_message(out, b'N', |body| {
-        for (field, value) in [(b'S', "WARNING"), (b'V', "WARNING"), (b'C', code)] {
-            body.put_u8(field);
-            put_cstr(body, value);
-        }
-        body.put_u8(b'M');
-        put_cstr(body, message);
-        body.put_u8(0);
-    });
+    put(
+        out,
+        &NoticeResponse::new(fields("WARNING", code, message, &[])),
+    );
 }
 
 /// Append a NoticeResponse relaying a notice (NOTICE, WARNING, …) a
 /// backend sent on a connection of the proxy's own.
 pub fn relay_notice(out: &mut BytesMut, notice: &tokio_postgres::error::DbError) {
-    write_message(out, b'N', |body| {
-        let mut put = |field: u8, value: &str| {
-            body.put_u8(field);
-            put_cstr(body, value);
-        };
-        put(b'S', notice.severity());
-        put(b'V', notice.severity());
-        put(b'C', notice.code().code());
-        put(b'M', notice.message());
-        if let Some(detail) = notice.detail() {
-            put(b'D', detail);
-        }
-        if let Some(hint) = notice.hint() {
-            put(b'H', hint);
-        }
-        body.put_u8(0);
-    });
+    let fields = fields(
+        notice.severity(),
+        notice.code().code(),
+        notice.message(),
+        &[(b'D', notice.detail()), (b'H', notice.hint())],
+    );
+    put(out, &NoticeResponse::new(fields));
 }
 
-/// Append an authentication request ('R') with code and payload.
-pub fn authentication(out: &mut BytesMut, code: i32, payload: &[u8]) {
-    write_message(out, b'R', |body| {
-        body.put_i32(code);
-        body.put_slice(payload);
-    });
+/// Append an authentication request ('R').
+pub fn authentication(out: &mut BytesMut, request: &Authentication) {
+    put(out, request);
 }
 
 /// Append AuthenticationSASL offering SCRAM-SHA-256.
 pub fn authentication_sasl(out: &mut BytesMut) {
-    write_message(out, b'R', |body| {
-        body.put_i32(10);
-        put_cstr(body, "SCRAM-SHA-256");
-        body.put_u8(0);
-    });
+    authentication(out, &Authentication::SASL(vec!["SCRAM-SHA-256".to_owned()]));
 }
 
-/// Append BackendKeyData.
+/// Append an AuthenticationSASLContinue or AuthenticationSASLFinal.
+pub fn authentication_sasl_data(out: &mut BytesMut, data: &str, last: bool) {
+    let data = Bytes::copy_from_slice(data.as_bytes());
+    authentication(
+        out,
+        &if last {
+            Authentication::SASLFinal(data)
+        } else {
+            Authentication::SASLContinue(data)
+        },
+    );
+}
+
+/// Append BackendKeyData (protocol 3.0: a 4-byte secret).
 pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
-    write_message(out, b'K', |body| {
-        body.put_i32(pid);
-        body.put_i32(secret);
-    });
+    put(out, &BackendKeyData::new(pid, SecretKey::I32(secret)));
 }
 
 /// Append ParameterStatus.
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
-    write_message(out, b'S', |body| {
-        put_cstr(body, name);
-        put_cstr(body, value);
-    });
+    put(
+        out,
+        &ParameterStatus::new(name.to_owned(), value.to_owned()),
+    );
 }
 
-/// Append ReadyForQuery with a transaction status ('I', 'T' or 'E').
-pub fn ready_for_query(out: &mut BytesMut, status: u8) {
-    write_message(out, b'Z', |body| body.put_u8(status));
+/// Append ReadyForQuery.
+pub fn ready_for_query(out: &mut BytesMut, status: TransactionStatus) {
+    put(out, &ReadyForQuery::new(status));
+}
+
+/// The transaction status a ReadyForQuery's byte says ('I', 'T' or 'E';
+/// anything else is read as idle).
+pub fn transaction_status(byte: u8) -> TransactionStatus {
+    TransactionStatus::try_from(byte).unwrap_or(TransactionStatus::Idle)
 }
 
 /// Append NegotiateProtocolVersion: the newest minor version supported (0)
 /// and the protocol options (`_pq_.*`) that were not recognized.
 pub fn negotiate_protocol_version(out: &mut BytesMut, unrecognized: &[&str]) {
-    write_message(out, b'v', |body| {
-        body.put_i32(0);
-        body.put_i32(unrecognized.len() as i32);
-        for option in unrecognized {
-            put_cstr(body, option);
-        }
-    });
+    let options = unrecognized.iter().map(|o| (*o).to_owned()).collect();
+    put(out, &NegotiateProtocolVersion::new(0, options));
 }
 
 /// Append a CancelRequest packet for a backend key.
@@ -405,7 +430,7 @@ pub fn put_cstr(out: &mut BytesMut, s: &str) {
 
 /// Append a simple-protocol Query message.
 pub fn query(out: &mut BytesMut, sql: &str) {
-    write_message(out, b'Q', |body| put_cstr(body, sql));
+    put(out, &Query::new(sql.to_owned()));
 }
 
 /// Append a message with a type byte, computing its length.
@@ -640,6 +665,63 @@ mod tests {
         assert_eq!(fields.severity, "FATAL");
         assert_eq!(fields.code, "08P01");
         assert_eq!(fields.message, "bad message");
+    }
+
+    /// The messages built through pgwire are byte for byte what the
+    /// protocol documentation lays out (and what PostgreSQL sends).
+    #[test]
+    fn built_messages_have_the_protocols_layout() {
+        let built = |f: &dyn Fn(&mut BytesMut)| {
+            let mut out = BytesMut::new();
+            f(&mut out);
+            out.to_vec()
+        };
+        assert_eq!(
+            built(&|o| ready_for_query(o, TransactionStatus::Transaction)),
+            b"Z\0\0\0\x05T"
+        );
+        assert_eq!(
+            built(&|o| authentication(o, &Authentication::Ok)),
+            b"R\0\0\0\x08\0\0\0\0"
+        );
+        assert_eq!(
+            built(&|o| authentication(o, &Authentication::MD5Password(vec![1, 2, 3, 4]))),
+            b"R\0\0\0\x0c\0\0\0\x05\x01\x02\x03\x04"
+        );
+        assert_eq!(
+            built(&|o| authentication_sasl(o)),
+            b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0"
+        );
+        assert_eq!(
+            built(&|o| authentication_sasl_data(o, "r=abc", false)),
+            b"R\0\0\0\x0d\0\0\0\x0br=abc"
+        );
+        assert_eq!(
+            built(&|o| authentication_sasl_data(o, "v=xyz", true)),
+            b"R\0\0\0\x0d\0\0\0\x0cv=xyz"
+        );
+        assert_eq!(
+            built(&|o| backend_key_data(o, 7, -2)),
+            b"K\0\0\0\x0c\0\0\0\x07\xff\xff\xff\xfe"
+        );
+        assert_eq!(
+            built(&|o| parameter_status(o, "a", "b")),
+            b"S\0\0\0\x08a\0b\0"
+        );
+        assert_eq!(
+            built(&|o| negotiate_protocol_version(o, &["_pq_.x"])),
+            b"v\0\0\0\x13\0\0\0\0\0\0\0\x01_pq_.x\0"
+        );
+        assert_eq!(built(&|o| query(o, "SELECT 1")), b"Q\0\0\0\x0dSELECT 1\0");
+        assert_eq!(
+            built(&|o| error_response(o, Severity::Error, "42P01", "m", None)),
+            b"E\0\0\0\x1dSERROR\0VERROR\0C42P01\0Mm\0\0"
+        );
+        assert_eq!(
+            built(&|o| warning_notice(o, "01000", "w")),
+            b"N\0\0\0\x21SWARNING\0VWARNING\0C01000\0Mw\0\0"
+        );
+        assert_eq!(transaction_status(b'E'), TransactionStatus::Error);
     }
 
     #[test]

@@ -194,7 +194,7 @@ fn command_tag(sql: &str) -> String {
 /// put the client's answer (ending with ReadyForQuery) in `out`.
 pub async fn finish(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, out: &mut BytesMut) {
     answer(node, lane, job, scope, out).await;
-    protocol::ready_for_query(out, b'I');
+    protocol::ready_for_query(out, protocol::TransactionStatus::Idle);
 }
 
 /// `lane`: the session's database (the main one for a session in a local

@@ -102,7 +102,7 @@ pub async fn serve<S>(node: &Node, client: &mut S, mut out: BytesMut) -> std::io
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    protocol::authentication(&mut out, 0, &[]);
+    protocol::authentication(&mut out, &protocol::Authentication::Ok);
     for (name, value) in [
         ("server_version", "15.0 (Chorus admin console)"),
         ("server_encoding", "UTF8"),
@@ -114,7 +114,7 @@ where
         protocol::parameter_status(&mut out, name, value);
     }
     protocol::backend_key_data(&mut out, 0, 0);
-    protocol::ready_for_query(&mut out, b'I');
+    protocol::ready_for_query(&mut out, protocol::TransactionStatus::Idle);
     client.write_all(&out).await?;
     let max = node.config.node.max_message_bytes;
     let mut skip_to_sync = false;
@@ -136,11 +136,11 @@ where
             b'Q' => {
                 let sql = protocol::read_cstr(&body).map_or("", |(sql, _)| sql);
                 answer(node, sql, &mut out).await;
-                protocol::ready_for_query(&mut out, b'I');
+                protocol::ready_for_query(&mut out, protocol::TransactionStatus::Idle);
             }
             b'S' => {
                 skip_to_sync = false;
-                protocol::ready_for_query(&mut out, b'I');
+                protocol::ready_for_query(&mut out, protocol::TransactionStatus::Idle);
             }
             _ if skip_to_sync => {}
             _ => {
