@@ -740,19 +740,6 @@ BEGIN
 END
 $$;
 
--- An apply's results (one per change: 'applied', 'duplicate',
--- 'truncated', or '<kind>:<resolution>') as rows: how many changes met
--- each (kind, resolution). `kind` is NULL for a change without a conflict.
--- What the nodes read back (see replication/outcome.rs).
-CREATE OR REPLACE FUNCTION chorus.outcomes(results text[])
-RETURNS TABLE (kind text, resolution text, changes integer)
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT nullif(split_part(r, ':', 1), r), coalesce(nullif(split_part(r, ':', 2), ''), r),
-           count(*)::integer
-      FROM unnest(results) AS r
-     GROUP BY r
-$$;
-
 -- The start of an apply transaction for origin `org` by the driver of
 -- `epoch`: the capture trigger stays quiet, a deadlock with a local write
 -- aborts this transaction (it is retried) rather than the client's (a

@@ -208,7 +208,10 @@ impl ReplicationStream {
                 json.push(']');
                 let rows = tx
                     .query(
-                        &outcomes_of("chorus.apply_changes($1::text::jsonb)"),
+                        &format!(
+                            "SELECT o.kind, o.resolution, o.changes FROM {} o",
+                            outcomes_of("chorus.apply_changes($1::text::jsonb)")
+                        ),
                         &[&json],
                     )
                     .await?;
@@ -298,9 +301,12 @@ impl ReplicationStream {
         // already), each with the count of transactions skipped.
         let rows = peer
             .query(
-                "SELECT o.kind, o.resolution, o.changes, a.skipped \
-                   FROM chorus.apply_transactions($1, $2::text::jsonb, $3, $4::text::pg_lsn, $5) a \
-                   LEFT JOIN LATERAL chorus.outcomes(a.results) o ON true",
+                &format!(
+                    "SELECT o.kind, o.resolution, o.changes, a.skipped \
+                       FROM chorus.apply_transactions($1, $2::text::jsonb, $3, $4::text::pg_lsn, $5) a \
+                       LEFT JOIN LATERAL {} o ON true",
+                    outcomes_of("a.results")
+                ),
                 &[
                     &i32::from(self.origin_node),
                     &batch,

@@ -2,8 +2,9 @@
 //!
 //! Inside the apply SQL each change's result is a short text
 //! (`applied`, `duplicate`, `truncated`, or `<kind>:<resolution>`);
-//! `chorus.outcomes` (apply.sql) turns a batch's into rows of (kind,
-//! resolution, changes), one row per pair, and they are read here once.
+//! the apply's query turns a batch's into rows of (kind, resolution,
+//! changes), one row per pair ([`outcomes_of`]), and they are read here
+//! once.
 //! A change applied cleanly has no kind.
 
 use std::fmt;
@@ -132,7 +133,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// One row of `chorus.outcomes`: kind, resolution, changes. A name
+    /// One row of [`outcomes_of`]: kind, resolution, changes. A name
     /// the SQL does not use here is an error (the SQL and this file
     /// disagree).
     pub fn from_row(
@@ -168,10 +169,18 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// The query that reads an apply's results as outcome rows: `$results`
-/// is a SQL expression of the apply's `text[]`.
+/// An apply's results (`results`, a SQL expression of its `text[]`) as
+/// rows of (kind, resolution, changes), one per pair: a subquery to use
+/// as a table. It is written out here rather than kept as a function of
+/// the chorus schema so that a node asks it of a backend whose schema is
+/// a release older just as well (a rolling upgrade applies to those).
 pub(super) fn outcomes_of(results: &str) -> String {
-    format!("SELECT o.kind, o.resolution, o.changes FROM chorus.outcomes({results}) o")
+    format!(
+        "(SELECT nullif(split_part(r, ':', 1), r) AS kind, \
+                 coalesce(nullif(split_part(r, ':', 2), ''), r) AS resolution, \
+                 count(*)::integer AS changes \
+            FROM unnest({results}) AS r GROUP BY r)"
+    )
 }
 
 #[cfg(test)]
