@@ -3,7 +3,7 @@
 //! Inside the apply SQL each change's result is a short text
 //! (`applied`, `duplicate`, `truncated`, or `<kind>:<resolution>`);
 //! the apply's query turns a batch's into rows of (kind, resolution,
-//! changes), one row per pair ([`outcomes_of`]), and they are read here
+//! changes), one row per pair (`outcomes_of`), and they are read here
 //! once.
 //! A change applied cleanly has no kind.
 
@@ -133,7 +133,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// One row of [`outcomes_of`]: kind, resolution, changes. A name
+    /// One row of `outcomes_of`: kind, resolution, changes. A name
     /// the SQL does not use here is an error (the SQL and this file
     /// disagree).
     pub fn from_row(
