@@ -29,6 +29,7 @@
 //! | `chorus_ddl_index` | gauge | `backend` | DDL log entries applied on the backend (this node's home backend) |
 //! | `chorus_ddl_duration_seconds` | histogram | | DDL through this node: proposal to applied on its home backend |
 //! | `chorus_ddl_failed_total` | counter | | DDL that could not be committed (no majority, timeout) |
+//! | `chorus_ddl_lease_waiting` | gauge | | sessions through this node whose DDL waits for the cluster DDL lease another open transaction holds (a lock wait) |
 //! | `chorus_raft_term` | gauge | | this node's current Raft term |
 //! | `chorus_raft_leader` | gauge | | id of the Raft leader this node knows (0: none) |
 //! | `chorus_raft_commit_index` | gauge | | committed Raft log index known to this node |
@@ -111,6 +112,8 @@ pub struct Metrics {
     ddl_index: Vec<(String, Gauge)>,
     ddl_duration: Histogram,
     ddl_failed: Counter,
+    /// Sessions waiting for the DDL lease (see `cluster::ddl::lease`).
+    pub ddl_lease_waiting: Gauge,
     pub raft_term: Gauge,
     pub raft_leader: Gauge,
     pub raft_commit_index: Gauge,
@@ -299,6 +302,7 @@ impl Metrics {
                 &METADATA,
             ),
             ddl_failed: counter("chorus_ddl_failed_total", vec![]),
+            ddl_lease_waiting: gauge("chorus_ddl_lease_waiting", vec![]),
             raft_term: gauge("chorus_raft_term", vec![]),
             raft_leader: gauge("chorus_raft_leader", vec![]),
             raft_commit_index: gauge("chorus_raft_commit_index", vec![]),

@@ -850,20 +850,20 @@ async fn concurrent_conflicting_ddl_through_two_nodes_ends_with_one_outcome() {
         .unwrap();
     // Node 2's DDL waits for the lease node 1's open transaction holds.
     let waiting = tokio::spawn(async move {
-        let started = Instant::now();
-        let result = second
+        second
             .batch_execute("ALTER TABLE shared ADD COLUMN c text")
-            .await;
-        (result, started.elapsed())
+            .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.wait_metric(2, "chorus_ddl_lease_waiting", |v| v == 1.0)
+        .await;
     assert!(!waiting.is_finished(), "node 2's DDL did not wait");
     first.batch_execute("COMMIT").await.unwrap();
-    let (result, waited) = waiting.await.unwrap();
+    let result = waiting.await.unwrap();
     // It then runs after node 1's, as PostgreSQL would after a lock wait.
     let e = result.unwrap_err();
     assert_eq!(common::sqlstate(&e).as_deref(), Some("42701"), "{e}");
-    assert!(waited >= Duration::from_millis(300));
+    c.wait_metric(2, "chorus_ddl_lease_waiting", |v| v == 0.0)
+        .await;
     for b in 1..=3 {
         c.wait_for(
             b,

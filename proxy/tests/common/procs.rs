@@ -513,6 +513,17 @@ impl Cluster {
         })
     }
 
+    /// Wait (up to 30 s) until node `i`'s metric `name` satisfies `done`.
+    pub async fn wait_metric(&self, i: usize, name: &str, done: impl Fn(f64) -> bool) {
+        common::eventually(
+            &format!("node {i}'s {name}"),
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            || async { self.metric(i, name).await.is_some_and(&done) },
+        )
+        .await;
+    }
+
     /// The Raft leader, as node `i` sees it (waits for one).
     pub async fn leader(&self, i: usize) -> usize {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -45,6 +45,23 @@ fn holder(node: &Node, session: u64) -> LeaseHolder {
     }
 }
 
+/// A session counted in `chorus_ddl_lease_waiting` until dropped.
+struct LeaseWait(metrics::Gauge);
+
+impl LeaseWait {
+    fn start(node: &Node) -> LeaseWait {
+        let gauge = node.metrics.ddl_lease_waiting.clone();
+        gauge.increment(1.0);
+        LeaseWait(gauge)
+    }
+}
+
+impl Drop for LeaseWait {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 /// Take the DDL lease for a transaction of `session` served by `backend`
 /// in `lane`'s database, and wait until that backend has the cluster's
 /// earlier DDL there. Returns the transaction's DDL number.
@@ -79,6 +96,9 @@ pub async fn take(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Counted in `chorus_ddl_lease_waiting` while another transaction
+    // holds the lease.
+    let mut waiting: Option<LeaseWait> = None;
     let (seq, after) = loop {
         // Each attempt may wait for a majority up to the DDL timeout; the
         // attempts, while another transaction holds the lease, go on up to
@@ -133,8 +153,10 @@ pub async fn take(
                 ),
             });
         }
+        waiting.get_or_insert_with(|| LeaseWait::start(node));
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    drop(waiting);
     // The backend gets up to the lock timeout (and at least the DDL
     // timeout from here) to have the earlier DDL. It may just have
     // committed; it comes with its transaction's rows, which a large
