@@ -2533,12 +2533,13 @@ async fn commit_scopes_wait_for_the_backends_they_promise() {
         (Duration::from_millis(1400)..Duration::from_secs(10)).contains(&elapsed),
         "{elapsed:?}"
     );
-    assert!(
-        has(&b2, 102).await || {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            has(&b2, 102).await
-        }
-    );
+    common::eventually(
+        "the row behind the failed scope reaching backend 2",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || has(&b2, 102),
+    )
+    .await;
     // `majority` still works, and `local` (the default again) too.
     n1.batch_execute("SET chorus.commit_scope = majority; INSERT INTO scoped VALUES (103)")
         .await

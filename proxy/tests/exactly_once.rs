@@ -233,27 +233,33 @@ async fn the_node_killed_mid_batch_neither_loses_nor_repeats_a_change() {
         // Kill it while an apply runs on the peer (seen there), or, if
         // none comes within a second, as it is.
         let watcher = pair.direct(2).await;
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while Instant::now() < deadline {
-            let applying: i64 = watcher
+        let applying = || async {
+            watcher
                 .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+                    "SELECT count(*) > 0 FROM pg_stat_activity WHERE state = 'active' \
                      AND query LIKE '%chorus.apply\\_%' AND pid <> pg_backend_pid()",
                     &[],
                 )
                 .await
                 .unwrap()
-                .get(0);
-            if applying > 0 {
-                break;
-            }
+                .get::<_, bool>(0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline && !applying().await {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         pair.kill_node(1);
         // An apply under way when the node died still commits on the peer
         // (the statement and its Sync were already sent), but its position
-        // never reached the slot: the restarted node gets it again.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // never reached the slot: the restarted node gets it again. Once
+        // no apply runs there, it has ended one way or the other.
+        common::eventually(
+            "the apply under way on backend 2 ending",
+            Duration::from_secs(30),
+            Duration::from_millis(10),
+            || async { !applying().await },
+        )
+        .await;
         if pair.applied_ahead_of_slot().await {
             redelivered += 1;
         }

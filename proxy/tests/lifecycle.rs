@@ -109,8 +109,13 @@ async fn graceful_shutdown_lets_open_transactions_finish() {
         "{err:?}"
     );
     // New connections are no longer accepted.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(tokio::net::TcpStream::connect(node.addr).await.is_err());
+    common::eventually(
+        "the listener closing",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async { tokio::net::TcpStream::connect(node.addr).await.is_err() },
+    )
+    .await;
     let (status, _) = node.http_get("/health").await;
     assert!(status.contains("503"), "{status}");
 
@@ -195,20 +200,34 @@ async fn metrics_count_statements_latency_and_connections() {
     }
     let _ = client.batch_execute("SELECT * FROM missing").await;
 
-    // Give the relay a moment to record the last ReadyForQuery.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    node.node.metrics.run_upkeep();
-    let (status, text) = node.http_get("/metrics").await;
-    assert!(status.contains("200"), "{status}");
-    let value = |needle: &str| -> f64 {
+    // The relay records the last statement's error once it has passed on
+    // its answer: the metrics are read once it has.
+    let number = |text: &str, needle: &str| -> Option<f64> {
         text.lines()
-            .find(|l| l.starts_with(needle))
-            .unwrap_or_else(|| panic!("{needle} missing in\n{text}"))
+            .find(|l| l.starts_with(needle))?
             .rsplit(' ')
-            .next()
-            .unwrap()
+            .next()?
             .parse()
-            .unwrap()
+            .ok()
+    };
+    let read = std::cell::RefCell::new(String::new());
+    common::eventually(
+        "the failing statement counted",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            node.node.metrics.run_upkeep();
+            let (status, body) = node.http_get("/metrics").await;
+            assert!(status.contains("200"), "{status}");
+            let counted = number(&body, "chorus_errors_total{kind=\"backend_error\"}") == Some(1.0);
+            *read.borrow_mut() = body;
+            counted
+        },
+    )
+    .await;
+    let text = read.into_inner();
+    let value = |needle: &str| -> f64 {
+        number(&text, needle).unwrap_or_else(|| panic!("{needle} missing in\n{text}"))
     };
     assert_eq!(value("chorus_statements_total{class=\"ddl\"}"), 1.0);
     assert_eq!(value("chorus_statements_total{class=\"write\"}"), 2.0);

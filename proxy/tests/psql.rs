@@ -148,14 +148,42 @@ async fn watch_repeats_the_query() {
     stdin
         .write_all(b"SELECT 40 + 2 AS answer \\watch 0.1\n")
         .unwrap();
-    // Keep stdin open so psql keeps watching; stop it after a while.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Keep stdin open so psql keeps watching, until it has answered three
+    // times; then stop it.
+    let (lines, seen) = std::sync::mpsc::channel::<String>();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut out, &mut line).unwrap_or(0) > 0 {
+            if lines.send(std::mem::take(&mut line)).is_err() {
+                break;
+            }
+        }
+    });
+    // (Blocking waits, off the runtime's workers: the node runs on them.)
+    let mut text = tokio::task::block_in_place(|| {
+        let mut text = String::new();
+        let deadline = std::time::Instant::now() + LIMIT;
+        while text.matches("     42").count() < 3 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match seen.recv_timeout(left) {
+                Ok(line) => text.push_str(&line),
+                Err(e) => panic!("psql stopped watching ({e}):\n{text}"),
+            }
+        }
+        text
+    });
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
     drop(stdin);
-    let out = common::wait_with_limit(child, Duration::from_secs(20));
-    let text = stdout(&out);
+    let out = tokio::task::block_in_place(|| {
+        let out = common::wait_with_limit(child, Duration::from_secs(20));
+        reader.join().unwrap();
+        out
+    });
+    assert!(out.status.code().is_some(), "psql did not end on SIGINT");
+    text.extend(seen.try_iter());
     let iterations = text.matches(" answer ").count();
     assert!(iterations >= 3, "only {iterations} iterations:\n{text}");
     assert!(text.matches("     42").count() >= 3, "{text}");

@@ -117,7 +117,15 @@ async fn serial_bigserial_and_identity_through_every_node_never_collide_even_acr
             }
         }
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // In the middle: once a sixth of the rows of each table are in.
+    for table in ["big", "small", "ident"] {
+        c.wait_for(
+            2,
+            &format!("SELECT (count(*) >= 60)::text FROM {table}"),
+            |v| v == "true",
+        )
+        .await;
+    }
     c.kill_node(2);
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.start_node(2);

@@ -128,6 +128,24 @@ pub async fn start(options: Options) -> TestNode {
     }
 }
 
+/// Wait until `check` holds, asking every `every`, for at most `within`;
+/// fails the test, naming `what`, when it never does. The one shape of a
+/// bounded wait on a condition: tests never sleep a fixed time instead.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, every: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
 async fn wait_for_port(addr: SocketAddr) {
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
