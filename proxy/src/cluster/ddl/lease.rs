@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use chorus_consensus::{LeaseHolder, ProposeError, Request, Response};
 
 use crate::lane::Lane;
+use crate::metrics::GaugeGuard;
 use crate::node::Node;
 
 /// Why a transaction's DDL cannot run: a SQLSTATE and a message, which the
@@ -42,23 +43,6 @@ fn holder(node: &Node, session: u64) -> LeaseHolder {
     LeaseHolder {
         node: u64::from(node.config.node.id),
         session,
-    }
-}
-
-/// A session counted in `chorus_ddl_lease_waiting` until dropped.
-struct LeaseWait(metrics::Gauge);
-
-impl LeaseWait {
-    fn start(node: &Node) -> LeaseWait {
-        let gauge = node.metrics.ddl_lease_waiting.clone();
-        gauge.increment(1.0);
-        LeaseWait(gauge)
-    }
-}
-
-impl Drop for LeaseWait {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
     }
 }
 
@@ -98,7 +82,7 @@ pub async fn take(
     }
     // Counted in `chorus_ddl_lease_waiting` while another transaction
     // holds the lease.
-    let mut waiting: Option<LeaseWait> = None;
+    let mut waiting: Option<GaugeGuard> = None;
     let (seq, after) = loop {
         // Each attempt may wait for a majority up to the DDL timeout; the
         // attempts, while another transaction holds the lease, go on up to
@@ -153,7 +137,7 @@ pub async fn take(
                 ),
             });
         }
-        waiting.get_or_insert_with(|| LeaseWait::start(node));
+        waiting.get_or_insert_with(|| GaugeGuard::new(&node.metrics.ddl_lease_waiting));
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     drop(waiting);

@@ -16,6 +16,8 @@
 //! `walstream.rs`); the replication tests step a stream one batch at a
 //! time through the SQL functions instead (peek, apply, advance).
 
+use std::sync::LazyLock;
+
 use tokio_postgres::Client;
 
 mod driver;
@@ -96,6 +98,27 @@ impl StepReport {
         self.outcomes.iter().filter(|o| o.is_conflict())
     }
 }
+
+/// One part of a transaction applied in parts ($1: its changes), read
+/// back as outcome rows.
+static APPLY_PART: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT o.kind, o.resolution, o.changes FROM {} o",
+        outcomes_of("chorus.apply_changes($1::text::jsonb)")
+    )
+});
+
+/// A batch of whole transactions (see `chorus.apply_transactions`): one
+/// row per outcome, or one without any, each with the count of
+/// transactions skipped (a batch found applied already has no outcome).
+static APPLY_TRANSACTIONS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT o.kind, o.resolution, o.changes, a.skipped \
+           FROM chorus.apply_transactions($1, $2::text::jsonb, $3, $4::text::pg_lsn, $5) a \
+           LEFT JOIN LATERAL {} o ON true",
+        outcomes_of("a.results")
+    )
+});
 
 /// Changes from one origin backend to one peer backend.
 #[derive(Debug, Clone)]
@@ -206,15 +229,7 @@ impl ReplicationStream {
                     break;
                 }
                 json.push(']');
-                let rows = tx
-                    .query(
-                        &format!(
-                            "SELECT o.kind, o.resolution, o.changes FROM {} o",
-                            outcomes_of("chorus.apply_changes($1::text::jsonb)")
-                        ),
-                        &[&json],
-                    )
-                    .await?;
+                let rows = tx.query(APPLY_PART.as_str(), &[&json]).await?;
                 report.note(&rows)?;
             }
         }
@@ -297,16 +312,9 @@ impl ReplicationStream {
         // One statement, so one round trip and its own transaction: the
         // peer skips what it already has, applies the rest and records the
         // position (see chorus.apply_transactions).
-        // One row per outcome, or one without any (a batch found applied
-        // already), each with the count of transactions skipped.
         let rows = peer
             .query(
-                &format!(
-                    "SELECT o.kind, o.resolution, o.changes, a.skipped \
-                       FROM chorus.apply_transactions($1, $2::text::jsonb, $3, $4::text::pg_lsn, $5) a \
-                       LEFT JOIN LATERAL {} o ON true",
-                    outcomes_of("a.results")
-                ),
+                APPLY_TRANSACTIONS.as_str(),
                 &[
                     &i32::from(self.origin_node),
                     &batch,
