@@ -3,7 +3,7 @@
 //! prints the readable report and the JSON.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use chorus_testkit as testkit;
 
 use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
 use chorus_proxy::ops::assess;
@@ -46,13 +46,13 @@ async fn every_hazard_of_a_database_is_found_with_what_chorus_does() {
     let dir = tempfile::tempdir().unwrap();
     let pg = tokio::task::block_in_place(|| {
         LocalPostgres::create(
-            &common::pg_binaries(),
+            &testkit::pg_binaries(),
             &dir.path().join("pg"),
             LocalPgOptions::default(),
         )
     })
     .unwrap();
-    let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
+    let client = testkit::connect(&pg.conninfo("postgres")).await.unwrap();
     client.batch_execute(HAZARDS).await.unwrap();
     client.batch_execute("CREATE DATABASE other").await.unwrap();
 
@@ -133,8 +133,8 @@ async fn every_hazard_of_a_database_is_found_with_what_chorus_does() {
         .args(["assess", "--dsn", &dsn])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    let report = common::stdout(&out);
+    assert!(out.status.success(), "{}", testkit::stderr(&out));
+    let report = testkit::stdout(&out);
     assert!(
         report.starts_with("database postgres (PostgreSQL "),
         "{report}"
@@ -149,8 +149,8 @@ async fn every_hazard_of_a_database_is_found_with_what_chorus_does() {
         .args(["assess", "--dsn", &dsn, "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    let json: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+    assert!(out.status.success(), "{}", testkit::stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&testkit::stdout(&out)).unwrap();
     assert_eq!(json["database"], "postgres");
     assert_eq!(json["checks"][0]["hazard"], "table without a primary key");
     assert_eq!(json["checks"][0]["found"][0]["object"], "public.keyless");
@@ -161,8 +161,8 @@ async fn every_hazard_of_a_database_is_found_with_what_chorus_does() {
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        common::stderr(&out).contains("connecting to --dsn"),
+        testkit::stderr(&out).contains("connecting to --dsn"),
         "{}",
-        common::stderr(&out)
+        testkit::stderr(&out)
     );
 }

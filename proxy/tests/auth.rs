@@ -2,15 +2,14 @@
 //! garbage, malformed, truncated and oversized messages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
+use chorus_testkit as testkit;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::{run_pg_program, stderr, stdout, Options, TestNode};
+use testkit::{run_pg_program, stderr, stdout, Options, TestNode};
 
 fn auth_options() -> Options {
     Options {
@@ -38,7 +37,7 @@ async fn create_roles(node: &TestNode) {
 }
 
 async fn login(node: &TestNode, user: &str, password: Option<&str>) -> Result<String, String> {
-    match common::connect(&node.conninfo(user, password)).await {
+    match testkit::connect(&node.conninfo(user, password)).await {
         Ok(client) => {
             let row = client
                 .query_one("SELECT current_user::text", &[])
@@ -46,21 +45,21 @@ async fn login(node: &TestNode, user: &str, password: Option<&str>) -> Result<St
                 .unwrap();
             Ok(row.get(0))
         }
-        Err(e) => Err(common::sqlstate(&e).unwrap_or_else(|| e.to_string())),
+        Err(e) => Err(testkit::sqlstate(&e).unwrap_or_else(|| e.to_string())),
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn scram_md5_trust_and_reject() {
-    let node = common::start(auth_options()).await;
+    let node = testkit::start(auth_options()).await;
     create_roles(&node).await;
 
     assert_eq!(
-        login(&node, common::PG_USER, Some(common::PG_PASSWORD)).await,
-        Ok(common::PG_USER.to_owned())
+        login(&node, testkit::PG_USER, Some(testkit::PG_PASSWORD)).await,
+        Ok(testkit::PG_USER.to_owned())
     );
     assert_eq!(
-        login(&node, common::PG_USER, Some("wrong")).await,
+        login(&node, testkit::PG_USER, Some("wrong")).await,
         Err("28P01".to_owned())
     );
     // An unknown user fails exactly like a wrong password.
@@ -118,7 +117,7 @@ async fn scram_md5_trust_and_reject() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_login_with_psql() {
-    let node = common::start(Options {
+    let node = testkit::start(Options {
         tls: true,
         ..Options::default()
     })
@@ -145,7 +144,7 @@ async fn tls_login_with_psql() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_tls_sslmode_require_fails_and_prefer_falls_back() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let require = run_pg_program(
         "psql",
         &[
@@ -256,7 +255,7 @@ async fn raw_login(node: &TestNode, version: u32, extra: &[(&str, &str)]) -> (Tc
 
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_and_malformed_messages_get_08p01_and_others_keep_working() {
-    let node = common::start(auth_options()).await;
+    let node = testkit::start(auth_options()).await;
     create_roles(&node).await;
     let survivor = node.client().await;
 
@@ -343,14 +342,14 @@ async fn garbage_and_malformed_messages_get_08p01_and_others_keep_working() {
     let one: i32 = survivor.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
     assert_eq!(
-        login(&node, common::PG_USER, Some(common::PG_PASSWORD)).await,
-        Ok(common::PG_USER.to_owned())
+        login(&node, testkit::PG_USER, Some(testkit::PG_PASSWORD)).await,
+        Ok(testkit::PG_USER.to_owned())
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gssenc_and_ssl_requests_are_declined_then_login_proceeds() {
-    let node = common::start(auth_options()).await;
+    let node = testkit::start(auth_options()).await;
     create_roles(&node).await;
     let mut stream = TcpStream::connect(node.addr).await.unwrap();
     for code in [80877104u32, 80877103] {
@@ -380,7 +379,7 @@ async fn gssenc_and_ssl_requests_are_declined_then_login_proceeds() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn newer_protocol_minor_version_is_negotiated_down() {
-    let node = common::start(auth_options()).await;
+    let node = testkit::start(auth_options()).await;
     create_roles(&node).await;
     // Protocol 3.2 with an unknown protocol option, as a newer libpq may send.
     let (mut session, received) =
@@ -426,13 +425,13 @@ async fn backend_connections_follow_sslmode_as_libpq_does() {
     use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
 
     let dir = tempfile::tempdir().unwrap();
-    let ca = common::TestCa::new(dir.path(), "ca");
-    let other_ca = common::TestCa::new(dir.path(), "other-ca");
+    let ca = testkit::TestCa::new(dir.path(), "ca");
+    let other_ca = testkit::TestCa::new(dir.path(), "other-ca");
     // One server whose certificate names localhost only, one without TLS.
     let start = |name: &str, tls| {
         tokio::task::block_in_place(|| {
             LocalPostgres::create(
-                &common::pg_binaries(),
+                &testkit::pg_binaries(),
                 &dir.path().join(name),
                 LocalPgOptions {
                     tls,

@@ -4,11 +4,10 @@
 //! guard, and adoption rules.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use chorus_proxy::cluster::capture::{self, ChangeRecord, Operation};
-use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
+use chorus_proxy::localpg::LocalPostgres;
 use chorus_router::hlc;
+use chorus_testkit as testkit;
 use serde_json::Value;
 use tokio_postgres::Client;
 
@@ -24,20 +23,13 @@ struct Backend {
 
 /// A throwaway PostgreSQL in `dir`.
 fn local_pg(dir: &tempfile::TempDir) -> LocalPostgres {
-    tokio::task::block_in_place(|| {
-        LocalPostgres::create(
-            &common::pg_binaries(),
-            &dir.path().join("pg"),
-            LocalPgOptions::default(),
-        )
-    })
-    .unwrap()
+    testkit::backends(dir.path(), 1).remove(0)
 }
 
 async fn backend(node_id: u16) -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let pg = local_pg(&dir);
-    let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
+    let client = testkit::connect(&pg.conninfo("postgres")).await.unwrap();
     capture::install(&client, node_id).await.unwrap();
     client
         .batch_execute(
@@ -573,7 +565,7 @@ async fn chorus_objects_belong_to_a_role_nobody_logs_in_as() {
         .batch_execute("CREATE ROLE other_admin LOGIN SUPERUSER")
         .await
         .unwrap();
-    let other = common::connect(&format!(
+    let other = testkit::connect(&format!(
         "host=127.0.0.1 port={} user=other_admin dbname=postgres",
         b.pg.port()
     ))
@@ -600,7 +592,7 @@ async fn chorus_objects_belong_to_a_role_nobody_logs_in_as() {
 #[tokio::test(flavor = "multi_thread")]
 async fn install_is_idempotent_and_safe_concurrently() {
     let b = backend(1).await;
-    let second = common::connect(&b.pg.conninfo("postgres")).await.unwrap();
+    let second = testkit::connect(&b.pg.conninfo("postgres")).await.unwrap();
     let (one, two) = tokio::join!(capture::install(&b.client, 5), capture::install(&second, 5));
     one.unwrap();
     two.unwrap();
@@ -621,7 +613,7 @@ async fn install_is_idempotent_and_safe_concurrently() {
 
 /// The chorus schema as pg_dump shows it.
 fn chorus_schema(pg: &LocalPostgres, database: &str) -> String {
-    common::schema_dump(pg.port(), database, &["--schema=chorus"])
+    testkit::schema_dump(pg.port(), database, &["--schema=chorus"])
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -631,9 +623,9 @@ async fn a_schema_of_an_earlier_version_is_upgraded_in_place_and_a_newer_one_ref
     for earlier in 1..capture::SCHEMA_VERSION {
         let dir = tempfile::tempdir().unwrap();
         let pg = local_pg(&dir);
-        let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
+        let client = testkit::connect(&pg.conninfo("postgres")).await.unwrap();
         client
-            .batch_execute(&common::earlier_schema_sql(earlier, 1, ""))
+            .batch_execute(&testkit::earlier_schema_sql(earlier, 1, ""))
             .await
             .unwrap();
         client
@@ -676,7 +668,7 @@ async fn a_schema_of_an_earlier_version_is_upgraded_in_place_and_a_newer_one_ref
         assert!(captured[0].prev.is_some(), "{captured:?}");
         // The upgraded schema is the one a new install makes.
         client.batch_execute("CREATE DATABASE fresh").await.unwrap();
-        let fresh = common::connect(&pg.conninfo("fresh")).await.unwrap();
+        let fresh = testkit::connect(&pg.conninfo("fresh")).await.unwrap();
         capture::install(&fresh, 1).await.unwrap();
         assert_eq!(
             chorus_schema(&pg, "postgres"),
@@ -715,7 +707,7 @@ async fn install_as_a_role_that_is_not_a_superuser_says_what_is_missing() {
     let conninfo =
         b.pg.conninfo("postgres")
             .replace("user=postgres", "user=weak");
-    let weak = common::connect(&conninfo).await.unwrap();
+    let weak = testkit::connect(&conninfo).await.unwrap();
     let err = capture::install(&weak, 2).await.unwrap_err().to_string();
     assert!(
         err.contains("role \"weak\" is not a superuser") && err.contains("replication.user"),
@@ -742,7 +734,7 @@ async fn uuidv7_values_are_unique_time_ordered_and_well_formed() {
         .unwrap()
         .get(0);
     // Then one from another session.
-    let other = common::connect(&b.pg.conninfo("postgres")).await.unwrap();
+    let other = testkit::connect(&b.pg.conninfo("postgres")).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let later: String = other
         .query_one("SELECT chorus.uuidv7()::text", &[])
@@ -817,7 +809,7 @@ async fn stale_stamps_are_freshened_and_tombstones_go_only_below_every_horizon()
     // A transaction that has written and is still open holds the horizon
     // at its start, less the stamp age: after a decrease, the age it may
     // have pinned its stamp with.
-    let other = common::connect(&b.pg.conninfo("postgres")).await.unwrap();
+    let other = testkit::connect(&b.pg.conninfo("postgres")).await.unwrap();
     other
         .batch_execute("BEGIN; INSERT INTO users VALUES (100)")
         .await

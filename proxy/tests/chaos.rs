@@ -25,20 +25,14 @@
 //! soak (`scripts/chaos-soak.sh`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-#[path = "common/link.rs"]
-mod link;
-#[path = "common/procs.rs"]
-mod procs;
-#[path = "common/relay.rs"]
-mod relay;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chorus_testkit as testkit;
+use chorus_testkit::{link, procs};
 use link::Fault;
 use procs::{cluster_opts, Cluster, Options};
 use rand::rngs::StdRng;
@@ -296,7 +290,7 @@ impl Workload {
         let port = self.ports[rng.random_range(0..self.ports.len())];
         let conninfo =
             format!("host=127.0.0.1 port={port} user={APP_ROLE} dbname=postgres connect_timeout=2");
-        tokio::time::timeout(Duration::from_secs(2), common::connect(&conninfo))
+        tokio::time::timeout(Duration::from_secs(2), testkit::connect(&conninfo))
             .await
             .ok()?
             .ok()

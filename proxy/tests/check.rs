@@ -4,13 +4,8 @@
 //! `--repair`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-#[path = "common/link.rs"]
-mod link;
-#[path = "common/procs.rs"]
-mod procs;
-#[path = "common/relay.rs"]
-mod relay;
+use chorus_testkit as testkit;
+use chorus_testkit::procs;
 
 use std::process::{Command, Output};
 
@@ -46,8 +41,8 @@ async fn check_finds_rows_that_differ_per_key_and_repair_mends_what_versions_can
             .await;
     }
     let out = check(&c, &[]);
-    let report = common::stdout(&out);
-    assert!(out.status.success(), "{report}{}", common::stderr(&out));
+    let report = testkit::stdout(&out);
+    assert!(out.status.success(), "{report}{}", testkit::stderr(&out));
     assert!(report.starts_with("2 tables, 5050 rows"), "{report}");
     assert!(
         report.contains("the backends hold the same rows"),
@@ -73,8 +68,8 @@ async fn check_finds_rows_that_differ_per_key_and_repair_mends_what_versions_can
     assert!(
         out.status.success(),
         "{}{}",
-        common::stdout(&out),
-        common::stderr(&out)
+        testkit::stdout(&out),
+        testkit::stderr(&out)
     );
 
     c.converge(
@@ -116,12 +111,12 @@ async fn check_finds_rows_that_differ_per_key_and_repair_mends_what_versions_can
             metrics.to_str().unwrap(),
         ],
     );
-    let report = common::stdout(&out);
+    let report = testkit::stdout(&out);
     assert_eq!(
         out.status.code(),
         Some(1),
         "{report}{}",
-        common::stderr(&out)
+        testkit::stderr(&out)
     );
     assert!(report.contains("4 keys differ:"), "{report}");
     for key in [
@@ -142,8 +137,8 @@ async fn check_finds_rows_that_differ_per_key_and_repair_mends_what_versions_can
     // --repair copies what last-writer-wins can order (the row backend 3
     // lost); rows changed under an unchanged version stay reported.
     let out = check(&c, &["--settle-ms", "500", "--repair", "--json"]);
-    assert_eq!(out.status.code(), Some(1), "{}", common::stderr(&out));
-    let json: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", testkit::stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&testkit::stdout(&out)).unwrap();
     assert!(json["repaired_rows"].as_u64().unwrap() >= 1, "{json}");
     let keys: Vec<&str> = json["differences"]
         .as_array()

@@ -2,265 +2,14 @@
 //! with replication on, clients writing through different nodes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chorus_proxy::config::Config;
-use chorus_proxy::localpg::LocalPostgres;
 use chorus_proxy::server::{self, Node};
+use chorus_testkit as testkit;
+use chorus_testkit::inproc::{cluster, cluster_on, cluster_on_backends, cluster_with};
 use tokio::sync::watch;
 use tokio_postgres::Client;
-
-struct Cluster {
-    _dir: tempfile::TempDir,
-    backends: Vec<LocalPostgres>,
-    nodes: Vec<SocketAddr>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    node_handles: Vec<Arc<Node>>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.stop.send_replace(true);
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
-
-async fn cluster(n: usize) -> Cluster {
-    cluster_with(n, |_| String::new(), "").await
-}
-
-/// A cluster of `n`, with extra `[node]` settings per node id and extra
-/// `[replication]` settings for all.
-async fn cluster_with(
-    n: usize,
-    node_extra: impl Fn(usize) -> String,
-    replication_extra: &str,
-) -> Cluster {
-    // Replication's debug log, shown with the output of a failing test.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("chorus_proxy=debug")),
-        )
-        .with_test_writer()
-        .try_init();
-    let dir = tempfile::tempdir().unwrap();
-    let backends = common::backends(dir.path(), n);
-    cluster_on(dir, backends, node_extra, replication_extra).await
-}
-
-/// Chorus nodes, one per backend, on backends already running in `dir`.
-async fn cluster_on(
-    dir: tempfile::TempDir,
-    backends: Vec<chorus_proxy::localpg::LocalPostgres>,
-    node_extra: impl Fn(usize) -> String,
-    replication_extra: &str,
-) -> Cluster {
-    cluster_on_backends(
-        dir,
-        backends,
-        "",
-        &|_| String::new(),
-        node_extra,
-        replication_extra,
-    )
-    .await
-}
-
-/// [`cluster_on`], with `backend_extra` settings in every `[[backends]]`
-/// and `cluster_extra` ones (per node id) in `[cluster]`.
-async fn cluster_on_backends(
-    dir: tempfile::TempDir,
-    backends: Vec<chorus_proxy::localpg::LocalPostgres>,
-    backend_extra: &str,
-    cluster_extra: &dyn Fn(usize) -> String,
-    node_extra: impl Fn(usize) -> String,
-    replication_extra: &str,
-) -> Cluster {
-    let n = backends.len();
-    let mut backend_toml = String::new();
-    for (i, pg) in backends.iter().enumerate() {
-        backend_toml.push_str(&format!(
-            "[[backends]]\nname = \"pg{}\"\nport = {}\n{backend_extra}\n",
-            i + 1,
-            pg.port()
-        ));
-    }
-    let (stop, _) = watch::channel(false);
-    let mut nodes = Vec::new();
-    let mut tasks = Vec::new();
-    let mut node_handles = Vec::new();
-    let raft_ports = common::raft_ports(n);
-    for i in 1..=n {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        nodes.push(listener.local_addr().unwrap());
-        let config = Config::from_toml(&format!(
-            "[node]\nid = {i}\nhome_backend = \"pg{i}\"\nworker_threads = 1\nshutdown_timeout_ms = 2000\n\
-             {}\n\
-             {backend_toml}\
-             [[users]]\nname = \"postgres\"\n\
-             [[auth]]\nmethod = \"trust\"\n\
-             [replication]\npoll_interval_ms = 20\n{replication_extra}\n{}",
-            node_extra(i),
-            common::cluster_toml(dir.path(), i, &raft_ports, "test-secret")
-                .replacen("[cluster]\n", &format!("[cluster]\n{}\n", cluster_extra(i)), 1)
-        ))
-        .unwrap();
-        let node = Node::new(config).unwrap();
-        node_handles.push(node.clone());
-        let mut stopped = stop.subscribe();
-        tasks.push(tokio::spawn(async move {
-            server::run_node_with(listener, node, async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .await
-            .unwrap();
-        }));
-    }
-    Cluster {
-        _dir: dir,
-        backends,
-        nodes,
-        stop,
-        tasks,
-        node_handles,
-    }
-}
-
-impl Cluster {
-    /// Conflicts of `kind` in the conflict logs of all backends.
-    async fn conflicts_logged(&self, kind: &str) -> i64 {
-        let mut logged = 0;
-        for b in 1..=self.backends.len() {
-            let n: i64 = self
-                .direct(b)
-                .await
-                .query_one(
-                    "SELECT count(*) FROM chorus.conflict WHERE kind = $1",
-                    &[&kind],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            logged += n;
-        }
-        logged
-    }
-
-    /// Conflicts of `kind` counted in the metrics of all nodes.
-    fn conflicts_counted(&self, kind: &str) -> f64 {
-        let prefix = format!("chorus_conflicts_total{{kind=\"{kind}\"}} ");
-        self.node_handles
-            .iter()
-            .filter_map(|node| {
-                node.metrics
-                    .render()
-                    .lines()
-                    .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.parse::<f64>().ok()))
-            })
-            .sum()
-    }
-
-    async fn via(&self, node: usize) -> Client {
-        common::connect(&format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.nodes[node - 1].port()
-        ))
-        .await
-        .unwrap()
-    }
-
-    /// A session on a backend, over its Unix socket (which takes logins
-    /// without TLS even where TCP does not).
-    async fn direct(&self, backend: usize) -> Client {
-        common::connect(&self.backends[backend - 1].socket_conninfo("postgres"))
-            .await
-            .unwrap()
-    }
-
-    /// Create a table through node `node` and wait until every backend
-    /// replicates it.
-    async fn create_table(&self, node: usize, ddl: &str, table: &str) {
-        self.via(node).await.batch_execute(ddl).await.unwrap();
-        self.expect_everywhere(
-            &format!("SELECT count(*)::text FROM chorus.replicated_table WHERE tbl = '{table}'"),
-            "1",
-        )
-        .await;
-    }
-
-    /// What `sql` gives (a single text value, empty on error) on each
-    /// backend.
-    async fn values_everywhere(&self, sql: &str) -> Vec<String> {
-        let mut values = Vec::new();
-        for b in 1..=self.backends.len() {
-            let client = self.direct(b).await;
-            let value: Option<String> = match client.query_one(sql, &[]).await {
-                Ok(row) => row.get(0),
-                Err(_) => None,
-            };
-            values.push(value.unwrap_or_default());
-        }
-        values
-    }
-
-    /// Wait (bounded) until `sql` gives `expected` on every backend.
-    async fn expect_everywhere(&self, sql: &str, expected: &str) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut last = Vec::new();
-        while Instant::now() < deadline {
-            last = self.values_everywhere(sql).await;
-            if last.iter().all(|v| v == expected) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("backends never all gave {expected:?} for {sql}: {last:?}");
-    }
-
-    /// Wait (bounded) until `sql` gives `expected` on backend `b`.
-    async fn expect_one(&self, b: usize, sql: &str, expected: &str) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut last = None;
-        while Instant::now() < deadline {
-            let value = self
-                .direct(b)
-                .await
-                .query_one(sql, &[])
-                .await
-                .map(|r| r.get::<_, Option<String>>(0));
-            if matches!(&value, Ok(Some(v)) if v == expected) {
-                return;
-            }
-            last = Some(value);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("backend {b} never gave {expected:?} for {sql}: {last:?}");
-    }
-
-    /// Wait (bounded) until `sql` gives the same single text value on
-    /// every backend; returns it. Use only where agreement means the final
-    /// state (a count can agree by chance on the way).
-    async fn converged(&self, sql: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut last = Vec::new();
-        while Instant::now() < deadline {
-            last = self.values_everywhere(sql).await;
-            if !last[0].is_empty() && last.iter().all(|v| v == &last[0]) {
-                return last[0].clone();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("backends did not converge on {sql}: {last:?}");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_through_any_node_converge_and_conflicts_are_logged() {
@@ -291,9 +40,9 @@ async fn writes_through_any_node_converge_and_conflicts_are_logged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pgbench_through_all_three_nodes_leaves_identical_backends() {
     let c = cluster(3).await;
-    let pgbench = |node: usize, args: &[&str]| common::pgbench(c.nodes[node - 1].port(), args);
+    let pgbench = |node: usize, args: &[&str]| testkit::pgbench(c.nodes[node - 1].port(), args);
     let init = pgbench(1, &["-i", "-s", "1", "-q"]);
-    assert!(init.status.success(), "{}", common::stderr(&init));
+    assert!(init.status.success(), "{}", testkit::stderr(&init));
     let table_hash = "SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a";
     c.converged(table_hash).await;
     // The primary keys pgbench adds after loading reach every backend (in
@@ -314,13 +63,15 @@ async fn pgbench_through_all_three_nodes_leaves_identical_backends() {
     let runs: Vec<_> = (1..=3)
         .map(|node| {
             let port = c.nodes[node - 1].port();
-            std::thread::spawn(move || common::pgbench(port, &["-n", "-N", "-c", "4", "-t", "100"]))
+            std::thread::spawn(move || {
+                testkit::pgbench(port, &["-n", "-N", "-c", "4", "-t", "100"])
+            })
         })
         .collect();
     for run in runs {
         let out = run.join().unwrap();
-        let text = common::stdout(&out);
-        assert!(out.status.success(), "{text}\n{}", common::stderr(&out));
+        let text = testkit::stdout(&out);
+        assert!(out.status.success(), "{text}\n{}", testkit::stderr(&out));
         assert!(text.contains("number of failed transactions: 0 "), "{text}");
     }
     c.converged(table_hash).await;
@@ -356,8 +107,8 @@ async fn an_application_role_writes_and_runs_ddl_through_every_node() {
         "true",
     )
     .await;
-    let init = common::pgbench_as(c.nodes[0].port(), "app", &["-i", "-s", "1", "-q"]);
-    assert!(init.status.success(), "{}", common::stderr(&init));
+    let init = testkit::pgbench_as(c.nodes[0].port(), "app", &["-i", "-s", "1", "-q"]);
+    assert!(init.status.success(), "{}", testkit::stderr(&init));
     let table_hash = "SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a";
     c.converged(table_hash).await;
     // Its tables are its own on every backend, and replicate.
@@ -372,14 +123,14 @@ async fn an_application_role_writes_and_runs_ddl_through_every_node() {
         .map(|node| {
             let port = c.nodes[node - 1].port();
             std::thread::spawn(move || {
-                common::pgbench_as(port, "app", &["-n", "-N", "-c", "2", "-t", "100"])
+                testkit::pgbench_as(port, "app", &["-n", "-N", "-c", "2", "-t", "100"])
             })
         })
         .collect();
     for run in runs {
         let out = run.join().unwrap();
-        let text = common::stdout(&out);
-        assert!(out.status.success(), "{text}\n{}", common::stderr(&out));
+        let text = testkit::stdout(&out);
+        assert!(out.status.success(), "{text}\n{}", testkit::stderr(&out));
         assert!(text.contains("number of failed transactions: 0 "), "{text}");
     }
     c.converged(table_hash).await;
@@ -389,7 +140,7 @@ async fn an_application_role_writes_and_runs_ddl_through_every_node() {
         .await;
 
     let as_app = |port: u16| async move {
-        common::connect(&format!(
+        testkit::connect(&format!(
             "host=127.0.0.1 port={port} user=app dbname=postgres"
         ))
         .await
@@ -410,7 +161,7 @@ async fn an_application_role_writes_and_runs_ddl_through_every_node() {
         .await
         .unwrap_err();
     assert_eq!(
-        common::sqlstate(&denied).as_deref(),
+        testkit::sqlstate(&denied).as_deref(),
         Some("42501"),
         "{denied:?}"
     );
@@ -420,7 +171,7 @@ async fn an_application_role_writes_and_runs_ddl_through_every_node() {
         .await
         .unwrap_err();
     assert_eq!(
-        common::sqlstate(&denied).as_deref(),
+        testkit::sqlstate(&denied).as_deref(),
         Some("42501"),
         "{denied:?}"
     );
@@ -442,7 +193,7 @@ async fn an_application_role_writes_and_runs_ddl_through_every_node() {
         for client in [&app, &direct_app] {
             let denied = client.batch_execute(sql).await.unwrap_err();
             assert_eq!(
-                common::sqlstate(&denied).as_deref(),
+                testkit::sqlstate(&denied).as_deref(),
                 Some("42501"),
                 "{what}: {denied:?}"
             );
@@ -470,7 +221,7 @@ async fn an_application_role_writes_and_runs_ddl_through_every_node() {
         .await
         .unwrap_err();
     assert_eq!(
-        common::sqlstate(&system).as_deref(),
+        testkit::sqlstate(&system).as_deref(),
         Some("42501"),
         "{system:?}"
     );
@@ -507,7 +258,7 @@ async fn replicated_ddl_cannot_gain_privileges_on_the_peers() {
         "1",
     )
     .await;
-    let app = common::connect(&format!(
+    let app = testkit::connect(&format!(
         "host=127.0.0.1 port={} user=esc dbname=postgres",
         c.nodes[0].port()
     ))
@@ -568,7 +319,7 @@ async fn replicated_ddl_cannot_gain_privileges_on_the_peers() {
         .await
         .unwrap_err();
     assert_eq!(
-        common::sqlstate(&denied).as_deref(),
+        testkit::sqlstate(&denied).as_deref(),
         Some("42501"),
         "{denied:?}"
     );
@@ -604,12 +355,12 @@ async fn backends_that_take_only_tls_logins_replicate_over_tls() {
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let ca = common::TestCa::new(dir.path(), "ca");
+    let ca = testkit::TestCa::new(dir.path(), "ca");
     let backends: Vec<LocalPostgres> = (1..=3)
         .map(|i| {
             tokio::task::block_in_place(|| {
                 LocalPostgres::create(
-                    &common::pg_binaries(),
+                    &testkit::pg_binaries(),
                     &dir.path().join(format!("pg{i}")),
                     LocalPgOptions {
                         tls: Some(chorus_proxy::localpg::LocalTls {
@@ -624,9 +375,9 @@ async fn backends_that_take_only_tls_logins_replicate_over_tls() {
         })
         .collect();
     // A login in the clear is refused: nothing below could work without TLS.
-    let clear = common::connect(&backends[0].conninfo("postgres")).await;
+    let clear = testkit::connect(&backends[0].conninfo("postgres")).await;
     assert_eq!(
-        clear.err().and_then(|e| common::sqlstate(&e)).as_deref(),
+        clear.err().and_then(|e| testkit::sqlstate(&e)).as_deref(),
         Some("28000")
     );
     let backend_extra = format!(
@@ -974,7 +725,7 @@ async fn truncate_replicates_alone_with_cascade_and_racing_inserts() {
         .await
         .unwrap_err();
     assert_eq!(
-        common::sqlstate(&refused).as_deref(),
+        testkit::sqlstate(&refused).as_deref(),
         Some("0A000"),
         "{refused:?}"
     );
@@ -1047,7 +798,7 @@ async fn tables_the_regression_suite_makes_replicate_or_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(
-        common::sqlstate(&refused).as_deref(),
+        testkit::sqlstate(&refused).as_deref(),
         Some("0A000"),
         "{refused:?}"
     );
@@ -1482,7 +1233,7 @@ async fn roles_and_grants_replicate_inside_transaction_blocks() {
         .batch_execute("CREATE ROLE in_block_owner")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&exists).as_deref(), Some("42710"));
+    assert_eq!(testkit::sqlstate(&exists).as_deref(), Some("42710"));
     for sql in [
         "ROLLBACK TO SAVEPOINT s",
         "CREATE ROLE in_block_second",
@@ -1499,7 +1250,7 @@ async fn roles_and_grants_replicate_inside_transaction_blocks() {
         .batch_execute("ALTER SEQUENCE no_such_sequence RESTART")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&refused).as_deref(), Some("0A000"));
+    assert_eq!(testkit::sqlstate(&refused).as_deref(), Some("0A000"));
     client.batch_execute("ROLLBACK").await.unwrap();
     c.expect_everywhere(
         "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles \
@@ -1610,7 +1361,7 @@ async fn roles_and_grants_over_the_extended_protocol_replicate_inside_transactio
     client.batch_execute("COMMIT").await.unwrap();
     let refused = client.execute(&later, &[]).await.unwrap_err();
     assert_eq!(
-        common::sqlstate(&refused).as_deref(),
+        testkit::sqlstate(&refused).as_deref(),
         Some("0A000"),
         "{refused}"
     );
@@ -1620,7 +1371,7 @@ async fn roles_and_grants_over_the_extended_protocol_replicate_inside_transactio
         .await
         .unwrap_err();
     assert_eq!(
-        common::sqlstate(&refused).as_deref(),
+        testkit::sqlstate(&refused).as_deref(),
         Some("0A000"),
         "{refused}"
     );
@@ -1651,13 +1402,13 @@ async fn large_objects_are_refused_through_a_replicating_node() {
     ] {
         let simple = client.batch_execute(sql).await.unwrap_err();
         assert_eq!(
-            common::sqlstate(&simple).as_deref(),
+            testkit::sqlstate(&simple).as_deref(),
             Some("0A000"),
             "{sql}: {simple:?}"
         );
         let extended = client.query(sql, &[]).await.unwrap_err();
         assert_eq!(
-            common::sqlstate(&extended).as_deref(),
+            testkit::sqlstate(&extended).as_deref(),
             Some("0A000"),
             "{sql}: {extended:?}"
         );
@@ -1675,7 +1426,7 @@ async fn large_objects_are_refused_through_a_replicating_node() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("blob");
     std::fs::write(&file, b"blob").unwrap();
-    let out = common::run_pg_program(
+    let out = testkit::run_pg_program(
         "psql",
         &[
             &format!(
@@ -1691,9 +1442,9 @@ async fn large_objects_are_refused_through_a_replicating_node() {
     );
     assert!(!out.status.success());
     assert!(
-        common::stderr(&out).contains("large objects are not replicated"),
+        testkit::stderr(&out).contains("large objects are not replicated"),
         "{}",
-        common::stderr(&out)
+        testkit::stderr(&out)
     );
     // The session goes on, and nothing was written anywhere.
     client.batch_execute("SELECT 1").await.unwrap();
@@ -1827,7 +1578,7 @@ async fn a_query_string_mixing_ddl_with_other_statements_replicates_as_one_trans
         .batch_execute("CREATE TABLE u (id int PRIMARY KEY); INSERT INTO nowhere VALUES (1)")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("42P01"));
+    assert_eq!(testkit::sqlstate(&err).as_deref(), Some("42P01"));
     // DDL mixed with a DO block that runs DDL of its own: each statement
     // replicates.
     client
@@ -1994,8 +1745,8 @@ async fn a_session_is_admitted_only_once_its_backends_streams_exist() {
     // slots from being made: node 1 must refuse sessions meanwhile, as a
     // PostgreSQL that is starting up does.
     let dir = tempfile::tempdir().unwrap();
-    let backends = common::backends(dir.path(), 2);
-    let blocker = common::connect(&backends[0].conninfo("postgres"))
+    let backends = testkit::backends(dir.path(), 2);
+    let blocker = testkit::connect(&backends[0].conninfo("postgres"))
         .await
         .unwrap();
     blocker
@@ -2009,14 +1760,14 @@ async fn a_session_is_admitted_only_once_its_backends_streams_exist() {
         "",
     )
     .await;
-    let refused = common::connect(&format!(
+    let refused = testkit::connect(&format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres",
         c.nodes[0].port()
     ))
     .await
     .unwrap_err();
     assert_eq!(
-        common::sqlstate(&refused).as_deref(),
+        testkit::sqlstate(&refused).as_deref(),
         Some("57P03"),
         "{refused:?}"
     );
@@ -2025,7 +1776,7 @@ async fn a_session_is_admitted_only_once_its_backends_streams_exist() {
     // reaches the peer.
     let deadline = Instant::now() + Duration::from_secs(30);
     let client = loop {
-        match common::connect(&format!(
+        match testkit::connect(&format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
             c.nodes[0].port()
         ))
@@ -2034,7 +1785,7 @@ async fn a_session_is_admitted_only_once_its_backends_streams_exist() {
             Ok(client) => break client,
             Err(e)
                 if Instant::now() < deadline
-                    && common::sqlstate(&e).as_deref() == Some("57P03") => {}
+                    && testkit::sqlstate(&e).as_deref() == Some("57P03") => {}
             Err(e) => panic!("node 1 never admitted a session: {e:?}"),
         }
     };
@@ -2187,14 +1938,14 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
         .batch_execute("INSERT INTO stamped VALUES (1, 'dup')")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&dup).as_deref(), Some("23505"));
+    assert_eq!(testkit::sqlstate(&dup).as_deref(), Some("23505"));
     let aborted = client
         .batch_execute("INSERT INTO stamped VALUES (8, 'no')")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&aborted).as_deref(), Some("25P02"));
+    assert_eq!(testkit::sqlstate(&aborted).as_deref(), Some("25P02"));
     let aborted = client.execute(&insert, &[&8i32, &"no"]).await.unwrap_err();
-    assert_eq!(common::sqlstate(&aborted).as_deref(), Some("25P02"));
+    assert_eq!(testkit::sqlstate(&aborted).as_deref(), Some("25P02"));
     client.batch_execute("ROLLBACK").await.unwrap();
     // Error positions are the client's own.
     let bad = "INSERT INTO stamped VALUES (9, no_such_column)";
@@ -2216,7 +1967,7 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
          INSERT INTO stamped VALUES (:id + 1, 'pgbench') ON CONFLICT (id) DO NOTHING;\n",
     )
     .unwrap();
-    let out = common::pgbench(
+    let out = testkit::pgbench(
         c.nodes[0].port(),
         &[
             "-n",
@@ -2228,7 +1979,7 @@ async fn writes_carry_the_node_clock_in_every_protocol_mode() {
             script.to_str().unwrap(),
         ],
     );
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(out.status.success(), "{}", testkit::stderr(&out));
     let finished = unix_ms_now();
 
     let rows: i64 = client
@@ -2436,7 +2187,7 @@ async fn commit_scopes_wait_for_the_backends_they_promise() {
         .batch_execute("SET chorus.commit_scope = 'most'")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&bad).as_deref(), Some("22023"));
+    assert_eq!(testkit::sqlstate(&bad).as_deref(), Some("22023"));
 
     // `all`: once the commit returns, every backend has the row, in both
     // protocols and in a transaction block.
@@ -2469,7 +2220,7 @@ async fn commit_scopes_wait_for_the_backends_they_promise() {
         .batch_execute("SET chorus.commit_scope = all")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&refused).as_deref(), Some("42601"));
+    assert_eq!(testkit::sqlstate(&refused).as_deref(), Some("42601"));
     let started = Instant::now();
     n1.batch_execute("INSERT INTO scoped VALUES (99)")
         .await
@@ -2533,7 +2284,7 @@ async fn commit_scopes_wait_for_the_backends_they_promise() {
         (Duration::from_millis(1400)..Duration::from_secs(10)).contains(&elapsed),
         "{elapsed:?}"
     );
-    common::eventually(
+    testkit::eventually(
         "the row behind the failed scope reaching backend 2",
         Duration::from_secs(30),
         Duration::from_millis(50),
@@ -2644,7 +2395,7 @@ async fn the_adopt_command_makes_existing_tables_replicate() {
     let config = dir.path().join("chorus.toml");
     let mut toml = format!(
         "[node]\nid = 1\n[replication]\n{}",
-        common::cluster_toml(dir.path(), 1, &common::raft_ports(1), "s")
+        testkit::cluster_toml(dir.path(), 1, &testkit::raft_ports(1), "s")
     );
     for (i, pg) in c.backends.iter().enumerate() {
         toml.push_str(&format!(
@@ -2664,13 +2415,13 @@ async fn the_adopt_command_makes_existing_tables_replicate() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        common::wait_with_limit(child, Duration::from_secs(30))
+        testkit::wait_with_limit(child, Duration::from_secs(30))
     };
     // A table without a primary key is refused, with what to do instead,
     // and nothing is adopted anywhere.
     let refused = adopt(&["legacy", "keyless"]);
     assert!(!refused.status.success());
-    let err = common::stderr(&refused);
+    let err = testkit::stderr(&refused);
     assert!(err.contains("has no primary key"), "{err}");
     assert!(err.contains("keyless"), "{err}");
     let adopted = c
@@ -2679,10 +2430,10 @@ async fn the_adopt_command_makes_existing_tables_replicate() {
     assert_eq!(adopted, "0", "nothing is adopted after a refusal");
 
     let ok = adopt(&["legacy"]);
-    assert!(ok.status.success(), "{}", common::stderr(&ok));
-    assert!(common::stdout(&ok).contains("adopted public.legacy on 3 backends"));
+    assert!(ok.status.success(), "{}", testkit::stderr(&ok));
+    assert!(testkit::stdout(&ok).contains("adopted public.legacy on 3 backends"));
     let ok = adopt(&["--keyless", "keyless"]);
-    assert!(ok.status.success(), "{}", common::stderr(&ok));
+    assert!(ok.status.success(), "{}", testkit::stderr(&ok));
 
     // Now writes through any node replicate, updates of old rows included.
     c.via(2)
@@ -2724,7 +2475,7 @@ async fn sessions_wait_for_the_chorus_schema_and_are_told_why_when_it_never_come
         "[node]\nid = 1\nworker_threads = 1\nbackend_connect_timeout_ms = 500\n\
          [[backends]]\nname = \"pg1\"\nport = {closed}\n\
          [[users]]\nname = \"postgres\"\n[[auth]]\nmethod = \"trust\"\n[replication]\n{}",
-        common::cluster_toml(raft_dir.path(), 1, &common::raft_ports(1), "s")
+        testkit::cluster_toml(raft_dir.path(), 1, &testkit::raft_ports(1), "s")
     ))
     .unwrap();
     let node = Node::new(config).unwrap();
@@ -2735,12 +2486,12 @@ async fn sessions_wait_for_the_chorus_schema_and_are_told_why_when_it_never_come
         let _ = stopped.wait_for(|s| *s).await;
     }));
     let started = Instant::now();
-    let err = common::connect(&format!(
+    let err = testkit::connect(&format!(
         "host=127.0.0.1 port={port} user=postgres dbname=postgres"
     ))
     .await
     .unwrap_err();
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("57P03"), "{err:?}");
+    assert_eq!(testkit::sqlstate(&err).as_deref(), Some("57P03"), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     stop.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;

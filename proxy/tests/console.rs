@@ -2,16 +2,10 @@
 //! result sets, for the roles the configuration names.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-#[path = "common/link.rs"]
-mod link;
-#[path = "common/procs.rs"]
-mod procs;
-#[path = "common/relay.rs"]
-mod relay;
-
 use std::time::{Duration, Instant};
 
+use chorus_testkit as testkit;
+use chorus_testkit::procs;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 /// The rows of a console command, each value as text.
@@ -59,7 +53,7 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
     let console = |i: usize, user: &'static str| {
         let port = c.ports[i - 1];
         async move {
-            common::connect(&format!(
+            testkit::connect(&format!(
                 "host=127.0.0.1 port={port} user={user} dbname=chorus"
             ))
             .await
@@ -254,7 +248,7 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
     c.backends[2].start().unwrap();
 
     // psql reads it as any result set.
-    let out = common::run_pg_program(
+    let out = testkit::run_pg_program(
         "psql",
         &[
             "-X",
@@ -274,15 +268,15 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
         Duration::from_secs(30),
     );
     assert!(
-        common::stdout(&out).starts_with("Chorus "),
+        testkit::stdout(&out).starts_with("Chorus "),
         "{}{}",
-        common::stdout(&out),
-        common::stderr(&out)
+        testkit::stdout(&out),
+        testkit::stderr(&out)
     );
 
     // An unknown command: 42601, with the list of commands.
     let unknown = one.simple_query("PAUSE pg1").await.unwrap_err();
-    assert_eq!(common::sqlstate(&unknown).as_deref(), Some("42601"));
+    assert_eq!(testkit::sqlstate(&unknown).as_deref(), Some("42601"));
     let hint = unknown
         .as_db_error()
         .and_then(|e| e.hint())
@@ -291,7 +285,7 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
     assert!(hint.contains("SHOW NODES"), "{hint}");
     // The extended protocol: 0A000, and the session goes on.
     let extended = one.query("SHOW NODES", &[]).await.unwrap_err();
-    assert_eq!(common::sqlstate(&extended).as_deref(), Some("0A000"));
+    assert_eq!(testkit::sqlstate(&extended).as_deref(), Some("0A000"));
     assert_eq!(show(&one, "SHOW VERSION").await.len(), 1);
 
     // A role the configuration does not name is refused at login.
@@ -301,7 +295,7 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
         .await
         .unwrap();
     let refused = console(3, "watcher").await.err().unwrap();
-    assert_eq!(common::sqlstate(&refused).as_deref(), Some("28000"));
+    assert_eq!(testkit::sqlstate(&refused).as_deref(), Some("28000"));
 }
 
 /// The port of the backend serving a session.
@@ -328,7 +322,7 @@ async fn a_drained_backend_loses_its_sessions_between_transactions_and_takes_vac
     let console = |i: usize| {
         let port = c.ports[i - 1];
         async move {
-            common::connect(&format!(
+            testkit::connect(&format!(
                 "host=127.0.0.1 port={port} user=postgres dbname=chorus"
             ))
             .await
@@ -336,8 +330,8 @@ async fn a_drained_backend_loses_its_sessions_between_transactions_and_takes_vac
         }
     };
     let (one, two) = (console(1).await, console(2).await);
-    let init = common::pgbench(c.ports[0], &["-i", "-s", "1", "-q"]);
-    assert!(init.status.success(), "{}", common::stderr(&init));
+    let init = testkit::pgbench(c.ports[0], &["-i", "-s", "1", "-q"]);
+    assert!(init.status.success(), "{}", testkit::stderr(&init));
     for b in 1..=3 {
         c.wait_for(b, "SELECT count(*)::text FROM pgbench_accounts", |v| {
             v == "100000"
@@ -369,7 +363,7 @@ async fn a_drained_backend_loses_its_sessions_between_transactions_and_takes_vac
     // pgbench writes through node 1 all along.
     let port = c.ports[0];
     let load = std::thread::spawn(move || {
-        common::pgbench(port, &["-n", "-N", "-c", "4", "-j", "2", "-T", "15"])
+        testkit::pgbench(port, &["-n", "-N", "-c", "4", "-j", "2", "-T", "15"])
     });
     show_until(&one, "SHOW BACKENDS", |rows| {
         backend_row(rows, "pg1")[6].parse::<usize>().unwrap_or(0) >= 6
@@ -421,7 +415,7 @@ async fn a_drained_backend_loses_its_sessions_between_transactions_and_takes_vac
         .unwrap();
 
     // What cannot be drained, or switched over.
-    let refusal = |e: tokio_postgres::Error| common::sqlstate(&e).unwrap_or_default();
+    let refusal = |e: tokio_postgres::Error| testkit::sqlstate(&e).unwrap_or_default();
     assert_eq!(
         refusal(one.simple_query("DRAIN nosuch").await.unwrap_err()),
         "42704"
@@ -441,8 +435,8 @@ async fn a_drained_backend_loses_its_sessions_between_transactions_and_takes_vac
 
     // The load lost no transaction, and the backends agree.
     let out = load.join().unwrap();
-    let report = common::stdout(&out);
-    assert!(out.status.success(), "{report}{}", common::stderr(&out));
+    let report = testkit::stdout(&out);
+    assert!(out.status.success(), "{report}{}", testkit::stderr(&out));
     assert!(
         report.contains("number of failed transactions: 0 "),
         "{report}"
@@ -468,7 +462,7 @@ async fn switchover_moves_the_write_leader_and_its_sessions_between_transactions
         ..procs::Options::default()
     })
     .await;
-    let console = common::connect(&format!(
+    let console = testkit::connect(&format!(
         "host=127.0.0.1 port={} user=postgres dbname=chorus",
         c.ports[0]
     ))
@@ -502,7 +496,7 @@ async fn switchover_moves_the_write_leader_and_its_sessions_between_transactions
     }
     assert_eq!(server_port(&c.via(3).await).await, port_of(&target));
 
-    let refused = |e: tokio_postgres::Error| common::sqlstate(&e).unwrap_or_default();
+    let refused = |e: tokio_postgres::Error| testkit::sqlstate(&e).unwrap_or_default();
     assert_eq!(
         refused(
             console
@@ -534,7 +528,7 @@ async fn reload_takes_new_authentication_rules_timeouts_and_log_level_and_names_
     let as_late = |i: usize| {
         let port = c.ports[i - 1];
         async move {
-            common::connect(&format!(
+            testkit::connect(&format!(
                 "host=127.0.0.1 port={port} user=late dbname=postgres"
             ))
             .await
@@ -567,7 +561,7 @@ async fn reload_takes_new_authentication_rules_timeouts_and_log_level_and_names_
         );
     assert_ne!(edited, original);
     std::fs::write(&path, &edited).unwrap();
-    let (console, heard) = common::connect_hearing_notices(&format!(
+    let (console, heard) = testkit::connect_hearing_notices(&format!(
         "host=127.0.0.1 port={} user=postgres dbname=chorus",
         c.ports[0]
     ))
@@ -595,7 +589,7 @@ async fn reload_takes_new_authentication_rules_timeouts_and_log_level_and_names_
     assert_eq!(setting("node.max_client_connections"), "1000");
     // The new rule holds on node 1 at once; node 2 read nothing.
     let refused = as_late(1).await.err().unwrap();
-    assert_eq!(common::sqlstate(&refused).as_deref(), Some("28000"));
+    assert_eq!(testkit::sqlstate(&refused).as_deref(), Some("28000"));
     as_late(2).await.unwrap();
 
     // A session through node 1 would log debug lines; then a file that
@@ -619,7 +613,7 @@ async fn reload_takes_new_authentication_rules_timeouts_and_log_level_and_names_
         "debug lines after log_level = \"warn\""
     );
     let broken = console.simple_query("RELOAD").await.unwrap_err();
-    assert_eq!(common::sqlstate(&broken).as_deref(), Some("F0000"));
+    assert_eq!(testkit::sqlstate(&broken).as_deref(), Some("F0000"));
     assert!(as_late(1).await.is_err(), "the rules stayed");
     std::fs::write(&path, &original).unwrap();
     console.simple_query("RELOAD").await.unwrap();
@@ -659,7 +653,7 @@ async fn the_grafana_dashboard_queries_only_metrics_a_node_exports() {
     let address = format!("127.0.0.1:{}", c.metrics_ports[0]).parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, body) = common::http_get(address, "/metrics").await;
+        let (_, body) = testkit::http_get(address, "/metrics").await;
         let exported = |name: &str| {
             body.lines()
                 .any(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))

@@ -4,13 +4,8 @@
 //! database created through Chorus replicates until it is dropped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-#[path = "common/link.rs"]
-mod link;
-#[path = "common/procs.rs"]
-mod procs;
-#[path = "common/relay.rs"]
-mod relay;
+use chorus_testkit as testkit;
+use chorus_testkit::procs;
 
 /// Wait until `sql` gives `expected` in `database` on every backend.
 async fn everywhere(c: &procs::Cluster, database: &str, sql: &str, expected: &str) {
@@ -147,10 +142,10 @@ async fn ddl_and_writes_apply_in_the_database_where_they_were_sent() {
     // Both databases' schemas are identical on every backend.
     for database in ["app", "postgres"] {
         let port = |b: usize| c.backends[b - 1].port();
-        let dump = common::schema_dump(port(1), database, &[]);
+        let dump = testkit::schema_dump(port(1), database, &[]);
         for b in 2..=3 {
             assert_eq!(
-                common::schema_dump(port(b), database, &[]),
+                testkit::schema_dump(port(b), database, &[]),
                 dump,
                 "{database} on backend {b}"
             );
@@ -173,14 +168,14 @@ async fn ddl_and_writes_apply_in_the_database_where_they_were_sent() {
             .await
             .unwrap();
     }
-    let refused = common::connect(&format!(
+    let refused = testkit::connect(&format!(
         "host=127.0.0.1 port={} user=postgres dbname=elsewhere",
         c.ports[0]
     ))
     .await
     .err()
     .unwrap();
-    assert_eq!(common::sqlstate(&refused).as_deref(), Some("0A000"));
+    assert_eq!(testkit::sqlstate(&refused).as_deref(), Some("0A000"));
     let text = procs::message(&refused);
     assert!(text.contains("replication.databases"), "{text}");
 }
@@ -243,10 +238,10 @@ async fn a_database_created_through_chorus_replicates_on_every_node_renamed_or_n
     .await;
     // Its schema is the same on every backend.
     let port = |b: usize| c.backends[b - 1].port();
-    let dump = common::schema_dump(port(1), "shop", &[]);
+    let dump = testkit::schema_dump(port(1), "shop", &[]);
     for b in 2..=3 {
         assert_eq!(
-            common::schema_dump(port(b), "shop", &[]),
+            testkit::schema_dump(port(b), "shop", &[]),
             dump,
             "shop on backend {b}"
         );
@@ -261,7 +256,7 @@ async fn a_database_created_through_chorus_replicates_on_every_node_renamed_or_n
         ("DROP DATABASE postgres", "55006"),
     ] {
         let refused = in_shop.batch_execute(sql).await.unwrap_err();
-        assert_eq!(common::sqlstate(&refused).as_deref(), Some(code), "{sql}");
+        assert_eq!(testkit::sqlstate(&refused).as_deref(), Some(code), "{sql}");
         assert!(
             procs::message(&refused).contains("configuration"),
             "{}",
@@ -282,7 +277,7 @@ async fn a_database_created_through_chorus_replicates_on_every_node_renamed_or_n
         .batch_execute("ALTER DATABASE shop RENAME TO store")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&busy).as_deref(), Some("55006"));
+    assert_eq!(testkit::sqlstate(&busy).as_deref(), Some("55006"));
     let main1 = c.via(1).await;
     main1
         .batch_execute("ALTER DATABASE shop RENAME TO store")
@@ -335,7 +330,7 @@ async fn a_database_created_through_chorus_replicates_on_every_node_renamed_or_n
         "true",
     )
     .await;
-    let shopper = common::connect(&format!(
+    let shopper = testkit::connect(&format!(
         "host=127.0.0.1 port={} user=shopper dbname=store",
         c.ports[2]
     ))
@@ -369,7 +364,7 @@ async fn a_database_created_through_chorus_replicates_on_every_node_renamed_or_n
         .batch_execute("DROP DATABASE store")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&busy).as_deref(), Some("55006"));
+    assert_eq!(testkit::sqlstate(&busy).as_deref(), Some("55006"));
     assert!(
         procs::message(&busy).contains("being accessed by other users"),
         "{}",

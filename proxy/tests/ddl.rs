@@ -3,17 +3,11 @@
 //! DDL through any node ordered by Raft and applied on every backend.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-#[path = "common/link.rs"]
-mod link;
-#[path = "common/procs.rs"]
-mod procs;
-#[path = "common/relay.rs"]
-mod relay;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use chorus_testkit as testkit;
+use chorus_testkit::procs;
 use procs::{cluster, message, Cluster};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -230,13 +224,13 @@ async fn ddl_that_fails_gets_postgresql_s_error_and_is_never_proposed() {
         .batch_execute("CREATE TABLE bikes (id int PRIMARY KEY)")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("42P07"), "{e}");
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("42P07"), "{e}");
     assert!(message(&e).contains("already exists"), "{e:?}");
     let e = client
         .batch_execute("ALTER TABLE nowhere ADD COLUMN x int")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("42P01"), "{e}");
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("42P01"), "{e}");
     // DDL in a transaction that rolls back replicates nothing; DDL sent
     // with the extended protocol replicates like any other.
     client.batch_execute("BEGIN").await.unwrap();
@@ -291,7 +285,7 @@ async fn a_new_leader_takes_over_when_the_leader_is_killed_during_a_stream_of_dd
             Ok(()) => acknowledged.push(sql),
             Err(e) => {
                 // Only while there is no leader, with a clear error.
-                assert_eq!(common::sqlstate(&e).as_deref(), Some("40003"), "{e:?}");
+                assert_eq!(testkit::sqlstate(&e).as_deref(), Some("40003"), "{e:?}");
                 failed.push(sql);
             }
         }
@@ -342,7 +336,7 @@ async fn a_node_cut_off_from_the_majority_refuses_ddl_in_bounded_time_and_keeps_
         .batch_execute("CREATE TABLE island (id int)")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("40003"), "{e:?}");
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("40003"), "{e:?}");
     assert!(message(&e).contains("majority"), "{e:?}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -791,7 +785,7 @@ async fn create_table_as_and_select_into_give_identical_rows_everywhere() {
         )
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
     for b in 1..=3 {
         c.wait_for(b, "SELECT count(*)::text FROM parted_1", |v| v == "0")
             .await;
@@ -861,7 +855,7 @@ async fn concurrent_conflicting_ddl_through_two_nodes_ends_with_one_outcome() {
     let result = waiting.await.unwrap();
     // It then runs after node 1's, as PostgreSQL would after a lock wait.
     let e = result.unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("42701"), "{e}");
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("42701"), "{e}");
     c.wait_metric(2, "chorus_ddl_lease_waiting", |v| v == 0.0)
         .await;
     for b in 1..=3 {
@@ -920,7 +914,7 @@ async fn ddl_waits_for_another_transactions_lease_up_to_the_lock_timeout() {
             }
             Some(code) => {
                 let e = result.unwrap_err();
-                assert_eq!(common::sqlstate(&e).as_deref(), Some(code), "{e}");
+                assert_eq!(testkit::sqlstate(&e).as_deref(), Some(code), "{e}");
                 assert!(waited >= Duration::from_millis(4000), "{waited:?}");
                 assert!(waited < Duration::from_millis(6000), "{waited:?}");
             }
@@ -959,7 +953,7 @@ async fn ddl_from_a_do_block_or_function_replicates_or_is_refused_never_left_on_
     // mid-statement (chorus.ask_lease): over the extended protocol, in a
     // REPEATABLE READ block whose client hears only warnings, and by CALL.
     // The question is the node's: the client hears no notice of it.
-    let (asking, heard) = common::connect_hearing_notices(&format!(
+    let (asking, heard) = testkit::connect_hearing_notices(&format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres",
         c.ports[0]
     ))
@@ -1007,7 +1001,7 @@ async fn ddl_from_a_do_block_or_function_replicates_or_is_refused_never_left_on_
         .batch_execute("DO $$ BEGIN EXECUTE 'CREATE TABLE two_a (id int); CREATE TABLE two_b (id int)'; END $$")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
     one.batch_execute("CREATE FUNCTION sql_made() RETURNS void LANGUAGE sql AS $f$ CREATE TABLE from_sql (id int) $f$")
         .await
         .unwrap();
@@ -1015,13 +1009,13 @@ async fn ddl_from_a_do_block_or_function_replicates_or_is_refused_never_left_on_
         .batch_execute("DO $$ BEGIN PERFORM sql_made(); END $$")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
     // EXPLAIN ANALYZE makes its table without any event trigger: refused.
     let e = one
         .batch_execute("EXPLAIN ANALYZE CREATE TABLE explained AS SELECT 1 AS x")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
     // A SECURITY DEFINER function's DDL runs as its owner everywhere.
     one.batch_execute(
         "CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app; \
@@ -1034,7 +1028,7 @@ async fn ddl_from_a_do_block_or_function_replicates_or_is_refused_never_left_on_
         v == "true"
     })
     .await;
-    let app = common::connect(&format!(
+    let app = testkit::connect(&format!(
         "host=127.0.0.1 port={} user=app dbname=postgres",
         c.ports[1]
     ))
@@ -1219,7 +1213,7 @@ async fn partitioned_tables_replicate_their_rows_and_partition_changes() {
         .await
         .unwrap_err();
     assert_eq!(
-        common::sqlstate(&in_block).as_deref(),
+        testkit::sqlstate(&in_block).as_deref(),
         Some("25001"),
         "{in_block:?}"
     );
@@ -1387,7 +1381,7 @@ async fn a_latin1_session_runs_and_replicates_ddl_and_dml_with_accents() {
     script.extend_from_slice(b"BEGIN;\nALTER TABLE caf\xe9 ADD COLUMN note text DEFAULT 'd\xe9j\xe0';\nINSERT INTO caf\xe9 (id, name) VALUES (2, '\xe9t\xe9');\nCOMMIT;\n");
     std::fs::write(&file, &script).unwrap();
     let port = c.ports[0].to_string();
-    let out = common::run_pg_program(
+    let out = testkit::run_pg_program(
         "psql",
         &[
             "-X",
@@ -1407,7 +1401,7 @@ async fn a_latin1_session_runs_and_replicates_ddl_and_dml_with_accents() {
         &[("PGCLIENTENCODING", "LATIN1".to_owned())],
         Duration::from_secs(60),
     );
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(out.status.success(), "{}", testkit::stderr(&out));
     for b in 1..=3 {
         c.wait_for(
             b,
@@ -1463,7 +1457,7 @@ async fn alter_table_with_volatile_defaults_or_using_gives_identical_rows_everyw
         .batch_execute("ALTER TABLE loose_parted ADD COLUMN r float DEFAULT random()")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
     c.converge(
         "SELECT count(*)::text || md5(string_agg(t::text, ';' ORDER BY id)) FROM tickets t",
         2,
@@ -1534,7 +1528,7 @@ async fn materialized_views_replicate_unless_their_query_is_volatile() {
         .batch_execute("CREATE MATERIALIZED VIEW dice_view AS SELECT random() AS r")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
     assert!(message(&e).contains("volatile"), "{e:?}");
     for b in 1..=3 {
         c.wait_for(b, "SELECT (to_regclass('dice_view') IS NULL)::text", |v| {
@@ -1638,11 +1632,11 @@ async fn a_database_that_is_not_replicated_is_refused_unless_configured_local() 
             c.ports[0]
         )
     };
-    let e = common::connect(&url("elsewhere")).await.unwrap_err();
-    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    let e = testkit::connect(&url("elsewhere")).await.unwrap_err();
+    assert_eq!(testkit::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
     assert!(message(&e).contains("not replicated"), "{e:?}");
     // A database configured local is served, from this node's backend.
-    let local = common::connect(&url("template1")).await.unwrap();
+    let local = testkit::connect(&url("template1")).await.unwrap();
     let one: i32 = local.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
     c.via(1).await.batch_execute("SELECT 1").await.unwrap();

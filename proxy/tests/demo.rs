@@ -2,13 +2,12 @@
 //! node and to each backend, metrics, clean stop on SIGINT.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{run_pg_program, stderr, stdout};
+use chorus_testkit as testkit;
+use testkit::{run_pg_program, stderr, stdout};
 
 fn chorus() -> Command {
     Command::new(env!("CARGO_BIN_EXE_chorus"))
@@ -107,7 +106,7 @@ async fn demo_prints_connection_lines_and_serves_psql() {
             format!("http://127.0.0.1:{}/metrics", base + 100 + i - 1)
         );
         let addr = format!("127.0.0.1:{}", base + 100 + i - 1).parse().unwrap();
-        let (status, body) = common::http_get(addr, "/metrics").await;
+        let (status, body) = testkit::http_get(addr, "/metrics").await;
         assert!(status.contains("200"), "{status}");
         assert!(body.contains("chorus_statements_total"), "{body}");
     }
@@ -231,7 +230,7 @@ fn demo_in_an_existing_directory_removes_only_what_it_made() {
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    let output = common::wait_with_limit(child, Duration::from_secs(30));
+    let output = testkit::wait_with_limit(child, Duration::from_secs(30));
     assert!(output.status.success());
     assert!(!dir.path().join("pg1").exists());
     assert_eq!(

@@ -2,20 +2,19 @@
 //! binary parameters, COPY both ways, LISTEN/NOTIFY and query cancel.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use chorus_testkit as testkit;
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use common::Options;
+use testkit::Options;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prepared_statements_with_binary_parameters() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let client = node.client().await;
     client
         .batch_execute(
@@ -82,7 +81,7 @@ async fn prepared_statements_with_binary_parameters() {
         .prepare("SELECT * FROM missing_table")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&bad).as_deref(), Some("42P01"));
+    assert_eq!(testkit::sqlstate(&bad).as_deref(), Some("42P01"));
     let count: i64 = client
         .query_one("SELECT count(*) FROM samples", &[])
         .await
@@ -93,7 +92,7 @@ async fn prepared_statements_with_binary_parameters() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn copy_from_stdin_and_to_stdout() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let client = node.client().await;
     client
         .batch_execute("CREATE TABLE events (id int PRIMARY KEY, body text)")
@@ -131,7 +130,7 @@ async fn copy_from_stdin_and_to_stdout() {
         .await
         .unwrap();
     let err = sink.finish().await.unwrap_err();
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("22P02"));
+    assert_eq!(testkit::sqlstate(&err).as_deref(), Some("22P02"));
     let n: i64 = client
         .query_one("SELECT count(*) FROM events", &[])
         .await
@@ -142,9 +141,9 @@ async fn copy_from_stdin_and_to_stdout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn listen_notify_is_delivered() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let (listener, mut connection) = tokio_postgres::connect(
-        &node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)),
+        &node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)),
         NoTls,
     )
     .await
@@ -206,7 +205,7 @@ async fn listen_notify_is_delivered() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_reaches_the_right_backend() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let client = node.client().await;
     let bystander = node.client().await;
     let token = client.cancel_token();
@@ -242,7 +241,7 @@ async fn cancel_reaches_the_right_backend() {
         .unwrap();
     let latency = cancelled_at.elapsed();
     let err = result.unwrap_err();
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    assert_eq!(testkit::sqlstate(&err).as_deref(), Some("57014"), "{err}");
     assert!(
         latency < Duration::from_millis(500),
         "cancel took {latency:?}"

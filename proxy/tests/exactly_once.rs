@@ -5,145 +5,54 @@
 //! a missing one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chorus_proxy::cluster::replication::parse_lsn;
-use chorus_proxy::localpg::LocalPostgres;
-use tokio_postgres::Client;
+use chorus_testkit as testkit;
+use chorus_testkit::procs::{self, Cluster};
 
 /// Transactions written on the origin, and rows per transaction.
 const TRANSACTIONS: i64 = 150;
 const ROWS: i64 = 100;
 
-struct Pair {
-    dir: tempfile::TempDir,
-    raft_ports: Vec<u16>,
-    backends: Vec<LocalPostgres>,
-    nodes: Vec<Option<Child>>,
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        for node in self.nodes.iter_mut().flatten() {
-            let _ = node.kill();
-            let _ = node.wait();
-        }
+/// Whether backend 2 has applied more from origin 1 than origin 1's slot
+/// knows: the window in which a crash makes the slot deliver again what
+/// the peer already has.
+async fn applied_ahead_of_slot(pair: &Cluster) -> bool {
+    let confirmed: Option<String> = pair
+        .direct(1)
+        .await
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots \
+             WHERE slot_name = 'chorus_1_to_pg2'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .and_then(|r| r.get(0));
+    let applied: Option<String> = pair
+        .direct(2)
+        .await
+        .query_opt("SELECT lsn::text FROM chorus.applied WHERE origin = 1", &[])
+        .await
+        .unwrap()
+        .map(|r| r.get(0));
+    match (confirmed, applied) {
+        (Some(c), Some(a)) => parse_lsn(&a).unwrap() > parse_lsn(&c).unwrap(),
+        _ => false,
     }
 }
 
-impl Pair {
-    fn start_node(&mut self, i: usize) {
-        let config = self.dir.path().join(format!("node{i}.toml"));
-        let mut toml = format!(
-            "[node]\nid = {i}\nlisten = \"127.0.0.1:0\"\nhome_backend = \"pg{i}\"\nworker_threads = 1\n\
-             [replication]\npoll_interval_ms = 20\n{}",
-            common::cluster_toml(self.dir.path(), i, &self.raft_ports, "s")
-        );
-        for (b, pg) in self.backends.iter().enumerate() {
-            toml.push_str(&format!(
-                "[[backends]]\nname = \"pg{}\"\nport = {}\n",
-                b + 1,
-                pg.port()
-            ));
-        }
-        std::fs::write(&config, toml).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_chorus"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.nodes[i - 1] = Some(child);
-    }
-
-    fn kill_node(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i - 1].take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-
-    async fn direct(&self, b: usize) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match common::connect(&self.backends[b - 1].conninfo("postgres")).await {
-                Ok(client) => return client,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "backend {b} unreachable: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    /// Wait until `sql` gives a value on backend `b` that satisfies `done`.
-    async fn wait_for(&self, b: usize, sql: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            if let Ok(row) = self.direct(b).await.query_one(sql, &[]).await {
-                last = row.get::<_, Option<String>>(0).unwrap_or_default();
-                if done(&last) {
-                    return last;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("backend {b}: {sql} still gives {last:?}");
-    }
-
-    /// Whether backend 2 has applied more from origin 1 than origin 1's
-    /// slot knows: the window in which a crash makes the slot deliver
-    /// again what the peer already has.
-    async fn applied_ahead_of_slot(&self) -> bool {
-        let confirmed: Option<String> = self
-            .direct(1)
-            .await
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots \
-                 WHERE slot_name = 'chorus_1_to_pg2'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .and_then(|r| r.get(0));
-        let applied: Option<String> = self
-            .direct(2)
-            .await
-            .query_opt("SELECT lsn::text FROM chorus.applied WHERE origin = 1", &[])
-            .await
-            .unwrap()
-            .map(|r| r.get(0));
-        match (confirmed, applied) {
-            (Some(c), Some(a)) => parse_lsn(&a).unwrap() > parse_lsn(&c).unwrap(),
-            _ => false,
-        }
-    }
-}
-
-async fn pair() -> Pair {
-    let dir = tempfile::tempdir().unwrap();
-    let backends = common::backends(dir.path(), 2);
-    let mut pair = Pair {
-        dir,
-        raft_ports: common::raft_ports(2),
-        backends,
-        nodes: vec![None, None],
-    };
-    pair.start_node(1);
-    pair.start_node(2);
-    // Both schemas installed, then the table, made the same on both
-    // backends directly (DDL made on a backend, not through Chorus, does
-    // not replicate; each backend's event trigger adopts the table).
-    for b in 1..=2 {
-        pair.wait_for(b, "SELECT count(*)::text FROM chorus.local", |v| v == "1")
-            .await;
-    }
+/// Two backends and two nodes.
+async fn pair() -> Cluster {
+    let pair = procs::cluster_opts(procs::Options {
+        nodes: 2,
+        ..procs::Options::default()
+    })
+    .await;
+    // The table, made the same on both backends directly (DDL made on a
+    // backend, not through Chorus, does not replicate; each backend's
+    // event trigger adopts the table).
     // The trigger (a no-op) makes the apply go change by change, so a
     // batch takes long enough for a kill to land in its middle.
     for b in 1..=2 {
@@ -163,7 +72,7 @@ async fn pair() -> Pair {
 }
 
 /// Commit the workload on backend 1, directly (captured all the same).
-async fn write_workload(pair: &Pair) {
+async fn write_workload(pair: &Cluster) {
     let origin = pair.direct(1).await;
     for t in 0..TRANSACTIONS {
         origin
@@ -176,7 +85,7 @@ async fn write_workload(pair: &Pair) {
 }
 
 /// Every row exactly once on backend 2.
-async fn assert_exactly_once(pair: &Pair) {
+async fn assert_exactly_once(pair: &Cluster) {
     let expected = format!("{} {}", TRANSACTIONS * ROWS, TRANSACTIONS * ROWS);
     let seen = pair
         .wait_for(
@@ -253,14 +162,14 @@ async fn the_node_killed_mid_batch_neither_loses_nor_repeats_a_change() {
         // (the statement and its Sync were already sent), but its position
         // never reached the slot: the restarted node gets it again. Once
         // no apply runs there, it has ended one way or the other.
-        common::eventually(
+        testkit::eventually(
             "the apply under way on backend 2 ending",
             Duration::from_secs(30),
             Duration::from_millis(10),
             || async { !applying().await },
         )
         .await;
-        if pair.applied_ahead_of_slot().await {
+        if applied_ahead_of_slot(&pair).await {
             redelivered += 1;
         }
     }
@@ -272,7 +181,7 @@ async fn the_node_killed_mid_batch_neither_loses_nor_repeats_a_change() {
     assert!(redelivered >= 1, "no kill landed in the middle of an apply");
     // Running normally, the slot catches up with what the peer applied.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while pair.applied_ahead_of_slot().await {
+    while applied_ahead_of_slot(&pair).await {
         assert!(Instant::now() < deadline, "the slot never caught up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

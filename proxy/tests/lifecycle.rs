@@ -2,15 +2,14 @@
 //! graceful shutdown, connection limits, and the metrics/health endpoint.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::Options;
+use chorus_testkit as testkit;
+use testkit::Options;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backend_killed_then_back() {
-    let mut node = common::start(Options::default()).await;
+    let mut node = testkit::start(Options::default()).await;
     let client = node.client().await;
     client
         .batch_execute("CREATE TABLE kept (id int PRIMARY KEY)")
@@ -28,7 +27,7 @@ async fn backend_killed_then_back() {
         .await
         .expect("query on a dead backend hung")
         .unwrap_err();
-    let code = common::sqlstate(&err);
+    let code = testkit::sqlstate(&err);
     assert!(
         code.as_deref()
             .is_none_or(|c| c.starts_with("08") || c == "57P01"),
@@ -37,11 +36,11 @@ async fn backend_killed_then_back() {
 
     // New sessions are refused with a clear connection error while it is down.
     let started = Instant::now();
-    let refused = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let refused = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap_err();
     assert_eq!(
-        common::sqlstate(&refused).as_deref(),
+        testkit::sqlstate(&refused).as_deref(),
         Some("08006"),
         "{refused}"
     );
@@ -82,7 +81,7 @@ async fn backend_killed_then_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_shutdown_lets_open_transactions_finish() {
-    let mut node = common::start(Options::default()).await;
+    let mut node = testkit::start(Options::default()).await;
     let idle = node.client().await;
     let busy = node.client().await;
     busy.batch_execute("CREATE TABLE t (id int)").await.unwrap();
@@ -103,13 +102,13 @@ async fn graceful_shutdown_lets_open_transactions_finish() {
     .await
     .expect("idle session was not closed");
     assert!(
-        common::sqlstate(&err)
+        testkit::sqlstate(&err)
             .as_deref()
             .is_none_or(|c| c == "57P01"),
         "{err:?}"
     );
     // New connections are no longer accepted.
-    common::eventually(
+    testkit::eventually(
         "the listener closing",
         Duration::from_secs(10),
         Duration::from_millis(20),
@@ -137,7 +136,7 @@ async fn graceful_shutdown_lets_open_transactions_finish() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_timeout_closes_stuck_transactions() {
-    let mut node = common::start(Options {
+    let mut node = testkit::start(Options {
         node_toml: "shutdown_timeout_ms = 500".to_owned(),
         ..Options::default()
     })
@@ -152,22 +151,22 @@ async fn shutdown_timeout_closes_stuck_transactions() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_limit_answers_53300() {
-    let node = common::start(Options {
+    let node = testkit::start(Options {
         node_toml: "max_client_connections = 2".to_owned(),
         ..Options::default()
     })
     .await;
     let _a = node.client().await;
     let _b = node.client().await;
-    let err = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let err = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    assert_eq!(testkit::sqlstate(&err).as_deref(), Some("53300"), "{err}");
     drop(_a);
     // The slot frees up once a session ends.
     let mut connected = false;
     for _ in 0..50 {
-        if common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+        if testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
             .await
             .is_ok()
         {
@@ -181,7 +180,7 @@ async fn connection_limit_answers_53300() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_statements_latency_and_connections() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let client = node.client().await;
     client
         .batch_execute(
@@ -211,7 +210,7 @@ async fn metrics_count_statements_latency_and_connections() {
             .ok()
     };
     let read = std::cell::RefCell::new(String::new());
-    common::eventually(
+    testkit::eventually(
         "the failing statement counted",
         Duration::from_secs(10),
         Duration::from_millis(20),

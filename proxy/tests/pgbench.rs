@@ -2,11 +2,10 @@
 //! simple-update scripts in every query mode, and a pipelined script.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{run_pg_program, stderr, stdout, Options, TestNode};
+use chorus_testkit as testkit;
+use testkit::{run_pg_program, stderr, stdout, Options, TestNode};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -18,7 +17,7 @@ fn pgbench(node: &TestNode, args: &[&str]) -> std::process::Output {
         "-p",
         port.as_str(),
         "-U",
-        common::PG_USER,
+        testkit::PG_USER,
     ];
     all.extend_from_slice(args);
     all.push("postgres");
@@ -42,7 +41,7 @@ fn assert_clean_run(out: &std::process::Output, transactions: u32) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn builtin_scripts_in_every_query_mode() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let init = pgbench(&node, &["-i", "-s", "1", "-q"]);
     assert!(init.status.success(), "{}", stderr(&init));
     assert!(stderr(&init).contains("done in"), "{}", stderr(&init));
@@ -71,7 +70,7 @@ async fn builtin_scripts_in_every_query_mode() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelined_script() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let init = pgbench(&node, &["-i", "-s", "1", "-q"]);
     assert!(init.status.success(), "{}", stderr(&init));
     let script = node.dir.path().join("pipeline.sql");

@@ -4,23 +4,17 @@
 //! connection) temporary tables and LISTEN.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-#[path = "common/link.rs"]
-mod link;
-#[path = "common/procs.rs"]
-mod procs;
-#[path = "common/relay.rs"]
-mod relay;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Options, TestNode};
+use chorus_testkit as testkit;
+use chorus_testkit::procs;
+use testkit::{Options, TestNode};
 use tokio_postgres::{AsyncMessage, Client};
 
 /// A proxy node in transaction mode with `size` server connections.
 async fn pooled_node(size: usize, extra: &str) -> TestNode {
-    common::start(Options {
+    testkit::start(Options {
         extra_toml: format!("[pool]\nmode = \"transaction\"\nsize = {size}\n{extra}\n"),
         ..Options::default()
     })
@@ -29,7 +23,7 @@ async fn pooled_node(size: usize, extra: &str) -> TestNode {
 
 /// Client backends on the node's backend, but the one asking.
 async fn server_connections(node: &TestNode) -> i64 {
-    let direct = common::connect(&node.pg.conninfo("postgres"))
+    let direct = testkit::connect(&node.pg.conninfo("postgres"))
         .await
         .unwrap();
     direct
@@ -54,7 +48,7 @@ async fn value(client: &Client, sql: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_share_two_server_connections_and_keep_their_prepared_statements() {
     let node = pooled_node(2, "").await;
-    let setup = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let setup = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap();
     setup
@@ -63,9 +57,9 @@ async fn many_clients_share_two_server_connections_and_keep_their_prepared_state
         .unwrap();
     let mut tasks = Vec::new();
     for i in 0..8i32 {
-        let conninfo = node.conninfo(common::PG_USER, Some(common::PG_PASSWORD));
+        let conninfo = node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD));
         tasks.push(tokio::spawn(async move {
-            let mut client = common::connect(&conninfo).await.unwrap();
+            let mut client = testkit::connect(&conninfo).await.unwrap();
             // Named statements of this session, prepared once.
             let add = client
                 .prepare(&format!("SELECT $1::int + {i}"))
@@ -111,10 +105,10 @@ async fn many_clients_share_two_server_connections_and_keep_their_prepared_state
 async fn a_sessions_settings_follow_it_and_stay_out_of_other_sessions() {
     // One server connection: the two sessions take turns on it.
     let node = pooled_node(1, "").await;
-    let a = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let a = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap();
-    let b = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let b = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap();
     let default_work_mem = value(&b, "SHOW work_mem").await;
@@ -148,13 +142,13 @@ async fn a_sessions_settings_follow_it_and_stay_out_of_other_sessions() {
     assert_eq!(value(&a, "SHOW work_mem").await, default_work_mem);
     // A setting made at login follows its session too, and a session that
     // made none has the login's value, not what the last one left.
-    let named = common::connect(&format!(
+    let named = testkit::connect(&format!(
         "{} application_name=alpha",
-        node.conninfo(common::PG_USER, Some(common::PG_PASSWORD))
+        node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD))
     ))
     .await
     .unwrap();
-    let plain = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let plain = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap();
     for _ in 0..3 {
@@ -167,10 +161,10 @@ async fn a_sessions_settings_follow_it_and_stay_out_of_other_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_that_cannot_move_keeps_the_connection_until_it_is_gone() {
     let node = pooled_node(2, "").await;
-    let a = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let a = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap();
-    let other = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let other = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap();
     // A temporary table: the session keeps its connection, and finds it in
@@ -212,10 +206,10 @@ async fn sql_prepared_statements_follow_their_session_from_connection_to_connect
     // connection for its statements would leave the other two one, and
     // they would take turns on it; here every session meets both.
     let node = pooled_node(2, "").await;
-    let conninfo = node.conninfo(common::PG_USER, Some(common::PG_PASSWORD));
-    let a = common::connect(&conninfo).await.unwrap();
-    let b = common::connect(&conninfo).await.unwrap();
-    let c = common::connect(&conninfo).await.unwrap();
+    let conninfo = node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD));
+    let a = testkit::connect(&conninfo).await.unwrap();
+    let b = testkit::connect(&conninfo).await.unwrap();
+    let c = testkit::connect(&conninfo).await.unwrap();
     // Made alone, in a query string with others, under a quoted name, and
     // with a setting the statement depends on (its search_path).
     a.batch_execute(
@@ -248,7 +242,7 @@ async fn sql_prepared_statements_follow_their_session_from_connection_to_connect
         assert_eq!(y.unwrap().get::<_, i32>(0), 63, "round {round}");
         let missing = z.unwrap_err();
         assert_eq!(
-            common::sqlstate(&missing).as_deref(),
+            testkit::sqlstate(&missing).as_deref(),
             Some("26000"),
             "{missing}"
         );
@@ -264,7 +258,7 @@ async fn sql_prepared_statements_follow_their_session_from_connection_to_connect
     a.batch_execute("DEALLOCATE twice").await.unwrap();
     for _ in 0..4 {
         let gone = a.simple_query("EXECUTE twice(1)").await.unwrap_err();
-        assert_eq!(common::sqlstate(&gone).as_deref(), Some("26000"), "{gone}");
+        assert_eq!(testkit::sqlstate(&gone).as_deref(), Some("26000"), "{gone}");
         let (odd, other) = tokio::join!(
             a.query_one("EXECUTE \"Odd Name\"", &[]),
             b.query_one("EXECUTE twice(1)", &[]),
@@ -278,7 +272,7 @@ async fn sql_prepared_statements_follow_their_session_from_connection_to_connect
 async fn a_listening_session_keeps_its_connection_and_gets_its_notifications() {
     let node = pooled_node(2, "").await;
     let (listener, mut connection) = tokio_postgres::connect(
-        &node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)),
+        &node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)),
         tokio_postgres::NoTls,
     )
     .await
@@ -292,7 +286,7 @@ async fn a_listening_session_keeps_its_connection_and_gets_its_notifications() {
         }
     });
     listener.batch_execute("LISTEN jobs").await.unwrap();
-    let sender = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let sender = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap();
     sender.batch_execute("NOTIFY jobs, 'one'").await.unwrap();
@@ -306,17 +300,17 @@ async fn a_listening_session_keeps_its_connection_and_gets_its_notifications() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_waits_for_a_free_connection_up_to_query_wait_timeout() {
     let node = pooled_node(1, "query_wait_timeout_ms = 300").await;
-    let mut holder = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let mut holder = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap();
-    let waiter = common::connect(&node.conninfo(common::PG_USER, Some(common::PG_PASSWORD)))
+    let waiter = testkit::connect(&node.conninfo(testkit::PG_USER, Some(testkit::PG_PASSWORD)))
         .await
         .unwrap();
     let open = holder.transaction().await.unwrap();
     open.batch_execute("SELECT 1").await.unwrap();
     let started = Instant::now();
     let refused = waiter.simple_query("SELECT 1").await.unwrap_err();
-    assert_eq!(common::sqlstate(&refused).as_deref(), Some("53300"));
+    assert_eq!(testkit::sqlstate(&refused).as_deref(), Some("53300"));
     assert!(started.elapsed() >= Duration::from_millis(300));
     let db = refused.as_db_error().unwrap();
     assert!(
@@ -326,7 +320,7 @@ async fn a_client_waits_for_a_free_connection_up_to_query_wait_timeout() {
     );
     // The extended protocol: the same error, and the session goes on.
     let refused = waiter.query("SELECT $1::int", &[&1i32]).await.unwrap_err();
-    assert_eq!(common::sqlstate(&refused).as_deref(), Some("53300"));
+    assert_eq!(testkit::sqlstate(&refused).as_deref(), Some("53300"));
     open.commit().await.unwrap();
     // Once the connection is free, the waiter gets it.
     assert_eq!(value(&waiter, "SELECT 'served'").await, "served");
@@ -346,9 +340,9 @@ async fn pooled_cluster() -> procs::Cluster {
 
 /// pgbench through node `i`: it ran every transaction, none failed.
 fn pgbench_clean(c: &procs::Cluster, i: usize, args: &[&str], transactions: u32) {
-    let out = common::pgbench(c.ports[i - 1], args);
-    let text = common::stdout(&out);
-    assert!(out.status.success(), "{text}\n{}", common::stderr(&out));
+    let out = testkit::pgbench(c.ports[i - 1], args);
+    let text = testkit::stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", testkit::stderr(&out));
     assert!(
         text.contains(&format!(
             "number of transactions actually processed: {transactions}/{transactions}"
@@ -362,8 +356,8 @@ fn pgbench_clean(c: &procs::Cluster, i: usize, args: &[&str], transactions: u32)
 async fn a_thousand_clients_share_a_hundred_server_connections_and_replication_holds() {
     let mut c = pooled_cluster().await;
     // DDL, COPY and maintenance in transaction mode.
-    let init = common::pgbench(c.ports[0], &["-i", "-s", "1", "-q"]);
-    assert!(init.status.success(), "{}", common::stderr(&init));
+    let init = testkit::pgbench(c.ports[0], &["-i", "-s", "1", "-q"]);
+    assert!(init.status.success(), "{}", testkit::stderr(&init));
     let accounts = "SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a";
     c.converge(accounts, 1, &[2, 3]).await;
 
@@ -694,7 +688,7 @@ async fn reads_spread_over_backends_and_a_session_always_reads_its_own_writes() 
         .batch_execute("SET chorus.read_routing = 'everywhere'")
         .await
         .unwrap_err();
-    assert_eq!(common::sqlstate(&invalid).as_deref(), Some("22023"));
+    assert_eq!(testkit::sqlstate(&invalid).as_deref(), Some("22023"));
     // So does one that asks for it at login (`options`, as PGOPTIONS
     // sends it); a value the setting does not take is refused there.
     let login = |options: &str| {
@@ -703,18 +697,18 @@ async fn reads_spread_over_backends_and_a_session_always_reads_its_own_writes() 
             c.ports[0]
         )
     };
-    let homebound = common::connect(&login("-c chorus.read_routing=home"))
+    let homebound = testkit::connect(&login("-c chorus.read_routing=home"))
         .await
         .unwrap();
     for _ in 0..10 {
         assert_eq!(served(&homebound, check, 0).await.1, port(1));
     }
-    let refused = common::connect(&login("-c chorus.read_routing=everywhere"))
+    let refused = testkit::connect(&login("-c chorus.read_routing=everywhere"))
         .await
         .err()
         .unwrap();
     assert_eq!(
-        common::sqlstate(&refused).as_deref(),
+        testkit::sqlstate(&refused).as_deref(),
         Some("22023"),
         "{refused}"
     );
@@ -724,12 +718,12 @@ async fn reads_spread_over_backends_and_a_session_always_reads_its_own_writes() 
 async fn the_nodes_control_connections_are_a_bounded_pool() {
     use chorus_proxy::backend::{ControlError, ControlPool};
     use chorus_proxy::config::{BackendConfig, ReplicationConfig};
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let backend: BackendConfig =
         toml::from_str(&format!("name = \"pg1\"\nport = {}", node.pg.port())).unwrap();
     let config = ReplicationConfig {
-        user: common::PG_USER.to_owned(),
-        password: Some(common::PG_PASSWORD.to_owned()),
+        user: testkit::PG_USER.to_owned(),
+        password: Some(testkit::PG_PASSWORD.to_owned()),
         database: "postgres".to_owned(),
         ..ReplicationConfig::default()
     };
@@ -757,7 +751,7 @@ async fn the_nodes_control_connections_are_a_bounded_pool() {
         .await
         .unwrap_err();
     match &failed {
-        ControlError::Sql(e) => assert_eq!(common::sqlstate(e).as_deref(), Some("22012")),
+        ControlError::Sql(e) => assert_eq!(testkit::sqlstate(e).as_deref(), Some("22012")),
         other => panic!("{other}"),
     }
     let after = pid(pool
@@ -766,7 +760,7 @@ async fn the_nodes_control_connections_are_a_bounded_pool() {
         .unwrap());
     assert!(pids.contains(&after), "{after} is not one of {pids:?}");
     // Connections that end (the backend restarted, say) are made anew.
-    let direct = common::connect(&node.pg.conninfo("postgres"))
+    let direct = testkit::connect(&node.pg.conninfo("postgres"))
         .await
         .unwrap();
     let ended: Vec<i32> = pids.iter().copied().collect();
@@ -863,7 +857,7 @@ async fn an_application_role_works_in_a_second_database_through_transaction_pool
     let as_app = |node: usize| {
         let port = c.ports[node - 1];
         async move {
-            common::connect(&format!(
+            testkit::connect(&format!(
                 "host=127.0.0.1 port={port} user=shopkeeper dbname=shop"
             ))
             .await

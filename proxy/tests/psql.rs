@@ -2,17 +2,16 @@
 //! \watch, against a real PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{run_pg_program, stderr, stdout, Options};
+use chorus_testkit as testkit;
+use testkit::{run_pg_program, stderr, stdout, Options};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn psql(node: &common::TestNode, args: &[&str]) -> std::process::Output {
+fn psql(node: &testkit::TestNode, args: &[&str]) -> std::process::Output {
     let url = node.url();
     let mut all = vec![url.as_str(), "-X", "-v", "ON_ERROR_STOP=1"];
     all.extend_from_slice(args);
@@ -21,7 +20,7 @@ fn psql(node: &common::TestNode, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn meta_commands_list_databases_tables_and_columns() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let created = psql(
         &node,
         &[
@@ -56,7 +55,7 @@ async fn meta_commands_list_databases_tables_and_columns() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn copy_in_and_out_with_backslash_copy() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let input = node.dir.path().join("in.csv");
     let output = node.dir.path().join("out.csv");
     let mut rows = String::new();
@@ -73,7 +72,7 @@ async fn copy_in_and_out_with_backslash_copy() {
         input.display(),
         output.display()
     );
-    let mut child = Command::new(common::program_path("psql"))
+    let mut child = Command::new(testkit::program_path("psql"))
         .args([
             node.url().as_str(),
             "-X",
@@ -95,7 +94,7 @@ async fn copy_in_and_out_with_backslash_copy() {
         .unwrap()
         .write_all(script.as_bytes())
         .unwrap();
-    let result = common::wait_with_limit(child, LIMIT);
+    let result = testkit::wait_with_limit(child, LIMIT);
     assert!(result.status.success(), "{}", stderr(&result));
     let text = stdout(&result);
     assert!(text.contains("COPY 5000"), "{text}");
@@ -107,7 +106,7 @@ async fn copy_in_and_out_with_backslash_copy() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn errors_keep_their_position_and_caret() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let out = psql(&node, &["-c", "SELECT id FROM no_such_table"]);
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -135,8 +134,8 @@ async fn errors_keep_their_position_and_caret() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_repeats_the_query() {
-    let node = common::start(Options::default()).await;
-    let mut child = Command::new(common::program_path("psql"))
+    let node = testkit::start(Options::default()).await;
+    let mut child = Command::new(testkit::program_path("psql"))
         .args([node.url().as_str(), "-X"])
         .envs(node.libpq_env())
         .stdin(Stdio::piped())
@@ -178,7 +177,7 @@ async fn watch_repeats_the_query() {
         .status();
     drop(stdin);
     let out = tokio::task::block_in_place(|| {
-        let out = common::wait_with_limit(child, Duration::from_secs(20));
+        let out = testkit::wait_with_limit(child, Duration::from_secs(20));
         reader.join().unwrap();
         out
     });
@@ -193,7 +192,7 @@ async fn watch_repeats_the_query() {
 async fn large_objects_use_the_function_call_fast_path() {
     // psql's \lo_import and \lo_export go through libpq's lo_* functions,
     // which speak the FunctionCall ('F') message.
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let input = node.dir.path().join("blob.bin");
     let output = node.dir.path().join("blob.out");
     let blob: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -219,7 +218,7 @@ async fn large_objects_use_the_function_call_fast_path() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn notices_reach_the_client() {
-    let node = common::start(Options::default()).await;
+    let node = testkit::start(Options::default()).await;
     let out = psql(
         &node,
         &[

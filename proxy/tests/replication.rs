@@ -4,16 +4,15 @@
 //! (Writes are stamped by hand with `chorus.hlc` here, as the proxy will.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
 use chorus_proxy::cluster::capture;
 use chorus_proxy::cluster::replication::outcome::{Kind, Resolution};
 use chorus_proxy::cluster::replication::walstream::{format_lsn, PgOutputDecoder};
 use chorus_proxy::cluster::replication::{ReplicationError, ReplicationStream, StepReport};
-use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
+use chorus_proxy::localpg::LocalPostgres;
 use chorus_router::hlc;
+use chorus_testkit as testkit;
 use tokio_postgres::Client;
 
 /// Decoded rows fetched per step (whole transactions are always taken).
@@ -55,7 +54,9 @@ async fn step(
     Ok(report)
 }
 
-struct Cluster {
+/// Backends with the chorus schema and a stream from each to each, moved
+/// by hand ([`step`]): the replication path without nodes.
+struct Streams {
     _dir: tempfile::TempDir,
     servers: Vec<LocalPostgres>,
     clients: Vec<Client>,
@@ -66,21 +67,16 @@ struct Cluster {
 
 const USERS: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL)";
 
-async fn cluster(n: u16, ddl: &[&str]) -> Cluster {
+async fn streams(n: u16, ddl: &[&str]) -> Streams {
     let dir = tempfile::tempdir().unwrap();
     let mut servers = Vec::new();
     let mut clients = Vec::new();
     let mut appliers = Vec::new();
-    for i in 1..=n {
-        let pg = tokio::task::block_in_place(|| {
-            LocalPostgres::create(
-                &common::pg_binaries(),
-                &dir.path().join(format!("pg{i}")),
-                LocalPgOptions::default(),
-            )
-        })
-        .unwrap();
-        let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
+    for (pg, i) in testkit::backends(dir.path(), usize::from(n))
+        .into_iter()
+        .zip(1..)
+    {
+        let client = testkit::connect(&pg.conninfo("postgres")).await.unwrap();
         capture::install(&client, i).await.unwrap();
         if !ddl.is_empty() {
             // Schema made before replication starts, so kept local here.
@@ -93,7 +89,7 @@ async fn cluster(n: u16, ddl: &[&str]) -> Cluster {
                 .unwrap();
             capture::adopt(&client, "users", false).await.unwrap();
         }
-        appliers.push(common::connect(&pg.conninfo("postgres")).await.unwrap());
+        appliers.push(testkit::connect(&pg.conninfo("postgres")).await.unwrap());
         clients.push(client);
         servers.push(pg);
     }
@@ -110,7 +106,7 @@ async fn cluster(n: u16, ddl: &[&str]) -> Cluster {
             }
         }
     }
-    Cluster {
+    Streams {
         _dir: dir,
         servers,
         clients,
@@ -119,7 +115,7 @@ async fn cluster(n: u16, ddl: &[&str]) -> Cluster {
     }
 }
 
-impl Cluster {
+impl Streams {
     fn client(&self, node: u16) -> &Client {
         &self.clients[node as usize - 1]
     }
@@ -226,7 +222,7 @@ async fn stamped(client: &Client, hlc_value: u64, origin: u16, sql: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn direct_writes_reach_every_backend() {
-    let mut c = cluster(3, &[USERS]).await;
+    let mut c = streams(3, &[USERS]).await;
     c.client(1)
         .batch_execute(
             "INSERT INTO users SELECT g, 'user ' || g FROM generate_series(1, 200) g;
@@ -264,7 +260,7 @@ async fn direct_writes_reach_every_backend() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_talks_insert_insert_conflict_converges_to_the_higher_hlc() {
-    let mut c = cluster(3, &[USERS]).await;
+    let mut c = streams(3, &[USERS]).await;
     let now = recent();
     // "An" through node 1 and "Wim" through node 2, at the same moment;
     // Wim's HLC is one tick higher.
@@ -319,7 +315,7 @@ async fn the_talks_insert_insert_conflict_converges_to_the_higher_hlc() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delete_with_the_higher_version_leaves_a_tombstone_no_late_update_revives() {
-    let mut c = cluster(3, &[USERS]).await;
+    let mut c = streams(3, &[USERS]).await;
     let t = recent();
     stamped(c.client(1), t, 1, "INSERT INTO users VALUES (1, 'bike')").await;
     c.sync().await;
@@ -356,7 +352,7 @@ async fn a_delete_with_the_higher_version_leaves_a_tombstone_no_late_update_revi
 #[tokio::test(flavor = "multi_thread")]
 async fn columns_are_matched_by_name() {
     // Node 2's table has an extra column with a default; node 1's does not.
-    let mut c = cluster(
+    let mut c = streams(
         2,
         &[
             USERS,
@@ -393,7 +389,7 @@ async fn columns_are_matched_by_name() {
 /// through reconciliation: every digit arrives.
 #[tokio::test(flavor = "multi_thread")]
 async fn numerics_keep_every_digit_through_apply_and_reconcile() {
-    let mut c = cluster(
+    let mut c = streams(
         2,
         &[
             "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL); \
@@ -449,7 +445,7 @@ async fn numerics_keep_every_digit_through_apply_and_reconcile() {
     for (i, pg) in c.servers.iter().enumerate() {
         backends.push((
             format!("b{}", i + 1),
-            common::connect(&pg.conninfo("postgres")).await.unwrap(),
+            testkit::connect(&pg.conninfo("postgres")).await.unwrap(),
         ));
     }
     let report = chorus_proxy::cluster::reconcile::reconcile(&backends)
@@ -474,7 +470,7 @@ async fn numerics_keep_every_digit_through_apply_and_reconcile() {
 async fn rows_written_against_another_schema_never_stall_the_stream_and_are_logged() {
     // Backend 1 still has the old schema (a column `nick`, `age` as text);
     // on backend 2 `nick` was dropped and `age` became an integer.
-    let mut c = cluster(
+    let mut c = streams(
         2,
         &[
             "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, nick text, age text)",
@@ -544,7 +540,7 @@ async fn a_transaction_too_large_for_one_statement_is_applied_in_parts() {
     // holds, so it goes in three (a load like pgbench -i's, into a table
     // without a key yet). benches/ddl.sh loads 1 000 000 rows, over the
     // 256 MB that one statement's jsonb can hold.
-    let mut c = cluster(2, &[USERS]).await;
+    let mut c = streams(2, &[USERS]).await;
     for i in 1..=2 {
         c.client(i)
             .batch_execute("SET chorus.ddl_scope = 'local'; CREATE TABLE loaded (id bigint, note text); RESET chorus.ddl_scope")
@@ -594,7 +590,7 @@ async fn a_transaction_too_large_for_one_statement_is_applied_in_parts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redelivered_changes_are_applied_exactly_once() {
-    let mut c = cluster(2, &[USERS]).await;
+    let mut c = streams(2, &[USERS]).await;
     // A copy of the 1 -> 2 slot stands for a stream that applied a batch but
     // crashed before advancing its slot: it will deliver the batch again.
     c.client(1)
@@ -634,7 +630,7 @@ async fn redelivered_changes_are_applied_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tables_made_by_ddl_on_each_backend_are_adopted_and_changes_carry_the_ddl_index() {
-    let mut c = cluster(3, &[]).await;
+    let mut c = streams(3, &[]).await;
     // What the DDL log applier does on every backend (proxy/src/ddl.rs):
     // run the statement and record it in chorus.ddl_history.
     let apply_ddl = |seq: i64, sql: &'static str| {
@@ -754,7 +750,7 @@ fn quote(text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn update_update_and_delete_delete_conflicts_are_logged_and_converge() {
-    let mut c = cluster(2, &[USERS]).await;
+    let mut c = streams(2, &[USERS]).await;
     let t = recent();
     stamped(
         c.client(1),
@@ -814,7 +810,7 @@ async fn update_update_and_delete_delete_conflicts_are_logged_and_converge() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_update_that_overtakes_its_insert_recreates_the_row() {
-    let mut c = cluster(3, &[USERS]).await;
+    let mut c = streams(3, &[USERS]).await;
     let t = recent();
     stamped(c.client(1), t, 1, "INSERT INTO users VALUES (7, 'new')").await;
     c.step(1, 2).await;
@@ -844,7 +840,7 @@ async fn an_update_that_overtakes_its_insert_recreates_the_row() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
-    let mut c = cluster(2, &[USERS]).await;
+    let mut c = streams(2, &[USERS]).await;
     let t = recent();
     // A lower version for key 5 arrives from node 1...
     stamped(
@@ -855,7 +851,7 @@ async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
     )
     .await;
     // ...while node 2 is inserting key 5 with a higher version, uncommitted.
-    let local = common::connect(&c.servers[1].conninfo("postgres"))
+    let local = testkit::connect(&c.servers[1].conninfo("postgres"))
         .await
         .unwrap();
     local
@@ -872,16 +868,16 @@ async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
         .find(|s| s.origin_node == 1 && s.peer_node == 2)
         .unwrap()
         .clone();
-    let origin = common::connect(&c.servers[0].conninfo("postgres"))
+    let origin = testkit::connect(&c.servers[0].conninfo("postgres"))
         .await
         .unwrap();
-    let mut peer = common::connect(&c.servers[1].conninfo("postgres"))
+    let mut peer = testkit::connect(&c.servers[1].conninfo("postgres"))
         .await
         .unwrap();
     let apply = tokio::spawn(async move { step(&stream, &origin, &mut peer).await });
     // Commit once the apply waits for the local transaction's lock (or, if
     // it went another way, has finished).
-    let watcher = common::connect(&c.servers[1].conninfo("postgres"))
+    let watcher = testkit::connect(&c.servers[1].conninfo("postgres"))
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -923,7 +919,7 @@ async fn an_apply_waits_for_an_uncommitted_local_write_of_the_same_key() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_driver_older_than_the_last_one_a_peer_saw_is_refused() {
-    let mut c = cluster(2, &[USERS]).await;
+    let mut c = streams(2, &[USERS]).await;
     // A stale driver's view of the origin: a copy of the slot.
     c.client(1)
         .batch_execute("SELECT pg_copy_logical_replication_slot('chorus_1_to_2', 'stale')")

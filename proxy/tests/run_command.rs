@@ -3,22 +3,21 @@
 //! error for a bad config.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chorus_proxy::localpg::{free_port, LocalPgOptions, LocalPostgres};
+use chorus_testkit as testkit;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_serves_from_a_config_file_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let pg = tokio::task::block_in_place(|| {
         LocalPostgres::create(
-            &common::pg_binaries(),
+            &testkit::pg_binaries(),
             &dir.path().join("pg"),
             LocalPgOptions {
-                password: Some(common::PG_PASSWORD.to_owned()),
+                password: Some(testkit::PG_PASSWORD.to_owned()),
                 ..LocalPgOptions::default()
             },
         )
@@ -33,8 +32,8 @@ async fn run_serves_from_a_config_file_and_stops_on_sigterm() {
              [[backends]]\nname = \"main\"\nport = {}\n\
              [[users]]\nname = \"{}\"\npassword = \"{}\"\n",
             pg.port(),
-            common::PG_USER,
-            common::PG_PASSWORD
+            testkit::PG_USER,
+            testkit::PG_PASSWORD
         ),
     )
     .unwrap();
@@ -53,12 +52,12 @@ async fn run_serves_from_a_config_file_and_stops_on_sigterm() {
 
     let conninfo = format!(
         "host=127.0.0.1 port={port} user={} password={} dbname=postgres",
-        common::PG_USER,
-        common::PG_PASSWORD
+        testkit::PG_USER,
+        testkit::PG_PASSWORD
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     let client = loop {
-        match common::connect(&conninfo).await {
+        match testkit::connect(&conninfo).await {
             Ok(client) => break client,
             Err(e) => {
                 assert!(Instant::now() < deadline, "node never accepted: {e}");
@@ -68,7 +67,7 @@ async fn run_serves_from_a_config_file_and_stops_on_sigterm() {
     };
     let row = client.query_one("SELECT 6 * 7", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 42);
-    let (status, _) = common::http_get(
+    let (status, _) = testkit::http_get(
         format!("127.0.0.1:{metrics_port}").parse().unwrap(),
         "/health",
     )
@@ -81,7 +80,7 @@ async fn run_serves_from_a_config_file_and_stops_on_sigterm() {
         .status()
         .unwrap();
     let output =
-        tokio::task::block_in_place(|| common::wait_with_limit(child, Duration::from_secs(20)));
+        tokio::task::block_in_place(|| testkit::wait_with_limit(child, Duration::from_secs(20)));
     assert!(output.status.success(), "{:?}", output.status);
 }
 

@@ -3,13 +3,8 @@
 //! clients write through the others.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-#[path = "common/link.rs"]
-mod link;
-#[path = "common/procs.rs"]
-mod procs;
-#[path = "common/relay.rs"]
-mod relay;
+use chorus_testkit as testkit;
+use chorus_testkit::procs;
 
 use std::time::Duration;
 
@@ -18,7 +13,7 @@ use chorus_proxy::cluster::capture::SCHEMA_VERSION;
 /// Backend `i` as the previous version left it: its schema, and a table
 /// adopted with the same rows as on the other backends.
 fn previous_version(i: usize) -> String {
-    common::previous_schema_sql(
+    testkit::previous_schema_sql(
         i,
         "CREATE TABLE kv (id int PRIMARY KEY, v text, via int NOT NULL);\n\
          INSERT INTO kv SELECT g, 'seed', 0 FROM generate_series(1, 100) g;\n\
@@ -41,7 +36,7 @@ async fn write_until(
     let mut client = None;
     while !*stop.borrow() {
         if client.is_none() {
-            client = common::connect(&conninfo).await.ok();
+            client = testkit::connect(&conninfo).await.ok();
             if client.is_none() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;

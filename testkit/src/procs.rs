@@ -1,17 +1,15 @@
-//! A cluster of Chorus node processes for tests: three backends, three
-//! nodes in one Raft group, each node's Raft port behind a fault-injecting
+//! A cluster of Chorus node processes for tests: `n` backends (three
+//! unless said), one node for each in one Raft group, each node's Raft port behind a fault-injecting
 //! relay (see relay.rs); nodes can be killed and restarted.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chorus_proxy::localpg::{free_port, LocalPostgres};
 use tokio_postgres::Client;
 
-use super::common;
-use super::link::Link;
-use super::relay::Relay;
+use crate as common;
+use crate::link::Link;
+use crate::relay::Relay;
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -56,6 +54,8 @@ pub struct Options {
     pub start: Vec<usize>,
     /// Settings (`-c name=value`) of every backend.
     pub backend_settings: Vec<(String, String)>,
+    /// Backends, and nodes (0: three).
+    pub nodes: usize,
 }
 
 impl Drop for Cluster {
@@ -68,7 +68,7 @@ impl Drop for Cluster {
         // With CHORUS_TEST_LOGS=DIR, the whole logs are kept there too.
         if std::thread::panicking() {
             let keep = std::env::var_os("CHORUS_TEST_LOGS").map(std::path::PathBuf::from);
-            for i in 1..=3 {
+            for i in 1..=self.nodes.len() {
                 let path = self.dir.path().join(format!("node{i}.log"));
                 if let Some(dir) = &keep {
                     let _ = std::fs::create_dir_all(dir);
@@ -115,25 +115,26 @@ pub async fn cluster_with(node_extra: &str, extra: &str) -> Cluster {
 
 /// A 3-node cluster built as `options` say.
 pub async fn cluster_opts(options: Options) -> Cluster {
+    let n = if options.nodes == 0 { 3 } else { options.nodes };
     let dir = tempfile::tempdir().unwrap();
-    let backends = common::backends_with(dir.path(), 3, &options.backend_settings);
+    let backends = common::backends_with(dir.path(), n, &options.backend_settings);
     for (pg, sql) in backends.iter().zip(&options.prepare) {
         let client = common::connect(&pg.conninfo("postgres")).await.unwrap();
         client.batch_execute(sql).await.unwrap();
     }
     let start: Vec<usize> = if options.start.is_empty() {
-        vec![1, 2, 3]
+        (1..=n).collect()
     } else {
         options.start.clone()
     };
-    let raft_ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
+    let raft_ports = common::raft_ports(n);
     let mut relays = Vec::new();
     for port in &raft_ports {
         relays.push(Relay::start(*port).await);
     }
     let mut links = Vec::new();
     if options.links {
-        for _ in 0..3 {
+        for _ in 0..n {
             let mut row = Vec::new();
             for pg in &backends {
                 row.push(Link::start(pg.port()).await);
@@ -146,9 +147,9 @@ pub async fn cluster_opts(options: Options) -> Cluster {
         backends,
         raft_ports,
         relays,
-        ports: (0..3).map(|_| free_port().unwrap()).collect(),
-        metrics_ports: (0..3).map(|_| free_port().unwrap()).collect(),
-        nodes: vec![None, None, None],
+        ports: (0..n).map(|_| free_port().unwrap()).collect(),
+        metrics_ports: (0..n).map(|_| free_port().unwrap()).collect(),
+        nodes: (0..n).map(|_| None).collect(),
         extra: options.extra,
         node_extra: options.node_extra,
         per_node: options.per_node,
@@ -165,7 +166,7 @@ pub async fn cluster_opts(options: Options) -> Cluster {
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut restarted = false;
-        for i in 1..=3 {
+        for i in 1..=n {
             let exited = c.nodes[i - 1]
                 .as_mut()
                 .is_some_and(|child| child.try_wait().ok().flatten().is_some());
@@ -191,30 +192,30 @@ pub async fn cluster_opts(options: Options) -> Cluster {
 
 impl Cluster {
     pub fn config(&self, i: usize, secret: &str) -> String {
+        let relays: Vec<u16> = self.relays.iter().map(|r| r.port).collect();
         let mut toml = format!(
             "[node]\nid = {i}\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
              home_backend = \"pg{i}\"\nworker_threads = 1\n{}\n{}\n\
              [[users]]\nname = \"postgres\"\n[[auth]]\nmethod = \"trust\"\n\
-             [replication]\npoll_interval_ms = 20\n{}\n\
-             [cluster]\nraft_listen = \"127.0.0.1:{}\"\nsecret = \"{secret}\"\ndata_dir = \"{}\"\n\
-             heartbeat_ms = 50\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n\
-             ddl_timeout_ms = 3000\n{}\n",
+             [replication]\npoll_interval_ms = 20\n{}\n{}",
             self.ports[i - 1],
             self.metrics_ports[i - 1],
             self.node_extra,
             self.per_node.get(i - 1).map_or("", String::as_str),
             self.replication,
-            self.raft_ports[i - 1],
-            self.dir.path().join(format!("raft{i}")).display(),
-            self.extra,
+            crate::config::cluster_toml_via(
+                self.dir.path(),
+                i,
+                self.raft_ports[i - 1],
+                &relays,
+                secret,
+                &format!(
+                    "election_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n\
+                     ddl_timeout_ms = 3000\n{}",
+                    self.extra
+                ),
+            ),
         );
-        for (m, relay) in self.relays.iter().enumerate() {
-            toml.push_str(&format!(
-                "[[cluster.members]]\nid = {}\nraft = \"127.0.0.1:{}\"\n",
-                m + 1,
-                relay.port
-            ));
-        }
         for (b, pg) in self.backends.iter().enumerate() {
             if self.omitted.contains(&(b + 1)) {
                 continue;
@@ -240,7 +241,7 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("node{i}.log")))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        let child = Command::new(crate::chorus_bin())
             .arg("run")
             .arg("--config")
             .arg(&config)
@@ -259,7 +260,7 @@ impl Cluster {
     /// Run the `chorus` binary with `args` and node `i`'s config; its
     /// stdout (it must succeed).
     pub fn chorus(&self, i: usize, args: &[&str]) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        let out = Command::new(crate::chorus_bin())
             .args(args)
             .arg("--config")
             .arg(self.dir.path().join(format!("node{i}.toml")))
@@ -355,7 +356,6 @@ impl Cluster {
     }
 
     /// A session on backend `b`, on `database`.
-    #[allow(dead_code)]
     pub async fn direct_db(&self, b: usize, database: &str) -> Client {
         common::connect(&self.backends[b - 1].conninfo(database))
             .await
@@ -417,7 +417,6 @@ impl Cluster {
     /// every backend (each read again every round): `expected`, or with
     /// `None` any value but the empty one (an error or NULL reads as
     /// empty). Returns the value.
-    #[allow(dead_code)]
     pub async fn agree(&self, database: &str, sql: &str, expected: Option<&str>) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut last = Vec::new();
@@ -447,7 +446,6 @@ impl Cluster {
     /// locks its row of `chorus.applied` (made by the first apply from that
     /// origin: have one happen first) in an open transaction. Send
     /// `ROLLBACK` on the session returned to let the applies go on.
-    #[allow(dead_code)]
     pub async fn hold_applies(&self, b: usize, origin: u16) -> Client {
         let holder = self.direct(b).await;
         let locked = holder
@@ -465,7 +463,7 @@ impl Cluster {
 
     /// Wait until every backend has applied `n` DDL log entries.
     pub async fn wait_ddl(&self, n: usize) {
-        for b in 1..=3 {
+        for b in 1..=self.backends.len() {
             self.wait_for(b, "SELECT count(*)::text FROM chorus.ddl_history", |v| {
                 v.parse::<usize>().unwrap_or(0) >= n
             })

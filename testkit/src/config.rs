@@ -1,0 +1,49 @@
+//! The `[cluster]` TOML the harness writes for its nodes.
+
+use std::path::Path;
+
+/// Free ports for the Raft RPC of `n` nodes.
+pub fn raft_ports(n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|_| chorus_proxy::localpg::free_port().unwrap())
+        .collect()
+}
+
+/// The `[cluster]` section of node `id` (from 1) of a cluster whose nodes'
+/// Raft RPC listens on `ports`, with its log under `dir`. Short election
+/// timeouts: tests stop leaders.
+pub fn cluster_toml(dir: &Path, id: usize, ports: &[u16], secret: &str) -> String {
+    cluster_toml_via(
+        dir,
+        id,
+        ports[id - 1],
+        ports,
+        secret,
+        "election_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n",
+    )
+}
+
+/// The `[cluster]` section of node `id`, whose Raft RPC listens on
+/// `listen` and which reaches member `m + 1` at `members[m]` (a relay in
+/// front of it, or its own listen port), with `extra` settings.
+pub fn cluster_toml_via(
+    dir: &Path,
+    id: usize,
+    listen: u16,
+    members: &[u16],
+    secret: &str,
+    extra: &str,
+) -> String {
+    let mut toml = format!(
+        "[cluster]\nraft_listen = \"127.0.0.1:{listen}\"\nsecret = \"{secret}\"\n\
+         data_dir = \"{}\"\nheartbeat_ms = 50\n{extra}\n",
+        dir.join(format!("raft{id}")).display()
+    );
+    for (m, port) in members.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[cluster.members]]\nid = {}\nraft = \"127.0.0.1:{port}\"\n",
+            m + 1
+        ));
+    }
+    toml
+}
