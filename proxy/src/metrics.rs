@@ -21,6 +21,7 @@
 //! | `chorus_slot_retained_bytes` | gauge | `origin`, `peer` | WAL the home backend (`origin`) keeps for the slot of its stream to the peer |
 //! | `chorus_slot_invalidated` | gauge | `origin`, `peer` | 1 when PostgreSQL invalidated that slot (`max_slot_wal_keep_size`): the peer misses the origin's changes until it is copied again |
 //! | `chorus_replication_lag_seconds` | gauge | `peer` | age of the oldest origin commit not yet applied on the peer (0 when caught up) |
+//! | `chorus_replication_held_changes` | gauge | `peer` | changes of this node's stream to the peer read and held in memory, not yet applied (bounded: a stream that waits reads no further) |
 //! | `chorus_replication_delay_seconds` | histogram | `peer` | per transaction, origin commit to its apply on the peer |
 //! | `chorus_replication_rejected_total` | counter | `origin`, `reason` | change messages skipped because they are not Chorus's records (`not_utf8`, `not_json`, `not_a_record`) |
 //! | `chorus_tombstones_pruned_total` | counter | `backend` | tombstones pruned on a backend this node drives (see tombstones.sql) |
@@ -128,6 +129,7 @@ pub struct PeerMetrics {
     pub applied_per_second: Gauge,
     pub lag_bytes: Gauge,
     pub lag_seconds: Gauge,
+    pub held_changes: Gauge,
     pub delay: Histogram,
     pub slot_retained_bytes: Gauge,
     pub slot_invalidated: Gauge,
@@ -230,6 +232,7 @@ impl Metrics {
                     applied_per_second: gauge("chorus_changes_applied_per_second", peer()),
                     lag_bytes: gauge("chorus_replication_lag_bytes", peer()),
                     lag_seconds: gauge("chorus_replication_lag_seconds", peer()),
+                    held_changes: gauge("chorus_replication_held_changes", peer()),
                     slot_retained_bytes: gauge("chorus_slot_retained_bytes", slot()),
                     slot_invalidated: gauge("chorus_slot_invalidated", slot()),
                     delay: recorder.register_histogram(

@@ -152,6 +152,70 @@ async fn changes_for_a_table_dropped_meanwhile_are_skipped_and_the_stream_goes_o
     .await;
 }
 
+/// Changes that wait for DDL a peer has not applied yet: the stream holds
+/// one batch of them in the node's memory and reads no further (the rest
+/// waits in the origin's WAL), and all of them arrive once the DDL does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_waiting_for_ddl_hold_one_batch_in_memory_and_all_arrive() {
+    let c = cluster("").await;
+    c.exec(1, "CREATE TABLE waits (id int PRIMARY KEY, v text)")
+        .await;
+    c.wait_ddl(1).await;
+    // Backend 2 cannot record DDL log entries: its node's applier waits.
+    let holder = c.direct(2).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE chorus.ddl_history IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    c.exec(1, "CREATE ROLE waits_role").await;
+    // Written after that DDL: on backend 2 these wait for it.
+    let one = c.via(1).await;
+    for t in 0..200 {
+        one.batch_execute(&format!(
+            "INSERT INTO waits SELECT g, 'x' FROM generate_series({}, {}) g",
+            t * 100 + 1,
+            (t + 1) * 100
+        ))
+        .await
+        .unwrap();
+    }
+    c.wait_for(3, "SELECT count(*)::text FROM waits", |v| v == "20000")
+        .await;
+    let held = "chorus_replication_held_changes{peer=\"pg2\"}";
+    c.wait_metric(1, held, |v| v >= 1000.0).await;
+    // The stream says it waits every 5 s: after the second time, a stream
+    // that went on reading would hold more transactions (of 100 changes).
+    let log = c.dir.path().join("node1.log");
+    testkit::eventually(
+        "node 1 saying twice that changes wait for DDL",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("changes wait for DDL the peer does not have yet")
+                .count()
+                >= 2
+        },
+    )
+    .await;
+    let holding = c.metric(1, held).await.unwrap();
+    assert!(
+        (1000.0..=1100.0).contains(&holding),
+        "the stream to backend 2 holds {holding} changes"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    c.wait_for(2, "SELECT count(*)::text FROM waits", |v| v == "20000")
+        .await;
+    c.wait_metric(1, held, |v| v == 0.0).await;
+    c.converge(
+        "SELECT count(*)::text FROM pg_roles WHERE rolname = 'waits_role'",
+        1,
+        &[2, 3],
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_commands_remove_a_node_and_add_it_back() {
     let mut c = cluster("").await;

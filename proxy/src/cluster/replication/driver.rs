@@ -244,6 +244,7 @@ const FEEDBACK_EVERY: Duration = Duration::from_secs(1);
 
 /// Changes taken into one apply transaction at most (whole transactions
 /// are always taken); keeps the apply, and the row locks it holds, short.
+/// Also what a stream holds while its transactions wait for DDL.
 const MAX_BATCH_CHANGES: usize = 1_000;
 
 /// Bytes of `pgoutput` messages a stream's reader reads ahead of the
@@ -327,8 +328,16 @@ async fn run_stream(
     // Since when the pending changes wait for DDL, and the last warning.
     let mut ddl_wait_since: Option<std::time::Instant> = None;
     let mut last_stuck_warning: Option<std::time::Instant> = None;
+    // When the walsender last heard from this stream while it waited.
+    let mut last_feedback = std::time::Instant::now();
     loop {
+        // Transactions that wait (for DDL) hold a batch's worth at most:
+        // past that, the stream reads nothing more until they are applied,
+        // and the walsender waits (the reader's channel and budget are
+        // bounded), however long the wait and however much is written.
+        let full = pending_changes >= MAX_BATCH_CHANGES || pending_bytes >= MAX_BATCH_BYTES;
         let (first, woken) = match &progress {
+            _ if full && !pending.is_empty() => (None, false),
             Some(p) => tokio::select! {
                 event = events.recv() => (Some(event.map(|(event, _budget)| event)), false),
                 woken = p.idle(&backend.name, idle_wait.wait()) => (None, woken),
@@ -518,12 +527,21 @@ async fn run_stream(
                     peer = %backend.name,
                     needed_ddl = needed,
                     peer_ddl,
+                    held_changes = pending_changes,
                     waiting_s = waiting.elapsed().as_secs(),
                     "changes wait for DDL the peer does not have yet"
                 );
             }
             if let Some(m) = metrics {
                 m.lag_seconds.set(oldest_pending_age(&pending));
+                m.held_changes.set(pending_changes as f64);
+            }
+            // A stream that reads nothing more still answers the
+            // walsender, which would otherwise end it after
+            // `wal_sender_timeout`.
+            if last_feedback.elapsed() >= FEEDBACK_EVERY {
+                writer.confirm(confirmed, false).await?;
+                last_feedback = std::time::Instant::now();
             }
             tokio::time::sleep(DDL_WAIT_POLL).await;
             continue;
@@ -558,6 +576,7 @@ async fn run_stream(
         if let Some(m) = metrics {
             m.applied.increment(report.changes as u64);
             m.lag_seconds.set(report.lag_seconds);
+            m.held_changes.set(pending_changes as f64);
             for delay in &report.delays {
                 m.delay.record(*delay);
             }
