@@ -251,6 +251,13 @@ const MAX_BATCH_CHANGES: usize = 1_000;
 /// apply at most (one larger message alone).
 const READ_AHEAD_BYTES: usize = 16 << 20;
 
+/// A peer connection that carried a statement larger than this is closed
+/// after its apply (the next apply connects again): tokio-postgres keeps
+/// the capacity of the largest message a connection sent in its buffers
+/// for the connection's life, so a few large values would otherwise keep
+/// tens of megabytes per stream for good.
+const PEER_BUFFERS_KEPT: usize = 4 << 20;
+
 /// Bytes of change records (held in memory) taken into one apply at most,
 /// likewise: a few transactions with large values stop the gathering, so
 /// that what a stream holds stays bounded.
@@ -490,6 +497,9 @@ async fn run_stream(
             match applied {
                 Ok(report) => {
                     failures = 0;
+                    if report.largest_sent > PEER_BUFFERS_KEPT {
+                        peer = None;
+                    }
                     break Some(report);
                 }
                 Err(e @ ReplicationError::Fenced(_)) => return Err(e),

@@ -74,6 +74,8 @@ pub struct StepReport {
     pub lag_seconds: f64,
     /// Per applied transaction: seconds from its origin commit to its apply.
     pub delays: Vec<f64>,
+    /// Bytes of the largest statement parameter sent to the peer.
+    pub largest_sent: usize,
 }
 
 impl StepReport {
@@ -229,6 +231,7 @@ impl ReplicationStream {
                     break;
                 }
                 json.push(']');
+                report.largest_sent = report.largest_sent.max(json.len());
                 let rows = tx.query(APPLY_PART.as_str(), &[&json]).await?;
                 report.note(&rows)?;
             }
@@ -308,6 +311,7 @@ impl ReplicationStream {
         if let Some(oldest) = commit_times.first() {
             report.lag_seconds = (unix_now() - oldest).max(0.0);
         }
+        report.largest_sent = batch.len();
         let newest_version = max_version(transactions);
         // One statement, so one round trip and its own transaction: the
         // peer skips what it already has, applies the rest and records the

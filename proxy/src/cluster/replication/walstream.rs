@@ -207,6 +207,12 @@ pub const PGOUTPUT_OPTIONS: &str =
 /// a large row image).
 const MAX_MESSAGE: usize = 1 << 30;
 
+/// The walsender connection's read buffers.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// A message larger than this leaves the read buffer with its allocation.
+const LARGE_MESSAGE: usize = 1 << 20;
+
 /// Assembles transactions from `pgoutput` messages.
 #[derive(Debug, Default)]
 pub struct PgOutputDecoder {
@@ -448,9 +454,9 @@ impl WalStream {
         .map_err(|e| ReplicationError::Decoding(format!("walsender login: {e}")))?;
         let (read, writer) = connection.stream.into_split();
         let mut stream = WalStream {
-            reader: BufReader::with_capacity(64 * 1024, read),
+            reader: BufReader::with_capacity(READ_BUFFER, read),
             writer,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::with_capacity(READ_BUFFER),
         };
         let sql = format!(
             "START_REPLICATION SLOT \"{}\" LOGICAL 0/0 ({PGOUTPUT_OPTIONS})",
@@ -511,6 +517,12 @@ impl WalReader {
                     // XLogData: walStart(8) walEnd(8) sendTime(8) data
                     Some(b'w') if self.buf.len() >= 25 => {
                         let data = self.buf.split_off(25);
+                        // The message shares its allocation with the read
+                        // buffer, which would keep it (however large) for
+                        // the stream's life: a large one takes it along.
+                        if data.len() > LARGE_MESSAGE {
+                            self.buf = BytesMut::with_capacity(READ_BUFFER);
+                        }
                         return Ok(WalEvent::Data(data));
                     }
                     // Keepalive: walEnd(8) sendTime(8) replyRequested(1)
