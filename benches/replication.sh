@@ -13,7 +13,9 @@
 # no lag to report.
 #
 # Usage: benches/replication.sh     (DURATION=30 SCALE=10 CLIENTS=12; KEEP=1
-#        keeps the working directory with every server's log)
+#        keeps the working directory with every server's log; RATE=N runs
+#        both at a fixed total of N transactions a second, pgbench -R, to
+#        read the lag below saturation)
 # CLIENTS is the total; Chorus gets CLIENTS/3 per node. Needs PostgreSQL
 # server programs, pgbench and pgpool2 (installed with apt-get when running
 # as root and missing).
@@ -99,9 +101,28 @@ converge() {
     return 1
 }
 
-# run_pgbench OUT PORT CLIENTS: pgbench -N in the background.
+# caught_up PORT...: wait until every chorus slot on each backend has
+# confirmed the WAL written there before the call: its walsender has read
+# past everything, the apply of a bulk load included (its stream would
+# otherwise still be decoding it when the measured run starts).
+caught_up() {
+    local port lsn
+    for port in "$@"; do
+        lsn=$("$PSQL" -X -qAt -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "SELECT pg_current_wal_lsn()")
+        for _ in $(seq 1 600); do
+            [ "$("$PSQL" -X -qAt -h 127.0.0.1 -p "$port" -U postgres -d postgres -c \
+                "SELECT bool_and(confirmed_flush_lsn >= '$lsn') FROM pg_replication_slots WHERE slot_name LIKE 'chorus%'")" = t ] && break
+            sleep 0.5
+        done
+    done
+}
+
+# run_pgbench OUT PORT CLIENTS [SHARE]: pgbench -N in the background; with
+# RATE, at RATE/SHARE transactions a second.
 run_pgbench() {
-    "$PGBENCH" -n -N -c "$3" -j "$THREADS" -T "$DURATION" -h 127.0.0.1 -p "$2" -U postgres postgres > "$1" 2>&1 &
+    local rate=()
+    [ -n "${RATE:-}" ] && rate=(-R "$((RATE / ${4:-1}))")
+    "$PGBENCH" -n -N -c "$3" -j "$THREADS" -T "$DURATION" "${rate[@]}" -h 127.0.0.1 -p "$2" -U postgres postgres > "$1" 2>&1 &
 }
 sum_field() { # sed-expression files... -> sum of the numbers it prints
     local expr=$1; shift
@@ -154,7 +175,7 @@ print(f"{q(0.5) * 1000:.1f} {q(0.99) * 1000:.1f} {int(total)}")
 PY
 }
 
-echo "machine: $(nproc) CPUs; duration ${DURATION}s; scale $SCALE; $CLIENTS clients in all" >&2
+echo "machine: $(nproc) CPUs; duration ${DURATION}s; scale $SCALE; $CLIENTS clients in all${RATE:+; $RATE transactions a second in all}" >&2
 
 # --- Chorus: 3 nodes, 3 backends, replicating.
 start_demo chorus
@@ -163,8 +184,9 @@ mapfile -t CHORUS_PG < <(ports_of "$WORK/chorus.out" backend)
 "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres postgres > "$WORK/chorus-init.log" 2>&1 \
     || { cat "$WORK/chorus-init.log" >&2; exit 1; }
 converge "${CHORUS_PG[@]}" || { echo "chorus backends did not converge after -i" >&2; exit 1; }
+caught_up "${CHORUS_PG[@]}"
 delay_snapshot > "$WORK/delay.before"
-for i in 0 1 2; do run_pgbench "$WORK/chorus-$i.log" "${NODE_PORTS[$i]}" "$PER_NODE"; done
+for i in 0 1 2; do run_pgbench "$WORK/chorus-$i.log" "${NODE_PORTS[$i]}" "$PER_NODE" 3; done
 wait_jobs() { for job in $(jobs -p); do case " ${PIDS[*]} " in *" $job "*) ;; *) wait "$job" || true ;; esac; done; }
 wait_jobs
 start=$(date +%s.%N)
