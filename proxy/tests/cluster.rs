@@ -347,13 +347,7 @@ async fn replicated_ddl_cannot_gain_privileges_on_the_peers() {
 async fn backends_that_take_only_tls_logins_replicate_over_tls() {
     use chorus_proxy::localpg::{LocalPgOptions, LocalPostgres};
 
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("chorus_proxy=info")),
-        )
-        .with_test_writer()
-        .try_init();
+    testkit::log_to_test_output("chorus_proxy=info");
     let dir = tempfile::tempdir().unwrap();
     let ca = testkit::TestCa::new(dir.path(), "ca");
     let backends: Vec<LocalPostgres> = (1..=3)

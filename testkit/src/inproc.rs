@@ -43,13 +43,7 @@ pub async fn cluster_with(
     replication_extra: &str,
 ) -> Cluster {
     // Replication's debug log, shown with the output of a failing test.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("chorus_proxy=debug")),
-        )
-        .with_test_writer()
-        .try_init();
+    crate::log_to_test_output("chorus_proxy=debug");
     let dir = tempfile::tempdir().unwrap();
     let backends = crate::backends(dir.path(), n);
     cluster_on(dir, backends, node_extra, replication_extra).await

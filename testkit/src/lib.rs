@@ -57,6 +57,19 @@ pub fn chorus_bin() -> PathBuf {
     bin
 }
 
+/// Send this process's log (`filter` unless `RUST_LOG` says otherwise) to
+/// the test's captured output, shown when the test fails. Once per
+/// process; later calls keep the first filter.
+pub fn log_to_test_output(filter: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// Wait until `check` holds, asking every `every`, for at most `within`;
 /// fails the test, naming `what`, when it never does. The one shape of a
 /// bounded wait on a condition: tests never sleep a fixed time instead.

@@ -342,9 +342,8 @@ async fn run_stream(
         // past that, the stream reads nothing more until they are applied,
         // and the walsender waits (the reader's channel and budget are
         // bounded), however long the wait and however much is written.
-        let full = pending_changes >= MAX_BATCH_CHANGES || pending_bytes >= MAX_BATCH_BYTES;
         let (first, woken) = match &progress {
-            _ if full && !pending.is_empty() => (None, false),
+            _ if batch_full(pending_changes, pending_bytes) => (None, false),
             Some(p) => tokio::select! {
                 event = events.recv() => (Some(event.map(|(event, _budget)| event)), false),
                 woken = p.idle(&backend.name, idle_wait.wait()) => (None, woken),
@@ -413,7 +412,7 @@ async fn run_stream(
                     }
                 }
             }
-            if pending_changes >= MAX_BATCH_CHANGES || pending_bytes >= MAX_BATCH_BYTES {
+            if batch_full(pending_changes, pending_bytes) {
                 break;
             }
             match events.try_recv() {
@@ -609,6 +608,12 @@ async fn run_stream(
             applied_in_window = 0;
         }
     }
+}
+
+/// Whether a stream holds a batch's worth: it takes no more into the next
+/// apply, and reads no further while its transactions wait.
+fn batch_full(changes: usize, bytes: usize) -> bool {
+    changes >= MAX_BATCH_CHANGES || bytes >= MAX_BATCH_BYTES
 }
 
 /// How long a stream waits for DDL before it says so (and again as often).
