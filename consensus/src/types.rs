@@ -67,6 +67,12 @@ pub enum Request {
     /// sessions off it at their next transaction boundary. Replication to
     /// and from it goes on.
     SetDrained { backend: String, drained: bool },
+    /// Mark a backend as being copied again from a peer (`copying`), or
+    /// done: while it is, no session goes to it, its changes are not
+    /// streamed, no stream applies to it and no node applies the DDL log
+    /// to it (the copy brings its place in each; see the proxy's
+    /// cluster/rejoin.rs).
+    SetCopying { backend: String, copying: bool },
     /// Give the lease back; `committed` says whether its DDL committed
     /// (then later DDL is ordered after it).
     DdlRelease {
@@ -228,6 +234,9 @@ pub struct ClusterState {
     /// The backends drained for maintenance (see `Request::SetDrained`).
     #[serde(default)]
     pub drained: BTreeSet<String>,
+    /// The backends being copied again (see `Request::SetCopying`).
+    #[serde(default)]
+    pub copying: BTreeSet<String>,
 }
 
 /// Where sessions may go: what of the cluster state every node's sessions
@@ -236,6 +245,8 @@ pub struct ClusterState {
 pub struct Routing {
     /// The backends drained for maintenance.
     pub drained: BTreeSet<String>,
+    /// The backends being copied again: no session, no stream.
+    pub copying: BTreeSet<String>,
     /// The write leader (write-leader routing).
     pub write_leader: Option<String>,
 }
@@ -341,6 +352,14 @@ impl ClusterState {
                 }
                 Response::Done
             }
+            Request::SetCopying { backend, copying } => {
+                if *copying {
+                    self.copying.insert(backend.clone());
+                } else {
+                    self.copying.remove(backend);
+                }
+                Response::Done
+            }
             Request::DdlRelease {
                 holder,
                 seq,
@@ -441,6 +460,7 @@ impl ClusterState {
     pub fn routing(&self) -> Routing {
         Routing {
             drained: self.drained.clone(),
+            copying: self.copying.clone(),
             write_leader: self.write_leader.clone(),
         }
     }

@@ -14,6 +14,7 @@
 //! | `chorus_backend_connections` | gauge | `backend` | server connections open now |
 //! | `chorus_backend_up` | gauge | `backend` | 1 when the last login to the backend worked, 0 when it failed |
 //! | `chorus_backend_drained` | gauge | `backend` | 1 while the backend is drained (the admin console's DRAIN) |
+//! | `chorus_backend_copying` | gauge | `backend` | 1 while the backend is being copied again (the admin console's REJOIN) |
 //! | `chorus_changes_applied_total` | counter | `peer` | row changes and DDL from this node's home backend applied on a peer |
 //! | `chorus_conflicts_total` | counter | `kind` | conflicts resolved while applying this node's changes on peers, by kind |
 //! | `chorus_changes_applied_per_second` | gauge | `peer` | changes applied on the peer over the last second or so |
@@ -106,6 +107,7 @@ pub struct Metrics {
     pub query_duration: Histogram,
     backend_connections: Vec<(String, Gauge, Gauge)>,
     backend_drained: Vec<(String, Gauge)>,
+    backend_copying: Vec<(String, Gauge)>,
     replication: Vec<PeerMetrics>,
     conflicts: Vec<(&'static str, Counter)>,
     pub hlc_skew_ms: Gauge,
@@ -297,9 +299,22 @@ impl Metrics {
                 )
             })
             .collect();
+        let backend_copying = backends
+            .iter()
+            .map(|name| {
+                (
+                    name.clone(),
+                    gauge(
+                        "chorus_backend_copying",
+                        vec![Label::new("backend", name.clone())],
+                    ),
+                )
+            })
+            .collect();
         Metrics {
             ddl_index,
             backend_drained,
+            backend_copying,
             ddl_duration: recorder.register_histogram(
                 &Key::from_static_name("chorus_ddl_duration_seconds"),
                 &METADATA,
@@ -360,6 +375,13 @@ impl Metrics {
     pub fn backend_drained(&self, name: &str, drained: bool) {
         if let Some((_, gauge)) = self.backend_drained.iter().find(|(n, _)| n == name) {
             gauge.set(if drained { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// Whether a backend is being copied again (see cluster/rejoin).
+    pub fn backend_copying(&self, name: &str, copying: bool) {
+        if let Some((_, gauge)) = self.backend_copying.iter().find(|(n, _)| n == name) {
+            gauge.set(if copying { 1.0 } else { 0.0 });
         }
     }
 

@@ -129,6 +129,9 @@ pub struct Node {
     /// duties.rs); when another node does, commit scopes are judged from
     /// the backend's slots instead of this node's stream positions.
     pub drives_home: AtomicBool,
+    /// The backend this node is copying again (`REJOIN`) and the copy's
+    /// last step, for `SHOW BACKENDS`.
+    copy_step: std::sync::Mutex<Option<(String, String)>>,
     /// Set once shutdown begins.
     pub draining: Arc<AtomicBool>,
     shutdown_tx: watch::Sender<bool>,
@@ -172,6 +175,7 @@ impl Node {
             reloader: std::sync::OnceLock::new(),
             mock_verifier,
             drives_home: AtomicBool::new(true),
+            copy_step: std::sync::Mutex::new(None),
             draining: Arc::new(AtomicBool::new(false)),
             consensus: std::sync::OnceLock::new(),
             backend_down,
@@ -264,24 +268,28 @@ impl Node {
     }
 
     /// Follow where the cluster's sessions may go (see
-    /// `chorus_consensus::Routing`): a backend drained for maintenance
-    /// takes no session, nor, under write-leader routing, one that is not
-    /// the write leader (once there is one).
+    /// `chorus_consensus::Routing`): a backend drained for maintenance or
+    /// being copied again takes no session, nor, under write-leader
+    /// routing, one that is not the write leader (once there is one).
     pub(crate) fn set_routing(&self, routing: &chorus_consensus::Routing) {
         let by_leader = self.config.node.routing == crate::config::Routing::Leader;
         let mut changed = false;
         for (backend, flag) in self.config.backends.iter().zip(&self.backend_closed) {
             let drained = routing.drained.contains(&backend.name);
+            let copying = routing.copying.contains(&backend.name);
             let not_leader = by_leader
                 && routing
                     .write_leader
                     .as_ref()
                     .is_some_and(|leader| *leader != backend.name);
-            let closed = drained || not_leader;
+            let closed = drained || copying || not_leader;
             self.metrics.backend_drained(&backend.name, drained);
+            self.metrics.backend_copying(&backend.name, copying);
             if flag.swap(closed, Ordering::SeqCst) != closed {
                 changed = true;
-                if drained {
+                if copying {
+                    tracing::info!(backend = %backend.name, "backend being copied again: sessions move off it");
+                } else if drained {
                     tracing::info!(backend = %backend.name, "backend drained: sessions move off it");
                 } else if closed {
                     tracing::info!(backend = %backend.name, "no longer the write leader: sessions move off it");
@@ -293,6 +301,25 @@ impl Node {
         if changed {
             self.backend_closed_changed.send_modify(|n| *n += 1);
         }
+    }
+
+    /// The backend this node is copying again, and the copy's last step.
+    pub fn copy_step(&self) -> Option<(String, String)> {
+        self.copy_step.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// Record the copy's last step (`None` once it has ended).
+    pub fn set_copy_step(&self, step: Option<(String, String)>) {
+        if let Ok(mut current) = self.copy_step.lock() {
+            *current = step;
+        }
+    }
+
+    /// Whether `backend` is being copied again from a peer (see
+    /// cluster/rejoin.rs): nothing replicates to or from it meanwhile.
+    pub fn is_copying(&self, backend: &str) -> bool {
+        self.consensus()
+            .is_some_and(|c| c.state().read(|s| s.copying.contains(backend)))
     }
 
     /// The position of a backend in the configuration.

@@ -137,6 +137,10 @@ async fn drive_lane(
                 let _ = fenced_tx.send((duty.backend.name.clone(), duty.epoch));
                 return;
             }
+            Err(ReplicationError::Restart(why)) => {
+                tracing::info!(backend = %duty.backend.name, database = lane.database(), %why, "replication starts again");
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(backend = %duty.backend.name, database = lane.database(), error = %e, "replication interrupted; retrying")
             }
@@ -162,6 +166,9 @@ fn assigned(node: &Node, me: u64) -> Vec<Duty> {
         node.config
             .backends
             .iter()
+            // (A backend being copied again is not driven: the copy
+            // makes its slots.)
+            .filter(|b| !s.copying.contains(&b.name))
             .filter_map(|b| {
                 let is_home = b.name == home.name;
                 let (driver, epoch) = match s.driver_of(&b.name) {

@@ -340,6 +340,14 @@ pub fn warning_notice(out: &mut BytesMut, code: &str, message: &str) {
     );
 }
 
+/// Append a NoticeResponse (severity NOTICE, SQLSTATE 00000).
+pub fn notice(out: &mut BytesMut, message: &str) {
+    put(
+        out,
+        &NoticeResponse::new(fields("NOTICE", "00000", message, &[])),
+    );
+}
+
 /// Append a NoticeResponse relaying a notice (NOTICE, WARNING, …) a
 /// backend sent on a connection of the proxy's own.
 pub fn relay_notice(out: &mut BytesMut, notice: &tokio_postgres::error::DbError) {

@@ -88,11 +88,17 @@ pub(crate) async fn drive(
     // One task per peer, each with its own connections, so that a slow or
     // frozen peer holds up only its own stream.
     let mut streams = tokio::task::JoinSet::new();
+    // (Not to a backend being copied again: the copy makes its slots, and
+    // the driver starts again when the copy ends, see rejoin.rs.)
+    let copying = node
+        .consensus()
+        .map(|c| c.state().read(|s| s.copying.clone()))
+        .unwrap_or_default();
     for backend in node
         .config
         .backends
         .iter()
-        .filter(|b| b.name != origin_backend.name)
+        .filter(|b| b.name != origin_backend.name && !copying.contains(&b.name))
     {
         let stream = ReplicationStream {
             slot: lane.slot_name(owner, &backend.name),
@@ -110,6 +116,19 @@ pub(crate) async fn drive(
         ));
     }
     let peers = streams.len();
+    if let Some(consensus) = node.consensus().cloned() {
+        streams.spawn(async move {
+            let mut routing = consensus.state().routing();
+            while routing.borrow_and_update().copying == copying {
+                if routing.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            Err(ReplicationError::Restart(
+                "a backend's copy began or ended".into(),
+            ))
+        });
+    }
     if config.prune_interval_ms > 0 {
         streams.spawn(run_pruning(
             node.clone(),

@@ -48,6 +48,10 @@ pub enum ReplicationError {
     /// A node with a newer epoch drives these streams now.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// The backends the streams go to changed (a copy began or ended):
+    /// the driver starts again with the new set.
+    #[error("the streams' backends changed: {0}")]
+    Restart(String),
 }
 
 /// The SQLSTATE chorus.apply_transactions refuses a stale driver with.

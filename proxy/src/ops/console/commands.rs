@@ -1,7 +1,8 @@
 //! The admin console's commands that change something: `DRAIN`, `RESUME`
 //! and `SWITCHOVER` go through Raft, so every node follows them (see
 //! `Node::set_routing`), and answer once this node has applied them;
-//! `RELOAD` reads this node's configuration file again.
+//! `RELOAD` reads this node's configuration file again; `REJOIN` copies a
+//! backend again (see `cluster::rejoin`), telling each step as it goes.
 
 use std::time::Duration;
 
@@ -206,4 +207,86 @@ pub(super) fn reload(node: &Node) -> Result<Vec<String>, PgError> {
             Some("The node keeps the settings it had. Mend the file and RELOAD again."),
         ),
     })
+}
+
+/// The backends of `REJOIN <backend> FROM <source>` (quotes allowed), when
+/// `sql` is that command.
+pub(super) fn rejoin_named(sql: &str) -> Option<(String, String)> {
+    let words: Vec<&str> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .collect();
+    let unquote = |w: &str| w.trim_matches(|c| c == '"' || c == '\'').to_owned();
+    match words.as_slice() {
+        [rejoin, target, from, source]
+            if rejoin.eq_ignore_ascii_case("REJOIN") && from.eq_ignore_ascii_case("FROM") =>
+        {
+            Some((unquote(target), unquote(source)))
+        }
+        _ => None,
+    }
+}
+
+/// `REJOIN <backend> FROM <source>`: each step goes to the client as a
+/// NOTICE when it happens; then `REJOIN` or the error. (If the client
+/// leaves, the copy stops where it is, and the backend stays out until a
+/// REJOIN completes.)
+pub(super) async fn rejoin<S>(
+    node: &Node,
+    client: &mut S,
+    target: &str,
+    source: &str,
+    out: &mut bytes::BytesMut,
+) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let (tx, mut steps) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let progress = |step: String| {
+        tracing::info!(%step, "rejoin");
+        node.set_copy_step(Some((target.to_owned(), step.clone())));
+        let _ = tx.send(step);
+    };
+    let copy = crate::cluster::rejoin::rejoin(node, target, source, &progress);
+    tokio::pin!(copy);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut copy => break outcome,
+            Some(step) = steps.recv() => {
+                let mut notice = bytes::BytesMut::new();
+                crate::wire::protocol::notice(&mut notice, &step);
+                client.write_all(&notice).await?;
+            }
+        }
+    };
+    node.set_copy_step(None);
+    while let Ok(step) = steps.try_recv() {
+        crate::wire::protocol::notice(out, &step);
+    }
+    match outcome {
+        Ok(done) => {
+            crate::wire::protocol::notice(
+                out,
+                &format!(
+                    "{} database(s) copied, {} global sequence(s) moved to {target}'s own values, {} session(s) ended",
+                    done.databases, done.sequences, done.sessions_ended
+                ),
+            );
+            crate::wire::protocol::write_message(out, b'C', |m| {
+                crate::wire::protocol::put_cstr(m, "REJOIN")
+            });
+        }
+        Err(crate::cluster::rejoin::RejoinError::Refused(code, message, hint)) => {
+            error(code, message, hint.as_deref()).write(out)
+        }
+        Err(e) => error(
+            "58000",
+            format!("the copy of {target} failed: {e}"),
+            Some("The backend stays out of the cluster (no session, no replication) until REJOIN completes: fix the cause and run it again."),
+        )
+        .write(out),
+    }
+    Ok(())
 }

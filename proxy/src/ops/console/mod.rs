@@ -40,7 +40,10 @@
 //!   SIGHUP: the authentication rules, users and passwords, admin roles,
 //!   client and backend timeouts and the log level change at once (see
 //!   `node::Live`); a WARNING names each other setting that changed, which
-//!   waits for a restart.
+//!   waits for a restart;
+//! - `REJOIN <backend> FROM <source>`: copy the backend's replicated
+//!   databases again from the source while the cluster takes writes (see
+//!   `cluster::rejoin`), each step a NOTICE as it happens.
 //!
 //! Anything else gets `42601` with the list of commands. Only the simple
 //! query protocol is served (psql's); the extended one gets `0A000`.
@@ -93,6 +96,10 @@ const COMMANDS: &[(&str, &str)] = &[
         "RELOAD",
         "read the authentication rules, users, timeouts and log level again",
     ),
+    (
+        "REJOIN <backend> FROM <source>",
+        "copy the backend again from the source while the cluster takes writes",
+    ),
 ];
 
 /// Serve a logged-in admin session until the client ends it. The caller
@@ -135,7 +142,11 @@ where
             b'X' => return Ok(()),
             b'Q' => {
                 let sql = protocol::read_cstr(&body).map_or("", |(sql, _)| sql);
-                answer(node, sql, &mut out).await;
+                if let Some((target, source)) = commands::rejoin_named(sql) {
+                    commands::rejoin(node, client, &target, &source, &mut out).await?;
+                } else {
+                    answer(node, sql, &mut out).await;
+                }
                 protocol::ready_for_query(&mut out, protocol::TransactionStatus::Idle);
             }
             b'S' => {

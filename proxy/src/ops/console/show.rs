@@ -458,14 +458,18 @@ pub(super) fn raft(node: &Node) -> Table {
 
 /// `SHOW BACKENDS`: each backend, whose home it is, whether this node
 /// sees it down, whether it is drained (see `commands::drain`) or the
-/// write leader, how many of this node's sessions it serves, and how far
-/// it has applied the DDL log.
+/// write leader, how many of this node's sessions it serves, how far it
+/// has applied the DDL log, and whether it is being copied again
+/// (`REJOIN`: on the node running the copy, its last step).
 pub(super) async fn backends(node: &Node) -> Table {
     let main = node.main_lane();
-    let (drained, leader) = node.consensus().map_or((Default::default(), None), |c| {
-        c.state()
-            .read(|s| (s.drained.clone(), s.write_leader.clone()))
-    });
+    let (drained, leader, copying) =
+        node.consensus()
+            .map_or((Default::default(), None, Default::default()), |c| {
+                c.state()
+                    .read(|s| (s.drained.clone(), s.write_leader.clone(), s.copying.clone()))
+            });
+    let step = node.copy_step();
     let clients = node.cancel_keys.clients();
     let mut rows = Vec::new();
     for backend in &node.config.backends {
@@ -493,6 +497,10 @@ pub(super) async fn backends(node: &Node) -> Table {
             (leader.as_ref() == Some(&backend.name)).to_string(),
             sessions.to_string(),
             index,
+            match &step {
+                Some((copied, step)) if *copied == backend.name => step.clone(),
+                _ => copying.contains(&backend.name).to_string(),
+            },
         ]);
     }
     table(
@@ -505,6 +513,7 @@ pub(super) async fn backends(node: &Node) -> Table {
             "write_leader",
             "sessions",
             "ddl_index",
+            "copying",
         ],
         rows,
     )
