@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio_postgres::Client;
 
-use crate::backend::{self, BackendStream, LoginParams};
+use crate::backend::BackendStream;
 use crate::config::{BackendConfig, ReplicationConfig};
 use crate::wire::protocol::{self, read_message};
 
@@ -38,23 +38,9 @@ pub(super) async fn create_exported_slot(
     config: &ReplicationConfig,
     slot: &str,
 ) -> Result<ExportedSlot, RejoinError> {
-    let address = backend.address();
-    let params = [
-        ("replication".to_owned(), "database".to_owned()),
-        (
-            "application_name".to_owned(),
-            "chorus replication".to_owned(),
-        ),
-    ];
-    let connection = backend::connect(
-        &LoginParams {
-            address: &address,
-            tls: backend.tls.as_ref(),
-            user: &config.user,
-            password: config.password.as_deref(),
-            database: &config.database,
-            params: &params,
-        },
+    let connection = crate::cluster::replication::walstream::replication_login(
+        backend,
+        config,
         Duration::from_secs(10),
     )
     .await

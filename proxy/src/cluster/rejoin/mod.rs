@@ -316,8 +316,8 @@ async fn changes_sent(target: &Client, owner: u16) -> Result<(), RejoinError> {
 }
 
 /// A slot into the target made again on one origin.
-struct NewSlot {
-    origin: String,
+struct NewSlot<'a> {
+    origin: &'a BackendConfig,
     slot: String,
     lsn: String,
 }
@@ -351,7 +351,8 @@ async fn copy_database(
                 origin.name
             ))
         })?;
-        let slot = lane.slot_name(owner_of(&origin.name)?, target);
+        let owner = owner_of(&origin.name)?;
+        let slot = lane.slot_name(owner, target);
         drop_slot(&client, &slot).await?;
         if origin.name == pair.source.name {
             source_client = Some(client);
@@ -366,17 +367,13 @@ async fn copy_database(
             .get(0);
         // The source has applied this origin's changes up to there once
         // the origin's slot to the source confirms it.
-        let to_source = lane.slot_name(owner_of(&origin.name)?, &pair.source.name);
+        let to_source = lane.slot_name(owner, &pair.source.name);
         progress(format!(
             "{target}/{database}: waiting for {} to apply {} up to {lsn}",
             pair.source.name, origin.name
         ));
         wait_confirmed(&client, &to_source, &lsn).await?;
-        slots.push(NewSlot {
-            origin: origin.name.clone(),
-            slot,
-            lsn,
-        });
+        slots.push(NewSlot { origin, slot, lsn });
     }
     let source_client =
         source_client.ok_or_else(|| RejoinError::Failed("the source was not reached".into()))?;
@@ -404,7 +401,7 @@ async fn copy_database(
     let consistent_point = exported.consistent_point.clone();
     drop(exported);
     slots.push(NewSlot {
-        origin: pair.source.name.clone(),
+        origin: pair.source,
         slot: source_slot,
         lsn: consistent_point.clone(),
     });
@@ -446,8 +443,7 @@ async fn copy_database(
 
     // 6. No slot into the target moved meanwhile.
     for new in &slots {
-        let origin = find_backend(node, &new.origin)?;
-        let client = connect_backend(origin, config).await?;
+        let client = connect_backend(new.origin, config).await?;
         let moved: bool = client
             .query_opt(
                 "SELECT confirmed_flush_lsn <> $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
@@ -458,20 +454,12 @@ async fn copy_database(
         if moved {
             return Err(RejoinError::Failed(format!(
                 "slot {} on {} moved while {target} was copied (a node had not yet seen the copy begin); REJOIN again",
-                new.slot, new.origin
+                new.slot, new.origin.name
             )));
         }
     }
     progress(format!("{target}/{database}: copied"));
     Ok(())
-}
-
-fn find_backend<'a>(node: &'a Node, name: &str) -> Result<&'a BackendConfig, RejoinError> {
-    node.config
-        .backends
-        .iter()
-        .find(|b| b.name == name)
-        .ok_or_else(|| RejoinError::Failed(format!("backend {name} is not configured")))
 }
 
 /// Drop `slot` if it exists, ending its walsender first (a driver that had

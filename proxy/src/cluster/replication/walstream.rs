@@ -426,6 +426,36 @@ pub struct WalWriter {
     writer: BackendWrite,
 }
 
+/// Log in to `config.database` on `backend` as the replication user with
+/// `replication=database` (a walsender that speaks SQL and the replication
+/// commands).
+pub(crate) async fn replication_login(
+    backend: &BackendConfig,
+    config: &ReplicationConfig,
+    timeout: Duration,
+) -> Result<backend::BackendConnection, backend::BackendError> {
+    let address = backend.address();
+    let params = [
+        ("replication".to_owned(), "database".to_owned()),
+        (
+            "application_name".to_owned(),
+            "chorus replication".to_owned(),
+        ),
+    ];
+    backend::connect(
+        &LoginParams {
+            address: &address,
+            tls: backend.tls.as_ref(),
+            user: &config.user,
+            password: config.password.as_deref(),
+            database: &config.database,
+            params: &params,
+        },
+        timeout,
+    )
+    .await
+}
+
 impl WalStream {
     /// Log in with `replication=database` and start streaming `slot` from
     /// its confirmed position.
@@ -435,27 +465,9 @@ impl WalStream {
         slot: &str,
         timeout: Duration,
     ) -> Result<WalStream, ReplicationError> {
-        let address = backend.address();
-        let params = [
-            ("replication".to_owned(), "database".to_owned()),
-            (
-                "application_name".to_owned(),
-                "chorus replication".to_owned(),
-            ),
-        ];
-        let connection = backend::connect(
-            &LoginParams {
-                address: &address,
-                tls: backend.tls.as_ref(),
-                user: &config.user,
-                password: config.password.as_deref(),
-                database: &config.database,
-                params: &params,
-            },
-            timeout,
-        )
-        .await
-        .map_err(|e| ReplicationError::Decoding(format!("walsender login: {e}")))?;
+        let connection = replication_login(backend, config, timeout)
+            .await
+            .map_err(|e| ReplicationError::Decoding(format!("walsender login: {e}")))?;
         let (read, writer) = connection.stream.into_split();
         let mut stream = WalStream {
             reader: BufReader::with_capacity(READ_BUFFER, read),
