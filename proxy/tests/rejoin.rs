@@ -244,9 +244,9 @@ async fn a_backend_copied_again_under_writes_ends_identical_with_every_acknowled
         .await
         .unwrap()
         .get(0);
+    let through_three = c.via(3).await;
     assert_eq!(
-        c.via(3)
-            .await
+        through_three
             .query_one("SELECT inet_server_port()", &[])
             .await
             .unwrap()
@@ -254,6 +254,14 @@ async fn a_backend_copied_again_under_writes_ends_identical_with_every_acknowled
         on_three,
         "node 3's sessions are on their home backend again"
     );
+    // What is written on the copy replicates (its capture triggers, which
+    // pg_dump leaves out, are back).
+    let id: i64 = through_three
+        .query_one("INSERT INTO acked (via) VALUES (3) RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    acked.lock().unwrap().insert(id);
 
     // Every backend identical, every acknowledged write there once, no
     // global id handed out twice.

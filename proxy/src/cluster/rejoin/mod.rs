@@ -24,7 +24,8 @@
 //!    transaction, triggers off), which is given the target's identity
 //!    (node and sequence id; its global sequences move to values of the
 //!    target's own: snowflake ids with its id, galloc ranges newly
-//!    allocated through the Raft log), then takes the database's place.
+//!    allocated through the Raft log) and its capture triggers (internal,
+//!    so not dumped), then takes the database's place.
 //!    The target's own slots are made before it takes any write, and the
 //!    peers forget how far they had applied its old changes.
 //! 6. A check that no slot into the target moved while the copy ran (a
@@ -528,7 +529,8 @@ async fn wait_confirmed(origin: &Client, slot: &str, lsn: &str) -> Result<(), Re
 }
 
 /// Give the staged copy the target's identity: its node and sequence id,
-/// where the source's own changes start, and global sequences of its own.
+/// where the source's own changes start, capture triggers, and global
+/// sequences of its own.
 /// Returns how many sequences moved.
 async fn take_identity(
     staged: &mut Client,
@@ -552,6 +554,14 @@ async fn take_identity(
         "INSERT INTO chorus.applied (origin, lsn) VALUES ($1, $2::text::pg_lsn) \
          ON CONFLICT (origin) DO UPDATE SET lsn = excluded.lsn",
         &[&i32::from(pair.source_owner), &consistent_point],
+    )
+    .await?;
+    // Chorus's capture triggers are internal, as a foreign key's are, so
+    // pg_dump leaves them out: every replicated table is adopted again.
+    tx.execute(
+        "SELECT chorus.adopt(to_regclass(tbl), keyless) FROM chorus.replicated_table \
+          WHERE to_regclass(tbl) IS NOT NULL",
+        &[],
     )
     .await?;
     let sequences = tx
