@@ -322,7 +322,9 @@ async fn elect_write_leader(node: &Node) {
     }
     let current = consensus.state().read(|s| s.write_leader.clone());
     let is_up = |name: &str| {
-        node.config.backends.iter().any(|b| b.name == name) && !node.is_backend_down(name)
+        node.config.backends.iter().any(|b| b.name == name)
+            && !node.is_backend_down(name)
+            && !node.is_copying(name)
     };
     if current.as_deref().is_some_and(is_up) {
         return;

@@ -13,24 +13,25 @@ pub fn raft_ports(n: usize) -> Vec<u16> {
 /// Raft RPC listens on `ports`, with its log under `dir`. Short election
 /// timeouts: tests stop leaders.
 pub fn cluster_toml(dir: &Path, id: usize, ports: &[u16], secret: &str) -> String {
+    let members: Vec<(usize, u16)> = ports.iter().enumerate().map(|(m, &p)| (m + 1, p)).collect();
     cluster_toml_via(
         dir,
         id,
         ports[id - 1],
-        ports,
+        &members,
         secret,
         "election_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n",
     )
 }
 
 /// The `[cluster]` section of node `id`, whose Raft RPC listens on
-/// `listen` and which reaches member `m + 1` at `members[m]` (a relay in
-/// front of it, or its own listen port), with `extra` settings.
+/// `listen`, naming `members` (each id and the port it is reached at: a
+/// relay in front of it, or its own listen port), with `extra` settings.
 pub fn cluster_toml_via(
     dir: &Path,
     id: usize,
     listen: u16,
-    members: &[u16],
+    members: &[(usize, u16)],
     secret: &str,
     extra: &str,
 ) -> String {
@@ -39,10 +40,9 @@ pub fn cluster_toml_via(
          data_dir = \"{}\"\nheartbeat_ms = 50\n{extra}\n",
         dir.join(format!("raft{id}")).display()
     );
-    for (m, port) in members.iter().enumerate() {
+    for (id, port) in members {
         toml.push_str(&format!(
-            "[[cluster.members]]\nid = {}\nraft = \"127.0.0.1:{port}\"\n",
-            m + 1
+            "[[cluster.members]]\nid = {id}\nraft = \"127.0.0.1:{port}\"\n"
         ));
     }
     toml

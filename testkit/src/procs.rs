@@ -33,8 +33,10 @@ pub struct Cluster {
     /// through (empty: nodes connect to backends directly).
     pub links: Vec<Vec<Link>>,
     /// Backends (by number) left out of the nodes' configurations written
-    /// from now on (a backend taken out of the cluster).
+    /// from now on (a backend taken out of the cluster, or one not yet in).
     pub omitted: Vec<usize>,
+    /// The nodes the configurations name as the cluster's first members.
+    pub members: Vec<usize>,
 }
 
 /// How to build a cluster.
@@ -56,6 +58,12 @@ pub struct Options {
     pub backend_settings: Vec<(String, String)>,
     /// Backends, and nodes (0: three).
     pub nodes: usize,
+    /// Backends (by position) no node's configuration names at first
+    /// (see `Cluster::omitted`).
+    pub omit: Vec<usize>,
+    /// The nodes the configurations name as the cluster's first members
+    /// (empty: all); another waits to be added (`chorus cluster add-node`).
+    pub members: Vec<usize>,
 }
 
 impl Drop for Cluster {
@@ -155,7 +163,12 @@ pub async fn cluster_opts(options: Options) -> Cluster {
         per_node: options.per_node,
         replication: options.replication,
         links,
-        omitted: Vec::new(),
+        omitted: options.omit,
+        members: if options.members.is_empty() {
+            (1..=n).collect()
+        } else {
+            options.members
+        },
     };
     for &i in &start {
         c.start_node(i);
@@ -193,6 +206,7 @@ pub async fn cluster_opts(options: Options) -> Cluster {
 impl Cluster {
     pub fn config(&self, i: usize, secret: &str) -> String {
         let relays: Vec<u16> = self.relays.iter().map(|r| r.port).collect();
+        let members: Vec<(usize, u16)> = self.members.iter().map(|&m| (m, relays[m - 1])).collect();
         let mut toml = format!(
             "[node]\nid = {i}\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
              home_backend = \"pg{i}\"\nworker_threads = 1\n{}\n{}\n\
@@ -207,7 +221,7 @@ impl Cluster {
                 self.dir.path(),
                 i,
                 self.raft_ports[i - 1],
-                &relays,
+                &members,
                 secret,
                 &format!(
                     "election_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n\

@@ -301,7 +301,8 @@ pub async fn reconcile_when_lost(node: Arc<Node>, consensus: Arc<Consensus>) {
                 .config
                 .backends
                 .iter()
-                .filter(|b| !node.is_backend_down(&b.name))
+                // (A backend being copied holds no data of its own yet.)
+                .filter(|b| !node.is_backend_down(&b.name) && !node.is_copying(&b.name))
             {
                 if let Ok(client) = crate::backend::connect_backend(backend, &lane.config).await {
                     clients.push((backend.name.clone(), client));

@@ -763,8 +763,10 @@ BEGIN
         SET pk_columns = excluded.pk_columns, keyless = excluded.keyless;
     -- Rows already there get version 0 from origin 0, the same on every
     -- backend that holds them, so their first replicated update applies
-    -- cleanly instead of looking like an update of a missing row.
-    IF cols IS NOT NULL THEN
+    -- cleanly instead of looking like an update of a missing row. (Not in
+    -- a copy of a backend, whose versions came with it: see
+    -- cluster/rejoin.)
+    IF cols IS NOT NULL AND current_setting('chorus.versions_copied', true) IS DISTINCT FROM 'on' THEN
         EXECUTE format('INSERT INTO chorus.row_version (tbl, pk, version, origin, deleted) '
                        'SELECT %L, chorus.key_of(to_jsonb(t.*), %L), 0, 0, false FROM %s t '
                        'ON CONFLICT (tbl, pk) DO NOTHING', name, cols, rel);

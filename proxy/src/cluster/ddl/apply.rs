@@ -128,6 +128,11 @@ async fn apply_log(
 ) -> Result<(), ReplicationError> {
     let config = &lane.config;
     let home = owner == u64::from(node.config.node.id);
+    // A backend being copied gets the log's effects with its copy, and
+    // the copy's DDL index says where to go on from (see cluster::rejoin).
+    while node.is_copying(&backend.name) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     if home {
         // The chorus schema (with chorus.ddl_history) comes first.
         while !lane.wait_schema_ready(Duration::from_secs(1)).await {}
@@ -164,6 +169,9 @@ async fn apply_log(
                 .map(<[DdlEntry]>::to_vec)
                 .unwrap_or_default()
         });
+        if node.is_copying(&backend.name) {
+            return Ok(());
+        }
         if entries.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(1), committed.changed()).await;
             continue;

@@ -115,6 +115,128 @@ fn data_row(body: &[u8]) -> Vec<String> {
     columns
 }
 
+/// Roles belong to the backend, not to a database: a new backend has
+/// none but its bootstrap superuser, and one restored from an old backup
+/// lacks those made since. Make on the target each role the source had at
+/// `snapshot` (a shared catalog is read at the snapshot too, so a role
+/// made later comes through the DDL log instead) that the target lacks,
+/// with its attributes, password, settings and memberships. (A role the
+/// target has already is left as it is.) Returns the roles made.
+pub(super) async fn copy_roles(
+    source: &Client,
+    admin: &Client,
+    snapshot: &str,
+) -> Result<Vec<String>, RejoinError> {
+    let have: std::collections::HashSet<String> = admin
+        .query("SELECT rolname::text FROM pg_roles", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    source
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await?;
+    let read = async {
+        let roles = source
+            .query(
+                "SELECT rolname::text, rolsuper, rolinherit, rolcreaterole, rolcreatedb, \
+                        rolcanlogin, rolreplication, rolbypassrls, rolconnlimit, rolpassword, \
+                        rolvaliduntil::text \
+                   FROM pg_authid WHERE rolname !~ '^pg_' ORDER BY oid",
+                &[],
+            )
+            .await?;
+        let members = source
+            .query(
+                "SELECT r.rolname::text, m.rolname::text, a.admin_option \
+                   FROM pg_auth_members a JOIN pg_authid r ON r.oid = a.roleid \
+                   JOIN pg_authid m ON m.oid = a.member",
+                &[],
+            )
+            .await?;
+        let settings = source
+            .query(
+                "SELECT pg_get_userbyid(setrole)::text, c FROM pg_db_role_setting, \
+                        unnest(setconfig) c WHERE setdatabase = 0 AND setrole <> 0",
+                &[],
+            )
+            .await?;
+        Ok::<_, tokio_postgres::Error>((roles, members, settings))
+    };
+    let read = read.await;
+    source.batch_execute("COMMIT").await?;
+    let (roles, members, settings) = read?;
+    let mut made = Vec::new();
+    for role in &roles {
+        let name: String = role.get(0);
+        if have.contains(&name) {
+            continue;
+        }
+        let flag = |i: usize, yes: &str, no: &str| {
+            if role.get::<_, bool>(i) {
+                format!(" {yes}")
+            } else {
+                format!(" {no}")
+            }
+        };
+        let mut sql = format!("CREATE ROLE {} WITH", quote_ident(&name));
+        sql += &flag(1, "SUPERUSER", "NOSUPERUSER");
+        sql += &flag(2, "INHERIT", "NOINHERIT");
+        sql += &flag(3, "CREATEROLE", "NOCREATEROLE");
+        sql += &flag(4, "CREATEDB", "NOCREATEDB");
+        sql += &flag(5, "LOGIN", "NOLOGIN");
+        sql += &flag(6, "REPLICATION", "NOREPLICATION");
+        sql += &flag(7, "BYPASSRLS", "NOBYPASSRLS");
+        sql += &format!(" CONNECTION LIMIT {}", role.get::<_, i32>(8));
+        if let Some(password) = role.get::<_, Option<String>>(9) {
+            sql += &format!(" PASSWORD {}", quote_literal(&password));
+        }
+        if let Some(until) = role.get::<_, Option<String>>(10) {
+            sql += &format!(" VALID UNTIL {}", quote_literal(&until));
+        }
+        admin.batch_execute(&sql).await?;
+        made.push(name);
+    }
+    let new = |name: &String| made.contains(name);
+    for member in &members {
+        let (role, of, admin_option): (String, String, bool) =
+            (member.get(0), member.get(1), member.get(2));
+        if !new(&role) && !new(&of) {
+            continue;
+        }
+        admin
+            .batch_execute(&format!(
+                "GRANT {} TO {}{}",
+                quote_ident(&role),
+                quote_ident(&of),
+                if admin_option {
+                    " WITH ADMIN OPTION"
+                } else {
+                    ""
+                }
+            ))
+            .await?;
+    }
+    for setting in &settings {
+        let (role, text): (String, String) = (setting.get(0), setting.get(1));
+        let Some((name, value)) = text.split_once('=').filter(|_| new(&role)) else {
+            continue;
+        };
+        admin
+            .batch_execute(&format!(
+                "ALTER ROLE {} SET {} = {}",
+                quote_ident(&role),
+                quote_ident(name),
+                quote_literal(value)
+            ))
+            .await?;
+    }
+    Ok(made)
+}
+
 /// The name the copy is restored under before it takes the database's
 /// place.
 pub(super) fn staging_name(database: &str) -> String {
@@ -126,7 +248,7 @@ pub(super) fn staging_name(database: &str) -> String {
 
 /// Make the empty staging database on the target (`admin`: a connection
 /// to another of its databases), with the source database's owner,
-/// encoding, locale and settings.
+/// encoding, locale, grants, connection limit and settings.
 pub(super) async fn create_staging(
     source: &Client,
     admin: &Client,
@@ -135,13 +257,15 @@ pub(super) async fn create_staging(
     let staging = staging_name(database);
     let row = source
         .query_one(
-            "SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype \
+            "SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype, \
+                    datconnlimit, datacl IS NOT NULL \
                FROM pg_database WHERE datname = current_database()",
             &[],
         )
         .await?;
     let (owner, encoding, collate, ctype): (String, String, String, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (limit, explicit): (i32, bool) = (row.get(4), row.get(5));
     admin
         .batch_execute(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -158,6 +282,47 @@ pub(super) async fn create_staging(
             quote_literal(&ctype),
         ))
         .await?;
+    // Who may connect and make schemas or temporary tables (the grants
+    // of the source's database; none given: PostgreSQL's defaults), and
+    // how many may connect.
+    let grants = source
+        .query(
+            "SELECT a.privilege_type, \
+                    CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee)::text END, \
+                    a.is_grantable \
+               FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = current_database()",
+            &[],
+        )
+        .await?;
+    if explicit {
+        admin
+            .batch_execute(&format!(
+                "REVOKE ALL ON DATABASE {0} FROM PUBLIC; REVOKE ALL ON DATABASE {0} FROM {1}",
+                quote_ident(&staging),
+                quote_ident(&owner)
+            ))
+            .await?;
+        for grant in grants {
+            let (privilege, grantee, grantable): (String, Option<String>, bool) =
+                (grant.get(0), grant.get(1), grant.get(2));
+            admin
+                .batch_execute(&format!(
+                    "GRANT {privilege} ON DATABASE {} TO {}{}",
+                    quote_ident(&staging),
+                    grantee.as_deref().map_or("PUBLIC".into(), quote_ident),
+                    if grantable { " WITH GRANT OPTION" } else { "" }
+                ))
+                .await?;
+        }
+    }
+    if limit >= 0 {
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} CONNECTION LIMIT {limit}",
+                quote_ident(&staging)
+            ))
+            .await?;
+    }
     // The database's own settings (ALTER DATABASE … SET), for every role
     // and per role.
     let settings = source

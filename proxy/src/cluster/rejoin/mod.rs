@@ -19,7 +19,8 @@
 //!    `chorus.apply_transactions`), so nothing is lost or applied twice.
 //! 4. The source's slot to the target is made with an exported snapshot,
 //!    and the database is dumped at that snapshot: the slot's changes are
-//!    exactly those the dump does not hold.
+//!    exactly those the dump does not hold. The roles the source had then
+//!    and the target lacks are made first (a new backend has none).
 //! 5. The dump is restored into a staging database on the target (one
 //!    transaction, triggers off), which is given the target's identity
 //!    (node and sequence id; its global sequences move to values of the
@@ -34,6 +35,12 @@
 //!
 //! A copy that fails leaves the backend out (`copying`): run it again.
 //! Every replicated database is copied, one after another.
+//!
+//! A new backend joins the same way (`JOIN`): announced first (`ADD
+//! BACKEND`: `copying` before any node names it), so that the nodes can be
+//! restarted with it in their configuration and its node started, it has
+//! no session to wait for and nothing of its own to send, and its
+//! databases are made by the copy.
 
 mod copy;
 
@@ -73,6 +80,8 @@ pub enum RejoinError {
 #[derive(Debug, Default)]
 pub struct Rejoined {
     pub databases: usize,
+    /// Roles the target lacked.
+    pub roles: usize,
     pub sequences: usize,
     pub sessions_ended: u64,
 }
@@ -393,6 +402,11 @@ async fn copy_database(
         ..config.clone()
     };
     let admin = connect_backend(pair.target, &admin_config).await?;
+    let roles = copy::copy_roles(&source_client, &admin, &exported.snapshot).await?;
+    if !roles.is_empty() {
+        progress(format!("{target}: roles made: {}", roles.join(", ")));
+    }
+    done.roles += roles.len();
     copy::create_staging(&source_client, &admin, database).await?;
     progress(format!(
         "{target}/{database}: copying from {} at {}",
@@ -557,7 +571,10 @@ async fn take_identity(
     )
     .await?;
     // Chorus's capture triggers are internal, as a foreign key's are, so
-    // pg_dump leaves them out: every replicated table is adopted again.
+    // pg_dump leaves them out: every replicated table is adopted again
+    // (its rows' versions came with the copy).
+    tx.batch_execute("SET LOCAL chorus.versions_copied = 'on'")
+        .await?;
     tx.execute(
         "SELECT chorus.adopt(to_regclass(tbl), keyless) FROM chorus.replicated_table \
           WHERE to_regclass(tbl) IS NOT NULL",

@@ -47,7 +47,8 @@ pub async fn wait_streams_ready(
                 .config
                 .backends
                 .iter()
-                .filter(|b| b.name != backend.name)
+                // (A backend being copied gets its slots from the copy.)
+                .filter(|b| b.name != backend.name && !node.is_copying(&b.name))
                 .map(|b| lane.slot_name(owner, &b.name))
                 .collect();
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

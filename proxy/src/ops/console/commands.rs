@@ -2,7 +2,8 @@
 //! and `SWITCHOVER` go through Raft, so every node follows them (see
 //! `Node::set_routing`), and answer once this node has applied them;
 //! `RELOAD` reads this node's configuration file again; `REJOIN` copies a
-//! backend again (see `cluster::rejoin`), telling each step as it goes.
+//! backend again (see `cluster::rejoin`), telling each step as it goes,
+//! and `JOIN` copies a new one, announced by `ADD BACKEND`, the same way.
 
 use std::time::Duration;
 
@@ -209,9 +210,61 @@ pub(super) fn reload(node: &Node) -> Result<Vec<String>, PgError> {
     })
 }
 
-/// The backends of `REJOIN <backend> FROM <source>` (quotes allowed), when
-/// `sql` is that command.
-pub(super) fn rejoin_named(sql: &str) -> Option<(String, String)> {
+/// `ADD BACKEND name`: the cluster expects a new backend by that name.
+/// Until `JOIN name FROM source` has copied it, no node sends it a session
+/// or a stream, or applies the DDL log to it, whether or not its
+/// configuration names it yet (it is `copying`, see `Node::set_routing`):
+/// the nodes can then be restarted one by one with it in their
+/// configuration, and the new node started, before the copy.
+pub(super) async fn add_backend(node: &Node, named: &str) -> Result<(), PgError> {
+    let name = named.trim_matches(|c| c == '"' || c == '\'');
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid {
+        return Err(error(
+            "42602",
+            format!("invalid backend name \"{name}\""),
+            Some("A backend's name is the one in the [[backends]] configuration: letters, digits, '_' and '-'."),
+        ));
+    }
+    let Some(consensus) = node.consensus() else {
+        return Err(error(
+            "55000",
+            "this node is not part of a cluster".into(),
+            None,
+        ));
+    };
+    let (expected, member) = consensus
+        .state()
+        .read(|s| (s.copying.contains(name), s.owner_of(name).is_some()));
+    if expected {
+        return Ok(());
+    }
+    if member || node.backend_index(name).is_some() {
+        return Err(error(
+            "42710",
+            format!("backend \"{name}\" is already in the cluster"),
+            Some("To copy it again from a peer: REJOIN <backend> FROM <source>."),
+        ));
+    }
+    let owned = name.to_owned();
+    run(
+        node,
+        Request::SetCopying {
+            backend: owned.clone(),
+            copying: true,
+        },
+        move |s| s.copying.contains(&owned),
+    )
+    .await
+}
+
+/// The command tag and backends of `REJOIN <backend> FROM <source>`, or of
+/// `JOIN <backend> FROM <source>` (quotes allowed), when `sql` is one.
+pub(super) fn rejoin_named(sql: &str) -> Option<(&'static str, String, String)> {
     let words: Vec<&str> = sql
         .trim()
         .trim_end_matches(';')
@@ -219,22 +272,24 @@ pub(super) fn rejoin_named(sql: &str) -> Option<(String, String)> {
         .collect();
     let unquote = |w: &str| w.trim_matches(|c| c == '"' || c == '\'').to_owned();
     match words.as_slice() {
-        [rejoin, target, from, source]
-            if rejoin.eq_ignore_ascii_case("REJOIN") && from.eq_ignore_ascii_case("FROM") =>
-        {
-            Some((unquote(target), unquote(source)))
+        [command, target, from, source] if from.eq_ignore_ascii_case("FROM") => {
+            let tag = ["REJOIN", "JOIN"]
+                .into_iter()
+                .find(|tag| command.eq_ignore_ascii_case(tag))?;
+            Some((tag, unquote(target), unquote(source)))
         }
         _ => None,
     }
 }
 
-/// `REJOIN <backend> FROM <source>`: each step goes to the client as a
-/// NOTICE when it happens; then `REJOIN` or the error. (If the client
-/// leaves, the copy stops where it is, and the backend stays out until a
-/// REJOIN completes.)
+/// `REJOIN <backend> FROM <source>` (or `JOIN`, `tag`): each step goes to
+/// the client as a NOTICE when it happens; then the tag or the error. (If
+/// the client leaves, the copy stops where it is, and the backend stays
+/// out until a copy completes.)
 pub(super) async fn rejoin<S>(
     node: &Node,
     client: &mut S,
+    tag: &str,
     target: &str,
     source: &str,
     out: &mut bytes::BytesMut,
@@ -270,12 +325,12 @@ where
             crate::wire::protocol::notice(
                 out,
                 &format!(
-                    "{} database(s) copied, {} global sequence(s) moved to {target}'s own values, {} session(s) ended",
-                    done.databases, done.sequences, done.sessions_ended
+                    "{} database(s) copied, {} role(s) made, {} global sequence(s) moved to {target}'s own values, {} session(s) ended",
+                    done.databases, done.roles, done.sequences, done.sessions_ended
                 ),
             );
             crate::wire::protocol::write_message(out, b'C', |m| {
-                crate::wire::protocol::put_cstr(m, "REJOIN")
+                crate::wire::protocol::put_cstr(m, tag)
             });
         }
         Err(crate::cluster::rejoin::RejoinError::Refused(code, message, hint)) => {
@@ -284,9 +339,29 @@ where
         Err(e) => error(
             "58000",
             format!("the copy of {target} failed: {e}"),
-            Some("The backend stays out of the cluster (no session, no replication) until REJOIN completes: fix the cause and run it again."),
+            Some("The backend stays out of the cluster (no session, no replication) until a copy completes: fix the cause and run it again."),
         )
         .write(out),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rejoin_named;
+
+    #[test]
+    fn rejoin_and_join_name_their_backends() {
+        assert_eq!(
+            rejoin_named("REJOIN pg3 FROM pg1;"),
+            Some(("REJOIN", "pg3".to_owned(), "pg1".to_owned()))
+        );
+        assert_eq!(
+            rejoin_named("  join \"pg4\" from 'pg2' "),
+            Some(("JOIN", "pg4".to_owned(), "pg2".to_owned()))
+        );
+        assert_eq!(rejoin_named("JOIN pg4"), None);
+        assert_eq!(rejoin_named("ADD BACKEND pg4"), None);
+        assert_eq!(rejoin_named("REJOIN pg4 TO pg1"), None);
+    }
 }

@@ -43,7 +43,12 @@
 //!   waits for a restart;
 //! - `REJOIN <backend> FROM <source>`: copy the backend's replicated
 //!   databases again from the source while the cluster takes writes (see
-//!   `cluster::rejoin`), each step a NOTICE as it happens.
+//!   `cluster::rejoin`), each step a NOTICE as it happens;
+//! - `ADD BACKEND <backend>`: the cluster expects a new backend; no node
+//!   sends it a session or a stream until it is copied, so that the nodes
+//!   can be restarted with it in their configuration first;
+//! - `JOIN <backend> FROM <source>`: copy the new backend, as `REJOIN`
+//!   does.
 //!
 //! Anything else gets `42601` with the list of commands. Only the simple
 //! query protocol is served (psql's); the extended one gets `0A000`.
@@ -100,6 +105,14 @@ const COMMANDS: &[(&str, &str)] = &[
         "REJOIN <backend> FROM <source>",
         "copy the backend again from the source while the cluster takes writes",
     ),
+    (
+        "ADD BACKEND <backend>",
+        "expect a new backend: no session or stream goes to it until JOIN copies it",
+    ),
+    (
+        "JOIN <backend> FROM <source>",
+        "copy a new backend from the source while the cluster takes writes",
+    ),
 ];
 
 /// Serve a logged-in admin session until the client ends it. The caller
@@ -142,8 +155,8 @@ where
             b'X' => return Ok(()),
             b'Q' => {
                 let sql = protocol::read_cstr(&body).map_or("", |(sql, _)| sql);
-                if let Some((target, source)) = commands::rejoin_named(sql) {
-                    commands::rejoin(node, client, &target, &source, &mut out).await?;
+                if let Some((tag, target, source)) = commands::rejoin_named(sql) {
+                    commands::rejoin(node, client, tag, &target, &source, &mut out).await?;
                 } else {
                     answer(node, sql, &mut out).await;
                 }
@@ -184,6 +197,9 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         (["RESUME", _], Some(backend)) => Some(("RESUME", commands::resume(node, backend).await)),
         (["SWITCHOVER", _], Some(backend)) => {
             Some(("SWITCHOVER", commands::switchover(node, backend).await))
+        }
+        (["ADD", "BACKEND", _], _) => {
+            Some(("ADD BACKEND", commands::add_backend(node, given[2]).await))
         }
         _ => None,
     };

@@ -1,0 +1,432 @@
+//! A fourth backend and node join a running three-node cluster while the
+//! cluster takes writes: the backend announced on the admin console (`ADD
+//! BACKEND`), the nodes restarted one by one with it in their
+//! configuration, its node started and added to Raft, then the backend
+//! copied from a peer (`JOIN <backend> FROM <source>`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chorus_testkit as testkit;
+use chorus_testkit::procs;
+
+/// What one writer did: inserts acknowledged (their ids kept in the
+/// shared set) and inserts that failed (their outcome unknown: the node
+/// went away under them).
+#[derive(Debug, Default)]
+struct Written {
+    acked: u64,
+    failed: u64,
+}
+
+/// Insert through the node at `port` (into `database`) until `stop`,
+/// connecting again, after a pause, whenever the node goes away (a
+/// rolling restart). Each acknowledged id goes to `acked`.
+async fn write_until(
+    port: u16,
+    database: &'static str,
+    node: i32,
+    acked: Arc<Mutex<BTreeSet<i64>>>,
+    stop: Arc<AtomicBool>,
+) -> Written {
+    let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname={database}");
+    let sql = if database == "shop" {
+        "INSERT INTO orders (via) VALUES ($1) RETURNING id"
+    } else {
+        "INSERT INTO acked (via) VALUES ($1) RETURNING id"
+    };
+    let mut written = Written::default();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(client) = testkit::connect(&conninfo).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        while !stop.load(Ordering::Relaxed) {
+            match client.query_one(sql, &[&node]).await {
+                Ok(row) => {
+                    acked.lock().unwrap().insert(row.get(0));
+                    written.acked += 1;
+                }
+                Err(_) => {
+                    written.failed += 1;
+                    break;
+                }
+            }
+        }
+        // (Whatever ended the session, the next try waits a little: a loop
+        // of instant failures would hold the runtime.)
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    written
+}
+
+/// Wait (bounded) until `count` is at least `n`.
+async fn wait_count(what: &str, count: impl Fn() -> usize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {n} after 60 s",
+            count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The same value of `sql` in `database` on all four backends (bounded
+/// wait); the value.
+async fn everywhere(c: &procs::Cluster, database: &str, sql: &str) -> String {
+    c.agree(database, sql, None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write() {
+    // Four backends, three of them in the cluster; backend 4 is a fresh
+    // `initdb`, and node 4 is not a member yet.
+    let mut c = procs::cluster_opts(procs::Options {
+        nodes: 4,
+        start: vec![1, 2, 3],
+        omit: vec![4],
+        members: vec![1, 2, 3],
+        node_extra: "admin_users = [\"postgres\"]".into(),
+        replication: "replicate_created_databases = true".into(),
+        ..procs::Options::default()
+    })
+    .await;
+
+    // An application role with a password, owning a second replicated
+    // database that only it (and superusers) may connect to, made through
+    // Chorus; pgbench's tables and two global sequences in the first.
+    c.exec(
+        1,
+        "CREATE ROLE app LOGIN PASSWORD 'app-secret' CONNECTION LIMIT 50; \
+         CREATE ROLE readers NOLOGIN; GRANT readers TO app; \
+         ALTER ROLE app SET statement_timeout = '5min'",
+    )
+    .await;
+    c.exec(1, "CREATE DATABASE shop OWNER app").await;
+    c.exec(
+        1,
+        "REVOKE CONNECT, TEMPORARY ON DATABASE shop FROM PUBLIC; \
+         GRANT CONNECT ON DATABASE shop TO app",
+    )
+    .await;
+    c.via_db(2, "shop")
+        .await
+        .batch_execute(
+            "BEGIN; CREATE TABLE orders (id bigserial PRIMARY KEY, via int NOT NULL); \
+             ALTER TABLE orders OWNER TO app; \
+             INSERT INTO orders (via) SELECT 0 FROM generate_series(1, 1000); COMMIT",
+        )
+        .await
+        .unwrap();
+    let init = testkit::pgbench(c.ports[0], &["-i", "-s", "1", "-q"]);
+    assert!(init.status.success(), "{}", testkit::stderr(&init));
+    c.exec(
+        1,
+        "CREATE TABLE acked (id bigserial PRIMARY KEY, via int NOT NULL); \
+         CREATE TABLE small (id serial PRIMARY KEY, via int)",
+    )
+    .await;
+    for b in 1..=3 {
+        c.wait_for(b, "SELECT count(*)::text FROM pgbench_accounts", |v| {
+            v == "100000"
+        })
+        .await;
+        c.wait_for(b, "SELECT to_regclass('small')::text", |v| v == "small")
+            .await;
+    }
+
+    // Writes through every node, all along.
+    let acked: Arc<Mutex<BTreeSet<i64>>> = Arc::default();
+    let orders: Arc<Mutex<BTreeSet<i64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for node in 1..=3 {
+        writers.push(tokio::spawn(write_until(
+            c.ports[node - 1],
+            "postgres",
+            node as i32,
+            acked.clone(),
+            stop.clone(),
+        )));
+    }
+    writers.push(tokio::spawn(write_until(
+        c.ports[2],
+        "shop",
+        3,
+        orders.clone(),
+        stop.clone(),
+    )));
+    wait_count("acknowledged inserts", || acked.lock().unwrap().len(), 200).await;
+
+    // 1. The cluster expects backend 4.
+    let console = c.via_db(1, "chorus").await;
+    let refused = console.simple_query("ADD BACKEND pg1").await.unwrap_err();
+    assert_eq!(testkit::sqlstate(&refused).as_deref(), Some("42710"));
+    console.simple_query("ADD BACKEND pg4").await.unwrap();
+    drop(console);
+
+    // 2. Node 4 starts (its home: backend 4) and is added to Raft; the
+    // other nodes are restarted one by one with backend 4 in their
+    // configuration. Until the copy, no session goes to backend 4.
+    c.omitted.clear();
+    c.start_node(4);
+    let relay4 = format!("127.0.0.1:{}", c.relays[3].port);
+    let added = c.chorus(1, &["cluster", "add-node", "--id", "4", "--raft", &relay4]);
+    assert!(added.contains("voter"), "{added}");
+    for i in 1..=3 {
+        c.stop_node(i);
+        c.start_node(i);
+        c.via(i).await.batch_execute("SELECT 1").await.unwrap();
+    }
+    let four_port: i32 = c
+        .direct(4)
+        .await
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let through_four = c.via(4).await;
+    let served_by: i32 = through_four
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        served_by, four_port,
+        "a session went to the backend not yet copied"
+    );
+    drop(through_four);
+    let before = acked.lock().unwrap().len();
+    wait_count(
+        "inserts after the restarts",
+        || acked.lock().unwrap().len(),
+        before + 100,
+    )
+    .await;
+
+    // 3. The copy, from backend 1, while the writes go on.
+    let (console, notices) = testkit::connect_hearing_notices(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=chorus",
+        c.ports[1]
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let took = loop {
+        let started = Instant::now();
+        match console.simple_query("JOIN pg4 FROM pg1").await {
+            Ok(_) => break started.elapsed(),
+            // Node 4 registers its home backend shortly after it is added.
+            Err(e)
+                if testkit::sqlstate(&e).as_deref() == Some("55000")
+                    && procs::message(&e).contains("must have joined")
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("JOIN: {}", procs::message(&e)),
+        }
+    };
+    eprintln!("JOIN took {:.1} s", took.as_secs_f64());
+    let told: Vec<String> = notices.lock().unwrap().clone();
+    assert!(
+        told.iter()
+            .any(|n| n.contains("roles made:") && n.contains(" app") && n.contains(" readers")),
+        "{told:?}"
+    );
+    assert!(
+        told.iter().any(|n| n.contains("2 database(s) copied")),
+        "{told:?}"
+    );
+
+    // Writes go on through node 4 too, on its own backend now.
+    writers.push(tokio::spawn(write_until(
+        c.ports[3],
+        "postgres",
+        4,
+        acked.clone(),
+        stop.clone(),
+    )));
+    // (Node 4 follows the copy's end once it has applied it.)
+    let c4 = &c;
+    testkit::eventually(
+        "node 4's new sessions on backend 4",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async move {
+            let served_by: i32 = c4
+                .via(4)
+                .await
+                .query_one("SELECT inet_server_port()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            served_by == four_port
+        },
+    )
+    .await;
+    let before = acked.lock().unwrap().len();
+    wait_count(
+        "inserts after the copy",
+        || acked.lock().unwrap().len(),
+        before + 300,
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failed = 0;
+    for writer in writers {
+        let written = writer.await.unwrap();
+        assert!(written.acked > 0, "a writer wrote nothing: {written:?}");
+        failed += written.failed;
+    }
+
+    // Every backend identical; every acknowledged insert there once, and
+    // nothing else but inserts whose outcome was unknown (a node restarted
+    // under them).
+    let acked = acked.lock().unwrap().clone();
+    let orders = orders.lock().unwrap().clone();
+    everywhere(
+        &c,
+        "postgres",
+        "SELECT md5(string_agg(id::text, ',' ORDER BY id)) FROM acked",
+    )
+    .await;
+    let stored: BTreeSet<i64> = c
+        .direct(4)
+        .await
+        .query("SELECT id FROM acked", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        stored.is_superset(&acked),
+        "lost: {:?}",
+        acked.difference(&stored).take(10).collect::<Vec<_>>()
+    );
+    let unknown = stored.len() - acked.len();
+    assert!(
+        unknown as u64 <= failed,
+        "{unknown} rows more than acknowledged, {failed} inserts failed"
+    );
+    let stored_orders: BTreeSet<i64> = c
+        .direct_db(4, "shop")
+        .await
+        .query("SELECT id FROM orders WHERE via <> 0", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        stored_orders.is_superset(&orders),
+        "orders lost on backend 4"
+    );
+    for sql in [
+        "SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a",
+        "SELECT md5(string_agg(b::text, ',' ORDER BY bid)) FROM pgbench_branches b",
+        "SELECT count(*)::text FROM pgbench_accounts",
+    ] {
+        everywhere(&c, "postgres", sql).await;
+    }
+    everywhere(
+        &c,
+        "shop",
+        "SELECT md5(string_agg(o::text, ',' ORDER BY id)) FROM orders o",
+    )
+    .await;
+
+    // Backend 4 has the roles, with their password, settings and
+    // membership, and the database's grants.
+    let role = "SELECT rolconnlimit || ' ' || array_to_string(rolconfig, ',') || ' ' || \
+                pg_has_role('app', 'readers', 'MEMBER') FROM pg_roles WHERE rolname = 'app'";
+    assert_eq!(
+        everywhere(&c, "postgres", role).await,
+        "50 statement_timeout=5min true"
+    );
+    let password = "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'";
+    let hash = |b: usize| {
+        let c = &c;
+        async move {
+            c.direct(b)
+                .await
+                .query_one(password, &[])
+                .await
+                .unwrap()
+                .get::<_, Option<String>>(0)
+        }
+    };
+    assert!(hash(4).await.is_some());
+    assert_eq!(
+        hash(4).await,
+        hash(1).await,
+        "backend 4 has the password of its source"
+    );
+    let access = "SELECT has_database_privilege('app', 'shop', 'CONNECT')::text || ' ' || \
+                  has_database_privilege('readers', 'shop', 'CONNECT')::text || ' ' || \
+                  (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'shop')";
+    assert_eq!(everywhere(&c, "postgres", access).await, "true false app");
+
+    // Backend 4 hands out values of its own: its node's sequence id in its
+    // snowflake ids, a galloc range no other backend has; and it streams
+    // to every peer and every peer to it.
+    let four = c.direct(4).await;
+    let sequence_id: i32 = four
+        .query_one("SELECT sequence_id FROM chorus.local", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let own: i64 = four
+        .query_one("SELECT nextval('acked_id_seq') & 1023", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(own, i64::from(sequence_id));
+    let mut ids = BTreeSet::new();
+    let mut ranges = BTreeSet::new();
+    for b in 1..=4 {
+        let client = c.direct(b).await;
+        ids.insert(
+            client
+                .query_one("SELECT sequence_id FROM chorus.local", &[])
+                .await
+                .unwrap()
+                .get::<_, i32>(0),
+        );
+        // (Each backend's galloc range, once it has handed out a value.)
+        client
+            .batch_execute("SELECT nextval('small_id_seq')")
+            .await
+            .unwrap();
+        ranges.insert(
+            client
+                .query_one(
+                    "SELECT range_lo FROM chorus.global_sequence WHERE seq = 'public.small_id_seq'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, Option<i64>>(0),
+        );
+    }
+    assert_eq!(ids.len(), 4, "sequence ids {ids:?}");
+    assert_eq!(ranges.len(), 4, "galloc ranges {ranges:?}");
+    let slots = "SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots \
+                 WHERE database = 'postgres'";
+    let mut expected = Vec::new();
+    for b in 1..=4 {
+        let names: Vec<String> = (1..=4)
+            .filter(|&p| p != b)
+            .map(|p| format!("chorus_{b}_to_pg{p}"))
+            .collect();
+        expected.push(names.join(","));
+    }
+    for b in 1..=4 {
+        c.wait_for(b, slots, |v| v == expected[b - 1]).await;
+    }
+}
