@@ -14,7 +14,8 @@
 //! | `chorus_backend_connections` | gauge | `backend` | server connections open now |
 //! | `chorus_backend_up` | gauge | `backend` | 1 when the last login to the backend worked, 0 when it failed |
 //! | `chorus_backend_drained` | gauge | `backend` | 1 while the backend is drained (the admin console's DRAIN) |
-//! | `chorus_backend_copying` | gauge | `backend` | 1 while the backend is being copied again (the admin console's REJOIN) |
+//! | `chorus_backend_copying` | gauge | `backend` | 1 while the backend is being copied (the admin console's REJOIN or JOIN) |
+//! | `chorus_backend_copy_progress` | gauge | `backend` | on the node running the copy, how much of the current database is copied, 0 to 1 (estimated from the sizes on disk) |
 //! | `chorus_changes_applied_total` | counter | `peer` | row changes and DDL from this node's home backend applied on a peer |
 //! | `chorus_conflicts_total` | counter | `kind` | conflicts resolved while applying this node's changes on peers, by kind |
 //! | `chorus_changes_applied_per_second` | gauge | `peer` | changes applied on the peer over the last second or so |
@@ -108,6 +109,7 @@ pub struct Metrics {
     backend_connections: Vec<(String, Gauge, Gauge)>,
     backend_drained: Vec<(String, Gauge)>,
     backend_copying: Vec<(String, Gauge)>,
+    backend_copy_progress: Vec<(String, Gauge)>,
     replication: Vec<PeerMetrics>,
     conflicts: Vec<(&'static str, Counter)>,
     pub hlc_skew_ms: Gauge,
@@ -311,10 +313,23 @@ impl Metrics {
                 )
             })
             .collect();
+        let backend_copy_progress = backends
+            .iter()
+            .map(|name| {
+                (
+                    name.clone(),
+                    gauge(
+                        "chorus_backend_copy_progress",
+                        vec![Label::new("backend", name.clone())],
+                    ),
+                )
+            })
+            .collect();
         Metrics {
             ddl_index,
             backend_drained,
             backend_copying,
+            backend_copy_progress,
             ddl_duration: recorder.register_histogram(
                 &Key::from_static_name("chorus_ddl_duration_seconds"),
                 &METADATA,
@@ -382,6 +397,13 @@ impl Metrics {
     pub fn backend_copying(&self, name: &str, copying: bool) {
         if let Some((_, gauge)) = self.backend_copying.iter().find(|(n, _)| n == name) {
             gauge.set(if copying { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// How much of a database the copy of a backend has done (0 to 1).
+    pub fn backend_copy_progress(&self, name: &str, share: f64) {
+        if let Some((_, gauge)) = self.backend_copy_progress.iter().find(|(n, _)| n == name) {
+            gauge.set(share);
         }
     }
 

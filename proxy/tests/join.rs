@@ -215,11 +215,13 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
         c.ports[1]
     ))
     .await;
+    // A first JOIN fails half-way (the new backend is down once the slots
+    // into it are made again): it stays out, and a second one completes.
+    c.backends[3].stop();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let took = loop {
-        let started = Instant::now();
+    let failed = loop {
         match console.simple_query("JOIN pg4 FROM pg1").await {
-            Ok(_) => break started.elapsed(),
+            Ok(_) => panic!("JOIN completed with its target down"),
             // Node 4 registers its home backend shortly after it is added.
             Err(e)
                 if testkit::sqlstate(&e).as_deref() == Some("55000")
@@ -228,10 +230,29 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
             {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => panic!("JOIN: {}", procs::message(&e)),
+            Err(e) => break e,
         }
     };
+    assert_eq!(
+        testkit::sqlstate(&failed).as_deref(),
+        Some("58000"),
+        "{}",
+        procs::message(&failed)
+    );
+    c.backends[3].start().unwrap();
+    let started = Instant::now();
+    console
+        .simple_query("JOIN pg4 FROM pg1")
+        .await
+        .unwrap_or_else(|e| panic!("JOIN: {}", procs::message(&e)));
+    let took = started.elapsed();
     eprintln!("JOIN took {:.1} s", took.as_secs_f64());
+    assert_eq!(
+        c.metric(2, "chorus_backend_copy_progress{backend=\"pg4\"}")
+            .await,
+        Some(1.0),
+        "node 2, which copied, says the copy is whole"
+    );
     let told: Vec<String> = notices.lock().unwrap().clone();
     assert!(
         told.iter()

@@ -171,8 +171,12 @@ pub async fn rejoin(
     };
     let mut done = Rejoined::default();
 
-    // 1. No session on the target; its changes reach every peer.
-    if !drained {
+    // 1. No session on the target; its changes reach every peer. (A
+    // backend already being copied takes no session and sends nothing: a
+    // new one announced by ADD BACKEND, or one whose copy failed after
+    // this step, which starts again at step 3.)
+    let drains = !again && !drained;
+    if drains {
         propose(
             &consensus,
             Request::SetDrained {
@@ -182,12 +186,11 @@ pub async fn rejoin(
         )
         .await?;
     }
-    progress(format!(
-        "{target}: drained; waiting for its sessions to leave"
-    ));
-    // (A copy that failed stopped the target's streams after this step:
-    // a second one starts at step 3.)
     for lane in lanes.iter().filter(|_| !again) {
+        progress(format!(
+            "{target}: drained; waiting for its sessions in {} to leave",
+            lane.database()
+        ));
         if let Ok(client) = connect_backend(pair.target, &lane.config).await {
             done.sessions_ended += sessions_leave(&client).await?;
             progress(format!(
@@ -195,7 +198,7 @@ pub async fn rejoin(
                 lane.database()
             ));
             if let Err(e) = changes_sent(&client, target_owner).await {
-                if !drained {
+                if drains {
                     let _ = propose(
                         &consensus,
                         Request::SetDrained {
@@ -236,7 +239,7 @@ pub async fn rejoin(
         },
     )
     .await?;
-    if !drained {
+    if drains {
         propose(
             &consensus,
             Request::SetDrained {
@@ -412,7 +415,17 @@ async fn copy_database(
         "{target}/{database}: copying from {} at {}",
         pair.source.name, exported.consistent_point
     ));
-    copy::dump_and_restore(pair.source, pair.target, config, &exported.snapshot).await?;
+    let restore = copy::dump_and_restore(pair.source, pair.target, config, &exported.snapshot);
+    with_progress(
+        node,
+        &source_client,
+        &admin,
+        target,
+        database,
+        restore,
+        progress,
+    )
+    .await?;
     let consistent_point = exported.consistent_point.clone();
     drop(exported);
     slots.push(NewSlot {
@@ -475,6 +488,63 @@ async fn copy_database(
     }
     progress(format!("{target}/{database}: copied"));
     Ok(())
+}
+
+/// Run `restore`, telling how far it is every few seconds: the staging
+/// database's size on disk against the source database's (an estimate: the
+/// source may hold dead rows, and indexes are built at the end, so it
+/// stops at 99% until the restore ends), as a NOTICE every tenth and in
+/// `chorus_backend_copy_progress`.
+async fn with_progress(
+    node: &Node,
+    source: &Client,
+    admin: &Client,
+    target: &str,
+    database: &str,
+    restore: impl std::future::Future<Output = Result<(), RejoinError>>,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<(), RejoinError> {
+    const EVERY: Duration = Duration::from_secs(2);
+    let whole: i64 = source
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .await?
+        .get(0);
+    let staging = copy::staging_name(database);
+    node.metrics.backend_copy_progress(target, 0.0);
+    tokio::pin!(restore);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
+    let mut told = 0;
+    loop {
+        tokio::select! {
+            restored = &mut restore => {
+                restored?;
+                node.metrics.backend_copy_progress(target, 1.0);
+                return Ok(());
+            }
+            _ = tick.tick() => {
+                let Ok(row) = admin
+                    .query_one("SELECT pg_database_size($1::text)", &[&staging])
+                    .await
+                else {
+                    continue;
+                };
+                let bytes: i64 = row.get(0);
+                #[allow(clippy::cast_precision_loss)] // (a share, for people)
+                let share = (bytes as f64 / whole.max(1) as f64).min(0.99);
+                node.metrics.backend_copy_progress(target, share);
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let percent = (share * 100.0) as u32;
+                if percent >= told + 10 {
+                    told = percent - percent % 10;
+                    progress(format!(
+                        "{target}/{database}: about {percent}% copied ({} of {} MB)",
+                        bytes >> 20,
+                        whole >> 20
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// Drop `slot` if it exists, ending its walsender first (a driver that had
