@@ -119,6 +119,36 @@ enum Command {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Copy a new backend (announced with the admin console's ADD BACKEND)
+    /// from a peer while the cluster takes writes: the console's JOIN, sent
+    /// to the node the configuration describes, with its progress.
+    Join {
+        /// Configuration file of the node to ask (its `node.listen`).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The backend to copy.
+        #[arg(long)]
+        backend: String,
+        /// The backend to copy it from.
+        #[arg(long)]
+        from: String,
+        /// The admin role (default: the first of `node.admin_users`; its
+        /// password from `[[users]]`, else `PGPASSWORD`).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Copy a backend of the cluster again from a peer (the console's
+    /// REJOIN), with its progress.
+    Rejoin {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        backend: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Change the cluster's Raft membership, through any running node.
     Cluster {
         #[command(subcommand)]
@@ -191,6 +221,23 @@ enum ClusterChange {
         #[arg(long)]
         backend: Option<String>,
     },
+}
+
+/// `chorus join` and `chorus rejoin`: the console's `word` for `backend`
+/// from `from`, through the node `config` describes.
+fn copy_backend(
+    runtime: &tokio::runtime::Runtime,
+    word: &str,
+    config: &std::path::Path,
+    backend: &str,
+    from: &str,
+    user: Option<&str>,
+) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let quote = |name: &str| format!("\"{}\"", name.replace('"', ""));
+    let command = format!("{word} {} FROM {}", quote(backend), quote(from));
+    runtime.block_on(chorus_proxy::ops::copy::run(&config, user, &command))?;
+    Ok(())
 }
 
 /// The log filter a process starts with: `RUST_LOG`, else info.
@@ -272,6 +319,25 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         }
+        Command::Join {
+            config,
+            backend,
+            from,
+            user,
+        } => copy_backend(&runtime, "JOIN", &config, &backend, &from, user.as_deref()),
+        Command::Rejoin {
+            config,
+            backend,
+            from,
+            user,
+        } => copy_backend(
+            &runtime,
+            "REJOIN",
+            &config,
+            &backend,
+            &from,
+            user.as_deref(),
+        ),
         Command::Adopt {
             config,
             keyless,

@@ -2,7 +2,8 @@
 //! cluster takes writes: the backend announced on the admin console (`ADD
 //! BACKEND`), the nodes restarted one by one with it in their
 //! configuration, its node started and added to Raft, then the backend
-//! copied from a peer (`JOIN <backend> FROM <source>`).
+//! copied from a peer (`JOIN <backend> FROM <source>`) under `pgbench -N`
+//! through the three nodes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -74,6 +75,18 @@ async fn wait_count(what: &str, count: impl Fn() -> usize, n: usize) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The ids `sql` gives in `database` on backend `b`, read directly.
+async fn ids_on(c: &procs::Cluster, b: usize, database: &str, sql: &str) -> BTreeSet<i64> {
+    c.direct_db(b, database)
+        .await
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 /// The same value of `sql` in `database` on all four backends (bounded
@@ -210,11 +223,7 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
     .await;
 
     // 3. The copy, from backend 1, while the writes go on.
-    let (console, notices) = testkit::connect_hearing_notices(&format!(
-        "host=127.0.0.1 port={} user=postgres dbname=chorus",
-        c.ports[1]
-    ))
-    .await;
+    let console = c.via_db(2, "chorus").await;
     // A first JOIN fails half-way (the new backend is down once the slots
     // into it are made again): it stays out, and a second one completes.
     c.backends[3].stop();
@@ -240,12 +249,30 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
         procs::message(&failed)
     );
     c.backends[3].start().unwrap();
+    // pgbench through the three nodes all through the copy.
+    let loads: Vec<_> = c.ports[..3]
+        .iter()
+        .map(|&port| {
+            std::thread::spawn(move || {
+                testkit::pgbench(port, &["-n", "-N", "-c", "2", "-j", "1", "-T", "30"])
+            })
+        })
+        .collect();
+    // (The second through the command line, as an operator would.)
     let started = Instant::now();
-    console
-        .simple_query("JOIN pg4 FROM pg1")
+    let joined = tokio::process::Command::new(testkit::chorus_bin())
+        .args(["join", "--backend", "pg4", "--from", "pg1", "--config"])
+        .arg(c.dir.path().join("node2.toml"))
+        .output()
         .await
-        .unwrap_or_else(|e| panic!("JOIN: {}", procs::message(&e)));
+        .unwrap();
     let took = started.elapsed();
+    let told = String::from_utf8_lossy(&joined.stdout).into_owned();
+    assert!(
+        joined.status.success(),
+        "chorus join: {told}{}",
+        String::from_utf8_lossy(&joined.stderr)
+    );
     eprintln!("JOIN took {:.1} s", took.as_secs_f64());
     assert_eq!(
         c.metric(2, "chorus_backend_copy_progress{backend=\"pg4\"}")
@@ -253,15 +280,14 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
         Some(1.0),
         "node 2, which copied, says the copy is whole"
     );
-    let told: Vec<String> = notices.lock().unwrap().clone();
     assert!(
-        told.iter()
+        told.lines()
             .any(|n| n.contains("roles made:") && n.contains(" app") && n.contains(" readers")),
-        "{told:?}"
+        "{told}"
     );
     assert!(
-        told.iter().any(|n| n.contains("2 database(s) copied")),
-        "{told:?}"
+        told.lines().any(|n| n.contains("2 database(s) copied")),
+        "{told}"
     );
 
     // Writes go on through node 4 too, on its own backend now.
@@ -304,6 +330,15 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
         assert!(written.acked > 0, "a writer wrote nothing: {written:?}");
         failed += written.failed;
     }
+    for load in loads {
+        let out = load.join().unwrap();
+        let report = testkit::stdout(&out);
+        assert!(out.status.success(), "{report}{}", testkit::stderr(&out));
+        assert!(
+            report.contains("number of failed transactions: 0 "),
+            "{report}"
+        );
+    }
 
     // Every backend identical; every acknowledged insert there once, and
     // nothing else but inserts whose outcome was unknown (a node restarted
@@ -316,15 +351,7 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
         "SELECT md5(string_agg(id::text, ',' ORDER BY id)) FROM acked",
     )
     .await;
-    let stored: BTreeSet<i64> = c
-        .direct(4)
-        .await
-        .query("SELECT id FROM acked", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let stored = ids_on(&c, 4, "postgres", "SELECT id FROM acked").await;
     assert!(
         stored.is_superset(&acked),
         "lost: {:?}",
@@ -335,15 +362,7 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
         unknown as u64 <= failed,
         "{unknown} rows more than acknowledged, {failed} inserts failed"
     );
-    let stored_orders: BTreeSet<i64> = c
-        .direct_db(4, "shop")
-        .await
-        .query("SELECT id FROM orders WHERE via <> 0", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let stored_orders = ids_on(&c, 4, "shop", "SELECT id FROM orders WHERE via <> 0").await;
     assert!(
         stored_orders.is_superset(&orders),
         "orders lost on backend 4"
@@ -351,6 +370,8 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
     for sql in [
         "SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a",
         "SELECT md5(string_agg(b::text, ',' ORDER BY bid)) FROM pgbench_branches b",
+        "SELECT md5(string_agg(t::text, ',' ORDER BY tid)) FROM pgbench_tellers t",
+        "SELECT count(*)::text FROM pgbench_history",
         "SELECT count(*)::text FROM pgbench_accounts",
     ] {
         everywhere(&c, "postgres", sql).await;
