@@ -122,33 +122,10 @@ enum Command {
     /// Copy a new backend (announced with the admin console's ADD BACKEND)
     /// from a peer while the cluster takes writes: the console's JOIN, sent
     /// to the node the configuration describes, with its progress.
-    Join {
-        /// Configuration file of the node to ask (its `node.listen`).
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The backend to copy.
-        #[arg(long)]
-        backend: String,
-        /// The backend to copy it from.
-        #[arg(long)]
-        from: String,
-        /// The admin role (default: the first of `node.admin_users`; its
-        /// password from `[[users]]`, else `PGPASSWORD`).
-        #[arg(long)]
-        user: Option<String>,
-    },
+    Join(CopyArgs),
     /// Copy a backend of the cluster again from a peer (the console's
     /// REJOIN), with its progress.
-    Rejoin {
-        #[arg(long, short)]
-        config: PathBuf,
-        #[arg(long)]
-        backend: String,
-        #[arg(long)]
-        from: String,
-        #[arg(long)]
-        user: Option<String>,
-    },
+    Rejoin(CopyArgs),
     /// Change the cluster's Raft membership, through any running node.
     Cluster {
         #[command(subcommand)]
@@ -193,6 +170,24 @@ fn parse_pool_mode(text: &str) -> Result<chorus_proxy::config::PoolMode, String>
     }
 }
 
+/// The arguments of `chorus join` and `chorus rejoin`.
+#[derive(clap::Args)]
+struct CopyArgs {
+    /// Configuration file of the node to ask (its `node.listen`).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The backend to copy.
+    #[arg(long)]
+    backend: String,
+    /// The backend to copy it from.
+    #[arg(long)]
+    from: String,
+    /// The admin role (default: the first of `node.admin_users`; its
+    /// password from `[[users]]`, else `PGPASSWORD`).
+    #[arg(long)]
+    user: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum ClusterChange {
     /// Add a node (started with the same cluster secret, not in the initial
@@ -223,20 +218,21 @@ enum ClusterChange {
     },
 }
 
-/// `chorus join` and `chorus rejoin`: the console's `word` for `backend`
-/// from `from`, through the node `config` describes.
+/// `chorus join` and `chorus rejoin`: the console's `word` for the
+/// backend `args` name, through the node its configuration describes.
 fn copy_backend(
     runtime: &tokio::runtime::Runtime,
     word: &str,
-    config: &std::path::Path,
-    backend: &str,
-    from: &str,
-    user: Option<&str>,
+    args: &CopyArgs,
 ) -> anyhow::Result<()> {
-    let config = Config::load(config)?;
+    let config = Config::load(&args.config)?;
     let quote = |name: &str| format!("\"{}\"", name.replace('"', ""));
-    let command = format!("{word} {} FROM {}", quote(backend), quote(from));
-    runtime.block_on(chorus_proxy::ops::copy::run(&config, user, &command))?;
+    let command = format!("{word} {} FROM {}", quote(&args.backend), quote(&args.from));
+    runtime.block_on(chorus_proxy::ops::copy::run(
+        &config,
+        args.user.as_deref(),
+        &command,
+    ))?;
     Ok(())
 }
 
@@ -319,25 +315,8 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         }
-        Command::Join {
-            config,
-            backend,
-            from,
-            user,
-        } => copy_backend(&runtime, "JOIN", &config, &backend, &from, user.as_deref()),
-        Command::Rejoin {
-            config,
-            backend,
-            from,
-            user,
-        } => copy_backend(
-            &runtime,
-            "REJOIN",
-            &config,
-            &backend,
-            &from,
-            user.as_deref(),
-        ),
+        Command::Join(args) => copy_backend(&runtime, "JOIN", &args),
+        Command::Rejoin(args) => copy_backend(&runtime, "REJOIN", &args),
         Command::Adopt {
             config,
             keyless,

@@ -529,10 +529,9 @@ async fn with_progress(
                     continue;
                 };
                 let bytes: i64 = row.get(0);
-                #[allow(clippy::cast_precision_loss)] // (a share, for people)
                 let share = (bytes as f64 / whole.max(1) as f64).min(0.99);
                 node.metrics.backend_copy_progress(target, share);
-                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                // (Between 0 and 99.)
                 let percent = (share * 100.0) as u32;
                 if percent >= told + 10 {
                     told = percent - percent % 10;
