@@ -180,6 +180,13 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
     let console = c.via_db(1, "chorus").await;
     let refused = console.simple_query("ADD BACKEND pg1").await.unwrap_err();
     assert_eq!(testkit::sqlstate(&refused).as_deref(), Some("42710"));
+    // (A name announced by mistake is forgotten again.)
+    console.simple_query("ADD BACKEND pg9").await.unwrap();
+    console.simple_query("DROP BACKEND pg9").await.unwrap();
+    for (sql, code) in [("DROP BACKEND pg9", "42704"), ("DROP BACKEND pg1", "55000")] {
+        let refused = console.simple_query(sql).await.unwrap_err();
+        assert_eq!(testkit::sqlstate(&refused).as_deref(), Some(code), "{sql}");
+    }
     console.simple_query("ADD BACKEND pg4").await.unwrap();
     drop(console);
 

@@ -262,6 +262,50 @@ pub(super) async fn add_backend(node: &Node, named: &str) -> Result<(), PgError>
     .await
 }
 
+/// `DROP BACKEND name`: forget a backend announced by `ADD BACKEND` that
+/// has not joined (no node has it as its home yet), as when the name was
+/// mistyped or the join is given up. A member of the cluster leaves with
+/// `chorus cluster remove-node` instead.
+pub(super) async fn drop_backend(node: &Node, named: &str) -> Result<(), PgError> {
+    let name = named.trim_matches(|c| c == '"' || c == '\'');
+    let Some(consensus) = node.consensus() else {
+        return Err(error(
+            "55000",
+            "this node is not part of a cluster".into(),
+            None,
+        ));
+    };
+    let (expected, member) = consensus
+        .state()
+        .read(|s| (s.copying.contains(name), s.owner_of(name).is_some()));
+    if member {
+        return Err(error(
+            "55000",
+            format!("backend \"{name}\" is the home of a node of the cluster"),
+            Some(
+                "A backend leaves with its node: chorus cluster remove-node --id N --backend NAME.",
+            ),
+        ));
+    }
+    if !expected {
+        return Err(error(
+            "42704",
+            format!("backend \"{name}\" was not announced"),
+            Some("DROP BACKEND forgets a name given to ADD BACKEND."),
+        ));
+    }
+    let owned = name.to_owned();
+    run(
+        node,
+        Request::SetCopying {
+            backend: owned.clone(),
+            copying: false,
+        },
+        move |s| !s.copying.contains(&owned),
+    )
+    .await
+}
+
 /// The command tag and backends of `REJOIN <backend> FROM <source>`, or of
 /// `JOIN <backend> FROM <source>` (quotes allowed), when `sql` is one.
 pub(super) fn rejoin_named(sql: &str) -> Option<(&'static str, String, String)> {

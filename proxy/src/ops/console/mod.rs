@@ -48,7 +48,8 @@
 //!   sends it a session or a stream until it is copied, so that the nodes
 //!   can be restarted with it in their configuration first;
 //! - `JOIN <backend> FROM <source>`: copy the new backend, as `REJOIN`
-//!   does.
+//!   does;
+//! - `DROP BACKEND <backend>`: forget one announced that has not joined.
 //!
 //! Anything else gets `42601` with the list of commands. Only the simple
 //! query protocol is served (psql's); the extended one gets `0A000`.
@@ -112,6 +113,10 @@ const COMMANDS: &[(&str, &str)] = &[
     (
         "JOIN <backend> FROM <source>",
         "copy a new backend from the source while the cluster takes writes",
+    ),
+    (
+        "DROP BACKEND <backend>",
+        "forget a backend announced by ADD BACKEND that has not joined",
     ),
 ];
 
@@ -200,6 +205,9 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         }
         (["ADD", "BACKEND", _], _) => {
             Some(("ADD BACKEND", commands::add_backend(node, given[2]).await))
+        }
+        (["DROP", "BACKEND", _], _) => {
+            Some(("DROP BACKEND", commands::drop_backend(node, given[2]).await))
         }
         _ => None,
     };
