@@ -48,19 +48,19 @@ fn backend<'a>(node: &'a Node, named: &str) -> Result<&'a str, PgError> {
         })
 }
 
+/// This node's Raft state, for a command that changes the cluster.
+fn cluster_of(node: &Node) -> Result<&std::sync::Arc<chorus_consensus::Consensus>, PgError> {
+    node.consensus()
+        .ok_or_else(|| error("55000", "this node is not part of a cluster".into(), None))
+}
+
 /// Propose `request`, then wait until this node has applied it (`done`).
 async fn run(
     node: &Node,
     request: Request,
     done: impl Fn(&chorus_consensus::ClusterState) -> bool,
 ) -> Result<(), PgError> {
-    let Some(consensus) = node.consensus() else {
-        return Err(error(
-            "55000",
-            "this node is not part of a cluster".into(),
-            None,
-        ));
-    };
+    let consensus = cluster_of(node)?;
     consensus.propose(request, LIMIT).await.map_err(|e| {
         error(
             "55000",
@@ -84,13 +84,7 @@ async fn run(
 /// off between transactions; replication keeps it current.
 pub(super) async fn drain(node: &Node, named: &str) -> Result<(), PgError> {
     let name = backend(node, named)?;
-    let Some(consensus) = node.consensus() else {
-        return Err(error(
-            "55000",
-            "this node is not part of a cluster".into(),
-            None,
-        ));
-    };
+    let consensus = cluster_of(node)?;
     let (drained, leader) = consensus
         .state()
         .read(|s| (s.drained.clone(), s.write_leader.clone()));
@@ -154,13 +148,7 @@ pub(super) async fn switchover(node: &Node, named: &str) -> Result<(), PgError> 
     if node.is_backend_down(&name) {
         return Err(error("55000", format!("backend \"{name}\" is down"), None));
     }
-    let Some(consensus) = node.consensus() else {
-        return Err(error(
-            "55000",
-            "this node is not part of a cluster".into(),
-            None,
-        ));
-    };
+    let consensus = cluster_of(node)?;
     let (drained, current) = consensus
         .state()
         .read(|s| (s.drained.contains(&name), s.write_leader.clone()));
@@ -230,13 +218,7 @@ pub(super) async fn add_backend(node: &Node, named: &str) -> Result<(), PgError>
             Some("A backend's name is the one in the [[backends]] configuration: letters, digits, '_' and '-'."),
         ));
     }
-    let Some(consensus) = node.consensus() else {
-        return Err(error(
-            "55000",
-            "this node is not part of a cluster".into(),
-            None,
-        ));
-    };
+    let consensus = cluster_of(node)?;
     let (expected, member) = consensus
         .state()
         .read(|s| (s.copying.contains(name), s.owner_of(name).is_some()));
@@ -268,13 +250,7 @@ pub(super) async fn add_backend(node: &Node, named: &str) -> Result<(), PgError>
 /// `chorus cluster remove-node` instead.
 pub(super) async fn drop_backend(node: &Node, named: &str) -> Result<(), PgError> {
     let name = named.trim_matches(|c| c == '"' || c == '\'');
-    let Some(consensus) = node.consensus() else {
-        return Err(error(
-            "55000",
-            "this node is not part of a cluster".into(),
-            None,
-        ));
-    };
+    let consensus = cluster_of(node)?;
     let (expected, member) = consensus
         .state()
         .read(|s| (s.copying.contains(name), s.owner_of(name).is_some()));
