@@ -47,7 +47,9 @@ use std::time::Duration;
 
 use chorus_router::StatementClass;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -99,22 +101,19 @@ impl ErrorKind {
 pub struct Metrics {
     handle: PrometheusHandle,
     /// Kept for metrics whose labels are known only at run time.
-    recorder: metrics_exporter_prometheus::PrometheusRecorder,
+    recorder: PrometheusRecorder,
     sequence_values: [Counter; 2],
     pub client_connections: Gauge,
     pub client_connections_total: Counter,
     statements: [Counter; 7],
     errors: [Counter; 7],
     pub query_duration: Histogram,
-    backend_connections: Vec<(String, Gauge, Gauge)>,
-    backend_drained: Vec<(String, Gauge)>,
-    backend_copying: Vec<(String, Gauge)>,
-    backend_copy_progress: Vec<(String, Gauge)>,
-    replication: Vec<PeerMetrics>,
+    /// Per backend, in the node's order; more join when a backend is
+    /// added while the node runs (see `add_backend`).
+    backends: std::sync::RwLock<Vec<Arc<BackendMetrics>>>,
     conflicts: Vec<(&'static str, Counter)>,
     pub hlc_skew_ms: Gauge,
     pub hlc_skew_refused: Counter,
-    ddl_index: Vec<(String, Gauge)>,
     ddl_duration: Histogram,
     ddl_failed: Counter,
     /// Sessions waiting for the DDL lease (see `cluster::ddl::lease`).
@@ -124,6 +123,64 @@ pub struct Metrics {
     pub raft_commit_index: Gauge,
     pub raft_applied_index: Gauge,
     pub raft_auth_failures: Gauge,
+}
+
+/// The metrics of one backend (labelled `backend`).
+struct BackendMetrics {
+    name: String,
+    connections: Gauge,
+    up: Gauge,
+    drained: Gauge,
+    copying: Gauge,
+    copy_progress: Gauge,
+    ddl_index: Gauge,
+    /// Towards it, from the home backend (labelled `peer`).
+    replication: Arc<PeerMetrics>,
+}
+
+impl BackendMetrics {
+    fn new(recorder: &PrometheusRecorder, name: &str, home: &str) -> BackendMetrics {
+        let counter = |metric: &'static str, labels: Vec<Label>| {
+            recorder.register_counter(&Key::from_parts(metric, labels), &METADATA)
+        };
+        let gauge = |metric: &'static str, labels: Vec<Label>| {
+            recorder.register_gauge(&Key::from_parts(metric, labels), &METADATA)
+        };
+        let backend = || vec![Label::new("backend", name.to_owned())];
+        let peer = || vec![Label::new("peer", name.to_owned())];
+        let slot = || {
+            vec![
+                Label::new("origin", home.to_owned()),
+                Label::new("peer", name.to_owned()),
+            ]
+        };
+        // Made when its first event comes, exported at 0 from the start
+        // (a dashboard's queries find it).
+        counter("chorus_tombstones_pruned_total", backend()).increment(0);
+        BackendMetrics {
+            name: name.to_owned(),
+            connections: gauge("chorus_backend_connections", backend()),
+            up: gauge("chorus_backend_up", backend()),
+            drained: gauge("chorus_backend_drained", backend()),
+            copying: gauge("chorus_backend_copying", backend()),
+            copy_progress: gauge("chorus_backend_copy_progress", backend()),
+            ddl_index: gauge("chorus_ddl_index", backend()),
+            replication: Arc::new(PeerMetrics {
+                peer: name.to_owned(),
+                applied: counter("chorus_changes_applied_total", peer()),
+                applied_per_second: gauge("chorus_changes_applied_per_second", peer()),
+                lag_bytes: gauge("chorus_replication_lag_bytes", peer()),
+                lag_seconds: gauge("chorus_replication_lag_seconds", peer()),
+                held_changes: gauge("chorus_replication_held_changes", peer()),
+                slot_retained_bytes: gauge("chorus_slot_retained_bytes", slot()),
+                slot_invalidated: gauge("chorus_slot_invalidated", slot()),
+                delay: recorder.register_histogram(
+                    &Key::from_parts("chorus_replication_delay_seconds", peer()),
+                    &METADATA,
+                ),
+            }),
+        }
+    }
 }
 
 /// Replication metrics towards one peer backend.
@@ -204,66 +261,12 @@ impl Metrics {
                 vec![Label::new("kind", kind.as_str())],
             )
         });
-        let backend_connections = backends
-            .iter()
-            .map(|name| {
-                (
-                    name.clone(),
-                    gauge(
-                        "chorus_backend_connections",
-                        vec![Label::new("backend", name.clone())],
-                    ),
-                    gauge(
-                        "chorus_backend_up",
-                        vec![Label::new("backend", name.clone())],
-                    ),
-                )
-            })
-            .collect();
-        let replication = backends
-            .iter()
-            .map(|name| {
-                let peer = || vec![Label::new("peer", name.clone())];
-                let slot = || {
-                    vec![
-                        Label::new("origin", home.to_owned()),
-                        Label::new("peer", name.clone()),
-                    ]
-                };
-                PeerMetrics {
-                    peer: name.clone(),
-                    applied: counter("chorus_changes_applied_total", peer()),
-                    applied_per_second: gauge("chorus_changes_applied_per_second", peer()),
-                    lag_bytes: gauge("chorus_replication_lag_bytes", peer()),
-                    lag_seconds: gauge("chorus_replication_lag_seconds", peer()),
-                    held_changes: gauge("chorus_replication_held_changes", peer()),
-                    slot_retained_bytes: gauge("chorus_slot_retained_bytes", slot()),
-                    slot_invalidated: gauge("chorus_slot_invalidated", slot()),
-                    delay: recorder.register_histogram(
-                        &Key::from_parts("chorus_replication_delay_seconds", peer()),
-                        &METADATA,
-                    ),
-                }
-            })
-            .collect();
         let conflicts = CONFLICT_KINDS
             .iter()
             .map(|kind| {
                 (
                     *kind,
                     counter("chorus_conflicts_total", vec![Label::new("kind", *kind)]),
-                )
-            })
-            .collect();
-        let ddl_index = backends
-            .iter()
-            .map(|name| {
-                (
-                    name.clone(),
-                    gauge(
-                        "chorus_ddl_index",
-                        vec![Label::new("backend", name.clone())],
-                    ),
                 )
             })
             .collect();
@@ -278,58 +281,12 @@ impl Metrics {
                 .register_counter(&Key::from_static_name(name), &METADATA)
                 .increment(0);
         }
-        for name in backends {
-            recorder
-                .register_counter(
-                    &Key::from_parts(
-                        "chorus_tombstones_pruned_total",
-                        vec![Label::new("backend", name.clone())],
-                    ),
-                    &METADATA,
-                )
-                .increment(0);
-        }
-        let backend_drained = backends
+        let backends = backends
             .iter()
-            .map(|name| {
-                (
-                    name.clone(),
-                    gauge(
-                        "chorus_backend_drained",
-                        vec![Label::new("backend", name.clone())],
-                    ),
-                )
-            })
-            .collect();
-        let backend_copying = backends
-            .iter()
-            .map(|name| {
-                (
-                    name.clone(),
-                    gauge(
-                        "chorus_backend_copying",
-                        vec![Label::new("backend", name.clone())],
-                    ),
-                )
-            })
-            .collect();
-        let backend_copy_progress = backends
-            .iter()
-            .map(|name| {
-                (
-                    name.clone(),
-                    gauge(
-                        "chorus_backend_copy_progress",
-                        vec![Label::new("backend", name.clone())],
-                    ),
-                )
-            })
+            .map(|name| Arc::new(BackendMetrics::new(&recorder, name, home)))
             .collect();
         Metrics {
-            ddl_index,
-            backend_drained,
-            backend_copying,
-            backend_copy_progress,
+            backends: std::sync::RwLock::new(backends),
             ddl_duration: recorder.register_histogram(
                 &Key::from_static_name("chorus_ddl_duration_seconds"),
                 &METADATA,
@@ -341,7 +298,6 @@ impl Metrics {
             raft_commit_index: gauge("chorus_raft_commit_index", vec![]),
             raft_applied_index: gauge("chorus_raft_applied_index", vec![]),
             raft_auth_failures: gauge("chorus_raft_auth_failures_total", vec![]),
-            replication,
             conflicts,
             hlc_skew_ms: gauge("chorus_hlc_skew_milliseconds", vec![]),
             hlc_skew_refused: counter("chorus_hlc_skew_refused_total", vec![]),
@@ -353,7 +309,6 @@ impl Metrics {
                 &Key::from_static_name("chorus_query_duration_seconds"),
                 &METADATA,
             ),
-            backend_connections,
             handle: recorder.handle(),
             sequence_values: ["snowflake", "galloc"].map(|kind| {
                 counter(
@@ -377,39 +332,62 @@ impl Metrics {
         self.errors[kind as usize].increment(1);
     }
 
-    /// Gauges of a backend: open connections and up/down.
-    pub fn backend(&self, name: &str) -> Option<(&Gauge, &Gauge)> {
-        self.backend_connections
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, conns, up)| (conns, up))
+    fn of(&self, backend: &str) -> Option<Arc<BackendMetrics>> {
+        let backends = match self.backends.read() {
+            Ok(backends) => backends,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        backends.iter().find(|m| m.name == backend).cloned()
+    }
+
+    /// Register the metrics of a backend added while the node runs (once).
+    pub fn add_backend(&self, name: &str, home: &str) {
+        let mut backends = match self.backends.write() {
+            Ok(backends) => backends,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if backends.iter().all(|m| m.name != name) {
+            backends.push(Arc::new(BackendMetrics::new(&self.recorder, name, home)));
+        }
+    }
+
+    /// The gauge of a backend's open server connections.
+    pub fn backend_connections(&self, name: &str) -> Option<Gauge> {
+        self.of(name).map(|m| m.connections.clone())
+    }
+
+    /// Whether the last login to a backend worked.
+    pub fn backend_up(&self, name: &str, up: bool) {
+        if let Some(m) = self.of(name) {
+            m.up.set(if up { 1.0 } else { 0.0 });
+        }
     }
 
     /// Whether a backend is drained for maintenance (see the admin
     /// console's DRAIN).
     pub fn backend_drained(&self, name: &str, drained: bool) {
-        if let Some((_, gauge)) = self.backend_drained.iter().find(|(n, _)| n == name) {
-            gauge.set(if drained { 1.0 } else { 0.0 });
+        if let Some(m) = self.of(name) {
+            m.drained.set(if drained { 1.0 } else { 0.0 });
         }
     }
 
     /// Whether a backend is being copied again (see cluster/rejoin).
     pub fn backend_copying(&self, name: &str, copying: bool) {
-        if let Some((_, gauge)) = self.backend_copying.iter().find(|(n, _)| n == name) {
-            gauge.set(if copying { 1.0 } else { 0.0 });
+        if let Some(m) = self.of(name) {
+            m.copying.set(if copying { 1.0 } else { 0.0 });
         }
     }
 
     /// How much of a database the copy of a backend has done (0 to 1).
     pub fn backend_copy_progress(&self, name: &str, share: f64) {
-        if let Some((_, gauge)) = self.backend_copy_progress.iter().find(|(n, _)| n == name) {
-            gauge.set(share);
+        if let Some(m) = self.of(name) {
+            m.copy_progress.set(share);
         }
     }
 
     /// Replication metrics towards a peer backend.
-    pub fn peer(&self, peer: &str) -> Option<&PeerMetrics> {
-        self.replication.iter().find(|m| m.peer == peer)
+    pub fn peer(&self, peer: &str) -> Option<Arc<PeerMetrics>> {
+        self.of(peer).map(|m| m.replication.clone())
     }
 
     /// Count `changes` resolved conflicts of a kind (`insert_insert`, …;
@@ -422,8 +400,8 @@ impl Metrics {
 
     /// A backend's DDL index.
     pub fn ddl_applied(&self, backend: &str, seq: u64) {
-        if let Some((_, gauge)) = self.ddl_index.iter().find(|(n, _)| n == backend) {
-            gauge.set(seq as f64);
+        if let Some(m) = self.of(backend) {
+            m.ddl_index.set(seq as f64);
         }
     }
 
@@ -639,10 +617,15 @@ mod tests {
         metrics.statements(StatementClass::Write, 3);
         metrics.error(ErrorKind::Auth);
         metrics.query_duration.record(0.002);
-        if let Some((conns, up)) = metrics.backend("pg1") {
+        if let Some(conns) = metrics.backend_connections("pg1") {
             conns.increment(1.0);
-            up.set(1.0);
         }
+        metrics.backend_up("pg1", true);
+        // (A backend added while the node runs gets its metrics too.)
+        assert!(metrics.peer("pg2").is_none());
+        metrics.add_backend("pg2", "pg1");
+        metrics.add_backend("pg2", "pg1");
+        metrics.backend_copying("pg2", true);
         metrics.run_upkeep();
         let text = metrics.render();
         assert!(
@@ -655,6 +638,20 @@ mod tests {
         );
         assert!(
             text.contains("chorus_backend_connections{backend=\"pg1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chorus_backend_up{backend=\"pg1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chorus_backend_copying{backend=\"pg2\"} 1"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("chorus_replication_lag_bytes{peer=\"pg2\"}")
+                .count(),
+            1,
             "{text}"
         );
         assert!(

@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::ScramVerifier;
 use crate::backend::cancel::CancelRegistry;
-use crate::config::{Config, TlsConfig};
+use crate::config::{BackendConfig, Config, TlsConfig};
 use crate::lane::{Created, Lane};
 use crate::metrics::Metrics;
 
@@ -38,7 +38,8 @@ pub enum StartError {
 /// What the admin console's `RELOAD` (or SIGHUP) reads again from the
 /// configuration file without a restart: the authentication rules, the
 /// users and their passwords, the admin roles, the client and backend
-/// timeouts, and the log level. Everything else is read at start only.
+/// timeouts, and the log level. (Backends added to `[[backends]]` are taken
+/// too, see `Node::reload`.) Everything else is read at start only.
 pub struct Live {
     /// The configuration as last read; only the parts above are taken
     /// from it.
@@ -77,6 +78,15 @@ pub struct Reloader {
     pub set_log_level: LogLevelSetter,
 }
 
+/// What `RELOAD` did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Settings that changed in the file but are read at start only.
+    pub at_restart: Vec<String>,
+    /// Backends the node took into its list (see `Node::reload`).
+    pub added: Vec<String>,
+}
+
 /// Why `RELOAD` kept the settings it had.
 #[derive(Debug, Error)]
 pub enum ReloadError {
@@ -86,10 +96,76 @@ pub enum ReloadError {
     Invalid(String),
 }
 
+/// The backends a node knows, in order: those of its configuration at
+/// start, then those `RELOAD` added (see `Node::reload`). A backend never
+/// leaves the list while the node runs, so a position in it stays valid.
+struct Backends {
+    list: Arc<Vec<BackendConfig>>,
+    /// Per backend: whether it was last seen down.
+    down: Vec<Arc<AtomicBool>>,
+    /// Per backend: whether it takes no session now (see `set_routing`):
+    /// sessions on it move off.
+    closed: Vec<Arc<AtomicBool>>,
+}
+
+impl Backends {
+    fn new(list: Vec<BackendConfig>) -> Backends {
+        let flags = || {
+            list.iter()
+                .map(|_| Arc::new(AtomicBool::new(false)))
+                .collect()
+        };
+        Backends {
+            down: flags(),
+            closed: flags(),
+            list: Arc::new(list),
+        }
+    }
+
+    /// The same list with `added` at its end (the flags of those already
+    /// there are shared, so no change to them is lost). The added ones
+    /// take no session until the cluster's routing is applied to them.
+    fn with(&self, added: &[BackendConfig]) -> Backends {
+        let fresh = |set: bool| added.iter().map(move |_| Arc::new(AtomicBool::new(set)));
+        Backends {
+            list: Arc::new(self.list.iter().chain(added).cloned().collect()),
+            down: self.down.iter().cloned().chain(fresh(false)).collect(),
+            closed: self.closed.iter().cloned().chain(fresh(true)).collect(),
+        }
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.list.iter().position(|b| b.name == name)
+    }
+}
+
+/// Whether one backend takes no session now (see `Node::closed_flag`).
+pub struct ClosedFlag(Arc<AtomicBool>);
+
+impl ClosedFlag {
+    pub fn is_closed(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The backends a new session tries, in order (see
+/// `Node::session_backends`).
+pub struct SessionBackends {
+    list: Arc<Vec<BackendConfig>>,
+    order: Vec<usize>,
+}
+
+impl SessionBackends {
+    pub fn iter(&self) -> impl Iterator<Item = &BackendConfig> {
+        self.order.iter().filter_map(|i| self.list.get(*i))
+    }
+}
+
 /// State shared by every session of one node.
 pub struct Node {
     /// The configuration the node started with (see `Live` for what
-    /// `RELOAD` changes).
+    /// `RELOAD` changes). Its `backends` are those it started with;
+    /// `Node::backends` has those it knows now.
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub cancel_keys: Arc<CancelRegistry>,
@@ -116,13 +192,12 @@ pub struct Node {
     pub(crate) lanes_turn: tokio::sync::Mutex<()>,
     /// This node's Raft member (set when the node starts, with `[cluster]`).
     consensus: std::sync::OnceLock<Arc<chorus_consensus::Consensus>>,
-    /// Per backend (in config order): whether it was last seen down.
-    backend_down: Vec<AtomicBool>,
+    /// The backends the node knows now (see `Node::backends`).
+    backends: std::sync::RwLock<Arc<Backends>>,
+    /// Bumped whenever a backend joins the node's list.
+    backends_changed: watch::Sender<u64>,
     /// Bumped whenever a backend is seen going down: sessions on it move.
     backend_went_down: watch::Sender<u64>,
-    /// Per backend (in config order): whether it takes no session now
-    /// (see `set_routing`): sessions on it move off.
-    backend_closed: Vec<AtomicBool>,
     /// Bumped whenever a backend closes or opens: idle sessions move.
     backend_closed_changed: watch::Sender<u64>,
     /// Whether this node drives its home backend's streams now (see
@@ -151,15 +226,7 @@ impl Node {
         let (shutdown_tx, _) = watch::channel(false);
         let clock = HybridClock::new(config.node.id, config.node.max_clock_skew_ms);
         clock.set_offset_ms(config.node.clock_offset_ms);
-        let flags = || {
-            config
-                .backends
-                .iter()
-                .map(|_| AtomicBool::new(false))
-                .collect()
-        };
-        let backend_down = flags();
-        let backend_closed = flags();
+        let known = Backends::new(config.backends.clone());
         let pool = crate::backend::pool::ServerPool::new(config.pool.size);
         Ok(Arc::new(Node {
             clock,
@@ -178,9 +245,9 @@ impl Node {
             copy_step: std::sync::Mutex::new(None),
             draining: Arc::new(AtomicBool::new(false)),
             consensus: std::sync::OnceLock::new(),
-            backend_down,
+            backends: std::sync::RwLock::new(Arc::new(known)),
+            backends_changed: watch::channel(0).0,
             backend_went_down: watch::channel(0).0,
-            backend_closed,
             backend_closed_changed: watch::channel(0).0,
             shutdown_tx,
         }))
@@ -209,10 +276,13 @@ impl Node {
     }
 
     /// Read the configuration file again and take its reloadable settings
-    /// (see `Live`); the settings that changed in the file but are read at
-    /// start only, which keep their values until a restart. A file that
-    /// does not load, validate or set its log level changes nothing.
-    pub fn reload(&self) -> Result<Vec<String>, ReloadError> {
+    /// (see `Live`), and the backends it adds to the end of `[[backends]]`
+    /// once the cluster has announced them (see `added_backends`); the
+    /// settings that changed in the file but are read at start only keep
+    /// their values until a restart. A file that does not load, validate
+    /// or set its log level, or that adds a backend not announced, changes
+    /// nothing.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let reloader = self.reloader.get().ok_or(ReloadError::NoFile)?;
         let mut config = crate::config::Config::load(&reloader.path)
             .map_err(|e| ReloadError::Invalid(e.to_string()))?;
@@ -224,21 +294,125 @@ impl Node {
         config
             .validate()
             .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let added = self.added_backends(&config)?;
         (reloader.set_log_level)(config.node.log_level.as_deref())
             .map_err(|e| ReloadError::Invalid(format!("node.log_level: {e}")))?;
-        let at_restart = self.config.differs_at_restart(&config);
+        // (Backends the node knows, or takes now, are not a difference
+        // left for a restart.)
+        let mut compared = config.clone();
+        if added.is_some() {
+            compared.backends = self.config.backends.clone();
+        }
+        let added = added.unwrap_or_default();
+        let at_restart = self.config.differs_at_restart(&compared);
         match self.live.write() {
             Ok(mut live) => *live = Arc::new(Live::new(config)),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(Live::new(config)),
         }
-        tracing::info!(?at_restart, "configuration reloaded");
-        Ok(at_restart)
+        self.add_backends(&added);
+        let added: Vec<String> = added.into_iter().map(|b| b.name).collect();
+        tracing::info!(?at_restart, ?added, "configuration reloaded");
+        Ok(Reloaded { at_restart, added })
+    }
+
+    /// The backends `config` adds to those this node knows (maybe none),
+    /// when that is all it changes in `[[backends]]`: the known ones as
+    /// they are, in the same order, the new ones after them, each
+    /// announced in the cluster (being copied: `ADD BACKEND`, before its
+    /// `JOIN`; or a node's home). `None` when `[[backends]]` changes
+    /// otherwise, or the node is not part of a cluster: that waits for a
+    /// restart. A new backend that is not announced is refused: streams
+    /// to it would start before it holds the data.
+    fn added_backends(&self, config: &Config) -> Result<Option<Vec<BackendConfig>>, ReloadError> {
+        let known = self.backends();
+        let same = |a: &BackendConfig, b: &BackendConfig| {
+            serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+        };
+        let extends = config.backends.len() >= known.len()
+            && config
+                .backends
+                .iter()
+                .zip(known.iter())
+                .all(|(a, b)| same(a, b));
+        if !extends {
+            return Ok(None);
+        }
+        let added = config.backends[known.len()..].to_vec();
+        let Some(consensus) = self.consensus() else {
+            return Ok(added.is_empty().then(Vec::new));
+        };
+        for backend in &added {
+            let announced = consensus
+                .state()
+                .read(|s| s.copying.contains(&backend.name) || s.owner_of(&backend.name).is_some());
+            if !announced {
+                return Err(ReloadError::Invalid(format!(
+                    "backend \"{}\" is new to the cluster: announce it with ADD BACKEND {} on the admin console first, then RELOAD",
+                    backend.name, backend.name
+                )));
+            }
+        }
+        Ok(Some(added))
+    }
+
+    /// Take more backends into the node's list (see `reload`): their
+    /// metrics, their place in every lane's replication progress, and a
+    /// change of `backends_changed`, on which the streams start again.
+    fn add_backends(&self, added: &[BackendConfig]) {
+        if added.is_empty() {
+            return;
+        }
+        match self.backends.write() {
+            Ok(mut known) => *known = Arc::new(known.with(added)),
+            Err(poisoned) => {
+                let mut known = poisoned.into_inner();
+                *known = Arc::new(known.with(added));
+            }
+        }
+        let home = &self.config.home_backend().name;
+        for backend in added {
+            self.metrics.add_backend(&backend.name, home);
+            for lane in self.lanes() {
+                lane.progress.add_peer(&backend.name);
+            }
+            tracing::info!(backend = %backend.name, "backend added to this node's list");
+        }
+        // (Whether they take sessions: a backend being copied takes none.)
+        if let Some(consensus) = self.consensus() {
+            let routing = consensus.state().routing().borrow().clone();
+            self.set_routing(&routing);
+        }
+        self.backends_changed.send_modify(|n| *n += 1);
+    }
+
+    fn known(&self) -> Arc<Backends> {
+        match self.backends.read() {
+            Ok(known) => known.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The backends this node knows now, in order: those it started with,
+    /// then those `RELOAD` added.
+    pub fn backends(&self) -> Arc<Vec<BackendConfig>> {
+        self.known().list.clone()
+    }
+
+    /// A backend this node knows, by name.
+    pub fn backend(&self, name: &str) -> Option<BackendConfig> {
+        self.backends().iter().find(|b| b.name == name).cloned()
+    }
+
+    /// Changes whenever a backend joins the node's list.
+    pub fn backends_changed(&self) -> watch::Receiver<u64> {
+        self.backends_changed.subscribe()
     }
 
     /// Mark a backend up or down (health checks and failed logins).
     pub fn set_backend_down(&self, name: &str, down: bool) {
-        if let Some(i) = self.config.backends.iter().position(|b| b.name == name) {
-            let was = self.backend_down[i].swap(down, Ordering::SeqCst);
+        let known = self.known();
+        if let Some(i) = known.index(name) {
+            let was = known.down[i].swap(down, Ordering::SeqCst);
             if was != down {
                 if down {
                     self.backend_went_down.send_modify(|n| *n += 1);
@@ -247,19 +421,16 @@ impl Node {
                     tracing::info!(backend = name, "backend up");
                 }
             }
-            if let Some((_, up)) = self.metrics.backend(name) {
-                up.set(if down { 0.0 } else { 1.0 });
-            }
+            self.metrics.backend_up(name, !down);
         }
     }
 
     /// Whether a backend was last seen down.
     pub fn is_backend_down(&self, name: &str) -> bool {
-        self.config
-            .backends
-            .iter()
-            .position(|b| b.name == name)
-            .is_some_and(|i| self.backend_down[i].load(Ordering::SeqCst))
+        let known = self.known();
+        known
+            .index(name)
+            .is_some_and(|i| known.down[i].load(Ordering::SeqCst))
     }
 
     /// Changes whenever a backend is seen going down.
@@ -274,7 +445,8 @@ impl Node {
     pub(crate) fn set_routing(&self, routing: &chorus_consensus::Routing) {
         let by_leader = self.config.node.routing == crate::config::Routing::Leader;
         let mut changed = false;
-        for (backend, flag) in self.config.backends.iter().zip(&self.backend_closed) {
+        let known = self.known();
+        for (backend, flag) in known.list.iter().zip(&known.closed) {
             let drained = routing.drained.contains(&backend.name);
             let copying = routing.copying.contains(&backend.name);
             let not_leader = by_leader
@@ -322,23 +494,24 @@ impl Node {
             .is_some_and(|c| c.state().read(|s| s.copying.contains(backend)))
     }
 
-    /// The position of a backend in the configuration.
+    /// The position of a backend in the node's list (see `backends`; it
+    /// stays valid while the node runs).
     pub fn backend_index(&self, name: &str) -> Option<usize> {
-        self.config.backends.iter().position(|b| b.name == name)
+        self.known().index(name)
     }
 
-    /// Whether the backend at `index` (see `backend_index`) takes no
-    /// session now (see `set_routing`).
-    pub fn is_closed_at(&self, index: usize) -> bool {
-        self.backend_closed
-            .get(index)
-            .is_some_and(|d| d.load(Ordering::SeqCst))
+    /// Whether a backend takes no session now, to be asked again and
+    /// again without a lookup (a session asks before each statement).
+    pub fn closed_flag(&self, name: &str) -> Option<ClosedFlag> {
+        let known = self.known();
+        known
+            .index(name)
+            .map(|i| ClosedFlag(known.closed[i].clone()))
     }
 
     /// Whether a backend takes no session now (see `set_routing`).
     pub fn is_backend_closed(&self, name: &str) -> bool {
-        self.backend_index(name)
-            .is_some_and(|i| self.is_closed_at(i))
+        self.closed_flag(name).is_some_and(|f| f.is_closed())
     }
 
     /// Changes whenever a backend closes to sessions or opens again.
@@ -351,47 +524,42 @@ impl Node {
     /// same data) the others that are up, then those down (they may be
     /// back). Without replication only the home backend. A backend closed
     /// to sessions (drained, see `set_routing`) takes none.
-    pub fn session_backends(&self) -> Vec<&crate::config::BackendConfig> {
-        let home = self.config.home_backend();
-        if self.config.replication.is_none() {
-            return vec![home];
-        }
-        if self.config.node.routing == crate::config::Routing::Leader {
+    pub fn session_backends(&self) -> SessionBackends {
+        let known = self.known();
+        let list = &known.list;
+        let home = known.index(&self.config.home_backend().name).unwrap_or(0);
+        let order = if self.config.replication.is_none() {
+            vec![home]
+        } else if self.config.node.routing == crate::config::Routing::Leader {
             // Only the write leader: writing anywhere else could conflict.
             // None yet (or it is down and not yet replaced): no backend,
             // and the client gets a connection error to retry.
             let leader = self
                 .consensus()
                 .and_then(|c| c.state().read(|s| s.write_leader.clone()));
-            return self
-                .config
-                .backends
-                .iter()
-                .filter(|b| Some(&b.name) == leader.as_ref())
-                .collect();
-        }
-        let down = |b: &crate::config::BackendConfig| {
-            self.backend_index(&b.name)
-                .is_some_and(|i| self.backend_down[i].load(Ordering::SeqCst))
+            (0..list.len())
+                .filter(|i| Some(&list[*i].name) == leader.as_ref())
+                .collect()
+        } else {
+            let down = |i: usize| known.down[i].load(Ordering::SeqCst);
+            let closed = |i: usize| known.closed[i].load(Ordering::SeqCst);
+            let others = || (0..list.len()).filter(|i| *i != home && !closed(*i));
+            let home_usable = !closed(home);
+            let mut order = Vec::with_capacity(list.len());
+            if home_usable && !down(home) {
+                order.push(home);
+            }
+            order.extend(others().filter(|i| !down(*i)));
+            if home_usable && down(home) {
+                order.push(home);
+            }
+            order.extend(others().filter(|i| down(*i)));
+            order
         };
-        let drained = |b: &crate::config::BackendConfig| self.is_backend_closed(&b.name);
-        let others = || {
-            self.config
-                .backends
-                .iter()
-                .filter(|b| b.name != home.name && !drained(b))
-        };
-        let home_usable = !drained(home);
-        let mut order = Vec::with_capacity(self.config.backends.len());
-        if home_usable && !down(home) {
-            order.push(home);
+        SessionBackends {
+            list: list.clone(),
+            order,
         }
-        order.extend(others().filter(|b| !down(b)));
-        if home_usable && down(home) {
-            order.push(home);
-        }
-        order.extend(others().filter(|b| down(b)));
-        order
     }
 
     /// This node's Raft member, once started.
@@ -436,7 +604,7 @@ impl Node {
         if lanes.iter().any(|l| l.database() == database) {
             return false;
         }
-        let Some(lane) = Lane::joining(&self.config, created) else {
+        let Some(lane) = Lane::joining(&self.config, &self.backends(), created) else {
             return false;
         };
         lanes.push(lane);

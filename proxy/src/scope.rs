@@ -8,6 +8,7 @@
 //! read just after the commit returned.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_router::split_statements;
@@ -252,43 +253,68 @@ struct PeerProgress {
     wake: Notify,
 }
 
+impl PeerProgress {
+    fn new(peer: &str) -> Arc<PeerProgress> {
+        Arc::new(PeerProgress {
+            peer: peer.to_owned(),
+            position: AtomicU64::new(0),
+            wake: Notify::new(),
+        })
+    }
+}
+
 /// A request for the home backend's current WAL flush position.
 pub type FlushRequest = oneshot::Sender<u64>;
 
 /// How far this node's replication streams (one per peer backend, each
 /// running on its own) have brought its home backend's changes.
 pub struct ReplicationProgress {
-    peers: Vec<PeerProgress>,
+    /// One per peer; a peer joins when a backend is added while the node
+    /// runs (see `add_peer`).
+    peers: std::sync::RwLock<Arc<Vec<Arc<PeerProgress>>>>,
     /// Bumped whenever a position moves, for waiters.
     changed: watch::Sender<u64>,
-    /// Backends in the cluster, the home backend included.
-    backends: usize,
     flush_requests: mpsc::UnboundedSender<FlushRequest>,
     /// Served by the replicator while it runs.
     pub flush_requests_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<FlushRequest>>,
 }
 
 impl ReplicationProgress {
-    pub fn new(peers: &[String], backends: usize) -> ReplicationProgress {
+    pub fn new(peers: &[String]) -> ReplicationProgress {
         let (flush_requests, rx) = mpsc::unbounded_channel();
         ReplicationProgress {
-            peers: peers
-                .iter()
-                .map(|p| PeerProgress {
-                    peer: p.clone(),
-                    position: AtomicU64::new(0),
-                    wake: Notify::new(),
-                })
-                .collect(),
+            peers: std::sync::RwLock::new(Arc::new(
+                peers.iter().map(|p| PeerProgress::new(p)).collect(),
+            )),
             changed: watch::channel(0).0,
-            backends,
             flush_requests,
             flush_requests_rx: tokio::sync::Mutex::new(rx),
         }
     }
 
-    fn peer(&self, peer: &str) -> Option<&PeerProgress> {
-        self.peers.iter().find(|p| p.peer == peer)
+    fn peers(&self) -> Arc<Vec<Arc<PeerProgress>>> {
+        match self.peers.read() {
+            Ok(peers) => peers.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn peer(&self, peer: &str) -> Option<Arc<PeerProgress>> {
+        self.peers().iter().find(|p| p.peer == peer).cloned()
+    }
+
+    /// A backend joins the cluster: its stream's progress starts at
+    /// nothing (once; a peer already there is kept).
+    pub fn add_peer(&self, peer: &str) {
+        let mut peers = match self.peers.write() {
+            Ok(peers) => peers,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if peers.iter().all(|p| p.peer != peer) {
+            let mut more = peers.as_ref().clone();
+            more.push(PeerProgress::new(peer));
+            *peers = Arc::new(more);
+        }
     }
 
     /// The stream to `peer` has everything up to origin position `lsn`.
@@ -302,7 +328,7 @@ impl ReplicationProgress {
 
     /// Wake every stream (a write committed, or a commit waits).
     pub fn wake(&self) {
-        for p in &self.peers {
+        for p in self.peers().iter() {
             p.wake.notify_one();
         }
     }
@@ -323,7 +349,7 @@ impl ReplicationProgress {
     /// home backend included.
     pub fn reached(&self, lsn: u64) -> usize {
         1 + self
-            .peers
+            .peers()
             .iter()
             .filter(|p| p.position.load(Ordering::SeqCst) >= lsn)
             .count()
@@ -335,7 +361,7 @@ impl ReplicationProgress {
     /// returns once flushed). Returns how many backends had it then, and
     /// whether that was enough.
     pub async fn wait(&self, scope: CommitScope, limit: Duration) -> (usize, bool) {
-        let needed = scope.required(self.backends);
+        let needed = scope.required(self.backends());
         if needed <= 1 {
             return (1, true);
         }
@@ -363,8 +389,9 @@ impl ReplicationProgress {
         }
     }
 
+    /// Backends in the cluster, the home backend included.
     pub fn backends(&self) -> usize {
-        self.backends
+        self.peers().len() + 1
     }
 
     /// The home backend's WAL flush position now (a transaction that has
@@ -486,7 +513,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_commit_waits_for_enough_peers_past_its_position() {
-        let progress = std::sync::Arc::new(ReplicationProgress::new(&["b".into(), "c".into()], 3));
+        let progress = std::sync::Arc::new(ReplicationProgress::new(&["b".into(), "c".into()]));
         // Stand in for the replicator: the flush position is 100.
         let server = progress.clone();
         tokio::spawn(async move {
@@ -514,5 +541,20 @@ mod tests {
             progress.wait(CommitScope::Local, Duration::ZERO).await,
             (1, true)
         );
+    }
+
+    #[test]
+    fn a_peer_added_later_counts_once_its_stream_reaches_a_position() {
+        let progress = ReplicationProgress::new(&["b".into()]);
+        progress.advance("b", 100);
+        progress.advance("d", 100);
+        assert_eq!((progress.backends(), progress.reached(100)), (2, 2));
+        progress.add_peer("d");
+        progress.add_peer("d");
+        assert_eq!((progress.backends(), progress.reached(100)), (3, 2));
+        assert!(!progress.applied("d", 100));
+        progress.advance("d", 120);
+        assert_eq!(progress.reached(100), 3);
+        assert!(progress.applied("d", 100));
     }
 }

@@ -283,7 +283,7 @@ async fn health_checks(node: Arc<Node>) {
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        for backend in &node.config.backends {
+        for backend in node.backends().iter() {
             // (A connection that failed or hangs is not asked again.)
             let up = control
                 .simple_query(backend, limit, "SELECT 1")
@@ -322,7 +322,7 @@ async fn elect_write_leader(node: &Node) {
     }
     let current = consensus.state().read(|s| s.write_leader.clone());
     let is_up = |name: &str| {
-        node.config.backends.iter().any(|b| b.name == name)
+        node.backends().iter().any(|b| b.name == name)
             && !node.is_backend_down(name)
             && !node.is_copying(name)
     };
@@ -330,8 +330,9 @@ async fn elect_write_leader(node: &Node) {
         return;
     }
     let home = node.config.home_backend();
+    let backends = node.backends();
     let Some(choice) = std::iter::once(home)
-        .chain(node.config.backends.iter())
+        .chain(backends.iter())
         .find(|b| is_up(&b.name))
     else {
         return;

@@ -247,9 +247,16 @@ impl Cluster {
         toml
     }
 
-    pub fn start_node_with_secret(&mut self, i: usize, secret: &str) {
+    /// Write node `i`'s configuration file as the cluster is now (what its
+    /// next start, or its `RELOAD`, reads); its path.
+    pub fn write_config(&self, i: usize, secret: &str) -> std::path::PathBuf {
         let config = self.dir.path().join(format!("node{i}.toml"));
         std::fs::write(&config, self.config(i, secret)).unwrap();
+        config
+    }
+
+    pub fn start_node_with_secret(&mut self, i: usize, secret: &str) {
+        let config = self.write_config(i, secret);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

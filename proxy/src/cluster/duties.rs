@@ -163,8 +163,7 @@ fn assigned(node: &Node, me: u64) -> Vec<Duty> {
         }];
     };
     consensus.state().read(|s| {
-        node.config
-            .backends
+        node.backends()
             .iter()
             // (A backend being copied again is not driven: the copy
             // makes its slots.)
@@ -273,7 +272,7 @@ pub async fn reconcile_when_lost(node: Arc<Node>, consensus: Arc<Consensus>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        for backend in &node.config.backends {
+        for backend in node.backends().iter() {
             if node.is_backend_down(&backend.name) {
                 down_since
                     .entry(backend.name.clone())
@@ -298,8 +297,7 @@ pub async fn reconcile_when_lost(node: Arc<Node>, consensus: Arc<Consensus>) {
         for lane in node.lanes() {
             let mut clients = Vec::new();
             for backend in node
-                .config
-                .backends
+                .backends()
                 .iter()
                 // (A backend being copied holds no data of its own yet.)
                 .filter(|b| !node.is_backend_down(&b.name) && !node.is_copying(&b.name))

@@ -11,7 +11,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::sync::watch;
 
 use crate::backend::ControlPool;
-use crate::config::{BackendConfig, Config};
+use crate::config::BackendConfig;
 use crate::wire::protocol;
 
 /// A PostgreSQL error, as the applying backend reported it.
@@ -171,14 +171,13 @@ impl DdlProgress {
     /// down or far behind) is not waited for.
     pub(crate) async fn wait_all(
         &self,
-        config: &Config,
+        backends: &[BackendConfig],
+        home: &str,
         seq: u64,
         limit: Duration,
         strict: bool,
     ) -> (usize, usize) {
         let deadline = Instant::now() + limit;
-        let backends = &config.backends;
-        let home = config.home_backend().name.clone();
         let mut done: Vec<bool> = backends.iter().map(|b| b.name == home).collect();
         let mut first = true;
         loop {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::backend::ControlPool;
-use crate::config::{Config, ReplicationConfig};
+use crate::config::{BackendConfig, Config, ReplicationConfig};
 use crate::scope::ReplicationProgress;
 use ddl_progress::DdlProgress;
 
@@ -68,7 +68,7 @@ impl Lane {
         let Some(replication) = &config.replication else {
             return Vec::new();
         };
-        let peers = peers(config);
+        let peers = peers(config, &config.backends);
         replication
             .replicated_databases()
             .map(|database| Lane::new(replication, &peers, &Created::configured(database)))
@@ -76,10 +76,15 @@ impl Lane {
     }
 
     /// The lane of a database that joins replication while the node runs
-    /// (one created through Chorus); none without replication.
-    pub fn joining(config: &Config, created: &Created) -> Option<Arc<Lane>> {
+    /// (one created through Chorus), `backends` those the node knows now;
+    /// none without replication.
+    pub fn joining(
+        config: &Config,
+        backends: &[BackendConfig],
+        created: &Created,
+    ) -> Option<Arc<Lane>> {
         let replication = config.replication.as_ref()?;
-        Some(Lane::new(replication, &peers(config), created))
+        Some(Lane::new(replication, &peers(config, backends), created))
     }
 
     fn new(replication: &ReplicationConfig, peers: &[String], created: &Created) -> Arc<Lane> {
@@ -93,7 +98,7 @@ impl Lane {
             since: created.since,
             names: created.names.clone(),
             main: database == replication.database,
-            progress: Arc::new(ReplicationProgress::new(peers, peers.len() + 1)),
+            progress: Arc::new(ReplicationProgress::new(peers)),
             ddl: DdlProgress::new(control.clone()),
             control,
             config,
@@ -200,10 +205,9 @@ impl Created {
 }
 
 /// The backends other than the home one, which a lane's streams reach.
-fn peers(config: &Config) -> Vec<String> {
+fn peers(config: &Config, backends: &[BackendConfig]) -> Vec<String> {
     let home = &config.home_backend().name;
-    config
-        .backends
+    backends
         .iter()
         .filter(|b| b.name != *home)
         .map(|b| b.name.clone())
@@ -280,7 +284,7 @@ mod tests {
             since: 5,
             names: vec![(5, "shop".into()), (9, "store".into())],
         };
-        let lane = Lane::joining(&config, &created).unwrap();
+        let lane = Lane::joining(&config, &config.backends, &created).unwrap();
         assert_eq!(lane.database(), "store");
         // An earlier "shop", dropped before entry 5; this one's entries as
         // "shop" up to the rename (entry 9), then as "store".
@@ -291,6 +295,7 @@ mod tests {
         assert!(!lane.owns("shop", 12));
         let before = Lane::joining(
             &config,
+            &config.backends,
             &Created {
                 since: 5,
                 names: vec![(5, "shop".into())],

@@ -473,18 +473,18 @@ pub(super) async fn wait_on_slots(
     scope: CommitScope,
     limit: Duration,
 ) -> (usize, bool) {
-    let needed = scope.required(node.config.backends.len());
+    let needed = scope.required(node.backends().len());
     if needed <= 1 {
         return (1, true);
     }
     let config = &lane.config;
-    let Some(backend) = node.config.backends.iter().find(|b| b.name == serving) else {
+    let Some(backend) = node.backend(serving) else {
         return (1, false);
     };
     let deadline = tokio::time::Instant::now() + limit;
     if away.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
         let connected =
-            tokio::time::timeout_at(deadline, crate::backend::connect_backend(backend, config))
+            tokio::time::timeout_at(deadline, crate::backend::connect_backend(&backend, config))
                 .await;
         *away = connected.ok().and_then(Result::ok);
     }
@@ -547,7 +547,7 @@ pub(super) fn scope_outcome(
     let message = format!(
         "commit scope \"{scope_name}\" not reached within {} ms: {reached} of {} backends have the transaction",
         config.commit_scope_timeout_ms,
-        node.config.backends.len()
+        node.backends().len()
     );
     match config.commit_scope_timeout_action {
         TimeoutAction::Error => protocol::error_response(

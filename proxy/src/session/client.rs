@@ -55,7 +55,7 @@ where
         probe_question,
         probe_answer,
     } = side;
-    let serving_index = node.backend_index(serving);
+    let serving_closed = node.closed_flag(serving);
     // The message starting the next transaction was held because the
     // backend is drained (see `drain`): the relay moves the session first.
     let mut drain_now = false;
@@ -81,7 +81,7 @@ where
             if replicating
                 && (tag == b'Q'
                     || (*batch_start && matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H')))
-                && serving_index.is_some_and(|i| node.is_closed_at(i))
+                && serving_closed.as_ref().is_some_and(|f| f.is_closed())
                 && !state.drain_blocked.load(Ordering::Relaxed)
                 && state.idle()
             {

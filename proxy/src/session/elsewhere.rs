@@ -44,7 +44,7 @@ pub(super) async fn login_elsewhere(
     loop {
         let candidates: Vec<_> = node
             .session_backends()
-            .into_iter()
+            .iter()
             .filter(|b| b.name != session.backend_name)
             .cloned()
             .collect();
@@ -95,8 +95,8 @@ pub(super) fn retarget(
     state.backend_pid.store(connection.pid, Ordering::Relaxed);
     session.backend_open = node
         .metrics
-        .backend(&name)
-        .map(|(conns, _)| GaugeGuard::new(conns));
+        .backend_connections(&name)
+        .map(|conns| GaugeGuard::new(&conns));
     node.metrics.sessions_moved();
     session.backend_name = name;
     connection.stream

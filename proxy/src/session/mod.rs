@@ -79,8 +79,8 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
     } = established;
     session.backend_open = node
         .metrics
-        .backend(&session.backend_name)
-        .map(|(conns, _)| GaugeGuard::new(conns));
+        .backend_connections(&session.backend_name)
+        .map(|conns| GaugeGuard::new(&conns));
     match client {
         ClientStream::Plain(stream) => {
             let (read, write) = stream.into_split();

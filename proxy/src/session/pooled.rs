@@ -74,7 +74,8 @@ pub(super) async fn check_out(
     let lane = state.lane.as_deref().filter(|_| state.replicated_database);
     let home = node.config.home_backend().name.clone();
     let mut failure = None;
-    let mut candidates = node.session_backends();
+    let backends = node.session_backends();
+    let mut candidates: Vec<_> = backends.iter().collect();
     if read_only {
         if let (Some(lane), Some(pooled)) = (lane, session.pooled.as_mut()) {
             if let Some(order) = read_backends(node, state, lane, pooled, &candidates).await {
@@ -189,8 +190,8 @@ pub(super) async fn check_out(
             .retarget(&address, server.pid, server.secret);
         session.backend_open = node
             .metrics
-            .backend(&candidate.name)
-            .map(|(conns, _)| GaugeGuard::new(conns));
+            .backend_connections(&candidate.name)
+            .map(|conns| GaugeGuard::new(&conns));
         session.backend_name = candidate.name.clone();
         pooled.lease = Some(Lease {
             pool,

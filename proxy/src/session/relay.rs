@@ -347,12 +347,7 @@ pub(super) async fn relay<CR, CW>(
 
 /// Whether the session's backend still takes logins (within a second).
 pub(super) async fn backend_accepts(node: &Node, session: &Session) -> bool {
-    let Some(backend) = node
-        .config
-        .backends
-        .iter()
-        .find(|b| b.name == session.backend_name)
-    else {
+    let Some(backend) = node.backend(&session.backend_name) else {
         return false;
     };
     let address = backend.address();

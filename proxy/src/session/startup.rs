@@ -370,7 +370,8 @@ pub(super) async fn startup(
     let mut failure = None;
     let mut connected = None;
     let mut unready = None;
-    for candidate in node.session_backends() {
+    let backends = node.session_backends();
+    for candidate in backends.iter() {
         // Another node's home takes writes once its changes can reach
         // every peer (see `wait_streams_ready`).
         if let Some(lane) = lane

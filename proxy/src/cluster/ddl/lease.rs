@@ -148,10 +148,10 @@ pub async fn take(
     // DDL would wait for that transaction's locks, it waits for them.
     let deadline = lock_deadline.max(Instant::now() + timeout);
     // The DDL must run on the schema the earlier DDL made.
-    let config = node.config.backends.iter().find(|b| b.name == backend);
+    let config = node.backend(backend);
     if after > 0 {
         loop {
-            let index = match config {
+            let index = match &config {
                 Some(b) => lane.ddl.backend_index(b).await,
                 None => None,
             };
@@ -217,8 +217,8 @@ pub async fn give_back(
     let timeout = node.config.ddl_timeout();
     let committed = match committed {
         Some(c) => c,
-        None => match node.config.backends.iter().find(|b| b.name == backend) {
-            Some(b) => lane.ddl.has_seq(b, seq).await.unwrap_or(false),
+        None => match node.backend(backend) {
+            Some(b) => lane.ddl.has_seq(&b, seq).await.unwrap_or(false),
             None => false,
         },
     };
@@ -256,10 +256,10 @@ pub async fn answer(
             Err(refusal) => (Err(refusal), None),
         }
     };
-    let written = match node.config.backends.iter().find(|b| b.name == backend) {
+    let written = match node.backend(backend) {
         Some(b) => {
             lane.ddl
-                .set_lease_grant(b, grant_value(question, &answer))
+                .set_lease_grant(&b, grant_value(question, &answer))
                 .await
         }
         None => false,
@@ -307,7 +307,16 @@ pub const PEER_WAIT: Duration = Duration::from_millis(1000);
 /// After a committed transaction with DDL `seq`: wait for the other
 /// backends (see [`PEER_WAIT`]).
 pub async fn wait_for_peers(node: &Node, lane: &Lane, seq: u64) {
-    let _ = lane.ddl.wait_all(&node.config, seq, PEER_WAIT, false).await;
+    let _ = lane
+        .ddl
+        .wait_all(
+            &node.backends(),
+            &node.config.home_backend().name,
+            seq,
+            PEER_WAIT,
+            false,
+        )
+        .await;
 }
 
 #[cfg(test)]

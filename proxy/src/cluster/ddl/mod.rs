@@ -371,7 +371,16 @@ async fn answer(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, out: 
         CommitScope::All => (deadline.saturating_duration_since(Instant::now()), true),
         _ => (PEER_WAIT, false),
     };
-    let (have, total) = applier.ddl.wait_all(&node.config, seq, limit, strict).await;
+    let (have, total) = applier
+        .ddl
+        .wait_all(
+            &node.backends(),
+            &node.config.home_backend().name,
+            seq,
+            limit,
+            strict,
+        )
+        .await;
     tracing::debug!(
         seq,
         applied_ms = applied_after.as_millis() as u64,

@@ -37,8 +37,9 @@
 //! Every replicated database is copied, one after another.
 //!
 //! A new backend joins the same way (`JOIN`): announced first (`ADD
-//! BACKEND`: `copying` before any node names it), so that the nodes can be
-//! restarted with it in their configuration and its node started, it has
+//! BACKEND`: `copying` before any node names it), so that the nodes can
+//! take it into their configuration (`RELOAD`, see `Node::reload`) and its
+//! node be started, it has
 //! no session to wait for and nothing of its own to send, and its
 //! databases are made by the copy.
 
@@ -112,10 +113,7 @@ pub async fn rejoin(
         .cloned()
         .ok_or_else(|| refused("55000", "this node is not part of a cluster".into(), None))?;
     let find = |name: &str| {
-        node.config
-            .backends
-            .iter()
-            .find(|b| b.name == name)
+        node.backend(name)
             .ok_or_else(|| refused("42704", format!("backend \"{name}\" does not exist"), None))
     };
     let (target_backend, source_backend) = (find(target)?, find(source)?);
@@ -163,8 +161,8 @@ pub async fn rejoin(
         ));
     }
     let pair = Pair {
-        target: target_backend,
-        source: source_backend,
+        target: &target_backend,
+        source: &source_backend,
         target_owner,
         source_owner,
         sequence_id,
@@ -357,7 +355,8 @@ async fn copy_database(
     // 3. The slots into the target, made again.
     let mut slots = Vec::new();
     let mut source_client = None;
-    for origin in node.config.backends.iter().filter(|b| b.name != *target) {
+    let backends = node.backends();
+    for origin in backends.iter().filter(|b| b.name != *target) {
         let client = connect_backend(origin, config).await.map_err(|e| {
             RejoinError::Failed(format!(
                 "backend {} must be reachable for the copy: {e}",
@@ -444,7 +443,8 @@ async fn copy_database(
     drop(staged);
     copy::swap_in(&admin, database).await?;
     let copied = connect_backend(pair.target, config).await?;
-    for peer in node.config.backends.iter().filter(|b| b.name != *target) {
+    let backends = node.backends();
+    for peer in backends.iter().filter(|b| b.name != *target) {
         let slot = lane.slot_name(pair.target_owner, &peer.name);
         // (Its node's upkeep may make it at the same moment: either will do,
         // nothing is written on the target before it takes sessions.)

@@ -88,6 +88,8 @@ pub(crate) async fn drive(
     // One task per peer, each with its own connections, so that a slow or
     // frozen peer holds up only its own stream.
     let mut streams = tokio::task::JoinSet::new();
+    // (Before the backends are read: one added after starts all again.)
+    let mut added = node.backends_changed();
     // (Not to a backend being copied again: the copy makes its slots, and
     // the driver starts again when the copy ends, see rejoin.rs.)
     let copying = node
@@ -95,8 +97,7 @@ pub(crate) async fn drive(
         .map(|c| c.state().read(|s| s.copying.clone()))
         .unwrap_or_default();
     for backend in node
-        .config
-        .backends
+        .backends()
         .iter()
         .filter(|b| b.name != origin_backend.name && !copying.contains(&b.name))
     {
@@ -119,14 +120,25 @@ pub(crate) async fn drive(
     if let Some(consensus) = node.consensus().cloned() {
         streams.spawn(async move {
             let mut routing = consensus.state().routing();
-            while routing.borrow_and_update().copying == copying {
-                if routing.changed().await.is_err() {
-                    std::future::pending::<()>().await;
+            loop {
+                if routing.borrow_and_update().copying != copying {
+                    return Err(ReplicationError::Restart(
+                        "a backend's copy began or ended".into(),
+                    ));
+                }
+                tokio::select! {
+                    changed = routing.changed() => {
+                        if changed.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    Ok(()) = added.changed() => {
+                        return Err(ReplicationError::Restart(
+                            "a backend joined this node's list".into(),
+                        ));
+                    }
                 }
             }
-            Err(ReplicationError::Restart(
-                "a backend's copy began or ended".into(),
-            ))
         });
     }
     if config.prune_interval_ms > 0 {
@@ -163,10 +175,11 @@ const PRUNE_BATCHES: usize = 100;
 /// owners' node ids), from the Raft state: `None` while some backend has
 /// no known owner (it then holds pruning back).
 fn other_origins(node: &Node, origin: &str) -> Option<Vec<i32>> {
-    let others = node.config.backends.iter().filter(|b| b.name != origin);
+    let backends = node.backends();
+    let others = backends.iter().filter(|b| b.name != origin);
     let Some(consensus) = node.consensus() else {
         // Without a cluster only a lone backend knows its peers: none.
-        return (node.config.backends.len() == 1).then(Vec::new);
+        return (backends.len() == 1).then(Vec::new);
     };
     consensus.state().read(|s| {
         others
@@ -337,6 +350,7 @@ async fn run_stream(
         .metrics
         .peer(&backend.name)
         .filter(|_| home && lane.main);
+    let metrics = metrics.as_deref();
     let mut peer: Option<Client> = None;
     let mut decoder = PgOutputDecoder::default();
     let mut pending: Vec<DecodedTransaction> = Vec::new();

@@ -44,8 +44,7 @@ pub async fn wait_streams_ready(
             .and_then(|id| u16::try_from(id).ok());
         if let Some(owner) = owner {
             let slots: Vec<String> = node
-                .config
-                .backends
+                .backends()
                 .iter()
                 // (A backend being copied gets its slots from the copy.)
                 .filter(|b| b.name != backend.name && !node.is_copying(&b.name))
@@ -140,13 +139,15 @@ async fn home_upkeep(node: &Arc<Node>, lane: &Lane) -> Result<(), ReplicationErr
     let home = node.config.home_backend();
     let origin = connect_backend(home, config).await?;
     capture::install(&origin, node.config.node.id).await?;
-    let slots: Vec<(String, String)> = node
-        .config
-        .backends
-        .iter()
-        .filter(|b| b.name != home.name)
-        .map(|b| (b.name.clone(), lane.slot_name(node.config.node.id, &b.name)))
-        .collect();
+    // (Each peer's slot, of the backends the node knows now.)
+    let slots_now = || -> Vec<(String, String)> {
+        node.backends()
+            .iter()
+            .filter(|b| b.name != home.name)
+            .map(|b| (b.name.clone(), lane.slot_name(node.config.node.id, &b.name)))
+            .collect()
+    };
+    let slots = slots_now();
     // Sessions are admitted once the schema is ready; a change committed
     // before its stream's slot exists would never reach that peer, so the
     // slots come first.
@@ -166,7 +167,6 @@ async fn home_upkeep(node: &Arc<Node>, lane: &Lane) -> Result<(), ReplicationErr
     tokio::pin!(observe);
     let mut observed = 0i64;
     let mut slot_watch = SlotWatch::default();
-    let slot_names: Vec<String> = slots.iter().map(|(_, slot)| slot.clone()).collect();
     loop {
         tokio::select! {
             Some(reply) = async {
@@ -182,6 +182,8 @@ async fn home_upkeep(node: &Arc<Node>, lane: &Lane) -> Result<(), ReplicationErr
                 let _ = reply.send(parse_lsn(&lsn)?);
             }
             _ = lag_check.tick() => {
+                let slots = slots_now();
+                let slot_names: Vec<String> = slots.iter().map(|(_, slot)| slot.clone()).collect();
                 let rows = origin
                     .query(
                         "SELECT slot_name::text, \

@@ -25,21 +25,17 @@ fn error(code: &str, message: String, hint: Option<&str>) -> PgError {
     }
 }
 
-/// The configured backend a command names (quotes around it allowed).
-fn backend<'a>(node: &'a Node, named: &str) -> Result<&'a str, PgError> {
+/// The backend a command names (quotes around it allowed), one this node
+/// knows.
+fn backend(node: &Node, named: &str) -> Result<String, PgError> {
     let name = named.trim_matches(|c| c == '"' || c == '\'');
-    node.config
-        .backends
+    let backends = node.backends();
+    backends
         .iter()
         .find(|b| b.name == name)
-        .map(|b| b.name.as_str())
+        .map(|b| b.name.clone())
         .ok_or_else(|| {
-            let known: Vec<&str> = node
-                .config
-                .backends
-                .iter()
-                .map(|b| b.name.as_str())
-                .collect();
+            let known: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
             error(
                 "42704",
                 format!("backend \"{name}\" does not exist"),
@@ -83,7 +79,7 @@ async fn run(
 /// `DRAIN backend`: no new session goes to it, and the sessions on it move
 /// off between transactions; replication keeps it current.
 pub(super) async fn drain(node: &Node, named: &str) -> Result<(), PgError> {
-    let name = backend(node, named)?;
+    let name = &backend(node, named)?;
     let consensus = cluster_of(node)?;
     let (drained, leader) = consensus
         .state()
@@ -96,10 +92,9 @@ pub(super) async fn drain(node: &Node, named: &str) -> Result<(), PgError> {
         ));
     }
     let others = node
-        .config
-        .backends
+        .backends()
         .iter()
-        .any(|b| b.name != name && !drained.contains(&b.name));
+        .any(|b| b.name != *name && !drained.contains(&b.name));
     if !others {
         return Err(error(
             "55000",
@@ -121,7 +116,7 @@ pub(super) async fn drain(node: &Node, named: &str) -> Result<(), PgError> {
 
 /// `RESUME backend`: it takes sessions again.
 pub(super) async fn resume(node: &Node, named: &str) -> Result<(), PgError> {
-    let name = backend(node, named)?.to_owned();
+    let name = backend(node, named)?;
     let owned = name.clone();
     run(
         node,
@@ -137,7 +132,7 @@ pub(super) async fn resume(node: &Node, named: &str) -> Result<(), PgError> {
 /// `SWITCHOVER backend`: under write-leader routing, make it the write
 /// leader; sessions on the old one move to it between transactions.
 pub(super) async fn switchover(node: &Node, named: &str) -> Result<(), PgError> {
-    let name = backend(node, named)?.to_owned();
+    let name = backend(node, named)?;
     if node.config.node.routing != Routing::Leader {
         return Err(error(
             "55000",
@@ -185,9 +180,10 @@ pub(super) async fn switchover(node: &Node, named: &str) -> Result<(), PgError> 
 }
 
 /// `RELOAD`: this node reads its configuration file again and takes the
-/// settings it can without a restart (see `node::Live`); the settings that
-/// changed in the file but wait for a restart.
-pub(super) fn reload(node: &Node) -> Result<Vec<String>, PgError> {
+/// settings it can without a restart (see `node::Live`), and the backends
+/// announced by `ADD BACKEND` that the file adds; which settings changed
+/// in the file but wait for a restart.
+pub(super) fn reload(node: &Node) -> Result<crate::node::Reloaded, PgError> {
     node.reload().map_err(|e| match e {
         ReloadError::NoFile => error("55000", e.to_string(), None),
         ReloadError::Invalid(why) => error(
@@ -202,8 +198,9 @@ pub(super) fn reload(node: &Node) -> Result<Vec<String>, PgError> {
 /// Until `JOIN name FROM source` has copied it, no node sends it a session
 /// or a stream, or applies the DDL log to it, whether or not its
 /// configuration names it yet (it is `copying`, see `Node::set_routing`):
-/// the nodes can then be restarted one by one with it in their
-/// configuration, and the new node started, before the copy.
+/// each node can then take it into its configuration with `RELOAD` (no
+/// restart, no client disturbed), and the new node be started, before the
+/// copy.
 pub(super) async fn add_backend(node: &Node, named: &str) -> Result<(), PgError> {
     let name = named.trim_matches(|c| c == '"' || c == '\'');
     let valid = !name.is_empty()
@@ -268,6 +265,15 @@ pub(super) async fn drop_backend(node: &Node, named: &str) -> Result<(), PgError
             "42704",
             format!("backend \"{name}\" was not announced"),
             Some("DROP BACKEND forgets a name given to ADD BACKEND."),
+        ));
+    }
+    if node.backend_index(name).is_some() {
+        // (Once no longer announced, the nodes that know it would stream
+        // to it as to any member.)
+        return Err(error(
+            "55000",
+            format!("backend \"{name}\" is in this node's [[backends]]"),
+            Some("Take it out of every node's configuration and restart those nodes first."),
         ));
     }
     let owned = name.to_owned();

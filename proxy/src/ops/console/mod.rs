@@ -213,8 +213,11 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
     };
     if words == ["RELOAD"] {
         match commands::reload(node) {
-            Ok(at_restart) => {
-                for setting in at_restart {
+            Ok(reloaded) => {
+                for backend in reloaded.added {
+                    protocol::notice(out, &format!("backend {backend} added to this node's list"));
+                }
+                for setting in reloaded.at_restart {
                     protocol::warning_notice(
                         out,
                         "55P02",

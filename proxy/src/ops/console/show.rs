@@ -53,7 +53,8 @@ pub(super) async fn replication(node: &Node) -> Result<Table, PgError> {
         });
     };
     let control = &main.control;
-    let asks = node.config.backends.iter().map(|backend| async move {
+    let backends = node.backends();
+    let asks = backends.iter().map(|backend| async move {
         let asked = control
             .query(backend, Duration::from_secs(2), REPLICATION_SQL, &[])
             .await;
@@ -193,7 +194,7 @@ pub(super) fn config(node: &Node) -> Table {
         ),
         ("tls".into(), c.tls.is_some().to_string()),
     ];
-    for b in &c.backends {
+    for b in node.backends().iter() {
         rows.push((
             format!("backends.{}", b.name),
             format!("{} sslmode={}", b.address(), spelled(b.sslmode)),
@@ -282,8 +283,7 @@ pub(super) async fn clients(node: &Node) -> Table {
         .iter()
         .map(|c| {
             let backend = node
-                .config
-                .backends
+                .backends()
                 .iter()
                 .find(|b| b.address() == c.backend_address)
                 .map_or(c.backend_address.clone(), |b| b.name.clone());
@@ -472,7 +472,7 @@ pub(super) async fn backends(node: &Node) -> Table {
     let step = node.copy_step();
     let clients = node.cancel_keys.clients();
     let mut rows = Vec::new();
-    for backend in &node.config.backends {
+    for backend in node.backends().iter() {
         let address = backend.address();
         let sessions = clients
             .iter()
