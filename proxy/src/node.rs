@@ -359,18 +359,25 @@ impl Node {
     /// metrics, their place in every lane's replication progress, and a
     /// change of `backends_changed`, on which the streams start again.
     fn add_backends(&self, added: &[BackendConfig]) {
+        let added: Vec<BackendConfig> = {
+            let mut known = match self.backends.write() {
+                Ok(known) => known,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            // (Two reloads at once add a backend once.)
+            let added: Vec<BackendConfig> = added
+                .iter()
+                .filter(|b| known.index(&b.name).is_none())
+                .cloned()
+                .collect();
+            *known = Arc::new(known.with(&added));
+            added
+        };
         if added.is_empty() {
             return;
         }
-        match self.backends.write() {
-            Ok(mut known) => *known = Arc::new(known.with(added)),
-            Err(poisoned) => {
-                let mut known = poisoned.into_inner();
-                *known = Arc::new(known.with(added));
-            }
-        }
         let home = &self.config.home_backend().name;
-        for backend in added {
+        for backend in &added {
             self.metrics.add_backend(&backend.name, home);
             for lane in self.lanes() {
                 lane.progress.add_peer(&backend.name);

@@ -3,7 +3,8 @@
 //! BACKEND`), taken into each node's configuration with `RELOAD` (no node
 //! restarts: the clients' sessions stay all along), its node started and
 //! added to Raft, then the backend copied from a peer (`JOIN <backend>
-//! FROM <source>`) under `pgbench -N` through the three nodes.
+//! FROM <source>`) under `pgbench -N` through the three nodes, an ordinary
+//! role's inserts, and a large transaction that commits during the copy.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -34,12 +35,16 @@ async fn write_until(
     acked: Arc<Mutex<BTreeSet<i64>>>,
     stop: Arc<AtomicBool>,
 ) -> Written {
-    let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname={database}");
-    let sql = if database == "shop" {
-        "INSERT INTO orders (via) VALUES ($1) RETURNING id"
+    // (Into the second database as its owner, an ordinary role.)
+    let (user, sql) = if database == "shop" {
+        ("app", "INSERT INTO orders (via) VALUES ($1) RETURNING id")
     } else {
-        "INSERT INTO acked (via) VALUES ($1) RETURNING id"
+        (
+            "postgres",
+            "INSERT INTO acked (via) VALUES ($1) RETURNING id",
+        )
     };
+    let conninfo = format!("host=127.0.0.1 port={port} user={user} dbname={database}");
     let mut written = Written::default();
     while !stop.load(Ordering::Relaxed) {
         let Ok(client) = testkit::connect(&conninfo).await else {
@@ -82,6 +87,19 @@ async fn cluster_command(console: &tokio_postgres::Client, sql: &str) {
             Err(e) => panic!("{sql}: {}", procs::message(&e)),
         }
     }
+}
+
+/// Rows in the large transaction that races the copy.
+const BIG_ROWS: i32 = 100_000;
+
+/// The `copying` column of backend 4 in a `SHOW BACKENDS` answer.
+fn copy_step(rows: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
+    rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) if row.get("name") == Some("pg4") => {
+            row.get("copying").map(str::to_owned)
+        }
+        _ => None,
+    })
 }
 
 /// Wait (bounded) until `count` is at least `n`.
@@ -161,7 +179,8 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
     c.exec(
         1,
         "CREATE TABLE acked (id bigserial PRIMARY KEY, via int NOT NULL); \
-         CREATE TABLE small (id serial PRIMARY KEY, via int)",
+         CREATE TABLE small (id serial PRIMARY KEY, via int); \
+         CREATE TABLE big (id int PRIMARY KEY, v int NOT NULL)",
     )
     .await;
     for b in 1..=3 {
@@ -317,14 +336,38 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
             })
         })
         .collect();
+    // A large transaction through node 3, open when the copy begins and
+    // committed while it runs (the copy's slot on backend 3 waits for it).
+    let big = c.via(3).await;
+    big.batch_execute(&format!(
+        "BEGIN; INSERT INTO big SELECT g, g FROM generate_series(1, {BIG_ROWS}) g"
+    ))
+    .await
+    .unwrap();
     // (The second through the command line, as an operator would.)
     let started = Instant::now();
-    let joined = tokio::process::Command::new(testkit::chorus_bin())
+    let joining = tokio::process::Command::new(testkit::chorus_bin())
         .args(["join", "--backend", "pg4", "--from", "pg1", "--config"])
         .arg(c.dir.path().join("node2.toml"))
-        .output()
-        .await
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let console2 = c.via_db(2, "chorus").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let step = loop {
+        let shown = console2.simple_query("SHOW BACKENDS").await.unwrap();
+        // (`true` until node 2 names a step of its own.)
+        if let Some(step) = copy_step(&shown).filter(|s| s != "true") {
+            break step;
+        }
+        assert!(Instant::now() < deadline, "the copy did not begin in 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("committing {BIG_ROWS} rows during the copy's step: {step}");
+    big.batch_execute("COMMIT").await.unwrap();
+    drop(big);
+    let joined = joining.wait_with_output().await.unwrap();
     let took = started.elapsed();
     let told = String::from_utf8_lossy(&joined.stdout).into_owned();
     assert!(
@@ -445,6 +488,10 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
         "SELECT md5(string_agg(o::text, ',' ORDER BY id)) FROM orders o",
     )
     .await;
+    assert_eq!(
+        everywhere(&c, "postgres", "SELECT count(*)::text FROM big").await,
+        BIG_ROWS.to_string()
+    );
 
     // Backend 4 has the roles, with their password, settings and
     // membership, and the database's grants.
