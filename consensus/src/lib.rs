@@ -217,6 +217,20 @@ impl Consensus {
         }
     }
 
+    /// The cluster's members as this member's Raft log has them, by id:
+    /// each one's Raft address and whether it votes (a node being added is
+    /// a learner until it has caught up).
+    pub fn members(&self) -> Vec<(Nid, String, bool)> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<Nid> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| (*id, node.addr.clone(), voters.contains(id)))
+            .collect()
+    }
+
     /// The committed log index as this node knows it.
     pub fn committed_index(&self) -> u64 {
         *self.committed.borrow()

@@ -165,6 +165,19 @@ pub enum NodeState {
     Parted,
 }
 
+impl NodeState {
+    /// Its name, as in the serialised state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Joining => "joining",
+            NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Down => "down",
+            NodeState::Parted => "parted",
+        }
+    }
+}
+
 /// What the cluster knows of one Chorus node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -470,6 +483,17 @@ impl ClusterState {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_states_are_named_as_serialised() {
+        use NodeState::*;
+        for state in [Joining, Active, Draining, Down, Parted] {
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{}\"", state.as_str())
+            );
+        }
+    }
 
     fn proposal(id: &str) -> DdlProposal {
         DdlProposal {

@@ -70,6 +70,18 @@ async fn the_admin_console_shows_the_cluster_to_the_roles_it_names() {
     assert_eq!(ids, ["1", "2", "3"]);
     let this: Vec<&str> = nodes.iter().map(|r| r[3].as_str()).collect();
     assert_eq!(this, ["true", "false", "false"]);
+    // Where each listens, its home backend, its state, what it drives, and
+    // that no copy runs.
+    let nodes = show_until(&one, "SHOW NODES", |rows| {
+        rows.iter().all(|r| r[7] == "active" && !r[8].is_empty())
+    })
+    .await;
+    for (i, row) in nodes.iter().enumerate() {
+        assert_eq!(row[5], format!("127.0.0.1:{}", c.ports[i]), "{row:?}");
+        assert_eq!(row[6], format!("pg{}", i + 1), "{row:?}");
+        assert_eq!(row[8], format!("pg{}", i + 1), "{row:?}");
+        assert_eq!(row[9], "false", "{row:?}");
+    }
     let raft = show(&one, "show raft;").await;
     assert_eq!(raft.len(), 1);
     assert_eq!(raft[0][0], "1");

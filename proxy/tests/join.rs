@@ -274,6 +274,29 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
     let relay4 = format!("127.0.0.1:{}", c.relays[3].port);
     let added = c.chorus(1, &["cluster", "add-node", "--id", "4", "--raft", &relay4]);
     assert!(added.contains("voter"), "{added}");
+    // Node 1 shows node 4 (from the Raft log, not its configuration), its
+    // home backend waiting for its copy.
+    let console1 = c.via_db(1, "chorus").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = console1.simple_query("SHOW NODES").await.unwrap();
+        let four = shown.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) if row.get("id") == Some("4") => Some((
+                row.get("home_backend").map(str::to_owned),
+                row.get("copying").map(str::to_owned),
+            )),
+            _ => None,
+        });
+        if four == Some((Some("pg4".into()), Some("true".into()))) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 4 in node 1's SHOW NODES: {four:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(console1);
     let four_port: i32 = c
         .direct(4)
         .await

@@ -6,7 +6,8 @@
 //!
 //! - `SHOW VERSION`
 //! - `SHOW NODES`: each Raft member, its address, its role as this node
-//!   sees it, and how long ago this node last heard from it;
+//!   sees it, how long ago this node last heard from it, its home backend,
+//!   state and duties, and its home's copy;
 //! - `SHOW RAFT`: this node's term, leader, and committed and applied
 //!   index;
 //! - `SHOW BACKENDS`: each backend, whose home it is, whether this node

@@ -380,51 +380,98 @@ pub(super) async fn home(node: &Node, sql: &str) -> Result<Table, PgError> {
     Ok(result)
 }
 
+/// `SHOW NODES`: each member of the cluster (see `NODE_COLUMNS`).
 pub(super) fn nodes(node: &Node) -> Table {
     let mut rows = Vec::new();
     let me = node.config.node.id;
-    let consensus = node.consensus();
-    let metrics = consensus.map(|c| c.metrics().borrow().clone());
-    let leader = metrics.as_ref().and_then(|m| m.current_leader);
-    if let Some(cluster) = &node.config.cluster {
-        for member in &cluster.members {
-            let id = u64::from(member.id);
-            let role = if leader == Some(id) {
-                "leader"
-            } else if member.id == me {
-                consensus.map_or("unknown", |c| c.role())
-            } else {
-                "follower"
-            };
-            let heard = if member.id == me {
-                "0".to_owned()
-            } else {
-                consensus
-                    .and_then(|c| c.last_contact(id))
-                    .map_or(String::new(), |at| at.elapsed().as_millis().to_string())
-            };
-            rows.push(vec![
-                member.id.to_string(),
-                member.raft.clone(),
-                role.to_owned(),
-                (member.id == me).to_string(),
-                heard,
-            ]);
-        }
-    } else {
+    let Some(consensus) = node.consensus() else {
         rows.push(vec![
             me.to_string(),
             String::new(),
             "standalone".to_owned(),
             "true".to_owned(),
             "0".to_owned(),
+            node.config.node.listen.to_string(),
+            node.config.home_backend().name.clone(),
+            String::new(),
+            node.config.home_backend().name.clone(),
+            "false".to_owned(),
+        ]);
+        return table(NODE_COLUMNS, rows);
+    };
+    let leader = consensus.metrics().borrow().current_leader;
+    let step = node.copy_step();
+    // (The members as the Raft log has them: a node added while this one
+    // runs is there, its configuration's list is not read again.)
+    for (id, raft_address, voter) in consensus.members() {
+        let this = id == u64::from(me);
+        let role = if leader == Some(id) {
+            "leader"
+        } else if this {
+            consensus.role()
+        } else if voter {
+            "follower"
+        } else {
+            "learner"
+        };
+        let heard = if this {
+            "0".to_owned()
+        } else {
+            consensus
+                .last_contact(id)
+                .map_or(String::new(), |at| at.elapsed().as_millis().to_string())
+        };
+        let (listen, home, state, drives, copying) = consensus.state().read(|s| {
+            let info = s.nodes.get(&id);
+            let home = info.map_or(String::new(), |i| i.home_backend.clone());
+            let drives: Vec<&str> = s
+                .nodes
+                .values()
+                .map(|i| i.home_backend.as_str())
+                .filter(|b| s.driver_of(b).is_some_and(|d| d.node == id))
+                .collect();
+            (
+                info.map_or(String::new(), |i| i.listen.clone()),
+                home.clone(),
+                info.map_or(String::new(), |i| i.state.as_str().to_owned()),
+                drives.join(","),
+                s.copying.contains(&home),
+            )
+        });
+        // (Its home backend's copy: on the node running it, the last step.)
+        let copying = match &step {
+            Some((copied, step)) if *copied == home && !home.is_empty() => step.clone(),
+            _ => copying.to_string(),
+        };
+        rows.push(vec![
+            id.to_string(),
+            raft_address,
+            role.to_owned(),
+            this.to_string(),
+            heard,
+            listen,
+            home,
+            state,
+            drives,
+            copying,
         ]);
     }
-    table(
-        &["id", "raft_address", "role", "this_node", "heard_ms_ago"],
-        rows,
-    )
+    table(NODE_COLUMNS, rows)
 }
+
+/// `SHOW NODES`'s columns.
+const NODE_COLUMNS: &[&str] = &[
+    "id",
+    "raft_address",
+    "role",
+    "this_node",
+    "heard_ms_ago",
+    "listen",
+    "home_backend",
+    "state",
+    "drives",
+    "copying",
+];
 
 pub(super) fn raft(node: &Node) -> Table {
     let Some(consensus) = node.consensus() else {
