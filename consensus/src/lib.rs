@@ -428,6 +428,18 @@ impl Consensus {
                     .change_membership(members, false)
                     .await
                     .map_err(|e| not_leader(&e))?;
+                // Its home backend is no longer the cluster's: no node is
+                // its owner or is handed its duties (its sequence id is
+                // kept, never given again).
+                let info = self.shared.read(|s| s.nodes.get(&id).cloned());
+                if let Some(info) = info.filter(|i| i.state != NodeState::Parted) {
+                    let parted = NodeInfo {
+                        state: NodeState::Parted,
+                        ..info
+                    };
+                    self.propose_here(Request::RegisterNode { id, info: parted })
+                        .await?;
+                }
                 Ok(format!("node {id} removed"))
             }
             _ => Err(ProposeFailure::Failed("unexpected request".into())),

@@ -449,10 +449,11 @@ impl ClusterState {
     }
 
     /// The node whose home `backend` is.
+    /// (A node removed from the cluster is no backend's owner.)
     pub fn owner_of(&self, backend: &str) -> Option<u64> {
         self.nodes
             .iter()
-            .find(|(_, info)| info.home_backend == backend)
+            .find(|(_, info)| info.home_backend == backend && info.state != NodeState::Parted)
             .map(|(id, _)| *id)
     }
 
@@ -483,6 +484,35 @@ impl ClusterState {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parted_node_owns_no_backend() {
+        let mut state = ClusterState::default();
+        let info = NodeInfo {
+            raft_addr: String::new(),
+            listen: String::new(),
+            home_backend: "pg4".into(),
+            state: NodeState::Active,
+        };
+        state.apply(&Request::RegisterNode {
+            id: 4,
+            info: info.clone(),
+        });
+        assert_eq!(state.owner_of("pg4"), Some(4));
+        assert_eq!(state.driver_of("pg4").map(|d| d.node), Some(4));
+        let sequence_id = state.sequence_ids.get(&4).copied();
+        state.apply(&Request::RegisterNode {
+            id: 4,
+            info: NodeInfo {
+                state: NodeState::Parted,
+                ..info
+            },
+        });
+        assert_eq!(state.owner_of("pg4"), None);
+        assert_eq!(state.driver_of("pg4"), None);
+        // (Its sequence id stays taken.)
+        assert_eq!(state.sequence_ids.get(&4).copied(), sequence_id);
+    }
 
     #[test]
     fn node_states_are_named_as_serialised() {

@@ -224,6 +224,8 @@ pub async fn reassign(node: Arc<Node>, consensus: Arc<Consensus>) {
         let moves: Vec<(String, u64, u64)> = consensus.state().read(|s| {
             s.nodes
                 .iter()
+                // (A removed node's backend is no longer the cluster's.)
+                .filter(|(_, info)| info.state != chorus_consensus::NodeState::Parted)
                 .filter_map(|(owner, info)| {
                     let current = s.driver_of(&info.home_backend)?.node;
                     let target = if alive(*owner) {

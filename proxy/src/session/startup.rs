@@ -610,7 +610,7 @@ pub(super) async fn forward_cancel(node: &Node, pid: i32, secret: i32) {
     let others: Vec<String> = consensus.state().read(|s| {
         s.nodes
             .iter()
-            .filter(|(id, _)| **id != me)
+            .filter(|(id, n)| **id != me && n.state != chorus_consensus::NodeState::Parted)
             .map(|(_, n)| n.listen.clone())
             .collect()
     });

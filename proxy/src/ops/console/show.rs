@@ -427,6 +427,7 @@ pub(super) fn nodes(node: &Node) -> Table {
             let drives: Vec<&str> = s
                 .nodes
                 .values()
+                .filter(|i| i.state != chorus_consensus::NodeState::Parted)
                 .map(|i| i.home_backend.as_str())
                 .filter(|b| s.driver_of(b).is_some_and(|d| d.node == id))
                 .collect();
