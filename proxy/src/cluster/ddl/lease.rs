@@ -307,16 +307,7 @@ pub const PEER_WAIT: Duration = Duration::from_millis(1000);
 /// After a committed transaction with DDL `seq`: wait for the other
 /// backends (see [`PEER_WAIT`]).
 pub async fn wait_for_peers(node: &Node, lane: &Lane, seq: u64) {
-    let _ = lane
-        .ddl
-        .wait_all(
-            &node.backends(),
-            &node.config.home_backend().name,
-            seq,
-            PEER_WAIT,
-            false,
-        )
-        .await;
+    let _ = super::applied_everywhere(node, lane, seq, PEER_WAIT, false).await;
 }
 
 #[cfg(test)]

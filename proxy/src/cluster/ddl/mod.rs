@@ -371,16 +371,7 @@ async fn answer(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, out: 
         CommitScope::All => (deadline.saturating_duration_since(Instant::now()), true),
         _ => (PEER_WAIT, false),
     };
-    let (have, total) = applier
-        .ddl
-        .wait_all(
-            &node.backends(),
-            &node.config.home_backend().name,
-            seq,
-            limit,
-            strict,
-        )
-        .await;
+    let (have, total) = applied_everywhere(node, applier, seq, limit, strict).await;
     tracing::debug!(
         seq,
         applied_ms = applied_after.as_millis() as u64,
@@ -418,6 +409,22 @@ fn error(out: &mut BytesMut, code: &str, message: &str, hint: Option<&str>) {
         hint: hint.map(str::to_owned),
     }
     .write(out);
+}
+
+/// Wait until every backend this node knows has applied DDL log entry
+/// `seq` in `lane`, until `limit` (see `DdlProgress::wait_all`); how many
+/// have, of how many.
+pub(crate) async fn applied_everywhere(
+    node: &Node,
+    lane: &Lane,
+    seq: u64,
+    limit: Duration,
+    strict: bool,
+) -> (usize, usize) {
+    let home = &node.config.home_backend().name;
+    lane.ddl
+        .wait_all(&node.backends(), home, seq, limit, strict)
+        .await
 }
 
 #[cfg(test)]
