@@ -293,10 +293,18 @@ async fn sessions_leave(target: &Client) -> Result<u64, RejoinError> {
 }
 
 /// Wait until the target's slots in this database (to every peer) have
-/// confirmed its current position: every change written on it is on every
+/// confirmed its position now: every change written on it is on every
 /// peer. A slot that was lost is not waited for.
+///
+/// The position is read once: the peers' changes applied on the target go
+/// on moving its WAL while the cluster takes writes, so its current
+/// position is a mark no slot need ever meet.
 async fn changes_sent(target: &Client, owner: u16) -> Result<(), RejoinError> {
     let prefix = format!("chorus\\_{owner}\\_to\\_%");
+    let written: String = target
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
     let deadline = tokio::time::Instant::now() + CATCH_UP;
     loop {
         let behind: i64 = target
@@ -304,8 +312,8 @@ async fn changes_sent(target: &Client, owner: u16) -> Result<(), RejoinError> {
                 "SELECT count(*) FROM pg_replication_slots \
                   WHERE slot_name LIKE $1 AND database = current_database() \
                     AND wal_status IS DISTINCT FROM 'lost' \
-                    AND confirmed_flush_lsn < pg_current_wal_lsn()",
-                &[&prefix],
+                    AND confirmed_flush_lsn < $2::text::pg_lsn",
+                &[&prefix, &written],
             )
             .await?
             .get(0);
