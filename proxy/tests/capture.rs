@@ -632,7 +632,12 @@ async fn a_schema_of_an_earlier_version_is_upgraded_in_place_and_a_newer_one_ref
             .batch_execute(
                 "CREATE TABLE items (id int PRIMARY KEY, v text, j json);
                  SELECT chorus.adopt('items'::regclass, false);
-                 INSERT INTO items VALUES (1, 'before', NULL);",
+                 INSERT INTO items VALUES (1, 'before', NULL);
+                 CREATE TABLE parts (id int PRIMARY KEY) PARTITION BY RANGE (id);
+                 CREATE TABLE parts_a PARTITION OF parts FOR VALUES FROM (0) TO (10);
+                 CREATE TABLE parts_b PARTITION OF parts FOR VALUES FROM (10) TO (20);
+                 SELECT chorus.adopt('parts'::regclass, false);
+                 INSERT INTO parts VALUES (1), (2), (11);",
             )
             .await
             .unwrap();
@@ -666,6 +671,16 @@ async fn a_schema_of_an_earlier_version_is_upgraded_in_place_and_a_newer_one_ref
             "from {earlier}: {captured:?}"
         );
         assert!(captured[0].prev.is_some(), "{captured:?}");
+        // A partition adopted before its own TRUNCATE replicated: that
+        // TRUNCATE records a delete of each of its rows now.
+        client.batch_execute("TRUNCATE parts_a").await.unwrap();
+        let captured = changes(&client).await;
+        let ops: Vec<Operation> = captured.iter().map(|c| c.op).collect();
+        assert_eq!(
+            ops,
+            [Operation::Delete, Operation::Delete],
+            "from {earlier}: {captured:?}"
+        );
         // The upgraded schema is the one a new install makes.
         client.batch_execute("CREATE DATABASE fresh").await.unwrap();
         let fresh = testkit::connect(&pg.conninfo("fresh")).await.unwrap();

@@ -436,7 +436,7 @@ LANGUAGE sql STABLE AS $$
        AND NOT EXISTS (SELECT 1 FROM pg_trigger t
                         WHERE t.tgrelid = rel::regclass AND NOT t.tgisinternal
                           AND t.tgname NOT IN ('chorus_capture', 'chorus_capture_inserts', 'chorus_capture_deletes',
-                                               'chorus_capture_updates', 'chorus_truncate'))
+                                               'chorus_capture_updates', 'chorus_truncate', 'chorus_truncate_end'))
 $$;
 
 -- Apply the changes of one batchable table from one batch, set-based, with

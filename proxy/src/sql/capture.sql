@@ -597,7 +597,7 @@ BEGIN
 END
 $$;
 
--- The TRUNCATE trigger (AFTER, FOR EACH STATEMENT) on every adopted table.
+-- The TRUNCATE trigger (FOR EACH STATEMENT) on every adopted table.
 -- A TRUNCATE replicates as a record with the table and a version newer
 -- than every row it removed here; every backend then removes the rows it
 -- holds with older versions, and keeps the table's marker (a version row
@@ -605,22 +605,33 @@ $$;
 -- skipped, and a write after it gets a newer version. So a row inserted
 -- concurrently through another node survives everywhere exactly when its
 -- version is newer than the TRUNCATE's (last writer wins, as for rows).
--- A partitioned table replicates a TRUNCATE of the whole tree: its root's
--- trigger fires first (PostgreSQL fires the AFTER TRUNCATE triggers of a
--- statement in the order of its tables: the root, then its partitions)
--- and records it under the root's name, as the rows are; the partitions'
--- triggers of the same statement then stay quiet. A TRUNCATE of single
--- partitions is refused (their rows are recorded under the root's name,
--- so a later change could not be told to be older than it or not).
+--
+-- A partitioned table's rows are recorded under its root's name, so its
+-- triggers run BEFORE the truncation, while a partition's rows are still
+-- there to read. PostgreSQL fires the BEFORE TRUNCATE triggers of a
+-- statement in the order of its tables (a root before its partitions),
+-- all of them before the AFTER ones:
+-- - the root's records a TRUNCATE of the whole tree, under its name, and
+--   names the root in `chorus.truncating_tree` for the rest of the
+--   statement (its AFTER trigger, chorus.capture_truncate_end, clears it);
+--   the partitions' triggers of that statement stay quiet;
+-- - a partition truncated on its own records a delete of each of its rows,
+--   as DELETE FROM it would (the rows' keys are the root's; a row
+--   concurrently written elsewhere survives where its version is newer),
+--   since the tree's marker cannot speak for one partition. That costs a
+--   read of the partition and a message per row. A partition of a table
+--   without a primary key has no keys to delete by: refused.
 CREATE OR REPLACE FUNCTION chorus.capture_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rel text := TG_ARGV[0];
+    here text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
     txn_hlc bigint;
     origin integer;
     ddl_seq bigint;
     ver bigint;
-    tree jsonb;
+    cols text[];
+    mark bigint;
 BEGIN
     IF current_setting('chorus.applying', true) = 'on' AND current_setting('is_superuser') = 'on' THEN
         RETURN NULL;
@@ -630,24 +641,47 @@ BEGIN
     IF (SELECT c.relkind = 'p' AND c.relispartition FROM pg_class c WHERE c.oid = TG_RELID) THEN
         RETURN NULL;
     END IF;
-    IF rel <> format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME) THEN
-        -- A partition: quiet when its root's TRUNCATE was just recorded.
-        tree := nullif(current_setting('chorus.truncating_tree', true), '')::jsonb;
-        IF tree ->> 'root' = rel AND (tree ->> 'left')::integer > 0 THEN
-            PERFORM set_config('chorus.truncating_tree', jsonb_set(tree, '{left}',
-                               to_jsonb((tree ->> 'left')::integer - 1))::text, true);
+    IF rel <> here THEN
+        -- A partition: quiet when its root's TRUNCATE is recorded.
+        IF current_setting('chorus.truncating_tree', true) = rel THEN
             RETURN NULL;
         END IF;
-        RAISE EXCEPTION 'TRUNCATE of a partition cannot be replicated'
-            USING ERRCODE = '0A000',
-                  HINT = format('Truncate the whole table %s, or use DELETE FROM %s.', rel, TG_RELID::regclass);
+        SELECT s.txn_hlc, s.origin, s.ddl_seq INTO txn_hlc, origin, ddl_seq FROM chorus.txn_stamp() s;
+        SELECT t.pk_columns INTO cols FROM chorus.replicated_table t WHERE t.tbl = rel;
+        IF coalesce(cardinality(cols), 0) = 0 THEN
+            RAISE EXCEPTION 'TRUNCATE of a partition of a table without a primary key cannot be replicated'
+                USING ERRCODE = '0A000',
+                      HINT = format('Truncate the whole table %s, or use DELETE FROM %s.', rel, TG_RELID::regclass);
+        END IF;
+        mark := coalesce((SELECT v.version FROM chorus.row_version v WHERE v.tbl = rel AND v.pk = '{}'), 0);
+        -- As chorus.capture_statement records a DELETE: the keys' version
+        -- rows locked, tombstones newer than them and than the tree's
+        -- TRUNCATE marker, a message per row.
+        EXECUTE format($q$
+            WITH gone AS (
+                SELECT chorus.key_of(to_jsonb(r.*), $1) AS key FROM ONLY %s r
+            ), held AS (
+                SELECT v.pk, v.version FROM gone g JOIN chorus.row_version v ON v.tbl = $2 AND v.pk = g.key
+                   FOR UPDATE OF v
+            ), old AS (
+                SELECT g.key, h.version AS prev FROM gone g LEFT JOIN held h ON h.pk = g.key
+            ), up AS (
+                INSERT INTO chorus.row_version AS v (tbl, pk, version, origin, deleted)
+                SELECT $2, o.key, greatest($3, coalesce(o.prev, 0) + 1, $4 + 1), $5, true FROM old o
+                ON CONFLICT (tbl, pk) DO UPDATE SET version = greatest(excluded.version, v.version + 1),
+                    origin = excluded.origin, deleted = true
+                RETURNING v.pk, v.version
+            )
+            SELECT count(pg_logical_emit_message(true, $6, jsonb_build_object(
+                       'table', $2, 'op', 'DELETE', 'key', o.key, 'row', NULL, 'version', u.version,
+                       'prev', o.prev, 'origin', $5, 'leaf', $7)::text))
+              FROM old o JOIN up u ON u.pk = o.key$q$, TG_RELID::regclass)
+            INTO mark
+            USING cols, rel, txn_hlc, mark, origin, 'chorus:' || ddl_seq, here;
+        RETURN NULL;
     END IF;
     IF (SELECT c.relkind FROM pg_class c WHERE c.oid = TG_RELID) = 'p' THEN
-        PERFORM set_config('chorus.truncating_tree', jsonb_build_object(
-            'root', rel,
-            'left', (SELECT count(*) FROM pg_partition_tree(TG_RELID) p
-                       JOIN pg_trigger t ON t.tgrelid = p.relid AND t.tgname = 'chorus_truncate'
-                      WHERE p.isleaf))::text, true);
+        PERFORM set_config('chorus.truncating_tree', rel, true);
     END IF;
     SELECT s.txn_hlc, s.origin, s.ddl_seq INTO txn_hlc, origin, ddl_seq FROM chorus.txn_stamp() s;
     -- Newer than every row it removed here, and than an earlier TRUNCATE.
@@ -660,16 +694,39 @@ BEGIN
 END
 $$;
 
--- (Re)make the TRUNCATE trigger of `rel` (a table, a leaf partition or a
--- partitioned root), recording under `name`.
+-- The end of a partitioned root's TRUNCATE statement (AFTER): its
+-- partitions' triggers speak for themselves again.
+CREATE OR REPLACE FUNCTION chorus.capture_truncate_end() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM set_config('chorus.truncating_tree', '', true);
+    RETURN NULL;
+END
+$$;
+
+-- (Re)make the TRUNCATE triggers of `rel` (a table, a leaf partition or a
+-- partitioned root), recording under `name`: BEFORE the truncation in a
+-- partitioned tree, AFTER elsewhere (see chorus.capture_truncate).
 CREATE OR REPLACE FUNCTION chorus.put_truncate_trigger(rel regclass, name text) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    kind "char";
+    part boolean;
 BEGIN
+    SELECT c.relkind, c.relispartition INTO kind, part FROM pg_class c WHERE c.oid = rel;
     IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'chorus_truncate') THEN
         EXECUTE format('DROP TRIGGER chorus_truncate ON %s', rel);
     END IF;
-    EXECUTE format('CREATE TRIGGER chorus_truncate AFTER TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)', rel, name);
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'chorus_truncate_end') THEN
+        EXECUTE format('DROP TRIGGER chorus_truncate_end ON %s', rel);
+    END IF;
+    EXECUTE format('CREATE TRIGGER chorus_truncate %s TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate(%L)',
+                   CASE WHEN part OR kind = 'p' THEN 'BEFORE' ELSE 'AFTER' END, rel, name);
+    IF kind = 'p' AND NOT part THEN
+        EXECUTE format('CREATE TRIGGER chorus_truncate_end AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION chorus.capture_truncate_end()', rel);
+    END IF;
 END
 $$;
 
@@ -707,6 +764,26 @@ $$;
 UPDATE pg_trigger t SET tgisinternal = true
  WHERE t.tgname IN ('chorus_capture', 'chorus_truncate') AND NOT t.tgisinternal
    AND t.tgfoid IN ('chorus.capture()'::regprocedure, 'chorus.capture_truncate()'::regprocedure);
+
+-- Partitioned tables whose TRUNCATE triggers ran AFTER the truncation
+-- (before a partition's own TRUNCATE replicated): BEFORE now.
+DO $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT g.tgrelid::regclass AS rel, split_part(encode(g.tgargs, 'escape'), E'\\000', 1) AS name
+               FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid
+              WHERE g.tgname = 'chorus_truncate' AND (c.relispartition OR c.relkind = 'p')
+                AND (g.tgtype & 2 = 0
+                     OR (c.relkind = 'p' AND NOT c.relispartition
+                         AND NOT EXISTS (SELECT 1 FROM pg_trigger e
+                                          WHERE e.tgrelid = g.tgrelid AND e.tgname = 'chorus_truncate_end'))) LOOP
+        PERFORM chorus.put_truncate_trigger(t.rel, t.name);
+    END LOOP;
+    UPDATE pg_trigger g SET tgisinternal = true
+     WHERE g.tgname IN ('chorus_truncate', 'chorus_truncate_end') AND NOT g.tgisinternal;
+END
+$$;
 
 
 -- Adopt an existing table: record its key and install the capture trigger.
@@ -799,6 +876,9 @@ BEGIN
                        AND EXISTS (SELECT 1 FROM pg_trigger g
                                     WHERE g.tgrelid = t.relid AND g.tgname = 'chorus_truncate') LOOP
             EXECUTE format('DROP TRIGGER chorus_truncate ON %s', gone);
+            IF EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = gone AND g.tgname = 'chorus_truncate_end') THEN
+                EXECUTE format('DROP TRIGGER chorus_truncate_end ON %s', gone);
+            END IF;
         END LOOP;
         PERFORM chorus.put_truncate_trigger(rel, name);
     END IF;
@@ -806,7 +886,7 @@ BEGIN
     -- chorus.put_capture_trigger).
     UPDATE pg_trigger t SET tgisinternal = true
      WHERE t.tgname IN ('chorus_capture', 'chorus_capture_inserts', 'chorus_capture_deletes',
-                        'chorus_capture_updates', 'chorus_truncate') AND NOT t.tgisinternal
+                        'chorus_capture_updates', 'chorus_truncate', 'chorus_truncate_end') AND NOT t.tgisinternal
        AND (t.tgrelid = rel OR t.tgrelid = ANY (leaves));
     IF prior_role <> 'replica' THEN
         PERFORM set_config('session_replication_role', prior_role, true);
