@@ -355,6 +355,58 @@ async fn a_database_created_through_chorus_replicates_on_every_node_renamed_or_n
     )
     .await;
     drop(shopper);
+    // It may not create, drop or rename databases (here from another
+    // database, where nothing else refuses it first), and its attempts
+    // touch nothing: the database still replicates, with its slots.
+    let history = "SELECT count(*)::text FROM chorus.ddl_history";
+    let before = c.direct(1).await.query_one(history, &[]).await.unwrap();
+    let before: String = before.get(0);
+    let shopper = testkit::connect(&format!(
+        "host=127.0.0.1 port={} user=shopper dbname=postgres",
+        c.ports[2]
+    ))
+    .await
+    .unwrap();
+    for (sql, code, message) in [
+        (
+            "DROP DATABASE store",
+            "42501",
+            "must be owner of database store",
+        ),
+        (
+            "ALTER DATABASE store RENAME TO gone",
+            "42501",
+            "must be owner of database store",
+        ),
+        (
+            "CREATE DATABASE other",
+            "42501",
+            "permission denied to create database",
+        ),
+    ] {
+        let refused = shopper.batch_execute(sql).await.unwrap_err();
+        assert_eq!(testkit::sqlstate(&refused).as_deref(), Some(code), "{sql}");
+        assert_eq!(procs::message(&refused), message, "{sql}");
+    }
+    drop(shopper);
+    let taken = main1
+        .batch_execute("CREATE DATABASE store")
+        .await
+        .unwrap_err();
+    assert_eq!(testkit::sqlstate(&taken).as_deref(), Some("42P04"));
+    store2
+        .execute("INSERT INTO basket VALUES ($1, $2)", &[&2i32, &3i32])
+        .await
+        .unwrap();
+    everywhere(
+        &c,
+        "store",
+        "SELECT string_agg(id || '=' || n, ',' ORDER BY id) FROM basket",
+        "1=2,2=3",
+    )
+    .await;
+    everywhere(&c, "postgres", lane_slots, "2").await;
+    everywhere(&c, "postgres", history, &before).await;
 
     // A drop is refused as PostgreSQL refuses it through node 2, where
     // store2 is in it; through node 1 it goes, and store2 ends with it.

@@ -41,8 +41,14 @@ pub struct Refused {
     pub hint: Option<&'static str>,
 }
 
-/// The origin's checks before a `DROP DATABASE` or `ALTER DATABASE …
-/// RENAME` goes to the cluster:
+/// The origin's checks before a `CREATE DATABASE`, `DROP DATABASE` or
+/// `ALTER DATABASE … RENAME` goes to the cluster, as `role` (the session's
+/// `current_user`):
+/// - PostgreSQL's own privilege checks, and for a creation that the name is
+///   free: these statements cannot run in the validation's transaction
+///   block (see cluster::ddl), and a drop or rename that every backend
+///   refuses would still have ended the database's replication (its
+///   lane and slots) first, everywhere;
 /// - a database the configuration replicates is neither dropped nor
 ///   renamed (its nodes would look for it under its name at their next
 ///   start);
@@ -51,10 +57,13 @@ pub struct Refused {
 ///   PostgreSQL does). The other backends end their sessions in it when
 ///   they apply the statement, as `DROP DATABASE … WITH (FORCE)` would: at
 ///   the origin it has happened.
-pub async fn refusal(node: &Node, sql: &str) -> Option<Refused> {
+pub async fn refusal(node: &Node, sql: &str, role: &str) -> Option<Refused> {
     let replication = node.config.replication.as_ref()?;
     let configured = |d: &str| replication.names(d);
     for statement in chorus_router::split_statements(sql) {
+        if let Some(refused) = privilege_refusal(node, statement, role).await {
+            return Some(refused);
+        }
         let renamed = chorus_router::renamed_database(statement).map(|(from, _)| from);
         if let Some(database) = &renamed {
             if configured(database) {
@@ -94,6 +103,67 @@ pub async fn refusal(node: &Node, sql: &str) -> Option<Refused> {
                 hint: None,
             });
         }
+    }
+    None
+}
+
+/// PostgreSQL's refusal of a `CREATE DATABASE`, `DROP DATABASE` or rename
+/// by `role`, read on the home backend, with its SQLSTATE and message: no
+/// CREATEDB (creating, renaming), not the owner (dropping, renaming), the
+/// name taken (creating). `None` when it would pass these checks or they
+/// cannot be read (the statement then meets them on every backend).
+async fn privilege_refusal(node: &Node, statement: &str, role: &str) -> Option<Refused> {
+    let created = chorus_router::created_database(statement);
+    let renamed = chorus_router::renamed_database(statement).map(|(from, _)| from);
+    let dropped = chorus_router::dropped_database(statement);
+    let database = created.clone().or(renamed.clone()).or(dropped)?;
+    let main = node.main_lane()?;
+    let rows = main
+        .control
+        .query(
+            node.config.home_backend(),
+            Duration::from_secs(5),
+            "SELECT r.rolsuper OR r.rolcreatedb, d.datname IS NOT NULL,                     coalesce(pg_catalog.pg_has_role(r.oid, d.datdba, 'USAGE'), false)                FROM pg_catalog.pg_roles r                LEFT JOIN pg_catalog.pg_database d ON d.datname = $2               WHERE r.rolname = $1",
+            &[&role, &database],
+        )
+        .await
+        .ok()?;
+    let row = rows.first()?;
+    let (createdb, exists, owner): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let refused = |code: &'static str, message: String| Refused {
+        code,
+        message,
+        detail: None,
+        hint: None,
+    };
+    if created.is_some() {
+        if !createdb {
+            return Some(refused(
+                "42501",
+                "permission denied to create database".into(),
+            ));
+        }
+        if exists {
+            return Some(refused(
+                "42P04",
+                format!("database \"{database}\" already exists"),
+            ));
+        }
+        return None;
+    }
+    // (A database that does not exist: PostgreSQL says so everywhere, and
+    // nothing replicated is touched.)
+    if exists && !owner {
+        return Some(refused(
+            "42501",
+            format!("must be owner of database {database}"),
+        ));
+    }
+    if renamed.is_some() && exists && !createdb {
+        return Some(refused(
+            "42501",
+            "permission denied to rename database".into(),
+        ));
     }
     None
 }

@@ -202,7 +202,7 @@ pub async fn finish(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, o
 async fn answer(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, out: &mut BytesMut) {
     // (Before the validation's own verdict: a rename runs in the
     // validation, where Chorus's own sessions in the database refuse it.)
-    if let Some(refused) = crate::cluster::databases::refusal(node, &job.sql).await {
+    if let Some(refused) = crate::cluster::databases::refusal(node, &job.sql, &job.role).await {
         PgError {
             code: refused.code.to_owned(),
             message: refused.message,
