@@ -8,9 +8,11 @@
 # a COPY (psql's \copy) of N rows, each one transaction through node 1.
 # POOL_MODE=transaction runs the cluster's nodes in transaction pooling;
 # ROLE=name makes an ordinary role (LOGIN, CREATE on schema public) through
-# node 1 and sends the cluster's table and steps as it.
+# node 1 and sends the cluster's table and steps as it. UNIQUE=1 gives
+# the table a unique index besides its key (on v, as an ORM's `email
+# UNIQUE`).
 #
-# Usage: [ALL=1] [POOL_MODE=transaction] [ROLE=app] N=1000000 bash benches/bulk.sh
+# Usage: [ALL=1] [POOL_MODE=transaction] [ROLE=app] [UNIQUE=1] N=1000000 bash benches/bulk.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,11 +45,12 @@ start() {
 port_of() { sed -n "s|^$2: postgres://postgres@127.0.0.1:\([0-9]*\)/.*|\1|p" "$WORK/$1.out"; }
 q() { "$PSQL" -X -qAt -h 127.0.0.1 -U "${AS:-postgres}" -d postgres "$@"; }
 now() { date +%s.%N; }
+table="CREATE TABLE bulk (id bigint PRIMARY KEY, v text${UNIQUE:+ UNIQUE})"
 load="INSERT INTO bulk SELECT g, 'row ' || g FROM generate_series(1, $N) g"
 
 start plain 17432 --nodes 1 --proxy-only
 direct=$(port_of plain "backend 1")
-q -p "$direct" -c "CREATE TABLE bulk (id bigint PRIMARY KEY, v text)"
+q -p "$direct" -c "$table"
 t0=$(now)
 q -p "$direct" -c "$load"
 t1=$(now)
@@ -61,7 +64,7 @@ node1=$(port_of cluster "node 1")
 if [ "$ROLE" != postgres ]; then
     q -p "$node1" -c "CREATE ROLE $ROLE LOGIN" -c "GRANT CREATE ON SCHEMA public TO $ROLE"
 fi
-AS=$ROLE q -p "$node1" -c "CREATE TABLE bulk (id bigint PRIMARY KEY, v text)"
+AS=$ROLE q -p "$node1" -c "$table"
 # The demo runs its three nodes in one process: its resident memory, every
 # 0.2 s, from the load's start until the last step has converged.
 demo=${PIDS[0]}
@@ -94,7 +97,7 @@ step "INSERT of $N rows in one transaction" -c "$load"
 if [ -n "${ALL:-}" ]; then
     step "UPDATE of every row" -c "UPDATE bulk SET v = v || ' updated'"
     step "DELETE of every row" -c "DELETE FROM bulk"
-    seq 1 "$N" | sed 's/$/\tcopied/' > "$WORK/rows.tsv"
+    seq 1 "$N" | sed 's/.*/&\tcopied &/' > "$WORK/rows.tsv"
     step "COPY of $N rows" -c "\\copy bulk FROM '$WORK/rows.tsv'"
 fi
 kill "$sampler" 2>/dev/null || true

@@ -1027,3 +1027,184 @@ async fn conflicts_are_classified_by_one_function() {
         assert_eq!(got, wins, "({ver}, {org}) over {cur:?}/{cur_org:?}");
     }
 }
+
+/// The apply of a table with a unique index besides its key goes
+/// set-based when no row image's value of that index meets another key's
+/// row or image, and one by one otherwise, where unique conflicts are
+/// resolved (and logged) as they come.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_with_a_unique_index_goes_set_based_unless_its_values_meet_another_key() {
+    let b = backend(1).await;
+    b.client
+        .batch_execute(
+            "CREATE TABLE members (id bigint PRIMARY KEY, email text UNIQUE, note text);
+             CREATE TABLE lowered (id bigint PRIMARY KEY, email text);
+             CREATE UNIQUE INDEX lowered_email ON lowered (lower(email));
+             CREATE TABLE cards (id bigint PRIMARY KEY, member bigint REFERENCES members ON DELETE CASCADE);
+             CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
+             CREATE TRIGGER noop BEFORE INSERT ON cards FOR EACH ROW EXECUTE FUNCTION noop();
+             CREATE TABLE audited (id bigint PRIMARY KEY);
+             CREATE TRIGGER noop BEFORE INSERT ON audited FOR EACH ROW EXECUTE FUNCTION noop();
+             ALTER TABLE audited ENABLE ALWAYS TRIGGER noop;
+             INSERT INTO members VALUES (1, 'a@x', 'old'), (2, 'b@x', 'old'), (3, NULL, 'old');",
+        )
+        .await
+        .unwrap();
+    for table in ["members", "lowered", "cards", "audited"] {
+        capture::adopt(&b.client, table, false).await.unwrap();
+    }
+    let batchable = |t: &'static str| {
+        let client = &b.client;
+        async move {
+            client
+                .query_one("SELECT chorus.batchable($1)", &[&t])
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        }
+    };
+    assert!(batchable("public.members").await);
+    // An expression's values cannot be told from the images' columns.
+    assert!(!batchable("public.lowered").await);
+    // Foreign keys and ordinary triggers do not fire in the apply; a
+    // trigger enabled ALWAYS does.
+    assert!(batchable("public.cards").await);
+    assert!(!batchable("public.audited").await);
+
+    // Versions newer than those the rows here got.
+    const V: i64 = 1 << 62;
+    let change = |op: &str, id: i64, email: Option<&str>, version: i64| {
+        serde_json::json!({
+            "table": "public.members", "op": op, "key": {"id": id},
+            "row": if op == "DELETE" { Value::Null } else {
+                serde_json::json!({"id": id, "email": email, "note": "new"}) },
+            "version": V + version, "prev": null, "origin": 2,
+        })
+    };
+    let overlap = |changes: Vec<Value>| {
+        let client = &b.client;
+        async move {
+            client
+                .query_one(
+                    "SELECT chorus.unique_overlap('public.members', '{id}', $1::text::jsonb)",
+                    &[&Value::Array(changes).to_string()],
+                )
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        }
+    };
+    // New keys with new values, a row keeping its own value, NULLs: apart.
+    assert!(
+        !overlap(vec![
+            change("INSERT", 10, Some("c@x"), 100),
+            change("INSERT", 11, Some("d@x"), 101),
+            change("UPDATE", 1, Some("a@x"), 102),
+            change("UPDATE", 1, Some("a2@x"), 103),
+            change("INSERT", 12, None, 104),
+            change("UPDATE", 3, None, 105),
+        ])
+        .await
+    );
+    // A value another key's row holds here, even one this batch moves.
+    assert!(overlap(vec![change("INSERT", 10, Some("b@x"), 100)]).await);
+    assert!(
+        overlap(vec![
+            change("UPDATE", 2, Some("b2@x"), 100),
+            change("UPDATE", 1, Some("b@x"), 101),
+        ])
+        .await
+    );
+    // Two keys' images with one value, at any point of the batch.
+    assert!(
+        overlap(vec![
+            change("INSERT", 10, Some("c@x"), 100),
+            change("UPDATE", 10, Some("e@x"), 101),
+            change("INSERT", 11, Some("c@x"), 102),
+        ])
+        .await
+    );
+
+    let apply = |changes: Vec<Value>| {
+        let client = &b.client;
+        async move {
+            client
+                .batch_execute("BEGIN; SELECT chorus.apply_begin(2, 0)")
+                .await
+                .unwrap();
+            let results: Vec<String> = client
+                .query_one(
+                    "SELECT chorus.apply_changes($1::text::jsonb)",
+                    &[&Value::Array(changes).to_string()],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            client.batch_execute("COMMIT").await.unwrap();
+            results
+        }
+    };
+    let rows = || async {
+        text(
+            &b.client,
+            "SELECT string_agg(id || ':' || coalesce(email, '-'), ',' ORDER BY id) FROM members",
+        )
+        .await
+    };
+    // Set-based: every change applied, versions recorded.
+    let results = apply(vec![
+        change("INSERT", 10, Some("c@x"), 100),
+        change("INSERT", 11, Some("d@x"), 101),
+        change("UPDATE", 10, Some("c2@x"), 102),
+        change("DELETE", 11, None, 103),
+    ])
+    .await;
+    assert_eq!(results, ["applied"; 4]);
+    assert_eq!(rows().await, "1:a@x,2:b@x,3:-,10:c2@x");
+    assert_eq!(
+        text(
+            &b.client,
+            "SELECT string_agg(pk::text || (version - (1::bigint << 62)) || deleted, ',' ORDER BY pk::text) \
+             FROM chorus.row_version WHERE tbl = 'public.members' AND (pk ->> 'id')::int >= 10"
+        )
+        .await,
+        "{\"id\": 10}102false,{\"id\": 11}103true"
+    );
+    // One by one: the newer image takes the value from the row holding it,
+    // and the conflict is logged.
+    let results = apply(vec![
+        change("INSERT", 12, Some("e@x"), 110),
+        change("INSERT", 13, Some("a@x"), 111),
+    ])
+    .await;
+    assert_eq!(results, ["applied", "unique:remote_wins"]);
+    assert_eq!(rows().await, "2:b@x,3:-,10:c2@x,12:e@x,13:a@x");
+    assert_eq!(
+        text(
+            &b.client,
+            "SELECT string_agg(kind || ':' || resolution || ':' || pk::text, ',') \
+             FROM chorus.conflict WHERE tbl = 'public.members'"
+        )
+        .await,
+        "unique:remote_wins:{\"id\": 13}"
+    );
+    // A referencing row before the row it references, in one batch: both
+    // applied (no check fires in the apply; the origin made them valid).
+    let results = apply(vec![
+        serde_json::json!({
+            "table": "public.cards", "op": "INSERT", "key": {"id": 1},
+            "row": {"id": 1, "member": 20}, "version": V + 120, "prev": null, "origin": 2,
+        }),
+        change("INSERT", 20, Some("f@x"), 121),
+    ])
+    .await;
+    assert_eq!(results, ["applied"; 2]);
+    assert_eq!(
+        text(
+            &b.client,
+            "SELECT string_agg(id || ':' || member, ',') FROM cards"
+        )
+        .await,
+        "1:20"
+    );
+}

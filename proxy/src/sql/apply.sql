@@ -423,20 +423,74 @@ $$;
 
 -- Whether a table's changes may be applied set-based (chorus.apply_batch):
 -- nothing on it depends on the order in which rows of one batch are
--- written, or on the order relative to other tables. No foreign keys in or
--- out, no unique index besides the primary key (see write_row_resolving),
--- no exclusion constraint, no user trigger.
+-- written, or on the order relative to other tables. No exclusion
+-- constraint, no trigger that fires in the apply (ENABLE REPLICA or
+-- ALWAYS), and unique indexes besides the primary key only on plain
+-- columns, checked at once, NULLs distinct (no expression, no predicate,
+-- not NULLS NOT DISTINCT, not deferred): chorus.unique_overlap can tell
+-- from their columns when a batch must go one by one. Foreign keys do not
+-- matter: the apply runs with session_replication_role = replica (see
+-- chorus.apply_begin), where their checks and actions do not fire, nor do
+-- the other triggers.
 CREATE OR REPLACE FUNCTION chorus.batchable(rel text) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT NOT EXISTS (SELECT 1 FROM pg_constraint c
-                        WHERE c.contype IN ('f', 'x')
-                          AND (c.conrelid = rel::regclass OR c.confrelid = rel::regclass))
+                        WHERE c.contype = 'x' AND c.conrelid = rel::regclass)
+       -- (indnullsnotdistinct is read from the row as JSON: PostgreSQL
+       -- 13 and 14 have no such column.)
        AND NOT EXISTS (SELECT 1 FROM pg_index i
-                        WHERE i.indrelid = rel::regclass AND i.indisunique AND NOT i.indisprimary)
+                        WHERE i.indrelid = rel::regclass AND i.indisunique AND NOT i.indisprimary
+                          AND (i.indexprs IS NOT NULL OR i.indpred IS NOT NULL OR NOT i.indimmediate
+                               OR (to_jsonb(i) ->> 'indnullsnotdistinct') = 'true'))
        AND NOT EXISTS (SELECT 1 FROM pg_trigger t
-                        WHERE t.tgrelid = rel::regclass AND NOT t.tgisinternal
+                        WHERE t.tgrelid = rel::regclass AND t.tgenabled IN ('R', 'A')
                           AND t.tgname NOT IN ('chorus_capture', 'chorus_capture_inserts', 'chorus_capture_deletes',
                                                'chorus_capture_updates', 'chorus_truncate', 'chorus_truncate_end'))
+$$;
+
+-- Whether some row image among these changes of `rel` (a JSON array)
+-- holds a value of a unique index besides the primary key that a row of
+-- another key here, or another key's image, also holds. Applied one by
+-- one, such a batch may meet a unique conflict and resolve it (see
+-- chorus.write_row_resolving); set-based, it might meet it in another
+-- order, or not at all. Without any such value, neither way meets a
+-- conflict, and both end the same. (A row of another key that only a
+-- concurrent transaction holds is not seen here, but the set-based write
+-- then fails on it, and the batch goes one by one too.)
+CREATE OR REPLACE FUNCTION chorus.unique_overlap(rel text, cols text[], changes jsonb) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    ucols text[];
+    overlap boolean;
+BEGIN
+    FOR ucols IN
+        SELECT array_agg(a.attname::text ORDER BY k.ord)
+          FROM pg_index i
+          CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = rel::regclass AND i.indisunique AND NOT i.indisprimary
+           AND k.ord <= i.indnkeyatts  -- (not its INCLUDE columns)
+         GROUP BY i.indexrelid
+    LOOP
+        EXECUTE format(
+            'WITH img AS (SELECT e.c -> ''key'' AS key, r AS img'
+            '               FROM jsonb_array_elements($1) AS e(c)'
+            '              CROSS JOIN LATERAL jsonb_populate_record(NULL::%1$s, e.c -> ''row'') AS r'
+            '              WHERE jsonb_typeof(e.c -> ''row'') = ''object'')'
+            ' SELECT EXISTS (SELECT 1 FROM img i JOIN %1$s t ON %2$s WHERE NOT (%3$s))'
+            '     OR EXISTS (SELECT 1 FROM img i WHERE %4$s GROUP BY %5$s HAVING count(DISTINCT i.key) > 1)',
+            rel,
+            (SELECT string_agg(format('t.%1$I = (i.img).%1$I', u), ' AND ') FROM unnest(ucols) AS u),
+            (SELECT string_agg(format('t.%1$I = (i.img).%1$I', c), ' AND ') FROM unnest(cols) AS c),
+            (SELECT string_agg(format('(i.img).%1$I IS NOT NULL', u), ' AND ') FROM unnest(ucols) AS u),
+            (SELECT string_agg(format('(i.img).%1$I', u), ', ') FROM unnest(ucols) AS u))
+        INTO overlap USING changes;
+        IF overlap THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END
 $$;
 
 -- Apply the changes of one batchable table from one batch, set-based, with
@@ -446,7 +500,8 @@ $$;
 -- first change in the batch did not overwrite the version held here. A few
 -- statements for the whole batch instead of several per change.
 -- Returns one result per change: 'applied' for changes superseded in the
--- batch, else as chorus.apply_change.
+-- batch, else as chorus.apply_change; or NULL, having written nothing, when
+-- the changes must go one by one (see chorus.unique_overlap).
 CREATE OR REPLACE FUNCTION chorus.apply_batch(rel text, changes jsonb) RETURNS text[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -490,6 +545,9 @@ BEGIN
     PERFORM 1 FROM chorus.row_version v
      WHERE v.tbl = rel AND v.pk IN (SELECT c -> 'key' FROM jsonb_array_elements(changes) c)
      ORDER BY v.pk FOR UPDATE;
+    IF chorus.unique_overlap(rel, cols, changes) THEN
+        RETURN NULL;
+    END IF;
 
     FOR r IN
         WITH c AS (
@@ -660,9 +718,17 @@ BEGIN
                 CONTINUE WHEN jsonb_array_length(cs) = 0;
             END IF;
             BEGIN
-                results := results || chorus.apply_batch(grp.tbl, cs);
-            EXCEPTION WHEN data_exception OR not_null_violation OR check_violation OR datatype_mismatch THEN
-                -- Some row does not fit this schema: change by change.
+                done := chorus.apply_batch(grp.tbl, cs);
+                IF done IS NULL THEN
+                    slow := slow || grp.tbl;
+                ELSE
+                    results := results || done;
+                END IF;
+            EXCEPTION WHEN data_exception OR not_null_violation OR check_violation OR datatype_mismatch
+                           OR unique_violation THEN
+                -- Some row does not fit this schema, or meets a row of
+                -- another key on a unique index (one a concurrent
+                -- transaction wrote): change by change.
                 slow := slow || grp.tbl;
             END;
         ELSE
