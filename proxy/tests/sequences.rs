@@ -319,6 +319,27 @@ async fn galloc_ranges_refill_ahead_and_a_cut_off_node_serves_until_its_range_is
     for b in 1..=3 {
         c.wait_for(b, width, |v| v == "200,200").await;
     }
+    // START is kept: the backend of sequence id 1 hands out from it, the
+    // others from their blocks above it.
+    c.exec(1, "CREATE SEQUENCE started AS integer START 1000").await;
+    c.wait_ddl(4).await;
+    for node in 1..=3 {
+        let id: i32 = c
+            .direct(node)
+            .await
+            .query_one("SELECT sequence_id FROM chorus.local", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let first: i64 = c
+            .via(node)
+            .await
+            .query_one("SELECT nextval('started')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(first, 1000 + 200 * i64::from(id - 1), "through node {node}");
+    }
     // Steady use through nodes 1 and 2: ranges are fetched ahead and
     // switched to before they run out.
     let mut tasks = Vec::new();

@@ -37,9 +37,10 @@ $$;
 
 -- Make a sequence global: `kind` for a bigint sequence (others are always
 -- galloc), this backend's sequence id `node`, galloc range size `block`
--- (capped at 1/128 of the type's range). Backends with ids up to 64 start
--- with a block of their own; the ranges the Raft log allocates start above
--- the 64 initial blocks.
+-- (capped at 1/128 of the values from the sequence's START up). Backends
+-- with ids up to 64 start with a block of their own, the first (id 1) at
+-- START; the ranges the Raft log allocates start above the 64 initial
+-- blocks.
 CREATE OR REPLACE FUNCTION chorus.make_global(seq regclass, kind text, node integer, block bigint)
 RETURNS void
 LANGUAGE plpgsql AS $$
@@ -50,9 +51,11 @@ DECLARE
     maxv bigint;
     lo bigint;
     hi bigint;
+    base bigint;
 BEGIN
-    SELECT format('%I.%I', n.nspname, c.relname), s.seqtypid::regtype::text, s.seqmax, s.seqincrement
-      INTO name, typ, maxv, step
+    SELECT format('%I.%I', n.nspname, c.relname), s.seqtypid::regtype::text, s.seqmax, s.seqincrement,
+           s.seqstart
+      INTO name, typ, maxv, step, base
       FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN pg_sequence s ON s.seqrelid = c.oid
@@ -71,10 +74,17 @@ BEGIN
         ON CONFLICT ON CONSTRAINT global_sequence_pkey DO UPDATE SET kind = 'snowflake', range_lo = NULL, range_hi = NULL,
                                         next_lo = NULL, next_hi = NULL, block = NULL;
     ELSE
-        block := greatest(1, least(block, maxv / 128));
+        -- Values from START up, as on PostgreSQL; from 1 when too few
+        -- are left above it for 128 blocks.
+        -- (In numeric: from a bigint's lowest value, the difference
+        -- overflows.)
+        IF maxv::numeric - base < 127 THEN
+            base := 1;
+        END IF;
+        block := greatest(1, least(block::numeric, div(maxv::numeric - base + 1, 128)))::bigint;
         IF node BETWEEN 1 AND 64 THEN
-            lo := (node - 1) * block + 1;
-            hi := node * block;
+            lo := base + (node - 1) * block;
+            hi := base + node * block - 1;
             EXECUTE format('ALTER SEQUENCE %s INCREMENT BY 1 MINVALUE %s MAXVALUE %s NO CYCLE START WITH %s RESTART WITH %s',
                            seq, lo, hi, lo, lo);
         ELSE
@@ -84,7 +94,7 @@ BEGIN
             PERFORM setval(seq, maxv, true);
         END IF;
         INSERT INTO chorus.global_sequence (seq, kind, range_lo, range_hi, block, floor)
-        VALUES (name, 'galloc', lo, hi, block, 64 * block + 1)
+        VALUES (name, 'galloc', lo, hi, block, base + 64 * block)
         ON CONFLICT ON CONSTRAINT global_sequence_pkey DO UPDATE SET kind = 'galloc', range_lo = lo, range_hi = hi,
                                         next_lo = NULL, next_hi = NULL, block = excluded.block,
                                         floor = excluded.floor;
