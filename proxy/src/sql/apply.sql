@@ -432,20 +432,24 @@ $$;
 -- matter: the apply runs with session_replication_role = replica (see
 -- chorus.apply_begin), where their checks and actions do not fire, nor do
 -- the other triggers.
+-- (PL/pgSQL: see chorus.present_columns.)
 CREATE OR REPLACE FUNCTION chorus.batchable(rel text) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT NOT EXISTS (SELECT 1 FROM pg_constraint c
-                        WHERE c.contype = 'x' AND c.conrelid = rel::regclass)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    r regclass := rel::regclass;
+BEGIN
+    RETURN NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.contype = 'x' AND c.conrelid = r)
        -- (indnullsnotdistinct is read from the row as JSON: PostgreSQL
        -- 13 and 14 have no such column.)
        AND NOT EXISTS (SELECT 1 FROM pg_index i
-                        WHERE i.indrelid = rel::regclass AND i.indisunique AND NOT i.indisprimary
+                        WHERE i.indrelid = r AND i.indisunique AND NOT i.indisprimary
                           AND (i.indexprs IS NOT NULL OR i.indpred IS NOT NULL OR NOT i.indimmediate
                                OR (to_jsonb(i) ->> 'indnullsnotdistinct') = 'true'))
        AND NOT EXISTS (SELECT 1 FROM pg_trigger t
-                        WHERE t.tgrelid = rel::regclass AND t.tgenabled IN ('R', 'A')
+                        WHERE t.tgrelid = r AND t.tgenabled IN ('R', 'A')
                           AND t.tgname NOT IN ('chorus_capture', 'chorus_capture_inserts', 'chorus_capture_deletes',
-                                               'chorus_capture_updates', 'chorus_truncate', 'chorus_truncate_end'))
+                                               'chorus_capture_updates', 'chorus_truncate', 'chorus_truncate_end'));
+END
 $$;
 
 -- Whether some row image among these changes of `rel` (a JSON array)

@@ -255,12 +255,17 @@ END
 $$;
 
 -- The columns of a table present in a row image, in table order.
+-- (PL/pgSQL, as the other helpers the apply calls for every table of every
+-- batch: it keeps its plans for the session, where an SQL function with a
+-- FROM clause is planned again at every call.)
 CREATE OR REPLACE FUNCTION chorus.present_columns(rel text, img jsonb) RETURNS text[]
-LANGUAGE sql STABLE AS $$
-    SELECT array_agg(a.attname::text ORDER BY a.attnum)
-      FROM pg_attribute a
-     WHERE a.attrelid = rel::regclass AND a.attnum > 0 AND NOT a.attisdropped
-       AND a.attgenerated = '' AND img ? a.attname
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT array_agg(a.attname::text ORDER BY a.attnum)
+              FROM pg_attribute a
+             WHERE a.attrelid = rel::regclass AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = '' AND img ? a.attname);
+END
 $$;
 
 -- The select list that reads columns `cols` of `rel` from a row image
@@ -279,9 +284,17 @@ $$;
 -- Whether any of columns `cols` of `rel` is json or jsonb (or a domain
 -- over one): then the rows of a batch of images are read one image at a
 -- time, for chorus.image_columns.
+-- (The json and jsonb columns as chorus.column_forms tells them, without
+-- its look at every column's casts.)
 CREATE OR REPLACE FUNCTION chorus.has_json_columns(rel text, cols text[]) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT (f.jsons || f.jsonbs) && cols FROM chorus.column_forms(rel::regclass, '{}') f
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                    WHERE a.attrelid = rel::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                      AND a.attname = ANY (cols)
+                      AND CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+                          IN ('json'::regtype, 'jsonb'::regtype));
+END
 $$;
 
 -- A column definition list (`a int4, b text`) of these columns of a

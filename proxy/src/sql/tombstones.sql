@@ -29,11 +29,16 @@
 -- backend sent (a promise, see chorus.emit_horizon). A session's stamp can
 -- be left from a write long ago (a write inside a function a SELECT calls
 -- is not stamped again), and chorus.horizon counts on the bound.
+-- (PL/pgSQL: it keeps its plan for the session, where an SQL function
+-- with a FROM clause is planned again at every call; this runs for every
+-- captured transaction.)
 CREATE OR REPLACE FUNCTION chorus.fresh_stamp(stamp bigint) RETURNS bigint
-LANGUAGE sql VOLATILE AS $$
-    SELECT greatest(stamp, c.now_hlc - (l.stamp_age_ms << 22), l.horizon_sent,
-                    CASE WHEN stamp IS NULL THEN c.now_hlc END)
-      FROM (SELECT chorus.clock_hlc() AS now_hlc) c LEFT JOIN chorus.local l ON true
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RETURN (SELECT greatest(stamp, c.now_hlc - (l.stamp_age_ms << 22), l.horizon_sent,
+                            CASE WHEN stamp IS NULL THEN c.now_hlc END)
+              FROM (SELECT chorus.clock_hlc() AS now_hlc) c LEFT JOIN chorus.local l ON true);
+END
 $$;
 
 -- Set how old a stamp may be. Transactions that began before a decrease
