@@ -321,7 +321,8 @@ async fn galloc_ranges_refill_ahead_and_a_cut_off_node_serves_until_its_range_is
     }
     // START is kept: the backend of sequence id 1 hands out from it, the
     // others from their blocks above it.
-    c.exec(1, "CREATE SEQUENCE started AS integer START 1000").await;
+    c.exec(1, "CREATE SEQUENCE started AS integer START 1000")
+        .await;
     c.wait_ddl(4).await;
     for node in 1..=3 {
         let id: i32 = c

@@ -123,7 +123,11 @@ async fn privilege_refusal(node: &Node, statement: &str, role: &str) -> Option<R
         .query(
             node.config.home_backend(),
             Duration::from_secs(5),
-            "SELECT r.rolsuper OR r.rolcreatedb, d.datname IS NOT NULL,                     coalesce(pg_catalog.pg_has_role(r.oid, d.datdba, 'USAGE'), false)                FROM pg_catalog.pg_roles r                LEFT JOIN pg_catalog.pg_database d ON d.datname = $2               WHERE r.rolname = $1",
+            "SELECT r.rolsuper OR r.rolcreatedb, d.datname IS NOT NULL, \
+                    coalesce(pg_catalog.pg_has_role(r.oid, d.datdba, 'USAGE'), false) \
+               FROM pg_catalog.pg_roles r \
+               LEFT JOIN pg_catalog.pg_database d ON d.datname = $2 \
+              WHERE r.rolname = $1",
             &[&role, &database],
         )
         .await
