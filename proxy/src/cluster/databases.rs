@@ -61,10 +61,19 @@ pub async fn refusal(node: &Node, sql: &str, role: &str) -> Option<Refused> {
     let replication = node.config.replication.as_ref()?;
     let configured = |d: &str| replication.names(d);
     for statement in chorus_router::split_statements(sql) {
-        if let Some(refused) = privilege_refusal(node, statement, role).await {
-            return Some(refused);
-        }
         let renamed = chorus_router::renamed_database(statement).map(|(from, _)| from);
+        let dropped = chorus_router::dropped_database(statement);
+        let act = match (&renamed, &dropped) {
+            (Some(database), _) => Some((Act::Rename, database)),
+            (None, Some(database)) => Some((Act::Drop, database)),
+            (None, None) => None,
+        };
+        let created = chorus_router::created_database(statement);
+        if let Some((act, database)) = act.or(created.as_ref().map(|d| (Act::Create, d))) {
+            if let Some(refused) = privilege_refusal(node, role, act, database).await {
+                return Some(refused);
+            }
+        }
         if let Some(database) = &renamed {
             if configured(database) {
                 return Some(Refused {
@@ -77,7 +86,7 @@ pub async fn refusal(node: &Node, sql: &str, role: &str) -> Option<Refused> {
                 });
             }
         }
-        let Some(database) = renamed.or_else(|| chorus_router::dropped_database(statement)) else {
+        let Some(database) = renamed.or(dropped) else {
             continue;
         };
         if configured(&database) {
@@ -107,16 +116,20 @@ pub async fn refusal(node: &Node, sql: &str, role: &str) -> Option<Refused> {
     None
 }
 
-/// PostgreSQL's refusal of a `CREATE DATABASE`, `DROP DATABASE` or rename
-/// by `role`, read on the home backend, with its SQLSTATE and message: no
-/// CREATEDB (creating, renaming), not the owner (dropping, renaming), the
-/// name taken (creating). `None` when it would pass these checks or they
-/// cannot be read (the statement then meets them on every backend).
-async fn privilege_refusal(node: &Node, statement: &str, role: &str) -> Option<Refused> {
-    let created = chorus_router::created_database(statement);
-    let renamed = chorus_router::renamed_database(statement).map(|(from, _)| from);
-    let dropped = chorus_router::dropped_database(statement);
-    let database = created.clone().or(renamed.clone()).or(dropped)?;
+/// What a statement does to a database, for [`privilege_refusal`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Create,
+    Drop,
+    Rename,
+}
+
+/// PostgreSQL's refusal of `act` on `database` by `role`, read on the home
+/// backend, with its SQLSTATE and message: no CREATEDB (creating,
+/// renaming), not the owner (dropping, renaming), the name taken
+/// (creating). `None` when it would pass these checks or they cannot be
+/// read (the statement then meets them on every backend).
+async fn privilege_refusal(node: &Node, role: &str, act: Act, database: &str) -> Option<Refused> {
     let main = node.main_lane()?;
     let rows = main
         .control
@@ -140,7 +153,7 @@ async fn privilege_refusal(node: &Node, statement: &str, role: &str) -> Option<R
         detail: None,
         hint: None,
     };
-    if created.is_some() {
+    if act == Act::Create {
         if !createdb {
             return Some(refused(
                 "42501",
@@ -163,7 +176,7 @@ async fn privilege_refusal(node: &Node, statement: &str, role: &str) -> Option<R
             format!("must be owner of database {database}"),
         ));
     }
-    if renamed.is_some() && exists && !createdb {
+    if act == Act::Rename && exists && !createdb {
         return Some(refused(
             "42501",
             "permission denied to rename database".into(),
