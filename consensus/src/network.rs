@@ -354,15 +354,16 @@ impl Peer {
                         source,
                     })?;
             let _ = stream.set_nodelay(true);
+            // (A connection closed before the handshake ends counts as no
+            // connection: something listens there that is not a member
+            // yet, or not any more, such as a proxy whose target is down.)
             let stream: Box<dyn Io> = match &self.credentials.tls {
-                Some(tls) => {
-                    tls.connect(&self.addr, stream)
-                        .await
-                        .map_err(|source| CallError::Io {
-                            addr: self.addr.clone(),
-                            source,
-                        })?
-                }
+                Some(tls) => tls.connect(&self.addr, stream).await.map_err(|source| {
+                    CallError::Unreachable {
+                        addr: self.addr.clone(),
+                        source,
+                    }
+                })?,
                 None => Box::new(stream),
             };
             let mut stream = BufStream::new(stream);
@@ -373,7 +374,7 @@ impl Peer {
                         addr: self.addr.clone(),
                         reason,
                     },
-                    HandshakeError::Io(source) => CallError::Io {
+                    HandshakeError::Io(source) => CallError::Unreachable {
                         addr: self.addr.clone(),
                         source,
                     },
@@ -438,9 +439,15 @@ impl PeerClient {
                 }
                 Ok(reply)
             }
-            Err(e @ (CallError::Unreachable { .. } | CallError::Timeout { .. })) => {
-                Err(RPCError::Unreachable(Unreachable::new(&e)))
-            }
+            // openraft backs off from an unreachable peer before it tries
+            // again; after any other error it retries at once, which
+            // against a peer that accepts and closes every connection (or
+            // refuses our secret) is a busy loop.
+            Err(
+                e @ (CallError::Unreachable { .. }
+                | CallError::Timeout { .. }
+                | CallError::Refused { .. }),
+            ) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }

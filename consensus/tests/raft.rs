@@ -181,6 +181,53 @@ async fn a_node_with_the_wrong_secret_is_refused() {
     assert!(intruder.auth_failures() >= 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_address_accepts_and_closes_is_retried_with_backoff() {
+    // Member 3's address answers (a proxy whose target is down, another
+    // program on a reused port) but closes every connection at once.
+    let dir = tempfile::tempdir().unwrap();
+    let closer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut members: BTreeMap<u64, String> =
+        (1..=2).map(|i| (i, free_addr().to_string())).collect();
+    members.insert(3, closer.local_addr().unwrap().to_string());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in closer.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let mut nodes = Vec::new();
+    for id in 1..=2 {
+        nodes.push(
+            Consensus::start(config(id, dir.path(), &members, "s3cret"))
+                .await
+                .unwrap(),
+        );
+    }
+    // Two of three: a leader, and the log commits.
+    nodes[0]
+        .propose(ddl("with_two", 1), Duration::from_secs(20))
+        .await
+        .unwrap();
+    wait_for("the leader tries member 3", || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    // Over two seconds of heartbeats (every 50 ms), the leader tries the
+    // member a few times, not thousands.
+    let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(tries < 100, "{tries} connections to member 3 in 2 s");
+    // And the two go on committing.
+    nodes[1]
+        .propose(ddl("still_two", 2), Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
 /// A certificate authority: its certificate in `dir/<name>.crt`, and a
 /// function writing certificates it signs (for 127.0.0.1) with their keys.
 struct Authority {
