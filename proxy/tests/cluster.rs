@@ -1414,7 +1414,7 @@ async fn ddl_and_writes_after_a_rollback_to_savepoint_replicate() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn roles_and_grants_over_the_extended_protocol_replicate_inside_transaction_blocks() {
+async fn roles_and_grants_over_the_extended_protocol_replicate_in_and_out_of_transaction_blocks() {
     // psycopg 3 in its default mode: every statement over the extended
     // protocol, inside a transaction it opened.
     let c = cluster(3).await;
@@ -1444,35 +1444,124 @@ async fn roles_and_grants_over_the_extended_protocol_replicate_inside_transactio
         .batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT")
         .await
         .unwrap();
-    // Prepared inside a block, run outside one: refused, not run here only.
+    // Prepared inside a block, run outside one: through the DDL log, as
+    // in autocommit from the start.
     client.batch_execute("BEGIN").await.unwrap();
     let later = client.prepare("CREATE ROLE ext_outside").await.unwrap();
     client.batch_execute("COMMIT").await.unwrap();
-    let refused = client.execute(&later, &[]).await.unwrap_err();
-    assert_eq!(
-        testkit::sqlstate(&refused).as_deref(),
-        Some("0A000"),
-        "{refused}"
-    );
-    // Outside a block, from the start: refused as before.
-    let refused = client
+    client.execute(&later, &[]).await.unwrap();
+    client
         .execute("CREATE ROLE ext_autocommit", &[])
         .await
-        .unwrap_err();
-    assert_eq!(
-        testkit::sqlstate(&refused).as_deref(),
-        Some("0A000"),
-        "{refused}"
-    );
+        .unwrap();
     c.expect_everywhere(
         "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname LIKE 'ext\\_%'",
-        "ext_owner",
+        "ext_autocommit,ext_outside,ext_owner",
     )
     .await;
     c.expect_everywhere(
         "SELECT r.rolname || ':' || pg_has_role('postgres', 'ext_owner', 'MEMBER') \
            FROM pg_class t JOIN pg_roles r ON r.oid = t.relowner WHERE t.relname = 'ext_owned'",
         "ext_owner:true",
+    )
+    .await;
+    assert_eq!(c.conflicts_logged("ddl_failed").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_databases_and_concurrent_indexes_sent_in_autocommit_over_the_extended_protocol_replicate(
+) {
+    // What JDBC and Npgsql send for a statement in autocommit: Parse,
+    // Bind, Describe, Execute and Sync in one batch. A statement of the
+    // DDL log's kind then goes as it does in a simple query: validated on
+    // the origin, proposed, applied on every backend.
+    let c = cluster(3).await;
+    let mut raw = raw_session(c.nodes[0].port()).await;
+    let sync = || message(b'S', b"");
+    let batch = |sql: &str| {
+        vec![
+            extended_parse(sql),
+            bind_unnamed(),
+            message(b'D', b"P\0"),
+            execute_unnamed(),
+            sync(),
+        ]
+    };
+    raw.send(&batch("CREATE ROLE auto_role NOLOGIN")).await;
+    assert_eq!(raw.read_until(b'Z').await, b"12nCZ".to_vec());
+    // One that cannot run in a transaction block.
+    raw.send(&batch("CREATE DATABASE auto_db")).await;
+    assert_eq!(raw.read_until(b'Z').await, b"12nCZ".to_vec());
+    c.expect_everywhere(
+        "SELECT count(*)::text FROM pg_database WHERE datname = 'auto_db'",
+        "1",
+    )
+    .await;
+    // PostgreSQL's own error in the Execute's place, and nothing proposed.
+    raw.send(&batch("CREATE ROLE auto_role")).await;
+    assert_eq!(raw.read_until(b'E').await, b"12nE".to_vec());
+    assert_eq!(raw.read_until(b'Z').await, b"Z".to_vec());
+    // A Bind the statement refuses (a parameter it has no place for): its
+    // error, and the statement never runs.
+    let bind_one = message(b'B', &[0, 0, 0, 0, 0, 1, 0, 0, 0, 1, b'x', 0, 0]);
+    raw.send(&[
+        extended_parse("CREATE ROLE auto_never"),
+        bind_one,
+        execute_unnamed(),
+        sync(),
+    ])
+    .await;
+    assert_eq!(raw.read_until(b'E').await, b"1E".to_vec());
+    assert_eq!(raw.read_until(b'Z').await, b"Z".to_vec());
+    // The session goes on, and the next one replicates.
+    raw.send(&batch("DROP DATABASE auto_db")).await;
+    assert_eq!(raw.read_until(b'Z').await, b"12nCZ".to_vec());
+    raw.send(&batch("SELECT 1")).await;
+    assert_eq!(raw.read_until(b'Z').await, b"12TDCZ".to_vec());
+    c.expect_everywhere(
+        "SELECT count(*)::text FROM pg_database WHERE datname = 'auto_db'",
+        "0",
+    )
+    .await;
+    // tokio-postgres: prepared (Parse, Describe, Sync), then run (Bind,
+    // Execute, Sync), as named statements, through another node.
+    let client = c.via(2).await;
+    client
+        .execute("CREATE TABLE auto_t (id int PRIMARY KEY, v text)", &[])
+        .await
+        .unwrap();
+    client
+        .execute("CREATE INDEX CONCURRENTLY auto_t_v ON auto_t (v)", &[])
+        .await
+        .unwrap();
+    let grant = client.prepare("GRANT auto_role TO postgres").await.unwrap();
+    client.execute(&grant, &[]).await.unwrap();
+    // An index built concurrently on a temporary table stays here.
+    client
+        .batch_execute("CREATE TEMP TABLE auto_tmp (v text)")
+        .await
+        .unwrap();
+    client
+        .execute("CREATE INDEX CONCURRENTLY auto_tmp_v ON auto_tmp (v)", &[])
+        .await
+        .unwrap();
+    c.expect_everywhere(
+        "SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class \
+          WHERE relname LIKE 'auto\\_%' AND relpersistence = 'p'",
+        "auto_t,auto_t_pkey,auto_t_v",
+    )
+    .await;
+    c.expect_everywhere(
+        "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles \
+          WHERE rolname LIKE 'auto\\_%' AND pg_has_role('postgres', oid, 'MEMBER')",
+        "auto_role",
+    )
+    .await;
+    // The refused statements were never proposed.
+    c.expect_everywhere(
+        "SELECT string_agg(command, ',' ORDER BY seq) FROM chorus.ddl_history \
+          WHERE command LIKE '%auto\\_role%' OR command LIKE '%auto\\_never%'",
+        "CREATE ROLE auto_role NOLOGIN,GRANT auto_role TO postgres",
     )
     .await;
     assert_eq!(c.conflicts_logged("ddl_failed").await, 0);

@@ -246,6 +246,56 @@ async fn a_session_terminated_by_an_administrator_ends_and_does_not_move() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_held_for_the_lease_when_its_backend_dies_runs_on_the_next_one() {
+    let mut c = cluster("").await;
+    c.exec(1, "CREATE TABLE held (id int PRIMARY KEY)").await;
+    c.wait_ddl(1).await;
+    // A transaction through node 2 holds the cluster's DDL lease; through
+    // node 1 a session's DDL waits for it, held by the node, not yet sent
+    // to its backend.
+    let holder = c.via(2).await;
+    holder
+        .batch_execute("BEGIN; ALTER TABLE held ADD COLUMN a int")
+        .await
+        .unwrap();
+    let waiter = c.via(1).await;
+    let waiting = tokio::spawn(async move {
+        let result = waiter
+            .batch_execute("ALTER TABLE held ADD COLUMN b int")
+            .await;
+        (waiter, result)
+    });
+    c.wait_metric(1, "chorus_ddl_lease_waiting", |v| v >= 1.0)
+        .await;
+    // Its backend dies meanwhile: the session moves, and its DDL with it.
+    c.backends[0].kill();
+    c.wait_metric(1, "chorus_backend_up{backend=\"pg1\"}", |v| v == 0.0)
+        .await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (waiter, result) = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the held DDL was answered")
+        .unwrap();
+    result.unwrap();
+    for b in 2..=3 {
+        c.wait_for(
+            b,
+            "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute \
+              WHERE attrelid = 'held'::regclass AND attnum > 0",
+            |v| v == "id,a,b",
+        )
+        .await;
+    }
+    // The session goes on.
+    waiter
+        .batch_execute("INSERT INTO held VALUES (1, 1, 1)")
+        .await
+        .unwrap();
+    c.wait_for(3, "SELECT count(*)::text FROM held", |v| v == "1")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_open_when_its_backend_dies_fails_and_the_session_goes_on() {
     let mut c = cluster("").await;
     c.exec(1, "CREATE TABLE t (id int PRIMARY KEY, v text)")

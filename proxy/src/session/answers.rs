@@ -575,6 +575,7 @@ pub(super) fn feed_ddl_job(
     };
     match job.feed(tag, body) {
         JobStep::Swallow => Some(Flow::Replace(BytesMut::new())),
+        JobStep::Pass => Some(Flow::Continue),
         JobStep::Done => {
             let Some(Pending::Ddl(job)) = pending.pop_front() else {
                 return None;

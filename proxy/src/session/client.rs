@@ -22,7 +22,7 @@ use super::stamp;
 use super::pump::{pump, Flow, PumpError};
 use super::refusals::{
     explained, log_statement_refused, refusal_query, refused_call, refused_parse, EXPLAINED_DDL,
-    EXTENDED_LOG_HINT, LARGE_OBJECTS,
+    LARGE_OBJECTS,
 };
 use super::state::{ClientSide, Pending, RelayEnd, RelayState};
 
@@ -54,6 +54,7 @@ where
         refeed,
         probe_question,
         probe_answer,
+        log_run,
     } = side;
     let serving_closed = node.closed_flag(serving);
     // The message starting the next transaction was held because the
@@ -138,6 +139,28 @@ where
                     LARGE_OBJECTS.hint,
                 )));
             }
+            // The rest of a batch that runs a statement of the DDL log's
+            // kind as its whole work: its Execute is dropped, and its Sync
+            // brings the validation after it (see `DdlJob::after_batch`).
+            if let Some(sql) = log_run.as_deref() {
+                if let FrontendEvent::Execute(class) = frontend.on_message(tag, body)? {
+                    metrics.statements(class, 1);
+                }
+                return Ok(match tag {
+                    b'E' => Flow::Replace(BytesMut::new()),
+                    b'S' => {
+                        let mut out = BytesMut::with_capacity(sql.len() + 200);
+                        protocol::write_message(&mut out, b'S', |_| {});
+                        out.extend_from_slice(&ddl::validation_query(sql));
+                        *log_run = None;
+                        *batch_start = true;
+                        *batch_answers = 0;
+                        *judged_ahead = 0;
+                        Flow::Replace(out)
+                    }
+                    _ => Flow::Continue,
+                });
+            }
             let mut stamp = None;
             let mut stage = None;
             // A DDL-log statement inside a transaction block: it travels in
@@ -147,6 +170,43 @@ where
             let mut mid_batch = false;
             match tag {
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'H' if *batch_start => {
+                    // A batch that runs one statement of the DDL log's kind
+                    // outside a transaction block, as its whole work (what
+                    // JDBC, Npgsql or tokio-postgres send for it in
+                    // autocommit): it goes to the backend without its
+                    // Execute, then the statement goes the way of one sent
+                    // as a simple query (validated here, proposed, applied
+                    // everywhere), and the job answers for the Execute.
+                    if replicating && !state.ddl_is_local() && state.idle() {
+                        if let Some(sql) = frontend.batch_log_run(tag, body, rest) {
+                            let route = match log_run_route(state, &sql, probe_answer) {
+                                Ok(route) => route,
+                                Err(question) => {
+                                    *probe_question = Some(question);
+                                    return Ok(Flow::Await);
+                                }
+                            };
+                            *batch_start = false;
+                            *judged_ahead = FrontendState::batch_buffered(tag, rest);
+                            if route == LogRun::ThroughLog {
+                                if let Ok(mut pending) = state.pending.lock() {
+                                    state.ddl_jobs.fetch_add(1, Ordering::SeqCst);
+                                    pending.push_back(Pending::Ddl(DdlJob::after_batch(&sql)));
+                                }
+                                *log_run = Some(sql);
+                            }
+                            if let FrontendEvent::Execute(class) = frontend.on_message(tag, body)? {
+                                metrics.statements(class, 1);
+                            }
+                            // (The batch's Execute comes first when it runs
+                            // a portal bound earlier.)
+                            return Ok(if log_run.is_some() && tag == b'E' {
+                                Flow::Replace(BytesMut::new())
+                            } else {
+                                Flow::Continue
+                            });
+                        }
+                    }
                     // A batch with replicated DDL takes the cluster DDL
                     // lease first (see cluster::ddl::lease); the stamp at
                     // its start then carries the lease's number.
@@ -316,11 +376,7 @@ where
                             match probe_answer.take() {
                                 Some(persistence) => temporary = persistence.as_deref() == Some("t"),
                                 None => {
-                                    *probe_question = Some(format!(
-                                        "SELECT c.relpersistence::text FROM pg_catalog.pg_class c \
-                                          WHERE c.oid = pg_catalog.to_regclass({})",
-                                        quote_literal(target)
-                                    ));
+                                    *probe_question = Some(persistence_question(target));
                                     return Ok(Flow::Await);
                                 }
                             }
@@ -481,29 +537,6 @@ where
                         EXPLAINED_DDL.hint,
                     )));
                 }
-                FrontendEvent::Parsed(StatementClass::Ddl)
-                    if replicating
-                        && !state.ddl_is_local()
-                        && state.tx_status.load(Ordering::Relaxed) != b'T'
-                        && ddl_route(
-                            protocol::read_cstr(body)
-                                .and_then(|(_, rest)| protocol::read_cstr(rest))
-                                .map_or("", |(sql, _)| sql),
-                        ) == DdlRoute::Log =>
-                {
-                    // Outside a transaction block, DDL through the DDL log
-                    // goes through the simple protocol only: the statement
-                    // is prepared as one that fails when run, so the error
-                    // comes in its place in the batch.
-                    *batch_answers += u32::from(replicating);
-                        *judged_ahead = judged_ahead.saturating_sub(1);
-                        return Ok(Flow::Replace(refused_parse(
-                        state,
-                        body,
-                        "this DDL cannot be replicated through the extended query protocol outside a transaction block",
-                        EXTENDED_LOG_HINT,
-                    )));
-                }
                 FrontendEvent::Terminate => {
                     *terminated = true;
                     return Ok(Flow::Stop);
@@ -567,28 +600,25 @@ where
             // Held to leave a drained backend: it goes, as it came, to the
             // backend the session is on next.
             Ok(Some(message)) if drain_now => {
-                let mut buf = BytesMut::with_capacity(message.len() + pump_side.buf.len());
-                buf.extend_from_slice(&message);
-                buf.extend_from_slice(&pump_side.buf);
-                pump_side.buf = buf;
-                pump_side.rescan = true;
+                put_back(pump_side, &message);
                 return RelayEnd::BackendDrained;
             }
             // A message held for a question to the backend: ask it, then
-            // look at the message again.
+            // look at the message again. (Held messages go back in the
+            // buffer before the wait: if the relay ends meanwhile, its
+            // backend gone, the message goes on with the session to the
+            // next one instead of being lost, and the client unanswered.)
             Ok(Some(message)) if probe_question.is_some() => {
                 let question = probe_question.take().unwrap_or_default();
-                *probe_answer = Some(probe(state, writer, &question).await);
-                let mut buf = BytesMut::with_capacity(message.len() + pump_side.buf.len());
-                buf.extend_from_slice(&message);
-                buf.extend_from_slice(&pump_side.buf);
-                pump_side.buf = buf;
-                pump_side.rescan = true;
+                put_back(pump_side, &message);
                 *refeed = message.first() == Some(&b'Q');
+                *probe_answer = Some(probe(state, writer, &question).await);
             }
             // A message held to take the cluster DDL lease first: take it
             // (or note why not), then look at the message again.
             Ok(Some(message)) => {
+                put_back(pump_side, &message);
+                *refeed = message.first() == Some(&b'Q');
                 let taken = match &state.lane {
                     Some(lane) => ddl_lease::take(node, lane, state.lease_token, serving).await,
                     None => Err(ddl_lease::LeaseRefusal {
@@ -605,12 +635,6 @@ where
                         }
                     }
                 }
-                let mut buf = BytesMut::with_capacity(message.len() + pump_side.buf.len());
-                buf.extend_from_slice(&message);
-                buf.extend_from_slice(&pump_side.buf);
-                pump_side.buf = buf;
-                pump_side.rescan = true;
-                *refeed = message.first() == Some(&b'Q');
             }
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
@@ -625,6 +649,58 @@ where
         Err(PumpError::WriteFailed) if *terminated => RelayEnd::ClientDone,
         Err(PumpError::WriteFailed) => RelayEnd::BackendGone { after_fatal: false },
     }
+}
+
+/// Put a held message back at the front of what the client sent, to be
+/// looked at again.
+fn put_back(side: &mut super::pump::PumpSide, message: &[u8]) {
+    let mut buf = BytesMut::with_capacity(message.len() + side.buf.len());
+    buf.extend_from_slice(message);
+    buf.extend_from_slice(&side.buf);
+    side.buf = buf;
+    side.rescan = true;
+}
+
+/// Where a batch that runs a statement of the DDL log's kind as its whole
+/// work goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LogRun {
+    /// Through the DDL log, as a simple query's would.
+    ThroughLog,
+    /// To this backend only, as it is: an index built concurrently on a
+    /// temporary table, or a local database's own CONCURRENTLY statement.
+    Here,
+}
+
+/// Where the statement `sql` goes (see [`LogRun`]); `Err`: the question to
+/// ask the backend first (whether an index's table is temporary, see
+/// `probe`), after which the batch is judged again.
+fn log_run_route(
+    state: &RelayState,
+    sql: &str,
+    probe_answer: &mut Option<Option<String>>,
+) -> Result<LogRun, String> {
+    if !state.replicated_database && !chorus_router::cluster_wide(sql) {
+        return Ok(LogRun::Here);
+    }
+    let Some(target) = chorus_router::concurrent_index_target(sql) else {
+        return Ok(LogRun::ThroughLog);
+    };
+    match probe_answer.take() {
+        Some(persistence) if persistence.as_deref() == Some("t") => Ok(LogRun::Here),
+        Some(_) => Ok(LogRun::ThroughLog),
+        None => Err(persistence_question(target)),
+    }
+}
+
+/// The question whether `target` is a temporary table (its
+/// `relpersistence`).
+fn persistence_question(target: &str) -> String {
+    format!(
+        "SELECT c.relpersistence::text FROM pg_catalog.pg_class c \
+          WHERE c.oid = pg_catalog.to_regclass({})",
+        quote_literal(target)
+    )
 }
 
 /// Ask the backend a question of the relay's own, in a query between the

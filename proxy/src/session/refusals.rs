@@ -55,11 +55,11 @@ pub(super) const EXPLAINED_DDL: RefusedCall = RefusedCall {
 
 /// Why a statement of the DDL log's kind is refused over the extended
 /// protocol (see `EXTENDED_LOG_HINT`).
-const EXTENDED_LOG_REFUSAL: &str = "this DDL cannot be replicated through the extended query protocol outside a transaction block, or with another of its kind in one batch";
+const EXTENDED_LOG_REFUSAL: &str = "this DDL cannot be replicated in an extended-protocol batch that runs other statements outside a transaction block";
 
 /// What to do instead of a statement of the DDL log's kind that cannot go
 /// through the extended protocol where it was sent.
-pub(super) const EXTENDED_LOG_HINT: &str = "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: send it as a simple query, or inside BEGIN ... COMMIT, or SET chorus.ddl_scope = 'local' to run it on this node's backend only.";
+const EXTENDED_LOG_HINT: &str = "Roles, databases, tablespaces and CONCURRENTLY statements replicate through the cluster's DDL log: send it in a batch of its own (Parse, Bind, Execute, Sync) or as a simple query, or inside BEGIN ... COMMIT, or SET chorus.ddl_scope = 'local' to run it on this node's backend only.";
 
 /// Whether a DDL statement is one run under EXPLAIN ANALYZE.
 pub(super) fn explained(sql: &str) -> bool {

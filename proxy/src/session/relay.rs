@@ -409,17 +409,26 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
         tracing::warn!(backend = %name, "a moved session could not be set up");
         return None;
     }
-    // What the client is owed.
+    // What the client is owed. (A probe's question was the relay's own; a
+    // DDL job pushed at the start of a batch whose Sync has not gone yet,
+    // `ClientSide::log_run`, is answered with the rest of that batch.)
     let status = if in_block { b'E' } else { b'I' };
+    let unsent_job = usize::from(client.log_run.take().is_some());
     let owed = state
         .pending
         .lock()
         .map(|mut p| {
             p.drain(..)
-                .filter(|p| !matches!(p, Pending::Stamp(_) | Pending::Ahead { .. }))
+                .filter(|p| {
+                    !matches!(
+                        p,
+                        Pending::Stamp(_) | Pending::Ahead { .. } | Pending::Probe { .. }
+                    )
+                })
                 .count()
         })
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .saturating_sub(unsent_job);
     let message = format!(
         "the connection to backend \"{from}\" was lost; the outcome of the statement in progress is unknown"
     );
@@ -448,6 +457,7 @@ pub(super) async fn move_session<W: AsyncWrite + Unpin>(
     }
     state.stamps.store(0, Ordering::SeqCst);
     state.ddl_jobs.store(0, Ordering::SeqCst);
+    state.probes.store(0, Ordering::SeqCst);
     state.txn_stamped.store(false, Ordering::Relaxed);
     // The transaction that held the cluster DDL lease is lost with its
     // backend.

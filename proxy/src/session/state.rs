@@ -204,6 +204,10 @@ pub(super) struct ClientSide {
     /// `client::probe`), and its answer when the message is seen again.
     pub(super) probe_question: Option<String>,
     pub(super) probe_answer: Option<Option<String>>,
+    /// The batch under way runs this statement of the DDL log's kind as
+    /// its whole work: its Execute is dropped, and the validation follows
+    /// its Sync (see `DdlJob::after_batch`).
+    pub(super) log_run: Option<String>,
 }
 
 impl ClientSide {
@@ -221,6 +225,7 @@ impl ClientSide {
             refeed: false,
             probe_question: None,
             probe_answer: None,
+            log_run: None,
         }
     }
 }

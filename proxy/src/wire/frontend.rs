@@ -78,6 +78,20 @@ pub struct FrontendState {
     log_portals: FxHashMap<String, String>,
 }
 
+/// What [`FrontendState::batch_log_statements`] finds in a batch.
+#[derive(Default)]
+struct LogScan {
+    /// The statements of the DDL log's kind it executes.
+    run: Vec<String>,
+    /// Its Execute messages.
+    executes: u32,
+    /// Whether its last message before the Sync (or the end of what is
+    /// buffered) is an Execute.
+    execute_last: bool,
+    /// Whether its Sync is buffered.
+    synced: bool,
+}
+
 /// The text of a statement if it replicates through the DDL log.
 /// (Every Parse comes here: its first word settles most of them before
 /// any classification.)
@@ -189,9 +203,27 @@ impl FrontendState {
     /// batch starting with this message executes (looking as
     /// [`FrontendState::batch_has`] does), by their text.
     pub fn batch_log_statements(&self, tag: u8, body: &[u8], rest: &[u8]) -> Vec<String> {
+        self.scan_log(tag, body, rest).run
+    }
+
+    /// The statement of the DDL log's kind that the extended-protocol batch
+    /// starting with this message runs as its whole work: the batch is
+    /// buffered up to its Sync, its one Execute (the last message before
+    /// the Sync) runs that statement, and its other messages only parse,
+    /// bind, describe or close. Chorus can then run it as it runs one sent
+    /// as a simple query (see `session::client`).
+    pub fn batch_log_run(&self, tag: u8, body: &[u8], rest: &[u8]) -> Option<String> {
+        let scan = self.scan_log(tag, body, rest);
+        let mut run = scan.run;
+        (scan.synced && scan.executes == 1 && scan.execute_last && run.len() == 1)
+            .then(|| run.pop())
+            .flatten()
+    }
+
+    fn scan_log(&self, tag: u8, body: &[u8], rest: &[u8]) -> LogScan {
         let mut parsed: Vec<(&str, Option<String>)> = Vec::new();
         let mut bound: Vec<(&str, Option<String>)> = Vec::new();
-        let mut run = Vec::new();
+        let mut scan = LogScan::default();
         let mut message = Some((tag, body));
         let mut rest = rest;
         while let Some((tag, body)) = message {
@@ -211,20 +243,26 @@ impl FrontendState {
                     }
                 }
                 b'E' => {
+                    scan.executes += 1;
                     if let Ok((portal, _)) = read_cstr(body) {
                         let text = match bound.iter().rev().find(|(p, _)| *p == portal) {
                             Some((_, text)) => text.clone(),
                             None => self.log_portals.get(portal).cloned(),
                         };
-                        run.extend(text);
+                        scan.run.extend(text);
                     }
                 }
-                b'S' | b'Q' | b'F' | b'X' => break,
+                b'S' => {
+                    scan.synced = true;
+                    break;
+                }
+                b'Q' | b'F' | b'X' => break,
                 _ => {}
             }
+            scan.execute_last = tag == b'E';
             message = next_message(&mut rest);
         }
-        run
+        scan
     }
 
     /// Decode one inspected message body (after the 5-byte header).
@@ -453,6 +491,50 @@ mod tests {
         assert!(state
             .batch_log_statements(b'P', b"\0CREATE ROLE s\0\0\0", &message(b'S', b""))
             .is_empty());
+    }
+
+    #[test]
+    fn a_batch_that_only_runs_one_ddl_log_statement_is_told_apart() {
+        let mut state = FrontendState::default();
+        state
+            .on_message(b'P', b"role\0CREATE ROLE r\0\0\0")
+            .unwrap();
+        let bind = message(b'B', b"\0\0\0\0\0\0\0\0");
+        let describe = message(b'D', b"P\0");
+        let execute = message(b'E', b"\0\0\0\0\0");
+        let sync = message(b'S', b"");
+        let parse = b"\0CREATE DATABASE d\0\0\0";
+        // Parse, Bind, Describe, Execute, Sync (JDBC, Npgsql).
+        let rest = [
+            bind.clone(),
+            describe.clone(),
+            execute.clone(),
+            sync.clone(),
+        ]
+        .concat();
+        assert_eq!(
+            state.batch_log_run(b'P', parse, &rest),
+            Some("CREATE DATABASE d".to_owned())
+        );
+        // A statement prepared in an earlier batch, bound and run now.
+        let rest = [execute.clone(), sync.clone()].concat();
+        assert_eq!(
+            state.batch_log_run(b'B', b"\0role\0\0\0\0\0\0\0", &rest),
+            Some("CREATE ROLE r".to_owned())
+        );
+        // Its Sync not here yet; something after the Execute; two
+        // Executes; a table's DDL: not of the kind.
+        let unsynced = [bind.clone(), execute.clone()].concat();
+        assert_eq!(state.batch_log_run(b'P', parse, &unsynced), None);
+        let after = [bind.clone(), execute.clone(), describe, sync.clone()].concat();
+        assert_eq!(state.batch_log_run(b'P', parse, &after), None);
+        let twice = [bind.clone(), execute.clone(), execute.clone(), sync.clone()].concat();
+        assert_eq!(state.batch_log_run(b'P', parse, &twice), None);
+        let table = [bind, execute, sync].concat();
+        assert_eq!(
+            state.batch_log_run(b'P', b"\0CREATE TABLE t (id int)\0\0\0", &table),
+            None
+        );
     }
 
     #[test]

@@ -58,6 +58,13 @@ pub struct DdlJob {
     failed: Option<String>,
     /// ReadyForQuery messages seen (the validation's, then ROLLBACK's).
     ready_seen: u8,
+    /// Sent over the extended protocol: the answers to the client's own
+    /// batch (its Parse, Bind and Describe, up to the Sync that replaced
+    /// its Execute) come first, and pass.
+    batch_ahead: bool,
+    /// The client's batch failed before the statement (an error in its
+    /// Parse or Bind, which the client has): nothing is proposed.
+    batch_failed: bool,
 }
 
 /// What the session does with a backend message while a job is under way.
@@ -65,6 +72,8 @@ pub enum JobStep {
     /// Keep it from the client (it is part of the job's answer or the
     /// wrapper's).
     Swallow,
+    /// Pass it on: an answer to the client's own batch before the job's.
+    Pass,
     /// The job's last answer: finish it.
     Done,
 }
@@ -82,6 +91,19 @@ impl DdlJob {
             output: BytesMut::new(),
             failed: None,
             ready_seen: 0,
+            batch_ahead: false,
+            batch_failed: false,
+        }
+    }
+
+    /// A job for the statement an extended-protocol batch runs as its
+    /// whole work (`FrontendState::batch_log_run`): the batch goes to the
+    /// backend without its Execute, and its Sync is followed by the
+    /// [`validation_query`].
+    pub fn after_batch(sql: &str) -> DdlJob {
+        DdlJob {
+            batch_ahead: true,
+            ..DdlJob::new(sql)
         }
     }
 
@@ -91,6 +113,19 @@ impl DdlJob {
     }
 
     pub fn feed(&mut self, tag: u8, body: &[u8]) -> JobStep {
+        if self.batch_ahead {
+            return match tag {
+                b'Z' => {
+                    self.batch_ahead = false;
+                    JobStep::Swallow
+                }
+                b'E' => {
+                    self.batch_failed = true;
+                    JobStep::Pass
+                }
+                _ => JobStep::Pass,
+            };
+        }
         if self.ready_seen == 1 {
             // The answers to our ROLLBACK.
             return if tag == b'Z' {
@@ -200,6 +235,9 @@ pub async fn finish(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, o
 /// `lane`: the session's database (the main one for a session in a local
 /// database, whose statements here are all cluster-wide).
 async fn answer(node: &Node, lane: &Lane, job: DdlJob, scope: CommitScope, out: &mut BytesMut) {
+    if job.batch_failed {
+        return;
+    }
     // (Before the validation's own verdict: a rename runs in the
     // validation, where Chorus's own sessions in the database refuse it.)
     if let Some(refused) = crate::cluster::databases::refusal(node, &job.sql, &job.role).await {
