@@ -966,3 +966,47 @@ async fn an_application_role_works_in_a_second_database_through_transaction_pool
         .get(0);
     assert_eq!(total, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_index_statements_run_through_transaction_pooling() {
+    let c = procs::cluster_opts(procs::Options {
+        node_extra: "[pool]\nmode = \"transaction\"\nsize = 4\n".into(),
+        ..procs::Options::default()
+    })
+    .await;
+    let client = c.via(1).await;
+    client
+        .batch_execute("CREATE TABLE pooled_ix (id int PRIMARY KEY, q int)")
+        .await
+        .unwrap();
+    // The node asks the backend about each statement's table first (is it
+    // temporary?), after the session gave its connection back between
+    // transactions: simple, then extended protocol.
+    let limit = Duration::from_secs(60);
+    tokio::time::timeout(
+        limit,
+        client.batch_execute("CREATE INDEX CONCURRENTLY pooled_ix_q ON pooled_ix (q)"),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    tokio::time::timeout(
+        limit,
+        client.execute(
+            "CREATE INDEX CONCURRENTLY pooled_ix_qi ON pooled_ix (q, id)",
+            &[],
+        ),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    for b in 1..=3 {
+        c.wait_for(
+            b,
+            "SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes \
+              WHERE tablename = 'pooled_ix'",
+            |v| v == "pooled_ix_pkey,pooled_ix_q,pooled_ix_qi",
+        )
+        .await;
+    }
+}

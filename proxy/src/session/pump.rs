@@ -185,7 +185,15 @@ where
     M: FnMut(u8, &[u8], &[u8]) -> Result<Flow, ProtocolError>,
 {
     loop {
-        if !std::mem::take(&mut side.rescan) {
+        if std::mem::take(&mut side.rescan) {
+            // (Not reading: the flag may still say so from a pump dropped
+            // while it waited for bytes, at a pooled session's release,
+            // and the release point would take this message's wait for
+            // the end of the transaction.)
+            if let Some(reading) = reading {
+                reading.store(false, Ordering::SeqCst);
+            }
+        } else {
             match reading {
                 Some(reading) => {
                     reading.store(side.buf.is_empty(), Ordering::SeqCst);
