@@ -94,6 +94,11 @@ pub enum ReloadError {
     NoFile,
     #[error("{0}")]
     Invalid(String),
+    /// A backend the file adds is not announced in this node's copy of
+    /// the cluster state (yet: an `ADD BACKEND` through another node may
+    /// be on its way here).
+    #[error("{0}")]
+    NotAnnounced(String),
 }
 
 /// The backends a node knows, in order: those of its configuration at
@@ -346,7 +351,7 @@ impl Node {
                 .state()
                 .read(|s| s.copying.contains(&backend.name) || s.owner_of(&backend.name).is_some());
             if !announced {
-                return Err(ReloadError::Invalid(format!(
+                return Err(ReloadError::NotAnnounced(format!(
                     "backend \"{}\" is new to the cluster: announce it with ADD BACKEND {} on the admin console first, then RELOAD",
                     backend.name, backend.name
                 )));

@@ -179,14 +179,29 @@ pub(super) async fn switchover(node: &Node, named: &str) -> Result<(), PgError> 
     Ok(())
 }
 
+/// How long `RELOAD` waits for an `ADD BACKEND` made through another node
+/// to reach this one.
+const ANNOUNCEMENT_WAIT: Duration = Duration::from_secs(5);
+
 /// `RELOAD`: this node reads its configuration file again and takes the
 /// settings it can without a restart (see `node::Live`), and the backends
 /// announced by `ADD BACKEND` that the file adds; which settings changed
 /// in the file but wait for a restart.
-pub(super) fn reload(node: &Node) -> Result<crate::node::Reloaded, PgError> {
-    node.reload().map_err(|e| match e {
+pub(super) async fn reload(node: &Node) -> Result<crate::node::Reloaded, PgError> {
+    // A backend announced through another node a moment ago reaches this
+    // node's copy of the cluster state within a heartbeat or so: it is
+    // waited for, briefly, before the file is refused for it.
+    let deadline = tokio::time::Instant::now() + ANNOUNCEMENT_WAIT;
+    let mut reloaded = node.reload();
+    while matches!(reloaded, Err(ReloadError::NotAnnounced(_)))
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reloaded = node.reload();
+    }
+    reloaded.map_err(|e| match e {
         ReloadError::NoFile => error("55000", e.to_string(), None),
-        ReloadError::Invalid(why) => error(
+        ReloadError::Invalid(why) | ReloadError::NotAnnounced(why) => error(
             "F0000",
             format!("the configuration was not reloaded: {why}"),
             Some("The node keeps the settings it had. Mend the file and RELOAD again."),

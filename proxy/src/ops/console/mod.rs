@@ -213,7 +213,7 @@ async fn answer(node: &Node, sql: &str, out: &mut BytesMut) {
         _ => None,
     };
     if words == ["RELOAD"] {
-        match commands::reload(node) {
+        match commands::reload(node).await {
             Ok(reloaded) => {
                 for backend in reloaded.added {
                     protocol::notice(out, &format!("backend {backend} added to this node's list"));
