@@ -10,9 +10,11 @@
 # ROLE=name makes an ordinary role (LOGIN, CREATE on schema public) through
 # node 1 and sends the cluster's table and steps as it. UNIQUE=1 gives
 # the table a unique index besides its key (on v, as an ORM's `email
-# UNIQUE`).
+# UNIQUE`). REFILL=1 first fills the cluster's table with N rows, deletes
+# them all and vacuums it on every backend (keeping its pages), so that
+# each backend believes it empty when the measured load arrives.
 #
-# Usage: [ALL=1] [POOL_MODE=transaction] [ROLE=app] [UNIQUE=1] N=1000000 bash benches/bulk.sh
+# Usage: [ALL=1] [POOL_MODE=transaction] [ROLE=app] [UNIQUE=1] [REFILL=1] N=1000000 bash benches/bulk.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,7 +47,7 @@ start() {
 port_of() { sed -n "s|^$2: postgres://postgres@127.0.0.1:\([0-9]*\)/.*|\1|p" "$WORK/$1.out"; }
 q() { "$PSQL" -X -qAt -h 127.0.0.1 -U "${AS:-postgres}" -d postgres "$@"; }
 now() { date +%s.%N; }
-table="CREATE TABLE bulk (id bigint PRIMARY KEY, v text${UNIQUE:+ UNIQUE})"
+table="CREATE TABLE bulk (id bigint PRIMARY KEY, v text${UNIQUE:+ UNIQUE})${REFILL:+ WITH (vacuum_truncate = false)}"
 load="INSERT INTO bulk SELECT g, 'row ' || g FROM generate_series(1, $N) g"
 
 start plain 17432 --nodes 1 --proxy-only
@@ -93,6 +95,11 @@ step() {
     t2=$(now)
     echo "$name through node 1 of 3 ($POOL_MODE pooling, as $ROLE): $(echo "$t1 - $t0" | bc) s; every backend identical $(echo "$t2 - $t1" | bc) s after its commit"
 }
+if [ -n "${REFILL:-}" ]; then
+    step "(refill: first load)" -c "$load"
+    step "(refill: DELETE of every row)" -c "DELETE FROM bulk"
+    for b in 1 2 3; do q -p "$(port_of cluster "backend $b")" -c "VACUUM bulk"; done
+fi
 step "INSERT of $N rows in one transaction" -c "$load"
 if [ -n "${ALL:-}" ]; then
     step "UPDATE of every row" -c "UPDATE bulk SET v = v || ' updated'"
