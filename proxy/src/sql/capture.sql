@@ -59,14 +59,6 @@ CREATE TABLE IF NOT EXISTS chorus.row_version (
     PRIMARY KEY (tbl, pk)
 );
 
--- The tombstones alone, for their pruning (chorus.prune_tombstones), which
--- would otherwise read every live row's version at every round. On `tbl`,
--- which never changes, so that an update of a live row's version (every
--- captured or applied write) can still be a HOT update: only a delete,
--- which makes a tombstone, or a row written again over one, updates this
--- index.
-CREATE INDEX IF NOT EXISTS row_version_tombstone ON chorus.row_version (tbl) WHERE deleted;
-
 -- The publication the replication streams decode with (pgoutput): it
 -- publishes no table, so only Chorus's messages are sent.
 DO $$
