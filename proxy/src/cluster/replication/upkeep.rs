@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 use crate::backend::connect_backend;
 use crate::backoff::Backoff;
 use crate::cluster::capture::{self, CaptureError};
+use crate::config::{BackendConfig, ReplicationConfig};
 use crate::lane::Lane;
 use crate::node::Node;
 
@@ -159,6 +160,11 @@ async fn home_upkeep(node: &Arc<Node>, lane: &Lane) -> Result<(), ReplicationErr
         stream.ensure_slot(&origin).await?;
     }
     lane.schema_installed();
+    tokio::spawn(build_tombstone_index(
+        home.clone(),
+        config.clone(),
+        lane.database().to_owned(),
+    ));
     // Commits waiting for a scope ask for the home backend's flush position.
     let mut flush_requests = Some(lane.progress.flush_requests_rx.lock().await);
     let mut lag_check = tokio::time::interval(Duration::from_secs(1));
@@ -224,6 +230,26 @@ async fn home_upkeep(node: &Arc<Node>, lane: &Lane) -> Result<(), ReplicationErr
                 observed = newest;
                 observe.as_mut().reset(tokio::time::Instant::now() + observe_every.wait());
             }
+        }
+    }
+}
+
+/// The tombstones' index on the home backend (see
+/// [`capture::build_tombstone_index`]), on a connection of its own: the
+/// build waits for transactions open on the backend, and the upkeep goes on
+/// meanwhile. Best effort: a failure is logged, and the next start of the
+/// upkeep tries again.
+async fn build_tombstone_index(home: BackendConfig, config: ReplicationConfig, database: String) {
+    let built = async {
+        let client = connect_backend(&home, &config).await?;
+        Ok::<_, ReplicationError>(capture::build_tombstone_index(&client).await?)
+    }
+    .await;
+    match built {
+        Ok(true) => tracing::info!(database, "tombstone index built"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(database, error = %e, "tombstone index not built; pruning reads every version until it is")
         }
     }
 }
