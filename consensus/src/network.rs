@@ -105,8 +105,14 @@ pub enum CallError {
     },
     #[error("{addr} refused us: {reason}")]
     Refused { addr: String, reason: String },
+    /// No answer in time. `connected`: the handshake had completed, so
+    /// the peer is up and only slow (a loaded machine, a slow disk).
     #[error("{addr} did not answer within {0:?}", .timeout)]
-    Timeout { addr: String, timeout: Duration },
+    Timeout {
+        addr: String,
+        timeout: Duration,
+        connected: bool,
+    },
     #[error("connection to {addr} failed: {source}")]
     Io {
         addr: String,
@@ -335,10 +341,11 @@ impl Peer {
                 Err(e)
             }
             Err(_) => {
-                self.conn = None;
+                let connected = self.conn.take().is_some();
                 Err(CallError::Timeout {
                     addr: self.addr.clone(),
                     timeout,
+                    connected,
                 })
             }
         }
@@ -442,10 +449,17 @@ impl PeerClient {
             // openraft backs off from an unreachable peer before it tries
             // again; after any other error it retries at once, which
             // against a peer that accepts and closes every connection (or
-            // refuses our secret) is a busy loop.
+            // refuses our secret) is a busy loop. A peer that finished the
+            // handshake and then answered late is up but slow: backing off
+            // (500 ms) would starve it of heartbeats and call an election,
+            // so the next heartbeat retries it on a new connection. A
+            // paused peer fails that new connection's handshake, which
+            // backs off.
             Err(
                 e @ (CallError::Unreachable { .. }
-                | CallError::Timeout { .. }
+                | CallError::Timeout {
+                    connected: false, ..
+                }
                 | CallError::Refused { .. }),
             ) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),

@@ -11,7 +11,9 @@ pub fn raft_ports(n: usize) -> Vec<u16> {
 
 /// The `[cluster]` section of node `id` (from 1) of a cluster whose nodes'
 /// Raft RPC listens on `ports`, with its log under `dir`. Short election
-/// timeouts: tests stop leaders.
+/// timeouts: tests stop leaders. Heartbeats at the default 100 ms, as an
+/// AppendEntries call must answer within one heartbeat, and a loaded CI
+/// machine can take longer than 50 ms.
 pub fn cluster_toml(dir: &Path, id: usize, ports: &[u16], secret: &str) -> String {
     let members: Vec<(usize, u16)> = ports.iter().enumerate().map(|(m, &p)| (m + 1, p)).collect();
     cluster_toml_via(
@@ -37,7 +39,7 @@ pub fn cluster_toml_via(
 ) -> String {
     let mut toml = format!(
         "[cluster]\nraft_listen = \"127.0.0.1:{listen}\"\nsecret = \"{secret}\"\n\
-         data_dir = \"{}\"\nheartbeat_ms = 50\n{extra}\n",
+         data_dir = \"{}\"\nheartbeat_ms = 100\n{extra}\n",
         dir.join(format!("raft{id}")).display()
     );
     for (id, port) in members {
