@@ -521,6 +521,64 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 mod tests {
     use super::*;
 
+    fn client_of(addr: String) -> PeerClient {
+        let credentials = Arc::new(Credentials {
+            secret: "s3cret".into(),
+            also_accepted: Vec::new(),
+            tls: None,
+        });
+        PeerClient {
+            target: 2,
+            peer: Peer::new(addr, credentials, 1),
+            contacts: Contacts::default(),
+        }
+    }
+
+    fn vote() -> Rpc {
+        Rpc::Vote(VoteRequest::new(openraft::Vote::new(1, 1), None))
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_after_the_handshake_is_retried_at_once_a_silent_peer_backed_off() {
+        let option = RPCOption::new(Duration::from_millis(100));
+        // A member that completes the handshake, reads the call, and
+        // answers only after the caller's time is up: up, but slow.
+        let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = slow.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (stream, _) = slow.accept().await.unwrap();
+            let stream: Box<dyn Io> = Box::new(stream);
+            let mut stream = BufStream::new(stream);
+            let credentials = Credentials {
+                secret: "s3cret".into(),
+                also_accepted: Vec::new(),
+                tls: None,
+            };
+            handshake_server(&mut stream, &credentials).await.unwrap();
+            let _call: Rpc = read_frame(&mut stream).await.unwrap();
+            // Held until the caller gives up and closes.
+            let _ = read_frame::<Rpc>(&mut stream).await;
+        });
+        let mut client = client_of(addr);
+        let late = client.send::<std::io::Error>(vote(), &option).await;
+        assert!(matches!(late, Err(RPCError::Network(_))), "{late:?}");
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+
+        // A member whose kernel accepts the connection but which never
+        // answers the handshake (a paused process): openraft backs off.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = client_of(silent.local_addr().unwrap().to_string());
+        let unanswered = client.send::<std::io::Error>(vote(), &option).await;
+        assert!(
+            matches!(unanswered, Err(RPCError::Unreachable(_))),
+            "{unanswered:?}"
+        );
+        drop(silent);
+    }
+
     #[test]
     fn a_proof_checks_only_with_the_same_secret_and_parts() {
         let proof = prove("s3cret", &[b"client", b"n1", b"n2"]);
