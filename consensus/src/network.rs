@@ -521,15 +521,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 mod tests {
     use super::*;
 
-    fn client_of(addr: String) -> PeerClient {
-        let credentials = Arc::new(Credentials {
+    fn credentials() -> Credentials {
+        Credentials {
             secret: "s3cret".into(),
             also_accepted: Vec::new(),
             tls: None,
-        });
+        }
+    }
+
+    fn client_of(addr: String) -> PeerClient {
         PeerClient {
             target: 2,
-            peer: Peer::new(addr, credentials, 1),
+            peer: Peer::new(addr, Arc::new(credentials()), 1),
             contacts: Contacts::default(),
         }
     }
@@ -549,12 +552,7 @@ mod tests {
             let (stream, _) = slow.accept().await.unwrap();
             let stream: Box<dyn Io> = Box::new(stream);
             let mut stream = BufStream::new(stream);
-            let credentials = Credentials {
-                secret: "s3cret".into(),
-                also_accepted: Vec::new(),
-                tls: None,
-            };
-            handshake_server(&mut stream, &credentials).await.unwrap();
+            handshake_server(&mut stream, &credentials()).await.unwrap();
             let _call: Rpc = read_frame(&mut stream).await.unwrap();
             // Held until the caller gives up and closes.
             let _ = read_frame::<Rpc>(&mut stream).await;
