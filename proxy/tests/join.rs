@@ -369,7 +369,7 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
     .unwrap();
     // (The second through the command line, as an operator would.)
     let started = Instant::now();
-    let joining = tokio::process::Command::new(testkit::chorus_bin())
+    let mut joining = tokio::process::Command::new(testkit::chorus_bin())
         .args(["join", "--backend", "pg4", "--from", "pg1", "--config"])
         .arg(c.dir.path().join("node2.toml"))
         .stdout(std::process::Stdio::piped())
@@ -383,6 +383,16 @@ async fn a_new_backend_and_node_join_under_writes_with_every_acknowledged_write(
         // (`true` until node 2 names a step of its own.)
         if let Some(step) = copy_step(&shown).filter(|s| s != "true") {
             break step;
+        }
+        // (A join that ended before its copy began says why.)
+        if joining.try_wait().unwrap().is_some() {
+            let ended = joining.wait_with_output().await.unwrap();
+            panic!(
+                "chorus join ended ({}) before the copy began: {}{}",
+                ended.status,
+                String::from_utf8_lossy(&ended.stdout),
+                String::from_utf8_lossy(&ended.stderr)
+            );
         }
         assert!(Instant::now() < deadline, "the copy did not begin in 60 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
